@@ -1,0 +1,158 @@
+"""Curvature as linear operators over flat parameter vectors.
+
+An operator acts on a block of vectors ``V`` of shape ``(p, k)`` and returns ``(p, k)``.
+:class:`CurvatureOperator` is the Hessian (or generalized Gauss-Newton matrix) of the MEAN
+training loss, accumulated over the training batches with weights ``n_b / n``, so a ragged
+last batch counts exactly as much as its samples. :class:`DampedOperator` adds
+``regularization * I``.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+from torch import Tensor
+
+from .data import TrainingData
+from .gradients import ModelFunctions, check_finite
+
+
+class Curvature(str, Enum):
+    """Which second-order matrix stands for ``H``."""
+
+    hessian = "hessian"
+    """The exact Hessian of the mean training loss."""
+    ggn = "ggn"
+    """The generalized Gauss-Newton matrix ``J^T H_out J`` (PSD for convex losses)."""
+
+    @classmethod
+    def parse(cls, value: "str | Curvature") -> "Curvature":
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(
+                f"curvature must be one of {[c.value for c in cls]}; got {value!r}."
+            ) from None
+
+
+class LinearOperator:
+    """A symmetric ``p x p`` operator known through products with blocks of vectors."""
+
+    size: int
+    dtype: torch.dtype
+    device: torch.device
+
+    def matmat(self, v: Tensor) -> Tensor:
+        """``A @ v`` for ``v`` of shape ``(p, k)``; returns ``(p, k)``."""
+        raise NotImplementedError
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """``A @ v`` for ``v`` of shape ``(p,)``."""
+        return self.matmat(v.unsqueeze(1)).squeeze(1)
+
+    def __matmul__(self, v: Tensor) -> Tensor:
+        return self.matvec(v) if v.ndim == 1 else self.matmat(v)
+
+    def dense(self, column_chunk: int = 64) -> Tensor:
+        """Materialize the operator as a symmetric ``(p, p)`` matrix, ``column_chunk`` columns per product."""
+        p = self.size
+        out = torch.empty(p, p, dtype=self.dtype, device=self.device)
+        for start in range(0, p, column_chunk):
+            stop = min(start + column_chunk, p)
+            eye = torch.zeros(p, stop - start, dtype=self.dtype, device=self.device)
+            eye[torch.arange(start, stop), torch.arange(stop - start)] = 1
+            out[:, start:stop] = self.matmat(eye)
+        return 0.5 * (out + out.T)
+
+
+class CurvatureOperator(LinearOperator):
+    """``H`` of the mean training loss (Hessian or GGN) as an operator.
+
+    Args:
+        functions: the model's pure functions.
+        theta: the trained parameters ``(p,)``.
+        data: the training batches.
+        curvature: ``"hessian"`` or ``"ggn"``.
+        max_columns: at most this many vectors are pushed through one vmapped product
+            (bounds memory; a larger block is split).
+
+    Attributes:
+        num_passes: how many sweeps over the training data the operator has made.
+    """
+
+    def __init__(
+        self,
+        functions: ModelFunctions,
+        theta: Tensor,
+        data: TrainingData,
+        curvature: Curvature | str = Curvature.hessian,
+        *,
+        max_columns: int = 64,
+    ):
+        self.functions = functions
+        self.theta = theta
+        self.data = data
+        self.curvature = Curvature.parse(curvature)
+        self.size = int(theta.numel())
+        self.dtype = theta.dtype
+        self.device = theta.device
+        self.max_columns = int(max_columns)
+        self.num_passes = 0
+
+    def batch_matmat(self, x: Tensor, y: Tensor, v: Tensor) -> Tensor:
+        """The curvature of ONE batch's mean loss times ``v`` ``(p, k)``."""
+        fn = (
+            self.functions.hessian_matmat
+            if self.curvature is Curvature.hessian
+            else self.functions.ggn_matmat
+        )
+        parts = [
+            fn(self.theta, x, y, v[:, s : s + self.max_columns])
+            for s in range(0, v.shape[1], self.max_columns)
+        ]
+        return torch.cat(parts, dim=1)
+
+    def matmat(self, v: Tensor) -> Tensor:
+        n = self.data.num_samples
+        out = torch.zeros_like(v)
+        for x, y in self.data.batches():
+            out += (x.shape[0] / n) * self.batch_matmat(x, y, v)
+        self.num_passes += 1
+        check_finite(
+            "A curvature-vector product",
+            out,
+            hint="The model or loss produced NaN/Inf second derivatives at the trained "
+            "parameters; check for overflow in the model or use curvature='ggn'.",
+        )
+        return out
+
+
+class DampedOperator(LinearOperator):
+    """``A + regularization * I``."""
+
+    def __init__(self, inner: LinearOperator, regularization: float):
+        self.inner = inner
+        self.regularization = float(regularization)
+        self.size = inner.size
+        self.dtype = inner.dtype
+        self.device = inner.device
+
+    def matmat(self, v: Tensor) -> Tensor:
+        out = self.inner.matmat(v)
+        if self.regularization:
+            out = out + self.regularization * v
+        return out
+
+
+class DenseOperator(LinearOperator):
+    """A dense symmetric matrix ``(p, p)`` as an operator (tests and small problems)."""
+
+    def __init__(self, matrix: Tensor):
+        self.matrix = matrix
+        self.size = int(matrix.shape[0])
+        self.dtype = matrix.dtype
+        self.device = matrix.device
+
+    def matmat(self, v: Tensor) -> Tensor:
+        return self.matrix @ v

@@ -1,0 +1,285 @@
+"""The influence model interface shared by every solver.
+
+A solver is built from a trained model and its loss, fitted once on the training data
+(which computes or prepares the curvature ``H`` of the mean training loss), and then turns
+gradients into influences:
+
+- ``influence_factors(x_test, y_test)`` -> ``(n_test, p)``: ``(H + lambda I)^-1 grad L(z_test)``;
+- ``influences_from_factors(f, x, y, mode)`` -> ``(n_test, n)`` or ``(n_test, n, *features)``;
+- ``influences(x_test, y_test, x, y, mode)``: both steps at once;
+- ``self_influences(x, y)`` -> ``(n,)``: ``grad L(z)^T (H + lambda I)^-1 grad L(z)``.
+
+Subclasses implement ``_fit(operator, data)`` and ``_solve(rhs)``; everything else (input
+checks, chunked per-sample gradients, modes, dtype and device handling) lives here.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ...errors import NotFittedError
+from ..data import TrainingData, check_pair, to_tensor
+from ..gradients import LossFn, ModelFunctions, check_finite, check_finite_grads, flat_params
+from ..modes import InfluenceMode
+from ..operators import Curvature, CurvatureOperator
+
+_STOCHASTIC_LAYERS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+_BATCH_LAYERS = (nn.modules.batchnorm._BatchNorm,)
+
+
+def check_nonnegative(name: str, value: Any) -> float:
+    """``value`` as a finite float >= 0, else a ``TypeError``/``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a non-negative number; got {value!r}.")
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0; got {value!r}.")
+    return value
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    """``value`` as an int >= 1, else a ``TypeError``/``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a positive int; got {value!r}.")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int; got {value}.")
+    return value
+
+
+class InfluenceModel(ABC):
+    """Base class of all solvers.
+
+    Args:
+        model: a trained ``nn.Module``; influence is taken with respect to its parameters
+            with ``requires_grad=True``. Put it in eval mode (dropout and batch norm in
+            training mode make per-sample gradients ill-defined).
+        loss: ``loss(outputs, targets) -> scalar`` with mean reduction over the batch.
+        regularization: ``lambda >= 0`` added to the curvature: ``H + lambda I``.
+        curvature: ``"hessian"`` (exact) or ``"ggn"`` (generalized Gauss-Newton).
+        chunk_size: samples per vmapped per-sample-gradient computation (memory knob).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: LossFn,
+        *,
+        regularization: float = 0.0,
+        curvature: str | Curvature = "hessian",
+        chunk_size: int = 256,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
+        if not callable(loss):
+            raise TypeError(f"loss must be a callable loss(outputs, targets); got {type(loss).__name__}.")
+        self.model = model
+        self.loss = loss
+        self.regularization = check_nonnegative("regularization", regularization)
+        self.curvature = Curvature.parse(curvature)
+        self.chunk_size = check_positive_int("chunk_size", chunk_size)
+        self._functions = ModelFunctions(model, loss)
+        self._theta: Tensor | None = None
+        self.n_train_: int | None = None
+        self.feature_shape_: torch.Size | None = None
+
+    # -- properties -------------------------------------------------------------------
+    @property
+    def num_params(self) -> int:
+        """``p``, the number of trainable parameters."""
+        return self._functions.spec.num_params
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._functions.spec.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._functions.spec.device
+
+    @property
+    def is_fitted(self) -> bool:
+        return self._theta is not None
+
+    # -- fitting ----------------------------------------------------------------------
+    def fit(self, data: Any) -> "InfluenceModel":
+        """Fit the solver on the training data; returns ``self``.
+
+        Args:
+            data: a DataLoader of ``(x, y)`` batches, any re-iterable of such batches, or a
+                pair ``(x, y)`` of whole arrays. The curvature is the mean over all samples.
+        """
+        self._check_model_mode()
+        source = TrainingData(data, dtype=self.dtype, device=self.device, batch_size=self.chunk_size)
+        source.scan()
+        x0, y0 = next(source.batches())
+        self._check_loss(x0, y0)
+        theta = flat_params(self.model, self._functions.spec)
+        check_finite("The model's trainable parameters", theta, hint="Load a model with finite weights.")
+        operator = CurvatureOperator(self._functions, theta, source, self.curvature)
+        self._theta = None
+        self._fit(operator, source)
+        self._theta = theta
+        self.n_train_ = source.num_samples
+        self.feature_shape_ = source.feature_shape
+        return self
+
+    @abstractmethod
+    def _fit(self, operator: CurvatureOperator, data: TrainingData) -> None:
+        """Prepare ``_solve`` from the (undamped) curvature operator of the training data."""
+
+    @abstractmethod
+    def _solve(self, rhs: Tensor) -> Tensor:
+        """``(H + lambda I)^-1`` applied to each row of ``rhs`` ``(k, p)``; returns ``(k, p)``."""
+
+    # -- influence ----------------------------------------------------------------------
+    def per_sample_grads(self, x: Any, y: Any) -> Tensor:
+        """Per-sample loss gradients at the trained parameters: ``(n, p)``."""
+        theta = self._require_fitted()
+        x, y = self._prepare(x, y, "x", "y")
+        return self._grads(theta, x, y)
+
+    def influence_factors(self, x_test: Any, y_test: Any) -> Tensor:
+        """``(H + lambda I)^-1 grad L(z_test)`` for each test point: ``(n_test, p)``."""
+        theta = self._require_fitted()
+        x_test, y_test = self._prepare(x_test, y_test, "x_test", "y_test")
+        return self._solve(self._grads(theta, x_test, y_test))
+
+    def influences_from_factors(self, factors: Tensor, x: Any, y: Any, mode: str | InfluenceMode = "up") -> Tensor:
+        """Influences of the points ``(x, y)`` on the test points behind ``factors``.
+
+        Args:
+            factors: ``(n_test, p)`` from :meth:`influence_factors`.
+            x, y: ``n`` training points.
+            mode: ``"up"`` -> ``(n_test, n)``; ``"perturbation"`` -> ``(n_test, n, *x.shape[1:])``.
+        """
+        mode = InfluenceMode.parse(mode)
+        theta = self._require_fitted()
+        factors = self._check_factors(factors)
+        x, y = self._prepare(x, y, "x", "y")
+        if mode is InfluenceMode.up:
+            return factors @ self._grads(theta, x, y).T
+        if not x.is_floating_point():
+            raise TypeError(
+                f"Perturbation influences differentiate in the inputs, which must be floating "
+                f"point; got x of dtype {x.dtype}. Use mode='up' for integer inputs such as token ids."
+            )
+        parts = []
+        for start in range(0, x.shape[0], self.chunk_size):
+            stop = start + self.chunk_size
+            parts.append(self._functions.contracted_mixed_grads(theta, factors, x[start:stop], y[start:stop]))
+        return torch.cat(parts, dim=1)
+
+    def influences(
+        self,
+        x_test: Any,
+        y_test: Any,
+        x: Any = None,
+        y: Any = None,
+        mode: str | InfluenceMode = "up",
+    ) -> Tensor:
+        """Influence of each point ``(x, y)`` on each test point.
+
+        ``x`` and ``y`` default to the test points themselves. Returns ``(n_test, n)`` in
+        mode ``"up"`` and ``(n_test, n, *x.shape[1:])`` in mode ``"perturbation"``. Positive
+        means helpful: removing the point would raise the test loss by about
+        ``influence / n_train``.
+        """
+        mode = InfluenceMode.parse(mode)
+        if (x is None) != (y is None):
+            raise ValueError("Pass both x and y, or neither (to use the test points as training points).")
+        if x is None:
+            x, y = x_test, y_test
+        factors = self.influence_factors(x_test, y_test)
+        return self.influences_from_factors(factors, x, y, mode=mode)
+
+    def self_influences(self, x: Any, y: Any) -> Tensor:
+        """``grad L(z)^T (H + lambda I)^-1 grad L(z)`` for each point: ``(n,)``."""
+        theta = self._require_fitted()
+        x, y = self._prepare(x, y, "x", "y")
+        out = []
+        for start in range(0, x.shape[0], self.chunk_size):
+            stop = start + self.chunk_size
+            g = self._grads(theta, x[start:stop], y[start:stop], offset=start)
+            out.append((self._solve(g) * g).sum(dim=1))
+        return torch.cat(out)
+
+    # -- helpers ------------------------------------------------------------------------
+    def _require_fitted(self) -> Tensor:
+        if self._theta is None:
+            raise NotFittedError(
+                f"This {type(self).__name__} is not fitted yet; call .fit(train_loader) first."
+            )
+        return self._theta
+
+    def _prepare(self, x: Any, y: Any, x_name: str, y_name: str) -> tuple[Tensor, Tensor]:
+        x = to_tensor(x, x_name, dtype=self.dtype, device=self.device)
+        y = to_tensor(y, y_name, dtype=self.dtype, device=self.device)
+        check_pair(x, y, x_name, y_name)
+        if self.feature_shape_ is not None and x.shape[1:] != self.feature_shape_:
+            raise ValueError(
+                f"{x_name} has feature shape {tuple(x.shape[1:])} but the solver was fitted on "
+                f"inputs of feature shape {tuple(self.feature_shape_)}; pass inputs shaped "
+                f"(n, {', '.join(map(str, self.feature_shape_))})."
+            )
+        return x, y
+
+    def _grads(self, theta: Tensor, x: Tensor, y: Tensor, offset: int = 0) -> Tensor:
+        parts = []
+        for start in range(0, x.shape[0], self.chunk_size):
+            stop = start + self.chunk_size
+            g = self._functions.per_sample_grads(theta, x[start:stop], y[start:stop])
+            check_finite_grads(g, self._functions.spec, sample_offset=offset + start)
+            parts.append(g)
+        return torch.cat(parts)
+
+    def _check_factors(self, factors: Any) -> Tensor:
+        if not isinstance(factors, Tensor):
+            raise TypeError(f"factors must be a torch.Tensor from influence_factors; got {type(factors).__name__}.")
+        if factors.ndim != 2 or factors.shape[1] != self.num_params:
+            raise ValueError(
+                f"factors must have shape (n_test, {self.num_params}) (one row per test point, "
+                f"one column per trainable parameter); got {tuple(factors.shape)}."
+            )
+        factors = factors.to(device=self.device, dtype=self.dtype)
+        check_finite("factors", factors, hint="Recompute them with influence_factors.")
+        return factors
+
+    def _check_model_mode(self) -> None:
+        if not self.model.training:
+            return
+        for name, module in self.model.named_modules():
+            if isinstance(module, _STOCHASTIC_LAYERS + _BATCH_LAYERS):
+                raise ValueError(
+                    f"The model is in training mode and layer '{name}' ({type(module).__name__}) "
+                    "behaves differently per batch; call model.eval() before computing influences."
+                )
+
+    def _check_loss(self, x: Tensor, y: Tensor) -> None:
+        theta = flat_params(self.model, self._functions.spec)
+        x1, y1 = x[:1], y[:1]
+        try:
+            with torch.no_grad():
+                single = self._functions.batch_loss(theta, x1, y1)
+                double = self._functions.batch_loss(theta, torch.cat([x1, x1]), torch.cat([y1, y1]))
+        except Exception as err:  # re-raised with the shapes that caused it
+            raise ValueError(
+                f"The model and loss could not be evaluated on a training batch with inputs "
+                f"{tuple(x.shape)} ({x.dtype}) and targets {tuple(y.shape)} ({y.dtype}): {err}"
+            ) from err
+        if not isinstance(single, Tensor) or single.ndim != 0:
+            shape = tuple(single.shape) if isinstance(single, Tensor) else type(single).__name__
+            raise TypeError(
+                f"loss(outputs, targets) must reduce to a scalar (mean over the batch); got "
+                f"{shape}. Use reduction='mean' (the torch default)."
+            )
+        if not torch.allclose(single, double, rtol=1e-4, atol=1e-12):
+            raise ValueError(
+                "loss(outputs, targets) must average over the batch: on a batch of two copies "
+                f"of one sample it gave {double.item():.6g}, on the sample alone {single.item():.6g}. "
+                "Use reduction='mean' instead of 'sum'."
+            )

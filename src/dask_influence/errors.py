@@ -1,0 +1,39 @@
+"""The library's exceptions and warnings.
+
+Every error a user can trigger with bad input is a subclass of :class:`ValueError` or
+:class:`TypeError` (or :class:`RuntimeError` for failures of a computation), so that
+``except ValueError`` keeps working for code that does not know this library. Messages
+name the argument, the value received and the fix.
+"""
+
+from __future__ import annotations
+
+
+class NotFittedError(ValueError):
+    """A method that needs a fitted solver was called before ``fit``."""
+
+
+class NotPositiveDefiniteError(ValueError):
+    """The regularized curvature matrix is not positive definite.
+
+    Attributes:
+        smallest_eigenvalue: the smallest eigenvalue of ``H + regularization * I``.
+        suggested_regularization: a regularization that makes the matrix positive definite.
+    """
+
+    def __init__(self, message: str, *, smallest_eigenvalue: float, suggested_regularization: float):
+        super().__init__(message)
+        self.smallest_eigenvalue = smallest_eigenvalue
+        self.suggested_regularization = suggested_regularization
+
+
+class NonFiniteError(ValueError):
+    """NaN or Inf found in inputs, targets, gradients or curvature products."""
+
+
+class DivergenceError(RuntimeError):
+    """An iterative solver diverged (its iterates grew without bound or became non-finite)."""
+
+
+class ConvergenceWarning(UserWarning):
+    """An iterative solver stopped at ``maxiter`` before reaching its tolerance."""
