@@ -1,0 +1,50 @@
+"""dask-influence: influence functions for PyTorch models at any scale.
+
+The public API, grouped by role. See ``docs/`` for the guide and ``DESIGN``-level contract:
+``influence[i, j] = grad L(z_test_i)^T (H + lambda I)^-1 grad L(z_j)``; positive means helpful.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+# solvers (in-memory core)
+from .core.solvers.base import InfluenceModel
+from .core.solvers.cg import CgInfluence
+from .core.solvers.direct import DirectInfluence
+from .core.solvers.lissa import LissaInfluence
+
+# choices and building blocks
+from .core.modes import InfluenceMode
+from .core.operators import Curvature
+from .core.preconditioners import JacobiPreconditioner, NystroemPreconditioner, Preconditioner
+
+# errors and warnings
+from .errors import (
+    ConvergenceWarning,
+    DivergenceError,
+    NonFiniteError,
+    NotFittedError,
+    NotPositiveDefiniteError,
+)
+
+try:
+    __version__ = version("dask-influence")
+except PackageNotFoundError:  # running from a source tree without installation
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "InfluenceModel",
+    "DirectInfluence",
+    "CgInfluence",
+    "LissaInfluence",
+    "InfluenceMode",
+    "Curvature",
+    "Preconditioner",
+    "JacobiPreconditioner",
+    "NystroemPreconditioner",
+    "ConvergenceWarning",
+    "DivergenceError",
+    "NonFiniteError",
+    "NotFittedError",
+    "NotPositiveDefiniteError",
+    "__version__",
+]

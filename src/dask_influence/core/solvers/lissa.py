@@ -1,0 +1,176 @@
+"""LissaInfluence: the stochastic Neumann-series recursion of Agarwal, Bullins & Hazan (2017).
+
+With right-hand sides ``B`` ``(p, k)`` and a fresh random training batch ``b_j`` each step,
+
+    h_0 = B (or scale * h0),   h_{j+1} = B + (1 - dampen) h_j - (H_{b_j} + lambda I) h_j / scale,
+
+and the solution is ``h / scale``. Its fixed point solves
+``(H + lambda I + dampen * scale * I) x = B``: ``dampen`` adds ``dampen * scale`` to the
+regularization. The recursion converges when ``scale`` exceeds half the largest eigenvalue
+of every batch curvature plus ``lambda``; with a smaller ``scale`` it diverges, which is
+detected (non-finite or growing updates) and reported with the scale to use.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ...errors import ConvergenceWarning, DivergenceError
+from ..data import TrainingData
+from ..operators import CurvatureOperator, DampedOperator, LinearOperator
+from .base import InfluenceModel, check_nonnegative, check_positive_int
+
+
+@dataclass(frozen=True)
+class LissaInfo:
+    """How a LiSSA solve ended: ``iterations`` run and the last ``relative_update`` (max over columns)."""
+
+    iterations: int
+    relative_update: float
+    converged: bool
+
+
+def largest_eigenvalue(operator: LinearOperator, *, iterations: int = 30, seed: int = 0) -> float:
+    """Estimate the largest-magnitude eigenvalue of a symmetric operator by power iteration."""
+    gen = torch.Generator().manual_seed(seed)
+    v = torch.randn(operator.size, generator=gen, dtype=torch.float64).to(operator.device, operator.dtype)
+    v = v / torch.linalg.vector_norm(v)
+    value = 0.0
+    for _ in range(iterations):
+        w = operator.matvec(v)
+        value = float(v @ w)
+        norm = torch.linalg.vector_norm(w)
+        if float(norm) == 0.0:
+            return 0.0
+        v = w / norm
+    return abs(value)
+
+
+class LissaInfluence(InfluenceModel):
+    """Influences by the LiSSA recursion, using batch curvature-vector products only.
+
+    Args:
+        model, loss, regularization, curvature, chunk_size: as for every solver.
+        maxiter: iterations (each one batch curvature product with all right-hand sides).
+        dampen: ``d`` in the recursion, in ``[0, 1)``; adds ``d * scale`` to the regularization.
+        scale: ``s``, must exceed half the largest eigenvalue of the batch curvature plus
+            regularization; ``None`` estimates the largest eigenvalue of ``H`` at fit time
+            (power iteration) and takes twice it plus the regularization.
+        h0: initial guess of the solution, ``(p,)`` or ``(p, k)``; default ``B / scale``.
+        rtol: stop when the largest relative change of ``h`` in one step is below it.
+        batch_size: samples per random batch (default: the training loader's batch size).
+        seed: seeds the batch draws.
+
+    Raises:
+        DivergenceError: when the iterates become non-finite or their updates grow a
+            thousandfold; the message gives a safe ``scale``.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss: Callable[[Tensor, Tensor], Tensor],
+        *,
+        regularization: float = 0.0,
+        curvature: str = "hessian",
+        maxiter: int = 1000,
+        dampen: float = 0.0,
+        scale: float | None = None,
+        h0: Tensor | None = None,
+        rtol: float = 1e-4,
+        batch_size: int | None = None,
+        seed: int = 0,
+        chunk_size: int = 256,
+    ):
+        super().__init__(model, loss, regularization=regularization, curvature=curvature, chunk_size=chunk_size)
+        self.maxiter = check_positive_int("maxiter", maxiter)
+        self.dampen = check_nonnegative("dampen", dampen)
+        if self.dampen >= 1:
+            raise ValueError(f"dampen must be in [0, 1); got {dampen}.")
+        if scale is not None and check_nonnegative("scale", scale) == 0:
+            raise ValueError("scale must be positive; got 0. Omit it to estimate it at fit time.")
+        self.scale = None if scale is None else float(scale)
+        self.h0 = h0
+        self.rtol = check_nonnegative("rtol", rtol)
+        self.batch_size = None if batch_size is None else check_positive_int("batch_size", batch_size)
+        self.seed = int(seed)
+        self._operator: CurvatureOperator | None = None
+        self._data: TrainingData | None = None
+        self.scale_: float | None = None
+        self.info_: LissaInfo | None = None
+
+    def _fit(self, operator: CurvatureOperator, data: TrainingData) -> None:
+        self._operator = operator
+        self._data = data
+        if self.scale is None:
+            top = largest_eigenvalue(operator, seed=self.seed)
+            self.scale_ = 2.0 * top + self.regularization
+        else:
+            self.scale_ = self.scale
+
+    def _solve(self, rhs: Tensor) -> Tensor:
+        assert self._operator is not None and self._data is not None and self.scale_ is not None
+        b = rhs.T
+        s, d, lam = self.scale_, self.dampen, self.regularization
+        h = b.clone() if self.h0 is None else (s * self._initial_guess(b)).clone()
+        gen = torch.Generator().manual_seed(self.seed)
+        batch_size = self.batch_size or self._data.batch_size
+        first_update: float | None = None
+        smallest_update = math.inf
+        relative = math.inf
+        iterations = 0
+        for iterations in range(1, self.maxiter + 1):
+            x, y = self._data.random_batch(gen, batch_size)
+            curv = self._operator.batch_matmat(x, y, h) + lam * h
+            h_new = b + (1 - d) * h - curv / s
+            update = torch.linalg.vector_norm(h_new - h, dim=0)
+            size = torch.linalg.vector_norm(h_new, dim=0)
+            if not bool(torch.isfinite(h_new).all()):
+                self._raise_divergence(iterations, "the iterates became NaN/Inf")
+            step = float(update.max())
+            first_update = step if first_update is None else first_update
+            smallest_update = min(smallest_update, step)
+            if iterations > 5 and step > 1e3 * max(smallest_update, 1e-300) and step > first_update:
+                self._raise_divergence(
+                    iterations, f"the update norm grew from {smallest_update:.3e} to {step:.3e}"
+                )
+            h = h_new
+            relative = float((update / torch.clamp(size, min=torch.finfo(size.dtype).tiny)).max())
+            if relative < self.rtol:
+                break
+        converged = relative < self.rtol
+        self.info_ = LissaInfo(iterations, relative, converged)
+        if not converged:
+            warnings.warn(
+                f"LiSSA stopped at maxiter={self.maxiter} with a relative update of "
+                f"{relative:.3e} > rtol={self.rtol:g}. Raise maxiter, use larger batches "
+                "(batch_size) to lower the noise, or raise rtol.",
+                ConvergenceWarning,
+                stacklevel=4,
+            )
+        return (h / s).T
+
+    def _initial_guess(self, b: Tensor) -> Tensor:
+        h0 = torch.as_tensor(self.h0, dtype=b.dtype, device=b.device)
+        if h0.ndim == 1:
+            h0 = h0[:, None].expand_as(b)
+        if h0.shape != b.shape:
+            raise ValueError(f"h0 must have shape ({b.shape[0]},) or {tuple(b.shape)}; got {tuple(h0.shape)}.")
+        return h0
+
+    def _raise_divergence(self, iteration: int, what: str) -> None:
+        assert self._operator is not None and self.scale_ is not None
+        top = largest_eigenvalue(DampedOperator(self._operator, self.regularization), seed=self.seed)
+        safe = 2.0 * top
+        raise DivergenceError(
+            f"LiSSA diverged at iteration {iteration}: {what}. The recursion needs scale > "
+            f"(largest eigenvalue of H + regularization)/2 = {top / 2:.3g} at least (batch curvature "
+            f"can exceed it); scale is {self.scale_:.3g}. Raise scale to {safe:.3g} or more "
+            "(or omit scale to have it estimated), or raise dampen."
+        )
