@@ -1,0 +1,1 @@
+"""The ``dask-influence`` command line: one module per subcommand."""

@@ -1,0 +1,26 @@
+"""Entry point of the ``dask-influence`` command."""
+
+from __future__ import annotations
+
+import click
+
+from .. import __version__
+from .demo import demo
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="dask-influence")
+def cli() -> None:
+    """Influence functions for PyTorch models at any scale."""
+
+
+cli.add_command(demo)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

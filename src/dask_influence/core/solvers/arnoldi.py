@@ -1,0 +1,321 @@
+"""ArnoldiInfluence: a low-rank eigendecomposition of ``H`` from curvature-vector products.
+
+``H`` is symmetric, so the Arnoldi iteration reduces to the Lanczos three-term recurrence.
+From a random unit vector ``q_1`` it builds an orthonormal basis ``Q = [q_1 .. q_m]`` of
+the Krylov space ``span{q_1, H q_1, .., H^{m-1} q_1}`` and the tridiagonal matrix
+``T = Q^T H Q``, one curvature-vector product (one sweep over the training data) per
+basis vector. Every new vector is re-orthogonalized against the whole basis (twice, in
+float64), which keeps ``Q`` orthonormal to rounding and prevents the spurious copies of
+converged eigenvalues that plain Lanczos produces. The eigenpairs ``(d_i, s_i)`` of ``T``
+give Ritz pairs ``(d_i, Q s_i)``; the ``rank`` of largest magnitude approximate the
+dominant eigenpairs of ``H`` (Schioppa, Zablotskaia, Vilar & Sokolov 2022).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ...errors import NotPositiveDefiniteError
+from ..data import TrainingData
+from ..operators import CurvatureOperator, LinearOperator
+from .base import InfluenceModel, check_nonnegative, check_positive_int
+from .direct import check_positive_definite
+
+COMPLEMENTS = ("ignore", "regularization")
+
+
+@dataclass(frozen=True)
+class LanczosResult:
+    """What the Lanczos iteration produced.
+
+    Attributes:
+        basis: ``(p, m)`` float64, orthonormal columns spanning the Krylov space(s).
+        alphas: ``(m,)`` float64, the diagonal of ``T = Q^T H Q``.
+        betas: ``(m - 1,)`` float64, its off-diagonal (zero where the iteration restarted).
+        last_beta: the norm of the residual after the last vector (``0`` on breakdown).
+        restarts: how often a breakdown was followed by a fresh start vector.
+    """
+
+    basis: Tensor
+    alphas: Tensor
+    betas: Tensor
+    last_beta: float
+    restarts: int
+
+
+def lanczos(
+    operator: LinearOperator,
+    krylov_dimension: int,
+    *,
+    min_dimension: int = 1,
+    tol: float = 1e-6,
+    generator: torch.Generator | None = None,
+) -> LanczosResult:
+    """Lanczos iteration with full reorthogonalization for a symmetric operator.
+
+    Args:
+        operator: the symmetric ``p x p`` operator; only ``operator.matmat`` is used, with
+            one column per call (one sweep over the training data for a curvature operator).
+        krylov_dimension: at most this many basis vectors ``m <= p``.
+        min_dimension: on breakdown (``beta_j <= tol * |T|``: the Krylov space is invariant,
+            so its Ritz pairs are exact eigenpairs) the iteration stops if the basis has at
+            least this many vectors; otherwise it restarts from a random vector orthogonal
+            to the basis (``T`` then has a zero off-diagonal entry there).
+        tol: relative breakdown threshold; ``|T|`` is estimated by the largest ``|alpha|``
+            and ``beta`` seen so far.
+        generator: seeds the random start vector(s), drawn in float64 on the CPU.
+
+    Returns:
+        a :class:`LanczosResult`; ``operator`` was applied ``m`` times.
+    """
+    p = operator.size
+    m_max = min(int(krylov_dimension), p)
+    basis = torch.zeros(p, m_max, dtype=torch.float64, device=operator.device)
+    alphas: list[float] = []
+    betas: list[float] = []
+    scale = 0.0
+    restarts = 0
+    last_beta = 0.0
+
+    def orthogonalize(w: Tensor, j: int) -> Tensor:
+        # classical Gram-Schmidt, twice ("twice is enough"), against basis[:, :j]
+        q = basis[:, :j]
+        for _ in range(2):
+            w = w - q @ (q.T @ w)
+        return w
+
+    def random_start(j: int) -> Tensor | None:
+        for _ in range(3):
+            v = torch.randn(p, generator=generator, dtype=torch.float64).to(operator.device)
+            v = orthogonalize(v, j)
+            norm = float(torch.linalg.vector_norm(v))
+            if norm > 1e-8:  # a unit vector is mostly outside a basis of dimension j < p
+                return v / norm
+        return None
+
+    q = random_start(0)
+    assert q is not None
+    j = 0
+    while True:
+        basis[:, j] = q
+        w = operator.matmat(q.to(operator.dtype).unsqueeze(1)).squeeze(1).double()
+        alpha = float(q @ w)
+        alphas.append(alpha)
+        w = orthogonalize(w, j + 1)
+        beta = float(torch.linalg.vector_norm(w))
+        scale = max(scale, abs(alpha), beta)
+        j += 1
+        last_beta = beta
+        if j >= m_max:
+            break
+        if beta > tol * scale:
+            betas.append(beta)
+            q = w / beta
+            continue
+        # breakdown: span(basis[:, :j]) is invariant under the operator
+        last_beta = 0.0
+        if j >= min_dimension:
+            break
+        q = random_start(j)
+        if q is None:
+            break
+        betas.append(0.0)
+        restarts += 1
+    return LanczosResult(
+        basis=basis[:, :j],
+        alphas=torch.tensor(alphas, dtype=torch.float64, device=operator.device),
+        betas=torch.tensor(betas, dtype=torch.float64, device=operator.device),
+        last_beta=last_beta,
+        restarts=restarts,
+    )
+
+
+@dataclass(frozen=True)
+class ArnoldiState:
+    """The fitted low-rank eigendecomposition ``H ~ V diag(eigenvalues) V^T``.
+
+    Attributes:
+        eigenvalues: ``(rank,)`` Ritz values of largest magnitude, ordered by decreasing
+            magnitude (negative values are kept).
+        eigenvectors: ``(p, rank)`` the matching orthonormal Ritz vectors.
+        residual_norms: ``(rank,)`` ``|H v_i - d_i v_i|`` of each Ritz pair (exact
+            arithmetic bound ``|beta_m s_{m,i}|``); small means the pair has converged.
+        krylov_dimension: the size ``m`` of the Krylov basis actually built (smaller than
+            asked for when the iteration found an invariant subspace).
+    """
+
+    eigenvalues: Tensor
+    eigenvectors: Tensor
+    residual_norms: Tensor
+    krylov_dimension: int
+
+
+class ArnoldiInfluence(InfluenceModel):
+    """Influences from the dominant eigenpairs of ``H``, found by the Lanczos iteration.
+
+    ``fit`` runs ``krylov_dimension`` Lanczos steps, each ONE curvature-vector product (one
+    sweep over the training data); ``H`` is never formed. It keeps the ``rank`` Ritz pairs
+    of largest magnitude, ``H ~ V diag(d) V^T``, and solves with
+
+    - ``complement="ignore"`` (default; Schioppa et al. 2022):
+      ``(H + lambda I)^-1 x ~ V diag(1/(d + lambda)) V^T x``. The part of ``x`` outside
+      ``span(V)`` is dropped: influences only see the ``rank`` dominant directions, which
+      is exact when ``H`` has rank ``<= rank`` and the gradients lie in its range (the usual
+      situation for influence, since training gradients span the range of a GGN).
+    - ``complement="regularization"``: adds ``(x - V V^T x) / lambda``, i.e. ``H`` is taken
+      to be zero outside ``span(V)`` (the Woodbury form also used by
+      :class:`NystroemSketchInfluence`). Needs ``regularization > 0``; it overweights the
+      complement when ``H``'s remaining eigenvalues are not small against ``lambda``.
+
+    Negative eigenvalues (an indefinite Hessian away from a minimum) are KEPT: a Ritz value
+    is never below ``H``'s smallest eigenvalue, so a kept ``d_i`` with
+    ``d_i + regularization <= 0`` proves that ``H + regularization * I`` is not positive
+    definite. ``fit`` (and every solve, should ``regularization`` be lowered later) then
+    raises :class:`~dask_influence.errors.NotPositiveDefiniteError` with the smallest kept
+    eigenvalue and a regularization that fixes it. Kept negative values above
+    ``-regularization`` are used as they are.
+
+    Args:
+        model, loss, regularization, curvature, chunk_size: as for every solver.
+        rank: how many eigenpairs to keep, ``1 <= rank <= p``.
+        krylov_dimension: Lanczos steps (basis size), ``rank <= krylov_dimension <= p``;
+            default ``min(p, max(2 * rank, rank + 20))``. More steps: more accurate
+            eigenpairs at one sweep each. ``krylov_dimension = p`` gives the exact
+            eigendecomposition (up to rounding).
+        complement: ``"ignore"`` or ``"regularization"``, see above.
+        tol: relative breakdown threshold of the iteration. When a new Lanczos vector has
+            norm below ``tol`` times the largest entry of ``T`` the Krylov space is
+            invariant: with at least ``rank`` vectors the iteration stops early (fewer
+            sweeps, exact eigenpairs of that subspace); with fewer it restarts from a new
+            random vector orthogonal to the basis.
+        seed: seeds the random start vector.
+
+    Memory: the basis, ``p * krylov_dimension`` float64 numbers, during ``fit``; the state
+    keeps ``p * rank`` numbers in the model's dtype.
+
+    Raises:
+        NotPositiveDefiniteError: see above.
+    """
+
+    state_: ArnoldiState | None = None
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss: Callable[[Tensor, Tensor], Tensor],
+        *,
+        regularization: float = 0.0,
+        curvature: str = "hessian",
+        rank: int = 10,
+        krylov_dimension: int | None = None,
+        complement: str = "ignore",
+        tol: float = 1e-6,
+        seed: int = 0,
+        chunk_size: int = 256,
+    ):
+        super().__init__(model, loss, regularization=regularization, curvature=curvature, chunk_size=chunk_size)
+        p = self.num_params
+        self.rank = check_positive_int("rank", rank)
+        if self.rank > p:
+            raise ValueError(
+                f"rank must be at most the number of trainable parameters p={p}; got rank={rank}. "
+                f"Pass rank={p} for the exact eigendecomposition, or use DirectInfluence."
+            )
+        if krylov_dimension is None:
+            self.krylov_dimension = min(p, max(2 * self.rank, self.rank + 20))
+        else:
+            self.krylov_dimension = check_positive_int("krylov_dimension", krylov_dimension)
+            if not self.rank <= self.krylov_dimension <= p:
+                raise ValueError(
+                    f"krylov_dimension must be between rank={self.rank} and the number of "
+                    f"trainable parameters p={p}; got {krylov_dimension}. Pass None for the "
+                    f"default min(p, max(2*rank, rank+20)) = {min(p, max(2 * self.rank, self.rank + 20))}."
+                )
+        if not isinstance(complement, str) or complement not in COMPLEMENTS:
+            raise ValueError(f"complement must be one of {list(COMPLEMENTS)}; got {complement!r}.")
+        self.complement = complement
+        if complement == "regularization" and self.regularization <= 0:
+            raise ValueError(
+                "complement='regularization' treats H as zero outside the computed eigenvectors "
+                f"and needs regularization > 0; got regularization={self.regularization:g}. Pass "
+                "e.g. regularization=1e-3, or use complement='ignore'."
+            )
+        self.tol = check_nonnegative("tol", tol)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int; got {seed!r}.")
+        self.seed = seed
+
+    # -- fitted state ---------------------------------------------------------------------
+    @property
+    def eigenvalues_(self) -> Tensor:
+        """``(rank,)`` the kept eigenvalues of ``H``, by decreasing magnitude."""
+        self._require_fitted()
+        assert self.state_ is not None
+        return self.state_.eigenvalues
+
+    @property
+    def eigenvectors_(self) -> Tensor:
+        """``(p, rank)`` the matching orthonormal eigenvectors (columns)."""
+        self._require_fitted()
+        assert self.state_ is not None
+        return self.state_.eigenvectors
+
+    # -- solver ---------------------------------------------------------------------------
+    def _fit(self, operator: CurvatureOperator, data: TrainingData) -> None:
+        self.state_ = None
+        generator = torch.Generator().manual_seed(self.seed)
+        result = lanczos(
+            operator,
+            self.krylov_dimension,
+            min_dimension=self.rank,
+            tol=self.tol,
+            generator=generator,
+        )
+        m = result.alphas.numel()
+        tridiagonal = torch.diag(result.alphas)
+        if m > 1:
+            tridiagonal = tridiagonal + torch.diag(result.betas, 1) + torch.diag(result.betas, -1)
+        ritz_values, ritz_coeffs = torch.linalg.eigh(tridiagonal)
+        order = torch.argsort(ritz_values.abs(), descending=True, stable=True)[: self.rank]
+        eigenvalues = ritz_values[order]
+        coeffs = ritz_coeffs[:, order]
+        eigenvectors = result.basis @ coeffs
+        residual_norms = result.last_beta * coeffs[-1].abs()
+        self._check_definite(eigenvalues)
+        self.state_ = ArnoldiState(
+            eigenvalues=eigenvalues.to(self.dtype),
+            eigenvectors=eigenvectors.to(self.dtype),
+            residual_norms=residual_norms.to(self.dtype),
+            krylov_dimension=m,
+        )
+
+    def _solve(self, rhs: Tensor) -> Tensor:
+        assert self.state_ is not None
+        d, v = self.state_.eigenvalues, self.state_.eigenvectors
+        self._check_definite(d)
+        coeff = rhs @ v
+        out = (coeff / (d + self.regularization)) @ v.T
+        if self.complement == "regularization":
+            if self.regularization <= 0:
+                raise ValueError(
+                    "complement='regularization' needs regularization > 0; got "
+                    f"regularization={self.regularization:g}. Set a positive regularization."
+                )
+            out = out + (rhs - coeff @ v.T) / self.regularization
+        return out
+
+    def _check_definite(self, eigenvalues: Tensor) -> None:
+        name = type(self).__name__
+        try:
+            check_positive_definite(eigenvalues, self.regularization, name)
+        except NotPositiveDefiniteError as err:
+            raise NotPositiveDefiniteError(
+                f"{name}: among the {eigenvalues.numel()} eigenvalues of largest magnitude "
+                f"kept (rank={self.rank}), some are <= -regularization. {err}",
+                smallest_eigenvalue=err.smallest_eigenvalue,
+                suggested_regularization=err.suggested_regularization,
+            ) from None

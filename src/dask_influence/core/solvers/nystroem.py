@@ -1,0 +1,112 @@
+"""NystroemSketchInfluence: a randomized Nystroem sketch of ``H`` solved by Woodbury.
+
+With a random orthonormal test matrix ``Omega`` ``(p, rank)``,
+
+    H_nys = (H Omega) (Omega^T H Omega)^+ (H Omega)^T = U diag(s) U^T,
+
+costs ONE block product of ``H`` with ``rank`` vectors (one sweep over the training data),
+and its regularized inverse is applied exactly by the Sherman-Morrison-Woodbury identity
+
+    (H_nys + lambda I)^-1 x = U diag(1/(s + lambda)) U^T x + (x - U U^T x) / lambda
+
+(Frangella, Tropp & Udell 2023; Hataya & Yamada 2023).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..data import TrainingData
+from ..lowrank import LowRankFactor, nystroem_sketch
+from ..operators import CurvatureOperator
+from .base import InfluenceModel, check_positive_int
+
+
+class NystroemSketchInfluence(InfluenceModel):
+    """Influences from a rank-``rank`` randomized Nystroem approximation of ``H``.
+
+    ``fit`` pushes ``rank`` random orthonormal vectors through ``H`` in one sweep over the
+    training data; ``H`` is never formed. Solving uses the Woodbury form above: outside
+    the sketched subspace ``H`` is taken to be zero, so ``regularization`` must be
+    positive, and it sets how much the unsketched directions count.
+
+    The sketch approximates a positive semi-definite ``H``. For an indefinite Hessian it
+    keeps the part where ``Omega^T H Omega`` is positive (an approximation of ``H``'s
+    positive part at best); prefer ``curvature="ggn"`` there. ``rank = p`` reproduces a
+    positive definite ``H`` exactly (up to rounding).
+
+    Args:
+        model, loss, curvature, chunk_size: as for every solver.
+        regularization: ``lambda > 0``, required.
+        rank: the number of random probe vectors, ``1 <= rank <= p``. The state keeps
+            ``rank`` eigenpairs (fewer when ``H`` restricted to the probes is not positive
+            definite).
+        seed: seeds the Gaussian test matrix.
+
+    The fitted state ``state_`` is a :class:`~dask_influence.core.lowrank.LowRankFactor`
+    with ``basis`` ``(p, r)`` and ``eigenvalues`` ``(r,)`` (descending, non-negative).
+    """
+
+    state_: LowRankFactor | None = None
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss: Callable[[Tensor, Tensor], Tensor],
+        *,
+        regularization: float,
+        curvature: str = "hessian",
+        rank: int = 10,
+        seed: int = 0,
+        chunk_size: int = 256,
+    ):
+        super().__init__(model, loss, regularization=regularization, curvature=curvature, chunk_size=chunk_size)
+        if self.regularization <= 0:
+            raise ValueError(self._regularization_message())
+        p = self.num_params
+        self.rank = check_positive_int("rank", rank)
+        if self.rank > p:
+            raise ValueError(
+                f"rank must be at most the number of trainable parameters p={p}; got rank={rank}. "
+                f"Pass rank={p} or less."
+            )
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int; got {seed!r}.")
+        self.seed = seed
+
+    @property
+    def eigenvalues_(self) -> Tensor:
+        """``(r,)`` the eigenvalues of the sketch ``H_nys``, descending."""
+        self._require_fitted()
+        assert self.state_ is not None
+        return self.state_.eigenvalues
+
+    @property
+    def eigenvectors_(self) -> Tensor:
+        """``(p, r)`` the orthonormal eigenvectors of the sketch (columns)."""
+        self._require_fitted()
+        assert self.state_ is not None
+        return self.state_.basis
+
+    def _fit(self, operator: CurvatureOperator, data: TrainingData) -> None:
+        self.state_ = None
+        generator = torch.Generator().manual_seed(self.seed)
+        self.state_ = nystroem_sketch(operator, self.rank, generator)
+
+    def _solve(self, rhs: Tensor) -> Tensor:
+        assert self.state_ is not None
+        if self.regularization <= 0:
+            raise ValueError(self._regularization_message())
+        return self.state_.inverse_apply(rhs.T, self.regularization).T
+
+    def _regularization_message(self) -> str:
+        return (
+            f"{type(self).__name__} needs regularization > 0: outside the sketched subspace "
+            f"the curvature is taken to be zero, so regularization alone makes H + "
+            f"regularization*I invertible there; got regularization={self.regularization:g}. "
+            "Pass e.g. regularization=1e-3 (about the size of H's small eigenvalues), or use "
+            "ArnoldiInfluence, which ignores the complement."
+        )
