@@ -12,6 +12,9 @@ from .core.solvers.cg import CgInfluence
 from .core.solvers.direct import DirectInfluence
 from .core.solvers.lissa import LissaInfluence
 
+# mapping layer: blocks on Dask, results in zarr
+from .mapping.calculator import DaskInfluenceCalculator, SequentialInfluenceCalculator
+
 # choices and building blocks
 from .core.modes import InfluenceMode
 from .core.operators import Curvature
@@ -24,6 +27,7 @@ from .errors import (
     NonFiniteError,
     NotFittedError,
     NotPositiveDefiniteError,
+    StoreError,
 )
 
 try:
@@ -36,6 +40,8 @@ __all__ = [
     "DirectInfluence",
     "CgInfluence",
     "LissaInfluence",
+    "DaskInfluenceCalculator",
+    "SequentialInfluenceCalculator",
     "InfluenceMode",
     "Curvature",
     "Preconditioner",
@@ -46,5 +52,6 @@ __all__ = [
     "NonFiniteError",
     "NotFittedError",
     "NotPositiveDefiniteError",
+    "StoreError",
     "__version__",
 ]

@@ -37,3 +37,7 @@ class DivergenceError(RuntimeError):
 
 class ConvergenceWarning(UserWarning):
     """An iterative solver stopped at ``maxiter`` before reaching its tolerance."""
+
+
+class StoreError(ValueError):
+    """The output store cannot be used as asked (exists, other configuration, not a store)."""

