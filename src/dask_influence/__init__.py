@@ -7,10 +7,12 @@ The public API, grouped by role. See ``docs/`` for the guide and ``DESIGN``-leve
 from importlib.metadata import PackageNotFoundError, version
 
 # solvers (in-memory core)
+from .core.solvers.arnoldi import ArnoldiInfluence
 from .core.solvers.base import InfluenceModel
 from .core.solvers.cg import CgInfluence
 from .core.solvers.direct import DirectInfluence
 from .core.solvers.lissa import LissaInfluence
+from .core.solvers.nystroem import NystroemSketchInfluence
 
 # mapping layer: blocks on Dask, results in zarr
 from .mapping.calculator import DaskInfluenceCalculator, SequentialInfluenceCalculator
@@ -40,6 +42,8 @@ __all__ = [
     "DirectInfluence",
     "CgInfluence",
     "LissaInfluence",
+    "ArnoldiInfluence",
+    "NystroemSketchInfluence",
     "DaskInfluenceCalculator",
     "SequentialInfluenceCalculator",
     "InfluenceMode",

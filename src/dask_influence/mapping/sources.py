@@ -186,7 +186,7 @@ def as_source(data: Any, *, block_size: int | None = None, name: str = "data") -
                     f"The {name} inputs and targets have different lengths: {len(x)} and {len(y)}."
                 )
             return DatasetSource(_ArrayDataset(x, y), block_size or DEFAULT_BLOCK_SIZE, _stack, name)
-    if isinstance(data, Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, (tuple, list))):
+    if isinstance(data, Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, (tuple, list, str, bytes, dict))):
         if block_size is None:
             raise ValueError(f"Pass block_size with a {name} Dataset (the number of samples per block).")
         return DatasetSource(data, block_size, None, name)

@@ -261,14 +261,14 @@ class ArnoldiInfluence(InfluenceModel):
     # -- fitted state ---------------------------------------------------------------------
     @property
     def eigenvalues_(self) -> Tensor:
-        """``(rank,)`` the kept eigenvalues of ``H``, by decreasing magnitude."""
+        """``(r,)`` the kept eigenvalues of ``H`` by decreasing magnitude; ``r = rank`` unless fewer were found."""
         self._require_fitted()
         assert self.state_ is not None
         return self.state_.eigenvalues
 
     @property
     def eigenvectors_(self) -> Tensor:
-        """``(p, rank)`` the matching orthonormal eigenvectors (columns)."""
+        """``(p, r)`` the matching orthonormal eigenvectors (columns)."""
         self._require_fitted()
         assert self.state_ is not None
         return self.state_.eigenvectors
@@ -319,11 +319,11 @@ class ArnoldiInfluence(InfluenceModel):
     def _check_definite(self, eigenvalues: Tensor) -> None:
         name = type(self).__name__
         try:
-            pass
+            check_positive_definite(eigenvalues, self.regularization, name)
         except NotPositiveDefiniteError as err:
             raise NotPositiveDefiniteError(
                 f"{name}: among the {eigenvalues.numel()} eigenvalues of largest magnitude "
-                f"kept (rank={self.rank}), some are <= -regularization. {err}",
+                f"kept (rank={self.rank}), some are not safely above -regularization. {err}",
                 smallest_eigenvalue=err.smallest_eigenvalue,
                 suggested_regularization=err.suggested_regularization,
             ) from None

@@ -1,0 +1,45 @@
+"""Fixtures for the mapping layer: a small fitted solver and a 2-worker LocalCluster."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import dask_influence as di
+
+
+@pytest.fixture(scope="session")
+def cluster_client():
+    """A LocalCluster of 2 single-threaded worker processes on 127.0.0.1, stopped afterwards."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        yield client
+
+
+def make_problem(n_train=53, n_test=17, n_features=4, n_classes=3, seed=0):
+    """A small float64 tanh MLP (fitted loosely) on random classification data."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_train, n_features, generator=g, dtype=torch.float64)
+    y = torch.randint(0, n_classes, (n_train,), generator=g)
+    xt = torch.randn(n_test, n_features, generator=g, dtype=torch.float64)
+    yt = torch.randint(0, n_classes, (n_test,), generator=g)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(n_features, 6), nn.Tanh(), nn.Linear(6, n_classes)).double()
+    loss = nn.CrossEntropyLoss()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(100):
+        opt.zero_grad()
+        loss(model(x), y).backward()
+        opt.step()
+    model.eval()
+    return model, loss, (x, y), (xt, yt)
+
+
+@pytest.fixture(scope="session")
+def problem():
+    model, loss, train, test = make_problem()
+    solver = di.DirectInfluence(model, loss, regularization=0.05).fit(train)
+    return solver, train, test
+

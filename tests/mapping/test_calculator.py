@@ -1,0 +1,149 @@
+"""Dask result == sequential result == in-memory result, for every input kind and mode."""
+
+import dask.array as da
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import dask_influence as di
+
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def inputs(kind, x, y, block):
+    if kind == "loader":
+        return DataLoader(TensorDataset(x, y), batch_size=block), {}
+    if kind == "dataset":
+        return TensorDataset(x, y), {"block": block}
+    if kind == "dask":
+        return (da.from_array(x.numpy(), chunks=(block, -1)), da.from_array(y.numpy(), chunks=block)), {}
+    if kind == "numpy":
+        return (x.numpy(), y.numpy()), {"block": block}
+    raise AssertionError(kind)
+
+
+def lazy(calc, test, train, mode, test_block=7, train_block=10, test_kind="loader", train_kind="loader"):
+    t, topt = inputs(test_kind, *test, test_block)
+    r, ropt = inputs(train_kind, *train, train_block)
+    return calc.influences(t, r, mode=mode, test_block_size=topt.get("block"), train_block_size=ropt.get("block"))
+
+
+@pytest.mark.parametrize("kind", ["loader", "dataset", "dask", "numpy"])
+@pytest.mark.parametrize("mode", ["up", "perturbation"])
+def test_sequential_equals_in_memory(problem, kind, mode):
+    solver, train, test = problem
+    expected = solver.influences(*test, *train, mode=mode).numpy()
+    calc = di.SequentialInfluenceCalculator(solver, progress=False)
+    result = lazy(calc, test, train, mode, test_kind=kind, train_kind=kind)
+    # 17 test points in blocks of 7 and 53 train points in blocks of 10: ragged last blocks
+    assert result.chunks[:2] == ((7, 7, 3), (10, 10, 10, 10, 10, 3))
+    assert result.shape == expected.shape and result.dtype == np.float64
+    assert rel_err(result.compute(scheduler="sync"), expected) < 1e-10
+
+
+@pytest.mark.parametrize("kind", ["loader", "dask"])
+@pytest.mark.parametrize("mode", ["up", "perturbation"])
+def test_dask_equals_sequential(problem, cluster_client, kind, mode):
+    solver, train, test = problem
+    seq = lazy(di.SequentialInfluenceCalculator(solver, progress=False), test, train, mode,
+               test_kind=kind, train_kind=kind).compute(scheduler="sync")
+    dist = lazy(di.DaskInfluenceCalculator(solver, cluster_client, progress=False), test, train, mode,
+                test_kind=kind, train_kind=kind).compute()
+    assert rel_err(dist, seq) < 1e-10
+
+
+def test_block_size_invariance(problem):
+    solver, train, test = problem
+    calc = di.SequentialInfluenceCalculator(solver, progress=False)
+    a = lazy(calc, test, train, "up", 17, 53).compute(scheduler="sync")
+    b = lazy(calc, test, train, "up", 1, 4).compute(scheduler="sync")
+    c = lazy(calc, test, train, "up", 5, 11).compute(scheduler="sync")
+    assert rel_err(b, a) < 1e-12 and rel_err(c, a) < 1e-12
+
+
+def test_task_names_are_deterministic(problem):
+    solver, train, test = problem
+    calc = di.SequentialInfluenceCalculator(solver, progress=False)
+    assert lazy(calc, test, train, "up").name == lazy(calc, test, train, "up").name
+    assert lazy(calc, test, train, "up").name != lazy(calc, test, train, "up", 8).name
+
+
+def test_train_gradients_once_per_train_block(problem, monkeypatch):
+    """n_train + n_test backward passes, whatever the number of test blocks."""
+    solver, train, test = problem
+    counts = {"rows": 0}
+    original = type(solver._functions).per_sample_grads
+
+    def counting(self, theta, x, y):
+        counts["rows"] += int(x.shape[0])
+        return original(self, theta, x, y)
+
+    monkeypatch.setattr(type(solver._functions), "per_sample_grads", counting)
+    calc = di.SequentialInfluenceCalculator(solver, progress=False)
+    lazy(calc, test, train, "up", test_block=2).compute(scheduler="sync")
+    assert counts["rows"] == len(train[0]) + len(test[0])
+
+
+def test_memory_budget_groups_test_blocks(problem):
+    solver, train, test = problem
+    p = solver.num_params
+    calc = di.SequentialInfluenceCalculator(solver, progress=False, memory_budget=7 * p * 8)
+    result = lazy(calc, test, train, "up", test_block=7)
+    expected = solver.influences(*test, *train).numpy()
+    assert rel_err(result.compute(scheduler="sync"), expected) < 1e-10
+
+
+def test_self_influences(problem, cluster_client):
+    solver, train, _ = problem
+    expected = solver.self_influences(*train).numpy()
+    loader = DataLoader(TensorDataset(*train), batch_size=9)
+    seq = di.SequentialInfluenceCalculator(solver, progress=False).self_influences(loader)
+    dist = di.DaskInfluenceCalculator(solver, cluster_client, progress=False).self_influences(loader)
+    assert rel_err(seq.compute(scheduler="sync"), expected) < 1e-10
+    assert rel_err(dist.compute(), expected) < 1e-10
+
+
+def test_output_dtype_follows_model_not_data(problem):
+    """Integer-valued float data or int data never turns influences into integers."""
+    solver, train, test = problem
+    model32 = __import__("copy").deepcopy(solver.model).float()
+    s32 = di.DirectInfluence(model32, solver.loss, regularization=0.05).fit((train[0].float(), train[1]))
+    calc = di.SequentialInfluenceCalculator(s32, progress=False)
+    out = calc.influences((test[0].numpy(), test[1].numpy()), (train[0].numpy(), train[1].numpy()),
+                          test_block_size=5, train_block_size=5)
+    assert out.dtype == np.float32
+
+
+def test_refused_inputs(problem):
+    solver, train, test = problem
+    calc = di.SequentialInfluenceCalculator(solver, progress=False)
+    shuffled = DataLoader(TensorDataset(*train), batch_size=10, shuffle=True)
+    with pytest.raises(ValueError, match="shuffle=False"):
+        calc.influences(DataLoader(TensorDataset(*test)), shuffled)
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter([])
+
+    with pytest.raises(TypeError, match="iterable-style"):
+        calc.influences(DataLoader(TensorDataset(*test)), DataLoader(Stream(), batch_size=4))
+    with pytest.raises(ValueError, match="different lengths"):
+        calc.influences((test[0].numpy(), test[1].numpy()[:-1]), (train[0].numpy(), train[1].numpy()))
+    with pytest.raises(ValueError, match="different lengths"):
+        calc.influences(test, (da.from_array(train[0].numpy()), da.from_array(train[1].numpy()[:-2])))
+    with pytest.raises(ValueError, match="block_size"):
+        calc.influences(TensorDataset(*test), TensorDataset(*train))
+    with pytest.raises(ValueError, match="feature shape"):
+        calc.influences((test[0][:, :3].numpy(), test[1].numpy()), (train[0].numpy(), train[1].numpy()))
+    with pytest.raises(ValueError, match="mode"):
+        calc.influences(test, train, mode="down")
+    with pytest.raises(TypeError, match="Unsupported"):
+        calc.influences("data.csv", train)
+    unfitted = di.DirectInfluence(solver.model, solver.loss)
+    with pytest.raises(di.NotFittedError):
+        di.SequentialInfluenceCalculator(unfitted)
