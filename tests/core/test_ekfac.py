@@ -181,6 +181,35 @@ def test_conv2d_gradients_from_factors_equal_torch_func(conv_args):
     assert rel_err(ek.influences_from_factors(factors, x, y), expected) < 1e-12
 
 
+class SharedOverPositions(nn.Module):
+    """A Linear applied at every position of a sequence, and a Linear called twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(3, 4)
+        self.mix = nn.Linear(4, 4, bias=False)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):  # (n, T, 3)
+        h = torch.relu(self.embed(x))
+        h = torch.tanh(self.mix(torch.tanh(self.mix(h))))
+        return self.head(h.mean(1))
+
+
+def test_sequence_positions_and_reused_layers():
+    """Positions and repeated calls both add ``g_t a_t^T`` terms to a sample's gradient."""
+    torch.manual_seed(15)
+    model = SharedOverPositions().to(DT).eval()
+    x = torch.randn(11, 5, 3, dtype=DT)
+    y = torch.randint(0, 2, (11,))
+    ek = EkfacInfluence(model, nn.CrossEntropyLoss(), regularization=0.1, chunk_size=4).fit((x, y))
+    assert rel_err(ek.per_sample_grads_from_factors(x, y), ek.per_sample_grads(x, y)) < 1e-12
+    ggn = DirectInfluence(model, nn.CrossEntropyLoss(), regularization=0.1, curvature="ggn").fit((x, y)).hessian
+    for index, factors in enumerate(ek.state_.layers):
+        assert rel_err(factors.corrected, kron_diag(factors, layer_block(ek, index, ggn))) < 1e-10
+    assert rel_err(ek.self_influences(x, y), torch.diagonal(ek.influences(x, y))) < 1e-12
+
+
 # -- consistency of the API paths ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def fitted():
@@ -269,6 +298,8 @@ def test_layer_selection():
         EkfacInfluence(model, nn.CrossEntropyLoss(), layers=["0"])
     with pytest.raises(ValueError, match="'7'.*not a module"):
         EkfacInfluence(model, nn.CrossEntropyLoss(), layers=["0", "4", "7"])
+    with pytest.raises(ValueError, match="'2'.*none of its parameters is trainable"):
+        EkfacInfluence(model, nn.CrossEntropyLoss(), layers=["0", "2", "4"])
     with pytest.raises(ValueError, match="Tanh"):
         EkfacInfluence(model, nn.CrossEntropyLoss(), layers=["0", "1", "4"])
 

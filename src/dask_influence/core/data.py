@@ -33,6 +33,8 @@ def to_tensor(a: Any, name: str, *, dtype: torch.dtype, device: torch.device) ->
         arr = np.asarray(a)
         if arr.dtype == object:
             raise TypeError(f"{name} must be numeric; got an array of Python objects.")
+        if arr.dtype.kind not in "biufc":
+            raise TypeError(f"{name} must be numeric; got an array of dtype {arr.dtype}.")
         t = torch.from_numpy(np.ascontiguousarray(arr))
     else:
         raise TypeError(

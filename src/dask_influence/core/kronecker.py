@@ -22,6 +22,7 @@ Conventions for one layer (``o = d_out``, ``i = d_in``):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -159,14 +160,19 @@ def corrected_eigenvalue_sum(factors: LayerFactors, g: Tensor, a: Tensor) -> Ten
 
 
 def layer_grads(g: Tensor, a: Tensor) -> Tensor:
-    """Per-sample gradients ``sum_t g_t a_t^T`` of one layer: ``g`` ``(n, P, o)``, ``a`` ``(n, P, i)`` -> ``(n, o, i)``."""
+    """Per-sample gradients ``sum_t g_t a_t^T`` of one layer.
+
+    ``g`` ``(n, P, o)`` and ``a`` ``(n, P, i)``; returns ``(n, o, i)``.
+    """
     if a.shape[1] == 1:
         return g[:, 0, :, None] * a[:, 0, None, :]
     return torch.einsum("npo,npi->noi", g, a)
 
 
 def up_contract(f: Tensor, g: Tensor, a: Tensor) -> Tensor:
-    """``<f_t, sum_p g_jp a_jp^T>`` for all pairs: ``f`` ``(t, o, i)``, ``g`` ``(m, P, o)``, ``a`` ``(m, P, i)`` -> ``(t, m)``.
+    """``<f_t, sum_p g_jp a_jp^T>`` for all pairs of factor rows ``t`` and points ``j``.
+
+    ``f`` ``(t, o, i)``, ``g`` ``(m, P, o)``, ``a`` ``(m, P, i)``; returns ``(t, m)``.
 
     With one position the training gradients stay factored: the contraction runs over the
     smaller of ``o`` and ``i`` first, holding ``t * m * min(o, i)`` numbers. With several
@@ -185,7 +191,7 @@ def up_contract(f: Tensor, g: Tensor, a: Tensor) -> Tensor:
 
 
 def self_contract(factors: LayerFactors, inverse_diag: Tensor, g: Tensor, a: Tensor) -> Tensor:
-    """``vec(grad)^T (C + lambda I)^-1 vec(grad)`` per sample: ``g`` ``(m, P, o)``, ``a`` ``(m, P, i)`` -> ``(m,)``.
+    """``vec(grad)^T (C + lambda I)^-1 vec(grad)`` per sample from ``g`` ``(m, P, o)``, ``a`` ``(m, P, i)``: ``(m,)``.
 
     ``inverse_diag`` is ``1 / (eigenvalues + lambda)`` ``(o, i)``. With one position this is
     ``sum_{o,i} g_rot[o]^2 inverse_diag[o, i] a_rot[i]^2``, without forming ``(m, o, i)``.

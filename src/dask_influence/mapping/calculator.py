@@ -32,13 +32,15 @@ DEFAULT_MEMORY_BUDGET = 512 * 2**20  # bytes of test factors held by one influen
 class _BlockCalculator:
     """Shared logic; subclasses say how a graph is executed."""
 
-    def __init__(self, solver: InfluenceModel, *, progress: bool = True, memory_budget: int | None = DEFAULT_MEMORY_BUDGET):
+    def __init__(self, solver: InfluenceModel, *, progress: bool = True, memory_budget: int | str | None = "auto"):
         if not isinstance(solver, InfluenceModel):
             raise TypeError(f"solver must be a dask_influence solver (e.g. CgInfluence); got {type(solver).__name__}.")
         if not solver.is_fitted:
             raise NotFittedError(f"The {type(solver).__name__} is not fitted; call solver.fit(train_loader) first.")
-        if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget <= 0):
-            raise ValueError(f"memory_budget must be a positive number of bytes or None; got {memory_budget!r}.")
+        if memory_budget not in (None, "auto") and (
+            isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget <= 0
+        ):
+            raise ValueError(f"memory_budget must be a positive number of bytes, 'auto' or None; got {memory_budget!r}.")
         self.solver = solver
         self.progress = bool(progress)
         self.memory_budget = memory_budget
@@ -62,7 +64,7 @@ class _BlockCalculator:
                 f"Perturbation influences need floating-point train inputs; got {train_src.input_dtype}. "
                 "Use mode='up' for integer inputs such as token ids."
             )
-        graph = build_influence_graph(self.solver, test_src, train_src, mode, memory_budget=self.memory_budget)
+        graph = build_influence_graph(self.solver, test_src, train_src, mode, memory_budget=self._memory_budget())
         if len(graph.plan.test_groups) > 1:
             logger.warning("Test factors exceed the per-task memory budget; %s.", graph.plan.describe())
         return graph
@@ -137,12 +139,19 @@ class _BlockCalculator:
         done = np.asarray(group["influences_done"][...]) == 1
         rows, cols = plan.test_ranges, plan.train_ranges
         write = f"write-{graph.token}"
-        keys, row_writes = [], {}
-        for i, j in zip(*np.nonzero(~done)):
-            i, j = int(i), int(j)
-            dsk[(write, i, j)] = (zstore.write_influence_chunk, path, i, j, rows[i], cols[j], graph.chunk_key(i, j))
-            keys.append((write, i, j))
-            row_writes.setdefault(i, []).append((write, i, j))
+        keys: list = []
+        row_writes: dict[int, list] = {}
+        computed = 0
+        for g, members in enumerate(plan.test_groups):
+            for j in range(len(cols)):
+                targets = [(i, *rows[i], pos) for pos, i in enumerate(members) if not done[i, j]]
+                if not targets:
+                    continue
+                dsk[(write, g, j)] = (zstore.write_influence_chunks, path, j, cols[j], targets, (graph.group_name, g, j))
+                keys.append((write, g, j))
+                computed += len(targets)
+                for i, *_ in targets:
+                    row_writes.setdefault(i, []).append((write, g, j))
         skipped = int(done.sum())
         self_written = 0
         if layout.self_influences:
@@ -160,7 +169,7 @@ class _BlockCalculator:
                 dsk[(f"topk-{graph.token}", i)] = (zstore.topk_row, path, i, rows[i], list(cols), layout.top_k,
                                                    *row_writes.get(i, []))
                 keys.append((f"topk-{graph.token}", i))
-        self.last_run_ = {"chunks_computed": sum(len(v) for v in row_writes.values()),
+        self.last_run_ = {"chunks_computed": computed,
                           "chunks_skipped": skipped, "chunks_total": plan.num_chunks,
                           "self_influence_blocks_computed": self_written, "plan": plan.describe()}
         return keys
@@ -185,6 +194,10 @@ class _BlockCalculator:
             "num_params": solver.num_params,
             "n_train_fit": solver.n_train_,
         }
+
+    def _memory_budget(self) -> int | None:
+        """Bytes one influence task may hold: the given budget, or 512 MiB for 'auto'."""
+        return DEFAULT_MEMORY_BUDGET if self.memory_budget == "auto" else self.memory_budget
 
     def _execute(self, dsk: dict, keys: list) -> list:
         raise NotImplementedError
@@ -220,8 +233,10 @@ class DaskInfluenceCalculator(_BlockCalculator):
             else starts an embedded ``LocalCluster`` (one single-threaded worker process per
             core) for each call and closes it afterwards.
         progress: show Dask's progress bar while a job runs.
-        memory_budget: bytes of test factors one influence task may hold; more test blocks
-            than that are split into groups (``None``: one group).
+        memory_budget: bytes one influence task may hold (its test factors and its block of
+            output); test blocks beyond that are split into groups. ``"auto"``: a quarter of
+            the smallest worker memory limit of the current client, at most 512 MiB;
+            ``None``: one group.
         n_workers: workers of the embedded cluster (default: the number of cores).
 
     A solver whose model is on CUDA runs its tasks with the resource ``GPU=1``; start
@@ -229,10 +244,25 @@ class DaskInfluenceCalculator(_BlockCalculator):
     """
 
     def __init__(self, solver: InfluenceModel, client: Any = None, *, progress: bool = True,
-                 memory_budget: int | None = DEFAULT_MEMORY_BUDGET, n_workers: int | None = None):
+                 memory_budget: int | str | None = "auto", n_workers: int | None = None):
         super().__init__(solver, progress=progress, memory_budget=memory_budget)
         self.client = client
         self.n_workers = n_workers
+
+    def _memory_budget(self) -> int | None:
+        if self.memory_budget != "auto":
+            return self.memory_budget
+        client = self.client
+        if client is None:
+            try:
+                from distributed import get_client
+
+                client = get_client()
+            except ValueError:
+                return DEFAULT_MEMORY_BUDGET
+        limits = [w.get("memory_limit") or 0 for w in client.scheduler_info().get("workers", {}).values()]
+        limits = [x for x in limits if x > 0]
+        return min([DEFAULT_MEMORY_BUDGET] + [x // 4 for x in limits])
 
     @contextmanager
     def _client(self) -> Iterator[Any]:

@@ -64,6 +64,7 @@ class InfluenceGraph:
     dtype: str
     train: BlockSource
     token: str
+    group_name: str
 
     def chunk_key(self, i: int, j: int) -> tuple:
         return (self.chunk_name, i, j) + (0,) * len(self.feature_shape)
@@ -84,8 +85,11 @@ def build_influence_graph(
     """The tasks that compute every chunk of the influence matrix (nothing is computed)."""
     dtype = output_dtype(solver)
     itemsize = np.dtype(dtype).itemsize
+    # one test point costs its factor row (p) plus its row of the output block, each held
+    # about twice (torch and numpy copies) by an influence task
+    row_width = solver.num_params + max(train.block_sizes) * max(1, int(np.prod(train.feature_shape)) if mode is InfluenceMode.perturbation else 1)
     plan = BlockPlan.build(test.block_sizes, train.block_sizes,
-                           bytes_per_test_point=solver.num_params * itemsize, memory_budget=memory_budget)
+                           bytes_per_test_point=2 * row_width * itemsize, memory_budget=memory_budget)
     feature_shape = tuple(train.feature_shape) if mode is InfluenceMode.perturbation else ()
     fingerprint = solver_fingerprint(solver)
     token = tokenize(fingerprint, test.token, train.token, plan, mode.value, dtype)
@@ -95,7 +99,7 @@ def build_influence_graph(
     dsk: dict = {solver_key: solver, **test.graph(), **train.graph()}
     for i in range(len(plan.test_sizes)):
         dsk[(factors, i)] = (tasks.factor_block, solver_key, test.block_task(i))
-    graph = InfluenceGraph(dsk, plan, mode, solver_key, chunk, feature_shape, dtype, train, token)
+    graph = InfluenceGraph(dsk, plan, mode, solver_key, chunk, feature_shape, dtype, train, token, group)
     for g, members in enumerate(plan.test_groups):
         for j in range(len(plan.train_sizes)):
             dsk[(group, g, j)] = (

@@ -161,12 +161,22 @@ def _create(path: str, config: dict, layout: StoreLayout) -> zarr.Group:
 
 # -- writes from the workers (module-level task functions) ------------------------------
 
-def write_influence_chunk(path: str, i: int, j: int, row: tuple[int, int], col: tuple[int, int], value: np.ndarray) -> tuple[int, int]:
-    """Write chunk ``(i, j)`` of ``influences`` and then its done flag."""
+def write_influence_chunks(path: str, j: int, col: tuple[int, int], targets: list[tuple[int, int, int, int]],
+                           values: list[np.ndarray]) -> int:
+    """Write chunks ``(i, j)`` of ``influences``, each followed by its done flag.
+
+    Args:
+        targets: ``(i, row_start, row_stop, position)`` for each chunk to write, where
+            ``values[position]`` holds its data (the output of one influence task).
+
+    Returns the number of chunks written.
+    """
     group = zarr.open_group(path, mode="r+")
-    group["influences"][row[0] : row[1], col[0] : col[1]] = value
-    group["influences_done"][i, j] = 1
-    return i, j
+    array, done = group["influences"], group["influences_done"]
+    for i, start, stop, position in targets:
+        array[start:stop, col[0] : col[1]] = values[position]
+        done[i, j] = 1
+    return len(targets)
 
 
 def write_self_chunk(path: str, j: int, col: tuple[int, int], value: np.ndarray) -> int:

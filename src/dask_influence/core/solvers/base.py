@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ...errors import NotFittedError
+from ...errors import NonFiniteError, NotFittedError
 from ..data import TrainingData, check_pair, to_tensor
 from ..gradients import LossFn, ModelFunctions, check_finite, check_finite_grads, flat_params
 from ..modes import InfluenceMode
@@ -117,9 +117,9 @@ class InfluenceModel(ABC):
         source = TrainingData(data, dtype=self.dtype, device=self.device, batch_size=self.chunk_size)
         source.scan()
         x0, y0 = next(source.batches())
-        self._check_loss(x0, y0)
         theta = flat_params(self.model, self._functions.spec)
         check_finite("The model's trainable parameters", theta, hint="Load a model with finite weights.")
+        self._check_loss(x0, y0)
         operator = CurvatureOperator(self._functions, theta, source, self.curvature)
         self._theta = None
         self._fit(operator, source)
@@ -276,6 +276,12 @@ class InfluenceModel(ABC):
             raise TypeError(
                 f"loss(outputs, targets) must reduce to a scalar (mean over the batch); got "
                 f"{shape}. Use reduction='mean' (the torch default)."
+            )
+        if not bool(torch.isfinite(single)) or not bool(torch.isfinite(double)):
+            raise NonFiniteError(
+                f"loss(outputs, targets) is {single.item()} on the first training sample; check "
+                "the model's outputs and the loss for overflow (e.g. log of 0), or use a "
+                "numerically stable loss such as cross_entropy on logits."
             )
         if not torch.allclose(single, double, rtol=1e-4, atol=1e-12):
             raise ValueError(

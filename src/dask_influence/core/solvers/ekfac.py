@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 
-from ...errors import NonFiniteError
+from ...errors import NonFiniteError, NotFittedError
 from ..data import TrainingData
 from ..gradients import LossFn, ParamSpec
 from ..kronecker import (
@@ -85,10 +85,15 @@ def find_layers(model: nn.Module, spec: ParamSpec, layers: Sequence[str] | None 
     modules = dict(model.named_modules())
     if layers is not None:
         if isinstance(layers, str):
-            raise TypeError(f"layers must be a list of module names; got the string {layers!r}. Use layers=[{layers!r}].")
+            raise TypeError(
+                f"layers must be a list of module names; got the string {layers!r}. Use layers=[{layers!r}]."
+            )
         for name in layers:
             if name not in modules:
-                raise ValueError(f"layers names '{name}', which is not a module of the model; known names: {sorted(modules)[:20]}.")
+                raise ValueError(
+                    f"layers names '{name}', which is not a module of the model; known names: "
+                    f"{sorted(modules)[:20]}."
+                )
             if not isinstance(modules[name], SUPPORTED_LAYERS):
                 raise ValueError(
                     f"layers names '{name}' ({type(modules[name]).__name__}); EkfacInfluence supports "
@@ -131,6 +136,12 @@ def find_layers(model: nn.Module, spec: ParamSpec, layers: Sequence[str] | None 
                 f"parameters: add '{mname}' to layers, or freeze it with {_freeze_hint(mname, pname)}."
             )
         found.setdefault(mname, {"module": module})[pname] = offsets[full]
+    for name in layers or ():
+        if name not in found:
+            raise ValueError(
+                f"layers names '{name}', but none of its parameters is trainable; unfreeze it "
+                "(requires_grad_(True)) or drop it from layers."
+            )
     out = []
     for mname, entry in found.items():
         module = entry["module"]
@@ -206,7 +217,10 @@ class OutputCurvature:
         tol = 1e-4 if outputs.dtype == torch.float32 else 1e-8
         error = float((closed - exact).abs().max())
         if error > tol * max(float(exact.abs().max()), 1e-12):
-            form = "diag(p) - p p^T of softmax cross-entropy" if self.task == "classification" else "(2/c) I of mean squared error"
+            form = {
+                "classification": "diag(p) - p p^T of softmax cross-entropy",
+                "regression": "(2/c) I of mean squared error",
+            }[self.task]
             raise ValueError(
                 f"task={self.task!r} assumes the loss's Hessian in the outputs is {form}, but the "
                 f"loss's own Hessian differs by {error:.3e}. Pass task=None to use the loss's own Hessian."
@@ -336,8 +350,7 @@ class EkfacInfluence(InfluenceModel):
     # -- curvature ------------------------------------------------------------------------------
     def _factors(self) -> tuple[LayerFactors, ...]:
         if self.state_ is None:
-            self._require_fitted()
-        assert self.state_ is not None
+            raise NotFittedError(f"This {type(self).__name__} is not fitted yet; call .fit(train_loader) first.")
         return self.state_.layers
 
     def _check_positive(self) -> None:
@@ -365,38 +378,32 @@ class EkfacInfluence(InfluenceModel):
         return self._apply(eye, power=1.0, regularization=0.0)
 
     # -- influences -------------------------------------------------------------------------------
-    def _pieces(self, x: Any, y: Any, name: str = "x"):
-        """``(offset, [(g (m, P, o), a (m, P, i)) per layer])`` per chunk of the prepared points."""
+    def _pieces(self, x: Any, y: Any, names: tuple[str, str] = ("x", "y")):
+        """Per chunk of the prepared points, per layer ``(g (m, P, o), a (m, P, i))`` at the true targets."""
         theta = self._require_fitted()
-        x, y = self._prepare(x, y, name, "y" if name == "x" else "y_test")
+        x, y = self._prepare(x, y, *names)
         for s in range(0, x.shape[0], self.chunk_size):
             xs, ys = x[s : s + self.chunk_size], y[s : s + self.chunk_size]
-            yield s, [(g[:, 0], a) for g, a in self._capture(theta, xs, ys, fisher=False, offset=s)]
+            yield [(g[:, 0], a) for g, a in self._capture(theta, xs, ys, fisher=False, offset=s)]
+
+    def _flat_grads(self, x: Any, y: Any, names: tuple[str, str] = ("x", "y")):
+        """Per chunk, flat per-sample gradients ``(m, p)`` assembled from ``sum_t g_t a_t^T``."""
+        for pieces in self._pieces(x, y, names):
+            flat = torch.empty(pieces[0][0].shape[0], self.num_params, dtype=self.dtype, device=self.device)
+            for layer, (g, a) in zip(self._layers, pieces):
+                layer.write_matrix(layer_grads(g, a), flat)
+            yield flat
 
     def per_sample_grads_from_factors(self, x: Any, y: Any) -> Tensor:
         """Per-sample gradients ``(n, p)`` assembled from the layers' ``sum_t g_t a_t^T``.
 
         Equal to :meth:`per_sample_grads` (by ``torch.func``); meant for checks and debugging.
         """
-        parts = []
-        for _, pieces in self._pieces(x, y):
-            n = pieces[0][0].shape[0]
-            flat = torch.empty(n, self.num_params, dtype=self.dtype, device=self.device)
-            for layer, (g, a) in zip(self._layers, pieces):
-                layer.write_matrix(layer_grads(g, a), flat)
-            parts.append(flat)
-        return torch.cat(parts)
+        return torch.cat(list(self._flat_grads(x, y)))
 
     def influence_factors(self, x_test: Any, y_test: Any) -> Tensor:
         """``(C + lambda I)^-1 grad L(z_test)`` per test point: ``(n_test, p)``."""
-        parts = []
-        for _, pieces in self._pieces(x_test, y_test, "x_test"):
-            n = pieces[0][0].shape[0]
-            flat = torch.empty(n, self.num_params, dtype=self.dtype, device=self.device)
-            for layer, (g, a) in zip(self._layers, pieces):
-                layer.write_matrix(layer_grads(g, a), flat)
-            parts.append(self._solve(flat))
-        return torch.cat(parts)
+        return torch.cat([self._solve(flat) for flat in self._flat_grads(x_test, y_test, ("x_test", "y_test"))])
 
     def influences_from_factors(self, factors: Tensor, x: Any, y: Any, mode: str | InfluenceMode = "up") -> Tensor:
         """Influences ``(n_test, n)`` (mode ``"up"``, computed layer by layer without flat
@@ -408,7 +415,7 @@ class EkfacInfluence(InfluenceModel):
         factors = self._check_factors(factors)
         blocks = [layer.to_matrix(factors) for layer in self._layers]
         parts = []
-        for _, pieces in self._pieces(x, y):
+        for pieces in self._pieces(x, y):
             parts.append(sum(up_contract(f, g, a) for f, (g, a) in zip(blocks, pieces)))
         return torch.cat(parts, dim=1)
 
@@ -418,6 +425,6 @@ class EkfacInfluence(InfluenceModel):
         self._check_positive()
         inverse = [1.0 / (f.eigenvalues(self.update_diagonal) + self.regularization) for f in self._factors()]
         parts = []
-        for _, pieces in self._pieces(x, y):
+        for pieces in self._pieces(x, y):
             parts.append(sum(self_contract(f, d, g, a) for f, d, (g, a) in zip(self._factors(), inverse, pieces)))
         return torch.cat(parts)
