@@ -11,6 +11,7 @@ from .core.solvers.arnoldi import ArnoldiInfluence
 from .core.solvers.base import InfluenceModel
 from .core.solvers.cg import CgInfluence
 from .core.solvers.direct import DirectInfluence
+from .core.solvers.ekfac import EkfacInfluence
 from .core.solvers.lissa import LissaInfluence
 from .core.solvers.nystroem import NystroemSketchInfluence
 
@@ -44,6 +45,7 @@ __all__ = [
     "LissaInfluence",
     "ArnoldiInfluence",
     "NystroemSketchInfluence",
+    "EkfacInfluence",
     "DaskInfluenceCalculator",
     "SequentialInfluenceCalculator",
     "InfluenceMode",
