@@ -15,11 +15,13 @@ import torch
 from torch import nn
 
 import dask_influence as di
-from conftest import (
+from influence_reference import (
     classification_data,
     loader,
     pearson,
     regression_data,
+    reference_hessian,
+    reference_influences,
     rel_err,
     tanh_mlp,
     train_lbfgs,
@@ -31,7 +33,11 @@ REG = 1e-3
 
 # -- ridge regression ------------------------------------------------------------------------
 def _ridge(bias: bool):
-    """Ridge at its optimum; returns model, data, test data, closed-form influences."""
+    """Ridge at its optimum; returns model, data, test data, closed-form influences.
+
+    The weights minimize mean (x^T w - y)^2 + (REG / 2) |w|^2, so H + REG I is the Hessian of
+    that objective; the influence formula itself does not need the optimum.
+    """
     x, y = regression_data(N + 6, D, seed=11)
     x_train, y_train, x_test, y_test = x[:N], y[:N], x[N:], y[N:]
     # design with a constant column when the layer has a bias; flattening order is
@@ -273,8 +279,6 @@ def test_ggn_on_mlp_mse(mlp_regression):
 
 
 def test_mlp_hessian_matches_autograd(mlp_regression):
-    from conftest import reference_hessian, reference_influences
-
     model, mse, x, y, xt, yt = mlp_regression
     # untrained: H is indefinite (smallest eigenvalue about -2), so damp above it
     m = di.DirectInfluence(model, mse, regularization=3.0).fit(loader(x, y, 7))

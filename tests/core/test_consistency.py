@@ -1,7 +1,7 @@
 """Internal consistency of the public API, dtypes and input kinds, and the CG machinery.
 
 Where a value is checked it is checked against an independent reference (plain autograd,
-see ``conftest.reference_influences``) or against another public entry point that must
+see ``influence_reference.reference_influences``) or against another public entry point that must
 give the same numbers.
 """
 
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import dask_influence as di
-from conftest import loader, reference_influences, regression_data, rel_err, tanh_mlp
+from influence_reference import loader, reference_influences, regression_data, rel_err, tanh_mlp
 
 REG = 3.0  # above the most negative Hessian eigenvalue (~ -2) of the untrained MLP fixture
 
@@ -293,6 +293,28 @@ def test_configured_preconditioner_is_used(mlp_regression, preconditioner):
     assert m.preconditioner.num_applications > used
 
 
+def test_cg_tolerance_is_per_right_hand_side():
+    """Right-hand sides of very different norms in one block each meet their OWN tolerance.
+
+    A tolerance taken from the whole block (e.g. rtol times the largest norm) stops the small
+    right-hand sides early, with a relative error far above rtol on their rows.
+    """
+    model, x, y, _ = _ill_conditioned_ridge()
+    with torch.no_grad():
+        fit_values = model(x[:3])
+    # residuals of 1, 1e-4 and 1e-8: gradient norms spread over eight orders of magnitude
+    yt = fit_values + torch.tensor([[1.0], [1e-4], [1e-8]], dtype=torch.float64)
+    direct = di.DirectInfluence(model, nn.MSELoss(), regularization=1e-3).fit(loader(x, y, 16))
+    cg = di.CgInfluence(model, nn.MSELoss(), regularization=1e-3, maxiter=1000).fit(loader(x, y, 16))
+    expected = direct.influence_factors(x[:3], yt)
+    actual = cg.influence_factors(x[:3], yt)
+    norms = expected.norm(dim=1)
+    assert float(norms[0] / norms[2]) > 1e7
+    row_errors = (actual - expected).norm(dim=1) / norms
+    assert float(row_errors.max()) < 1e-6, f"per-row relative errors {row_errors.tolist()}"
+    assert bool((cg.info_.relative_residuals <= cg.rtol).all())
+
+
 def test_cg_non_convergence_warns_with_residuals():
     model, x, y, _ = _ill_conditioned_ridge()
     m = di.CgInfluence(model, nn.MSELoss(), regularization=1e-3, maxiter=1).fit(loader(x, y, 16))
@@ -322,3 +344,27 @@ def test_cg_zero_right_hand_side(mlp_regression):
         y0 = model(x[:2])  # perfect predictions: zero loss gradient
     factors = m.influence_factors(x[:2], y0)
     assert torch.equal(factors, torch.zeros_like(factors))
+
+
+# -- modules with state ------------------------------------------------------------------------
+def test_eval_mode_batch_norm_uses_running_statistics(mlp_regression):
+    _, mse, x, y, xt, yt = mlp_regression
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 1)).double()
+    with torch.no_grad():
+        model.train()(2 * x + 1)  # move the running statistics away from (0, 1)
+    model.eval()
+    m = di.DirectInfluence(model, mse, regularization=7.0).fit(loader(x, y, 10))  # H's min ~ -3.1
+    expected = reference_influences(model, mse, x, y, xt, yt, regularization=7.0)
+    assert rel_err(m.influences(xt, yt, x, y), expected) < 1e-10
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_fitted_solver_pickles(mlp_regression, name):
+    import pickle
+
+    model, mse, x, y, xt, yt = mlp_regression
+    m = _solvers()[name](model, mse, REG).fit(loader(x, y, 10))
+    clone = pickle.loads(pickle.dumps(m))
+    assert clone.is_fitted and clone.n_train_ == x.shape[0]
+    assert torch.equal(clone.influences(xt, yt, x, y), m.influences(xt, yt, x, y))

@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import dask_influence as di
-from conftest import loader, reference_influences, regression_data, rel_err, tanh_mlp
+from influence_reference import loader, reference_influences, regression_data, rel_err, tanh_mlp
 
 SOLVERS = [di.DirectInfluence, di.CgInfluence, di.LissaInfluence]
 

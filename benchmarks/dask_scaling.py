@@ -1,0 +1,89 @@
+"""Dask calculator scaling on the embedded LocalCluster, measured side by side in one run.
+
+    python -m benchmarks.dask_scaling [--n-train 40000] [--n-test 512] [--repeats 2]
+
+Times ``influences_to_zarr`` (cluster already started, so start-up is not counted) for
+1 worker vs 2 workers (the speed-up target is >= 1.8x on a 2-core machine) and for the
+test set in 1 block vs 8 blocks on 2 workers (target: 8 blocks cost <= 1.2x of 1 block,
+since train gradients are computed once per train block whatever the number of test
+blocks). Prints a markdown table with the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import dask_influence as di
+
+
+def problem(n_train: int, n_test: int, d: int = 32, hidden: int = 64, classes: int = 10, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_train, d, generator=g)
+    y = torch.randint(0, classes, (n_train,), generator=g)
+    xt = torch.randn(n_test, d, generator=g)
+    yt = torch.randint(0, classes, (n_test,), generator=g)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(d, hidden), nn.Tanh(), nn.Linear(hidden, classes)).eval()
+    solver = di.CgInfluence(model, nn.CrossEntropyLoss(), regularization=1e-2, rtol=1e-4)
+    solver.fit((x[:2000], y[:2000]))
+    return solver, (x.numpy(), y.numpy()), (xt.numpy(), yt.numpy())
+
+
+def timed_job(solver, client, test, train, test_block: int, train_block: int, out: Path) -> float:
+    calc = di.DaskInfluenceCalculator(solver, client, progress=False)
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    calc.influences_to_zarr(test, train, out, test_block_size=test_block, train_block_size=train_block)
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from distributed import Client, LocalCluster
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n-train", type=int, default=40_000)
+    parser.add_argument("--n-test", type=int, default=512)
+    parser.add_argument("--train-block", type=int, default=2_000)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args(argv)
+    solver, train, test = problem(args.n_train, args.n_test)
+    tmp = Path(tempfile.mkdtemp())
+    times: dict[str, list[float]] = {"1 worker": [], "2 workers": [], "2 workers, 8 test blocks": []}
+    try:
+        with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, Client(cluster) as client:
+            for _ in range(args.repeats):
+                times["2 workers"].append(timed_job(solver, client, test, train, args.n_test, args.train_block, tmp / "a.zarr"))
+                times["2 workers, 8 test blocks"].append(
+                    timed_job(solver, client, test, train, args.n_test // 8, args.train_block, tmp / "b.zarr"))
+        with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None) as cluster, Client(cluster) as client:
+            for _ in range(args.repeats):
+                times["1 worker"].append(timed_job(solver, client, test, train, args.n_test, args.train_block, tmp / "c.zarr"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    result = {
+        "seconds": med,
+        "speedup_2_vs_1_worker": med["1 worker"] / med["2 workers"],
+        "cost_8_vs_1_test_blocks": med["2 workers, 8 test blocks"] / med["2 workers"],
+        "n_train": args.n_train, "n_test": args.n_test, "params": solver.num_params,
+    }
+    print(f"n_train={args.n_train}, n_test={args.n_test}, p={solver.num_params}, CG solver")
+    print("| configuration | seconds (median) |\n| --- | --- |")
+    for k, v in med.items():
+        print(f"| {k} | {v:.2f} |")
+    print(f"\n2 workers vs 1: {result['speedup_2_vs_1_worker']:.2f}x faster (target >= 1.8x)")
+    print(f"8 test blocks vs 1: {result['cost_8_vs_1_test_blocks']:.2f}x the time (target <= 1.2x)")
+    return result
+
+
+if __name__ == "__main__":
+    main()
