@@ -33,7 +33,7 @@ def problem(n_train: int, n_test: int, d: int = 32, hidden: int = 64, classes: i
     yt = torch.randint(0, classes, (n_test,), generator=g)
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(d, hidden), nn.Tanh(), nn.Linear(hidden, classes)).eval()
-    solver = di.CgInfluence(model, nn.CrossEntropyLoss(), regularization=1e-2, rtol=1e-4)
+    solver = di.CgInfluence(model, nn.CrossEntropyLoss(), regularization=1e-2, curvature="ggn", rtol=1e-4)
     solver.fit((x[:2000], y[:2000]))
     return solver, (x.numpy(), y.numpy()), (xt.numpy(), yt.numpy())
 

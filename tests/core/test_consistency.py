@@ -368,3 +368,32 @@ def test_fitted_solver_pickles(mlp_regression, name):
     clone = pickle.loads(pickle.dumps(m))
     assert clone.is_fitted and clone.n_train_ == x.shape[0]
     assert torch.equal(clone.influences(xt, yt, x, y), m.influences(xt, yt, x, y))
+
+
+def test_cg_refuses_an_indefinite_hessian():
+    """An untrained tanh MLP with cross-entropy has an indefinite Hessian: CG must not
+    return garbage with a warning but say that H + lambda I is not positive definite."""
+    import torch
+    from torch import nn
+
+    import dask_influence as di
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 8, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (200,), generator=g)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4)).double()
+    hessian = di.DirectInfluence(model, nn.CrossEntropyLoss(), regularization=1.0).fit((x, y)).hessian
+    lam_min = float(torch.linalg.eigvalsh(hessian).min())
+    assert lam_min < -1e-3  # the premise: H is indefinite here
+    solver = di.CgInfluence(model, nn.CrossEntropyLoss(), regularization=abs(lam_min) / 10).fit((x, y))
+    with pytest.raises(di.NotPositiveDefiniteError, match="regularization=") as info:
+        solver.influences(x[:5], y[:5], x, y)
+    # the reported bound is a true upper bound on H's smallest eigenvalue...
+    assert info.value.smallest_eigenvalue - solver.regularization >= lam_min - 1e-9
+    # ...and the suggested regularization makes CG agree with the direct solver
+    lam = info.value.suggested_regularization
+    assert lam > abs(lam_min)
+    cg = di.CgInfluence(model, nn.CrossEntropyLoss(), regularization=lam).fit((x, y)).influences(x[:5], y[:5], x, y)
+    direct = di.DirectInfluence(model, nn.CrossEntropyLoss(), regularization=lam).fit((x, y)).influences(x[:5], y[:5], x, y)
+    assert float((cg - direct).abs().max() / direct.abs().max()) < 1e-8

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ...errors import ConvergenceWarning
+from ...errors import ConvergenceWarning, NotPositiveDefiniteError
 from ..data import TrainingData
 from ..operators import CurvatureOperator, DampedOperator
 from ..preconditioners import Preconditioner, make_preconditioner
@@ -52,9 +52,24 @@ def _orthonormal_basis(z: Tensor) -> Tensor:
 
 
 def _spd_solve(a: Tensor, b: Tensor) -> Tensor:
+    """Solve with the projected matrix ``a = P^T A P``; refuse clear negative curvature.
+
+    ``P`` has orthonormal columns, so the eigenvalues of ``a`` are Rayleigh quotients of
+    ``A``: a clearly negative one proves that ``A`` is not positive definite, and CG on such
+    a matrix would return garbage. A tiny negative one is rounding (solved by least squares).
+    """
     chol, info = torch.linalg.cholesky_ex(a)
     if int(info) == 0:
         return torch.cholesky_solve(b, chol)
+    evals = torch.linalg.eigvalsh(a)
+    smallest, largest = float(evals.min()), float(evals.abs().max())
+    if smallest < -100 * a.shape[0] * torch.finfo(a.dtype).eps * largest:
+        raise NotPositiveDefiniteError(
+            f"CG met negative curvature: the matrix has a Rayleigh quotient of {smallest:.3e}, "
+            "so it is not positive definite and CG cannot solve with it.",
+            smallest_eigenvalue=smallest,
+            suggested_regularization=float("nan"),
+        )
     return torch.linalg.lstsq(a, b).solution
 
 
@@ -176,14 +191,17 @@ class CgInfluence(InfluenceModel):
         block = self.block_size or rhs.shape[0]
         solutions, infos = [], []
         for start in range(0, rhs.shape[0], block):
-            x, info = block_cg(
-                damped.matmat,
-                rhs[start : start + block].T,
-                rtol=self.rtol,
-                atol=self.atol,
-                maxiter=maxiter,
-                precondition=precondition,
-            )
+            try:
+                x, info = block_cg(
+                    damped.matmat,
+                    rhs[start : start + block].T,
+                    rtol=self.rtol,
+                    atol=self.atol,
+                    maxiter=maxiter,
+                    precondition=precondition,
+                )
+            except NotPositiveDefiniteError as err:
+                raise self._negative_curvature(err) from None
             solutions.append(x.T)
             infos.append(info)
         self.info_ = CgInfo(
@@ -194,6 +212,29 @@ class CgInfluence(InfluenceModel):
         )
         self._warn_if_not_converged(self.info_, maxiter)
         return torch.cat(solutions)
+
+    def _negative_curvature(self, err: NotPositiveDefiniteError) -> NotPositiveDefiniteError:
+        from .arnoldi import lanczos  # only on this error path
+
+        lam = self.regularization
+        bound = err.smallest_eigenvalue - lam  # H has an eigenvalue at most this
+        # a short Lanczos run sharpens the bound: its smallest Ritz value converges fast
+        # to H's smallest eigenvalue (and never goes below it)
+        assert self._operator is not None
+        result = lanczos(self._operator, min(self.num_params, 40), generator=torch.Generator().manual_seed(0))
+        t = torch.diag(result.alphas) + torch.diag(result.betas, 1) + torch.diag(result.betas, -1)
+        bound = min(bound, float(torch.linalg.eigvalsh(t).min()))
+        suggestion = float(f"{2 * abs(bound):.1g}")
+        if suggestion <= abs(bound):
+            suggestion = float(f"{4 * abs(bound):.1g}")
+        return NotPositiveDefiniteError(
+            f"{err} H + regularization*I is not positive definite: H has an eigenvalue of at "
+            f"most {bound:.3e} (regularization={lam:g}). Pass regularization={suggestion:g} or "
+            "larger, or use curvature='ggn', which is positive semi-definite for losses convex "
+            "in the model outputs (the model may also not be at a minimum of its loss).",
+            smallest_eigenvalue=err.smallest_eigenvalue,
+            suggested_regularization=suggestion,
+        )
 
     def _warn_if_not_converged(self, info: CgInfo, maxiter: int) -> None:
         failed = ~info.converged
