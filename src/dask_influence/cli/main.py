@@ -8,7 +8,7 @@ from .. import __version__
 from .demo import demo
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(name="influence", context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="dask-influence")
 def cli() -> None:
     """Influence functions for PyTorch models at any scale."""
