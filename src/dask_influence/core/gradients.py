@@ -82,6 +82,22 @@ class ParamSpec:
             start += k
         return out
 
+    def layer_slices(self) -> list[tuple[str, int, int]]:
+        """``(module name, start, stop)`` of each layer's parameters in the flat vector.
+
+        A layer is the module that owns a parameter (``"0.weight"`` and ``"0.bias"`` both
+        belong to ``"0"``); its parameters are contiguous because ``named_parameters`` lists
+        them together.
+        """
+        out: list[tuple[str, int, int]] = []
+        for name, start, stop in self.offsets():
+            module = name.rsplit(".", 1)[0] if "." in name else ""
+            if out and out[-1][0] == module and out[-1][2] == start:
+                out[-1] = (module, out[-1][1], stop)
+            else:
+                out.append((module, start, stop))
+        return out
+
     def name_of_index(self, index: int) -> str:
         """The name of the parameter that holds flat position ``index``."""
         for name, start, stop in self.offsets():

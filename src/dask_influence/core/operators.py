@@ -128,6 +128,53 @@ class CurvatureOperator(LinearOperator):
         return out
 
 
+class BlockDiagonalOperator(LinearOperator):
+    """The block-diagonal part of an operator: each block (a layer's parameters) alone.
+
+    ``matmat`` costs ONE product of the inner operator with ``n_blocks * k`` columns (each
+    block of ``V`` padded with zeros elsewhere), i.e. one sweep over the training data.
+
+    Args:
+        inner: the full operator.
+        blocks: ``(start, stop)`` ranges that partition ``0..p``.
+    """
+
+    def __init__(self, inner: LinearOperator, blocks: list[tuple[int, int]]):
+        covered = sorted(blocks)
+        if not covered or covered[0][0] != 0 or covered[-1][1] != inner.size or any(
+            a[1] != b[0] for a, b in zip(covered, covered[1:])
+        ):
+            raise ValueError(f"blocks must partition 0..{inner.size}; got {blocks}.")
+        self.inner = inner
+        self.blocks = list(blocks)
+        self.size = inner.size
+        self.dtype = inner.dtype
+        self.device = inner.device
+
+    def matmat(self, v: Tensor) -> Tensor:
+        k = v.shape[1]
+        padded = torch.zeros(self.size, k * len(self.blocks), dtype=v.dtype, device=v.device)
+        for b, (start, stop) in enumerate(self.blocks):
+            padded[start:stop, b * k : (b + 1) * k] = v[start:stop]
+        full = self.inner.matmat(padded)
+        out = torch.empty_like(v)
+        for b, (start, stop) in enumerate(self.blocks):
+            out[start:stop] = full[start:stop, b * k : (b + 1) * k]
+        return out
+
+    def block_dense(self, b: int, column_chunk: int = 64) -> Tensor:
+        """Block ``b`` as a dense symmetric ``(p_b, p_b)`` matrix; never forms ``(p, p)``."""
+        start, stop = self.blocks[b]
+        width = stop - start
+        out = torch.empty(width, width, dtype=self.dtype, device=self.device)
+        for c0 in range(0, width, column_chunk):
+            c1 = min(c0 + column_chunk, width)
+            eye = torch.zeros(self.size, c1 - c0, dtype=self.dtype, device=self.device)
+            eye[torch.arange(start + c0, start + c1), torch.arange(c1 - c0)] = 1
+            out[:, c0:c1] = self.inner.matmat(eye)[start:stop]
+        return 0.5 * (out + out.T)
+
+
 class DampedOperator(LinearOperator):
     """``A + regularization * I``."""
 

@@ -22,7 +22,7 @@ from torch import Tensor
 from ...errors import NotPositiveDefiniteError
 from ..data import TrainingData
 from ..operators import CurvatureOperator, LinearOperator
-from .base import InfluenceModel, check_nonnegative, check_positive_int
+from .base import InfluenceModel, check_blocks, check_nonnegative, check_positive_int
 from .direct import check_positive_definite
 
 COMPLEMENTS = ("ignore", "regularization")
@@ -186,6 +186,8 @@ class ArnoldiInfluence(InfluenceModel):
 
     Args:
         model, loss, regularization, curvature, chunk_size: as for every solver.
+        blocks: ``"full"`` or ``"layer"``: Lanczos on the block-diagonal (per-layer) curvature;
+            the eigenpairs found are then each confined to one layer.
         rank: how many eigenpairs to keep, ``1 <= rank <= p``.
         krylov_dimension: Lanczos steps (basis size), ``rank <= krylov_dimension <= p``;
             default ``min(p, max(2 * rank, rank + 20))``. More steps: more accurate
@@ -224,9 +226,11 @@ class ArnoldiInfluence(InfluenceModel):
         complement: str = "ignore",
         tol: float = 1e-6,
         seed: int = 0,
+        blocks: str = "full",
         chunk_size: int = 256,
     ):
         super().__init__(model, loss, regularization=regularization, curvature=curvature, chunk_size=chunk_size)
+        self.blocks = check_blocks(blocks)
         p = self.num_params
         self.rank = check_positive_int("rank", rank)
         if self.rank > p:

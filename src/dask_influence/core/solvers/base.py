@@ -26,7 +26,7 @@ from ...errors import NonFiniteError, NotFittedError
 from ..data import TrainingData, check_pair, to_tensor
 from ..gradients import LossFn, ModelFunctions, check_finite, check_finite_grads, flat_params
 from ..modes import InfluenceMode
-from ..operators import Curvature, CurvatureOperator
+from ..operators import BlockDiagonalOperator, Curvature, CurvatureOperator
 
 _STOCHASTIC_LAYERS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 _BATCH_LAYERS = (nn.modules.batchnorm._BatchNorm,)
@@ -39,6 +39,16 @@ def check_nonnegative(name: str, value: Any) -> float:
     value = float(value)
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0; got {value!r}.")
+    return value
+
+
+def check_blocks(value: Any) -> str:
+    """``"full"`` (the whole curvature) or ``"layer"`` (block-diagonal by layer)."""
+    if value not in ("full", "layer"):
+        raise ValueError(
+            f"blocks must be 'full' (the whole curvature matrix) or 'layer' (one independent "
+            f"block per layer); got {value!r}."
+        )
     return value
 
 
@@ -63,6 +73,10 @@ class InfluenceModel(ABC):
         curvature: ``"hessian"`` (exact) or ``"ggn"`` (generalized Gauss-Newton).
         chunk_size: samples per vmapped per-sample-gradient computation (memory knob).
     """
+
+    blocks: str = "full"
+    """``"layer"`` in solvers that support it: each layer's parameters form an independent
+    block of the curvature (cross-layer terms are dropped)."""
 
     def __init__(
         self,
@@ -121,6 +135,9 @@ class InfluenceModel(ABC):
         check_finite("The model's trainable parameters", theta, hint="Load a model with finite weights.")
         self._check_loss(x0, y0)
         operator = CurvatureOperator(self._functions, theta, source, self.curvature)
+        if self.blocks == "layer":
+            slices = [(start, stop) for _, start, stop in self._functions.spec.layer_slices()]
+            operator = BlockDiagonalOperator(operator, slices)
         self._theta = None
         self._fit(operator, source)
         self._theta = theta
@@ -129,8 +146,12 @@ class InfluenceModel(ABC):
         return self
 
     @abstractmethod
-    def _fit(self, operator: CurvatureOperator, data: TrainingData) -> None:
-        """Prepare ``_solve`` from the (undamped) curvature operator of the training data."""
+    def _fit(self, operator: Any, data: TrainingData) -> None:
+        """Prepare ``_solve`` from the (undamped) curvature operator of the training data.
+
+        ``operator`` is a :class:`CurvatureOperator`, or a :class:`BlockDiagonalOperator`
+        around one when ``blocks == "layer"``.
+        """
 
     @abstractmethod
     def _solve(self, rhs: Tensor) -> Tensor:

@@ -20,7 +20,7 @@ from ...errors import ConvergenceWarning, NotPositiveDefiniteError
 from ..data import TrainingData
 from ..operators import CurvatureOperator, DampedOperator
 from ..preconditioners import Preconditioner, make_preconditioner
-from .base import InfluenceModel, check_nonnegative, check_positive_int
+from .base import InfluenceModel, check_blocks, check_nonnegative, check_positive_int
 
 MatMat = Callable[[Tensor], Tensor]
 
@@ -145,6 +145,7 @@ class CgInfluence(InfluenceModel):
             ``fit`` and applied at every iteration.
         preconditioner_rank: rank of the Nystroem preconditioner.
         block_size: solve at most this many right-hand sides together (default: all).
+        blocks: ``"full"`` or ``"layer"`` (block-diagonal curvature, one block per layer).
         seed: seeds the preconditioner's random probes.
 
     After each solve, ``info_`` holds the :class:`CgInfo`; a right-hand side that missed
@@ -165,9 +166,11 @@ class CgInfluence(InfluenceModel):
         preconditioner_rank: int = 10,
         block_size: int | None = None,
         seed: int = 0,
+        blocks: str = "full",
         chunk_size: int = 256,
     ):
         super().__init__(model, loss, regularization=regularization, curvature=curvature, chunk_size=chunk_size)
+        self.blocks = check_blocks(blocks)
         self.rtol = default_rtol(self.dtype) if rtol is None else check_nonnegative("rtol", rtol)
         self.atol = check_nonnegative("atol", atol)
         self.maxiter = None if maxiter is None else check_positive_int("maxiter", maxiter)

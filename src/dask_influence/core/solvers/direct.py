@@ -3,27 +3,36 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from ...errors import NotPositiveDefiniteError
 from ..data import TrainingData
-from ..operators import CurvatureOperator
-from .base import InfluenceModel
+from ..operators import BlockDiagonalOperator
+from .base import InfluenceModel, check_blocks
 
 
 @dataclass(frozen=True)
 class DirectState:
-    """The eigendecomposition ``H = V diag(eigenvalues) V^T`` of the unregularized curvature.
+    """Eigendecompositions of the unregularized curvature, one per diagonal block.
+
+    With ``blocks="full"`` there is one block ``(0, p)``: ``H = V diag(eigenvalues) V^T``.
 
     Attributes:
-        eigenvalues: ``(p,)``, ascending.
-        eigenvectors: ``(p, p)``, orthonormal columns.
+        blocks: ``(start, stop)`` of each block in the flat parameter vector.
+        eigenvalues: per block ``(p_b,)``, ascending.
+        eigenvectors: per block ``(p_b, p_b)``, orthonormal columns.
     """
 
-    eigenvalues: Tensor
-    eigenvectors: Tensor
+    blocks: tuple[tuple[int, int], ...]
+    eigenvalues: tuple[Tensor, ...]
+    eigenvectors: tuple[Tensor, ...]
+
+    @property
+    def all_eigenvalues(self) -> Tensor:
+        return torch.cat(self.eigenvalues)
 
 
 def check_positive_definite(eigenvalues: Tensor, regularization: float, solver: str) -> None:
@@ -62,8 +71,14 @@ class DirectInfluence(InfluenceModel):
 
     ``fit`` forms ``H`` (``p`` curvature-vector products per training batch) and its
     eigendecomposition in float64, once; changing ``regularization`` afterwards needs no
-    refit. Memory ``O(p^2)``; for models with more than a few thousand parameters use an
-    iterative or low-rank solver.
+    refit. Memory ``O(p^2)``; for models with more than a few thousand parameters use
+    ``blocks="layer"`` or an iterative or low-rank solver.
+
+    Args:
+        model, loss, regularization, curvature, chunk_size: as for every solver.
+        blocks: ``"full"`` (default) or ``"layer"``: each layer's parameters form an
+            independent block (cross-layer curvature dropped). Memory is then
+            ``O(sum p_layer^2)``; the full ``(p, p)`` matrix is never formed.
 
     Raises:
         NotPositiveDefiniteError: from ``fit`` (and from later calls if ``regularization``
@@ -73,22 +88,42 @@ class DirectInfluence(InfluenceModel):
 
     state_: DirectState | None = None
 
-    def _fit(self, operator: CurvatureOperator, data: TrainingData) -> None:
-        hessian = operator.dense().double()
-        eigenvalues, eigenvectors = torch.linalg.eigh(hessian)
-        check_positive_definite(eigenvalues, self.regularization, type(self).__name__)
-        self.state_ = DirectState(eigenvalues.to(self.dtype), eigenvectors.to(self.dtype))
+    def __init__(self, model: torch.nn.Module, loss: Callable[[Tensor, Tensor], Tensor], *,
+                 regularization: float = 0.0, curvature: str = "hessian", blocks: str = "full",
+                 chunk_size: int = 256):
+        super().__init__(model, loss, regularization=regularization, curvature=curvature, chunk_size=chunk_size)
+        self.blocks = check_blocks(blocks)
+
+    def _fit(self, operator: Any, data: TrainingData) -> None:
+        if isinstance(operator, BlockDiagonalOperator):
+            ranges = tuple(operator.blocks)
+            matrices = [operator.block_dense(b) for b in range(len(ranges))]
+        else:
+            ranges = ((0, operator.size),)
+            matrices = [operator.dense()]
+        values, vectors = [], []
+        for matrix in matrices:
+            e, v = torch.linalg.eigh(matrix.double())
+            values.append(e.to(self.dtype))
+            vectors.append(v.to(self.dtype))
+        state = DirectState(ranges, tuple(values), tuple(vectors))
+        check_positive_definite(state.all_eigenvalues, self.regularization, type(self).__name__)
+        self.state_ = state
 
     @property
     def hessian(self) -> Tensor:
-        """The fitted, unregularized curvature matrix ``(p, p)``."""
+        """The fitted, unregularized curvature matrix ``(p, p)`` (block-diagonal with ``blocks="layer"``)."""
         self._require_fitted()
         assert self.state_ is not None
-        v, e = self.state_.eigenvectors, self.state_.eigenvalues
-        return (v * e) @ v.T
+        out = torch.zeros(self.num_params, self.num_params, dtype=self.dtype, device=self.device)
+        for (start, stop), e, v in zip(self.state_.blocks, self.state_.eigenvalues, self.state_.eigenvectors):
+            out[start:stop, start:stop] = (v * e) @ v.T
+        return out
 
     def _solve(self, rhs: Tensor) -> Tensor:
         assert self.state_ is not None
-        e, v = self.state_.eigenvalues, self.state_.eigenvectors
-        check_positive_definite(e, self.regularization, type(self).__name__)
-        return ((rhs @ v) / (e + self.regularization)) @ v.T
+        check_positive_definite(self.state_.all_eigenvalues, self.regularization, type(self).__name__)
+        out = torch.empty_like(rhs)
+        for (start, stop), e, v in zip(self.state_.blocks, self.state_.eigenvalues, self.state_.eigenvectors):
+            out[:, start:stop] = ((rhs[:, start:stop] @ v) / (e + self.regularization)) @ v.T
+        return out

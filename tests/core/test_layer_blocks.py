@@ -1,0 +1,78 @@
+"""Layer-wise (block-diagonal) curvature for Direct, CG and Arnoldi."""
+
+import pytest
+import torch
+from torch import nn
+
+import dask_influence as di
+from dask_influence.core.operators import LinearOperator
+
+
+def _problem():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (40,), generator=g)
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4, bias=False), nn.Tanh(), nn.Linear(4, 3)).double()
+    return model, nn.CrossEntropyLoss(), x, y
+
+
+def _block_diagonal_reference(model, loss, x, y, lam):
+    """Influences from the full dense H with every cross-layer entry zeroed."""
+    full = di.DirectInfluence(model, loss, regularization=1.0).fit((x, y)).hessian
+    mask = torch.zeros_like(full)
+    for _, start, stop in di.DirectInfluence(model, loss)._functions.spec.layer_slices():
+        mask[start:stop, start:stop] = 1
+    h = full * mask + lam * torch.eye(full.shape[0], dtype=full.dtype)
+    solver = di.DirectInfluence(model, loss, regularization=1.0).fit((x, y))
+    g_test = solver.per_sample_grads(x[:6], y[:6])
+    g = solver.per_sample_grads(x, y)
+    return g_test @ torch.linalg.solve(h, g.T), full * mask
+
+
+def test_layer_slices_group_weight_and_bias():
+    model, loss, x, y = _problem()
+    spec = di.DirectInfluence(model, loss)._functions.spec
+    assert [(m, b - a) for m, a, b in spec.layer_slices()] == [("0", 20), ("2", 20), ("4", 15)]
+
+
+@pytest.mark.parametrize("cls, kwargs", [
+    (di.DirectInfluence, {}),
+    (di.CgInfluence, {}),
+    (di.ArnoldiInfluence, {"rank": 55, "krylov_dimension": 55}),
+])
+def test_layer_blocks_equal_the_masked_dense_solution(cls, kwargs):
+    model, loss, x, y = _problem()
+    lam = 0.5
+    expected, _ = _block_diagonal_reference(model, loss, x, y, lam)
+    solver = cls(model, loss, regularization=lam, blocks="layer", **kwargs).fit((x, y))
+    result = solver.influences(x[:6], y[:6], x, y)
+    assert float((result - expected).abs().max() / expected.abs().max()) < 1e-8
+
+
+def test_direct_layer_blocks_never_form_the_full_matrix(monkeypatch):
+    model, loss, x, y = _problem()
+    monkeypatch.setattr(LinearOperator, "dense", lambda *a, **k: pytest.fail("formed the full H"))
+    solver = di.DirectInfluence(model, loss, regularization=0.5, blocks="layer").fit((x, y))
+    assert [tuple(v.shape) for v in solver.state_.eigenvectors] == [(20, 20), (20, 20), (15, 15)]
+
+
+def test_direct_layer_hessian_is_the_block_diagonal():
+    model, loss, x, y = _problem()
+    _, masked = _block_diagonal_reference(model, loss, x, y, 0.5)
+    solver = di.DirectInfluence(model, loss, regularization=0.5, blocks="layer").fit((x, y))
+    assert float((solver.hessian - masked).abs().max()) < 1e-12
+
+
+def test_layer_blocks_differ_from_full_curvature():
+    """The mode is not a no-op: dropping cross-layer terms changes the answer here."""
+    model, loss, x, y = _problem()
+    full = di.DirectInfluence(model, loss, regularization=0.5).fit((x, y)).influences(x[:6], y[:6], x, y)
+    layer = di.DirectInfluence(model, loss, regularization=0.5, blocks="layer").fit((x, y)).influences(x[:6], y[:6], x, y)
+    assert float((full - layer).abs().max() / full.abs().max()) > 1e-2
+
+
+def test_unknown_blocks_value():
+    model, loss, _, _ = _problem()
+    with pytest.raises(ValueError, match="blocks must be 'full'.*'layer'"):
+        di.CgInfluence(model, loss, blocks="module")
