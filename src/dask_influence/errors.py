@@ -41,3 +41,25 @@ class ConvergenceWarning(UserWarning):
 
 class StoreError(ValueError):
     """The output store cannot be used as asked (exists, other configuration, not a store)."""
+
+
+class JobFileError(ValueError):
+    """A ``dask-influence`` job file (TOML) is invalid.
+
+    The message lists every problem found, one per line, each naming its section, e.g.
+    ``[solver] unknown key 'regularisation'; did you mean 'regularization'?``.
+
+    Attributes:
+        problems: the problems, in the order found.
+        path: the job file, when the problems come from one.
+    """
+
+    def __init__(self, problems: list[str] | str, path: str | None = None):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        self.path = path
+        where = f"{path}: " if path else ""
+        if len(self.problems) == 1:
+            message = f"{where}{self.problems[0]}"
+        else:
+            message = f"{where}{len(self.problems)} problems in the job file:\n" + "\n".join(self.problems)
+        super().__init__(message)

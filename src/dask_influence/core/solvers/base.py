@@ -15,7 +15,10 @@ checks, chunked per-sample gradients, modes, dtype and device handling) lives he
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import math
+import os
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -78,6 +81,27 @@ class InfluenceModel(ABC):
     """``"layer"`` in solvers that support it: each layer's parameters form an independent
     block of the curvature (cross-layer terms are dropped)."""
 
+    needs_training_data: bool = False
+    """True for solvers that apply ``H`` from the training data at solve time (CG, LiSSA):
+    :meth:`load` then needs ``train=``."""
+
+    _saved_attributes: tuple[str, ...] = ("state_",)
+    """Fitted attributes written by :meth:`save`."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+
+        @functools.wraps(init)
+        def remembering_init(self: "InfluenceModel", model: nn.Module, loss: Any, *args: Any, **kw: Any) -> None:
+            if not hasattr(self, "_init_kwargs"):
+                self._init_kwargs = dict(kw)  # the outermost constructor's hyperparameters
+            init(self, model, loss, *args, **kw)
+
+        cls.__init__ = remembering_init  # type: ignore[method-assign]
+
     def __init__(
         self,
         model: nn.Module,
@@ -134,16 +158,87 @@ class InfluenceModel(ABC):
         theta = flat_params(self.model, self._functions.spec)
         check_finite("The model's trainable parameters", theta, hint="Load a model with finite weights.")
         self._check_loss(x0, y0)
-        operator = CurvatureOperator(self._functions, theta, source, self.curvature)
-        if self.blocks == "layer":
-            slices = [(start, stop) for _, start, stop in self._functions.spec.layer_slices()]
-            operator = BlockDiagonalOperator(operator, slices)
+        operator = self._operator_for(theta, source)
         self._theta = None
         self._fit(operator, source)
         self._theta = theta
         self.n_train_ = source.num_samples
         self.feature_shape_ = source.feature_shape
         return self
+
+    # -- save and load ------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the fitted state (hyperparameters and tensors, not the model) to ``path``.
+
+        The file records a checksum of the trained parameters; :meth:`load` refuses a model
+        with other weights. It is a torch pickle: load only files you trust.
+        """
+        theta = self._require_fitted()
+        torch.save({
+            "format": 1,
+            "class": type(self).__name__,
+            "hyperparameters": getattr(self, "_init_kwargs", {}),
+            "params_checksum": _checksum(theta),
+            "num_params": self.num_params,
+            "n_train": self.n_train_,
+            "feature_shape": tuple(self.feature_shape_ or ()),
+            "attributes": {name: getattr(self, name) for name in self._saved_attributes},
+        }, os.fspath(path))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: nn.Module, loss: LossFn, *, train: Any = None) -> "InfluenceModel":
+        """Rebuild a fitted solver from :meth:`save`'s file and the same trained model.
+
+        Args:
+            train: the training data, for solvers that apply ``H`` at solve time (CG,
+                LiSSA); ignored by the others.
+
+        Raises:
+            ValueError: the file holds another solver class, or ``model``'s trainable
+                parameters are not the ones the solver was fitted with.
+        """
+        try:
+            saved = torch.load(os.fspath(path), map_location="cpu", weights_only=False)
+        except (RuntimeError, EOFError, OSError, ValueError) as err:
+            raise ValueError(f"{os.fspath(path)!r} is not a file written by InfluenceModel.save(): {err}") from None
+        if not isinstance(saved, dict) or saved.get("format") != 1:
+            raise ValueError(f"{os.fspath(path)!r} is not a file written by InfluenceModel.save().")
+        if saved["class"] != cls.__name__:
+            raise ValueError(f"{os.fspath(path)!r} holds a fitted {saved['class']}; use {saved['class']}.load().")
+        solver = cls(model, loss, **saved["hyperparameters"])
+        theta = flat_params(model, solver._functions.spec)
+        if theta.numel() != saved["num_params"] or _checksum(theta) != saved["params_checksum"]:
+            raise ValueError(
+                f"The model's trainable parameters differ from those the saved {cls.__name__} was "
+                "fitted with; load it with the same trained model (weights and frozen layers), "
+                "or fit again."
+            )
+        if cls.needs_training_data and train is None:
+            raise ValueError(
+                f"{cls.__name__} applies the curvature from the training data when it solves; "
+                f"pass it: {cls.__name__}.load(path, model, loss, train=train_loader)."
+            )
+        for name, value in saved["attributes"].items():
+            setattr(solver, name, _to_device(value, solver.device))
+        if cls.needs_training_data:
+            source = TrainingData(train, dtype=solver.dtype, device=solver.device, batch_size=solver.chunk_size)
+            source.scan()
+            solver._attach(solver._operator_for(theta, source), source)
+        solver._theta = theta
+        solver.n_train_ = saved["n_train"]
+        solver.feature_shape_ = torch.Size(saved["feature_shape"])
+        return solver
+
+    def _operator_for(self, theta: Tensor, source: TrainingData) -> Any:
+        operator: Any = CurvatureOperator(self._functions, theta, source, self.curvature)
+        if self.blocks == "layer":
+            slices = [(start, stop) for _, start, stop in self._functions.spec.layer_slices()]
+            operator = BlockDiagonalOperator(operator, slices)
+        return operator
+
+    def _attach(self, operator: Any, data: TrainingData) -> None:
+        """Re-attach the training data after :meth:`load` (solvers with ``needs_training_data``)."""
+        raise NotImplementedError
 
     @abstractmethod
     def _fit(self, operator: Any, data: TrainingData) -> None:
@@ -310,3 +405,23 @@ class InfluenceModel(ABC):
                 f"of one sample it gave {double.item():.6g}, on the sample alone {single.item():.6g}. "
                 "Use reduction='mean' instead of 'sum'."
             )
+
+
+def _checksum(theta: Tensor) -> str:
+    return hashlib.sha256(theta.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    """Move the tensors of a (dataclass or nested tuple) state to ``device``."""
+    import dataclasses
+
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        changes = {f.name: _to_device(getattr(value, f.name), device) for f in dataclasses.fields(value) if f.init}
+        return dataclasses.replace(value, **changes)
+    if isinstance(value, tuple):
+        return tuple(_to_device(v, device) for v in value)
+    if isinstance(value, list):
+        return [_to_device(v, device) for v in value]
+    return value

@@ -181,10 +181,16 @@ class CgInfluence(InfluenceModel):
         self._operator: CurvatureOperator | None = None
         self.info_: CgInfo | None = None
 
+    needs_training_data = True
+    _saved_attributes = ("preconditioner",)
+
     def _fit(self, operator: CurvatureOperator, data: TrainingData) -> None:
         self._operator = operator
         if self.preconditioner is not None:
             self.preconditioner.fit(operator, self.regularization)
+
+    def _attach(self, operator: CurvatureOperator, data: TrainingData) -> None:
+        self._operator = operator
 
     def _solve(self, rhs: Tensor) -> Tensor:
         assert self._operator is not None

@@ -105,6 +105,13 @@ class LissaInfluence(InfluenceModel):
         self.scale_: float | None = None
         self.info_: LissaInfo | None = None
 
+    needs_training_data = True
+    _saved_attributes = ("scale_",)
+
+    def _attach(self, operator: CurvatureOperator, data: TrainingData) -> None:
+        self._operator = operator
+        self._data = data
+
     def _fit(self, operator: CurvatureOperator, data: TrainingData) -> None:
         self._operator = operator
         self._data = data

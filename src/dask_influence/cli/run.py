@@ -1,0 +1,185 @@
+"""``dask-influence run JOB.toml``: compute a job's influence matrix into its zarr store.
+
+Steps: read and validate the job file, call its factory (model, loss, train and test
+datasets), fit the solver in this process on the train data, compute the influences in
+blocks on Dask and write them to the store, then check that the store is complete. The
+exit code is 0 only when it is.
+
+Where the blocks are computed, in this order: ``--scheduler``; ``[cluster] scheduler``;
+``DASK_SCHEDULER_ADDRESS`` from the environment; ``[cluster] sequential = true`` (this
+process); an embedded ``LocalCluster`` with ``[cluster] workers / threads / memory_limit``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import click
+
+from ..errors import JobFileError
+
+SCHEDULER_ENV = "DASK_SCHEDULER_ADDRESS"
+# errors shown as one "Error: ..." line: the library's own (ValueError/TypeError/RuntimeError
+# subclasses), torch's errors on bad shapes, and failures to reach a scheduler or a store
+USER_ERRORS = (ValueError, TypeError, RuntimeError, OSError, ImportError)
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of ``exc`` as click prints it after ``Error:``.
+
+    A job file's problems stay one per line; any other message is joined into one line.
+    """
+    if isinstance(exc, JobFileError):
+        return str(exc)
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+@contextmanager
+def user_errors(traceback: bool) -> Iterator[None]:
+    """Turn expected errors into a one-line ``click.ClickException`` (unless ``traceback``)."""
+    try:
+        yield
+    except click.ClickException:
+        raise
+    except USER_ERRORS as exc:
+        if traceback:
+            raise
+        raise click.ClickException(one_line(exc)) from None
+
+
+@click.command()
+@click.argument("job_file", metavar="JOB.toml", type=click.Path(path_type=Path))
+@click.option("--scheduler", metavar="ADDRESS", default=None,
+              help="Address of a running Dask scheduler, e.g. tcp://scheduler:8786 (default: [cluster] "
+                   f"scheduler of the job, else ${SCHEDULER_ENV}, else an embedded LocalCluster).")
+@click.option("--resume", is_flag=True,
+              help="Complete an existing store of the same job, computing only its missing chunks "
+                   "(creates the store if there is none).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing store.")
+@click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors (no progress bar).")
+@click.option("--traceback", is_flag=True, help="Show the full traceback of an error.")
+def run(job_file: Path, scheduler: str | None, resume: bool, overwrite: bool, quiet: bool, traceback: bool) -> None:
+    """Run the job in JOB.toml: fit its solver, write its influence matrix to zarr.
+
+    Exits with 0 only when the store is complete; after an interruption, rerun with
+    --resume to compute the missing chunks. See docs/cli.md for the job file.
+    """
+    if resume and overwrite:
+        raise click.UsageError("Pass --resume or --overwrite, not both.")
+    with user_errors(traceback):
+        complete, summary = run_job(job_file, scheduler=scheduler, resume=resume, overwrite=overwrite, quiet=quiet)
+    if not complete:
+        raise click.ClickException(summary)
+    if not quiet:
+        click.echo(summary)
+
+
+def _say(quiet: bool, message: str) -> None:
+    if not quiet:
+        click.echo(message, err=True)
+
+
+def run_job(job_file: str | os.PathLike, *, scheduler: str | None = None, resume: bool = False,
+            overwrite: bool = False, quiet: bool = False) -> tuple[bool, str]:
+    """Run a job file; returns ``(complete, one-line summary)``. Errors propagate."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    import dask_influence as di
+
+    from ..jobfile import load_job, load_problem, make_solver
+    from ..mapping.store import completion, is_complete
+
+    start = time.perf_counter()
+    job = load_job(job_file)
+    _say(quiet, f"Job {job_file}: {job.solver.class_name} ({job.solver.method}), store {job.output.store}")
+    problem = load_problem(job)
+    model = problem.model
+    if job.cluster.gpu:
+        if not torch.cuda.is_available():
+            raise ValueError("[cluster] gpu = true but CUDA is not available here; set gpu = false "
+                             "or run on a machine with a GPU.")
+        model = model.to("cuda")
+    solver = make_solver(job, model, problem.loss)
+    train = DataLoader(problem.train, batch_size=job.blocks.train, shuffle=False)
+    test = DataLoader(problem.test, batch_size=job.blocks.test, shuffle=False)
+    n_train, n_test = len(problem.train), len(problem.test)
+    _say(quiet, f"Fitting {type(solver).__name__} ({solver.num_params:,} parameters) on {n_train:,} "
+                f"training points in batches of {job.blocks.train:,}...")
+    fit_start = time.perf_counter()
+    solver.fit(train)
+    _say(quiet, f"Fitted in {time.perf_counter() - fit_start:.1f} s.")
+
+    with ExitStack() as stack:
+        calc, where = _calculator(job, solver, scheduler, quiet, stack)
+        _say(quiet, f"Computing influences of {n_train:,} training points on {n_test:,} test points "
+                    f"(blocks of {job.blocks.test:,} x {job.blocks.train:,}) {where}...")
+        calc.influences_to_zarr(test, train, job.output.store, mode=job.output.mode, resume=resume,
+                                overwrite=overwrite, top_k=job.output.top_k,
+                                self_influences=job.output.self_influences)
+    import zarr
+
+    group = zarr.open_group(job.output.store, mode="r")
+    done = completion(group)
+    chunks_done, chunks_total = done.get("influences", (0, 0))
+    run_info = calc.last_run_
+    if is_complete(group):
+        computed = run_info.get("chunks_computed", 0)
+        skipped = run_info.get("chunks_skipped", 0)
+        return True, (f"Complete: {job.output.store} ({chunks_done}/{chunks_total} chunks; {computed} computed, "
+                      f"{skipped} already done) in {time.perf_counter() - start:.1f} s.")
+    missing = ", ".join(f"{name} {d}/{t}" for name, (d, t) in done.items())
+    return False, (f"The store {job.output.store} is incomplete ({missing} done); rerun with --resume "
+                   "to compute the missing chunks.")
+
+
+def _calculator(job: Any, solver: Any, scheduler: str | None, quiet: bool, stack: ExitStack) -> tuple[Any, str]:
+    """The calculator and where it computes, per the resolution order of the module docstring."""
+    import dask_influence as di
+
+    address, source = scheduler, "--scheduler"
+    if not address and job.cluster.scheduler:
+        address, source = job.cluster.scheduler, "[cluster] scheduler"
+    if not address and not job.cluster.sequential and os.environ.get(SCHEDULER_ENV, "").strip():
+        address, source = os.environ[SCHEDULER_ENV].strip(), SCHEDULER_ENV
+    if address:
+        client = stack.enter_context(_connect(address, source))
+        n = len(client.scheduler_info().get("workers", {}))
+        return (di.DaskInfluenceCalculator(solver, client, progress=not quiet),
+                f"on the scheduler at {address} ({n} worker{'s' if n != 1 else ''} now)")
+    if job.cluster.sequential:
+        return di.SequentialInfluenceCalculator(solver, progress=not quiet), "in this process (sequential)"
+    from distributed import Client, LocalCluster
+
+    workers = job.cluster.workers or (1 if job.cluster.gpu else (os.cpu_count() or 1))
+    threads = job.cluster.threads or 1
+    kwargs: dict[str, Any] = {}
+    if job.cluster.memory_limit is not None:
+        kwargs["memory_limit"] = job.cluster.memory_limit
+    if solver.device.type == "cuda":
+        kwargs["resources"] = {"GPU": 1}
+    cluster = stack.enter_context(LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True,
+                                               host="127.0.0.1", dashboard_address=None, **kwargs))
+    client = stack.enter_context(Client(cluster))
+    return (di.DaskInfluenceCalculator(solver, client, progress=not quiet),
+            f"on an embedded LocalCluster ({workers} worker{'s' if workers != 1 else ''} x {threads} "
+            f"thread{'s' if threads != 1 else ''})")
+
+
+@contextmanager
+def _connect(address: str, source: str) -> Iterator[Any]:
+    from distributed import Client
+
+    try:
+        client = Client(address)
+    except (OSError, TimeoutError) as exc:
+        raise OSError(f"cannot connect to the Dask scheduler at {address} (from {source}): "
+                      f"{' '.join(str(exc).split())}") from None
+    try:
+        yield client
+    finally:
+        client.close()

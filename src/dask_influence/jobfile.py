@@ -1,0 +1,622 @@
+"""The job file of ``dask-influence run``: a TOML file, its schema and its validation.
+
+A job file names a Python factory that returns the model, the loss and the data, the solver
+and its parameters, the block sizes, the output store and the cluster::
+
+    [model]
+    factory = "factory:make_problem"   # "module:function"
+    path = "."                         # search path(s) for the module, relative to this file
+
+    [solver]
+    method = "cg"                      # direct, cg, lissa, arnoldi, nystroem, ekfac
+    regularization = 1e-3              # any other keyword of the solver class
+
+    [blocks]
+    test = 100                         # test points per block (rows of a zarr chunk)
+    train = 10000                      # training points per block (columns of a chunk)
+
+    [output]
+    store = "influences.zarr"          # path (relative to this file) or URL
+    mode = "up"                        # or "perturbation"
+    top_k = 10
+    self_influences = true
+
+    [cluster]
+    scheduler = "tcp://scheduler:8786" # or local settings: workers, threads, memory_limit
+    gpu = false
+
+:func:`load_job` reads and validates the file; every problem found is reported at once in
+one :class:`~dask_influence.errors.JobFileError`, one per line, with its section and, for
+an unknown key, the closest valid one. This module is pure (no click, no cluster); it
+imports the user's factory only when :func:`load_problem` is called. ``docs/cli.md``
+documents every key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import os
+import re
+import sys
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import JobFileError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+__all__ = [
+    "Job",
+    "ModelSection",
+    "SolverSection",
+    "BlocksSection",
+    "OutputSection",
+    "ClusterSection",
+    "Problem",
+    "SOLVER_METHODS",
+    "load_job",
+    "parse_job",
+    "load_problem",
+    "make_solver",
+]
+
+DEFAULT_BLOCK_SIZE = 256
+MODES = ("up", "perturbation")
+
+#: ``[solver] method`` -> name of the solver class in ``dask_influence``.
+SOLVER_METHODS = {
+    "direct": "DirectInfluence",
+    "cg": "CgInfluence",
+    "lissa": "LissaInfluence",
+    "arnoldi": "ArnoldiInfluence",
+    "nystroem": "NystroemSketchInfluence",
+    "ekfac": "EkfacInfluence",
+}
+
+# keys of each section (the [solver] keys besides `method` come from the solver class)
+SECTIONS: dict[str, tuple[str, ...]] = {
+    "model": ("factory", "path", "options"),
+    "solver": ("method",),
+    "blocks": ("test", "train"),
+    "output": ("store", "mode", "top_k", "self_influences"),
+    "cluster": ("scheduler", "workers", "threads", "memory_limit", "gpu", "sequential"),
+}
+REQUIRED_SECTIONS = ("model", "solver", "output")
+LOCAL_KEYS = ("workers", "threads", "memory_limit")
+_FACTORY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+# parameters of a solver's __init__ that a job file cannot set
+_NOT_PARAMETERS = ("self", "model", "loss")
+
+
+# -- the parsed job ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelSection:
+    """``[model]``: where the model, loss and data come from.
+
+    Attributes:
+        factory: ``"module:function"``; the function returns the model, the loss, the train
+            dataset and the test dataset.
+        path: directories put in front of ``sys.path`` before importing the module
+            (absolute; default: the job file's directory).
+        options: keyword arguments for the factory.
+    """
+
+    factory: str
+    path: tuple[str, ...] = ()
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def module(self) -> str:
+        return self.factory.split(":", 1)[0]
+
+    @property
+    def function(self) -> str:
+        return self.factory.split(":", 1)[1]
+
+
+@dataclass(frozen=True)
+class SolverSection:
+    """``[solver]``: the method and the keyword arguments of its class."""
+
+    method: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def class_name(self) -> str:
+        return SOLVER_METHODS[self.method]
+
+    @property
+    def solver_class(self) -> type:
+        import dask_influence
+
+        return getattr(dask_influence, self.class_name)
+
+
+@dataclass(frozen=True)
+class BlocksSection:
+    """``[blocks]``: test and train points per block (one zarr chunk is test x train)."""
+
+    test: int = DEFAULT_BLOCK_SIZE
+    train: int = DEFAULT_BLOCK_SIZE
+
+
+@dataclass(frozen=True)
+class OutputSection:
+    """``[output]``: the zarr store and what goes into it.
+
+    Attributes:
+        store: an absolute path, or a URL (``s3://...``, anything with ``://``).
+        mode: ``"up"`` or ``"perturbation"``.
+        top_k: store the ``top_k`` most helpful and most harmful training points of each
+            test point (``None``: not stored).
+        self_influences: store the self-influence of every training point.
+    """
+
+    store: str
+    mode: str = "up"
+    top_k: int | None = None
+    self_influences: bool = False
+
+
+@dataclass(frozen=True)
+class ClusterSection:
+    """``[cluster]``: where the blocks are computed.
+
+    Attributes:
+        scheduler: address of a running Dask scheduler; ``None``: ``DASK_SCHEDULER_ADDRESS``
+            from the environment, else an embedded ``LocalCluster``.
+        workers, threads, memory_limit: settings of the embedded ``LocalCluster``
+            (``memory_limit`` per worker: bytes or a string such as ``"4GiB"``).
+        gpu: put the model on CUDA; its tasks then run with the Dask resource ``GPU=1``.
+        sequential: compute in this process, without Dask's distributed scheduler.
+    """
+
+    scheduler: str | None = None
+    workers: int | None = None
+    threads: int | None = None
+    memory_limit: int | str | None = None
+    gpu: bool = False
+    sequential: bool = False
+
+
+@dataclass(frozen=True)
+class Job:
+    """A validated job file. ``path`` is the file it was read from (``None`` for a dict)."""
+
+    model: ModelSection
+    solver: SolverSection
+    output: OutputSection
+    blocks: BlocksSection = field(default_factory=BlocksSection)
+    cluster: ClusterSection = field(default_factory=ClusterSection)
+    path: Path | None = None
+
+
+# -- loading and validation ------------------------------------------------------------------
+
+def load_job(path: str | os.PathLike) -> Job:
+    """Read and validate a job file.
+
+    Relative paths in the file (``[model] path``, ``[output] store``) are relative to the
+    file's directory.
+
+    Raises:
+        JobFileError: the file is missing, is not valid TOML, or breaks the schema; the
+            message lists every problem, one per line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise JobFileError(f"the job file {str(path)!r} {what}; pass the path of a TOML job file.")
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise JobFileError(f"not valid TOML: {exc}", path=str(path)) from None
+    except UnicodeDecodeError as exc:
+        raise JobFileError(f"not valid TOML (not UTF-8 text): {exc}", path=str(path)) from None
+    return parse_job(data, base_dir=path.resolve().parent, path=path)
+
+
+def parse_job(data: Mapping[str, Any], *, base_dir: str | os.PathLike | None = None,
+              path: str | os.PathLike | None = None) -> Job:
+    """Validate the parsed TOML ``data`` of a job file; see :func:`load_job`.
+
+    Args:
+        base_dir: directory that relative paths are resolved against (default: the
+            current directory).
+        path: the file the data came from, for messages.
+    """
+    base = Path(base_dir) if base_dir is not None else Path.cwd()
+    problems: list[str] = []
+    tables: dict[str, dict] = {}
+    for key, value in data.items():
+        if key in SECTIONS:
+            if isinstance(value, Mapping):
+                tables[key] = dict(value)
+            else:
+                problems.append(f"[{key}] must be a table (a [{key}] section); got {_describe(value)}.")
+        else:
+            problems.append(f"unknown section [{key}]{_suggest(key, SECTIONS, brackets=True)}")
+    for name in REQUIRED_SECTIONS:
+        if name not in tables and name not in data:
+            problems.append(f"[{name}] section is missing; {_REQUIRED_HINTS[name]}")
+
+    model = _model(tables.get("model"), base, problems)
+    solver = _solver(tables.get("solver"), problems)
+    blocks = _blocks(tables.get("blocks", {}), problems)
+    output = _output(tables.get("output"), base, problems)
+    cluster = _cluster(tables.get("cluster", {}), problems)
+    if problems:
+        raise JobFileError(problems, path=None if path is None else str(path))
+    assert model and solver and output  # for type checkers: no problems means all parsed
+    return Job(model=model, solver=solver, output=output, blocks=blocks, cluster=cluster,
+               path=None if path is None else Path(path))
+
+
+_REQUIRED_HINTS = {
+    "model": 'it names the factory: [model] factory = "module:function".',
+    "solver": 'it names the method: [solver] method = "cg" (or direct, lissa, arnoldi, nystroem, ekfac).',
+    "output": 'it names the store: [output] store = "influences.zarr".',
+}
+
+
+def _model(table: dict | None, base: Path, problems: list[str]) -> ModelSection | None:
+    if table is None:
+        return None
+    _unknown("model", table, SECTIONS["model"], problems)
+    factory = table.get("factory")
+    ok = True
+    if factory is None:
+        problems.append('[model] factory is required: the Python factory as "module:function".')
+        ok = False
+    elif not isinstance(factory, str):
+        problems.append(f'[model] factory must be a string "module:function"; got {_describe(factory)}.')
+        ok = False
+    elif not _FACTORY.match(factory.strip()):
+        problems.append(f'[model] factory must be "module:function" (e.g. "factory:make_problem"); got {factory!r}.')
+        ok = False
+    paths: list[str] = []
+    raw = table.get("path", ".")
+    items = [raw] if isinstance(raw, str) else raw
+    if not isinstance(items, list) or not all(isinstance(p, str) and p for p in items):
+        problems.append(f"[model] path must be a directory or a list of directories; got {_describe(raw)}.")
+        ok = False
+    else:
+        paths = [str((base / p).resolve()) if not os.path.isabs(p) else p for p in items]
+    options = table.get("options", {})
+    if not isinstance(options, Mapping):
+        problems.append(f"[model] options must be a table of keyword arguments for the factory; got {_describe(options)}.")
+        ok = False
+    if not ok:
+        return None
+    return ModelSection(factory=factory.strip(), path=tuple(paths), options=dict(options))
+
+
+def _solver(table: dict | None, problems: list[str]) -> SolverSection | None:
+    if table is None:
+        return None
+    method = table.get("method")
+    params = {k: v for k, v in table.items() if k != "method"}
+    if method is None:
+        problems.append(f"[solver] method is required; one of {', '.join(SOLVER_METHODS)}.")
+        return None
+    if not isinstance(method, str):
+        problems.append(f"[solver] method must be a string, one of {', '.join(SOLVER_METHODS)}; got {_describe(method)}.")
+        return None
+    key = method.strip().lower()
+    if key not in SOLVER_METHODS:
+        close = difflib.get_close_matches(key, list(SOLVER_METHODS), n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]!r}?" if close else "."
+        problems.append(f"[solver] unknown method {method!r}; choose one of {', '.join(SOLVER_METHODS)}{hint}")
+        return None
+    section = SolverSection(method=key, params=params)
+    n_before = len(problems)
+    _check_solver_params(section, problems)
+    return section if len(problems) == n_before else None
+
+
+def solver_parameters(method: str) -> dict[str, inspect.Parameter]:
+    """The keyword parameters a job file may give for ``method`` (from the class's ``__init__``)."""
+    import dask_influence
+
+    cls = getattr(dask_influence, SOLVER_METHODS[method])
+    signature = inspect.signature(cls.__init__)
+    return {name: p for name, p in signature.parameters.items()
+            if name not in _NOT_PARAMETERS and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+
+
+def _check_solver_params(section: SolverSection, problems: list[str]) -> None:
+    import dask_influence
+
+    cls = getattr(dask_influence, section.class_name)
+    allowed = solver_parameters(section.method)
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # unresolvable annotations: check names only
+        hints = {}
+    for name, value in section.params.items():
+        if name not in allowed:
+            problems.append(f"[solver] unknown key {name!r}"
+                            f"{_suggest(name, ['method', *allowed], what=f'keys for method {section.method!r}')}")
+            continue
+        problem = _check_type(value, hints.get(name, Any))
+        if problem:
+            problems.append(f"[solver] {name} {problem}; got {_describe(value)}.")
+    for name, p in allowed.items():
+        if p.default is inspect.Parameter.empty and name not in section.params:
+            problems.append(f"[solver] {name} is required for method {section.method!r}.")
+
+
+def _check_type(value: Any, hint: Any) -> str | None:
+    """``None`` if a TOML ``value`` fits the annotation ``hint``, else what it must be."""
+    if hint is Any:
+        return None
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        members = [a for a in args if a is not type(None)]
+        results = [_check_type(value, a) for a in members]
+        if any(r is None for r in results):
+            return None
+        return " or ".join(dict.fromkeys(r for r in results if r)) or "has an unsupported type"
+    if hint is bool:
+        return None if isinstance(value, bool) else "must be true or false"
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "must be an integer"
+    if hint is float:
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "must be a number"
+    if hint is str:
+        return None if isinstance(value, str) else "must be a string"
+    if origin in (list, tuple, Sequence, typing.Sequence) or hint in (list, tuple):
+        inner = args[0] if args else Any
+        if isinstance(value, list) and all(_check_type(v, inner) is None for v in value):
+            return None
+        return "must be a list" + (" of strings" if inner is str else "")
+    return "cannot be set in a job file (it needs a Python object)"
+
+
+def _blocks(table: dict, problems: list[str]) -> BlocksSection:
+    _unknown("blocks", table, SECTIONS["blocks"], problems)
+    values = {}
+    for key in ("test", "train"):
+        if key in table:
+            value = table[key]
+            if _positive_int(value):
+                values[key] = value
+            else:
+                problems.append(f"[blocks] {key} must be a positive integer; got {_describe(value)}.")
+    return BlocksSection(**values)
+
+
+def _output(table: dict | None, base: Path, problems: list[str]) -> OutputSection | None:
+    if table is None:
+        return None
+    _unknown("output", table, SECTIONS["output"], problems)
+    ok = True
+    store = table.get("store")
+    if store is None:
+        problems.append('[output] store is required: the path or URL of the zarr store, e.g. "influences.zarr".')
+        ok = False
+    elif not isinstance(store, str) or not store.strip():
+        problems.append(f"[output] store must be a path or URL; got {_describe(store)}.")
+        ok = False
+    else:
+        store = store.strip()
+        if "://" not in store and not os.path.isabs(os.path.expanduser(store)):
+            store = str(base / store)
+        elif "://" not in store:
+            store = os.path.expanduser(store)
+    mode = table.get("mode", "up")
+    if not isinstance(mode, str) or mode.strip().lower() not in MODES:
+        problems.append(f"[output] mode must be \"up\" or \"perturbation\"; got {_describe(mode)}.")
+        ok = False
+    else:
+        mode = mode.strip().lower()
+    top_k = table.get("top_k")
+    if top_k is not None and not _positive_int(top_k):
+        problems.append(f"[output] top_k must be a positive integer; got {_describe(top_k)}.")
+        ok = False
+    elif top_k is not None and mode == "perturbation":
+        problems.append("[output] top_k needs mode = \"up\" (perturbation influences have one value per "
+                        "feature); remove top_k or set mode = \"up\".")
+        ok = False
+    self_influences = table.get("self_influences", False)
+    if not isinstance(self_influences, bool):
+        problems.append(f"[output] self_influences must be true or false; got {_describe(self_influences)}.")
+        ok = False
+    if not ok:
+        return None
+    return OutputSection(store=store, mode=mode, top_k=top_k, self_influences=self_influences)
+
+
+def _cluster(table: dict, problems: list[str]) -> ClusterSection:
+    _unknown("cluster", table, SECTIONS["cluster"], problems)
+    values: dict[str, Any] = {}
+    scheduler = table.get("scheduler")
+    if scheduler is not None:
+        if isinstance(scheduler, str) and scheduler.strip():
+            values["scheduler"] = scheduler.strip()
+        else:
+            problems.append(f"[cluster] scheduler must be an address such as \"tcp://scheduler:8786\"; "
+                            f"got {_describe(scheduler)}.")
+    for key in ("workers", "threads"):
+        if key in table:
+            if _positive_int(table[key]):
+                values[key] = table[key]
+            else:
+                problems.append(f"[cluster] {key} must be a positive integer; got {_describe(table[key])}.")
+    if "memory_limit" in table:
+        limit = table["memory_limit"]
+        if _memory_limit_ok(limit):
+            values["memory_limit"] = limit
+        else:
+            problems.append("[cluster] memory_limit must be a number of bytes, a size such as \"4GiB\", "
+                            f"or \"auto\"; got {_describe(limit)}.")
+    for key in ("gpu", "sequential"):
+        if key in table:
+            if isinstance(table[key], bool):
+                values[key] = table[key]
+            else:
+                problems.append(f"[cluster] {key} must be true or false; got {_describe(table[key])}.")
+    local = [k for k in LOCAL_KEYS if k in table]
+    if "scheduler" in table and local:
+        problems.append(f"[cluster] give either scheduler or local settings ({', '.join(local)}), not both: "
+                        "a running scheduler has its own workers.")
+    if table.get("sequential") is True and ("scheduler" in table or local):
+        problems.append("[cluster] sequential = true computes in this process; remove "
+                        f"{', '.join((['scheduler'] if 'scheduler' in table else []) + local)}.")
+    return ClusterSection(**values)
+
+
+def _memory_limit_ok(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, (int, float)):
+        return value > 0
+    if isinstance(value, str):
+        if value.strip().lower() == "auto":
+            return True
+        from dask.utils import parse_bytes
+
+        try:
+            return parse_bytes(value) > 0
+        except (ValueError, TypeError):
+            return False
+    return False
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _unknown(section: str, table: Mapping, valid: Sequence[str], problems: list[str]) -> None:
+    for key in table:
+        if key not in valid:
+            problems.append(f"[{section}] unknown key {key!r}{_suggest(key, valid)}")
+
+
+def _suggest(key: str, valid: Any, *, brackets: bool = False, what: str | None = None) -> str:
+    """``"; did you mean 'x'?"`` for the closest valid key, else the list of valid keys."""
+    valid = list(valid)
+    close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean [{close[0]}]?" if brackets else f"; did you mean {close[0]!r}?"
+    listed = ", ".join(f"[{v}]" if brackets else v for v in valid)
+    return f"; valid {what or ('sections' if brackets else 'keys')}: {listed}."
+
+
+def _describe(value: Any) -> str:
+    """A TOML value as a message shows it: ``'big'``, ``-3``, ``a table``, ``a list``."""
+    if isinstance(value, Mapping):
+        return "a table"
+    if isinstance(value, list) and len(repr(value)) > 40:
+        return "a list"
+    return repr(value)
+
+
+# -- the factory -----------------------------------------------------------------------------
+
+@dataclass
+class Problem:
+    """What the factory returned: the model, the loss and the two map-style datasets."""
+
+    model: Any
+    loss: Callable
+    train: Any
+    test: Any
+
+
+def load_factory(job: Job) -> Callable[..., Any]:
+    """Import the ``[model] factory`` function, with ``[model] path`` in front of ``sys.path``."""
+    section = job.model
+    for directory in reversed(section.path):
+        if directory not in sys.path:
+            sys.path.insert(0, directory)
+    try:
+        module = importlib.import_module(section.module)
+    except ImportError as exc:
+        searched = ", ".join(section.path) or "sys.path"
+        raise JobFileError(f"[model] factory {section.factory!r}: cannot import module {section.module!r} "
+                           f"({exc}); searched {searched}. Set [model] path to the directory that holds it.",
+                           path=_path(job)) from None
+    target: Any = module
+    for part in section.function.split("."):
+        if not hasattr(target, part):
+            names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
+            raise JobFileError(f"[model] factory {section.factory!r}: module {section.module!r} has no "
+                               f"{section.function!r}{_suggest(section.function, names, what='functions')}",
+                               path=_path(job))
+        target = getattr(target, part)
+    if not callable(target):
+        raise JobFileError(f"[model] factory {section.factory!r} is a {type(target).__name__}, not a function.",
+                           path=_path(job))
+    return target
+
+
+def load_problem(job: Job) -> Problem:
+    """Call the factory and check what it returns.
+
+    The factory returns a dict (or an object with attributes) with ``model`` (an
+    ``nn.Module``), ``loss`` (``loss(outputs, targets)``), ``train`` and ``test`` (map-style
+    datasets of ``(x, y)`` pairs); other entries are ignored.
+
+    Raises:
+        JobFileError: the factory cannot be imported or returns something else.
+    """
+    import torch
+    from torch.utils.data import IterableDataset
+
+    factory = load_factory(job)
+    result = factory(**job.model.options)
+    name = job.model.factory
+    parts = {}
+    missing = []
+    for key in ("model", "loss", "train", "test"):
+        if isinstance(result, Mapping):
+            present = key in result
+            value = result.get(key)
+        else:
+            present = hasattr(result, key)
+            value = getattr(result, key, None)
+        if not present:
+            missing.append(key)
+        parts[key] = value
+    if missing:
+        raise JobFileError(f"the factory {name!r} returned a {type(result).__name__} without "
+                           f"{', '.join(missing)}; return a dict with model, loss, train and test.",
+                           path=_path(job))
+    problems = []
+    if not isinstance(parts["model"], torch.nn.Module):
+        problems.append(f"the factory {name!r} returned a model of type {type(parts['model']).__name__}; "
+                        "return a torch.nn.Module.")
+    if not callable(parts["loss"]):
+        problems.append(f"the factory {name!r} returned a loss of type {type(parts['loss']).__name__}; "
+                        "return a callable loss(outputs, targets), e.g. torch.nn.CrossEntropyLoss().")
+    for key in ("train", "test"):
+        data = parts[key]
+        if isinstance(data, IterableDataset) or not (hasattr(data, "__len__") and hasattr(data, "__getitem__")) \
+                or isinstance(data, (str, bytes, Mapping)):
+            problems.append(f"the factory {name!r} returned {key} of type {type(data).__name__}; return a "
+                            "map-style torch Dataset of (x, y) pairs, e.g. TensorDataset(x, y).")
+    if problems:
+        raise JobFileError(problems, path=_path(job))
+    return Problem(**parts)
+
+
+def make_solver(job: Job, model: Any, loss: Callable) -> Any:
+    """The (unfitted) solver of ``[solver]`` for ``model`` and ``loss``."""
+    return job.solver.solver_class(model, loss, **job.solver.params)
+
+
+def _path(job: Job) -> str | None:
+    return None if job.path is None else str(job.path)
