@@ -259,6 +259,17 @@ class InfluenceModel(ABC):
         x, y = self._prepare(x, y, "x", "y")
         return self._grads(theta, x, y)
 
+    def apply_inverse(self, v: Tensor) -> Tensor:
+        """``(H + lambda I)^-1`` applied to each row of ``v`` ``(k, p)``; returns ``(k, p)``.
+
+        By linearity, the factor of an aggregate test loss is the inverse applied to its
+        gradient: the mean influence over a test set is
+        ``influences_from_factors(apply_inverse(per_sample_grads(x_test, y_test).mean(0, keepdim=True)), x, y)``,
+        at the cost of one solve instead of ``n_test``.
+        """
+        self._require_fitted()
+        return self._solve(self._check_factors(v))
+
     def influence_factors(self, x_test: Any, y_test: Any) -> Tensor:
         """``(H + lambda I)^-1 grad L(z_test)`` for each test point: ``(n_test, p)``."""
         theta = self._require_fitted()
