@@ -6,6 +6,10 @@ import click
 
 from .. import __version__
 from .demo import demo
+from .inspect import inspect_store
+from .plot import plot
+from .run import run
+from .top import top
 
 
 @click.group(name="influence", context_settings={"help_option_names": ["-h", "--help"]})
@@ -14,6 +18,10 @@ def cli() -> None:
     """Influence functions for PyTorch models at any scale."""
 
 
+cli.add_command(run)
+cli.add_command(inspect_store)
+cli.add_command(top)
+cli.add_command(plot)
 cli.add_command(demo)
 
 
