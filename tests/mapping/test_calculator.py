@@ -147,3 +147,14 @@ def test_refused_inputs(problem):
     unfitted = di.DirectInfluence(solver.model, solver.loss)
     with pytest.raises(di.NotFittedError):
         di.SequentialInfluenceCalculator(unfitted)
+
+
+def test_progress_bar_shown_and_silenced(problem, tmp_path, capsys):
+    solver, train, test = problem
+    t = DataLoader(TensorDataset(*test), batch_size=7)
+    r = DataLoader(TensorDataset(*train), batch_size=10)
+    di.SequentialInfluenceCalculator(solver, progress=True).influences_to_zarr(t, r, tmp_path / "a.zarr")
+    shown = capsys.readouterr().out
+    assert "100%" in shown
+    di.SequentialInfluenceCalculator(solver, progress=False).influences_to_zarr(t, r, tmp_path / "b.zarr")
+    assert capsys.readouterr().out == ""
