@@ -61,5 +61,5 @@ class JobFileError(ValueError):
         if len(self.problems) == 1:
             message = f"{where}{self.problems[0]}"
         else:
-            message = f"{where}{len(self.problems)} problems in the job file:\n" + "\n".join(self.problems)
+            message = f"{where}{len(self.problems)} problems:\n" + "\n".join(self.problems)
         super().__init__(message)

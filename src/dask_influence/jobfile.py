@@ -542,6 +542,7 @@ def load_factory(job: Job) -> Callable[..., Any]:
     for directory in reversed(section.path):
         if directory not in sys.path:
             sys.path.insert(0, directory)
+    _forget_shadowed(section.module, section.path)
     try:
         module = importlib.import_module(section.module)
     except ImportError as exc:
@@ -561,6 +562,27 @@ def load_factory(job: Job) -> Callable[..., Any]:
         raise JobFileError(f"[model] factory {section.factory!r} is a {type(target).__name__}, not a function.",
                            path=_path(job))
     return target
+
+
+def _forget_shadowed(module: str, paths: Sequence[str]) -> None:
+    """Drop an imported module of the same name that does not come from the job's ``paths``.
+
+    Two jobs in one process may both have a ``factory.py`` in different directories; the
+    second must not get the first one's module from ``sys.modules``.
+    """
+    from importlib.machinery import PathFinder
+
+    top = module.split(".", 1)[0]
+    cached = sys.modules.get(top)
+    if cached is None or not paths:
+        return
+    spec = PathFinder.find_spec(top, list(paths))
+    if spec is None or spec.origin is None:
+        return
+    if os.path.realpath(getattr(cached, "__file__", "") or "") != os.path.realpath(spec.origin):
+        for name in [n for n in sys.modules if n == top or n.startswith(top + ".")]:
+            del sys.modules[name]
+        importlib.invalidate_caches()
 
 
 def load_problem(job: Job) -> Problem:

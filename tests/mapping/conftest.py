@@ -1,6 +1,5 @@
 """Fixtures for the mapping layer: a small fitted solver and a 2-worker LocalCluster."""
 
-import numpy as np
 import pytest
 import torch
 from torch import nn

@@ -1,7 +1,5 @@
 """The zarr output: layout, attributes, resume, refusals, top-k, self-influences."""
 
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest

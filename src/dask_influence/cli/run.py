@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 import click
 
-from ..errors import JobFileError
+from ..errors import JobFileError, StoreError
 
 SCHEDULER_ENV = "DASK_SCHEDULER_ADDRESS"
 # errors shown as one "Error: ..." line: the library's own (ValueError/TypeError/RuntimeError
@@ -48,7 +48,10 @@ def user_errors(traceback: bool) -> Iterator[None]:
     except USER_ERRORS as exc:
         if traceback:
             raise
-        raise click.ClickException(one_line(exc)) from None
+        message = one_line(exc)
+        if isinstance(exc, StoreError):  # the library's keyword arguments are this command's flags
+            message = message.replace("resume=True", "--resume").replace("overwrite=True", "--overwrite")
+        raise click.ClickException(message) from None
 
 
 @click.command()
@@ -89,13 +92,12 @@ def run_job(job_file: str | os.PathLike, *, scheduler: str | None = None, resume
     import torch
     from torch.utils.data import DataLoader
 
-    import dask_influence as di
-
     from ..jobfile import load_job, load_problem, make_solver
     from ..mapping.store import completion, is_complete
 
     start = time.perf_counter()
     job = load_job(job_file)
+    _check_store_early(job.output.store, resume=resume, overwrite=overwrite)
     _say(quiet, f"Job {job_file}: {job.solver.class_name} ({job.solver.method}), store {job.output.store}")
     problem = load_problem(job)
     model = problem.model
@@ -135,6 +137,15 @@ def run_job(job_file: str | os.PathLike, *, scheduler: str | None = None, resume
     missing = ", ".join(f"{name} {d}/{t}" for name, (d, t) in done.items())
     return False, (f"The store {job.output.store} is incomplete ({missing} done); rerun with --resume "
                    "to compute the missing chunks.")
+
+
+def _check_store_early(store: str, *, resume: bool, overwrite: bool) -> None:
+    """Refuse an existing local store before the (possibly long) fit; the library checks again."""
+    if resume or overwrite or "://" in store:
+        return
+    if os.path.isdir(store) and os.listdir(store):
+        raise StoreError(f"The output store {store!r} already exists; pass --resume to complete it "
+                         "or --overwrite to replace it.")
 
 
 def _calculator(job: Any, solver: Any, scheduler: str | None, quiet: bool, stack: ExitStack) -> tuple[Any, str]:

@@ -22,7 +22,7 @@ from torch import Tensor
 from ...errors import NotPositiveDefiniteError
 from ..data import TrainingData
 from ..operators import CurvatureOperator, LinearOperator
-from .base import InfluenceModel, check_blocks, check_nonnegative, check_positive_int
+from .base import InfluenceModel, check_blocks, check_nonnegative, check_positive_int, check_rank, check_seed
 from .direct import check_positive_definite
 
 COMPLEMENTS = ("ignore", "regularization")
@@ -232,12 +232,7 @@ class ArnoldiInfluence(InfluenceModel):
         super().__init__(model, loss, regularization=regularization, curvature=curvature, chunk_size=chunk_size)
         self.blocks = check_blocks(blocks)
         p = self.num_params
-        self.rank = check_positive_int("rank", rank)
-        if self.rank > p:
-            raise ValueError(
-                f"rank must be at most the number of trainable parameters p={p}; got rank={rank}. "
-                f"Pass rank={p} for the exact eigendecomposition, or use DirectInfluence."
-            )
+        self.rank = check_rank(rank, p, f"Pass rank={p} for the exact eigendecomposition, or use DirectInfluence.")
         if krylov_dimension is None:
             self.krylov_dimension = min(p, max(2 * self.rank, self.rank + 20))
         else:
@@ -258,9 +253,7 @@ class ArnoldiInfluence(InfluenceModel):
                 "e.g. regularization=1e-3, or use complement='ignore'."
             )
         self.tol = check_nonnegative("tol", tol)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int; got {seed!r}.")
-        self.seed = seed
+        self.seed = check_seed(seed)
 
     # -- fitted state ---------------------------------------------------------------------
     @property

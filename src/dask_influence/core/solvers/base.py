@@ -55,6 +55,24 @@ def check_blocks(value: Any) -> str:
     return value
 
 
+def check_seed(value: Any) -> int:
+    """``value`` as an int seed, else a ``TypeError``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"seed must be an int; got {value!r}.")
+    return value
+
+
+def check_rank(value: Any, num_params: int, hint: str) -> int:
+    """``value`` as an int in ``1..num_params``; ``hint`` says what to do instead."""
+    rank = check_positive_int("rank", value)
+    if rank > num_params:
+        raise ValueError(
+            f"rank must be at most the number of trainable parameters p={num_params}; got "
+            f"rank={rank}. {hint}"
+        )
+    return rank
+
+
 def check_positive_int(name: str, value: Any) -> int:
     """``value`` as an int >= 1, else a ``TypeError``/``ValueError`` naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int):

@@ -22,7 +22,7 @@ from torch import Tensor
 from ..data import TrainingData
 from ..lowrank import LowRankFactor, nystroem_sketch
 from ..operators import CurvatureOperator
-from .base import InfluenceModel, check_positive_int
+from .base import InfluenceModel, check_rank, check_seed
 
 
 class NystroemSketchInfluence(InfluenceModel):
@@ -67,15 +67,8 @@ class NystroemSketchInfluence(InfluenceModel):
         if self.regularization <= 0:
             raise ValueError(self._regularization_message())
         p = self.num_params
-        self.rank = check_positive_int("rank", rank)
-        if self.rank > p:
-            raise ValueError(
-                f"rank must be at most the number of trainable parameters p={p}; got rank={rank}. "
-                f"Pass rank={p} or less."
-            )
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int; got {seed!r}.")
-        self.seed = seed
+        self.rank = check_rank(rank, p, f"Pass rank={p} or less.")
+        self.seed = check_seed(seed)
 
     @property
     def eigenvalues_(self) -> Tensor:

@@ -1,0 +1,298 @@
+"""The job file: a good file parses; each kind of mistake gives its stated message, all at once."""
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import dask_influence as di
+from dask_influence.errors import JobFileError
+from dask_influence.jobfile import (Job, SOLVER_METHODS, load_job, load_problem, make_solver, parse_job,
+                                    solver_parameters)
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "batch_job"
+
+GOOD = """
+[model]
+factory = "factory:make_problem"
+path = "src"
+options = { n_train = 30, n_test = 4 }
+
+[solver]
+method = "cg"
+regularization = 1e-3
+rtol = 1e-8
+maxiter = 200
+preconditioner = "jacobi"
+
+[blocks]
+test = 4
+train = 16
+
+[output]
+store = "out/influences.zarr"
+mode = "up"
+top_k = 5
+self_influences = true
+
+[cluster]
+workers = 2
+threads = 1
+memory_limit = "1GiB"
+"""
+
+
+def write(tmp_path, text, name="job.toml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def problems(tmp_path, text):
+    with pytest.raises(JobFileError) as info:
+        load_job(write(tmp_path, text))
+    err = info.value
+    assert isinstance(err, ValueError)
+    assert str(err).count("\n") == max(len(err.problems) - 1, 0) + (1 if len(err.problems) > 1 else 0)
+    return err.problems
+
+
+def test_good_file_parses(tmp_path):
+    job = load_job(write(tmp_path, GOOD))
+    assert isinstance(job, Job) and job.path == tmp_path / "job.toml"
+    assert job.model.factory == "factory:make_problem"
+    assert job.model.module == "factory" and job.model.function == "make_problem"
+    assert job.model.path == (str((tmp_path / "src").resolve()),)
+    assert job.model.options == {"n_train": 30, "n_test": 4}
+    assert job.solver.method == "cg" and job.solver.solver_class is di.CgInfluence
+    assert job.solver.params == {"regularization": 1e-3, "rtol": 1e-8, "maxiter": 200, "preconditioner": "jacobi"}
+    assert (job.blocks.test, job.blocks.train) == (4, 16)
+    # relative store paths are relative to the job file
+    assert job.output.store == str(tmp_path.resolve() / "out" / "influences.zarr")
+    assert (job.output.mode, job.output.top_k, job.output.self_influences) == ("up", 5, True)
+    c = job.cluster
+    assert (c.scheduler, c.workers, c.threads, c.memory_limit, c.gpu, c.sequential) == (None, 2, 1, "1GiB", False, False)
+
+
+def test_minimal_file_gets_defaults(tmp_path):
+    job = load_job(write(tmp_path, """
+        [model]
+        factory = "pkg.mod:build"
+        [solver]
+        method = "Direct"
+        [output]
+        store = "s3://bucket/influences.zarr"
+        [cluster]
+        scheduler = "tcp://scheduler:8786"
+    """))
+    assert job.solver.method == "direct" and job.solver.params == {}
+    assert job.model.path == (str(tmp_path.resolve()),)  # default: the job file's directory
+    assert (job.blocks.test, job.blocks.train) == (256, 256)
+    assert job.output.store == "s3://bucket/influences.zarr"  # URLs are kept as they are
+    assert (job.output.mode, job.output.top_k, job.output.self_influences) == ("up", None, False)
+    assert job.cluster.scheduler == "tcp://scheduler:8786"
+
+
+def test_the_example_job_parses():
+    job = load_job(EXAMPLE / "job.toml")
+    assert job.model.factory == "factory:make_problem" and job.model.path == (str(EXAMPLE.resolve()),)
+    assert job.output.store == str(EXAMPLE.resolve() / "influences.zarr")
+
+
+def test_unknown_keys_get_the_closest_valid_one(tmp_path):
+    found = problems(tmp_path, GOOD.replace("regularization =", "regularisation =")
+                     .replace("self_influences =", "self_influence =")
+                     .replace("[cluster]\nworkers", "[cluster]\nworker"))
+    assert found == [
+        "[solver] unknown key 'regularisation'; did you mean 'regularization'?",
+        "[output] unknown key 'self_influence'; did you mean 'self_influences'?",
+        "[cluster] unknown key 'worker'; did you mean 'workers'?",
+    ]
+
+
+def test_unknown_key_without_a_close_one_lists_the_valid_keys(tmp_path):
+    (msg,) = problems(tmp_path, GOOD.replace("\ntest = 4", "\ntest = 4\nzzz = 1"))
+    assert msg == "[blocks] unknown key 'zzz'; valid keys: test, train."
+
+
+def test_unknown_section_and_missing_sections(tmp_path):
+    found = problems(tmp_path, """
+        [modle]
+        factory = "f:g"
+        [solver]
+        method = "direct"
+    """)
+    assert found[0] == "unknown section [modle]; did you mean [model]?"
+    assert any(p.startswith("[model] section is missing") for p in found)
+    assert any(p.startswith("[output] section is missing") for p in found)
+
+
+def test_wrong_types_name_the_section_key_and_value(tmp_path):
+    text = (GOOD.replace("train = 16", 'train = "big"').replace("test = 4", "test = 0")
+            .replace("top_k = 5", "top_k = 2.5").replace("self_influences = true", 'self_influences = "yes"')
+            .replace("threads = 1", "threads = -1").replace('memory_limit = "1GiB"', 'memory_limit = "lots"')
+            .replace('mode = "up"', 'mode = "down"').replace("maxiter = 200", 'maxiter = "many"'))
+    found = problems(tmp_path, text)
+    assert found == [
+        "[solver] maxiter must be an integer; got 'many'.",
+        "[blocks] test must be a positive integer; got 0.",
+        "[blocks] train must be a positive integer; got 'big'.",
+        "[output] mode must be \"up\" or \"perturbation\"; got 'down'.",
+        "[output] top_k must be a positive integer; got 2.5.",
+        "[output] self_influences must be true or false; got 'yes'.",
+        "[cluster] threads must be a positive integer; got -1.",
+        "[cluster] memory_limit must be a number of bytes, a size such as \"4GiB\", or \"auto\"; got 'lots'.",
+    ]
+
+
+def test_solver_method_and_parameters(tmp_path):
+    (msg,) = problems(tmp_path, GOOD.replace('method = "cg"', 'method = "cgg"'))
+    assert msg == ("[solver] unknown method 'cgg'; choose one of direct, cg, lissa, arnoldi, nystroem, ekfac; "
+                   "did you mean 'cg'?")
+    found = problems(tmp_path, """
+        [model]
+        factory = "f:g"
+        [solver]
+        method = "nystroem"
+        rank = "ten"
+        curvature = 2
+        [output]
+        store = "x.zarr"
+    """)
+    assert found == ["[solver] rank must be an integer; got 'ten'.",
+                     "[solver] curvature must be a string; got 2.",
+                     "[solver] regularization is required for method 'nystroem'."]
+    # a parameter valid for one method is unknown for another, and Python objects cannot be given
+    found = problems(tmp_path, GOOD.replace('preconditioner = "jacobi"', 'preconditioner = "jacobi"\nh0 = 1.0'))
+    assert found[0].startswith("[solver] unknown key 'h0'; valid keys for method 'cg': method, regularization")
+    (msg,) = problems(tmp_path, GOOD.replace('method = "cg"', 'method = "lissa"')
+                      .replace('preconditioner = "jacobi"', "h0 = 1.0").replace("rtol = 1e-8\n", ""))
+    assert msg == "[solver] h0 cannot be set in a job file (it needs a Python object); got 1.0."
+
+
+def test_solver_parameters_follow_the_class_signatures():
+    for method, name in SOLVER_METHODS.items():
+        params = solver_parameters(method)
+        assert "regularization" in params and "model" not in params and "loss" not in params, method
+        assert getattr(di, name)
+    assert "update_diagonal" in solver_parameters("ekfac") and "rank" in solver_parameters("arnoldi")
+
+
+def test_model_output_and_cluster_rules(tmp_path):
+    found = problems(tmp_path, """
+        [model]
+        factory = "factory.make_problem"
+        path = 3
+        options = "fast"
+        [solver]
+        method = "direct"
+        [output]
+        mode = "perturbation"
+        top_k = 3
+        [cluster]
+        scheduler = "tcp://127.0.0.1:8786"
+        workers = 2
+        gpu = "yes"
+    """)
+    assert found == [
+        '[model] factory must be "module:function" (e.g. "factory:make_problem"); got \'factory.make_problem\'.',
+        "[model] path must be a directory or a list of directories; got 3.",
+        "[model] options must be a table of keyword arguments for the factory; got 'fast'.",
+        '[output] store is required: the path or URL of the zarr store, e.g. "influences.zarr".',
+        '[output] top_k needs mode = "up" (perturbation influences have one value per feature); '
+        'remove top_k or set mode = "up".',
+        "[cluster] gpu must be true or false; got 'yes'.",
+        "[cluster] give either scheduler or local settings (workers), not both: a running scheduler has "
+        "its own workers.",
+    ]
+
+
+def test_a_section_that_is_not_a_table(tmp_path):
+    found = problems(tmp_path, 'solver = "cg"\n' + GOOD.split("[blocks]")[0].split("[solver]")[0] +
+                     '[output]\nstore = "x"\n')
+    assert found == ["[solver] must be a table (a [solver] section); got 'cg'."]
+
+
+def test_message_lists_every_problem_one_per_line(tmp_path):
+    path = write(tmp_path, GOOD.replace("train = 16", "train = 0").replace("rtol =", "rtl ="))
+    with pytest.raises(JobFileError) as info:
+        load_job(path)
+    lines = str(info.value).splitlines()
+    assert lines[0] == f"{path}: 2 problems:"
+    assert lines[1:] == ["[solver] unknown key 'rtl'; did you mean 'rtol'?",
+                         "[blocks] train must be a positive integer; got 0."]
+
+
+def test_missing_file_and_bad_toml(tmp_path):
+    with pytest.raises(JobFileError, match="does not exist"):
+        load_job(tmp_path / "nope.toml")
+    with pytest.raises(JobFileError, match=r"not valid TOML: .*line 2"):
+        load_job(write(tmp_path, "[model]\nfactory = \n"))
+
+
+def test_parse_job_from_a_dict(tmp_path):
+    job = parse_job({"model": {"factory": "m:f"}, "solver": {"method": "ekfac", "update_diagonal": False},
+                     "output": {"store": "a.zarr"}}, base_dir=tmp_path)
+    assert job.output.store == str(tmp_path / "a.zarr") and job.path is None
+
+
+def test_factory_is_imported_from_the_search_path_and_checked(tmp_path, monkeypatch):
+    monkeypatch.setattr("sys.path", list(__import__("sys").path))
+    (tmp_path / "jobfactory_ok.py").write_text(textwrap.dedent("""
+        import torch
+        from torch.utils.data import TensorDataset
+
+        def build(n=6):
+            torch.manual_seed(0)
+            x, y = torch.randn(n, 2, dtype=torch.float64), torch.randn(n, 1, dtype=torch.float64)
+            return {"model": torch.nn.Linear(2, 1).double(), "loss": torch.nn.MSELoss(),
+                    "train": TensorDataset(x, y), "test": TensorDataset(x[:2], y[:2])}
+
+        def broken():
+            return {"model": "not a model", "loss": 3, "train": 5, "test": iter([])}
+
+        def partial():
+            return {"model": torch.nn.Linear(2, 1)}
+    """))
+    base = '[solver]\nmethod = "direct"\nregularization = 0.1\n[output]\nstore = "x.zarr"\n[model]\n'
+    job = load_job(write(tmp_path, base + 'factory = "jobfactory_ok:build"\noptions = { n = 8 }\n'))
+    problem = load_problem(job)
+    assert len(problem.train) == 8 and len(problem.test) == 2
+    solver = make_solver(job, problem.model, problem.loss)
+    assert isinstance(solver, di.DirectInfluence) and solver.regularization == 0.1
+
+    with pytest.raises(JobFileError) as info:
+        load_problem(load_job(write(tmp_path, base + 'factory = "jobfactory_ok:broken"\n')))
+    assert len(info.value.problems) == 4
+    assert "returned a model of type str; return a torch.nn.Module" in str(info.value)
+    assert "returned test of type list_iterator; return a map-style torch Dataset" in str(info.value)
+    with pytest.raises(JobFileError, match="without loss, train, test; return a dict with model, loss, train"):
+        load_problem(load_job(write(tmp_path, base + 'factory = "jobfactory_ok:partial"\n')))
+    with pytest.raises(JobFileError, match=r"has no 'biuld'; did you mean 'build'\?"):
+        load_problem(load_job(write(tmp_path, base + 'factory = "jobfactory_ok:biuld"\n')))
+    with pytest.raises(JobFileError, match=r"cannot import module 'no_such_factory_mod'.*Set \[model\] path"):
+        load_problem(load_job(write(tmp_path, base + 'factory = "no_such_factory_mod:build"\n')))
+
+
+def test_two_jobs_with_factories_of_the_same_name(tmp_path, monkeypatch):
+    """The second job imports its own factory.py, not the first one's from sys.modules."""
+    import sys
+
+    monkeypatch.setattr("sys.path", list(sys.path))
+    monkeypatch.setattr("sys.modules", dict(sys.modules))
+    jobs = []
+    for n in (5, 7):
+        directory = tmp_path / f"job{n}"
+        directory.mkdir()
+        (directory / "jobfac_same_name.py").write_text(textwrap.dedent(f"""
+            import torch
+            from torch.utils.data import TensorDataset
+
+            def build():
+                x, y = torch.zeros({n}, 2), torch.zeros({n}, 1)
+                return {{"model": torch.nn.Linear(2, 1), "loss": torch.nn.MSELoss(),
+                        "train": TensorDataset(x, y), "test": TensorDataset(x, y)}}
+        """))
+        jobs.append(load_job(write(directory, '[model]\nfactory = "jobfac_same_name:build"\n'
+                                   '[solver]\nmethod = "direct"\n[output]\nstore = "x.zarr"\n')))
+    assert [len(load_problem(job).train) for job in jobs] == [5, 7]
