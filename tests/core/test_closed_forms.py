@@ -23,7 +23,6 @@ from influence_reference import (
     reference_hessian,
     reference_influences,
     rel_err,
-    tanh_mlp,
     train_lbfgs,
 )
 
