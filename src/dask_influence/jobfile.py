@@ -10,6 +10,7 @@ and its parameters, the block sizes, the output store and the cluster::
     [solver]
     method = "cg"                      # direct, cg, lissa, arnoldi, nystroem, ekfac
     regularization = 1e-3              # any other keyword of the solver class
+    distributed_fit = true             # fit over the train blocks on the cluster (default with one)
 
     [blocks]
     test = 100                         # test points per block (rows of a zarr chunk)
@@ -126,10 +127,19 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class SolverSection:
-    """``[solver]``: the method and the keyword arguments of its class."""
+    """``[solver]``: the method and the keyword arguments of its class.
+
+    Attributes:
+        distributed_fit: fit over the train blocks on the cluster (``None``: yes when a
+            cluster is used, no with ``[cluster] sequential``).
+        fit_file: where the fitted state is saved and reused (absolute path or URL;
+            ``None``: next to the store, ``<store>.fit.pt``).
+    """
 
     method: str
     params: dict[str, Any] = field(default_factory=dict)
+    distributed_fit: bool | None = None
+    fit_file: str | None = None
 
     @property
     def class_name(self) -> str:
@@ -252,7 +262,7 @@ def parse_job(data: Mapping[str, Any], *, base_dir: str | os.PathLike | None = N
             problems.append(f"[{name}] section is missing; {_REQUIRED_HINTS[name]}")
 
     model = _model(tables.get("model"), base, problems)
-    solver = _solver(tables.get("solver"), problems)
+    solver = _solver(tables.get("solver"), base, problems)
     blocks = _blocks(tables.get("blocks", {}), problems)
     output = _output(tables.get("output"), base, problems)
     cluster = _cluster(tables.get("cluster", {}), problems)
@@ -302,11 +312,12 @@ def _model(table: dict | None, base: Path, problems: list[str]) -> ModelSection 
     return ModelSection(factory=factory.strip(), path=tuple(paths), options=dict(options))
 
 
-def _solver(table: dict | None, problems: list[str]) -> SolverSection | None:
+def _solver(table: dict | None, base: Path, problems: list[str]) -> SolverSection | None:
     if table is None:
         return None
     method = table.get("method")
-    params = {k: v for k, v in table.items() if k != "method"}
+    params = {k: v for k, v in table.items() if k != "method" and k not in FIT_KEYS}
+    fit = _fit_keys(table, base, problems)
     if method is None:
         problems.append(f"[solver] method is required; one of {', '.join(SOLVER_METHODS)}.")
         return None
@@ -319,10 +330,36 @@ def _solver(table: dict | None, problems: list[str]) -> SolverSection | None:
         hint = f"; did you mean {close[0]!r}?" if close else "."
         problems.append(f"[solver] unknown method {method!r}; choose one of {', '.join(SOLVER_METHODS)}{hint}")
         return None
-    section = SolverSection(method=key, params=params)
+    section = SolverSection(method=key, params=params, **fit)
     n_before = len(problems)
     _check_solver_params(section, problems)
     return section if len(problems) == n_before else None
+
+
+#: ``[solver]`` keys about the fit itself rather than the solver class.
+FIT_KEYS = ("distributed_fit", "fit_file")
+
+
+def _fit_keys(table: dict, base: Path, problems: list[str]) -> dict[str, Any]:
+    """``distributed_fit`` and ``fit_file`` of ``[solver]``, checked."""
+    out: dict[str, Any] = {}
+    if "distributed_fit" in table:
+        value = table["distributed_fit"]
+        if isinstance(value, bool):
+            out["distributed_fit"] = value
+        else:
+            problems.append(f"[solver] distributed_fit must be true or false; got {_describe(value)}.")
+    if "fit_file" in table:
+        value = table["fit_file"]
+        if not isinstance(value, str) or not value.strip():
+            problems.append(f"[solver] fit_file must be a path or URL; got {_describe(value)}.")
+        else:
+            value = value.strip()
+            if "://" not in value:
+                value = os.path.expanduser(value)
+                value = value if os.path.isabs(value) else str(base / value)
+            out["fit_file"] = value
+    return out
 
 
 def solver_parameters(method: str) -> dict[str, inspect.Parameter]:
@@ -347,7 +384,7 @@ def _check_solver_params(section: SolverSection, problems: list[str]) -> None:
     for name, value in section.params.items():
         if name not in allowed:
             problems.append(f"[solver] unknown key {name!r}"
-                            f"{_suggest(name, ['method', *allowed], what=f'keys for method {section.method!r}')}")
+                            f"{_suggest(name, ['method', *allowed, *FIT_KEYS], what=f'keys for method {section.method!r}')}")
             continue
         problem = _check_type(value, hints.get(name, Any))
         if problem:

@@ -145,8 +145,8 @@ def test_refused_inputs(problem):
     with pytest.raises(TypeError, match="Unsupported"):
         calc.influences("data.csv", train)
     unfitted = di.DirectInfluence(solver.model, solver.loss)
-    with pytest.raises(di.NotFittedError):
-        di.SequentialInfluenceCalculator(unfitted)
+    with pytest.raises(di.NotFittedError, match="calc.fit"):
+        di.SequentialInfluenceCalculator(unfitted).influences(test, train)
 
 
 def test_progress_bar_shown_and_silenced(problem, tmp_path, capsys):

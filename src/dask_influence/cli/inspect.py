@@ -58,7 +58,9 @@ def done_chunks(group: Any) -> Iterator[tuple[int, int, tuple[int, int], tuple[i
     info = store_info(group)
     rows = chunk_ranges(info["test_block_sizes"])
     cols = chunk_ranges(info["train_block_sizes"])
-    done = np.asarray(group["influences_done"][...]) == 1
+    from ..mapping.store import read_flags
+
+    done, _ = read_flags(group["influences_done"])  # an unreadable flag counts as not done
     for i, j in zip(*np.nonzero(done)):
         yield int(i), int(j), rows[i], cols[j]
 
@@ -136,7 +138,9 @@ def statistics(group: Any) -> dict:
     if "self_influences" in group:
         info = store_info(group)
         s = _Moments()
-        flags = np.asarray(group["self_influences_done"][...]) == 1
+        from ..mapping.store import read_flags
+
+        flags, _ = read_flags(group["self_influences_done"])
         for j, (c0, c1) in enumerate(chunk_ranges(info["train_block_sizes"])):
             if flags[j]:
                 s.add(group["self_influences"][c0:c1])
@@ -152,8 +156,8 @@ def _fmt(value: Any) -> str:
 
 # -- the command ----------------------------------------------------------------------------
 
-def describe(path: str, group: Any, *, stats: bool = True) -> dict:
-    """Everything ``inspect`` shows, as a JSON-ready dict."""
+def describe(path: str, group: Any, *, stats: bool = True, verify: bool = False) -> dict:
+    """Everything ``inspect`` shows, as a JSON-ready dict (``verify``: read every flagged chunk)."""
     from ..mapping.store import completion, is_complete
 
     info = store_info(group)
@@ -184,10 +188,27 @@ def describe(path: str, group: Any, *, stats: bool = True) -> dict:
         "versions": info.get("versions", {}),
         "created": info.get("created"),
         "completed": info.get("completed"),
+        "solver_info": info.get("solver_info"),
+        "lock": _lock_status(path),
     }
     if stats:
         out["statistics"] = statistics(group)
+    if verify:
+        from ..mapping.store import verify_store
+
+        out["verify"] = verify_store(group).as_dict()
     return out
+
+
+def _lock_status(path: str) -> dict | None:
+    """The store's lock (``<store>.lock``): who holds it and whether it is stale; None if free."""
+    from ..mapping.lock import read_lock
+
+    try:
+        found = read_lock(path)
+    except Exception:  # a lock that cannot be read is reported by `run`, not here
+        return None
+    return None if found is None else found.status()
 
 
 def _sizes(sizes: list[int] | None) -> str:
@@ -206,6 +227,11 @@ def render(d: dict) -> str:
     else:
         lines.append(f"Status: INCOMPLETE ({inf['done']}/{inf['total']} chunks done); run the job again "
                      "with --resume to compute the rest")
+    lock = d.get("lock")
+    if lock:
+        state = f"STALE ({lock['stale_reason']}; the next run removes it)" if lock["stale"] else "held"
+        lines.append(f"Lock: {state}: host {lock['hostname']}, pid {lock['pid']}, since {lock['acquired']}, "
+                     f"last heartbeat {lock['heartbeat_age_s']:.0f} s ago")
     lines.append(f"Method: {d['method']}, mode {d['mode']!r}, dtype {d['dtype']}, "
                  f"{d['num_params']:,} parameters" if isinstance(d.get("num_params"), int)
                  else f"Method: {d['method']}, mode {d['mode']!r}, dtype {d['dtype']}")
@@ -227,6 +253,11 @@ def render(d: dict) -> str:
     lines.append("Arrays:")
     for name, a in d["arrays"].items():
         lines.append(f"  {name:<22} {str(tuple(a['shape'])):<20} {a['dtype']:<8} chunks {tuple(a['chunks'])}")
+    solver = d.get("solver_info")
+    if solver and solver.get("blocks_recorded"):
+        lines.append(f"Solver: {solver['measure']} at most {solver['max_relative_residual']:.3g} "
+                     f"(tolerance {solver['tolerance']}), {solver['not_converged']} test point(s) above it, "
+                     f"at most {solver['max_iterations']} iterations")
     stats = d.get("statistics")
     if stats:
         lines.append("Statistics (of the computed chunks):")
@@ -241,6 +272,19 @@ def render(d: dict) -> str:
             if s["non_finite"]:
                 text += f"  non-finite {s['non_finite']:,}"
             lines.append(text)
+    check = d.get("verify")
+    if check is not None:
+        damaged = sum(len(v) for v in check["damaged"].values())
+        flags = sum(len(v) for v in check["unreadable_flags"].values())
+        if damaged or flags:
+            found = "; ".join(f"{k} {v}" for k, v in {**check["damaged"]}.items())
+            lines.append(f"Verify: {damaged} damaged chunk(s): {found}" if damaged else "Verify: no damaged chunk")
+            if flags:
+                lines.append(f"Verify: {flags} unreadable done flag(s): {check['unreadable_flags']}")
+            lines.append("  (run the job again with --resume to recompute them)")
+        else:
+            lines.append(f"Verify: all {check['checked']} flagged chunks read and decoded "
+                         f"({check['bytes_read'] / 2**20:.1f} MiB in {check['seconds']:.2f} s)")
     versions = d.get("versions") or {}
     if versions:
         lines.append("Written by: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
@@ -253,7 +297,9 @@ def render(d: dict) -> str:
 @click.argument("store", metavar="STORE")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @click.option("--no-stats", is_flag=True, help="Skip the summary statistics (they read every computed chunk).")
-def inspect_store(store: str, as_json: bool, no_stats: bool) -> None:
+@click.option("--verify", is_flag=True,
+              help="Read and decode every chunk flagged done (checksums) and list damaged ones.")
+def inspect_store(store: str, as_json: bool, no_stats: bool, verify: bool) -> None:
     """Show the shapes, method, completion and statistics of a STORE.
 
     Works on complete and incomplete stores; the exit code is 0 for both (use --json and
@@ -263,7 +309,7 @@ def inspect_store(store: str, as_json: bool, no_stats: bool) -> None:
 
     try:
         group = open_store(store)
-        d = describe(store, group, stats=not no_stats)
+        d = describe(store, group, stats=not no_stats, verify=verify)
     except (ValueError, TypeError, OSError) as exc:
         raise click.ClickException(one_line(exc)) from None
     if as_json:

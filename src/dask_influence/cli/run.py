@@ -1,9 +1,11 @@
 """``dask-influence run JOB.toml``: compute a job's influence matrix into its zarr store.
 
 Steps: read and validate the job file, call its factory (model, loss, train and test
-datasets), fit the solver in this process on the train data, compute the influences in
-blocks on Dask and write them to the store, then check that the store is complete. The
-exit code is 0 only when it is.
+datasets), fit the solver on the train data (over its blocks on the cluster unless
+``[solver] distributed_fit = false``; a matching saved fit next to the store is reused, and
+a new one is saved there), compute the influences in blocks on Dask and write them to the
+store, then check that the store is complete. The exit code is 0 only when it is.
+``--fit-only`` stops after the fit.
 
 Where the blocks are computed, in this order: ``--scheduler``; ``[cluster] scheduler``;
 ``DASK_SCHEDULER_ADDRESS`` from the environment; ``[cluster] sequential = true`` (this
@@ -50,7 +52,8 @@ def user_errors(traceback: bool) -> Iterator[None]:
             raise
         message = one_line(exc)
         if isinstance(exc, StoreError):  # the library's keyword arguments are this command's flags
-            message = message.replace("resume=True", "--resume").replace("overwrite=True", "--overwrite")
+            message = (message.replace("resume=True", "--resume").replace("overwrite=True", "--overwrite")
+                       .replace("break_lock=True", "--break-lock"))
         raise click.ClickException(message) from None
 
 
@@ -63,9 +66,17 @@ def user_errors(traceback: bool) -> Iterator[None]:
               help="Complete an existing store of the same job, computing only its missing chunks "
                    "(creates the store if there is none).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
+@click.option("--break-lock", is_flag=True,
+              help="Take the store's lock even if another job seems to hold it (only when that job is "
+                   "gone; a stale lock is taken without this flag).")
+@click.option("--fit-only", is_flag=True,
+              help="Fit the solver and save the fit (next to the store, or [solver] fit_file), then exit; "
+                   "later runs of the job reuse it.")
+@click.option("--refit", is_flag=True, help="Fit again even if a saved fit exists, and replace it.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors (no progress bar).")
 @click.option("--traceback", is_flag=True, help="Show the full traceback of an error.")
-def run(job_file: Path, scheduler: str | None, resume: bool, overwrite: bool, quiet: bool, traceback: bool) -> None:
+def run(job_file: Path, scheduler: str | None, resume: bool, overwrite: bool, break_lock: bool, fit_only: bool,
+        refit: bool, quiet: bool, traceback: bool) -> None:
     """Run the job in JOB.toml: fit its solver, write its influence matrix to zarr.
 
     Exits with 0 only when the store is complete; after an interruption, rerun with
@@ -73,8 +84,11 @@ def run(job_file: Path, scheduler: str | None, resume: bool, overwrite: bool, qu
     """
     if resume and overwrite:
         raise click.UsageError("Pass --resume or --overwrite, not both.")
+    if fit_only and (resume or overwrite or break_lock):
+        raise click.UsageError("--fit-only writes no store; drop --resume, --overwrite and --break-lock.")
     with user_errors(traceback):
-        complete, summary = run_job(job_file, scheduler=scheduler, resume=resume, overwrite=overwrite, quiet=quiet)
+        complete, summary = run_job(job_file, scheduler=scheduler, resume=resume, overwrite=overwrite, quiet=quiet,
+                                    break_lock=break_lock, fit_only=fit_only, refit=refit)
     if not complete:
         raise click.ClickException(summary)
     if not quiet:
@@ -87,8 +101,13 @@ def _say(quiet: bool, message: str) -> None:
 
 
 def run_job(job_file: str | os.PathLike, *, scheduler: str | None = None, resume: bool = False,
-            overwrite: bool = False, quiet: bool = False) -> tuple[bool, str]:
-    """Run a job file; returns ``(complete, one-line summary)``. Errors propagate."""
+            overwrite: bool = False, quiet: bool = False, break_lock: bool = False, fit_only: bool = False,
+            refit: bool = False) -> tuple[bool, str]:
+    """Run a job file; returns ``(complete, one-line summary)``. Errors propagate.
+
+    ``fit_only``: fit (or find the saved fit), save it and stop; ``refit``: fit even if a
+    saved fit exists.
+    """
     import torch
     from torch.utils.data import DataLoader
 
@@ -97,7 +116,8 @@ def run_job(job_file: str | os.PathLike, *, scheduler: str | None = None, resume
 
     start = time.perf_counter()
     job = load_job(job_file)
-    _check_store_early(job.output.store, resume=resume, overwrite=overwrite)
+    if not fit_only:
+        _check_store_early(job.output.store, resume=resume, overwrite=overwrite, break_lock=break_lock)
     _say(quiet, f"Job {job_file}: {job.solver.class_name} ({job.solver.method}), store {job.output.store}")
     problem = load_problem(job)
     model = problem.model
@@ -110,19 +130,22 @@ def run_job(job_file: str | os.PathLike, *, scheduler: str | None = None, resume
     train = DataLoader(problem.train, batch_size=job.blocks.train, shuffle=False)
     test = DataLoader(problem.test, batch_size=job.blocks.test, shuffle=False)
     n_train, n_test = len(problem.train), len(problem.test)
-    _say(quiet, f"Fitting {type(solver).__name__} ({solver.num_params:,} parameters) on {n_train:,} "
-                f"training points in batches of {job.blocks.train:,}...")
-    fit_start = time.perf_counter()
-    solver.fit(train)
-    _say(quiet, f"Fitted in {time.perf_counter() - fit_start:.1f} s.")
+    distributed = job.solver.distributed_fit
+    if distributed is None:  # default: over the blocks on the cluster, when there is one
+        distributed = bool(scheduler or job.cluster.scheduler) or not job.cluster.sequential
 
     with ExitStack() as stack:
-        calc, where = _calculator(job, solver, scheduler, quiet, stack)
+        calc, where = (None, "") if fit_only and not distributed else _calculator(job, solver, scheduler, quiet, stack)
+        fit_path = _fit(job, solver, train, calc if distributed else None, where, refit=refit, quiet=quiet)
+        if fit_only:
+            return True, f"Fitted: {fit_path} in {time.perf_counter() - start:.1f} s; runs of this job reuse it."
         _say(quiet, f"Computing influences of {n_train:,} training points on {n_test:,} test points "
                     f"(blocks of {job.blocks.test:,} x {job.blocks.train:,}) {where}...")
         calc.influences_to_zarr(test, train, job.output.store, mode=job.output.mode, resume=resume,
                                 overwrite=overwrite, top_k=job.output.top_k,
-                                self_influences=job.output.self_influences)
+                                self_influences=job.output.self_influences, break_lock=break_lock)
+    if calc.last_run_.get("lock_broken"):
+        _say(quiet, f"Removed the lock of {job.output.store} held by {calc.last_run_['lock_broken']}.")
     import zarr
 
     group = zarr.open_group(job.output.store, mode="r")
@@ -132,15 +155,48 @@ def run_job(job_file: str | os.PathLike, *, scheduler: str | None = None, resume
     if is_complete(group):
         computed = run_info.get("chunks_computed", 0)
         skipped = run_info.get("chunks_skipped", 0)
-        return True, (f"Complete: {job.output.store} ({chunks_done}/{chunks_total} chunks; {computed} computed, "
-                      f"{skipped} already done) in {time.perf_counter() - start:.1f} s.")
+        repaired = run_info.get("chunks_repaired", 0)
+        repaired_text = f" ({repaired} damaged, recomputed)" if repaired else ""
+        return True, (f"Complete: {job.output.store} ({chunks_done}/{chunks_total} chunks; {computed} computed"
+                      f"{repaired_text}, {skipped} already done) in {time.perf_counter() - start:.1f} s.")
     missing = ", ".join(f"{name} {d}/{t}" for name, (d, t) in done.items())
     return False, (f"The store {job.output.store} is incomplete ({missing} done); rerun with --resume "
                    "to compute the missing chunks.")
 
 
-def _check_store_early(store: str, *, resume: bool, overwrite: bool) -> None:
-    """Refuse an existing local store before the (possibly long) fit; the library checks again."""
+def _fit(job: Any, solver: Any, train: Any, calc: Any, where: str, *, refit: bool, quiet: bool) -> str:
+    """Fit the solver over the train blocks with ``calc`` (``None``: in this process), or reuse
+    the saved fit; save it. Returns the fit file."""
+    import dask_influence as di
+
+    from ..mapping.fitting import fit_path_for
+
+    path = job.solver.fit_file or fit_path_for(job.output.store)
+    fitter = calc if calc is not None else di.SequentialInfluenceCalculator(solver, progress=False)
+    place = f"over its blocks {where}" if calc is not None else "in this process"
+    _say(quiet, f"Fitting {type(solver).__name__} ({solver.num_params:,} parameters) on {len(train.dataset):,} "
+                f"training points in blocks of {job.blocks.train:,} {place}...")
+    fitter.fit(train, path=path, refit=refit)
+    info = fitter.last_fit_
+    if info["reused"]:
+        _say(quiet, f"Reusing the saved fit {path} (same solver, model weights and training data).")
+    else:
+        _say(quiet, f"Fitted in {info['seconds']:.1f} s ({info['sweeps']} passes over {info['blocks']} blocks); "
+                    f"saved to {path}.")
+    return path
+
+
+def _check_store_early(store: str, *, resume: bool, overwrite: bool, break_lock: bool = False) -> None:
+    """Refuse an unusable store before the (possibly long) fit; the library checks again.
+
+    A path that is a file or cannot be written, a store locked by a live job, and an existing
+    local store without ``--resume`` or ``--overwrite``.
+    """
+    from ..mapping.lock import check_lock
+    from ..mapping.store import check_path
+
+    check_path(store)
+    check_lock(store, break_lock=break_lock)
     if resume or overwrite or "://" in store:
         return
     if os.path.isdir(store) and os.listdir(store):

@@ -12,6 +12,7 @@ curvature the solvers use is the mean of the per-sample losses over the whole tr
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -22,6 +23,11 @@ from torch.func import functional_call, grad, jacfwd, jacrev, vmap
 from ..errors import NonFiniteError
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+
+# functional_call swaps the module's parameters for the given tensors during the call, so two
+# threads sharing one model (threads of a Dask worker) must not run forwards at the same time.
+# The autograd graph keeps the tensors themselves, so only the forward needs the lock.
+_FORWARD_LOCK = threading.RLock()
 
 
 @dataclass(frozen=True)
@@ -142,7 +148,8 @@ class ModelFunctions:
     # -- forward pieces ------------------------------------------------------------
     def outputs(self, theta: Tensor, x: Tensor) -> Tensor:
         """Model outputs for a batch ``x``: ``(n, ...)``."""
-        return functional_call(self.model, self.spec.unflatten(theta), (x,))
+        with _FORWARD_LOCK:
+            return functional_call(self.model, self.spec.unflatten(theta), (x,))
 
     def batch_loss(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """The user's loss on a batch (mean over the batch): a scalar."""

@@ -102,7 +102,10 @@ def check_layer_positive(factors: LayerFactors, regularization: float, corrected
     smallest = float(diag.min()) + regularization
     if smallest > threshold:
         return
-    suggestion = float(f"{max(1e-3 * scale, 1e-8):.1g}")
+    # large enough to clear the threshold (p * eps * scale, which matters in float32 for wide layers)
+    suggestion = float(f"{max(1e-3 * scale, 2 * (threshold - float(diag.min())), 1e-8):.1g}")
+    if float(diag.min()) + suggestion <= threshold:
+        suggestion *= 2
     raise NotPositiveDefiniteError(
         f"The {'EK-FAC' if corrected else 'K-FAC'} curvature of layer '{factors.name}' plus "
         f"regularization*I is singular: its smallest eigenvalue is {smallest:.3e} (largest "
@@ -122,6 +125,18 @@ class FactorSums:
         self.name = name
         self.a = torch.zeros(i, i, dtype=torch.float64, device=device)
         self.g = torch.zeros(o, o, dtype=torch.float64, device=device)
+
+    @classmethod
+    def from_totals(cls, name: str, a: Tensor, g: Tensor) -> "FactorSums":
+        """Sums accumulated elsewhere, e.g. per-block sums added up on a cluster.
+
+        Args:
+            a: the sum ``(i, i)`` of the inputs' second moments over the training samples.
+            g: the sum ``(o, o)`` of the output gradients' second moments.
+        """
+        sums = cls(name, (int(g.shape[0]), int(a.shape[0])), a.device)
+        sums.a, sums.g = a.double(), g.double().to(a.device)
+        return sums
 
     def add(self, g: Tensor, a: Tensor) -> None:
         """Add a batch: ``g`` ``(n, r, P, o)`` output gradients, ``a`` ``(n, P, i)`` inputs."""

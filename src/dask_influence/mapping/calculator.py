@@ -1,7 +1,7 @@
 """DaskInfluenceCalculator and SequentialInfluenceCalculator.
 
 Both map a fitted solver over blocks of test and train data with the same graph
-(:mod:`.graph`); the Dask one runs it on a distributed client (the current one, or an
+(:mod:`.graph`), and ``fit`` fits a solver over the train blocks (:mod:`.fitting`); the Dask one runs it on a distributed client (the current one, or an
 embedded ``LocalCluster`` started and closed per call), the sequential one in this process
 with Dask's synchronous scheduler. They give the same numbers.
 """
@@ -20,7 +20,9 @@ import zarr
 from ..core.modes import InfluenceMode
 from ..core.solvers.base import InfluenceModel
 from ..errors import NotFittedError
+from . import lock as zlock
 from . import store as zstore
+from . import tasks
 from .graph import InfluenceGraph, add_self_influence_tasks, build_influence_graph, solver_fingerprint
 from .sources import as_source
 
@@ -35,8 +37,6 @@ class _BlockCalculator:
     def __init__(self, solver: InfluenceModel, *, progress: bool = True, memory_budget: int | str | None = "auto"):
         if not isinstance(solver, InfluenceModel):
             raise TypeError(f"solver must be a dask_influence solver (e.g. CgInfluence); got {type(solver).__name__}.")
-        if not solver.is_fitted:
-            raise NotFittedError(f"The {type(solver).__name__} is not fitted; call solver.fit(train_loader) first.")
         if memory_budget not in (None, "auto") and (
             isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget <= 0
         ):
@@ -45,10 +45,56 @@ class _BlockCalculator:
         self.progress = bool(progress)
         self.memory_budget = memory_budget
         self.last_run_: dict[str, Any] = {}
+        self.last_fit_: dict[str, Any] = {}
+        self._fit_train: Any = None  # the train BlockSource of fit(), for CG's factors on the client
+        self._fit_operator: Any = None
+
+    # -- fitting ----------------------------------------------------------------------
+    def fit(self, train: Any, *, block_size: int | None = None, path: str | os.PathLike | None = None,
+            refit: bool = False) -> InfluenceModel:
+        """Fit the wrapped solver over the train blocks; returns the solver, fitted.
+
+        Every pass of the fit over the training data is a sum of per-block results (curvature
+        products ``(p, k)``, or Kronecker factors for EK-FAC) computed where the blocks are and
+        added by a fixed tree, so the state equals ``solver.fit(train)`` to rounding.
+
+        Args:
+            train: the training data, in any form the calculator accepts (a DataLoader
+                without shuffling, a Dataset with ``block_size``, arrays, dask arrays).
+            block_size: training points per block (default: the loader's batch size).
+            path: a file for the fitted state (e.g. ``fitting.fit_path_for(store)``). If it
+                exists, it is restored instead of fitting, after checking that it holds
+                this solver (class and hyperparameters) fitted with these model weights on
+                this training data; a mismatch raises ``ValueError``. A fresh fit is saved there.
+            refit: fit even if ``path`` exists, and replace it.
+
+        ``last_fit_`` reports whether the fit was reused, the passes over the data and the time.
+        """
+        from .fitting import fit_with_blocks
+
+        source = as_source(train, block_size=block_size, name="train")
+        with self._train_blocks(source) as blocks:
+            self.last_fit_ = fit_with_blocks(self.solver, blocks, path=path, refit=refit)
+        self._fit_train = source
+        self._fit_operator = getattr(self.solver, "_operator", None)  # to notice a later solver.fit()
+        return self.solver
+
+    @contextmanager
+    def _train_blocks(self, source: Any) -> Iterator[Any]:
+        from .fitting import LocalTrainBlocks
+
+        with LocalTrainBlocks(self.solver, source) as blocks:
+            yield blocks
+
+    def _check_fitted(self) -> None:
+        if not self.solver.is_fitted:
+            raise NotFittedError(f"The {type(self.solver).__name__} is not fitted; call calc.fit(train) or "
+                                 "solver.fit(train_loader) first.")
 
     # -- graph ------------------------------------------------------------------------
     def _graph(self, test: Any, train: Any, mode: Any, test_block_size: int | None,
                train_block_size: int | None) -> InfluenceGraph:
+        self._check_fitted()
         mode = InfluenceMode.parse(mode)
         test_src = as_source(test, block_size=test_block_size, name="test")
         train_src = as_source(train, block_size=train_block_size, name="train")
@@ -81,6 +127,7 @@ class _BlockCalculator:
 
     def self_influences(self, train: Any, *, block_size: int | None = None) -> Any:
         """``grad L(z)^T H^-1 grad L(z)`` for every train point: ``(n_train,)``."""
+        self._check_fitted()
         src = as_source(train, block_size=block_size, name="train")
         graph = build_influence_graph(self.solver, src, src, InfluenceMode.up, memory_budget=None)
         name = add_self_influence_tasks(graph)
@@ -100,6 +147,8 @@ class _BlockCalculator:
         self_influences: bool = False,
         test_block_size: int | None = None,
         train_block_size: int | None = None,
+        verify: bool | str = True,
+        break_lock: bool = False,
     ) -> zarr.Group:
         """Compute the influence matrix into a zarr group and mark it complete.
 
@@ -111,28 +160,85 @@ class _BlockCalculator:
             top_k: also store, per test point, the ``top_k`` most helpful and most harmful
                 training indices with their values (mode ``"up"`` only).
             self_influences: also store the self-influence of every train point.
+            verify: with ``resume``, check the chunks already flagged done before trusting
+                them. ``True`` (or ``"full"``) reads and decodes each flagged chunk once on
+                this process (about one read of the store); ``"exists"`` only lists the chunk
+                files (finds deleted chunks, not truncated ones); ``False`` trusts the flags.
+                Damaged chunks are recomputed.
+            break_lock: take the store's lock even while another job holds it. A stale lock
+                (its heartbeat too old, or its process gone on this host) is taken without it.
 
         Returns:
-            the zarr group. ``last_run_`` says how many chunks were computed and skipped.
+            the zarr group. ``last_run_`` says how many chunks were computed, skipped and
+            repaired, and what verification found.
+
+        Raises:
+            StoreError: the store exists without ``resume``/``overwrite``, was written by
+                another configuration, or is locked by another job; the path is a file or
+                cannot be written.
         """
         mode = InfluenceMode.parse(mode)
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be a positive int or None; got {top_k!r}.")
         if top_k and mode is not InfluenceMode.up:
             raise ValueError("top_k needs mode='up' (perturbation influences have one value per feature).")
+        verify_mode = _verify_mode(verify)
+        if not isinstance(break_lock, bool):
+            raise TypeError(f"break_lock must be True or False; got {break_lock!r}.")
         graph = self._graph(test, train, mode, test_block_size, train_block_size)
         plan = graph.plan
         top_k = min(top_k, plan.n_train) if top_k else None
         layout = zstore.StoreLayout(plan.test_sizes, plan.train_sizes,
                                     graph.feature_shape if mode is InfluenceMode.perturbation else None,
-                                    graph.dtype, top_k, bool(self_influences))
+                                    graph.dtype, top_k, bool(self_influences), _records_solver_info(self.solver))
         config = self._config(graph, layout)
         path = os.fspath(store)
-        group = zstore.prepare_store(path, config=config, layout=layout, resume=resume, overwrite=overwrite)
-        keys = self._pending_writes(graph, group, path, layout)
-        self._execute(graph.dsk, keys)
-        zstore.mark_complete(group, {"test_groups": [list(g) for g in plan.test_groups]})
+        zstore.check_path(path)
+        with zlock.StoreLock(path, break_lock=break_lock) as lock:
+            group = zstore.prepare_store(path, config=config, layout=layout, resume=resume, overwrite=overwrite)
+            report = self._verify_store(group, path, verify_mode) if resume else None
+            keys = self._pending_writes(graph, group, path, layout)
+            self.last_run_.update(chunks_repaired=len(report.damaged.get("influences", [])) if report else 0,
+                                  verify=report.as_dict() if report else None, lock_broken=lock.broken)
+            self._execute(graph.dsk, keys)
+            lock.ensure_held()
+            extra: dict[str, Any] = {"test_groups": [list(g) for g in plan.test_groups], "last_run": {
+                k: self.last_run_[k] for k in ("chunks_computed", "chunks_skipped", "chunks_repaired")}}
+            if layout.solver_info:
+                extra["solver_info"] = self._solver_info_attribute(group)
+            zstore.mark_complete(group, extra)
         return zarr.open_group(path, mode="r")
+
+    def _verify_store(self, group: zarr.Group, path: str, mode: str | None) -> zstore.VerifyReport | None:
+        """Check the flagged chunks of a store being resumed; clear the flags of damaged ones."""
+        if mode is None:
+            return None
+        report = zstore.verify_store(group, mode=mode)
+        unreadable = sum(len(v) for v in report.unreadable_flags.values())
+        if report.repaired or unreadable:
+            logger.warning("Resuming %s: %d chunk(s) flagged done are missing or damaged and %d done flag(s) are "
+                           "unreadable; they are recomputed (%s).", path, report.repaired, unreadable,
+                           report.as_dict()["damaged"])
+            zstore.repair(group, report)
+        return report
+
+    def _solver_info_attribute(self, group: zarr.Group) -> dict:
+        """The ``solver_info`` attribute; warns when a test block missed the solver's tolerance."""
+        from ..errors import ConvergenceWarning
+
+        method = type(self.solver).__name__
+        summary = zstore.solver_info_summary(zstore.read_solver_info(group), method=method,
+                                             tolerance=getattr(self.solver, "rtol", None))
+        if summary.get("converged") is False:
+            import warnings
+
+            warnings.warn(
+                f"{method} missed its tolerance (rtol={summary['tolerance']}) for {summary['not_converged']} "
+                f"test point(s): largest {summary['measure']} {summary['max_relative_residual']:.3e} after at "
+                f"most {summary['max_iterations']} iterations. The residuals are in the store's attributes "
+                "('solver_info'). Raise maxiter or regularization, or use a preconditioner.",
+                ConvergenceWarning, stacklevel=3)
+        return summary
 
     def _pending_writes(self, graph: InfluenceGraph, group: zarr.Group, path: str, layout: zstore.StoreLayout) -> list:
         plan, dsk = graph.plan, graph.dsk
@@ -169,9 +275,27 @@ class _BlockCalculator:
                 dsk[(f"topk-{graph.token}", i)] = (zstore.topk_row, path, i, rows[i], list(cols), layout.top_k,
                                                    *row_writes.get(i, []))
                 keys.append((f"topk-{graph.token}", i))
+        if layout.solver_info:
+            keys += self._solver_info_tasks(graph, group, path, set(row_writes))
         self.last_run_ = {"chunks_computed": computed,
                           "chunks_skipped": skipped, "chunks_total": plan.num_chunks,
                           "self_influence_blocks_computed": self_written, "plan": plan.describe()}
+        return keys
+
+    def _solver_info_tasks(self, graph: InfluenceGraph, group: zarr.Group, path: str, pending: set[int]) -> list:
+        """Record the solver's residuals per test block: the factor task of each block being
+        computed (and of each block without a record) also returns them, and a task writes them."""
+        recorded = ~np.isnan(zstore.read_solver_info(group)).any(axis=1)
+        factors, both, write = f"factors-{graph.token}", f"factorinfo-{graph.token}", f"solverinfo-{graph.token}"
+        keys = []
+        for i in sorted(pending | {int(i) for i in np.nonzero(~recorded)[0]}):
+            task = graph.dsk.get((factors, i))
+            if not (isinstance(task, tuple) and task and task[0] is tasks.factor_block):
+                continue
+            graph.dsk[(both, i)] = (_factors_with_info, *task[1:])
+            graph.dsk[(factors, i)] = (tasks.pick, (both, i), 0)
+            graph.dsk[(write, i)] = (zstore.write_solver_info, path, i, (tasks.pick, (both, i), 1))
+            keys.append((write, i))
         return keys
 
     def _config(self, graph: InfluenceGraph, layout: zstore.StoreLayout) -> dict:
@@ -201,6 +325,36 @@ class _BlockCalculator:
 
     def _execute(self, dsk: dict, keys: list) -> list:
         raise NotImplementedError
+
+
+def _verify_mode(verify: Any) -> str | None:
+    """``verify`` of influences_to_zarr as ``"full"``, ``"exists"`` or ``None``."""
+    if verify is True or verify == "full":
+        return "full"
+    if verify is False or verify is None:
+        return None
+    if verify == "exists":
+        return "exists"
+    raise ValueError(f"verify must be True, False, 'full' or 'exists'; got {verify!r}.")
+
+
+def _records_solver_info(solver: InfluenceModel) -> bool:
+    """Iterative solvers (CG, LiSSA) report how their solves ended in ``info_``."""
+    return hasattr(solver, "info_")
+
+
+def _factors_with_info(solver: InfluenceModel, block: Any) -> tuple[np.ndarray, np.ndarray]:
+    """A factor task that also returns the convergence record of its solve.
+
+    The solve runs on a shallow copy of the solver, so that concurrent tasks on one worker
+    (sharing the solver) cannot mix up their records.
+    """
+    import copy
+
+    own = copy.copy(solver)
+    own.info_ = None
+    factors = tasks.factor_block(own, block)
+    return factors, zstore.solver_info_row(own.info_, len(factors))
 
 
 class SequentialInfluenceCalculator(_BlockCalculator):
@@ -238,16 +392,59 @@ class DaskInfluenceCalculator(_BlockCalculator):
             the smallest worker memory limit of the current client, at most 512 MiB;
             ``None``: one group.
         n_workers: workers of the embedded cluster (default: the number of cores).
+        factors: where ``influences_to_zarr`` solves the test factors of a ``CgInfluence``:
+            ``"client"``: one block CG per test block on the client, each iteration ONE sweep
+            over the train blocks on the cluster (needs :meth:`fit`); ``"workers"``: in the
+            factor tasks, each worker sweeping the whole training set alone per iteration;
+            ``"auto"`` (default): ``"client"`` after :meth:`fit`, else ``"workers"``. Other
+            solvers (LiSSA's solve draws random batches) always solve on the workers.
 
     A solver whose model is on CUDA runs its tasks with the resource ``GPU=1``; start
     workers with ``--resources GPU=1`` (one per GPU).
     """
 
     def __init__(self, solver: InfluenceModel, client: Any = None, *, progress: bool = True,
-                 memory_budget: int | str | None = "auto", n_workers: int | None = None):
+                 memory_budget: int | str | None = "auto", n_workers: int | None = None,
+                 factors: str = "auto"):
         super().__init__(solver, progress=progress, memory_budget=memory_budget)
+        if factors not in ("auto", "client", "workers"):
+            raise ValueError(f"factors must be 'auto', 'client' or 'workers'; got {factors!r}.")
         self.client = client
         self.n_workers = n_workers
+        self.factors = factors
+
+    @contextmanager
+    def _train_blocks(self, source: Any) -> Iterator[Any]:
+        from .fitting import ClusterTrainBlocks
+
+        with self._client() as client, ClusterTrainBlocks(client, self.solver, source) as blocks:
+            yield blocks
+
+    def _check_fitted(self) -> None:
+        super()._check_fitted()
+        self._factors_on_client()  # refuses factors='client' without fit(), before a store is touched
+
+    def _factors_on_client(self) -> bool:
+        from ..core.solvers.cg import CgInfluence
+
+        if self.factors == "workers" or not isinstance(self.solver, CgInfluence):
+            return False
+        if self._fit_train is None or getattr(self.solver, "_operator", None) is not self._fit_operator:
+            if self.factors == "client":
+                raise ValueError("factors='client' solves with the training data of the fit; call "
+                                 "calc.fit(train) first, or use factors='workers'.")
+            return False
+        return True
+
+    def _solve_factors_on_client(self, client: Any, dsk: dict, keys: list) -> None:
+        from .fitting import solve_factors_on_cluster
+
+        def with_info(solver: InfluenceModel, factors: np.ndarray) -> tuple:
+            return factors, zstore.solver_info_row(solver.info_, len(factors))
+
+        kinds = {tasks.factor_block: lambda solver, factors: factors, _factors_with_info: with_info}
+        self.last_run_["factor_blocks_on_client"] = solve_factors_on_cluster(
+            self.solver, client, self._fit_train, dsk, keys, kinds=kinds)
 
     def _memory_budget(self) -> int | None:
         if self.memory_budget != "auto":
@@ -286,6 +483,8 @@ class DaskInfluenceCalculator(_BlockCalculator):
             return []
         resources = {"GPU": 1} if self.solver.device.type == "cuda" else None
         with self._client() as client:
+            if self._factors_on_client():
+                self._solve_factors_on_client(client, dsk, keys)
             futures = client.get(dsk, keys, sync=False, resources=resources)
             if self.progress:
                 from distributed import progress

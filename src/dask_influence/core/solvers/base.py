@@ -133,6 +133,7 @@ class InfluenceModel(ABC):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
         if not callable(loss):
             raise TypeError(f"loss must be a callable loss(outputs, targets); got {type(loss).__name__}.")
+        model = _widen_half_precision(model)
         self.model = model
         self.loss = loss
         self.regularization = check_nonnegative("regularization", regularization)
@@ -224,7 +225,7 @@ class InfluenceModel(ABC):
         if saved["class"] != cls.__name__:
             raise ValueError(f"{os.fspath(path)!r} holds a fitted {saved['class']}; use {saved['class']}.load().")
         solver = cls(model, loss, **saved["hyperparameters"])
-        theta = flat_params(model, solver._functions.spec)
+        theta = flat_params(solver.model, solver._functions.spec)  # a float32 copy of a half-precision model
         if theta.numel() != saved["num_params"] or _checksum(theta) != saved["params_checksum"]:
             raise ValueError(
                 f"The model's trainable parameters differ from those the saved {cls.__name__} was "
@@ -434,6 +435,36 @@ class InfluenceModel(ABC):
                 f"of one sample it gave {double.item():.6g}, on the sample alone {single.item():.6g}. "
                 "Use reduction='mean' instead of 'sum'."
             )
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _widen_half_precision(model: nn.Module) -> nn.Module:
+    """A float32 copy of a model with float16/bfloat16 trainable parameters, with a warning.
+
+    Curvature solves in half precision lose most digits (and torch lacks half-precision
+    linear algebra on the CPU), so influences are computed in float32. The model passed in
+    is not changed.
+    """
+    dtypes = {p.dtype for p in model.parameters() if p.requires_grad}
+    if not dtypes & set(_HALF):
+        return model
+    import copy
+    import sys
+    import warnings
+
+    frame, level = sys._getframe(1), 2  # the first frame outside this package gets the warning
+    package = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    names = ", ".join(sorted(str(d).replace("torch.", "") for d in dtypes))
+    warnings.warn(
+        f"The model's trainable parameters are {names}; influences are computed on a float32 copy of "
+        "the model (half precision is too coarse for curvature solves) and returned in float32. "
+        "The model passed in is not changed. Pass model.float() to silence this warning.",
+        UserWarning, stacklevel=level)
+    return copy.deepcopy(model).float()
 
 
 def _checksum(theta: Tensor) -> str:

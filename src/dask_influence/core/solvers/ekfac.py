@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -296,31 +296,90 @@ class EkfacInfluence(InfluenceModel):
 
     # -- fitting --------------------------------------------------------------------------------
     def _fit(self, operator: CurvatureOperator, data: TrainingData) -> None:
-        theta, n = operator.theta, data.num_samples
-        sums = [FactorSums(layer.name, layer.shape, self.device) for layer in self._layers]
-        for start, (x, y) in self._chunks(data):
-            for acc, (g, a) in zip(sums, self._capture(theta, x, y, fisher=True, offset=start, check=start == 0)):
-                acc.add(g, a)
-        factors = [acc.eigh(n, self.dtype) for acc in sums]
+        theta = operator.theta
+
+        def sweep(kind: str, factors: Sequence[LayerFactors] | None) -> list[Tensor]:
+            total: list[Tensor] | None = None
+            seen = 0
+            for x, y in data.batches():
+                part = self.block_sums(kind, theta, x, y, offset=seen, factors=factors)
+                total = part if total is None else [t + q for t, q in zip(total, part)]
+                seen += int(x.shape[0])
+            assert total is not None  # the data was scanned: at least one batch
+            return total
+
+        self.fit_from_sums(data.num_samples, sweep)
+
+    def fit_from_sums(self, n: int, sweep: Callable[[str, Sequence[LayerFactors] | None], list[Tensor]]) -> None:
+        """Fit from sums over the training blocks of :meth:`block_sums`.
+
+        ``sweep(kind, factors)`` must return the elementwise sum, over every block of the
+        training data, of ``block_sums(kind, theta, x_b, y_b, offset=start_b, factors=factors)``.
+        In-process ``fit`` sums over the loader's batches; the mapping layer sums per-block
+        results computed on Dask workers. ``A`` and ``G`` are eigendecomposed here, in
+        float64; with ``update_diagonal`` a second sweep sums the corrected eigenvalues.
+
+        Args:
+            n: the number of training samples the sums cover.
+        """
+        totals = sweep("covariance", None)
+        factors = [
+            FactorSums.from_totals(layer.name, totals[2 * i], totals[2 * i + 1]).eigh(n, self.dtype)
+            for i, layer in enumerate(self._layers)
+        ]
         if self.update_diagonal:
-            corrected = [torch.zeros(f.shape, dtype=torch.float64, device=self.device) for f in factors]
-            for start, (x, y) in self._chunks(data):
-                for total, f, (g, a) in zip(corrected, factors, self._capture(theta, x, y, fisher=True, offset=start)):
-                    total += corrected_eigenvalue_sum(f, g, a)
+            corrected = sweep("corrected", tuple(factors))
             factors = [
-                LayerFactors(f.name, f.q_a, f.lambda_a, f.q_g, f.lambda_g, (c / n).to(self.dtype))
+                LayerFactors(f.name, f.q_a, f.lambda_a, f.q_g, f.lambda_g, (c.to(self.device) / n).to(self.dtype))
                 for f, c in zip(factors, corrected)
             ]
         self.state_ = EkfacState(layers=tuple(factors), n_train=n)
         self._check_positive()
 
-    def _chunks(self, data: TrainingData):
-        """``(offset, (x, y))`` pieces of at most ``chunk_size`` samples over the training batches."""
-        seen = 0
-        for x, y in data.batches():
+    def block_sums(
+        self,
+        kind: str,
+        theta: Tensor,
+        x: Tensor,
+        y: Tensor,
+        *,
+        offset: int = 0,
+        factors: Sequence[LayerFactors] | None = None,
+    ) -> list[Tensor]:
+        """One block's float64 contribution to a fitting pass, in chunks of ``chunk_size``.
+
+        Args:
+            kind: ``"covariance"``: per layer the sums of ``A`` ``(i, i)`` and ``G`` ``(o, o)``
+                over the block's samples, as ``[A_0, G_0, A_1, G_1, ...]``; ``"corrected"``:
+                per layer the sum ``(o, i)`` of the squared per-sample gradients rotated into
+                the eigenbases of ``factors`` (from the first pass).
+            theta: the trained parameters ``(p,)``.
+            x, y: the block's samples (validated tensors on the model's device).
+            offset: the index of the block's first sample in the training data (for
+                messages; the loss's output curvature is checked on sample 0).
+
+        Returns:
+            the per-block sums; added over all blocks they are the unnormalized totals.
+        """
+        if kind == "covariance":
+            sums = [FactorSums(layer.name, layer.shape, self.device) for layer in self._layers]
             for s in range(0, x.shape[0], self.chunk_size):
-                yield seen + s, (x[s : s + self.chunk_size], y[s : s + self.chunk_size])
-            seen += x.shape[0]
+                pieces = self._capture(theta, x[s : s + self.chunk_size], y[s : s + self.chunk_size],
+                                       fisher=True, offset=offset + s, check=offset + s == 0)
+                for acc, (g, a) in zip(sums, pieces):
+                    acc.add(g, a)
+            return [t for acc in sums for t in (acc.a, acc.g)]
+        if kind == "corrected":
+            if factors is None or len(factors) != len(self._layers):
+                raise ValueError("block_sums('corrected', ...) needs the layer factors of the first pass.")
+            totals = [torch.zeros(f.shape, dtype=torch.float64, device=self.device) for f in factors]
+            for s in range(0, x.shape[0], self.chunk_size):
+                pieces = self._capture(theta, x[s : s + self.chunk_size], y[s : s + self.chunk_size],
+                                       fisher=True, offset=offset + s)
+                for total, f, (g, a) in zip(totals, factors, pieces):
+                    total += corrected_eigenvalue_sum(f, g, a)
+            return totals
+        raise ValueError(f"kind must be 'covariance' or 'corrected'; got {kind!r}.")
 
     def _capture(
         self, theta: Tensor, x: Tensor, y: Tensor, *, fisher: bool, offset: int = 0, check: bool = False
