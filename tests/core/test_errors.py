@@ -383,3 +383,17 @@ def test_perturbation_with_integer_inputs():
     with pytest.raises(TypeError, match=r"must be floating point; got x of dtype torch\.int64.*mode='up'"):
         m.influences(ids[:2], y[:2], ids, y, mode="perturbation")
     assert m.influences(ids[:2], y[:2], ids, y, mode="up").shape == (2, 12)
+
+
+def test_integer_inputs_to_a_model_fitted_on_floats():
+    import torch
+    from torch import nn
+
+    import dask_influence as di
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(20, 1, generator=g, dtype=torch.float64)
+    solver = di.DirectInfluence(nn.Linear(3, 1).double(), nn.MSELoss(), regularization=0.1).fit((x, y))
+    with pytest.raises(TypeError, match="integer dtype.*fitted on floating-point inputs.*float"):
+        solver.influences(x.long(), y, x, y)

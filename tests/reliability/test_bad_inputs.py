@@ -124,8 +124,8 @@ def test_integer_inputs_to_a_float_model(setup):
     with pytest.raises(ValueError, match=r"could not be evaluated on a training batch with inputs \(20, 3\) "
                                          r"\(torch\.int64\).*same dtype"):
         di.DirectInfluence(solver.model, nn.MSELoss(), regularization=0.5).fit((x.long(), y))
-    # after fitting on floats, integer test inputs reach the model unconverted: torch's own error
-    with pytest.raises(RuntimeError, match=r"same dtype.*long int != double"):
+    # after fitting on floats, integer test inputs are refused with what to pass instead
+    with pytest.raises(TypeError, match=r"x_test has integer dtype torch\.int64.*fitted on floating-point inputs"):
         solver.influences(x[:2].long(), y[:2], x, y)
 
 

@@ -183,6 +183,7 @@ class InfluenceModel(ABC):
         self._theta = theta
         self.n_train_ = source.num_samples
         self.feature_shape_ = source.feature_shape
+        self._float_inputs = bool(x0.is_floating_point())
         return self
 
     # -- save and load ------------------------------------------------------------------
@@ -371,6 +372,11 @@ class InfluenceModel(ABC):
                 f"{x_name} has feature shape {tuple(x.shape[1:])} but the solver was fitted on "
                 f"inputs of feature shape {tuple(self.feature_shape_)}; pass inputs shaped "
                 f"(n, {', '.join(map(str, self.feature_shape_))})."
+            )
+        if getattr(self, "_float_inputs", False) and not x.is_floating_point():
+            raise TypeError(
+                f"{x_name} has integer dtype {x.dtype}, but the solver was fitted on floating-point "
+                f"inputs; pass {x_name} as floats (e.g. {x_name}.float() or {x_name}.astype('float32'))."
             )
         return x, y
 
