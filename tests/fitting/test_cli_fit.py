@@ -99,7 +99,10 @@ def test_fit_once_then_reuse_and_resume(tmp_path, fit_client, fits):
     result = invoke("run", job, "--resume", "--scheduler", address)
     assert result.exit_code == 0, result.output
     assert "Reusing the saved fit" in result.output and "2 computed" in result.output and fits == [1]
-    np.testing.assert_array_equal(zarr.open_group(str(store), mode="r")["influences"][...], values)
+    # recomputed chunks may land on the other worker process: equal up to float64 rounding
+    # (differences of ~1e-13 relative were seen), not necessarily bit for bit
+    np.testing.assert_allclose(zarr.open_group(str(store), mode="r")["influences"][...], values,
+                               rtol=1e-11, atol=1e-12 * np.abs(values).max())
 
     assert invoke("run", job, "--fit-only", "--refit", "--scheduler", address).exit_code == 0 and fits == [1, 1]
 
