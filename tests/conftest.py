@@ -14,6 +14,26 @@ torch.set_num_threads(1)
 
 
 # -- fixtures ----------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def cluster_client():
+    """ONE LocalCluster of 2 single-threaded worker processes on 127.0.0.1 for the whole session.
+
+    Shared by the mapping and fitting tests (one cluster alive at a time, not one per folder)
+    and stopped at the end of the session. Tests that kill workers start their own.
+    """
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def fit_client(cluster_client):
+    """The session's 2-worker cluster, under the name the fitting tests use."""
+    return cluster_client
+
+
 @pytest.fixture
 def mlp_regression():
     """A 3-6-1 tanh MLP (31 parameters) with MSE on 24 training and 5 test points, float64."""

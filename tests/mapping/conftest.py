@@ -1,20 +1,10 @@
-"""Fixtures for the mapping layer: a small fitted solver and a 2-worker LocalCluster."""
+"""Fixtures for the mapping layer: a small fitted solver (the 2-worker cluster is in tests/conftest.py)."""
 
 import pytest
 import torch
 from torch import nn
 
 import dask_influence as di
-
-
-@pytest.fixture(scope="session")
-def cluster_client():
-    """A LocalCluster of 2 single-threaded worker processes on 127.0.0.1, stopped afterwards."""
-    from distributed import Client, LocalCluster
-
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address=None) as cluster, Client(cluster) as client:
-        yield client
 
 
 def make_problem(n_train=53, n_test=17, n_features=4, n_classes=3, seed=0):
