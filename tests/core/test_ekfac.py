@@ -8,6 +8,7 @@ Errors are relative to the largest entry of the reference.
 from __future__ import annotations
 
 import pickle
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -274,6 +275,35 @@ def test_own_hessian_for_plain_loss_functions_matches_closed_form():
         EkfacInfluence(model, lambda o, t: F.cross_entropy(2 * o, t), task="classification").fit((x, y))
 
 
+def test_threads_sharing_one_model_get_the_sequential_results():
+    """Fits and influences in threads that share one model equal the sequential ones.
+
+    Capturing ``(g, a)`` registers forward hooks on the shared modules and swaps their
+    parameters (``functional_call``), so registration, forward and hook removal run under
+    the process-wide forward lock of ``core.gradients`` (as in a Dask worker's threads);
+    construction reads the trainable parameters, which a concurrent forward swaps for plain
+    tensors, so it holds the lock too. Without the lock this fails in most runs (hooks of
+    another thread's capture see a foreign batch). Each thread uses its own number of samples, so a hook of another thread's capture would
+    show up as a wrong shape or extra positions. No hook is left on the model afterwards.
+    """
+    model = mlp()
+    x, y = data(40, 4, 3, seed=16)
+    sizes = (13, 17, 23, 29)
+
+    def job(n: int) -> list[torch.Tensor]:
+        solver = EkfacInfluence(model, nn.CrossEntropyLoss(), regularization=0.1, chunk_size=6)
+        solver.fit((x[:n], y[:n]))
+        return [solver.influences(x[: n // 3], y[: n // 3], x[:n], y[:n]) for _ in range(3)]
+
+    expected = {n: job(n)[0] for n in sizes}
+    with ThreadPoolExecutor(max_workers=len(sizes)) as pool:
+        results = dict(zip(sizes, pool.map(job, sizes)))
+    for n in sizes:
+        for result in results[n]:
+            assert rel_err(result, expected[n]) < 1e-12
+    assert not any(m._forward_hooks for m in model.modules())
+
+
 # -- layer selection and unsupported layers -------------------------------------------------------------
 def deep_mlp() -> nn.Sequential:
     torch.manual_seed(12)
@@ -342,6 +372,23 @@ def test_frozen_unsupported_layer_is_accepted():
 
 
 # -- the wine outlier problem ------------------------------------------------------------------------------
+# Measured Pearson / Spearman of the mean influence per training point against DirectInfluence
+# (full Hessian), float64, regularization 0.1, by training seed of wine_outlier_problem:
+#
+#   seed                      0      1      2      3      4      5
+#   Direct, full GGN        0.999  0.999  1.000  1.000  1.000  0.999
+#   Direct, Hessian blocks  0.979  0.952  0.980  0.986  0.962  0.953
+#   Direct, GGN blocks      0.977  0.954  0.979  0.986  0.961  0.955
+#   K-FAC                   0.961  0.914  0.963  0.960  0.865  0.938
+#   EK-FAC                  0.943  0.916  0.956  0.958  0.893  0.951
+#
+# The exact per-layer GGN blocks are the best any layer-wise (block-diagonal) method can do
+# in expectation; on seeds 1, 4 and 5 they are themselves below 0.97, so Pearson >= 0.97 is
+# not a property of block-diagonal curvature on this problem. On seed 0 EK-FAC's eigenvalues
+# are still exactly the GGN blocks' diagonal in the Kronecker basis (tested below); what it
+# loses against the blocks is their off-diagonal part in that basis (18%, 39% and 53% of
+# their Frobenius norm for the three layers), and neither a separate bias block, factored
+# (pi) damping nor float32/float64 changes that in EK-FAC's favour (see docs/solvers.md).
 @pytest.fixture(scope="module")
 def wine():
     from scipy.stats import pearsonr, spearmanr
@@ -355,10 +402,15 @@ def wine():
     labels[P.flipped] = 1
     direct = DirectInfluence(P.model, P.loss, regularization=P.regularization).fit(train)
     reference = direct.influences(*test, *train).mean(0).numpy()
-    out = {}
-    for name, update_diagonal in (("kfac", False), ("ekfac", True)):
-        solver = EkfacInfluence(P.model, P.loss, regularization=P.regularization, update_diagonal=update_diagonal)
-        mean = solver.fit(train).influences(*test, *train).mean(0).numpy()
+    blocks = DirectInfluence(P.model, P.loss, regularization=P.regularization, curvature="ggn", blocks="layer")
+    solvers = {
+        "ggn_blocks": blocks.fit(train),
+        "kfac": EkfacInfluence(P.model, P.loss, regularization=P.regularization, update_diagonal=False).fit(train),
+        "ekfac": EkfacInfluence(P.model, P.loss, regularization=P.regularization).fit(train),
+    }
+    out = {"solvers": solvers}
+    for name, solver in solvers.items():
+        mean = solver.influences(*test, *train).mean(0).numpy()
         out[name] = dict(
             pearson=pearsonr(mean, reference)[0],
             spearman=spearmanr(mean, reference)[0],
@@ -371,12 +423,34 @@ def wine():
 def test_wine_finds_flipped_labels_and_tracks_direct(wine, method):
     """Measured (seed 0, float64): K-FAC Pearson 0.961 / Spearman 0.903 / AUC 0.997, EK-FAC
     0.943 / 0.873 / 0.997. The floor 0.93 is below these; the exact block-diagonal GGN
-    itself only reaches Pearson 0.977 here, which bounds any layer-wise method."""
+    itself only reaches Pearson 0.977 here (table above)."""
     assert wine[method]["auc"] >= 0.95
     assert wine[method]["pearson"] >= 0.93
     assert wine[method]["spearman"] >= 0.85
 
 
-@pytest.mark.xfail(reason="issue target Pearson >= 0.97 for EK-FAC; measured 0.943 with the exact Fisher", strict=False)
+def test_wine_ekfac_is_the_exact_ggn_blocks_diagonal_in_the_kronecker_basis(wine):
+    """On the wine model itself, EK-FAC's eigenvalues are ``diag(Q^T B Q)`` of the exact GGN
+    layer blocks ``B`` (the true Fisher under the model's predictive distribution, in
+    float64), and it is closer to each block in Frobenius norm than K-FAC. So the factors
+    are what George et al. (2018) define; the remaining gap to the blocks is the part of
+    ``B`` that no matrix diagonal in the Kronecker basis can represent."""
+    ek, kf = wine["solvers"]["ekfac"], wine["solvers"]["kfac"]
+    ggn = wine["solvers"]["ggn_blocks"].hessian
+    for index, factors in enumerate(ek.state_.layers):
+        block = layer_block(ek, index, ggn)
+        assert rel_err(factors.corrected, kron_diag(factors, block)) < 1e-10
+        error_ek = torch.linalg.norm(layer_block(ek, index, ek.curvature_matrix()) - block)
+        error_kf = torch.linalg.norm(layer_block(kf, index, kf.curvature_matrix()) - block)
+        assert error_ek <= error_kf
+    assert wine["ggn_blocks"]["pearson"] >= 0.97  # the layer-wise bound on this seed: 0.977
+
+
+@pytest.mark.xfail(
+    reason="issue target Pearson >= 0.97 for EK-FAC; measured 0.943 (seed 0). EK-FAC is exact in its own "
+    "terms (test above); the exact GGN layer blocks reach 0.977 here but only 0.954/0.961/0.955 on seeds "
+    "1/4/5, so the target is not attainable by block-diagonal curvature in general (see the table above).",
+    strict=False,
+)
 def test_wine_ekfac_pearson_issue_target(wine):
     assert wine["ekfac"]["pearson"] >= 0.97

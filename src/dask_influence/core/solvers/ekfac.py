@@ -19,11 +19,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jacrev, vmap
+from torch.func import grad, jacrev, vmap
 
 from ...errors import NonFiniteError, NotFittedError
 from ..data import TrainingData
-from ..gradients import LossFn, ParamSpec
+from ..gradients import _FORWARD_LOCK, LossFn, ParamSpec
 from ..kronecker import (
     Capture,
     FactorSums,
@@ -287,11 +287,14 @@ class EkfacInfluence(InfluenceModel):
             if task is None:
                 raise ValueError("Pass a loss, or task='classification' or 'regression' to use the default one.")
             loss = nn.CrossEntropyLoss() if task == "classification" else nn.MSELoss()
-        super().__init__(model, loss, regularization=regularization, curvature="ggn", chunk_size=chunk_size)
+        # Reading the model's trainable parameters races with another thread's forward
+        # (functional_call swaps them for plain tensors), so construction holds the lock too.
+        with _FORWARD_LOCK:
+            super().__init__(model, loss, regularization=regularization, curvature="ggn", chunk_size=chunk_size)
+            self._layers = find_layers(model, self._functions.spec, layers)
         self.update_diagonal = bool(update_diagonal)
         self.task = task
         self.layers = None if layers is None else list(layers)
-        self._layers = find_layers(model, self._functions.spec, layers)
         self._output = OutputCurvature(self.loss, task)
 
     # -- fitting --------------------------------------------------------------------------------
@@ -389,8 +392,14 @@ class EkfacInfluence(InfluenceModel):
         ``fisher=False``: ``r = 1``, the gradient of each sample's loss at its target.
         ``fisher=True``: ``r = c``, back-propagating the columns of ``S``, ``S S^T = H_out``.
         """
-        with torch.enable_grad(), Capture(self._layers, x.shape[0]) as capture:
-            outputs = functional_call(self.model, self._functions.spec.unflatten(theta), (x,))
+        with torch.enable_grad():
+            # The hooks live on the (shared) modules and functional_call swaps their
+            # parameters, so hook registration, the forward and hook removal all run under the
+            # process-wide forward lock of core.gradients: threads sharing one model (a Dask
+            # worker's threads) then never see each other's hooks or parameters. The backward
+            # below only uses this call's own probes and graph, so it runs outside the lock.
+            with _FORWARD_LOCK, Capture(self._layers, x.shape[0]) as capture:
+                outputs = self._functions.outputs(theta, x)
             if check:
                 self._output.check(outputs.detach(), y)
             o = outputs.detach()
