@@ -15,19 +15,23 @@ checks, chunked per-sample gradients, modes, dtype and device handling) lives he
 
 from __future__ import annotations
 
+import copyreg
 import functools
 import hashlib
 import math
 import os
+import pickle
+import threading
 from abc import ABC, abstractmethod
 from typing import Any
 
+import cloudpickle
 import torch
 from torch import Tensor, nn
 
 from ...errors import NonFiniteError, NotFittedError
 from ..data import TrainingData, check_pair, to_tensor
-from ..gradients import LossFn, ModelFunctions, check_finite, check_finite_grads, flat_params
+from ..gradients import _FORWARD_LOCK, LossFn, ModelFunctions, check_finite, check_finite_grads, flat_params
 from ..modes import InfluenceMode
 from ..operators import BlockDiagonalOperator, Curvature, CurvatureOperator
 
@@ -143,6 +147,38 @@ class InfluenceModel(ABC):
         self._theta: Tensor | None = None
         self.n_train_: int | None = None
         self.feature_shape_: torch.Size | None = None
+
+    # -- pickling ---------------------------------------------------------------------
+    def __reduce__(self) -> tuple:
+        """Pickle a consistent snapshot of the solver, serialized under the forward lock.
+
+        A Dask worker sends its copy of the solver to other workers from its event-loop thread
+        while its task thread may be inside a forward, where ``functional_call`` has swapped
+        the model's parameters for functorch wrappers: pickled then, the model fails to
+        serialize (the transfer, and with it the job, stalls) or would carry the wrong
+        tensors. Serializing the whole state while holding the process-wide forward lock of
+        :mod:`..gradients` always sees the model's own parameters.
+        """
+        active = _PICKLING.__dict__.setdefault("ids", set())
+        if id(self) in active:
+            # a reference back to this solver from inside its own state (an operator holding
+            # one of its methods): pickled by the snapshot's pickler as a plain object, whose
+            # memo already holds the state
+            return (copyreg.__newobj__, (type(self),), self.__dict__)
+        active.add(id(self))
+        try:
+            with _FORWARD_LOCK:
+                payload = cloudpickle.dumps(self.__dict__, protocol=pickle.HIGHEST_PROTOCOL)
+        finally:
+            active.discard(id(self))
+        return (_restore_solver, (type(self), payload))
+
+    def __copy__(self) -> "InfluenceModel":
+        """A shallow copy (sharing the model and the fitted tensors), as ``copy.copy`` gives
+        for plain objects; :meth:`__reduce__` would otherwise make it a deep one."""
+        clone = type(self).__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        return clone
 
     # -- properties -------------------------------------------------------------------
     @property
@@ -309,7 +345,7 @@ class InfluenceModel(ABC):
         factors = self._check_factors(factors)
         x, y = self._prepare(x, y, "x", "y")
         if mode is InfluenceMode.up:
-            return factors @ self._grads(theta, x, y).T
+            return self._up_influences(theta, factors, x, y)
         if not x.is_floating_point():
             raise TypeError(
                 f"Perturbation influences differentiate in the inputs, which must be floating "
@@ -381,13 +417,29 @@ class InfluenceModel(ABC):
         return x, y
 
     def _grads(self, theta: Tensor, x: Tensor, y: Tensor, offset: int = 0) -> Tensor:
-        parts = []
-        for start in range(0, x.shape[0], self.chunk_size):
-            stop = start + self.chunk_size
+        """Per-sample gradients ``(n, p)``, ``chunk_size`` samples per vmapped call, written
+        into one preallocated tensor (no concatenation copy)."""
+        n = x.shape[0]
+        out = torch.empty(n, self.num_params, dtype=self.dtype, device=self.device)
+        for start in range(0, n, self.chunk_size):
+            stop = min(start + self.chunk_size, n)
+            g = self._functions.per_sample_grads(theta, x[start:stop], y[start:stop], out=out[start:stop])
+            _check_grads_fast(g, g, self._functions.spec, offset + start)
+        return out
+
+    def _up_influences(self, theta: Tensor, factors: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        """``factors @ grads(x, y).T`` ``(n_test, n)``, chunk by chunk into one preallocated
+        result: the ``(n, p)`` gradients are never held at once, nor copied."""
+        n = x.shape[0]
+        out = torch.empty(factors.shape[0], n, dtype=self.dtype, device=self.device)
+        for start in range(0, n, self.chunk_size):
+            stop = min(start + self.chunk_size, n)
             g = self._functions.per_sample_grads(theta, x[start:stop], y[start:stop])
-            check_finite_grads(g, self._functions.spec, sample_offset=offset + start)
-            parts.append(g)
-        return torch.cat(parts)
+            block = factors @ g.T
+            out[:, start:stop] = block
+            # a NaN/Inf in a gradient makes its whole column non-finite (the factors are finite)
+            _check_grads_fast(block, g, self._functions.spec, start)
+        return out
 
     def _check_factors(self, factors: Any) -> Tensor:
         if not isinstance(factors, Tensor):
@@ -443,6 +495,20 @@ class InfluenceModel(ABC):
             )
 
 
+def _check_grads_fast(derived: Tensor, grads: Tensor, spec: Any, offset: int) -> None:
+    """Raise on a NaN/Inf gradient, checking the cheap way first.
+
+    ``derived`` is the gradients or something every gradient entry propagates into (a
+    product with finite factors). A non-finite entry makes its sum non-finite, so the sum
+    (one pass, no temporary) clears the common case; only a non-finite sum pays for the
+    entrywise check, which names the sample and the parameter (an overflowing sum of
+    finite values passes it).
+    """
+    if bool(torch.isfinite(derived.sum())):
+        return
+    check_finite_grads(grads, spec, sample_offset=offset)
+
+
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -491,3 +557,13 @@ def _to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, list):
         return [_to_device(v, device) for v in value]
     return value
+
+
+_PICKLING = threading.local()  # ids of the solvers this thread is pickling (see __reduce__)
+
+
+def _restore_solver(cls: type, payload: bytes) -> InfluenceModel:
+    """Rebuild a solver pickled by :meth:`InfluenceModel.__reduce__`."""
+    solver = cls.__new__(cls)
+    solver.__dict__.update(cloudpickle.loads(payload))
+    return solver
