@@ -60,7 +60,7 @@ def close(a, b, rel):
 
 @pytest.fixture(scope="module")
 def clients():
-    """One in-process worker, and three worker processes; one thread each (see the xfail below)."""
+    """One in-process worker, and three worker processes; one thread each."""
     from distributed import Client, LocalCluster
 
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as one, \
