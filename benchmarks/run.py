@@ -389,8 +389,6 @@ def run_config(cfg: Config, use_pydvl: bool, use_dask: bool, log) -> dict:
 
 
 def _lissa_scale(pb: Problem, params: dict, chunk: int) -> float:
-    import dask_influence as di
-
     solver = make_ours("LiSSA", pb.model, {**params, "maxiter": 1}, chunk)
     return float(solver.fit((pb.x_train, pb.y_train)).scale_)
 

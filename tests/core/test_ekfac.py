@@ -117,12 +117,19 @@ def test_ekfac_eigenvalues_are_the_exact_ggn_diagonal_in_the_kronecker_basis(bia
     ggn = DirectInfluence(model, nn.CrossEntropyLoss(), regularization=0.1, curvature="ggn").fit(batches).hessian
     ek = EkfacInfluence(model, nn.CrossEntropyLoss(), regularization=0.1, chunk_size=4).fit(batches)
     kf = EkfacInfluence(model, nn.CrossEntropyLoss(), regularization=0.1, update_diagonal=False).fit(batches)
+    assert_corrected_diagonal_and_closer_than_kfac(ek, kf, ggn, slack=1e-12)
+
+
+def assert_corrected_diagonal_and_closer_than_kfac(ek, kf, ggn, *, slack):
+    """Per layer: EK-FAC's corrected eigenvalues are ``diag(Q^T B Q)`` of the exact GGN block
+    ``B`` (to 1e-10), and EK-FAC is no further from ``B`` in Frobenius norm than K-FAC (up to
+    a relative ``slack``)."""
     for index, factors in enumerate(ek.state_.layers):
         block = layer_block(ek, index, ggn)
         assert rel_err(factors.corrected, kron_diag(factors, block)) < 1e-10
         error_ek = torch.linalg.norm(layer_block(ek, index, ek.curvature_matrix()) - block)
         error_kf = torch.linalg.norm(layer_block(kf, index, kf.curvature_matrix()) - block)
-        assert error_ek <= error_kf * (1 + 1e-12)
+        assert error_ek <= error_kf * (1 + slack)
 
 
 def test_factors_match_brute_force_for_two_linear_layers():
@@ -437,12 +444,7 @@ def test_wine_ekfac_is_the_exact_ggn_blocks_diagonal_in_the_kronecker_basis(wine
     ``B`` that no matrix diagonal in the Kronecker basis can represent."""
     ek, kf = wine["solvers"]["ekfac"], wine["solvers"]["kfac"]
     ggn = wine["solvers"]["ggn_blocks"].hessian
-    for index, factors in enumerate(ek.state_.layers):
-        block = layer_block(ek, index, ggn)
-        assert rel_err(factors.corrected, kron_diag(factors, block)) < 1e-10
-        error_ek = torch.linalg.norm(layer_block(ek, index, ek.curvature_matrix()) - block)
-        error_kf = torch.linalg.norm(layer_block(kf, index, kf.curvature_matrix()) - block)
-        assert error_ek <= error_kf
+    assert_corrected_diagonal_and_closer_than_kfac(ek, kf, ggn, slack=0.0)
     assert wine["ggn_blocks"]["pearson"] >= 0.97  # the layer-wise bound on this seed: 0.977
 
 

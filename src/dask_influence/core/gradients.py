@@ -144,12 +144,13 @@ class ModelFunctions:
         self.model = model
         self.loss = loss
         self.spec = spec or ParamSpec.from_model(model)
+        # curvature products use forward over reverse until it fails once (see hessian_matmat)
+        self._forward_over_reverse = True
 
     # -- forward pieces ------------------------------------------------------------
     def outputs(self, theta: Tensor, x: Tensor) -> Tensor:
         """Model outputs for a batch ``x``: ``(n, ...)``."""
-        with _FORWARD_LOCK:
-            return functional_call(self.model, self.spec.unflatten(theta), (x,))
+        return self._call(self.spec.unflatten(theta), x)
 
     def batch_loss(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """The user's loss on a batch (mean over the batch): a scalar."""
@@ -186,6 +187,7 @@ class ModelFunctions:
         return torch.cat([grads[k].reshape(n, -1) for k in names], dim=1, out=out)
 
     def _call(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        """The model on ``x`` with ``params`` in place of its own, under the forward lock."""
         with _FORWARD_LOCK:
             return functional_call(self.model, params, (x,))
 
@@ -225,7 +227,7 @@ class ModelFunctions:
         then ``k`` batched double-backward passes), remembered for later calls.
         """
         loss_grad = grad(lambda t: self.batch_loss(t, x, y))
-        if getattr(self, "_forward_over_reverse", True):
+        if self._forward_over_reverse:
             try:
                 return vmap(lambda col: torch.func.jvp(loss_grad, (theta,), (col,))[1], in_dims=1, out_dims=1)(v)
             except (RuntimeError, NotImplementedError):
