@@ -134,24 +134,36 @@ class FactorSums:
             a: the sum ``(i, i)`` of the inputs' second moments over the training samples.
             g: the sum ``(o, o)`` of the output gradients' second moments.
         """
-        sums = cls(name, (int(g.shape[0]), int(a.shape[0])), a.device)
-        sums.a, sums.g = a.double(), g.double().to(a.device)
+        sums = cls.__new__(cls)  # no zero matrices to allocate and drop
+        sums.name, sums.a, sums.g = name, a.double(), g.double().to(a.device)
         return sums
 
     def add(self, g: Tensor, a: Tensor) -> None:
-        """Add a batch: ``g`` ``(n, r, P, o)`` output gradients, ``a`` ``(n, P, i)`` inputs."""
-        a, g = a.double(), g.double()
-        self.a += torch.einsum("npi,npj->ij", a, a) / a.shape[1]
-        self.g += torch.einsum("nrpo,nrpq->oq", g, g)
+        """Add a batch: ``g`` ``(n, r, P, o)`` output gradients, ``a`` ``(n, P, i)`` inputs.
+
+        The batch's products are formed in the inputs' dtype (no float64 copies of ``g`` and
+        ``a``, which are the largest tensors of the pass) and added to the float64 sums.
+        """
+        flat_a = a.reshape(-1, a.shape[-1])
+        flat_g = g.reshape(-1, g.shape[-1])
+        self.a += (flat_a.T @ flat_a).double().div_(a.shape[1])
+        self.g += (flat_g.T @ flat_g).double()
 
     def eigh(self, n: int, dtype: torch.dtype) -> LayerFactors:
-        """Divide by ``n`` and eigendecompose both factors (float64); results in ``dtype``."""
-        lambda_a, q_a = torch.linalg.eigh(0.5 * (self.a + self.a.T) / n)
-        lambda_g, q_g = torch.linalg.eigh(0.5 * (self.g + self.g.T) / n)
-        # both factors are positive semi-definite; clip rounding noise below zero
-        lambda_a, lambda_g = lambda_a.clamp_min(0), lambda_g.clamp_min(0)
-        cast = lambda t: t.to(dtype)
-        return LayerFactors(self.name, cast(q_a), cast(lambda_a), cast(q_g), cast(lambda_g))
+        """Divide by ``n`` and eigendecompose both factors (float64); results in ``dtype``.
+
+        Consumes the sums (divided in place, then released), so that a fit holds at most
+        one layer's float64 eigendecomposition at a time. ``eigh`` reads the lower triangle.
+        """
+        a, g = self.a.div_(n), self.g.div_(n)
+        self.a = self.g = None  # type: ignore[assignment]
+        lambda_a, q_a = torch.linalg.eigh(a)
+        del a
+        q_a, lambda_a = q_a.to(dtype), lambda_a.clamp_min(0).to(dtype)  # PSD: clip rounding noise
+        lambda_g, q_g = torch.linalg.eigh(g)
+        del g
+        q_g, lambda_g = q_g.to(dtype), lambda_g.clamp_min(0).to(dtype)
+        return LayerFactors(self.name, q_a, lambda_a, q_g, lambda_g)
 
 
 def corrected_eigenvalue_sum(factors: LayerFactors, g: Tensor, a: Tensor) -> Tensor:
@@ -164,13 +176,13 @@ def corrected_eigenvalue_sum(factors: LayerFactors, g: Tensor, a: Tensor) -> Ten
     With one position the rotated gradient is an outer product and its square is the outer
     product of squares, so nothing of size ``(n, o, i)`` is formed.
     """
-    g_rot = g.double() @ factors.q_g.double()
-    a_rot = a.double() @ factors.q_a.double()
+    g_rot = g @ factors.q_g.to(g.dtype)  # in the batch's dtype: only the batch's sum is float64
+    a_rot = a @ factors.q_a.to(a.dtype)
     if a.shape[1] == 1:
-        return torch.einsum("nro,ni->oi", g_rot[:, :, 0].square(), a_rot[:, 0].square())
+        return torch.einsum("nro,ni->oi", g_rot[:, :, 0].square(), a_rot[:, 0].square()).double()
     out = torch.zeros(factors.shape, dtype=torch.float64, device=g.device)
     for r in range(g.shape[1]):
-        out += layer_grads(g_rot[:, r], a_rot).square().sum(0)
+        out += layer_grads(g_rot[:, r], a_rot).square().sum(0).double()
     return out
 
 
@@ -361,18 +373,20 @@ class Capture:
                     "called (its parameters are used directly by another module); freeze it "
                     "with requires_grad_(False) or leave it out of layers=."
                 )
-        per_r = []
-        for r in range(vectors.shape[0]):
-            grads = torch.autograd.grad(
-                outputs, flat, vectors[r], retain_graph=r < vectors.shape[0] - 1, allow_unused=True
-            )
-            per_r.append([torch.zeros_like(p) if gr is None else gr for gr, p in zip(grads, flat)])
-        result, at = [], 0
-        for layer, inputs, probes in zip(self.layers, self.inputs, self.probes):
-            calls = range(at, at + len(probes))
-            at += len(probes)
-            g = torch.stack(
-                [torch.cat([layer.output_grads(gr[c]) for c in calls], dim=1) for gr in per_r], dim=1
-            )
-            result.append((g.detach(), torch.cat(inputs, dim=1)))
-        return result
+        rs = vectors.shape[0]
+        out: list[Tensor | None] = [None] * len(self.layers)  # g per layer, filled one r at a time
+        for r in range(rs):
+            grads = torch.autograd.grad(outputs, flat, vectors[r], retain_graph=r < rs - 1, allow_unused=True)
+            at = 0
+            for index, (layer, probes) in enumerate(zip(self.layers, self.probes)):
+                calls = range(at, at + len(probes))
+                at += len(probes)
+                parts = [layer.output_grads(torch.zeros_like(flat[c]) if grads[c] is None else grads[c])
+                         for c in calls]
+                g_r = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+                if out[index] is None:
+                    out[index] = g_r.new_empty((g_r.shape[0], rs) + tuple(g_r.shape[1:]))
+                out[index][:, r] = g_r  # type: ignore[index]
+            del grads
+        return [(g.detach(), torch.cat(inputs, dim=1))  # type: ignore[union-attr]
+                for g, inputs in zip(out, self.inputs)]

@@ -58,7 +58,8 @@ def nystroem_sketch(operator: LinearOperator, rank: int, generator: torch.Genera
     omega = torch.linalg.qr(omega).Q.to(device=operator.device, dtype=operator.dtype)
     y = operator.matmat(omega).double()
     omega = omega.double()
-    shift = torch.finfo(operator.dtype).eps * float(torch.linalg.matrix_norm(y, ord=2))
+    # |Y|_2 from the small Gram matrix (an SVD of the tall Y costs more than the rest here)
+    shift = torch.finfo(operator.dtype).eps * float(torch.linalg.eigvalsh(y.T @ y)[-1].clamp(min=0).sqrt())
     y_shift = y + shift * omega
     core = omega.T @ y_shift
     core = 0.5 * (core + core.T)

@@ -106,7 +106,8 @@ class NystroemPreconditioner(Preconditioner):
         u, s = self.factor.basis, self.factor.eigenvalues
         mu = self._regularization
         coeff = u.T @ r
-        return (s[-1] + mu) * (u @ (coeff / (s + mu)[:, None])) + (r - u @ coeff)
+        # (s_r + mu) U diag(1/(s + mu)) U^T r + (r - U U^T r), with one product by U
+        return r + u @ (coeff * ((s[-1] + mu) / (s + mu) - 1)[:, None])
 
 
 def make_preconditioner(value: Any, *, rank: int = 10, seed: int = 0) -> Preconditioner | None:

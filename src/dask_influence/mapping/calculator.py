@@ -24,6 +24,7 @@ from . import lock as zlock
 from . import store as zstore
 from . import tasks
 from .graph import InfluenceGraph, add_self_influence_tasks, build_influence_graph, solver_fingerprint
+from .literals import sent_once
 from .sources import as_source
 
 logger = logging.getLogger("dask_influence")
@@ -485,7 +486,8 @@ class DaskInfluenceCalculator(_BlockCalculator):
         with self._client() as client:
             if self._factors_on_client():
                 self._solve_factors_on_client(client, dsk, keys)
-            futures = client.get(dsk, keys, sync=False, resources=resources)
+            with sent_once():  # the solver and an in-memory dataset are literals of the graph
+                futures = client.get(dsk, keys, sync=False, resources=resources)
             if self.progress:
                 from distributed import progress
 

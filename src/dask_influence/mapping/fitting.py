@@ -4,10 +4,14 @@ A solver's ``_fit(operator, data)`` touches the training data only through curva
 ``operator.matmat(V)`` (and ``operator.dense()``), except EK-FAC, whose two passes are sums of
 per-block Kronecker factors (:meth:`EkfacInfluence.block_sums`). Here each pass is one Dask
 graph: one task per train block, run where the block was loaded, returning a small result
-(``(p, k)`` for ``k`` vectors, the Kronecker factors for EK-FAC; never per-sample gradients),
-and a binary tree of additions over the blocks in index order, so the reduction order is
-fixed and the sums are reproducible. The iteration of CG, Lanczos or the power method stays
-on the client.
+(``(p, k)`` for ``k`` vectors, the Kronecker factors for EK-FAC; never per-sample gradients).
+Each worker holds one contiguous group of blocks and adds its group's results by a binary
+tree in index order; the client adds the groups' partial sums in order. The reduction order
+is fixed by the number of workers, so the sums are reproducible, and one ``(p, k)`` result
+per worker crosses the network. The iteration of CG, Lanczos or the power method stays on
+the client. Tasks use the worker's copy of the solver directly: its pickling (when a peer
+fetches it) is serialized with forwards by the process-wide forward lock
+(:meth:`InfluenceModel.__reduce__`), so a task needs no private copy.
 
 - :class:`ClusterTrainBlocks` loads the blocks once per fit onto the workers of a
   ``distributed.Client`` (contiguous ranges of blocks per worker) and runs the passes there;
@@ -43,6 +47,7 @@ from ..core.operators import BlockDiagonalOperator, CurvatureOperator, LinearOpe
 from ..core.solvers.base import InfluenceModel, _checksum, _to_device
 from ..core.solvers.ekfac import EkfacInfluence
 from . import tasks
+from .literals import Literal, sent_once, unbox
 from .sources import BlockSource, DaskArraySource, DatasetSource, to_numpy
 
 logger = logging.getLogger("dask_influence")
@@ -53,20 +58,17 @@ SMALL_PAYLOAD = 2**20  # bytes; a larger payload (the vectors V) is broadcast to
 
 # -- per-block task functions (run on the workers; numpy in, numpy out) ------------------------
 class Payload:
-    """A value shipped to every task of a pass as one object (Dask does not look inside it)."""
+    """A value shipped to every task of a pass as one object (Dask does not look inside it).
+
+    Its Dask token is a random id: tokenizing the value itself would pickle it.
+    """
 
     def __init__(self, value: Any):
         self.value = value
+        self._token = uuid.uuid4().hex
 
-
-def _private(solver: InfluenceModel) -> InfluenceModel:
-    """A task's own copy of the worker's solver.
-
-    ``torch.func.functional_call`` and EK-FAC's hooks change the model while a task runs; on
-    the shared object, a worker sending it to a peer at that moment (Dask's memory manager
-    keeps one replica, so peers fetch it) would pickle functorch wrappers and fail.
-    """
-    return copy.deepcopy(solver)
+    def __dask_tokenize__(self) -> str:
+        return self._token
 
 
 def _block_tensors(solver: InfluenceModel, block: tuple[np.ndarray, np.ndarray], start: int) -> tuple[Tensor, Tensor]:
@@ -87,7 +89,6 @@ def _block_operator(solver: InfluenceModel) -> CurvatureOperator:
 def inspect_block(solver: InfluenceModel, block: tuple, start: int, weight: float, payload: Payload) -> str:
     """Validate a block (finite, feature shape; the loss on block 0) and return its sha256."""
     tasks._match_threads()
-    solver = _private(solver)
     x, y = _block_tensors(solver, block, start)
     if tuple(x.shape[1:]) != tuple(payload.value):
         raise ValueError(f"The training block starting at sample {start} has feature shape "
@@ -105,7 +106,6 @@ def inspect_block(solver: InfluenceModel, block: tuple, start: int, weight: floa
 def curvature_block(solver: InfluenceModel, block: tuple, start: int, weight: float, payload: Payload) -> np.ndarray:
     """``(n_b / n) * H_b V`` of one block for ``V`` ``(p, k)``: ``(p, k)``."""
     tasks._match_threads()
-    solver = _private(solver)
     x, y = _block_tensors(solver, block, start)
     v = torch.from_numpy(payload.value).to(device=solver.device, dtype=solver.dtype)
     return to_numpy(weight * _block_operator(solver).batch_matmat(x, y, v))
@@ -114,7 +114,6 @@ def curvature_block(solver: InfluenceModel, block: tuple, start: int, weight: fl
 def dense_block(solver: InfluenceModel, block: tuple, start: int, weight: float, payload: Payload) -> list[np.ndarray]:
     """``(n_b / n) * H_b`` of one block, restricted to each ``(start, stop)`` range: ``[(p_r, p_r), ...]``."""
     tasks._match_threads()
-    solver = _private(solver)
     ranges, column_chunk = payload.value
     x, y = _block_tensors(solver, block, start)
     operator = _block_operator(solver)
@@ -134,7 +133,6 @@ def dense_block(solver: InfluenceModel, block: tuple, start: int, weight: float,
 def ekfac_block(solver: EkfacInfluence, block: tuple, start: int, weight: float, payload: Payload) -> list[np.ndarray]:
     """One block's EK-FAC sums (:meth:`EkfacInfluence.block_sums`), float64."""
     tasks._match_threads()
-    solver = _private(solver)
     kind, factors = payload.value
     x, y = _block_tensors(solver, block, start)
     theta = flat_params(solver.model, solver._functions.spec)
@@ -157,38 +155,54 @@ BlockFunction = Callable[[InfluenceModel, tuple, int, float, Payload], Any]
 class TrainBlocks:
     """The train blocks of one fit and how per-block functions run over them.
 
+    The blocks are split into contiguous groups, one per place that holds blocks (one group
+    in this process, one per worker on a cluster). A sum runs a binary tree of additions over
+    each group's blocks in index order where the group is, then adds the groups' partial
+    sums in group order here: one ``(p, k)`` result per group crosses the network, and the
+    reduction order is fixed by the number of groups alone.
+
     Attributes:
         source: the blocks.
+        groups: the block indices of each group, contiguous, in order.
         sweeps: passes run so far (each one task per block).
     """
 
-    def __init__(self, solver: InfluenceModel, source: BlockSource):
+    def __init__(self, solver: InfluenceModel, source: BlockSource, places: int = 1):
         self.source = source
         self.sizes = tuple(int(s) for s in source.block_sizes)
         self.starts = tuple(int(s) for s in np.cumsum((0,) + self.sizes[:-1]))
         self.n = int(source.n)
         self.resources = {"GPU": 1} if solver.device.type == "cuda" else None
+        self.groups = contiguous_groups(self.starts, self.sizes, self.n, places)
         self.sweeps = 0
         self._token = uuid.uuid4().hex[:12]
 
     def map(self, fn: BlockFunction, payload: Any = None) -> list:
         """``fn`` on every block; returns the per-block results in block order."""
         dsk, keys = self._tasks(fn, payload)
-        return self._get(dsk, keys)
+        results = self._get(dsk, [[keys[k] for k in group] for group in self.groups])
+        return [r for group in results for r in group]
 
     def sum(self, fn: BlockFunction, payload: Any = None) -> Any:
-        """The sum of ``fn`` over all blocks, by a binary tree over the blocks in index order."""
-        dsk, level = self._tasks(fn, payload)
-        name, depth = level[0][0], 0
-        while len(level) > 1:
-            depth += 1
-            pairs = [(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
-            nxt = []
-            for i, (a, b) in enumerate(pairs):
-                dsk[(f"{name}-sum", depth, i)] = (add_results, a, b)
-                nxt.append((f"{name}-sum", depth, i))
-            level = nxt + level[2 * len(pairs):]
-        return self._get(dsk, [level[0]])[0]
+        """The sum of ``fn`` over all blocks: a tree per group where the group is, then the groups here."""
+        dsk, keys = self._tasks(fn, payload)
+        name = f"{keys[0][0]}-sum"
+        tops = []
+        for g, group in enumerate(self.groups):
+            level, depth = [keys[k] for k in group], 0
+            while len(level) > 1:
+                depth += 1
+                nxt = []
+                for i in range(0, len(level) - 1, 2):
+                    dsk[(name, g, depth, i // 2)] = (add_results, level[i], level[i + 1])
+                    nxt.append((name, g, depth, i // 2))
+                level = nxt + level[len(level) - len(level) % 2:]
+            tops.append([level[0]])
+        partials = [group[0] for group in self._get(dsk, tops)]
+        total = partials[0]
+        for part in partials[1:]:
+            total = add_results(total, part)
+        return total
 
     def _tasks(self, fn: BlockFunction, payload: Any) -> tuple[dict, list]:
         self.sweeps += 1
@@ -204,7 +218,8 @@ class TrainBlocks:
         """References to the solver, the blocks and the payload, and the graph they need."""
         raise NotImplementedError
 
-    def _get(self, dsk: dict, keys: list) -> list:
+    def _get(self, dsk: dict, keys: list[list]) -> list[list]:
+        """The values of ``keys[g]`` (lists of keys), each list computed where group ``g`` is."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -215,6 +230,17 @@ class TrainBlocks:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def contiguous_groups(starts: Sequence[int], sizes: Sequence[int], n: int, places: int) -> list[list[int]]:
+    """Split blocks into at most ``places`` contiguous groups of about equal numbers of samples.
+
+    Block ``k`` goes to the group its middle sample falls in when ``[0, n)`` is cut into
+    ``places`` equal parts; empty groups are dropped.
+    """
+    owner = np.minimum((np.asarray(starts) + np.asarray(sizes) / 2) * places // n, places - 1).astype(int)
+    groups = [[k for k in range(len(sizes)) if owner[k] == g] for g in range(places)]
+    return [g for g in groups if g]
 
 
 class LocalTrainBlocks(TrainBlocks):
@@ -232,48 +258,43 @@ class LocalTrainBlocks(TrainBlocks):
             dsk[key] = self.source.block_task(k)
         return f"fit-solver-{self._token}", self._block_keys, f"fit-payload-{self._token}", dsk
 
-    def _get(self, dsk: dict, keys: list) -> list:
+    def _get(self, dsk: dict, keys: list[list]) -> list[list]:
         from dask.local import get_sync
 
-        return list(get_sync(dsk, keys))
+        return [list(group) for group in get_sync(dsk, keys)]
 
 
 class ClusterTrainBlocks(TrainBlocks):
     """The passes on a Dask cluster.
 
-    The blocks are loaded once, on the workers (contiguous ranges of blocks per worker are
-    asked for; Dask may move blocks to balance the load), and stay there until
-    :meth:`close`: the training data is spread over the workers' memory during the fit,
-    never held by the client. The solver (without training data) and the dataset are graph
-    keys (recomputed if their worker is lost, like the blocks); a large payload of a pass
-    (the vectors ``V``) is broadcast to every worker, so each block's task runs where its
-    block is.
+    The blocks are loaded once, on the workers (one contiguous group of blocks per worker),
+    and stay there until :meth:`close`: the training data is spread over the workers' memory
+    during the fit, never held by the client. Each group's tasks and partial sums are asked
+    of its worker (loosely: another worker takes them if it leaves). The solver (without
+    training data) and the dataset are graph keys (recomputed if their worker is lost, like
+    the blocks); a large payload of a pass (the vectors ``V``) is broadcast to every worker.
     """
 
     def __init__(self, client: Any, solver: InfluenceModel, source: BlockSource):
-        super().__init__(solver, source)
-        self.client = client
-        self._solver = client.get({f"fit-solver-{self._token}": shippable(solver)}, f"fit-solver-{self._token}",
-                                  sync=False)
-        workers = sorted(client.scheduler_info().get("workers", {}))
-        if not workers:
+        self.workers = sorted(client.scheduler_info().get("workers", {}))
+        if not self.workers:
             raise RuntimeError("The Dask cluster has no workers; start at least one worker to fit.")
+        super().__init__(solver, source, places=len(self.workers))
+        self.client = client
+        key = f"fit-solver-{self._token}"
         name = f"fit-block-{self._token}"
-        owner = np.minimum((np.asarray(self.starts) + np.asarray(self.sizes) / 2) * len(workers) // self.n,
-                           len(workers) - 1).astype(int)
         self._blocks: list[Any] = [None] * len(self.sizes)
-        graph = source.graph()
-        if isinstance(source, DatasetSource):  # send the dataset once (a graph key: recomputable), not per worker
-            graph = {source.key: client.get(graph, source.key, sync=False)}
-        for w, address in enumerate(workers):
-            members = [k for k in range(len(self.sizes)) if owner[k] == w]
-            if not members:
-                continue
-            dsk = {**graph, **{(name, k): source.block_task(k) for k in members}}
-            futures = client.get(dsk, [(name, k) for k in members], sync=False, workers=[address],
-                                 allow_other_workers=True)
-            for k, future in zip(members, futures):
-                self._blocks[k] = future
+        with sent_once():
+            self._solver = client.get({key: (unbox, Literal(shippable(solver), self._token))}, key, sync=False)
+            graph = source.graph()
+            if isinstance(source, DatasetSource):  # send the dataset once (a graph key: recomputable), not per worker
+                graph = {source.key: client.get(graph, source.key, sync=False)}
+            for address, members in zip(self.workers, self.groups):
+                dsk = {**graph, **{(name, k): source.block_task(k) for k in members}}
+                futures = client.get(dsk, [(name, k) for k in members], sync=False, workers=[address],
+                                     allow_other_workers=True)
+                for k, future in zip(members, futures):
+                    self._blocks[k] = future
 
     def _refs(self, payload: Payload) -> tuple[Any, list, Any, dict]:
         from dask.sizeof import sizeof
@@ -284,8 +305,13 @@ class ClusterTrainBlocks(TrainBlocks):
         box = self.client.scatter(payload, broadcast=True, hash=False)
         return self._solver, self._blocks, box, {}
 
-    def _get(self, dsk: dict, keys: list) -> list:
-        return list(self.client.get(dsk, keys, resources=self.resources))
+    def _get(self, dsk: dict, keys: list[list]) -> list[list]:
+        from dask.optimization import cull
+
+        futures = [self.client.get(cull(dsk, group)[0], group, sync=False, workers=[address],
+                                   allow_other_workers=True, resources=self.resources)
+                   for address, group in zip(self.workers, keys)]
+        return self.client.gather(futures)
 
     def close(self) -> None:
         self._blocks = []

@@ -22,6 +22,7 @@ from dask.base import tokenize
 
 from ..core.modes import InfluenceMode
 from . import tasks
+from .literals import Literal, unbox
 from .plan import BlockPlan
 from .sources import BlockSource
 
@@ -96,7 +97,7 @@ def build_influence_graph(
     solver_key = f"solver-{fingerprint}"
     factors, group, chunk = f"factors-{token}", f"group-{token}", f"influences-{token}"
 
-    dsk: dict = {solver_key: solver, **test.graph(), **train.graph()}
+    dsk: dict = {solver_key: (unbox, Literal(solver, fingerprint)), **test.graph(), **train.graph()}
     for i in range(len(plan.test_sizes)):
         dsk[(factors, i)] = (tasks.factor_block, solver_key, test.block_task(i))
     graph = InfluenceGraph(dsk, plan, mode, solver_key, chunk, feature_shape, dtype, train, token, group)

@@ -21,6 +21,7 @@ import torch
 from dask.base import tokenize
 from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler
 
+from .literals import Literal, unbox
 from .plan import even_sizes
 
 DEFAULT_BLOCK_SIZE = 256
@@ -102,7 +103,7 @@ class DatasetSource(BlockSource):
         self.key = f"dataset-{name}-{self.token}"
 
     def graph(self) -> dict:
-        return {self.key: self.dataset}
+        return {self.key: (unbox, Literal(self.dataset, self.token))}
 
     def block_task(self, k: int) -> tuple:
         start = sum(self.block_sizes[:k])

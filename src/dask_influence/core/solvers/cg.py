@@ -114,8 +114,8 @@ def block_cg(
             r = r - q @ alpha
             r_norm = torch.linalg.vector_norm(r, dim=0)
             done = r_norm <= tol
-            if bool(done.all()):
-                break
+            if bool(done.all()) or iterations >= maxiter:
+                break  # no next direction to build: it would cost a preconditioning and an SVD
             z = precondition(r) if precondition else r
             z = z.masked_fill(done, 0)
             beta = -_spd_solve(pq, q.T @ z)

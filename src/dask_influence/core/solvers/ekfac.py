@@ -305,8 +305,7 @@ class EkfacInfluence(InfluenceModel):
             total: list[Tensor] | None = None
             seen = 0
             for x, y in data.batches():
-                part = self.block_sums(kind, theta, x, y, offset=seen, factors=factors)
-                total = part if total is None else [t + q for t, q in zip(total, part)]
+                total = self.block_sums(kind, theta, x, y, offset=seen, factors=factors, out=total)
                 seen += int(x.shape[0])
             assert total is not None  # the data was scanned: at least one batch
             return total
@@ -325,11 +324,13 @@ class EkfacInfluence(InfluenceModel):
         Args:
             n: the number of training samples the sums cover.
         """
-        totals = sweep("covariance", None)
-        factors = [
-            FactorSums.from_totals(layer.name, totals[2 * i], totals[2 * i + 1]).eigh(n, self.dtype)
-            for i, layer in enumerate(self._layers)
-        ]
+        totals: list[Tensor | None] = list(sweep("covariance", None))
+        factors = []
+        for i, layer in enumerate(self._layers):  # one layer's float64 eigh at a time, sums released
+            a, g = totals[2 * i], totals[2 * i + 1]
+            totals[2 * i] = totals[2 * i + 1] = None
+            factors.append(FactorSums.from_totals(layer.name, a, g).eigh(n, self.dtype))  # type: ignore[arg-type]
+            del a, g
         if self.update_diagonal:
             corrected = sweep("corrected", tuple(factors))
             factors = [
@@ -348,6 +349,7 @@ class EkfacInfluence(InfluenceModel):
         *,
         offset: int = 0,
         factors: Sequence[LayerFactors] | None = None,
+        out: list[Tensor] | None = None,
     ) -> list[Tensor]:
         """One block's float64 contribution to a fitting pass, in chunks of ``chunk_size``.
 
@@ -360,12 +362,18 @@ class EkfacInfluence(InfluenceModel):
             x, y: the block's samples (validated tensors on the model's device).
             offset: the index of the block's first sample in the training data (for
                 messages; the loss's output curvature is checked on sample 0).
+            out: sums of earlier blocks to add this block's into, in place (one set of sums
+                for a whole in-process pass); ``None``: new sums.
 
         Returns:
             the per-block sums; added over all blocks they are the unnormalized totals.
         """
         if kind == "covariance":
-            sums = [FactorSums(layer.name, layer.shape, self.device) for layer in self._layers]
+            if out is None:
+                sums = [FactorSums(layer.name, layer.shape, self.device) for layer in self._layers]
+            else:
+                sums = [FactorSums.from_totals(layer.name, out[2 * i], out[2 * i + 1])
+                        for i, layer in enumerate(self._layers)]
             for s in range(0, x.shape[0], self.chunk_size):
                 pieces = self._capture(theta, x[s : s + self.chunk_size], y[s : s + self.chunk_size],
                                        fisher=True, offset=offset + s, check=offset + s == 0)
@@ -375,7 +383,8 @@ class EkfacInfluence(InfluenceModel):
         if kind == "corrected":
             if factors is None or len(factors) != len(self._layers):
                 raise ValueError("block_sums('corrected', ...) needs the layer factors of the first pass.")
-            totals = [torch.zeros(f.shape, dtype=torch.float64, device=self.device) for f in factors]
+            totals = out if out is not None else [
+                torch.zeros(f.shape, dtype=torch.float64, device=self.device) for f in factors]
             for s in range(0, x.shape[0], self.chunk_size):
                 pieces = self._capture(theta, x[s : s + self.chunk_size], y[s : s + self.chunk_size],
                                        fisher=True, offset=offset + s)

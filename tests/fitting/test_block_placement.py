@@ -1,0 +1,96 @@
+"""Where a fit's blocks and partial sums live on a 2-worker cluster, and what a submission costs.
+
+Each worker holds one contiguous group of blocks and sums its own group; one partial sum per
+worker reaches the client. Graph literals (the solver, in-memory data, a pass's payload) carry
+a given Dask token, so a submission never pickles them to tokenize.
+"""
+
+import warnings
+
+import dask
+import numpy as np
+import pytest
+import torch
+from dask.base import tokenize
+from distributed import get_task_stream, wait
+
+import dask_influence as di
+from dask_influence.mapping.fitting import (ClusterTrainBlocks, LocalTrainBlocks, Payload, contiguous_groups,
+                                            curvature_block)
+from dask_influence.mapping.literals import Literal
+from dask_influence.mapping.sources import as_source
+from fit_cases import make_problem
+
+SIZES = (13, 5, 20, 9, 11, 7)
+
+
+def test_contiguous_groups_split_by_samples():
+    starts = np.cumsum((0,) + SIZES[:-1])
+    n = sum(SIZES)
+    assert contiguous_groups(starts, SIZES, n, 1) == [[0, 1, 2, 3, 4, 5]]
+    assert contiguous_groups(starts, SIZES, n, 2) == [[0, 1, 2], [3, 4, 5]]  # 38 and 27 samples of 65
+    assert contiguous_groups(starts, SIZES, n, 3) == [[0, 1], [2, 3], [4, 5]]  # middles vs thirds of 65
+    groups = contiguous_groups(starts, SIZES, n, 10)  # more places than blocks: no empty groups
+    assert [k for g in groups for k in g] == list(range(len(SIZES))) and all(groups)
+
+
+class Unpicklable:
+    def __reduce__(self):
+        raise AssertionError("tokenized by pickling")
+
+
+def test_literals_and_payloads_are_not_pickled_to_tokenize():
+    assert tokenize(Literal(Unpicklable(), "abc")) == tokenize(Literal(Unpicklable(), "abc"))
+    assert tokenize(Literal(Unpicklable(), "abc")) != tokenize(Literal(Unpicklable(), "abd"))
+    one, two = Payload(Unpicklable()), Payload(Unpicklable())
+    assert tokenize(one) == tokenize(one) and tokenize(one) != tokenize(two)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    model, loss, (x, y), _ = make_problem(n=sum(SIZES))
+    return model, loss, x.numpy(), y.numpy()
+
+
+def test_each_worker_sums_its_own_group(problem, fit_client):
+    model, loss, x, y = problem
+    solver = di.CgInfluence(model, loss, regularization=0.3)
+    workers = sorted(fit_client.scheduler_info()["workers"])
+    assert len(workers) == 2
+    source = as_source((x, y), block_size=13)  # 13, 13, 13, 13, 13: groups [0, 1] and [2, 3, 4]
+    v = np.random.default_rng(0).standard_normal((solver.num_params, 3))
+    with ClusterTrainBlocks(fit_client, solver, source) as blocks:
+        assert blocks.groups == [[0, 1], [2, 3, 4]]  # block 2's middle sample is past the half
+        wait(blocks._blocks)
+        where = fit_client.who_has(blocks._blocks)
+        for group, address in zip(blocks.groups, workers):
+            assert all(where[blocks._blocks[k].key] == (address,) for k in group)
+        with get_task_stream(fit_client) as stream:
+            total = blocks.sum(curvature_block, v)
+        ran = {t["key"]: t["worker"] for t in stream.data}
+    with LocalTrainBlocks(solver, source) as local:
+        expected = local.sum(curvature_block, v)
+    np.testing.assert_allclose(total, expected, rtol=1e-13, atol=1e-15)
+    by_worker = {}
+    for key, worker in ran.items():
+        if "-sum" in str(key[0]):  # (name, group, depth, i): a group's additions stay on its worker
+            by_worker.setdefault(key[1], set()).add(worker)
+        else:
+            by_worker.setdefault(("block", key[2]), set()).add(worker)
+    assert by_worker[0] == {workers[0]} and by_worker[1] == {workers[1]}
+    assert all(by_worker[("block", k)] == {workers[0]} for k in (0, 1))
+    assert all(by_worker[("block", k)] == {workers[1]} for k in (2, 3, 4))
+
+
+def test_no_large_graph_warning_for_the_solver_and_data(problem, fit_client, tmp_path):
+    """The solver and in-memory data are sent once on purpose: distributed's warning is silenced."""
+    model, loss, x, y = problem
+    calc = di.DaskInfluenceCalculator(di.DirectInfluence(model, loss, regularization=0.3), fit_client,
+                                      progress=False)
+    with dask.config.set({"distributed.admin.large-graph-warning-threshold": "1kB"}), warnings.catch_warnings():
+        warnings.filterwarnings("error", message="Sending large graph")
+        calc.fit((x, y), block_size=20)
+        group = calc.influences_to_zarr((x[:4], y[:4]), (x, y), tmp_path / "out.zarr", train_block_size=20)
+        values = group["influences"][...]
+    expected = di.DirectInfluence(model, loss, regularization=0.3).fit((torch.from_numpy(x), torch.from_numpy(y)))
+    np.testing.assert_allclose(values, expected.influences(x[:4], y[:4], x, y).numpy(), rtol=1e-10)
