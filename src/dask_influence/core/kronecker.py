@@ -146,8 +146,8 @@ class FactorSums:
         """
         flat_a = a.reshape(-1, a.shape[-1])
         flat_g = g.reshape(-1, g.shape[-1])
-        self.a += (flat_a.T @ flat_a).double().div_(a.shape[1])
-        self.g += (flat_g.T @ flat_g).double()
+        self.a += (flat_a.T @ flat_a).div_(a.shape[1])  # in-place adds upcast: no float64 temporaries
+        self.g += flat_g.T @ flat_g
 
     def eigh(self, n: int, dtype: torch.dtype) -> LayerFactors:
         """Divide by ``n`` and eigendecompose both factors (float64); results in ``dtype``.
@@ -167,7 +167,9 @@ class FactorSums:
 
 
 def corrected_eigenvalue_sum(factors: LayerFactors, g: Tensor, a: Tensor) -> Tensor:
-    """``sum_n sum_r (Q_G^T (sum_t g_nrt a_nt^T) Q_A)^2`` over a batch: ``(o, i)`` float64.
+    """``sum_n sum_r (Q_G^T (sum_t g_nrt a_nt^T) Q_A)^2`` over a batch: ``(o, i)``.
+
+    In the batch's dtype with one position, float64 with several; callers add it to float64 sums.
 
     Args:
         g: ``(n, r, P, o)`` output gradients, one per square-root column ``r``.
@@ -179,10 +181,10 @@ def corrected_eigenvalue_sum(factors: LayerFactors, g: Tensor, a: Tensor) -> Ten
     g_rot = g @ factors.q_g.to(g.dtype)  # in the batch's dtype: only the batch's sum is float64
     a_rot = a @ factors.q_a.to(a.dtype)
     if a.shape[1] == 1:
-        return torch.einsum("nro,ni->oi", g_rot[:, :, 0].square(), a_rot[:, 0].square()).double()
+        return torch.einsum("nro,ni->oi", g_rot[:, :, 0].square(), a_rot[:, 0].square())
     out = torch.zeros(factors.shape, dtype=torch.float64, device=g.device)
     for r in range(g.shape[1]):
-        out += layer_grads(g_rot[:, r], a_rot).square().sum(0).double()
+        out += layer_grads(g_rot[:, r], a_rot).square().sum(0)
     return out
 
 
