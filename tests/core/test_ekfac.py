@@ -16,11 +16,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dask_influence.core.solvers import ekfac as ekfac_module
 from dask_influence.core.solvers.direct import DirectInfluence
 from dask_influence.core.solvers.ekfac import EkfacInfluence
 from dask_influence.errors import NotPositiveDefiniteError
 
 DT = torch.float64
+
+
+@pytest.fixture(params=["layers", "flat"])
+def scoring(request, monkeypatch):
+    """Both routes of up-weighting scores: per-layer contractions, and flat per-sample gradients."""
+    monkeypatch.setattr(ekfac_module, "FLAT_SCORING_MAX_PARAMS", 0 if request.param == "layers" else 10**9)
+    return request.param
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -165,7 +173,7 @@ def test_factors_match_brute_force_for_two_linear_layers():
     "conv_args",
     [dict(padding=1), dict(stride=2, bias=False), dict(padding="same", padding_mode="reflect", dilation=2)],
 )
-def test_conv2d_gradients_from_factors_equal_torch_func(conv_args):
+def test_conv2d_gradients_from_factors_equal_torch_func(conv_args, scoring):
     """For Conv2d the per-sample gradient is ``sum_t g_t a_t^T`` over the patches ``t``.
 
     Checked against ``torch.func`` per-sample gradients; the EK-FAC eigenvalues against the
@@ -204,7 +212,7 @@ class SharedOverPositions(nn.Module):
         return self.head(h.mean(1))
 
 
-def test_sequence_positions_and_reused_layers():
+def test_sequence_positions_and_reused_layers(scoring):
     """Positions and repeated calls both add ``g_t a_t^T`` terms to a sample's gradient."""
     torch.manual_seed(15)
     model = SharedOverPositions().to(DT).eval()
@@ -226,7 +234,7 @@ def fitted():
     return EkfacInfluence(model, nn.CrossEntropyLoss(), regularization=0.1, chunk_size=6).fit((x, y)), x, y
 
 
-def test_influence_paths_agree(fitted):
+def test_influence_paths_agree(fitted, scoring):
     ek, x, y = fitted
     full = ek.influences(x[:7], y[:7], x, y)
     factors = ek.influence_factors(x[:7], y[:7])

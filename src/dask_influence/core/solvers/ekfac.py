@@ -71,6 +71,11 @@ def _freeze_hint(module_name: str, param_name: str) -> str:
     return f"model.{param_name}.requires_grad_(False)"
 
 
+# Up to this many parameters EK-FAC scores by flat per-sample gradients (vmap + one product),
+# which beat its per-layer contractions there (measured in docs/benchmarks.md).
+FLAT_SCORING_MAX_PARAMS = 50_000
+
+
 def find_layers(model: nn.Module, spec: ParamSpec, layers: Sequence[str] | None = None) -> list[KroneckerLayer]:
     """The supported layers that hold the trainable parameters, in flat-vector order.
 
@@ -483,10 +488,16 @@ class EkfacInfluence(InfluenceModel):
         return torch.cat([self._solve(flat) for flat in self._flat_grads(x_test, y_test, ("x_test", "y_test"))])
 
     def influences_from_factors(self, factors: Tensor, x: Any, y: Any, mode: str | InfluenceMode = "up") -> Tensor:
-        """Influences ``(n_test, n)`` (mode ``"up"``, computed layer by layer without flat
-        training gradients) or ``(n_test, n, *x.shape[1:])`` (mode ``"perturbation"``)."""
+        """Influences ``(n_test, n)`` (mode ``"up"``) or ``(n_test, n, *x.shape[1:])`` (mode ``"perturbation"``).
+
+        Up-weighting influences of a model with more than :data:`FLAT_SCORING_MAX_PARAMS`
+        parameters are computed layer by layer from the layers' inputs and output gradients,
+        without flat ``(n, p)`` training gradients; on smaller models, where the hooks and the
+        per-layer contractions cost more than the gradients, by the flat route of the other
+        solvers (vmapped per-sample gradients and one product). Both give the same numbers.
+        """
         mode = InfluenceMode.parse(mode)
-        if mode is not InfluenceMode.up:
+        if mode is not InfluenceMode.up or self.num_params <= FLAT_SCORING_MAX_PARAMS:
             return super().influences_from_factors(factors, x, y, mode=mode)
         self._require_fitted()
         factors = self._check_factors(factors)
