@@ -15,8 +15,8 @@ from dask.base import tokenize
 from distributed import get_task_stream, wait
 
 import dask_influence as di
-from dask_influence.mapping.fitting import (ClusterTrainBlocks, LocalTrainBlocks, Payload, contiguous_groups,
-                                            curvature_block)
+from dask_influence.mapping.fitting import (ClusterTrainBlocks, LocalTrainBlocks, contiguous_groups,
+                                            curvature_block, new_payload)
 from dask_influence.mapping.literals import Literal
 from dask_influence.mapping.sources import as_source
 from fit_cases import make_problem
@@ -42,7 +42,7 @@ class Unpicklable:
 def test_literals_and_payloads_are_not_pickled_to_tokenize():
     assert tokenize(Literal(Unpicklable(), "abc")) == tokenize(Literal(Unpicklable(), "abc"))
     assert tokenize(Literal(Unpicklable(), "abc")) != tokenize(Literal(Unpicklable(), "abd"))
-    one, two = Payload(Unpicklable()), Payload(Unpicklable())
+    one, two = new_payload(Unpicklable()), new_payload(Unpicklable())
     assert tokenize(one) == tokenize(one) and tokenize(one) != tokenize(two)
 
 

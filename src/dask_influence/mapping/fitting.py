@@ -57,18 +57,10 @@ SMALL_PAYLOAD = 2**20  # bytes; a larger payload (the vectors V) is broadcast to
 
 
 # -- per-block task functions (run on the workers; numpy in, numpy out) ------------------------
-class Payload:
-    """A value shipped to every task of a pass as one object (Dask does not look inside it).
-
-    Its Dask token is a random id: tokenizing the value itself would pickle it.
-    """
-
-    def __init__(self, value: Any):
-        self.value = value
-        self._token = uuid.uuid4().hex
-
-    def __dask_tokenize__(self) -> str:
-        return self._token
+def new_payload(value: Any) -> Literal:
+    """A value shipped to every task of a pass as one object, with a random Dask token
+    (tokenizing the value itself would pickle it); tasks read ``payload.value``."""
+    return Literal(value, uuid.uuid4().hex)
 
 
 def _block_tensors(solver: InfluenceModel, block: tuple[np.ndarray, np.ndarray], start: int) -> tuple[Tensor, Tensor]:
@@ -86,7 +78,7 @@ def _block_operator(solver: InfluenceModel) -> CurvatureOperator:
     return CurvatureOperator(solver._functions, theta, None, solver.curvature)  # type: ignore[arg-type]
 
 
-def inspect_block(solver: InfluenceModel, block: tuple, start: int, weight: float, payload: Payload) -> str:
+def inspect_block(solver: InfluenceModel, block: tuple, start: int, weight: float, payload: Literal) -> str:
     """Validate a block (finite, feature shape; the loss on block 0) and return its sha256."""
     tasks._match_threads()
     x, y = _block_tensors(solver, block, start)
@@ -103,7 +95,7 @@ def inspect_block(solver: InfluenceModel, block: tuple, start: int, weight: floa
     return digest.hexdigest()
 
 
-def curvature_block(solver: InfluenceModel, block: tuple, start: int, weight: float, payload: Payload) -> np.ndarray:
+def curvature_block(solver: InfluenceModel, block: tuple, start: int, weight: float, payload: Literal) -> np.ndarray:
     """``(n_b / n) * H_b V`` of one block for ``V`` ``(p, k)``: ``(p, k)``."""
     tasks._match_threads()
     x, y = _block_tensors(solver, block, start)
@@ -111,7 +103,7 @@ def curvature_block(solver: InfluenceModel, block: tuple, start: int, weight: fl
     return to_numpy(weight * _block_operator(solver).batch_matmat(x, y, v))
 
 
-def dense_block(solver: InfluenceModel, block: tuple, start: int, weight: float, payload: Payload) -> list[np.ndarray]:
+def dense_block(solver: InfluenceModel, block: tuple, start: int, weight: float, payload: Literal) -> list[np.ndarray]:
     """``(n_b / n) * H_b`` of one block, restricted to each ``(start, stop)`` range: ``[(p_r, p_r), ...]``."""
     tasks._match_threads()
     ranges, column_chunk = payload.value
@@ -130,7 +122,7 @@ def dense_block(solver: InfluenceModel, block: tuple, start: int, weight: float,
     return out
 
 
-def ekfac_block(solver: EkfacInfluence, block: tuple, start: int, weight: float, payload: Payload) -> list[np.ndarray]:
+def ekfac_block(solver: EkfacInfluence, block: tuple, start: int, weight: float, payload: Literal) -> list[np.ndarray]:
     """One block's EK-FAC sums (:meth:`EkfacInfluence.block_sums`), float64."""
     tasks._match_threads()
     kind, factors = payload.value
@@ -149,7 +141,7 @@ def add_results(a: Any, b: Any) -> Any:
 
 
 # -- where the blocks are and how a pass runs over them -------------------------------------------
-BlockFunction = Callable[[InfluenceModel, tuple, int, float, Payload], Any]
+BlockFunction = Callable[[InfluenceModel, tuple, int, float, Literal], Any]
 
 
 class TrainBlocks:
@@ -207,14 +199,14 @@ class TrainBlocks:
     def _tasks(self, fn: BlockFunction, payload: Any) -> tuple[dict, list]:
         self.sweeps += 1
         name = f"fit-{fn.__name__.replace('_', '-')}-{self._token}-{self.sweeps}"
-        solver, blocks, box, dsk = self._refs(Payload(payload))
+        solver, blocks, box, dsk = self._refs(new_payload(payload))
         keys = []
         for k, (start, size) in enumerate(zip(self.starts, self.sizes)):
             dsk[(name, 0, k)] = (fn, solver, blocks[k], start, size / self.n, box)
             keys.append((name, 0, k))
         return dsk, keys
 
-    def _refs(self, payload: Payload) -> tuple[Any, list, Any, dict]:
+    def _refs(self, payload: Literal) -> tuple[Any, list, Any, dict]:
         """References to the solver, the blocks and the payload, and the graph they need."""
         raise NotImplementedError
 
@@ -251,7 +243,7 @@ class LocalTrainBlocks(TrainBlocks):
         self._solver = solver
         self._block_keys = [(f"fit-block-{self._token}", k) for k in range(len(self.sizes))]
 
-    def _refs(self, payload: Payload) -> tuple[Any, list, Any, dict]:
+    def _refs(self, payload: Literal) -> tuple[Any, list, Any, dict]:
         dsk = {**self.source.graph(), f"fit-solver-{self._token}": self._solver,
                f"fit-payload-{self._token}": payload}
         for k, key in enumerate(self._block_keys):
@@ -296,7 +288,7 @@ class ClusterTrainBlocks(TrainBlocks):
                 for k, future in zip(members, futures):
                     self._blocks[k] = future
 
-    def _refs(self, payload: Payload) -> tuple[Any, list, Any, dict]:
+    def _refs(self, payload: Literal) -> tuple[Any, list, Any, dict]:
         from dask.sizeof import sizeof
 
         if sizeof(payload.value) < SMALL_PAYLOAD:  # travels with the graph: one round trip less

@@ -332,10 +332,9 @@ class EkfacInfluence(InfluenceModel):
         totals: list[Tensor | None] = list(sweep("covariance", None))
         factors = []
         for i, layer in enumerate(self._layers):  # one layer's float64 eigh at a time, sums released
-            a, g = totals[2 * i], totals[2 * i + 1]
-            totals[2 * i] = totals[2 * i + 1] = None
-            factors.append(FactorSums.from_totals(layer.name, a, g).eigh(n, self.dtype))  # type: ignore[arg-type]
-            del a, g
+            sums = FactorSums.from_totals(layer.name, totals[2 * i], totals[2 * i + 1])  # type: ignore[arg-type]
+            totals[2 * i] = totals[2 * i + 1] = None  # only `sums` holds them now; its eigh lets go
+            factors.append(sums.eigh(n, self.dtype))
         if self.update_diagonal:
             corrected = sweep("corrected", tuple(factors))
             factors = [
