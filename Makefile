@@ -1,6 +1,7 @@
 # Two commands a newcomer needs; each creates (or reuses) .venv and installs what it needs.
 #   make demo   - the main job: find flipped labels in the wine data by influence
 #   make test   - the test suite
+#   make lint   - ruff (lint and format check) and mypy; CI runs it before the tests
 #   make bench-env - pyDVL 0.10.0 in its own environment (benchmarks/.venv-pydvl; it pins numpy<2)
 #   make bench  - the benchmark against the lower bound and pyDVL (docs/benchmarks.md; ~1 hour on 2 cores)
 PYTHON ?= python3
@@ -13,7 +14,7 @@ PIP_CONSTRAINTS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 
 PYDVL_VENV ?= benchmarks/.venv-pydvl
 
-.PHONY: install demo test clean bench-env bench
+.PHONY: install demo test lint clean bench-env bench
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +28,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Configured in pyproject.toml ([tool.ruff], [tool.mypy]).
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff format --check src tests benchmarks examples
+	$(BIN)/mypy
 
 bench-env:
 	test -x $(PYDVL_VENV)/bin/python || $(PYTHON) -m venv $(PYDVL_VENV)

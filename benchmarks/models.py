@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -82,7 +81,7 @@ class PeakMemory:
         self.peak_bytes: int | None = None
         self._base = 0
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         try:
             with open("/proc/self/clear_refs", "w") as fh:
                 fh.write("5")

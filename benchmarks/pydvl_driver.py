@@ -49,8 +49,14 @@ class Driver:
         return {"pydvl": pydvl.__version__, "torch": torch.__version__, "numpy": np.__version__}
 
     def make(self, name: str, p: dict):
-        from pydvl.influence.torch import (ArnoldiInfluence, CgInfluence, DirectInfluence, EkfacInfluence,
-                                           LissaInfluence, NystroemSketchInfluence)
+        from pydvl.influence.torch import (
+            ArnoldiInfluence,
+            CgInfluence,
+            DirectInfluence,
+            EkfacInfluence,
+            LissaInfluence,
+            NystroemSketchInfluence,
+        )
 
         m, loss, lam = self.model, loss_fn(), p["regularization"]
         if name == "Direct":

@@ -81,7 +81,8 @@ DEFAULTS = {
     "Nystroem": {"rank": 20},
 }
 
-_DIRECT_BIG = "DirectInfluence forms the p x p curvature with p curvature-vector sweeps over the training set; over the time budget here"
+_DIRECT_BIG = ("DirectInfluence forms the p x p curvature with p curvature-vector sweeps over the training set; "
+               "over the time budget here")
 _PYDVL_BUDGET = "pyDVL run skipped to keep the full run within its time budget"
 _PYDVL_CONV = "pyDVL's EkfacInfluence supports only Linear layers"
 
@@ -226,8 +227,9 @@ def compare(values: np.ndarray, reference: np.ndarray | None) -> dict:
 # -- Dask ----------------------------------------------------------------------------------------
 def run_dask(pb: Problem, solver_name: str, p: dict, chunk: int, train_block: int, pydvl: PydvlProcess | None,
              tmp: Path) -> dict:
-    import dask_influence as di
     from distributed import Client, LocalCluster
+
+    import dask_influence as di
 
     solver = make_ours(solver_name, pb.model, p, chunk).fit((pb.x_train, pb.y_train))
     test, train = (pb.x_test, pb.y_test), (pb.x_train, pb.y_train)
@@ -407,13 +409,15 @@ def markdown(report: dict) -> str:
              f"pyDVL: {report.get('pydvl_note') or report.get('pydvl_versions', {}).get('pydvl', '-')}.", ""]
     for res in report["configs"]:
         lb = res["lower_bound"]
-        ref = {"Direct": "DirectInfluence", "CG": "CG with rtol 1e-5 (the CG rows)", "none": "none (nothing exact fits the budget)"}[res["reference"]]
+        ref = {"Direct": "DirectInfluence", "CG": "CG with rtol 1e-5 (the CG rows)",
+               "none": "none (nothing exact fits the budget)"}[res["reference"]]
         lines += [f"### {res['model']}, {res['params']:,} parameters, n_train = {res['n_train']:,}, n_test = {res['n_test']}", "",
                   f"Lower bound (gradients + one product, fastest of {len(lb['runs'])} runs interleaved with the solvers): "
                   f"**{lb['total_s']:.3f} s** (test gradients {lb['test_grads_s']:.3f} s, train gradients and product "
                   f"{lb['scoring_s']:.3f} s; median {lb['median_total_s']:.3f} s). Accuracy reference: {ref}. "
                   f"Times in seconds, memory in MiB above the process's baseline.", "",
-                  "| solver | impl | fit | factors | scoring | scoring / LB | end to end | peak fit | peak infl. | Pearson vs ref | rel. error | ours / pyDVL agree | speed-up vs pyDVL |",
+                  "| solver | impl | fit | factors | scoring | scoring / LB | end to end | peak fit | peak infl. "
+                  "| Pearson vs ref | rel. error | ours / pyDVL agree | speed-up vs pyDVL |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for name in SOLVERS:
             for impl, row in (("ours", res["solvers"].get(name)), ("pyDVL", res["pydvl"].get(name))):
@@ -424,16 +428,19 @@ def markdown(report: dict) -> str:
                     continue
                 ref_mark = " (ref)" if row.get("is_reference") else ""
                 lines.append(
-                    f"| {name}{ref_mark} | {impl} | {_f(row['fit_s'])} | {_f(row['factors_s'])} | {_f(row['scoring_s'])} | "
-                    f"{_f(row['scoring_vs_lower_bound'], '{:.2f}x')} | {_f(row['end_to_end_s'])} | {_mib(row['peak_fit_bytes'])} | "
-                    f"{_mib(row['peak_influence_bytes'])} | {_f(row.get('pearson'), '{:.4f}')} | {_f(row.get('rel_error'), '{:.3g}')} | "
+                    f"| {name}{ref_mark} | {impl} | {_f(row['fit_s'])} | {_f(row['factors_s'])} | "
+                    f"{_f(row['scoring_s'])} | {_f(row['scoring_vs_lower_bound'], '{:.2f}x')} | "
+                    f"{_f(row['end_to_end_s'])} | {_mib(row['peak_fit_bytes'])} | "
+                    f"{_mib(row['peak_influence_bytes'])} | {_f(row.get('pearson'), '{:.4f}')} | "
+                    f"{_f(row.get('rel_error'), '{:.3g}')} | "
                     f"{_f(row.get('agreement_with_ours'), '{:.4f}')} | {_f(row.get('speedup_vs_pydvl'), '{:.1f}x')} |")
         if res["skipped"]:
             lines += ["", "Skipped: " + "; ".join(f"{k}: {v}" for k, v in res["skipped"].items()) + "."]
         if "dask" in res:
             d = res["dask"]
-            lines += ["", f"Dask calculators ({d['solver']}, {d['n_test']} x {d['n_train']:,}, train blocks of {d['train_block']:,}, "
-                          "clusters started before timing):", "", "| configuration | seconds |", "| --- | --- |"]
+            lines += ["", f"Dask calculators ({d['solver']}, {d['n_test']} x {d['n_train']:,}, "
+                          f"train blocks of {d['train_block']:,}, clusters started before timing):",
+                      "", "| configuration | seconds |", "| --- | --- |"]
             lines += [f"| {k} | {v:.2f} |" for k, v in d["seconds"].items()]
             extra = [f"2 vs 1 worker: {d['speedup_2_vs_1_worker']:.2f}x faster",
                      f"8 vs 1 test blocks: {d['cost_8_vs_1_test_blocks']:.2f}x the time"]

@@ -37,18 +37,19 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import inspect
 import os
 import re
 import sys
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from .core.solvers.registry import SOLVERS, solver_class
 from .errors import JobFileError
+from .storage.urls import is_url
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -73,15 +74,21 @@ __all__ = [
 DEFAULT_BLOCK_SIZE = 256
 MODES = ("up", "perturbation")
 
-#: ``[solver] method`` -> name of the solver class in ``dask_influence``.
-SOLVER_METHODS = {
-    "direct": "DirectInfluence",
-    "cg": "CgInfluence",
-    "lissa": "LissaInfluence",
-    "arnoldi": "ArnoldiInfluence",
-    "nystroem": "NystroemSketchInfluence",
-    "ekfac": "EkfacInfluence",
-}
+class _MethodNames(Mapping):
+    """``[solver] method`` -> name of the solver class: a live view of the solver registry."""
+
+    def __getitem__(self, key: str) -> str:
+        return SOLVERS[key].__name__
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(SOLVERS)
+
+    def __len__(self) -> int:
+        return len(SOLVERS)
+
+
+#: ``[solver] method`` -> name of the solver class (from :data:`~dask_influence.core.solvers.registry.SOLVERS`).
+SOLVER_METHODS: Mapping[str, str] = _MethodNames()
 
 # keys of each section (the [solver] keys besides `method` come from the solver class)
 SECTIONS: dict[str, tuple[str, ...]] = {
@@ -94,8 +101,6 @@ SECTIONS: dict[str, tuple[str, ...]] = {
 REQUIRED_SECTIONS = ("model", "solver", "output")
 LOCAL_KEYS = ("workers", "threads", "memory_limit")
 _FACTORY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
-# parameters of a solver's __init__ that a job file cannot set
-_NOT_PARAMETERS = ("self", "model", "loss")
 
 
 # -- the parsed job ---------------------------------------------------------------------------
@@ -143,13 +148,11 @@ class SolverSection:
 
     @property
     def class_name(self) -> str:
-        return SOLVER_METHODS[self.method]
+        return self.solver_class.__name__
 
     @property
     def solver_class(self) -> type:
-        import dask_influence
-
-        return getattr(dask_influence, self.class_name)
+        return solver_class(self.method)
 
 
 @dataclass(frozen=True)
@@ -355,42 +358,31 @@ def _fit_keys(table: dict, base: Path, problems: list[str]) -> dict[str, Any]:
             problems.append(f"[solver] fit_file must be a path or URL; got {_describe(value)}.")
         else:
             value = value.strip()
-            if "://" not in value:
+            if not is_url(value):
                 value = os.path.expanduser(value)
                 value = value if os.path.isabs(value) else str(base / value)
             out["fit_file"] = value
     return out
 
 
-def solver_parameters(method: str) -> dict[str, inspect.Parameter]:
-    """The keyword parameters a job file may give for ``method`` (from the class's ``__init__``)."""
-    import dask_influence
-
-    cls = getattr(dask_influence, SOLVER_METHODS[method])
-    signature = inspect.signature(cls.__init__)
-    return {name: p for name, p in signature.parameters.items()
-            if name not in _NOT_PARAMETERS and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+def solver_parameters(method: str) -> dict[str, Any]:
+    """The keys a job file may give for ``method``: ``{name: type}`` of its configuration's fields."""
+    return solver_class(method).config_class.types()
 
 
 def _check_solver_params(section: SolverSection, problems: list[str]) -> None:
-    import dask_influence
-
-    cls = getattr(dask_influence, section.class_name)
-    allowed = solver_parameters(section.method)
-    try:
-        hints = typing.get_type_hints(cls.__init__)
-    except Exception:  # unresolvable annotations: check names only
-        hints = {}
+    config_class = section.solver_class.config_class
+    allowed = config_class.types()
     for name, value in section.params.items():
         if name not in allowed:
             problems.append(f"[solver] unknown key {name!r}"
                             f"{_suggest(name, ['method', *allowed, *FIT_KEYS], what=f'keys for method {section.method!r}')}")
             continue
-        problem = _check_type(value, hints.get(name, Any))
+        problem = _check_type(value, allowed[name])
         if problem:
             problems.append(f"[solver] {name} {problem}; got {_describe(value)}.")
-    for name, p in allowed.items():
-        if p.default is inspect.Parameter.empty and name not in section.params:
+    for name in config_class.required():
+        if name not in section.params:
             problems.append(f"[solver] {name} is required for method {section.method!r}.")
 
 
@@ -449,9 +441,9 @@ def _output(table: dict | None, base: Path, problems: list[str]) -> OutputSectio
         ok = False
     else:
         store = store.strip()
-        if "://" not in store and not os.path.isabs(os.path.expanduser(store)):
+        if not is_url(store) and not os.path.isabs(os.path.expanduser(store)):
             store = str(base / store)
-        elif "://" not in store:
+        elif not is_url(store):
             store = os.path.expanduser(store)
     mode = table.get("mode", "up")
     if not isinstance(mode, str) or mode.strip().lower() not in MODES:

@@ -7,8 +7,15 @@ import pytest
 
 import dask_influence as di
 from dask_influence.errors import JobFileError
-from dask_influence.jobfile import (Job, SOLVER_METHODS, load_job, load_problem, make_solver, parse_job,
-                                    solver_parameters)
+from dask_influence.jobfile import (
+    SOLVER_METHODS,
+    Job,
+    load_job,
+    load_problem,
+    make_solver,
+    parse_job,
+    solver_parameters,
+)
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "batch_job"
 

@@ -306,7 +306,7 @@ def test_unreachable_scheduler(tmp_path):
     with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
         result = invoke("run", job, "--quiet", "--scheduler", f"tcp://127.0.0.1:{_free_port()}")
     assert result.exit_code == 1
-    assert result.output.startswith(f"Error: cannot connect to the Dask scheduler at tcp://127.0.0.1:")
+    assert result.output.startswith("Error: cannot connect to the Dask scheduler at tcp://127.0.0.1:")
     assert "(from --scheduler)" in result.output
 
 

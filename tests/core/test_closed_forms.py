@@ -19,9 +19,9 @@ from influence_reference import (
     classification_data,
     loader,
     pearson,
-    regression_data,
     reference_hessian,
     reference_influences,
+    regression_data,
     rel_err,
     train_lbfgs,
 )
@@ -39,9 +39,12 @@ def _ridge(bias: bool):
     """
     x, y = regression_data(N + 6, D, seed=11)
     x_train, y_train, x_test, y_test = x[:N], y[:N], x[N:], y[N:]
+
     # design with a constant column when the layer has a bias; flattening order is
     # weight (1, D) then bias (1,)
-    aug = lambda a: torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], 1) if bias else a
+    def aug(a):
+        return torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], 1) if bias else a
+
     xa, xa_test = aug(x_train), aug(x_test)
     p = xa.shape[1]
     hess = 2 * xa.T @ xa / N  # Hessian of mean (x^T w - y)^2
@@ -147,7 +150,7 @@ def test_ragged_last_batch_weighting_cg():
 C, DL = 3, 4
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _logistic():
     x, labels = classification_data(N + 6, DL, C, seed=5)
     x_train, y_train, x_test, y_test = x[:N], labels[:N], x[N:], labels[N:]
@@ -251,9 +254,9 @@ def _reference_ggn(model, loss, x, y):
     total = 0
     for i in range(x.shape[0]):
         xi, yi = x[i : i + 1], y[i : i + 1]
-        jac = torch.autograd.functional.jacobian(lambda t: out(t, xi), theta)  # (o, p)
+        jac = torch.autograd.functional.jacobian(lambda t, xi=xi: out(t, xi), theta)  # (o, p)
         o = out(theta, xi).detach()
-        h_out = torch.autograd.functional.hessian(lambda v: loss(v.view(1, -1), yi), o)
+        h_out = torch.autograd.functional.hessian(lambda v, yi=yi: loss(v.view(1, -1), yi), o)
         total = total + jac.T @ h_out @ jac
     return total / x.shape[0]
 

@@ -155,7 +155,7 @@ def test_factors_match_brute_force_for_two_linear_layers():
     for xi, yi in zip(x, y):
         s0 = model[0](xi).detach()
         out = model[1:](s0).detach()
-        h_out = torch.autograd.functional.hessian(lambda o: loss(o[None], yi[None]), out)
+        h_out = torch.autograd.functional.hessian(lambda o, yi=yi: loss(o[None], yi[None]), out)
         jac = torch.autograd.functional.jacobian(lambda s: model[1:](s), s0)
         a_hidden = torch.cat([torch.tanh(s0), torch.ones(1, dtype=DT)])
         a0 += torch.outer(xi, xi)
@@ -256,7 +256,10 @@ def test_perturbation_is_the_input_derivative_of_the_up_influence(fitted):
     for k in range(4):
         step = torch.zeros_like(x[:3])
         step[:, k] = h
-        up = lambda xx: ek.influences_from_factors(factors, xx, y[:3], mode="up")
+
+        def up(xx):
+            return ek.influences_from_factors(factors, xx, y[:3], mode="up")
+
         assert rel_err((up(x[:3] + step) - up(x[:3] - step)) / (2 * h), pert[:, :, k]) < 1e-6
 
 
@@ -298,8 +301,9 @@ def test_threads_sharing_one_model_get_the_sequential_results():
     the process-wide forward lock of ``core.gradients`` (as in a Dask worker's threads);
     construction reads the trainable parameters, which a concurrent forward swaps for plain
     tensors, so it holds the lock too. Without the lock this fails in most runs (hooks of
-    another thread's capture see a foreign batch). Each thread uses its own number of samples, so a hook of another thread's capture would
-    show up as a wrong shape or extra positions. No hook is left on the model afterwards.
+    another thread's capture see a foreign batch). Each thread uses its own number of samples,
+    so a hook of another thread's capture would show up as a wrong shape or extra positions.
+    No hook is left on the model afterwards.
     """
     model = mlp()
     x, y = data(40, 4, 3, seed=16)

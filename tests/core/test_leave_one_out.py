@@ -115,9 +115,10 @@ def ring():
 def _retrain_changes(ring, delta):
     """Actual change of every test loss when sample j gets weight 1 - delta: ``(20, N)``."""
     model, x, y, x_test, y_test = ring
-    test_losses = lambda m: nn.functional.binary_cross_entropy_with_logits(
-        m(x_test), y_test, reduction="none"
-    ).squeeze(1)
+
+    def test_losses(m):
+        return nn.functional.binary_cross_entropy_with_logits(m(x_test), y_test, reduction="none").squeeze(1)
+
     with torch.no_grad():
         base = test_losses(model)
     actual = torch.empty(x_test.shape[0], N, dtype=torch.float64)

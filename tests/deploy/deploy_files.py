@@ -10,9 +10,10 @@ from __future__ import annotations
 import importlib.util
 import re
 import shlex
-from functools import lru_cache
+from collections.abc import Iterator
+from functools import cache
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 
@@ -38,7 +39,7 @@ def kubernetes_files() -> list[Path]:
     return sorted(KUBERNETES.glob("*.yaml")) + [HELM / "job.yaml"]
 
 
-@lru_cache(maxsize=None)
+@cache
 def kubernetes_resources() -> tuple[tuple[Path, dict], ...]:
     """Every Kubernetes resource in deploy/kubernetes and deploy/helm/job.yaml."""
     return tuple((path, doc) for path in kubernetes_files() for doc in load_documents(path))
@@ -67,7 +68,7 @@ def crd_directory() -> Path:
     return Path(spec.origin).parent / "operator" / "deployment" / "helm" / "dask-kubernetes-operator" / "crds"
 
 
-@lru_cache(maxsize=None)
+@cache
 def crd_schemas() -> dict[tuple[str, str], dict]:
     """``(kind, version) -> openAPIV3Schema`` of every operator CRD."""
     schemas = {}

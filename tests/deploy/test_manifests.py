@@ -9,7 +9,6 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-import yaml
 from packaging.requirements import Requirement
 from packaging.version import Version
 
@@ -19,7 +18,6 @@ from deploy_files import (
     DOCKERFILES,
     HELM_LAYOUT,
     IMAGE,
-    KUBERNETES,
     ROOT,
     compose,
     containers,

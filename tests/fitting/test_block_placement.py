@@ -15,8 +15,13 @@ from dask.base import tokenize
 from distributed import get_task_stream, wait
 
 import dask_influence as di
-from dask_influence.mapping.fitting import (ClusterTrainBlocks, LocalTrainBlocks, contiguous_groups,
-                                            curvature_block, new_payload)
+from dask_influence.mapping.fitting import (
+    ClusterTrainBlocks,
+    LocalTrainBlocks,
+    contiguous_groups,
+    curvature_block,
+    new_payload,
+)
 from dask_influence.mapping.literals import Literal
 from dask_influence.mapping.sources import as_source
 from fit_cases import make_problem

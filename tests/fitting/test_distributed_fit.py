@@ -2,9 +2,7 @@
 state and the influences of an ordinary in-process fit, for every solver, with uneven blocks."""
 
 import dask.array as da
-import numpy as np
 import pytest
-import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import dask_influence as di

@@ -9,7 +9,6 @@ from torch.utils.data import DataLoader, TensorDataset
 import dask_influence as di
 
 
-
 def rel_err(a, b):
     a, b = np.asarray(a), np.asarray(b)
     return float(np.abs(a - b).max() / np.abs(b).max())

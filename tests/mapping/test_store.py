@@ -61,7 +61,8 @@ def test_resume_computes_only_missing_chunks(problem, tmp_path, cluster_client):
         group["influences_done"][i, j] = 0
         group["influences"][i * 7:(i + 1) * 7, j * 10:(j + 1) * 10] = np.nan
     group["topk_done"][1] = 0
-    attrs = dict(group.attrs["dask_influence"]); attrs["complete"] = False
+    attrs = dict(group.attrs["dask_influence"])
+    attrs["complete"] = False
     group.attrs["dask_influence"] = attrs
     assert not zstore.is_complete(group)
     resumed = calc.influences_to_zarr(t, r, path, top_k=3, resume=True)

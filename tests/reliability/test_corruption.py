@@ -106,9 +106,9 @@ def test_damaged_chunks_are_detected_by_resume_and_recomputed(job, tmp_path):
     # the repaired store verifies clean; a complete store resumes with nothing to do
     calc, _ = run(job, path, resume=True)
     assert calc.last_run_["chunks_computed"] == 0 and calc.last_run_["verify"]["damaged"] == {}
-    print(f"\nMEASURED corruption: 6 faults injected (3 influence chunks, 1 flag, 1 self-influence chunk, "
-          f"1 top-k chunk); all detected; 4 influence chunks + 1 self block + 1 top-k row recomputed; "
-          f"equal to clean run (bit-identical)")
+    print("\nMEASURED corruption: 6 faults injected (3 influence chunks, 1 flag, 1 self-influence chunk, "
+          "1 top-k chunk); all detected; 4 influence chunks + 1 self block + 1 top-k row recomputed; "
+          "equal to clean run (bit-identical)")
 
 
 def test_a_complete_store_found_damaged_is_marked_incomplete_until_repaired(job, tmp_path, monkeypatch):

@@ -28,11 +28,10 @@ from click.testing import CliRunner
 from torch.utils.data import DataLoader
 
 import dask_influence as di
+import reliability_problem as rp
 from dask_influence.cli.main import cli
 from dask_influence.mapping.lock import lock_path, read_lock
 from dask_influence.mapping.store import ATTR, is_complete
-
-import reliability_problem as rp
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent

@@ -41,9 +41,11 @@ def demo(store: str, solver: str, n_flipped: int, top: int, workers: int | None,
     harmful.
     """
     import torch
+    import zarr
     from torch.utils.data import DataLoader, TensorDataset
 
     import dask_influence as di
+
     from ..demo import rank_harmful, wine_outlier_problem
 
     start = time.perf_counter()
@@ -59,6 +61,7 @@ def demo(store: str, solver: str, n_flipped: int, top: int, workers: int | None,
     test = DataLoader(TensorDataset(problem.x_test, problem.y_test), batch_size=16)
     model.fit(train)
 
+    calc: di.SequentialInfluenceCalculator | di.DaskInfluenceCalculator
     if sequential:
         calc = di.SequentialInfluenceCalculator(model, progress=not quiet)
         where = "in this process"
@@ -75,6 +78,7 @@ def demo(store: str, solver: str, n_flipped: int, top: int, workers: int | None,
         client.close()
 
     influences = group["influences"]
+    assert isinstance(influences, zarr.Array)
     mean = np.asarray(influences[...]).mean(axis=0)
     ranked = rank_harmful(mean, top)
     flipped = set(problem.flipped.tolist())

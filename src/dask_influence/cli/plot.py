@@ -14,7 +14,7 @@ import re
 import click
 import numpy as np
 
-from .inspect import mean_influence, open_store, require_up_mode
+from ..storage.read import mean_influence, open_store, require_up_mode
 
 
 def parse_suspects(value: str, n_train: int) -> np.ndarray:
@@ -67,7 +67,7 @@ def histogram(mean: np.ndarray, out: str, *, suspects: np.ndarray | None = None,
     fig = Figure(figsize=(7.5, 4.2), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    edges = np.histogram_bin_edges(mean[finite], bins=bins)
+    edges = np.histogram_bin_edges(mean[finite], bins=bins).tolist()
     others = mean[finite & ~is_suspect]
     label = "other training points" if is_suspect.any() else "training points"
     ax.hist(others, bins=edges, color="#4C72B0", alpha=0.85, label=f"{label} ({others.size:,})")

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import click
 
@@ -112,7 +113,7 @@ def run_job(job_file: str | os.PathLike, *, scheduler: str | None = None, resume
     from torch.utils.data import DataLoader
 
     from ..jobfile import load_job, load_problem, make_solver
-    from ..mapping.store import completion, is_complete
+    from ..storage.store import completion, is_complete
 
     start = time.perf_counter()
     job = load_job(job_file)
@@ -139,6 +140,7 @@ def run_job(job_file: str | os.PathLike, *, scheduler: str | None = None, resume
         fit_path = _fit(job, solver, train, calc if distributed else None, where, refit=refit, quiet=quiet)
         if fit_only:
             return True, f"Fitted: {fit_path} in {time.perf_counter() - start:.1f} s; runs of this job reuse it."
+        assert calc is not None  # _calculator() made one: influences are computed
         _say(quiet, f"Computing influences of {n_train:,} training points on {n_test:,} test points "
                     f"(blocks of {job.blocks.test:,} x {job.blocks.train:,}) {where}...")
         calc.influences_to_zarr(test, train, job.output.store, mode=job.output.mode, resume=resume,
@@ -192,12 +194,13 @@ def _check_store_early(store: str, *, resume: bool, overwrite: bool, break_lock:
     A path that is a file or cannot be written, a store locked by a live job, and an existing
     local store without ``--resume`` or ``--overwrite``.
     """
-    from ..mapping.lock import check_lock
-    from ..mapping.store import check_path
+    from ..storage.lock import check_lock
+    from ..storage.store import check_path
+    from ..storage.urls import is_url
 
     check_path(store)
     check_lock(store, break_lock=break_lock)
-    if resume or overwrite or "://" in store:
+    if resume or overwrite or is_url(store):
         return
     if os.path.isdir(store) and os.listdir(store):
         raise StoreError(f"The output store {store!r} already exists; pass --resume to complete it "

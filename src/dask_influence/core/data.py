@@ -179,9 +179,9 @@ class TrainingData:
         dataset = getattr(self._source, "dataset", None)
         if dataset is not None and hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"):
             n = len(dataset)
-            idx = torch.randperm(n, generator=generator)[:batch_size].tolist()
+            picks = torch.randperm(n, generator=generator)[:batch_size].tolist()
             collate = getattr(self._source, "collate_fn", None) or torch.utils.data.default_collate
-            bx, by = _split_batch(collate([dataset[i] for i in idx]))
+            bx, by = _split_batch(collate([dataset[i] for i in picks]))
             x = to_tensor(bx, "training inputs", dtype=self.dtype, device=self.device)
             y = to_tensor(by, "training targets", dtype=self.dtype, device=self.device)
             check_pair(x, y, "training inputs", "training targets")

@@ -13,8 +13,8 @@ curvature the solvers use is the mean of the per-sample losses over the whole tr
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -46,7 +46,8 @@ class ParamSpec:
     device: torch.device
 
     @classmethod
-    def from_model(cls, model: nn.Module) -> "ParamSpec":
+    def from_model(cls, model: nn.Module) -> ParamSpec:
+        """The spec of ``model``'s trainable parameters (``requires_grad=True``), in order."""
         named = [(k, v) for k, v in model.named_parameters() if v.requires_grad]
         if not named:
             raise ValueError(
@@ -73,6 +74,7 @@ class ParamSpec:
 
     @property
     def numels(self) -> tuple[int, ...]:
+        """Number of elements of each parameter tensor."""
         return tuple(int(torch.Size(s).numel()) for s in self.shapes)
 
     @property
@@ -232,7 +234,7 @@ class ModelFunctions:
                 return vmap(lambda col: torch.func.jvp(loss_grad, (theta,), (col,))[1], in_dims=1, out_dims=1)(v)
             except (RuntimeError, NotImplementedError):
                 self._forward_over_reverse = False
-        _, hvp = torch.func.vjp(loss_grad, theta)
+        _, hvp = _vjp(loss_grad, theta)
         return vmap(lambda col: hvp(col)[0], in_dims=1, out_dims=1)(v)
 
     def ggn_matmat(self, theta: Tensor, x: Tensor, y: Tensor, v: Tensor) -> Tensor:
@@ -242,14 +244,24 @@ class ModelFunctions:
         Hessian of the loss in the outputs; the product is positive semi-definite whenever
         the loss is convex in the outputs. Returns ``(p, k)``.
         """
-        out, jt = torch.func.vjp(lambda t: self.outputs(t, x), theta)
-        _, h_out = torch.func.vjp(grad(lambda o: self.loss(o, y)), out.detach())
+        out, jt = _vjp(lambda t: self.outputs(t, x), theta)
+        _, h_out = _vjp(grad(lambda o: self.loss(o, y)), out.detach())
 
         def gvp(col: Tensor) -> Tensor:
             jv = torch.func.jvp(lambda t: self.outputs(t, x), (theta,), (col,))[1]
             return jt(h_out(jv)[0])[0]
 
         return vmap(gvp, in_dims=1, out_dims=1)(v)
+
+
+def _vjp(fn: Callable[[Tensor], Tensor], primal: Tensor) -> tuple[Tensor, Callable[[Tensor], tuple[Tensor, ...]]]:
+    """``torch.func.vjp`` without ``has_aux``: its output and pull-back function.
+
+    The annotation of ``torch.func.vjp`` also admits the ``has_aux=True`` triple, which a
+    two-name unpacking cannot type-check against.
+    """
+    result = torch.func.vjp(fn, primal)
+    return result[0], result[1]
 
 
 def _jacobian_in_x(fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, y: Tensor, n_out: int) -> Tensor:

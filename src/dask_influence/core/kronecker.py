@@ -29,8 +29,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import NotPositiveDefiniteError
+from .serialization import serializable
 
 
+@serializable
 @dataclass(frozen=True)
 class LayerFactors:
     """The fitted Kronecker eigenbasis of one layer and the curvature's diagonal in it.

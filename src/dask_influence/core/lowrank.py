@@ -14,8 +14,10 @@ import torch
 from torch import Tensor
 
 from .operators import LinearOperator
+from .serialization import serializable
 
 
+@serializable
 @dataclass(frozen=True)
 class LowRankFactor:
     """``U diag(eigenvalues) U^T``: ``U`` ``(p, r)`` orthonormal, ``eigenvalues`` ``(r,)`` descending."""

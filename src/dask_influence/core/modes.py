@@ -18,7 +18,7 @@ class InfluenceMode(str, Enum):
     """Input perturbation: ``grad L(z_test)^T H^-1 d/dx grad L(z)``, shape ``(n_test, n, *x.shape[1:])``."""
 
     @classmethod
-    def parse(cls, value: "str | InfluenceMode") -> "InfluenceMode":
+    def parse(cls, value: str | InfluenceMode) -> InfluenceMode:
         """Accept an ``InfluenceMode`` or its string value; raise ``ValueError`` otherwise."""
         if isinstance(value, cls):
             return value

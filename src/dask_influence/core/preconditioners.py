@@ -14,6 +14,7 @@ from torch import Tensor
 
 from .lowrank import LowRankFactor, nystroem_sketch
 from .operators import LinearOperator
+from .serialization import serializable
 
 
 class Preconditioner:
@@ -23,12 +24,14 @@ class Preconditioner:
         self.num_applications = 0
         self._fitted = False
 
-    def fit(self, operator: LinearOperator, regularization: float) -> "Preconditioner":
+    def fit(self, operator: LinearOperator, regularization: float) -> Preconditioner:
+        """Build an approximate inverse of ``operator + regularization * I``; returns ``self``."""
         self._fit(operator, float(regularization))
         self._fitted = True
         return self
 
     def apply(self, r: Tensor) -> Tensor:
+        """The preconditioner applied to the residuals ``r`` ``(p, k)``."""
         if not self._fitted:
             raise RuntimeError(f"{type(self).__name__} is used before fit().")
         self.num_applications += 1
@@ -41,6 +44,7 @@ class Preconditioner:
         raise NotImplementedError
 
 
+@serializable
 class JacobiPreconditioner(Preconditioner):
     """Inverse of the diagonal of ``H + lambda I``, the diagonal estimated by Hutchinson.
 
@@ -75,6 +79,7 @@ class JacobiPreconditioner(Preconditioner):
         return r / self.diagonal[:, None]
 
 
+@serializable
 class NystroemPreconditioner(Preconditioner):
     """Randomized Nystroem preconditioner of rank ``rank`` (Frangella, Tropp & Udell 2023).
 
@@ -123,3 +128,15 @@ def make_preconditioner(value: Any, *, rank: int = 10, seed: int = 0) -> Precond
     raise ValueError(
         f"preconditioner must be None, 'jacobi', 'nystroem' or a Preconditioner instance; got {value!r}."
     )
+
+
+def preconditioner_name(value: Any) -> str | None:
+    """``None``, ``"jacobi"`` or ``"nystroem"`` for ``value`` (a name or an instance of the built-in
+    classes); another :class:`Preconditioner` as ``"<ClassName>"``."""
+    if value is None or isinstance(value, str):
+        return value
+    if type(value) is JacobiPreconditioner:
+        return "jacobi"
+    if type(value) is NystroemPreconditioner:
+        return "nystroem"
+    return f"<{type(value).__name__}>"

@@ -20,8 +20,8 @@ import zarr
 from ..core.modes import InfluenceMode
 from ..core.solvers.base import InfluenceModel
 from ..errors import NotFittedError
-from . import lock as zlock
-from . import store as zstore
+from ..storage import lock as zlock
+from ..storage import store as zstore
 from . import tasks
 from .graph import InfluenceGraph, add_self_influence_tasks, build_influence_graph, solver_fingerprint
 from .literals import sent_once
@@ -301,9 +301,7 @@ class _BlockCalculator:
 
     def _config(self, graph: InfluenceGraph, layout: zstore.StoreLayout) -> dict:
         solver = self.solver
-        params = {k: v for k, v in vars(solver).items()
-                  if not k.startswith("_") and not k.endswith("_") and isinstance(v, (bool, int, float, str, type(None)))}
-        params["curvature"] = solver.curvature.value
+        params = {k: v for k, v in solver.config.to_dict().items() if isinstance(v, (bool, int, float, str, type(None)))}
         return {
             "method": type(solver).__name__,
             "parameters": params,

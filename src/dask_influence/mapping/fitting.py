@@ -29,8 +29,6 @@ import copy
 import hashlib
 import logging
 import os
-import pickle
-import tempfile
 import time
 import uuid
 from contextlib import contextmanager
@@ -46,6 +44,7 @@ from ..core.gradients import check_finite, flat_params
 from ..core.operators import BlockDiagonalOperator, CurvatureOperator, LinearOperator
 from ..core.solvers.base import InfluenceModel, _checksum, _to_device
 from ..core.solvers.ekfac import EkfacInfluence
+from ..storage.urls import is_url
 from . import tasks
 from .literals import Literal, sent_once, unbox
 from .sources import BlockSource, DaskArraySource, DatasetSource, to_numpy
@@ -277,7 +276,7 @@ class ClusterTrainBlocks(TrainBlocks):
         name = f"fit-block-{self._token}"
         self._blocks: list[Any] = [None] * len(self.sizes)
         with sent_once():
-            self._solver = client.get({key: (unbox, Literal(shippable(solver), self._token))}, key, sync=False)
+            self._solver = client.get({key: (unbox, Literal(solver.shippable(), self._token))}, key, sync=False)
             graph = source.graph()
             if isinstance(source, DatasetSource):  # send the dataset once (a graph key: recomputable), not per worker
                 graph = {source.key: client.get(graph, source.key, sync=False)}
@@ -308,15 +307,6 @@ class ClusterTrainBlocks(TrainBlocks):
     def close(self) -> None:
         self._blocks = []
         self._solver = None
-
-
-def shippable(solver: InfluenceModel) -> InfluenceModel:
-    """A shallow copy of ``solver`` without training data or curvature operators (small to ship)."""
-    clone = copy.copy(solver)
-    for name, value in list(vars(clone).items()):
-        if isinstance(value, (TrainingData, LinearOperator)):
-            setattr(clone, name, None)
-    return clone
 
 
 # -- the curvature as a sum over blocks -------------------------------------------------------------
@@ -504,32 +494,42 @@ def fit_path_for(store: str | os.PathLike) -> str:
 def save_fit(solver: InfluenceModel, path: str | os.PathLike, *, training_data: dict) -> None:
     """Write ``solver.save``'s file plus the training data's fingerprint, atomically for local paths.
 
-    The file also loads with ``Class.load(path, model, loss)``.
+    The file is plain data (:mod:`dask_influence.core.serialization`, format 2): ``solver.save``'s
+    record plus ``"training_data"``; it also loads with ``Class.load(path, model, loss)``.
     """
-    path = os.fspath(path)
-    with tempfile.TemporaryDirectory() as tmp:
-        solver.save(os.path.join(tmp, "fit.pt"))
-        record = torch.load(os.path.join(tmp, "fit.pt"), map_location="cpu", weights_only=False)
-    record["training_data"] = dict(training_data)
-    if "://" in path:
-        import fsspec
+    import io
 
-        with fsspec.open(path, "wb") as fh:
-            torch.save(record, fh)
-        return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    partial = f"{path}.partial-{os.getpid()}"
-    torch.save(record, partial)
-    os.replace(partial, path)
+    from ..core import serialization
+    from ..storage.urls import replace_atomically
+
+    path = os.fspath(path)
+    buffer = io.BytesIO()
+    solver.save(buffer)
+    buffer.seek(0)
+    record = serialization.load(buffer, source="<solver.save>")
+    record["training_data"] = dict(training_data)
+    buffer = io.BytesIO()
+    serialization.save(record, buffer)
+    if not is_url(path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    replace_atomically(path, buffer.getvalue())
 
 
 def load_fit(solver: InfluenceModel, path: str | os.PathLike, *, training_data: dict, data: TrainingData) -> None:
     """Restore a fit written by :func:`save_fit` into ``solver``, after checking that it belongs to it.
 
+    The file is read as data, never as code (:func:`_read`). Only the hyperparameters a fit
+    depends on must match (``solver.config.fit_relevant()``): the ``solve_time`` ones (the
+    regularization of the solvers that factorize the unregularized curvature, CG's
+    tolerances) may differ, and ``solver`` keeps its own values of them.
+
     Raises:
-        ValueError: the file is not a saved fit, or holds another solver class or
-            hyperparameters, was fitted with other model weights, or on other training data.
+        ValueError: the file is not a saved fit (or not plain data: refused unrun, naming the
+            file), or holds another solver class or fit-relevant hyperparameters, was fitted
+            with other model weights, or on other training data.
     """
+    from ..core.solvers.base import _restore_attributes
+
     path = os.fspath(path)
     record = _read(path)
     theta = flat_params(solver.model, solver._functions.spec)
@@ -539,25 +539,31 @@ def load_fit(solver: InfluenceModel, path: str | os.PathLike, *, training_data: 
             f"The saved fit {path!r} does not belong to this solver and data: {'; '.join(problems)}. "
             "Fit again and replace it with refit=True (dask-influence run --refit), or use another fit file."
         )
-    for name, value in record["attributes"].items():
-        setattr(solver, name, _to_device(value, solver.device))
+    _restore_attributes(solver, record["attributes"], path)
     _finish(solver, theta, data, record["n_train"], record["feature_shape"])
 
 
 def _read(path: str) -> dict:
-    try:
-        if "://" in path:
-            import fsspec
+    """The record of a saved fit, read as plain data (``torch.load(..., weights_only=True)`` and
+    only allow-listed classes: :func:`dask_influence.core.serialization.load`); a file that
+    names any Python object, or of the old pickled format 1, is refused with a ``ValueError``
+    before anything in it runs."""
+    from ..core import serialization
+    from ..storage.urls import open_file
 
-            with fsspec.open(path, "rb") as fh:
-                record = torch.load(fh, map_location="cpu", weights_only=False)
-        else:
-            record = torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, OSError, ValueError, TypeError, AttributeError, ImportError,
-            pickle.UnpicklingError) as err:
-        raise ValueError(f"{path!r} is not a saved fit (written by calc.fit(..., path=...)): {err}") from None
-    if not isinstance(record, dict) or record.get("format") != 1 or "attributes" not in record:
-        raise ValueError(f"{path!r} is not a saved fit (written by calc.fit(..., path=...)).")
+    what = "a saved fit (written by calc.fit(..., path=...))"
+    refit = "fit again and replace it with refit=True (dask-influence run --refit)"
+    if is_url(path):
+        try:
+            with open_file(path, "rb") as fh:
+                record = serialization.load(fh, source=path, what=what, refit=refit)
+        except (OSError, FileNotFoundError) as err:
+            raise ValueError(f"{path!r} is not {what}: {err}") from None
+    else:
+        record = serialization.load(path, what=what, refit=refit)
+    if not isinstance(record.get("attributes"), dict) or not isinstance(record.get("hyperparameters"), dict) \
+            or not all(k in record for k in ("n_train", "feature_shape")):
+        raise ValueError(f"{path!r} is not {what}: it lacks the fitted attributes or hyperparameters.")
     return record
 
 
@@ -566,9 +572,9 @@ def _mismatches(record: dict, solver: InfluenceModel, theta: Tensor, training_da
     name = type(solver).__name__
     if record.get("class") != name:
         problems.append(f"it holds a fitted {record.get('class')}, not a {name}")
-    else:
-        ours = getattr(solver, "_init_kwargs", {})
-        saved = record.get("hyperparameters", {})
+    else:  # only what the fit depends on: solve-time hyperparameters (regularization, ...) may differ
+        ours = solver.config.fit_relevant()
+        saved = {k: v for k, v in record.get("hyperparameters", {}).items() if k not in solver.config.solve_time}
         differ = sorted(k for k in set(ours) | set(saved) if not _same(ours.get(k), saved.get(k)))
         if differ:
             problems.append(f"its hyperparameters differ ({', '.join(differ)})")
@@ -594,7 +600,7 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _exists(path: str) -> bool:
-    if "://" in path:
+    if is_url(path):
         import fsspec
 
         fs, inner = fsspec.core.url_to_fs(path)

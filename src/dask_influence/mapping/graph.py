@@ -12,8 +12,7 @@ and the mode, so a rerun maps to the same keys):
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,23 +27,9 @@ from .sources import BlockSource
 
 
 def solver_fingerprint(solver: Any) -> str:
-    """A deterministic hash of a fitted solver: class, hyperparameters, weights and state."""
-    h = hashlib.sha256(type(solver).__name__.encode())
-    for name in sorted(vars(solver)):
-        value = vars(solver)[name]
-        if isinstance(value, (bool, int, float, str)) or value is None:
-            h.update(f"{name}={value!r};".encode())
-        elif isinstance(value, torch.Tensor):
-            h.update(name.encode() + value.detach().cpu().contiguous().numpy().tobytes())
-        elif is_dataclass(value):
-            for f in fields(value):
-                item = getattr(value, f.name)
-                if isinstance(item, torch.Tensor):
-                    h.update(f.name.encode() + item.detach().cpu().contiguous().numpy().tobytes())
-    for p in solver.model.parameters():
-        h.update(p.detach().cpu().contiguous().numpy().tobytes())
-    h.update(str(getattr(solver, "curvature", "")).encode())
-    return h.hexdigest()[:32]
+    """A deterministic hash of a fitted solver: method, hyperparameters, weights and fitted state
+    (:meth:`~dask_influence.core.solvers.base.InfluenceModel.fingerprint`)."""
+    return solver.fingerprint()
 
 
 def output_dtype(solver: Any) -> str:

@@ -50,44 +50,50 @@ class BlockPlan:
         *,
         bytes_per_test_point: int,
         memory_budget: int | None,
-    ) -> "BlockPlan":
+    ) -> BlockPlan:
         """Group consecutive test blocks so a group's factors fit ``memory_budget`` bytes."""
         if memory_budget is None:
-            groups = (tuple(range(len(test_sizes))),)
-        else:
-            groups, current, used = [], [], 0
-            for i, size in enumerate(test_sizes):
-                need = size * bytes_per_test_point
-                if current and used + need > memory_budget:
-                    groups.append(tuple(current))
-                    current, used = [], 0
-                current.append(i)
-                used += need
-            groups.append(tuple(current))
-            groups = tuple(groups)
-        return cls(tuple(test_sizes), tuple(train_sizes), groups)
+            return cls(tuple(test_sizes), tuple(train_sizes), (tuple(range(len(test_sizes))),))
+        groups: list[tuple[int, ...]] = []
+        current: list[int] = []
+        used = 0
+        for i, size in enumerate(test_sizes):
+            need = size * bytes_per_test_point
+            if current and used + need > memory_budget:
+                groups.append(tuple(current))
+                current, used = [], 0
+            current.append(i)
+            used += need
+        groups.append(tuple(current))
+        return cls(tuple(test_sizes), tuple(train_sizes), tuple(groups))
 
     @property
     def n_test(self) -> int:
+        """Number of test points (rows of the influence matrix)."""
         return sum(self.test_sizes)
 
     @property
     def n_train(self) -> int:
+        """Number of training points (columns of the influence matrix)."""
         return sum(self.train_sizes)
 
     @property
     def test_ranges(self) -> tuple[tuple[int, int], ...]:
+        """``(start, stop)`` rows of each test block."""
         return ranges_from_sizes(self.test_sizes)
 
     @property
     def train_ranges(self) -> tuple[tuple[int, int], ...]:
+        """``(start, stop)`` columns of each train block."""
         return ranges_from_sizes(self.train_sizes)
 
     @property
     def num_chunks(self) -> int:
+        """Number of output chunks: test blocks times train blocks."""
         return len(self.test_sizes) * len(self.train_sizes)
 
     def describe(self) -> str:
+        """A one-line summary of the plan for progress messages."""
         return (
             f"{len(self.test_sizes)} test blocks x {len(self.train_sizes)} train blocks "
             f"({self.n_test} x {self.n_train}), test blocks in {len(self.test_groups)} group(s)"

@@ -103,9 +103,11 @@ class DatasetSource(BlockSource):
         self.key = f"dataset-{name}-{self.token}"
 
     def graph(self) -> dict:
+        """The dataset as one literal graph entry, shared by all block tasks."""
         return {self.key: (unbox, Literal(self.dataset, self.token))}
 
     def block_task(self, k: int) -> tuple:
+        """Load samples of block ``k`` from the dataset and collate them on the worker."""
         start = sum(self.block_sizes[:k])
         return (load_dataset_block, self.key, self.collate, start, start + self.block_sizes[k])
 
@@ -132,9 +134,11 @@ class DaskArraySource(BlockSource):
         self.token = tokenize(self.x.name, self.y.name)
 
     def graph(self) -> dict:
+        """The graphs of the input and target dask arrays."""
         return {**dict(self.x.__dask_graph__()), **dict(self.y.__dask_graph__())}
 
     def block_task(self, k: int) -> tuple:
+        """Chunk ``k`` of the inputs and of the targets, paired."""
         xkey = (self.x.name, k) + (0,) * (self.x.ndim - 1)
         ykey = (self.y.name, k) + (0,) * (self.y.ndim - 1)
         return (pair, xkey, ykey)

@@ -14,7 +14,7 @@ dominant eigenpairs of ``H`` (Schioppa, Zablotskaia, Vilar & Sokolov 2022).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -22,7 +22,18 @@ from torch import Tensor
 from ...errors import NotPositiveDefiniteError
 from ..data import TrainingData
 from ..operators import CurvatureOperator, LinearOperator
-from .base import InfluenceModel, check_blocks, check_nonnegative, check_positive_int, check_rank, check_seed
+from ..serialization import serializable
+from .base import InfluenceModel
+from .config import (
+    SolverConfig,
+    check_blocks,
+    check_nonnegative,
+    check_positive_int,
+    check_rank,
+    check_seed,
+    hyperparameter,
+)
+from .registry import register
 from .direct import check_positive_definite
 
 COMPLEMENTS = ("ignore", "regularization")
@@ -138,6 +149,7 @@ def lanczos(
     )
 
 
+@serializable
 @dataclass(frozen=True)
 class ArnoldiState:
     """The fitted low-rank eigendecomposition ``H ~ V diag(eigenvalues) V^T``.
@@ -158,6 +170,36 @@ class ArnoldiState:
     krylov_dimension: int
 
 
+@dataclass(frozen=True)
+class ArnoldiConfig(SolverConfig):
+    """Hyperparameters of :class:`ArnoldiInfluence`."""
+
+    rank: int = hyperparameter(10, "How many eigenpairs of largest magnitude to keep, 1 <= rank <= p.")
+    krylov_dimension: int | None = hyperparameter(
+        None, "Lanczos steps (one sweep each), rank <= krylov_dimension <= p; default "
+        "min(p, max(2*rank, rank+20)).")
+    complement: str = hyperparameter(
+        "ignore", "'ignore' (drop the part outside the eigenvectors) or 'regularization' (H taken "
+        "to be zero there; needs regularization > 0).")
+    tol: float = hyperparameter(1e-6, "Relative breakdown threshold of the Lanczos iteration.")
+    seed: int = hyperparameter(0, "Seeds the random start vector.")
+    blocks: str = hyperparameter("full", "'full' or 'layer' (Lanczos on the per-layer block-diagonal curvature).")
+
+    solve_time: ClassVar[frozenset[str]] = frozenset({"regularization"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive_int("rank", self.rank)
+        if self.krylov_dimension is not None:
+            check_positive_int("krylov_dimension", self.krylov_dimension)
+        if not isinstance(self.complement, str) or self.complement not in COMPLEMENTS:
+            raise ValueError(f"complement must be one of {list(COMPLEMENTS)}; got {self.complement!r}.")
+        self._set("tol", check_nonnegative("tol", self.tol))
+        check_seed(self.seed)
+        check_blocks(self.blocks)
+
+
+@register("arnoldi")
 class ArnoldiInfluence(InfluenceModel):
     """Influences from the dominant eigenpairs of ``H``, found by the Lanczos iteration.
 
@@ -214,46 +256,32 @@ class ArnoldiInfluence(InfluenceModel):
 
     state_: ArnoldiState | None = None
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        loss: Callable[[Tensor, Tensor], Tensor],
-        *,
-        regularization: float = 0.0,
-        curvature: str = "hessian",
-        rank: int = 10,
-        krylov_dimension: int | None = None,
-        complement: str = "ignore",
-        tol: float = 1e-6,
-        seed: int = 0,
-        blocks: str = "full",
-        chunk_size: int = 256,
-    ):
-        super().__init__(model, loss, regularization=regularization, curvature=curvature, chunk_size=chunk_size)
-        self.blocks = check_blocks(blocks)
+    config_class = ArnoldiConfig
+
+    def _validate(self, config: SolverConfig) -> None:
+        assert isinstance(config, ArnoldiConfig)
         p = self.num_params
-        self.rank = check_rank(rank, p, f"Pass rank={p} for the exact eigendecomposition, or use DirectInfluence.")
-        if krylov_dimension is None:
-            self.krylov_dimension = min(p, max(2 * self.rank, self.rank + 20))
-        else:
-            self.krylov_dimension = check_positive_int("krylov_dimension", krylov_dimension)
-            if not self.rank <= self.krylov_dimension <= p:
-                raise ValueError(
-                    f"krylov_dimension must be between rank={self.rank} and the number of "
-                    f"trainable parameters p={p}; got {krylov_dimension}. Pass None for the "
-                    f"default min(p, max(2*rank, rank+20)) = {min(p, max(2 * self.rank, self.rank + 20))}."
-                )
-        if not isinstance(complement, str) or complement not in COMPLEMENTS:
-            raise ValueError(f"complement must be one of {list(COMPLEMENTS)}; got {complement!r}.")
-        self.complement = complement
-        if complement == "regularization" and self.regularization <= 0:
+        rank = check_rank(config.rank, p, f"Pass rank={p} for the exact eigendecomposition, or use DirectInfluence.")
+        default = min(p, max(2 * rank, rank + 20))
+        if config.krylov_dimension is not None and not rank <= config.krylov_dimension <= p:
+            raise ValueError(
+                f"krylov_dimension must be between rank={rank} and the number of "
+                f"trainable parameters p={p}; got {config.krylov_dimension}. Pass None for the "
+                f"default min(p, max(2*rank, rank+20)) = {default}."
+            )
+        if config.complement == "regularization" and config.regularization <= 0:
             raise ValueError(
                 "complement='regularization' treats H as zero outside the computed eigenvectors "
-                f"and needs regularization > 0; got regularization={self.regularization:g}. Pass "
+                f"and needs regularization > 0; got regularization={config.regularization:g}. Pass "
                 "e.g. regularization=1e-3, or use complement='ignore'."
             )
-        self.tol = check_nonnegative("tol", tol)
-        self.seed = check_seed(seed)
+
+    @property
+    def krylov_dimension(self) -> int:
+        """Lanczos steps: the configured value, or ``min(p, max(2 * rank, rank + 20))``."""
+        given = self.config.krylov_dimension  # type: ignore[attr-defined]
+        rank = self.config.rank  # type: ignore[attr-defined]
+        return given if given is not None else min(self.num_params, max(2 * rank, rank + 20))
 
     # -- fitted state ---------------------------------------------------------------------
     @property

@@ -15,15 +15,14 @@ checks, chunked per-sample gradients, modes, dtype and device handling) lives he
 
 from __future__ import annotations
 
+import copy
 import copyreg
-import functools
 import hashlib
-import math
 import os
 import pickle
 import threading
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, ClassVar
 
 import cloudpickle
 import torch
@@ -34,119 +33,144 @@ from ..data import TrainingData, check_pair, to_tensor
 from ..gradients import _FORWARD_LOCK, LossFn, ModelFunctions, check_finite, check_finite_grads, flat_params
 from ..modes import InfluenceMode
 from ..operators import BlockDiagonalOperator, Curvature, CurvatureOperator
+from .config import (  # noqa: F401  (re-exported: the solvers' shared checks)
+    SolverConfig,
+    check_blocks,
+    check_nonnegative,
+    check_positive_int,
+    check_rank,
+    check_seed,
+)
 
 _STOCHASTIC_LAYERS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 _BATCH_LAYERS = (nn.modules.batchnorm._BatchNorm,)
 
 
-def check_nonnegative(name: str, value: Any) -> float:
-    """``value`` as a finite float >= 0, else a ``TypeError``/``ValueError`` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a non-negative number; got {value!r}.")
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0; got {value!r}.")
-    return value
-
-
-def check_blocks(value: Any) -> str:
-    """``"full"`` (the whole curvature) or ``"layer"`` (block-diagonal by layer)."""
-    if value not in ("full", "layer"):
-        raise ValueError(
-            f"blocks must be 'full' (the whole curvature matrix) or 'layer' (one independent "
-            f"block per layer); got {value!r}."
-        )
-    return value
-
-
-def check_seed(value: Any) -> int:
-    """``value`` as an int seed, else a ``TypeError``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"seed must be an int; got {value!r}.")
-    return value
-
-
-def check_rank(value: Any, num_params: int, hint: str) -> int:
-    """``value`` as an int in ``1..num_params``; ``hint`` says what to do instead."""
-    rank = check_positive_int("rank", value)
-    if rank > num_params:
-        raise ValueError(
-            f"rank must be at most the number of trainable parameters p={num_params}; got "
-            f"rank={rank}. {hint}"
-        )
-    return rank
-
-
-def check_positive_int(name: str, value: Any) -> int:
-    """``value`` as an int >= 1, else a ``TypeError``/``ValueError`` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be a positive int; got {value!r}.")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int; got {value}.")
-    return value
-
-
 class InfluenceModel(ABC):
     """Base class of all solvers.
+
+    ``Solver(model, loss, **hyperparameters)`` or ``Solver(model, loss, config)`` with the
+    solver's ``config_class``; the hyperparameters every solver has are those of
+    :class:`~.config.SolverConfig` (``regularization``, ``curvature``, ``chunk_size``).
 
     Args:
         model: a trained ``nn.Module``; influence is taken with respect to its parameters
             with ``requires_grad=True``. Put it in eval mode (dropout and batch norm in
             training mode make per-sample gradients ill-defined).
         loss: ``loss(outputs, targets) -> scalar`` with mean reduction over the batch.
-        regularization: ``lambda >= 0`` added to the curvature: ``H + lambda I``.
-        curvature: ``"hessian"`` (exact) or ``"ggn"`` (generalized Gauss-Newton).
-        chunk_size: samples per vmapped per-sample-gradient computation (memory knob).
+        config: the hyperparameters as one ``config_class`` instance (instead of keywords).
+        **hyperparameters: the fields of ``config_class``, by name.
     """
 
-    blocks: str = "full"
-    """``"layer"`` in solvers that support it: each layer's parameters form an independent
-    block of the curvature (cross-layer terms are dropped)."""
+    config_class: ClassVar[type[SolverConfig]] = SolverConfig
+    """The frozen dataclass of this solver's hyperparameters."""
 
-    needs_training_data: bool = False
+    method: ClassVar[str] = ""
+    """The registered name (``registry.register`` sets it): ``"direct"``, ``"cg"``, ..."""
+
+    needs_training_data: ClassVar[bool] = False
     """True for solvers that apply ``H`` from the training data at solve time (CG, LiSSA):
     :meth:`load` then needs ``train=``."""
 
-    _saved_attributes: tuple[str, ...] = ("state_",)
+    _saved_attributes: ClassVar[tuple[str, ...]] = ("state_",)
     """Fitted attributes written by :meth:`save`."""
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        init = cls.__dict__.get("__init__")
-        if init is None:
-            return
-
-        @functools.wraps(init)
-        def remembering_init(self: "InfluenceModel", model: nn.Module, loss: Any, *args: Any, **kw: Any) -> None:
-            if not hasattr(self, "_init_kwargs"):
-                self._init_kwargs = dict(kw)  # the outermost constructor's hyperparameters
-            init(self, model, loss, *args, **kw)
-
-        cls.__init__ = remembering_init  # type: ignore[method-assign]
-
-    def __init__(
-        self,
-        model: nn.Module,
-        loss: LossFn,
-        *,
-        regularization: float = 0.0,
-        curvature: str | Curvature = "hessian",
-        chunk_size: int = 256,
-    ):
+    def __init__(self, model: nn.Module, loss: LossFn, config: SolverConfig | None = None, /,
+                 **hyperparameters: Any):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
         if not callable(loss):
             raise TypeError(f"loss must be a callable loss(outputs, targets); got {type(loss).__name__}.")
+        self.__dict__["config"] = self._make_config(config, hyperparameters)
         model = _widen_half_precision(model)
         self.model = model
         self.loss = loss
-        self.regularization = check_nonnegative("regularization", regularization)
-        self.curvature = Curvature.parse(curvature)
-        self.chunk_size = check_positive_int("chunk_size", chunk_size)
         self._functions = ModelFunctions(model, loss)
         self._theta: Tensor | None = None
         self.n_train_: int | None = None
         self.feature_shape_: torch.Size | None = None
+        self._validate(self.config)
+
+    @classmethod
+    def _make_config(cls, config: SolverConfig | None, hyperparameters: dict[str, Any]) -> SolverConfig:
+        if config is not None:
+            if hyperparameters:
+                raise TypeError(
+                    f"Pass {cls.__name__} either a {cls.config_class.__name__} or keyword "
+                    f"hyperparameters, not both; got both and {', '.join(sorted(hyperparameters))}."
+                )
+            if not isinstance(config, cls.config_class):
+                raise TypeError(
+                    f"{cls.__name__} takes a {cls.config_class.__name__}; got {type(config).__name__}."
+                )
+            return config
+        allowed = cls.config_class.field_names()
+        unknown = sorted(set(hyperparameters) - set(allowed))
+        if unknown:
+            raise TypeError(
+                f"{cls.__name__} got unknown hyperparameter(s) {', '.join(map(repr, unknown))}; "
+                f"it takes {', '.join(allowed)}."
+            )
+        return cls.config_class(**hyperparameters)
+
+    def _validate(self, config: SolverConfig) -> None:
+        """Checks of ``config`` that need the model (e.g. ``rank <= p``); raise ``ValueError``."""
+
+    # -- hyperparameters ----------------------------------------------------------------------
+    config: SolverConfig
+    """The solver's hyperparameters (frozen). Assigning a hyperparameter attribute
+    (``solver.regularization = 0.1``) replaces it with a validated copy; after fitting only
+    the config's ``solve_time`` fields may change (the others need a new fit)."""
+
+    def __getattr__(self, name: str) -> Any:
+        config = self.__dict__.get("config")
+        if config is not None and name in type(config).field_names():
+            return getattr(config, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        config = self.__dict__.get("config")
+        if name == "config" or (config is not None and name in type(config).field_names()):
+            new = value if name == "config" else config.replace(**{name: value})
+            self._change_config(new)
+            return
+        super().__setattr__(name, value)
+
+    def _change_config(self, new: SolverConfig) -> None:
+        if not isinstance(new, self.config_class):
+            raise TypeError(f"{type(self).__name__}.config must be a {self.config_class.__name__}; got {type(new).__name__}.")
+        old = self.config
+        changed = [k for k in new.field_names() if not _same_value(getattr(new, k), getattr(old, k))]
+        refit = [k for k in changed if k not in new.solve_time]
+        if refit and self.is_fitted:
+            raise ValueError(
+                f"Changing {', '.join(refit)} of a fitted {type(self).__name__} needs a new fit; build "
+                f"a new solver ({type(self).__name__}(model, loss, ...)) and fit it."
+                + (f" ({', '.join(sorted(new.solve_time))} may change without one.)" if new.solve_time else "")
+            )
+        if not self.is_fitted:  # a fitted solver checks solve-time values when it solves
+            self._validate(new)
+        self.__dict__["config"] = new
+
+    @property
+    def regularization(self) -> float:
+        """``lambda`` in ``H + lambda I``."""
+        return self.config.regularization
+
+    @regularization.setter
+    def regularization(self, value: float) -> None:
+        self._change_config(self.config.replace(regularization=value))
+
+    @property
+    def curvature(self) -> Curvature:
+        """Which curvature ``H`` is: the Hessian or the GGN."""
+        return Curvature.parse(self.config.curvature)
+
+    @property
+    def blocks(self) -> str:
+        """``"layer"`` when each layer's parameters form an independent block of the curvature
+        (cross-layer terms dropped), else ``"full"``."""
+        return getattr(self.config, "blocks", "full")
 
     # -- pickling ---------------------------------------------------------------------
     def __reduce__(self) -> tuple:
@@ -222,24 +246,52 @@ class InfluenceModel(ABC):
         self._float_inputs = bool(x0.is_floating_point())
         return self
 
+    def fitted_state(self) -> dict[str, Any]:
+        """The fitted state: ``{attribute: value}`` of :attr:`_saved_attributes` (tensors, state
+        dataclasses, preconditioners), what :meth:`save` writes."""
+        self._require_fitted()
+        return {name: getattr(self, name) for name in self._saved_attributes}
+
+    def fingerprint(self) -> str:
+        """A deterministic hash of this solver: method, hyperparameters, the model's weights and,
+        when fitted, the fitted state. Two solvers with the same fingerprint give the same influences."""
+        h = hashlib.sha256(f"{self.method or type(self).__name__};".encode())
+        _hash_tree(h, self.config.to_dict())
+        for p in self.model.parameters():
+            h.update(p.detach().cpu().contiguous().numpy().tobytes())
+        if self.is_fitted:
+            _hash_tree(h, self.fitted_state())
+        return h.hexdigest()[:32]
+
     # -- save and load ------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
         """Write the fitted state (hyperparameters and tensors, not the model) to ``path``.
 
         The file records a checksum of the trained parameters; :meth:`load` refuses a model
-        with other weights. It is a torch pickle: load only files you trust.
+        with other weights. It is plain data (format 2 of :mod:`..serialization`: the
+        record ``format``, ``method`` (the registered name), ``class``, ``hyperparameters``
+        (``config.to_dict()``), ``params_checksum``, ``num_params``, ``n_train``,
+        ``feature_shape`` and ``attributes`` (the fitted state of ``_saved_attributes``),
+        written with ``torch.save`` and read with ``weights_only=True``): loading it never
+        runs code from the file.
+
+        Raises:
+            TypeError: a fitted attribute holds an object whose class is not allowed in saved
+                files (a custom preconditioner: decorate its class with ``@serializable``).
         """
+        from .. import serialization
+
         theta = self._require_fitted()
-        torch.save({
-            "format": 1,
+        serialization.save({
+            "method": type(self).method,
             "class": type(self).__name__,
-            "hyperparameters": getattr(self, "_init_kwargs", {}),
+            "hyperparameters": self.config.to_dict(),
             "params_checksum": _checksum(theta),
             "num_params": self.num_params,
             "n_train": self.n_train_,
             "feature_shape": tuple(self.feature_shape_ or ()),
             "attributes": {name: getattr(self, name) for name in self._saved_attributes},
-        }, os.fspath(path))
+        }, path if hasattr(path, "write") else os.fspath(path))
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: nn.Module, loss: LossFn, *, train: Any = None) -> "InfluenceModel":
@@ -249,19 +301,39 @@ class InfluenceModel(ABC):
             train: the training data, for solvers that apply ``H`` at solve time (CG,
                 LiSSA); ignored by the others.
 
+        The file is read as data (``torch.load(..., weights_only=True)``, then only the
+        allow-listed state classes of :mod:`..serialization` are built): a crafted file cannot
+        run code. ``InfluenceModel.load`` (on the base class) loads whichever registered
+        solver the file holds.
+
         Raises:
-            ValueError: the file holds another solver class, or ``model``'s trainable
-                parameters are not the ones the solver was fitted with.
+            ValueError: the file is not one :meth:`save` wrote (naming it: unreadable, not
+                plain data, an old format that cannot be read safely, an unknown type), holds
+                another solver class, or ``model``'s trainable parameters are not the ones the
+                solver was fitted with.
         """
-        try:
-            saved = torch.load(os.fspath(path), map_location="cpu", weights_only=False)
-        except (RuntimeError, EOFError, OSError, ValueError) as err:
-            raise ValueError(f"{os.fspath(path)!r} is not a file written by InfluenceModel.save(): {err}") from None
-        if not isinstance(saved, dict) or saved.get("format") != 1:
-            raise ValueError(f"{os.fspath(path)!r} is not a file written by InfluenceModel.save().")
+        from .. import serialization
+
+        where = os.fspath(path)
+        saved = serialization.load(
+            where, what="a file written by InfluenceModel.save()",
+            refit=f"fit the solver again and save it ({cls.__name__}(model, loss, ...).fit(train).save(path))")
+        missing = [k for k in ("class", "hyperparameters", "params_checksum", "num_params", "n_train",
+                               "feature_shape", "attributes") if k not in saved]
+        if missing or not isinstance(saved["hyperparameters"], dict) or not isinstance(saved["attributes"], dict):
+            raise ValueError(f"{where!r} is not a file written by InfluenceModel.save(): it lacks "
+                             f"{', '.join(missing) or 'the hyperparameters and attributes as dicts'}.")
+        if cls is InfluenceModel and saved.get("method"):
+            from .registry import solver_class
+
+            cls = solver_class(saved["method"])  # type: ignore[assignment]
         if saved["class"] != cls.__name__:
-            raise ValueError(f"{os.fspath(path)!r} holds a fitted {saved['class']}; use {saved['class']}.load().")
-        solver = cls(model, loss, **saved["hyperparameters"])
+            raise ValueError(f"{where!r} holds a fitted {saved['class']}; use {saved['class']}.load().")
+        unknown = sorted(set(saved["hyperparameters"]) - set(cls.config_class.field_names()))
+        if unknown:
+            raise ValueError(f"{where!r} records hyperparameters {', '.join(unknown)} that {cls.__name__} "
+                             "does not take (written by another version?); fit again.")
+        solver = cls(model, loss, **_rebuildable(saved["hyperparameters"]))
         theta = flat_params(solver.model, solver._functions.spec)  # a float32 copy of a half-precision model
         if theta.numel() != saved["num_params"] or _checksum(theta) != saved["params_checksum"]:
             raise ValueError(
@@ -274,8 +346,7 @@ class InfluenceModel(ABC):
                 f"{cls.__name__} applies the curvature from the training data when it solves; "
                 f"pass it: {cls.__name__}.load(path, model, loss, train=train_loader)."
             )
-        for name, value in saved["attributes"].items():
-            setattr(solver, name, _to_device(value, solver.device))
+        _restore_attributes(solver, saved["attributes"], where)
         if cls.needs_training_data:
             source = TrainingData(train, dtype=solver.dtype, device=solver.device, batch_size=solver.chunk_size)
             source.scan()
@@ -295,6 +366,16 @@ class InfluenceModel(ABC):
     def _attach(self, operator: Any, data: TrainingData) -> None:
         """Re-attach the training data after :meth:`load` (solvers with ``needs_training_data``)."""
         raise NotImplementedError
+
+    def shippable(self) -> "InfluenceModel":
+        """A shallow copy without the training data and curvature operators it solves with:
+        small to send to Dask workers (which compute gradients, never solves with ``H``)."""
+        clone = copy.copy(self)
+        clone._detach()
+        return clone
+
+    def _detach(self) -> None:
+        """Drop references to the training data (solvers with ``needs_training_data``)."""
 
     @abstractmethod
     def _fit(self, operator: Any, data: TrainingData) -> None:
@@ -539,8 +620,69 @@ def _widen_half_precision(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).float()
 
 
+def _hash_tree(h: Any, value: Any) -> None:
+    """Feed ``value`` (tensors, numbers, strings, containers, dataclasses, plain objects) to ``h``."""
+    import dataclasses
+
+    if isinstance(value, Tensor):
+        t = value.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)};".encode())
+        h.update(t.numpy().tobytes() if t.dtype not in (torch.bfloat16,) else t.float().numpy().tobytes())
+    elif isinstance(value, (bool, int, float, str, type(None))):
+        h.update(f"{type(value).__name__}={value!r};".encode())
+    elif isinstance(value, dict):
+        h.update(b"{")
+        for key in sorted(value, key=str):
+            h.update(f"{key}:".encode())
+            _hash_tree(h, value[key])
+        h.update(b"}")
+    elif isinstance(value, (list, tuple)):
+        h.update(b"[")
+        for item in value:
+            _hash_tree(h, item)
+        h.update(b"]")
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        h.update(f"{type(value).__name__}(".encode())
+        _hash_tree(h, {f.name: getattr(value, f.name) for f in dataclasses.fields(value)})
+        h.update(b")")
+    elif hasattr(value, "__dict__"):
+        h.update(f"{type(value).__name__}(".encode())
+        _hash_tree(h, {k: v for k, v in vars(value).items() if k != "num_applications"})
+        h.update(b")")
+    else:
+        h.update(repr(type(value)).encode())
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and bool(torch.equal(a, b))
+    return a is b or a == b
+
+
 def _checksum(theta: Tensor) -> str:
     return hashlib.sha256(theta.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def _rebuildable(hyperparameters: dict[str, Any]) -> dict[str, Any]:
+    """Saved hyperparameters as constructor keywords: a value ``config.to_dict()`` could only
+    record by its class name (``"<MyPreconditioner>"``, a custom preconditioner instance)
+    becomes ``None``; the fitted object itself comes back with the saved attributes."""
+    return {k: None if isinstance(v, str) and len(v) > 2 and v[0] == "<" and v[-1] == ">" else v
+            for k, v in hyperparameters.items()}
+
+
+def _restore_attributes(solver: InfluenceModel, attributes: dict[str, Any], where: str) -> None:
+    """Set the fitted attributes read from a saved file (only those the class saves), on the solver's device."""
+    from .. import serialization
+
+    unknown = sorted(set(attributes) - set(solver._saved_attributes))
+    if unknown:
+        raise ValueError(f"{where!r} holds attributes {', '.join(unknown)} that {type(solver).__name__} does not "
+                         "save; it was not written for this solver.")
+    for name, value in attributes.items():
+        if solver.device.type != "cpu":
+            value = serialization.to_device(value, solver.device)
+        setattr(solver, name, value)
 
 
 def _to_device(value: Any, device: torch.device) -> Any:

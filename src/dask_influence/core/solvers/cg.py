@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor
@@ -19,8 +19,10 @@ from torch import Tensor
 from ...errors import ConvergenceWarning, NotPositiveDefiniteError
 from ..data import TrainingData
 from ..operators import CurvatureOperator, DampedOperator
-from ..preconditioners import Preconditioner, make_preconditioner
-from .base import InfluenceModel, check_blocks, check_nonnegative, check_positive_int
+from ..preconditioners import Preconditioner, make_preconditioner, preconditioner_name
+from .base import InfluenceModel
+from .config import SolverConfig, check_blocks, check_nonnegative, check_positive_int, check_seed, hyperparameter
+from .registry import register
 
 MatMat = Callable[[Tensor], Tensor]
 
@@ -130,6 +132,49 @@ def default_rtol(dtype: torch.dtype) -> float:
     return 1e-10 if dtype == torch.float64 else 1e-5
 
 
+@dataclass(frozen=True)
+class CgConfig(SolverConfig):
+    """Hyperparameters of :class:`CgInfluence`."""
+
+    rtol: float | None = hyperparameter(
+        None, "Relative tolerance per right-hand side; default 1e-10 for float64 models and 1e-5 "
+        "for float32, tight enough to agree with the direct solver.")
+    atol: float = hyperparameter(0.0, "Absolute tolerance per right-hand side.")
+    maxiter: int | None = hyperparameter(None, "Iteration limit (one sweep each); default min(2p, 1000).")
+    preconditioner: Any = hyperparameter(
+        None, "None, 'jacobi' (Hutchinson diagonal), 'nystroem' (rank preconditioner_rank) or a "
+        "Preconditioner instance; fitted in fit and applied at every iteration.")
+    preconditioner_rank: int = hyperparameter(10, "Rank of the Nystroem preconditioner.")
+    block_size: int | None = hyperparameter(None, "Solve at most this many right-hand sides together (default: all).")
+    seed: int = hyperparameter(0, "Seeds the preconditioner's random probes.")
+    blocks: str = hyperparameter("full", "'full' or 'layer' (block-diagonal curvature, one block per layer).")
+
+    solve_time: ClassVar[frozenset[str]] = frozenset({"regularization", "rtol", "atol", "maxiter", "block_size"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.rtol is not None:
+            self._set("rtol", check_nonnegative("rtol", self.rtol))
+        self._set("atol", check_nonnegative("atol", self.atol))
+        if self.maxiter is not None:
+            check_positive_int("maxiter", self.maxiter)
+        if self.block_size is not None:
+            check_positive_int("block_size", self.block_size)
+        check_positive_int("preconditioner_rank", self.preconditioner_rank)
+        check_seed(self.seed)
+        check_blocks(self.blocks)
+        make_preconditioner(self.preconditioner)  # refuses an unknown name
+        if isinstance(self.preconditioner, str):
+            self._set("preconditioner", self.preconditioner.strip().lower().replace("nystrom", "nystroem"))
+
+    def to_dict(self) -> dict[str, Any]:
+        """As :meth:`SolverConfig.to_dict`; a built-in preconditioner instance is recorded by name."""
+        out = super().to_dict()
+        out["preconditioner"] = preconditioner_name(self.preconditioner)
+        return out
+
+
+@register("cg")
 class CgInfluence(InfluenceModel):
     """Influences by block conjugate gradients, using curvature-vector products only.
 
@@ -152,42 +197,37 @@ class CgInfluence(InfluenceModel):
     its tolerance raises a :class:`ConvergenceWarning` with the residuals.
     """
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        loss: Callable[[Tensor, Tensor], Tensor],
-        *,
-        regularization: float = 0.0,
-        curvature: str = "hessian",
-        rtol: float | None = None,
-        atol: float = 0.0,
-        maxiter: int | None = None,
-        preconditioner: Any = None,
-        preconditioner_rank: int = 10,
-        block_size: int | None = None,
-        seed: int = 0,
-        blocks: str = "full",
-        chunk_size: int = 256,
-    ):
-        super().__init__(model, loss, regularization=regularization, curvature=curvature, chunk_size=chunk_size)
-        self.blocks = check_blocks(blocks)
-        self.rtol = default_rtol(self.dtype) if rtol is None else check_nonnegative("rtol", rtol)
-        self.atol = check_nonnegative("atol", atol)
-        self.maxiter = None if maxiter is None else check_positive_int("maxiter", maxiter)
-        self.block_size = None if block_size is None else check_positive_int("block_size", block_size)
-        self.preconditioner: Preconditioner | None = make_preconditioner(
-            preconditioner, rank=check_positive_int("preconditioner_rank", preconditioner_rank), seed=seed
-        )
+    config_class = CgConfig
+    needs_training_data = True
+    _saved_attributes = ("preconditioner_",)
+
+    def __init__(self, model: torch.nn.Module, loss: Callable[[Tensor, Tensor], Tensor],
+                 config: CgConfig | None = None, /, **hyperparameters: Any):
+        super().__init__(model, loss, config, **hyperparameters)
+        self.preconditioner_: Preconditioner | None = make_preconditioner(
+            self.config.preconditioner, rank=self.config.preconditioner_rank, seed=self.config.seed)
         self._operator: CurvatureOperator | None = None
         self.info_: CgInfo | None = None
 
-    needs_training_data = True
-    _saved_attributes = ("preconditioner",)
+    config: CgConfig
+
+    @property
+    def preconditioner(self) -> Preconditioner | None:
+        """The preconditioner (fitted by ``fit``), or ``None``."""
+        return self.preconditioner_
+
+    @property
+    def rtol(self) -> float:
+        """The relative tolerance in use: the configured one or :func:`default_rtol` of the model's dtype."""
+        return default_rtol(self.dtype) if self.config.rtol is None else self.config.rtol
 
     def _fit(self, operator: CurvatureOperator, data: TrainingData) -> None:
         self._operator = operator
-        if self.preconditioner is not None:
-            self.preconditioner.fit(operator, self.regularization)
+        if self.preconditioner_ is not None:
+            self.preconditioner_.fit(operator, self.regularization)
+
+    def _detach(self) -> None:
+        self._operator = None
 
     def _attach(self, operator: CurvatureOperator, data: TrainingData) -> None:
         self._operator = operator
@@ -195,9 +235,9 @@ class CgInfluence(InfluenceModel):
     def _solve(self, rhs: Tensor) -> Tensor:
         assert self._operator is not None
         damped = DampedOperator(self._operator, self.regularization)
-        maxiter = self.maxiter or min(2 * self.num_params, 1000)
-        precondition = self.preconditioner.apply if self.preconditioner is not None else None
-        block = self.block_size or rhs.shape[0]
+        maxiter = self.config.maxiter or min(2 * self.num_params, 1000)
+        precondition = self.preconditioner_.apply if self.preconditioner_ is not None else None
+        block = self.config.block_size or rhs.shape[0]
         solutions, infos = [], []
         for start in range(0, rhs.shape[0], block):
             try:
@@ -205,7 +245,7 @@ class CgInfluence(InfluenceModel):
                     damped.matmat,
                     rhs[start : start + block].T,
                     rtol=self.rtol,
-                    atol=self.atol,
+                    atol=self.config.atol,
                     maxiter=maxiter,
                     precondition=precondition,
                 )
@@ -253,7 +293,7 @@ class CgInfluence(InfluenceModel):
         warnings.warn(
             f"CG stopped after {info.iterations} iterations (maxiter={maxiter}) with "
             f"{int(failed.sum())} of {failed.numel()} right-hand sides above tolerance "
-            f"(rtol={self.rtol:g}, atol={self.atol:g}): relative residuals max "
+            f"(rtol={self.rtol:g}, atol={self.config.atol:g}): relative residuals max "
             f"{float(rel.max()):.3e}, median {float(rel.median()):.3e}. Raise maxiter, raise "
             "regularization, or use preconditioner='nystroem'.",
             ConvergenceWarning,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -11,9 +11,13 @@ from torch import Tensor
 from ...errors import NotPositiveDefiniteError
 from ..data import TrainingData
 from ..operators import BlockDiagonalOperator
-from .base import InfluenceModel, check_blocks
+from ..serialization import serializable
+from .base import InfluenceModel
+from .config import SolverConfig, check_blocks, hyperparameter
+from .registry import register
 
 
+@serializable
 @dataclass(frozen=True)
 class DirectState:
     """Eigendecompositions of the unregularized curvature, one per diagonal block.
@@ -66,6 +70,22 @@ def check_positive_definite(eigenvalues: Tensor, regularization: float, solver: 
     )
 
 
+@dataclass(frozen=True)
+class DirectConfig(SolverConfig):
+    """Hyperparameters of :class:`DirectInfluence`."""
+
+    blocks: str = hyperparameter(
+        "full", "'full' (the whole curvature) or 'layer' (one independent block per layer; "
+        "memory O(sum p_layer^2), the full (p, p) matrix is never formed).")
+
+    solve_time: ClassVar[frozenset[str]] = frozenset({"regularization"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_blocks(self.blocks)
+
+
+@register("direct")
 class DirectInfluence(InfluenceModel):
     """Exact influences from the dense curvature matrix.
 
@@ -86,13 +106,8 @@ class DirectInfluence(InfluenceModel):
             gives the smallest eigenvalue and a regularization that fixes it.
     """
 
+    config_class = DirectConfig
     state_: DirectState | None = None
-
-    def __init__(self, model: torch.nn.Module, loss: Callable[[Tensor, Tensor], Tensor], *,
-                 regularization: float = 0.0, curvature: str = "hessian", blocks: str = "full",
-                 chunk_size: int = 256):
-        super().__init__(model, loss, regularization=regularization, curvature=curvature, chunk_size=chunk_size)
-        self.blocks = check_blocks(blocks)
 
     def _fit(self, operator: Any, data: TrainingData) -> None:
         if isinstance(operator, BlockDiagonalOperator):

@@ -14,8 +14,8 @@ library's ``(n_test, p)`` layout, so every solver's factors are interchangeable.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -37,7 +37,10 @@ from ..kronecker import (
 )
 from ..modes import InfluenceMode
 from ..operators import CurvatureOperator
+from ..serialization import serializable
 from .base import InfluenceModel
+from .config import SolverConfig, hyperparameter
+from .registry import register
 
 __all__ = ["EkfacInfluence", "EkfacState", "find_layers"]
 
@@ -45,6 +48,7 @@ SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
 TASKS = ("classification", "regression")
 
 
+@serializable
 @dataclass(frozen=True)
 class EkfacState:
     """The fitted state: per-layer Kronecker eigenbases, ``O(sum_l d_in^2 + d_out^2)`` numbers.
@@ -189,6 +193,23 @@ class OutputCurvature:
         n, c = outputs.shape[0], outputs[0].numel()
         return vmap(jacrev(jacrev(self.sample_loss)))(outputs, targets).reshape(n, c, c)
 
+    def wide_hessians(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, float]:
+        """``H_out`` of each sample as float64 ``(n, c, c)``, and the machine epsilon it was computed with.
+
+        Lower-precision outputs (a float32 model) are widened to float64 first, so the loss's
+        Hessian at them carries float64 rounding, not the cancellation of float32 terms
+        (``diag(p) - p p^T`` loses ``eps * max(p)`` per entry, however small the entry).
+        A loss that cannot take float64 outputs (float32 buffers, such as class weights) is
+        differentiated in the outputs' own dtype instead.
+        """
+        if outputs.dtype != torch.float64 and getattr(self, "_widen", True):
+            wide_targets = targets.double() if targets.is_floating_point() else targets
+            try:
+                return self.hessians(outputs.double(), wide_targets), torch.finfo(torch.float64).eps
+            except Exception:  # the loss needs its own dtype: remember, and fall back to it
+                self._widen = False
+        return self.hessians(outputs, targets).double(), torch.finfo(outputs.dtype).eps
+
     def roots(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """The columns of ``S`` as back-propagation vectors: ``(c, n, *outputs.shape[1:])``."""
         n, c = outputs.shape[0], outputs[0].numel()
@@ -199,9 +220,15 @@ class OutputCurvature:
         elif self.task == "regression":
             root = math.sqrt(2.0 / c) * torch.eye(c, dtype=torch.float64, device=outputs.device).expand(n, c, c)
         else:
-            h = self.hessians(outputs, targets).double()
+            h, eps = self.wide_hessians(outputs, targets)
             values, vectors = torch.linalg.eigh(0.5 * (h + h.transpose(1, 2)))
-            floor = -1e-6 * values.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
+            # A convex loss's Hessian can show negative eigenvalues of the size of its rounding
+            # (cross-entropy's zero eigenvalue along the ones vector; a confident sample, whose
+            # whole Hessian is tiny): an eigenvalue counts as negative only beyond a tolerance
+            # relative to the largest curvature in the batch and to the precision it was
+            # computed in (about c * eps per entry).
+            rel = max(1e-6, 64 * c * eps)
+            floor = -rel * float(values.abs().max())
             if bool((values < floor).any()):
                 raise ValueError(
                     "The loss is not convex in the model outputs (its Hessian there has a negative "
@@ -216,12 +243,25 @@ class OutputCurvature:
         if self.task is None:
             return
         o, y = outputs[:8].detach(), targets[:8]
-        exact = self.hessians(o, y).double()
-        root = self.roots(o, y).double().reshape(-1, o.shape[0], o[0].numel()).permute(1, 2, 0)
+        c = o[0].numel()
+        exact, eps = self.wide_hessians(o, y)
+        root = self.roots(o, y).double().reshape(-1, o.shape[0], c).permute(1, 2, 0)
         closed = root @ root.transpose(1, 2)
-        tol = 1e-4 if outputs.dtype == torch.float32 else 1e-8
+        # Both sides carry rounding of the terms they are made of, not of their (possibly
+        # tiny, cancelled) entries: diag(p) and p p^T of a confident sample are near 1 while
+        # diag(p) - p p^T is near 0; S is stored in the outputs' dtype. So the tolerance is
+        # relative to the largest term and to the coarsest precision involved.
+        if self.task == "classification" and o.ndim == 2:
+            terms = float(torch.softmax(o.double(), dim=1).max())
+        elif self.task == "regression":
+            terms = 2.0 / c
+        else:
+            terms = 0.0
+        scale = max(float(exact.abs().max()), float(closed.abs().max()), terms)
+        eps = max(eps, torch.finfo(o.dtype).eps if o.is_floating_point() else eps)
+        tol = max(1e-8, 64 * c * eps) * scale
         error = float((closed - exact).abs().max())
-        if error > tol * max(float(exact.abs().max()), 1e-12):
+        if error > tol:
             form = {
                 "classification": "diag(p) - p p^T of softmax cross-entropy",
                 "regression": "(2/c) I of mean squared error",
@@ -246,6 +286,34 @@ def infer_task(loss: LossFn, task: str | None) -> str | None:
 
 
 # -- the solver -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EkfacConfig(SolverConfig):
+    """Hyperparameters of :class:`EkfacInfluence` (its curvature is always the GGN)."""
+
+    curvature: str = field(default="ggn", init=False, metadata={"help": "Always 'ggn'."})
+    update_diagonal: bool = hyperparameter(
+        True, "True for EK-FAC (a second pass refits the eigenvalues), False for K-FAC.")
+    layers: tuple[str, ...] | None = hyperparameter(
+        None, "Names of the modules to include (None: all trainable Linear/Conv2d).")
+    task: str | None = hyperparameter(
+        None, "'classification' (cross-entropy on logits), 'regression' (mean squared error) or None: "
+        "inferred from nn.CrossEntropyLoss/nn.MSELoss, else the loss's own Hessian in the outputs.")
+
+    solve_time: ClassVar[frozenset[str]] = frozenset({"regularization"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.update_diagonal, bool):
+            raise TypeError(f"update_diagonal must be True or False; got {self.update_diagonal!r}.")
+        if self.layers is not None:
+            if isinstance(self.layers, str) or not all(isinstance(n, str) for n in self.layers):
+                raise TypeError(f"layers must be a list of module names or None; got {self.layers!r}.")
+            self._set("layers", tuple(self.layers))
+        if self.task is not None and self.task not in TASKS:
+            raise ValueError(f"task must be 'classification', 'regression' or None; got {self.task!r}.")
+
+
+@register("ekfac")
 class EkfacInfluence(InfluenceModel):
     """Influences from a block-diagonal Kronecker-factored curvature (K-FAC or EK-FAC).
 
@@ -276,18 +344,13 @@ class EkfacInfluence(InfluenceModel):
 
     state_: EkfacState | None = None
 
-    def __init__(
-        self,
-        model: nn.Module,
-        loss: LossFn | None = None,
-        *,
-        regularization: float = 0.0,
-        update_diagonal: bool = True,
-        layers: Sequence[str] | None = None,
-        task: str | None = None,
-        chunk_size: int = 256,
-    ):
-        task = infer_task(loss, task)
+    config_class = EkfacConfig
+    config: EkfacConfig
+
+    def __init__(self, model: nn.Module, loss: LossFn | None = None, config: EkfacConfig | None = None, /,
+                 **hyperparameters: Any):
+        config = self._make_config(config, hyperparameters)
+        task = infer_task(loss, config.task)
         if loss is None:
             if task is None:
                 raise ValueError("Pass a loss, or task='classification' or 'regression' to use the default one.")
@@ -295,11 +358,8 @@ class EkfacInfluence(InfluenceModel):
         # Reading the model's trainable parameters races with another thread's forward
         # (functional_call swaps them for plain tensors), so construction holds the lock too.
         with _FORWARD_LOCK:
-            super().__init__(model, loss, regularization=regularization, curvature="ggn", chunk_size=chunk_size)
-            self._layers = find_layers(model, self._functions.spec, layers)
-        self.update_diagonal = bool(update_diagonal)
-        self.task = task
-        self.layers = None if layers is None else list(layers)
+            super().__init__(model, loss, config.replace(task=task))
+            self._layers = find_layers(model, self._functions.spec, self.config.layers)
         self._output = OutputCurvature(self.loss, task)
 
     # -- fitting --------------------------------------------------------------------------------

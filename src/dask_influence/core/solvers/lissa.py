@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor
@@ -24,7 +24,9 @@ from torch import Tensor
 from ...errors import ConvergenceWarning, DivergenceError
 from ..data import TrainingData
 from ..operators import CurvatureOperator, DampedOperator, LinearOperator
-from .base import InfluenceModel, check_nonnegative, check_positive_int
+from .base import InfluenceModel
+from .config import SolverConfig, check_nonnegative, check_positive_int, hyperparameter
+from .registry import register
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,40 @@ def largest_eigenvalue(operator: LinearOperator, *, iterations: int = 30, seed: 
     return abs(value)
 
 
+@dataclass(frozen=True)
+class LissaConfig(SolverConfig):
+    """Hyperparameters of :class:`LissaInfluence`."""
+
+    maxiter: int = hyperparameter(1000, "Iterations (each one batch curvature product with all right-hand sides).")
+    dampen: float = hyperparameter(0.0, "d in [0, 1) in the recursion; adds d * scale to the regularization.")
+    scale: float | None = hyperparameter(
+        None, "s, must exceed half the largest eigenvalue of the batch curvature plus regularization; "
+        "None estimates the largest eigenvalue of H at fit time (power iteration) and takes twice it "
+        "plus the regularization.")
+    h0: Tensor | None = hyperparameter(None, "Initial guess of the solution, (p,) or (p, k); default B / scale.")
+    rtol: float = hyperparameter(1e-4, "Stop when the largest relative change of h in one step is below it.")
+    batch_size: int | None = hyperparameter(None, "Samples per random batch (default: the training loader's batch size).")
+    seed: int = hyperparameter(0, "Seeds the batch draws.")
+
+    solve_time: ClassVar[frozenset[str]] = frozenset({"maxiter", "rtol", "h0", "batch_size"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive_int("maxiter", self.maxiter)
+        self._set("dampen", check_nonnegative("dampen", self.dampen))
+        if self.dampen >= 1:
+            raise ValueError(f"dampen must be in [0, 1); got {self.dampen}.")
+        if self.scale is not None:
+            if check_nonnegative("scale", self.scale) == 0:
+                raise ValueError("scale must be positive; got 0. Omit it to estimate it at fit time.")
+            self._set("scale", float(self.scale))
+        self._set("rtol", check_nonnegative("rtol", self.rtol))
+        if self.batch_size is not None:
+            check_positive_int("batch_size", self.batch_size)
+        self._set("seed", int(self.seed))
+
+
+@register("lissa")
 class LissaInfluence(InfluenceModel):
     """Influences by the LiSSA recursion, using batch curvature-vector products only.
 
@@ -72,34 +108,12 @@ class LissaInfluence(InfluenceModel):
             thousandfold; the message gives a safe ``scale``.
     """
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        loss: Callable[[Tensor, Tensor], Tensor],
-        *,
-        regularization: float = 0.0,
-        curvature: str = "hessian",
-        maxiter: int = 1000,
-        dampen: float = 0.0,
-        scale: float | None = None,
-        h0: Tensor | None = None,
-        rtol: float = 1e-4,
-        batch_size: int | None = None,
-        seed: int = 0,
-        chunk_size: int = 256,
-    ):
-        super().__init__(model, loss, regularization=regularization, curvature=curvature, chunk_size=chunk_size)
-        self.maxiter = check_positive_int("maxiter", maxiter)
-        self.dampen = check_nonnegative("dampen", dampen)
-        if self.dampen >= 1:
-            raise ValueError(f"dampen must be in [0, 1); got {dampen}.")
-        if scale is not None and check_nonnegative("scale", scale) == 0:
-            raise ValueError("scale must be positive; got 0. Omit it to estimate it at fit time.")
-        self.scale = None if scale is None else float(scale)
-        self.h0 = h0
-        self.rtol = check_nonnegative("rtol", rtol)
-        self.batch_size = None if batch_size is None else check_positive_int("batch_size", batch_size)
-        self.seed = int(seed)
+    config_class = LissaConfig
+    config: LissaConfig
+
+    def __init__(self, model: torch.nn.Module, loss: Callable[[Tensor, Tensor], Tensor],
+                 config: LissaConfig | None = None, /, **hyperparameters: Any):
+        super().__init__(model, loss, config, **hyperparameters)
         self._operator: CurvatureOperator | None = None
         self._data: TrainingData | None = None
         self.scale_: float | None = None
@@ -107,6 +121,10 @@ class LissaInfluence(InfluenceModel):
 
     needs_training_data = True
     _saved_attributes = ("scale_",)
+
+    def _detach(self) -> None:
+        self._operator = None
+        self._data = None
 
     def _attach(self, operator: CurvatureOperator, data: TrainingData) -> None:
         self._operator = operator

@@ -14,7 +14,8 @@ and its regularized inverse is applied exactly by the Sherman-Morrison-Woodbury 
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -22,9 +23,29 @@ from torch import Tensor
 from ..data import TrainingData
 from ..lowrank import LowRankFactor, nystroem_sketch
 from ..operators import CurvatureOperator
-from .base import InfluenceModel, check_rank, check_seed
+from .base import InfluenceModel
+from .config import REQUIRED, SolverConfig, check_positive_int, check_rank, check_seed, hyperparameter
+from .registry import register
 
 
+@dataclass(frozen=True)
+class NystroemConfig(SolverConfig):
+    """Hyperparameters of :class:`NystroemSketchInfluence`."""
+
+    regularization: float = hyperparameter(
+        REQUIRED, "lambda > 0 (required: outside the sketched subspace the curvature is taken to be zero).")
+    rank: int = hyperparameter(10, "The number of random probe vectors, 1 <= rank <= p.")
+    seed: int = hyperparameter(0, "Seeds the Gaussian test matrix.")
+
+    solve_time: ClassVar[frozenset[str]] = frozenset({"regularization"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive_int("rank", self.rank)
+        check_seed(self.seed)
+
+
+@register("nystroem")
 class NystroemSketchInfluence(InfluenceModel):
     """Influences from a rank-``rank`` randomized Nystroem approximation of ``H``.
 
@@ -50,25 +71,14 @@ class NystroemSketchInfluence(InfluenceModel):
     with ``basis`` ``(p, r)`` and ``eigenvalues`` ``(r,)`` (descending, non-negative).
     """
 
+    config_class = NystroemConfig
     state_: LowRankFactor | None = None
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        loss: Callable[[Tensor, Tensor], Tensor],
-        *,
-        regularization: float,
-        curvature: str = "hessian",
-        rank: int = 10,
-        seed: int = 0,
-        chunk_size: int = 256,
-    ):
-        super().__init__(model, loss, regularization=regularization, curvature=curvature, chunk_size=chunk_size)
-        if self.regularization <= 0:
-            raise ValueError(self._regularization_message())
+    def _validate(self, config: SolverConfig) -> None:
+        if config.regularization <= 0:
+            raise ValueError(self._regularization_message(config.regularization))
         p = self.num_params
-        self.rank = check_rank(rank, p, f"Pass rank={p} or less.")
-        self.seed = check_seed(seed)
+        check_rank(config.rank, p, f"Pass rank={p} or less.")  # type: ignore[attr-defined]
 
     @property
     def eigenvalues_(self) -> Tensor:
@@ -92,14 +102,14 @@ class NystroemSketchInfluence(InfluenceModel):
     def _solve(self, rhs: Tensor) -> Tensor:
         assert self.state_ is not None
         if self.regularization <= 0:
-            raise ValueError(self._regularization_message())
+            raise ValueError(self._regularization_message(self.regularization))
         return self.state_.inverse_apply(rhs.T, self.regularization).T
 
-    def _regularization_message(self) -> str:
+    def _regularization_message(self, regularization: float) -> str:
         return (
             f"{type(self).__name__} needs regularization > 0: outside the sketched subspace "
             f"the curvature is taken to be zero, so regularization alone makes H + "
-            f"regularization*I invertible there; got regularization={self.regularization:g}. "
+            f"regularization*I invertible there; got regularization={regularization:g}. "
             "Pass e.g. regularization=1e-3 (about the size of H's small eigenvalues), or use "
             "ArnoldiInfluence, which ignores the complement."
         )

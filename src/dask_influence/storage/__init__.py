@@ -1,0 +1,15 @@
+"""Storage: where results live and how they are read back.
+
+- :mod:`.urls`: local paths and fsspec URLs in one place (is it a URL, suffixes, existence,
+  opening files, atomic local replace);
+- :mod:`.layout`: the zarr layout of a store (arrays, chunks, codecs, attributes);
+- :mod:`.store`: creating or resuming a store and the chunk writes of the workers;
+- :mod:`.completion`: the done flags and the ``complete`` attribute;
+- :mod:`.verify`: checking flagged chunks before ``resume`` and repairing their flags;
+- :mod:`.solver_info`: the convergence records of iterative solvers;
+- :mod:`.lock`: the ``<store>.lock`` ownership marker of a store being written;
+- :mod:`.read`: the read API of a finished or partial store (``inspect``, ``top``, ``plot``).
+
+The solver core never imports this package; the mapping layer and the command line do.
+Importing the package itself is cheap: its modules are imported on use.
+"""

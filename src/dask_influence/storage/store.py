@@ -1,0 +1,192 @@
+"""The zarr output store: create it or open it for ``resume``, and the chunk writes of the workers.
+
+The arrays and attributes are described in :mod:`.layout`; completion (done flags, the
+``complete`` attribute) is in :mod:`.completion`, verification before resume in
+:mod:`.verify` and the convergence records of iterative solvers in :mod:`.solver_info`.
+Their public names are re-exported here, so that this module is the one entry point of the
+writing side (``dask_influence.mapping.store`` is this module, kept for compatibility).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+import zarr
+
+from ..errors import StoreError
+from . import urls
+from .completion import completion, is_complete, mark_complete, read_flags
+from .layout import (
+    ATTR,
+    FORMAT_VERSION,
+    SIGN_CONVENTION,
+    StoreLayout,
+    check_arrays,
+    codecs,
+    create_group,
+    create_solver_info,
+    normalize_config,
+    versions,
+)
+from .solver_info import SOLVER_INFO_COLUMNS, read_solver_info, solver_info_row, solver_info_summary, write_solver_info
+from .verify import VerifyReport, repair, verify_store
+
+__all__ = [
+    "ATTR", "FORMAT_VERSION", "SIGN_CONVENTION", "SOLVER_INFO_COLUMNS", "StoreLayout", "VerifyReport",
+    "check_arrays", "check_path", "codecs", "completion", "create_group", "create_solver_info", "is_complete",
+    "mark_complete", "normalize_config", "prepare_store", "read_flags", "read_solver_info", "repair",
+    "solver_info_row", "solver_info_summary", "topk_row", "verify_store", "versions", "write_influence_chunks",
+    "write_self_chunk", "write_solver_info",
+]
+
+
+# -- opening a store for a job -----------------------------------------------------------
+
+def _nearest_existing(path: str) -> str:
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path
+
+
+def check_path(path: str | os.PathLike) -> None:
+    """Refuse a local output path that is a file or lies in a directory this process cannot write.
+
+    Writes and removes a probe file in the store's directory (or, for a new store, in its
+    nearest existing ancestor). URLs are not checked.
+
+    Raises:
+        StoreError: naming the path, the directory and the reason.
+    """
+    path = os.fspath(path)
+    if urls.is_url(path):
+        return
+    if os.path.isfile(path):
+        raise StoreError(f"The output path {path!r} is a file; pass a directory path for the zarr store.")
+    where = _nearest_existing(path)
+    if os.path.isfile(where):
+        raise StoreError(f"Cannot create the output store {path!r}: {where!r} is a file, not a directory.")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".dask-influence-probe-", dir=where)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        raise StoreError(
+            f"Cannot write the output store {path!r}: the directory {where!r} is not writable "
+            f"({err.strerror or err}). Choose a directory you can write to, or fix its permissions."
+        ) from None
+
+
+def prepare_store(path: str, *, config: dict, layout: StoreLayout, resume: bool, overwrite: bool) -> zarr.Group:
+    """Create the store, or open an existing one for ``resume`` after checking its configuration.
+
+    Raises:
+        StoreError: the path exists and neither ``resume`` nor ``overwrite`` is set; the
+            existing store was written with another configuration; the path is a file or a
+            directory that is not a dask-influence store.
+    """
+    if resume and overwrite:
+        raise ValueError("Pass resume=True or overwrite=True, not both.")
+    path = str(path)
+    config = normalize_config(config)
+    if os.path.isfile(path):
+        raise StoreError(f"The output path {path!r} is a file; pass a directory path for the zarr store.")
+    if urls.exists(path) and not (os.path.isdir(path) and not os.listdir(path)):
+        existing: Any = _open_existing(path)
+        if existing is None:
+            raise StoreError(
+                f"The output path {path!r} exists and is not a dask-influence zarr store; "
+                "choose another path (it is not deleted)."
+            )
+        if overwrite:
+            pass  # recreated below
+        elif resume:
+            stored = existing.attrs[ATTR].get("config")
+            if stored != config:
+                diff = sorted(k for k in set(stored or {}) | set(config) if (stored or {}).get(k) != config.get(k))
+                raise StoreError(
+                    f"The store {path!r} was written by a different configuration (differs in: "
+                    f"{', '.join(diff)}); resume it with the same solver, data and blocks, or "
+                    "pass overwrite=True to start afresh."
+                )
+            check_arrays(path, existing, layout)
+            return existing
+        else:
+            raise StoreError(
+                f"The output store {path!r} already exists; pass resume=True to complete it "
+                "or overwrite=True to replace it."
+            )
+    try:
+        return create_group(path, config, layout)
+    except OSError as err:
+        raise StoreError(f"Cannot write the output store {path!r}: {err.strerror or err}.") from None
+
+
+def _open_existing(path: str) -> zarr.Group | None:
+    try:
+        group: Any = zarr.open_group(path, mode="r+")
+    except Exception:
+        return None
+    return group if ATTR in group.attrs else None
+
+
+# -- writes from the workers (module-level task functions) ------------------------------
+
+def write_influence_chunks(path: str, j: int, col: tuple[int, int], targets: list[tuple[int, int, int, int]],
+                           values: list[np.ndarray]) -> int:
+    """Write chunks ``(i, j)`` of ``influences``, each followed by its done flag.
+
+    Args:
+        targets: ``(i, row_start, row_stop, position)`` for each chunk to write, where
+            ``values[position]`` holds its data (the output of one influence task).
+
+    Returns the number of chunks written.
+    """
+    group: Any = zarr.open_group(path, mode="r+")
+    array, done = group["influences"], group["influences_done"]
+    for i, start, stop, position in targets:
+        array[start:stop, col[0] : col[1]] = values[position]
+        done[i, j] = 1
+    return len(targets)
+
+
+def write_self_chunk(path: str, j: int, col: tuple[int, int], value: np.ndarray) -> int:
+    """Write chunk ``j`` of ``self_influences`` and then its done flag."""
+    group: Any = zarr.open_group(path, mode="r+")
+    group["self_influences"][col[0] : col[1]] = value
+    group["self_influences_done"][j] = 1
+    return j
+
+
+def topk_row(path: str, i: int, row: tuple[int, int], train_ranges: list[tuple[int, int]], k: int, *deps: Any) -> int:
+    """Merge the top-``k`` helpful and harmful training points of test block ``i``.
+
+    Reads the block's row of chunks one train chunk at a time (memory ``O(n_block * (k + b))``)
+    and writes ``(n_block, k)`` indices and values, ordered from most to least extreme.
+    """
+    group: Any = zarr.open_group(path, mode="r+")
+    array = group["influences"]
+    n_rows = row[1] - row[0]
+    best = {kind: (np.empty((n_rows, 0), np.int64), np.empty((n_rows, 0), array.dtype))
+            for kind in ("helpful", "harmful")}
+    for start, stop in train_ranges:
+        block = np.asarray(array[row[0] : row[1], start:stop])
+        idx = np.broadcast_to(np.arange(start, stop), block.shape)
+        for kind, sign in (("helpful", -1.0), ("harmful", 1.0)):
+            cand_idx = np.concatenate([best[kind][0], idx], axis=1)
+            cand_val = np.concatenate([best[kind][1], block], axis=1)
+            order = np.argsort(sign * cand_val, axis=1, kind="stable")[:, :k]
+            best[kind] = (np.take_along_axis(cand_idx, order, 1), np.take_along_axis(cand_val, order, 1))
+    for kind in ("helpful", "harmful"):
+        idx, val = best[kind]
+        width = idx.shape[1]
+        group[f"top_{kind}_indices"][row[0] : row[1], :width] = idx
+        group[f"top_{kind}_values"][row[0] : row[1], :width] = val
+    group["topk_done"][i] = 1
+    return i
