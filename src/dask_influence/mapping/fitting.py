@@ -1,24 +1,24 @@
-"""Fitting a solver over the train blocks: every pass over the training data is a sum of per-block results.
+"""Fitting a solver over the train blocks of a Dask cluster.
 
-A solver's ``_fit(operator, data)`` touches the training data only through curvature products
-``operator.matmat(V)`` (and ``operator.dense()``), except EK-FAC, whose two passes are sums of
-per-block Kronecker factors (:meth:`EkfacInfluence.block_sums`). Here each pass is one Dask
-graph: one task per train block, run where the block was loaded, returning a small result
-(``(p, k)`` for ``k`` vectors, the Kronecker factors for EK-FAC; never per-sample gradients).
-Each worker holds one contiguous group of blocks and adds its group's results by a binary
-tree in index order; the client adds the groups' partial sums in order. The reduction order
-is fixed by the number of workers, so the sums are reproducible, and one ``(p, k)`` result
-per worker crosses the network. The iteration of CG, Lanczos or the power method stays on
-the client. Tasks use the worker's copy of the solver directly: its pickling (when a peer
-fetches it) is serialized with forwards by the process-wide forward lock
-(:meth:`InfluenceModel.__reduce__`), so a task needs no private copy.
+The core expresses every pass a fit makes over the training data as a sum over training
+blocks of a module-level block function (:mod:`dask_influence.core.blocks`); a solver fits
+through :meth:`InfluenceModel.fit_blocks` given anything that sums such functions. This
+module supplies the blocks and the reduction, and knows nothing of any solver's math:
 
 - :class:`ClusterTrainBlocks` loads the blocks once per fit onto the workers of a
-  ``distributed.Client`` (contiguous ranges of blocks per worker) and runs the passes there;
-  :class:`LocalTrainBlocks` runs the same graphs in this process (Dask's synchronous scheduler).
-- :class:`DistributedCurvatureOperator` is ``H`` of the mean training loss as such a sum.
-- :func:`fit_with_blocks` fits a solver with them, or restores a saved fit (:func:`save_fit`,
-  :func:`load_fit`) after checking its model and training-data checksums.
+  ``distributed.Client`` (one contiguous group of blocks per worker) and runs each pass
+  there: one task per block (:func:`run_block`: the block's arrays as tensors, the core's
+  function, the result back on the CPU), a binary tree of additions in index order on each
+  group's worker, and the groups' partial sums added in order on the client. The order is
+  fixed by the number of workers, so sums are reproducible, and one result per worker
+  (``(p, k)`` for ``k`` vectors, Kronecker factors for EK-FAC; never per-sample gradients)
+  crosses the network. :class:`LocalTrainBlocks` runs the same graphs in this process.
+  Tasks use the worker's copy of the solver directly: its pickling (when a peer fetches it)
+  is serialized with forwards by the process-wide forward lock
+  (:meth:`InfluenceModel.__reduce__`), so a task needs no private copy.
+- :func:`fit_with_blocks` validates and checksums the blocks, then fits a solver with them,
+  or restores a saved fit (:func:`save_fit`, :func:`load_fit`) after checking its model and
+  training-data checksums.
 - :func:`solve_factors_on_cluster` computes CG's test factors on the client, one distributed
   sweep per CG iteration, instead of a worker sweeping the whole training set alone.
 """
@@ -40,10 +40,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from ..core.data import TrainingData, check_pair, to_tensor
-from ..core.gradients import check_finite, flat_params
-from ..core.operators import BlockDiagonalOperator, CurvatureOperator, LinearOperator
+from ..core.blocks import BlockFunction, add_results, curvature_block  # noqa: F401  (re-exported)
+from ..core.gradients import flat_params
 from ..core.solvers.base import InfluenceModel, _checksum, _to_device
-from ..core.solvers.ekfac import EkfacInfluence
 from ..storage.urls import is_url
 from . import tasks
 from .literals import Literal, sent_once, unbox
@@ -55,7 +54,7 @@ FIT_SUFFIX = ".fit.pt"
 SMALL_PAYLOAD = 2**20  # bytes; a larger payload (the vectors V) is broadcast to the workers first
 
 
-# -- per-block task functions (run on the workers; numpy in, numpy out) ------------------------
+# -- per-block task functions (run on the workers) -------------------------------------------
 def new_payload(value: Any) -> Literal:
     """A value shipped to every task of a pass as one object, with a random Dask token
     (tokenizing the value itself would pickle it); tasks read ``payload.value``."""
@@ -72,75 +71,49 @@ def _block_tensors(solver: InfluenceModel, block: tuple[np.ndarray, np.ndarray],
     return x, y
 
 
-def _block_operator(solver: InfluenceModel) -> CurvatureOperator:
-    theta = flat_params(solver.model, solver._functions.spec)
-    return CurvatureOperator(solver._functions, theta, None, solver.curvature)  # type: ignore[arg-type]
-
-
-def inspect_block(solver: InfluenceModel, block: tuple, start: int, weight: float, payload: Literal) -> str:
-    """Validate a block (finite, feature shape; the loss on block 0) and return its sha256."""
+def inspect_block(solver: InfluenceModel, block: tuple, start: int, weight: float, payload: Literal) -> tuple[str, bool]:
+    """Validate a block (finite, feature shape; the loss on block 0); return its sha256 and
+    whether its inputs are floating point."""
     tasks._match_threads()
     x, y = _block_tensors(solver, block, start)
     if tuple(x.shape[1:]) != tuple(payload.value):
         raise ValueError(f"The training block starting at sample {start} has feature shape "
                          f"{tuple(x.shape[1:])}; the first block has {tuple(payload.value)}.")
     if start == 0:
-        solver._check_loss(x, y)
+        solver.check_loss(x, y)
     digest = hashlib.sha256()
     for array in block:
         array = np.ascontiguousarray(array)
         digest.update(f"{array.dtype.str}{array.shape};".encode())
         digest.update(array.tobytes())
-    return digest.hexdigest()
+    return digest.hexdigest(), bool(x.is_floating_point())
 
 
-def curvature_block(solver: InfluenceModel, block: tuple, start: int, weight: float, payload: Literal) -> np.ndarray:
-    """``(n_b / n) * H_b V`` of one block for ``V`` ``(p, k)``: ``(p, k)``."""
+def run_block(fn: BlockFunction, solver: InfluenceModel, block: tuple, start: int, weight: float,
+              payload: Literal) -> Any:
+    """Run a core block function (:mod:`dask_influence.core.blocks`) on one loaded block.
+
+    The block's arrays become validated tensors on the solver's device, and so does the
+    payload (numpy arrays and tensors in it); the result comes back on the CPU.
+    """
     tasks._match_threads()
     x, y = _block_tensors(solver, block, start)
-    v = torch.from_numpy(payload.value).to(device=solver.device, dtype=solver.dtype)
-    return to_numpy(weight * _block_operator(solver).batch_matmat(x, y, v))
+    value = _payload_on(payload.value, solver.device)
+    result = fn(solver, x, y, start, weight, value)
+    return [t.cpu() for t in result] if isinstance(result, list) else result.cpu()
 
 
-def dense_block(solver: InfluenceModel, block: tuple, start: int, weight: float, payload: Literal) -> list[np.ndarray]:
-    """``(n_b / n) * H_b`` of one block, restricted to each ``(start, stop)`` range: ``[(p_r, p_r), ...]``."""
-    tasks._match_threads()
-    ranges, column_chunk = payload.value
-    x, y = _block_tensors(solver, block, start)
-    operator = _block_operator(solver)
-    p = operator.size
-    out = []
-    for a, b in ranges:
-        matrix = torch.empty(b - a, b - a, dtype=solver.dtype, device=solver.device)
-        for c0 in range(0, b - a, column_chunk):
-            c1 = min(c0 + column_chunk, b - a)
-            eye = torch.zeros(p, c1 - c0, dtype=solver.dtype, device=solver.device)
-            eye[torch.arange(a + c0, a + c1), torch.arange(c1 - c0)] = 1
-            matrix[:, c0:c1] = (weight * operator.batch_matmat(x, y, eye))[a:b]
-        out.append(to_numpy(matrix))
-    return out
-
-
-def ekfac_block(solver: EkfacInfluence, block: tuple, start: int, weight: float, payload: Literal) -> list[np.ndarray]:
-    """One block's EK-FAC sums (:meth:`EkfacInfluence.block_sums`), float64."""
-    tasks._match_threads()
-    kind, factors = payload.value
-    x, y = _block_tensors(solver, block, start)
-    theta = flat_params(solver.model, solver._functions.spec)
-    if factors is not None:
-        factors = [_to_device(f, solver.device) for f in factors]
-    return [to_numpy(t) for t in solver.block_sums(kind, theta, x, y, offset=start, factors=factors)]
-
-
-def add_results(a: Any, b: Any) -> Any:
-    """Sum of two per-block results (arrays, or lists of arrays added elementwise)."""
-    if isinstance(a, list):
-        return [u + v for u, v in zip(a, b)]
-    return a + b
+def _payload_on(value: Any, device: torch.device) -> Any:
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value).to(device)
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(_payload_on(v, device) for v in value)
+    return _to_device(value, device)
 
 
 # -- where the blocks are and how a pass runs over them -------------------------------------------
-BlockFunction = Callable[[InfluenceModel, tuple, int, float, Literal], Any]
+RawBlockFunction = Callable[[InfluenceModel, tuple, int, float, Literal], Any]
+"""A function of one block's arrays as loaded: ``fn(solver, block, start, weight, payload)``."""
 
 
 class TrainBlocks:
@@ -168,15 +141,17 @@ class TrainBlocks:
         self.sweeps = 0
         self._token = uuid.uuid4().hex[:12]
 
-    def map(self, fn: BlockFunction, payload: Any = None) -> list:
-        """``fn`` on every block; returns the per-block results in block order."""
+    def map(self, fn: RawBlockFunction, payload: Any = None) -> list:
+        """``fn(solver, block_arrays, start, weight, payload)`` on every loaded block (numpy
+        arrays, as the source gives them); returns the per-block results in block order."""
         dsk, keys = self._tasks(fn, payload)
         results = self._get(dsk, [[keys[k] for k in group] for group in self.groups])
         return [r for group in results for r in group]
 
     def sum(self, fn: BlockFunction, payload: Any = None) -> Any:
-        """The sum of ``fn`` over all blocks: a tree per group where the group is, then the groups here."""
-        dsk, keys = self._tasks(fn, payload)
+        """The sum of a core block function over all blocks (the :class:`~dask_influence.core.blocks.BlockSums`
+        protocol): a tree per group where the group is, then the groups here."""
+        dsk, keys = self._tasks(fn, payload, wrap=True)
         name = f"{keys[0][0]}-sum"
         tops = []
         for g, group in enumerate(self.groups):
@@ -195,13 +170,14 @@ class TrainBlocks:
             total = add_results(total, part)
         return total
 
-    def _tasks(self, fn: BlockFunction, payload: Any) -> tuple[dict, list]:
+    def _tasks(self, fn: Callable, payload: Any, wrap: bool = False) -> tuple[dict, list]:
         self.sweeps += 1
         name = f"fit-{fn.__name__.replace('_', '-')}-{self._token}-{self.sweeps}"
-        solver, blocks, box, dsk = self._refs(new_payload(payload))
+        solver, blocks, box, dsk = self._refs(new_payload(_to_device(payload, torch.device("cpu"))))
         keys = []
         for k, (start, size) in enumerate(zip(self.starts, self.sizes)):
-            dsk[(name, 0, k)] = (fn, solver, blocks[k], start, size / self.n, box)
+            task = (fn, solver, blocks[k], start, size / self.n, box)
+            dsk[(name, 0, k)] = (run_block, *task) if wrap else task
             keys.append((name, 0, k))
         return dsk, keys
 
@@ -309,81 +285,6 @@ class ClusterTrainBlocks(TrainBlocks):
         self._solver = None
 
 
-# -- the curvature as a sum over blocks -------------------------------------------------------------
-class DistributedCurvatureOperator(LinearOperator):
-    """``H`` of the mean training loss with each sweep a sum of per-block products.
-
-    ``matmat(V)`` runs one task per train block, ``(n_b / n) * H_b V`` where the block is, and
-    adds the ``(p, k)`` results by a fixed binary tree; :meth:`dense` builds ``H`` in ONE
-    sweep as a sum of per-block matrices.
-
-    Args:
-        blocks: the train blocks (on a cluster or in this process).
-        theta: the trained parameters ``(p,)``.
-
-    Attributes:
-        num_passes: sweeps over the training data made so far.
-    """
-
-    def __init__(self, blocks: TrainBlocks, theta: Tensor):
-        self.blocks = blocks
-        self.theta = theta
-        self.size = int(theta.numel())
-        self.dtype = theta.dtype
-        self.device = theta.device
-        self.num_passes = 0
-
-    def matmat(self, v: Tensor) -> Tensor:
-        out = self.blocks.sum(curvature_block, np.ascontiguousarray(to_numpy(v.to(self.dtype))))
-        self.num_passes += 1
-        return self._finite(torch.from_numpy(np.asarray(out)).to(device=self.device, dtype=self.dtype))
-
-    def dense(self, column_chunk: int = 64) -> Tensor:
-        return self.dense_blocks([(0, self.size)], column_chunk)[0]
-
-    def dense_blocks(self, ranges: Sequence[tuple[int, int]], column_chunk: int = 64) -> list[Tensor]:
-        """The diagonal blocks ``H[a:b, a:b]`` of each range, symmetrized, from ONE sweep."""
-        parts = self.blocks.sum(dense_block, (tuple(ranges), int(column_chunk)))
-        self.num_passes += 1
-        out = []
-        for part in parts:
-            m = torch.from_numpy(np.asarray(part)).to(device=self.device, dtype=self.dtype)
-            out.append(self._finite(0.5 * (m + m.T)))
-        return out
-
-    @staticmethod
-    def _finite(out: Tensor) -> Tensor:
-        check_finite(
-            "A curvature-vector product",
-            out,
-            hint="The model or loss produced NaN/Inf second derivatives at the trained "
-            "parameters; check for overflow in the model or use curvature='ggn'.",
-        )
-        return out
-
-
-class DistributedBlockDiagonalOperator(BlockDiagonalOperator):
-    """The per-layer blocks of a :class:`DistributedCurvatureOperator`; all dense blocks in one sweep."""
-
-    def __init__(self, inner: DistributedCurvatureOperator, blocks: list[tuple[int, int]]):
-        super().__init__(inner, blocks)
-        self._dense: list[Tensor] | None = None
-
-    def block_dense(self, b: int, column_chunk: int = 64) -> Tensor:
-        if self._dense is None:
-            self._dense = self.inner.dense_blocks(self.blocks, column_chunk)  # type: ignore[attr-defined]
-        return self._dense[b]
-
-
-def distributed_operator(solver: InfluenceModel, blocks: TrainBlocks, theta: Tensor) -> LinearOperator:
-    """The operator ``solver._fit`` expects (block-diagonal by layer with ``blocks="layer"``), over ``blocks``."""
-    operator = DistributedCurvatureOperator(blocks, theta)
-    if solver.blocks == "layer":
-        slices = [(start, stop) for _, start, stop in solver._functions.spec.layer_slices()]
-        return DistributedBlockDiagonalOperator(operator, slices)
-    return operator
-
-
 # -- the training data as the solver keeps it (CG and LiSSA solve with it) --------------------
 class _KnownTrainingData(TrainingData):
     """:class:`TrainingData` whose size and feature shape are known (no counting pass)."""
@@ -444,17 +345,18 @@ def fit_with_blocks(solver: InfluenceModel, blocks: TrainBlocks, *, path: str | 
         ``{"reused", "path", "sweeps", "blocks", "n_train", "seconds", "training_data"}``.
     """
     start = time.perf_counter()
-    solver._check_model_mode()
-    theta = flat_params(solver.model, solver._functions.spec)
-    check_finite("The model's trainable parameters", theta, hint="Load a model with finite weights.")
-    fingerprint = data_fingerprint(blocks, blocks.map(inspect_block, tuple(blocks.source.feature_shape)))
+    solver.check_model_mode()
+    solver.trained_parameters()
+    inspected = blocks.map(inspect_block, tuple(blocks.source.feature_shape))
+    fingerprint = data_fingerprint(blocks, [digest for digest, _ in inspected])
+    float_inputs = bool(inspected[0][1])
     data = local_training_data(solver, blocks.source)
     path = None if path is None else os.fspath(path)
     reused = path is not None and not refit and _exists(path)
     if reused:
-        load_fit(solver, path, training_data=fingerprint, data=data)
+        load_fit(solver, path, training_data=fingerprint, data=data, float_inputs=float_inputs)
     else:
-        _fit(solver, blocks, theta, data)
+        _fit(solver, blocks, data, float_inputs)
         if path is not None:
             save_fit(solver, path, training_data=fingerprint)
     report = {"reused": reused, "path": path, "sweeps": blocks.sweeps, "blocks": len(blocks.sizes),
@@ -464,26 +366,9 @@ def fit_with_blocks(solver: InfluenceModel, blocks: TrainBlocks, *, path: str | 
     return report
 
 
-def _fit(solver: InfluenceModel, blocks: TrainBlocks, theta: Tensor, data: TrainingData) -> None:
-    solver._theta = None
-    if isinstance(solver, EkfacInfluence):
-        def sweep(kind: str, factors: Sequence[Any] | None) -> list[Tensor]:
-            shipped = None if factors is None else [_to_device(f, torch.device("cpu")) for f in factors]
-            return [torch.from_numpy(np.asarray(t)) for t in blocks.sum(ekfac_block, (kind, shipped))]
-
-        solver.fit_from_sums(blocks.n, sweep)
-    else:
-        solver._fit(distributed_operator(solver, blocks, theta), data)
-    _finish(solver, theta, data, blocks.n, blocks.source.feature_shape)
-
-
-def _finish(solver: InfluenceModel, theta: Tensor, data: TrainingData, n: int, feature_shape: Sequence[int]) -> None:
-    """Mark ``solver`` fitted; CG and LiSSA keep a local operator over the training data for their solves."""
-    if solver.needs_training_data:
-        solver._attach(solver._operator_for(theta, data), data)
-    solver._theta = theta
-    solver.n_train_ = int(n)
-    solver.feature_shape_ = torch.Size(feature_shape)
+def _fit(solver: InfluenceModel, blocks: TrainBlocks, data: TrainingData, float_inputs: bool) -> None:
+    """The solver's one fitting path (:meth:`InfluenceModel.fit_blocks`) over ``blocks``."""
+    solver.fit_blocks(blocks, data, feature_shape=blocks.source.feature_shape, float_inputs=float_inputs)
 
 
 def fit_path_for(store: str | os.PathLike) -> str:
@@ -515,7 +400,8 @@ def save_fit(solver: InfluenceModel, path: str | os.PathLike, *, training_data: 
     replace_atomically(path, buffer.getvalue())
 
 
-def load_fit(solver: InfluenceModel, path: str | os.PathLike, *, training_data: dict, data: TrainingData) -> None:
+def load_fit(solver: InfluenceModel, path: str | os.PathLike, *, training_data: dict, data: TrainingData,
+             float_inputs: bool | None = None) -> None:
     """Restore a fit written by :func:`save_fit` into ``solver``, after checking that it belongs to it.
 
     The file is read as data, never as code (:func:`_read`). Only the hyperparameters a fit
@@ -540,7 +426,8 @@ def load_fit(solver: InfluenceModel, path: str | os.PathLike, *, training_data: 
             "Fit again and replace it with refit=True (dask-influence run --refit), or use another fit file."
         )
     _restore_attributes(solver, record["attributes"], path)
-    _finish(solver, theta, data, record["n_train"], record["feature_shape"])
+    solver.finish_fit(theta, data, n=record["n_train"], feature_shape=record["feature_shape"],
+                      float_inputs=float_inputs if float_inputs is not None else record.get("float_inputs"))
 
 
 def _read(path: str) -> dict:
@@ -618,9 +505,7 @@ def solving_on_cluster(solver: InfluenceModel, client: Any, source: BlockSource)
     The blocks are loaded onto the workers on entry and released on exit.
     """
     with ClusterTrainBlocks(client, solver, source) as blocks:
-        local = copy.copy(solver)
-        local._operator = distributed_operator(solver, blocks, solver._require_fitted())
-        yield local
+        yield solver.attach_curvature(solver.curvature_over(blocks, solver.trained_parameters()))
 
 
 def solve_factors_on_cluster(solver: InfluenceModel, client: Any, source: BlockSource, dsk: dict, keys: list, *,

@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from ...errors import NotPositiveDefiniteError
-from ..data import TrainingData
-from ..operators import CurvatureOperator, LinearOperator
+from ..blocks import BlockSums
+from ..operators import LinearOperator
 from ..serialization import serializable
 from .base import InfluenceModel
 from .config import (
@@ -299,7 +299,7 @@ class ArnoldiInfluence(InfluenceModel):
         return self.state_.eigenvectors
 
     # -- solver ---------------------------------------------------------------------------
-    def _fit(self, operator: CurvatureOperator, data: TrainingData) -> None:
+    def _fit(self, operator: LinearOperator, blocks: BlockSums) -> None:
         self.state_ = None
         generator = torch.Generator().manual_seed(self.seed)
         result = lanczos(

@@ -22,7 +22,7 @@ import os
 import pickle
 import threading
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 import cloudpickle
 import torch
@@ -32,7 +32,8 @@ from ...errors import NonFiniteError, NotFittedError
 from ..data import TrainingData, check_pair, to_tensor
 from ..gradients import _FORWARD_LOCK, LossFn, ModelFunctions, check_finite, check_finite_grads, flat_params
 from ..modes import InfluenceMode
-from ..operators import BlockDiagonalOperator, Curvature, CurvatureOperator
+from ..blocks import BlockSums, LocalBlocks, summed_operator
+from ..operators import BlockDiagonalOperator, Curvature, CurvatureOperator, LinearOperator
 from .config import (  # noqa: F401  (re-exported: the solvers' shared checks)
     SolverConfig,
     check_blocks,
@@ -230,21 +231,80 @@ class InfluenceModel(ABC):
             data: a DataLoader of ``(x, y)`` batches, any re-iterable of such batches, or a
                 pair ``(x, y)`` of whole arrays. The curvature is the mean over all samples.
         """
-        self._check_model_mode()
+        self.check_model_mode()
         source = TrainingData(data, dtype=self.dtype, device=self.device, batch_size=self.chunk_size)
         source.scan()
         x0, y0 = next(source.batches())
+        self.trained_parameters()
+        self.check_loss(x0, y0)
+        self.fit_blocks(LocalBlocks(self, source), source, feature_shape=source.feature_shape,
+                        float_inputs=bool(x0.is_floating_point()))
+        return self
+
+    def fit_blocks(self, blocks: BlockSums, data: TrainingData | None, *, feature_shape: Sequence[int],
+                   float_inputs: bool) -> None:
+        """Fit from sums over training blocks: the one fitting path.
+
+        Every pass over the training data is ``blocks.sum(fn, payload)`` (see
+        :mod:`..blocks`): :meth:`fit` passes the batches of its data in this process; the
+        mapping layer passes the train blocks of a Dask cluster. The inputs are checked by
+        the caller (:meth:`check_model_mode`, :meth:`check_loss` on the first block).
+
+        Args:
+            blocks: the training blocks.
+            data: the same training data in this process, read lazily; solvers that apply
+                ``H`` at solve time (``needs_training_data``: CG, LiSSA) keep it. ``None``
+                for the others.
+            feature_shape: the inputs' shape without the sample dimension.
+            float_inputs: whether the training inputs are floating point (integer inputs
+                are then refused with a clear error).
+        """
+        theta = self.trained_parameters()
+        self._theta = None
+        self._fit(self.curvature_over(blocks, theta), blocks)
+        self.finish_fit(theta, data, n=blocks.n, feature_shape=feature_shape, float_inputs=float_inputs)
+
+    def finish_fit(self, theta: Tensor, data: TrainingData | None, *, n: int, feature_shape: Sequence[int],
+                   float_inputs: bool | None) -> None:
+        """Mark the solver fitted at ``theta`` (after :meth:`fit_blocks` or a restored state);
+        solvers with ``needs_training_data`` keep an operator over ``data`` for their solves."""
+        if self.needs_training_data:
+            if data is None:
+                raise ValueError(f"{type(self).__name__} solves with the training data; pass it.")
+            self._attach(self._operator_for(theta, data), data)
+        self._theta = theta
+        self.n_train_ = int(n)
+        self.feature_shape_ = torch.Size(feature_shape)
+        if float_inputs is not None:
+            self._float_inputs = bool(float_inputs)
+
+    def curvature_over(self, blocks: BlockSums, theta: Tensor) -> LinearOperator:
+        """``H`` of the mean training loss as sums over ``blocks`` (block-diagonal by layer
+        with ``blocks="layer"``): what :meth:`_fit` receives."""
+        slices = None
+        if self.blocks == "layer":
+            slices = [(start, stop) for _, start, stop in self._functions.spec.layer_slices()]
+        return summed_operator(blocks, theta, slices)
+
+    def block_curvature(self) -> CurvatureOperator:
+        """The curvature of the loss at the trained parameters, without data: its
+        ``batch_matmat(x, y, V)`` is one block's curvature times ``V``."""
+        return CurvatureOperator(self._functions, self.trained_parameters(), None, self.curvature)  # type: ignore[arg-type]
+
+    def trained_parameters(self) -> Tensor:
+        """The model's trainable parameters as one flat vector ``(p,)`` (checked finite)."""
         theta = flat_params(self.model, self._functions.spec)
         check_finite("The model's trainable parameters", theta, hint="Load a model with finite weights.")
-        self._check_loss(x0, y0)
-        operator = self._operator_for(theta, source)
-        self._theta = None
-        self._fit(operator, source)
-        self._theta = theta
-        self.n_train_ = source.num_samples
-        self.feature_shape_ = source.feature_shape
-        self._float_inputs = bool(x0.is_floating_point())
-        return self
+        return theta
+
+    def attach_curvature(self, operator: LinearOperator) -> "InfluenceModel":
+        """A shallow copy of this fitted solver that solves with ``operator`` as ``H`` (e.g. sums
+        over train blocks on a cluster). Only for solvers with ``needs_training_data``."""
+        if not self.needs_training_data:
+            raise TypeError(f"{type(self).__name__} does not solve with the curvature operator.")
+        clone = copy.copy(self)
+        clone._attach(operator, None)
+        return clone
 
     def fitted_state(self) -> dict[str, Any]:
         """The fitted state: ``{attribute: value}`` of :attr:`_saved_attributes` (tensors, state
@@ -378,11 +438,12 @@ class InfluenceModel(ABC):
         """Drop references to the training data (solvers with ``needs_training_data``)."""
 
     @abstractmethod
-    def _fit(self, operator: Any, data: TrainingData) -> None:
-        """Prepare ``_solve`` from the (undamped) curvature operator of the training data.
+    def _fit(self, operator: LinearOperator, blocks: BlockSums) -> None:
+        """Prepare ``_solve`` from the (undamped) curvature of the training data.
 
-        ``operator`` is a :class:`CurvatureOperator`, or a :class:`BlockDiagonalOperator`
-        around one when ``blocks == "layer"``.
+        ``operator`` is ``H`` (block-diagonal by layer when ``blocks == "layer"``), each
+        product a pass of sums over ``blocks``; a solver that needs other per-block
+        quantities sums its own module-level block functions with ``blocks.sum(fn, payload)``.
         """
 
     @abstractmethod
@@ -534,7 +595,8 @@ class InfluenceModel(ABC):
         check_finite("factors", factors, hint="Recompute them with influence_factors.")
         return factors
 
-    def _check_model_mode(self) -> None:
+    def check_model_mode(self) -> None:
+        """Refuse a model in training mode with dropout or batch norm (per-sample gradients would be ill-defined)."""
         if not self.model.training:
             return
         for name, module in self.model.named_modules():
@@ -544,7 +606,8 @@ class InfluenceModel(ABC):
                     "behaves differently per batch; call model.eval() before computing influences."
                 )
 
-    def _check_loss(self, x: Tensor, y: Tensor) -> None:
+    def check_loss(self, x: Tensor, y: Tensor) -> None:
+        """Check the loss on the first training batch: it evaluates, is a finite scalar and averages over the batch."""
         theta = flat_params(self.model, self._functions.spec)
         x1, y1 = x[:1], y[:1]
         try:

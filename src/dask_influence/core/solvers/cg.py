@@ -17,8 +17,9 @@ import torch
 from torch import Tensor
 
 from ...errors import ConvergenceWarning, NotPositiveDefiniteError
+from ..blocks import BlockSums
 from ..data import TrainingData
-from ..operators import CurvatureOperator, DampedOperator
+from ..operators import DampedOperator, LinearOperator
 from ..preconditioners import Preconditioner, make_preconditioner, preconditioner_name
 from .base import InfluenceModel
 from .config import SolverConfig, check_blocks, check_nonnegative, check_positive_int, check_seed, hyperparameter
@@ -206,7 +207,7 @@ class CgInfluence(InfluenceModel):
         super().__init__(model, loss, config, **hyperparameters)
         self.preconditioner_: Preconditioner | None = make_preconditioner(
             self.config.preconditioner, rank=self.config.preconditioner_rank, seed=self.config.seed)
-        self._operator: CurvatureOperator | None = None
+        self._operator: LinearOperator | None = None
         self.info_: CgInfo | None = None
 
     config: CgConfig
@@ -221,15 +222,14 @@ class CgInfluence(InfluenceModel):
         """The relative tolerance in use: the configured one or :func:`default_rtol` of the model's dtype."""
         return default_rtol(self.dtype) if self.config.rtol is None else self.config.rtol
 
-    def _fit(self, operator: CurvatureOperator, data: TrainingData) -> None:
-        self._operator = operator
+    def _fit(self, operator: LinearOperator, blocks: BlockSums) -> None:
         if self.preconditioner_ is not None:
             self.preconditioner_.fit(operator, self.regularization)
 
     def _detach(self) -> None:
         self._operator = None
 
-    def _attach(self, operator: CurvatureOperator, data: TrainingData) -> None:
+    def _attach(self, operator: LinearOperator, data: TrainingData | None) -> None:
         self._operator = operator
 
     def _solve(self, rhs: Tensor) -> Tensor:

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from ...errors import NotPositiveDefiniteError
-from ..data import TrainingData
-from ..operators import BlockDiagonalOperator
+from ..blocks import BlockSums
+from ..operators import BlockDiagonalOperator, LinearOperator
 from ..serialization import serializable
 from .base import InfluenceModel
 from .config import SolverConfig, check_blocks, hyperparameter
@@ -109,7 +109,7 @@ class DirectInfluence(InfluenceModel):
     config_class = DirectConfig
     state_: DirectState | None = None
 
-    def _fit(self, operator: Any, data: TrainingData) -> None:
+    def _fit(self, operator: LinearOperator, blocks: BlockSums) -> None:
         if isinstance(operator, BlockDiagonalOperator):
             ranges = tuple(operator.blocks)
             matrices = [operator.block_dense(b) for b in range(len(ranges))]

@@ -22,7 +22,6 @@ from torch import Tensor, nn
 from torch.func import grad, jacrev, vmap
 
 from ...errors import NonFiniteError, NotFittedError
-from ..data import TrainingData
 from ..gradients import _FORWARD_LOCK, LossFn, ParamSpec
 from ..kronecker import (
     Capture,
@@ -36,7 +35,8 @@ from ..kronecker import (
     up_contract,
 )
 from ..modes import InfluenceMode
-from ..operators import CurvatureOperator
+from ..blocks import BlockSums
+from ..operators import LinearOperator
 from ..serialization import serializable
 from .base import InfluenceModel
 from .config import SolverConfig, hyperparameter
@@ -285,6 +285,15 @@ def infer_task(loss: LossFn, task: str | None) -> str | None:
     return None
 
 
+# -- the per-block function of both fitting passes -----------------------------------------------
+def ekfac_block(solver: "EkfacInfluence", x: Tensor, y: Tensor, start: int, weight: float,
+                payload: tuple[str, Sequence[LayerFactors] | None], out: list[Tensor] | None = None) -> list[Tensor]:
+    """One block's float64 sums of a fitting pass (:meth:`EkfacInfluence.block_sums`);
+    ``payload`` is ``(kind, factors)``."""
+    kind, factors = payload
+    return solver.block_sums(kind, solver.trained_parameters(), x, y, offset=start, factors=factors, out=out)
+
+
 # -- the solver -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class EkfacConfig(SolverConfig):
@@ -363,27 +372,18 @@ class EkfacInfluence(InfluenceModel):
         self._output = OutputCurvature(self.loss, task)
 
     # -- fitting --------------------------------------------------------------------------------
-    def _fit(self, operator: CurvatureOperator, data: TrainingData) -> None:
-        theta = operator.theta
-
+    def _fit(self, operator: LinearOperator, blocks: BlockSums) -> None:
         def sweep(kind: str, factors: Sequence[LayerFactors] | None) -> list[Tensor]:
-            total: list[Tensor] | None = None
-            seen = 0
-            for x, y in data.batches():
-                total = self.block_sums(kind, theta, x, y, offset=seen, factors=factors, out=total)
-                seen += int(x.shape[0])
-            assert total is not None  # the data was scanned: at least one batch
-            return total
+            return list(blocks.sum(ekfac_block, (kind, None if factors is None else tuple(factors))))
 
-        self.fit_from_sums(data.num_samples, sweep)
+        self.fit_from_sums(blocks.n, sweep)
 
     def fit_from_sums(self, n: int, sweep: Callable[[str, Sequence[LayerFactors] | None], list[Tensor]]) -> None:
         """Fit from sums over the training blocks of :meth:`block_sums`.
 
         ``sweep(kind, factors)`` must return the elementwise sum, over every block of the
-        training data, of ``block_sums(kind, theta, x_b, y_b, offset=start_b, factors=factors)``.
-        In-process ``fit`` sums over the loader's batches; the mapping layer sums per-block
-        results computed on Dask workers. ``A`` and ``G`` are eigendecomposed here, in
+        training data, of ``block_sums(kind, theta, x_b, y_b, offset=start_b, factors=factors)``
+        (:meth:`_fit` sums :func:`ekfac_block` over the fit's blocks). ``A`` and ``G`` are eigendecomposed here, in
         float64; with ``update_diagonal`` a second sweep sums the corrected eigenvalues.
 
         Args:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ...errors import ConvergenceWarning, DivergenceError
+from ..blocks import BlockSums
 from ..data import TrainingData
 from ..operators import CurvatureOperator, DampedOperator, LinearOperator
 from .base import InfluenceModel
@@ -126,13 +127,11 @@ class LissaInfluence(InfluenceModel):
         self._operator = None
         self._data = None
 
-    def _attach(self, operator: CurvatureOperator, data: TrainingData) -> None:
+    def _attach(self, operator: CurvatureOperator, data: TrainingData | None) -> None:
         self._operator = operator
         self._data = data
 
-    def _fit(self, operator: CurvatureOperator, data: TrainingData) -> None:
-        self._operator = operator
-        self._data = data
+    def _fit(self, operator: LinearOperator, blocks: BlockSums) -> None:
         if self.scale is None:
             top = largest_eigenvalue(operator, seed=self.seed)
             self.scale_ = 2.0 * top + self.regularization

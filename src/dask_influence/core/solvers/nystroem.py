@@ -20,9 +20,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ..data import TrainingData
+from ..blocks import BlockSums
 from ..lowrank import LowRankFactor, nystroem_sketch
-from ..operators import CurvatureOperator
+from ..operators import LinearOperator
 from .base import InfluenceModel
 from .config import REQUIRED, SolverConfig, check_positive_int, check_rank, check_seed, hyperparameter
 from .registry import register
@@ -94,7 +94,7 @@ class NystroemSketchInfluence(InfluenceModel):
         assert self.state_ is not None
         return self.state_.basis
 
-    def _fit(self, operator: CurvatureOperator, data: TrainingData) -> None:
+    def _fit(self, operator: LinearOperator, blocks: BlockSums) -> None:
         self.state_ = None
         generator = torch.Generator().manual_seed(self.seed)
         self.state_ = nystroem_sketch(operator, self.rank, generator)

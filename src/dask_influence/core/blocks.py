@@ -1,0 +1,208 @@
+"""Sums over training blocks: the one way a fit touches the training data.
+
+Every pass a solver's fit makes over the training data is a SUM over the training blocks
+of a per-block function
+
+    fn(solver, x_b, y_b, start_b, weight_b, payload, out=None) -> Tensor | list[Tensor]
+
+with ``weight_b = n_b / n`` (the block's share of the mean loss) and ``payload`` the same
+for every block of the pass (e.g. the vectors ``V`` of a curvature product). ``out``, when given, is the running sum
+of the blocks before this one, which the function may add its result into and return (an
+in-process pass then holds one sum, not two). A solver's
+``_fit(operator, blocks)`` sees the training data only through ``blocks.sum(fn, payload)``
+(directly, as EK-FAC's factor sums do, or through the curvature operator below). Whoever
+holds the blocks decides where the functions run and how the results are added:
+
+- :class:`LocalBlocks` (here): the batches of a :class:`~.data.TrainingData`, one after the
+  other in this process; ``solver.fit(data)`` uses it.
+- the mapping layer's train blocks: one Dask task per block, summed by a fixed tree on
+  the workers (``dask_influence.mapping.fitting``). A block function must therefore be a
+  module-level function (it is sent by reference) that reads only its arguments.
+
+:class:`SummedCurvatureOperator` is ``H`` of the mean training loss as such sums:
+``matmat(V)`` is one pass of :func:`curvature_block`, and the dense matrix (or its
+per-layer diagonal blocks) one pass of :func:`dense_block`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+from .data import TrainingData
+from .gradients import check_finite
+from .operators import BlockDiagonalOperator, LinearOperator
+
+if TYPE_CHECKING:
+    from .solvers.base import InfluenceModel
+
+BlockFunction = Callable[..., Any]
+"""``fn(solver, x, y, start, weight, payload, out=None) -> Tensor | list[Tensor]`` for one block."""
+
+
+class BlockSums(Protocol):
+    """The training blocks of one fit, and sums over them.
+
+    Attributes:
+        n: the number of training samples.
+        sweeps: passes made so far (each one call of ``fn`` per block).
+    """
+
+    n: int
+    sweeps: int
+
+    def sum(self, fn: BlockFunction, payload: Any = None) -> Any:
+        """``sum_b fn(solver, x_b, y_b, start_b, n_b / n, payload)`` over every block, in block
+        order (tensors added, lists of tensors added elementwise)."""
+        ...
+
+
+def add_results(a: Any, b: Any) -> Any:
+    """Sum of two per-block results (tensors or arrays, or lists of them added elementwise)."""
+    if isinstance(a, list):
+        return [u + v for u, v in zip(a, b)]
+    return a + b
+
+
+class LocalBlocks:
+    """The batches of ``data`` as the blocks of a fit, summed in this process in order.
+
+    Args:
+        solver: passed to every block function.
+        data: the training data, scanned (its ``num_samples`` known).
+    """
+
+    def __init__(self, solver: "InfluenceModel", data: TrainingData):
+        self.solver = solver
+        self.data = data
+        self.n = int(data.num_samples)
+        self.sweeps = 0
+
+    def sum(self, fn: BlockFunction, payload: Any = None) -> Any:
+        self.sweeps += 1
+        total: Any = None
+        start = 0
+        for x, y in self.data.batches():
+            size = int(x.shape[0])
+            result = fn(self.solver, x, y, start, size / self.n, payload, out=total)
+            if total is None or result is total:
+                total = result
+            elif isinstance(total, list):
+                for t, r in zip(total, result):
+                    t += r
+            else:
+                total += result
+            start += size
+        if total is None:
+            raise ValueError("The training data has no batches; pass at least one sample.")
+        return total
+
+
+# -- the per-block functions of the curvature -------------------------------------------------
+def curvature_block(solver: "InfluenceModel", x: Tensor, y: Tensor, start: int, weight: float, v: Tensor,
+                    out: Tensor | None = None) -> Tensor:
+    """``(n_b / n) * H_b V`` of one block for ``V`` ``(p, k)``: ``(p, k)`` (added into ``out`` if given)."""
+    v = v.to(device=solver.device, dtype=solver.dtype)
+    result = weight * solver.block_curvature().batch_matmat(x, y, v)
+    if out is None:
+        return result
+    out += result
+    return out
+
+
+def dense_block(solver: "InfluenceModel", x: Tensor, y: Tensor, start: int, weight: float,
+                payload: tuple[Sequence[tuple[int, int]], int], out: list[Tensor] | None = None) -> list[Tensor]:
+    """``(n_b / n) * H_b`` of one block restricted to each ``(a, b)`` range: ``[(p_r, p_r), ...]``.
+
+    ``payload`` is ``(ranges, column_chunk)``: the ranges' columns are pushed through the
+    block's curvature ``column_chunk`` at a time.
+    """
+    ranges, column_chunk = payload
+    operator = solver.block_curvature()
+    p = operator.size
+    result = []
+    for a, b in ranges:
+        matrix = torch.empty(b - a, b - a, dtype=solver.dtype, device=solver.device)
+        for c0 in range(0, b - a, column_chunk):
+            c1 = min(c0 + column_chunk, b - a)
+            eye = torch.zeros(p, c1 - c0, dtype=solver.dtype, device=solver.device)
+            eye[torch.arange(a + c0, a + c1), torch.arange(c1 - c0)] = 1
+            matrix[:, c0:c1] = (weight * operator.batch_matmat(x, y, eye))[a:b]
+        result.append(matrix)
+    return result
+
+
+class SummedCurvatureOperator(LinearOperator):
+    """``H`` of the mean training loss with every product one pass of block sums.
+
+    ``matmat(V)`` sums :func:`curvature_block` over the blocks; :meth:`dense_blocks` builds
+    the diagonal blocks of given ranges (or the whole matrix) in ONE pass of
+    :func:`dense_block`.
+
+    Args:
+        blocks: the training blocks (in this process or on a cluster).
+        theta: the trained parameters ``(p,)``.
+
+    Attributes:
+        num_passes: sweeps over the training data made by this operator.
+    """
+
+    def __init__(self, blocks: BlockSums, theta: Tensor):
+        self.blocks = blocks
+        self.size = int(theta.numel())
+        self.dtype = theta.dtype
+        self.device = theta.device
+        self.num_passes = 0
+
+    def matmat(self, v: Tensor) -> Tensor:
+        out = self.blocks.sum(curvature_block, v.to(self.dtype))
+        self.num_passes += 1
+        return self._finite(torch.as_tensor(out).to(device=self.device, dtype=self.dtype))
+
+    def dense(self, column_chunk: int = 64) -> Tensor:
+        return self.dense_blocks([(0, self.size)], column_chunk)[0]
+
+    def dense_blocks(self, ranges: Sequence[tuple[int, int]], column_chunk: int = 64) -> list[Tensor]:
+        """The diagonal blocks ``H[a:b, a:b]`` of each range, symmetrized, from ONE pass."""
+        parts = self.blocks.sum(dense_block, (tuple(ranges), int(column_chunk)))
+        self.num_passes += 1
+        out = []
+        for part in parts:
+            m = torch.as_tensor(part).to(device=self.device, dtype=self.dtype)
+            out.append(self._finite(0.5 * (m + m.T)))
+        return out
+
+    @staticmethod
+    def _finite(out: Tensor) -> Tensor:
+        check_finite(
+            "A curvature-vector product",
+            out,
+            hint="The model or loss produced NaN/Inf second derivatives at the trained "
+            "parameters; check for overflow in the model or use curvature='ggn'.",
+        )
+        return out
+
+
+class SummedBlockDiagonalOperator(BlockDiagonalOperator):
+    """The per-layer blocks of a :class:`SummedCurvatureOperator`; all dense blocks in one pass."""
+
+    def __init__(self, inner: SummedCurvatureOperator, blocks: list[tuple[int, int]]):
+        super().__init__(inner, blocks)
+        self._dense: list[Tensor] | None = None
+
+    def block_dense(self, b: int, column_chunk: int = 64) -> Tensor:
+        if self._dense is None:
+            assert isinstance(self.inner, SummedCurvatureOperator)
+            self._dense = self.inner.dense_blocks(self.blocks, column_chunk)
+        return self._dense[b]
+
+
+def summed_operator(blocks: BlockSums, theta: Tensor, layer_slices: Sequence[tuple[int, int]] | None) -> LinearOperator:
+    """``H`` over ``blocks``: block-diagonal by the given layer slices, or whole (``None``)."""
+    operator = SummedCurvatureOperator(blocks, theta)
+    if layer_slices is not None:
+        return SummedBlockDiagonalOperator(operator, list(layer_slices))
+    return operator
+
