@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import dask_influence as di
+from dask_influence.core.blocks import SummedCurvatureOperator
 from dask_influence.core.operators import LinearOperator
 
 
@@ -53,6 +54,7 @@ def test_layer_blocks_equal_the_masked_dense_solution(cls, kwargs):
 def test_direct_layer_blocks_never_form_the_full_matrix(monkeypatch):
     model, loss, x, y = _problem()
     monkeypatch.setattr(LinearOperator, "dense", lambda *a, **k: pytest.fail("formed the full H"))
+    monkeypatch.setattr(SummedCurvatureOperator, "dense", lambda *a, **k: pytest.fail("formed the full H"))
     solver = di.DirectInfluence(model, loss, regularization=0.5, blocks="layer").fit((x, y))
     assert [tuple(v.shape) for v in solver.state_.eigenvectors] == [(20, 20), (20, 20), (15, 15)]
 

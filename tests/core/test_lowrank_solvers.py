@@ -16,7 +16,8 @@ import pytest
 import torch
 from torch import nn
 
-from dask_influence.core.operators import CurvatureOperator, LinearOperator
+from dask_influence.core.blocks import SummedCurvatureOperator
+from dask_influence.core.operators import LinearOperator
 from dask_influence.core.solvers.arnoldi import ArnoldiInfluence
 from dask_influence.core.solvers.direct import DirectInfluence
 from dask_influence.core.solvers.nystroem import NystroemSketchInfluence
@@ -224,9 +225,9 @@ def test_arnoldi_finds_repeated_eigenvalues():
 
 # -- cost: curvature-vector products only --------------------------------------------------
 def _count_products(monkeypatch) -> list[int]:
-    """Record the number of columns of every CurvatureOperator.matmat; forbid dense()."""
+    """Record the number of columns of every curvature product of a fit (each one sweep); forbid dense()."""
     calls: list[int] = []
-    original = CurvatureOperator.matmat
+    original = SummedCurvatureOperator.matmat
 
     def counting(self, v):
         calls.append(int(v.shape[1]))
@@ -235,8 +236,10 @@ def _count_products(monkeypatch) -> list[int]:
     def no_dense(self, *args, **kwargs):
         raise AssertionError("the low-rank solvers must not form H")
 
-    monkeypatch.setattr(CurvatureOperator, "matmat", counting)
+    monkeypatch.setattr(SummedCurvatureOperator, "matmat", counting)
     monkeypatch.setattr(LinearOperator, "dense", no_dense)
+    monkeypatch.setattr(SummedCurvatureOperator, "dense", no_dense)
+    monkeypatch.setattr(SummedCurvatureOperator, "dense_blocks", no_dense)
     return calls
 
 

@@ -7,8 +7,8 @@ of a per-block function
 
 with ``weight_b = n_b / n`` (the block's share of the mean loss) and ``payload`` the same
 for every block of the pass (e.g. the vectors ``V`` of a curvature product). ``out``, when given, is the running sum
-of the blocks before this one, which the function may add its result into and return (an
-in-process pass then holds one sum, not two). A solver's
+of the blocks before this one: the function returns that sum plus its block's result
+(adding in place where it can, so an in-process pass holds one sum, not two). A solver's
 ``_fit(operator, blocks)`` sees the training data only through ``blocks.sum(fn, payload)``
 (directly, as EK-FAC's factor sums do, or through the curvature operator below). Whoever
 holds the blocks decides where the functions run and how the results are added:
@@ -86,14 +86,7 @@ class LocalBlocks:
         start = 0
         for x, y in self.data.batches():
             size = int(x.shape[0])
-            result = fn(self.solver, x, y, start, size / self.n, payload, out=total)
-            if total is None or result is total:
-                total = result
-            elif isinstance(total, list):
-                for t, r in zip(total, result):
-                    t += r
-            else:
-                total += result
+            total = fn(self.solver, x, y, start, size / self.n, payload, out=total)
             start += size
         if total is None:
             raise ValueError("The training data has no batches; pass at least one sample.")
@@ -131,7 +124,11 @@ def dense_block(solver: "InfluenceModel", x: Tensor, y: Tensor, start: int, weig
             eye[torch.arange(a + c0, a + c1), torch.arange(c1 - c0)] = 1
             matrix[:, c0:c1] = (weight * operator.batch_matmat(x, y, eye))[a:b]
         result.append(matrix)
-    return result
+    if out is None:
+        return result
+    for total, matrix in zip(out, result):
+        total += matrix
+    return out
 
 
 class SummedCurvatureOperator(LinearOperator):

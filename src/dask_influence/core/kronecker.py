@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import NotPositiveDefiniteError
+from .eigen import definiteness
 from .serialization import serializable
 
 
@@ -97,13 +98,11 @@ class LayerFactors:
 
 def check_layer_positive(factors: LayerFactors, regularization: float, corrected: bool, solver: str) -> None:
     """Raise :class:`NotPositiveDefiniteError` unless the layer's damped eigenvalues are safely > 0."""
-    diag = factors.eigenvalues(corrected).double()
-    scale = float(diag.abs().max()) if diag.numel() else 0.0
-    eps = torch.finfo(factors.q_a.dtype).eps
-    threshold = max(diag.numel() * eps * scale, torch.finfo(factors.q_a.dtype).tiny)
-    smallest = float(diag.min()) + regularization
+    diag = factors.eigenvalues(corrected).to(factors.q_a.dtype)
+    smallest, threshold, scale = definiteness(diag, regularization)
     if smallest > threshold:
         return
+    diag = diag.double()
     # large enough to clear the threshold (p * eps * scale, which matters in float32 for wide layers)
     suggestion = float(f"{max(1e-3 * scale, 2 * (threshold - float(diag.min())), 1e-8):.1g}")
     if float(diag.min()) + suggestion <= threshold:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .eigen import EigenOperator
 from .operators import LinearOperator
 from .serialization import serializable
 
@@ -35,10 +36,7 @@ class LowRankFactor:
                 "The low-rank inverse needs regularization > 0 (the complement of the sketched "
                 f"subspace is treated as regularization*I); got {regularization}."
             )
-        coeff = self.basis.T @ v
-        inside = self.basis @ (coeff / (self.eigenvalues + regularization)[:, None])
-        outside = (v - self.basis @ coeff) / regularization
-        return inside + outside
+        return EigenOperator(self.eigenvalues, self.basis).inverse_apply(v, regularization, complement=True)
 
 
 def nystroem_sketch(operator: LinearOperator, rank: int, generator: torch.Generator) -> LowRankFactor:

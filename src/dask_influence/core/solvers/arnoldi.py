@@ -21,6 +21,8 @@ from torch import Tensor
 
 from ...errors import NotPositiveDefiniteError
 from ..blocks import BlockSums
+from ..eigen import EigenOperator, check_positive_definite
+from ..lanczos import LanczosResult, lanczos  # noqa: F401  (LanczosResult re-exported)
 from ..operators import LinearOperator
 from ..serialization import serializable
 from .base import InfluenceModel
@@ -34,119 +36,8 @@ from .config import (
     hyperparameter,
 )
 from .registry import register
-from .direct import check_positive_definite
 
 COMPLEMENTS = ("ignore", "regularization")
-
-
-@dataclass(frozen=True)
-class LanczosResult:
-    """What the Lanczos iteration produced.
-
-    Attributes:
-        basis: ``(p, m)`` float64, orthonormal columns spanning the Krylov space(s).
-        alphas: ``(m,)`` float64, the diagonal of ``T = Q^T H Q``.
-        betas: ``(m - 1,)`` float64, its off-diagonal (zero where the iteration restarted).
-        last_beta: the norm of the residual after the last vector (``0`` on breakdown).
-        restarts: how often a breakdown was followed by a fresh start vector.
-    """
-
-    basis: Tensor
-    alphas: Tensor
-    betas: Tensor
-    last_beta: float
-    restarts: int
-
-
-def lanczos(
-    operator: LinearOperator,
-    krylov_dimension: int,
-    *,
-    tol: float = 1e-6,
-    generator: torch.Generator | None = None,
-) -> LanczosResult:
-    """Lanczos iteration with full reorthogonalization for a symmetric operator.
-
-    Args:
-        operator: the symmetric ``p x p`` operator; only ``operator.matmat`` is used, with
-            one column per call (one sweep over the training data for a curvature operator).
-        krylov_dimension: at most this many basis vectors ``m <= p``.
-        tol: relative breakdown threshold. When the new Lanczos vector has norm
-            ``beta_j <= tol * |T|`` (``|T|`` estimated by the largest ``|alpha|`` and ``beta``
-            seen so far) the basis spans an invariant subspace and its Ritz pairs are exact.
-            The iteration then restarts from a random vector orthogonal to the basis, so that
-            further copies of repeated eigenvalues are found (``T`` gets a zero off-diagonal
-            entry there). It stops early when the operator maps such a fresh random vector to
-            (nearly) zero: then the operator vanishes on the whole complement of the basis.
-        generator: seeds the random start vector(s), drawn in float64 on the CPU.
-
-    Returns:
-        a :class:`LanczosResult`; ``operator`` was applied ``m`` times.
-    """
-    p = operator.size
-    m_max = min(int(krylov_dimension), p)
-    basis = torch.zeros(p, m_max, dtype=torch.float64, device=operator.device)
-    alphas: list[float] = []
-    betas: list[float] = []
-    scale = 0.0
-    restarts = 0
-    last_beta = 0.0
-
-    def orthogonalize(w: Tensor, j: int) -> Tensor:
-        # classical Gram-Schmidt, twice ("twice is enough"), against basis[:, :j]
-        q = basis[:, :j]
-        for _ in range(2):
-            w = w - q @ (q.T @ w)
-        return w
-
-    def random_start(j: int) -> Tensor | None:
-        for _ in range(3):
-            v = torch.randn(p, generator=generator, dtype=torch.float64).to(operator.device)
-            v = orthogonalize(v, j)
-            norm = float(torch.linalg.vector_norm(v))
-            if norm > 1e-8:  # a random unit vector is mostly outside a basis of dimension j < p
-                return v / norm
-        return None
-
-    q = random_start(0)
-    assert q is not None
-    j = 0
-    segment_start = 0
-    while True:
-        basis[:, j] = q
-        w = operator.matmat(q.to(operator.dtype).unsqueeze(1)).squeeze(1).double()
-        alpha = float(q @ w)
-        alphas.append(alpha)
-        w = orthogonalize(w, j + 1)
-        beta = float(torch.linalg.vector_norm(w))
-        scale = max(scale, abs(alpha), beta)
-        j += 1
-        last_beta = beta
-        if j >= m_max:
-            break
-        if beta > tol * scale:
-            betas.append(beta)
-            q = w / beta
-            continue
-        # breakdown: span(basis[:, :j]) is invariant under the operator
-        last_beta = 0.0
-        if j - segment_start == 1 and abs(alpha) <= tol * scale:
-            # a random vector orthogonal to the basis is mapped to ~0: the operator vanishes
-            # on the complement of the basis, nothing is left to find
-            break
-        q = random_start(j)
-        if q is None:
-            break
-        betas.append(0.0)
-        restarts += 1
-        segment_start = j
-    return LanczosResult(
-        basis=basis[:, :j],
-        alphas=torch.tensor(alphas, dtype=torch.float64, device=operator.device),
-        betas=torch.tensor(betas, dtype=torch.float64, device=operator.device),
-        last_beta=last_beta,
-        restarts=restarts,
-    )
 
 
 @serializable
@@ -330,16 +221,12 @@ class ArnoldiInfluence(InfluenceModel):
         assert self.state_ is not None
         d, v = self.state_.eigenvalues, self.state_.eigenvectors
         self._check_definite(d)
-        coeff = rhs @ v
-        out = (coeff / (d + self.regularization)) @ v.T
-        if self.complement == "regularization":
-            if self.regularization <= 0:
-                raise ValueError(
-                    "complement='regularization' needs regularization > 0; got "
-                    f"regularization={self.regularization:g}. Set a positive regularization."
-                )
-            out = out + (rhs - coeff @ v.T) / self.regularization
-        return out
+        if self.complement == "regularization" and self.regularization <= 0:
+            raise ValueError(
+                "complement='regularization' needs regularization > 0; got "
+                f"regularization={self.regularization:g}. Set a positive regularization."
+            )
+        return EigenOperator(d, v).solve_rows(rhs, self.regularization, complement=self.complement == "regularization")
 
     def _check_definite(self, eigenvalues: Tensor) -> None:
         name = type(self).__name__

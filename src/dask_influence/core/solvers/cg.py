@@ -263,7 +263,7 @@ class CgInfluence(InfluenceModel):
         return torch.cat(solutions)
 
     def _negative_curvature(self, err: NotPositiveDefiniteError) -> NotPositiveDefiniteError:
-        from .arnoldi import lanczos  # only on this error path
+        from ..lanczos import lanczos  # only on this error path
 
         lam = self.regularization
         bound = err.smallest_eigenvalue - lam  # H has an eigenvalue at most this

@@ -8,8 +8,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ...errors import NotPositiveDefiniteError
 from ..blocks import BlockSums
+from ..eigen import EigenOperator, check_positive_definite  # noqa: F401  (check_positive_definite re-exported)
 from ..operators import BlockDiagonalOperator, LinearOperator
 from ..serialization import serializable
 from .base import InfluenceModel
@@ -37,37 +37,6 @@ class DirectState:
     @property
     def all_eigenvalues(self) -> Tensor:
         return torch.cat(self.eigenvalues)
-
-
-def check_positive_definite(eigenvalues: Tensor, regularization: float, solver: str) -> None:
-    """Raise :class:`NotPositiveDefiniteError` unless ``eigenvalues + regularization`` are safely > 0.
-
-    "Safely" means above ``p * eps * max|eigenvalue|``, the level at which an eigenvalue is
-    indistinguishable from rounding error.
-    """
-    shifted = eigenvalues.double() + regularization
-    p = eigenvalues.numel()
-    scale = float(eigenvalues.double().abs().max()) if p else 0.0
-    eps = torch.finfo(eigenvalues.dtype).eps
-    threshold = max(p * eps * scale, torch.finfo(eigenvalues.dtype).tiny)
-    smallest = float(shifted.min())
-    if smallest > threshold:
-        return
-    lam_min = float(eigenvalues.double().min())
-    suggestion = max(2 * abs(lam_min), 1e-4 * scale, 1e-8)
-    suggestion = float(f"{suggestion:.1g}") if suggestion < 1 else round(suggestion, 1)
-    if suggestion <= -lam_min:
-        suggestion *= 2
-    raise NotPositiveDefiniteError(
-        f"The curvature H + regularization*I is not positive definite: its smallest "
-        f"eigenvalue is {smallest:.3e} (H's smallest is {lam_min:.3e}, its largest "
-        f"{float(eigenvalues.double().max()):.3e}; regularization={regularization:g}). "
-        f"Pass regularization={suggestion:g} or larger, e.g. {solver}(model, loss, "
-        f"regularization={suggestion:g}), or use curvature='ggn', which is positive "
-        "semi-definite for losses convex in the model outputs.",
-        smallest_eigenvalue=smallest,
-        suggested_regularization=suggestion,
-    )
 
 
 @dataclass(frozen=True)
@@ -132,7 +101,7 @@ class DirectInfluence(InfluenceModel):
         assert self.state_ is not None
         out = torch.zeros(self.num_params, self.num_params, dtype=self.dtype, device=self.device)
         for (start, stop), e, v in zip(self.state_.blocks, self.state_.eigenvalues, self.state_.eigenvectors):
-            out[start:stop, start:stop] = (v * e) @ v.T
+            out[start:stop, start:stop] = EigenOperator(e, v).dense()
         return out
 
     def _solve(self, rhs: Tensor) -> Tensor:
@@ -140,5 +109,5 @@ class DirectInfluence(InfluenceModel):
         check_positive_definite(self.state_.all_eigenvalues, self.regularization, type(self).__name__)
         out = torch.empty_like(rhs)
         for (start, stop), e, v in zip(self.state_.blocks, self.state_.eigenvalues, self.state_.eigenvectors):
-            out[:, start:stop] = ((rhs[:, start:stop] @ v) / (e + self.regularization)) @ v.T
+            out[:, start:stop] = EigenOperator(e, v).solve_rows(rhs[:, start:stop], self.regularization)
         return out
