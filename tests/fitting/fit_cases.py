@@ -1,26 +1,30 @@
-"""Tiny seeded cases for the fitting tests: a problem, the solvers, and their fitted state as tensors."""
+"""The fitting tests' cases (the problem and solvers of ``tests/cases.py``) and their fitted state as tensors."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from torch import nn
 
 import dask_influence as di
+from cases import fit_problem, solver_cases
 
 N_TRAIN = 47
 UNEVEN = (13, 5, 20, 9)  # train blocks of the distributed fits (the in-process fit uses batches of 10)
 
-# (class, keyword arguments, passes over the data: the validating pass + the fit's sweeps; None: varies)
+# passes over the data of a fit: the validating pass + the fit's sweeps (None: varies). Every
+# registered solver needs an entry here: a KeyError when building SOLVERS names a missing one.
+PASSES = {"direct": 2, "cg": 2, "lissa": 31, "arnoldi": None, "nystroem": 2, "ekfac": 3}
+
+# (class, keyword arguments, passes) for every registered solver, from tests/cases.py
 SOLVERS = [
-    (di.DirectInfluence, {}, 2),
-    (di.DirectInfluence, {"blocks": "layer"}, 2),
-    (di.CgInfluence, {"preconditioner": "nystroem", "preconditioner_rank": 5}, 2),
-    (di.CgInfluence, {"preconditioner": "jacobi", "blocks": "layer"}, 2),
-    (di.LissaInfluence, {"maxiter": 40, "rtol": 1e-12}, 31),
-    (di.ArnoldiInfluence, {"rank": 8}, None),
-    (di.NystroemSketchInfluence, {"rank": 8}, 2),
-    (di.EkfacInfluence, {}, 3),
+    (case.cls, case.kwargs, PASSES[case.name])
+    for case in solver_cases(
+        override={
+            "cg": {"preconditioner": "nystroem", "preconditioner_rank": 5},
+            "lissa": {"maxiter": 40, "rtol": 1e-12},
+        },
+        variants={"direct": [{"blocks": "layer"}], "cg": [{"preconditioner": "jacobi", "blocks": "layer"}]},
+    )
 ]
 
 
@@ -29,19 +33,7 @@ def solver_id(case) -> str:
     return cls.__name__.replace("Influence", "") + "".join(f"-{v}" for v in kwargs.values() if isinstance(v, str))
 
 
-def make_problem(n: int = N_TRAIN, seed: int = 1):
-    """A 4-5-3 tanh MLP near a minimum of its L2-regularized cross-entropy (float64)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n + 6, 4, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 3, (n + 6,), generator=g)
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double().eval()
-    opt = torch.optim.Adam(model.parameters(), lr=0.05, weight_decay=0.05)
-    for _ in range(300):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x[:n]), y[:n]).backward()
-        opt.step()
-    return model, nn.CrossEntropyLoss(), (x[:n], y[:n]), (x[n:], y[n:])
+make_problem = fit_problem  # a 4-5-3 tanh MLP near a minimum of its L2-regularized cross entropy (float64)
 
 
 def fitted_state(solver) -> dict[str, torch.Tensor]:
