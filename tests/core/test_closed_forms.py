@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import dask_influence as di
-from influence_reference import (
+from cases import (
     classification_data,
     loader,
     pearson,
@@ -58,7 +58,8 @@ def _ridge(bias: bool):
     def grads(a, t):  # per-sample gradients 2 x_i (x_i^T w - y_i)
         return 2 * a * (a @ w - t)
 
-    exact = grads(xa_test, y_test) @ torch.linalg.solve(hess + REG * torch.eye(p, dtype=torch.float64), grads(xa, y_train).T)
+    regularized = hess + REG * torch.eye(p, dtype=torch.float64)
+    exact = grads(xa_test, y_test) @ torch.linalg.solve(regularized, grads(xa, y_train).T)
     return model, x_train, y_train, x_test, y_test, exact, hess
 
 

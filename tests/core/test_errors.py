@@ -8,16 +8,15 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import dask_influence as di
-from influence_reference import loader, reference_influences, regression_data, rel_err, tanh_mlp
+from cases import loader, reference_influences, regression_data, rel_err, small_regression_problem, solver_cases
 
-SOLVERS = [di.DirectInfluence, di.CgInfluence, di.LissaInfluence]
+# every registered solver: the constructor and not-fitted checks are common to all of them
+SOLVERS = [case.cls for case in solver_cases()]
 
 
 @pytest.fixture
 def setup():
-    x, y = regression_data(25, 3, seed=21)
-    model = tanh_mlp(3, 4, 1, seed=21)
-    return model, nn.MSELoss(), x[:20], y[:20], x[20:], y[20:]
+    return small_regression_problem()
 
 
 @pytest.fixture

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 import dask_influence as di
-from influence_reference import pearson
+from cases import pearson
 
 N = 60
 ALPHA = 0.02

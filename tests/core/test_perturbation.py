@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import dask_influence as di
-from influence_reference import classification_data, loader, regression_data, rel_err, tanh_mlp
+from cases import classification_data, loader, regression_data, rel_err, tanh_mlp
 
 EPS = 1e-5
 

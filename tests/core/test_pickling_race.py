@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import dask_influence as di
-from influence_reference import classification_data, tanh_mlp
+from cases import classification_data, tanh_mlp
 
 
 def test_pickles_taken_during_forwards_in_another_thread_carry_the_real_parameters():
@@ -48,7 +48,8 @@ def test_pickles_taken_during_forwards_in_another_thread_carry_the_real_paramete
 
 def test_copy_is_shallow_and_deepcopy_is_deep():
     x, y = classification_data(20, 4, 3, seed=1)
-    solver = di.DirectInfluence(tanh_mlp(4, 5, 3, seed=1), nn.CrossEntropyLoss(), regularization=0.1, curvature="ggn").fit((x, y))
+    model = tanh_mlp(4, 5, 3, seed=1)
+    solver = di.DirectInfluence(model, nn.CrossEntropyLoss(), regularization=0.1, curvature="ggn").fit((x, y))
     shallow, deep = copy.copy(solver), copy.deepcopy(solver)
     assert shallow.model is solver.model and shallow.state_ is solver.state_
     assert deep.model is not solver.model

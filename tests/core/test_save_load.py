@@ -5,37 +5,20 @@ import pickle
 
 import pytest
 import torch
-from torch import nn
 
 import dask_influence as di
+from cases import save_load_problem, solver_cases
 
-SOLVERS = [
-    (di.DirectInfluence, {}),
-    (di.DirectInfluence, {"blocks": "layer"}),
-    (di.CgInfluence, {"preconditioner": "nystroem", "preconditioner_rank": 5}),
-    (di.LissaInfluence, {"maxiter": 50, "rtol": 1e-12}),
-    (di.ArnoldiInfluence, {"rank": 8}),
-    (di.NystroemSketchInfluence, {"rank": 8}),
-    (di.EkfacInfluence, {}),
-]
-
-
-def _problem():
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(30, 4, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 3, (30,), generator=g)
-    torch.manual_seed(1)
-    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double().eval()
-    opt = torch.optim.Adam(model.parameters(), lr=0.05, weight_decay=0.05)
-    for _ in range(300):  # near a minimum, so that H + 0.3 I is positive definite
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    return model, nn.CrossEntropyLoss(), x, y
+# every registered solver (and Direct's layer blocks), on a problem where H + 0.3 I is positive definite
+CASES = solver_cases(
+    override={"cg": {"preconditioner": "nystroem", "preconditioner_rank": 5}},
+    variants={"direct": [{"blocks": "layer"}]},
+)
+SOLVERS = [pytest.param(case.cls, case.kwargs, id=case.id) for case in CASES]
 
 
 def _fit(cls, kwargs):
-    model, loss, x, y = _problem()
+    model, loss, x, y = save_load_problem()
     solver = cls(model, loss, regularization=0.3, **kwargs).fit((x, y))
     return solver, model, loss, x, y
 
@@ -61,7 +44,7 @@ def test_fitted_solver_pickles(cls, kwargs, recwarn):
 
 def test_state_size_is_independent_of_training_set_size(tmp_path):
     """Direct's saved state is O(p^2), not O(n): twice the data, the same file size."""
-    model, loss, x, y = _problem()
+    model, loss, x, y = save_load_problem()
     small, large = tmp_path / "s.pt", tmp_path / "l.pt"
     di.DirectInfluence(model, loss, regularization=0.3).fit((x[:10], y[:10])).save(small)
     di.DirectInfluence(model, loss, regularization=0.3).fit((x, y)).save(large)
@@ -91,6 +74,6 @@ def test_load_refuses_other_class_and_missing_training_data(tmp_path):
 
 
 def test_save_needs_a_fitted_solver(tmp_path):
-    model, loss, _, _ = _problem()
+    model, loss, _, _ = save_load_problem()
     with pytest.raises(di.NotFittedError):
         di.DirectInfluence(model, loss).save(tmp_path / "x.pt")

@@ -25,7 +25,7 @@ from ..storage import store as zstore
 from . import tasks
 from .graph import InfluenceGraph, add_self_influence_tasks, build_influence_graph, solver_fingerprint
 from .literals import sent_once
-from .sources import as_source
+from .sources import as_source, to_numpy
 
 logger = logging.getLogger("dask_influence")
 
@@ -48,7 +48,7 @@ class _BlockCalculator:
         self.last_run_: dict[str, Any] = {}
         self.last_fit_: dict[str, Any] = {}
         self._fit_train: Any = None  # the train BlockSource of fit(), for CG's factors on the client
-        self._fit_operator: Any = None
+        self._fit_id: str | None = None
 
     # -- fitting ----------------------------------------------------------------------
     def fit(self, train: Any, *, block_size: int | None = None, path: str | os.PathLike | None = None,
@@ -77,7 +77,7 @@ class _BlockCalculator:
         with self._train_blocks(source) as blocks:
             self.last_fit_ = fit_with_blocks(self.solver, blocks, path=path, refit=refit)
         self._fit_train = source
-        self._fit_operator = getattr(self.solver, "_operator", None)  # to notice a later solver.fit()
+        self._fit_id = getattr(self.solver, "fit_id_", None)  # to notice a later solver.fit()
         return self.solver
 
     @contextmanager
@@ -338,22 +338,16 @@ def _verify_mode(verify: Any) -> str | None:
 
 
 def _records_solver_info(solver: InfluenceModel) -> bool:
-    """Iterative solvers (CG, LiSSA) report how their solves ended in ``info_``."""
-    return hasattr(solver, "info_")
+    """Iterative solvers (CG, LiSSA) report how their solves ended."""
+    return bool(solver.reports_solves)
 
 
 def _factors_with_info(solver: InfluenceModel, block: Any) -> tuple[np.ndarray, np.ndarray]:
-    """A factor task that also returns the convergence record of its solve.
-
-    The solve runs on a shallow copy of the solver, so that concurrent tasks on one worker
-    (sharing the solver) cannot mix up their records.
-    """
-    import copy
-
-    own = copy.copy(solver)
-    own.info_ = None
-    factors = tasks.factor_block(own, block)
-    return factors, zstore.solver_info_row(own.info_, len(factors))
+    """A factor task that also returns the convergence record of its solve (the solve's own
+    report: concurrent tasks sharing the solver on one worker cannot mix them up)."""
+    tasks._match_threads()
+    factors, report = solver.influence_factors_with_report(*block)
+    return to_numpy(factors), zstore.solver_info_row(report, len(factors))
 
 
 class SequentialInfluenceCalculator(_BlockCalculator):
@@ -424,11 +418,9 @@ class DaskInfluenceCalculator(_BlockCalculator):
         self._factors_on_client()  # refuses factors='client' without fit(), before a store is touched
 
     def _factors_on_client(self) -> bool:
-        from ..core.solvers.cg import CgInfluence
-
-        if self.factors == "workers" or not isinstance(self.solver, CgInfluence):
+        if self.factors == "workers" or not self.solver.solves_with_sweeps:
             return False
-        if self._fit_train is None or getattr(self.solver, "_operator", None) is not self._fit_operator:
+        if self._fit_train is None or getattr(self.solver, "fit_id_", None) != self._fit_id:
             if self.factors == "client":
                 raise ValueError("factors='client' solves with the training data of the fit; call "
                                  "calc.fit(train) first, or use factors='workers'.")
@@ -438,10 +430,10 @@ class DaskInfluenceCalculator(_BlockCalculator):
     def _solve_factors_on_client(self, client: Any, dsk: dict, keys: list) -> None:
         from .fitting import solve_factors_on_cluster
 
-        def with_info(solver: InfluenceModel, factors: np.ndarray) -> tuple:
-            return factors, zstore.solver_info_row(solver.info_, len(factors))
+        def with_info(factors: np.ndarray, report: Any) -> tuple:
+            return factors, zstore.solver_info_row(report, len(factors))
 
-        kinds = {tasks.factor_block: lambda solver, factors: factors, _factors_with_info: with_info}
+        kinds = {tasks.factor_block: lambda factors, report: factors, _factors_with_info: with_info}
         self.last_run_["factor_blocks_on_client"] = solve_factors_on_cluster(
             self.solver, client, self._fit_train, dsk, keys, kinds=kinds)
 

@@ -25,7 +25,6 @@ module supplies the blocks and the reduction, and knows nothing of any solver's 
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
 import os
@@ -509,7 +508,7 @@ def solving_on_cluster(solver: InfluenceModel, client: Any, source: BlockSource)
 
 
 def solve_factors_on_cluster(solver: InfluenceModel, client: Any, source: BlockSource, dsk: dict, keys: list, *,
-                             kinds: dict[Callable, Callable[[InfluenceModel, np.ndarray], Any]] | None = None) -> int:
+                             kinds: dict[Callable, Callable[[np.ndarray, Any], Any]] | None = None) -> int:
     """Replace the factor tasks that ``keys`` need by factors solved here with distributed sweeps.
 
     Each test block's CG runs on the client (:func:`solving_on_cluster`). The results are
@@ -519,7 +518,8 @@ def solve_factors_on_cluster(solver: InfluenceModel, client: Any, source: BlockS
         source: the train blocks the solver was fitted on.
         dsk, keys: the job's graph (changed in place) and the keys to compute.
         kinds: the factor tasks to replace, ``{function: result}``: a task
-            ``(function, solver, test_block)`` becomes ``result(solved_solver, factors)``.
+            ``(function, solver, test_block)`` becomes ``result(factors, report)`` with the
+            report of the block's solve.
             Default: :func:`tasks.factor_block`, whose result is the factors.
 
     Returns:
@@ -528,7 +528,7 @@ def solve_factors_on_cluster(solver: InfluenceModel, client: Any, source: BlockS
     from dask.local import get_sync
     from dask.optimization import cull
 
-    kinds = kinds or {tasks.factor_block: lambda _, factors: factors}
+    kinds = kinds or {tasks.factor_block: lambda factors, _: factors}
     needed, _ = cull(dsk, keys)
     factor_keys = sorted((k for k, v in needed.items() if isinstance(v, tuple) and v and v[0] in kinds), key=str)
     if not factor_keys:
@@ -537,9 +537,9 @@ def solve_factors_on_cluster(solver: InfluenceModel, client: Any, source: BlockS
     start = time.perf_counter()
     with solving_on_cluster(solver, client, source) as cluster_solver:
         for key in factor_keys:
-            local = copy.copy(cluster_solver)  # the solve's record (info_) stays with this copy
             x, y = get_sync({**needed, "fit-test-block": needed[key][2]}, "fit-test-block")
-            result = kinds[needed[key][0]](local, to_numpy(local.influence_factors(x, y)))
+            factors, report = cluster_solver.influence_factors_with_report(x, y)
+            result = kinds[needed[key][0]](to_numpy(factors), report)
             solved[key] = client.scatter([result], hash=False)[0]
     logger.info("Solved the factors of %d test blocks on the client, sweeping the train blocks on the cluster, "
                 "in %.1f s.", len(factor_keys), time.perf_counter() - start)

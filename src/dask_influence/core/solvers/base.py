@@ -21,6 +21,7 @@ import hashlib
 import os
 import pickle
 import threading
+import uuid
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Sequence
 
@@ -88,6 +89,7 @@ class InfluenceModel(ABC):
         self.loss = loss
         self._functions = ModelFunctions(model, loss)
         self._theta: Tensor | None = None
+        self.fit_id_: str | None = None
         self.n_train_: int | None = None
         self.feature_shape_: torch.Size | None = None
         self._validate(self.config)
@@ -275,6 +277,7 @@ class InfluenceModel(ABC):
         self._theta = theta
         self.n_train_ = int(n)
         self.feature_shape_ = torch.Size(feature_shape)
+        self.fit_id_ = uuid.uuid4().hex  # names this fit: a later fit (or restore) changes it
         if float_inputs is not None:
             self._float_inputs = bool(float_inputs)
 
@@ -411,15 +414,13 @@ class InfluenceModel(ABC):
                 f"pass it: {cls.__name__}.load(path, model, loss, train=train_loader)."
             )
         _restore_attributes(solver, saved["attributes"], where)
+        source = None
         if cls.needs_training_data:
             source = TrainingData(train, dtype=solver.dtype, device=solver.device, batch_size=solver.chunk_size)
             source.scan()
-            solver._attach(solver._operator_for(theta, source), source)
-        solver._theta = theta
-        solver.n_train_ = saved["n_train"]
-        solver.feature_shape_ = torch.Size(saved["feature_shape"])
-        if saved.get("float_inputs") is not None:  # optional: files written before it was recorded lack it
-            solver._float_inputs = bool(saved["float_inputs"])
+        # "float_inputs" is optional: files written before it was recorded lack it
+        solver.finish_fit(theta, source, n=saved["n_train"], feature_shape=saved["feature_shape"],
+                          float_inputs=saved.get("float_inputs"))
         return solver
 
     def _operator_for(self, theta: Tensor, source: TrainingData) -> Any:
@@ -452,6 +453,43 @@ class InfluenceModel(ABC):
         quantities sums its own module-level block functions with ``blocks.sum(fn, payload)``.
         """
 
+    solves_with_sweeps: ClassVar[bool] = False
+    """True when every iteration of a solve is one product with ``H`` over ALL the training
+    data (CG): the mapping layer may then run the solves on the client, each product one
+    distributed sweep (:meth:`attach_curvature`)."""
+
+    reports_solves: ClassVar[bool] = False
+    """True for iterative solvers whose solves return a report (iterations, residuals)."""
+
+    def solve(self, rhs: Tensor) -> tuple[Tensor, Any]:
+        """``(H + lambda I)^-1`` applied to each row of ``rhs`` ``(k, p)``, and the solve's report.
+
+        Returns:
+            ``(solution (k, p), report)``: the report is the iterative solvers' record
+            (:class:`~.cg.CgInfo`, :class:`~.lissa.LissaInfo`), ``None`` for the others. Safe to
+            call from several threads: nothing is written to the solver.
+        """
+        self._require_fitted()
+        return self._solve_with_report(self._check_factors(rhs))
+
+    def influence_factors_with_report(self, x_test: Any, y_test: Any) -> tuple[Tensor, Any]:
+        """:meth:`influence_factors` and the report of its solve (see :meth:`solve`)."""
+        theta = self._require_fitted()
+        x_test, y_test = self._prepare(x_test, y_test, "x_test", "y_test")
+        return self._solve_with_report(self._grads(theta, x_test, y_test))
+
+    def _solve_with_report(self, rhs: Tensor) -> tuple[Tensor, Any]:
+        """``(_solve(rhs), report)``; iterative solvers override it and return their report."""
+        return self._solve(rhs), None
+
+    def _solved(self, rhs: Tensor) -> Tensor:
+        """The solve of the public one-call methods; the report of the last one stays in ``info_``
+        for interactive use (code that may share the solver between threads uses :meth:`solve`)."""
+        result, report = self._solve_with_report(rhs)
+        if report is not None:
+            self.info_ = report
+        return result
+
     @abstractmethod
     def _solve(self, rhs: Tensor) -> Tensor:
         """``(H + lambda I)^-1`` applied to each row of ``rhs`` ``(k, p)``; returns ``(k, p)``."""
@@ -472,13 +510,13 @@ class InfluenceModel(ABC):
         at the cost of one solve instead of ``n_test``.
         """
         self._require_fitted()
-        return self._solve(self._check_factors(v))
+        return self._solved(self._check_factors(v))
 
     def influence_factors(self, x_test: Any, y_test: Any) -> Tensor:
         """``(H + lambda I)^-1 grad L(z_test)`` for each test point: ``(n_test, p)``."""
         theta = self._require_fitted()
         x_test, y_test = self._prepare(x_test, y_test, "x_test", "y_test")
-        return self._solve(self._grads(theta, x_test, y_test))
+        return self._solved(self._grads(theta, x_test, y_test))
 
     def influences_from_factors(self, factors: Tensor, x: Any, y: Any, mode: str | InfluenceMode = "up") -> Tensor:
         """Influences of the points ``(x, y)`` on the test points behind ``factors``.
@@ -536,7 +574,7 @@ class InfluenceModel(ABC):
         for start in range(0, x.shape[0], self.chunk_size):
             stop = start + self.chunk_size
             g = self._grads(theta, x[start:stop], y[start:stop], offset=start)
-            out.append((self._solve(g) * g).sum(dim=1))
+            out.append((self._solved(g) * g).sum(dim=1))
         return torch.cat(out)
 
     # -- helpers ------------------------------------------------------------------------

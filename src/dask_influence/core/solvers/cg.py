@@ -194,7 +194,8 @@ class CgInfluence(InfluenceModel):
         blocks: ``"full"`` or ``"layer"`` (block-diagonal curvature, one block per layer).
         seed: seeds the preconditioner's random probes.
 
-    After each solve, ``info_`` holds the :class:`CgInfo`; a right-hand side that missed
+    ``solve`` returns a :class:`CgInfo` with each solution (after the one-call methods it is
+    also kept in ``info_``); a right-hand side that missed
     its tolerance raises a :class:`ConvergenceWarning` with the residuals.
     """
 
@@ -232,7 +233,13 @@ class CgInfluence(InfluenceModel):
     def _attach(self, operator: LinearOperator, data: TrainingData | None) -> None:
         self._operator = operator
 
+    reports_solves = True
+    solves_with_sweeps = True
+
     def _solve(self, rhs: Tensor) -> Tensor:
+        return self._solve_with_report(rhs)[0]
+
+    def _solve_with_report(self, rhs: Tensor) -> tuple[Tensor, CgInfo]:
         assert self._operator is not None
         damped = DampedOperator(self._operator, self.regularization)
         maxiter = self.config.maxiter or min(2 * self.num_params, 1000)
@@ -253,14 +260,14 @@ class CgInfluence(InfluenceModel):
                 raise self._negative_curvature(err) from None
             solutions.append(x.T)
             infos.append(info)
-        self.info_ = CgInfo(
+        info = CgInfo(
             iterations=max(i.iterations for i in infos),
             residual_norms=torch.cat([i.residual_norms for i in infos]),
             relative_residuals=torch.cat([i.relative_residuals for i in infos]),
             converged=torch.cat([i.converged for i in infos]),
         )
-        self._warn_if_not_converged(self.info_, maxiter)
-        return torch.cat(solutions)
+        self._warn_if_not_converged(info, maxiter)
+        return torch.cat(solutions), info
 
     def _negative_curvature(self, err: NotPositiveDefiniteError) -> NotPositiveDefiniteError:
         from ..lanczos import lanczos  # only on this error path
@@ -297,5 +304,5 @@ class CgInfluence(InfluenceModel):
             f"{float(rel.max()):.3e}, median {float(rel.median()):.3e}. Raise maxiter, raise "
             "regularization, or use preconditioner='nystroem'.",
             ConvergenceWarning,
-            stacklevel=4,
+            stacklevel=5,
         )

@@ -138,7 +138,12 @@ class LissaInfluence(InfluenceModel):
         else:
             self.scale_ = self.scale
 
+    reports_solves = True
+
     def _solve(self, rhs: Tensor) -> Tensor:
+        return self._solve_with_report(rhs)[0]
+
+    def _solve_with_report(self, rhs: Tensor) -> tuple[Tensor, LissaInfo]:
         assert self._operator is not None and self._data is not None and self.scale_ is not None
         b = rhs.T
         s, d, lam = self.scale_, self.dampen, self.regularization
@@ -169,7 +174,7 @@ class LissaInfluence(InfluenceModel):
             if relative < self.rtol:
                 break
         converged = relative < self.rtol
-        self.info_ = LissaInfo(iterations, relative, converged)
+        info = LissaInfo(iterations, relative, converged)
         if not converged:
             warnings.warn(
                 f"LiSSA stopped at maxiter={self.maxiter} with a relative update of "
@@ -178,7 +183,7 @@ class LissaInfluence(InfluenceModel):
                 ConvergenceWarning,
                 stacklevel=4,
             )
-        return (h / s).T
+        return (h / s).T, info
 
     def _initial_guess(self, b: Tensor) -> Tensor:
         h0 = torch.as_tensor(self.h0, dtype=b.dtype, device=b.device)
