@@ -67,6 +67,8 @@ def test_rendering_of_types_and_defaults(gen):
 
 DRIVER = textwrap.dedent(
     """\
+    import sys
+
     import pytest
     import torch
     from torch import nn
@@ -77,7 +79,6 @@ DRIVER = textwrap.dedent(
     from dask_influence.errors import JobFileError
     from dask_influence.jobfile import parse_job
 
-    import diagonal_solver
     from diagonal_solver import DiagonalInfluence
 
     assert SOLVERS["diagonal"] is DiagonalInfluence and DiagonalInfluence.method == "diagonal"
@@ -135,7 +136,7 @@ def test_the_how_to_add_a_solver_example_runs(tmp_path):
     examples = [block for block in blocks if '@register("diagonal")' in block]
     assert len(examples) == 1, "docs/architecture.md should hold one example solver registered as 'diagonal'"
     (tmp_path / "diagonal_solver.py").write_text(examples[0], encoding="utf-8")
-    (tmp_path / "drive.py").write_text("import sys\n" + DRIVER, encoding="utf-8")
+    (tmp_path / "drive.py").write_text(DRIVER, encoding="utf-8")
     # a fresh interpreter: the example's registry entry and state class stay out of this session
     result = subprocess.run(
         [sys.executable, str(tmp_path / "drive.py"), str(tmp_path / "fit.pt")],

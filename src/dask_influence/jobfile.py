@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .core.solvers.registry import SOLVERS, solver_class
+from .core.solvers.registry import SOLVERS, load_plugins, solver_class
 from .errors import JobFileError
 from .storage.urls import is_url
 
@@ -328,6 +328,8 @@ def _solver(table: dict | None, base: Path, problems: list[str]) -> SolverSectio
         problems.append(f"[solver] method must be a string, one of {', '.join(SOLVER_METHODS)}; got {_describe(method)}.")
         return None
     key = method.strip().lower()
+    if key not in SOLVER_METHODS:
+        load_plugins()  # solvers of other installed packages (entry points)
     if key not in SOLVER_METHODS:
         close = difflib.get_close_matches(key, list(SOLVER_METHODS), n=1, cutoff=0.5)
         hint = f"; did you mean {close[0]!r}?" if close else "."

@@ -3,7 +3,6 @@ refuses integer inputs after a fit on floating-point ones with the same clear Ty
 ``solver.fit`` (issue 12), instead of a RuntimeError from inside vmap."""
 
 import pytest
-import torch
 
 import dask_influence as di
 from fit_cases import make_problem

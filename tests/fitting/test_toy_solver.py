@@ -63,7 +63,6 @@ class DiagonalState:
     diagonal: Tensor
 
 
-@register("toy-diagonal")
 class DiagonalInfluence(InfluenceModel):
     """Influences with ``H`` replaced by its diagonal (a toy for the solver contract)."""
 
@@ -82,6 +81,14 @@ class DiagonalInfluence(InfluenceModel):
 def rel(a, b) -> float:
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered():
+    """The registry entry, for this module's tests only (other tests list the registered solvers)."""
+    register("toy-diagonal")(DiagonalInfluence)
+    yield
+    del SOLVERS["toy-diagonal"]
 
 
 @pytest.fixture(scope="module")
@@ -164,3 +171,31 @@ def test_runs_from_a_job_file(problem, fit_client, tmp_path, monkeypatch):
     expected = DiagonalInfluence(model, loss, regularization=0.1, floor=1e-4).fit((x, y)).influences(xt, yt, x, y)
     assert rel(store["influences"][:], expected) < 1e-10
     assert store.attrs["dask_influence"]["config"]["method"] == "DiagonalInfluence"
+
+
+def test_a_solver_of_another_installed_package_is_found_by_its_entry_point(tmp_path, monkeypatch):
+    """``[project.entry-points."dask_influence.solvers"]`` of an installed package: a job file names it."""
+    from dask_influence.core.solvers import registry
+    from dask_influence.jobfile import make_solver, parse_job
+
+    (tmp_path / "plugin_solver.py").write_text(
+        "from dask_influence import DirectInfluence\n\n\nclass PluginInfluence(DirectInfluence):\n"
+        '    """Direct, under another name."""\n')
+    dist = tmp_path / "plugin_solver-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: plugin-solver\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[dask_influence.solvers]\nplugged = plugin_solver:PluginInfluence\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_plugins_loaded", False)
+    assert "plugged" not in SOLVERS
+    try:
+        job = parse_job({"model": {"factory": "m:f"}, "solver": {"method": "plugged", "regularization": 0.5},
+                         "output": {"store": str(tmp_path / "s.zarr")}}, base_dir=tmp_path)
+        assert job.solver.solver_class.__name__ == "PluginInfluence"
+        model, loss, (x, y), _ = make_problem(n=12)
+        solver = make_solver(job, model, loss)
+        assert solver.method == "plugged" and solver.regularization == 0.5
+        reference = di.DirectInfluence(model, loss, regularization=0.5).fit((x, y)).influences(x, y)
+        assert rel(solver.fit((x, y)).influences(x, y), reference) < 1e-14
+    finally:
+        SOLVERS.pop("plugged", None)

@@ -25,7 +25,7 @@ from ..storage import store as zstore
 from . import tasks
 from .graph import InfluenceGraph, add_self_influence_tasks, build_influence_graph, solver_fingerprint
 from .literals import sent_once
-from .sources import as_source, to_numpy
+from .sources import as_source
 
 logger = logging.getLogger("dask_influence")
 
@@ -94,7 +94,7 @@ class _BlockCalculator:
 
     # -- graph ------------------------------------------------------------------------
     def _graph(self, test: Any, train: Any, mode: Any, test_block_size: int | None,
-               train_block_size: int | None) -> InfluenceGraph:
+               train_block_size: int | None, *, record_solves: bool = False) -> InfluenceGraph:
         self._check_fitted()
         mode = InfluenceMode.parse(mode)
         test_src = as_source(test, block_size=test_block_size, name="test")
@@ -111,7 +111,8 @@ class _BlockCalculator:
                 f"Perturbation influences need floating-point train inputs; got {train_src.input_dtype}. "
                 "Use mode='up' for integer inputs such as token ids."
             )
-        graph = build_influence_graph(self.solver, test_src, train_src, mode, memory_budget=self._memory_budget())
+        graph = build_influence_graph(self.solver, test_src, train_src, mode, memory_budget=self._memory_budget(),
+                                      record_solves=record_solves)
         if len(graph.plan.test_groups) > 1:
             logger.warning("Test factors exceed the per-task memory budget; %s.", graph.plan.describe())
         return graph
@@ -186,12 +187,13 @@ class _BlockCalculator:
         verify_mode = _verify_mode(verify)
         if not isinstance(break_lock, bool):
             raise TypeError(f"break_lock must be True or False; got {break_lock!r}.")
-        graph = self._graph(test, train, mode, test_block_size, train_block_size)
+        graph = self._graph(test, train, mode, test_block_size, train_block_size,
+                            record_solves=_records_solver_info(self.solver))
         plan = graph.plan
         top_k = min(top_k, plan.n_train) if top_k else None
         layout = zstore.StoreLayout(plan.test_sizes, plan.train_sizes,
                                     graph.feature_shape if mode is InfluenceMode.perturbation else None,
-                                    graph.dtype, top_k, bool(self_influences), _records_solver_info(self.solver))
+                                    graph.dtype, top_k, bool(self_influences), graph.record_solves)
         config = self._config(graph, layout)
         path = os.fspath(store)
         zstore.check_path(path)
@@ -201,7 +203,7 @@ class _BlockCalculator:
             keys = self._pending_writes(graph, group, path, layout)
             self.last_run_.update(chunks_repaired=len(report.damaged.get("influences", [])) if report else 0,
                                   verify=report.as_dict() if report else None, lock_broken=lock.broken)
-            self._execute(graph.dsk, keys)
+            self._execute(graph.dsk, keys, graph)
             lock.ensure_held()
             extra: dict[str, Any] = {"test_groups": [list(g) for g in plan.test_groups], "last_run": {
                 k: self.last_run_[k] for k in ("chunks_computed", "chunks_skipped", "chunks_repaired")}}
@@ -284,18 +286,13 @@ class _BlockCalculator:
         return keys
 
     def _solver_info_tasks(self, graph: InfluenceGraph, group: zarr.Group, path: str, pending: set[int]) -> list:
-        """Record the solver's residuals per test block: the factor task of each block being
-        computed (and of each block without a record) also returns them, and a task writes them."""
+        """Record the solver's residuals per test block: a task writes the report that the solve
+        of each block being computed (and of each block without a record) returns."""
         recorded = ~np.isnan(zstore.read_solver_info(group)).any(axis=1)
-        factors, both, write = f"factors-{graph.token}", f"factorinfo-{graph.token}", f"solverinfo-{graph.token}"
+        write = f"solverinfo-{graph.token}"
         keys = []
         for i in sorted(pending | {int(i) for i in np.nonzero(~recorded)[0]}):
-            task = graph.dsk.get((factors, i))
-            if not (isinstance(task, tuple) and task and task[0] is tasks.factor_block):
-                continue
-            graph.dsk[(both, i)] = (_factors_with_info, *task[1:])
-            graph.dsk[(factors, i)] = (tasks.pick, (both, i), 0)
-            graph.dsk[(write, i)] = (zstore.write_solver_info, path, i, (tasks.pick, (both, i), 1))
+            graph.dsk[(write, i)] = (zstore.write_solver_info, path, i, (tasks.pick, graph.solve_key(i), 1))
             keys.append((write, i))
         return keys
 
@@ -322,7 +319,7 @@ class _BlockCalculator:
         """Bytes one influence task may hold: the given budget, or 512 MiB for 'auto'."""
         return DEFAULT_MEMORY_BUDGET if self.memory_budget == "auto" else self.memory_budget
 
-    def _execute(self, dsk: dict, keys: list) -> list:
+    def _execute(self, dsk: dict, keys: list, graph: InfluenceGraph | None = None) -> list:
         raise NotImplementedError
 
 
@@ -342,14 +339,6 @@ def _records_solver_info(solver: InfluenceModel) -> bool:
     return bool(solver.reports_solves)
 
 
-def _factors_with_info(solver: InfluenceModel, block: Any) -> tuple[np.ndarray, np.ndarray]:
-    """A factor task that also returns the convergence record of its solve (the solve's own
-    report: concurrent tasks sharing the solver on one worker cannot mix them up)."""
-    tasks._match_threads()
-    factors, report = solver.influence_factors_with_report(*block)
-    return to_numpy(factors), zstore.solver_info_row(report, len(factors))
-
-
 class SequentialInfluenceCalculator(_BlockCalculator):
     """Runs the block graph in this process (Dask's synchronous scheduler); no cluster.
 
@@ -358,7 +347,7 @@ class SequentialInfluenceCalculator(_BlockCalculator):
     process. ``influences_to_zarr`` runs synchronously with a plain progress bar.
     """
 
-    def _execute(self, dsk: dict, keys: list) -> list:
+    def _execute(self, dsk: dict, keys: list, graph: InfluenceGraph | None = None) -> list:
         from dask.diagnostics import ProgressBar
         from dask.local import get_sync
 
@@ -427,15 +416,14 @@ class DaskInfluenceCalculator(_BlockCalculator):
             return False
         return True
 
-    def _solve_factors_on_client(self, client: Any, dsk: dict, keys: list) -> None:
+    def _solve_factors_on_client(self, client: Any, graph: InfluenceGraph, dsk: dict, keys: list) -> None:
         from .fitting import solve_factors_on_cluster
 
-        def with_info(factors: np.ndarray, report: Any) -> tuple:
-            return factors, zstore.solver_info_row(report, len(factors))
+        def result(factors: np.ndarray, report: Any) -> Any:
+            return (factors, zstore.solver_info_row(report, len(factors))) if graph.record_solves else factors
 
-        kinds = {tasks.factor_block: lambda factors, report: factors, _factors_with_info: with_info}
         self.last_run_["factor_blocks_on_client"] = solve_factors_on_cluster(
-            self.solver, client, self._fit_train, dsk, keys, kinds=kinds)
+            self.solver, client, self._fit_train, graph, dsk, keys, result=result)
 
     def _memory_budget(self) -> int | None:
         if self.memory_budget != "auto":
@@ -469,13 +457,13 @@ class DaskInfluenceCalculator(_BlockCalculator):
                           dashboard_address=None) as cluster, Client(cluster) as client:
             yield client
 
-    def _execute(self, dsk: dict, keys: list) -> list:
+    def _execute(self, dsk: dict, keys: list, graph: InfluenceGraph | None = None) -> list:
         if not keys:
             return []
         resources = {"GPU": 1} if self.solver.device.type == "cuda" else None
         with self._client() as client:
-            if self._factors_on_client():
-                self._solve_factors_on_client(client, dsk, keys)
+            if graph is not None and self._factors_on_client():
+                self._solve_factors_on_client(client, graph, dsk, keys)
             with sent_once():  # the solver and an in-memory dataset are literals of the graph
                 futures = client.get(dsk, keys, sync=False, resources=resources)
             if self.progress:

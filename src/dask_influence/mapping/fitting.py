@@ -507,20 +507,19 @@ def solving_on_cluster(solver: InfluenceModel, client: Any, source: BlockSource)
         yield solver.attach_curvature(solver.curvature_over(blocks, solver.trained_parameters()))
 
 
-def solve_factors_on_cluster(solver: InfluenceModel, client: Any, source: BlockSource, dsk: dict, keys: list, *,
-                             kinds: dict[Callable, Callable[[np.ndarray, Any], Any]] | None = None) -> int:
-    """Replace the factor tasks that ``keys`` need by factors solved here with distributed sweeps.
+def solve_factors_on_cluster(solver: InfluenceModel, client: Any, source: BlockSource, graph: Any, dsk: dict,
+                             keys: list, *, result: Callable[[np.ndarray, Any], Any] | None = None) -> int:
+    """Solve here, with distributed sweeps, the test blocks whose solves ``keys`` need.
 
-    Each test block's CG runs on the client (:func:`solving_on_cluster`). The results are
-    scattered to the cluster and the graph's factor keys point to them.
+    Each test block's CG runs on the client (:func:`solving_on_cluster`); its result is
+    scattered to the cluster and ``dsk``'s solve task of the block (``graph.solve_key(i)``)
+    becomes that future.
 
     Args:
         source: the train blocks the solver was fitted on.
-        dsk, keys: the job's graph (changed in place) and the keys to compute.
-        kinds: the factor tasks to replace, ``{function: result}``: a task
-            ``(function, solver, test_block)`` becomes ``result(factors, report)`` with the
-            report of the block's solve.
-            Default: :func:`tasks.factor_block`, whose result is the factors.
+        graph: the job's :class:`~.graph.InfluenceGraph`; ``dsk`` its tasks (changed in place).
+        keys: the keys the job computes.
+        result: ``(factors, report) -> value`` of a solve task (default: the factors).
 
     Returns:
         the number of test blocks solved.
@@ -528,20 +527,19 @@ def solve_factors_on_cluster(solver: InfluenceModel, client: Any, source: BlockS
     from dask.local import get_sync
     from dask.optimization import cull
 
-    kinds = kinds or {tasks.factor_block: lambda factors, _: factors}
+    result = result or (lambda factors, _: factors)
     needed, _ = cull(dsk, keys)
-    factor_keys = sorted((k for k, v in needed.items() if isinstance(v, tuple) and v and v[0] in kinds), key=str)
-    if not factor_keys:
+    todo = [i for i in range(len(graph.plan.test_sizes)) if graph.solve_key(i) in needed]
+    if not todo:
         return 0
     solved = {}
     start = time.perf_counter()
     with solving_on_cluster(solver, client, source) as cluster_solver:
-        for key in factor_keys:
-            x, y = get_sync({**needed, "fit-test-block": needed[key][2]}, "fit-test-block")
+        for i in todo:
+            x, y = get_sync({**needed, "fit-test-block": graph.test.block_task(i)}, "fit-test-block")
             factors, report = cluster_solver.influence_factors_with_report(x, y)
-            result = kinds[needed[key][0]](to_numpy(factors), report)
-            solved[key] = client.scatter([result], hash=False)[0]
+            solved[graph.solve_key(i)] = client.scatter([result(to_numpy(factors), report)], hash=False)[0]
     logger.info("Solved the factors of %d test blocks on the client, sweeping the train blocks on the cluster, "
-                "in %.1f s.", len(factor_keys), time.perf_counter() - start)
+                "in %.1f s.", len(todo), time.perf_counter() - start)
     dsk.update(solved)
-    return len(factor_keys)
+    return len(todo)

@@ -51,6 +51,16 @@ class InfluenceGraph:
     train: BlockSource
     token: str
     group_name: str
+    test: BlockSource
+    factor_name: str
+    solve_name: str
+    """``(solve_name, i)`` is the task that solves test block ``i``: the factors themselves, or
+    with ``record_solves`` the pair ``(factors, solver_info_row)``."""
+    record_solves: bool = False
+
+    def solve_key(self, i: int) -> tuple:
+        """The key of the task that solves test block ``i`` (see :attr:`solve_name`)."""
+        return (self.solve_name, i)
 
     def chunk_key(self, i: int, j: int) -> tuple:
         return (self.chunk_name, i, j) + (0,) * len(self.feature_shape)
@@ -67,8 +77,14 @@ def build_influence_graph(
     mode: InfluenceMode,
     *,
     memory_budget: int | None,
+    record_solves: bool = False,
 ) -> InfluenceGraph:
-    """The tasks that compute every chunk of the influence matrix (nothing is computed)."""
+    """The tasks that compute every chunk of the influence matrix (nothing is computed).
+
+    With ``record_solves`` the task that solves a test block also returns the solver's report
+    as a row of the store's ``solver_info`` (:func:`tasks.factors_with_info`), at the key
+    :meth:`InfluenceGraph.solve_key`; the factors are picked from it.
+    """
     dtype = output_dtype(solver)
     itemsize = np.dtype(dtype).itemsize
     # one test point costs its factor row (p) plus its row of the output block, each held
@@ -82,10 +98,16 @@ def build_influence_graph(
     solver_key = f"solver-{fingerprint}"
     factors, group, chunk = f"factors-{token}", f"group-{token}", f"influences-{token}"
 
+    solve = f"factorinfo-{token}" if record_solves else factors
     dsk: dict = {solver_key: (unbox, Literal(solver, fingerprint)), **test.graph(), **train.graph()}
     for i in range(len(plan.test_sizes)):
-        dsk[(factors, i)] = (tasks.factor_block, solver_key, test.block_task(i))
-    graph = InfluenceGraph(dsk, plan, mode, solver_key, chunk, feature_shape, dtype, train, token, group)
+        if record_solves:
+            dsk[(solve, i)] = (tasks.factors_with_info, solver_key, test.block_task(i))
+            dsk[(factors, i)] = (tasks.pick, (solve, i), 0)
+        else:
+            dsk[(factors, i)] = (tasks.factor_block, solver_key, test.block_task(i))
+    graph = InfluenceGraph(dsk, plan, mode, solver_key, chunk, feature_shape, dtype, train, token, group,
+                           test, factors, solve, record_solves)
     for g, members in enumerate(plan.test_groups):
         for j in range(len(plan.train_sizes)):
             dsk[(group, g, j)] = (

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..core.modes import InfluenceMode
+from ..storage.solver_info import solver_info_row
 from .sources import to_numpy
 
 
@@ -33,6 +34,16 @@ def factor_block(solver: Any, block: tuple[np.ndarray, np.ndarray]) -> np.ndarra
     _match_threads()
     x, y = block
     return to_numpy(solver.influence_factors(x, y))
+
+
+def factors_with_info(solver: Any, block: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Influence factors of one test block and the solve's report as a ``solver_info`` row:
+    ``((n_block, p), (3,))``. The report is the solve's own (concurrent tasks sharing the solver
+    on one worker cannot mix them up)."""
+    _match_threads()
+    x, y = block
+    factors, report = solver.influence_factors_with_report(x, y)
+    return to_numpy(factors), solver_info_row(report, len(factors))
 
 
 def influence_group(

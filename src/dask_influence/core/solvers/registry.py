@@ -3,6 +3,12 @@
 A solver module registers its class with :func:`register`; the job file (``[solver]
 method``), the CLI, saved fits, the fingerprint that names Dask keys, the docs table and the
 tests' solver lists all read :data:`SOLVERS` instead of keeping their own lists.
+
+Solvers of other installed packages register through the entry-point group
+``dask_influence.solvers`` (``name = "package.module:SolverClass"`` in that package's
+``pyproject.toml``); they are loaded the first time a name is not found, so a job file can
+name them (``[solver] method = "name"``) and the cluster's workers import them like any
+installed module.
 """
 
 from __future__ import annotations
@@ -39,9 +45,33 @@ def register(name: str) -> Callable[[S], S]:
     return add
 
 
+ENTRY_POINT_GROUP = "dask_influence.solvers"
+_plugins_loaded = False
+
+
+def load_plugins() -> None:
+    """Register the solvers of the ``dask_influence.solvers`` entry points (once per process).
+
+    Each entry point names a solver class; it is registered under the entry point's name
+    unless its module already registered it.
+    """
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        cls = entry.load()
+        if cls not in SOLVERS.values():
+            register(entry.name)(cls)
+
+
 def solver_class(name: str) -> type["InfluenceModel"]:
     """The solver class registered as ``name`` (case-insensitive), or a ``ValueError`` listing the names."""
     key = str(name).strip().lower()
+    if key not in SOLVERS:
+        load_plugins()
     if key not in SOLVERS:
         import difflib
 
