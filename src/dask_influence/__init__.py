@@ -6,6 +6,11 @@ The public API, grouped by role. See ``docs/`` for the guide and ``DESIGN``-leve
 
 from importlib.metadata import PackageNotFoundError, version
 
+# choices and building blocks
+from .core.modes import InfluenceMode
+from .core.operators import Curvature
+from .core.preconditioners import JacobiPreconditioner, NystroemPreconditioner, Preconditioner
+
 # solvers (in-memory core)
 from .core.solvers.arnoldi import ArnoldiInfluence
 from .core.solvers.base import InfluenceModel
@@ -14,14 +19,6 @@ from .core.solvers.direct import DirectInfluence
 from .core.solvers.ekfac import EkfacInfluence
 from .core.solvers.lissa import LissaInfluence
 from .core.solvers.nystroem import NystroemSketchInfluence
-
-# mapping layer: blocks on Dask, results in zarr
-from .mapping.calculator import DaskInfluenceCalculator, SequentialInfluenceCalculator
-
-# choices and building blocks
-from .core.modes import InfluenceMode
-from .core.operators import Curvature
-from .core.preconditioners import JacobiPreconditioner, NystroemPreconditioner, Preconditioner
 
 # errors and warnings
 from .errors import (
@@ -32,6 +29,9 @@ from .errors import (
     NotPositiveDefiniteError,
     StoreError,
 )
+
+# mapping layer: blocks on Dask, results in zarr
+from .mapping.calculator import DaskInfluenceCalculator, SequentialInfluenceCalculator
 
 try:
     __version__ = version("dask-influence")

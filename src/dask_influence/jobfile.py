@@ -42,10 +42,10 @@ import re
 import sys
 import types
 import typing
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from .core.solvers.registry import SOLVERS, load_plugins, solver_class
 from .errors import JobFileError
@@ -55,6 +55,9 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
+
+if TYPE_CHECKING:
+    from .core.solvers.base import InfluenceModel
 
 __all__ = [
     "Job",
@@ -123,10 +126,12 @@ class ModelSection:
 
     @property
     def module(self) -> str:
+        """The module part of ``factory``."""
         return self.factory.split(":", 1)[0]
 
     @property
     def function(self) -> str:
+        """The function part of ``factory``."""
         return self.factory.split(":", 1)[1]
 
 
@@ -148,10 +153,12 @@ class SolverSection:
 
     @property
     def class_name(self) -> str:
+        """The name of the solver class of ``method``."""
         return self.solver_class.__name__
 
     @property
-    def solver_class(self) -> type:
+    def solver_class(self) -> type[InfluenceModel]:
+        """The solver class registered as ``method``."""
         return solver_class(self.method)
 
 
@@ -312,6 +319,7 @@ def _model(table: dict | None, base: Path, problems: list[str]) -> ModelSection 
         ok = False
     if not ok:
         return None
+    assert isinstance(factory, str)  # checked above
     return ModelSection(factory=factory.strip(), path=tuple(paths), options=dict(options))
 
 
@@ -467,6 +475,7 @@ def _output(table: dict | None, base: Path, problems: list[str]) -> OutputSectio
         ok = False
     if not ok:
         return None
+    assert isinstance(store, str)  # checked above
     return OutputSection(store=store, mode=mode, top_k=top_k, self_influences=self_influences)
 
 
@@ -632,7 +641,7 @@ def load_problem(job: Job) -> Problem:
     factory = load_factory(job)
     result = factory(**job.model.options)
     name = job.model.factory
-    parts = {}
+    parts: dict[str, Any] = {}
     missing = []
     for key in ("model", "loss", "train", "test"):
         if isinstance(result, Mapping):

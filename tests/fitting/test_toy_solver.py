@@ -22,10 +22,10 @@ import dask_influence as di
 from dask_influence.cli.main import cli
 from dask_influence.core.blocks import BlockSums
 from dask_influence.core.operators import LinearOperator
+from dask_influence.core.serialization import serializable
 from dask_influence.core.solvers.base import InfluenceModel
 from dask_influence.core.solvers.config import SolverConfig, hyperparameter
 from dask_influence.core.solvers.registry import SOLVERS, register
-from dask_influence.core.serialization import serializable
 from fit_cases import UNEVEN, make_problem
 
 # the cluster's workers cannot import this test module: send its classes and functions by value

@@ -1,0 +1,1 @@
+"""The in-memory solver core: torch only, knows nothing of Dask or zarr."""

@@ -26,7 +26,8 @@ per-layer diagonal blocks) one pass of :func:`dense_block`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor
@@ -74,13 +75,14 @@ class LocalBlocks:
         data: the training data, scanned (its ``num_samples`` known).
     """
 
-    def __init__(self, solver: "InfluenceModel", data: TrainingData):
+    def __init__(self, solver: InfluenceModel, data: TrainingData):
         self.solver = solver
         self.data = data
         self.n = int(data.num_samples)
         self.sweeps = 0
 
     def sum(self, fn: BlockFunction, payload: Any = None) -> Any:
+        """The sum of ``fn`` over the batches, in order (see :class:`BlockSums`)."""
         self.sweeps += 1
         total: Any = None
         start = 0
@@ -94,7 +96,7 @@ class LocalBlocks:
 
 
 # -- the per-block functions of the curvature -------------------------------------------------
-def curvature_block(solver: "InfluenceModel", x: Tensor, y: Tensor, start: int, weight: float, v: Tensor,
+def curvature_block(solver: InfluenceModel, x: Tensor, y: Tensor, start: int, weight: float, v: Tensor,
                     out: Tensor | None = None) -> Tensor:
     """``(n_b / n) * H_b V`` of one block for ``V`` ``(p, k)``: ``(p, k)`` (added into ``out`` if given)."""
     v = v.to(device=solver.device, dtype=solver.dtype)
@@ -105,7 +107,7 @@ def curvature_block(solver: "InfluenceModel", x: Tensor, y: Tensor, start: int, 
     return out
 
 
-def dense_block(solver: "InfluenceModel", x: Tensor, y: Tensor, start: int, weight: float,
+def dense_block(solver: InfluenceModel, x: Tensor, y: Tensor, start: int, weight: float,
                 payload: tuple[Sequence[tuple[int, int]], int], out: list[Tensor] | None = None) -> list[Tensor]:
     """``(n_b / n) * H_b`` of one block restricted to each ``(a, b)`` range: ``[(p_r, p_r), ...]``.
 
@@ -154,11 +156,13 @@ class SummedCurvatureOperator(LinearOperator):
         self.num_passes = 0
 
     def matmat(self, v: Tensor) -> Tensor:
+        """``H V`` for ``V`` ``(p, k)``: one pass of :func:`curvature_block`."""
         out = self.blocks.sum(curvature_block, v.to(self.dtype))
         self.num_passes += 1
         return self._finite(torch.as_tensor(out).to(device=self.device, dtype=self.dtype))
 
     def dense(self, column_chunk: int = 64) -> Tensor:
+        """The whole ``(p, p)`` matrix from one pass."""
         return self.dense_blocks([(0, self.size)], column_chunk)[0]
 
     def dense_blocks(self, ranges: Sequence[tuple[int, int]], column_chunk: int = 64) -> list[Tensor]:
@@ -190,6 +194,7 @@ class SummedBlockDiagonalOperator(BlockDiagonalOperator):
         self._dense: list[Tensor] | None = None
 
     def block_dense(self, b: int, column_chunk: int = 64) -> Tensor:
+        """Block ``b`` ``(p_b, p_b)``; the first call forms every block in one pass."""
         if self._dense is None:
             assert isinstance(self.inner, SummedCurvatureOperator)
             self._dense = self.inner.dense_blocks(self.blocks, column_chunk)

@@ -21,8 +21,9 @@ Conventions for one layer (``o = d_out``, ``i = d_in``):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -128,7 +129,7 @@ class FactorSums:
         self.g = torch.zeros(o, o, dtype=torch.float64, device=device)
 
     @classmethod
-    def from_totals(cls, name: str, a: Tensor, g: Tensor) -> "FactorSums":
+    def from_totals(cls, name: str, a: Tensor, g: Tensor) -> FactorSums:
         """Sums accumulated elsewhere, e.g. per-block sums added up on a cluster.
 
         Args:
@@ -307,7 +308,8 @@ def _conv_patches(conv: nn.Conv2d, x: Tensor) -> Tensor:
         elif conv.padding == "valid":
             pads += [0, 0]
         else:
-            pads += [conv.padding[d], conv.padding[d]]
+            padding = cast("tuple[int, ...]", conv.padding)  # not a string: "same" and "valid" are handled above
+            pads += [padding[d], padding[d]]
     if any(pads):
         mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
         x = F.pad(x, pads, mode=mode)
@@ -334,7 +336,7 @@ class Capture:
         self.probes: list[list[Tensor]] = [[] for _ in self.layers]
         self._handles: list = []
 
-    def __enter__(self) -> "Capture":
+    def __enter__(self) -> Capture:
         for index, layer in enumerate(self.layers):
             self._handles.append(layer.module.register_forward_hook(self._hook(index)))
         return self

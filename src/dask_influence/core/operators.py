@@ -27,7 +27,8 @@ class Curvature(str, Enum):
     """The generalized Gauss-Newton matrix ``J^T H_out J`` (PSD for convex losses)."""
 
     @classmethod
-    def parse(cls, value: "str | Curvature") -> "Curvature":
+    def parse(cls, value: str | Curvature) -> Curvature:
+        """The member named ``value``, else a ``ValueError`` listing the choices."""
         try:
             return cls(value)
         except ValueError:
@@ -114,6 +115,7 @@ class CurvatureOperator(LinearOperator):
         return torch.cat(parts, dim=1)
 
     def matmat(self, v: Tensor) -> Tensor:
+        """``H V``: the mean over the training batches of their curvature products."""
         n = self.data.num_samples
         out = torch.zeros_like(v)
         for x, y in self.data.batches():
@@ -152,6 +154,7 @@ class BlockDiagonalOperator(LinearOperator):
         self.device = inner.device
 
     def matmat(self, v: Tensor) -> Tensor:
+        """``A V`` restricted to the blocks: one product of the inner operator with the padded columns."""
         k = v.shape[1]
         padded = torch.zeros(self.size, k * len(self.blocks), dtype=v.dtype, device=v.device)
         for b, (start, stop) in enumerate(self.blocks):
@@ -186,6 +189,7 @@ class DampedOperator(LinearOperator):
         self.device = inner.device
 
     def matmat(self, v: Tensor) -> Tensor:
+        """``(A + regularization I) V``."""
         out = self.inner.matmat(v)
         if self.regularization:
             out = out + self.regularization * v
@@ -202,4 +206,5 @@ class DenseOperator(LinearOperator):
         self.device = matrix.device
 
     def matmat(self, v: Tensor) -> Tensor:
+        """``M V``."""
         return self.matrix @ v

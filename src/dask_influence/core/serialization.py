@@ -48,7 +48,7 @@ import pickle
 import re
 import warnings
 from collections.abc import Callable
-from typing import Any, BinaryIO, TypeVar, Union
+from typing import Any, BinaryIO, TypeVar, Union, cast
 
 import numpy as np
 import torch
@@ -236,7 +236,8 @@ def _decode_object(data: dict, source: str, device: torch.device | None, where: 
             if not declared[k].init:
                 object.__setattr__(obj, k, v)
         return obj
-    obj = cls.__new__(cls)
+    # mypy resolves ``cls.__new__`` on a ``type`` to the metaclass's ``type.__new__``.
+    obj = cast(Any, cls).__new__(cls)
     for k, v in fields.items():
         object.__setattr__(obj, k, v)
     return obj
@@ -275,7 +276,7 @@ def save(record: dict[str, Any], file: File) -> None:
         TypeError: a value that cannot be saved (see :func:`to_data`); nothing is written.
     """
     data = {"format": FORMAT, **{k: to_data(v, where=k) for k, v in record.items() if k != "format"}}
-    torch.save(data, file if hasattr(file, "write") else os.fspath(file))  # type: ignore[arg-type]
+    torch.save(data, file if hasattr(file, "write") else os.fspath(file))
 
 
 def load(file: File, *, source: str | None = None, what: str = "a file written by dask-influence",
@@ -301,11 +302,11 @@ def load(file: File, *, source: str | None = None, what: str = "a file written b
             holding a type that is not allow-listed.
     """
     if source is None:
-        source = repr(file) if hasattr(file, "read") else os.fspath(file)  # type: ignore[arg-type]
+        source = repr(file) if hasattr(file, "read") else os.fspath(file)
     try:
         with warnings.catch_warnings():  # a plain pickle (not torch.save's) draws a protocol warning
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-            raw = torch.load(file if hasattr(file, "read") else os.fspath(file),  # type: ignore[arg-type]
+            raw = torch.load(file if hasattr(file, "read") else os.fspath(file),
                              map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - every failure to read is one message; nothing ran
         raise ValueError(_unreadable(source, what, refit, err)) from None

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, cast
 
 import dask.array as da
 import numpy as np
@@ -245,7 +246,8 @@ class _BlockCalculator:
 
     def _pending_writes(self, graph: InfluenceGraph, group: zarr.Group, path: str, layout: zstore.StoreLayout) -> list:
         plan, dsk = graph.plan, graph.dsk
-        done = np.asarray(group["influences_done"][...]) == 1
+        # zarr types group[name] as Array | Group; the *_done members are arrays (hence ignore[index])
+        done = np.asarray(group["influences_done"][...]) == 1  # type: ignore[index]
         rows, cols = plan.test_ranges, plan.train_ranges
         write = f"write-{graph.token}"
         keys: list = []
@@ -264,17 +266,15 @@ class _BlockCalculator:
         skipped = int(done.sum())
         self_written = 0
         if layout.self_influences:
-            sdone = np.asarray(group["self_influences_done"][...]) == 1
+            sdone = np.asarray(group["self_influences_done"][...]) == 1  # type: ignore[index]
             name = add_self_influence_tasks(graph)
-            for j in np.nonzero(~sdone)[0]:
-                j = int(j)
+            for j in map(int, np.nonzero(~sdone)[0]):
                 dsk[(f"swrite-{graph.token}", j)] = (zstore.write_self_chunk, path, j, cols[j], (name, j))
                 keys.append((f"swrite-{graph.token}", j))
                 self_written += 1
         if layout.top_k:
-            tdone = np.asarray(group["topk_done"][...]) == 1
-            for i in np.nonzero(~tdone)[0]:
-                i = int(i)
+            tdone = np.asarray(group["topk_done"][...]) == 1  # type: ignore[index]
+            for i in map(int, np.nonzero(~tdone)[0]):
                 dsk[(f"topk-{graph.token}", i)] = (zstore.topk_row, path, i, rows[i], list(cols), layout.top_k,
                                                    *row_writes.get(i, []))
                 keys.append((f"topk-{graph.token}", i))
@@ -317,7 +317,7 @@ class _BlockCalculator:
 
     def _memory_budget(self) -> int | None:
         """Bytes one influence task may hold: the given budget, or 512 MiB for 'auto'."""
-        return DEFAULT_MEMORY_BUDGET if self.memory_budget == "auto" else self.memory_budget
+        return DEFAULT_MEMORY_BUDGET if self.memory_budget == "auto" else cast("int | None", self.memory_budget)
 
     def _execute(self, dsk: dict, keys: list, graph: InfluenceGraph | None = None) -> list:
         raise NotImplementedError
@@ -427,7 +427,7 @@ class DaskInfluenceCalculator(_BlockCalculator):
 
     def _memory_budget(self) -> int | None:
         if self.memory_budget != "auto":
-            return self.memory_budget
+            return cast("int | None", self.memory_budget)  # checked in __init__
         client = self.client
         if client is None:
             try:

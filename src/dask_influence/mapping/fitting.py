@@ -30,16 +30,17 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from ..core.data import TrainingData, check_pair, to_tensor
 from ..core.blocks import BlockFunction, add_results, curvature_block  # noqa: F401  (re-exported)
+from ..core.data import TrainingData, check_pair, to_tensor
 from ..core.gradients import flat_params
 from ..core.solvers.base import InfluenceModel, _checksum, _to_device
 from ..storage.urls import is_url
@@ -93,13 +94,14 @@ def run_block(fn: BlockFunction, solver: InfluenceModel, block: tuple, start: in
     """Run a core block function (:mod:`dask_influence.core.blocks`) on one loaded block.
 
     The block's arrays become validated tensors on the solver's device, and so does the
-    payload (numpy arrays and tensors in it); the result comes back on the CPU.
+    payload (numpy arrays and tensors in it); the result comes back as numpy arrays (Dask
+    counts their size right, so placement and memory accounting see the true cost).
     """
     tasks._match_threads()
     x, y = _block_tensors(solver, block, start)
     value = _payload_on(payload.value, solver.device)
     result = fn(solver, x, y, start, weight, value)
-    return [t.cpu() for t in result] if isinstance(result, list) else result.cpu()
+    return [to_numpy(t) for t in result] if isinstance(result, list) else to_numpy(result)
 
 
 def _payload_on(value: Any, device: torch.device) -> Any:
@@ -167,7 +169,8 @@ class TrainBlocks:
         total = partials[0]
         for part in partials[1:]:
             total = add_results(total, part)
-        return total
+        return [torch.from_numpy(np.asarray(t)) for t in total] if isinstance(total, list) else torch.from_numpy(
+            np.asarray(total))
 
     def _tasks(self, fn: Callable, payload: Any, wrap: bool = False) -> tuple[dict, list]:
         self.sweeps += 1
@@ -191,7 +194,7 @@ class TrainBlocks:
     def close(self) -> None:
         """Release what the blocks hold."""
 
-    def __enter__(self) -> "TrainBlocks":
+    def __enter__(self) -> TrainBlocks:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -227,7 +230,8 @@ class LocalTrainBlocks(TrainBlocks):
     def _get(self, dsk: dict, keys: list[list]) -> list[list]:
         from dask.local import get_sync
 
-        return [list(group) for group in get_sync(dsk, keys)]
+        # dask's annotation omits nested lists of keys, which get_sync accepts (and returns nested)
+        return [list(group) for group in get_sync(dsk, keys)]  # type: ignore[arg-type]
 
 
 class ClusterTrainBlocks(TrainBlocks):
@@ -280,6 +284,7 @@ class ClusterTrainBlocks(TrainBlocks):
         return self.client.gather(futures)
 
     def close(self) -> None:
+        """Release the blocks held on the workers."""
         self._blocks = []
         self._solver = None
 
@@ -353,6 +358,7 @@ def fit_with_blocks(solver: InfluenceModel, blocks: TrainBlocks, *, path: str | 
     path = None if path is None else os.fspath(path)
     reused = path is not None and not refit and _exists(path)
     if reused:
+        assert path is not None  # reused implies a path
         load_fit(solver, path, training_data=fingerprint, data=data, float_inputs=float_inputs)
     else:
         _fit(solver, blocks, data, float_inputs)

@@ -63,10 +63,12 @@ class InfluenceGraph:
         return (self.solve_name, i)
 
     def chunk_key(self, i: int, j: int) -> tuple:
+        """The key of chunk ``(i, j)`` of the influence array."""
         return (self.chunk_name, i, j) + (0,) * len(self.feature_shape)
 
     @property
     def chunks(self) -> tuple[tuple[int, ...], ...]:
+        """The chunks of the influence array (test blocks, train blocks, features)."""
         return (self.plan.test_sizes, self.plan.train_sizes) + tuple((s,) for s in self.feature_shape)
 
 

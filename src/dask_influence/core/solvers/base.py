@@ -23,17 +23,19 @@ import pickle
 import threading
 import uuid
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from types import FrameType
+from typing import Any, BinaryIO, ClassVar, cast
 
 import cloudpickle
 import torch
 from torch import Tensor, nn
 
 from ...errors import NonFiniteError, NotFittedError
+from ..blocks import BlockSums, LocalBlocks, summed_operator
 from ..data import TrainingData, check_pair, to_tensor
 from ..gradients import _FORWARD_LOCK, LossFn, ModelFunctions, check_finite, check_finite_grads, flat_params
 from ..modes import InfluenceMode
-from ..blocks import BlockSums, LocalBlocks, summed_operator
 from ..operators import BlockDiagonalOperator, Curvature, CurvatureOperator, LinearOperator
 from .config import (  # noqa: F401  (re-exported: the solvers' shared checks)
     SolverConfig,
@@ -118,6 +120,7 @@ class InfluenceModel(ABC):
 
     def _validate(self, config: SolverConfig) -> None:
         """Checks of ``config`` that need the model (e.g. ``rank <= p``); raise ``ValueError``."""
+        return None
 
     # -- hyperparameters ----------------------------------------------------------------------
     config: SolverConfig
@@ -134,7 +137,7 @@ class InfluenceModel(ABC):
     def __setattr__(self, name: str, value: Any) -> None:
         config = self.__dict__.get("config")
         if name == "config" or (config is not None and name in type(config).field_names()):
-            new = value if name == "config" else config.replace(**{name: value})
+            new = value if name == "config" else cast(SolverConfig, config).replace(**{name: value})
             self._change_config(new)
             return
         super().__setattr__(name, value)
@@ -190,8 +193,8 @@ class InfluenceModel(ABC):
         if id(self) in active:
             # a reference back to this solver from inside its own state (an operator holding
             # one of its methods): pickled by the snapshot's pickler as a plain object, whose
-            # memo already holds the state
-            return (copyreg.__newobj__, (type(self),), self.__dict__)
+            # memo already holds the state (typeshed's copyreg lacks __newobj__: hence the ignore)
+            return (copyreg.__newobj__, (type(self),), self.__dict__)  # type: ignore[attr-defined]
         active.add(id(self))
         try:
             with _FORWARD_LOCK:
@@ -200,7 +203,7 @@ class InfluenceModel(ABC):
             active.discard(id(self))
         return (_restore_solver, (type(self), payload))
 
-    def __copy__(self) -> "InfluenceModel":
+    def __copy__(self) -> InfluenceModel:
         """A shallow copy (sharing the model and the fitted tensors), as ``copy.copy`` gives
         for plain objects; :meth:`__reduce__` would otherwise make it a deep one."""
         clone = type(self).__new__(type(self))
@@ -215,18 +218,21 @@ class InfluenceModel(ABC):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of the trainable parameters (and of every result)."""
         return self._functions.spec.dtype
 
     @property
     def device(self) -> torch.device:
+        """The device of the trainable parameters; inputs are moved there."""
         return self._functions.spec.device
 
     @property
     def is_fitted(self) -> bool:
+        """Whether the solver has been fitted (or restored)."""
         return self._theta is not None
 
     # -- fitting ----------------------------------------------------------------------
-    def fit(self, data: Any) -> "InfluenceModel":
+    def fit(self, data: Any) -> InfluenceModel:
         """Fit the solver on the training data; returns ``self``.
 
         Args:
@@ -236,6 +242,7 @@ class InfluenceModel(ABC):
         self.check_model_mode()
         source = TrainingData(data, dtype=self.dtype, device=self.device, batch_size=self.chunk_size)
         source.scan()
+        assert source.feature_shape is not None  # scan() records it (or refuses empty data)
         x0, y0 = next(source.batches())
         self.trained_parameters()
         self.check_loss(x0, y0)
@@ -300,7 +307,7 @@ class InfluenceModel(ABC):
         check_finite("The model's trainable parameters", theta, hint="Load a model with finite weights.")
         return theta
 
-    def attach_curvature(self, operator: LinearOperator) -> "InfluenceModel":
+    def attach_curvature(self, operator: LinearOperator) -> InfluenceModel:
         """A shallow copy of this fitted solver that solves with ``operator`` as ``H`` (e.g. sums
         over train blocks on a cluster). Only for solvers with ``needs_training_data``."""
         if not self.needs_training_data:
@@ -327,8 +334,8 @@ class InfluenceModel(ABC):
         return h.hexdigest()[:32]
 
     # -- save and load ------------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the fitted state (hyperparameters and tensors, not the model) to ``path``.
+    def save(self, path: str | os.PathLike | BinaryIO) -> None:
+        """Write the fitted state (hyperparameters and tensors, not the model) to ``path`` (or a binary file).
 
         The file records a checksum of the trained parameters; :meth:`load` refuses a model
         with other weights. It is plain data (format 2 of :mod:`..serialization`: the
@@ -361,7 +368,7 @@ class InfluenceModel(ABC):
         }, path if hasattr(path, "write") else os.fspath(path))
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model: nn.Module, loss: LossFn, *, train: Any = None) -> "InfluenceModel":
+    def load(cls, path: str | os.PathLike, model: nn.Module, loss: LossFn, *, train: Any = None) -> InfluenceModel:
         """Rebuild a fitted solver from :meth:`save`'s file and the same trained model.
 
         Args:
@@ -393,7 +400,7 @@ class InfluenceModel(ABC):
         if cls is InfluenceModel and saved.get("method"):
             from .registry import solver_class
 
-            cls = solver_class(saved["method"])  # type: ignore[assignment]
+            cls = solver_class(saved["method"])
         if saved["class"] != cls.__name__:
             raise ValueError(f"{where!r} holds a fitted {saved['class']}; use {saved['class']}.load().")
         unknown = sorted(set(saved["hyperparameters"]) - set(cls.config_class.field_names()))
@@ -430,11 +437,11 @@ class InfluenceModel(ABC):
             operator = BlockDiagonalOperator(operator, slices)
         return operator
 
-    def _attach(self, operator: Any, data: TrainingData) -> None:
+    def _attach(self, operator: Any, data: TrainingData | None) -> None:
         """Re-attach the training data after :meth:`load` (solvers with ``needs_training_data``)."""
         raise NotImplementedError
 
-    def shippable(self) -> "InfluenceModel":
+    def shippable(self) -> InfluenceModel:
         """A shallow copy without the training data and curvature operators it solves with:
         small to send to Dask workers (which compute gradients, never solves with ``H``)."""
         clone = copy.copy(self)
@@ -443,6 +450,7 @@ class InfluenceModel(ABC):
 
     def _detach(self) -> None:
         """Drop references to the training data (solvers with ``needs_training_data``)."""
+        return None
 
     @abstractmethod
     def _fit(self, operator: LinearOperator, blocks: BlockSums) -> None:
@@ -728,6 +736,7 @@ def _widen_half_precision(model: nn.Module) -> nn.Module:
     import sys
     import warnings
 
+    frame: FrameType | None
     frame, level = sys._getframe(1), 2  # the first frame outside this package gets the warning
     package = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
@@ -825,7 +834,7 @@ def _to_device(value: Any, device: torch.device) -> Any:
 _PICKLING = threading.local()  # ids of the solvers this thread is pickling (see __reduce__)
 
 
-def _restore_solver(cls: type, payload: bytes) -> InfluenceModel:
+def _restore_solver(cls: type[InfluenceModel], payload: bytes) -> InfluenceModel:
     """Rebuild a solver pickled by :meth:`InfluenceModel.__reduce__`."""
     solver = cls.__new__(cls)
     solver.__dict__.update(cloudpickle.loads(payload))

@@ -10,8 +10,9 @@ Each right-hand side ``b_j`` has its own stopping test ``|r_j| <= max(rtol |b_j|
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor

@@ -149,7 +149,7 @@ class SolverConfig:
         """
         return {name: _plain(getattr(self, name)) for name in self.field_names()}
 
-    def replace(self, **changes: Any) -> "SolverConfig":
+    def replace(self, **changes: Any) -> SolverConfig:
         """A copy with ``changes`` applied (and validated)."""
         return dataclasses.replace(self, **changes)
 

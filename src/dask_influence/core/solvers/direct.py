@@ -36,6 +36,7 @@ class DirectState:
 
     @property
     def all_eigenvalues(self) -> Tensor:
+        """The eigenvalues of every block, concatenated: ``(p,)``."""
         return torch.cat(self.eigenvalues)
 
 

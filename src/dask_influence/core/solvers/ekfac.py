@@ -14,14 +14,16 @@ library's ``(n_test, p)`` layout, so every solver's factors are interchangeable.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
 from torch.func import grad, jacrev, vmap
 
 from ...errors import NonFiniteError, NotFittedError
+from ..blocks import BlockSums
 from ..gradients import _FORWARD_LOCK, LossFn, ParamSpec
 from ..kronecker import (
     Capture,
@@ -35,7 +37,6 @@ from ..kronecker import (
     up_contract,
 )
 from ..modes import InfluenceMode
-from ..blocks import BlockSums
 from ..operators import LinearOperator
 from ..serialization import serializable
 from .base import InfluenceModel
@@ -64,6 +65,7 @@ class EkfacState:
 
     @property
     def nbytes(self) -> int:
+        """Bytes held by the state's tensors."""
         tensors = [t for f in self.layers for t in (f.q_a, f.lambda_a, f.q_g, f.lambda_g, f.corrected) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -272,7 +274,7 @@ class OutputCurvature:
             )
 
 
-def infer_task(loss: LossFn, task: str | None) -> str | None:
+def infer_task(loss: LossFn | None, task: str | None) -> str | None:
     """The task from ``task`` or the loss's type; ``None`` means the loss's own Hessian is used."""
     if task is not None:
         if task not in TASKS:
@@ -286,7 +288,7 @@ def infer_task(loss: LossFn, task: str | None) -> str | None:
 
 
 # -- the per-block function of both fitting passes -----------------------------------------------
-def ekfac_block(solver: "EkfacInfluence", x: Tensor, y: Tensor, start: int, weight: float,
+def ekfac_block(solver: EkfacInfluence, x: Tensor, y: Tensor, start: int, weight: float,
                 payload: tuple[str, Sequence[LayerFactors] | None], out: list[Tensor] | None = None) -> list[Tensor]:
     """One block's float64 sums of a fitting pass (:meth:`EkfacInfluence.block_sums`);
     ``payload`` is ``(kind, factors)``."""
@@ -358,7 +360,7 @@ class EkfacInfluence(InfluenceModel):
 
     def __init__(self, model: nn.Module, loss: LossFn | None = None, config: EkfacConfig | None = None, /,
                  **hyperparameters: Any):
-        config = self._make_config(config, hyperparameters)
+        config = cast(EkfacConfig, self._make_config(config, hyperparameters))  # an instance of config_class
         task = infer_task(loss, config.task)
         if loss is None:
             if task is None:
@@ -563,7 +565,7 @@ class EkfacInfluence(InfluenceModel):
         blocks = [layer.to_matrix(factors) for layer in self._layers]
         parts = []
         for pieces in self._pieces(x, y):
-            parts.append(sum(up_contract(f, g, a) for f, (g, a) in zip(blocks, pieces)))
+            parts.append(cast(Tensor, sum(up_contract(f, g, a) for f, (g, a) in zip(blocks, pieces))))
         return torch.cat(parts, dim=1)
 
     def self_influences(self, x: Any, y: Any) -> Tensor:
@@ -573,5 +575,6 @@ class EkfacInfluence(InfluenceModel):
         inverse = [1.0 / (f.eigenvalues(self.update_diagonal) + self.regularization) for f in self._factors()]
         parts = []
         for pieces in self._pieces(x, y):
-            parts.append(sum(self_contract(f, d, g, a) for f, d, (g, a) in zip(self._factors(), inverse, pieces)))
+            parts.append(cast(Tensor, sum(self_contract(f, d, g, a)
+                                          for f, d, (g, a) in zip(self._factors(), inverse, pieces))))
         return torch.cat(parts)

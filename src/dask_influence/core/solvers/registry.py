@@ -13,12 +13,13 @@ installed module.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
     from .base import InfluenceModel
 
-SOLVERS: dict[str, type["InfluenceModel"]] = {}
+SOLVERS: dict[str, type[InfluenceModel]] = {}
 """``method name -> solver class``, in registration order."""
 
 S = TypeVar("S", bound=type)
@@ -38,7 +39,7 @@ def register(name: str) -> Callable[[S], S]:
             raise ValueError(f"A solver named {key!r} is already registered ({existing.__qualname__}).")
         if not hasattr(cls, "config_class"):
             raise TypeError(f"{cls.__qualname__} must set config_class to register as a solver.")
-        SOLVERS[key] = cls  # type: ignore[assignment]
+        SOLVERS[key] = cls
         cls.method = key  # type: ignore[attr-defined]
         return cls
 
@@ -67,7 +68,7 @@ def load_plugins() -> None:
             register(entry.name)(cls)
 
 
-def solver_class(name: str) -> type["InfluenceModel"]:
+def solver_class(name: str) -> type[InfluenceModel]:
     """The solver class registered as ``name`` (case-insensitive), or a ``ValueError`` listing the names."""
     key = str(name).strip().lower()
     if key not in SOLVERS:
