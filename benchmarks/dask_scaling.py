@@ -24,7 +24,9 @@ from torch import nn
 import dask_influence as di
 
 
-def problem(n_train: int, n_test: int, solver_name: str, d: int = 32, hidden: int = 32, classes: int = 10, seed: int = 0):
+def problem(
+    n_train: int, n_test: int, solver_name: str, d: int = 32, hidden: int = 32, classes: int = 10, seed: int = 0
+):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n_train, d, generator=g)
     y = torch.randint(0, classes, (n_train,), generator=g)
@@ -57,22 +59,36 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--n-test", type=int, default=512)
     parser.add_argument("--train-block", type=int, default=10_000)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--solver", choices=["direct", "cg"], default="direct",
-                        help="direct isolates the mapping layer (cheap factors); with cg the factor "
-                             "phase is a CG solve per test block")
+    parser.add_argument(
+        "--solver",
+        choices=["direct", "cg"],
+        default="direct",
+        help="direct isolates the mapping layer (cheap factors); with cg the factor phase is a CG solve per test block",
+    )
     args = parser.parse_args(argv)
     solver, train, test = problem(args.n_train, args.n_test, args.solver)
     tmp = Path(tempfile.mkdtemp())
     times: dict[str, list[float]] = {"1 worker": [], "2 workers": [], "2 workers, 8 test blocks": []}
     try:
-        with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, Client(cluster) as client:
+        with (
+            LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster,
+            Client(cluster) as client,
+        ):
             for _ in range(args.repeats):
-                times["2 workers"].append(timed_job(solver, client, test, train, args.n_test, args.train_block, tmp / "a.zarr"))
+                times["2 workers"].append(
+                    timed_job(solver, client, test, train, args.n_test, args.train_block, tmp / "a.zarr")
+                )
                 times["2 workers, 8 test blocks"].append(
-                    timed_job(solver, client, test, train, args.n_test // 8, args.train_block, tmp / "b.zarr"))
-        with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None) as cluster, Client(cluster) as client:
+                    timed_job(solver, client, test, train, args.n_test // 8, args.train_block, tmp / "b.zarr")
+                )
+        with (
+            LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None) as cluster,
+            Client(cluster) as client,
+        ):
             for _ in range(args.repeats):
-                times["1 worker"].append(timed_job(solver, client, test, train, args.n_test, args.train_block, tmp / "c.zarr"))
+                times["1 worker"].append(
+                    timed_job(solver, client, test, train, args.n_test, args.train_block, tmp / "c.zarr")
+                )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -80,7 +96,10 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds": med,
         "speedup_2_vs_1_worker": med["1 worker"] / med["2 workers"],
         "cost_8_vs_1_test_blocks": med["2 workers, 8 test blocks"] / med["2 workers"],
-        "solver": type(solver).__name__, "n_train": args.n_train, "n_test": args.n_test, "params": solver.num_params,
+        "solver": type(solver).__name__,
+        "n_train": args.n_train,
+        "n_test": args.n_test,
+        "params": solver.num_params,
     }
     print(f"n_train={args.n_train}, n_test={args.n_test}, p={solver.num_params}, {type(solver).__name__}")
     print("| configuration | seconds (median) |\n| --- | --- |")

@@ -54,8 +54,16 @@ def problem(n_train: int, widths: list[int], k: int, seed: int = 0):
 
 
 def time_cg(client, model, loss, train, test, block: int, k: int, iterations: int) -> dict[str, float]:
-    solver = di.CgInfluence(model, loss, regularization=1e-3, curvature="ggn", preconditioner="nystroem",
-                            preconditioner_rank=k, maxiter=iterations, rtol=1e-12)
+    solver = di.CgInfluence(
+        model,
+        loss,
+        regularization=1e-3,
+        curvature="ggn",
+        preconditioner="nystroem",
+        preconditioner_rank=k,
+        maxiter=iterations,
+        rtol=1e-12,
+    )
     calc = di.DaskInfluenceCalculator(solver, client, progress=False)
     start = time.perf_counter()
     calc.fit(train, block_size=block)
@@ -78,8 +86,9 @@ def time_ekfac(client, model, loss, train, block: int) -> dict[str, float]:
 def cluster(stack: ExitStack, workers: int):
     from distributed import Client, LocalCluster
 
-    local = stack.enter_context(LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                             host="127.0.0.1", dashboard_address=None))
+    local = stack.enter_context(
+        LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None)
+    )
     client = stack.enter_context(Client(local))
     client.run(lambda: __import__("dask_influence.mapping.fitting"))  # imports before timing
     return client
@@ -92,8 +101,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--k", type=int, default=10, help="right-hand sides and preconditioner rank")
     parser.add_argument("--cg-iterations", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=1, help="keep the fastest of this many runs")
-    parser.add_argument("--width", type=int, nargs="+", default=[256, 1024, 768, 10],
-                        help="input, hidden and output widths of the MLP")
+    parser.add_argument(
+        "--width", type=int, nargs="+", default=[256, 1024, 768, 10], help="input, hidden and output widths of the MLP"
+    )
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke configuration")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args((TINY if "--tiny" in argv else []) + argv)
@@ -103,8 +113,10 @@ def main(argv: list[str] | None = None) -> dict:
     seconds: dict[int, dict[str, float]] = {1: {}, 2: {}}
     warm = max(2, 2 * args.block // 8)  # a slice of the data: two blocks of a quarter size
     small = (train[0][:warm], train[1][:warm])
-    phases = [lambda c, t, b: time_cg(c, model, loss, t, test, b, args.k, args.cg_iterations),
-              lambda c, t, b: time_ekfac(c, model, loss, t, b)]
+    phases = [
+        lambda c, t, b: time_cg(c, model, loss, t, test, b, args.k, args.cg_iterations),
+        lambda c, t, b: time_ekfac(c, model, loss, t, b),
+    ]
     for _ in range(args.repeats):
         for phase in phases:
             for w in (2, 1):
@@ -117,13 +129,17 @@ def main(argv: list[str] | None = None) -> dict:
                     for name, value in phase(client, train, args.block).items():
                         seconds[w][name] = min(value, seconds[w].get(name, value))
     speedup = {name: seconds[1][name] / seconds[2][name] for name in seconds[1]}
-    print(f"p={p:,}, n_train={args.n_train:,} in blocks of {args.block:,}, k={args.k}, "
-          f"{args.cg_iterations} CG iterations, float32, GGN")
+    print(
+        f"p={p:,}, n_train={args.n_train:,} in blocks of {args.block:,}, k={args.k}, "
+        f"{args.cg_iterations} CG iterations, float32, GGN"
+    )
     print("| fit | 1 worker (s) | 2 workers (s) | speed-up |\n| --- | --- | --- | --- |")
     for name in seconds[1]:
         print(f"| {name} | {seconds[1][name]:.1f} | {seconds[2][name]:.1f} | {speedup[name]:.2f}x |")
-    print(f"\nCG fit + solve: {speedup['CG fit + solve']:.2f}x, EK-FAC fit: {speedup['EK-FAC fit']:.2f}x faster on "
-          "2 workers than on 1 (target >= 1.7x)")
+    print(
+        f"\nCG fit + solve: {speedup['CG fit + solve']:.2f}x, EK-FAC fit: {speedup['EK-FAC fit']:.2f}x faster on "
+        "2 workers than on 1 (target >= 1.7x)"
+    )
     return {"params": p, "n_train": args.n_train, "seconds": seconds, "speedup": speedup}
 
 

@@ -45,16 +45,30 @@ def _child(model_name: str, state: str, x: str, y: str, solver: str, regularizat
     with PeakMemory() as mem:
         fitted.fit((xs, ys))
     p = num_params(model)
-    out = {"solver": solver, "model": model_name, "params": p, "model_bytes": 4 * p, "n_train": len(xs),
-           "peak_fit_bytes": mem.peak_bytes}
+    out = {
+        "solver": solver,
+        "model": model_name,
+        "params": p,
+        "model_bytes": 4 * p,
+        "n_train": len(xs),
+        "peak_fit_bytes": mem.peak_bytes,
+    }
     out["peak_over_model"] = None if mem.peak_bytes is None else mem.peak_bytes / (4 * p)
     if hasattr(fitted, "state_") and hasattr(fitted.state_, "nbytes"):
         out["state_bytes"] = int(fitted.state_.nbytes)
     return out
 
 
-def fresh_process_peak(model_name: str, model: torch.nn.Module, x: np.ndarray, y: np.ndarray, *, solver: str = "EK-FAC",
-                       regularization: float = 0.1, chunk: int = 256) -> dict:
+def fresh_process_peak(
+    model_name: str,
+    model: torch.nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    solver: str = "EK-FAC",
+    regularization: float = 0.1,
+    chunk: int = 256,
+) -> dict:
     """Run :func:`_child` in a fresh interpreter and return its measurement."""
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
@@ -62,9 +76,25 @@ def fresh_process_peak(model_name: str, model: torch.nn.Module, x: np.ndarray, y
         np.save(t / "x.npy", x)
         np.save(t / "y.npy", y)
         proc = subprocess.run(
-            [sys.executable, "-m", "benchmarks.memory", "--child", model_name, str(t / "model.pt"), str(t / "x.npy"),
-             str(t / "y.npy"), solver, str(regularization), str(chunk)],
-            cwd=ROOT, capture_output=True, text=True, timeout=1800, env={**os.environ, **EXACT_MALLOC})
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.memory",
+                "--child",
+                model_name,
+                str(t / "model.pt"),
+                str(t / "x.npy"),
+                str(t / "y.npy"),
+                solver,
+                str(regularization),
+                str(chunk),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+            env={**os.environ, **EXACT_MALLOC},
+        )
     if proc.returncode != 0:
         return {"solver": solver, "error": proc.stderr.strip()[-500:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])

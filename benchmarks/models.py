@@ -33,15 +33,16 @@ def build_model(name: str) -> nn.Module:
     """A fresh (seed-independent architecture) model by name; see :data:`MODELS`."""
     if name in MLP_WIDTHS:
         h = MLP_WIDTHS[name]
-        return nn.Sequential(
-            nn.Linear(N_FEATURES, h), nn.Tanh(), nn.Linear(h, h), nn.Tanh(), nn.Linear(h, N_CLASSES)
-        )
+        return nn.Sequential(nn.Linear(N_FEATURES, h), nn.Tanh(), nn.Linear(h, h), nn.Tanh(), nn.Linear(h, N_CLASSES))
     if name == "cnn-digits":
         # 8x8 grey images: 3,818 parameters
         return nn.Sequential(
-            nn.Conv2d(1, 8, 3, padding=1), nn.Tanh(),
-            nn.Conv2d(8, 16, 3, padding=1), nn.Tanh(),
-            nn.AvgPool2d(2), nn.Flatten(),
+            nn.Conv2d(1, 8, 3, padding=1),
+            nn.Tanh(),
+            nn.Conv2d(8, 16, 3, padding=1),
+            nn.Tanh(),
+            nn.AvgPool2d(2),
+            nn.Flatten(),
             nn.Linear(16 * 4 * 4, N_CLASSES),
         )
     raise ValueError(f"unknown model {name!r}; choose one of {list(MODELS)}")

@@ -61,7 +61,12 @@ def make_problem(model_name: str, n_train: int, n_test: int, *, seed: int = 0, e
     if model_name == "cnn-digits":
         x, y = digits(seed)
         n_train = min(n_train, len(x) - n_test)
-        x_train, y_train, x_test, y_test = x[:n_train], y[:n_train], x[n_train : n_train + n_test], y[n_train : n_train + n_test]
+        x_train, y_train, x_test, y_test = (
+            x[:n_train],
+            y[:n_train],
+            x[n_train : n_train + n_test],
+            y[n_train : n_train + n_test],
+        )
     else:
         x_train, y_train = synthetic(n_train, seed)
         x_test, y_test = synthetic(n_test, seed + 1000)
@@ -88,8 +93,15 @@ def make_problem(model_name: str, n_train: int, n_test: int, *, seed: int = 0, e
 
 
 # -- the lower bound --------------------------------------------------------------------------
-def lower_bound(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
-                y_test: np.ndarray, *, chunk: int = 1024) -> tuple[dict, Tensor]:
+def lower_bound(
+    model: nn.Module,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    *,
+    chunk: int = 1024,
+) -> tuple[dict, Tensor]:
     """The time of the influence phase without any Hessian work.
 
     Per-sample gradients of every test and train point with ``torch.func`` (vmap of grad,
@@ -114,8 +126,12 @@ def lower_bound(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_te
 
     xs, ys = torch.from_numpy(x_train), torch.from_numpy(y_train)
     start = time.perf_counter()
-    test = torch.cat([flat_grads(torch.from_numpy(x_test[s : s + chunk]), torch.from_numpy(y_test[s : s + chunk]))
-                      for s in range(0, len(x_test), chunk)])
+    test = torch.cat(
+        [
+            flat_grads(torch.from_numpy(x_test[s : s + chunk]), torch.from_numpy(y_test[s : s + chunk]))
+            for s in range(0, len(x_test), chunk)
+        ]
+    )
     mid = time.perf_counter()
     out = torch.empty(len(x_test), len(x_train), dtype=test.dtype)
     for s in range(0, len(xs), chunk):

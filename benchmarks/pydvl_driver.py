@@ -65,11 +65,26 @@ class Driver:
             # pyDVL 0.10.0's block CG stops when |r_j| <= max(rtol**2 |b_j|, atol**2) (squared
             # tolerances against an unsquared norm); pass square roots so that both libraries
             # stop at the same relative residual, |r_j| <= rtol |b_j|
-            return CgInfluence(m, loss, regularization=lam, rtol=p["rtol"] ** 0.5, atol=p.get("atol", 0.0) ** 0.5,
-                               maxiter=p["maxiter"], solve_simultaneously=True, warn_on_max_iteration=False)
+            return CgInfluence(
+                m,
+                loss,
+                regularization=lam,
+                rtol=p["rtol"] ** 0.5,
+                atol=p.get("atol", 0.0) ** 0.5,
+                maxiter=p["maxiter"],
+                solve_simultaneously=True,
+                warn_on_max_iteration=False,
+            )
         if name == "LiSSA":
-            return LissaInfluence(m, loss, regularization=lam, maxiter=p["maxiter"], scale=p["scale"],
-                                  rtol=p["rtol"], warn_on_max_iteration=False)
+            return LissaInfluence(
+                m,
+                loss,
+                regularization=lam,
+                maxiter=p["maxiter"],
+                scale=p["scale"],
+                rtol=p["rtol"],
+                warn_on_max_iteration=False,
+            )
         if name == "Arnoldi":
             return ArnoldiInfluence(m, loss, regularization=lam, rank=p["rank"], krylov_dimension=p["krylov_dimension"])
         if name == "Nystroem":
@@ -81,8 +96,10 @@ class Driver:
     def solver(self, msg: dict) -> dict:
         d = self.data
         name = msg["name"]
-        train = DataLoader(TensorDataset(torch.from_numpy(d["x_train"]), torch.from_numpy(d["y_train"])),
-                           batch_size=int(msg["params"].get("batch_size", self.batch_size)))
+        train = DataLoader(
+            TensorDataset(torch.from_numpy(d["x_train"]), torch.from_numpy(d["y_train"])),
+            batch_size=int(msg["params"].get("batch_size", self.batch_size)),
+        )
         out: dict = {}
         solver = self.make(name, msg["params"])
         with PeakMemory() as mem_fit:
@@ -96,11 +113,17 @@ class Driver:
             parts = []
             x, y = torch.from_numpy(d["x_train"]), torch.from_numpy(d["y_train"])
             for s in range(0, len(x), self.score_chunk):
-                parts.append(solver.influences_from_factors(factors, x[s : s + self.score_chunk], y[s : s + self.score_chunk]))
+                parts.append(
+                    solver.influences_from_factors(factors, x[s : s + self.score_chunk], y[s : s + self.score_chunk])
+                )
             values = torch.cat(parts, dim=1)
             t2 = time.perf_counter()
-        out.update(factors_s=t1 - t0, scoring_s=t2 - t1, peak_fit_bytes=mem_fit.peak_bytes,
-                   peak_influence_bytes=mem_infl.peak_bytes)
+        out.update(
+            factors_s=t1 - t0,
+            scoring_s=t2 - t1,
+            peak_fit_bytes=mem_fit.peak_bytes,
+            peak_influence_bytes=mem_infl.peak_bytes,
+        )
         np.save(msg["out"], values.detach().numpy().astype(np.float32))
         self.fitted[name] = solver
         return out
@@ -116,8 +139,12 @@ class Driver:
         n_test, n_train = len(d["x_test"]), len(d["x_train"])
         test_block = -(-n_test // int(msg["test_blocks"]))
         train_block = int(msg["train_block"])
-        with LocalCluster(n_workers=int(msg["workers"]), threads_per_worker=1, processes=True,
-                          dashboard_address=None) as cluster, Client(cluster) as client:
+        with (
+            LocalCluster(
+                n_workers=int(msg["workers"]), threads_per_worker=1, processes=True, dashboard_address=None
+            ) as cluster,
+            Client(cluster) as client,
+        ):
             calc = DaskInfluenceCalculator(solver, TorchNumpyConverter(), client)
             xt = da.from_array(d["x_test"], chunks=(test_block, *d["x_test"].shape[1:]))
             yt = da.from_array(d["y_test"], chunks=(test_block,))

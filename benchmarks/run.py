@@ -81,8 +81,10 @@ DEFAULTS = {
     "Nystroem": {"rank": 20},
 }
 
-_DIRECT_BIG = ("DirectInfluence forms the p x p curvature with p curvature-vector sweeps over the training set; "
-               "over the time budget here")
+_DIRECT_BIG = (
+    "DirectInfluence forms the p x p curvature with p curvature-vector sweeps over the training set; "
+    "over the time budget here"
+)
 _PYDVL_BUDGET = "pyDVL run skipped to keep the full run within its time budget"
 _PYDVL_CONV = "pyDVL's EkfacInfluence supports only Linear layers"
 
@@ -91,23 +93,55 @@ def full_configs() -> list[Config]:
     big = "over the time budget at this size (each iteration is a curvature sweep with 200 right-hand sides)"
     return [
         Config("mlp-1e4", 2000),
-        Config("mlp-1e4", 20000, ours=("CG", "LiSSA", "Arnoldi", "Nystroem", "EK-FAC"), reference="CG",
-               pydvl=("CG", "LiSSA", "Arnoldi", "Nystroem", "EK-FAC"), skipped={"Direct": _DIRECT_BIG}, dask=True),
-        Config("cnn-digits", 2000, pydvl=("Direct", "CG", "LiSSA", "Arnoldi", "Nystroem"),
-               skipped={"EK-FAC (pyDVL)": _PYDVL_CONV}),
-        Config("mlp-1e5", 2000, ours=("CG", "Arnoldi", "Nystroem", "EK-FAC"), pydvl=("Arnoldi", "Nystroem", "EK-FAC"),
-               reference="CG", skipped={"Direct": _DIRECT_BIG, "LiSSA": big, "CG (pyDVL)": _PYDVL_BUDGET}),
-        Config("mlp-1e6", 2000, ours=("Arnoldi", "Nystroem", "EK-FAC"), pydvl=("Nystroem", "EK-FAC"),
-               reference="none", skipped={"Direct": _DIRECT_BIG, "CG": big, "LiSSA": big,
-                                          "Arnoldi (pyDVL)": _PYDVL_BUDGET},
-               params={"Arnoldi": {"rank": 10, "krylov_dimension": 20}, "Nystroem": {"rank": 10}}),
+        Config(
+            "mlp-1e4",
+            20000,
+            ours=("CG", "LiSSA", "Arnoldi", "Nystroem", "EK-FAC"),
+            reference="CG",
+            pydvl=("CG", "LiSSA", "Arnoldi", "Nystroem", "EK-FAC"),
+            skipped={"Direct": _DIRECT_BIG},
+            dask=True,
+        ),
+        Config(
+            "cnn-digits",
+            2000,
+            pydvl=("Direct", "CG", "LiSSA", "Arnoldi", "Nystroem"),
+            skipped={"EK-FAC (pyDVL)": _PYDVL_CONV},
+        ),
+        Config(
+            "mlp-1e5",
+            2000,
+            ours=("CG", "Arnoldi", "Nystroem", "EK-FAC"),
+            pydvl=("Arnoldi", "Nystroem", "EK-FAC"),
+            reference="CG",
+            skipped={"Direct": _DIRECT_BIG, "LiSSA": big, "CG (pyDVL)": _PYDVL_BUDGET},
+        ),
+        Config(
+            "mlp-1e6",
+            2000,
+            ours=("Arnoldi", "Nystroem", "EK-FAC"),
+            pydvl=("Nystroem", "EK-FAC"),
+            reference="none",
+            skipped={"Direct": _DIRECT_BIG, "CG": big, "LiSSA": big, "Arnoldi (pyDVL)": _PYDVL_BUDGET},
+            params={"Arnoldi": {"rank": 10, "krylov_dimension": 20}, "Nystroem": {"rank": 10}},
+        ),
     ]
 
 
 def tiny_configs() -> list[Config]:
-    return [Config("mlp-tiny", 300, n_test=20, regularization=0.5,
-                   params={"Arnoldi": {"rank": 10, "krylov_dimension": 20}, "Nystroem": {"rank": 10},
-                           "LiSSA": {"maxiter": 30, "rtol": 1e-4, "batch_size": 100}})]
+    return [
+        Config(
+            "mlp-tiny",
+            300,
+            n_test=20,
+            regularization=0.5,
+            params={
+                "Arnoldi": {"rank": 10, "krylov_dimension": 20},
+                "Nystroem": {"rank": 10},
+                "LiSSA": {"maxiter": 30, "rtol": 1e-4, "batch_size": 100},
+            },
+        )
+    ]
 
 
 # -- our solvers --------------------------------------------------------------------------------
@@ -133,11 +167,20 @@ def make_ours(name: str, model: torch.nn.Module, p: dict, chunk: int):
     if name == "CG":
         return di.CgInfluence(model, loss, regularization=lam, rtol=p["rtol"], maxiter=p["maxiter"], chunk_size=chunk)
     if name == "LiSSA":
-        return di.LissaInfluence(model, loss, regularization=lam, maxiter=p["maxiter"], rtol=p["rtol"],
-                                 scale=p.get("scale"), batch_size=p["batch_size"], chunk_size=chunk)
+        return di.LissaInfluence(
+            model,
+            loss,
+            regularization=lam,
+            maxiter=p["maxiter"],
+            rtol=p["rtol"],
+            scale=p.get("scale"),
+            batch_size=p["batch_size"],
+            chunk_size=chunk,
+        )
     if name == "Arnoldi":
-        return di.ArnoldiInfluence(model, loss, regularization=lam, rank=p["rank"],
-                                   krylov_dimension=p["krylov_dimension"], chunk_size=chunk)
+        return di.ArnoldiInfluence(
+            model, loss, regularization=lam, rank=p["rank"], krylov_dimension=p["krylov_dimension"], chunk_size=chunk
+        )
     if name == "Nystroem":
         return di.NystroemSketchInfluence(model, loss, regularization=lam, rank=p["rank"], chunk_size=chunk)
     if name == "EK-FAC":
@@ -162,8 +205,12 @@ def run_ours(name: str, pb: Problem, p: dict, chunk: int) -> tuple[dict, np.ndar
             t1 = time.perf_counter()
             values = solver.influences_from_factors(factors, pb.x_train, pb.y_train)
             t2 = time.perf_counter()
-    out.update(factors_s=t1 - t0, scoring_s=t2 - t1, peak_fit_bytes=mem_fit.peak_bytes,
-               peak_influence_bytes=mem_infl.peak_bytes)
+    out.update(
+        factors_s=t1 - t0,
+        scoring_s=t2 - t1,
+        peak_fit_bytes=mem_fit.peak_bytes,
+        peak_influence_bytes=mem_infl.peak_bytes,
+    )
     if name == "LiSSA":
         out["scale"] = solver.scale_
         out["iterations"] = solver.info_.iterations
@@ -177,9 +224,15 @@ class PydvlProcess:
     """pyDVL's driver in its virtual environment, one command and one answer at a time."""
 
     def __init__(self, python: Path):
-        self.proc = subprocess.Popen([str(python), "-m", "benchmarks.pydvl_driver"], cwd=ROOT, text=True,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=sys.stderr,
-                                     env={**os.environ, "PYTHONPATH": str(ROOT)})
+        self.proc = subprocess.Popen(
+            [str(python), "-m", "benchmarks.pydvl_driver"],
+            cwd=ROOT,
+            text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=sys.stderr,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
 
     def ask(self, **msg) -> dict:
         assert self.proc.stdin and self.proc.stdout
@@ -225,8 +278,9 @@ def compare(values: np.ndarray, reference: np.ndarray | None) -> dict:
 
 
 # -- Dask ----------------------------------------------------------------------------------------
-def run_dask(pb: Problem, solver_name: str, p: dict, chunk: int, train_block: int, pydvl: PydvlProcess | None,
-             tmp: Path) -> dict:
+def run_dask(
+    pb: Problem, solver_name: str, p: dict, chunk: int, train_block: int, pydvl: PydvlProcess | None, tmp: Path
+) -> dict:
     from distributed import Client, LocalCluster
 
     import dask_influence as di
@@ -234,8 +288,13 @@ def run_dask(pb: Problem, solver_name: str, p: dict, chunk: int, train_block: in
     solver = make_ours(solver_name, pb.model, p, chunk).fit((pb.x_train, pb.y_train))
     test, train = (pb.x_test, pb.y_test), (pb.x_train, pb.y_train)
     n_test = len(pb.x_test)
-    out: dict = {"solver": solver_name, "n_train": pb.n_train, "n_test": n_test, "train_block": train_block,
-                 "seconds": {}}
+    out: dict = {
+        "solver": solver_name,
+        "n_train": pb.n_train,
+        "n_test": n_test,
+        "train_block": train_block,
+        "seconds": {},
+    }
 
     def job(client, blocks: int) -> float:
         calc = di.DaskInfluenceCalculator(solver, client, progress=False)
@@ -244,14 +303,24 @@ def run_dask(pb: Problem, solver_name: str, p: dict, chunk: int, train_block: in
         return time.perf_counter() - t0
 
     for workers in (2, 1):
-        with LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None) as cluster, \
-                Client(cluster) as client:
+        with (
+            LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None) as cluster,
+            Client(cluster) as client,
+        ):
             job(client, 1)  # warm-up: workers import torch and receive the solver once
-            for blocks in ((1, 8) if workers == 2 else (1,)):
-                out["seconds"][f"ours, {workers} worker{'s' * (workers > 1)}, {blocks} test block{'s' * (blocks > 1)}"] = job(client, blocks)
+            for blocks in (1, 8) if workers == 2 else (1,):
+                out["seconds"][
+                    f"ours, {workers} worker{'s' * (workers > 1)}, {blocks} test block{'s' * (blocks > 1)}"
+                ] = job(client, blocks)
     if pydvl is not None:
-        reply = pydvl.ask(cmd="dask", name=solver_name, test_blocks=8, train_block=train_block, workers=2,
-                          out=str(tmp / "pydvl_dask.npy"))
+        reply = pydvl.ask(
+            cmd="dask",
+            name=solver_name,
+            test_blocks=8,
+            train_block=train_block,
+            workers=2,
+            out=str(tmp / "pydvl_dask.npy"),
+        )
         if reply["ok"]:
             out["seconds"]["pyDVL, 2 workers, 8 test blocks"] = reply["seconds"]
         else:
@@ -271,15 +340,28 @@ def run_config(cfg: Config, use_pydvl: bool, use_dask: bool, log) -> dict:
     pb = make_problem(cfg.model, cfg.n_train, cfg.n_test, epochs=cfg.epochs)
     p_count = num_params(pb.model)
     chunk = score_chunk(p_count)
-    log(f"== {cfg.key}: p={p_count}, n_train={pb.n_train}, n_test={cfg.n_test}, chunk={chunk}, "
-        f"train acc {pb.train_accuracy:.3f}, test acc {pb.test_accuracy:.3f}")
-    result: dict = {"model": cfg.model, "params": p_count, "model_bytes": 4 * p_count, "n_train": pb.n_train,
-                    "n_test": cfg.n_test, "chunk": chunk, "train_accuracy": pb.train_accuracy,
-                    "test_accuracy": pb.test_accuracy, "reference": cfg.reference, "skipped": dict(cfg.skipped),
-                    "solvers": {}, "pydvl": {}}
+    log(
+        f"== {cfg.key}: p={p_count}, n_train={pb.n_train}, n_test={cfg.n_test}, chunk={chunk}, "
+        f"train acc {pb.train_accuracy:.3f}, test acc {pb.test_accuracy:.3f}"
+    )
+    result: dict = {
+        "model": cfg.model,
+        "params": p_count,
+        "model_bytes": 4 * p_count,
+        "n_train": pb.n_train,
+        "n_test": cfg.n_test,
+        "chunk": chunk,
+        "train_accuracy": pb.train_accuracy,
+        "test_accuracy": pb.test_accuracy,
+        "reference": cfg.reference,
+        "skipped": dict(cfg.skipped),
+        "solvers": {},
+        "pydvl": {},
+    }
     tmp = Path(tempfile.mkdtemp(prefix="bench-"))
     pydvl = None
     try:
+
         def measure_lower_bound() -> None:
             lbs.append(lower_bound(pb.model, pb.x_train, pb.y_train, pb.x_test, pb.y_test, chunk=chunk)[0])
 
@@ -290,9 +372,15 @@ def run_config(cfg: Config, use_pydvl: bool, use_dask: bool, log) -> dict:
             torch.save(pb.model.state_dict(), tmp / "model.pt")
             for k in ("x_train", "y_train", "x_test", "y_test"):
                 np.save(tmp / f"{k}.npy", getattr(pb, k))
-            load = dict(cmd="load", model=cfg.model, state=str(tmp / "model.pt"), threads=torch.get_num_threads(),
-                        batch_size=chunk, score_chunk=chunk,
-                        **{k: str(tmp / f"{k}.npy") for k in ("x_train", "y_train", "x_test", "y_test")})
+            load = dict(
+                cmd="load",
+                model=cfg.model,
+                state=str(tmp / "model.pt"),
+                threads=torch.get_num_threads(),
+                batch_size=chunk,
+                score_chunk=chunk,
+                **{k: str(tmp / f"{k}.npy") for k in ("x_train", "y_train", "x_test", "y_test")},
+            )
 
             def start_pydvl() -> PydvlProcess:
                 proc = PydvlProcess(PYDVL_PYTHON)  # the module global, read at call time
@@ -371,17 +459,27 @@ def run_config(cfg: Config, use_pydvl: bool, use_dask: bool, log) -> dict:
             row["end_to_end_s"] = row["fit_s"] + row["influence_s"]
             row["scoring_vs_lower_bound"] = row["scoring_s"] / lb_total
             if "end_to_end_s" in result["solvers"].get(name, {}):
-                result["solvers"][name]["speedup_vs_pydvl"] = row["end_to_end_s"] / result["solvers"][name]["end_to_end_s"]
+                result["solvers"][name]["speedup_vs_pydvl"] = (
+                    row["end_to_end_s"] / result["solvers"][name]["end_to_end_s"]
+                )
         if "fit_s" in result["solvers"].get("EK-FAC", {}):
             from .memory import fresh_process_peak
 
             log("   EK-FAC fit memory in a fresh process")
-            result["ekfac_fit_memory"] = fresh_process_peak(cfg.model, pb.model, pb.x_train, pb.y_train,
-                                                            regularization=cfg.regularization, chunk=chunk)
+            result["ekfac_fit_memory"] = fresh_process_peak(
+                cfg.model, pb.model, pb.x_train, pb.y_train, regularization=cfg.regularization, chunk=chunk
+            )
         if use_dask and cfg.dask:
             log("   Dask calculators")
-            result["dask"] = run_dask(pb, "Arnoldi", solver_params(cfg, "Arnoldi"), chunk, max(250, pb.n_train // 8),
-                                      pydvl if pydvl is not None and "Arnoldi" in result["pydvl"] else None, tmp)
+            result["dask"] = run_dask(
+                pb,
+                "Arnoldi",
+                solver_params(cfg, "Arnoldi"),
+                chunk,
+                max(250, pb.n_train // 8),
+                pydvl if pydvl is not None and "Arnoldi" in result["pydvl"] else None,
+                tmp,
+            )
     finally:
         if pydvl is not None:
             pydvl.close()
@@ -405,20 +503,30 @@ def _mib(b) -> str:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"Machine: {report['machine']}; torch {report['torch']}, {report['threads']} threads; "
-             f"pyDVL: {report.get('pydvl_note') or report.get('pydvl_versions', {}).get('pydvl', '-')}.", ""]
+    lines = [
+        f"Machine: {report['machine']}; torch {report['torch']}, {report['threads']} threads; "
+        f"pyDVL: {report.get('pydvl_note') or report.get('pydvl_versions', {}).get('pydvl', '-')}.",
+        "",
+    ]
     for res in report["configs"]:
         lb = res["lower_bound"]
-        ref = {"Direct": "DirectInfluence", "CG": "CG with rtol 1e-5 (the CG rows)",
-               "none": "none (nothing exact fits the budget)"}[res["reference"]]
-        lines += [f"### {res['model']}, {res['params']:,} parameters, n_train = {res['n_train']:,}, n_test = {res['n_test']}", "",
-                  f"Lower bound (gradients + one product, fastest of {len(lb['runs'])} runs interleaved with the solvers): "
-                  f"**{lb['total_s']:.3f} s** (test gradients {lb['test_grads_s']:.3f} s, train gradients and product "
-                  f"{lb['scoring_s']:.3f} s; median {lb['median_total_s']:.3f} s). Accuracy reference: {ref}. "
-                  f"Times in seconds, memory in MiB above the process's baseline.", "",
-                  "| solver | impl | fit | factors | scoring | scoring / LB | end to end | peak fit | peak infl. "
-                  "| Pearson vs ref | rel. error | ours / pyDVL agree | speed-up vs pyDVL |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        ref = {
+            "Direct": "DirectInfluence",
+            "CG": "CG with rtol 1e-5 (the CG rows)",
+            "none": "none (nothing exact fits the budget)",
+        }[res["reference"]]
+        lines += [
+            f"### {res['model']}, {res['params']:,} parameters, n_train = {res['n_train']:,}, n_test = {res['n_test']}",
+            "",
+            f"Lower bound (gradients + one product, fastest of {len(lb['runs'])} runs interleaved with the solvers): "
+            f"**{lb['total_s']:.3f} s** (test gradients {lb['test_grads_s']:.3f} s, train gradients and product "
+            f"{lb['scoring_s']:.3f} s; median {lb['median_total_s']:.3f} s). Accuracy reference: {ref}. "
+            f"Times in seconds, memory in MiB above the process's baseline.",
+            "",
+            "| solver | impl | fit | factors | scoring | scoring / LB | end to end | peak fit | peak infl. "
+            "| Pearson vs ref | rel. error | ours / pyDVL agree | speed-up vs pyDVL |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for name in SOLVERS:
             for impl, row in (("ours", res["solvers"].get(name)), ("pyDVL", res["pydvl"].get(name))):
                 if row is None:
@@ -433,17 +541,25 @@ def markdown(report: dict) -> str:
                     f"{_f(row['end_to_end_s'])} | {_mib(row['peak_fit_bytes'])} | "
                     f"{_mib(row['peak_influence_bytes'])} | {_f(row.get('pearson'), '{:.4f}')} | "
                     f"{_f(row.get('rel_error'), '{:.3g}')} | "
-                    f"{_f(row.get('agreement_with_ours'), '{:.4f}')} | {_f(row.get('speedup_vs_pydvl'), '{:.1f}x')} |")
+                    f"{_f(row.get('agreement_with_ours'), '{:.4f}')} | {_f(row.get('speedup_vs_pydvl'), '{:.1f}x')} |"
+                )
         if res["skipped"]:
             lines += ["", "Skipped: " + "; ".join(f"{k}: {v}" for k, v in res["skipped"].items()) + "."]
         if "dask" in res:
             d = res["dask"]
-            lines += ["", f"Dask calculators ({d['solver']}, {d['n_test']} x {d['n_train']:,}, "
-                          f"train blocks of {d['train_block']:,}, clusters started before timing):",
-                      "", "| configuration | seconds |", "| --- | --- |"]
+            lines += [
+                "",
+                f"Dask calculators ({d['solver']}, {d['n_test']} x {d['n_train']:,}, "
+                f"train blocks of {d['train_block']:,}, clusters started before timing):",
+                "",
+                "| configuration | seconds |",
+                "| --- | --- |",
+            ]
             lines += [f"| {k} | {v:.2f} |" for k, v in d["seconds"].items()]
-            extra = [f"2 vs 1 worker: {d['speedup_2_vs_1_worker']:.2f}x faster",
-                     f"8 vs 1 test blocks: {d['cost_8_vs_1_test_blocks']:.2f}x the time"]
+            extra = [
+                f"2 vs 1 worker: {d['speedup_2_vs_1_worker']:.2f}x faster",
+                f"8 vs 1 test blocks: {d['cost_8_vs_1_test_blocks']:.2f}x the time",
+            ]
             if "speedup_vs_pydvl_8_blocks" in d:
                 extra.append(f"ours vs pyDVL with 8 test blocks: {d['speedup_vs_pydvl_8_blocks']:.1f}x faster")
             if "pydvl_error" in d:
@@ -455,9 +571,11 @@ def markdown(report: dict) -> str:
 
 def targets(report: dict) -> str:
     """The issue's targets as ratios, per configuration and solver, from one run's report."""
-    lines = ["| configuration | solver | scoring / LB (fastest LB) | scoring / LB (median LB) | factors + scoring / LB | "
-             "speed-up vs pyDVL, end to end | accuracy vs ref: ours / pyDVL (Pearson) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| configuration | solver | scoring / LB (fastest LB) | scoring / LB (median LB) | factors + scoring / LB | "
+        "speed-up vs pyDVL, end to end | accuracy vs ref: ours / pyDVL (Pearson) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for res in report["configs"]:
         lb, lb_med = res["lower_bound"]["total_s"], res["lower_bound"]["median_total_s"]
         for name in SOLVERS:
@@ -472,20 +590,26 @@ def targets(report: dict) -> str:
             else:
                 speed = "-"
             acc = f"{_f(row.get('pearson'), '{:.4f}')} / {_f(theirs.get('pearson'), '{:.4f}')}"
-            lines.append(f"| {res['model']}, n={res['n_train']:,} | {name} | {row['scoring_s'] / lb:.2f}x | "
-                         f"{row['scoring_s'] / lb_med:.2f}x | {row['influence_s'] / lb:.1f}x | {speed} | {acc} |")
+            lines.append(
+                f"| {res['model']}, n={res['n_train']:,} | {name} | {row['scoring_s'] / lb:.2f}x | "
+                f"{row['scoring_s'] / lb_med:.2f}x | {row['influence_s'] / lb:.1f}x | {speed} | {acc} |"
+            )
     for res in report["configs"]:
         mem = res.get("ekfac_fit_memory") or {}
         if mem.get("peak_fit_bytes") is not None:
             peak = mem["peak_fit_bytes"]
             lines.append("")
-            lines.append(f"EK-FAC fit peak memory (fresh process) on {res['model']}, n={res['n_train']:,}: "
-                         f"{peak / 2**20:.1f} MiB = {peak / res['model_bytes']:.1f}x the model's "
-                         f"{res['model_bytes'] / 2**20:.2f} MiB (fitted state {mem.get('state_bytes', 0) / 2**20:.1f} MiB).")
+            lines.append(
+                f"EK-FAC fit peak memory (fresh process) on {res['model']}, n={res['n_train']:,}: "
+                f"{peak / 2**20:.1f} MiB = {peak / res['model_bytes']:.1f}x the model's "
+                f"{res['model_bytes'] / 2**20:.2f} MiB (fitted state {mem.get('state_bytes', 0) / 2**20:.1f} MiB)."
+            )
         if "dask" in res and "speedup_vs_pydvl_8_blocks" in res["dask"]:
             lines.append("")
-            lines.append(f"Dask calculator vs pyDVL's, 8 test blocks ({res['model']}, n={res['n_train']:,}): "
-                         f"{res['dask']['speedup_vs_pydvl_8_blocks']:.1f}x faster.")
+            lines.append(
+                f"Dask calculator vs pyDVL's, 8 test blocks ({res['model']}, n={res['n_train']:,}): "
+                f"{res['dask']['speedup_vs_pydvl_8_blocks']:.1f}x faster."
+            )
     return "\n".join(lines)
 
 
@@ -504,14 +628,26 @@ def plot(report: dict, path: Path) -> None:
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, name in enumerate(SOLVERS):
         for impl, style in (("solvers", "-o"), ("pydvl", "--x")):
-            pts = [(r["n_train"], r[impl][name]["end_to_end_s"]) for r in runs
-                   if name in r[impl] and "end_to_end_s" in r[impl][name]]
+            pts = [
+                (r["n_train"], r[impl][name]["end_to_end_s"])
+                for r in runs
+                if name in r[impl] and "end_to_end_s" in r[impl][name]
+            ]
             if pts:
-                ax.plot(*zip(*pts), style, color=colors[i % len(colors)],
-                        label=f"{name} ({'ours' if impl == 'solvers' else 'pyDVL'})")
+                ax.plot(
+                    *zip(*pts),
+                    style,
+                    color=colors[i % len(colors)],
+                    label=f"{name} ({'ours' if impl == 'solvers' else 'pyDVL'})",
+                )
     ax.plot([r["n_train"] for r in runs], [r["lower_bound"]["total_s"] for r in runs], "k-s", lw=2, label="lower bound")
-    ax.set(xscale="log", yscale="log", xlabel="n_train", ylabel="seconds, end to end (fit + factors + scoring)",
-           title=f"{model}: time vs n_train (n_test = {runs[0]['n_test']})")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="n_train",
+        ylabel="seconds, end to end (fit + factors + scoring)",
+        title=f"{model}: time vs n_train (n_test = {runs[0]['n_test']})",
+    )
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -540,9 +676,15 @@ def main(argv: list[str] | None = None) -> dict:
     note = "skipped (--no-pydvl)" if args.no_pydvl else pydvl_status()
     if note:
         log(f"pyDVL: {note}")
-    report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
-              "torch": torch.__version__, "threads": torch.get_num_threads(), "config": args.config,
-              "date": time.strftime("%Y-%m-%d"), "pydvl_note": note, "configs": []}
+    report = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "config": args.config,
+        "date": time.strftime("%Y-%m-%d"),
+        "pydvl_note": note,
+        "configs": [],
+    }
     for cfg in configs:
         res = run_config(cfg, use_pydvl=note is None, use_dask=not args.no_dask, log=log)
         if "pydvl_versions" in res:

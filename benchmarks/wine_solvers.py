@@ -31,7 +31,9 @@ def solvers(problem):
         "Direct": lambda: di.DirectInfluence(m, loss, regularization=lam),
         "CG": lambda: di.CgInfluence(m, loss, regularization=lam),
         "CG + Nystroem preconditioner": lambda: di.CgInfluence(m, loss, regularization=lam, preconditioner="nystroem"),
-        "LiSSA (full batches)": lambda: di.LissaInfluence(m, loss, regularization=lam, maxiter=5000, rtol=1e-7, batch_size=len(problem.x_train)),
+        "LiSSA (full batches)": lambda: di.LissaInfluence(
+            m, loss, regularization=lam, maxiter=5000, rtol=1e-7, batch_size=len(problem.x_train)
+        ),
         "Arnoldi rank 30": lambda: di.ArnoldiInfluence(m, loss, regularization=lam, rank=30),
         "Nystroem rank 30": lambda: di.NystroemSketchInfluence(m, loss, regularization=lam, rank=30),
         "K-FAC": lambda: di.EkfacInfluence(m, loss, regularization=lam, update_diagonal=False),
@@ -67,22 +69,29 @@ def run(seed: int = 0, repeats: int = 3) -> list[dict]:
     reference = means["Direct"]
     rows = []
     for name, mean in means.items():
-        rows.append({
-            "solver": name,
-            "pearson": float(pearsonr(mean, reference)[0]),
-            "spearman": float(spearmanr(mean, reference)[0]),
-            "auc": float(roc_auc_score(labels, -mean)),
-            "fit_s": statistics.median(times[name][0]),
-            "influence_s": statistics.median(times[name][1]),
-        })
+        rows.append(
+            {
+                "solver": name,
+                "pearson": float(pearsonr(mean, reference)[0]),
+                "spearman": float(spearmanr(mean, reference)[0]),
+                "auc": float(roc_auc_score(labels, -mean)),
+                "fit_s": statistics.median(times[name][0]),
+                "influence_s": statistics.median(times[name][1]),
+            }
+        )
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| solver | Pearson | Spearman | AUC | fit (s) | influences (s) |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| solver | Pearson | Spearman | AUC | fit (s) | influences (s) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
-        lines.append(f"| {r['solver']} | {r['pearson']:.4f} | {r['spearman']:.4f} | {r['auc']:.3f} | "
-                     f"{r['fit_s']:.3f} | {r['influence_s']:.3f} |")
+        lines.append(
+            f"| {r['solver']} | {r['pearson']:.4f} | {r['spearman']:.4f} | {r['auc']:.3f} | "
+            f"{r['fit_s']:.3f} | {r['influence_s']:.3f} |"
+        )
     return "\n".join(lines)
 
 

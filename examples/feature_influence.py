@@ -51,7 +51,8 @@ def load_digits(n_train: int, n_test: int, *, seed: int = 0) -> tuple[torch.Tens
 
     images, labels = sk_load_digits(return_X_y=True)
     x_train, x_test, y_train, y_test = train_test_split(
-        images / 16.0, labels, train_size=n_train, test_size=n_test, random_state=seed, stratify=labels)
+        images / 16.0, labels, train_size=n_train, test_size=n_test, random_state=seed, stratify=labels
+    )
     as_x = lambda a: torch.tensor(a, dtype=torch.float64).reshape(-1, 8, 8)  # noqa: E731
     as_y = lambda a: torch.tensor(a, dtype=torch.long)  # noqa: E731
     return as_x(x_train), as_y(y_train), as_x(x_test), as_y(y_test)
@@ -79,9 +80,12 @@ def main(argv: list[str] | None = None) -> Result:
     parser.add_argument("--epochs", type=int, default=300, help="training epochs")
     parser.add_argument("--test-index", type=int, default=0, help="which test image to explain")
     parser.add_argument("--show", type=int, default=4, help="helpful and harmful training images to show")
-    parser.add_argument("--small", action="store_true",
-                        default=os.environ.get("DASK_INFLUENCE_EXAMPLE_SMALL") == "1",
-                        help="small settings for a quick check (also DASK_INFLUENCE_EXAMPLE_SMALL=1)")
+    parser.add_argument(
+        "--small",
+        action="store_true",
+        default=os.environ.get("DASK_INFLUENCE_EXAMPLE_SMALL") == "1",
+        help="small settings for a quick check (also DASK_INFLUENCE_EXAMPLE_SMALL=1)",
+    )
     args = parser.parse_args(argv)
     if args.small:
         args.n_train, args.n_test, args.hidden, args.epochs = 300, 20, 8, 200
@@ -105,16 +109,27 @@ def main(argv: list[str] | None = None) -> Result:
     helpful, harmful = order[::-1][: args.show].copy(), order[: args.show].copy()
     labels = y.numpy()
     same = float(np.mean(labels[helpful] == int(yt[0])))
-    print(f"Test image {i} (label {int(yt[0])}): most helpful training images {helpful.tolist()} "
-          f"(labels {labels[helpful].tolist()}), most harmful {harmful.tolist()} (labels {labels[harmful].tolist()})")
+    print(
+        f"Test image {i} (label {int(yt[0])}): most helpful training images {helpful.tolist()} "
+        f"(labels {labels[helpful].tolist()}), most harmful {harmful.tolist()} (labels {labels[harmful].tolist()})"
+    )
 
     _plot(args.out, xt[0].numpy(), int(yt[0]), x.numpy(), labels, up, pixels[0].numpy(), helpful, harmful)
     print(f"wrote {args.out}")
     return Result(tuple(pixels.shape), same, accuracy)
 
 
-def _plot(out: str, test_image: np.ndarray, test_label: int, images: np.ndarray, labels: np.ndarray,
-          up: np.ndarray, maps: np.ndarray, helpful: np.ndarray, harmful: np.ndarray) -> None:
+def _plot(
+    out: str,
+    test_image: np.ndarray,
+    test_label: int,
+    images: np.ndarray,
+    labels: np.ndarray,
+    up: np.ndarray,
+    maps: np.ndarray,
+    helpful: np.ndarray,
+    harmful: np.ndarray,
+) -> None:
     """Rows: helpful images, their pixel maps, harmful images, their pixel maps; test image left."""
     k = len(helpful)
     fig, axes = plt.subplots(4, k + 1, figsize=(1.8 * (k + 1), 7.6))

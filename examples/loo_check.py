@@ -46,7 +46,9 @@ def make_data(n_train: int, n_test: int, *, seed: int = 0) -> tuple[torch.Tensor
     return x_t[:n_train], y_t[:n_train], x_t[n_train:], y_t[n_train:]
 
 
-def objective(model: nn.Module, loss: nn.Module, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def objective(
+    model: nn.Module, loss: nn.Module, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
     """``sum_j w_j L(z_j) + (L2 / 2) |theta|^2``: ``w_j = 1/n`` for the full fit, 0 for a removed point."""
     per_sample = loss(model(x), y).squeeze(1)  # loss built with reduction="none"
     penalty = sum((p**2).sum() for p in model.parameters())
@@ -56,8 +58,15 @@ def objective(model: nn.Module, loss: nn.Module, x: torch.Tensor, y: torch.Tenso
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor) -> None:
     """Minimize the objective with L-BFGS (strong Wolfe line search) to a tight tolerance."""
     loss = nn.BCEWithLogitsLoss(reduction="none")
-    opt = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=500, history_size=50,
-                            tolerance_grad=1e-11, tolerance_change=1e-14, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        model.parameters(),
+        lr=1.0,
+        max_iter=500,
+        history_size=50,
+        tolerance_grad=1e-11,
+        tolerance_change=1e-14,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
@@ -82,11 +91,15 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--out", default="loo_check.png", help="where to write the PNG")
     parser.add_argument("--n-train", type=int, default=60, help="training points")
     parser.add_argument("--n-test", type=int, default=5, help="test points")
-    parser.add_argument("--retrain", type=int, default=None,
-                        help="retrain without only the first N training points (default: all)")
-    parser.add_argument("--small", action="store_true",
-                        default=os.environ.get("DASK_INFLUENCE_EXAMPLE_SMALL") == "1",
-                        help="small settings for a quick check (also DASK_INFLUENCE_EXAMPLE_SMALL=1)")
+    parser.add_argument(
+        "--retrain", type=int, default=None, help="retrain without only the first N training points (default: all)"
+    )
+    parser.add_argument(
+        "--small",
+        action="store_true",
+        default=os.environ.get("DASK_INFLUENCE_EXAMPLE_SMALL") == "1",
+        help="small settings for a quick check (also DASK_INFLUENCE_EXAMPLE_SMALL=1)",
+    )
     args = parser.parse_args(argv)
     if args.small:
         args.n_test = min(args.n_test, 3)
@@ -116,8 +129,10 @@ def main(argv: list[str] | None = None) -> float:
         actual[:, j] = test_losses(model, x_test, y_test) - base
     predicted = predicted[:, : len(removed)]
     pearson = float(np.corrcoef(predicted.ravel(), actual.ravel())[0, 1])
-    print(f"Pearson correlation of predicted and retrained leave-one-out changes: {pearson:.4f} "
-          f"({len(x_test)} test points x {len(removed)} removed training points)")
+    print(
+        f"Pearson correlation of predicted and retrained leave-one-out changes: {pearson:.4f} "
+        f"({len(x_test)} test points x {len(removed)} removed training points)"
+    )
 
     fig, ax = plt.subplots(figsize=(5, 5))
     for i in range(len(x_test)):

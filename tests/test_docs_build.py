@@ -15,18 +15,39 @@ ROOT = Path(__file__).resolve().parents[1]
 def site(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("site")
     result = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", str(ROOT / "mkdocs.yml"),
-         "--site-dir", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "mkdocs",
+            "build",
+            "--strict",
+            "--config-file",
+            str(ROOT / "mkdocs.yml"),
+            "--site-dir",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, f"mkdocs build --strict failed:\n{result.stdout}\n{result.stderr}"
     return out
 
 
 def test_mkdocs_build_strict(site):
-    for page in ("index.html", "getting-started/index.html", "concepts/index.html", "solvers/index.html",
-                 "scaling/index.html", "cli/index.html", "deploy/index.html", "benchmarks/index.html",
-                 "architecture/index.html", "api/index.html"):
+    for page in (
+        "index.html",
+        "getting-started/index.html",
+        "concepts/index.html",
+        "solvers/index.html",
+        "scaling/index.html",
+        "cli/index.html",
+        "deploy/index.html",
+        "benchmarks/index.html",
+        "architecture/index.html",
+        "api/index.html",
+    ):
         assert (site / page).is_file(), page
 
 

@@ -41,7 +41,9 @@ class WineProblem:
     regularization: float = 0.1
 
 
-def make_mlp(sizes: tuple[int, ...] = (13, 16, 16, 3), *, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Sequential:
+def make_mlp(
+    sizes: tuple[int, ...] = (13, 16, 16, 3), *, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> nn.Sequential:
     """A tanh MLP with the given layer sizes."""
     torch.manual_seed(seed)
     layers: list[nn.Module] = []

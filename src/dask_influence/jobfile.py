@@ -77,6 +77,7 @@ __all__ = [
 DEFAULT_BLOCK_SIZE = 256
 MODES = ("up", "perturbation")
 
+
 class _MethodNames(Mapping):
     """``[solver] method`` -> name of the solver class: a live view of the solver registry."""
 
@@ -107,6 +108,7 @@ _FACTORY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\
 
 
 # -- the parsed job ---------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class ModelSection:
@@ -223,6 +225,7 @@ class Job:
 
 # -- loading and validation ------------------------------------------------------------------
 
+
 def load_job(path: str | os.PathLike) -> Job:
     """Read and validate a job file.
 
@@ -247,8 +250,9 @@ def load_job(path: str | os.PathLike) -> Job:
     return parse_job(data, base_dir=path.resolve().parent, path=path)
 
 
-def parse_job(data: Mapping[str, Any], *, base_dir: str | os.PathLike | None = None,
-              path: str | os.PathLike | None = None) -> Job:
+def parse_job(
+    data: Mapping[str, Any], *, base_dir: str | os.PathLike | None = None, path: str | os.PathLike | None = None
+) -> Job:
     """Validate the parsed TOML ``data`` of a job file; see :func:`load_job`.
 
     Args:
@@ -279,8 +283,14 @@ def parse_job(data: Mapping[str, Any], *, base_dir: str | os.PathLike | None = N
     if problems:
         raise JobFileError(problems, path=None if path is None else str(path))
     assert model and solver and output  # for type checkers: no problems means all parsed
-    return Job(model=model, solver=solver, output=output, blocks=blocks, cluster=cluster,
-               path=None if path is None else Path(path))
+    return Job(
+        model=model,
+        solver=solver,
+        output=output,
+        blocks=blocks,
+        cluster=cluster,
+        path=None if path is None else Path(path),
+    )
 
 
 _REQUIRED_HINTS = {
@@ -315,7 +325,9 @@ def _model(table: dict | None, base: Path, problems: list[str]) -> ModelSection 
         paths = [str((base / p).resolve()) if not os.path.isabs(p) else p for p in items]
     options = table.get("options", {})
     if not isinstance(options, Mapping):
-        problems.append(f"[model] options must be a table of keyword arguments for the factory; got {_describe(options)}.")
+        problems.append(
+            f"[model] options must be a table of keyword arguments for the factory; got {_describe(options)}."
+        )
         ok = False
     if not ok:
         return None
@@ -333,7 +345,9 @@ def _solver(table: dict | None, base: Path, problems: list[str]) -> SolverSectio
         problems.append(f"[solver] method is required; one of {', '.join(SOLVER_METHODS)}.")
         return None
     if not isinstance(method, str):
-        problems.append(f"[solver] method must be a string, one of {', '.join(SOLVER_METHODS)}; got {_describe(method)}.")
+        problems.append(
+            f"[solver] method must be a string, one of {', '.join(SOLVER_METHODS)}; got {_describe(method)}."
+        )
         return None
     key = method.strip().lower()
     if key not in SOLVER_METHODS:
@@ -385,8 +399,10 @@ def _check_solver_params(section: SolverSection, problems: list[str]) -> None:
     allowed = config_class.types()
     for name, value in section.params.items():
         if name not in allowed:
-            problems.append(f"[solver] unknown key {name!r}"
-                            f"{_suggest(name, ['method', *allowed, *FIT_KEYS], what=f'keys for method {section.method!r}')}")
+            problems.append(
+                f"[solver] unknown key {name!r}"
+                f"{_suggest(name, ['method', *allowed, *FIT_KEYS], what=f'keys for method {section.method!r}')}"
+            )
             continue
         problem = _check_type(value, allowed[name])
         if problem:
@@ -457,7 +473,7 @@ def _output(table: dict | None, base: Path, problems: list[str]) -> OutputSectio
             store = os.path.expanduser(store)
     mode = table.get("mode", "up")
     if not isinstance(mode, str) or mode.strip().lower() not in MODES:
-        problems.append(f"[output] mode must be \"up\" or \"perturbation\"; got {_describe(mode)}.")
+        problems.append(f'[output] mode must be "up" or "perturbation"; got {_describe(mode)}.')
         ok = False
     else:
         mode = mode.strip().lower()
@@ -466,8 +482,10 @@ def _output(table: dict | None, base: Path, problems: list[str]) -> OutputSectio
         problems.append(f"[output] top_k must be a positive integer; got {_describe(top_k)}.")
         ok = False
     elif top_k is not None and mode == "perturbation":
-        problems.append("[output] top_k needs mode = \"up\" (perturbation influences have one value per "
-                        "feature); remove top_k or set mode = \"up\".")
+        problems.append(
+            '[output] top_k needs mode = "up" (perturbation influences have one value per '
+            'feature); remove top_k or set mode = "up".'
+        )
         ok = False
     self_influences = table.get("self_influences", False)
     if not isinstance(self_influences, bool):
@@ -487,8 +505,9 @@ def _cluster(table: dict, problems: list[str]) -> ClusterSection:
         if isinstance(scheduler, str) and scheduler.strip():
             values["scheduler"] = scheduler.strip()
         else:
-            problems.append(f"[cluster] scheduler must be an address such as \"tcp://scheduler:8786\"; "
-                            f"got {_describe(scheduler)}.")
+            problems.append(
+                f'[cluster] scheduler must be an address such as "tcp://scheduler:8786"; got {_describe(scheduler)}.'
+            )
     for key in ("workers", "threads"):
         if key in table:
             if _positive_int(table[key]):
@@ -500,8 +519,10 @@ def _cluster(table: dict, problems: list[str]) -> ClusterSection:
         if _memory_limit_ok(limit):
             values["memory_limit"] = limit
         else:
-            problems.append("[cluster] memory_limit must be a number of bytes, a size such as \"4GiB\", "
-                            f"or \"auto\"; got {_describe(limit)}.")
+            problems.append(
+                '[cluster] memory_limit must be a number of bytes, a size such as "4GiB", '
+                f'or "auto"; got {_describe(limit)}.'
+            )
     for key in ("gpu", "sequential"):
         if key in table:
             if isinstance(table[key], bool):
@@ -510,11 +531,15 @@ def _cluster(table: dict, problems: list[str]) -> ClusterSection:
                 problems.append(f"[cluster] {key} must be true or false; got {_describe(table[key])}.")
     local = [k for k in LOCAL_KEYS if k in table]
     if "scheduler" in table and local:
-        problems.append(f"[cluster] give either scheduler or local settings ({', '.join(local)}), not both: "
-                        "a running scheduler has its own workers.")
+        problems.append(
+            f"[cluster] give either scheduler or local settings ({', '.join(local)}), not both: "
+            "a running scheduler has its own workers."
+        )
     if table.get("sequential") is True and ("scheduler" in table or local):
-        problems.append("[cluster] sequential = true computes in this process; remove "
-                        f"{', '.join((['scheduler'] if 'scheduler' in table else []) + local)}.")
+        problems.append(
+            "[cluster] sequential = true computes in this process; remove "
+            f"{', '.join((['scheduler'] if 'scheduler' in table else []) + local)}."
+        )
     return ClusterSection(**values)
 
 
@@ -566,6 +591,7 @@ def _describe(value: Any) -> str:
 
 # -- the factory -----------------------------------------------------------------------------
 
+
 @dataclass
 class Problem:
     """What the factory returned: the model, the loss and the two map-style datasets."""
@@ -587,20 +613,25 @@ def load_factory(job: Job) -> Callable[..., Any]:
         module = importlib.import_module(section.module)
     except ImportError as exc:
         searched = ", ".join(section.path) or "sys.path"
-        raise JobFileError(f"[model] factory {section.factory!r}: cannot import module {section.module!r} "
-                           f"({exc}); searched {searched}. Set [model] path to the directory that holds it.",
-                           path=_path(job)) from None
+        raise JobFileError(
+            f"[model] factory {section.factory!r}: cannot import module {section.module!r} "
+            f"({exc}); searched {searched}. Set [model] path to the directory that holds it.",
+            path=_path(job),
+        ) from None
     target: Any = module
     for part in section.function.split("."):
         if not hasattr(target, part):
             names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
-            raise JobFileError(f"[model] factory {section.factory!r}: module {section.module!r} has no "
-                               f"{section.function!r}{_suggest(section.function, names, what='functions')}",
-                               path=_path(job))
+            raise JobFileError(
+                f"[model] factory {section.factory!r}: module {section.module!r} has no "
+                f"{section.function!r}{_suggest(section.function, names, what='functions')}",
+                path=_path(job),
+            )
         target = getattr(target, part)
     if not callable(target):
-        raise JobFileError(f"[model] factory {section.factory!r} is a {type(target).__name__}, not a function.",
-                           path=_path(job))
+        raise JobFileError(
+            f"[model] factory {section.factory!r} is a {type(target).__name__}, not a function.", path=_path(job)
+        )
     return target
 
 
@@ -654,22 +685,32 @@ def load_problem(job: Job) -> Problem:
             missing.append(key)
         parts[key] = value
     if missing:
-        raise JobFileError(f"the factory {name!r} returned a {type(result).__name__} without "
-                           f"{', '.join(missing)}; return a dict with model, loss, train and test.",
-                           path=_path(job))
+        raise JobFileError(
+            f"the factory {name!r} returned a {type(result).__name__} without "
+            f"{', '.join(missing)}; return a dict with model, loss, train and test.",
+            path=_path(job),
+        )
     problems = []
     if not isinstance(parts["model"], torch.nn.Module):
-        problems.append(f"the factory {name!r} returned a model of type {type(parts['model']).__name__}; "
-                        "return a torch.nn.Module.")
+        problems.append(
+            f"the factory {name!r} returned a model of type {type(parts['model']).__name__}; return a torch.nn.Module."
+        )
     if not callable(parts["loss"]):
-        problems.append(f"the factory {name!r} returned a loss of type {type(parts['loss']).__name__}; "
-                        "return a callable loss(outputs, targets), e.g. torch.nn.CrossEntropyLoss().")
+        problems.append(
+            f"the factory {name!r} returned a loss of type {type(parts['loss']).__name__}; "
+            "return a callable loss(outputs, targets), e.g. torch.nn.CrossEntropyLoss()."
+        )
     for key in ("train", "test"):
         data = parts[key]
-        if isinstance(data, IterableDataset) or not (hasattr(data, "__len__") and hasattr(data, "__getitem__")) \
-                or isinstance(data, (str, bytes, Mapping)):
-            problems.append(f"the factory {name!r} returned {key} of type {type(data).__name__}; return a "
-                            "map-style torch Dataset of (x, y) pairs, e.g. TensorDataset(x, y).")
+        if (
+            isinstance(data, IterableDataset)
+            or not (hasattr(data, "__len__") and hasattr(data, "__getitem__"))
+            or isinstance(data, (str, bytes, Mapping))
+        ):
+            problems.append(
+                f"the factory {name!r} returned {key} of type {type(data).__name__}; return a "
+                "map-style torch Dataset of (x, y) pairs, e.g. TensorDataset(x, y)."
+            )
     if problems:
         raise JobFileError(problems, path=_path(job))
     return Problem(**parts)

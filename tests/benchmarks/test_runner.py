@@ -21,8 +21,14 @@ PYDVL_PYTHON = ROOT / "benchmarks" / ".venv-pydvl" / "bin" / "python"
 
 def run_tiny(out: Path, pydvl_python: Path) -> dict:
     env = {**os.environ, "BENCH_PYDVL_PYTHON": str(pydvl_python), "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--config", "tiny", "--out", str(out), "--no-dask"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--config", "tiny", "--out", str(out), "--no-dask"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (out / "results.md").is_file() and (out / "time_vs_n_train.png").stat().st_size > 0
     return json.loads((out / "results.json").read_text())

@@ -32,8 +32,9 @@ def test_demo_on_embedded_local_cluster(tmp_path):
 
 
 def test_demo_sequential_with_cg(tmp_path):
-    result = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path / "s.zarr"), "--sequential",
-                                      "--solver", "cg", "--quiet"])
+    result = CliRunner().invoke(
+        cli, ["demo", "--out", str(tmp_path / "s.zarr"), "--sequential", "--solver", "cg", "--quiet"]
+    )
     assert result.exit_code == 0, result.output
     assert _found(result.output) >= 8
 

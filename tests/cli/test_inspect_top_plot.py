@@ -22,8 +22,9 @@ N_TRAIN, N_TEST, TEST_BLOCK, TRAIN_BLOCK, K = 90, 14, 5, 32, 4
 
 def load_example_factory(directory):
     """The example's factory.py as a module of its own name (not `factory` in sys.modules)."""
-    spec = importlib.util.spec_from_file_location(f"batch_job_factory_{abs(hash(str(directory)))}",
-                                                  directory / "factory.py")
+    spec = importlib.util.spec_from_file_location(
+        f"batch_job_factory_{abs(hash(str(directory)))}", directory / "factory.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -55,15 +56,21 @@ def stores(tmp_path_factory):
     shutil.copytree(complete, incomplete)
     group = zarr.open_group(str(incomplete), mode="r+")
     for i, j in [(1, 0), (1, 2)]:  # test block 1 (rows 5..9) misses train blocks 0 and 2
-        group["influences"][5:10, j * TRAIN_BLOCK:(j + 1) * TRAIN_BLOCK] = np.nan
+        group["influences"][5:10, j * TRAIN_BLOCK : (j + 1) * TRAIN_BLOCK] = np.nan
         group["influences_done"][i, j] = 0
     group["topk_done"][1] = 0
     group.attrs[ATTR] = {**group.attrs[ATTR], "complete": False}
 
     perturbation = root / "perturbation.zarr"
     calc.influences_to_zarr(test, train, perturbation, mode="perturbation")
-    return {"complete": complete, "incomplete": incomplete, "perturbation": perturbation, "values": values,
-            "self": solver.self_influences(*problem["train"].tensors).numpy(), "root": root}
+    return {
+        "complete": complete,
+        "incomplete": incomplete,
+        "perturbation": perturbation,
+        "values": values,
+        "self": solver.self_influences(*problem["train"].tensors).numpy(),
+        "root": root,
+    }
 
 
 def test_inspect_complete_store(stores):
@@ -81,13 +88,17 @@ def test_inspect_complete_store(stores):
 
     d = json.loads(invoke("inspect", stores["complete"], "--json").output)
     assert d["complete"] is True and d["method"] == "DirectInfluence" and d["mode"] == "up"
-    assert d["completion"] == {"influences": {"done": 9, "total": 9}, "self_influences": {"done": 3, "total": 3},
-                               "top_k": {"done": 3, "total": 3}}
+    assert d["completion"] == {
+        "influences": {"done": 9, "total": 9},
+        "self_influences": {"done": 3, "total": 3},
+        "top_k": {"done": 3, "total": 3},
+    }
     assert d["shape"] == [14, 90] and d["arrays"]["influences"]["chunks"] == [5, 32]
     s = d["statistics"]["influences"]
     assert s["count"] == values.size and s["non_finite"] == 0
-    np.testing.assert_allclose([s["min"], s["max"], s["mean"], s["std"]],
-                               [values.min(), values.max(), values.mean(), values.std()], rtol=1e-9)
+    np.testing.assert_allclose(
+        [s["min"], s["max"], s["mean"], s["std"]], [values.min(), values.max(), values.mean(), values.std()], rtol=1e-9
+    )
     np.testing.assert_allclose(d["statistics"]["self_influences"]["max"], stores["self"].max(), rtol=1e-12)
     assert "statistics" not in json.loads(invoke("inspect", stores["complete"], "--json", "--no-stats").output)
 

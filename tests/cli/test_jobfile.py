@@ -78,11 +78,21 @@ def test_good_file_parses(tmp_path):
     assert job.output.store == str(tmp_path.resolve() / "out" / "influences.zarr")
     assert (job.output.mode, job.output.top_k, job.output.self_influences) == ("up", 5, True)
     c = job.cluster
-    assert (c.scheduler, c.workers, c.threads, c.memory_limit, c.gpu, c.sequential) == (None, 2, 1, "1GiB", False, False)
+    assert (c.scheduler, c.workers, c.threads, c.memory_limit, c.gpu, c.sequential) == (
+        None,
+        2,
+        1,
+        "1GiB",
+        False,
+        False,
+    )
 
 
 def test_minimal_file_gets_defaults(tmp_path):
-    job = load_job(write(tmp_path, """
+    job = load_job(
+        write(
+            tmp_path,
+            """
         [model]
         factory = "pkg.mod:build"
         [solver]
@@ -91,7 +101,9 @@ def test_minimal_file_gets_defaults(tmp_path):
         store = "s3://bucket/influences.zarr"
         [cluster]
         scheduler = "tcp://scheduler:8786"
-    """))
+    """,
+        )
+    )
     assert job.solver.method == "direct" and job.solver.params == {}
     assert job.model.path == (str(tmp_path.resolve()),)  # default: the job file's directory
     assert (job.blocks.test, job.blocks.train) == (256, 256)
@@ -107,9 +119,12 @@ def test_the_example_job_parses():
 
 
 def test_unknown_keys_get_the_closest_valid_one(tmp_path):
-    found = problems(tmp_path, GOOD.replace("regularization =", "regularisation =")
-                     .replace("self_influences =", "self_influence =")
-                     .replace("[cluster]\nworkers", "[cluster]\nworker"))
+    found = problems(
+        tmp_path,
+        GOOD.replace("regularization =", "regularisation =")
+        .replace("self_influences =", "self_influence =")
+        .replace("[cluster]\nworkers", "[cluster]\nworker"),
+    )
     assert found == [
         "[solver] unknown key 'regularisation'; did you mean 'regularization'?",
         "[output] unknown key 'self_influence'; did you mean 'self_influences'?",
@@ -123,40 +138,52 @@ def test_unknown_key_without_a_close_one_lists_the_valid_keys(tmp_path):
 
 
 def test_unknown_section_and_missing_sections(tmp_path):
-    found = problems(tmp_path, """
+    found = problems(
+        tmp_path,
+        """
         [modle]
         factory = "f:g"
         [solver]
         method = "direct"
-    """)
+    """,
+    )
     assert found[0] == "unknown section [modle]; did you mean [model]?"
     assert any(p.startswith("[model] section is missing") for p in found)
     assert any(p.startswith("[output] section is missing") for p in found)
 
 
 def test_wrong_types_name_the_section_key_and_value(tmp_path):
-    text = (GOOD.replace("train = 16", 'train = "big"').replace("test = 4", "test = 0")
-            .replace("top_k = 5", "top_k = 2.5").replace("self_influences = true", 'self_influences = "yes"')
-            .replace("threads = 1", "threads = -1").replace('memory_limit = "1GiB"', 'memory_limit = "lots"')
-            .replace('mode = "up"', 'mode = "down"').replace("maxiter = 200", 'maxiter = "many"'))
+    text = (
+        GOOD.replace("train = 16", 'train = "big"')
+        .replace("test = 4", "test = 0")
+        .replace("top_k = 5", "top_k = 2.5")
+        .replace("self_influences = true", 'self_influences = "yes"')
+        .replace("threads = 1", "threads = -1")
+        .replace('memory_limit = "1GiB"', 'memory_limit = "lots"')
+        .replace('mode = "up"', 'mode = "down"')
+        .replace("maxiter = 200", 'maxiter = "many"')
+    )
     found = problems(tmp_path, text)
     assert found == [
         "[solver] maxiter must be an integer; got 'many'.",
         "[blocks] test must be a positive integer; got 0.",
         "[blocks] train must be a positive integer; got 'big'.",
-        "[output] mode must be \"up\" or \"perturbation\"; got 'down'.",
+        '[output] mode must be "up" or "perturbation"; got \'down\'.',
         "[output] top_k must be a positive integer; got 2.5.",
         "[output] self_influences must be true or false; got 'yes'.",
         "[cluster] threads must be a positive integer; got -1.",
-        "[cluster] memory_limit must be a number of bytes, a size such as \"4GiB\", or \"auto\"; got 'lots'.",
+        '[cluster] memory_limit must be a number of bytes, a size such as "4GiB", or "auto"; got \'lots\'.',
     ]
 
 
 def test_solver_method_and_parameters(tmp_path):
     (msg,) = problems(tmp_path, GOOD.replace('method = "cg"', 'method = "cgg"'))
-    assert msg == ("[solver] unknown method 'cgg'; choose one of direct, cg, lissa, arnoldi, nystroem, ekfac; "
-                   "did you mean 'cg'?")
-    found = problems(tmp_path, """
+    assert msg == (
+        "[solver] unknown method 'cgg'; choose one of direct, cg, lissa, arnoldi, nystroem, ekfac; did you mean 'cg'?"
+    )
+    found = problems(
+        tmp_path,
+        """
         [model]
         factory = "f:g"
         [solver]
@@ -165,15 +192,22 @@ def test_solver_method_and_parameters(tmp_path):
         curvature = 2
         [output]
         store = "x.zarr"
-    """)
-    assert found == ["[solver] rank must be an integer; got 'ten'.",
-                     "[solver] curvature must be a string; got 2.",
-                     "[solver] regularization is required for method 'nystroem'."]
+    """,
+    )
+    assert found == [
+        "[solver] rank must be an integer; got 'ten'.",
+        "[solver] curvature must be a string; got 2.",
+        "[solver] regularization is required for method 'nystroem'.",
+    ]
     # a parameter valid for one method is unknown for another, and Python objects cannot be given
     found = problems(tmp_path, GOOD.replace('preconditioner = "jacobi"', 'preconditioner = "jacobi"\nh0 = 1.0'))
     assert found[0].startswith("[solver] unknown key 'h0'; valid keys for method 'cg': method, regularization")
-    (msg,) = problems(tmp_path, GOOD.replace('method = "cg"', 'method = "lissa"')
-                      .replace('preconditioner = "jacobi"', "h0 = 1.0").replace("rtol = 1e-8\n", ""))
+    (msg,) = problems(
+        tmp_path,
+        GOOD.replace('method = "cg"', 'method = "lissa"')
+        .replace('preconditioner = "jacobi"', "h0 = 1.0")
+        .replace("rtol = 1e-8\n", ""),
+    )
     assert msg == "[solver] h0 cannot be set in a job file (it needs a Python object); got 1.0."
 
 
@@ -186,7 +220,9 @@ def test_solver_parameters_follow_the_class_signatures():
 
 
 def test_model_output_and_cluster_rules(tmp_path):
-    found = problems(tmp_path, """
+    found = problems(
+        tmp_path,
+        """
         [model]
         factory = "factory.make_problem"
         path = 3
@@ -200,7 +236,8 @@ def test_model_output_and_cluster_rules(tmp_path):
         scheduler = "tcp://127.0.0.1:8786"
         workers = 2
         gpu = "yes"
-    """)
+    """,
+    )
     assert found == [
         '[model] factory must be "module:function" (e.g. "factory:make_problem"); got \'factory.make_problem\'.',
         "[model] path must be a directory or a list of directories; got 3.",
@@ -215,8 +252,9 @@ def test_model_output_and_cluster_rules(tmp_path):
 
 
 def test_a_section_that_is_not_a_table(tmp_path):
-    found = problems(tmp_path, 'solver = "cg"\n' + GOOD.split("[blocks]")[0].split("[solver]")[0] +
-                     '[output]\nstore = "x"\n')
+    found = problems(
+        tmp_path, 'solver = "cg"\n' + GOOD.split("[blocks]")[0].split("[solver]")[0] + '[output]\nstore = "x"\n'
+    )
     assert found == ["[solver] must be a table (a [solver] section); got 'cg'."]
 
 
@@ -226,8 +264,10 @@ def test_message_lists_every_problem_one_per_line(tmp_path):
         load_job(path)
     lines = str(info.value).splitlines()
     assert lines[0] == f"{path}: 2 problems:"
-    assert lines[1:] == ["[solver] unknown key 'rtl'; did you mean 'rtol'?",
-                         "[blocks] train must be a positive integer; got 0."]
+    assert lines[1:] == [
+        "[solver] unknown key 'rtl'; did you mean 'rtol'?",
+        "[blocks] train must be a positive integer; got 0.",
+    ]
 
 
 def test_missing_file_and_bad_toml(tmp_path):
@@ -238,14 +278,21 @@ def test_missing_file_and_bad_toml(tmp_path):
 
 
 def test_parse_job_from_a_dict(tmp_path):
-    job = parse_job({"model": {"factory": "m:f"}, "solver": {"method": "ekfac", "update_diagonal": False},
-                     "output": {"store": "a.zarr"}}, base_dir=tmp_path)
+    job = parse_job(
+        {
+            "model": {"factory": "m:f"},
+            "solver": {"method": "ekfac", "update_diagonal": False},
+            "output": {"store": "a.zarr"},
+        },
+        base_dir=tmp_path,
+    )
     assert job.output.store == str(tmp_path / "a.zarr") and job.path is None
 
 
 def test_factory_is_imported_from_the_search_path_and_checked(tmp_path, monkeypatch):
     monkeypatch.setattr("sys.path", list(__import__("sys").path))
-    (tmp_path / "jobfactory_ok.py").write_text(textwrap.dedent("""
+    (tmp_path / "jobfactory_ok.py").write_text(
+        textwrap.dedent("""
         import torch
         from torch.utils.data import TensorDataset
 
@@ -260,7 +307,8 @@ def test_factory_is_imported_from_the_search_path_and_checked(tmp_path, monkeypa
 
         def partial():
             return {"model": torch.nn.Linear(2, 1)}
-    """))
+    """)
+    )
     base = '[solver]\nmethod = "direct"\nregularization = 0.1\n[output]\nstore = "x.zarr"\n[model]\n'
     job = load_job(write(tmp_path, base + 'factory = "jobfactory_ok:build"\noptions = { n = 8 }\n'))
     problem = load_problem(job)
@@ -291,7 +339,8 @@ def test_two_jobs_with_factories_of_the_same_name(tmp_path, monkeypatch):
     for n in (5, 7):
         directory = tmp_path / f"job{n}"
         directory.mkdir()
-        (directory / "jobfac_same_name.py").write_text(textwrap.dedent(f"""
+        (directory / "jobfac_same_name.py").write_text(
+            textwrap.dedent(f"""
             import torch
             from torch.utils.data import TensorDataset
 
@@ -299,7 +348,15 @@ def test_two_jobs_with_factories_of_the_same_name(tmp_path, monkeypatch):
                 x, y = torch.zeros({n}, 2), torch.zeros({n}, 1)
                 return {{"model": torch.nn.Linear(2, 1), "loss": torch.nn.MSELoss(),
                         "train": TensorDataset(x, y), "test": TensorDataset(x, y)}}
-        """))
-        jobs.append(load_job(write(directory, '[model]\nfactory = "jobfac_same_name:build"\n'
-                                   '[solver]\nmethod = "direct"\n[output]\nstore = "x.zarr"\n')))
+        """)
+        )
+        jobs.append(
+            load_job(
+                write(
+                    directory,
+                    '[model]\nfactory = "jobfac_same_name:build"\n'
+                    '[solver]\nmethod = "direct"\n[output]\nstore = "x.zarr"\n',
+                )
+            )
+        )
     assert [len(load_problem(job).train) for job in jobs] == [5, 7]

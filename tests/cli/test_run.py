@@ -30,10 +30,12 @@ N_TRAIN, N_TEST, TEST_BLOCK, TRAIN_BLOCK = 90, 14, 5, 32  # 3 x 3 chunks, ragged
 N_CHUNKS = 9
 
 
-def write_job(tmp_path, *, cluster="", output="top_k = 4\nself_influences = true", store="influences.zarr",
-              name="job.toml"):
+def write_job(
+    tmp_path, *, cluster="", output="top_k = 4\nself_influences = true", store="influences.zarr", name="job.toml"
+):
     path = tmp_path / name
-    path.write_text(textwrap.dedent(f"""\
+    path.write_text(
+        textwrap.dedent(f"""\
         [model]
         factory = "factory:make_problem"
         path = "{EXAMPLE}"
@@ -49,7 +51,12 @@ def write_job(tmp_path, *, cluster="", output="top_k = 4\nself_influences = true
 
         [output]
         store = "{store}"
-        """) + output + "\n\n[cluster]\n" + cluster + "\n")
+        """)
+        + output
+        + "\n\n[cluster]\n"
+        + cluster
+        + "\n"
+    )
     return path
 
 
@@ -62,8 +69,11 @@ def expected():
     solver.fit(DataLoader(problem["train"], batch_size=TRAIN_BLOCK))
     x, y = problem["train"].tensors
     xt, yt = problem["test"].tensors
-    return {"up": solver.influences(xt, yt, x, y).numpy(), "self": solver.self_influences(x, y).numpy(),
-            "perturbation": solver.influences(xt, yt, x, y, mode="perturbation").numpy()}
+    return {
+        "up": solver.influences(xt, yt, x, y).numpy(),
+        "self": solver.self_influences(x, y).numpy(),
+        "perturbation": solver.influences(xt, yt, x, y, mode="perturbation").numpy(),
+    }
 
 
 def assert_store_equals(store, expected, *, top_k=4):
@@ -75,15 +85,17 @@ def assert_store_equals(store, expected, *, top_k=4):
     np.testing.assert_allclose(group["self_influences"][...], expected["self"], rtol=1e-10)
     order = np.argsort(expected["up"], axis=1, kind="stable")
     np.testing.assert_array_equal(group["top_harmful_indices"][...], order[:, :top_k])
-    np.testing.assert_array_equal(group["top_helpful_indices"][...],
-                                  np.argsort(-expected["up"], axis=1, kind="stable")[:, :top_k])
+    np.testing.assert_array_equal(
+        group["top_helpful_indices"][...], np.argsort(-expected["up"], axis=1, kind="stable")[:, :top_k]
+    )
     return group
 
 
 def load_example_factory(directory):
     """The example's factory.py as a module of its own name (not `factory` in sys.modules)."""
-    spec = importlib.util.spec_from_file_location(f"batch_job_factory_{abs(hash(str(directory)))}",
-                                                  directory / "factory.py")
+    spec = importlib.util.spec_from_file_location(
+        f"batch_job_factory_{abs(hash(str(directory)))}", directory / "factory.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -110,14 +122,16 @@ def restore_imports():
 
 # -- embedded LocalCluster -----------------------------------------------------------------------
 
+
 def test_run_on_the_embedded_local_cluster(tmp_path, expected, monkeypatch):
     monkeypatch.delenv("DASK_SCHEDULER_ADDRESS", raising=False)
     job = write_job(tmp_path, cluster='workers = 2\nthreads = 1\nmemory_limit = "1GiB"')
     result = invoke("run", job)
     assert result.exit_code == 0, result.output
     assert "on an embedded LocalCluster (2 workers x 1 thread)" in result.output
-    assert f"Complete: {tmp_path / 'influences.zarr'} ({N_CHUNKS}/{N_CHUNKS} chunks; {N_CHUNKS} computed" \
-        in result.output
+    assert (
+        f"Complete: {tmp_path / 'influences.zarr'} ({N_CHUNKS}/{N_CHUNKS} chunks; {N_CHUNKS} computed" in result.output
+    )
     assert_store_equals(tmp_path / "influences.zarr", expected)
 
     # an existing store is refused before anything is computed, naming both flags
@@ -128,6 +142,7 @@ def test_run_on_the_embedded_local_cluster(tmp_path, expected, monkeypatch):
 
 
 # -- a scheduler and two workers as separate processes ---------------------------------------------
+
 
 def _free_port():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -166,13 +181,17 @@ def scheduler(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "DASK_SCHEDULER_ADDRESS"}
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     commands = [[dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"]] + [
-        [dask, "worker", address, "--nthreads", "1", "--no-dashboard", "--name", f"worker-{i}"] for i in range(2)]
+        [dask, "worker", address, "--nthreads", "1", "--no-dashboard", "--name", f"worker-{i}"] for i in range(2)
+    ]
     processes = []
     try:
         for i, command in enumerate(commands):
             log = open(logs / f"process-{i}.log", "w")
-            processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                              cwd=logs, stdin=subprocess.DEVNULL))
+            processes.append(
+                subprocess.Popen(
+                    command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=logs, stdin=subprocess.DEVNULL
+                )
+            )
             log.close()
         with Client(address, timeout="60s") as client:
             client.wait_for_workers(2, timeout=120)
@@ -212,7 +231,7 @@ def test_resume_computes_exactly_the_missing_chunks(tmp_path, expected, schedule
     # simulate a job killed halfway: three chunks lost, their flags unset, not complete
     group = zarr.open_group(str(store), mode="r+")
     for i, j in [(0, 1), (1, 2), (2, 0)]:
-        group["influences"][i * TEST_BLOCK:(i + 1) * TEST_BLOCK, j * TRAIN_BLOCK:(j + 1) * TRAIN_BLOCK] = np.nan
+        group["influences"][i * TEST_BLOCK : (i + 1) * TEST_BLOCK, j * TRAIN_BLOCK : (j + 1) * TRAIN_BLOCK] = np.nan
         group["influences_done"][i, j] = 0
     group["topk_done"][1] = 0
     group.attrs[ATTR] = {**group.attrs[ATTR], "complete": False}
@@ -251,6 +270,7 @@ def test_the_example_job_in_small_mode(tmp_path, scheduler, monkeypatch):
 
 # -- in this process, and errors ----------------------------------------------------------------
 
+
 def test_sequential_perturbation_run(tmp_path, expected):
     job = write_job(tmp_path, cluster="sequential = true", output='mode = "perturbation"')
     result = invoke("run", job)
@@ -258,8 +278,12 @@ def test_sequential_perturbation_run(tmp_path, expected):
     assert "in this process (sequential)" in result.output
     group = zarr.open_group(str(tmp_path / "influences.zarr"), mode="r")
     assert is_complete(group) and group.attrs[ATTR]["config"]["mode"] == "perturbation"
-    np.testing.assert_allclose(group["influences"][...], expected["perturbation"], rtol=1e-10,
-                               atol=1e-12 * np.abs(expected["perturbation"]).max())
+    np.testing.assert_allclose(
+        group["influences"][...],
+        expected["perturbation"],
+        rtol=1e-10,
+        atol=1e-12 * np.abs(expected["perturbation"]).max(),
+    )
 
 
 def test_exit_code_is_nonzero_unless_the_store_is_complete(tmp_path, monkeypatch):
@@ -311,7 +335,8 @@ def test_unreachable_scheduler(tmp_path):
 
 
 def test_registered_as_a_dask_subcommand():
-    result = subprocess.run([str(BIN / "dask"), "influence", "run", "--help"], capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [str(BIN / "dask"), "influence", "run", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert "--scheduler ADDRESS" in result.stdout and "--resume" in result.stdout

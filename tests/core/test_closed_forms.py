@@ -101,9 +101,9 @@ def test_ridge_lissa_deterministic():
     # so ~a few hundred iterations reach rtol=1e-9; the default scale (twice the power-iteration
     # estimate of lambda_max) is safe.
     model, x, y, xt, yt, exact, _ = _ridge(False)
-    m = di.LissaInfluence(
-        model, nn.MSELoss(), regularization=REG, batch_size=N, maxiter=3000, rtol=1e-9
-    ).fit(loader(x, y, BATCH))
+    m = di.LissaInfluence(model, nn.MSELoss(), regularization=REG, batch_size=N, maxiter=3000, rtol=1e-9).fit(
+        loader(x, y, BATCH)
+    )
     err = rel_err(m.influences(xt, yt, x, y), exact)
     assert m.info_.converged
     assert err < 1e-2, f"LissaInfluence ridge relative error {err:.2e}"
@@ -117,9 +117,9 @@ def test_ridge_lissa_stochastic():
     # sign (max error < 20%) and the right ranking (Pearson > 0.99). A biased recursion
     # (wrong scale or dampen handling) fails both.
     model, x, y, xt, yt, exact, _ = _ridge(False)
-    m = di.LissaInfluence(
-        model, nn.MSELoss(), regularization=REG, batch_size=30, maxiter=600, rtol=1e-12, seed=0
-    ).fit(loader(x, y, BATCH))
+    m = di.LissaInfluence(model, nn.MSELoss(), regularization=REG, batch_size=30, maxiter=600, rtol=1e-12, seed=0).fit(
+        loader(x, y, BATCH)
+    )
     with pytest.warns(di.ConvergenceWarning, match="maxiter"):
         approx = m.influences(xt, yt, x, y)
     err, r = rel_err(approx, exact), pearson(approx, exact)
@@ -170,10 +170,13 @@ def _logistic():
         return (r[:, :, None] * a[:, None, :]).reshape(a.shape[0], -1)
 
     p = probs(x_train)
-    hess = sum(
-        torch.kron(torch.diag(p[i]) - torch.outer(p[i], p[i]), torch.outer(x_train[i], x_train[i]))
-        for i in range(N)
-    ) / N
+    hess = (
+        sum(
+            torch.kron(torch.diag(p[i]) - torch.outer(p[i], p[i]), torch.outer(x_train[i], x_train[i]))
+            for i in range(N)
+        )
+        / N
+    )
     eye = torch.eye(C * DL, dtype=torch.float64)
     exact = grads(x_test, y_test) @ torch.linalg.solve(hess + REG * eye, grads(x_train, y_train).T)
     return model, x_train, y_train, x_test, y_test, exact, hess
@@ -232,9 +235,9 @@ def test_logistic_lissa(logistic):
     # softmax makes H singular along W -> W + 1 v^T, but every per-sample gradient is
     # orthogonal to that null space, so only the smallest NONZERO eigenvalue sets the rate.
     model, x, y, xt, yt, exact, _ = logistic
-    m = di.LissaInfluence(
-        model, nn.CrossEntropyLoss(), regularization=REG, batch_size=N, maxiter=5000, rtol=1e-9
-    ).fit(loader(x, y, BATCH))
+    m = di.LissaInfluence(model, nn.CrossEntropyLoss(), regularization=REG, batch_size=N, maxiter=5000, rtol=1e-9).fit(
+        loader(x, y, BATCH)
+    )
     err = rel_err(m.influences(xt, yt, x, y), exact)
     assert err < 1e-2, f"LissaInfluence logistic relative error {err:.2e}"
 

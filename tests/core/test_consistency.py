@@ -114,9 +114,10 @@ def test_chunk_size_does_not_change_results(mlp_regression):
     b = di.DirectInfluence(model, mse, regularization=REG, chunk_size=5).fit(loader(x, y, 10))
     assert rel_err(b.influences(xt, yt, x, y), a.influences(xt, yt, x, y)) < 1e-12
     assert rel_err(b.self_influences(x, y), a.self_influences(x, y)) < 1e-12
-    assert rel_err(
-        b.influences(xt, yt, x, y, mode="perturbation"), a.influences(xt, yt, x, y, mode="perturbation")
-    ) < 1e-12
+    assert (
+        rel_err(b.influences(xt, yt, x, y, mode="perturbation"), a.influences(xt, yt, x, y, mode="perturbation"))
+        < 1e-12
+    )
 
 
 def test_training_data_kinds_agree(mlp_regression):
@@ -193,9 +194,7 @@ def test_integer_token_inputs(dtype):
     out = m.influences(ids[:3], y[:3], ids, y, mode="up")
     assert out.dtype == dtype, "the output dtype follows the model, never the (integer) inputs"
     assert m.self_influences(ids, y).dtype == dtype
-    expected = reference_influences(
-        model.double(), nn.MSELoss(), ids, y, ids[:3], y[:3], regularization=1.0
-    )
+    expected = reference_influences(model.double(), nn.MSELoss(), ids, y, ids[:3], y[:3], regularization=1.0)
     assert rel_err(out, expected) < (1e-10 if dtype == torch.float64 else 1e-4)
     # influences are not integers: a truncating implementation would give all-integer values
     assert not bool((out == out.round()).all())
@@ -229,9 +228,9 @@ def test_direct_regularization_can_change_after_fit(mlp_regression):
 def test_lissa_dampen_adds_to_regularization(mlp_regression):
     """The documented fixed point: (H + (lambda + dampen * scale) I) x = b."""
     model, mse, x, y, xt, yt = mlp_regression
-    m = di.LissaInfluence(
-        model, mse, regularization=REG, dampen=0.05, batch_size=24, maxiter=3000, rtol=1e-11
-    ).fit(loader(x, y, 10))
+    m = di.LissaInfluence(model, mse, regularization=REG, dampen=0.05, batch_size=24, maxiter=3000, rtol=1e-11).fit(
+        loader(x, y, 10)
+    )
     out = m.influences(xt, yt, x, y)
     effective = REG + 0.05 * m.scale_
     expected = reference_influences(model, mse, x, y, xt, yt, regularization=effective)
@@ -253,9 +252,7 @@ def test_lissa_explicit_scale_and_h0(mlp_regression):
 def _ill_conditioned_ridge(n=60, p=40, seed=0):
     """Linear regression whose mean-MSE Hessian has eigenvalues 8 x [10, 1e3] and 32 x [1e-3, 1e-2]."""
     g = torch.Generator().manual_seed(seed)
-    eig = torch.cat(
-        [torch.logspace(1, 3, 8, dtype=torch.float64), torch.logspace(-3, -2, p - 8, dtype=torch.float64)]
-    )
+    eig = torch.cat([torch.logspace(1, 3, 8, dtype=torch.float64), torch.logspace(-3, -2, p - 8, dtype=torch.float64)])
     u = torch.linalg.qr(torch.randn(n, p, generator=g, dtype=torch.float64)).Q
     v = torch.linalg.qr(torch.randn(p, p, generator=g, dtype=torch.float64)).Q
     x = (n / 2) ** 0.5 * u @ torch.diag(eig.sqrt()) @ v.T  # 2 x^T x / n = v diag(eig) v^T

@@ -180,9 +180,7 @@ def test_conv2d_gradients_from_factors_equal_torch_func(conv_args, scoring):
     exact GGN diagonal in the Kronecker basis; the factored up-influence against the flat one.
     """
     torch.manual_seed(8)
-    model = nn.Sequential(
-        nn.Conv2d(1, 2, 3, **conv_args), nn.Tanh(), nn.Flatten(), nn.LazyLinear(3)
-    ).to(DT)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, **conv_args), nn.Tanh(), nn.Flatten(), nn.LazyLinear(3)).to(DT)
     x = torch.randn(9, 1, 5, 5, dtype=DT)
     y = torch.randint(0, 3, (9,))
     model(x)  # materialize the lazy layer
@@ -326,9 +324,7 @@ def test_threads_sharing_one_model_get_the_sequential_results():
 # -- layer selection and unsupported layers -------------------------------------------------------------
 def deep_mlp() -> nn.Sequential:
     torch.manual_seed(12)
-    return nn.Sequential(
-        nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 3)
-    ).to(DT).eval()
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 3)).to(DT).eval()
 
 
 def test_layer_selection():

@@ -199,9 +199,7 @@ def test_singular_hessian_suggests_regularization():
     assert f"regularization={err.suggested_regularization:g}" in str(err)
     m = di.DirectInfluence(model, nn.MSELoss(), regularization=err.suggested_regularization).fit((x, y))
     out = m.influences(x, y)
-    expected = reference_influences(
-        model, nn.MSELoss(), x, y, x, y, regularization=err.suggested_regularization
-    )
+    expected = reference_influences(model, nn.MSELoss(), x, y, x, y, regularization=err.suggested_regularization)
     assert rel_err(out, expected) < 1e-8
 
 

@@ -58,9 +58,9 @@ def mlp_direct(mlp):
     def get(curvature: str, regularization: float) -> DirectInfluence:
         key = (curvature, regularization)
         if key not in cache:
-            cache[key] = DirectInfluence(
-                mlp.model, mlp.loss, regularization=regularization, curvature=curvature
-            ).fit((mlp.x, mlp.y))
+            cache[key] = DirectInfluence(mlp.model, mlp.loss, regularization=regularization, curvature=curvature).fit(
+                (mlp.x, mlp.y)
+            )
         return cache[key]
 
     return get
@@ -104,14 +104,19 @@ RANKS = (6, 12, 24, 36, 51)
 @pytest.mark.parametrize(
     "make",
     [
-        pytest.param(lambda m, r: ArnoldiInfluence(m.model, m.loss, regularization=0.01, curvature="ggn", rank=r), id="arnoldi"),
+        pytest.param(
+            lambda m, r: ArnoldiInfluence(m.model, m.loss, regularization=0.01, curvature="ggn", rank=r), id="arnoldi"
+        ),
         pytest.param(
             lambda m, r: ArnoldiInfluence(
                 m.model, m.loss, regularization=0.01, curvature="ggn", rank=r, complement="regularization"
             ),
             id="arnoldi-complement",
         ),
-        pytest.param(lambda m, r: NystroemSketchInfluence(m.model, m.loss, regularization=0.01, curvature="ggn", rank=r), id="nystroem"),
+        pytest.param(
+            lambda m, r: NystroemSketchInfluence(m.model, m.loss, regularization=0.01, curvature="ggn", rank=r),
+            id="nystroem",
+        ),
     ],
 )
 def test_converges_to_direct_as_rank_grows(mlp, mlp_direct, make):
@@ -199,9 +204,9 @@ def test_complement_choice_on_test_points_outside_the_range():
     assert rel_err(ignore.influences(x_out, y_out, prob.x, prob.y), influences) < 1e-8
 
     # treating the complement as regularization only is exact here: H vanishes there
-    full = ArnoldiInfluence(
-        prob.model, prob.loss, regularization=reg, rank=prob.r, complement="regularization"
-    ).fit((prob.x, prob.y))
+    full = ArnoldiInfluence(prob.model, prob.loss, regularization=reg, rank=prob.r, complement="regularization").fit(
+        (prob.x, prob.y)
+    )
     assert rel_err(full.influence_factors(x_out, y_out), factors) < 1e-8
     nystroem = NystroemSketchInfluence(prob.model, prob.loss, regularization=reg, rank=prob.r).fit((prob.x, prob.y))
     assert rel_err(nystroem.influence_factors(x_out, y_out), factors) < 1e-8
@@ -301,7 +306,13 @@ def test_negative_eigenvalues_are_kept_and_refused_when_not_regularized_away():
 @pytest.mark.parametrize("cls", [ArnoldiInfluence, NystroemSketchInfluence])
 @pytest.mark.parametrize(
     "rank, error, match",
-    [(0, ValueError, "rank"), (-3, ValueError, "rank"), (52, ValueError, "p=51"), (2.0, TypeError, "rank"), (True, TypeError, "rank")],
+    [
+        (0, ValueError, "rank"),
+        (-3, ValueError, "rank"),
+        (52, ValueError, "p=51"),
+        (2.0, TypeError, "rank"),
+        (True, TypeError, "rank"),
+    ],
 )
 def test_bad_rank(mlp, cls, rank, error, match):
     with pytest.raises(error, match=match):

@@ -82,8 +82,9 @@ def test_ekfac_takes_cross_entropy_as_a_function_on_float32_models(steps):
     model, x, y = _float32_classifier(steps)
     closed = di.EkfacInfluence(model, nn.CrossEntropyLoss(), regularization=0.1).fit((x, y))
     own = di.EkfacInfluence(model, lambda o, t: F.cross_entropy(o, t), regularization=0.1).fit((x, y))
-    told = di.EkfacInfluence(model, lambda o, t: F.cross_entropy(o, t), regularization=0.1,
-                             task="classification").fit((x, y))
+    told = di.EkfacInfluence(model, lambda o, t: F.cross_entropy(o, t), regularization=0.1, task="classification").fit(
+        (x, y)
+    )
     assert own.task is None and told.task == "classification"
     expected = closed.influences(x[:3], y[:3], x, y)
     for solver in (own, told):
@@ -123,12 +124,14 @@ def test_ekfac_still_refuses_a_loss_that_is_not_the_task(dtype):
     model, x, y = _float32_classifier(5)
     model, x = model.to(dtype), x.to(dtype)
     with pytest.raises(ValueError, match=r"task='classification' assumes .* differs by .*task=None"):
-        di.EkfacInfluence(model, lambda o, t: F.cross_entropy(2 * o, t), regularization=0.1,
-                          task="classification").fit((x, y))
+        di.EkfacInfluence(model, lambda o, t: F.cross_entropy(2 * o, t), regularization=0.1, task="classification").fit(
+            (x, y)
+        )
     targets = torch.randn(64, 3, dtype=dtype)
     with pytest.raises(ValueError, match=r"task='regression' assumes .* differs by"):
-        di.EkfacInfluence(model, lambda o, t: 3 * F.mse_loss(o, t), regularization=0.1,
-                          task="regression").fit((x, targets))
+        di.EkfacInfluence(model, lambda o, t: 3 * F.mse_loss(o, t), regularization=0.1, task="regression").fit(
+            (x, targets)
+        )
 
 
 def test_ekfac_falls_back_to_the_outputs_dtype_for_a_loss_that_refuses_float64():
@@ -164,8 +167,10 @@ def test_other_reductions_than_the_mean_are_still_refused(dtype):
     model = nn.Linear(5, 2).to(dtype)
     x = torch.randn(6, 5, dtype=dtype)
     y = torch.randn(6, 2, dtype=dtype)
-    for loss in (nn.MSELoss(reduction="sum"),
-                 lambda o, t: ((o - t) ** 2).sum() / 10,
-                 lambda o, t: ((o - t) ** 2).mean() * o.shape[0] ** 0.5):
+    for loss in (
+        nn.MSELoss(reduction="sum"),
+        lambda o, t: ((o - t) ** 2).sum() / 10,
+        lambda o, t: ((o - t) ** 2).mean() * o.shape[0] ** 0.5,
+    ):
         with pytest.raises(ValueError, match=r"must average over the batch.*two copies.*reduction='mean'"):
             di.DirectInfluence(model, loss, regularization=1.0).fit((x, y))

@@ -44,8 +44,9 @@ def test_mean_influence_via_apply_inverse_equals_mean_of_matrix(wine):
 @pytest.mark.parametrize("preconditioner", [None, "jacobi", "nystroem"])
 def test_cg_on_wine(wine, preconditioner):
     problem, train, reference = wine
-    solver = di.CgInfluence(problem.model, problem.loss, regularization=problem.regularization,
-                            preconditioner=preconditioner, maxiter=2000).fit(train)
+    solver = di.CgInfluence(
+        problem.model, problem.loss, regularization=problem.regularization, preconditioner=preconditioner, maxiter=2000
+    ).fit(train)
     mean = _mean_influence(solver, problem, train)
     assert pearsonr(mean, reference)[0] >= 0.999
     assert _auc(problem, mean) >= 0.95
@@ -54,8 +55,14 @@ def test_cg_on_wine(wine, preconditioner):
 def test_lissa_on_wine(wine):
     """Full-batch LiSSA (deterministic) converges to the direct answer."""
     problem, train, reference = wine
-    solver = di.LissaInfluence(problem.model, problem.loss, regularization=problem.regularization,
-                               maxiter=6000, rtol=1e-8, batch_size=len(problem.x_train)).fit(train)
+    solver = di.LissaInfluence(
+        problem.model,
+        problem.loss,
+        regularization=problem.regularization,
+        maxiter=6000,
+        rtol=1e-8,
+        batch_size=len(problem.x_train),
+    ).fit(train)
     mean = _mean_influence(solver, problem, train)
     r = pearsonr(mean, reference)[0]
     assert r >= 0.999, r
@@ -65,8 +72,15 @@ def test_lissa_on_wine(wine):
 def test_stochastic_lissa_on_wine_finds_the_flipped_labels(wine):
     """Random batches of 32 leave a noise floor: close to, not equal to, the direct answer."""
     problem, train, reference = wine
-    solver = di.LissaInfluence(problem.model, problem.loss, regularization=problem.regularization,
-                               maxiter=1500, rtol=1e-12, batch_size=32, seed=0).fit(train)
+    solver = di.LissaInfluence(
+        problem.model,
+        problem.loss,
+        regularization=problem.regularization,
+        maxiter=1500,
+        rtol=1e-12,
+        batch_size=32,
+        seed=0,
+    ).fit(train)
     with pytest.warns(di.ConvergenceWarning):
         mean = _mean_influence(solver, problem, train)
     assert pearsonr(mean, reference)[0] >= 0.97

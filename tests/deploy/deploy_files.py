@@ -29,6 +29,7 @@ OPERATOR_GROUP = "kubernetes.dask.org"
 
 # -- YAML ---------------------------------------------------------------------------------
 
+
 def load_documents(path: Path) -> list[dict]:
     """All YAML documents of a file (empty ones dropped)."""
     with path.open() as fh:
@@ -60,6 +61,7 @@ def compose(path: Path = COMPOSE_FILES[0]) -> dict:
 
 
 # -- the operator's CRDs ------------------------------------------------------------------
+
 
 def crd_directory() -> Path:
     """The operator's CRDs with their schemas expanded, as shipped inside dask-kubernetes."""
@@ -141,6 +143,7 @@ def unknown_fields(instance: Any, schema: dict, path: str = "") -> list[str]:
 
 # -- pods and containers --------------------------------------------------------------------
 
+
 def pod_specs() -> Iterator[tuple[str, dict]]:
     """``(where, PodSpec)`` of every pod the manifests describe (operator resources and the Job).
 
@@ -182,24 +185,53 @@ def gpu_limit(resources: dict | None) -> int:
 # (resources, mounts, env, probes, ...), whose inner keys the chart does not read.
 FREE = "free-form"
 HELM_LAYOUT: dict[str, Any] = {
-    "nameOverride": str, "fullnameOverride": str,
+    "nameOverride": str,
+    "fullnameOverride": str,
     "scheduler": {
-        "name": str, "enabled": bool,
+        "name": str,
+        "enabled": bool,
         "image": {"repository": str, "tag": str, "pullPolicy": str, "pullSecrets": FREE},
-        "replicas": int, "serviceType": str, "loadBalancerIP": FREE, "servicePort": int,
-        "serviceAnnotations": FREE, "extraArgs": list, "resources": FREE, "tolerations": FREE,
-        "affinity": FREE, "nodeSelector": FREE, "securityContext": FREE, "serviceAccountName": str,
-        "metrics": FREE, "livenessProbe": FREE, "readinessProbe": FREE, "env": FREE,
+        "replicas": int,
+        "serviceType": str,
+        "loadBalancerIP": FREE,
+        "servicePort": int,
+        "serviceAnnotations": FREE,
+        "extraArgs": list,
+        "resources": FREE,
+        "tolerations": FREE,
+        "affinity": FREE,
+        "nodeSelector": FREE,
+        "securityContext": FREE,
+        "serviceAccountName": str,
+        "metrics": FREE,
+        "livenessProbe": FREE,
+        "readinessProbe": FREE,
+        "env": FREE,
     },
     "webUI": FREE,
     "worker": {
         "name": str,
         "image": {"repository": str, "tag": str, "pullPolicy": str, "dask_worker": str, "pullSecrets": FREE},
-        "replicas": int, "strategy": FREE, "custom_scheduler_url": FREE, "default_resources": FREE,
-        "env": FREE, "extraArgs": list, "resources": FREE, "mounts": {"volumes": FREE, "volumeMounts": FREE},
-        "annotations": FREE, "tolerations": FREE, "affinity": FREE, "nodeSelector": FREE,
-        "securityContext": FREE, "serviceAccountName": str, "port": FREE, "portDashboard": int,
-        "threads_per_worker": int, "metrics": FREE, "livenessProbe": FREE, "readinessProbe": FREE,
+        "replicas": int,
+        "strategy": FREE,
+        "custom_scheduler_url": FREE,
+        "default_resources": FREE,
+        "env": FREE,
+        "extraArgs": list,
+        "resources": FREE,
+        "mounts": {"volumes": FREE, "volumeMounts": FREE},
+        "annotations": FREE,
+        "tolerations": FREE,
+        "affinity": FREE,
+        "nodeSelector": FREE,
+        "securityContext": FREE,
+        "serviceAccountName": str,
+        "port": FREE,
+        "portDashboard": int,
+        "threads_per_worker": int,
+        "metrics": FREE,
+        "livenessProbe": FREE,
+        "readinessProbe": FREE,
     },
     "additional_worker_groups": list,  # each item: the keys of "worker"
     "jupyter": FREE,
@@ -247,14 +279,22 @@ def helm_commands(values: dict) -> list[tuple[str, list[str]]]:
     """The container args the chart's templates build from ``values`` (dask/templates/*.yaml)."""
     scheduler = values.get("scheduler", {})
     port = scheduler.get("servicePort", HELM_SCHEDULER_PORT)
-    commands = [("helm scheduler", ["dask-scheduler", f"--port={port}", "--dashboard-address=:8787",
-                                    *scheduler.get("extraArgs", [])])]
+    commands = [
+        (
+            "helm scheduler",
+            ["dask-scheduler", f"--port={port}", "--dashboard-address=:8787", *scheduler.get("extraArgs", [])],
+        )
+    ]
     for group in helm_worker_groups(values):
         args = [group["image"].get("dask_worker", "dask-worker"), f"dask-scheduler:{port}"]
         limits = group.get("resources", {}).get("limits")
         if limits:
-            args += ["--nthreads", str(group.get("threads_per_worker") or limits.get("cpu") or 1),
-                     "--memory-limit", str(limits.get("memory") or "4GiB")]
+            args += [
+                "--nthreads",
+                str(group.get("threads_per_worker") or limits.get("cpu") or 1),
+                "--memory-limit",
+                str(limits.get("memory") or "4GiB"),
+            ]
         args += ["--no-dashboard", "--dashboard-address", str(group.get("portDashboard", HELM_WORKER_DASHBOARD_PORT))]
         if group.get("port"):
             args += ["--worker-port", str(group["port"])]
@@ -264,6 +304,7 @@ def helm_commands(values: dict) -> list[tuple[str, list[str]]]:
 
 
 # -- Dockerfiles ------------------------------------------------------------------------------
+
 
 def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
     """``(INSTRUCTION, arguments)`` with continuation lines joined and comments dropped."""

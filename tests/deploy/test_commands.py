@@ -36,6 +36,7 @@ DASK_SUBCOMMANDS = ("scheduler", "worker")
 
 # -- every command line in the deployment files ---------------------------------------------
 
+
 def _container_commands() -> list[tuple[str, list[str]]]:
     commands = []
     for path in COMPOSE_FILES:
@@ -50,11 +51,13 @@ def _container_commands() -> list[tuple[str, list[str]]]:
     for path in DOCKERFILES:
         commands.append((f"{path.name} CMD", dockerfile_exec_form(path, "CMD")))
     # the entrypoint's own shortcuts, as docs/deploy.md shows them
-    commands += [("entrypoint scheduler", ["scheduler"]),
-                 ("entrypoint worker", ["worker", "tcp://scheduler:8786", "--nthreads", "1"]),
-                 ("entrypoint job", ["job"]),
-                 ("entrypoint job with arguments", ["job", "/job/job.toml", "--resume", "--quiet"]),
-                 ("entrypoint passthrough", ["dask-influence", "inspect", "/data/influences.zarr"])]
+    commands += [
+        ("entrypoint scheduler", ["scheduler"]),
+        ("entrypoint worker", ["worker", "tcp://scheduler:8786", "--nthreads", "1"]),
+        ("entrypoint job", ["job"]),
+        ("entrypoint job with arguments", ["job", "/job/job.toml", "--resume", "--quiet"]),
+        ("entrypoint passthrough", ["dask-influence", "inspect", "/data/influences.zarr"]),
+    ]
     return commands
 
 
@@ -76,8 +79,11 @@ def through_entrypoint(argv: list[str], stubs: Path, tmp_path: Path) -> list[str
     """What the container runs for ``argv`` (its CMD or args), per deploy/entrypoint.sh."""
     record = tmp_path / "argv"
     record.unlink(missing_ok=True)
-    env = {"PATH": f"{stubs}{os.pathsep}/usr/bin{os.pathsep}/bin", "ARGV_RECORD": str(record),
-           **dockerfile_env(DOCKERFILES[0])}
+    env = {
+        "PATH": f"{stubs}{os.pathsep}/usr/bin{os.pathsep}/bin",
+        "ARGV_RECORD": str(record),
+        **dockerfile_env(DOCKERFILES[0]),
+    }
     result = subprocess.run(["sh", str(ENTRYPOINT), *argv], env=env, capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     assert record.exists(), f"the entrypoint ran none of {EXECUTABLES} for {argv}"
@@ -85,6 +91,7 @@ def through_entrypoint(argv: list[str], stubs: Path, tmp_path: Path) -> list[str
 
 
 # -- the CLIs, for real ---------------------------------------------------------------------------
+
 
 def _executable(name: str) -> str:
     local = Path(sys.executable).parent / name
@@ -95,8 +102,13 @@ def _executable(name: str) -> str:
 
 # the (executable, subcommand) pairs the deployment files use; their --help runs are started
 # together, since each one spends seconds importing dask (and torch)
-EXPECTED_HELP = (("dask", "scheduler"), ("dask", "worker"), ("dask-influence", None),
-                 ("dask-influence", "run"), ("dask-influence", "inspect"))
+EXPECTED_HELP = (
+    ("dask", "scheduler"),
+    ("dask", "worker"),
+    ("dask-influence", None),
+    ("dask-influence", "run"),
+    ("dask-influence", "inspect"),
+)
 _HELP: dict[tuple[str, str | None], tuple[int, str, str]] = {}
 
 
@@ -105,8 +117,10 @@ def _help_argv(executable: str, subcommand: str | None) -> list[str]:
 
 
 def _run_help(keys) -> None:
-    running = {key: subprocess.Popen(_help_argv(*key), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-               for key in keys}
+    running = {
+        key: subprocess.Popen(_help_argv(*key), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for key in keys
+    }
     for key, process in running.items():
         out, err = process.communicate(timeout=180)
         _HELP[key] = (process.returncode, out, err)
@@ -154,6 +168,7 @@ def options(args: list[str]) -> list[str]:
 
 # -- the tests ------------------------------------------------------------------------------------
 
+
 def test_entrypoint_is_a_posix_shell_script_with_every_mode():
     text = ENTRYPOINT.read_text()
     assert text.startswith("#!/bin/sh\n")
@@ -182,7 +197,8 @@ def test_command_exists_and_parses(where, argv, stubs, tmp_path):
     for option in options(args):
         assert re.search(rf"(^|[\s,/]){re.escape(option)}([\s,=]|$)", text, re.M), (
             f"{where}: {' '.join(final)}: {option} is not an option of "
-            f"{executable}{' ' + subcommand if subcommand else ''}")
+            f"{executable}{' ' + subcommand if subcommand else ''}"
+        )
     command = click_command(executable, subcommand)
     ctx = command.make_context(f"{executable} {subcommand or ''}".strip(), list(args), resilient_parsing=False)
     if "--memory-limit" in args:

@@ -64,8 +64,12 @@ def _ids(items):
 
 # -- parsing --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("path", [*kubernetes_files(), DEPLOY / "helm" / "values.yaml", *COMPOSE_FILES],
-                         ids=lambda p: str(p.relative_to(DEPLOY)))
+
+@pytest.mark.parametrize(
+    "path",
+    [*kubernetes_files(), DEPLOY / "helm" / "values.yaml", *COMPOSE_FILES],
+    ids=lambda p: str(p.relative_to(DEPLOY)),
+)
 def test_yaml_files_parse(path):
     docs = load_documents(path)
     assert docs and all(isinstance(d, dict) for d in docs)
@@ -81,6 +85,7 @@ def test_every_kubernetes_resource_has_kind_and_name():
 
 
 # -- operator resources against the operator's CRDs -----------------------------------------
+
 
 def test_crds_ship_with_dask_kubernetes():
     assert {kind for kind, _ in crd_schemas()} >= set(OPERATOR_KINDS)
@@ -123,7 +128,9 @@ def test_gpu_worker_group_belongs_to_the_cluster_and_requests_one_gpu():
     assert groups
     for group in groups:
         assert group["spec"]["cluster"] in clusters
-    gpu_groups = [g for g in groups if any(gpu_limit(c.get("resources")) for c in g["spec"]["worker"]["spec"]["containers"])]
+    gpu_groups = [
+        g for g in groups if any(gpu_limit(c.get("resources")) for c in g["spec"]["worker"]["spec"]["containers"])
+    ]
     assert gpu_groups, "a DaskWorkerGroup of GPU workers"
     cpu_cluster = resources_of_kind("DaskCluster")[0]["spec"]["worker"]["spec"]["containers"]
     assert not any(gpu_limit(c.get("resources")) for c in cpu_cluster), "the DaskCluster's own group is the CPU one"
@@ -143,6 +150,7 @@ def test_daskjob_runner_resumes_and_restarts_on_failure():
 
 
 # -- pods: volumes, images, GPUs --------------------------------------------------------------
+
 
 def test_pod_specs_validate_against_the_pod_schema():
     for where, pod in pod_specs():
@@ -209,6 +217,7 @@ def test_gpu_workers_advertise_exactly_the_gpus_they_request():
 
 # -- the job files and their ConfigMap ------------------------------------------------------------
 
+
 def test_configmap_holds_the_deploy_job_files_and_the_example_factory():
     (configmap,) = resources_of_kind("ConfigMap")
     expected = {
@@ -220,7 +229,8 @@ def test_configmap_holds_the_deploy_job_files_and_the_example_factory():
     for key, path in expected.items():
         assert configmap["data"][key] == path.read_text(), (
             f"deploy/kubernetes/configmap-job.yaml is out of date for {key}; regenerate it with the "
-            "kubectl command in its header")
+            "kubectl command in its header"
+        )
 
 
 @pytest.mark.parametrize("name", ["job.toml", "job-gpu.toml"])
@@ -236,7 +246,10 @@ def test_deploy_job_files_are_valid_and_mirror_the_example(name, tmp_path):
     assert job.model.path == (str(tmp_path / "batch_job"),)
     assert job.solver == example.solver and job.blocks == example.blocks
     assert (job.output.mode, job.output.top_k, job.output.self_influences) == (
-        example.output.mode, example.output.top_k, example.output.self_influences)
+        example.output.mode,
+        example.output.top_k,
+        example.output.self_influences,
+    )
     assert job.output.store.startswith("/data/"), "the store goes to the shared volume"
     assert job.cluster.scheduler is None, "the scheduler comes from --scheduler or DASK_SCHEDULER_ADDRESS"
     assert job.cluster.gpu == (name == "job-gpu.toml")
@@ -254,6 +267,7 @@ def test_daskjobs_run_the_job_file_that_matches_their_hardware():
 
 # -- Helm values ------------------------------------------------------------------------------
 
+
 def test_helm_values_use_only_the_charts_keys():
     values = helm_values()
     assert helm_key_problems(values, HELM_LAYOUT) == []
@@ -268,11 +282,13 @@ def test_helm_pod_pieces_validate_against_the_pod_schema():
     container = pod["properties"]["containers"]["items"]
     volume = pod["properties"]["volumes"]["items"]
     mount = container["properties"]["volumeMounts"]["items"]
-    checks = [(pod["properties"]["securityContext"], "securityContext", False),
-              (pod["properties"]["tolerations"], "tolerations", False),
-              (container["properties"]["resources"], "resources", False),
-              (container["properties"]["env"], "env", False),
-              (container["properties"]["readinessProbe"], "readinessProbe", False)]
+    checks = [
+        (pod["properties"]["securityContext"], "securityContext", False),
+        (pod["properties"]["tolerations"], "tolerations", False),
+        (container["properties"]["resources"], "resources", False),
+        (container["properties"]["env"], "env", False),
+        (container["properties"]["readinessProbe"], "readinessProbe", False),
+    ]
     values = helm_values()
     for group in [values["scheduler"], *helm_worker_groups(values)]:
         for schema, key, _ in checks:
@@ -302,6 +318,7 @@ def test_helm_job_targets_the_charts_scheduler_service():
 
 
 # -- compose ------------------------------------------------------------------------------------
+
 
 def test_compose_has_a_scheduler_two_workers_and_a_job():
     services = compose()["services"]
@@ -337,6 +354,7 @@ def test_compose_gpu_override_gives_workers_gpus():
 
 # -- Dockerfiles ------------------------------------------------------------------------------------
 
+
 def test_both_images_pin_the_same_dask_and_torch():
     cpu, cuda = (dockerfile_args(p) for p in DOCKERFILES)
     assert cpu["DASK_VERSION"] == cuda["DASK_VERSION"]
@@ -345,8 +363,9 @@ def test_both_images_pin_the_same_dask_and_torch():
     for requirement in deps:
         if requirement.name in ("dask", "distributed"):
             assert Version(cpu["DASK_VERSION"]) in requirement.specifier
-    base = re.fullmatch(r"pytorch/pytorch:(?P<torch>[\d.]+)-cuda(?P<cuda>[\d.]+)-cudnn(?P<cudnn>\d+)-runtime",
-                        cuda["PYTORCH_IMAGE"])
+    base = re.fullmatch(
+        r"pytorch/pytorch:(?P<torch>[\d.]+)-cuda(?P<cuda>[\d.]+)-cudnn(?P<cudnn>\d+)-runtime", cuda["PYTORCH_IMAGE"]
+    )
     assert base, f"an official PyTorch CUDA runtime image, got {cuda['PYTORCH_IMAGE']}"
     assert base["torch"] == cpu["TORCH_VERSION"], "the CPU and CUDA images must run the same torch"
     constraints = (DEPLOY / "constraints.txt").read_text()

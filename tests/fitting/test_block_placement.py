@@ -93,8 +93,7 @@ def test_each_worker_sums_its_own_group(problem, fit_client):
 def test_no_large_graph_warning_for_the_solver_and_data(problem, fit_client, tmp_path):
     """The solver and in-memory data are sent once on purpose: distributed's warning is silenced."""
     model, loss, x, y = problem
-    calc = di.DaskInfluenceCalculator(di.DirectInfluence(model, loss, regularization=0.3), fit_client,
-                                      progress=False)
+    calc = di.DaskInfluenceCalculator(di.DirectInfluence(model, loss, regularization=0.3), fit_client, progress=False)
     with dask.config.set({"distributed.admin.large-graph-warning-threshold": "1kB"}), warnings.catch_warnings():
         warnings.filterwarnings("error", message="Sending large graph")
         calc.fit((x, y), block_size=20)

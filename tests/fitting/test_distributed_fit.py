@@ -53,8 +53,9 @@ def test_fitted_solver_scores_on_the_cluster(problem, fit_client, tmp_path):
     expected = di.CgInfluence(model, loss, **kwargs).fit((x, y)).influences(xt, yt, x, y).numpy()
     train, test = DataLoader(TensorDataset(x, y), batch_size=10), DataLoader(TensorDataset(xt, yt), batch_size=4)
     for factors, on_client in (("auto", 2), ("workers", None)):
-        calc = di.DaskInfluenceCalculator(di.CgInfluence(model, loss, **kwargs), fit_client, progress=False,
-                                          factors=factors)
+        calc = di.DaskInfluenceCalculator(
+            di.CgInfluence(model, loss, **kwargs), fit_client, progress=False, factors=factors
+        )
         calc.fit(train)
         group = calc.influences_to_zarr(test, train, tmp_path / f"{factors}.zarr")
         assert calc.last_run_.get("factor_blocks_on_client") == on_client
@@ -63,8 +64,7 @@ def test_fitted_solver_scores_on_the_cluster(problem, fit_client, tmp_path):
 
 def test_fit_errors(problem, fit_client, tmp_path):
     model, loss, (x, y), _ = problem
-    calc = di.DaskInfluenceCalculator(di.DirectInfluence(model, loss, regularization=0.3), fit_client,
-                                      progress=False)
+    calc = di.DaskInfluenceCalculator(di.DirectInfluence(model, loss, regularization=0.3), fit_client, progress=False)
     with pytest.raises(di.NotFittedError, match=r"calc\.fit\(train\)"):
         calc.influences((x, y), (x, y))
     bad = x.clone()
@@ -76,5 +76,6 @@ def test_fit_errors(problem, fit_client, tmp_path):
     with pytest.raises(ValueError, match=r"calc\.fit\(train\) first"):
         cg = di.CgInfluence(model, loss, regularization=0.3).fit((x, y))
         di.DaskInfluenceCalculator(cg, fit_client, factors="client", progress=False).influences_to_zarr(
-            (x, y), (x, y), tmp_path / "unused.zarr")
+            (x, y), (x, y), tmp_path / "unused.zarr"
+        )
     assert not (tmp_path / "unused.zarr").exists()

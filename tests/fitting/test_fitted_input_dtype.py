@@ -36,7 +36,8 @@ def test_restored_and_loaded_fits_record_float_inputs(problem, tmp_path):
     model, loss, train, test = problem
     path = tmp_path / "fit.pt"
     di.SequentialInfluenceCalculator(di.DirectInfluence(model, loss, regularization=0.3), progress=False).fit(
-        train, block_size=10, path=path)
+        train, block_size=10, path=path
+    )
     again = di.SequentialInfluenceCalculator(di.DirectInfluence(model, loss, regularization=0.3), progress=False)
     again.fit(train, block_size=10, path=path)
     assert again.last_fit_["reused"]

@@ -110,7 +110,8 @@ def test_registered_and_configured():
 def test_fits_identically_in_process_block_by_block_and_on_the_cluster(problem, fit_client):
     model, loss, train, test = problem
     in_process = DiagonalInfluence(model, loss, regularization=0.1).fit(
-        torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*train), batch_size=10))
+        torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*train), batch_size=10)
+    )
     # the reference: the exact diagonal of the dense Hessian of the mean loss
     dense = di.DirectInfluence(model, loss, regularization=0.1).fit(train).hessian
     assert rel(in_process.state_.diagonal, torch.diagonal(dense)) < 1e-12
@@ -136,7 +137,8 @@ def test_fits_identically_in_process_block_by_block_and_on_the_cluster(problem, 
 
 
 def test_runs_from_a_job_file(problem, fit_client, tmp_path, monkeypatch):
-    (tmp_path / "toy_factory.py").write_text(textwrap.dedent("""\
+    (tmp_path / "toy_factory.py").write_text(
+        textwrap.dedent("""\
         from fit_cases import make_problem
         from torch.utils.data import TensorDataset
 
@@ -144,9 +146,11 @@ def test_runs_from_a_job_file(problem, fit_client, tmp_path, monkeypatch):
         def make(n_train=30):
             model, loss, (x, y), (xt, yt) = make_problem(n=n_train)
             return {"model": model, "loss": loss, "train": TensorDataset(x, y), "test": TensorDataset(xt, yt)}
-        """))
+        """)
+    )
     job = tmp_path / "job.toml"
-    job.write_text(textwrap.dedent(f"""\
+    job.write_text(
+        textwrap.dedent(f"""\
         [model]
         factory = "toy_factory:make"
         path = "{tmp_path}"
@@ -162,7 +166,8 @@ def test_runs_from_a_job_file(problem, fit_client, tmp_path, monkeypatch):
 
         [output]
         store = "out.zarr"
-        """))
+        """)
+    )
     monkeypatch.setattr(sys, "path", list(sys.path))
     result = CliRunner().invoke(cli, ["run", str(job), "--scheduler", fit_client.scheduler.address, "--quiet"])
     assert result.exit_code == 0, result.output
@@ -180,7 +185,8 @@ def test_a_solver_of_another_installed_package_is_found_by_its_entry_point(tmp_p
 
     (tmp_path / "plugin_solver.py").write_text(
         "from dask_influence import DirectInfluence\n\n\nclass PluginInfluence(DirectInfluence):\n"
-        '    """Direct, under another name."""\n')
+        '    """Direct, under another name."""\n'
+    )
     dist = tmp_path / "plugin_solver-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: plugin-solver\nVersion: 0.1\n")
@@ -189,8 +195,14 @@ def test_a_solver_of_another_installed_package_is_found_by_its_entry_point(tmp_p
     monkeypatch.setattr(registry, "_plugins_loaded", False)
     assert "plugged" not in SOLVERS
     try:
-        job = parse_job({"model": {"factory": "m:f"}, "solver": {"method": "plugged", "regularization": 0.5},
-                         "output": {"store": str(tmp_path / "s.zarr")}}, base_dir=tmp_path)
+        job = parse_job(
+            {
+                "model": {"factory": "m:f"},
+                "solver": {"method": "plugged", "regularization": 0.5},
+                "output": {"store": str(tmp_path / "s.zarr")},
+            },
+            base_dir=tmp_path,
+        )
         assert job.solver.solver_class.__name__ == "PluginInfluence"
         model, loss, (x, y), _ = make_problem(n=12)
         solver = make_solver(job, model, loss)

@@ -49,10 +49,17 @@ def test_sequential_equals_in_memory(problem, kind, mode):
 @pytest.mark.parametrize("mode", ["up", "perturbation"])
 def test_dask_equals_sequential(problem, cluster_client, kind, mode):
     solver, train, test = problem
-    seq = lazy(di.SequentialInfluenceCalculator(solver, progress=False), test, train, mode,
-               test_kind=kind, train_kind=kind).compute(scheduler="sync")
-    dist = lazy(di.DaskInfluenceCalculator(solver, cluster_client, progress=False), test, train, mode,
-                test_kind=kind, train_kind=kind).compute()
+    seq = lazy(
+        di.SequentialInfluenceCalculator(solver, progress=False), test, train, mode, test_kind=kind, train_kind=kind
+    ).compute(scheduler="sync")
+    dist = lazy(
+        di.DaskInfluenceCalculator(solver, cluster_client, progress=False),
+        test,
+        train,
+        mode,
+        test_kind=kind,
+        train_kind=kind,
+    ).compute()
     assert rel_err(dist, seq) < 1e-10
 
 
@@ -113,8 +120,9 @@ def test_output_dtype_follows_model_not_data(problem):
     model32 = __import__("copy").deepcopy(solver.model).float()
     s32 = di.DirectInfluence(model32, solver.loss, regularization=0.05).fit((train[0].float(), train[1]))
     calc = di.SequentialInfluenceCalculator(s32, progress=False)
-    out = calc.influences((test[0].numpy(), test[1].numpy()), (train[0].numpy(), train[1].numpy()),
-                          test_block_size=5, train_block_size=5)
+    out = calc.influences(
+        (test[0].numpy(), test[1].numpy()), (train[0].numpy(), train[1].numpy()), test_block_size=5, train_block_size=5
+    )
     assert out.dtype == np.float32
 
 

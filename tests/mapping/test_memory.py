@@ -32,8 +32,12 @@ def test_matrix_larger_than_worker_memory(tmp_path):
 
     path = tmp_path / "big.zarr"
     try:
-        with LocalCluster(n_workers=2, threads_per_worker=1, memory_limit=limit, host="127.0.0.1",
-                          dashboard_address=None) as cluster, Client(cluster) as client:
+        with (
+            LocalCluster(
+                n_workers=2, threads_per_worker=1, memory_limit=limit, host="127.0.0.1", dashboard_address=None
+            ) as cluster,
+            Client(cluster) as client,
+        ):
             calc = di.DaskInfluenceCalculator(solver, client, progress=False)
             group = calc.influences_to_zarr((x_test.numpy(), y_test.numpy()), (x, y), path, test_block_size=500)
             # the nanny restarts a worker above 95% of its limit; none was restarted
@@ -42,9 +46,9 @@ def test_matrix_larger_than_worker_memory(tmp_path):
         assert calc.last_run_["chunks_computed"] == 4 * 20
         # spot-check two chunks against the in-memory solver
         for i0, j0 in [(0, 0), (1500, 380_000)]:
-            xb, yb = x[j0:j0 + 100].compute(), y[j0:j0 + 100].compute()
-            expected = solver.influences(x_test[i0:i0 + 50], y_test[i0:i0 + 50], xb, yb).numpy()
-            stored = zarr.open_group(str(path), mode="r")["influences"][i0:i0 + 50, j0:j0 + 100]
+            xb, yb = x[j0 : j0 + 100].compute(), y[j0 : j0 + 100].compute()
+            expected = solver.influences(x_test[i0 : i0 + 50], y_test[i0 : i0 + 50], xb, yb).numpy()
+            stored = zarr.open_group(str(path), mode="r")["influences"][i0 : i0 + 50, j0 : j0 + 100]
             np.testing.assert_allclose(stored, expected, rtol=1e-4, atol=1e-5)
     finally:
         shutil.rmtree(path, ignore_errors=True)

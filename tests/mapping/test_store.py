@@ -1,6 +1,5 @@
 """The zarr output: layout, attributes, resume, refusals, top-k, self-influences."""
 
-
 import numpy as np
 import pytest
 import zarr
@@ -12,8 +11,10 @@ from dask_influence.mapping import store as zstore
 
 def loaders(problem, test_block=7, train_block=10):
     solver, train, test = problem
-    return (DataLoader(TensorDataset(*test), batch_size=test_block),
-            DataLoader(TensorDataset(*train), batch_size=train_block))
+    return (
+        DataLoader(TensorDataset(*test), batch_size=test_block),
+        DataLoader(TensorDataset(*train), batch_size=train_block),
+    )
 
 
 def test_store_layout_and_attributes(problem, tmp_path):
@@ -59,7 +60,7 @@ def test_resume_computes_only_missing_chunks(problem, tmp_path, cluster_client):
     group = zarr.open_group(str(path), mode="r+")
     for i, j in [(0, 0), (1, 4), (2, 5)]:
         group["influences_done"][i, j] = 0
-        group["influences"][i * 7:(i + 1) * 7, j * 10:(j + 1) * 10] = np.nan
+        group["influences"][i * 7 : (i + 1) * 7, j * 10 : (j + 1) * 10] = np.nan
     group["topk_done"][1] = 0
     attrs = dict(group.attrs["dask_influence"])
     attrs["complete"] = False
@@ -123,7 +124,8 @@ def test_perturbation_mode_store(problem, tmp_path):
     solver, train, test = problem
     t, r = loaders(problem)
     group = di.SequentialInfluenceCalculator(solver, progress=False).influences_to_zarr(
-        t, r, tmp_path / "p.zarr", mode="perturbation")
+        t, r, tmp_path / "p.zarr", mode="perturbation"
+    )
     expected = solver.influences(*test, *train, mode="perturbation").numpy()
     assert group["influences"].shape == (17, 53, 4) and group["influences"].chunks == (7, 10, 4)
     np.testing.assert_allclose(group["influences"][...], expected, rtol=1e-9, atol=1e-12)

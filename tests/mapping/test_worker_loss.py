@@ -34,8 +34,9 @@ def _free_port() -> int:
 
 
 def _start(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([DASK, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.Popen(
+        [DASK, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -64,7 +65,9 @@ def test_job_survives_loss_of_the_only_worker(tmp_path):
     xt, yt = x[:40], y[:40]
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 24), nn.Tanh(), nn.Linear(24, 4)).double().eval()
-    solver = di.DirectInfluence(model, nn.CrossEntropyLoss(), regularization=0.5, curvature="ggn").fit((x[:500], y[:500]))
+    solver = di.DirectInfluence(model, nn.CrossEntropyLoss(), regularization=0.5, curvature="ggn").fit(
+        (x[:500], y[:500])
+    )
     expected = solver.influences(xt, yt, x, y).numpy()
     test = DataLoader(TensorDataset(xt, yt), batch_size=20)
     train = DataLoader(TensorDataset(x, y), batch_size=25)  # 2 x 120 chunks
@@ -96,8 +99,9 @@ def test_job_survives_loss_of_the_only_worker(tmp_path):
             assert 0 < written_before < 240, f"the job must be mid-way when the worker dies ({written_before})"
             os.kill(first.pid, signal.SIGKILL)  # the only worker, holding the solver, is gone
             first.wait(10)
-            procs.append(_start("worker", address, "--nthreads", "1", "--no-nanny", "--no-dashboard",
-                                "--host", "127.0.0.1"))
+            procs.append(
+                _start("worker", address, "--nthreads", "1", "--no-nanny", "--no-dashboard", "--host", "127.0.0.1")
+            )
             thread.join(240)
             assert not thread.is_alive(), "the job did not finish after the new worker joined"
             assert "error" not in outcome, repr(outcome.get("error"))

@@ -48,5 +48,9 @@ def make_problem(n_train: int = N_TRAIN, n_test: int = N_TEST, block: int = TRAI
     yt = torch.randint(0, N_CLASSES, (n_test,), generator=g)
     torch.manual_seed(7)
     model = nn.Sequential(nn.Linear(N_FEATURES, 8), nn.Tanh(), nn.Linear(8, N_CLASSES)).double().eval()
-    return {"model": model, "loss": nn.CrossEntropyLoss(), "train": SlowDataset(x, y, block),
-            "test": TensorDataset(xt, yt)}
+    return {
+        "model": model,
+        "loss": nn.CrossEntropyLoss(),
+        "train": SlowDataset(x, y, block),
+        "test": TensorDataset(xt, yt),
+    }

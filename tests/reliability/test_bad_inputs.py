@@ -56,8 +56,13 @@ def test_unwritable_directory_is_named(setup, tmp_path):
             if not os.path.isdir("/sys") or os.access("/sys", os.W_OK) and _can_create("/sys"):
                 pytest.skip("no unwritable directory available to this user")
             locked, target = "/sys", "/sys/dask-influence-test.zarr"
-        with pytest.raises(di.StoreError, match=(rf"Cannot write the output store '{target}': the directory "
-                                                 rf"'{locked}' is not writable \(Permission denied\)")):
+        with pytest.raises(
+            di.StoreError,
+            match=(
+                rf"Cannot write the output store '{target}': the directory "
+                rf"'{locked}' is not writable \(Permission denied\)"
+            ),
+        ):
             di.SequentialInfluenceCalculator(solver, progress=False).influences_to_zarr((x, y), (x, y), target)
         from dask_influence.cli.run import _check_store_early
 
@@ -80,27 +85,32 @@ def test_output_path_inside_a_file(setup, tmp_path):
     solver, x, y = setup
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(di.StoreError, match=r"Cannot create the output store .*/a_file' is a file, not a directory"):
-        di.SequentialInfluenceCalculator(solver, progress=False).influences_to_zarr((x, y), (x, y),
-                                                                                  tmp_path / "a_file" / "o.zarr")
+        di.SequentialInfluenceCalculator(solver, progress=False).influences_to_zarr(
+            (x, y), (x, y), tmp_path / "a_file" / "o.zarr"
+        )
 
 
-@pytest.mark.parametrize("kwargs, error, message", [
-    ({"top_k": -1}, ValueError, r"top_k must be a positive int or None; got -1"),
-    ({"top_k": "3"}, ValueError, r"top_k must be a positive int or None; got '3'"),
-    ({"top_k": True}, ValueError, r"top_k must be a positive int or None; got True"),
-    ({"train_block_size": 0}, ValueError, r"block_size must be a positive int; got 0"),
-    ({"test_block_size": -3}, ValueError, r"block_size must be a positive int; got -3"),
-    ({"train_block_size": "10"}, ValueError, r"block_size must be a positive int; got '10'"),
-    ({"train_block_size": 2.5}, ValueError, r"block_size must be a positive int; got 2.5"),
-    ({"verify": "yes", "resume": True}, ValueError, r"verify must be True, False, 'full' or 'exists'"),
-    ({"break_lock": 1}, TypeError, r"break_lock must be True or False"),
-    ({"mode": "sideways"}, ValueError, r"mode must be 'up' or 'perturbation'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"top_k": -1}, ValueError, r"top_k must be a positive int or None; got -1"),
+        ({"top_k": "3"}, ValueError, r"top_k must be a positive int or None; got '3'"),
+        ({"top_k": True}, ValueError, r"top_k must be a positive int or None; got True"),
+        ({"train_block_size": 0}, ValueError, r"block_size must be a positive int; got 0"),
+        ({"test_block_size": -3}, ValueError, r"block_size must be a positive int; got -3"),
+        ({"train_block_size": "10"}, ValueError, r"block_size must be a positive int; got '10'"),
+        ({"train_block_size": 2.5}, ValueError, r"block_size must be a positive int; got 2.5"),
+        ({"verify": "yes", "resume": True}, ValueError, r"verify must be True, False, 'full' or 'exists'"),
+        ({"break_lock": 1}, TypeError, r"break_lock must be True or False"),
+        ({"mode": "sideways"}, ValueError, r"mode must be 'up' or 'perturbation'"),
+    ],
+)
 def test_bad_job_parameters(setup, tmp_path, kwargs, error, message):
     solver, x, y = setup
     with pytest.raises(error, match=message):
-        di.SequentialInfluenceCalculator(solver, progress=False).influences_to_zarr((x, y), (x, y),
-                                                                                  tmp_path / "o.zarr", **kwargs)
+        di.SequentialInfluenceCalculator(solver, progress=False).influences_to_zarr(
+            (x, y), (x, y), tmp_path / "o.zarr", **kwargs
+        )
     assert not os.path.exists(tmp_path / "o.zarr")  # refused before anything is written
 
 
@@ -121,8 +131,11 @@ def test_empty_data_in_a_job(setup, tmp_path):
 
 def test_integer_inputs_to_a_float_model(setup):
     solver, x, y = setup
-    with pytest.raises(ValueError, match=r"could not be evaluated on a training batch with inputs \(20, 3\) "
-                                         r"\(torch\.int64\).*same dtype"):
+    with pytest.raises(
+        ValueError,
+        match=r"could not be evaluated on a training batch with inputs \(20, 3\) "
+        r"\(torch\.int64\).*same dtype",
+    ):
         di.DirectInfluence(solver.model, nn.MSELoss(), regularization=0.5).fit((x.long(), y))
     # after fitting on floats, integer test inputs are refused with what to pass instead
     with pytest.raises(TypeError, match=r"x_test has integer dtype torch\.int64.*fitted on floating-point inputs"):
@@ -133,8 +146,11 @@ def test_integer_inputs_to_a_float_model(setup):
 def test_half_precision_model_is_computed_in_float32_with_a_warning(setup, dtype, tmp_path):
     solver64, x, y = setup
     model = copy.deepcopy(solver64.model).to(dtype)
-    with pytest.warns(UserWarning, match=rf"parameters are {str(dtype)[6:]}; influences are computed on a float32 "
-                                         r"copy of the model") as caught:
+    with pytest.warns(
+        UserWarning,
+        match=rf"parameters are {str(dtype)[6:]}; influences are computed on a float32 "
+        r"copy of the model",
+    ) as caught:
         m = di.CgInfluence(model, nn.MSELoss(), regularization=0.5, curvature="ggn")
     assert caught[0].filename == __file__  # the warning points at the user's line
     assert next(model.parameters()).dtype == dtype  # the model passed in is not changed
@@ -143,14 +159,18 @@ def test_half_precision_model_is_computed_in_float32_with_a_warning(setup, dtype
     out = m.influences(x[:3], y[:3], x, y)
     assert out.dtype == torch.float32
     # as accurate as the float32 model of the same (half-precision) weights
-    reference = di.CgInfluence(copy.deepcopy(model).double(), nn.MSELoss(), regularization=0.5, curvature="ggn").fit(
-        (x.to(dtype).double(), y.to(dtype).double())).influences(x[:3], y[:3], x, y)
+    reference = (
+        di.CgInfluence(copy.deepcopy(model).double(), nn.MSELoss(), regularization=0.5, curvature="ggn")
+        .fit((x.to(dtype).double(), y.to(dtype).double()))
+        .influences(x[:3], y[:3], x, y)
+    )
     assert float((out.double() - reference).abs().max() / reference.abs().max()) < 1e-4
     # in a job: float32 store; save/load of the fitted solver works with the same half model
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        group = di.SequentialInfluenceCalculator(m, progress=False).influences_to_zarr((x, y), (x, y),
-                                                                                     tmp_path / "o.zarr")
+        group = di.SequentialInfluenceCalculator(m, progress=False).influences_to_zarr(
+            (x, y), (x, y), tmp_path / "o.zarr"
+        )
         assert group["influences"].dtype == np.float32
         d = di.DirectInfluence(model, nn.MSELoss(), regularization=0.5, curvature="ggn").fit((x, y))
         d.save(tmp_path / "d.pt")
@@ -159,7 +179,9 @@ def test_half_precision_model_is_computed_in_float32_with_a_warning(setup, dtype
 
 
 def test_calculator_refuses_what_is_not_a_solver(setup):
-    with pytest.raises(TypeError, match=r"solver must be a dask_influence solver \(e\.g\. CgInfluence\); got Sequential"):
+    with pytest.raises(
+        TypeError, match=r"solver must be a dask_influence solver \(e\.g\. CgInfluence\); got Sequential"
+    ):
         di.SequentialInfluenceCalculator(setup[0].model)
 
 
@@ -169,17 +191,25 @@ def test_integer_inputs_in_a_perturbation_job(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(5, 2), nn.Flatten(), nn.Linear(6, 1)).double().eval()
     solver = di.DirectInfluence(model, nn.MSELoss(), regularization=1.0).fit((ids, y))
-    with pytest.raises(TypeError, match=r"Perturbation influences need floating-point train inputs; got int64\. "
-                                        r"Use mode='up'"):
+    with pytest.raises(
+        TypeError,
+        match=r"Perturbation influences need floating-point train inputs; got int64\. "
+        r"Use mode='up'",
+    ):
         di.SequentialInfluenceCalculator(solver, progress=False).influences_to_zarr(
-            (ids, y), (ids, y), tmp_path / "o.zarr", mode="perturbation")
-    group = di.SequentialInfluenceCalculator(solver, progress=False).influences_to_zarr((ids, y), (ids, y),
-                                                                                      tmp_path / "o.zarr")
+            (ids, y), (ids, y), tmp_path / "o.zarr", mode="perturbation"
+        )
+    group = di.SequentialInfluenceCalculator(solver, progress=False).influences_to_zarr(
+        (ids, y), (ids, y), tmp_path / "o.zarr"
+    )
     assert group["influences"].dtype == np.float64  # never integer, whatever the inputs
 
 
 def test_parameters_of_mixed_dtypes():
     model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1).double())
-    with pytest.raises(ValueError, match=r"All trainable parameters must share one dtype and device; got dtypes "
-                                         r"\['torch\.float32', 'torch\.float64'\].*model\.to\(dtype, device\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"All trainable parameters must share one dtype and device; got dtypes "
+        r"\['torch\.float32', 'torch\.float64'\].*model\.to\(dtype, device\)",
+    ):
         di.DirectInfluence(model, nn.MSELoss())

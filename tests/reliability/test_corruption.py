@@ -42,8 +42,11 @@ def make(seed=0, n_train=N_TRAIN, n_test=N_TEST, n_features=3):
 def job():
     model, loss, train, test = make()
     solver = di.DirectInfluence(model, loss, regularization=0.1, curvature="ggn").fit(train)
-    return solver, DataLoader(TensorDataset(*test), batch_size=TEST_BLOCK), DataLoader(TensorDataset(*train),
-                                                                                        batch_size=TRAIN_BLOCK)
+    return (
+        solver,
+        DataLoader(TensorDataset(*test), batch_size=TEST_BLOCK),
+        DataLoader(TensorDataset(*train), batch_size=TRAIN_BLOCK),
+    )
 
 
 def run(job, path, **kw):
@@ -55,8 +58,11 @@ def run(job, path, **kw):
 
 def arrays(path):
     group = zarr.open_group(str(path), mode="r")
-    return {name: group[name][...] for name in sorted(group.array_keys())
-            if not name.endswith("_done") and name != "solver_info"}
+    return {
+        name: group[name][...]
+        for name in sorted(group.array_keys())
+        if not name.endswith("_done") and name != "solver_info"
+    }
 
 
 def truncate(path: Path) -> None:
@@ -76,11 +82,11 @@ def test_damaged_chunks_are_detected_by_resume_and_recomputed(job, tmp_path):
     path = tmp_path / "store.zarr"
     run(job, path)
     c = path / "influences" / "c"
-    (c / "0" / "1").unlink()                          # a deleted chunk (its flag still set)
-    truncate(c / "1" / "2")                           # a truncated chunk
-    flip_byte(c / "2" / "3")                          # one flipped byte (bit rot)
+    (c / "0" / "1").unlink()  # a deleted chunk (its flag still set)
+    truncate(c / "1" / "2")  # a truncated chunk
+    flip_byte(c / "2" / "3")  # one flipped byte (bit rot)
     truncate(path / "influences_done" / "c" / "2" / "0")  # a done flag that no longer decodes
-    (path / "self_influences" / "c" / "3").unlink()   # a deleted self-influence chunk
+    (path / "self_influences" / "c" / "3").unlink()  # a deleted self-influence chunk
     truncate(path / "top_helpful_values" / "c" / "1" / "0")  # a truncated top-k chunk
 
     # before resume: the unreadable flag counts as not done, so the store is incomplete
@@ -106,9 +112,11 @@ def test_damaged_chunks_are_detected_by_resume_and_recomputed(job, tmp_path):
     # the repaired store verifies clean; a complete store resumes with nothing to do
     calc, _ = run(job, path, resume=True)
     assert calc.last_run_["chunks_computed"] == 0 and calc.last_run_["verify"]["damaged"] == {}
-    print("\nMEASURED corruption: 6 faults injected (3 influence chunks, 1 flag, 1 self-influence chunk, "
-          "1 top-k chunk); all detected; 4 influence chunks + 1 self block + 1 top-k row recomputed; "
-          "equal to clean run (bit-identical)")
+    print(
+        "\nMEASURED corruption: 6 faults injected (3 influence chunks, 1 flag, 1 self-influence chunk, "
+        "1 top-k chunk); all detected; 4 influence chunks + 1 self block + 1 top-k row recomputed; "
+        "equal to clean run (bit-identical)"
+    )
 
 
 def test_a_complete_store_found_damaged_is_marked_incomplete_until_repaired(job, tmp_path, monkeypatch):
@@ -156,14 +164,17 @@ def test_verify_modes(job, tmp_path):
         run(job, path, resume=True, verify="yes")
 
 
-@pytest.mark.parametrize("change, differs", [
-    ("method", "method"),
-    ("regularization", "regularization"),
-    ("n_train", "shape"),
-    ("n_test", "shape"),
-    ("train_block", "train_block_sizes"),
-    ("mode", "mode"),
-])
+@pytest.mark.parametrize(
+    "change, differs",
+    [
+        ("method", "method"),
+        ("regularization", "regularization"),
+        ("n_train", "shape"),
+        ("n_test", "shape"),
+        ("train_block", "train_block_sizes"),
+        ("mode", "mode"),
+    ],
+)
 def test_store_of_another_job_is_refused(job, tmp_path, change, differs):
     solver, test, train = job
     path = tmp_path / "store.zarr"
@@ -184,8 +195,9 @@ def test_store_of_another_job_is_refused(job, tmp_path, change, differs):
     elif change == "mode":
         mode = "perturbation"
     with pytest.raises(di.StoreError, match=rf"different configuration \(differs in: .*{differs}"):
-        di.SequentialInfluenceCalculator(other, progress=False).influences_to_zarr(test, train, path, mode=mode,
-                                                                                  resume=True)
+        di.SequentialInfluenceCalculator(other, progress=False).influences_to_zarr(
+            test, train, path, mode=mode, resume=True
+        )
     assert not os.path.exists(f"{path}.lock")
 
 
@@ -195,8 +207,11 @@ def test_store_whose_arrays_were_altered_is_refused(job, tmp_path):
     di.SequentialInfluenceCalculator(solver, progress=False).influences_to_zarr(test, train, path)
     group = zarr.open_group(str(path), mode="r+")
     group.create_array("influences", shape=(N_TEST, N_TRAIN), chunks=(3, 10), dtype="float64", overwrite=True)
-    with pytest.raises(di.StoreError, match=r"array 'influences' .* chunks \(3, 10\).* needs shape \(12, 40\), "
-                                            r"chunks \(4, 10\)"):
+    with pytest.raises(
+        di.StoreError,
+        match=r"array 'influences' .* chunks \(3, 10\).* needs shape \(12, 40\), "
+        r"chunks \(4, 10\)",
+    ):
         di.SequentialInfluenceCalculator(solver, progress=False).influences_to_zarr(test, train, path, resume=True)
     path = tmp_path / "store2.zarr"
     di.SequentialInfluenceCalculator(solver, progress=False).influences_to_zarr(test, train, path)

@@ -81,24 +81,47 @@ class Cluster:
         self.port = _free_port()
         self.address = f"tcp://127.0.0.1:{self.port}"
         self.env = {k: v for k, v in os.environ.items() if k != "DASK_SCHEDULER_ADDRESS"}
-        self.env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-                        PYTHONPATH=os.pathsep.join([str(HERE)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-        self.scheduler = self._start("scheduler", ["scheduler", "--host", "127.0.0.1", "--port", str(self.port),
-                                                   "--no-dashboard"], {})
+        self.env.update(
+            OMP_NUM_THREADS="1",
+            MKL_NUM_THREADS="1",
+            PYTHONPATH=os.pathsep.join([str(HERE)] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
+        )
+        self.scheduler = self._start(
+            "scheduler", ["scheduler", "--host", "127.0.0.1", "--port", str(self.port), "--no-dashboard"], {}
+        )
         self.workers: list[subprocess.Popen] = []
 
     def _start(self, name: str, args: list[str], extra_env: dict) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "a")
         try:
-            return subprocess.Popen([str(BIN / "dask"), *args], stdout=log, stderr=subprocess.STDOUT,
-                                    env={**self.env, **extra_env}, cwd=self.logs, stdin=subprocess.DEVNULL)
+            return subprocess.Popen(
+                [str(BIN / "dask"), *args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**self.env, **extra_env},
+                cwd=self.logs,
+                stdin=subprocess.DEVNULL,
+            )
         finally:
             log.close()
 
     def start_worker(self) -> subprocess.Popen:
-        proc = self._start(f"worker-{len(self.workers)}", [
-            "worker", self.address, "--nthreads", "1", "--no-nanny", "--no-dashboard", "--host", "127.0.0.1",
-            "--name", f"worker-{len(self.workers)}"], {rp.DELAY_ENV: DELAY})
+        proc = self._start(
+            f"worker-{len(self.workers)}",
+            [
+                "worker",
+                self.address,
+                "--nthreads",
+                "1",
+                "--no-nanny",
+                "--no-dashboard",
+                "--host",
+                "127.0.0.1",
+                "--name",
+                f"worker-{len(self.workers)}",
+            ],
+            {rp.DELAY_ENV: DELAY},
+        )
         self.workers.append(proc)
         return proc
 
@@ -143,15 +166,25 @@ def clean(tmp_path_factory):
     solver.fit(DataLoader(problem["train"], batch_size=rp.TRAIN_BLOCK))
     path = tmp_path_factory.mktemp("clean") / "clean.zarr"
     di.SequentialInfluenceCalculator(solver, progress=False).influences_to_zarr(
-        DataLoader(problem["test"], batch_size=rp.TEST_BLOCK), DataLoader(problem["train"], batch_size=rp.TRAIN_BLOCK),
-        path, top_k=3, self_influences=True)
+        DataLoader(problem["test"], batch_size=rp.TEST_BLOCK),
+        DataLoader(problem["train"], batch_size=rp.TRAIN_BLOCK),
+        path,
+        top_k=3,
+        self_influences=True,
+    )
     return {"solver": solver, "problem": problem, "path": path, **_arrays(path)}
 
 
 def _arrays(path: Path) -> dict:
     group = zarr.open_group(str(path), mode="r")
-    names = ["influences", "self_influences", "top_helpful_indices", "top_helpful_values",
-             "top_harmful_indices", "top_harmful_values"]
+    names = [
+        "influences",
+        "self_influences",
+        "top_helpful_indices",
+        "top_helpful_values",
+        "top_harmful_indices",
+        "top_harmful_values",
+    ]
     return {name: group[name][...] for name in names}
 
 
@@ -167,8 +200,7 @@ def assert_equals_clean(path: Path, clean: dict) -> bool:
         else:
             # other processes may round differently in the last bits (measured: 1.5e-14 absolute
             # on values up to 7); nothing else may differ
-            np.testing.assert_allclose(value, clean[name], rtol=0, atol=1e-12 * np.abs(clean[name]).max(),
-                                       err_msg=name)
+            np.testing.assert_allclose(value, clean[name], rtol=0, atol=1e-12 * np.abs(clean[name]).max(), err_msg=name)
             identical &= bool(np.array_equal(value, clean[name]))
     return identical
 
@@ -183,7 +215,8 @@ def _idle(client) -> bool:
 
 def write_job(tmp_path: Path, address: str) -> Path:
     job = tmp_path / "job.toml"
-    job.write_text(textwrap.dedent(f"""\
+    job.write_text(
+        textwrap.dedent(f"""\
         [model]
         factory = "reliability_problem:make_problem"
         path = "{HERE}"
@@ -198,25 +231,33 @@ def write_job(tmp_path: Path, address: str) -> Path:
         train = {rp.TRAIN_BLOCK}
 
         [output]
-        store = "{tmp_path / 'store.zarr'}"
+        store = "{tmp_path / "store.zarr"}"
         top_k = 3
         self_influences = true
 
         [cluster]
         scheduler = "{address}"
-        """))
+        """)
+    )
     return job
 
 
 # -- 2. a killed driver ----------------------------------------------------------------------
+
 
 def test_killed_driver_resumes_computing_only_the_missing_chunks(tmp_path, cluster, clean):
     job = write_job(tmp_path, cluster.address)
     store = tmp_path / "store.zarr"
     env = {**cluster.env}
     env.pop(rp.DELAY_ENV, None)
-    driver = subprocess.Popen([str(BIN / "dask-influence"), "run", str(job), "--quiet"], env=env, cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    driver = subprocess.Popen(
+        [str(BIN / "dask-influence"), "run", str(job), "--quiet"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
     try:
         _wait_for(lambda: _flags_done(store) >= 6 or driver.poll() is not None, 180, "6 chunks written")
         assert driver.poll() is None, driver.stdout.read().decode()[-3000:]
@@ -251,12 +292,15 @@ def test_killed_driver_resumes_computing_only_the_missing_chunks(tmp_path, clust
     assert f"Removed the lock of {store} held by host" in result.output and "is gone" in result.output
     assert not os.path.exists(lock_path(store))
     identical = assert_equals_clean(store, clean)
-    print(f"\nMEASURED killed driver: chunks done at kill {done_before}/{N_CHUNKS}; resume computed {missing}, "
-          f"skipped {done_before}, recomputed 0 that were done; job completed; equal to clean run "
-          f"(bit-identical: {identical}); resume took {seconds:.1f} s")
+    print(
+        f"\nMEASURED killed driver: chunks done at kill {done_before}/{N_CHUNKS}; resume computed {missing}, "
+        f"skipped {done_before}, recomputed 0 that were done; job completed; equal to clean run "
+        f"(bit-identical: {identical}); resume took {seconds:.1f} s"
+    )
 
 
 # -- 1. a lost worker ------------------------------------------------------------------------
+
 
 def _chunk_files(store: Path) -> dict[str, int]:
     """The inode of every chunk file of ``influences``: zarr writes a chunk to a new file and
@@ -302,6 +346,8 @@ def test_lost_worker_job_completes_and_equals_a_clean_run(tmp_path, cluster, cle
     identical = assert_equals_clean(store, clean)
     files_after = _chunk_files(store)
     rewritten = sum(files_after[name] != inode for name, inode in files_before.items())
-    print(f"\nMEASURED lost worker: chunks written at kill {len(files_before)} ({written_before} flagged)/{N_CHUNKS}; "
-          f"job completed on the remaining worker; chunks written again after the loss {rewritten}; equal to "
-          f"clean run (bit-identical: {identical})")
+    print(
+        f"\nMEASURED lost worker: chunks written at kill {len(files_before)} ({written_before} flagged)/{N_CHUNKS}; "
+        f"job completed on the remaining worker; chunks written again after the loss {rewritten}; equal to "
+        f"clean run (bit-identical: {identical})"
+    )

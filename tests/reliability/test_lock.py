@@ -103,9 +103,13 @@ def test_second_writer_is_refused_while_the_first_runs(setup, tmp_path):
         calc = di.SequentialInfluenceCalculator(solver, progress=False)
         train = DataLoader(TensorDataset(gate.x, gate.y), batch_size=10)
         for kw in ({"resume": True}, {"overwrite": True}, {}):
-            with pytest.raises(di.StoreError, match=(
+            with pytest.raises(
+                di.StoreError,
+                match=(
                     rf"is being written by another job: host {socket.gethostname()}, pid {os.getpid()} \(owner "
-                    rf"{held.owner}\), since {re.escape(held.status()['acquired'])}.*\.lock.*pass break_lock=True")):
+                    rf"{held.owner}\), since {re.escape(held.status()['acquired'])}.*\.lock.*pass break_lock=True"
+                ),
+            ):
                 calc.influences_to_zarr(test, train, path, **kw)
         # the command line refuses too, before fitting, and names its flag
         job = tmp_path / "job.toml"
@@ -218,9 +222,11 @@ def test_cli_break_lock(tmp_path, monkeypatch):
     example = Path(__file__).resolve().parents[2] / "examples" / "batch_job"
     store = tmp_path / "out.zarr"
     job = tmp_path / "job.toml"
-    job.write_text(f'[model]\nfactory = "factory:make_problem"\npath = "{example}"\n'
-                   'options = { n_train = 30, n_test = 4 }\n[solver]\nmethod = "direct"\nregularization = 1e-3\n'
-                   f'[blocks]\ntest = 4\ntrain = 10\n[output]\nstore = "{store}"\n[cluster]\nsequential = true\n')
+    job.write_text(
+        f'[model]\nfactory = "factory:make_problem"\npath = "{example}"\n'
+        'options = { n_train = 30, n_test = 4 }\n[solver]\nmethod = "direct"\nregularization = 1e-3\n'
+        f'[blocks]\ntest = 4\ntrain = 10\n[output]\nstore = "{store}"\n[cluster]\nsequential = true\n'
+    )
     write_lock(store, hostname="elsewhere", host_id="elsewhere", pid=1)
     path, had = list(sys.path), sys.modules.get("factory")
     try:

@@ -32,8 +32,10 @@ def problem(seed=0, n=40, d=4, hidden=6):
 
 
 def loaders(x, y, n_test=12):
-    return (DataLoader(TensorDataset(x[:n_test], y[:n_test]), batch_size=4),
-            DataLoader(TensorDataset(x, y), batch_size=10))
+    return (
+        DataLoader(TensorDataset(x[:n_test], y[:n_test]), batch_size=4),
+        DataLoader(TensorDataset(x, y), batch_size=10),
+    )
 
 
 def test_cg_non_convergence_is_warned_and_stored(tmp_path):
@@ -41,8 +43,9 @@ def test_cg_non_convergence_is_warned_and_stored(tmp_path):
     solver = di.CgInfluence(model, loss, regularization=1e-3, curvature="ggn", maxiter=2).fit((x, y))
     test, train = loaders(x, y)
     with pytest.warns(di.ConvergenceWarning) as caught:
-        group = di.SequentialInfluenceCalculator(solver, progress=False).influences_to_zarr(test, train,
-                                                                                          tmp_path / "s.zarr")
+        group = di.SequentialInfluenceCalculator(solver, progress=False).influences_to_zarr(
+            test, train, tmp_path / "s.zarr"
+        )
     messages = [str(w.message) for w in caught]
     job_warning = [m for m in messages if m.startswith("CgInfluence missed its tolerance")]
     assert len(job_warning) == 1 and "for 12 test point(s): largest relative residual" in job_warning[0]
@@ -67,17 +70,20 @@ def test_residuals_recorded_on_a_cluster_equal_those_recorded_in_process(tmp_pat
     test, train = loaders(x, y)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", di.ConvergenceWarning)
-        seq = di.SequentialInfluenceCalculator(solver, progress=False).influences_to_zarr(test, train,
-                                                                                        tmp_path / "a.zarr")
+        seq = di.SequentialInfluenceCalculator(solver, progress=False).influences_to_zarr(
+            test, train, tmp_path / "a.zarr"
+        )
         # one in-process worker of one thread: several threads sharing a solver is a known bug
         # (tests/reliability/test_properties.py::test_threads_of_one_worker_sharing_the_solver)
-        with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
-                Client(cluster, set_as_default=False) as client:
+        with (
+            LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster,
+            Client(cluster, set_as_default=False) as client,
+        ):
             dist = di.DaskInfluenceCalculator(solver, client, progress=False).influences_to_zarr(
-                test, train, tmp_path / "b.zarr")
+                test, train, tmp_path / "b.zarr"
+            )
     a, b = seq.attrs[ATTR]["solver_info"], dist.attrs[ATTR]["solver_info"]
-    np.testing.assert_allclose(b["per_block_max_relative_residual"], a["per_block_max_relative_residual"],
-                               rtol=1e-9)
+    np.testing.assert_allclose(b["per_block_max_relative_residual"], a["per_block_max_relative_residual"], rtol=1e-9)
     assert a["not_converged"] == b["not_converged"] == 12
     assert solver.info_ is None or solver.info_.iterations == 3  # the caller's solver is left alone
 
@@ -105,10 +111,14 @@ def test_lissa_non_convergence_is_warned_and_stored(tmp_path):
     model, loss, x, y = problem()
     solver = di.LissaInfluence(model, loss, regularization=0.1, curvature="ggn", maxiter=3).fit((x, y))
     test, train = loaders(x, y)
-    with pytest.warns(di.ConvergenceWarning, match=r"LissaInfluence missed its tolerance.*relative change of the "
-                                                     r"LiSSA iterate in its last step"):
-        group = di.SequentialInfluenceCalculator(solver, progress=False).influences_to_zarr(test, train,
-                                                                                          tmp_path / "s.zarr")
+    with pytest.warns(
+        di.ConvergenceWarning,
+        match=r"LissaInfluence missed its tolerance.*relative change of the "
+        r"LiSSA iterate in its last step",
+    ):
+        group = di.SequentialInfluenceCalculator(solver, progress=False).influences_to_zarr(
+            test, train, tmp_path / "s.zarr"
+        )
     info = group.attrs[ATTR]["solver_info"]
     assert info["converged"] is False and info["max_iterations"] == 3 and info["max_relative_residual"] > 1e-4
 
@@ -127,8 +137,9 @@ def test_not_positive_definite_curvature_reports_its_smallest_eigenvalue(tmp_pat
     assert not is_complete(group) and group.attrs[ATTR]["complete"] is False
 
 
-@pytest.mark.parametrize("solver, kw", [(di.DirectInfluence, {}), (di.CgInfluence, {}),
-                                        (di.ArnoldiInfluence, {"rank": 20})])
+@pytest.mark.parametrize(
+    "solver, kw", [(di.DirectInfluence, {}), (di.CgInfluence, {}), (di.ArnoldiInfluence, {"rank": 20})]
+)
 def test_float32_agrees_with_float64(solver, kw, tmp_path):
     worst = 0.0
     for seed in range(3):

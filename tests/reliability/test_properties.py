@@ -21,8 +21,12 @@ from torch import nn
 
 import dask_influence as di
 
-SETTINGS = settings(max_examples=12, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+SETTINGS = settings(
+    max_examples=12,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 
 
 @st.composite
@@ -44,8 +48,13 @@ def problems(draw):
     layers = [nn.Linear(d, out)] if hidden == 0 else [nn.Linear(d, hidden), nn.Tanh(), nn.Linear(hidden, out)]
     model = nn.Sequential(*layers).double().eval()
     loss = nn.CrossEntropyLoss() if classify else nn.MSELoss()
-    return {"model": model, "loss": loss, "train": (x[:n_train], y[:n_train]), "test": (x[n_train:], y[n_train:]),
-            "regularization": regularization}
+    return {
+        "model": model,
+        "loss": loss,
+        "train": (x[:n_train], y[:n_train]),
+        "test": (x[n_train:], y[n_train:]),
+        "regularization": regularization,
+    }
 
 
 def fitted(p, solver=di.DirectInfluence, **kw):
@@ -63,10 +72,14 @@ def clients():
     """One in-process worker, and three worker processes; one thread each."""
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as one, \
-            LocalCluster(n_workers=3, threads_per_worker=1, processes=True, host="127.0.0.1",
-                         dashboard_address=None) as three, \
-            Client(one, set_as_default=False) as c1, Client(three, set_as_default=False) as c3:
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as one,
+        LocalCluster(
+            n_workers=3, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+        ) as three,
+        Client(one, set_as_default=False) as c1,
+        Client(three, set_as_default=False) as c3,
+    ):
         yield c1, c3
 
 
@@ -81,12 +94,16 @@ def test_invariant_to_block_sizes_and_number_of_workers(p, data, clients):
     test = tuple(t.numpy() for t in p["test"])
     train = tuple(t.numpy() for t in p["train"])
     seq = di.SequentialInfluenceCalculator(solver, progress=False)
-    close(seq.influences(test, train, test_block_size=tb, train_block_size=rb).compute(scheduler="sync"), expected,
-          1e-10)
+    close(
+        seq.influences(test, train, test_block_size=tb, train_block_size=rb).compute(scheduler="sync"), expected, 1e-10
+    )
     for client in clients:
         calc = di.DaskInfluenceCalculator(solver, client, progress=False, memory_budget=None)
-        close(calc.influences(test, train, test_block_size=tb, train_block_size=rb).compute(scheduler=client.get),
-              expected, 1e-10)
+        close(
+            calc.influences(test, train, test_block_size=tb, train_block_size=rb).compute(scheduler=client.get),
+            expected,
+            1e-10,
+        )
     with tempfile.TemporaryDirectory() as tmp:
         group = seq.influences_to_zarr(test, train, f"{tmp}/out.zarr", test_block_size=tb, train_block_size=rb)
         close(group["influences"][...], expected, 1e-10)
@@ -126,10 +143,13 @@ def test_threads_of_one_worker_sharing_the_solver():
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double().eval()
     solver = di.DirectInfluence(model, nn.CrossEntropyLoss(), regularization=0.1, curvature="ggn").fit((x, y))
     expected = solver.influences(x[:20], y[:20], x, y).numpy()
-    with LocalCluster(n_workers=1, threads_per_worker=4, processes=False, dashboard_address=None) as cluster, \
-            Client(cluster, set_as_default=False) as client:
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=4, processes=False, dashboard_address=None) as cluster,
+        Client(cluster, set_as_default=False) as client,
+    ):
         calc = di.DaskInfluenceCalculator(solver, client, progress=False, memory_budget=None)
         for _ in range(3):
-            out = calc.influences((x[:20].numpy(), y[:20].numpy()), (x.numpy(), y.numpy()), test_block_size=5,
-                                  train_block_size=10).compute(scheduler=client.get)
+            out = calc.influences(
+                (x[:20].numpy(), y[:20].numpy()), (x.numpy(), y.numpy()), test_block_size=5, train_block_size=10
+            ).compute(scheduler=client.get)
             close(out, expected, 1e-10)

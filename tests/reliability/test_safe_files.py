@@ -61,8 +61,15 @@ def craft(kind, path, marker):
     if kind == "raw-pickle":  # not a torch file at all: a plain pickle
         Path(path).write_bytes(pickle.dumps({"format": 2, "attributes": TouchByOpen(marker)}))
     elif kind == "format-2-record":  # a plausible record whose fitted state is the payload
-        torch.save({"format": 2, "method": "direct", "class": "DirectInfluence",
-                    "attributes": {"state_": TouchBySystem(marker)}}, path)
+        torch.save(
+            {
+                "format": 2,
+                "method": "direct",
+                "class": "DirectInfluence",
+                "attributes": {"state_": TouchBySystem(marker)},
+            },
+            path,
+        )
     else:
         torch.save({"format": 1, "class": "DirectInfluence", "payload": payloads[kind](marker)}, path)
     assert not Path(marker).exists()  # writing it ran nothing
@@ -156,10 +163,20 @@ def test_a_data_record_naming_a_class_off_the_allow_list_is_refused(problem, tmp
 def _format_1(solver, path, **extra):
     """A file as format 1 wrote it: a torch pickle of the objects themselves."""
     theta = solver._require_fitted()
-    torch.save({"format": 1, "class": type(solver).__name__, "hyperparameters": solver.config.to_dict(),
-                "params_checksum": fitting._checksum(theta), "num_params": solver.num_params,
-                "n_train": solver.n_train_, "feature_shape": tuple(solver.feature_shape_),
-                "attributes": {name: getattr(solver, name) for name in solver._saved_attributes}, **extra}, path)
+    torch.save(
+        {
+            "format": 1,
+            "class": type(solver).__name__,
+            "hyperparameters": solver.config.to_dict(),
+            "params_checksum": fitting._checksum(theta),
+            "num_params": solver.num_params,
+            "n_train": solver.n_train_,
+            "feature_shape": tuple(solver.feature_shape_),
+            "attributes": {name: getattr(solver, name) for name in solver._saved_attributes},
+            **extra,
+        },
+        path,
+    )
 
 
 @pytest.mark.parametrize("cls, kwargs", [(di.DirectInfluence, {}), (di.LissaInfluence, {"maxiter": 5})])
@@ -184,10 +201,19 @@ def test_old_format_files_are_refused_with_fit_again(cls, kwargs, problem, tmp_p
 
 # -- the data format --------------------------------------------------------------------------------
 def test_state_trees_round_trip_as_plain_data():
-    state = DirectState(blocks=((0, 3), (3, 5)), eigenvalues=(torch.ones(3), torch.arange(2.0)),
-                        eigenvectors=(torch.eye(3), torch.eye(2)[:, [1, 0]]))
-    tree = {"state": state, "list": [1, 2.5, None, True, "s"], "size": torch.Size([2, 3]), "dtype": torch.float32,
-            "nested": ({"a": (1, (2,))},), "float": float("inf")}
+    state = DirectState(
+        blocks=((0, 3), (3, 5)),
+        eigenvalues=(torch.ones(3), torch.arange(2.0)),
+        eigenvectors=(torch.eye(3), torch.eye(2)[:, [1, 0]]),
+    )
+    tree = {
+        "state": state,
+        "list": [1, 2.5, None, True, "s"],
+        "size": torch.Size([2, 3]),
+        "dtype": torch.float32,
+        "nested": ({"a": (1, (2,))},),
+        "float": float("inf"),
+    }
     data = serialization.to_data(tree)
 
     def plain(v):
@@ -200,13 +226,20 @@ def test_state_trees_round_trip_as_plain_data():
     assert plain(data)
     back = serialization.from_data(data)
     assert isinstance(back["state"], DirectState) and back["state"].blocks == ((0, 3), (3, 5))
-    assert all(torch.equal(a, b) and a.stride() == b.stride()
-               for a, b in zip(back["state"].eigenvectors, state.eigenvectors))
+    assert all(
+        torch.equal(a, b) and a.stride() == b.stride() for a, b in zip(back["state"].eigenvectors, state.eigenvectors)
+    )
     assert back["list"] == tree["list"] and back["size"] == torch.Size([2, 3]) and back["dtype"] is torch.float32
     assert back["nested"] == ({"a": (1, (2,))},) and back["float"] == float("inf")
     assert set(serialization.allowed_classes()) >= {
-        "DirectState", "ArnoldiState", "LowRankFactor", "EkfacState", "LayerFactors", "JacobiPreconditioner",
-        "NystroemPreconditioner"}
+        "DirectState",
+        "ArnoldiState",
+        "LowRankFactor",
+        "EkfacState",
+        "LayerFactors",
+        "JacobiPreconditioner",
+        "NystroemPreconditioner",
+    }
     with pytest.raises(TypeError, match=r"state\.x.*serializable"):
         serialization.to_data({"state": {"x": object()}}, where="state")
 
@@ -269,7 +302,8 @@ N_TRAIN, N_TEST = 40, 6
 
 def write_job(tmp_path, regularization):
     path = tmp_path / "job.toml"
-    path.write_text(textwrap.dedent(f"""\
+    path.write_text(
+        textwrap.dedent(f"""\
         [model]
         factory = "factory:make_problem"
         path = "{EXAMPLE}"
@@ -288,7 +322,8 @@ def write_job(tmp_path, regularization):
 
         [cluster]
         sequential = true
-        """))
+        """)
+    )
     return path
 
 
@@ -350,4 +385,5 @@ def test_run_resume_refuses_a_crafted_fit_file_unrun(tmp_path, fits):
     assert "Error:" in result.output and "influences.zarr.fit.pt" in result.output
     assert "refused without running anything" in result.output
     assert not (tmp_path / "influences.zarr").exists() or not zarr.open_group(
-        str(tmp_path / "influences.zarr"), mode="r").attrs.get("complete", False)
+        str(tmp_path / "influences.zarr"), mode="r"
+    ).attrs.get("complete", False)

@@ -16,24 +16,63 @@ SOLVERS = ("direct", "cg", "lissa", "arnoldi", "nystroem")
 
 
 @click.command()
-@click.option("--out", "store", default="influences.zarr", show_default=True,
-              help="Path of the zarr store to write (replaced if it exists).")
-@click.option("--solver", type=click.Choice(SOLVERS), default="direct", show_default=True,
-              help="Which solver computes the influences.")
-@click.option("--flipped", "n_flipped", type=click.IntRange(0, 50), default=10, show_default=True,
-              help="How many training labels to flip.")
-@click.option("--top", type=click.IntRange(1, 100), default=10, show_default=True,
-              help="How many of the most harmful training points to list.")
-@click.option("--workers", type=click.IntRange(1), default=None,
-              help="Workers of the embedded LocalCluster (default: one per core).")
-@click.option("--scheduler", default=None, envvar="DASK_SCHEDULER_ADDRESS",
-              help="Address of a running Dask scheduler (default: an embedded LocalCluster).")
+@click.option(
+    "--out",
+    "store",
+    default="influences.zarr",
+    show_default=True,
+    help="Path of the zarr store to write (replaced if it exists).",
+)
+@click.option(
+    "--solver",
+    type=click.Choice(SOLVERS),
+    default="direct",
+    show_default=True,
+    help="Which solver computes the influences.",
+)
+@click.option(
+    "--flipped",
+    "n_flipped",
+    type=click.IntRange(0, 50),
+    default=10,
+    show_default=True,
+    help="How many training labels to flip.",
+)
+@click.option(
+    "--top",
+    type=click.IntRange(1, 100),
+    default=10,
+    show_default=True,
+    help="How many of the most harmful training points to list.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(1),
+    default=None,
+    help="Workers of the embedded LocalCluster (default: one per core).",
+)
+@click.option(
+    "--scheduler",
+    default=None,
+    envvar="DASK_SCHEDULER_ADDRESS",
+    help="Address of a running Dask scheduler (default: an embedded LocalCluster).",
+)
 @click.option("--sequential", is_flag=True, help="Run in this process without a cluster.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split and training.")
 @click.option("--epochs", type=click.IntRange(1), default=300, show_default=True, help="Training epochs.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def demo(store: str, solver: str, n_flipped: int, top: int, workers: int | None, scheduler: str | None,
-         sequential: bool, seed: int, epochs: int, quiet: bool) -> None:
+def demo(
+    store: str,
+    solver: str,
+    n_flipped: int,
+    top: int,
+    workers: int | None,
+    scheduler: str | None,
+    sequential: bool,
+    seed: int,
+    epochs: int,
+    quiet: bool,
+) -> None:
     """Train an MLP on wine with flipped labels and rank training points by influence.
 
     Each training point's mean influence over the test set says how much it helps
@@ -51,10 +90,17 @@ def demo(store: str, solver: str, n_flipped: int, top: int, workers: int | None,
     start = time.perf_counter()
     problem = wine_outlier_problem(n_flipped=n_flipped, epochs=epochs, seed=seed, dtype=torch.float64)
     accuracy = float((problem.model(problem.x_test).argmax(1) == problem.y_test).double().mean())
-    click.echo(f"Trained a 13-16-16-3 MLP on {len(problem.x_train)} wine samples "
-               f"({n_flipped} labels flipped); test accuracy {accuracy:.1%}.")
-    cls = {"direct": di.DirectInfluence, "cg": di.CgInfluence, "lissa": di.LissaInfluence,
-           "arnoldi": di.ArnoldiInfluence, "nystroem": di.NystroemSketchInfluence}[solver]
+    click.echo(
+        f"Trained a 13-16-16-3 MLP on {len(problem.x_train)} wine samples "
+        f"({n_flipped} labels flipped); test accuracy {accuracy:.1%}."
+    )
+    cls = {
+        "direct": di.DirectInfluence,
+        "cg": di.CgInfluence,
+        "lissa": di.LissaInfluence,
+        "arnoldi": di.ArnoldiInfluence,
+        "nystroem": di.NystroemSketchInfluence,
+    }[solver]
     kwargs = {"rank": 30} if solver in ("arnoldi", "nystroem") else {}
     model = cls(problem.model, problem.loss, regularization=problem.regularization, **kwargs)
     train = DataLoader(TensorDataset(problem.x_train, problem.y_train), batch_size=32)
@@ -82,14 +128,17 @@ def demo(store: str, solver: str, n_flipped: int, top: int, workers: int | None,
     mean = np.asarray(influences[...]).mean(axis=0)
     ranked = rank_harmful(mean, top)
     flipped = set(problem.flipped.tolist())
-    click.echo(f"\nWrote {store}: influences {influences.shape} in {influences.chunks} chunks "
-               f"by {cls.__name__} {where}.")
+    click.echo(
+        f"\nWrote {store}: influences {influences.shape} in {influences.chunks} chunks by {cls.__name__} {where}."
+    )
     click.echo("Most harmful training points (lowest mean influence), read back from the store:")
     click.echo(f"{'rank':>4}  {'index':>5}  {'mean influence':>15}  label")
     for rank, idx in enumerate(ranked, 1):
         click.echo(f"{rank:>4}  {idx:>5}  {mean[idx]:>15.4f}  {'flipped' if idx in flipped else ''}")
     found = len(flipped & set(ranked.tolist()))
     others = np.delete(mean, list(flipped))
-    click.echo(f"\n{found} of the {len(flipped)} flipped labels are among the {top} most harmful points "
-               f"(mean influence of flipped {np.mean(mean[list(flipped)]) if flipped else float('nan'):.3f}, "
-               f"of the others {np.mean(others):.3f}). Took {time.perf_counter() - start:.1f} s.")
+    click.echo(
+        f"\n{found} of the {len(flipped)} flipped labels are among the {top} most harmful points "
+        f"(mean influence of flipped {np.mean(mean[list(flipped)]) if flipped else float('nan'):.3f}, "
+        f"of the others {np.mean(others):.3f}). Took {time.perf_counter() - start:.1f} s."
+    )

@@ -24,8 +24,18 @@ from ..storage.read import (
     store_info,
 )
 
-__all__ = ["chunk_ranges", "describe", "done_chunks", "inspect_store", "mean_influence", "open_store", "render",
-           "require_up_mode", "statistics", "store_info"]
+__all__ = [
+    "chunk_ranges",
+    "describe",
+    "done_chunks",
+    "inspect_store",
+    "mean_influence",
+    "open_store",
+    "render",
+    "require_up_mode",
+    "statistics",
+    "store_info",
+]
 
 
 def _fmt(value: Any) -> str:
@@ -48,16 +58,22 @@ def render(d: dict) -> str:
     if d["complete"]:
         lines.append(f"Status: complete ({inf['done']}/{inf['total']} chunks)")
     else:
-        lines.append(f"Status: INCOMPLETE ({inf['done']}/{inf['total']} chunks done); run the job again "
-                     "with --resume to compute the rest")
+        lines.append(
+            f"Status: INCOMPLETE ({inf['done']}/{inf['total']} chunks done); run the job again "
+            "with --resume to compute the rest"
+        )
     lock = d.get("lock")
     if lock:
         state = f"STALE ({lock['stale_reason']}; the next run removes it)" if lock["stale"] else "held"
-        lines.append(f"Lock: {state}: host {lock['hostname']}, pid {lock['pid']}, since {lock['acquired']}, "
-                     f"last heartbeat {lock['heartbeat_age_s']:.0f} s ago")
-    lines.append(f"Method: {d['method']}, mode {d['mode']!r}, dtype {d['dtype']}, "
-                 f"{d['num_params']:,} parameters" if isinstance(d.get("num_params"), int)
-                 else f"Method: {d['method']}, mode {d['mode']!r}, dtype {d['dtype']}")
+        lines.append(
+            f"Lock: {state}: host {lock['hostname']}, pid {lock['pid']}, since {lock['acquired']}, "
+            f"last heartbeat {lock['heartbeat_age_s']:.0f} s ago"
+        )
+    lines.append(
+        f"Method: {d['method']}, mode {d['mode']!r}, dtype {d['dtype']}, {d['num_params']:,} parameters"
+        if isinstance(d.get("num_params"), int)
+        else f"Method: {d['method']}, mode {d['mode']!r}, dtype {d['dtype']}"
+    )
     params = dict(d["parameters"] or {})
     if d.get("regularization") is not None:
         params.setdefault("regularization", d["regularization"])
@@ -78,9 +94,11 @@ def render(d: dict) -> str:
         lines.append(f"  {name:<22} {str(tuple(a['shape'])):<20} {a['dtype']:<8} chunks {tuple(a['chunks'])}")
     solver = d.get("solver_info")
     if solver and solver.get("blocks_recorded"):
-        lines.append(f"Solver: {solver['measure']} at most {solver['max_relative_residual']:.3g} "
-                     f"(tolerance {solver['tolerance']}), {solver['not_converged']} test point(s) above it, "
-                     f"at most {solver['max_iterations']} iterations")
+        lines.append(
+            f"Solver: {solver['measure']} at most {solver['max_relative_residual']:.3g} "
+            f"(tolerance {solver['tolerance']}), {solver['not_converged']} test point(s) above it, "
+            f"at most {solver['max_iterations']} iterations"
+        )
     stats = d.get("statistics")
     if stats:
         lines.append("Statistics (of the computed chunks):")
@@ -88,8 +106,7 @@ def render(d: dict) -> str:
             if not s.get("count"):
                 lines.append(f"  {name:<16} nothing computed yet")
                 continue
-            text = (f"  {name:<16} min {s['min']:.4g}  max {s['max']:.4g}  mean {s['mean']:.4g}  "
-                    f"std {s['std']:.4g}")
+            text = f"  {name:<16} min {s['min']:.4g}  max {s['max']:.4g}  mean {s['mean']:.4g}  std {s['std']:.4g}"
             if "fraction_positive" in s:
                 text += f"  positive {s['fraction_positive']:.1%}"
             if s["non_finite"]:
@@ -106,8 +123,10 @@ def render(d: dict) -> str:
                 lines.append(f"Verify: {flags} unreadable done flag(s): {check['unreadable_flags']}")
             lines.append("  (run the job again with --resume to recompute them)")
         else:
-            lines.append(f"Verify: all {check['checked']} flagged chunks read and decoded "
-                         f"({check['bytes_read'] / 2**20:.1f} MiB in {check['seconds']:.2f} s)")
+            lines.append(
+                f"Verify: all {check['checked']} flagged chunks read and decoded "
+                f"({check['bytes_read'] / 2**20:.1f} MiB in {check['seconds']:.2f} s)"
+            )
     versions = d.get("versions") or {}
     if versions:
         lines.append("Written by: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
@@ -120,8 +139,9 @@ def render(d: dict) -> str:
 @click.argument("store", metavar="STORE")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @click.option("--no-stats", is_flag=True, help="Skip the summary statistics (they read every computed chunk).")
-@click.option("--verify", is_flag=True,
-              help="Read and decode every chunk flagged done (checksums) and list damaged ones.")
+@click.option(
+    "--verify", is_flag=True, help="Read and decode every chunk flagged done (checksums) and list damaged ones."
+)
 def inspect_store(store: str, as_json: bool, no_stats: bool, verify: bool) -> None:
     """Show the shapes, method, completion and statistics of a STORE.
 

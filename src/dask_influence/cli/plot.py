@@ -36,8 +36,10 @@ def parse_suspects(value: str, n_train: int) -> np.ndarray:
         indices = _ints(value, "--suspects")
     bad = indices[(indices < 0) | (indices >= n_train)]
     if bad.size:
-        raise ValueError(f"--suspects has indices outside 0..{n_train - 1}: {', '.join(map(str, bad[:5]))}"
-                         f"{' ...' if bad.size > 5 else ''}.")
+        raise ValueError(
+            f"--suspects has indices outside 0..{n_train - 1}: {', '.join(map(str, bad[:5]))}"
+            f"{' ...' if bad.size > 5 else ''}."
+        )
     return np.unique(indices)
 
 
@@ -47,12 +49,14 @@ def _ints(text: str, what: str) -> np.ndarray:
         return np.array([int(t) for t in tokens], dtype=np.int64)
     except ValueError:
         wrong = next(t for t in tokens if not re.fullmatch(r"[+-]?\d+", t))
-        raise ValueError(f"{what} must be training indices such as 3,17,42 or a file of them; "
-                         f"{wrong!r} is not an integer.") from None
+        raise ValueError(
+            f"{what} must be training indices such as 3,17,42 or a file of them; {wrong!r} is not an integer."
+        ) from None
 
 
-def histogram(mean: np.ndarray, out: str, *, suspects: np.ndarray | None = None, bins: int = 60,
-              title: str | None = None) -> None:
+def histogram(
+    mean: np.ndarray, out: str, *, suspects: np.ndarray | None = None, bins: int = 60, title: str | None = None
+) -> None:
     """Write the histogram of ``mean`` (NaN entries left out) to ``out``."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -75,8 +79,9 @@ def histogram(mean: np.ndarray, out: str, *, suspects: np.ndarray | None = None,
         marked = mean[finite & is_suspect]
         ax.hist(marked, bins=edges, color="#DD4444", alpha=0.9, label=f"suspects ({marked.size:,})")
         # a tick under the histogram for each suspect (y in axes coordinates)
-        ax.plot(marked, np.full(marked.shape, 0.012), "|", color="#DD4444", markersize=9,
-                transform=ax.get_xaxis_transform())
+        ax.plot(
+            marked, np.full(marked.shape, 0.012), "|", color="#DD4444", markersize=9, transform=ax.get_xaxis_transform()
+        )
     ax.axvline(0.0, color="0.3", linewidth=0.8, linestyle="--")
     ax.set_yscale("log")
     ax.set_xlabel("mean influence over the test points  (< 0: harmful, > 0: helpful)")
@@ -88,10 +93,20 @@ def histogram(mean: np.ndarray, out: str, *, suspects: np.ndarray | None = None,
 
 @click.command()
 @click.argument("store", metavar="STORE")
-@click.option("-o", "--output", "out", required=True, metavar="FILE.png",
-              help="The image to write (any format matplotlib knows by its extension).")
-@click.option("--suspects", metavar="INDICES|FILE", default=None,
-              help="Training indices to mark: '3,17,42', or a file of them (text, or .npy).")
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    required=True,
+    metavar="FILE.png",
+    help="The image to write (any format matplotlib knows by its extension).",
+)
+@click.option(
+    "--suspects",
+    metavar="INDICES|FILE",
+    default=None,
+    help="Training indices to mark: '3,17,42', or a file of them (text, or .npy).",
+)
 @click.option("--bins", type=click.IntRange(2), default=60, show_default=True, help="Histogram bins.")
 @click.option("--title", default=None, help="Title of the plot.")
 def plot(store: str, out: str, suspects: str | None, bins: int, title: str | None) -> None:
@@ -114,15 +129,21 @@ def plot(store: str, out: str, suspects: str | None, bins: int, title: str | Non
         raise click.ClickException(one_line(exc)) from None
     n_test = group["influences"].shape[0]
     partial = int((count < n_test).sum())
-    click.echo(f"Wrote {out}: mean influence of {int(np.isfinite(mean).sum()):,} training points over "
-               f"{n_test:,} test points.")
+    click.echo(
+        f"Wrote {out}: mean influence of {int(np.isfinite(mean).sum()):,} training points over {n_test:,} test points."
+    )
     if partial:
-        click.echo(f"Warning: the store is incomplete; {partial:,} training points have fewer than {n_test:,} "
-                   "test points computed.", err=True)
+        click.echo(
+            f"Warning: the store is incomplete; {partial:,} training points have fewer than {n_test:,} "
+            "test points computed.",
+            err=True,
+        )
     if marked is not None and marked.size:
         others = np.delete(mean, marked)
         lowest = np.argsort(np.where(np.isfinite(mean), mean, np.inf), kind="stable")[: marked.size]
         found = np.intersect1d(lowest, marked).size
-        click.echo(f"Suspects: {marked.size:,} marked; mean influence {np.nanmean(mean[marked]):.4g} "
-                   f"(others {np.nanmean(others):.4g}); {found:,} of them are among the {marked.size:,} "
-                   "most harmful training points.")
+        click.echo(
+            f"Suspects: {marked.size:,} marked; mean influence {np.nanmean(mean[marked]):.4g} "
+            f"(others {np.nanmean(others):.4g}); {found:,} of them are among the {marked.size:,} "
+            "most harmful training points."
+        )

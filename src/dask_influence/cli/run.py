@@ -53,31 +53,56 @@ def user_errors(traceback: bool) -> Iterator[None]:
             raise
         message = one_line(exc)
         if isinstance(exc, StoreError):  # the library's keyword arguments are this command's flags
-            message = (message.replace("resume=True", "--resume").replace("overwrite=True", "--overwrite")
-                       .replace("break_lock=True", "--break-lock"))
+            message = (
+                message.replace("resume=True", "--resume")
+                .replace("overwrite=True", "--overwrite")
+                .replace("break_lock=True", "--break-lock")
+            )
         raise click.ClickException(message) from None
 
 
 @click.command()
 @click.argument("job_file", metavar="JOB.toml", type=click.Path(path_type=Path))
-@click.option("--scheduler", metavar="ADDRESS", default=None,
-              help="Address of a running Dask scheduler, e.g. tcp://scheduler:8786 (default: [cluster] "
-                   f"scheduler of the job, else ${SCHEDULER_ENV}, else an embedded LocalCluster).")
-@click.option("--resume", is_flag=True,
-              help="Complete an existing store of the same job, computing only its missing chunks "
-                   "(creates the store if there is none).")
+@click.option(
+    "--scheduler",
+    metavar="ADDRESS",
+    default=None,
+    help="Address of a running Dask scheduler, e.g. tcp://scheduler:8786 (default: [cluster] "
+    f"scheduler of the job, else ${SCHEDULER_ENV}, else an embedded LocalCluster).",
+)
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Complete an existing store of the same job, computing only its missing chunks "
+    "(creates the store if there is none).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
-@click.option("--break-lock", is_flag=True,
-              help="Take the store's lock even if another job seems to hold it (only when that job is "
-                   "gone; a stale lock is taken without this flag).")
-@click.option("--fit-only", is_flag=True,
-              help="Fit the solver and save the fit (next to the store, or [solver] fit_file), then exit; "
-                   "later runs of the job reuse it.")
+@click.option(
+    "--break-lock",
+    is_flag=True,
+    help="Take the store's lock even if another job seems to hold it (only when that job is "
+    "gone; a stale lock is taken without this flag).",
+)
+@click.option(
+    "--fit-only",
+    is_flag=True,
+    help="Fit the solver and save the fit (next to the store, or [solver] fit_file), then exit; "
+    "later runs of the job reuse it.",
+)
 @click.option("--refit", is_flag=True, help="Fit again even if a saved fit exists, and replace it.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors (no progress bar).")
 @click.option("--traceback", is_flag=True, help="Show the full traceback of an error.")
-def run(job_file: Path, scheduler: str | None, resume: bool, overwrite: bool, break_lock: bool, fit_only: bool,
-        refit: bool, quiet: bool, traceback: bool) -> None:
+def run(
+    job_file: Path,
+    scheduler: str | None,
+    resume: bool,
+    overwrite: bool,
+    break_lock: bool,
+    fit_only: bool,
+    refit: bool,
+    quiet: bool,
+    traceback: bool,
+) -> None:
     """Run the job in JOB.toml: fit its solver, write its influence matrix to zarr.
 
     Exits with 0 only when the store is complete; after an interruption, rerun with
@@ -88,8 +113,16 @@ def run(job_file: Path, scheduler: str | None, resume: bool, overwrite: bool, br
     if fit_only and (resume or overwrite or break_lock):
         raise click.UsageError("--fit-only writes no store; drop --resume, --overwrite and --break-lock.")
     with user_errors(traceback):
-        complete, summary = run_job(job_file, scheduler=scheduler, resume=resume, overwrite=overwrite, quiet=quiet,
-                                    break_lock=break_lock, fit_only=fit_only, refit=refit)
+        complete, summary = run_job(
+            job_file,
+            scheduler=scheduler,
+            resume=resume,
+            overwrite=overwrite,
+            quiet=quiet,
+            break_lock=break_lock,
+            fit_only=fit_only,
+            refit=refit,
+        )
     if not complete:
         raise click.ClickException(summary)
     if not quiet:
@@ -101,9 +134,17 @@ def _say(quiet: bool, message: str) -> None:
         click.echo(message, err=True)
 
 
-def run_job(job_file: str | os.PathLike, *, scheduler: str | None = None, resume: bool = False,
-            overwrite: bool = False, quiet: bool = False, break_lock: bool = False, fit_only: bool = False,
-            refit: bool = False) -> tuple[bool, str]:
+def run_job(
+    job_file: str | os.PathLike,
+    *,
+    scheduler: str | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    quiet: bool = False,
+    break_lock: bool = False,
+    fit_only: bool = False,
+    refit: bool = False,
+) -> tuple[bool, str]:
     """Run a job file; returns ``(complete, one-line summary)``. Errors propagate.
 
     ``fit_only``: fit (or find the saved fit), save it and stop; ``refit``: fit even if a
@@ -124,8 +165,9 @@ def run_job(job_file: str | os.PathLike, *, scheduler: str | None = None, resume
     model = problem.model
     if job.cluster.gpu:
         if not torch.cuda.is_available():
-            raise ValueError("[cluster] gpu = true but CUDA is not available here; set gpu = false "
-                             "or run on a machine with a GPU.")
+            raise ValueError(
+                "[cluster] gpu = true but CUDA is not available here; set gpu = false or run on a machine with a GPU."
+            )
         model = model.to("cuda")
     solver = make_solver(job, model, problem.loss)
     train = DataLoader(problem.train, batch_size=job.blocks.train, shuffle=False)
@@ -141,11 +183,22 @@ def run_job(job_file: str | os.PathLike, *, scheduler: str | None = None, resume
         if fit_only:
             return True, f"Fitted: {fit_path} in {time.perf_counter() - start:.1f} s; runs of this job reuse it."
         assert calc is not None  # _calculator() made one: influences are computed
-        _say(quiet, f"Computing influences of {n_train:,} training points on {n_test:,} test points "
-                    f"(blocks of {job.blocks.test:,} x {job.blocks.train:,}) {where}...")
-        calc.influences_to_zarr(test, train, job.output.store, mode=job.output.mode, resume=resume,
-                                overwrite=overwrite, top_k=job.output.top_k,
-                                self_influences=job.output.self_influences, break_lock=break_lock)
+        _say(
+            quiet,
+            f"Computing influences of {n_train:,} training points on {n_test:,} test points "
+            f"(blocks of {job.blocks.test:,} x {job.blocks.train:,}) {where}...",
+        )
+        calc.influences_to_zarr(
+            test,
+            train,
+            job.output.store,
+            mode=job.output.mode,
+            resume=resume,
+            overwrite=overwrite,
+            top_k=job.output.top_k,
+            self_influences=job.output.self_influences,
+            break_lock=break_lock,
+        )
     if calc.last_run_.get("lock_broken"):
         _say(quiet, f"Removed the lock of {job.output.store} held by {calc.last_run_['lock_broken']}.")
     import zarr
@@ -159,11 +212,15 @@ def run_job(job_file: str | os.PathLike, *, scheduler: str | None = None, resume
         skipped = run_info.get("chunks_skipped", 0)
         repaired = run_info.get("chunks_repaired", 0)
         repaired_text = f" ({repaired} damaged, recomputed)" if repaired else ""
-        return True, (f"Complete: {job.output.store} ({chunks_done}/{chunks_total} chunks; {computed} computed"
-                      f"{repaired_text}, {skipped} already done) in {time.perf_counter() - start:.1f} s.")
+        return True, (
+            f"Complete: {job.output.store} ({chunks_done}/{chunks_total} chunks; {computed} computed"
+            f"{repaired_text}, {skipped} already done) in {time.perf_counter() - start:.1f} s."
+        )
     missing = ", ".join(f"{name} {d}/{t}" for name, (d, t) in done.items())
-    return False, (f"The store {job.output.store} is incomplete ({missing} done); rerun with --resume "
-                   "to compute the missing chunks.")
+    return False, (
+        f"The store {job.output.store} is incomplete ({missing} done); rerun with --resume "
+        "to compute the missing chunks."
+    )
 
 
 def _fit(job: Any, solver: Any, train: Any, calc: Any, where: str, *, refit: bool, quiet: bool) -> str:
@@ -176,15 +233,21 @@ def _fit(job: Any, solver: Any, train: Any, calc: Any, where: str, *, refit: boo
     path = job.solver.fit_file or fit_path_for(job.output.store)
     fitter = calc if calc is not None else di.SequentialInfluenceCalculator(solver, progress=False)
     place = f"over its blocks {where}" if calc is not None else "in this process"
-    _say(quiet, f"Fitting {type(solver).__name__} ({solver.num_params:,} parameters) on {len(train.dataset):,} "
-                f"training points in blocks of {job.blocks.train:,} {place}...")
+    _say(
+        quiet,
+        f"Fitting {type(solver).__name__} ({solver.num_params:,} parameters) on {len(train.dataset):,} "
+        f"training points in blocks of {job.blocks.train:,} {place}...",
+    )
     fitter.fit(train, path=path, refit=refit)
     info = fitter.last_fit_
     if info["reused"]:
         _say(quiet, f"Reusing the saved fit {path} (same solver, model weights and training data).")
     else:
-        _say(quiet, f"Fitted in {info['seconds']:.1f} s ({info['sweeps']} passes over {info['blocks']} blocks); "
-                    f"saved to {path}.")
+        _say(
+            quiet,
+            f"Fitted in {info['seconds']:.1f} s ({info['sweeps']} passes over {info['blocks']} blocks); "
+            f"saved to {path}.",
+        )
     return path
 
 
@@ -203,8 +266,9 @@ def _check_store_early(store: str, *, resume: bool, overwrite: bool, break_lock:
     if resume or overwrite or is_url(store):
         return
     if os.path.isdir(store) and os.listdir(store):
-        raise StoreError(f"The output store {store!r} already exists; pass --resume to complete it "
-                         "or --overwrite to replace it.")
+        raise StoreError(
+            f"The output store {store!r} already exists; pass --resume to complete it or --overwrite to replace it."
+        )
 
 
 def _calculator(job: Any, solver: Any, scheduler: str | None, quiet: bool, stack: ExitStack) -> tuple[Any, str]:
@@ -219,8 +283,10 @@ def _calculator(job: Any, solver: Any, scheduler: str | None, quiet: bool, stack
     if address:
         client = stack.enter_context(_connect(address, source))
         n = len(client.scheduler_info().get("workers", {}))
-        return (di.DaskInfluenceCalculator(solver, client, progress=not quiet),
-                f"on the scheduler at {address} ({n} worker{'s' if n != 1 else ''} now)")
+        return (
+            di.DaskInfluenceCalculator(solver, client, progress=not quiet),
+            f"on the scheduler at {address} ({n} worker{'s' if n != 1 else ''} now)",
+        )
     if job.cluster.sequential:
         return di.SequentialInfluenceCalculator(solver, progress=not quiet), "in this process (sequential)"
     from distributed import Client, LocalCluster
@@ -232,12 +298,22 @@ def _calculator(job: Any, solver: Any, scheduler: str | None, quiet: bool, stack
         kwargs["memory_limit"] = job.cluster.memory_limit
     if solver.device.type == "cuda":
         kwargs["resources"] = {"GPU": 1}
-    cluster = stack.enter_context(LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True,
-                                               host="127.0.0.1", dashboard_address=None, **kwargs))
+    cluster = stack.enter_context(
+        LocalCluster(
+            n_workers=workers,
+            threads_per_worker=threads,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+            **kwargs,
+        )
+    )
     client = stack.enter_context(Client(cluster))
-    return (di.DaskInfluenceCalculator(solver, client, progress=not quiet),
-            f"on an embedded LocalCluster ({workers} worker{'s' if workers != 1 else ''} x {threads} "
-            f"thread{'s' if threads != 1 else ''})")
+    return (
+        di.DaskInfluenceCalculator(solver, client, progress=not quiet),
+        f"on an embedded LocalCluster ({workers} worker{'s' if workers != 1 else ''} x {threads} "
+        f"thread{'s' if threads != 1 else ''})",
+    )
 
 
 @contextmanager
@@ -247,8 +323,9 @@ def _connect(address: str, source: str) -> Iterator[Any]:
     try:
         client = Client(address)
     except (OSError, TimeoutError) as exc:
-        raise OSError(f"cannot connect to the Dask scheduler at {address} (from {source}): "
-                      f"{' '.join(str(exc).split())}") from None
+        raise OSError(
+            f"cannot connect to the Dask scheduler at {address} (from {source}): {' '.join(str(exc).split())}"
+        ) from None
     try:
         yield client
     finally:

@@ -38,16 +38,34 @@ def top(store: str, test: int, k: int, as_json: bool) -> None:
         raise click.ClickException(one_line(exc)) from None
     n_test, n_train = group["influences"].shape[:2]
     if as_json:
-        click.echo(json.dumps({"store": store, "test": test, "k": k, **{
-            key: ([{"index": i, "influence": v} for i, v in value] if key in ("helpful", "harmful") else value)
-            for key, value in result.items()}}, indent=2))
+        click.echo(
+            json.dumps(
+                {
+                    "store": store,
+                    "test": test,
+                    "k": k,
+                    **{
+                        key: (
+                            [{"index": i, "influence": v} for i, v in value] if key in ("helpful", "harmful") else value
+                        )
+                        for key, value in result.items()
+                    },
+                },
+                indent=2,
+            )
+        )
         return
     click.echo(f"Test point {test} of {n_test:,}; {n_train:,} training points; from the {result['source']}.")
     if result["missing_train_blocks"]:
-        click.echo(f"Warning: {result['missing_train_blocks']} train block(s) of this row are not computed yet; "
-                   "ranking the computed ones.", err=True)
-    for kind, title in (("helpful", "Most helpful (highest influence)"),
-                        ("harmful", "Most harmful (lowest influence)")):
+        click.echo(
+            f"Warning: {result['missing_train_blocks']} train block(s) of this row are not computed yet; "
+            "ranking the computed ones.",
+            err=True,
+        )
+    for kind, title in (
+        ("helpful", "Most helpful (highest influence)"),
+        ("harmful", "Most harmful (lowest influence)"),
+    ):
         click.echo(f"\n{title}:")
         click.echo(f"{'rank':>4}  {'index':>10}  {'influence':>14}")
         for rank, (index, value) in enumerate(result[kind], 1):

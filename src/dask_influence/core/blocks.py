@@ -96,8 +96,9 @@ class LocalBlocks:
 
 
 # -- the per-block functions of the curvature -------------------------------------------------
-def curvature_block(solver: InfluenceModel, x: Tensor, y: Tensor, start: int, weight: float, v: Tensor,
-                    out: Tensor | None = None) -> Tensor:
+def curvature_block(
+    solver: InfluenceModel, x: Tensor, y: Tensor, start: int, weight: float, v: Tensor, out: Tensor | None = None
+) -> Tensor:
     """``(n_b / n) * H_b V`` of one block for ``V`` ``(p, k)``: ``(p, k)`` (added into ``out`` if given)."""
     v = v.to(device=solver.device, dtype=solver.dtype)
     result = weight * solver.block_curvature().batch_matmat(x, y, v)
@@ -107,8 +108,15 @@ def curvature_block(solver: InfluenceModel, x: Tensor, y: Tensor, start: int, we
     return out
 
 
-def dense_block(solver: InfluenceModel, x: Tensor, y: Tensor, start: int, weight: float,
-                payload: tuple[Sequence[tuple[int, int]], int], out: list[Tensor] | None = None) -> list[Tensor]:
+def dense_block(
+    solver: InfluenceModel,
+    x: Tensor,
+    y: Tensor,
+    start: int,
+    weight: float,
+    payload: tuple[Sequence[tuple[int, int]], int],
+    out: list[Tensor] | None = None,
+) -> list[Tensor]:
     """``(n_b / n) * H_b`` of one block restricted to each ``(a, b)`` range: ``[(p_r, p_r), ...]``.
 
     ``payload`` is ``(ranges, column_chunk)``: the ranges' columns are pushed through the
@@ -207,4 +215,3 @@ def summed_operator(blocks: BlockSums, theta: Tensor, layer_slices: Sequence[tup
     if layer_slices is not None:
         return SummedBlockDiagonalOperator(operator, list(layer_slices))
     return operator
-

@@ -37,9 +37,7 @@ def to_tensor(a: Any, name: str, *, dtype: torch.dtype, device: torch.device) ->
             raise TypeError(f"{name} must be numeric; got an array of dtype {arr.dtype}.")
         t = torch.from_numpy(np.ascontiguousarray(arr))
     else:
-        raise TypeError(
-            f"{name} must be a torch.Tensor or a numpy array; got {type(a).__name__}."
-        )
+        raise TypeError(f"{name} must be a torch.Tensor or a numpy array; got {type(a).__name__}.")
     if t.is_floating_point():
         t = t.to(device=device, dtype=dtype)
     else:

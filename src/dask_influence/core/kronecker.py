@@ -386,12 +386,13 @@ class Capture:
             for index, (layer, probes) in enumerate(zip(self.layers, self.probes)):
                 calls = range(at, at + len(probes))
                 at += len(probes)
-                parts = [layer.output_grads(torch.zeros_like(flat[c]) if grads[c] is None else grads[c])
-                         for c in calls]
+                parts = [layer.output_grads(torch.zeros_like(flat[c]) if grads[c] is None else grads[c]) for c in calls]
                 g_r = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
                 if out[index] is None:
                     out[index] = g_r.new_empty((g_r.shape[0], rs) + tuple(g_r.shape[1:]))
                 out[index][:, r] = g_r  # type: ignore[index]
             del grads
-        return [(g.detach(), torch.cat(inputs, dim=1))  # type: ignore[union-attr]
-                for g, inputs in zip(out, self.inputs)]
+        return [
+            (g.detach(), torch.cat(inputs, dim=1))  # type: ignore[union-attr]
+            for g, inputs in zip(out, self.inputs)
+        ]

@@ -27,6 +27,4 @@ class InfluenceMode(str, Enum):
                 return cls(value.strip().lower())
             except ValueError:
                 pass
-        raise ValueError(
-            f"mode must be 'up' or 'perturbation' (or an InfluenceMode); got {value!r}."
-        )
+        raise ValueError(f"mode must be 'up' or 'perturbation' (or an InfluenceMode); got {value!r}.")

@@ -32,9 +32,7 @@ class Curvature(str, Enum):
         try:
             return cls(value)
         except ValueError:
-            raise ValueError(
-                f"curvature must be one of {[c.value for c in cls]}; got {value!r}."
-            ) from None
+            raise ValueError(f"curvature must be one of {[c.value for c in cls]}; got {value!r}.") from None
 
 
 class LinearOperator:
@@ -103,15 +101,8 @@ class CurvatureOperator(LinearOperator):
 
     def batch_matmat(self, x: Tensor, y: Tensor, v: Tensor) -> Tensor:
         """The curvature of ONE batch's mean loss times ``v`` ``(p, k)``."""
-        fn = (
-            self.functions.hessian_matmat
-            if self.curvature is Curvature.hessian
-            else self.functions.ggn_matmat
-        )
-        parts = [
-            fn(self.theta, x, y, v[:, s : s + self.max_columns])
-            for s in range(0, v.shape[1], self.max_columns)
-        ]
+        fn = self.functions.hessian_matmat if self.curvature is Curvature.hessian else self.functions.ggn_matmat
+        parts = [fn(self.theta, x, y, v[:, s : s + self.max_columns]) for s in range(0, v.shape[1], self.max_columns)]
         return torch.cat(parts, dim=1)
 
     def matmat(self, v: Tensor) -> Tensor:
@@ -143,8 +134,11 @@ class BlockDiagonalOperator(LinearOperator):
 
     def __init__(self, inner: LinearOperator, blocks: list[tuple[int, int]]):
         covered = sorted(blocks)
-        if not covered or covered[0][0] != 0 or covered[-1][1] != inner.size or any(
-            a[1] != b[0] for a, b in zip(covered, covered[1:])
+        if (
+            not covered
+            or covered[0][0] != 0
+            or covered[-1][1] != inner.size
+            or any(a[1] != b[0] for a, b in zip(covered, covered[1:]))
         ):
             raise ValueError(f"blocks must partition 0..{inner.size}; got {blocks}.")
         self.inner = inner

@@ -125,9 +125,7 @@ def make_preconditioner(value: Any, *, rank: int = 10, seed: int = 0) -> Precond
             return JacobiPreconditioner(seed=seed)
         if key in ("nystroem", "nystrom"):
             return NystroemPreconditioner(rank=rank, seed=seed)
-    raise ValueError(
-        f"preconditioner must be None, 'jacobi', 'nystroem' or a Preconditioner instance; got {value!r}."
-    )
+    raise ValueError(f"preconditioner must be None, 'jacobi', 'nystroem' or a Preconditioner instance; got {value!r}.")
 
 
 def preconditioner_name(value: Any) -> str | None:

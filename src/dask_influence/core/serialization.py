@@ -82,10 +82,15 @@ def serializable(cls: T | None = None, *, name: str | None = None) -> Any:
     def add(klass: T) -> T:
         key = name or klass.__name__
         existing = _CLASSES.get(key)
-        if existing is not None and existing is not klass and (
-                existing.__module__, existing.__qualname__) != (klass.__module__, klass.__qualname__):
-            raise ValueError(f"The serializable name {key!r} is taken by "
-                             f"{existing.__module__}.{existing.__qualname__}; pass @serializable(name=...).")
+        if (
+            existing is not None
+            and existing is not klass
+            and (existing.__module__, existing.__qualname__) != (klass.__module__, klass.__qualname__)
+        ):
+            raise ValueError(
+                f"The serializable name {key!r} is taken by "
+                f"{existing.__module__}.{existing.__qualname__}; pass @serializable(name=...)."
+            )
         if existing is not None:
             _NAMES.pop(existing, None)
         _CLASSES[key] = klass
@@ -148,13 +153,13 @@ def to_data(value: Any, *, where: str = "value") -> Any:
         raise TypeError(
             f"Cannot save {where}: a {type(value).__module__}.{type(value).__qualname__} is neither plain data "
             "(numbers, strings, tensors, lists, tuples, dicts) nor a class allowed in saved files; decorate "
-            "its class with @dask_influence.core.serialization.serializable.")
+            "its class with @dask_influence.core.serialization.serializable."
+        )
     if dataclasses.is_dataclass(value):
         fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
     else:
         fields = dict(vars(value))
-    return {KIND: "object", "class": name,
-            "fields": {k: to_data(v, where=f"{where}.{k}") for k, v in fields.items()}}
+    return {KIND: "object", "class": name, "fields": {k: to_data(v, where=f"{where}.{k}") for k, v in fields.items()}}
 
 
 def _compact(t: Tensor) -> Tensor:
@@ -190,8 +195,9 @@ def _decode(data: Any, source: str, device: torch.device | None, where: str) -> 
     if type(data) is list:
         return [_decode(v, source, device, f"{where}[{i}]") for i, v in enumerate(data)]
     if type(data) is not dict or not isinstance(data.get(KIND), str):
-        raise _refuse(source, f"{where} is a {type(data).__module__}.{type(data).__qualname__}, which a data "
-                              "file never holds")
+        raise _refuse(
+            source, f"{where} is a {type(data).__module__}.{type(data).__qualname__}, which a data file never holds"
+        )
     kind = data[KIND]
     if kind == "tuple":
         return tuple(_decode(v, source, device, f"{where}[{i}]") for i, v in enumerate(_list(data, source, where)))
@@ -216,8 +222,11 @@ def _decode_object(data: dict, source: str, device: torch.device | None, where: 
     name = data.get("class")
     cls = _CLASSES.get(name) if isinstance(name, str) else None
     if cls is None:
-        raise _refuse(source, f"{where} is an object of the unknown type {name!r}; a saved file may hold only "
-                              f"these classes: {', '.join(sorted(_CLASSES))}")
+        raise _refuse(
+            source,
+            f"{where} is an object of the unknown type {name!r}; a saved file may hold only "
+            f"these classes: {', '.join(sorted(_CLASSES))}",
+        )
     fields = {k: _decode(v, source, device, f"{where}.{k}") for k, v in _dict(data, "fields", source, where).items()}
     bad = [k for k in fields if not k.isidentifier() or k.startswith("__")]
     if bad:
@@ -226,8 +235,11 @@ def _decode_object(data: dict, source: str, device: torch.device | None, where: 
         declared = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(fields) - set(declared))
         if unknown:
-            raise _refuse(source, f"{where} ({name}) has fields {', '.join(unknown)} that {name} does not have "
-                                  "(written by another version?)")
+            raise _refuse(
+                source,
+                f"{where} ({name}) has fields {', '.join(unknown)} that {name} does not have "
+                "(written by another version?)",
+            )
         try:
             obj = cls(**{k: v for k, v in fields.items() if declared[k].init})
         except (TypeError, ValueError) as err:
@@ -279,9 +291,15 @@ def save(record: dict[str, Any], file: File) -> None:
     torch.save(data, file if hasattr(file, "write") else os.fspath(file))
 
 
-def load(file: File, *, source: str | None = None, what: str = "a file written by dask-influence",
-         refit: str = "fit again", device: torch.device | str | None = None,
-         check: Callable[[dict], None] | None = None) -> dict[str, Any]:
+def load(
+    file: File,
+    *,
+    source: str | None = None,
+    what: str = "a file written by dask-influence",
+    refit: str = "fit again",
+    device: torch.device | str | None = None,
+    check: Callable[[dict], None] | None = None,
+) -> dict[str, Any]:
     """Read a record written by :func:`save`, without running any code from the file.
 
     The file is read with ``torch.load(..., weights_only=True)``: its pickle may hold only
@@ -306,8 +324,7 @@ def load(file: File, *, source: str | None = None, what: str = "a file written b
     try:
         with warnings.catch_warnings():  # a plain pickle (not torch.save's) draws a protocol warning
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-            raw = torch.load(file if hasattr(file, "read") else os.fspath(file),
-                             map_location="cpu", weights_only=True)
+            raw = torch.load(file if hasattr(file, "read") else os.fspath(file), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - every failure to read is one message; nothing ran
         raise ValueError(_unreadable(source, what, refit, err)) from None
     if not isinstance(raw, dict) or "format" not in raw:
@@ -315,17 +332,21 @@ def load(file: File, *, source: str | None = None, what: str = "a file written b
     if raw["format"] == 1:
         raise ValueError(_old_format(source, refit))
     if raw["format"] != FORMAT:
-        raise ValueError(f"{source!r} is not {what}: it has file format {raw['format']!r}, and this version "
-                         f"of dask-influence reads format {FORMAT} (written by another version?); {refit}.")
+        raise ValueError(
+            f"{source!r} is not {what}: it has file format {raw['format']!r}, and this version "
+            f"of dask-influence reads format {FORMAT} (written by another version?); {refit}."
+        )
     if check is not None:
         check(raw)
     return {k: (v if k == "format" else from_data(v, source=source, device=device)) for k, v in raw.items()}
 
 
 def _old_format(source: str, refit: str) -> str:
-    return (f"{source!r} was written by an older version of dask-influence (file format 1, a pickle of Python "
-            "objects, which cannot be read without running code from the file); it is not read. "
-            f"Files are now plain data (format {FORMAT}): {refit}.")
+    return (
+        f"{source!r} was written by an older version of dask-influence (file format 1, a pickle of Python "
+        "objects, which cannot be read without running code from the file); it is not read. "
+        f"Files are now plain data (format {FORMAT}): {refit}."
+    )
 
 
 _GLOBAL = re.compile(r"GLOBAL\s+([\w.]+)")
@@ -337,14 +358,18 @@ def _unreadable(source: str, what: str, refit: str, err: Exception) -> str:
     if found and found.group(1).startswith("dask_influence."):
         return _old_format(source, refit)
     if found:
-        return (f"{source!r} is not {what}: it refers to the Python object {found.group(1)!r}, and a saved "
-                "file may hold only data (tensors, numbers, strings, lists, dicts and allow-listed state "
-                "classes). It was refused without running anything; do not load it with a tool that "
-                "unpickles (it may run code).")
+        return (
+            f"{source!r} is not {what}: it refers to the Python object {found.group(1)!r}, and a saved "
+            "file may hold only data (tensors, numbers, strings, lists, dicts and allow-listed state "
+            "classes). It was refused without running anything; do not load it with a tool that "
+            "unpickles (it may run code)."
+        )
     if isinstance(err, pickle.UnpicklingError):
-        return (f"{source!r} is not {what}: it is not a file of plain data (tensors and builtin containers; "
-                "its contents use an instruction or object that a data file never holds). It was refused "
-                "without running anything.")
+        return (
+            f"{source!r} is not {what}: it is not a file of plain data (tensors and builtin containers; "
+            "its contents use an instruction or object that a data file never holds). It was refused "
+            "without running anything."
+        )
     if isinstance(err, EOFError):
         return f"{source!r} is not {what}: the file is empty or truncated."
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

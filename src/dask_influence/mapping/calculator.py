@@ -1,9 +1,10 @@
 """DaskInfluenceCalculator and SequentialInfluenceCalculator.
 
 Both map a fitted solver over blocks of test and train data with the same graph
-(:mod:`.graph`), and ``fit`` fits a solver over the train blocks (:mod:`.fitting`); the Dask one runs it on a distributed client (the current one, or an
-embedded ``LocalCluster`` started and closed per call), the sequential one in this process
-with Dask's synchronous scheduler. They give the same numbers.
+(:mod:`.graph`), and ``fit`` fits a solver over the train blocks (:mod:`.fitting`); the
+Dask one runs it on a distributed client (the current one, or an embedded ``LocalCluster``
+started and closed per call), the sequential one in this process with Dask's synchronous
+scheduler. They give the same numbers.
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ class _BlockCalculator:
         if memory_budget not in (None, "auto") and (
             isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget <= 0
         ):
-            raise ValueError(f"memory_budget must be a positive number of bytes, 'auto' or None; got {memory_budget!r}.")
+            raise ValueError(
+                f"memory_budget must be a positive number of bytes, 'auto' or None; got {memory_budget!r}."
+            )
         self.solver = solver
         self.progress = bool(progress)
         self.memory_budget = memory_budget
@@ -52,8 +55,9 @@ class _BlockCalculator:
         self._fit_id: str | None = None
 
     # -- fitting ----------------------------------------------------------------------
-    def fit(self, train: Any, *, block_size: int | None = None, path: str | os.PathLike | None = None,
-            refit: bool = False) -> InfluenceModel:
+    def fit(
+        self, train: Any, *, block_size: int | None = None, path: str | os.PathLike | None = None, refit: bool = False
+    ) -> InfluenceModel:
         """Fit the wrapped solver over the train blocks; returns the solver, fitted.
 
         Every pass of the fit over the training data is a sum of per-block results (curvature
@@ -90,12 +94,22 @@ class _BlockCalculator:
 
     def _check_fitted(self) -> None:
         if not self.solver.is_fitted:
-            raise NotFittedError(f"The {type(self.solver).__name__} is not fitted; call calc.fit(train) or "
-                                 "solver.fit(train_loader) first.")
+            raise NotFittedError(
+                f"The {type(self.solver).__name__} is not fitted; call calc.fit(train) or "
+                "solver.fit(train_loader) first."
+            )
 
     # -- graph ------------------------------------------------------------------------
-    def _graph(self, test: Any, train: Any, mode: Any, test_block_size: int | None,
-               train_block_size: int | None, *, record_solves: bool = False) -> InfluenceGraph:
+    def _graph(
+        self,
+        test: Any,
+        train: Any,
+        mode: Any,
+        test_block_size: int | None,
+        train_block_size: int | None,
+        *,
+        record_solves: bool = False,
+    ) -> InfluenceGraph:
         self._check_fitted()
         mode = InfluenceMode.parse(mode)
         test_src = as_source(test, block_size=test_block_size, name="test")
@@ -112,14 +126,22 @@ class _BlockCalculator:
                 f"Perturbation influences need floating-point train inputs; got {train_src.input_dtype}. "
                 "Use mode='up' for integer inputs such as token ids."
             )
-        graph = build_influence_graph(self.solver, test_src, train_src, mode, memory_budget=self._memory_budget(),
-                                      record_solves=record_solves)
+        graph = build_influence_graph(
+            self.solver, test_src, train_src, mode, memory_budget=self._memory_budget(), record_solves=record_solves
+        )
         if len(graph.plan.test_groups) > 1:
             logger.warning("Test factors exceed the per-task memory budget; %s.", graph.plan.describe())
         return graph
 
-    def influences(self, test: Any, train: Any, mode: Any = "up", *, test_block_size: int | None = None,
-                   train_block_size: int | None = None) -> Any:
+    def influences(
+        self,
+        test: Any,
+        train: Any,
+        mode: Any = "up",
+        *,
+        test_block_size: int | None = None,
+        train_block_size: int | None = None,
+    ) -> Any:
         """Influence of every train point on every test point.
 
         Returns ``(n_test, n_train)`` (``(n_test, n_train, *features)`` in perturbation
@@ -188,13 +210,20 @@ class _BlockCalculator:
         verify_mode = _verify_mode(verify)
         if not isinstance(break_lock, bool):
             raise TypeError(f"break_lock must be True or False; got {break_lock!r}.")
-        graph = self._graph(test, train, mode, test_block_size, train_block_size,
-                            record_solves=_records_solver_info(self.solver))
+        graph = self._graph(
+            test, train, mode, test_block_size, train_block_size, record_solves=_records_solver_info(self.solver)
+        )
         plan = graph.plan
         top_k = min(top_k, plan.n_train) if top_k else None
-        layout = zstore.StoreLayout(plan.test_sizes, plan.train_sizes,
-                                    graph.feature_shape if mode is InfluenceMode.perturbation else None,
-                                    graph.dtype, top_k, bool(self_influences), graph.record_solves)
+        layout = zstore.StoreLayout(
+            plan.test_sizes,
+            plan.train_sizes,
+            graph.feature_shape if mode is InfluenceMode.perturbation else None,
+            graph.dtype,
+            top_k,
+            bool(self_influences),
+            graph.record_solves,
+        )
         config = self._config(graph, layout)
         path = os.fspath(store)
         zstore.check_path(path)
@@ -202,12 +231,17 @@ class _BlockCalculator:
             group = zstore.prepare_store(path, config=config, layout=layout, resume=resume, overwrite=overwrite)
             report = self._verify_store(group, path, verify_mode) if resume else None
             keys = self._pending_writes(graph, group, path, layout)
-            self.last_run_.update(chunks_repaired=len(report.damaged.get("influences", [])) if report else 0,
-                                  verify=report.as_dict() if report else None, lock_broken=lock.broken)
+            self.last_run_.update(
+                chunks_repaired=len(report.damaged.get("influences", [])) if report else 0,
+                verify=report.as_dict() if report else None,
+                lock_broken=lock.broken,
+            )
             self._execute(graph.dsk, keys, graph)
             lock.ensure_held()
-            extra: dict[str, Any] = {"test_groups": [list(g) for g in plan.test_groups], "last_run": {
-                k: self.last_run_[k] for k in ("chunks_computed", "chunks_skipped", "chunks_repaired")}}
+            extra: dict[str, Any] = {
+                "test_groups": [list(g) for g in plan.test_groups],
+                "last_run": {k: self.last_run_[k] for k in ("chunks_computed", "chunks_skipped", "chunks_repaired")},
+            }
             if layout.solver_info:
                 extra["solver_info"] = self._solver_info_attribute(group)
             zstore.mark_complete(group, extra)
@@ -220,9 +254,14 @@ class _BlockCalculator:
         report = zstore.verify_store(group, mode=mode)
         unreadable = sum(len(v) for v in report.unreadable_flags.values())
         if report.repaired or unreadable:
-            logger.warning("Resuming %s: %d chunk(s) flagged done are missing or damaged and %d done flag(s) are "
-                           "unreadable; they are recomputed (%s).", path, report.repaired, unreadable,
-                           report.as_dict()["damaged"])
+            logger.warning(
+                "Resuming %s: %d chunk(s) flagged done are missing or damaged and %d done flag(s) are "
+                "unreadable; they are recomputed (%s).",
+                path,
+                report.repaired,
+                unreadable,
+                report.as_dict()["damaged"],
+            )
             zstore.repair(group, report)
         return report
 
@@ -231,8 +270,9 @@ class _BlockCalculator:
         from ..errors import ConvergenceWarning
 
         method = type(self.solver).__name__
-        summary = zstore.solver_info_summary(zstore.read_solver_info(group), method=method,
-                                             tolerance=getattr(self.solver, "rtol", None))
+        summary = zstore.solver_info_summary(
+            zstore.read_solver_info(group), method=method, tolerance=getattr(self.solver, "rtol", None)
+        )
         if summary.get("converged") is False:
             import warnings
 
@@ -241,7 +281,9 @@ class _BlockCalculator:
                 f"test point(s): largest {summary['measure']} {summary['max_relative_residual']:.3e} after at "
                 f"most {summary['max_iterations']} iterations. The residuals are in the store's attributes "
                 "('solver_info'). Raise maxiter or regularization, or use a preconditioner.",
-                ConvergenceWarning, stacklevel=3)
+                ConvergenceWarning,
+                stacklevel=3,
+            )
         return summary
 
     def _pending_writes(self, graph: InfluenceGraph, group: zarr.Group, path: str, layout: zstore.StoreLayout) -> list:
@@ -258,7 +300,14 @@ class _BlockCalculator:
                 targets = [(i, *rows[i], pos) for pos, i in enumerate(members) if not done[i, j]]
                 if not targets:
                     continue
-                dsk[(write, g, j)] = (zstore.write_influence_chunks, path, j, cols[j], targets, (graph.group_name, g, j))
+                dsk[(write, g, j)] = (
+                    zstore.write_influence_chunks,
+                    path,
+                    j,
+                    cols[j],
+                    targets,
+                    (graph.group_name, g, j),
+                )
                 keys.append((write, g, j))
                 computed += len(targets)
                 for i, *_ in targets:
@@ -275,14 +324,25 @@ class _BlockCalculator:
         if layout.top_k:
             tdone = np.asarray(group["topk_done"][...]) == 1  # type: ignore[index]
             for i in map(int, np.nonzero(~tdone)[0]):
-                dsk[(f"topk-{graph.token}", i)] = (zstore.topk_row, path, i, rows[i], list(cols), layout.top_k,
-                                                   *row_writes.get(i, []))
+                dsk[(f"topk-{graph.token}", i)] = (
+                    zstore.topk_row,
+                    path,
+                    i,
+                    rows[i],
+                    list(cols),
+                    layout.top_k,
+                    *row_writes.get(i, []),
+                )
                 keys.append((f"topk-{graph.token}", i))
         if layout.solver_info:
             keys += self._solver_info_tasks(graph, group, path, set(row_writes))
-        self.last_run_ = {"chunks_computed": computed,
-                          "chunks_skipped": skipped, "chunks_total": plan.num_chunks,
-                          "self_influence_blocks_computed": self_written, "plan": plan.describe()}
+        self.last_run_ = {
+            "chunks_computed": computed,
+            "chunks_skipped": skipped,
+            "chunks_total": plan.num_chunks,
+            "self_influence_blocks_computed": self_written,
+            "plan": plan.describe(),
+        }
         return keys
 
     def _solver_info_tasks(self, graph: InfluenceGraph, group: zarr.Group, path: str, pending: set[int]) -> list:
@@ -298,7 +358,9 @@ class _BlockCalculator:
 
     def _config(self, graph: InfluenceGraph, layout: zstore.StoreLayout) -> dict:
         solver = self.solver
-        params = {k: v for k, v in solver.config.to_dict().items() if isinstance(v, (bool, int, float, str, type(None)))}
+        params = {
+            k: v for k, v in solver.config.to_dict().items() if isinstance(v, (bool, int, float, str, type(None)))
+        }
         return {
             "method": type(solver).__name__,
             "parameters": params,
@@ -385,9 +447,16 @@ class DaskInfluenceCalculator(_BlockCalculator):
     workers with ``--resources GPU=1`` (one per GPU).
     """
 
-    def __init__(self, solver: InfluenceModel, client: Any = None, *, progress: bool = True,
-                 memory_budget: int | str | None = "auto", n_workers: int | None = None,
-                 factors: str = "auto"):
+    def __init__(
+        self,
+        solver: InfluenceModel,
+        client: Any = None,
+        *,
+        progress: bool = True,
+        memory_budget: int | str | None = "auto",
+        n_workers: int | None = None,
+        factors: str = "auto",
+    ):
         super().__init__(solver, progress=progress, memory_budget=memory_budget)
         if factors not in ("auto", "client", "workers"):
             raise ValueError(f"factors must be 'auto', 'client' or 'workers'; got {factors!r}.")
@@ -411,8 +480,10 @@ class DaskInfluenceCalculator(_BlockCalculator):
             return False
         if self._fit_train is None or getattr(self.solver, "fit_id_", None) != self._fit_id:
             if self.factors == "client":
-                raise ValueError("factors='client' solves with the training data of the fit; call "
-                                 "calc.fit(train) first, or use factors='workers'.")
+                raise ValueError(
+                    "factors='client' solves with the training data of the fit; call "
+                    "calc.fit(train) first, or use factors='workers'."
+                )
             return False
         return True
 
@@ -423,7 +494,8 @@ class DaskInfluenceCalculator(_BlockCalculator):
             return (factors, zstore.solver_info_row(report, len(factors))) if graph.record_solves else factors
 
         self.last_run_["factor_blocks_on_client"] = solve_factors_on_cluster(
-            self.solver, client, self._fit_train, graph, dsk, keys, result=result)
+            self.solver, client, self._fit_train, graph, dsk, keys, result=result
+        )
 
     def _memory_budget(self) -> int | None:
         if self.memory_budget != "auto":
@@ -453,8 +525,10 @@ class DaskInfluenceCalculator(_BlockCalculator):
         except ValueError:
             pass
         workers = self.n_workers or os.cpu_count() or 1
-        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                          dashboard_address=None) as cluster, Client(cluster) as client:
+        with (
+            LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+            Client(cluster) as client,
+        ):
             yield client
 
     def _execute(self, dsk: dict, keys: list, graph: InfluenceGraph | None = None) -> list:

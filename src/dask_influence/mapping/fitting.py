@@ -71,14 +71,18 @@ def _block_tensors(solver: InfluenceModel, block: tuple[np.ndarray, np.ndarray],
     return x, y
 
 
-def inspect_block(solver: InfluenceModel, block: tuple, start: int, weight: float, payload: Literal) -> tuple[str, bool]:
+def inspect_block(
+    solver: InfluenceModel, block: tuple, start: int, weight: float, payload: Literal
+) -> tuple[str, bool]:
     """Validate a block (finite, feature shape; the loss on block 0); return its sha256 and
     whether its inputs are floating point."""
     tasks._match_threads()
     x, y = _block_tensors(solver, block, start)
     if tuple(x.shape[1:]) != tuple(payload.value):
-        raise ValueError(f"The training block starting at sample {start} has feature shape "
-                         f"{tuple(x.shape[1:])}; the first block has {tuple(payload.value)}.")
+        raise ValueError(
+            f"The training block starting at sample {start} has feature shape "
+            f"{tuple(x.shape[1:])}; the first block has {tuple(payload.value)}."
+        )
     if start == 0:
         solver.check_loss(x, y)
     digest = hashlib.sha256()
@@ -89,8 +93,9 @@ def inspect_block(solver: InfluenceModel, block: tuple, start: int, weight: floa
     return digest.hexdigest(), bool(x.is_floating_point())
 
 
-def run_block(fn: BlockFunction, solver: InfluenceModel, block: tuple, start: int, weight: float,
-              payload: Literal) -> Any:
+def run_block(
+    fn: BlockFunction, solver: InfluenceModel, block: tuple, start: int, weight: float, payload: Literal
+) -> Any:
     """Run a core block function (:mod:`dask_influence.core.blocks`) on one loaded block.
 
     The block's arrays become validated tensors on the solver's device, and so does the
@@ -163,14 +168,17 @@ class TrainBlocks:
                 for i in range(0, len(level) - 1, 2):
                     dsk[(name, g, depth, i // 2)] = (add_results, level[i], level[i + 1])
                     nxt.append((name, g, depth, i // 2))
-                level = nxt + level[len(level) - len(level) % 2:]
+                level = nxt + level[len(level) - len(level) % 2 :]
             tops.append([level[0]])
         partials = [group[0] for group in self._get(dsk, tops)]
         total = partials[0]
         for part in partials[1:]:
             total = add_results(total, part)
-        return [torch.from_numpy(np.asarray(t)) for t in total] if isinstance(total, list) else torch.from_numpy(
-            np.asarray(total))
+        return (
+            [torch.from_numpy(np.asarray(t)) for t in total]
+            if isinstance(total, list)
+            else torch.from_numpy(np.asarray(total))
+        )
 
     def _tasks(self, fn: Callable, payload: Any, wrap: bool = False) -> tuple[dict, list]:
         self.sweeps += 1
@@ -221,8 +229,7 @@ class LocalTrainBlocks(TrainBlocks):
         self._block_keys = [(f"fit-block-{self._token}", k) for k in range(len(self.sizes))]
 
     def _refs(self, payload: Literal) -> tuple[Any, list, Any, dict]:
-        dsk = {**self.source.graph(), f"fit-solver-{self._token}": self._solver,
-               f"fit-payload-{self._token}": payload}
+        dsk = {**self.source.graph(), f"fit-solver-{self._token}": self._solver, f"fit-payload-{self._token}": payload}
         for k, key in enumerate(self._block_keys):
             dsk[key] = self.source.block_task(k)
         return f"fit-solver-{self._token}", self._block_keys, f"fit-payload-{self._token}", dsk
@@ -261,8 +268,9 @@ class ClusterTrainBlocks(TrainBlocks):
                 graph = {source.key: client.get(graph, source.key, sync=False)}
             for address, members in zip(self.workers, self.groups):
                 dsk = {**graph, **{(name, k): source.block_task(k) for k in members}}
-                futures = client.get(dsk, [(name, k) for k in members], sync=False, workers=[address],
-                                     allow_other_workers=True)
+                futures = client.get(
+                    dsk, [(name, k) for k in members], sync=False, workers=[address], allow_other_workers=True
+                )
                 for k, future in zip(members, futures):
                     self._blocks[k] = future
 
@@ -278,9 +286,17 @@ class ClusterTrainBlocks(TrainBlocks):
     def _get(self, dsk: dict, keys: list[list]) -> list[list]:
         from dask.optimization import cull
 
-        futures = [self.client.get(cull(dsk, group)[0], group, sync=False, workers=[address],
-                                   allow_other_workers=True, resources=self.resources)
-                   for address, group in zip(self.workers, keys)]
+        futures = [
+            self.client.get(
+                cull(dsk, group)[0],
+                group,
+                sync=False,
+                workers=[address],
+                allow_other_workers=True,
+                resources=self.resources,
+            )
+            for address, group in zip(self.workers, keys)
+        ]
         return self.client.gather(futures)
 
     def close(self) -> None:
@@ -293,8 +309,16 @@ class ClusterTrainBlocks(TrainBlocks):
 class _KnownTrainingData(TrainingData):
     """:class:`TrainingData` whose size and feature shape are known (no counting pass)."""
 
-    def __init__(self, data: Any, *, n: int, feature_shape: Sequence[int], dtype: torch.dtype,
-                 device: torch.device, batch_size: int):
+    def __init__(
+        self,
+        data: Any,
+        *,
+        n: int,
+        feature_shape: Sequence[int],
+        dtype: torch.dtype,
+        device: torch.device,
+        batch_size: int,
+    ):
         super().__init__(data, dtype=dtype, device=device, batch_size=batch_size)
         self._n = int(n)
         self.feature_shape = torch.Size(feature_shape)
@@ -316,14 +340,21 @@ class _DaskArrayBatches:
 def local_training_data(solver: InfluenceModel, source: BlockSource) -> TrainingData:
     """The train blocks as a :class:`TrainingData` in this process (read lazily, block by block)."""
     if isinstance(source, DatasetSource):
-        data: Any = DataLoader(source.dataset, batch_size=source.block_sizes[0], shuffle=False,
-                               collate_fn=source.collate)
+        data: Any = DataLoader(
+            source.dataset, batch_size=source.block_sizes[0], shuffle=False, collate_fn=source.collate
+        )
     elif isinstance(source, DaskArraySource):
         data = _DaskArrayBatches(source.x, source.y)
     else:  # pragma: no cover - every source kind is handled above
         raise TypeError(f"Unsupported train source {type(source).__name__}.")
-    return _KnownTrainingData(data, n=source.n, feature_shape=source.feature_shape, dtype=solver.dtype,
-                              device=solver.device, batch_size=max(source.block_sizes))
+    return _KnownTrainingData(
+        data,
+        n=source.n,
+        feature_shape=source.feature_shape,
+        dtype=solver.dtype,
+        device=solver.device,
+        batch_size=max(source.block_sizes),
+    )
 
 
 # -- fitting, saving and restoring -------------------------------------------------------------------
@@ -332,12 +363,17 @@ def data_fingerprint(blocks: TrainBlocks, digests: Sequence[str]) -> dict:
     digest = hashlib.sha256()
     for d in digests:
         digest.update(d.encode())
-    return {"n": blocks.n, "block_sizes": list(blocks.sizes),
-            "feature_shape": [int(s) for s in blocks.source.feature_shape], "sha256": digest.hexdigest()}
+    return {
+        "n": blocks.n,
+        "block_sizes": list(blocks.sizes),
+        "feature_shape": [int(s) for s in blocks.source.feature_shape],
+        "sha256": digest.hexdigest(),
+    }
 
 
-def fit_with_blocks(solver: InfluenceModel, blocks: TrainBlocks, *, path: str | os.PathLike | None = None,
-                    refit: bool = False) -> dict:
+def fit_with_blocks(
+    solver: InfluenceModel, blocks: TrainBlocks, *, path: str | os.PathLike | None = None, refit: bool = False
+) -> dict:
     """Fit ``solver`` over ``blocks`` (or restore a matching saved fit from ``path``); returns a report.
 
     One first pass validates every block (finite values, feature shape, the loss on block 0)
@@ -364,10 +400,23 @@ def fit_with_blocks(solver: InfluenceModel, blocks: TrainBlocks, *, path: str | 
         _fit(solver, blocks, data, float_inputs)
         if path is not None:
             save_fit(solver, path, training_data=fingerprint)
-    report = {"reused": reused, "path": path, "sweeps": blocks.sweeps, "blocks": len(blocks.sizes),
-              "n_train": blocks.n, "seconds": time.perf_counter() - start, "training_data": fingerprint}
-    logger.info("%s %s over %d train blocks (%d passes) in %.1f s.", "Restored" if reused else "Fitted",
-                type(solver).__name__, report["blocks"], report["sweeps"], report["seconds"])
+    report = {
+        "reused": reused,
+        "path": path,
+        "sweeps": blocks.sweeps,
+        "blocks": len(blocks.sizes),
+        "n_train": blocks.n,
+        "seconds": time.perf_counter() - start,
+        "training_data": fingerprint,
+    }
+    logger.info(
+        "%s %s over %d train blocks (%d passes) in %.1f s.",
+        "Restored" if reused else "Fitted",
+        type(solver).__name__,
+        report["blocks"],
+        report["sweeps"],
+        report["seconds"],
+    )
     return report
 
 
@@ -405,8 +454,14 @@ def save_fit(solver: InfluenceModel, path: str | os.PathLike, *, training_data: 
     replace_atomically(path, buffer.getvalue())
 
 
-def load_fit(solver: InfluenceModel, path: str | os.PathLike, *, training_data: dict, data: TrainingData,
-             float_inputs: bool | None = None) -> None:
+def load_fit(
+    solver: InfluenceModel,
+    path: str | os.PathLike,
+    *,
+    training_data: dict,
+    data: TrainingData,
+    float_inputs: bool | None = None,
+) -> None:
     """Restore a fit written by :func:`save_fit` into ``solver``, after checking that it belongs to it.
 
     The file is read as data, never as code (:func:`_read`). Only the hyperparameters a fit
@@ -431,8 +486,13 @@ def load_fit(solver: InfluenceModel, path: str | os.PathLike, *, training_data: 
             "Fit again and replace it with refit=True (dask-influence run --refit), or use another fit file."
         )
     _restore_attributes(solver, record["attributes"], path)
-    solver.finish_fit(theta, data, n=record["n_train"], feature_shape=record["feature_shape"],
-                      float_inputs=float_inputs if float_inputs is not None else record.get("float_inputs"))
+    solver.finish_fit(
+        theta,
+        data,
+        n=record["n_train"],
+        feature_shape=record["feature_shape"],
+        float_inputs=float_inputs if float_inputs is not None else record.get("float_inputs"),
+    )
 
 
 def _read(path: str) -> dict:
@@ -453,8 +513,11 @@ def _read(path: str) -> dict:
             raise ValueError(f"{path!r} is not {what}: {err}") from None
     else:
         record = serialization.load(path, what=what, refit=refit)
-    if not isinstance(record.get("attributes"), dict) or not isinstance(record.get("hyperparameters"), dict) \
-            or not all(k in record for k in ("n_train", "feature_shape")):
+    if (
+        not isinstance(record.get("attributes"), dict)
+        or not isinstance(record.get("hyperparameters"), dict)
+        or not all(k in record for k in ("n_train", "feature_shape"))
+    ):
         raise ValueError(f"{path!r} is not {what}: it lacks the fitted attributes or hyperparameters.")
     return record
 
@@ -483,7 +546,12 @@ def _mismatches(record: dict, solver: InfluenceModel, theta: Tensor, training_da
 
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, Tensor) or isinstance(b, Tensor):
-        return isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and bool(torch.equal(a.cpu(), b.cpu()))
+        return (
+            isinstance(a, Tensor)
+            and isinstance(b, Tensor)
+            and a.shape == b.shape
+            and bool(torch.equal(a.cpu(), b.cpu()))
+        )
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_same(u, v) for u, v in zip(a, b))
     if isinstance(a, (bool, int, float, str, type(None))) or isinstance(b, (bool, int, float, str, type(None))):
@@ -513,8 +581,16 @@ def solving_on_cluster(solver: InfluenceModel, client: Any, source: BlockSource)
         yield solver.attach_curvature(solver.curvature_over(blocks, solver.trained_parameters()))
 
 
-def solve_factors_on_cluster(solver: InfluenceModel, client: Any, source: BlockSource, graph: Any, dsk: dict,
-                             keys: list, *, result: Callable[[np.ndarray, Any], Any] | None = None) -> int:
+def solve_factors_on_cluster(
+    solver: InfluenceModel,
+    client: Any,
+    source: BlockSource,
+    graph: Any,
+    dsk: dict,
+    keys: list,
+    *,
+    result: Callable[[np.ndarray, Any], Any] | None = None,
+) -> int:
     """Solve here, with distributed sweeps, the test blocks whose solves ``keys`` need.
 
     Each test block's CG runs on the client (:func:`solving_on_cluster`); its result is
@@ -545,7 +621,10 @@ def solve_factors_on_cluster(solver: InfluenceModel, client: Any, source: BlockS
             x, y = get_sync({**needed, "fit-test-block": graph.test.block_task(i)}, "fit-test-block")
             factors, report = cluster_solver.influence_factors_with_report(x, y)
             solved[graph.solve_key(i)] = client.scatter([result(to_numpy(factors), report)], hash=False)[0]
-    logger.info("Solved the factors of %d test blocks on the client, sweeping the train blocks on the cluster, "
-                "in %.1f s.", len(todo), time.perf_counter() - start)
+    logger.info(
+        "Solved the factors of %d test blocks on the client, sweeping the train blocks on the cluster, in %.1f s.",
+        len(todo),
+        time.perf_counter() - start,
+    )
     dsk.update(solved)
     return len(todo)

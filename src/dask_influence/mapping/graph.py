@@ -91,9 +91,12 @@ def build_influence_graph(
     itemsize = np.dtype(dtype).itemsize
     # one test point costs its factor row (p) plus its row of the output block, each held
     # about twice (torch and numpy copies) by an influence task
-    row_width = solver.num_params + max(train.block_sizes) * max(1, int(np.prod(train.feature_shape)) if mode is InfluenceMode.perturbation else 1)
-    plan = BlockPlan.build(test.block_sizes, train.block_sizes,
-                           bytes_per_test_point=2 * row_width * itemsize, memory_budget=memory_budget)
+    row_width = solver.num_params + max(train.block_sizes) * max(
+        1, int(np.prod(train.feature_shape)) if mode is InfluenceMode.perturbation else 1
+    )
+    plan = BlockPlan.build(
+        test.block_sizes, train.block_sizes, bytes_per_test_point=2 * row_width * itemsize, memory_budget=memory_budget
+    )
     feature_shape = tuple(train.feature_shape) if mode is InfluenceMode.perturbation else ()
     fingerprint = solver_fingerprint(solver)
     token = tokenize(fingerprint, test.token, train.token, plan, mode.value, dtype)
@@ -108,13 +111,31 @@ def build_influence_graph(
             dsk[(factors, i)] = (tasks.pick, (solve, i), 0)
         else:
             dsk[(factors, i)] = (tasks.factor_block, solver_key, test.block_task(i))
-    graph = InfluenceGraph(dsk, plan, mode, solver_key, chunk, feature_shape, dtype, train, token, group,
-                           test, factors, solve, record_solves)
+    graph = InfluenceGraph(
+        dsk,
+        plan,
+        mode,
+        solver_key,
+        chunk,
+        feature_shape,
+        dtype,
+        train,
+        token,
+        group,
+        test,
+        factors,
+        solve,
+        record_solves,
+    )
     for g, members in enumerate(plan.test_groups):
         for j in range(len(plan.train_sizes)):
             dsk[(group, g, j)] = (
-                tasks.influence_group, solver_key, [(factors, i) for i in members],
-                train.block_task(j), mode.value, dtype,
+                tasks.influence_group,
+                solver_key,
+                [(factors, i) for i in members],
+                train.block_task(j),
+                mode.value,
+                dtype,
             )
             for position, i in enumerate(members):
                 dsk[graph.chunk_key(i, j)] = (tasks.pick, (group, g, j), position)

@@ -44,8 +44,7 @@ def load_dataset_block(dataset: Any, collate: Any, start: int, stop: int) -> tup
         x, y = batch
     except (TypeError, ValueError):
         raise TypeError(
-            "Dataset items must be (input, target) pairs; the collated batch was a "
-            f"{type(batch).__name__}."
+            f"Dataset items must be (input, target) pairs; the collated batch was a {type(batch).__name__}."
         ) from None
     return to_numpy(x), to_numpy(y)
 
@@ -84,7 +83,9 @@ class DatasetSource(BlockSource):
     """A map-style dataset loaded block by block on the workers."""
 
     def __init__(self, dataset: Any, block_size: int, collate: Any = None, name: str = "data"):
-        if isinstance(dataset, IterableDataset) or not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
+        if isinstance(dataset, IterableDataset) or not (
+            hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")
+        ):
             raise TypeError(
                 f"The {name} dataset must be map-style (with __len__ and __getitem__); got "
                 f"{type(dataset).__name__}. Materialize an iterable dataset into arrays or a "
@@ -187,11 +188,13 @@ def as_source(data: Any, *, block_size: int | None = None, name: str = "data") -
         if isinstance(x, (np.ndarray, torch.Tensor)) and isinstance(y, (np.ndarray, torch.Tensor)):
             x, y = to_numpy(x), to_numpy(y)
             if len(x) != len(y):
-                raise ValueError(
-                    f"The {name} inputs and targets have different lengths: {len(x)} and {len(y)}."
-                )
+                raise ValueError(f"The {name} inputs and targets have different lengths: {len(x)} and {len(y)}.")
             return DatasetSource(_ArrayDataset(x, y), block_size or DEFAULT_BLOCK_SIZE, _stack, name)
-    if isinstance(data, Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, (tuple, list, str, bytes, dict))):
+    if isinstance(data, Dataset) or (
+        hasattr(data, "__getitem__")
+        and hasattr(data, "__len__")
+        and not isinstance(data, (tuple, list, str, bytes, dict))
+    ):
         if block_size is None:
             raise ValueError(f"Pass block_size with a {name} Dataset (the number of samples per block).")
         return DatasetSource(data, block_size, None, name)

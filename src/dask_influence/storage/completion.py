@@ -18,8 +18,11 @@ from .layout import ATTR
 def completion(group: Any) -> dict[str, tuple[int, int]]:
     """``{array: (done, total)}`` for every tracked array of the store."""
     out = {}
-    for flag, name in (("influences_done", "influences"), ("self_influences_done", "self_influences"),
-                       ("topk_done", "top_k")):
+    for flag, name in (
+        ("influences_done", "influences"),
+        ("self_influences_done", "self_influences"),
+        ("topk_done", "top_k"),
+    ):
         if flag in group:
             done, _ = read_flags(group[flag])
             out[name] = (int(done.sum()), int(done.size))

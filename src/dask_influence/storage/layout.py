@@ -49,8 +49,13 @@ def versions() -> dict[str, str]:
 
     from .. import __version__
 
-    return {"dask_influence": __version__, "torch": torch.__version__, "dask": dask.__version__,
-            "zarr": zarr.__version__, "numpy": np.__version__}
+    return {
+        "dask_influence": __version__,
+        "torch": torch.__version__,
+        "dask": dask.__version__,
+        "zarr": zarr.__version__,
+        "numpy": np.__version__,
+    }
 
 
 def normalize_config(config: dict) -> dict:
@@ -93,21 +98,49 @@ def create_group(path: str, config: dict, layout: StoreLayout) -> zarr.Group:
     group = zarr.open_group(path, mode="w")
     n_i, n_j = len(layout.test_sizes), len(layout.train_sizes)
     compress = codecs()
-    group.create_array("influences", shape=layout.shape, chunks=layout.chunks, dtype=layout.dtype,
-                       fill_value=np.nan, config={"write_empty_chunks": True}, **compress)
+    group.create_array(
+        "influences",
+        shape=layout.shape,
+        chunks=layout.chunks,
+        dtype=layout.dtype,
+        fill_value=np.nan,
+        config={"write_empty_chunks": True},
+        **compress,
+    )
     group.create_array("influences_done", shape=(n_i, n_j), chunks=(1, 1), dtype="int8", fill_value=0, **compress)
     if layout.self_influences:
-        group.create_array("self_influences", shape=(sum(layout.train_sizes),), chunks=(max(layout.train_sizes),),
-                           dtype=layout.dtype, fill_value=np.nan, config={"write_empty_chunks": True}, **compress)
+        group.create_array(
+            "self_influences",
+            shape=(sum(layout.train_sizes),),
+            chunks=(max(layout.train_sizes),),
+            dtype=layout.dtype,
+            fill_value=np.nan,
+            config={"write_empty_chunks": True},
+            **compress,
+        )
         group.create_array("self_influences_done", shape=(n_j,), chunks=(1,), dtype="int8", fill_value=0, **compress)
     if layout.top_k:
         k = layout.top_k
         shape, chunks = (sum(layout.test_sizes), k), (max(layout.test_sizes), k)
         for kind in ("helpful", "harmful"):
-            group.create_array(f"top_{kind}_indices", shape=shape, chunks=chunks, dtype="int64", fill_value=-1,
-                               config={"write_empty_chunks": True}, **compress)
-            group.create_array(f"top_{kind}_values", shape=shape, chunks=chunks, dtype=layout.dtype,
-                               fill_value=np.nan, config={"write_empty_chunks": True}, **compress)
+            group.create_array(
+                f"top_{kind}_indices",
+                shape=shape,
+                chunks=chunks,
+                dtype="int64",
+                fill_value=-1,
+                config={"write_empty_chunks": True},
+                **compress,
+            )
+            group.create_array(
+                f"top_{kind}_values",
+                shape=shape,
+                chunks=chunks,
+                dtype=layout.dtype,
+                fill_value=np.nan,
+                config={"write_empty_chunks": True},
+                **compress,
+            )
         group.create_array("topk_done", shape=(n_i,), chunks=(1,), dtype="int8", fill_value=0, **compress)
     if layout.solver_info:
         create_solver_info(group, n_i)
@@ -127,8 +160,9 @@ def create_group(path: str, config: dict, layout: StoreLayout) -> zarr.Group:
 
 def create_solver_info(group: zarr.Group, n_blocks: int) -> None:
     """Add the ``solver_info`` array (NaN rows, one chunk per test block)."""
-    group.create_array("solver_info", shape=(n_blocks, 3), chunks=(1, 3), dtype="float64", fill_value=np.nan,
-                       **codecs())
+    group.create_array(
+        "solver_info", shape=(n_blocks, 3), chunks=(1, 3), dtype="float64", fill_value=np.nan, **codecs()
+    )
 
 
 def check_arrays(path: str, group: Any, layout: StoreLayout) -> None:
@@ -139,23 +173,31 @@ def check_arrays(path: str, group: Any, layout: StoreLayout) -> None:
     Raises:
         StoreError: an array is missing or has other shapes, chunks or dtype.
     """
-    expected = {"influences": (layout.shape, layout.chunks, layout.dtype),
-                "influences_done": ((len(layout.test_sizes), len(layout.train_sizes)), None, "int8")}
+    expected = {
+        "influences": (layout.shape, layout.chunks, layout.dtype),
+        "influences_done": ((len(layout.test_sizes), len(layout.train_sizes)), None, "int8"),
+    }
     if layout.self_influences:
         expected["self_influences"] = ((sum(layout.train_sizes),), (max(layout.train_sizes),), layout.dtype)
     if layout.top_k:
         expected["top_helpful_indices"] = ((sum(layout.test_sizes), layout.top_k), None, "int64")
     for name, (shape, chunks, dtype) in expected.items():
         if name not in group:
-            raise StoreError(f"The store {path!r} has no array {name!r} although its attributes match this "
-                             "job; it was altered. Pass overwrite=True to start afresh.")
+            raise StoreError(
+                f"The store {path!r} has no array {name!r} although its attributes match this "
+                "job; it was altered. Pass overwrite=True to start afresh."
+            )
         a = group[name]
-        if (tuple(a.shape) != tuple(shape) or (chunks is not None and tuple(a.chunks) != tuple(chunks))
-                or str(a.dtype) != dtype):
+        if (
+            tuple(a.shape) != tuple(shape)
+            or (chunks is not None and tuple(a.chunks) != tuple(chunks))
+            or str(a.dtype) != dtype
+        ):
             raise StoreError(
                 f"The array {name!r} of the store {path!r} has shape {tuple(a.shape)}, chunks "
                 f"{tuple(a.chunks)} and dtype {a.dtype}, but this job needs shape {tuple(shape)}"
-                + (f", chunks {tuple(chunks)}" if chunks is not None else "") + f" and dtype {dtype}; "
+                + (f", chunks {tuple(chunks)}" if chunks is not None else "")
+                + f" and dtype {dtype}; "
                 "the store was altered. Pass overwrite=True to start afresh."
             )
     if layout.solver_info and "solver_info" not in group:

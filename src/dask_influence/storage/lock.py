@@ -131,8 +131,16 @@ class LockInfo:
         now = time.time()
         pid = os.getpid()
         host = socket.gethostname()
-        return cls(owner=f"{host}:{pid}:{uuid.uuid4().hex}", hostname=host, pid=pid,
-                   pid_start=_process_start(pid), host_id=_host_id(), acquired=now, heartbeat=now, store=store)
+        return cls(
+            owner=f"{host}:{pid}:{uuid.uuid4().hex}",
+            hostname=host,
+            pid=pid,
+            pid_start=_process_start(pid),
+            host_id=_host_id(),
+            acquired=now,
+            heartbeat=now,
+            store=store,
+        )
 
     def to_json(self) -> str:
         """The content of the lock file (with readable UTC times added)."""
@@ -146,12 +154,28 @@ class LockInfo:
         """Parse a lock file; one that does not parse is ``unreadable``, timed by its ``mtime``."""
         try:
             d = json.loads(text)
-            return cls(owner=str(d["owner"]), hostname=str(d["hostname"]), pid=int(d["pid"]),
-                       pid_start=d.get("pid_start"), host_id=str(d.get("host_id", "")),
-                       acquired=float(d["acquired"]), heartbeat=float(d["heartbeat"]), store=store)
+            return cls(
+                owner=str(d["owner"]),
+                hostname=str(d["hostname"]),
+                pid=int(d["pid"]),
+                pid_start=d.get("pid_start"),
+                host_id=str(d.get("host_id", "")),
+                acquired=float(d["acquired"]),
+                heartbeat=float(d["heartbeat"]),
+                store=store,
+            )
         except (ValueError, KeyError, TypeError):
-            return cls(owner="?", hostname="?", pid=-1, pid_start=None, host_id="", acquired=mtime,
-                       heartbeat=mtime, store=store, unreadable=True)
+            return cls(
+                owner="?",
+                hostname="?",
+                pid=-1,
+                pid_start=None,
+                host_id="",
+                acquired=mtime,
+                heartbeat=mtime,
+                store=store,
+                unreadable=True,
+            )
 
     def stale_reason(self, now: float | None = None, stale_after: float | None = None) -> str | None:
         """Why this lock is stale, or ``None`` while its owner may still be writing."""
@@ -169,19 +193,30 @@ class LockInfo:
         now = time.time() if now is None else now
         if self.unreadable:
             return f"an unreadable lock file, last modified {now - self.heartbeat:.0f} s ago"
-        return (f"host {self.hostname}, pid {self.pid} (owner {self.owner}), since {_iso(self.acquired)}, "
-                f"last heartbeat {now - self.heartbeat:.0f} s ago")
+        return (
+            f"host {self.hostname}, pid {self.pid} (owner {self.owner}), since {_iso(self.acquired)}, "
+            f"last heartbeat {now - self.heartbeat:.0f} s ago"
+        )
 
     def status(self, now: float | None = None) -> dict:
         """A JSON-ready summary (for ``inspect``)."""
         now = time.time() if now is None else now
         reason = self.stale_reason(now)
-        return {"owner": self.owner, "hostname": self.hostname, "pid": self.pid, "acquired": _iso(self.acquired),
-                "heartbeat": _iso(self.heartbeat), "heartbeat_age_s": round(now - self.heartbeat, 1),
-                "stale": reason is not None, "stale_reason": reason, "unreadable": self.unreadable}
+        return {
+            "owner": self.owner,
+            "hostname": self.hostname,
+            "pid": self.pid,
+            "acquired": _iso(self.acquired),
+            "heartbeat": _iso(self.heartbeat),
+            "heartbeat_age_s": round(now - self.heartbeat, 1),
+            "stale": reason is not None,
+            "stale_reason": reason,
+            "unreadable": self.unreadable,
+        }
 
 
 # -- file access: the local filesystem (atomic create), or fsspec for URLs (see .urls) ------
+
 
 class _Files:
     """The lock file at ``path``: read, create exclusively, replace, remove (local or fsspec)."""
@@ -239,8 +274,7 @@ class StoreLock:
         lost: the lock found in place of ours by a heartbeat, if another job replaced it.
     """
 
-    def __init__(self, store: str | os.PathLike, *, break_lock: bool = False,
-                 heartbeat_seconds: float | None = None):
+    def __init__(self, store: str | os.PathLike, *, break_lock: bool = False, heartbeat_seconds: float | None = None):
         self.store = os.fspath(store)
         self.break_lock = bool(break_lock)
         self.heartbeat_seconds = HEARTBEAT_SECONDS if heartbeat_seconds is None else heartbeat_seconds

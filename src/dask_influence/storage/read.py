@@ -22,6 +22,7 @@ from .urls import is_url
 
 # -- opening a store ------------------------------------------------------------------------
 
+
 def open_store(path: str) -> Any:
     """Open a dask-influence zarr store read-only, or raise :class:`StoreError` saying why not."""
     import zarr
@@ -46,11 +47,11 @@ def require_up_mode(group: Any, command: str) -> None:
     """Raise :class:`StoreError` unless the store holds one value per (test, train) pair (mode ``up``)."""
     mode = store_info(group).get("config", {}).get("mode", "up")
     if mode != "up":
-        raise StoreError(f"`{command}` needs a store in mode 'up'; this one has mode {mode!r} "
-                         "(one value per feature).")
+        raise StoreError(f"`{command}` needs a store in mode 'up'; this one has mode {mode!r} (one value per feature).")
 
 
 # -- computed chunks ------------------------------------------------------------------------
+
 
 def chunk_ranges(sizes: list[int]) -> list[tuple[int, int]]:
     """``(start, stop)`` of each block, from the block sizes of the store's attributes."""
@@ -92,6 +93,7 @@ def mean_influence(group: Any) -> tuple[np.ndarray, np.ndarray]:
 
 # -- statistics -----------------------------------------------------------------------------
 
+
 class _Moments:
     """Running count, sum, sum of squares, min, max and non-finite count."""
 
@@ -120,8 +122,14 @@ class _Moments:
             return {"count": 0, "non_finite": self.nonfinite}
         mean = self.total / self.n
         var = max(self.squares / self.n - mean * mean, 0.0)
-        return {"count": self.n, "min": self.lo, "max": self.hi, "mean": mean, "std": math.sqrt(var),
-                "non_finite": self.nonfinite}
+        return {
+            "count": self.n,
+            "min": self.lo,
+            "max": self.hi,
+            "mean": mean,
+            "std": math.sqrt(var),
+            "non_finite": self.nonfinite,
+        }
 
 
 def statistics(group: Any) -> dict:
@@ -148,6 +156,7 @@ def statistics(group: Any) -> dict:
 
 
 # -- a whole store at a glance ----------------------------------------------------------------
+
 
 def describe(path: str, group: Any, *, stats: bool = True, verify: bool = False) -> dict:
     """Everything ``inspect`` shows, as a JSON-ready dict (``verify``: read every flagged chunk)."""
@@ -203,6 +212,7 @@ def lock_status(path: str) -> dict | None:
 
 
 # -- top-k of one test point ------------------------------------------------------------------
+
 
 def top_of_row(group: Any, test: int, k: int) -> dict:
     """The ``k`` most helpful and harmful training points of test point ``test``.

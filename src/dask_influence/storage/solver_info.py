@@ -26,8 +26,7 @@ def solver_info_row(info: Any, n_rows: int) -> np.ndarray:
         rel = np.asarray(info.relative_residuals.detach().cpu(), dtype=np.float64)
         failed = int((~np.asarray(info.converged.detach().cpu(), dtype=bool)).sum())
         return np.array([info.iterations, float(rel.max()) if rel.size else 0.0, failed], dtype=np.float64)
-    return np.array([info.iterations, float(info.relative_update), 0 if info.converged else n_rows],
-                    dtype=np.float64)
+    return np.array([info.iterations, float(info.relative_update), 0 if info.converged else n_rows], dtype=np.float64)
 
 
 def write_solver_info(path: str, i: int, row: np.ndarray) -> int:
@@ -58,13 +57,26 @@ def solver_info_summary(rows: np.ndarray, *, method: str, tolerance: float | Non
     """The attribute ``solver_info``: the worst residual over all test blocks and per block."""
     known = ~np.isnan(rows).any(axis=1)
     lissa = "lissa" in method.lower()
-    measure = ("relative change of the LiSSA iterate in its last step" if lissa
-               else "relative residual |g - (H + lambda I) f| / |g| per test point")
-    out: dict[str, Any] = {"measure": measure, "tolerance": tolerance,
-                           "blocks_recorded": int(known.sum()), "blocks": int(rows.shape[0])}
+    measure = (
+        "relative change of the LiSSA iterate in its last step"
+        if lissa
+        else "relative residual |g - (H + lambda I) f| / |g| per test point"
+    )
+    out: dict[str, Any] = {
+        "measure": measure,
+        "tolerance": tolerance,
+        "blocks_recorded": int(known.sum()),
+        "blocks": int(rows.shape[0]),
+    }
     if known.any():
         k = rows[known]
-        out.update({"max_relative_residual": float(k[:, 1].max()), "max_iterations": int(k[:, 0].max()),
-                    "not_converged": int(k[:, 2].sum()), "converged": bool(k[:, 2].sum() == 0),
-                    "per_block_max_relative_residual": [None if np.isnan(r) else float(r) for r in rows[:, 1]]})
+        out.update(
+            {
+                "max_relative_residual": float(k[:, 1].max()),
+                "max_iterations": int(k[:, 0].max()),
+                "not_converged": int(k[:, 2].sum()),
+                "converged": bool(k[:, 2].sum() == 0),
+                "per_block_max_relative_residual": [None if np.isnan(r) else float(r) for r in rows[:, 1]],
+            }
+        )
     return out

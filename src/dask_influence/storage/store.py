@@ -35,15 +35,38 @@ from .solver_info import SOLVER_INFO_COLUMNS, read_solver_info, solver_info_row,
 from .verify import VerifyReport, repair, verify_store
 
 __all__ = [
-    "ATTR", "FORMAT_VERSION", "SIGN_CONVENTION", "SOLVER_INFO_COLUMNS", "StoreLayout", "VerifyReport",
-    "check_arrays", "check_path", "codecs", "completion", "create_group", "create_solver_info", "is_complete",
-    "mark_complete", "normalize_config", "prepare_store", "read_flags", "read_solver_info", "repair",
-    "solver_info_row", "solver_info_summary", "topk_row", "verify_store", "versions", "write_influence_chunks",
-    "write_self_chunk", "write_solver_info",
+    "ATTR",
+    "FORMAT_VERSION",
+    "SIGN_CONVENTION",
+    "SOLVER_INFO_COLUMNS",
+    "StoreLayout",
+    "VerifyReport",
+    "check_arrays",
+    "check_path",
+    "codecs",
+    "completion",
+    "create_group",
+    "create_solver_info",
+    "is_complete",
+    "mark_complete",
+    "normalize_config",
+    "prepare_store",
+    "read_flags",
+    "read_solver_info",
+    "repair",
+    "solver_info_row",
+    "solver_info_summary",
+    "topk_row",
+    "verify_store",
+    "versions",
+    "write_influence_chunks",
+    "write_self_chunk",
+    "write_solver_info",
 ]
 
 
 # -- opening a store for a job -----------------------------------------------------------
+
 
 def _nearest_existing(path: str) -> str:
     path = os.path.abspath(path)
@@ -138,8 +161,10 @@ def _open_existing(path: str) -> zarr.Group | None:
 
 # -- writes from the workers (module-level task functions) ------------------------------
 
-def write_influence_chunks(path: str, j: int, col: tuple[int, int], targets: list[tuple[int, int, int, int]],
-                           values: list[np.ndarray]) -> int:
+
+def write_influence_chunks(
+    path: str, j: int, col: tuple[int, int], targets: list[tuple[int, int, int, int]], values: list[np.ndarray]
+) -> int:
     """Write chunks ``(i, j)`` of ``influences``, each followed by its done flag.
 
     Args:
@@ -173,8 +198,9 @@ def topk_row(path: str, i: int, row: tuple[int, int], train_ranges: list[tuple[i
     group: Any = zarr.open_group(path, mode="r+")
     array = group["influences"]
     n_rows = row[1] - row[0]
-    best = {kind: (np.empty((n_rows, 0), np.int64), np.empty((n_rows, 0), array.dtype))
-            for kind in ("helpful", "harmful")}
+    best = {
+        kind: (np.empty((n_rows, 0), np.int64), np.empty((n_rows, 0), array.dtype)) for kind in ("helpful", "harmful")
+    }
     for start, stop in train_ranges:
         block = np.asarray(array[row[0] : row[1], start:stop])
         idx = np.broadcast_to(np.arange(start, stop), block.shape)

@@ -172,5 +172,15 @@ def read_file(path: str | os.PathLike) -> tuple[bytes, float] | None:
         return None
 
 
-__all__ = ["is_url", "with_suffix", "join", "filesystem", "exists", "open_file", "create_new",
-           "replace_atomically", "remove", "read_file"]
+__all__ = [
+    "is_url",
+    "with_suffix",
+    "join",
+    "filesystem",
+    "exists",
+    "open_file",
+    "create_new",
+    "replace_atomically",
+    "remove",
+    "read_file",
+]

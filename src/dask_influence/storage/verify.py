@@ -45,11 +45,18 @@ class VerifyReport:
 
     def as_dict(self) -> dict:
         """The report as JSON-ready data (``inspect --verify``, the job's attributes)."""
-        return {"mode": self.mode, "checked": self.checked, "bytes_read": self.bytes_read,
-                "seconds": round(self.seconds, 3),
-                "damaged": {k: [list(map(int, c)) if isinstance(c, tuple) else int(c) for c in v]
-                            for k, v in self.damaged.items() if v},
-                "unreadable_flags": {k: [list(c) for c in v] for k, v in self.unreadable_flags.items() if v}}
+        return {
+            "mode": self.mode,
+            "checked": self.checked,
+            "bytes_read": self.bytes_read,
+            "seconds": round(self.seconds, 3),
+            "damaged": {
+                k: [list(map(int, c)) if isinstance(c, tuple) else int(c) for c in v]
+                for k, v in self.damaged.items()
+                if v
+            },
+            "unreadable_flags": {k: [list(c) for c in v] for k, v in self.unreadable_flags.items() if v},
+        }
 
 
 def _ranges(sizes: list[int]) -> list[tuple[int, int]]:

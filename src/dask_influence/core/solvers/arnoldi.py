@@ -67,11 +67,13 @@ class ArnoldiConfig(SolverConfig):
 
     rank: int = hyperparameter(10, "How many eigenpairs of largest magnitude to keep, 1 <= rank <= p.")
     krylov_dimension: int | None = hyperparameter(
-        None, "Lanczos steps (one sweep each), rank <= krylov_dimension <= p; default "
-        "min(p, max(2*rank, rank+20)).")
+        None, "Lanczos steps (one sweep each), rank <= krylov_dimension <= p; default min(p, max(2*rank, rank+20))."
+    )
     complement: str = hyperparameter(
-        "ignore", "'ignore' (drop the part outside the eigenvectors) or 'regularization' (H taken "
-        "to be zero there; needs regularization > 0).")
+        "ignore",
+        "'ignore' (drop the part outside the eigenvectors) or 'regularization' (H taken "
+        "to be zero there; needs regularization > 0).",
+    )
     tol: float = hyperparameter(1e-6, "Relative breakdown threshold of the Lanczos iteration.")
     seed: int = hyperparameter(0, "Seeds the random start vector.")
     blocks: str = hyperparameter("full", "'full' or 'layer' (Lanczos on the per-layer block-diagonal curvature).")

@@ -79,8 +79,7 @@ class InfluenceModel(ABC):
     _saved_attributes: ClassVar[tuple[str, ...]] = ("state_",)
     """Fitted attributes written by :meth:`save`."""
 
-    def __init__(self, model: nn.Module, loss: LossFn, config: SolverConfig | None = None, /,
-                 **hyperparameters: Any):
+    def __init__(self, model: nn.Module, loss: LossFn, config: SolverConfig | None = None, /, **hyperparameters: Any):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
         if not callable(loss):
@@ -105,9 +104,7 @@ class InfluenceModel(ABC):
                     f"hyperparameters, not both; got both and {', '.join(sorted(hyperparameters))}."
                 )
             if not isinstance(config, cls.config_class):
-                raise TypeError(
-                    f"{cls.__name__} takes a {cls.config_class.__name__}; got {type(config).__name__}."
-                )
+                raise TypeError(f"{cls.__name__} takes a {cls.config_class.__name__}; got {type(config).__name__}.")
             return config
         allowed = cls.config_class.field_names()
         unknown = sorted(set(hyperparameters) - set(allowed))
@@ -144,7 +141,9 @@ class InfluenceModel(ABC):
 
     def _change_config(self, new: SolverConfig) -> None:
         if not isinstance(new, self.config_class):
-            raise TypeError(f"{type(self).__name__}.config must be a {self.config_class.__name__}; got {type(new).__name__}.")
+            raise TypeError(
+                f"{type(self).__name__}.config must be a {self.config_class.__name__}; got {type(new).__name__}."
+            )
         old = self.config
         changed = [k for k in new.field_names() if not _same_value(getattr(new, k), getattr(old, k))]
         refit = [k for k in changed if k not in new.solve_time]
@@ -246,12 +245,17 @@ class InfluenceModel(ABC):
         x0, y0 = next(source.batches())
         self.trained_parameters()
         self.check_loss(x0, y0)
-        self.fit_blocks(LocalBlocks(self, source), source, feature_shape=source.feature_shape,
-                        float_inputs=bool(x0.is_floating_point()))
+        self.fit_blocks(
+            LocalBlocks(self, source),
+            source,
+            feature_shape=source.feature_shape,
+            float_inputs=bool(x0.is_floating_point()),
+        )
         return self
 
-    def fit_blocks(self, blocks: BlockSums, data: TrainingData | None, *, feature_shape: Sequence[int],
-                   float_inputs: bool) -> None:
+    def fit_blocks(
+        self, blocks: BlockSums, data: TrainingData | None, *, feature_shape: Sequence[int], float_inputs: bool
+    ) -> None:
         """Fit from sums over training blocks: the one fitting path.
 
         Every pass over the training data is ``blocks.sum(fn, payload)`` (see
@@ -273,8 +277,15 @@ class InfluenceModel(ABC):
         self._fit(self.curvature_over(blocks, theta), blocks)
         self.finish_fit(theta, data, n=blocks.n, feature_shape=feature_shape, float_inputs=float_inputs)
 
-    def finish_fit(self, theta: Tensor, data: TrainingData | None, *, n: int, feature_shape: Sequence[int],
-                   float_inputs: bool | None) -> None:
+    def finish_fit(
+        self,
+        theta: Tensor,
+        data: TrainingData | None,
+        *,
+        n: int,
+        feature_shape: Sequence[int],
+        float_inputs: bool | None,
+    ) -> None:
         """Mark the solver fitted at ``theta`` (after :meth:`fit_blocks` or a restored state);
         solvers with ``needs_training_data`` keep an operator over ``data`` for their solves."""
         if self.needs_training_data:
@@ -353,19 +364,22 @@ class InfluenceModel(ABC):
         from .. import serialization
 
         theta = self._require_fitted()
-        serialization.save({
-            "method": type(self).method,
-            "class": type(self).__name__,
-            "hyperparameters": self.config.to_dict(),
-            "params_checksum": _checksum(theta),
-            "num_params": self.num_params,
-            "n_train": self.n_train_,
-            "feature_shape": tuple(self.feature_shape_ or ()),
-            # whether the training inputs were floating point (integer inputs are then refused
-            # with a clear TypeError); optional on load, absent from older files
-            "float_inputs": getattr(self, "_float_inputs", None),
-            "attributes": {name: getattr(self, name) for name in self._saved_attributes},
-        }, path if hasattr(path, "write") else os.fspath(path))
+        serialization.save(
+            {
+                "method": type(self).method,
+                "class": type(self).__name__,
+                "hyperparameters": self.config.to_dict(),
+                "params_checksum": _checksum(theta),
+                "num_params": self.num_params,
+                "n_train": self.n_train_,
+                "feature_shape": tuple(self.feature_shape_ or ()),
+                # whether the training inputs were floating point (integer inputs are then refused
+                # with a clear TypeError); optional on load, absent from older files
+                "float_inputs": getattr(self, "_float_inputs", None),
+                "attributes": {name: getattr(self, name) for name in self._saved_attributes},
+            },
+            path if hasattr(path, "write") else os.fspath(path),
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: nn.Module, loss: LossFn, *, train: Any = None) -> InfluenceModel:
@@ -390,13 +404,28 @@ class InfluenceModel(ABC):
 
         where = os.fspath(path)
         saved = serialization.load(
-            where, what="a file written by InfluenceModel.save()",
-            refit=f"fit the solver again and save it ({cls.__name__}(model, loss, ...).fit(train).save(path))")
-        missing = [k for k in ("class", "hyperparameters", "params_checksum", "num_params", "n_train",
-                               "feature_shape", "attributes") if k not in saved]
+            where,
+            what="a file written by InfluenceModel.save()",
+            refit=f"fit the solver again and save it ({cls.__name__}(model, loss, ...).fit(train).save(path))",
+        )
+        missing = [
+            k
+            for k in (
+                "class",
+                "hyperparameters",
+                "params_checksum",
+                "num_params",
+                "n_train",
+                "feature_shape",
+                "attributes",
+            )
+            if k not in saved
+        ]
         if missing or not isinstance(saved["hyperparameters"], dict) or not isinstance(saved["attributes"], dict):
-            raise ValueError(f"{where!r} is not a file written by InfluenceModel.save(): it lacks "
-                             f"{', '.join(missing) or 'the hyperparameters and attributes as dicts'}.")
+            raise ValueError(
+                f"{where!r} is not a file written by InfluenceModel.save(): it lacks "
+                f"{', '.join(missing) or 'the hyperparameters and attributes as dicts'}."
+            )
         if cls is InfluenceModel and saved.get("method"):
             from .registry import solver_class
 
@@ -405,8 +434,10 @@ class InfluenceModel(ABC):
             raise ValueError(f"{where!r} holds a fitted {saved['class']}; use {saved['class']}.load().")
         unknown = sorted(set(saved["hyperparameters"]) - set(cls.config_class.field_names()))
         if unknown:
-            raise ValueError(f"{where!r} records hyperparameters {', '.join(unknown)} that {cls.__name__} "
-                             "does not take (written by another version?); fit again.")
+            raise ValueError(
+                f"{where!r} records hyperparameters {', '.join(unknown)} that {cls.__name__} "
+                "does not take (written by another version?); fit again."
+            )
         solver = cls(model, loss, **_rebuildable(saved["hyperparameters"]))
         theta = flat_params(solver.model, solver._functions.spec)  # a float32 copy of a half-precision model
         if theta.numel() != saved["num_params"] or _checksum(theta) != saved["params_checksum"]:
@@ -426,8 +457,13 @@ class InfluenceModel(ABC):
             source = TrainingData(train, dtype=solver.dtype, device=solver.device, batch_size=solver.chunk_size)
             source.scan()
         # "float_inputs" is optional: files written before it was recorded lack it
-        solver.finish_fit(theta, source, n=saved["n_train"], feature_shape=saved["feature_shape"],
-                          float_inputs=saved.get("float_inputs"))
+        solver.finish_fit(
+            theta,
+            source,
+            n=saved["n_train"],
+            feature_shape=saved["feature_shape"],
+            float_inputs=saved.get("float_inputs"),
+        )
         return solver
 
     def _operator_for(self, theta: Tensor, source: TrainingData) -> Any:
@@ -588,9 +624,7 @@ class InfluenceModel(ABC):
     # -- helpers ------------------------------------------------------------------------
     def _require_fitted(self) -> Tensor:
         if self._theta is None:
-            raise NotFittedError(
-                f"This {type(self).__name__} is not fitted yet; call .fit(train_loader) first."
-            )
+            raise NotFittedError(f"This {type(self).__name__} is not fitted yet; call .fit(train_loader) first.")
         return self._theta
 
     def _prepare(self, x: Any, y: Any, x_name: str, y_name: str) -> tuple[Tensor, Tensor]:
@@ -746,7 +780,9 @@ def _widen_half_precision(model: nn.Module) -> nn.Module:
         f"The model's trainable parameters are {names}; influences are computed on a float32 copy of "
         "the model (half precision is too coarse for curvature solves) and returned in float32. "
         "The model passed in is not changed. Pass model.float() to silence this warning.",
-        UserWarning, stacklevel=level)
+        UserWarning,
+        stacklevel=level,
+    )
     return copy.deepcopy(model).float()
 
 
@@ -797,8 +833,10 @@ def _rebuildable(hyperparameters: dict[str, Any]) -> dict[str, Any]:
     """Saved hyperparameters as constructor keywords: a value ``config.to_dict()`` could only
     record by its class name (``"<MyPreconditioner>"``, a custom preconditioner instance)
     becomes ``None``; the fitted object itself comes back with the saved attributes."""
-    return {k: None if isinstance(v, str) and len(v) > 2 and v[0] == "<" and v[-1] == ">" else v
-            for k, v in hyperparameters.items()}
+    return {
+        k: None if isinstance(v, str) and len(v) > 2 and v[0] == "<" and v[-1] == ">" else v
+        for k, v in hyperparameters.items()
+    }
 
 
 def _restore_attributes(solver: InfluenceModel, attributes: dict[str, Any], where: str) -> None:
@@ -807,8 +845,10 @@ def _restore_attributes(solver: InfluenceModel, attributes: dict[str, Any], wher
 
     unknown = sorted(set(attributes) - set(solver._saved_attributes))
     if unknown:
-        raise ValueError(f"{where!r} holds attributes {', '.join(unknown)} that {type(solver).__name__} does not "
-                         "save; it was not written for this solver.")
+        raise ValueError(
+            f"{where!r} holds attributes {', '.join(unknown)} that {type(solver).__name__} does not "
+            "save; it was not written for this solver."
+        )
     for name, value in attributes.items():
         if solver.device.type != "cpu":
             value = serialization.to_device(value, solver.device)

@@ -139,13 +139,17 @@ class CgConfig(SolverConfig):
     """Hyperparameters of :class:`CgInfluence`."""
 
     rtol: float | None = hyperparameter(
-        None, "Relative tolerance per right-hand side; default 1e-10 for float64 models and 1e-5 "
-        "for float32, tight enough to agree with the direct solver.")
+        None,
+        "Relative tolerance per right-hand side; default 1e-10 for float64 models and 1e-5 "
+        "for float32, tight enough to agree with the direct solver.",
+    )
     atol: float = hyperparameter(0.0, "Absolute tolerance per right-hand side.")
     maxiter: int | None = hyperparameter(None, "Iteration limit (one sweep each); default min(2p, 1000).")
     preconditioner: Any = hyperparameter(
-        None, "None, 'jacobi' (Hutchinson diagonal), 'nystroem' (rank preconditioner_rank) or a "
-        "Preconditioner instance; fitted in fit and applied at every iteration.")
+        None,
+        "None, 'jacobi' (Hutchinson diagonal), 'nystroem' (rank preconditioner_rank) or a "
+        "Preconditioner instance; fitted in fit and applied at every iteration.",
+    )
     preconditioner_rank: int = hyperparameter(10, "Rank of the Nystroem preconditioner.")
     block_size: int | None = hyperparameter(None, "Solve at most this many right-hand sides together (default: all).")
     seed: int = hyperparameter(0, "Seeds the preconditioner's random probes.")
@@ -204,11 +208,18 @@ class CgInfluence(InfluenceModel):
     needs_training_data = True
     _saved_attributes = ("preconditioner_",)
 
-    def __init__(self, model: torch.nn.Module, loss: Callable[[Tensor, Tensor], Tensor],
-                 config: CgConfig | None = None, /, **hyperparameters: Any):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss: Callable[[Tensor, Tensor], Tensor],
+        config: CgConfig | None = None,
+        /,
+        **hyperparameters: Any,
+    ):
         super().__init__(model, loss, config, **hyperparameters)
         self.preconditioner_: Preconditioner | None = make_preconditioner(
-            self.config.preconditioner, rank=self.config.preconditioner_rank, seed=self.config.seed)
+            self.config.preconditioner, rank=self.config.preconditioner_rank, seed=self.config.seed
+        )
         self._operator: LinearOperator | None = None
         self.info_: CgInfo | None = None
 

@@ -82,8 +82,7 @@ def check_rank(value: Any, num_params: int, hint: str) -> int:
     rank = check_positive_int("rank", value)
     if rank > num_params:
         raise ValueError(
-            f"rank must be at most the number of trainable parameters p={num_params}; got "
-            f"rank={rank}. {hint}"
+            f"rank must be at most the number of trainable parameters p={num_params}; got rank={rank}. {hint}"
         )
     return rank
 
@@ -94,8 +93,10 @@ class SolverConfig:
 
     regularization: float = hyperparameter(0.0, "lambda >= 0 added to the curvature: H + lambda I.")
     curvature: str = hyperparameter(
-        "hessian", "'hessian' (the exact second derivative) or 'ggn' (generalized Gauss-Newton, "
-        "positive semi-definite for losses convex in the model outputs).")
+        "hessian",
+        "'hessian' (the exact second derivative) or 'ggn' (generalized Gauss-Newton, "
+        "positive semi-definite for losses convex in the model outputs).",
+    )
     chunk_size: int = hyperparameter(256, "Samples per vectorized per-sample-gradient computation (a memory knob).")
 
     solve_time: ClassVar[frozenset[str]] = frozenset()
@@ -104,8 +105,11 @@ class SolverConfig:
     def __post_init__(self) -> None:
         missing = [name for name in self.field_names() if getattr(self, name) is REQUIRED]
         if missing:
-            raise TypeError(f"{type(self).__name__} needs {', '.join(missing)}; pass "
-                            + ", ".join(f"{name}=..." for name in missing) + ".")
+            raise TypeError(
+                f"{type(self).__name__} needs {', '.join(missing)}; pass "
+                + ", ".join(f"{name}=..." for name in missing)
+                + "."
+            )
         self._set("regularization", check_nonnegative("regularization", self.regularization))
         self._set("curvature", Curvature.parse(self.curvature).value)
         self._set("chunk_size", check_positive_int("chunk_size", self.chunk_size))
@@ -127,8 +131,11 @@ class SolverConfig:
     @classmethod
     def defaults(cls) -> dict[str, Any]:
         """``{name: default}`` of the hyperparameters that have one."""
-        return {f.name: f.default for f in dataclasses.fields(cls)
-                if f.init and f.default is not REQUIRED and f.default is not dataclasses.MISSING}
+        return {
+            f.name: f.default
+            for f in dataclasses.fields(cls)
+            if f.init and f.default is not REQUIRED and f.default is not dataclasses.MISSING
+        }
 
     @classmethod
     def help(cls) -> dict[str, str]:

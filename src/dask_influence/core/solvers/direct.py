@@ -45,8 +45,10 @@ class DirectConfig(SolverConfig):
     """Hyperparameters of :class:`DirectInfluence`."""
 
     blocks: str = hyperparameter(
-        "full", "'full' (the whole curvature) or 'layer' (one independent block per layer; "
-        "memory O(sum p_layer^2), the full (p, p) matrix is never formed).")
+        "full",
+        "'full' (the whole curvature) or 'layer' (one independent block per layer; "
+        "memory O(sum p_layer^2), the full (p, p) matrix is never formed).",
+    )
 
     solve_time: ClassVar[frozenset[str]] = frozenset({"regularization"})
 

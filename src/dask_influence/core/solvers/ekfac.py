@@ -102,8 +102,7 @@ def find_layers(model: nn.Module, spec: ParamSpec, layers: Sequence[str] | None 
         for name in layers:
             if name not in modules:
                 raise ValueError(
-                    f"layers names '{name}', which is not a module of the model; known names: "
-                    f"{sorted(modules)[:20]}."
+                    f"layers names '{name}', which is not a module of the model; known names: {sorted(modules)[:20]}."
                 )
             if not isinstance(modules[name], SUPPORTED_LAYERS):
                 raise ValueError(
@@ -288,8 +287,15 @@ def infer_task(loss: LossFn | None, task: str | None) -> str | None:
 
 
 # -- the per-block function of both fitting passes -----------------------------------------------
-def ekfac_block(solver: EkfacInfluence, x: Tensor, y: Tensor, start: int, weight: float,
-                payload: tuple[str, Sequence[LayerFactors] | None], out: list[Tensor] | None = None) -> list[Tensor]:
+def ekfac_block(
+    solver: EkfacInfluence,
+    x: Tensor,
+    y: Tensor,
+    start: int,
+    weight: float,
+    payload: tuple[str, Sequence[LayerFactors] | None],
+    out: list[Tensor] | None = None,
+) -> list[Tensor]:
     """One block's float64 sums of a fitting pass (:meth:`EkfacInfluence.block_sums`);
     ``payload`` is ``(kind, factors)``."""
     kind, factors = payload
@@ -303,12 +309,16 @@ class EkfacConfig(SolverConfig):
 
     curvature: str = field(default="ggn", init=False, metadata={"help": "Always 'ggn'."})
     update_diagonal: bool = hyperparameter(
-        True, "True for EK-FAC (a second pass refits the eigenvalues), False for K-FAC.")
+        True, "True for EK-FAC (a second pass refits the eigenvalues), False for K-FAC."
+    )
     layers: tuple[str, ...] | None = hyperparameter(
-        None, "Names of the modules to include (None: all trainable Linear/Conv2d).")
+        None, "Names of the modules to include (None: all trainable Linear/Conv2d)."
+    )
     task: str | None = hyperparameter(
-        None, "'classification' (cross-entropy on logits), 'regression' (mean squared error) or None: "
-        "inferred from nn.CrossEntropyLoss/nn.MSELoss, else the loss's own Hessian in the outputs.")
+        None,
+        "'classification' (cross-entropy on logits), 'regression' (mean squared error) or None: "
+        "inferred from nn.CrossEntropyLoss/nn.MSELoss, else the loss's own Hessian in the outputs.",
+    )
 
     solve_time: ClassVar[frozenset[str]] = frozenset({"regularization"})
 
@@ -358,8 +368,9 @@ class EkfacInfluence(InfluenceModel):
     config_class = EkfacConfig
     config: EkfacConfig
 
-    def __init__(self, model: nn.Module, loss: LossFn | None = None, config: EkfacConfig | None = None, /,
-                 **hyperparameters: Any):
+    def __init__(
+        self, model: nn.Module, loss: LossFn | None = None, config: EkfacConfig | None = None, /, **hyperparameters: Any
+    ):
         config = cast(EkfacConfig, self._make_config(config, hyperparameters))  # an instance of config_class
         task = infer_task(loss, config.task)
         if loss is None:
@@ -438,22 +449,34 @@ class EkfacInfluence(InfluenceModel):
             if out is None:
                 sums = [FactorSums(layer.name, layer.shape, self.device) for layer in self._layers]
             else:
-                sums = [FactorSums.from_totals(layer.name, out[2 * i], out[2 * i + 1])
-                        for i, layer in enumerate(self._layers)]
+                sums = [
+                    FactorSums.from_totals(layer.name, out[2 * i], out[2 * i + 1])
+                    for i, layer in enumerate(self._layers)
+                ]
             for s in range(0, x.shape[0], self.chunk_size):
-                pieces = self._capture(theta, x[s : s + self.chunk_size], y[s : s + self.chunk_size],
-                                       fisher=True, offset=offset + s, check=offset + s == 0)
+                pieces = self._capture(
+                    theta,
+                    x[s : s + self.chunk_size],
+                    y[s : s + self.chunk_size],
+                    fisher=True,
+                    offset=offset + s,
+                    check=offset + s == 0,
+                )
                 for acc, (g, a) in zip(sums, pieces):
                     acc.add(g, a)
             return [t for acc in sums for t in (acc.a, acc.g)]
         if kind == "corrected":
             if factors is None or len(factors) != len(self._layers):
                 raise ValueError("block_sums('corrected', ...) needs the layer factors of the first pass.")
-            totals = out if out is not None else [
-                torch.zeros(f.shape, dtype=torch.float64, device=self.device) for f in factors]
+            totals = (
+                out
+                if out is not None
+                else [torch.zeros(f.shape, dtype=torch.float64, device=self.device) for f in factors]
+            )
             for s in range(0, x.shape[0], self.chunk_size):
-                pieces = self._capture(theta, x[s : s + self.chunk_size], y[s : s + self.chunk_size],
-                                       fisher=True, offset=offset + s)
+                pieces = self._capture(
+                    theta, x[s : s + self.chunk_size], y[s : s + self.chunk_size], fisher=True, offset=offset + s
+                )
                 for total, f, (g, a) in zip(totals, factors, pieces):
                     total += corrected_eigenvalue_sum(f, g, a)
             return totals
@@ -575,6 +598,7 @@ class EkfacInfluence(InfluenceModel):
         inverse = [1.0 / (f.eigenvalues(self.update_diagonal) + self.regularization) for f in self._factors()]
         parts = []
         for pieces in self._pieces(x, y):
-            parts.append(cast(Tensor, sum(self_contract(f, d, g, a)
-                                          for f, d, (g, a) in zip(self._factors(), inverse, pieces))))
+            parts.append(
+                cast(Tensor, sum(self_contract(f, d, g, a) for f, d, (g, a) in zip(self._factors(), inverse, pieces)))
+            )
         return torch.cat(parts)

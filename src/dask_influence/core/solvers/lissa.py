@@ -63,12 +63,16 @@ class LissaConfig(SolverConfig):
     maxiter: int = hyperparameter(1000, "Iterations (each one batch curvature product with all right-hand sides).")
     dampen: float = hyperparameter(0.0, "d in [0, 1) in the recursion; adds d * scale to the regularization.")
     scale: float | None = hyperparameter(
-        None, "s, must exceed half the largest eigenvalue of the batch curvature plus regularization; "
+        None,
+        "s, must exceed half the largest eigenvalue of the batch curvature plus regularization; "
         "None estimates the largest eigenvalue of H at fit time (power iteration) and takes twice it "
-        "plus the regularization.")
+        "plus the regularization.",
+    )
     h0: Tensor | None = hyperparameter(None, "Initial guess of the solution, (p,) or (p, k); default B / scale.")
     rtol: float = hyperparameter(1e-4, "Stop when the largest relative change of h in one step is below it.")
-    batch_size: int | None = hyperparameter(None, "Samples per random batch (default: the training loader's batch size).")
+    batch_size: int | None = hyperparameter(
+        None, "Samples per random batch (default: the training loader's batch size)."
+    )
     seed: int = hyperparameter(0, "Seeds the batch draws.")
 
     solve_time: ClassVar[frozenset[str]] = frozenset({"maxiter", "rtol", "h0", "batch_size"})
@@ -113,8 +117,14 @@ class LissaInfluence(InfluenceModel):
     config_class = LissaConfig
     config: LissaConfig
 
-    def __init__(self, model: torch.nn.Module, loss: Callable[[Tensor, Tensor], Tensor],
-                 config: LissaConfig | None = None, /, **hyperparameters: Any):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss: Callable[[Tensor, Tensor], Tensor],
+        config: LissaConfig | None = None,
+        /,
+        **hyperparameters: Any,
+    ):
         super().__init__(model, loss, config, **hyperparameters)
         self._operator: CurvatureOperator | None = None
         self._data: TrainingData | None = None
@@ -167,9 +177,7 @@ class LissaInfluence(InfluenceModel):
             first_update = step if first_update is None else first_update
             smallest_update = min(smallest_update, step)
             if iterations > 5 and step > 1e3 * max(smallest_update, 1e-300) and step > first_update:
-                self._raise_divergence(
-                    iterations, f"the update norm grew from {smallest_update:.3e} to {step:.3e}"
-                )
+                self._raise_divergence(iterations, f"the update norm grew from {smallest_update:.3e} to {step:.3e}")
             h = h_new
             relative = float((update / torch.clamp(size, min=torch.finfo(size.dtype).tiny)).max())
             if relative < self.rtol:

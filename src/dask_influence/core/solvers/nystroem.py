@@ -33,7 +33,8 @@ class NystroemConfig(SolverConfig):
     """Hyperparameters of :class:`NystroemSketchInfluence`."""
 
     regularization: float = hyperparameter(
-        REQUIRED, "lambda > 0 (required: outside the sketched subspace the curvature is taken to be zero).")
+        REQUIRED, "lambda > 0 (required: outside the sketched subspace the curvature is taken to be zero)."
+    )
     rank: int = hyperparameter(10, "The number of random probe vectors, 1 <= rank <= p.")
     seed: int = hyperparameter(0, "Seeds the Gaussian test matrix.")
 
