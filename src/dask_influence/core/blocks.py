@@ -33,8 +33,7 @@ import torch
 from torch import Tensor
 
 from .data import TrainingData
-from .gradients import check_finite
-from .operators import BlockDiagonalOperator, LinearOperator
+from .operators import BlockDiagonalOperator, LinearOperator, finite_curvature
 
 if TYPE_CHECKING:
     from .solvers.base import InfluenceModel
@@ -167,7 +166,7 @@ class SummedCurvatureOperator(LinearOperator):
         """``H V`` for ``V`` ``(p, k)``: one pass of :func:`curvature_block`."""
         out = self.blocks.sum(curvature_block, v.to(self.dtype))
         self.num_passes += 1
-        return self._finite(torch.as_tensor(out).to(device=self.device, dtype=self.dtype))
+        return finite_curvature(torch.as_tensor(out).to(device=self.device, dtype=self.dtype))
 
     def dense(self, column_chunk: int = 64) -> Tensor:
         """The whole ``(p, p)`` matrix from one pass."""
@@ -180,17 +179,7 @@ class SummedCurvatureOperator(LinearOperator):
         out = []
         for part in parts:
             m = torch.as_tensor(part).to(device=self.device, dtype=self.dtype)
-            out.append(self._finite(0.5 * (m + m.T)))
-        return out
-
-    @staticmethod
-    def _finite(out: Tensor) -> Tensor:
-        check_finite(
-            "A curvature-vector product",
-            out,
-            hint="The model or loss produced NaN/Inf second derivatives at the trained "
-            "parameters; check for overflow in the model or use curvature='ggn'.",
-        )
+            out.append(finite_curvature(0.5 * (m + m.T)))
         return out
 
 

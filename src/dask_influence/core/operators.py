@@ -112,13 +112,18 @@ class CurvatureOperator(LinearOperator):
         for x, y in self.data.batches():
             out += (x.shape[0] / n) * self.batch_matmat(x, y, v)
         self.num_passes += 1
-        check_finite(
-            "A curvature-vector product",
-            out,
-            hint="The model or loss produced NaN/Inf second derivatives at the trained "
-            "parameters; check for overflow in the model or use curvature='ggn'.",
-        )
-        return out
+        return finite_curvature(out)
+
+
+def finite_curvature(out: Tensor) -> Tensor:
+    """``out`` (a curvature product), or a ``NonFiniteError`` saying what to check."""
+    check_finite(
+        "A curvature-vector product",
+        out,
+        hint="The model or loss produced NaN/Inf second derivatives at the trained "
+        "parameters; check for overflow in the model or use curvature='ggn'.",
+    )
+    return out
 
 
 class BlockDiagonalOperator(LinearOperator):

@@ -236,7 +236,7 @@ class _BlockCalculator:
                 verify=report.as_dict() if report else None,
                 lock_broken=lock.broken,
             )
-            self._execute(graph.dsk, keys, graph)
+            self._execute_graph(graph, keys)
             lock.ensure_held()
             extra: dict[str, Any] = {
                 "test_groups": [list(g) for g in plan.test_groups],
@@ -381,7 +381,11 @@ class _BlockCalculator:
         """Bytes one influence task may hold: the given budget, or 512 MiB for 'auto'."""
         return DEFAULT_MEMORY_BUDGET if self.memory_budget == "auto" else cast("int | None", self.memory_budget)
 
-    def _execute(self, dsk: dict, keys: list, graph: InfluenceGraph | None = None) -> list:
+    def _execute_graph(self, graph: InfluenceGraph, keys: list) -> list:
+        """Compute ``keys`` of a job's graph (the Dask calculator may solve test factors on the client first)."""
+        return self._execute(graph.dsk, keys)
+
+    def _execute(self, dsk: dict, keys: list) -> list:
         raise NotImplementedError
 
 
@@ -409,7 +413,7 @@ class SequentialInfluenceCalculator(_BlockCalculator):
     process. ``influences_to_zarr`` runs synchronously with a plain progress bar.
     """
 
-    def _execute(self, dsk: dict, keys: list, graph: InfluenceGraph | None = None) -> list:
+    def _execute(self, dsk: dict, keys: list) -> list:
         from dask.diagnostics import ProgressBar
         from dask.local import get_sync
 
@@ -531,17 +535,26 @@ class DaskInfluenceCalculator(_BlockCalculator):
         ):
             yield client
 
-    def _execute(self, dsk: dict, keys: list, graph: InfluenceGraph | None = None) -> list:
+    def _execute_graph(self, graph: InfluenceGraph, keys: list) -> list:
         if not keys:
             return []
-        resources = {"GPU": 1} if self.solver.device.type == "cuda" else None
         with self._client() as client:
-            if graph is not None and self._factors_on_client():
-                self._solve_factors_on_client(client, graph, dsk, keys)
-            with sent_once():  # the solver and an in-memory dataset are literals of the graph
-                futures = client.get(dsk, keys, sync=False, resources=resources)
-            if self.progress:
-                from distributed import progress
+            if self._factors_on_client():
+                self._solve_factors_on_client(client, graph, graph.dsk, keys)
+            return self._run(client, graph.dsk, keys)
 
-                progress(futures)
-            return client.gather(futures)
+    def _execute(self, dsk: dict, keys: list) -> list:
+        if not keys:
+            return []
+        with self._client() as client:
+            return self._run(client, dsk, keys)
+
+    def _run(self, client: Any, dsk: dict, keys: list) -> list:
+        resources = {"GPU": 1} if self.solver.device.type == "cuda" else None
+        with sent_once():  # the solver and an in-memory dataset are literals of the graph
+            futures = client.get(dsk, keys, sync=False, resources=resources)
+        if self.progress:
+            from distributed import progress
+
+            progress(futures)
+        return client.gather(futures)
