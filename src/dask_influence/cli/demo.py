@@ -12,7 +12,7 @@ import time
 import click
 import numpy as np
 
-SOLVERS = ("direct", "cg", "lissa", "arnoldi", "nystroem")
+from ..core.solvers.registry import SOLVERS, solver_class
 
 
 @click.command()
@@ -25,7 +25,7 @@ SOLVERS = ("direct", "cg", "lissa", "arnoldi", "nystroem")
 )
 @click.option(
     "--solver",
-    type=click.Choice(SOLVERS),
+    type=click.Choice(list(SOLVERS)),
     default="direct",
     show_default=True,
     help="Which solver computes the influences.",
@@ -94,14 +94,8 @@ def demo(
         f"Trained a 13-16-16-3 MLP on {len(problem.x_train)} wine samples "
         f"({n_flipped} labels flipped); test accuracy {accuracy:.1%}."
     )
-    cls = {
-        "direct": di.DirectInfluence,
-        "cg": di.CgInfluence,
-        "lissa": di.LissaInfluence,
-        "arnoldi": di.ArnoldiInfluence,
-        "nystroem": di.NystroemSketchInfluence,
-    }[solver]
-    kwargs = {"rank": 30} if solver in ("arnoldi", "nystroem") else {}
+    cls = solver_class(solver)
+    kwargs = {"rank": 30} if "rank" in cls.config_class.field_names() else {}  # low-rank solvers
     model = cls(problem.model, problem.loss, regularization=problem.regularization, **kwargs)
     train = DataLoader(TensorDataset(problem.x_train, problem.y_train), batch_size=32)
     test = DataLoader(TensorDataset(problem.x_test, problem.y_test), batch_size=16)

@@ -41,7 +41,6 @@ from torch.utils.data import DataLoader
 
 from ..core.blocks import BlockFunction, add_results, curvature_block  # noqa: F401  (re-exported)
 from ..core.data import TrainingData, check_pair, to_tensor
-from ..core.gradients import flat_params
 from ..core.solvers.base import InfluenceModel, _checksum, _to_device
 from ..storage.urls import is_url
 from . import tasks
@@ -478,7 +477,7 @@ def load_fit(
 
     path = os.fspath(path)
     record = _read(path)
-    theta = flat_params(solver.model, solver._functions.spec)
+    theta = solver.trained_parameters()
     problems = _mismatches(record, solver, theta, training_data)
     if problems:
         raise ValueError(
