@@ -150,13 +150,48 @@ def test_a_data_record_naming_a_class_off_the_allow_list_is_refused(problem, tmp
     solver.save(path)
     record = torch.load(path, weights_only=True)
     record["attributes"]["items"]["state_"] = {KIND: "object", "class": "posix.system", "fields": {}}
+    record["sha256"] = serialization.content_digest(record)  # crafted with a matching checksum
     torch.save(record, path)
     with pytest.raises(ValueError, match=r"fit\.pt.*unknown type 'posix\.system'.*DirectState"):
         di.DirectInfluence.load(path, model, loss)
     record["attributes"]["items"]["state_"] = {KIND: "eval", "source": "print(1)"}
+    record["sha256"] = serialization.content_digest(record)
     torch.save(record, path)
     with pytest.raises(ValueError, match=r"fit\.pt.*unknown kind 'eval'"):
         di.DirectInfluence.load(path, model, loss)
+
+
+# -- damaged files ---------------------------------------------------------------------------------------
+def flip_a_byte_of(path, tensor):
+    """Change one byte of ``tensor``'s data where it is stored in the file at ``path``."""
+    raw = bytearray(Path(path).read_bytes())
+    t = tensor.detach().cpu()
+    layouts = [t.contiguous()] + ([t.T.contiguous()] if t.ndim == 2 else [])  # row or column major
+    data, at = next(((d, raw.find(d)) for d in (x.numpy().tobytes() for x in layouts) if raw.find(d) >= 0), (b"", -1))
+    assert at >= 0, "the tensor's bytes are stored as they are"
+    raw[at + len(data) // 2] ^= 0x01
+    Path(path).write_bytes(bytes(raw))
+
+
+def test_a_fit_file_with_one_byte_changed_is_refused(problem, tmp_path):
+    model, loss, x, y = problem
+    solver = di.DirectInfluence(model, loss, regularization=0.3).fit((x, y))
+    path = tmp_path / "solver.pt"
+    solver.save(path)
+    flip_a_byte_of(path, solver.state_.eigenvectors[0])
+    with pytest.raises(ValueError, match=r"solver\.pt.*is damaged: its contents do not match the checksum"):
+        di.DirectInfluence.load(path, model, loss)
+    # the same through a job's saved fit: refused, and refit=True replaces it
+    fit_path = fit_path_for(tmp_path / "out.zarr")
+    calc = di.SequentialInfluenceCalculator(di.DirectInfluence(model, loss, regularization=0.3), progress=False)
+    calc.fit((x, y), block_size=10, path=fit_path)
+    flip_a_byte_of(fit_path, calc.solver.state_.eigenvalues[0])
+    again = di.SequentialInfluenceCalculator(di.DirectInfluence(model, loss, regularization=0.3), progress=False)
+    with pytest.raises(ValueError, match=r"out\.zarr\.fit\.pt.*is damaged.*refit=True"):
+        again.fit((x, y), block_size=10, path=fit_path)
+    again.fit((x, y), block_size=10, path=fit_path, refit=True)
+    assert not again.last_fit_["reused"]
+    assert rel_diff(again.solver.influences(x, y), solver.influences(x, y)) < 1e-10
 
 
 # -- the old format -------------------------------------------------------------------------------
@@ -373,6 +408,19 @@ def test_run_resume_reuses_the_fit_after_the_regularization_is_edited(tmp_path, 
     values = zarr.open_group(str(tmp_path / "influences.zarr"), mode="r")["influences"][...]
     expected = _expected(1e-2)
     np.testing.assert_allclose(values, expected, rtol=1e-8, atol=1e-10 * np.abs(expected).max())
+
+
+def test_run_resume_refuses_a_damaged_fit_file_and_refit_replaces_it(tmp_path, fits):
+    job = write_job(tmp_path, 1e-3)
+    assert invoke("run", job, "--fit-only", "--quiet").exit_code == 0
+    saved = tmp_path / "influences.zarr.fit.pt"
+    state = serialization.load(saved)["attributes"]["state_"]
+    flip_a_byte_of(saved, state.eigenvectors[0])
+    result = invoke("run", job, "--resume")
+    assert result.exit_code == 1 and "is damaged" in result.output and "--refit" in result.output
+    assert len(fits) == 1  # nothing was fitted or computed with the damaged file
+    result = invoke("run", job, "--resume", "--refit", "--quiet")
+    assert result.exit_code == 0 and len(fits) == 2
 
 
 def test_run_resume_refuses_a_crafted_fit_file_unrun(tmp_path, fits):

@@ -287,8 +287,43 @@ def save(record: dict[str, Any], file: File) -> None:
     Raises:
         TypeError: a value that cannot be saved (see :func:`to_data`); nothing is written.
     """
-    data = {"format": FORMAT, **{k: to_data(v, where=k) for k, v in record.items() if k != "format"}}
+    data = {"format": FORMAT, **{k: to_data(v, where=k) for k, v in record.items() if k not in ("format", CHECKSUM)}}
+    data[CHECKSUM] = content_digest(data)
     torch.save(data, file if hasattr(file, "write") else os.fspath(file))
+
+
+CHECKSUM = "sha256"
+"""The record entry holding :func:`content_digest` of everything else in the record."""
+
+
+def content_digest(data: dict[str, Any]) -> str:
+    """sha256 of a plain-data record (every entry but :data:`CHECKSUM`): keys, values, and each
+    tensor's dtype, shape and bytes, so that any change of the contents changes it."""
+    import hashlib
+
+    h = hashlib.sha256()
+
+    def feed(value: Any) -> None:
+        if isinstance(value, Tensor):
+            t = value.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)};".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(value, dict):
+            h.update(b"{")
+            for key in sorted(value, key=str):
+                h.update(f"{key!r}:".encode())
+                feed(value[key])
+            h.update(b"}")
+        elif isinstance(value, list):
+            h.update(b"[")
+            for item in value:
+                feed(item)
+            h.update(b"]")
+        else:
+            h.update(f"{type(value).__name__}={value!r};".encode())
+
+    feed({k: v for k, v in data.items() if k != CHECKSUM})
+    return h.hexdigest()
 
 
 def load(
@@ -336,9 +371,16 @@ def load(
             f"{source!r} is not {what}: it has file format {raw['format']!r}, and this version "
             f"of dask-influence reads format {FORMAT} (written by another version?); {refit}."
         )
+    if raw.get(CHECKSUM) != content_digest(raw):
+        raise ValueError(
+            f"{source!r} is damaged: its contents do not match the checksum recorded when it was written "
+            f"(a changed byte, a partial copy, or an edit); it is not used. {refit[:1].upper()}{refit[1:]}."
+        )
     if check is not None:
         check(raw)
-    return {k: (v if k == "format" else from_data(v, source=source, device=device)) for k, v in raw.items()}
+    return {
+        k: (v if k == "format" else from_data(v, source=source, device=device)) for k, v in raw.items() if k != CHECKSUM
+    }
 
 
 def _old_format(source: str, refit: str) -> str:
