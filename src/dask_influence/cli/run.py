@@ -59,6 +59,25 @@ def user_errors(traceback: bool) -> Iterator[None]:
                 .replace("break_lock=True", "--break-lock")
             )
         raise click.ClickException(message) from None
+    except Exception as exc:  # noqa: BLE001 - an error of the user's model, loss or data: one line
+        if traceback:
+            raise
+        raise click.ClickException(foreign_error(exc)) from None
+
+
+def foreign_error(exc: BaseException) -> str:
+    """One line for an error the library does not raise itself (from the model, the loss, the
+    data or a dependency): its type and message, what probably caused it, and ``--traceback``."""
+    message = f"{type(exc).__name__}: {one_line(exc)}"
+    text = str(exc)
+    if isinstance(exc, IndexError) and "Target" in text and "out of bounds" in text:
+        hint = (
+            "a label is not a valid class index for the model's outputs (0 to number of classes - 1); "
+            "check the labels of the datasets the factory returns"
+        )
+    else:
+        hint = "raised while running the model, the loss or the data loading of the job"
+    return f"{message} ({hint}; rerun with --traceback for the full traceback)"
 
 
 @click.command()

@@ -1,0 +1,95 @@
+"""Errors of the user's model, loss or data end `dask-influence run` in one line naming the fix;
+`--traceback` shows the full one."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+
+import pytest
+from click.testing import CliRunner
+
+from dask_influence.cli.main import cli
+
+FACTORY = """
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+
+class TupleOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.lin(x), x
+
+
+def make(kind):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (30,), generator=g)
+    model = nn.Linear(4, 3).double().eval()
+    if kind == "label":
+        y[20] = 3  # not a class of the 3 outputs, past the first block
+    else:
+        model = TupleOut().double().eval()
+    return {"model": model, "loss": nn.CrossEntropyLoss(), "train": TensorDataset(x, y),
+            "test": TensorDataset(x[:5], y[:5] % 3)}
+"""
+
+
+@pytest.fixture
+def job(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "bad_factory", raising=False)
+    (tmp_path / "bad_factory.py").write_text(FACTORY)
+
+    def write(kind):
+        path = tmp_path / f"{kind}.toml"
+        path.write_text(
+            textwrap.dedent(f"""\
+            [model]
+            factory = "bad_factory:make"
+            path = "{tmp_path}"
+            options = {{ kind = "{kind}" }}
+
+            [solver]
+            method = "direct"
+            regularization = 0.1
+
+            [blocks]
+            test = 5
+            train = 10
+
+            [output]
+            store = "{kind}.zarr"
+
+            [cluster]
+            sequential = true
+            """)
+        )
+        return path
+
+    return write
+
+
+def test_a_label_out_of_range_is_one_line_naming_the_labels(job):
+    result = CliRunner().invoke(cli, ["run", str(job("label")), "--quiet"])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("Error: IndexError: Target 3 is out of bounds.")
+    assert "not a valid class index" in lines[0] and "--traceback" in lines[0]
+    full = CliRunner().invoke(cli, ["run", str(job("label")), "--quiet", "--overwrite", "--traceback"])
+    assert isinstance(full.exception, IndexError)
+
+
+def test_a_model_returning_a_tuple_is_one_line(job):
+    result = CliRunner().invoke(cli, ["run", str(job("tuple")), "--quiet"])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("Error: The model and loss could not be evaluated on a training batch")
+    assert "must be Tensor, not tuple" in lines[0]
