@@ -1,10 +1,14 @@
 """dask-influence: influence functions for PyTorch models at any scale.
 
 The public API, grouped by role. See ``docs/`` for the guide and ``DESIGN``-level contract:
-``influence[i, j] = grad L(z_test_i)^T (H + lambda I)^-1 grad L(z_j)``; positive means helpful.
+``influence[i, j] = grad f(z_test_i)^T (H + lambda I)^-1 grad L(z_j)`` (``f`` the task's
+measurement, the loss by default); positive means helpful.
 """
 
 from importlib.metadata import PackageNotFoundError, version
+
+# ready-made tasks (di.tasks.classification(), ...)
+from . import tasks
 
 # choices and building blocks
 from .core.modes import InfluenceMode
@@ -19,6 +23,7 @@ from .core.solvers.direct import DirectInfluence
 from .core.solvers.ekfac import EkfacInfluence
 from .core.solvers.lissa import LissaInfluence
 from .core.solvers.nystroem import NystroemSketchInfluence
+from .core.task import Task
 
 # errors and warnings
 from .errors import (
@@ -48,6 +53,8 @@ __all__ = [
     "EkfacInfluence",
     "DaskInfluenceCalculator",
     "SequentialInfluenceCalculator",
+    "Task",
+    "tasks",
     "InfluenceMode",
     "Curvature",
     "Preconditioner",

@@ -7,6 +7,11 @@ and its parameters, the block sizes, the output store and the cluster::
     factory = "factory:make_problem"   # "module:function"
     path = "."                         # search path(s) for the module, relative to this file
 
+    [task]                             # optional: batches of any structure (dicts), a measurement
+    name = "causal_lm"                 # classification, regression, causal_lm (dask_influence.tasks)
+    options = { measurement = "loss" } # their keyword arguments
+    # factory = "tasks:make_task"      # or a "module:function" returning a dask_influence.Task
+
     [solver]
     method = "cg"                      # direct, cg, lissa, arnoldi, nystroem, ekfac
     regularization = 1e-3              # any other keyword of the solver class
@@ -62,6 +67,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Job",
     "ModelSection",
+    "TaskSection",
     "SolverSection",
     "BlocksSection",
     "OutputSection",
@@ -71,6 +77,7 @@ __all__ = [
     "load_job",
     "parse_job",
     "load_problem",
+    "load_task",
     "make_solver",
 ]
 
@@ -97,6 +104,7 @@ SOLVER_METHODS: Mapping[str, str] = _MethodNames()
 # keys of each section (the [solver] keys besides `method` come from the solver class)
 SECTIONS: dict[str, tuple[str, ...]] = {
     "model": ("factory", "path", "options"),
+    "task": ("name", "factory", "options"),
     "solver": ("method",),
     "blocks": ("test", "train"),
     "output": ("store", "mode", "top_k", "self_influences"),
@@ -104,10 +112,28 @@ SECTIONS: dict[str, tuple[str, ...]] = {
 }
 REQUIRED_SECTIONS = ("model", "solver", "output")
 LOCAL_KEYS = ("workers", "threads", "memory_limit")
+TASK_NAMES = ("classification", "regression", "causal_lm")
+"""The ready-made tasks of :mod:`dask_influence.tasks` a ``[task]`` section may name."""
 _FACTORY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 
 
 # -- the parsed job ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskSection:
+    """``[task]``: what is differentiated, for batches of any structure.
+
+    Attributes:
+        name: a ready-made task of :mod:`dask_influence.tasks` (:data:`TASK_NAMES`), or
+        factory: ``"module:function"`` returning a :class:`~dask_influence.Task` (imported
+            with ``[model] path`` in front of ``sys.path``);
+        options: keyword arguments for the task function or factory.
+    """
+
+    name: str | None = None
+    factory: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -221,6 +247,7 @@ class Job:
     blocks: BlocksSection = field(default_factory=BlocksSection)
     cluster: ClusterSection = field(default_factory=ClusterSection)
     path: Path | None = None
+    task: TaskSection | None = None
 
 
 # -- loading and validation ------------------------------------------------------------------
@@ -276,6 +303,7 @@ def parse_job(
             problems.append(f"[{name}] section is missing; {_REQUIRED_HINTS[name]}")
 
     model = _model(tables.get("model"), base, problems)
+    task = _task(tables.get("task"), problems)
     solver = _solver(tables.get("solver"), base, problems)
     blocks = _blocks(tables.get("blocks", {}), problems)
     output = _output(tables.get("output"), base, problems)
@@ -290,6 +318,7 @@ def parse_job(
         blocks=blocks,
         cluster=cluster,
         path=None if path is None else Path(path),
+        task=task,
     )
 
 
@@ -333,6 +362,31 @@ def _model(table: dict | None, base: Path, problems: list[str]) -> ModelSection 
         return None
     assert isinstance(factory, str)  # checked above
     return ModelSection(factory=factory.strip(), path=tuple(paths), options=dict(options))
+
+
+def _task(table: dict | None, problems: list[str]) -> TaskSection | None:
+    if table is None:
+        return None
+    _unknown("task", table, SECTIONS["task"], problems)
+    name, factory, options = table.get("name"), table.get("factory"), table.get("options", {})
+    n_before = len(problems)
+    if (name is None) == (factory is None):
+        problems.append(
+            '[task] needs either name (a ready-made task: "' + '", "'.join(TASK_NAMES) + '") or '
+            'factory ("module:function" returning a dask_influence.Task), not '
+            + ("both." if name is not None else "neither.")
+        )
+    elif name is not None and name not in TASK_NAMES:
+        problems.append(
+            f"[task] name must be one of {', '.join(TASK_NAMES)}; got {name!r}{_suggest(str(name), TASK_NAMES)}"
+        )
+    elif factory is not None and (not isinstance(factory, str) or not _FACTORY.match(factory.strip())):
+        problems.append(f'[task] factory must be "module:function" (e.g. "tasks:make_task"); got {_describe(factory)}.')
+    if not isinstance(options, Mapping):
+        problems.append(f"[task] options must be a table of keyword arguments; got {_describe(options)}.")
+    if len(problems) != n_before:
+        return None
+    return TaskSection(name=name, factory=None if factory is None else factory.strip(), options=dict(options))
 
 
 def _solver(table: dict | None, base: Path, problems: list[str]) -> SolverSection | None:
@@ -594,45 +648,78 @@ def _describe(value: Any) -> str:
 
 @dataclass
 class Problem:
-    """What the factory returned: the model, the loss and the two map-style datasets."""
+    """What the factory returned: the model, the loss (or the ``[task]``'s Task) and the two
+    map-style datasets."""
 
     model: Any
-    loss: Callable
+    loss: Any
     train: Any
     test: Any
 
 
-def load_factory(job: Job) -> Callable[..., Any]:
-    """Import the ``[model] factory`` function, with ``[model] path`` in front of ``sys.path``."""
-    section = job.model
-    for directory in reversed(section.path):
+def load_factory(job: Job, factory: str | None = None, section_name: str = "model") -> Callable[..., Any]:
+    """Import the ``[model] factory`` function (or another ``"module:function"``), with
+    ``[model] path`` in front of ``sys.path``."""
+    paths = job.model.path
+    factory = factory or job.model.factory
+    module_name, function = factory.split(":", 1)
+    for directory in reversed(paths):
         if directory not in sys.path:
             sys.path.insert(0, directory)
-    _forget_shadowed(section.module, section.path)
+    _forget_shadowed(module_name, paths)
     try:
-        module = importlib.import_module(section.module)
+        module = importlib.import_module(module_name)
     except ImportError as exc:
-        searched = ", ".join(section.path) or "sys.path"
+        searched = ", ".join(paths) or "sys.path"
         raise JobFileError(
-            f"[model] factory {section.factory!r}: cannot import module {section.module!r} "
+            f"[{section_name}] factory {factory!r}: cannot import module {module_name!r} "
             f"({exc}); searched {searched}. Set [model] path to the directory that holds it.",
             path=_path(job),
         ) from None
     target: Any = module
-    for part in section.function.split("."):
+    for part in function.split("."):
         if not hasattr(target, part):
             names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
             raise JobFileError(
-                f"[model] factory {section.factory!r}: module {section.module!r} has no "
-                f"{section.function!r}{_suggest(section.function, names, what='functions')}",
+                f"[{section_name}] factory {factory!r}: module {module_name!r} has no "
+                f"{function!r}{_suggest(function, names, what='functions')}",
                 path=_path(job),
             )
         target = getattr(target, part)
     if not callable(target):
         raise JobFileError(
-            f"[model] factory {section.factory!r} is a {type(target).__name__}, not a function.", path=_path(job)
+            f"[{section_name}] factory {factory!r} is a {type(target).__name__}, not a function.", path=_path(job)
         )
     return target
+
+
+def load_task(job: Job) -> Any:
+    """The :class:`~dask_influence.Task` of the ``[task]`` section (``None`` without one).
+
+    Raises:
+        JobFileError: the task function rejects its options, or the factory does not
+            return a Task.
+    """
+    from . import tasks
+    from .core.task import Task
+
+    section = job.task
+    if section is None:
+        return None
+    if section.name is not None:
+        fn: Callable[..., Any] = getattr(tasks, section.name)
+        where = f"[task] name {section.name!r}"
+    else:
+        assert section.factory is not None  # one of the two (checked when parsing)
+        fn = load_factory(job, section.factory, "task")
+        where = f"[task] factory {section.factory!r}"
+    try:
+        task = fn(**section.options)
+    except TypeError as exc:
+        raise JobFileError(f"{where} does not take options {section.options}: {exc}", path=_path(job)) from None
+    if not isinstance(task, Task):
+        raise JobFileError(f"{where} returned a {type(task).__name__}; return a dask_influence.Task.", path=_path(job))
+    return task
 
 
 def _forget_shadowed(module: str, paths: Sequence[str]) -> None:
@@ -661,7 +748,9 @@ def load_problem(job: Job) -> Problem:
 
     The factory returns a dict (or an object with attributes) with ``model`` (an
     ``nn.Module``), ``loss`` (``loss(outputs, targets)``), ``train`` and ``test`` (map-style
-    datasets of ``(x, y)`` pairs); other entries are ignored.
+    datasets of ``(x, y)`` pairs); other entries are ignored. With a ``[task]`` section the
+    loss is the task (a ``loss`` the factory returns is not used) and the datasets' items may
+    be of any structure (dicts, as Hugging Face datasets give them).
 
     Raises:
         JobFileError: the factory cannot be imported or returns something else.
@@ -674,7 +763,11 @@ def load_problem(job: Job) -> Problem:
     name = job.model.factory
     parts: dict[str, Any] = {}
     missing = []
+    task = load_task(job)
     for key in ("model", "loss", "train", "test"):
+        if key == "loss" and task is not None:
+            parts[key] = task
+            continue
         if isinstance(result, Mapping):
             present = key in result
             value = result.get(key)
@@ -687,7 +780,7 @@ def load_problem(job: Job) -> Problem:
     if missing:
         raise JobFileError(
             f"the factory {name!r} returned a {type(result).__name__} without "
-            f"{', '.join(missing)}; return a dict with model, loss, train and test.",
+            f"{', '.join(missing)}; return a dict with model, {'' if task is not None else 'loss, '}train and test.",
             path=_path(job),
         )
     problems = []
@@ -695,7 +788,7 @@ def load_problem(job: Job) -> Problem:
         problems.append(
             f"the factory {name!r} returned a model of type {type(parts['model']).__name__}; return a torch.nn.Module."
         )
-    if not callable(parts["loss"]):
+    if task is None and not callable(parts["loss"]):
         problems.append(
             f"the factory {name!r} returned a loss of type {type(parts['loss']).__name__}; "
             "return a callable loss(outputs, targets), e.g. torch.nn.CrossEntropyLoss()."
@@ -709,15 +802,16 @@ def load_problem(job: Job) -> Problem:
         ):
             problems.append(
                 f"the factory {name!r} returned {key} of type {type(data).__name__}; return a "
-                "map-style torch Dataset of (x, y) pairs, e.g. TensorDataset(x, y)."
+                "map-style torch Dataset of (x, y) pairs, e.g. TensorDataset(x, y)"
+                + (" (or, with [task], of dicts)." if task is not None else ".")
             )
     if problems:
         raise JobFileError(problems, path=_path(job))
     return Problem(**parts)
 
 
-def make_solver(job: Job, model: Any, loss: Callable) -> Any:
-    """The (unfitted) solver of ``[solver]`` for ``model`` and ``loss``."""
+def make_solver(job: Job, model: Any, loss: Any) -> Any:
+    """The (unfitted) solver of ``[solver]`` for ``model`` and ``loss`` (a loss or a Task)."""
     return job.solver.solver_class(model, loss, **job.solver.params)
 
 

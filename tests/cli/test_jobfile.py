@@ -360,3 +360,61 @@ def test_two_jobs_with_factories_of_the_same_name(tmp_path, monkeypatch):
             )
         )
     assert [len(load_problem(job).train) for job in jobs] == [5, 7]
+
+
+MINIMAL = """
+[model]
+factory = "factory:make_problem"
+[solver]
+method = "direct"
+[output]
+store = "x.zarr"
+"""
+
+
+def test_task_section_names_a_ready_made_task_or_a_factory(tmp_path):
+    job = load_job(write(tmp_path, MINIMAL + '[task]\nname = "causal_lm"\noptions = { measurement = "log_prob" }\n'))
+    assert job.task.name == "causal_lm" and job.task.options == {"measurement": "log_prob"}
+    found = problems(tmp_path, MINIMAL + '[task]\nname = "clasification"\nfactory = "a:b"\n')
+    assert found == [
+        '[task] needs either name (a ready-made task: "classification", "regression", "causal_lm") '
+        'or factory ("module:function" returning a dask_influence.Task), not both.'
+    ]
+    found = problems(tmp_path, MINIMAL + '[task]\nname = "clasification"\n')
+    assert found[0].startswith("[task] name must be one of classification, regression, causal_lm; got 'clasification'")
+    assert "classification" in found[0].split(";")[-1]
+    found = problems(tmp_path, MINIMAL + '[task]\nfactory = "no colon"\nopts = 1\n')
+    assert any("unknown key 'opts'" in p for p in found) and any(
+        'factory must be "module:function"' in p for p in found
+    )
+
+
+def test_task_factory_must_return_a_task(tmp_path):
+    (tmp_path / "mytasks.py").write_text(
+        "import dask_influence as di\n"
+        "def good(scale=1.0):\n"
+        "    return di.tasks.regression()\n"
+        "def bad():\n"
+        "    return 3\n"
+    )
+    (tmp_path / "factory.py").write_text(
+        "import torch\n"
+        "def make_problem():\n"
+        "    x, y = torch.randn(8, 2), torch.randn(8, 1)\n"
+        "    data = [{'x': x[i], 'labels': y[i]} for i in range(8)]\n"
+        "    return {'model': torch.nn.Linear(2, 1), 'train': data, 'test': data}\n"
+    )
+    from dask_influence.jobfile import load_task
+
+    job = load_job(write(tmp_path, MINIMAL + '[task]\nfactory = "mytasks:good"\noptions = { scale = 2.0 }\n'))
+    assert isinstance(load_task(job), di.Task)
+    problem = load_problem(job)  # the factory need not return a loss with [task]
+    assert isinstance(problem.loss, di.Task)
+    job = load_job(write(tmp_path, MINIMAL + '[task]\nfactory = "mytasks:bad"\n'))
+    with pytest.raises(
+        JobFileError, match=r"\[task\] factory 'mytasks:bad' returned a int; return a dask_influence.Task"
+    ):
+        load_task(job)
+    job = load_job(write(tmp_path, MINIMAL + '[task]\nname = "regression"\noptions = { nope = 1 }\n'))
+    with pytest.raises(JobFileError, match=r"\[task\] name 'regression' does not take options"):
+        load_task(job)

@@ -339,8 +339,18 @@ def test_layer_selection():
     for mine, ref in zip(chosen.state_.layers, [every.state_.layers[0], every.state_.layers[2]]):
         for attr in ("a_factor", "g_factor", "corrected"):
             assert rel_err(getattr(mine, attr), getattr(ref, attr)) < 1e-10
-    with pytest.raises(ValueError, match=r"Layer '4'.*not in layers=.*requires_grad_\(False\)"):
-        EkfacInfluence(model, nn.CrossEntropyLoss(), layers=["0"])
+    # a trainable layer outside layers= is left out: one warning naming it, zero factor entries
+    with pytest.warns(
+        UserWarning, match=r"leaves out 2 trainable parameters \(4\.weight, 4\.bias\): they are not in layers="
+    ):
+        only_first = EkfacInfluence(model, nn.CrossEntropyLoss(), regularization=0.1, layers=["0"]).fit((x, y))
+    factors = only_first.influence_factors(x[:3], y[:3])
+    assert torch.all(factors[:, 5 * 5 :] == 0)
+    assert rel_err(factors[:, : 5 * 5], chosen.influence_factors(x[:3], y[:3])[:, : 5 * 5]) < 1e-12
+    model[4].requires_grad_(False)  # left out = frozen
+    first_alone = EkfacInfluence(model, nn.CrossEntropyLoss(), regularization=0.1).fit((x, y))
+    assert rel_err(only_first.influences(x[:3], y[:3], x, y), first_alone.influences(x[:3], y[:3], x, y)) < 1e-12
+    model[4].requires_grad_(True)
     with pytest.raises(ValueError, match="'7'.*not a module"):
         EkfacInfluence(model, nn.CrossEntropyLoss(), layers=["0", "4", "7"])
     with pytest.raises(ValueError, match="'2'.*none of its parameters is trainable"):
@@ -359,21 +369,55 @@ class WithScale(nn.Module):
         return self.body(x) * self.scale
 
 
+class WithAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):  # (n, 2, 4)
+        return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+
 @pytest.mark.parametrize(
-    "build,name,kind",
+    "build,names,hint,shape",
     [
-        (lambda: nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 3)), "1", "LayerNorm"),
-        (lambda: nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(8, 3)), "0", "Embedding"),
-        (WithScale, "scale", "bare nn.Parameter"),
+        (
+            lambda: nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 3)),
+            ["1.weight", "1.bias"],
+            "model.get_submodule('1').requires_grad_(False)",
+            (4,),
+        ),
+        (WithScale, ["scale"], "model.scale.requires_grad_(False)", (4,)),
+        (
+            WithAttention,
+            ["attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias"],
+            "model.get_submodule('attn').requires_grad_(False)",
+            (2, 4),
+        ),
     ],
 )
-def test_unsupported_trainable_layer_names_it_and_the_fix(build, name, kind):
+def test_unsupported_trainable_layer_is_left_out_with_one_warning_naming_it(build, names, hint, shape):
+    """A trainable parameter EK-FAC cannot factor (LayerNorm, a bare parameter, attention
+    projections) is left out: one warning names it and how to freeze it, its entries of the
+    influence factors are zero, and influences are those of the model with it frozen."""
+    x = torch.randn(12, *shape, dtype=DT, generator=torch.Generator().manual_seed(17))
+    y = torch.randint(0, 3, (12,), generator=torch.Generator().manual_seed(18))
     model = build().to(DT).eval()
-    with pytest.raises(ValueError) as info:
-        EkfacInfluence(model, nn.CrossEntropyLoss())
-    message = str(info.value)
-    assert f"'{name}'" in message and kind in message
-    assert "requires_grad_(False)" in message and "layers=" in message
+    with pytest.warns(UserWarning) as record:
+        ek = EkfacInfluence(model, nn.CrossEntropyLoss(), regularization=0.1).fit((x, y))
+    messages = [str(w.message) for w in record if "EK-FAC leaves out" in str(w.message)]
+    assert len(messages) == 1
+    assert all(f"{name}" in messages[0] for name in names) and hint in messages[0]
+    assert "layers=" in messages[0]
+    offsets = {name: (start, stop) for name, start, stop in ek._functions.spec.offsets()}
+    factors = ek.influence_factors(x[:3], y[:3])
+    for name in names:
+        assert torch.all(factors[:, slice(*offsets[name])] == 0)
+    for name in names:
+        model.get_parameter(name).requires_grad_(False)
+    frozen = EkfacInfluence(model, nn.CrossEntropyLoss(), regularization=0.1).fit((x, y))
+    assert rel_err(ek.influences(x[:3], y[:3], x, y), frozen.influences(x[:3], y[:3], x, y)) < 1e-12
 
 
 def test_frozen_unsupported_layer_is_accepted():

@@ -32,11 +32,11 @@ from fit_cases import UNEVEN, make_problem
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
-def diagonal_block(solver, x: Tensor, y: Tensor, start: int, weight: float, payload, out=None) -> Tensor:
+def diagonal_block(solver, batch, start: int, weight: float, payload, out=None) -> Tensor:
     """``(n_b / n) * diag(H_b)`` of one block, exactly (one product with the identity): ``(p,)``."""
     p = solver.num_params
     eye = torch.eye(p, dtype=solver.dtype, device=solver.device)
-    result = weight * torch.diagonal(solver.block_curvature().batch_matmat(x, y, eye)).clone()
+    result = weight * torch.diagonal(solver.block_curvature().batch_matmat(batch, eye)).clone()
     if out is None:
         return result
     out += result

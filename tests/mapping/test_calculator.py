@@ -85,9 +85,9 @@ def test_train_gradients_once_per_train_block(problem, monkeypatch):
     counts = {"rows": 0}
     original = type(solver._functions).per_sample_grads
 
-    def counting(self, theta, x, y, **kwargs):
-        counts["rows"] += int(x.shape[0])
-        return original(self, theta, x, y, **kwargs)
+    def counting(self, theta, batch, **kwargs):
+        counts["rows"] += int(batch[0].shape[0])
+        return original(self, theta, batch, **kwargs)
 
     monkeypatch.setattr(type(solver._functions), "per_sample_grads", counting)
     calc = di.SequentialInfluenceCalculator(solver, progress=False)

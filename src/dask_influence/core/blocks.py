@@ -3,9 +3,10 @@
 Every pass a solver's fit makes over the training data is a SUM over the training blocks
 of a per-block function
 
-    fn(solver, x_b, y_b, start_b, weight_b, payload, out=None) -> Tensor | list[Tensor]
+    fn(solver, batch_b, start_b, weight_b, payload, out=None) -> Tensor | list[Tensor]
 
-with ``weight_b = n_b / n`` (the block's share of the mean loss) and ``payload`` the same
+with ``batch_b`` the block's samples (a pytree of tensors, :mod:`.batches`),
+``weight_b = n_b / n`` (the block's share of the mean loss) and ``payload`` the same
 for every block of the pass (e.g. the vectors ``V`` of a curvature product). ``out``, when given, is the running sum
 of the blocks before this one: the function returns that sum plus its block's result
 (adding in place where it can, so an in-process pass holds one sum, not two). A solver's
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import Tensor
 
+from . import batches
 from .data import TrainingData
 from .operators import BlockDiagonalOperator, LinearOperator, finite_curvature
 
@@ -39,7 +41,7 @@ if TYPE_CHECKING:
     from .solvers.base import InfluenceModel
 
 BlockFunction = Callable[..., Any]
-"""``fn(solver, x, y, start, weight, payload, out=None) -> Tensor | list[Tensor]`` for one block."""
+"""``fn(solver, batch, start, weight, payload, out=None) -> Tensor | list[Tensor]`` for one block."""
 
 
 class BlockSums(Protocol):
@@ -54,7 +56,7 @@ class BlockSums(Protocol):
     sweeps: int
 
     def sum(self, fn: BlockFunction, payload: Any = None) -> Any:
-        """``sum_b fn(solver, x_b, y_b, start_b, n_b / n, payload)`` over every block, in block
+        """``sum_b fn(solver, batch_b, start_b, n_b / n, payload)`` over every block, in block
         order (tensors added, lists of tensors added elementwise)."""
         ...
 
@@ -85,9 +87,9 @@ class LocalBlocks:
         self.sweeps += 1
         total: Any = None
         start = 0
-        for x, y in self.data.batches():
-            size = int(x.shape[0])
-            total = fn(self.solver, x, y, start, size / self.n, payload, out=total)
+        for batch in self.data.batches():
+            size = batches.size(batch)
+            total = fn(self.solver, batch, start, size / self.n, payload, out=total)
             start += size
         if total is None:
             raise ValueError("The training data has no batches; pass at least one sample.")
@@ -96,11 +98,11 @@ class LocalBlocks:
 
 # -- the per-block functions of the curvature -------------------------------------------------
 def curvature_block(
-    solver: InfluenceModel, x: Tensor, y: Tensor, start: int, weight: float, v: Tensor, out: Tensor | None = None
+    solver: InfluenceModel, batch: Any, start: int, weight: float, v: Tensor, out: Tensor | None = None
 ) -> Tensor:
     """``(n_b / n) * H_b V`` of one block for ``V`` ``(p, k)``: ``(p, k)`` (added into ``out`` if given)."""
     v = v.to(device=solver.device, dtype=solver.dtype)
-    result = weight * solver.block_curvature().batch_matmat(x, y, v)
+    result = weight * solver.block_curvature().batch_matmat(batch, v)
     if out is None:
         return result
     out += result
@@ -109,8 +111,7 @@ def curvature_block(
 
 def dense_block(
     solver: InfluenceModel,
-    x: Tensor,
-    y: Tensor,
+    batch: Any,
     start: int,
     weight: float,
     payload: tuple[Sequence[tuple[int, int]], int],
@@ -131,7 +132,7 @@ def dense_block(
             c1 = min(c0 + column_chunk, b - a)
             eye = torch.zeros(p, c1 - c0, dtype=solver.dtype, device=solver.device)
             eye[torch.arange(a + c0, a + c1), torch.arange(c1 - c0)] = 1
-            matrix[:, c0:c1] = (weight * operator.batch_matmat(x, y, eye))[a:b]
+            matrix[:, c0:c1] = (weight * operator.batch_matmat(batch, eye))[a:b]
         result.append(matrix)
     if out is None:
         return result

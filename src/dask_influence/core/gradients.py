@@ -1,26 +1,34 @@
-"""Gradients of a user's model and loss with ``torch.func``.
+"""Gradients of a user's model and task with ``torch.func``.
 
 Notation: ``p`` is the number of trainable parameters (those with ``requires_grad``; frozen
-parameters and buffers are held fixed), ``n`` the number of samples in a batch, ``x`` an
-input batch of shape ``(n, *feature_shape)`` and ``y`` the matching targets ``(n, ...)``.
+parameters and buffers are held fixed), ``n`` the number of samples in a batch. A batch is
+a pytree of tensors of shape ``(n, ...)`` (:mod:`.batches`): ``(x, y)`` for a pair loss, a
+dict for a Hugging Face model.
 
-The per-sample loss of one point ``z = (x_i, y_i)`` is the user's batch loss evaluated on a
-batch of one, ``loss(model(x_i[None]), y_i[None])``. For a loss with mean reduction this
-makes the batch loss the mean of the per-sample losses, and the training objective whose
-curvature the solvers use is the mean of the per-sample losses over the whole training set.
+The per-sample loss of one point ``z`` is the task's batch loss evaluated on a batch of one
+(every leaf's row ``i``, with a sample dimension of 1), e.g. ``loss(model(x_i[None]),
+y_i[None])`` for a pair loss. For a loss with mean reduction this makes the batch loss the
+mean of the per-sample losses, and the training objective whose curvature the solvers use
+is the mean of the per-sample losses over the whole training set.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacfwd, jacrev, vmap
 
 from ..errors import NonFiniteError
+from . import batches
+
+if TYPE_CHECKING:
+    from .task import Task
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -135,123 +143,221 @@ def flat_params(model: nn.Module, spec: ParamSpec) -> Tensor:
     return torch.cat([named[k].detach().reshape(-1) for k in spec.names])
 
 
-class ModelFunctions:
-    """Pure functions of the flat trainable parameters, built once per (model, loss).
+class _Bound(nn.Module):
+    """The user's model as a submodule, so that ``functional_call`` can swap its parameters
+    for the duration of ANY function of the model (a task's loss, outputs or measurement)."""
 
-    All functions take the flat parameter vector ``theta`` of shape ``(p,)`` first, so
-    ``torch.func`` transforms compose over them.
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn: Callable[[nn.Module, Any], Tensor], batch: Any) -> Tensor:
+        return fn(self.model, batch)
+
+
+def _is_data_dependent(err: Exception) -> bool:
+    """Whether ``err`` is vmap refusing data-dependent control flow (``.item()``, ``if t.any()``)."""
+    text = str(err)
+    return "data-dependent control flow" in text or "calling .item()" in text or "vmap" in text and ".item" in text
+
+
+class ModelFunctions:
+    """Pure functions of the flat trainable parameters, built once per (model, task).
+
+    All functions take the flat parameter vector ``theta`` of shape ``(p,)`` first and a
+    batch (a pytree of tensors, see :mod:`.batches`), so ``torch.func`` transforms compose
+    over them.
+
+    Args:
+        model: the trained model.
+        task: the :class:`~.task.Task` (a pair loss ``loss(outputs, targets)`` is
+            :func:`~.task.pair_task` of it).
     """
 
-    def __init__(self, model: nn.Module, loss: LossFn, spec: ParamSpec | None = None):
+    def __init__(self, model: nn.Module, task: Task, spec: ParamSpec | None = None):
         self.model = model
-        self.loss = loss
+        self.task = task
         self.spec = spec or ParamSpec.from_model(model)
+        self._bound = _Bound(model)
         # curvature products use forward over reverse until it fails once (see hessian_matmat)
         self._forward_over_reverse = True
+        # per-sample gradients are vmapped until a model refuses vmap (data-dependent control
+        # flow, e.g. Hugging Face's SDPA mask check); then one sample at a time
+        self._vmap_samples = True
 
     # -- forward pieces ------------------------------------------------------------
-    def outputs(self, theta: Tensor, x: Tensor) -> Tensor:
-        """Model outputs for a batch ``x``: ``(n, ...)``."""
-        return self._call(self.spec.unflatten(theta), x)
+    def apply(
+        self, theta_or_params: Tensor | dict[str, Tensor], fn: Callable[[nn.Module, Any], Tensor], batch: Any
+    ) -> Tensor:
+        """``fn(model, batch)`` with the model's trainable parameters replaced by ``theta``
+        (a flat vector or ``{name: tensor}``), under the forward lock."""
+        params = theta_or_params if isinstance(theta_or_params, dict) else self.spec.unflatten(theta_or_params)
+        with _FORWARD_LOCK:
+            return functional_call(self._bound, {"model." + k: v for k, v in params.items()}, (fn, batch))
 
-    def batch_loss(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        """The user's loss on a batch (mean over the batch): a scalar."""
-        return self.loss(self.outputs(theta, x), y)
+    def outputs(self, theta: Tensor, batch: Any) -> Tensor:
+        """Model outputs for a batch (the task's ``outputs``): ``(n, ...)``."""
+        if self.task.outputs is None:
+            raise ValueError(
+                f"The task {self.task.name!r} does not give the model outputs; pass "
+                "Task(outputs=..., output_loss=...) to use curvature='ggn' or EK-FAC."
+            )
+        return self.apply(theta, self.task.outputs, batch)
 
-    def sample_loss(self, theta: Tensor, x_i: Tensor, y_i: Tensor) -> Tensor:
-        """The loss of one sample, ``x_i`` without its batch dimension: a scalar."""
-        return self.loss(self.outputs(theta, x_i.unsqueeze(0)), y_i.unsqueeze(0))
+    def batch_loss(self, theta: Tensor, batch: Any) -> Tensor:
+        """The task's loss on a batch (mean over the batch): a scalar."""
+        return self.apply(theta, self.task.loss, batch)
 
-    def sample_grad(self, theta: Tensor, x_i: Tensor, y_i: Tensor) -> Tensor:
+    def sample_loss(self, theta: Tensor, sample: Any) -> Tensor:
+        """The loss of one sample (leaves without their batch dimension): a scalar."""
+        return self.apply(theta, self.task.loss, batches.unsqueeze(sample))
+
+    def sample_grad(self, theta: Tensor, sample: Any) -> Tensor:
         """Gradient of one sample's loss in the parameters: ``(p,)``."""
-        return grad(self.sample_loss)(theta, x_i, y_i)
+        return grad(self.sample_loss)(theta, sample)
 
     # -- batched first and mixed derivatives ----------------------------------------
-    def per_sample_grads(self, theta: Tensor, x: Tensor, y: Tensor, *, out: Tensor | None = None) -> Tensor:
+    def per_sample_grads(
+        self, theta: Tensor, batch: Any, *, out: Tensor | None = None, measurement: bool = False
+    ) -> Tensor:
         """Per-sample gradients of a batch: ``(n, p)``.
 
         Differentiates in the per-parameter tensors (views of ``theta``) and writes them side
         by side into the flat layout once. Differentiating in the flat vector itself would
         make autograd scatter every parameter's gradient into a zero-filled ``(n, p)`` block
         and add those up, several times the memory traffic of the gradients themselves.
+        A model that vmap cannot batch (data-dependent control flow in its forward) is
+        differentiated one sample at a time, with the same results.
 
         Args:
             out: optional contiguous ``(n, p)`` tensor to write into (saves one copy).
+            measurement: differentiate the task's measurement instead of its loss.
         """
         params = self.spec.unflatten(theta)
         names = self.spec.names
+        fn = self.task.measure() if measurement else self.task.loss
 
-        def sample_loss(p: dict[str, Tensor], x_i: Tensor, y_i: Tensor) -> Tensor:
-            return self.loss(self._call(p, x_i.unsqueeze(0)), y_i.unsqueeze(0))
+        def sample_loss(p: dict[str, Tensor], sample: Any) -> Tensor:
+            return self.apply(p, fn, batches.unsqueeze(sample))
 
-        grads = vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, x, y)
-        n = x.shape[0]
-        return torch.cat([grads[k].reshape(n, -1) for k in names], dim=1, out=out)
+        n = batches.size(batch)
+        if self._vmap_samples:
+            try:
+                grads = vmap(grad(sample_loss), in_dims=(None, 0))(params, batch)
+                return torch.cat([grads[k].reshape(n, -1) for k in names], dim=1, out=out)
+            except RuntimeError as err:
+                if not _is_data_dependent(err):
+                    raise
+                self._vmap_samples = False
+        result = (
+            out if out is not None else torch.empty(n, self.spec.num_params, dtype=theta.dtype, device=theta.device)
+        )
+        one = grad(sample_loss)
+        for i in range(n):
+            g = one(params, _row(batch, i))
+            torch.cat([g[k].reshape(-1) for k in names], out=result[i])
+        return result
 
-    def _call(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
-        """The model on ``x`` with ``params`` in place of its own, under the forward lock."""
-        with _FORWARD_LOCK:
-            return functional_call(self.model, params, (x,))
-
-    def mixed_grads(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        """Mixed derivatives ``d/dx grad_theta L(x_i, y_i)`` of a batch: ``(n, p, *x.shape[1:])``.
+    def mixed_grads(self, theta: Tensor, batch: Any, path: str | int) -> Tensor:
+        """Mixed derivatives ``d/dx grad_theta L(z_i)`` in the input leaf ``path`` of a batch:
+        ``(n, p, *x.shape[1:])``.
 
         Materializes ``n * p * d`` numbers; the solvers use :meth:`contracted_mixed_grads`
         instead, which never does.
         """
-        return _jacobian_in_x(lambda xi, yi: self.sample_grad(theta, xi, yi), x, y, self.spec.num_params)
+        return _jacobian_in_leaf(lambda sample: self.sample_grad(theta, sample), batch, path, self.spec.num_params)
 
-    def contracted_mixed_grads(self, theta: Tensor, factors: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        """``factors @ d/dx grad_theta L(x_j, y_j)`` for every sample ``j`` of a batch.
+    def contracted_mixed_grads(self, theta: Tensor, factors: Tensor, batch: Any, path: str | int) -> Tensor:
+        """``factors @ d/dx grad_theta L(z_j)`` for every sample ``j`` of a batch, ``x`` the
+        input leaf at ``path``.
 
         Args:
             factors: ``(t, p)``, e.g. influence factors of ``t`` test points.
-            x, y: a batch of ``n`` samples.
+            batch: a batch of ``n`` samples.
 
         Returns:
             ``(t, n, *x.shape[1:])``: entry ``[i, j, ...]`` is the derivative of
-            ``factors[i] . grad_theta L(x_j, y_j)`` in ``x_j``. Costs ``min(t, d)``
+            ``factors[i] . grad_theta L(z_j)`` in ``x_j``. Costs ``min(t, d)``
             second-order passes per sample (``d`` input features).
         """
 
-        def projected(xi: Tensor, yi: Tensor) -> Tensor:
-            return factors @ self.sample_grad(theta, xi, yi)  # (t,)
+        def projected(sample: Any) -> Tensor:
+            return factors @ self.sample_grad(theta, sample)  # (t,)
 
-        return _jacobian_in_x(projected, x, y, factors.shape[0]).movedim(0, 1)
+        return _jacobian_in_leaf(projected, batch, path, factors.shape[0]).movedim(0, 1)
 
     # -- curvature-vector products ----------------------------------------------------
-    def hessian_matmat(self, theta: Tensor, x: Tensor, y: Tensor, v: Tensor) -> Tensor:
+    def hessian_matmat(self, theta: Tensor, batch: Any, v: Tensor) -> Tensor:
         """Hessian of the batch loss times a block of vectors ``v`` ``(p, k)``: ``(p, k)``.
 
         Forward over reverse (``k`` batched JVPs of the gradient), measured 1.3-1.6x faster
         than reverse over reverse on MLPs; a loss or layer without forward-mode derivatives
         of its backward falls back to reverse over reverse (one forward and backward pass,
-        then ``k`` batched double-backward passes), remembered for later calls.
+        then ``k`` batched double-backward passes), remembered for later calls. Attention
+        runs on the math backend of ``scaled_dot_product_attention`` here (see
+        :func:`second_order`).
         """
-        loss_grad = grad(lambda t: self.batch_loss(t, x, y))
-        if self._forward_over_reverse:
-            try:
-                return vmap(lambda col: torch.func.jvp(loss_grad, (theta,), (col,))[1], in_dims=1, out_dims=1)(v)
-            except (RuntimeError, NotImplementedError):
-                self._forward_over_reverse = False
-        _, hvp = _vjp(loss_grad, theta)
-        return vmap(lambda col: hvp(col)[0], in_dims=1, out_dims=1)(v)
+        loss_grad = grad(lambda t: self.batch_loss(t, batch))
+        with second_order():
+            if self._forward_over_reverse:
+                try:
+                    return vmap(lambda col: torch.func.jvp(loss_grad, (theta,), (col,))[1], in_dims=1, out_dims=1)(v)
+                except (RuntimeError, NotImplementedError):
+                    self._forward_over_reverse = False
+            _, hvp = _vjp(loss_grad, theta)
+            return vmap(lambda col: hvp(col)[0], in_dims=1, out_dims=1)(v)
 
-    def ggn_matmat(self, theta: Tensor, x: Tensor, y: Tensor, v: Tensor) -> Tensor:
+    def ggn_matmat(self, theta: Tensor, batch: Any, v: Tensor) -> Tensor:
         """Generalized Gauss-Newton ``J^T H_out J`` of the batch loss times ``v`` ``(p, k)``.
 
         ``J`` is the Jacobian of the model outputs in the parameters and ``H_out`` the
         Hessian of the loss in the outputs; the product is positive semi-definite whenever
         the loss is convex in the outputs. Returns ``(p, k)``.
         """
-        out, jt = _vjp(lambda t: self.outputs(t, x), theta)
-        _, h_out = _vjp(grad(lambda o: self.loss(o, y)), out.detach())
+        output_loss = self.task.output_loss
+        if output_loss is None:
+            self.outputs(theta, batch)  # raises, naming what the task lacks
+            raise AssertionError  # unreachable
+        with second_order():
+            out, jt = _vjp(lambda t: self.outputs(t, batch), theta)
+            _, h_out = _vjp(grad(lambda o: output_loss(o, batch)), out.detach())
 
-        def gvp(col: Tensor) -> Tensor:
-            jv = torch.func.jvp(lambda t: self.outputs(t, x), (theta,), (col,))[1]
-            return jt(h_out(jv)[0])[0]
+            def gvp(col: Tensor) -> Tensor:
+                jv = torch.func.jvp(lambda t: self.outputs(t, batch), (theta,), (col,))[1]
+                return jt(h_out(jv)[0])[0]
 
-        return vmap(gvp, in_dims=1, out_dims=1)(v)
+            return vmap(gvp, in_dims=1, out_dims=1)(v)
+
+
+def _row(batch: Any, i: int) -> Any:
+    """Sample ``i`` of a batch, without the sample dimension."""
+    return batches.map_leaves(lambda t: t[i], batch)
+
+
+@contextlib.contextmanager
+def second_order() -> Iterator[None]:
+    """Run ``scaled_dot_product_attention`` on its math backend inside the block.
+
+    The fused attention kernels (flash, memory-efficient; the CPU's flash kernel included)
+    have no derivatives of their backward and no forward-mode derivatives, so curvature
+    products through attention (``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer``,
+    Hugging Face SDPA attention) fail there. The math backend is attention written in
+    differentiable operations: exact, twice differentiable, and slower (it forms the
+    ``(T, T)`` attention matrix). Plain gradients keep the fused kernels.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    mha = torch.backends.mha
+    fastpath = mha.get_fastpath_enabled()
+    # nn.TransformerEncoderLayer / nn.MultiheadAttention in eval mode take a fused "fast
+    # path" kernel when they see no parameter requiring grad (as under torch.func); it has
+    # no forward-mode derivative. Off inside the block, as the process had it afterwards.
+    mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        mha.set_fastpath_enabled(fastpath)
 
 
 def _vjp(fn: Callable[[Tensor], Tensor], primal: Tensor) -> tuple[Tensor, Callable[[Tensor], tuple[Tensor, ...]]]:
@@ -264,20 +370,27 @@ def _vjp(fn: Callable[[Tensor], Tensor], primal: Tensor) -> tuple[Tensor, Callab
     return result[0], result[1]
 
 
-def _jacobian_in_x(fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, y: Tensor, n_out: int) -> Tensor:
-    """Per-sample Jacobian of ``fn(x_i, y_i)`` (a vector of ``n_out``) in ``x_i``, batched.
+def _jacobian_in_leaf(fn: Callable[[Any], Tensor], batch: Any, path: str | int, n_out: int) -> Tensor:
+    """Per-sample Jacobian of ``fn(sample)`` (a vector of ``n_out``) in the leaf at ``path``, batched.
 
-    Returns ``(n, n_out, *x.shape[1:])``. Forward mode when the input has fewer features than
-    outputs (cheaper), falling back to reverse mode for operations without forward-mode
-    support; reverse mode otherwise.
+    Returns ``(n, n_out, *x.shape[1:])`` for that leaf ``x``. Forward mode when the input has
+    fewer features than outputs (cheaper), falling back to reverse mode for operations
+    without forward-mode support; reverse mode otherwise. Attention runs on its math
+    backend (second derivatives, see :func:`second_order`).
     """
+    x = batches.get_leaf(batch, path)
+
+    def of_leaf(xi: Tensor, sample: Any) -> Tensor:
+        return fn(batches.replace_leaf(sample, path, xi))
+
     n_features = int(x[0].numel())
-    if n_features < n_out:
-        try:
-            return vmap(jacfwd(fn, argnums=0))(x, y)
-        except (RuntimeError, NotImplementedError):
-            pass
-    return vmap(jacrev(fn, argnums=0))(x, y)
+    with second_order():
+        if n_features < n_out:
+            try:
+                return vmap(jacfwd(of_leaf, argnums=0))(x, batch)
+            except (RuntimeError, NotImplementedError):
+                pass
+        return vmap(jacrev(of_leaf, argnums=0))(x, batch)
 
 
 def check_finite(name: str, t: Tensor, *, hint: str = "") -> None:

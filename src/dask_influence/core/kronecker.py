@@ -4,13 +4,22 @@ Conventions for one layer (``o = d_out``, ``i = d_in``):
 
 - The layer's trainable parameters form a matrix ``M`` of shape ``(o, i)``: the weight as
   ``(d_out, d_in_weight)`` (a Conv2d kernel ``(C_out, C_in, kh, kw)`` is ``(C_out, C_in*kh*kw)``)
-  with the bias appended as a last column when it is trainable.
+  with the bias appended as a last column when it is trainable. Two supported layers store
+  their weight transposed, and ``M`` is the transpose of what they store: Hugging Face's
+  ``Conv1D`` (GPT-2; ``y = x W + b`` with ``W`` stored ``(d_in, d_out)``) and
+  ``nn.Embedding`` (``W`` stored ``(V, d)``, so ``M = W^T`` is ``(d, V)``; no bias).
 - A sample enters the layer at ``P`` positions (1 for a plain linear layer, the sequence
   length or the number of convolution patches otherwise). At position ``t`` it has the
   input ``a_t`` ``(i,)`` (a trailing 1 for the bias column) and the output gradient ``g_t``
   ``(o,)``; its gradient in ``M`` is ``sum_t g_t a_t^T``.
-- Vectorization is row-major, as ``Tensor.reshape`` flattens the weight, so
-  ``vec(g a^T) = g (x) a`` and the curvature block is approximated by ``G (x) A``.
+- An embedding's input at a position is the one-hot ``(V,)`` of the token id there (all
+  zeros for ``padding_idx``, whose row torch never updates), so its ``A`` is DIAGONAL (the
+  token frequencies): it is kept as a vector, its eigenbasis is the identity
+  (``LayerFactors.q_a is None``) and no ``V x V`` matrix is formed or eigendecomposed.
+- Vectorization is row-major in ``M``, so ``vec(g a^T) = g (x) a`` and the curvature block is
+  approximated by ``G (x) A``. For the transposed layers the flat parameter vector holds
+  ``M^T`` row-major (as ``Tensor.reshape`` flattens the stored weight);
+  :meth:`KroneckerLayer.to_matrix` and :meth:`KroneckerLayer.write_matrix` transpose.
 - ``A = E_n[(1/P) sum_t a_t a_t^T]`` and ``G = E_n[sum_r sum_t g_rt g_rt^T]``, where ``r``
   runs over the columns of a square root of the loss's Hessian in the model outputs (the
   exact Fisher/GGN, no sampling). With ``A = Q_A diag(l_A) Q_A^T`` and
@@ -23,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -41,14 +50,16 @@ class LayerFactors:
 
     Attributes:
         name: the module's name in ``model.named_modules()``.
-        q_a, lambda_a: eigenvectors ``(i, i)`` and eigenvalues ``(i,)`` of ``A``.
+        q_a, lambda_a: eigenvectors ``(i, i)`` and eigenvalues ``(i,)`` of ``A``. ``q_a`` is
+            ``None`` when ``A`` is diagonal (an embedding's one-hot inputs): the eigenbasis is
+            then the identity and ``lambda_a`` is ``A``'s diagonal, in input order (not sorted).
         q_g, lambda_g: eigenvectors ``(o, o)`` and eigenvalues ``(o,)`` of ``G``.
         corrected: ``(o, i)`` EK-FAC eigenvalues, or ``None`` when fitted without the
             eigenvalue correction.
     """
 
     name: str
-    q_a: Tensor
+    q_a: Tensor | None
     lambda_a: Tensor
     q_g: Tensor
     lambda_g: Tensor
@@ -57,11 +68,13 @@ class LayerFactors:
     @property
     def shape(self) -> tuple[int, int]:
         """``(o, i)``, the shape of the layer's parameter matrix."""
-        return int(self.q_g.shape[0]), int(self.q_a.shape[0])
+        return int(self.q_g.shape[0]), int(self.lambda_a.shape[0])
 
     @property
     def a_factor(self) -> Tensor:
-        """``A`` ``(i, i)``, rebuilt from its eigendecomposition."""
+        """``A`` ``(i, i)``, rebuilt from its eigendecomposition (dense, also when diagonal)."""
+        if self.q_a is None:
+            return torch.diag(self.lambda_a)
         return (self.q_a * self.lambda_a) @ self.q_a.T
 
     @property
@@ -82,11 +95,17 @@ class LayerFactors:
 
     def rotate(self, m: Tensor) -> Tensor:
         """``Q_G^T m Q_A`` for ``m`` ``(k, o, i)``: ``(k, o, i)``."""
-        return self.q_g.T @ m @ self.q_a
+        out = self.q_g.T @ m
+        return out if self.q_a is None else out @ self.q_a
 
     def unrotate(self, m: Tensor) -> Tensor:
         """``Q_G m Q_A^T`` for ``m`` ``(k, o, i)``: ``(k, o, i)``."""
-        return self.q_g @ m @ self.q_a.T
+        out = self.q_g @ m
+        return out if self.q_a is None else out @ self.q_a.T
+
+    def rotate_inputs(self, a: Tensor) -> Tensor:
+        """Inputs ``a`` ``(..., i)`` in the eigenbasis of ``A``: ``a Q_A`` ``(..., i)`` (``a`` itself when diagonal)."""
+        return a if self.q_a is None else a @ self.q_a.to(a.dtype)
 
     def apply_power(self, m: Tensor, *, power: float, regularization: float, corrected: bool) -> Tensor:
         """``(C + regularization I)^power`` applied to ``m`` ``(k, o, i)``, ``C`` the layer's curvature.
@@ -99,7 +118,7 @@ class LayerFactors:
 
 def check_layer_positive(factors: LayerFactors, regularization: float, corrected: bool, solver: str) -> None:
     """Raise :class:`NotPositiveDefiniteError` unless the layer's damped eigenvalues are safely > 0."""
-    diag = factors.eigenvalues(corrected).to(factors.q_a.dtype)
+    diag = factors.eigenvalues(corrected).to(factors.q_g.dtype)
     smallest, threshold, scale = definiteness(diag, regularization)
     if smallest > threshold:
         return
@@ -119,21 +138,56 @@ def check_layer_positive(factors: LayerFactors, regularization: float, corrected
     )
 
 
-class FactorSums:
-    """Running float64 sums of ``A`` and ``G`` over the training samples of one layer."""
+class LayerShape(tuple):
+    """``(o, i)`` of a layer's parameter matrix, a plain tuple to every reader, that also says
+    whether the layer's ``A`` is diagonal (``diagonal_a``): :class:`FactorSums` built from a
+    :attr:`KroneckerLayer.shape` then keeps ``A`` as its diagonal ``(i,)``."""
 
-    def __init__(self, name: str, shape: tuple[int, int], device: torch.device):
+    diagonal_a: bool
+
+    def __new__(cls, o: int, i: int, diagonal_a: bool = False) -> LayerShape:
+        """``(o, i)`` with the flag ``diagonal_a``."""
+        shape = super().__new__(cls, (o, i))
+        shape.diagonal_a = diagonal_a
+        return shape
+
+    def __getnewargs__(self) -> tuple[int, int, bool]:
+        return self[0], self[1], self.diagonal_a
+
+
+class FactorSums:
+    """Running float64 sums of ``A`` and ``G`` over the training samples of one layer.
+
+    ``a`` is ``(i, i)``, or its diagonal ``(i,)`` for a layer whose inputs are one-hot (an
+    embedding), where the off-diagonal entries are exactly zero; ``g`` is ``(o, o)``.
+
+    Args:
+        shape: ``(o, i)``; a :class:`LayerShape` (:attr:`KroneckerLayer.shape`) also says
+            whether ``A`` is diagonal.
+        diagonal_a: keep only ``A``'s diagonal; ``None``: as ``shape`` says (``False`` for a
+            plain tuple).
+    """
+
+    def __init__(self, name: str, shape: tuple[int, int], device: torch.device, diagonal_a: bool | None = None):
         o, i = shape
+        if diagonal_a is None:
+            diagonal_a = bool(getattr(shape, "diagonal_a", False))
         self.name = name
-        self.a = torch.zeros(i, i, dtype=torch.float64, device=device)
+        self.a = torch.zeros((i,) if diagonal_a else (i, i), dtype=torch.float64, device=device)
         self.g = torch.zeros(o, o, dtype=torch.float64, device=device)
+
+    @property
+    def diagonal_a(self) -> bool:
+        """Whether only ``A``'s diagonal is kept (``a`` is ``(i,)``)."""
+        return self.a.ndim == 1
 
     @classmethod
     def from_totals(cls, name: str, a: Tensor, g: Tensor) -> FactorSums:
         """Sums accumulated elsewhere, e.g. per-block sums added up on a cluster.
 
         Args:
-            a: the sum ``(i, i)`` of the inputs' second moments over the training samples.
+            a: the sum ``(i, i)`` of the inputs' second moments over the training samples, or
+                its diagonal ``(i,)`` for a layer with one-hot inputs.
             g: the sum ``(o, o)`` of the output gradients' second moments.
         """
         sums = cls.__new__(cls)  # no zero matrices to allocate and drop
@@ -145,10 +199,14 @@ class FactorSums:
 
         The batch's products are formed in the inputs' dtype (no float64 copies of ``g`` and
         ``a``, which are the largest tensors of the pass) and added to the float64 sums.
+        With a diagonal ``A`` only ``sum_t a_t^2`` (the token counts of one-hot inputs) is formed.
         """
         flat_a = a.reshape(-1, a.shape[-1])
         flat_g = g.reshape(-1, g.shape[-1])
-        self.a += (flat_a.T @ flat_a).div_(a.shape[1])  # in-place adds upcast: no float64 temporaries
+        if self.diagonal_a:
+            self.a += torch.einsum("ti,ti->i", flat_a, flat_a).div_(a.shape[1])
+        else:
+            self.a += (flat_a.T @ flat_a).div_(a.shape[1])  # in-place adds upcast: no float64 temporaries
         self.g += flat_g.T @ flat_g
 
     def eigh(self, n: int, dtype: torch.dtype) -> LayerFactors:
@@ -156,12 +214,17 @@ class FactorSums:
 
         Consumes the sums (divided in place, then released), so that a fit holds at most
         one layer's float64 eigendecomposition at a time. ``eigh`` reads the lower triangle.
+        A diagonal ``A`` is its own eigendecomposition: ``q_a`` is ``None`` (the identity).
         """
         a, g = self.a.div_(n), self.g.div_(n)
         self.a = self.g = None  # type: ignore[assignment]
-        lambda_a, q_a = torch.linalg.eigh(a)
+        q_a: Tensor | None
+        if a.ndim == 1:
+            q_a, lambda_a = None, a.clamp_min(0).to(dtype)
+        else:
+            lambda_a, q_a = torch.linalg.eigh(a)
+            q_a, lambda_a = q_a.to(dtype), lambda_a.clamp_min(0).to(dtype)  # PSD: clip rounding noise
         del a
-        q_a, lambda_a = q_a.to(dtype), lambda_a.clamp_min(0).to(dtype)  # PSD: clip rounding noise
         lambda_g, q_g = torch.linalg.eigh(g)
         del g
         q_g, lambda_g = q_g.to(dtype), lambda_g.clamp_min(0).to(dtype)
@@ -181,7 +244,7 @@ def corrected_eigenvalue_sum(factors: LayerFactors, g: Tensor, a: Tensor) -> Ten
     product of squares, so nothing of size ``(n, o, i)`` is formed.
     """
     g_rot = g @ factors.q_g.to(g.dtype)  # in the batch's dtype: only the batch's sum is float64
-    a_rot = a @ factors.q_a.to(a.dtype)
+    a_rot = factors.rotate_inputs(a)
     if a.shape[1] == 1:
         return torch.einsum("nro,ni->oi", g_rot[:, :, 0].square(), a_rot[:, 0].square())
     out = torch.zeros(factors.shape, dtype=torch.float64, device=g.device)
@@ -229,13 +292,43 @@ def self_contract(factors: LayerFactors, inverse_diag: Tensor, g: Tensor, a: Ten
     """
     if a.shape[1] == 1:
         g_rot = g[:, 0] @ factors.q_g
-        a_rot = a[:, 0] @ factors.q_a
+        a_rot = factors.rotate_inputs(a[:, 0])
         return ((g_rot.square() @ inverse_diag) * a_rot.square()).sum(1)
     rotated = factors.rotate(layer_grads(g, a))
     return (rotated.square() * inverse_diag).sum((1, 2))
 
 
 # -- capturing g and a in one batched forward/backward -----------------------------------------
+LayerKind = Literal["linear", "conv2d", "conv1d", "embedding"]
+
+
+def layer_kind(module: nn.Module) -> LayerKind | None:
+    """The kind of a supported layer, or ``None`` for a module K-FAC cannot factor.
+
+    ``"linear"``: ``nn.Linear`` (and subclasses); ``"conv2d"``: ``nn.Conv2d``;
+    ``"conv1d"``: Hugging Face's ``transformers.pytorch_utils.Conv1D`` (GPT-2), recognized by
+    its class name, module and 2-D ``weight`` without importing ``transformers`` (an optional
+    dependency); ``"embedding"``: ``nn.Embedding``. Refusals of unsupported settings (a
+    grouped convolution, an embedding with ``max_norm``) are the caller's.
+    """
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Conv2d):
+        return "conv2d"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    cls = type(module)
+    if (
+        cls.__name__ == "Conv1D"
+        and cls.__module__.startswith("transformers")
+        and hasattr(module, "nf")
+        and isinstance(getattr(module, "weight", None), Tensor)
+        and module.weight.ndim == 2
+    ):
+        return "conv1d"
+    return None
+
+
 @dataclass(frozen=True)
 class KroneckerLayer:
     """Where one supported layer's trainable parameters sit in the flat vector, and its shapes.
@@ -244,8 +337,12 @@ class KroneckerLayer:
         name, module: the module and its name in ``model.named_modules()``.
         weight, bias: ``(start, stop)`` of the trainable weight / bias in the flat vector, or
             ``None`` when that parameter is frozen (or absent).
-        d_out: output features (Linear) or channels (Conv2d).
-        d_in_weight: input columns of the weight (``C_in*kh*kw`` for Conv2d).
+        d_out: output features (Linear, Conv1D), channels (Conv2d) or the embedding size.
+        d_in_weight: input columns of the weight (``C_in*kh*kw`` for Conv2d, the vocabulary
+            size ``V`` for an embedding).
+        kind: see :func:`layer_kind`. ``"conv1d"`` and ``"embedding"`` store their weight
+            transposed, ``(d_in_weight, d_out)``; ``"embedding"`` has one-hot inputs and a
+            diagonal ``A``.
     """
 
     name: str
@@ -254,17 +351,51 @@ class KroneckerLayer:
     bias: tuple[int, int] | None
     d_out: int
     d_in_weight: int
+    kind: LayerKind = "linear"
+
+    @classmethod
+    def of(
+        cls, name: str, module: nn.Module, weight: tuple[int, int] | None, bias: tuple[int, int] | None
+    ) -> KroneckerLayer:
+        """The layer for a supported ``module`` (see :func:`layer_kind`), its shapes read from its weight."""
+        kind = layer_kind(module)
+        if kind is None:
+            raise ValueError(f"Layer '{name}' ({type(module).__name__}) is not a layer K-FAC can factor.")
+        w = cast(Tensor, module.weight)
+        if kind in ("conv1d", "embedding"):  # stored (d_in, d_out)
+            d_out, d_in_weight = int(w.shape[1]), int(w.shape[0])
+        else:
+            d_out, d_in_weight = int(w.shape[0]), int(w[0].numel())
+        return cls(name=name, module=module, weight=weight, bias=bias, d_out=d_out, d_in_weight=d_in_weight, kind=kind)
 
     @property
-    def shape(self) -> tuple[int, int]:
-        """``(o, i)`` of the layer's parameter matrix: trainable weight columns, then bias."""
-        return self.d_out, (self.d_in_weight if self.weight else 0) + (1 if self.bias else 0)
+    def transposed(self) -> bool:
+        """Whether the stored weight is ``M``'s weight part transposed, ``(d_in_weight, d_out)``."""
+        return self.kind in ("conv1d", "embedding")
+
+    @property
+    def diagonal_a(self) -> bool:
+        """Whether ``A`` is diagonal: an embedding, whose inputs are one-hot."""
+        return self.kind == "embedding"
+
+    @property
+    def shape(self) -> LayerShape:
+        """``(o, i)`` of the layer's parameter matrix: trainable weight columns, then bias.
+
+        A :class:`LayerShape`: a plain tuple that also carries :attr:`diagonal_a`.
+        """
+        i = (self.d_in_weight if self.weight else 0) + (1 if self.bias else 0)
+        return LayerShape(self.d_out, i, self.diagonal_a)
 
     def to_matrix(self, flat: Tensor) -> Tensor:
         """The layer's block of ``flat`` ``(k, p)`` as matrices ``(k, o, i)``."""
         k, parts = flat.shape[0], []
         if self.weight:
-            parts.append(flat[:, self.weight[0] : self.weight[1]].reshape(k, self.d_out, -1))
+            w = flat[:, self.weight[0] : self.weight[1]]
+            if self.transposed:
+                parts.append(w.reshape(k, self.d_in_weight, self.d_out).transpose(1, 2))
+            else:
+                parts.append(w.reshape(k, self.d_out, -1))
         if self.bias:
             parts.append(flat[:, self.bias[0] : self.bias[1]].reshape(k, self.d_out, 1))
         return torch.cat(parts, dim=2)
@@ -273,15 +404,36 @@ class KroneckerLayer:
         """Write matrices ``m`` ``(k, o, i)`` into the layer's block of ``flat`` ``(k, p)``."""
         k = m.shape[0]
         if self.weight:
-            flat[:, self.weight[0] : self.weight[1]] = m[:, :, : self.d_in_weight].reshape(k, -1)
+            w = m[:, :, : self.d_in_weight]
+            if self.transposed:
+                w = w.transpose(1, 2)
+            flat[:, self.weight[0] : self.weight[1]] = w.reshape(k, -1)
         if self.bias:
             flat[:, self.bias[0] : self.bias[1]] = m[:, :, -1]
 
+    @property
+    def min_input_ndim(self) -> int:
+        """The fewest dimensions of a batch-first input: token ids ``(n,)`` may be 1-D."""
+        return 1 if self.kind == "embedding" else 2
+
     def inputs(self, x: Tensor) -> Tensor:
-        """The layer input at each position, with a 1 for the bias: ``(n, P, i)``."""
+        """The layer input at each position, with a 1 for the bias: ``(n, P, i)``.
+
+        For an embedding ``x`` holds token ids ``(n, ...)``, and the input is their one-hot
+        ``(n, P, V)`` in the weight's dtype, zero at ``padding_idx`` (torch leaves the
+        padding row's gradient zero).
+        """
         n = x.shape[0]
-        if isinstance(self.module, nn.Conv2d):
-            x = _conv_patches(self.module, x)
+        if self.kind == "embedding":
+            embedding = cast(nn.Embedding, self.module)
+            ids = x.reshape(n, -1)
+            a = torch.zeros(*ids.shape, self.d_in_weight, dtype=embedding.weight.dtype, device=x.device)
+            a.scatter_(2, ids.unsqueeze(2), 1.0)
+            if embedding.padding_idx is not None:
+                a[..., embedding.padding_idx] = 0.0
+            return a
+        if self.kind == "conv2d":
+            x = _conv_patches(cast(nn.Conv2d, self.module), x)
         else:
             x = x.reshape(n, -1, x.shape[-1])
         parts = [x] if self.weight else [x[..., :0]]
@@ -292,7 +444,7 @@ class KroneckerLayer:
     def output_grads(self, grad: Tensor) -> Tensor:
         """The gradient in the layer output, by position: ``(n, P, o)``."""
         n = grad.shape[0]
-        if isinstance(self.module, nn.Conv2d):
+        if self.kind == "conv2d":
             return grad.reshape(n, self.d_out, -1).transpose(1, 2)
         return grad.reshape(n, -1, self.d_out)
 
@@ -322,7 +474,9 @@ class Capture:
 
     The gradient in a probe is the gradient in the layer output, whatever happens to that
     output afterwards (in-place activations included). A layer called several times per
-    forward contributes all its calls as extra positions.
+    forward contributes all its calls as extra positions. An embedding called with ids of
+    batch size 1 in a larger batch (position ids ``(1, T)`` that the model broadcasts over
+    the batch, as GPT-2 does) returns its output expanded to the batch, one copy per sample.
 
     Args:
         layers: the layers to watch.
@@ -351,14 +505,19 @@ class Capture:
 
         def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
             x = args[0]
-            if x.ndim < 2 or x.shape[0] != self.n:
+            if layer.kind == "embedding" and x.ndim >= 2 and x.shape[0] == 1 and output.shape[0] == 1:
+                # ids shared by the whole batch (GPT-2's position ids (1, T)): every sample reads
+                # the same rows, and the output, broadcast later, becomes one copy per sample so
+                # that each sample's gradient in it is kept apart
+                x, output = x.expand(self.n, *x.shape[1:]), output.expand(self.n, *output.shape[1:])
+            if x.ndim < layer.min_input_ndim or x.shape[0] != self.n:
                 raise ValueError(
                     f"Layer '{layer.name}' received an input of shape {tuple(x.shape)} whose first "
                     f"dimension is not the batch of {self.n} samples; K-FAC needs batch-first "
                     "inputs. Freeze this layer (requires_grad_(False)) or leave it out of layers=."
                 )
             self.inputs[index].append(layer.inputs(x.detach()))
-            probe = torch.zeros_like(output, requires_grad=True)
+            probe = output.new_zeros(output.shape, requires_grad=True)
             self.probes[index].append(probe)
             return output + probe
 

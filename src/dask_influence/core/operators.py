@@ -10,10 +10,12 @@ last batch counts exactly as much as its samples. :class:`DampedOperator` adds
 from __future__ import annotations
 
 from enum import Enum
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from . import batches
 from .data import TrainingData
 from .gradients import ModelFunctions, check_finite
 
@@ -99,18 +101,18 @@ class CurvatureOperator(LinearOperator):
         self.max_columns = int(max_columns)
         self.num_passes = 0
 
-    def batch_matmat(self, x: Tensor, y: Tensor, v: Tensor) -> Tensor:
+    def batch_matmat(self, batch: Any, v: Tensor) -> Tensor:
         """The curvature of ONE batch's mean loss times ``v`` ``(p, k)``."""
         fn = self.functions.hessian_matmat if self.curvature is Curvature.hessian else self.functions.ggn_matmat
-        parts = [fn(self.theta, x, y, v[:, s : s + self.max_columns]) for s in range(0, v.shape[1], self.max_columns)]
+        parts = [fn(self.theta, batch, v[:, s : s + self.max_columns]) for s in range(0, v.shape[1], self.max_columns)]
         return torch.cat(parts, dim=1)
 
     def matmat(self, v: Tensor) -> Tensor:
         """``H V``: the mean over the training batches of their curvature products."""
         n = self.data.num_samples
         out = torch.zeros_like(v)
-        for x, y in self.data.batches():
-            out += (x.shape[0] / n) * self.batch_matmat(x, y, v)
+        for batch in self.data.batches():
+            out += (batches.size(batch) / n) * self.batch_matmat(batch, v)
         self.num_passes += 1
         return finite_curvature(out)
 

@@ -78,7 +78,7 @@ class _BlockCalculator:
         """
         from .fitting import fit_with_blocks
 
-        source = as_source(train, block_size=block_size, name="train")
+        source = as_source(train, block_size=block_size, name="train", perturb=self.solver.objective.perturb)
         with self._train_blocks(source) as blocks:
             self.last_fit_ = fit_with_blocks(self.solver, blocks, path=path, refit=refit)
         self._fit_train = source
@@ -112,18 +112,27 @@ class _BlockCalculator:
     ) -> InfluenceGraph:
         self._check_fitted()
         mode = InfluenceMode.parse(mode)
-        test_src = as_source(test, block_size=test_block_size, name="test")
-        train_src = as_source(train, block_size=train_block_size, name="train")
+        perturb = self.solver.objective.perturb
+        test_src = as_source(test, block_size=test_block_size, name="test", perturb=perturb)
+        train_src = as_source(train, block_size=train_block_size, name="train", perturb=perturb)
         fitted = tuple(self.solver.feature_shape_ or ())
         for name, src in (("test", test_src), ("train", train_src)):
-            if tuple(src.feature_shape) != fitted:
+            if src.input_dtype is not None and tuple(src.feature_shape) != fitted:
                 raise ValueError(
                     f"The {name} inputs have feature shape {tuple(src.feature_shape)} but the solver "
                     f"was fitted on {fitted}."
                 )
-        if mode is InfluenceMode.perturbation and not np.issubdtype(train_src.input_dtype, np.floating):
+        if mode is InfluenceMode.perturbation and (
+            train_src.input_dtype is None or not np.issubdtype(train_src.input_dtype, np.floating)
+        ):
+            if perturb is None:
+                raise ValueError(
+                    "Perturbation influences differentiate in an input, but the solver's task names none; "
+                    "pass Task(..., perturb='pixel_values') (a floating-point input) or use mode='up'."
+                )
             raise TypeError(
-                f"Perturbation influences need floating-point train inputs; got {train_src.input_dtype}. "
+                f"Perturbation influences need floating-point train inputs; got {train_src.input_dtype}"
+                f"{'' if perturb == 0 else f' for the input {perturb!r}'}. "
                 "Use mode='up' for integer inputs such as token ids."
             )
         graph = build_influence_graph(
@@ -153,7 +162,7 @@ class _BlockCalculator:
     def self_influences(self, train: Any, *, block_size: int | None = None) -> Any:
         """``grad L(z)^T H^-1 grad L(z)`` for every train point: ``(n_train,)``."""
         self._check_fitted()
-        src = as_source(train, block_size=block_size, name="train")
+        src = as_source(train, block_size=block_size, name="train", perturb=self.solver.objective.perturb)
         graph = build_influence_graph(self.solver, src, src, InfluenceMode.up, memory_budget=None)
         name = add_self_influence_tasks(graph)
         return da.Array(graph.dsk, name, chunks=(graph.plan.train_sizes,), dtype=graph.dtype)

@@ -39,8 +39,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from ..core import batches
 from ..core.blocks import BlockFunction, add_results, curvature_block  # noqa: F401  (re-exported)
-from ..core.data import TrainingData, check_pair, to_tensor
+from ..core.data import TrainingData, input_signature
 from ..core.solvers.base import InfluenceModel, _checksum, _to_device
 from ..storage.urls import is_url
 from . import tasks
@@ -60,40 +61,42 @@ def new_payload(value: Any) -> Literal:
     return Literal(value, uuid.uuid4().hex)
 
 
-def _block_tensors(solver: InfluenceModel, block: tuple[np.ndarray, np.ndarray], start: int) -> tuple[Tensor, Tensor]:
-    x = to_tensor(block[0], "training inputs", dtype=solver.dtype, device=solver.device)
-    y = to_tensor(block[1], "training targets", dtype=solver.dtype, device=solver.device)
+def _block_tensors(solver: InfluenceModel, block: Any, start: int) -> Any:
+    """A loaded block (numpy arrays) as the solver's validated batch of tensors."""
     try:
-        check_pair(x, y, "training inputs", "training targets")
+        return solver.prepare_batch(block, training=True)
     except ValueError as err:
         raise type(err)(f"In the training block starting at sample {start}: {err}") from None
-    return x, y
 
 
 def inspect_block(
-    solver: InfluenceModel, block: tuple, start: int, weight: float, payload: Literal
-) -> tuple[str, bool]:
+    solver: InfluenceModel, block: Any, start: int, weight: float, payload: Literal
+) -> tuple[str, bool | None]:
     """Validate a block (finite, feature shape; the loss on block 0); return its sha256 and
-    whether its inputs are floating point."""
+    whether the input the task perturbs is floating point (``None`` without one)."""
     tasks._match_threads()
-    x, y = _block_tensors(solver, block, start)
-    if tuple(x.shape[1:]) != tuple(payload.value):
+    batch = _block_tensors(solver, block, start)
+    shape, is_float = input_signature(batch, solver.objective.perturb)
+    if is_float is not None and tuple(shape) != tuple(payload.value):
         raise ValueError(
             f"The training block starting at sample {start} has feature shape "
-            f"{tuple(x.shape[1:])}; the first block has {tuple(payload.value)}."
+            f"{tuple(shape)}; the first block has {tuple(payload.value)}."
         )
     if start == 0:
-        solver.check_loss(x, y)
+        solver.check_loss(batch)
     digest = hashlib.sha256()
-    for array in block:
+    keyed = isinstance(block, dict)  # a dict's keys are part of the data; a tuple's positions are not named
+    for path, array in zip(batches.leaf_paths(block), batches.leaves(block)):
         array = np.ascontiguousarray(array)
+        if keyed:
+            digest.update(f"{path}:".encode())
         digest.update(f"{array.dtype.str}{array.shape};".encode())
         digest.update(array.tobytes())
-    return digest.hexdigest(), bool(x.is_floating_point())
+    return digest.hexdigest(), is_float
 
 
 def run_block(
-    fn: BlockFunction, solver: InfluenceModel, block: tuple, start: int, weight: float, payload: Literal
+    fn: BlockFunction, solver: InfluenceModel, block: Any, start: int, weight: float, payload: Literal
 ) -> Any:
     """Run a core block function (:mod:`dask_influence.core.blocks`) on one loaded block.
 
@@ -102,9 +105,9 @@ def run_block(
     counts their size right, so placement and memory accounting see the true cost).
     """
     tasks._match_threads()
-    x, y = _block_tensors(solver, block, start)
+    batch = _block_tensors(solver, block, start)
     value = _payload_on(payload.value, solver.device)
-    result = fn(solver, x, y, start, weight, value)
+    result = fn(solver, batch, start, weight, value)
     return [to_numpy(t) for t in result] if isinstance(result, list) else to_numpy(result)
 
 
@@ -308,32 +311,28 @@ class ClusterTrainBlocks(TrainBlocks):
 class _KnownTrainingData(TrainingData):
     """:class:`TrainingData` whose size and feature shape are known (no counting pass)."""
 
-    def __init__(
-        self,
-        data: Any,
-        *,
-        n: int,
-        feature_shape: Sequence[int],
-        dtype: torch.dtype,
-        device: torch.device,
-        batch_size: int,
-    ):
-        super().__init__(data, dtype=dtype, device=device, batch_size=batch_size)
+    def __init__(self, solver: InfluenceModel, data: Any, *, n: int, feature_shape: Sequence[int], batch_size: int):
+        super().__init__(
+            data,
+            dtype=solver.dtype,
+            device=solver.device,
+            batch_size=batch_size,
+            perturb=solver.objective.perturb,
+            pairs=solver.objective.pairs,
+        )
         self._n = int(n)
         self.feature_shape = torch.Size(feature_shape)
 
 
 class _DaskArrayBatches:
-    """The blocks of a pair of dask arrays as a re-iterable of numpy ``(x, y)`` batches."""
+    """The blocks of dask arrays as a re-iterable of numpy batches."""
 
-    def __init__(self, x: Any, y: Any):
-        self.x, self.y = x, y
+    def __init__(self, source: DaskArraySource):
+        self.source = source
 
-    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        import dask
-
-        for k in range(self.x.numblocks[0]):
-            yield dask.compute(self.x.blocks[k], self.y.blocks[k], scheduler="sync")
+    def __iter__(self) -> Iterator[Any]:
+        for k in range(len(self.source.block_sizes)):
+            yield self.source.load_block(k)
 
 
 def local_training_data(solver: InfluenceModel, source: BlockSource) -> TrainingData:
@@ -343,16 +342,11 @@ def local_training_data(solver: InfluenceModel, source: BlockSource) -> Training
             source.dataset, batch_size=source.block_sizes[0], shuffle=False, collate_fn=source.collate
         )
     elif isinstance(source, DaskArraySource):
-        data = _DaskArrayBatches(source.x, source.y)
+        data = _DaskArrayBatches(source)
     else:  # pragma: no cover - every source kind is handled above
         raise TypeError(f"Unsupported train source {type(source).__name__}.")
     return _KnownTrainingData(
-        data,
-        n=source.n,
-        feature_shape=source.feature_shape,
-        dtype=solver.dtype,
-        device=solver.device,
-        batch_size=max(source.block_sizes),
+        solver, data, n=source.n, feature_shape=source.feature_shape, batch_size=max(source.block_sizes)
     )
 
 
@@ -388,7 +382,7 @@ def fit_with_blocks(
     solver.trained_parameters()
     inspected = blocks.map(inspect_block, tuple(blocks.source.feature_shape))
     fingerprint = data_fingerprint(blocks, [digest for digest, _ in inspected])
-    float_inputs = bool(inspected[0][1])
+    float_inputs = inspected[0][1]
     data = local_training_data(solver, blocks.source)
     path = None if path is None else os.fspath(path)
     reused = path is not None and not refit and _exists(path)
@@ -419,7 +413,7 @@ def fit_with_blocks(
     return report
 
 
-def _fit(solver: InfluenceModel, blocks: TrainBlocks, data: TrainingData, float_inputs: bool) -> None:
+def _fit(solver: InfluenceModel, blocks: TrainBlocks, data: TrainingData, float_inputs: bool | None) -> None:
     """The solver's one fitting path (:meth:`InfluenceModel.fit_blocks`) over ``blocks``."""
     solver.fit_blocks(blocks, data, feature_shape=blocks.source.feature_shape, float_inputs=float_inputs)
 
@@ -532,6 +526,9 @@ def _mismatches(record: dict, solver: InfluenceModel, theta: Tensor, training_da
         differ = sorted(k for k in set(ours) | set(saved) if not _same(ours.get(k), saved.get(k)))
         if differ:
             problems.append(f"its hyperparameters differ ({', '.join(differ)})")
+    task_loss = None if solver.objective.pairs else solver.objective.loss_id()
+    if record.get("task_loss") != task_loss:
+        problems.append(f"it was fitted with another training loss ({record.get('task_loss') or 'a pair loss'})")
     if record.get("num_params") != theta.numel() or record.get("params_checksum") != _checksum(theta):
         problems.append("it was fitted with other model weights (the checksum of the trainable parameters differs)")
     saved_data = record.get("training_data")
@@ -617,8 +614,8 @@ def solve_factors_on_cluster(
     start = time.perf_counter()
     with solving_on_cluster(solver, client, source) as cluster_solver:
         for i in todo:
-            x, y = get_sync({**needed, "fit-test-block": graph.test.block_task(i)}, "fit-test-block")
-            factors, report = cluster_solver.influence_factors_with_report(x, y)
+            block = get_sync({**needed, "fit-test-block": graph.test.block_task(i)}, "fit-test-block")
+            factors, report = cluster_solver.influence_factors_with_report(block)
             solved[graph.solve_key(i)] = client.scatter([result(to_numpy(factors), report)], hash=False)[0]
     logger.info(
         "Solved the factors of %d test blocks on the client, sweeping the train blocks on the cluster, in %.1f s.",

@@ -2,10 +2,15 @@
 
 Accepted inputs (test or train):
 - a ``DataLoader`` over a map-style dataset in sequential order (its ``batch_size`` is the
-  block size unless one is given);
-- a map-style ``Dataset`` plus a block size;
-- a pair ``(x, y)`` of dask arrays (their chunks along the first axis are the blocks);
-- a pair ``(x, y)`` of numpy arrays or tensors (blocks of ``block_size``).
+  block size unless one is given); its items may be pairs or dicts (Hugging Face style);
+- a map-style ``Dataset`` plus a block size (a Hugging Face ``datasets.Dataset`` with the
+  torch format included);
+- a pair ``(x, y)`` (or a tuple) of dask arrays, or a dict of dask arrays (their chunks along
+  the first axis are the blocks);
+- a pair ``(x, y)`` (or a tuple) of numpy arrays or tensors, or a dict of them (blocks of
+  ``block_size``).
+
+A block is a batch (:mod:`dask_influence.core.batches`): a pytree of numpy arrays.
 
 A dataset is put in the graph ONCE as a literal key; each block task loads its own rows
 from it on the worker, so data never passes through the scheduler. Only numpy arrays cross
@@ -21,6 +26,8 @@ import torch
 from dask.base import tokenize
 from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler
 
+from ..core import batches
+from ..core.data import input_signature, is_whole_arrays
 from .literals import Literal, unbox
 from .plan import even_sizes
 
@@ -37,21 +44,23 @@ def to_numpy(t: Any) -> np.ndarray:
     return np.asarray(t)
 
 
-def load_dataset_block(dataset: Any, collate: Any, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows ``start:stop`` of a map-style dataset, collated: ``(x, y)`` numpy arrays."""
+def load_dataset_block(dataset: Any, collate: Any, start: int, stop: int) -> Any:
+    """Rows ``start:stop`` of a map-style dataset, collated: a batch of numpy arrays (a list
+    at the top becomes a tuple: ``default_collate`` turns ``(x, y)`` items into ``[x, y]``)."""
     batch = collate([dataset[i] for i in range(start, stop)])
-    try:
-        x, y = batch
-    except (TypeError, ValueError):
-        raise TypeError(
-            f"Dataset items must be (input, target) pairs; the collated batch was a {type(batch).__name__}."
-        ) from None
-    return to_numpy(x), to_numpy(y)
+    if isinstance(batch, list):
+        batch = tuple(batch)
+    return batches.to_numpy(batch)
 
 
-def pair(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Bundle a block of inputs and targets (a graph task)."""
-    return np.asarray(x), np.asarray(y)
+def pair(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Bundle a block's arrays as a tuple, e.g. inputs and targets (a graph task)."""
+    return tuple(np.asarray(a) for a in arrays)
+
+
+def named(names: tuple[str, ...], *arrays: np.ndarray) -> dict[str, np.ndarray]:
+    """Bundle a block's arrays as a dict (a graph task)."""
+    return {k: np.asarray(a) for k, a in zip(names, arrays)}
 
 
 class BlockSource:
@@ -60,15 +69,25 @@ class BlockSource:
     Attributes:
         n: number of samples.
         block_sizes: sizes of the blocks, in order.
-        feature_shape: shape of one input.
+        feature_shape: shape of one sample of the input that perturbations differentiate in
+            (the ``x`` of pairs; ``()`` when the solver's task names none).
+        input_dtype: that input's dtype (``None`` without one).
+        structure: the layout of a block (:func:`~dask_influence.core.batches.structure`).
         token: a deterministic identity of the data (for task names and store checks).
     """
 
     n: int
     block_sizes: tuple[int, ...]
     feature_shape: tuple[int, ...]
-    input_dtype: np.dtype
+    input_dtype: np.dtype | None
+    structure: str
     token: str
+
+    def _describe_first(self, first: Any, perturb: str | int | None) -> None:
+        shape, is_float = input_signature(first, perturb)
+        self.feature_shape = tuple(int(s) for s in shape)
+        self.input_dtype = np.dtype(batches.get_leaf(first, perturb).dtype) if is_float is not None else None  # type: ignore[arg-type]
+        self.structure = batches.structure(first)
 
     def graph(self) -> dict:
         """Graph entries the block tasks depend on (a dataset literal, dask array chunks)."""
@@ -82,7 +101,9 @@ class BlockSource:
 class DatasetSource(BlockSource):
     """A map-style dataset loaded block by block on the workers."""
 
-    def __init__(self, dataset: Any, block_size: int, collate: Any = None, name: str = "data"):
+    def __init__(
+        self, dataset: Any, block_size: int, collate: Any = None, name: str = "data", perturb: str | int | None = 0
+    ):
         if isinstance(dataset, IterableDataset) or not (
             hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")
         ):
@@ -97,9 +118,7 @@ class DatasetSource(BlockSource):
         if self.n == 0:
             raise ValueError(f"The {name} data is empty; pass at least one sample.")
         self.block_sizes = even_sizes(self.n, block_size)
-        x0, _ = load_dataset_block(dataset, self.collate, 0, 1)
-        self.feature_shape = tuple(x0.shape[1:])
-        self.input_dtype = x0.dtype
+        self._describe_first(load_dataset_block(dataset, self.collate, 0, 1), perturb)
         self.token = tokenize(type(dataset).__name__, dataset, self.n)
         self.key = f"dataset-{name}-{self.token}"
 
@@ -114,56 +133,93 @@ class DatasetSource(BlockSource):
 
 
 class DaskArraySource(BlockSource):
-    """A pair of dask arrays; their chunks along axis 0 are the blocks."""
+    """A tuple (e.g. ``(x, y)``) or a dict of dask arrays; their chunks along axis 0 are the blocks."""
 
-    def __init__(self, x: Any, y: Any, name: str = "data"):
-        if x.shape[0] != y.shape[0]:
+    def __init__(self, arrays: tuple | dict, name: str = "data", perturb: str | int | None = 0):
+        self.names: tuple[str, ...] | None = tuple(arrays) if isinstance(arrays, dict) else None
+        parts = list(arrays.values()) if isinstance(arrays, dict) else list(arrays)
+        lengths = {int(a.shape[0]) if not np.isnan(a.shape[0]) else -1 for a in parts}
+        if len(lengths) > 1:
+            listed = ", ".join(str(a.shape[0]) for a in parts)
             raise ValueError(
-                f"The {name} inputs and targets have different lengths: {x.shape[0]} and "
-                f"{y.shape[0]}. Pass targets that belong to the inputs."
+                f"The {name} arrays have different lengths: {listed}. Pass arrays (e.g. inputs and "
+                "targets) that belong together."
             )
-        if any(np.isnan(c) for c in x.chunks[0]) or any(np.isnan(s) for s in x.shape):
+        first = parts[0]
+        if any(np.isnan(c) for c in first.chunks[0]) or any(np.isnan(s) for s in first.shape):
             raise ValueError(f"The {name} dask arrays have unknown chunk sizes; call .compute_chunk_sizes() first.")
-        self.x = x.rechunk({i: -1 for i in range(1, x.ndim)})
-        self.y = y.rechunk((self.x.chunks[0],) + tuple((s,) for s in y.shape[1:]))
-        self.n = int(x.shape[0])
+        rows = first.rechunk({i: -1 for i in range(1, first.ndim)}).chunks[0]
+        self.arrays = [a.rechunk((rows,) + tuple((s,) for s in a.shape[1:])) for a in parts]
+        self.n = int(first.shape[0])
         if self.n == 0:
             raise ValueError(f"The {name} data is empty; pass at least one sample.")
-        self.block_sizes = tuple(int(c) for c in self.x.chunks[0])
-        self.feature_shape = tuple(int(s) for s in x.shape[1:])
-        self.input_dtype = np.dtype(x.dtype)
-        self.token = tokenize(self.x.name, self.y.name)
+        self.block_sizes = tuple(int(c) for c in rows)
+        self.token = tokenize(*[a.name for a in self.arrays], self.names)
+        # shapes and dtypes only: empty stand-ins for one row of each array (nothing is computed)
+        self._describe_first(self._assemble([np.empty((0,) + a.shape[1:], a.dtype) for a in self.arrays]), perturb)
+
+    @property
+    def x(self) -> Any:
+        """The first array (the inputs of a pair)."""
+        return self.arrays[0]
+
+    def _assemble(self, parts: list) -> Any:
+        if self.names is not None:
+            return dict(zip(self.names, parts))
+        return tuple(parts)
 
     def graph(self) -> dict:
-        """The graphs of the input and target dask arrays."""
-        return {**dict(self.x.__dask_graph__()), **dict(self.y.__dask_graph__())}
+        """The graphs of the dask arrays."""
+        out: dict = {}
+        for a in self.arrays:
+            out.update(dict(a.__dask_graph__()))
+        return out
 
     def block_task(self, k: int) -> tuple:
-        """Chunk ``k`` of the inputs and of the targets, paired."""
-        xkey = (self.x.name, k) + (0,) * (self.x.ndim - 1)
-        ykey = (self.y.name, k) + (0,) * (self.y.ndim - 1)
-        return (pair, xkey, ykey)
+        """Chunk ``k`` of every array, bundled as the tuple or dict they came in."""
+        keys = [(a.name, k) + (0,) * (a.ndim - 1) for a in self.arrays]
+        if self.names is not None:
+            return (named, self.names, *keys)
+        return (pair, *keys)
+
+    def load_block(self, k: int) -> Any:
+        """Block ``k`` computed in this process: the bundled numpy arrays."""
+        import dask
+
+        return self._assemble(list(dask.compute(*[a.blocks[k] for a in self.arrays], scheduler="sync")))
 
 
 class _ArrayDataset(Dataset):
-    """In-memory arrays as a map-style dataset (sliced, not indexed item by item)."""
+    """In-memory arrays (a tuple or dict of them) as a map-style dataset."""
 
-    def __init__(self, x: np.ndarray, y: np.ndarray):
-        self.x, self.y = x, y
+    def __init__(self, arrays: Any):
+        self.arrays = arrays
+        self.n = batches.size(arrays)
 
     def __len__(self) -> int:
-        return len(self.x)
+        return self.n
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.x[i], self.y[i]
-
-
-def _stack(items: list) -> tuple[np.ndarray, np.ndarray]:
-    return np.stack([a for a, _ in items]), np.stack([b for _, b in items])
+    def __getitem__(self, i: int) -> Any:
+        return batches.map_leaves(lambda a: a[i], self.arrays)
 
 
-def as_source(data: Any, *, block_size: int | None = None, name: str = "data") -> BlockSource:
-    """Turn any accepted input into a :class:`BlockSource` (see the module docstring)."""
+def _stack(items: list) -> Any:
+    """Collate items of :class:`_ArrayDataset` (tuples or dicts of arrays) into one batch."""
+    first = items[0]
+    if isinstance(first, dict):
+        return {k: np.stack([item[k] for item in items]) for k in first}
+    return tuple(np.stack([item[j] for item in items]) for j in range(len(first)))
+
+
+def as_source(
+    data: Any, *, block_size: int | None = None, name: str = "data", perturb: str | int | None = 0
+) -> BlockSource:
+    """Turn any accepted input into a :class:`BlockSource` (see the module docstring).
+
+    Args:
+        perturb: the input leaf whose feature shape and dtype the source records (the
+            solver task's ``perturb``: ``0`` is the ``x`` of pairs).
+    """
     if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
         raise ValueError(f"block_size must be a positive int; got {block_size!r}.")
     if isinstance(data, DataLoader):
@@ -178,18 +234,23 @@ def as_source(data: Any, *, block_size: int | None = None, name: str = "data") -
                 "the influence matrix must follow the dataset order. Pass "
                 "DataLoader(dataset, batch_size=..., shuffle=False)."
             )
-        return DatasetSource(data.dataset, block_size or data.batch_size, data.collate_fn, name)
-    if isinstance(data, (tuple, list)) and len(data) == 2:
-        x, y = data
-        if hasattr(x, "dask") and hasattr(y, "dask"):
+        return DatasetSource(data.dataset, block_size or data.batch_size, data.collate_fn, name, perturb)
+    if isinstance(data, (tuple, list, dict)) and data:
+        parts = list(data.values()) if isinstance(data, dict) else list(data)
+        if all(hasattr(a, "dask") for a in parts):
+            if isinstance(data, dict) and not all(isinstance(k, str) for k in data):
+                raise TypeError(f"The {name} dict of dask arrays must have string keys.")
             if block_size is not None:
-                x, y = x.rechunk({0: block_size}), y.rechunk({0: block_size})
-            return DaskArraySource(x, y, name)
-        if isinstance(x, (np.ndarray, torch.Tensor)) and isinstance(y, (np.ndarray, torch.Tensor)):
-            x, y = to_numpy(x), to_numpy(y)
-            if len(x) != len(y):
-                raise ValueError(f"The {name} inputs and targets have different lengths: {len(x)} and {len(y)}.")
-            return DatasetSource(_ArrayDataset(x, y), block_size or DEFAULT_BLOCK_SIZE, _stack, name)
+                parts = [a.rechunk({0: block_size}) for a in parts]
+            arrays = dict(zip(data, parts)) if isinstance(data, dict) else tuple(parts)
+            return DaskArraySource(arrays, name, perturb)
+        if is_whole_arrays(data):
+            arrays = batches.to_numpy(tuple(data) if isinstance(data, list) else data)
+            lengths = {len(a) for a in batches.leaves(arrays)}
+            if len(lengths) > 1:
+                listed = " and ".join(str(len(a)) for a in batches.leaves(arrays))
+                raise ValueError(f"The {name} inputs and targets have different lengths: {listed}.")
+            return DatasetSource(_ArrayDataset(arrays), block_size or DEFAULT_BLOCK_SIZE, _stack, name, perturb)
     if isinstance(data, Dataset) or (
         hasattr(data, "__getitem__")
         and hasattr(data, "__len__")
@@ -197,9 +258,9 @@ def as_source(data: Any, *, block_size: int | None = None, name: str = "data") -
     ):
         if block_size is None:
             raise ValueError(f"Pass block_size with a {name} Dataset (the number of samples per block).")
-        return DatasetSource(data, block_size, None, name)
+        return DatasetSource(data, block_size, None, name, perturb)
     raise TypeError(
         f"Unsupported {name} data of type {type(data).__name__}. Pass a DataLoader "
-        "(shuffle=False), a map-style Dataset with block_size, or a pair (x, y) of dask "
-        "arrays, numpy arrays or tensors."
+        "(shuffle=False), a map-style Dataset with block_size, or a pair (x, y) or a dict of "
+        "dask arrays, numpy arrays or tensors."
     )

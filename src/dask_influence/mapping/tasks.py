@@ -29,27 +29,25 @@ def _match_threads() -> None:
         torch.set_num_threads(max(1, int(nthreads)))
 
 
-def factor_block(solver: Any, block: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-    """Influence factors of one test block: ``(n_block, p)``."""
+def factor_block(solver: Any, block: Any) -> np.ndarray:
+    """Influence factors of one test block (a batch of numpy arrays): ``(n_block, p)``."""
     _match_threads()
-    x, y = block
-    return to_numpy(solver.influence_factors(x, y))
+    return to_numpy(solver.influence_factors(block))
 
 
-def factors_with_info(solver: Any, block: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def factors_with_info(solver: Any, block: Any) -> tuple[np.ndarray, np.ndarray]:
     """Influence factors of one test block and the solve's report as a ``solver_info`` row:
     ``((n_block, p), (3,))``. The report is the solve's own (concurrent tasks sharing the solver
     on one worker cannot mix them up)."""
     _match_threads()
-    x, y = block
-    factors, report = solver.influence_factors_with_report(x, y)
+    factors, report = solver.influence_factors_with_report(block)
     return to_numpy(factors), solver_info_row(report, len(factors))
 
 
 def influence_group(
     solver: Any,
     factors: list[np.ndarray],
-    block: tuple[np.ndarray, np.ndarray],
+    block: Any,
     mode: str,
     out_dtype: str,
 ) -> list[np.ndarray]:
@@ -57,7 +55,7 @@ def influence_group(
 
     Args:
         factors: the factor arrays ``(n_test_block, p)`` of the group's test blocks.
-        block: the train block ``(x, y)`` with ``n_b`` samples.
+        block: the train block (a batch, e.g. ``(x, y)``) with ``n_b`` samples.
 
     Returns:
         one array per test block: ``(n_test_block, n_b)`` or, in perturbation mode,
@@ -65,9 +63,8 @@ def influence_group(
         the whole group.
     """
     _match_threads()
-    x, y = block
     stacked = torch.from_numpy(np.concatenate(factors, axis=0))
-    values = to_numpy(solver.influences_from_factors(stacked, x, y, mode=InfluenceMode.parse(mode)))
+    values = to_numpy(solver.influences_from_factors(stacked, block, mode=InfluenceMode.parse(mode)))
     values = values.astype(out_dtype, copy=False)
     bounds = np.cumsum([0] + [len(f) for f in factors])
     return [values[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
@@ -78,8 +75,7 @@ def pick(parts: list[np.ndarray], k: int) -> np.ndarray:
     return parts[k]
 
 
-def self_influence_block(solver: Any, block: tuple[np.ndarray, np.ndarray], out_dtype: str) -> np.ndarray:
+def self_influence_block(solver: Any, block: Any, out_dtype: str) -> np.ndarray:
     """Self-influences of one train block: ``(n_b,)``."""
     _match_threads()
-    x, y = block
-    return to_numpy(solver.self_influences(x, y)).astype(out_dtype, copy=False)
+    return to_numpy(solver.self_influences(block)).astype(out_dtype, copy=False)

@@ -4,10 +4,16 @@ A solver is built from a trained model and its loss, fitted once on the training
 (which computes or prepares the curvature ``H`` of the mean training loss), and then turns
 gradients into influences:
 
-- ``influence_factors(x_test, y_test)`` -> ``(n_test, p)``: ``(H + lambda I)^-1 grad L(z_test)``;
+- ``influence_factors(x_test, y_test)`` -> ``(n_test, p)``: ``(H + lambda I)^-1 grad f(z_test)``;
 - ``influences_from_factors(f, x, y, mode)`` -> ``(n_test, n)`` or ``(n_test, n, *features)``;
 - ``influences(x_test, y_test, x, y, mode)``: both steps at once;
 - ``self_influences(x, y)`` -> ``(n,)``: ``grad L(z)^T (H + lambda I)^-1 grad L(z)``.
+
+With a loss ``loss(outputs, targets)`` the points are given as two arguments ``x, y`` (or
+one pair ``(x, y)``); with a :class:`~..task.Task` as ONE batch of any structure (a dict
+of tensors, a tuple): ``influence_factors(test_batch)``, ``influences(test_batch,
+train_batch)``, ``self_influences(batch)``. ``f`` is the task's measurement (the loss by
+default).
 
 Subclasses implement ``_fit(operator, data)`` and ``_solve(rhs)``; everything else (input
 checks, chunked per-sample gradients, modes, dtype and device handling) lives here.
@@ -32,11 +38,13 @@ import torch
 from torch import Tensor, nn
 
 from ...errors import NonFiniteError, NotFittedError
+from .. import batches
 from ..blocks import BlockSums, LocalBlocks, summed_operator
-from ..data import TrainingData, check_pair, to_tensor
+from ..data import TrainingData, input_signature, pair_batch
 from ..gradients import _FORWARD_LOCK, LossFn, ModelFunctions, check_finite, check_finite_grads, flat_params
 from ..modes import InfluenceMode
 from ..operators import BlockDiagonalOperator, Curvature, CurvatureOperator, LinearOperator
+from ..task import Task, as_task
 from .config import (  # noqa: F401  (re-exported: the solvers' shared checks)
     SolverConfig,
     check_blocks,
@@ -61,7 +69,9 @@ class InfluenceModel(ABC):
         model: a trained ``nn.Module``; influence is taken with respect to its parameters
             with ``requires_grad=True``. Put it in eval mode (dropout and batch norm in
             training mode make per-sample gradients ill-defined).
-        loss: ``loss(outputs, targets) -> scalar`` with mean reduction over the batch.
+        loss: ``loss(outputs, targets) -> scalar`` with mean reduction over the batch (the
+            points are then pairs ``x, y``), or a :class:`~..task.Task` (the points are
+            batches of any structure).
         config: the hyperparameters as one ``config_class`` instance (instead of keywords).
         **hyperparameters: the fields of ``config_class``, by name.
     """
@@ -79,16 +89,19 @@ class InfluenceModel(ABC):
     _saved_attributes: ClassVar[tuple[str, ...]] = ("state_",)
     """Fitted attributes written by :meth:`save`."""
 
-    def __init__(self, model: nn.Module, loss: LossFn, config: SolverConfig | None = None, /, **hyperparameters: Any):
+    def __init__(
+        self, model: nn.Module, loss: LossFn | Task, config: SolverConfig | None = None, /, **hyperparameters: Any
+    ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
-        if not callable(loss):
-            raise TypeError(f"loss must be a callable loss(outputs, targets); got {type(loss).__name__}.")
+        task = as_task(loss)
         self.__dict__["config"] = self._make_config(config, hyperparameters)
         model = _widen_half_precision(model)
         self.model = model
         self.loss = loss
-        self._functions = ModelFunctions(model, loss)
+        self.objective = task
+        """The :class:`~..task.Task` the solver differentiates (the pair task of a loss function)."""
+        self._functions = ModelFunctions(model, task)
         self._theta: Tensor | None = None
         self.fit_id_: str | None = None
         self.n_train_: int | None = None
@@ -235,26 +248,43 @@ class InfluenceModel(ABC):
         """Fit the solver on the training data; returns ``self``.
 
         Args:
-            data: a DataLoader of ``(x, y)`` batches, any re-iterable of such batches, or a
-                pair ``(x, y)`` of whole arrays. The curvature is the mean over all samples.
+            data: a DataLoader, any re-iterable of batches, or one batch of whole arrays (a
+                pair ``(x, y)``; with a task also a dict of arrays). Batches are pairs
+                ``(x, y)`` with a loss, any structure with a task. The curvature is the mean
+                over all samples.
         """
         self.check_model_mode()
-        source = TrainingData(data, dtype=self.dtype, device=self.device, batch_size=self.chunk_size)
+        source = self.training_data(data)
         source.scan()
         assert source.feature_shape is not None  # scan() records it (or refuses empty data)
-        x0, y0 = next(source.batches())
         self.trained_parameters()
-        self.check_loss(x0, y0)
+        self.check_loss(source.first())
         self.fit_blocks(
             LocalBlocks(self, source),
             source,
             feature_shape=source.feature_shape,
-            float_inputs=bool(x0.is_floating_point()),
+            float_inputs=source.float_inputs,
         )
         return self
 
+    def training_data(self, data: Any, batch_size: int | None = None) -> TrainingData:
+        """``data`` as a :class:`~..data.TrainingData` of this solver's batches (not yet scanned)."""
+        return TrainingData(
+            data,
+            dtype=self.dtype,
+            device=self.device,
+            batch_size=batch_size or self.chunk_size,
+            perturb=self.objective.perturb,
+            pairs=self.objective.pairs,
+        )
+
     def fit_blocks(
-        self, blocks: BlockSums, data: TrainingData | None, *, feature_shape: Sequence[int], float_inputs: bool
+        self,
+        blocks: BlockSums,
+        data: TrainingData | None,
+        *,
+        feature_shape: Sequence[int],
+        float_inputs: bool | None,
     ) -> None:
         """Fit from sums over training blocks: the one fitting path.
 
@@ -268,9 +298,10 @@ class InfluenceModel(ABC):
             data: the same training data in this process, read lazily; solvers that apply
                 ``H`` at solve time (``needs_training_data``: CG, LiSSA) keep it. ``None``
                 for the others.
-            feature_shape: the inputs' shape without the sample dimension.
-            float_inputs: whether the training inputs are floating point (integer inputs
-                are then refused with a clear error).
+            feature_shape: the shape of one sample of the input leaf ``task.perturb`` (the
+                ``x`` of pairs; ``()`` without one).
+            float_inputs: whether that leaf is floating point (integer inputs are then
+                refused with a clear error); ``None`` when there is no such leaf.
         """
         theta = self.trained_parameters()
         self._theta = None
@@ -309,7 +340,7 @@ class InfluenceModel(ABC):
 
     def block_curvature(self) -> CurvatureOperator:
         """The curvature of the loss at the trained parameters, without data: its
-        ``batch_matmat(x, y, V)`` is one block's curvature times ``V``."""
+        ``batch_matmat(batch, V)`` is one block's curvature times ``V``."""
         return CurvatureOperator(self._functions, self.trained_parameters(), None, self.curvature)  # type: ignore[arg-type]
 
     def trained_parameters(self) -> Tensor:
@@ -338,6 +369,8 @@ class InfluenceModel(ABC):
         when fitted, the fitted state. Two solvers with the same fingerprint give the same influences."""
         h = hashlib.sha256(f"{self.method or type(self).__name__};".encode())
         _hash_tree(h, self.config.to_dict())
+        if not self.objective.pairs:  # (pair losses keep the fingerprints of earlier versions)
+            _hash_tree(h, self.objective.describe())
         for p in self.model.parameters():
             h.update(p.detach().cpu().contiguous().numpy().tobytes())
         if self.is_fitted:
@@ -376,13 +409,17 @@ class InfluenceModel(ABC):
                 # whether the training inputs were floating point (integer inputs are then refused
                 # with a clear TypeError); optional on load, absent from older files
                 "float_inputs": getattr(self, "_float_inputs", None),
+                # the task's training loss (a task's, by name; absent for a pair loss): the fit depends on it
+                **({} if self.objective.pairs else {"task_loss": self.objective.loss_id()}),
                 "attributes": {name: getattr(self, name) for name in self._saved_attributes},
             },
             path if hasattr(path, "write") else os.fspath(path),
         )
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model: nn.Module, loss: LossFn, *, train: Any = None) -> InfluenceModel:
+    def load(
+        cls, path: str | os.PathLike, model: nn.Module, loss: LossFn | Task, *, train: Any = None
+    ) -> InfluenceModel:
         """Rebuild a fitted solver from :meth:`save`'s file and the same trained model.
 
         Args:
@@ -439,6 +476,14 @@ class InfluenceModel(ABC):
                 "does not take (written by another version?); fit again."
             )
         solver = cls(model, loss, **_rebuildable(saved["hyperparameters"]))
+        recorded = saved.get("task_loss")
+        current = None if solver.objective.pairs else solver.objective.loss_id()
+        if recorded != current:
+            raise ValueError(
+                f"{where!r} was fitted with the training loss {recorded or 'loss(outputs, targets) of (x, y) pairs'}, "
+                f"but this solver's is {current or 'a loss(outputs, targets) of (x, y) pairs'}; load it with the "
+                "task (or loss) it was fitted with, or fit again."
+            )
         theta = flat_params(solver.model, solver._functions.spec)  # a float32 copy of a half-precision model
         if theta.numel() != saved["num_params"] or _checksum(theta) != saved["params_checksum"]:
             raise ValueError(
@@ -454,7 +499,7 @@ class InfluenceModel(ABC):
         _restore_attributes(solver, saved["attributes"], where)
         source = None
         if cls.needs_training_data:
-            source = TrainingData(train, dtype=solver.dtype, device=solver.device, batch_size=solver.chunk_size)
+            source = solver.training_data(train)
             source.scan()
         # "float_inputs" is optional: files written before it was recorded lack it
         solver.finish_fit(
@@ -516,11 +561,11 @@ class InfluenceModel(ABC):
         self._require_fitted()
         return self._solve_with_report(self._check_factors(rhs))
 
-    def influence_factors_with_report(self, x_test: Any, y_test: Any) -> tuple[Tensor, Any]:
+    def influence_factors_with_report(self, *test: Any) -> tuple[Tensor, Any]:
         """:meth:`influence_factors` and the report of its solve (see :meth:`solve`)."""
         theta = self._require_fitted()
-        x_test, y_test = self._prepare(x_test, y_test, "x_test", "y_test")
-        return self._solve_with_report(self._grads(theta, x_test, y_test))
+        batch = self._batch(test, ("x_test", "y_test"))
+        return self._solve_with_report(self._grads(theta, batch, measurement=True))
 
     def _solve_with_report(self, rhs: Tensor) -> tuple[Tensor, Any]:
         """``(_solve(rhs), report)``; iterative solvers override it and return their report."""
@@ -539,11 +584,15 @@ class InfluenceModel(ABC):
         """``(H + lambda I)^-1`` applied to each row of ``rhs`` ``(k, p)``; returns ``(k, p)``."""
 
     # -- influence ----------------------------------------------------------------------
-    def per_sample_grads(self, x: Any, y: Any) -> Tensor:
-        """Per-sample loss gradients at the trained parameters: ``(n, p)``."""
+    def per_sample_grads(self, *points: Any, measurement: bool = False) -> Tensor:
+        """Per-sample loss gradients at the trained parameters: ``(n, p)``.
+
+        Args:
+            points: ``x, y`` (a loss) or one batch (a task).
+            measurement: the gradients of the task's measurement instead of its loss.
+        """
         theta = self._require_fitted()
-        x, y = self._prepare(x, y, "x", "y")
-        return self._grads(theta, x, y)
+        return self._grads(theta, self._batch(points, ("x", "y")), measurement=measurement)
 
     def apply_inverse(self, v: Tensor) -> Tensor:
         """``(H + lambda I)^-1`` applied to each row of ``v`` ``(k, p)``; returns ``(k, p)``.
@@ -556,68 +605,100 @@ class InfluenceModel(ABC):
         self._require_fitted()
         return self._solved(self._check_factors(v))
 
-    def influence_factors(self, x_test: Any, y_test: Any) -> Tensor:
-        """``(H + lambda I)^-1 grad L(z_test)`` for each test point: ``(n_test, p)``."""
-        theta = self._require_fitted()
-        x_test, y_test = self._prepare(x_test, y_test, "x_test", "y_test")
-        return self._solved(self._grads(theta, x_test, y_test))
+    def influence_factors(self, *test: Any) -> Tensor:
+        """``(H + lambda I)^-1 grad f(z_test)`` for each test point: ``(n_test, p)``.
 
-    def influences_from_factors(self, factors: Tensor, x: Any, y: Any, mode: str | InfluenceMode = "up") -> Tensor:
-        """Influences of the points ``(x, y)`` on the test points behind ``factors``.
+        Args:
+            test: ``x_test, y_test`` (a loss) or one test batch (a task); ``f`` is the
+                task's measurement (the loss by default).
+        """
+        theta = self._require_fitted()
+        batch = self._batch(test, ("x_test", "y_test"))
+        return self._solved(self._grads(theta, batch, measurement=True))
+
+    def influences_from_factors(self, factors: Tensor, *points: Any, mode: str | InfluenceMode = "up") -> Tensor:
+        """Influences of the points on the test points behind ``factors``.
 
         Args:
             factors: ``(n_test, p)`` from :meth:`influence_factors`.
-            x, y: ``n`` training points.
-            mode: ``"up"`` -> ``(n_test, n)``; ``"perturbation"`` -> ``(n_test, n, *x.shape[1:])``.
+            points: ``n`` training points: ``x, y`` (a loss) or one batch (a task).
+            mode: ``"up"`` -> ``(n_test, n)``; ``"perturbation"`` -> ``(n_test, n, *x.shape[1:])``,
+                ``x`` the input the task perturbs (the ``x`` of pairs).
         """
         mode = InfluenceMode.parse(mode)
         theta = self._require_fitted()
         factors = self._check_factors(factors)
-        x, y = self._prepare(x, y, "x", "y")
+        batch = self._batch(points, ("x", "y"))
         if mode is InfluenceMode.up:
-            return self._up_influences(theta, factors, x, y)
-        if not x.is_floating_point():
-            raise TypeError(
-                f"Perturbation influences differentiate in the inputs, which must be floating "
-                f"point; got x of dtype {x.dtype}. Use mode='up' for integer inputs such as token ids."
-            )
+            return self._up_influences(theta, factors, batch)
+        path = self._perturbed_input(batch)
         parts = []
-        for start in range(0, x.shape[0], self.chunk_size):
-            stop = start + self.chunk_size
-            parts.append(self._functions.contracted_mixed_grads(theta, factors, x[start:stop], y[start:stop]))
+        n = batches.size(batch)
+        for start in range(0, n, self.chunk_size):
+            chunk = batches.slice_rows(batch, start, start + self.chunk_size)
+            parts.append(self._functions.contracted_mixed_grads(theta, factors, chunk, path))
         return torch.cat(parts, dim=1)
 
-    def influences(
-        self,
-        x_test: Any,
-        y_test: Any,
-        x: Any = None,
-        y: Any = None,
-        mode: str | InfluenceMode = "up",
-    ) -> Tensor:
-        """Influence of each point ``(x, y)`` on each test point.
+    def _perturbed_input(self, batch: Any) -> str | int:
+        """The path of the floating-point input leaf that perturbations differentiate in."""
+        path = self.objective.perturb
+        if path is None:
+            raise ValueError(
+                f"Perturbation influences differentiate in an input, but the task {self.objective.name!r} names "
+                "none; pass Task(..., perturb='pixel_values') (the floating-point input to perturb), "
+                "or use mode='up'."
+            )
+        try:
+            leaf = batches.get_leaf(batch, path)
+        except (KeyError, IndexError, TypeError, ValueError):
+            raise ValueError(
+                f"The task perturbs the input {path!r}, which the batch ({batches.structure(batch)}) does not have."
+            ) from None
+        if not leaf.is_floating_point():
+            what = "x" if self.objective.pairs else f"the input {path!r}"
+            raise TypeError(
+                f"Perturbation influences differentiate in the inputs, which must be floating "
+                f"point; got {what} of dtype {leaf.dtype}. Use mode='up' for integer inputs such as token ids"
+                + (
+                    "."
+                    if self.objective.pairs
+                    else ", or perturb a floating-point input such as the embeddings (a task whose batch "
+                    "carries inputs_embeds and perturb='inputs_embeds')."
+                )
+            )
+        return path
 
-        ``x`` and ``y`` default to the test points themselves. Returns ``(n_test, n)`` in
-        mode ``"up"`` and ``(n_test, n, *x.shape[1:])`` in mode ``"perturbation"``. Positive
-        means helpful: removing the point would raise the test loss by about
-        ``influence / n_train``.
+    def influences(self, *points: Any, mode: str | InfluenceMode = "up") -> Tensor:
+        """Influence of each training point on each test point.
+
+        ``influences(x_test, y_test, x, y)`` with a loss, ``influences(test_batch, train_batch)``
+        with a task; without the training points, the test points themselves. Returns
+        ``(n_test, n)`` in mode ``"up"`` and ``(n_test, n, *x.shape[1:])`` in mode
+        ``"perturbation"``. Positive means helpful: removing the point would raise the test
+        loss (measurement) by about ``influence / n_train``.
         """
         mode = InfluenceMode.parse(mode)
-        if (x is None) != (y is None):
-            raise ValueError("Pass both x and y, or neither (to use the test points as training points).")
-        if x is None:
-            x, y = x_test, y_test
-        factors = self.influence_factors(x_test, y_test)
-        return self.influences_from_factors(factors, x, y, mode=mode)
+        width = 2 if self.objective.pairs and not _is_pair(points[0] if points else None) else 1
+        if len(points) not in (width, 2 * width):
+            if self.objective.pairs:
+                raise ValueError(
+                    "Pass both x and y, or neither (to use the test points as training points): "
+                    "influences(x_test, y_test[, x, y])."
+                )
+            raise TypeError(f"influences takes a test batch and optionally a train batch; got {len(points)} arguments.")
+        test, train = points[:width], points[width:] or points[:width]
+        factors = self.influence_factors(*test)
+        return self.influences_from_factors(factors, *train, mode=mode)
 
-    def self_influences(self, x: Any, y: Any) -> Tensor:
+    def self_influences(self, *points: Any) -> Tensor:
         """``grad L(z)^T (H + lambda I)^-1 grad L(z)`` for each point: ``(n,)``."""
         theta = self._require_fitted()
-        x, y = self._prepare(x, y, "x", "y")
+        batch = self._batch(points, ("x", "y"))
         out = []
-        for start in range(0, x.shape[0], self.chunk_size):
-            stop = start + self.chunk_size
-            g = self._grads(theta, x[start:stop], y[start:stop], offset=start)
+        n = batches.size(batch)
+        for start in range(0, n, self.chunk_size):
+            chunk = batches.slice_rows(batch, start, start + self.chunk_size)
+            g = self._grads(theta, chunk, offset=start)
             out.append((self._solved(g) * g).sum(dim=1))
         return torch.cat(out)
 
@@ -627,42 +708,78 @@ class InfluenceModel(ABC):
             raise NotFittedError(f"This {type(self).__name__} is not fitted yet; call .fit(train_loader) first.")
         return self._theta
 
-    def _prepare(self, x: Any, y: Any, x_name: str, y_name: str) -> tuple[Tensor, Tensor]:
-        x = to_tensor(x, x_name, dtype=self.dtype, device=self.device)
-        y = to_tensor(y, y_name, dtype=self.dtype, device=self.device)
-        check_pair(x, y, x_name, y_name)
-        if self.feature_shape_ is not None and x.shape[1:] != self.feature_shape_:
-            raise ValueError(
-                f"{x_name} has feature shape {tuple(x.shape[1:])} but the solver was fitted on "
-                f"inputs of feature shape {tuple(self.feature_shape_)}; pass inputs shaped "
-                f"(n, {', '.join(map(str, self.feature_shape_))})."
-            )
-        if getattr(self, "_float_inputs", False) and not x.is_floating_point():
-            raise TypeError(
-                f"{x_name} has integer dtype {x.dtype}, but the solver was fitted on floating-point "
-                f"inputs; pass {x_name} as floats (e.g. {x_name}.float() or {x_name}.astype('float32'))."
-            )
-        return x, y
+    def prepare_batch(self, batch: Any, *, training: bool = False) -> Any:
+        """One batch (a pair ``(x, y)`` with a loss, any structure with a task) as validated
+        tensors on the model's device, as every method reads it."""
+        names = ("training inputs", "training targets") if training else ("x", "y")
+        return self._batch((batch,), names)
 
-    def _grads(self, theta: Tensor, x: Tensor, y: Tensor, offset: int = 0) -> Tensor:
-        """Per-sample gradients ``(n, p)``, ``chunk_size`` samples per vmapped call, written
-        into one preallocated tensor (no concatenation copy)."""
-        n = x.shape[0]
+    def _batch(self, points: tuple, names: tuple[str, str]) -> Any:
+        """The points of a public call as one validated batch on the model's device.
+
+        With a pair loss, ``points`` is ``(x, y)`` or ``((x, y),)``; with a task, ``(batch,)``.
+        """
+        if self.objective.pairs:
+            if len(points) == 1 and _is_pair(points[0]):
+                points = tuple(points[0])
+            if len(points) != 2:
+                raise TypeError(
+                    f"Pass the points as {names[0]}, {names[1]} (inputs and targets); got {len(points)} "
+                    "argument(s). (A solver built with a dask_influence.Task takes one batch instead.)"
+                )
+            x, y = pair_batch(points, self.dtype, self.device, names)
+            batch: Any = (x, y)
+            label, leaf = names[0], x
+        else:
+            if len(points) != 1:
+                raise TypeError(
+                    f"A solver built with a Task takes the points as ONE batch (a dict or tuple of "
+                    f"tensors); got {len(points)} arguments."
+                )
+            label = "the test batch" if names[0] == "x_test" else "the batch"
+            batch = batches.to_tensors(points[0], label, dtype=self.dtype, device=self.device)
+            batches.check(batch, label)
+            leaf = None
+        shape, is_float = input_signature(batch, self.objective.perturb)
+        if not self.objective.pairs:
+            label = f"the input {self.objective.perturb!r} of {label}"
+        fitted = self.feature_shape_
+        if fitted is not None and is_float is not None and tuple(shape) != tuple(fitted):
+            raise ValueError(
+                f"{label} has feature shape {tuple(shape)} but the solver was fitted on "
+                f"inputs of feature shape {tuple(fitted)}; pass inputs shaped "
+                f"(n, {', '.join(map(str, fitted))})."
+            )
+        if getattr(self, "_float_inputs", False) and is_float is False:
+            name = names[0] if self.objective.pairs else repr(self.objective.perturb)
+            dtype = leaf.dtype if leaf is not None else batches.get_leaf(batch, self.objective.perturb).dtype  # type: ignore[arg-type]
+            raise TypeError(
+                f"{name} has integer dtype {dtype}, but the solver was fitted on floating-point "
+                f"inputs; pass {name} as floats (e.g. {name}.float() or {name}.astype('float32'))."
+            )
+        return batch
+
+    def _grads(self, theta: Tensor, batch: Any, offset: int = 0, *, measurement: bool = False) -> Tensor:
+        """Per-sample gradients ``(n, p)`` of the loss (or measurement), ``chunk_size`` samples
+        per vmapped call, written into one preallocated tensor (no concatenation copy)."""
+        n = batches.size(batch)
         out = torch.empty(n, self.num_params, dtype=self.dtype, device=self.device)
         for start in range(0, n, self.chunk_size):
             stop = min(start + self.chunk_size, n)
-            g = self._functions.per_sample_grads(theta, x[start:stop], y[start:stop], out=out[start:stop])
+            g = self._functions.per_sample_grads(
+                theta, batches.slice_rows(batch, start, stop), out=out[start:stop], measurement=measurement
+            )
             _check_grads_fast(g, g, self._functions.spec, offset + start)
         return out
 
-    def _up_influences(self, theta: Tensor, factors: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        """``factors @ grads(x, y).T`` ``(n_test, n)``, chunk by chunk into one preallocated
+    def _up_influences(self, theta: Tensor, factors: Tensor, batch: Any) -> Tensor:
+        """``factors @ grads(batch).T`` ``(n_test, n)``, chunk by chunk into one preallocated
         result: the ``(n, p)`` gradients are never held at once, nor copied."""
-        n = x.shape[0]
+        n = batches.size(batch)
         out = torch.empty(factors.shape[0], n, dtype=self.dtype, device=self.device)
         for start in range(0, n, self.chunk_size):
             stop = min(start + self.chunk_size, n)
-            g = self._functions.per_sample_grads(theta, x[start:stop], y[start:stop])
+            g = self._functions.per_sample_grads(theta, batches.slice_rows(batch, start, stop))
             block = factors @ g.T
             out[:, start:stop] = block
             # a NaN/Inf in a gradient makes its whole column non-finite (the factors are finite)
@@ -692,37 +809,44 @@ class InfluenceModel(ABC):
                     "behaves differently per batch; call model.eval() before computing influences."
                 )
 
-    def check_loss(self, x: Tensor, y: Tensor) -> None:
+    def check_loss(self, batch: Any) -> None:
         """Check the loss on the first training batch: it evaluates, is a finite scalar and averages over the batch."""
         theta = flat_params(self.model, self._functions.spec)
-        x1, y1 = x[:1], y[:1]
+        one = batches.slice_rows(batch, 0, 1)
+        two = batches.repeat_first(batch, 2)
+        task = self.objective
         try:
             with torch.no_grad():
-                # The loss on one sample's outputs and on two copies of the SAME outputs: a
-                # forward on a batch of two may round differently from one on a batch of one
-                # (other kernels), which for a well-fitted float32 model changes a tiny
-                # residual's loss by far more than any fixed rtol; copying the outputs leaves
-                # only the loss's own reduction to compare.
-                out1 = self._functions.outputs(theta, x1)
-                single = self.loss(out1, y1)
-                if isinstance(out1, Tensor):
-                    double = self.loss(torch.cat([out1, out1]), torch.cat([y1, y1]))
-                else:  # outputs that are not one tensor: the model on two copies of the sample
-                    double = self._functions.batch_loss(theta, torch.cat([x1, x1]), torch.cat([y1, y1]))
+                # The loss on one sample and on two copies of it. With the outputs known, the loss
+                # is taken on two copies of the SAME outputs: a forward on a batch of two may round
+                # differently from one on a batch of one (other kernels), which for a well-fitted
+                # float32 model changes a tiny residual's loss by far more than any fixed rtol;
+                # copying the outputs leaves only the loss's own reduction to compare.
+                if task.outputs is not None and task.output_loss is not None:
+                    out1 = self._functions.outputs(theta, one)
+                    single = task.output_loss(out1, one)
+                    if isinstance(out1, Tensor):
+                        double = task.output_loss(torch.cat([out1, out1]), two)
+                    else:  # outputs that are not one tensor: the model on two copies of the sample
+                        double = self._functions.batch_loss(theta, two)
+                else:
+                    single = self._functions.batch_loss(theta, one)
+                    double = self._functions.batch_loss(theta, two)
         except Exception as err:  # re-raised with the shapes that caused it
             raise ValueError(
-                f"The model and loss could not be evaluated on a training batch with inputs "
-                f"{tuple(x.shape)} ({x.dtype}) and targets {tuple(y.shape)} ({y.dtype}): {err}"
+                f"The model and {'loss' if task.pairs else 'task'} could not be evaluated on a training batch "
+                f"with {_describe(batch, task.pairs)}: {err}"
             ) from err
+        what = "loss(outputs, targets)" if task.pairs else f"The task's loss ({task.name})"
         if not isinstance(single, Tensor) or single.ndim != 0:
             shape = tuple(single.shape) if isinstance(single, Tensor) else type(single).__name__
             raise TypeError(
-                f"loss(outputs, targets) must reduce to a scalar (mean over the batch); got "
+                f"{what} must reduce to a scalar (mean over the batch); got "
                 f"{shape}. Use reduction='mean' (the torch default)."
             )
         if not bool(torch.isfinite(single)) or not bool(torch.isfinite(double)):
             raise NonFiniteError(
-                f"loss(outputs, targets) is {single.item()} on the first training sample; check "
+                f"{what} is {single.item()} on the first training sample; check "
                 "the model's outputs and the loss for overflow (e.g. log of 0), or use a "
                 "numerically stable loss such as cross_entropy on logits."
             )
@@ -733,10 +857,26 @@ class InfluenceModel(ABC):
         rtol = max(1e-4, 64 * finfo.eps)
         if float((double - single).abs()) > rtol * float(single.abs()) + finfo.tiny:
             raise ValueError(
-                "loss(outputs, targets) must average over the batch: on a batch of two copies "
+                f"{what} must average over the batch: on a batch of two copies "
                 f"of one sample it gave {double.item():.6g}, on the sample alone {single.item():.6g}. "
                 "Use reduction='mean' instead of 'sum'."
             )
+
+
+def _describe(batch: Any, pairs: bool) -> str:
+    """The shapes and dtypes of a batch, for messages."""
+    if pairs:
+        x, y = batch
+        return f"inputs {tuple(x.shape)} ({x.dtype}) and targets {tuple(y.shape)} ({y.dtype})"
+    parts = [
+        f"{path} {tuple(t.shape)} ({t.dtype})" for path, t in zip(batches.leaf_paths(batch), batches.leaves(batch))
+    ]
+    return ", ".join(parts)
+
+
+def _is_pair(value: Any) -> bool:
+    """Whether ``value`` is a pair ``(x, y)`` given as one argument."""
+    return isinstance(value, tuple) and len(value) == 2
 
 
 def _check_grads_fast(derived: Tensor, grads: Tensor, spec: Any, offset: int) -> None:

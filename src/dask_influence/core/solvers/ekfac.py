@@ -1,4 +1,5 @@
-"""EkfacInfluence: K-FAC and eigenvalue-corrected K-FAC (EK-FAC) for Linear and Conv2d layers.
+"""EkfacInfluence: K-FAC and eigenvalue-corrected K-FAC (EK-FAC) for Linear, Conv2d, Embedding
+and Hugging Face Conv1D layers.
 
 The curvature is the generalized Gauss-Newton matrix of the MEAN training loss (for
 cross-entropy: the true Fisher of the model's predictive distribution, taken exactly, not
@@ -9,6 +10,11 @@ pass for the corrected eigenvalues. Up-weighting influences and self-influences 
 layer by layer from per-sample output gradients ``g`` and inputs ``a``: the flat ``(n, p)``
 per-sample gradients of the training points are never formed. Influence factors keep the
 library's ``(n_test, p)`` layout, so every solver's factors are interchangeable.
+
+Trainable parameters outside the supported layers (LayerNorm, ``nn.MultiheadAttention``'s
+projections, bare ``nn.Parameter``s) or outside ``layers=`` are left out, with one warning
+naming them (:func:`find_layers`): EK-FAC treats them as frozen, so their entries of the
+influence factors (and their rows and columns of the curvature) are zero.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from torch import Tensor, nn
 from torch.func import grad, jacrev, vmap
 
 from ...errors import NonFiniteError, NotFittedError
+from .. import batches
 from ..blocks import BlockSums
 from ..gradients import _FORWARD_LOCK, LossFn, ParamSpec
 from ..kronecker import (
@@ -33,19 +40,23 @@ from ..kronecker import (
     check_layer_positive,
     corrected_eigenvalue_sum,
     layer_grads,
+    layer_kind,
     self_contract,
     up_contract,
 )
 from ..modes import InfluenceMode
 from ..operators import LinearOperator
 from ..serialization import serializable
+from ..task import Task
 from .base import InfluenceModel
 from .config import SolverConfig, hyperparameter
 from .registry import register
 
-__all__ = ["EkfacInfluence", "EkfacState", "find_layers"]
+__all__ = ["EkfacInfluence", "EkfacState", "find_layers", "left_out_parameters"]
 
-SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
+SUPPORTED_LAYERS = ("nn.Linear", "nn.Conv2d (groups=1)", "nn.Embedding", "Hugging Face Conv1D")
+"""The layers EK-FAC factors (:func:`~dask_influence.core.kronecker.layer_kind`); other trainable
+parameters are left out (treated as frozen) with one warning."""
 TASKS = ("classification", "regression")
 
 
@@ -72,6 +83,7 @@ class EkfacState:
 
 # -- which layers, and where their parameters sit ------------------------------------------------
 def _freeze_hint(module_name: str, param_name: str) -> str:
+    """How to freeze one parameter: its module's ``requires_grad_(False)``, or the bare parameter's."""
     if module_name:
         return f"model.get_submodule('{module_name}').requires_grad_(False)"
     return f"model.{param_name}.requires_grad_(False)"
@@ -82,18 +94,102 @@ def _freeze_hint(module_name: str, param_name: str) -> str:
 FLAT_SCORING_MAX_PARAMS = 50_000
 
 
+def left_out_parameters(spec: ParamSpec, layers: Sequence[KroneckerLayer]) -> list[str]:
+    """The trainable parameters (names as in ``spec.names``, in flat order) that no layer of ``layers`` covers.
+
+    EK-FAC treats them as frozen: their entries of the influence factors ``(n_test, p)`` and
+    their rows and columns of the curvature are zero, so they add nothing to influences.
+    """
+    covered = {span for layer in layers for span in (layer.weight, layer.bias) if span is not None}
+    return [name for name, start, stop in spec.offsets() if (start, stop) not in covered]
+
+
+def _warn_left_out(names: Sequence[str], hints: Sequence[str], chosen: bool) -> None:
+    """One ``UserWarning`` naming the left-out parameters, attributed to the first caller outside the package."""
+    import os
+    import sys
+    import types
+    import warnings
+
+    package = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    frame: types.FrameType | None = sys._getframe(1)
+    level = 2
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    shown = ", ".join(names[:50]) + (f", and {len(names) - 50} more" if len(names) > 50 else "")
+    freeze = "; ".join(dict.fromkeys(hints[:5])) + ("; ..." if len(dict.fromkeys(hints)) > 5 else "")
+    where = "not in layers= or " if chosen else ""
+    warnings.warn(
+        f"EK-FAC leaves out {len(names)} trainable parameter{'s' if len(names) != 1 else ''} ({shown}): they "
+        f"are {where}not in a layer it factors ({', '.join(SUPPORTED_LAYERS)}). It treats them as frozen: their "
+        "entries of the influence factors and their rows and columns of the curvature are zero, so they add "
+        "nothing to influences. Pass layers=[...] to choose the layers, or freeze them to silence this "
+        f"warning ({freeze}).",
+        UserWarning,
+        stacklevel=level,
+    )
+
+
+def _refusal(module: nn.Module, mname: str, pname: str) -> str | None:
+    """Why a supported-kind module cannot be factored (an error), or ``None``."""
+    if isinstance(module, nn.Conv2d) and module.groups != 1:
+        return (
+            f"Layer '{mname}' is a grouped Conv2d (groups={module.groups}), which EkfacInfluence "
+            f"does not support; freeze it with {_freeze_hint(mname, pname)}."
+        )
+    if isinstance(module, nn.Embedding) and module.max_norm is not None:
+        return (
+            f"Layer '{mname}' is an nn.Embedding with max_norm={module.max_norm}: its forward renormalizes "
+            "the rows it reads in place, so the weights change during the forward and its curvature is "
+            f"not that of a fixed layer. Build it with max_norm=None, or freeze it with {_freeze_hint(mname, pname)}."
+        )
+    if isinstance(module, nn.Embedding) and module.scale_grad_by_freq:
+        return (
+            f"Layer '{mname}' is an nn.Embedding with scale_grad_by_freq=True: its gradient is scaled by "
+            "the token frequencies of the whole mini-batch, so it is not a sum of per-sample gradients. "
+            f"Build it with scale_grad_by_freq=False, or freeze it with {_freeze_hint(mname, pname)}."
+        )
+    return None
+
+
 def find_layers(model: nn.Module, spec: ParamSpec, layers: Sequence[str] | None = None) -> list[KroneckerLayer]:
-    """The supported layers that hold the trainable parameters, in flat-vector order.
+    """The supported layers that hold trainable parameters, in flat-vector order.
+
+    Supported (see :data:`SUPPORTED_LAYERS`): ``nn.Linear``, ``nn.Conv2d`` with ``groups=1``,
+    ``nn.Embedding`` (without ``max_norm`` and ``scale_grad_by_freq``) and Hugging Face's
+    ``Conv1D`` (GPT-2; detected without importing ``transformers``). Every other trainable
+    parameter (a LayerNorm, ``nn.MultiheadAttention``'s projections, a bare ``nn.Parameter``,
+    a module outside ``layers``) is LEFT OUT: EK-FAC treats it as frozen (its entries of the
+    ``(n_test, p)`` influence factors are zero; :func:`left_out_parameters` lists them), and
+    one ``UserWarning`` names them.
 
     Args:
+        model: the model whose trainable parameters ``spec`` describes.
+        spec: the layout of the flat ``(p,)`` parameter vector.
         layers: names of modules (as in ``model.named_modules()``) to include; ``None``
-            includes every Linear/Conv2d with trainable parameters.
+            includes every supported module with trainable parameters.
+
+    Returns:
+        one :class:`~dask_influence.core.kronecker.KroneckerLayer` per included module, in
+        the order of the flat vector.
 
     Raises:
-        ValueError: a trainable parameter belongs to an unsupported module, to a module not in
-            ``layers``, or to several modules; or ``layers`` names an unknown/unsupported module.
+        ValueError: a trainable parameter of a module in ``layers`` is shared with another
+            module (tied weights are left out by default), or belongs to an embedding with
+            ``sparse=True`` (whose gradient ``torch.func`` cannot take per sample); a grouped
+            Conv2d or an embedding with ``max_norm``/``scale_grad_by_freq`` would be included;
+            or ``layers`` names an unknown or unsupported module, or one without trainable
+            parameters.
     """
     modules = dict(model.named_modules())
+    # nn.MultiheadAttention reads its out_proj's weight directly (never calling its forward),
+    # so that nn.Linear's inputs and output gradients cannot be captured
+    functional = {
+        f"{name}.{child}" if name else child
+        for name, module in modules.items()
+        if isinstance(module, nn.MultiheadAttention)
+        for child, _ in module.named_children()
+    }
     if layers is not None:
         if isinstance(layers, str):
             raise TypeError(
@@ -104,10 +200,15 @@ def find_layers(model: nn.Module, spec: ParamSpec, layers: Sequence[str] | None 
                 raise ValueError(
                     f"layers names '{name}', which is not a module of the model; known names: {sorted(modules)[:20]}."
                 )
-            if not isinstance(modules[name], SUPPORTED_LAYERS):
+            if layer_kind(modules[name]) is None:
                 raise ValueError(
                     f"layers names '{name}' ({type(modules[name]).__name__}); EkfacInfluence supports "
-                    "only nn.Linear and nn.Conv2d layers."
+                    f"only {', '.join(SUPPORTED_LAYERS)} layers."
+                )
+            if name in functional:
+                raise ValueError(
+                    f"layers names '{name}', a projection of an nn.MultiheadAttention, which uses its "
+                    "weights directly instead of calling it, so K-FAC cannot see its inputs; drop it from layers."
                 )
     owners: dict[int, list[tuple[str, str]]] = {}
     for mname, module in model.named_modules(remove_duplicate=False):
@@ -117,34 +218,39 @@ def find_layers(model: nn.Module, spec: ParamSpec, layers: Sequence[str] | None 
     named = dict(model.named_parameters())
     offsets = {name: (start, stop) for name, start, stop in spec.offsets()}
     found: dict[str, dict[str, Any]] = {}
+    left_out: list[str] = []
+    hints: list[str] = []
     for full in spec.names:
         places = sorted(set(owners[id(named[full])]))
         if len({m for m, _ in places}) > 1:
-            raise ValueError(
-                f"Parameter '{full}' is shared by modules {[m for m, _ in places]}; K-FAC needs each "
-                f"trainable parameter in one layer. Freeze it with model.get_parameter('{full}').requires_grad_(False)."
-            )
+            sharing = [m for m, _ in places]
+            if layers is not None and set(sharing) & set(layers):
+                raise ValueError(
+                    f"Parameter '{full}' is shared by modules {sharing}; K-FAC needs each trainable "
+                    f"parameter in one layer. Drop them from layers=, or freeze it with "
+                    f"model.get_parameter('{full}').requires_grad_(False)."
+                )
+            # a tied weight (GPT-2's token embedding and LM head): left out, as frozen
+            left_out.append(full)
+            hints.append(f"model.get_parameter('{full}').requires_grad_(False)")
+            continue
         mname, pname = places[0]
         module = modules.get(mname, model)
-        where = f"layer '{mname}'" if mname else "the model itself (a bare nn.Parameter)"
-        if not isinstance(module, SUPPORTED_LAYERS) or pname not in ("weight", "bias"):
+        if isinstance(module, nn.Embedding) and module.sparse:  # refused even when left out: see below
             raise ValueError(
-                f"Trainable parameter '{full}' belongs to {where} ({type(module).__name__}), but "
-                "EkfacInfluence supports only nn.Linear and nn.Conv2d layers. Freeze it with "
-                f"{_freeze_hint(mname, pname)} and pass layers=[...] with the Linear/Conv2d modules "
-                "to keep, or use another solver (e.g. CgInfluence) for this model."
+                f"Layer '{mname}' is an nn.Embedding with sparse=True: torch.func cannot take the per-sample "
+                "gradients of its sparse weight gradient, which influences need. Its outputs do not depend on "
+                f"sparse, so set model.get_submodule('{mname}').sparse = False, or freeze it with "
+                f"{_freeze_hint(mname, pname)}."
             )
-        if isinstance(module, nn.Conv2d) and module.groups != 1:
-            raise ValueError(
-                f"Layer '{mname}' is a grouped Conv2d (groups={module.groups}), which EkfacInfluence "
-                f"does not support; freeze it with {_freeze_hint(mname, pname)}."
-            )
-        if layers is not None and mname not in layers:
-            raise ValueError(
-                f"Layer '{mname}' ({type(module).__name__}) has the trainable parameter '{full}' but "
-                f"is not in layers={list(layers)!r}. Influence is taken over all trainable "
-                f"parameters: add '{mname}' to layers, or freeze it with {_freeze_hint(mname, pname)}."
-            )
+        supported = layer_kind(module) is not None and pname in ("weight", "bias") and mname not in functional
+        if not supported or (layers is not None and mname not in layers):
+            left_out.append(full)
+            hints.append(_freeze_hint(mname, pname))
+            continue
+        refusal = _refusal(module, mname, pname)
+        if refusal is not None:
+            raise ValueError(refusal)
         found.setdefault(mname, {"module": module})[pname] = offsets[full]
     for name in layers or ():
         if name not in found:
@@ -152,20 +258,12 @@ def find_layers(model: nn.Module, spec: ParamSpec, layers: Sequence[str] | None 
                 f"layers names '{name}', but none of its parameters is trainable; unfreeze it "
                 "(requires_grad_(True)) or drop it from layers."
             )
-    out = []
-    for mname, entry in found.items():
-        module = entry["module"]
-        out.append(
-            KroneckerLayer(
-                name=mname,
-                module=module,
-                weight=entry.get("weight"),
-                bias=entry.get("bias"),
-                d_out=int(module.weight.shape[0]),
-                d_in_weight=int(module.weight[0].numel()),
-            )
-        )
-    return out
+    if left_out:
+        _warn_left_out(left_out, hints, layers is not None)
+    return [
+        KroneckerLayer.of(mname, entry["module"], entry.get("weight"), entry.get("bias"))
+        for mname, entry in found.items()
+    ]
 
 
 # -- the loss's curvature in the model outputs ---------------------------------------------------
@@ -178,23 +276,26 @@ class OutputCurvature:
     ``H_out = (2/c) I``. ``None``: the loss's own Hessian by autograd, factored by ``eigh``.
     """
 
-    def __init__(self, loss: LossFn, task: str | None):
-        self.loss = loss
+    def __init__(self, output_loss: Callable[[Tensor, Any], Tensor], task: str | None):
+        self.output_loss = output_loss
         self.task = task
 
-    def sample_loss(self, o: Tensor, y: Tensor) -> Tensor:
-        return self.loss(o.unsqueeze(0), y.unsqueeze(0))
+    def sample_loss(self, o: Tensor, sample: Any) -> Tensor:
+        """The loss of one sample's outputs ``o`` (without the sample dimension)."""
+        return self.output_loss(o.unsqueeze(0), batches.unsqueeze(sample))
 
-    def gradients(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        """Per-sample ``dL_j/do_j`` at the true targets, as ``(1, n, *outputs.shape[1:])``."""
+    def gradients(self, outputs: Tensor, targets: Any) -> Tensor:
+        """Per-sample ``dL_j/do_j`` at the true targets, as ``(1, n, *outputs.shape[1:])``.
+
+        ``targets`` is the batch the outputs belong to (the task's loss reads its labels)."""
         return vmap(grad(self.sample_loss))(outputs, targets).unsqueeze(0)
 
-    def hessians(self, outputs: Tensor, targets: Tensor) -> Tensor:
+    def hessians(self, outputs: Tensor, targets: Any) -> Tensor:
         """``H_out`` of each sample by autograd: ``(n, c, c)``."""
         n, c = outputs.shape[0], outputs[0].numel()
         return vmap(jacrev(jacrev(self.sample_loss)))(outputs, targets).reshape(n, c, c)
 
-    def wide_hessians(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, float]:
+    def wide_hessians(self, outputs: Tensor, targets: Any) -> tuple[Tensor, float]:
         """``H_out`` of each sample as float64 ``(n, c, c)``, and the machine epsilon it was computed with.
 
         Lower-precision outputs (a float32 model) are widened to float64 first, so the loss's
@@ -204,14 +305,14 @@ class OutputCurvature:
         differentiated in the outputs' own dtype instead.
         """
         if outputs.dtype != torch.float64 and getattr(self, "_widen", True):
-            wide_targets = targets.double() if targets.is_floating_point() else targets
+            wide_targets = batches.map_leaves(lambda t: t.double() if t.is_floating_point() else t, targets)
             try:
                 return self.hessians(outputs.double(), wide_targets), torch.finfo(torch.float64).eps
             except Exception:  # the loss needs its own dtype: remember, and fall back to it
                 self._widen = False
         return self.hessians(outputs, targets).double(), torch.finfo(outputs.dtype).eps
 
-    def roots(self, outputs: Tensor, targets: Tensor) -> Tensor:
+    def roots(self, outputs: Tensor, targets: Any) -> Tensor:
         """The columns of ``S`` as back-propagation vectors: ``(c, n, *outputs.shape[1:])``."""
         n, c = outputs.shape[0], outputs[0].numel()
         if self.task == "classification" and outputs.ndim == 2:
@@ -239,11 +340,11 @@ class OutputCurvature:
             root = vectors * values.clamp_min(0).sqrt()[:, None, :]
         return root.to(outputs.dtype).permute(2, 0, 1).reshape(c, *outputs.shape)
 
-    def check(self, outputs: Tensor, targets: Tensor) -> None:
+    def check(self, outputs: Tensor, targets: Any) -> None:
         """Check a closed form against the loss's own Hessian on a few samples; raise if they differ."""
         if self.task is None:
             return
-        o, y = outputs[:8].detach(), targets[:8]
+        o, y = outputs[:8].detach(), batches.slice_rows(targets, 0, 8)
         c = o[0].numel()
         exact, eps = self.wide_hessians(o, y)
         root = self.roots(o, y).double().reshape(-1, o.shape[0], c).permute(1, 2, 0)
@@ -289,8 +390,7 @@ def infer_task(loss: LossFn | None, task: str | None) -> str | None:
 # -- the per-block function of both fitting passes -----------------------------------------------
 def ekfac_block(
     solver: EkfacInfluence,
-    x: Tensor,
-    y: Tensor,
+    batch: Any,
     start: int,
     weight: float,
     payload: tuple[str, Sequence[LayerFactors] | None],
@@ -299,7 +399,7 @@ def ekfac_block(
     """One block's float64 sums of a fitting pass (:meth:`EkfacInfluence.block_sums`);
     ``payload`` is ``(kind, factors)``."""
     kind, factors = payload
-    return solver.block_sums(kind, solver.trained_parameters(), x, y, offset=start, factors=factors, out=out)
+    return solver.block_sums(kind, solver.trained_parameters(), batch, offset=start, factors=factors, out=out)
 
 
 # -- the solver -----------------------------------------------------------------------------------
@@ -312,7 +412,9 @@ class EkfacConfig(SolverConfig):
         True, "True for EK-FAC (a second pass refits the eigenvalues), False for K-FAC."
     )
     layers: tuple[str, ...] | None = hyperparameter(
-        None, "Names of the modules to include (None: all trainable Linear/Conv2d)."
+        None,
+        "Names of the modules to include (None: every trainable Linear, Conv2d, Embedding and Hugging Face "
+        "Conv1D); other trainable parameters are left out (zero factor entries) with one warning.",
     )
     task: str | None = hyperparameter(
         None,
@@ -339,15 +441,17 @@ class EkfacInfluence(InfluenceModel):
     """Influences from a block-diagonal Kronecker-factored curvature (K-FAC or EK-FAC).
 
     Args:
-        model: a trained model whose trainable parameters all sit in ``nn.Linear`` or
-            ``nn.Conv2d`` (``groups=1``) layers; freeze anything else.
+        model: a trained model; its trainable ``nn.Linear``, ``nn.Conv2d`` (``groups=1``),
+            ``nn.Embedding`` and Hugging Face ``Conv1D`` layers are factored, any other
+            trainable parameter is left out (treated as frozen: zero factor entries) with one
+            warning naming it.
         loss: ``loss(outputs, targets)`` with mean reduction; ``None`` picks
             ``nn.CrossEntropyLoss()`` or ``nn.MSELoss()`` from ``task``.
         regularization: ``lambda >= 0`` added to every eigenvalue: ``(C + lambda I)^-1``.
         update_diagonal: ``True`` for EK-FAC (a second pass refits the eigenvalues), ``False``
             for K-FAC.
-        layers: names of the modules to include (``None``: all trainable Linear/Conv2d).
-            Trainable parameters outside them raise an error; freeze them first.
+        layers: names of the modules to include (``None``: all supported trainable ones).
+            Trainable parameters outside them are left out in the same way.
         task: ``"classification"`` (cross-entropy on logits), ``"regression"`` (mean squared
             error) or ``None``: inferred from ``nn.CrossEntropyLoss``/``nn.MSELoss``, and for
             any other loss its own Hessian in the outputs is taken by autograd. A closed form
@@ -358,8 +462,9 @@ class EkfacInfluence(InfluenceModel):
         state_: the fitted :class:`EkfacState`.
 
     Raises:
-        ValueError: at construction, for unsupported or excluded trainable layers (the message
-            names the layer and how to freeze it).
+        ValueError: at construction, for a parameter shared by several modules, a grouped
+            Conv2d, an embedding with ``max_norm``, or ``layers`` naming an unknown or
+            unsupported module (the message names the layer and how to freeze it).
         NotPositiveDefiniteError: when an eigenvalue plus ``regularization`` is not positive.
     """
 
@@ -369,20 +474,38 @@ class EkfacInfluence(InfluenceModel):
     config: EkfacConfig
 
     def __init__(
-        self, model: nn.Module, loss: LossFn | None = None, config: EkfacConfig | None = None, /, **hyperparameters: Any
+        self,
+        model: nn.Module,
+        loss: LossFn | Task | None = None,
+        config: EkfacConfig | None = None,
+        /,
+        **hyperparameters: Any,
     ):
         config = cast(EkfacConfig, self._make_config(config, hyperparameters))  # an instance of config_class
-        task = infer_task(loss, config.task)
-        if loss is None:
-            if task is None:
-                raise ValueError("Pass a loss, or task='classification' or 'regression' to use the default one.")
-            loss = nn.CrossEntropyLoss() if task == "classification" else nn.MSELoss()
+        if isinstance(loss, Task):
+            if not loss.has_outputs:
+                raise ValueError(
+                    f"EK-FAC needs the loss as a function of the model outputs, which the task "
+                    f"{loss.name!r} does not give: pass Task(..., outputs=fn(model, batch) -> outputs, "
+                    "output_loss=fn(outputs, batch) -> loss) (the ready-made tasks of di.tasks carry "
+                    "them), or use another solver (e.g. CgInfluence)."
+                )
+            task = config.task or loss.output_curvature
+            if task is not None and task not in TASKS:
+                raise ValueError(f"task must be 'classification', 'regression' or None; got {task!r}.")
+        else:
+            task = infer_task(loss, config.task)
+            if loss is None:
+                if task is None:
+                    raise ValueError("Pass a loss, or task='classification' or 'regression' to use the default one.")
+                loss = nn.CrossEntropyLoss() if task == "classification" else nn.MSELoss()
         # Reading the model's trainable parameters races with another thread's forward
         # (functional_call swaps them for plain tensors), so construction holds the lock too.
         with _FORWARD_LOCK:
             super().__init__(model, loss, config.replace(task=task))
             self._layers = find_layers(model, self._functions.spec, self.config.layers)
-        self._output = OutputCurvature(self.loss, task)
+        assert self.objective.output_loss is not None  # a pair task or a task with outputs (checked above)
+        self._output = OutputCurvature(self.objective.output_loss, task)
 
     # -- fitting --------------------------------------------------------------------------------
     def _fit(self, operator: LinearOperator, blocks: BlockSums) -> None:
@@ -395,7 +518,7 @@ class EkfacInfluence(InfluenceModel):
         """Fit from sums over the training blocks of :meth:`block_sums`.
 
         ``sweep(kind, factors)`` must return the elementwise sum, over every block of the
-        training data, of ``block_sums(kind, theta, x_b, y_b, offset=start_b, factors=factors)``
+        training data, of ``block_sums(kind, theta, batch_b, offset=start_b, factors=factors)``
         (:meth:`_fit` sums :func:`ekfac_block` over the fit's blocks). ``A`` and ``G`` are eigendecomposed here, in
         float64; with ``update_diagonal`` a second sweep sums the corrected eigenvalues.
 
@@ -421,8 +544,7 @@ class EkfacInfluence(InfluenceModel):
         self,
         kind: str,
         theta: Tensor,
-        x: Tensor,
-        y: Tensor,
+        batch: Any,
         *,
         offset: int = 0,
         factors: Sequence[LayerFactors] | None = None,
@@ -436,7 +558,7 @@ class EkfacInfluence(InfluenceModel):
                 per layer the sum ``(o, i)`` of the squared per-sample gradients rotated into
                 the eigenbases of ``factors`` (from the first pass).
             theta: the trained parameters ``(p,)``.
-            x, y: the block's samples (validated tensors on the model's device).
+            batch: the block's samples (validated tensors on the model's device).
             offset: the index of the block's first sample in the training data (for
                 messages; the loss's output curvature is checked on sample 0).
             out: sums of earlier blocks to add this block's into, in place (one set of sums
@@ -453,11 +575,10 @@ class EkfacInfluence(InfluenceModel):
                     FactorSums.from_totals(layer.name, out[2 * i], out[2 * i + 1])
                     for i, layer in enumerate(self._layers)
                 ]
-            for s in range(0, x.shape[0], self.chunk_size):
+            for s in range(0, batches.size(batch), self.chunk_size):
                 pieces = self._capture(
                     theta,
-                    x[s : s + self.chunk_size],
-                    y[s : s + self.chunk_size],
+                    batches.slice_rows(batch, s, s + self.chunk_size),
                     fisher=True,
                     offset=offset + s,
                     check=offset + s == 0,
@@ -473,9 +594,9 @@ class EkfacInfluence(InfluenceModel):
                 if out is not None
                 else [torch.zeros(f.shape, dtype=torch.float64, device=self.device) for f in factors]
             )
-            for s in range(0, x.shape[0], self.chunk_size):
+            for s in range(0, batches.size(batch), self.chunk_size):
                 pieces = self._capture(
-                    theta, x[s : s + self.chunk_size], y[s : s + self.chunk_size], fisher=True, offset=offset + s
+                    theta, batches.slice_rows(batch, s, s + self.chunk_size), fisher=True, offset=offset + s
                 )
                 for total, f, (g, a) in zip(totals, factors, pieces):
                     total += corrected_eigenvalue_sum(f, g, a)
@@ -483,7 +604,7 @@ class EkfacInfluence(InfluenceModel):
         raise ValueError(f"kind must be 'covariance' or 'corrected'; got {kind!r}.")
 
     def _capture(
-        self, theta: Tensor, x: Tensor, y: Tensor, *, fisher: bool, offset: int = 0, check: bool = False
+        self, theta: Tensor, batch: Any, *, fisher: bool, offset: int = 0, check: bool = False
     ) -> list[tuple[Tensor, Tensor]]:
         """Per layer ``(g, a)``: ``g`` ``(n, r, P, o)``, ``a`` ``(n, P, i)``.
 
@@ -496,12 +617,12 @@ class EkfacInfluence(InfluenceModel):
             # process-wide forward lock of core.gradients: threads sharing one model (a Dask
             # worker's threads) then never see each other's hooks or parameters. The backward
             # below only uses this call's own probes and graph, so it runs outside the lock.
-            with _FORWARD_LOCK, Capture(self._layers, x.shape[0]) as capture:
-                outputs = self._functions.outputs(theta, x)
+            with _FORWARD_LOCK, Capture(self._layers, batches.size(batch)) as capture:
+                outputs = self._functions.outputs(theta, batch)
             if check:
-                self._output.check(outputs.detach(), y)
+                self._output.check(outputs.detach(), batch)
             o = outputs.detach()
-            vectors = self._output.roots(o, y) if fisher else self._output.gradients(o, y)
+            vectors = self._output.roots(o, batch) if fisher else self._output.gradients(o, batch)
             result = capture.collect(outputs, vectors)
         for layer, (g, _) in zip(self._layers, result):
             bad = ~torch.isfinite(g)
@@ -524,7 +645,7 @@ class EkfacInfluence(InfluenceModel):
             check_layer_positive(f, self.regularization, self.update_diagonal, type(self).__name__)
 
     def _apply(self, rhs: Tensor, *, power: float, regularization: float) -> Tensor:
-        out = torch.empty_like(rhs)
+        out = torch.zeros_like(rhs)  # parameters outside the layers are left out: zero
         for layer, f in zip(self._layers, self._factors()):
             m = layer.to_matrix(rhs)
             layer.write_matrix(
@@ -544,34 +665,37 @@ class EkfacInfluence(InfluenceModel):
         return self._apply(eye, power=1.0, regularization=0.0)
 
     # -- influences -------------------------------------------------------------------------------
-    def _pieces(self, x: Any, y: Any, names: tuple[str, str] = ("x", "y")):
+    def _pieces(self, points: tuple, names: tuple[str, str] = ("x", "y")):
         """Per chunk of the prepared points, per layer ``(g (m, P, o), a (m, P, i))`` at the true targets."""
         theta = self._require_fitted()
-        x, y = self._prepare(x, y, *names)
-        for s in range(0, x.shape[0], self.chunk_size):
-            xs, ys = x[s : s + self.chunk_size], y[s : s + self.chunk_size]
-            yield [(g[:, 0], a) for g, a in self._capture(theta, xs, ys, fisher=False, offset=s)]
+        batch = self._batch(points, names)
+        for s in range(0, batches.size(batch), self.chunk_size):
+            chunk = batches.slice_rows(batch, s, s + self.chunk_size)
+            yield [(g[:, 0], a) for g, a in self._capture(theta, chunk, fisher=False, offset=s)]
 
-    def _flat_grads(self, x: Any, y: Any, names: tuple[str, str] = ("x", "y")):
+    def _flat_grads(self, points: tuple, names: tuple[str, str] = ("x", "y")):
         """Per chunk, flat per-sample gradients ``(m, p)`` assembled from ``sum_t g_t a_t^T``."""
-        for pieces in self._pieces(x, y, names):
-            flat = torch.empty(pieces[0][0].shape[0], self.num_params, dtype=self.dtype, device=self.device)
+        for pieces in self._pieces(points, names):
+            flat = torch.zeros(pieces[0][0].shape[0], self.num_params, dtype=self.dtype, device=self.device)
             for layer, (g, a) in zip(self._layers, pieces):
                 layer.write_matrix(layer_grads(g, a), flat)
             yield flat
 
-    def per_sample_grads_from_factors(self, x: Any, y: Any) -> Tensor:
+    def per_sample_grads_from_factors(self, *points: Any) -> Tensor:
         """Per-sample gradients ``(n, p)`` assembled from the layers' ``sum_t g_t a_t^T``.
 
-        Equal to :meth:`per_sample_grads` (by ``torch.func``); meant for checks and debugging.
+        Equal to :meth:`per_sample_grads` (by ``torch.func``) on the layers' parameters;
+        meant for checks and debugging.
         """
-        return torch.cat(list(self._flat_grads(x, y)))
+        return torch.cat(list(self._flat_grads(points)))
 
-    def influence_factors(self, x_test: Any, y_test: Any) -> Tensor:
-        """``(C + lambda I)^-1 grad L(z_test)`` per test point: ``(n_test, p)``."""
-        return torch.cat([self._solve(flat) for flat in self._flat_grads(x_test, y_test, ("x_test", "y_test"))])
+    def influence_factors(self, *test: Any) -> Tensor:
+        """``(C + lambda I)^-1 grad f(z_test)`` per test point: ``(n_test, p)``."""
+        if self.objective.measurement is not None:  # the measurement's gradient: not the layers' loss gradients
+            return super().influence_factors(*test)
+        return torch.cat([self._solve(flat) for flat in self._flat_grads(test, ("x_test", "y_test"))])
 
-    def influences_from_factors(self, factors: Tensor, x: Any, y: Any, mode: str | InfluenceMode = "up") -> Tensor:
+    def influences_from_factors(self, factors: Tensor, *points: Any, mode: str | InfluenceMode = "up") -> Tensor:
         """Influences ``(n_test, n)`` (mode ``"up"``) or ``(n_test, n, *x.shape[1:])`` (mode ``"perturbation"``).
 
         Up-weighting influences of a model with more than :data:`FLAT_SCORING_MAX_PARAMS`
@@ -582,22 +706,22 @@ class EkfacInfluence(InfluenceModel):
         """
         mode = InfluenceMode.parse(mode)
         if mode is not InfluenceMode.up or self.num_params <= FLAT_SCORING_MAX_PARAMS:
-            return super().influences_from_factors(factors, x, y, mode=mode)
+            return super().influences_from_factors(factors, *points, mode=mode)
         self._require_fitted()
         factors = self._check_factors(factors)
         blocks = [layer.to_matrix(factors) for layer in self._layers]
         parts = []
-        for pieces in self._pieces(x, y):
+        for pieces in self._pieces(points):
             parts.append(cast(Tensor, sum(up_contract(f, g, a) for f, (g, a) in zip(blocks, pieces))))
         return torch.cat(parts, dim=1)
 
-    def self_influences(self, x: Any, y: Any) -> Tensor:
+    def self_influences(self, *points: Any) -> Tensor:
         """``grad L(z)^T (C + lambda I)^-1 grad L(z)`` per point: ``(n,)``, layer by layer."""
         self._require_fitted()
         self._check_positive()
         inverse = [1.0 / (f.eigenvalues(self.update_diagonal) + self.regularization) for f in self._factors()]
         parts = []
-        for pieces in self._pieces(x, y):
+        for pieces in self._pieces(points):
             parts.append(
                 cast(Tensor, sum(self_contract(f, d, g, a) for f, d, (g, a) in zip(self._factors(), inverse, pieces)))
             )

@@ -166,8 +166,8 @@ class LissaInfluence(InfluenceModel):
         relative = math.inf
         iterations = 0
         for iterations in range(1, self.maxiter + 1):
-            x, y = self._data.random_batch(gen, batch_size)
-            curv = self._operator.batch_matmat(x, y, h) + lam * h
+            batch = self._data.random_batch(gen, batch_size)
+            curv = self._operator.batch_matmat(batch, h) + lam * h
             h_new = b + (1 - d) * h - curv / s
             update = torch.linalg.vector_norm(h_new - h, dim=0)
             size = torch.linalg.vector_norm(h_new, dim=0)

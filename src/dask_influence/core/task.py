@@ -1,0 +1,177 @@
+"""What is differentiated: the training loss and the test-side measurement of a batch.
+
+A :class:`Task` says how a model is scored on a batch of any structure (see
+:mod:`.batches`):
+
+- ``loss(model, batch) -> scalar``: the training loss with MEAN reduction over the samples of
+  the batch. The loss of a batch of one is that sample's loss ``L(z)``, and the curvature
+  ``H`` is the Hessian (or GGN) of its mean over the training set.
+- ``measurement(model, batch) -> scalar``: the test-side quantity ``f`` whose change is
+  attributed (default: the loss), e.g. a margin or the log-probability of one completion.
+  ``influence[i, j] = grad f(z_test_i)^T (H + lambda I)^-1 grad L(z_j)``.
+
+Optional parts enable more solvers:
+
+- ``outputs(model, batch) -> Tensor (n, ...)`` and ``output_loss(outputs, batch) -> scalar``,
+  with ``loss(model, batch) == output_loss(outputs(model, batch), batch)``: the GGN
+  (``curvature="ggn"``) and EK-FAC need the loss as a function of the outputs;
+- ``output_curvature``: ``"classification"`` (softmax cross-entropy over the last
+  dimension of a ``(n, c)`` output) or ``"regression"`` (mean squared error) lets EK-FAC use
+  closed forms of the loss's Hessian in the outputs; ``None`` takes it by autograd;
+- ``perturb``: the input leaf that perturbation influences differentiate in (a dict key
+  such as ``"pixel_values"``, or a position such as ``0``); it must be floating point.
+
+The pair form of every solver, ``Solver(model, loss)`` with ``loss(outputs, targets)``, is the
+task :func:`pair_task` over batches ``(x, y)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+from .batches import Batch
+
+ModelFn = Callable[[nn.Module, Batch], Tensor]
+OutputLossFn = Callable[[Tensor, Batch], Tensor]
+
+
+@dataclass(frozen=True)
+class Task:
+    """How a model is scored on a batch: the training loss and the test-side measurement.
+
+    Args:
+        loss: ``loss(model, batch) -> scalar``, mean-reduced over the batch's samples.
+        measurement: ``measurement(model, batch) -> scalar`` (mean over the batch) for test
+            points; ``None`` uses ``loss``.
+        outputs: ``outputs(model, batch) -> (n, ...)``: the model outputs that ``output_loss``
+            reads (needed by ``curvature="ggn"`` and EK-FAC).
+        output_loss: ``output_loss(outputs, batch) -> scalar``, equal to ``loss`` on the
+            outputs of ``outputs``.
+        output_curvature: ``"classification"``, ``"regression"`` or ``None`` (see the module).
+        perturb: the floating-point input leaf for ``mode="perturbation"``, or ``None``.
+        name: a label for messages, saved fits and stores.
+        pairs: internal: the task of ``loss(outputs, targets)`` over ``(x, y)`` batches (the
+            solvers' methods then take ``x, y`` as two arguments).
+    """
+
+    loss: ModelFn
+    measurement: ModelFn | None = None
+    outputs: ModelFn | None = None
+    output_loss: OutputLossFn | None = None
+    output_curvature: str | None = None
+    perturb: str | int | None = None
+    name: str = "custom"
+    pairs: bool = False
+
+    def __post_init__(self) -> None:
+        if not callable(self.loss):
+            raise TypeError(
+                f"Task.loss must be a function loss(model, batch) -> scalar; got {type(self.loss).__name__}."
+            )
+        for field_name in ("measurement", "outputs", "output_loss"):
+            value = getattr(self, field_name)
+            if value is not None and not callable(value):
+                raise TypeError(f"Task.{field_name} must be a function or None; got {type(value).__name__}.")
+        if (self.outputs is None) != (self.output_loss is None):
+            raise ValueError(
+                "Pass Task.outputs and Task.output_loss together (the loss as a function of the "
+                "model outputs), or neither."
+            )
+        if self.output_curvature not in (None, "classification", "regression"):
+            raise ValueError(
+                f"Task.output_curvature must be 'classification', 'regression' or None; got {self.output_curvature!r}."
+            )
+        if self.perturb is not None and not isinstance(self.perturb, (str, int)):
+            raise TypeError(f"Task.perturb must name an input (a dict key or a position); got {self.perturb!r}.")
+
+    @property
+    def has_outputs(self) -> bool:
+        """Whether the loss is known as a function of the model outputs (GGN, EK-FAC)."""
+        return self.outputs is not None
+
+    def measure(self) -> ModelFn:
+        """The test-side function: ``measurement``, else ``loss``."""
+        return self.measurement or self.loss
+
+    def loss_id(self) -> str:
+        """The task's name and its loss function's qualified name: what a fit depends on."""
+        return f"{self.name}: {_qualname(self.loss)}"
+
+    def describe(self) -> dict[str, Any]:
+        """Plain values naming the task (for fingerprints and saved files)."""
+        return {
+            "name": self.name,
+            "loss": _qualname(self.loss),
+            "measurement": _qualname(self.measurement),
+            "output_curvature": self.output_curvature,
+            "perturb": self.perturb,
+            "pairs": self.pairs,
+        }
+
+
+def _qualname(fn: Any) -> str | None:
+    if fn is None:
+        return None
+    owner = getattr(fn, "__self__", None)
+    if owner is not None and isinstance(owner, nn.Module):
+        return type(owner).__name__
+    name = getattr(fn, "__qualname__", None) or type(fn).__name__
+    return f"{getattr(fn, '__module__', '')}.{name}"
+
+
+class _PairLoss:
+    """``loss(model(x), y)`` of a batch ``(x, y)`` (picklable: a Dask worker gets it by value)."""
+
+    def __init__(self, loss: Callable[[Tensor, Tensor], Tensor]):
+        self.fn = loss
+
+    def __call__(self, model: nn.Module, batch: Batch) -> Tensor:
+        x, y = batch
+        return self.fn(model(x), y)
+
+
+def _pair_outputs(model: nn.Module, batch: Batch) -> Tensor:
+    return model(batch[0])
+
+
+class _PairOutputLoss:
+    """``loss(outputs, y)`` of a batch ``(x, y)``."""
+
+    def __init__(self, loss: Callable[[Tensor, Tensor], Tensor]):
+        self.fn = loss
+
+    def __call__(self, outputs: Tensor, batch: Batch) -> Tensor:
+        return self.fn(outputs, batch[1])
+
+
+def pair_task(loss: Callable[[Tensor, Tensor], Tensor], output_curvature: str | None = None) -> Task:
+    """The task of a pair loss ``loss(outputs, targets)`` over batches ``(x, y)``: the loss
+    ``loss(model(x), y)``, measured by the same loss, perturbations in ``x``."""
+    return Task(
+        loss=_PairLoss(loss),
+        outputs=_pair_outputs,
+        output_loss=_PairOutputLoss(loss),
+        output_curvature=output_curvature,
+        perturb=0,
+        name=_qualname(loss) or "loss",
+        pairs=True,
+    )
+
+
+def as_task(loss: Any) -> Task:
+    """A :class:`Task` as given, or the pair task of a loss function ``loss(outputs, targets)``.
+
+    Raises:
+        TypeError: ``loss`` is neither.
+    """
+    if isinstance(loss, Task):
+        return loss
+    if not callable(loss):
+        raise TypeError(
+            f"loss must be a callable loss(outputs, targets) or a dask_influence.Task; got {type(loss).__name__}."
+        )
+    return pair_task(loss)
