@@ -200,3 +200,30 @@ def test_plot_errors(stores, tmp_path):
     assert result.exit_code == 1 and "needs a store in mode 'up'" in result.output
     assert invoke("plot", stores["complete"]).exit_code == 2  # -o is required
     assert not (tmp_path / "x.png").exists()
+
+
+def test_rank_by_mean_min_max_in_every_format(stores, tmp_path):
+    values = stores["values"]
+    result = invoke("rank", stores["complete"], "-n", 5)
+    assert result.exit_code == 0, result.output
+    expected = np.argsort(values.mean(axis=0), kind="stable")[:5]
+    listed = [int(line.split()[1]) for line in result.output.splitlines()[2:]]
+    assert listed == list(expected)
+    result = invoke("rank", stores["complete"], "--by", "max", "--order", "helpful", "--format", "json", "-n", 3)
+    rows = json.loads(result.output)["rows"]
+    assert [r["index"] for r in rows] == list(np.argsort(-values.max(axis=0), kind="stable")[:3])
+    assert rows[0]["max"] == pytest.approx(float(values.max()), rel=1e-12) and rows[0]["test_points"] == N_TEST
+    out = tmp_path / "ranked.csv"
+    result = invoke("rank", stores["complete"], "--by", "min", "--all", "--format", "csv", "-o", out)
+    assert result.exit_code == 0 and f"Wrote {N_TRAIN} rows" in result.output
+    lines = out.read_text().splitlines()
+    assert lines[0] == "rank,index,mean,min,max,test_points" and len(lines) == N_TRAIN + 1
+    assert int(lines[1].split(",")[1]) == int(np.argmin(values.min(axis=0)))
+
+
+def test_rank_on_an_incomplete_store_and_a_perturbation_store(stores):
+    result = invoke("rank", stores["incomplete"], "-n", 3)
+    assert result.exit_code == 0
+    assert "Warning: 58 training point(s) have chunks not computed yet" in result.output  # blocks 0 and 2: 32 + 26
+    result = invoke("rank", stores["perturbation"])
+    assert result.exit_code == 1 and "needs a store in mode 'up'" in result.output

@@ -394,3 +394,32 @@ def test_integer_inputs_to_a_model_fitted_on_floats():
     solver = di.DirectInfluence(nn.Linear(3, 1).double(), nn.MSELoss(), regularization=0.1).fit((x, y))
     with pytest.raises(TypeError, match="integer dtype.*fitted on floating-point inputs.*float"):
         solver.influences(x.long(), y, x, y)
+
+
+def test_targets_that_broadcast_against_the_outputs_are_refused():
+    """Issue 19: MSE targets (n,) against outputs (n, 1) broadcast to (n, n) and change H."""
+    model = torch.nn.Linear(3, 1).double()
+    x, y = torch.randn(10, 3, dtype=torch.float64), torch.randn(10, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"broadcasts the targets against the outputs.*y\.reshape\(-1, 1\)"):
+        di.DirectInfluence(model, torch.nn.MSELoss(), regularization=0.1).fit((x, y))
+    di.DirectInfluence(model, torch.nn.MSELoss(), regularization=0.1).fit((x, y[:, None]))  # the fix works
+
+
+@pytest.mark.parametrize("method", ["direct", "arnoldi", "ekfac"])
+def test_a_refused_regularization_keeps_the_fit(method):
+    """Issue 19: following the error's advice needs no refit (the fit is kept)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
+    x, y = torch.randn(30, 4, dtype=torch.float64), torch.randint(0, 3, (30,))
+    loss = torch.nn.CrossEntropyLoss()
+    from dask_influence.core.solvers.registry import solver_class
+
+    cls = solver_class(method)
+    kwargs = {"rank": 20} if method == "arnoldi" else {}
+    solver = cls(model, loss, regularization=0.0, **kwargs)
+    with pytest.raises(di.NotPositiveDefiniteError, match=r"The fit is kept: set solver\.regularization = ") as info:
+        solver.fit((x, y))
+    assert solver.is_fitted
+    solver.regularization = info.value.suggested_regularization
+    reference = cls(model, loss, regularization=info.value.suggested_regularization, **kwargs).fit((x, y))
+    assert torch.allclose(solver.influences(x[:3], y[:3], x, y), reference.influences(x[:3], y[:3], x, y), rtol=1e-8)

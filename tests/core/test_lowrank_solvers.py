@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+import dask_influence as di
 from dask_influence.core.blocks import SummedCurvatureOperator
 from dask_influence.core.operators import LinearOperator
 from dask_influence.core.solvers.arnoldi import ArnoldiInfluence
@@ -415,3 +416,25 @@ def test_wine_outliers(wine, cls, rank):
     assert pearson >= 0.99
     assert spearman >= 0.95
     assert auc >= 0.95
+
+
+def test_arnoldi_gives_a_proven_null_complement_its_exact_weight():
+    """Issue 16's regression: rank above the rank of a singular H. Lanczos stops once H is
+    proven to vanish outside its basis; that complement must get weight 1/lambda (as Direct
+    gives it), not be dropped, or self-influences of new points are wrong."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(10, 1).double()
+    x, y = torch.randn(5, 10, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)
+    new_x, new_y = torch.randn(3, 10, dtype=torch.float64), torch.randn(3, 1, dtype=torch.float64)
+    loss = torch.nn.MSELoss()
+    direct = di.DirectInfluence(model, loss, regularization=0.1).fit((x, y))
+    arnoldi = di.ArnoldiInfluence(model, loss, regularization=0.1, rank=11).fit((x, y))
+    assert arnoldi.state_.null_complement and arnoldi.eigenvalues_.numel() < 11
+    expected = direct.self_influences(new_x, new_y)
+    assert torch.allclose(arnoldi.self_influences(new_x, new_y), expected, rtol=1e-8)
+    assert torch.allclose(
+        arnoldi.influence_factors(new_x, new_y), direct.influence_factors(new_x, new_y), rtol=1e-8, atol=1e-10
+    )
+    # a lower regularization later (solve time) keeps the exact complement
+    arnoldi.regularization = direct.regularization = 0.01
+    assert torch.allclose(arnoldi.self_influences(new_x, new_y), direct.self_influences(new_x, new_y), rtol=1e-8)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -249,6 +250,14 @@ class ModelFunctions:
                 if not _is_data_dependent(err):
                     raise
                 self._vmap_samples = False
+                warnings.warn(
+                    "torch.func.vmap cannot batch this model's forward (data-dependent control flow, "
+                    "e.g. Hugging Face's SDPA attention checking its padding mask); "
+                    "per-sample gradients are taken one sample at a time (the same numbers, slower). For a "
+                    "Hugging Face model, build it with attn_implementation='eager' to keep them vectorized.",
+                    UserWarning,
+                    stacklevel=2,
+                )
         result = (
             out if out is not None else torch.empty(n, self.spec.num_params, dtype=theta.dtype, device=theta.device)
         )

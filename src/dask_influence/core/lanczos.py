@@ -24,6 +24,9 @@ class LanczosResult:
         betas: ``(m - 1,)`` float64, its off-diagonal (zero where the iteration restarted).
         last_beta: the norm of the residual after the last vector (``0`` on breakdown).
         restarts: how often a breakdown was followed by a fresh start vector.
+        null_complement: True when the iteration proved that the operator vanishes outside
+            the basis (a fresh random vector orthogonal to it was mapped to ~0, or none was
+            left): the Ritz pairs of the basis are then the whole operator.
     """
 
     basis: Tensor
@@ -31,6 +34,7 @@ class LanczosResult:
     betas: Tensor
     last_beta: float
     restarts: int
+    null_complement: bool = False
 
 
 def lanczos(
@@ -87,6 +91,7 @@ def lanczos(
     assert q is not None
     j = 0
     segment_start = 0
+    null_complement = False
     while True:
         basis[:, j] = q
         w = operator.matmat(q.to(operator.dtype).unsqueeze(1)).squeeze(1).double()
@@ -108,9 +113,11 @@ def lanczos(
         if j - segment_start == 1 and abs(alpha) <= tol * scale:
             # a random vector orthogonal to the basis is mapped to ~0: the operator vanishes
             # on the complement of the basis, nothing is left to find
+            null_complement = True
             break
         q = random_start(j)
         if q is None:
+            null_complement = True  # the basis spans (numerically) everything
             break
         betas.append(0.0)
         restarts += 1
@@ -121,4 +128,5 @@ def lanczos(
         betas=torch.tensor(betas, dtype=torch.float64, device=operator.device),
         last_beta=last_beta,
         restarts=restarts,
+        null_complement=null_complement,
     )

@@ -53,12 +53,16 @@ class ArnoldiState:
             arithmetic bound ``|beta_m s_{m,i}|``); small means the pair has converged.
         krylov_dimension: the size ``m`` of the Krylov basis actually built (smaller than
             asked for when the iteration found an invariant subspace).
+        null_complement: True when the iteration proved that ``H`` vanishes outside the
+            kept eigenvectors (it stopped early and every Ritz pair was kept): the solves
+            then give that complement its exact weight ``1 / regularization``.
     """
 
     eigenvalues: Tensor
     eigenvectors: Tensor
     residual_norms: Tensor
     krylov_dimension: int
+    null_complement: bool = False
 
 
 @dataclass(frozen=True)
@@ -136,8 +140,10 @@ class ArnoldiInfluence(InfluenceModel):
             (common: a linear layer with several outputs repeats each eigenvalue of the input
             covariance), and stops early, with fewer sweeps, when ``H`` maps that vector to
             (nearly) zero, i.e. ``H`` vanishes outside the basis. Should the basis then hold
-            fewer than ``rank`` vectors, all of them are kept (``eigenvalues_`` is shorter
-            than ``rank``; the missing eigenvalues are zero).
+            at most ``rank`` vectors, all of them are kept (``eigenvalues_`` is shorter
+            than ``rank``; the missing eigenvalues are zero) and the solves give the proven
+            null complement its exact weight ``1 / regularization``, whatever ``complement``
+            says: the factors are then exact.
         seed: seeds the random start vector.
 
     Memory: the basis, ``p * krylov_dimension`` float64 numbers, during ``fit``; the state
@@ -211,13 +217,15 @@ class ArnoldiInfluence(InfluenceModel):
         coeffs = ritz_coeffs[:, order]
         eigenvectors = result.basis @ coeffs
         residual_norms = result.last_beta * coeffs[-1].abs()
-        self._check_definite(eigenvalues)
         self.state_ = ArnoldiState(
             eigenvalues=eigenvalues.to(self.dtype),
             eigenvectors=eigenvectors.to(self.dtype),
             residual_norms=residual_norms.to(self.dtype),
             krylov_dimension=m,
+            # H is proven zero outside the basis, and the basis is all kept: the complement is exact
+            null_complement=bool(result.null_complement and m <= self.rank),
         )
+        self._check_definite(eigenvalues)  # after the state is kept: a refused regularization keeps the fit
 
     def _solve(self, rhs: Tensor) -> Tensor:
         assert self.state_ is not None
@@ -228,7 +236,10 @@ class ArnoldiInfluence(InfluenceModel):
                 "complement='regularization' needs regularization > 0; got "
                 f"regularization={self.regularization:g}. Set a positive regularization."
             )
-        return EigenOperator(d, v).solve_rows(rhs, self.regularization, complement=self.complement == "regularization")
+        # the complement of the eigenvectors: dropped ("ignore"), or weighted 1/lambda where H is
+        # taken (complement="regularization") or proven (null_complement) to vanish there
+        complement = self.complement == "regularization" or (self.state_.null_complement and self.regularization > 0)
+        return EigenOperator(d, v).solve_rows(rhs, self.regularization, complement=complement)
 
     def _check_definite(self, eigenvalues: Tensor) -> None:
         name = type(self).__name__

@@ -28,6 +28,7 @@ import os
 import pickle
 import threading
 import uuid
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from types import FrameType
@@ -37,7 +38,7 @@ import cloudpickle
 import torch
 from torch import Tensor, nn
 
-from ...errors import NonFiniteError, NotFittedError
+from ...errors import NonFiniteError, NotFittedError, NotPositiveDefiniteError
 from .. import batches
 from ..blocks import BlockSums, LocalBlocks, summed_operator
 from ..data import TrainingData, input_signature, pair_batch
@@ -305,7 +306,21 @@ class InfluenceModel(ABC):
         """
         theta = self.trained_parameters()
         self._theta = None
-        self._fit(self.curvature_over(blocks, theta), blocks)
+        try:
+            self._fit(self.curvature_over(blocks, theta), blocks)
+        except NotPositiveDefiniteError as err:
+            # A solver whose regularization is a solve-time setting keeps a fit whose state it
+            # stored before refusing the regularization: following the advice needs no refit.
+            if "regularization" not in self.config.solve_time or getattr(self, "state_", None) is None:
+                raise
+            self.finish_fit(theta, data, n=blocks.n, feature_shape=feature_shape, float_inputs=float_inputs)
+            suggested = err.suggested_regularization
+            raise NotPositiveDefiniteError(
+                f"{err} The fit is kept: set solver.regularization = {suggested:g} and call the solver "
+                "again (no refit needed).",
+                smallest_eigenvalue=err.smallest_eigenvalue,
+                suggested_regularization=suggested,
+            ) from None
         self.finish_fit(theta, data, n=blocks.n, feature_shape=feature_shape, float_inputs=float_inputs)
 
     def finish_fit(
@@ -816,7 +831,8 @@ class InfluenceModel(ABC):
         two = batches.repeat_first(batch, 2)
         task = self.objective
         try:
-            with torch.no_grad():
+            with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
                 # The loss on one sample and on two copies of it. With the outputs known, the loss
                 # is taken on two copies of the SAME outputs: a forward on a batch of two may round
                 # differently from one on a batch of one (other kernels), which for a well-fitted
@@ -837,6 +853,15 @@ class InfluenceModel(ABC):
                 f"The model and {'loss' if task.pairs else 'task'} could not be evaluated on a training batch "
                 f"with {_describe(batch, task.pairs)}: {err}"
             ) from err
+        for warning in caught:  # torch's elementwise losses warn when targets broadcast against outputs
+            text = str(warning.message)
+            if "target size" in text and "broadcasting" in text:
+                raise ValueError(
+                    f"The loss broadcasts the targets against the outputs ({text.split('. ')[0]}): on a batch "
+                    f"of n samples it would compare every output with every target and change the Hessian. "
+                    "Give the targets the outputs' shape, e.g. y.reshape(-1, 1) for outputs of shape (n, 1)."
+                )
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
         what = "loss(outputs, targets)" if task.pairs else f"The task's loss ({task.name})"
         if not isinstance(single, Tensor) or single.ndim != 0:
             shape = tuple(single.shape) if isinstance(single, Tensor) else type(single).__name__
@@ -906,9 +931,7 @@ def _widen_half_precision(model: nn.Module) -> nn.Module:
     dtypes = {p.dtype for p in model.parameters() if p.requires_grad}
     if not dtypes & set(_HALF):
         return model
-    import copy
     import sys
-    import warnings
 
     frame: FrameType | None
     frame, level = sys._getframe(1), 2  # the first frame outside this package gets the warning

@@ -93,9 +93,9 @@ class DirectInfluence(InfluenceModel):
             e, v = torch.linalg.eigh(matrix.double())
             values.append(e.to(self.dtype))
             vectors.append(v.to(self.dtype))
-        state = DirectState(ranges, tuple(values), tuple(vectors))
-        check_positive_definite(state.all_eigenvalues, self.regularization, type(self).__name__)
-        self.state_ = state
+        self.state_ = DirectState(ranges, tuple(values), tuple(vectors))
+        # checked after the state is kept: a refused regularization leaves the solver fitted
+        check_positive_definite(self.state_.all_eigenvalues, self.regularization, type(self).__name__)
 
     @property
     def hessian(self) -> Tensor:

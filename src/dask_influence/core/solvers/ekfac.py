@@ -57,7 +57,9 @@ __all__ = ["EkfacInfluence", "EkfacState", "find_layers", "left_out_parameters"]
 SUPPORTED_LAYERS = ("nn.Linear", "nn.Conv2d (groups=1)", "nn.Embedding", "Hugging Face Conv1D")
 """The layers EK-FAC factors (:func:`~dask_influence.core.kronecker.layer_kind`); other trainable
 parameters are left out (treated as frozen) with one warning."""
-TASKS = ("classification", "regression")
+TASKS = ("classification", "regression", "autograd")
+"""EK-FAC's ``task``: a closed form of the loss's Hessian in the outputs, or ``"autograd"``
+(the loss's own Hessian, taken by autograd)."""
 
 
 @serializable
@@ -88,6 +90,9 @@ def _freeze_hint(module_name: str, param_name: str) -> str:
         return f"model.get_submodule('{module_name}').requires_grad_(False)"
     return f"model.{param_name}.requires_grad_(False)"
 
+
+# The largest per-sample output (entries) whose Hessian EK-FAC takes by autograd (c x c per sample).
+MAX_AUTOGRAD_OUTPUTS = 4096
 
 # Up to this many parameters EK-FAC scores by flat per-sample gradients (vmap + one product),
 # which beat its per-layer contractions there (measured in docs/benchmarks.md).
@@ -322,6 +327,14 @@ class OutputCurvature:
         elif self.task == "regression":
             root = math.sqrt(2.0 / c) * torch.eye(c, dtype=torch.float64, device=outputs.device).expand(n, c, c)
         else:
+            if c > MAX_AUTOGRAD_OUTPUTS:
+                raise ValueError(
+                    f"EK-FAC takes the loss's Hessian in the model outputs by autograd here, and the outputs "
+                    f"have {c:,} entries per sample ({tuple(outputs.shape[1:])}): a {c:,} x {c:,} matrix per "
+                    f"sample and {c:,} backward passes per batch. Use a solver that needs only curvature "
+                    "products (CgInfluence or ArnoldiInfluence with curvature='ggn'), or a task with a "
+                    "closed form (output_curvature='classification' for (n, c) logits)."
+                )
             h, eps = self.wide_hessians(outputs, targets)
             values, vectors = torch.linalg.eigh(0.5 * (h + h.transpose(1, 2)))
             # A convex loss's Hessian can show negative eigenvalues of the size of its rounding
@@ -370,7 +383,7 @@ class OutputCurvature:
             }[self.task]
             raise ValueError(
                 f"task={self.task!r} assumes the loss's Hessian in the outputs is {form}, but the "
-                f"loss's own Hessian differs by {error:.3e}. Pass task=None to use the loss's own Hessian."
+                f"loss's own Hessian differs by {error:.3e}. Pass task='autograd' to use the loss's own Hessian."
             )
 
 
@@ -378,7 +391,7 @@ def infer_task(loss: LossFn | None, task: str | None) -> str | None:
     """The task from ``task`` or the loss's type; ``None`` means the loss's own Hessian is used."""
     if task is not None:
         if task not in TASKS:
-            raise ValueError(f"task must be 'classification', 'regression' or None; got {task!r}.")
+            raise ValueError(f"task must be 'classification', 'regression', 'autograd' or None; got {task!r}.")
         return task
     if isinstance(loss, nn.CrossEntropyLoss):
         return "classification"
@@ -418,8 +431,8 @@ class EkfacConfig(SolverConfig):
     )
     task: str | None = hyperparameter(
         None,
-        "'classification' (cross-entropy on logits), 'regression' (mean squared error) or None: "
-        "inferred from nn.CrossEntropyLoss/nn.MSELoss, else the loss's own Hessian in the outputs.",
+        "'classification' (cross-entropy on logits), 'regression' (mean squared error), 'autograd' (the "
+        "loss's own Hessian in the outputs) or None: inferred from nn.CrossEntropyLoss/nn.MSELoss, else 'autograd'.",
     )
 
     solve_time: ClassVar[frozenset[str]] = frozenset({"regularization"})
@@ -433,7 +446,7 @@ class EkfacConfig(SolverConfig):
                 raise TypeError(f"layers must be a list of module names or None; got {self.layers!r}.")
             self._set("layers", tuple(self.layers))
         if self.task is not None and self.task not in TASKS:
-            raise ValueError(f"task must be 'classification', 'regression' or None; got {self.task!r}.")
+            raise ValueError(f"task must be 'classification', 'regression', 'autograd' or None; got {self.task!r}.")
 
 
 @register("ekfac")
@@ -492,7 +505,7 @@ class EkfacInfluence(InfluenceModel):
                 )
             task = config.task or loss.output_curvature
             if task is not None and task not in TASKS:
-                raise ValueError(f"task must be 'classification', 'regression' or None; got {task!r}.")
+                raise ValueError(f"task must be 'classification', 'regression', 'autograd' or None; got {task!r}.")
         else:
             task = infer_task(loss, config.task)
             if loss is None:
@@ -505,7 +518,7 @@ class EkfacInfluence(InfluenceModel):
             super().__init__(model, loss, config.replace(task=task))
             self._layers = find_layers(model, self._functions.spec, self.config.layers)
         assert self.objective.output_loss is not None  # a pair task or a task with outputs (checked above)
-        self._output = OutputCurvature(self.objective.output_loss, task)
+        self._output = OutputCurvature(self.objective.output_loss, None if task == "autograd" else task)
 
     # -- fitting --------------------------------------------------------------------------------
     def _fit(self, operator: LinearOperator, blocks: BlockSums) -> None:
