@@ -207,3 +207,11 @@ def test_saved_fit_of_a_task_solver_loads_with_the_same_task_only(problem, tmp_p
         di.DirectInfluence.load(tmp_path / "fit.pt", _Pair(net), nn.CrossEntropyLoss())
     with pytest.raises(ValueError, match=r"training loss classification: .* but this solver's is regression: "):
         di.DirectInfluence.load(tmp_path / "fit.pt", net, di.tasks.regression())
+
+
+def test_ekfac_refuses_an_autograd_output_hessian_too_large_to_form():
+    model = nn.Linear(2, 4100).double()
+    x, y = torch.randn(4, 2, dtype=torch.float64), torch.randint(0, 4100, (4,))
+    solver = di.EkfacInfluence(model, lambda o, t: nn.functional.cross_entropy(o, t), regularization=0.1)
+    with pytest.raises(ValueError, match=r"outputs have 4,100 entries per sample.*CgInfluence or ArnoldiInfluence"):
+        solver.fit((x, y))
