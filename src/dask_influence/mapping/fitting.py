@@ -159,6 +159,7 @@ class TrainBlocks:
     def sum(self, fn: BlockFunction, payload: Any = None) -> Any:
         """The sum of a core block function over all blocks (the :class:`~dask_influence.core.blocks.BlockSums`
         protocol): a tree per group where the group is, then the groups here."""
+        began = time.perf_counter()
         dsk, keys = self._tasks(fn, payload, wrap=True)
         name = f"{keys[0][0]}-sum"
         tops = []
@@ -176,6 +177,13 @@ class TrainBlocks:
         total = partials[0]
         for part in partials[1:]:
             total = add_results(total, part)
+        logger.info(
+            "Pass %d over %d train blocks (%s) in %.1f s.",
+            self.sweeps,
+            len(self.sizes),
+            getattr(fn, "__name__", "block sums").replace("_", " "),
+            time.perf_counter() - began,
+        )
         return (
             [torch.from_numpy(np.asarray(t)) for t in total]
             if isinstance(total, list)
@@ -402,7 +410,7 @@ def fit_with_blocks(
         "seconds": time.perf_counter() - start,
         "training_data": fingerprint,
     }
-    logger.info(
+    logger.debug(  # the CLI says it in its own words
         "%s %s over %d train blocks (%d passes) in %.1f s.",
         "Restored" if reused else "Fitted",
         type(solver).__name__,
@@ -614,8 +622,16 @@ def solve_factors_on_cluster(
     start = time.perf_counter()
     with solving_on_cluster(solver, client, source) as cluster_solver:
         for i in todo:
+            began = time.perf_counter()
             block = get_sync({**needed, "fit-test-block": graph.test.block_task(i)}, "fit-test-block")
             factors, report = cluster_solver.influence_factors_with_report(block)
+            logger.info(
+                "Solved test block %d of %d on the client in %.1f s%s.",
+                len(solved) + 1,
+                len(todo),
+                time.perf_counter() - began,
+                f" ({report.iterations} iterations)" if getattr(report, "iterations", None) is not None else "",
+            )
             solved[graph.solve_key(i)] = client.scatter([result(to_numpy(factors), report)], hash=False)[0]
     logger.info(
         "Solved the factors of %d test blocks on the client, sweeping the train blocks on the cluster, in %.1f s.",
