@@ -282,14 +282,39 @@ def to_device(value: Any, device: torch.device | str) -> Any:
 def save(record: dict[str, Any], file: File) -> None:
     """Write ``record`` (``{str: value}``) as plain data with ``torch.save``, adding ``"format": FORMAT``.
 
-    ``file``: a path or a binary file object.
+    ``file``: a path or a binary file object. A path is written whole or not at all: the
+    bytes are formed in memory, written to a temporary file next to it and renamed over it
+    (a full disk raises ``OSError`` "No space left on device" and leaves no partial file).
 
     Raises:
         TypeError: a value that cannot be saved (see :func:`to_data`); nothing is written.
     """
+    import io
+
     data = {"format": FORMAT, **{k: to_data(v, where=k) for k, v in record.items() if k not in ("format", CHECKSUM)}}
     data[CHECKSUM] = content_digest(data)
-    torch.save(data, file if hasattr(file, "write") else os.fspath(file))
+    if hasattr(file, "write"):
+        torch.save(data, file)
+        return
+    buffer = io.BytesIO()
+    torch.save(data, buffer)
+    _write_whole(os.fspath(file), buffer.getvalue())
+
+
+def _write_whole(path: str, data: bytes) -> None:
+    """``data`` at ``path`` whole or not at all: a temporary file next to it, renamed over it."""
+    import uuid
+
+    temp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with open(temp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.remove(temp)
 
 
 CHECKSUM = "sha256"

@@ -55,6 +55,8 @@ HEARTBEAT_SECONDS = 10.0
 STALE_SECONDS = 60.0
 """A lock whose heartbeat is older than this is stale."""
 SUFFIX = ".lock"
+POLL_SECONDS = 2.0
+"""How often a job waiting for a lock (``wait_seconds``) looks at it again."""
 
 
 def lock_path(store: str | os.PathLike) -> str:
@@ -248,20 +250,23 @@ def read_lock(store: str | os.PathLike) -> LockInfo | None:
     return None if found is None else LockInfo.from_json(found[0], found[1], store)
 
 
-def _refusal(store: str, info: LockInfo) -> StoreError:
+def _refusal(store: str, info: LockInfo, waited: float = 0.0) -> StoreError:
+    waited_text = f" (waited {waited:g} s for it)" if waited else ""
     return StoreError(
-        f"The store {store!r} is being written by another job: {info.describe()} (lock file "
-        f"{lock_path(store)!r}). Wait for that job to finish, or, if it is gone, pass break_lock=True. "
+        f"The store {store!r} is being written by another job{waited_text}: {info.describe()} (lock file "
+        f"{lock_path(store)!r}). Wait for that job to finish (dask-influence run --wait-for-lock SECONDS "
+        "waits), or, if it is gone, pass break_lock=True. "
         f"A lock is stale, and removed by the next job, once its heartbeat is older than "
         f"{STALE_SECONDS:.0f} s or its process is gone on the same host."
     )
 
 
-def check_lock(store: str | os.PathLike, *, break_lock: bool = False) -> None:
-    """Raise :class:`StoreError` if a live job holds the store's lock (without taking it)."""
+def check_lock(store: str | os.PathLike, *, break_lock: bool = False, wait_seconds: float = 0.0) -> None:
+    """Raise :class:`StoreError` if a live job holds the store's lock (without taking it); a job
+    that will wait for the lock (``wait_seconds > 0``) is not refused here."""
     store = os.fspath(store)
     info = read_lock(store)
-    if info is not None and not break_lock and info.stale_reason() is None:
+    if info is not None and not break_lock and not wait_seconds and info.stale_reason() is None:
         raise _refusal(store, info)
 
 
@@ -274,9 +279,19 @@ class StoreLock:
         lost: the lock found in place of ours by a heartbeat, if another job replaced it.
     """
 
-    def __init__(self, store: str | os.PathLike, *, break_lock: bool = False, heartbeat_seconds: float | None = None):
+    def __init__(
+        self,
+        store: str | os.PathLike,
+        *,
+        break_lock: bool = False,
+        heartbeat_seconds: float | None = None,
+        wait_seconds: float = 0.0,
+    ):
         self.store = os.fspath(store)
         self.break_lock = bool(break_lock)
+        self.wait_seconds = float(wait_seconds)
+        if not self.wait_seconds >= 0:
+            raise ValueError(f"wait_seconds must be >= 0; got {wait_seconds!r}.")
         self.heartbeat_seconds = HEARTBEAT_SECONDS if heartbeat_seconds is None else heartbeat_seconds
         self.files = _Files(lock_path(self.store))
         self.info = LockInfo.new(self.store)
@@ -287,8 +302,16 @@ class StoreLock:
         self._held = False
 
     def acquire(self) -> StoreLock:
-        """Take the lock (removing a stale one, or any with ``break_lock``) and start the heartbeat."""
-        for _ in range(5):
+        """Take the lock (removing a stale one, or any with ``break_lock``) and start the heartbeat.
+
+        A lock held by a live job is waited for up to ``wait_seconds`` (polling every few
+        seconds): a driver restarted by an orchestrator (a Kubernetes pod in a new process
+        namespace, which cannot see whether the old driver's process is gone) takes the lock
+        once the old heartbeat goes stale, instead of failing.
+        """
+        deadline = time.monotonic() + self.wait_seconds
+        removals = 0
+        while removals < 5:
             try:
                 created = self.files.create(self.info.to_json())
             except OSError as err:
@@ -306,7 +329,13 @@ class StoreLock:
                 continue  # released meanwhile
             reason = found.stale_reason()
             if reason is None and not self.break_lock:
-                raise _refusal(self.store, found)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise _refusal(self.store, found, waited=self.wait_seconds)
+                logger.info("Waiting for the lock of %r (held by %s).", self.store, found.describe())
+                time.sleep(min(POLL_SECONDS, remaining))
+                continue
+            removals += 1
             why = reason or "break_lock=True"
             self.broken = f"{found.describe()}: {why}"
             logger.warning("Removed the lock of %r held by %s.", self.store, self.broken)

@@ -16,6 +16,8 @@ fsspec is imported only when a URL is used.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import time
 import uuid
@@ -102,12 +104,44 @@ def create_new(path: str | os.PathLike, data: bytes) -> bool:
         fs.pipe_file(inner, data)
         return True
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    # The whole content goes to a temporary file first, then a hard link puts it at ``path``
+    # atomically and only if ``path`` does not exist: a full disk fails while writing the
+    # temporary file (removed), never leaving an empty or partial ``path`` behind.
+    temp = f"{path}.{uuid.uuid4().hex[:8]}.new"
+    try:
+        with open(temp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(temp, path)
+        except FileExistsError:
+            return False
+        except OSError as err:  # a filesystem without hard links: exclusive create, then write
+            if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                raise
+            return _create_exclusive(path, data)
+        return True
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temp)
+
+
+def _create_exclusive(path: str, data: bytes) -> bool:
+    """``O_CREAT | O_EXCL`` then write (the fallback without hard links); a failed write removes the file."""
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
         return False
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+        raise
     return True
 
 
