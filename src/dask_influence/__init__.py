@@ -7,8 +7,8 @@ measurement, the loss by default); positive means helpful.
 
 from importlib.metadata import PackageNotFoundError, version
 
-# ready-made tasks (di.tasks.classification(), ...)
-from . import tasks
+# ready-made tasks (di.tasks.classification(), ...) and evaluation against retraining (di.evaluate.lds, ...)
+from . import evaluate, tasks
 
 # choices and building blocks
 from .core.modes import InfluenceMode
@@ -55,6 +55,7 @@ __all__ = [
     "SequentialInfluenceCalculator",
     "Task",
     "tasks",
+    "evaluate",
     "InfluenceMode",
     "Curvature",
     "Preconditioner",

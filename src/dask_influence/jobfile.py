@@ -31,6 +31,11 @@ and its parameters, the block sizes, the output store and the cluster::
     scheduler = "tcp://scheduler:8786" # or local settings: workers, threads, memory_limit
     gpu = false
 
+    [evaluate]                         # optional: `dask-influence evaluate` (retraining on the cluster)
+    train = "retrain:train"            # "module:function": train(train_indices, seed) -> model
+    methods = ["lds", "loo"]           # and "mislabel" (with corrupted = [...])
+    n_subsets = 50
+
 :func:`load_job` reads and validates the file; every problem found is reported at once in
 one :class:`~dask_influence.errors.JobFileError`, one per line, with its section and, for
 an unknown key, the closest valid one. This module is pure (no click, no cluster); it
@@ -72,6 +77,7 @@ __all__ = [
     "BlocksSection",
     "OutputSection",
     "ClusterSection",
+    "EvaluateSection",
     "Problem",
     "SOLVER_METHODS",
     "load_job",
@@ -109,6 +115,21 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "blocks": ("test", "train"),
     "output": ("store", "mode", "top_k", "self_influences"),
     "cluster": ("scheduler", "workers", "threads", "memory_limit", "gpu", "sequential"),
+    "evaluate": (
+        "train",
+        "options",
+        "store",
+        "methods",
+        "n_subsets",
+        "fraction",
+        "seeds",
+        "seed",
+        "loo_points",
+        "warm_start",
+        "corrupted",
+        "confidence",
+        "bootstrap",
+    ),
 }
 REQUIRED_SECTIONS = ("model", "solver", "output")
 LOCAL_KEYS = ("workers", "threads", "memory_limit")
@@ -237,6 +258,45 @@ class ClusterSection:
     sequential: bool = False
 
 
+EVALUATE_METHODS = ("lds", "loo", "mislabel")
+"""What ``[evaluate] methods`` may list."""
+
+
+@dataclass(frozen=True)
+class EvaluateSection:
+    """``[evaluate]``: what ``dask-influence evaluate`` measures (see :mod:`dask_influence.evaluate`).
+
+    Attributes:
+        train: ``"module:function"``, ``train(train_indices, seed, **options) -> model or
+            state_dict`` (imported with ``[model] path`` in front of ``sys.path``).
+        options: keyword arguments for the train function.
+        store: the store whose influences are scored and whose ``evaluation/`` group records the
+            runs (absolute path or URL; ``None``: ``[output] store``).
+        methods: any of ``"lds"``, ``"loo"``, ``"mislabel"``.
+        n_subsets, fraction, seeds, seed: the LDS subsets and the retraining seeds.
+        loo_points: leave-one-out points: a number (a random sample of that size, drawn with
+            ``seed``) or a list of training indices.
+        warm_start: leave-one-out retraining starts from the trained weights
+            (``train(..., init=state_dict)``).
+        corrupted: the corrupted training indices for ``"mislabel"``.
+        confidence, bootstrap: the bootstrap interval of the mean LDS.
+    """
+
+    train: str
+    options: dict[str, Any] = field(default_factory=dict)
+    store: str | None = None
+    methods: tuple[str, ...] = ("lds",)
+    n_subsets: int = 50
+    fraction: float = 0.5
+    seeds: int = 1
+    seed: int = 0
+    loo_points: int | tuple[int, ...] = 20
+    warm_start: bool = False
+    corrupted: tuple[int, ...] = ()
+    confidence: float = 0.95
+    bootstrap: int = 1000
+
+
 @dataclass(frozen=True)
 class Job:
     """A validated job file. ``path`` is the file it was read from (``None`` for a dict)."""
@@ -248,6 +308,7 @@ class Job:
     cluster: ClusterSection = field(default_factory=ClusterSection)
     path: Path | None = None
     task: TaskSection | None = None
+    evaluate: EvaluateSection | None = None
 
 
 # -- loading and validation ------------------------------------------------------------------
@@ -308,6 +369,7 @@ def parse_job(
     blocks = _blocks(tables.get("blocks", {}), problems)
     output = _output(tables.get("output"), base, problems)
     cluster = _cluster(tables.get("cluster", {}), problems)
+    evaluate = _evaluate(tables.get("evaluate"), base, problems)
     if problems:
         raise JobFileError(problems, path=None if path is None else str(path))
     assert model and solver and output  # for type checkers: no problems means all parsed
@@ -319,6 +381,7 @@ def parse_job(
         cluster=cluster,
         path=None if path is None else Path(path),
         task=task,
+        evaluate=evaluate,
     )
 
 
@@ -595,6 +658,104 @@ def _cluster(table: dict, problems: list[str]) -> ClusterSection:
             f"{', '.join((['scheduler'] if 'scheduler' in table else []) + local)}."
         )
     return ClusterSection(**values)
+
+
+def _evaluate(table: dict | None, base: Path, problems: list[str]) -> EvaluateSection | None:
+    if table is None:
+        return None
+    _unknown("evaluate", table, SECTIONS["evaluate"], problems)
+    n_before = len(problems)
+    values: dict[str, Any] = {}
+    train = table.get("train")
+    if train is None:
+        problems.append('[evaluate] train is required: the retraining function as "module:function".')
+    elif not isinstance(train, str) or not _FACTORY.match(train.strip()):
+        problems.append(f'[evaluate] train must be "module:function" (e.g. "retrain:train"); got {_describe(train)}.')
+    else:
+        values["train"] = train.strip()
+    options = table.get("options", {})
+    if isinstance(options, Mapping):
+        values["options"] = dict(options)
+    else:
+        problems.append(f"[evaluate] options must be a table of keyword arguments; got {_describe(options)}.")
+    if "store" in table:
+        store = table["store"]
+        if not isinstance(store, str) or not store.strip():
+            problems.append(f"[evaluate] store must be a path or URL; got {_describe(store)}.")
+        else:
+            store = store.strip()
+            if not is_url(store):
+                store = os.path.expanduser(store)
+                store = store if os.path.isabs(store) else str(base / store)
+            values["store"] = store
+    methods = table.get("methods", ["lds"])
+    if isinstance(methods, str):
+        methods = [methods]
+    if not isinstance(methods, list) or not methods or not all(m in EVALUATE_METHODS for m in methods):
+        problems.append(
+            f"[evaluate] methods must be a list of {', '.join(repr(m) for m in EVALUATE_METHODS)}; "
+            f"got {_describe(methods)}."
+        )
+    else:
+        values["methods"] = tuple(dict.fromkeys(methods))
+    for key, minimum in (("n_subsets", 2), ("seeds", 1), ("bootstrap", 1)):
+        if key in table:
+            value = table[key]
+            if isinstance(value, int) and not isinstance(value, bool) and value >= minimum:
+                values[key] = value
+            else:
+                problems.append(f"[evaluate] {key} must be an integer of at least {minimum}; got {_describe(value)}.")
+    if "seed" in table:
+        value = table["seed"]
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            values["seed"] = value
+        else:
+            problems.append(f"[evaluate] seed must be a non-negative integer; got {_describe(value)}.")
+    for key, example in (("fraction", "0.5"), ("confidence", "0.95")):
+        if key in table:
+            value = table[key]
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1:
+                values[key] = float(value)
+            else:
+                problems.append(
+                    f"[evaluate] {key} must be a number between 0 and 1 (e.g. {example}); got {_describe(value)}."
+                )
+    if "loo_points" in table:
+        value = table["loo_points"]
+        if _positive_int(value):
+            values["loo_points"] = value
+        elif _index_list(value):
+            values["loo_points"] = tuple(value)
+        else:
+            problems.append(
+                "[evaluate] loo_points must be a number of random training points or a list of training "
+                f"indices; got {_describe(value)}."
+            )
+    if "warm_start" in table:
+        if isinstance(table["warm_start"], bool):
+            values["warm_start"] = table["warm_start"]
+        else:
+            problems.append(f"[evaluate] warm_start must be true or false; got {_describe(table['warm_start'])}.")
+    if "corrupted" in table:
+        if _index_list(table["corrupted"]):
+            values["corrupted"] = tuple(table["corrupted"])
+        else:
+            problems.append(
+                f"[evaluate] corrupted must be a list of training indices; got {_describe(table['corrupted'])}."
+            )
+    if "mislabel" in values.get("methods", ()) and not values.get("corrupted"):
+        problems.append('[evaluate] methods = ["mislabel"] needs corrupted = [...] (the corrupted training indices).')
+    if len(problems) != n_before:
+        return None
+    return EvaluateSection(**values)
+
+
+def _index_list(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+    )
 
 
 def _memory_limit_ok(value: Any) -> bool:

@@ -6,8 +6,10 @@ import click
 
 from .. import __version__
 from .demo import demo
+from .evaluate import evaluate
 from .inspect import inspect_store
 from .plot import plot
+from .rank import rank
 from .run import run
 from .top import top
 
@@ -21,8 +23,10 @@ def cli() -> None:
 cli.add_command(run)
 cli.add_command(inspect_store)
 cli.add_command(top)
+cli.add_command(rank)
 cli.add_command(plot)
 cli.add_command(demo)
+cli.add_command(evaluate)
 
 
 def main() -> None:

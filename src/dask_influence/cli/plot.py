@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Any
 
 import click
 import numpy as np
@@ -91,6 +92,66 @@ def histogram(
     fig.savefig(out, dpi=120)
 
 
+def evaluation_plot(group: Any, name: str, out: str, *, title: str | None = None) -> str:
+    """Predicted against actual changes of the evaluation ``name`` of a store (``dask-influence evaluate``).
+
+    LDS: each subset's predicted change of each test point's measurement against the measured
+    one, both centered per test point (the LDS ranks within a test point). LOO: the predicted
+    change ``influence / n_train`` against the retrained one, with the line y = x. Returns a
+    one-line description of what was drawn.
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:  # pragma: no cover - matplotlib is a dev dependency
+        raise ImportError("`dask-influence plot` needs matplotlib: pip install matplotlib") from None
+    from ..evaluate.records import ATTR, GROUP
+
+    found = sorted(group[GROUP].group_keys()) if GROUP in group else []
+    if name not in found:
+        raise ValueError(
+            f"The store has no evaluation {name!r}"
+            + (f" (it has {', '.join(found)})" if found else "; run `dask-influence evaluate JOB.toml` first")
+            + "."
+        )
+    sub = group[GROUP][name]
+    attrs = dict(sub.attrs.get(ATTR, {}))
+    result = attrs.get("result") or {}
+    kind = attrs.get("kind")
+    fig = Figure(figsize=(5.5, 5.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if kind == "lds" and "predictions" in sub:
+        predicted = np.asarray(sub["predictions"][...], dtype=np.float64)
+        actual = np.asarray(sub["measurements_mean"][...], dtype=np.float64)
+        predicted = predicted - predicted.mean(axis=0)
+        actual = actual - actual.mean(axis=0)
+        label = f"LDS {result.get('lds_mean', float('nan')):.3f}"
+        ax.set_xlabel("predicted change, centered per test point")
+        ax.set_ylabel("measured after retraining, centered per test point")
+    elif kind == "loo" and "predicted" in sub:
+        predicted = np.asarray(sub["predicted"][...], dtype=np.float64)
+        actual = np.asarray(sub["actual"][...], dtype=np.float64)
+        label = f"Pearson {result.get('pearson', float('nan')):.4f}"
+        ax.set_xlabel("predicted change of the test measurement (influence / n_train)")
+        ax.set_ylabel("actual change after retraining without the point")
+    else:
+        raise ValueError(
+            f"The evaluation {name!r} ({kind}) has no predictions to plot; run `dask-influence evaluate` to finish it."
+        )
+    ax.scatter(predicted.ravel(), actual.ravel(), s=8, alpha=0.6, color="#4C72B0")
+    both = np.concatenate([predicted.ravel(), actual.ravel()])
+    low, high = float(np.nanmin(both)), float(np.nanmax(both))
+    if kind == "loo":
+        ax.plot([low, high], [low, high], color="0.3", linewidth=0.8, linestyle="--", label="y = x")
+        ax.legend(loc="upper left")
+    ax.axhline(0.0, color="0.8", linewidth=0.6)
+    ax.axvline(0.0, color="0.8", linewidth=0.6)
+    ax.set_title(title or f"{name}: predicted vs actual ({label})")
+    fig.savefig(out, dpi=120)
+    return f"{name} ({kind}): {predicted.size:,} predicted vs actual pairs, {label}"
+
+
 @click.command()
 @click.argument("store", metavar="STORE")
 @click.option(
@@ -109,13 +170,31 @@ def histogram(
 )
 @click.option("--bins", type=click.IntRange(2), default=60, show_default=True, help="Histogram bins.")
 @click.option("--title", default=None, help="Title of the plot.")
-def plot(store: str, out: str, suspects: str | None, bins: int, title: str | None) -> None:
+@click.option(
+    "--evaluation",
+    metavar="NAME",
+    default=None,
+    help="Draw predicted vs actual of the store's evaluation NAME (lds, loo; see `dask-influence evaluate`) "
+    "instead of the histogram.",
+)
+def plot(store: str, out: str, suspects: str | None, bins: int, title: str | None, evaluation: str | None) -> None:
     """Plot a histogram of the mean influence of each training point of STORE.
 
     The mean is over the test points; harmful training points (e.g. mislabeled ones) sit
-    on the left. --suspects marks given indices in red.
+    on the left. --suspects marks given indices in red. --evaluation lds (or loo) draws
+    predicted against actual changes of an evaluation instead.
     """
     from .run import one_line
+
+    if evaluation is not None:
+        if suspects:
+            raise click.UsageError("--suspects marks the histogram; drop it with --evaluation.")
+        try:
+            drawn = evaluation_plot(open_store(store), evaluation, out, title=title)
+        except (ValueError, TypeError, OSError, ImportError) as exc:
+            raise click.ClickException(one_line(exc)) from None
+        click.echo(f"Wrote {out}: {drawn}.")
+        return
 
     try:
         group = open_store(store)

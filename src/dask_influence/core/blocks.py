@@ -123,6 +123,49 @@ def dense_block(
     block's curvature ``column_chunk`` at a time.
     """
     ranges, column_chunk = payload
+    result = _ggn_from_jacobians(solver, batch, ranges, weight)
+    if result is None:
+        result = _dense_from_products(solver, batch, ranges, column_chunk, weight)
+    if out is None:
+        return result
+    for total, matrix in zip(out, result):
+        total += matrix
+    return out
+
+
+# the GGN is formed from per-sample Jacobians when the outputs have at most this many entries
+JACOBIAN_MAX_OUTPUTS = 64
+
+
+def _ggn_from_jacobians(
+    solver: InfluenceModel, batch: Any, ranges: Sequence[tuple[int, int]], weight: float
+) -> list[Tensor] | None:
+    """``(n_b / n) * GGN_b`` per range from per-sample output Jacobians (``None``: not applicable)."""
+    from .operators import Curvature
+
+    if solver.curvature is not Curvature.ggn or solver.objective.outputs is None:
+        return None
+    functions = solver._functions
+    theta = solver.block_curvature().theta
+    with torch.no_grad():
+        first = functions.outputs(theta, batches.slice_rows(batch, 0, 1))
+    if not isinstance(first, Tensor) or int(first[0].numel()) > JACOBIAN_MAX_OUTPUTS:
+        return None
+    sums = functions.ggn_dense_sum(theta, batch, ranges)
+    if sums is None:
+        return None
+    scale = weight / batches.size(batch)  # the block's share of the mean loss, per sample
+    return [scale * total for total in sums]
+
+
+def _dense_from_products(
+    solver: InfluenceModel,
+    batch: Any,
+    ranges: Sequence[tuple[int, int]],
+    column_chunk: int,
+    weight: float,
+) -> list[Tensor]:
+    """``(n_b / n) * H_b`` per range from curvature products with ``column_chunk`` unit vectors at a time."""
     operator = solver.block_curvature()
     p = operator.size
     result = []
@@ -134,11 +177,7 @@ def dense_block(
             eye[torch.arange(a + c0, a + c1), torch.arange(c1 - c0)] = 1
             matrix[:, c0:c1] = (weight * operator.batch_matmat(batch, eye))[a:b]
         result.append(matrix)
-    if out is None:
-        return result
-    for total, matrix in zip(out, result):
-        total += matrix
-    return out
+    return result
 
 
 class SummedCurvatureOperator(LinearOperator):

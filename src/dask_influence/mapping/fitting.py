@@ -618,7 +618,7 @@ def solve_factors_on_cluster(
     todo = [i for i in range(len(graph.plan.test_sizes)) if graph.solve_key(i) in needed]
     if not todo:
         return 0
-    solved = {}
+    solved: dict[Any, Any] = {}
     start = time.perf_counter()
     with solving_on_cluster(solver, client, source) as cluster_solver:
         for i in todo:

@@ -1,0 +1,319 @@
+"""LDS and leave-one-out faithfulness of every solver, by retraining (``dask_influence.evaluate``).
+
+    python -m benchmarks.evaluation                       # digits MLP and digits CNN
+    python -m benchmarks.evaluation --tiny                # a smoke run (a minute on 2 cores)
+    python -m benchmarks.evaluation --problems digits-mlp --subsets 100 --seeds 2 --out eval.json
+
+Per problem (scikit-learn's 8x8 digits; a tanh MLP or a small CNN, float64) the model is
+trained on the objective ``mean cross-entropy + (lambda / 2) |theta|^2`` by full-batch
+L-BFGS, and every solver gets ``regularization = lambda`` (so ``H + lambda I`` is the
+Hessian of that objective). Then:
+
+- **LDS**: ``--subsets`` random halves of the training set, ``--seeds`` retrainings each
+  from a seeded initialization (the datamodel setting); the retrainings are run once and
+  recorded in a zarr store, and every solver's LDS is computed from the same measurements
+  (the second and later solvers find every run done: the resume path).
+- **LOO**: ``--loo`` random training points left out one at a time, each retraining warm
+  started from the trained weights; Pearson of predicted and actual test-loss changes over
+  all (test point, left-out point) pairs.
+- **Cost**: seconds per retraining, and the same retrainings on a LocalCluster of 1 and of
+  2 worker processes (cluster start-up not counted): the speed-up of 2 workers over 1.
+
+Prints a markdown table; ``--out`` writes the numbers as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+import dask_influence as di
+
+SOLVERS = ("Direct", "CG", "LiSSA", "Arnoldi", "Nystroem", "EK-FAC")
+
+
+def build(arch: str, hidden: int) -> nn.Module:
+    """The model of a problem, float64 (its initialization follows torch's global seed)."""
+    if arch == "digits-mlp":
+        return nn.Sequential(nn.Linear(64, hidden), nn.Tanh(), nn.Linear(hidden, 10)).double()
+    if arch == "digits-cnn":
+        return nn.Sequential(
+            nn.Conv2d(1, hidden, 3),
+            nn.Tanh(),
+            nn.AvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(hidden * 9, 10),
+        ).double()
+    raise ValueError(f"unknown problem {arch!r}; choose digits-mlp or digits-cnn.")
+
+
+class Trainer:
+    """``train(train_indices, seed, init=None) -> nn.Module``: full-batch L-BFGS on the L2 objective.
+
+    The initialization comes from ``seed`` (or ``init``, a state dict: warm start); the result
+    is deterministic given both.
+    """
+
+    def __init__(self, arch: str, hidden: int, x: torch.Tensor, y: torch.Tensor, lam: float, max_iter: int):
+        self.arch, self.hidden, self.x, self.y, self.lam, self.max_iter = arch, hidden, x, y, lam, max_iter
+
+    def __call__(self, train_indices, seed, init=None) -> nn.Module:
+        torch.manual_seed(int(seed))
+        model = build(self.arch, self.hidden)
+        if init is not None:
+            model.load_state_dict(init)
+        idx = torch.as_tensor(np.asarray(train_indices), dtype=torch.long)
+        x, y = self.x[idx], self.y[idx]
+        params = list(model.parameters())
+        opt = torch.optim.LBFGS(
+            params,
+            lr=1.0,
+            max_iter=self.max_iter,
+            history_size=30,
+            tolerance_grad=1e-9,
+            tolerance_change=1e-14,
+            line_search_fn="strong_wolfe",
+        )
+
+        def closure():
+            opt.zero_grad()
+            value = nn.functional.cross_entropy(model(x), y) + 0.5 * self.lam * sum((p * p).sum() for p in params)
+            value.backward()
+            return value
+
+        opt.step(closure)
+        return model.eval()
+
+
+@dataclass
+class Config:
+    problems: tuple[str, ...] = ("digits-mlp", "digits-cnn")
+    n_train: int = 400
+    n_test: int = 40
+    hidden: int = 16
+    lam: float = 1e-2
+    subsets: int = 50
+    seeds: int = 1
+    loo: int = 30
+    max_iter: int = 500
+    scaling_runs: int = 16
+    solvers: tuple[str, ...] = SOLVERS
+    extra: dict = field(default_factory=dict)
+
+
+TINY = Config(problems=("digits-mlp",), n_train=60, n_test=8, hidden=6, subsets=6, loo=4, max_iter=100, scaling_runs=8)
+
+
+def digits(n_train: int, n_test: int, arch: str):
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    order = np.random.default_rng(0).permutation(len(data.target))[: n_train + n_test]
+    images = torch.tensor(data.images[order] / 16.0, dtype=torch.float64)
+    x = images.reshape(len(order), 64) if arch == "digits-mlp" else images[:, None]
+    y = torch.tensor(data.target[order], dtype=torch.long)
+    return x[:n_train], y[:n_train], x[n_train:], y[n_train:]
+
+
+def make_solver(name: str, model: nn.Module, lam: float) -> di.InfluenceModel:
+    loss = nn.CrossEntropyLoss()
+    p = sum(q.numel() for q in model.parameters())
+    rank = min(30, p - 1)
+    if name == "Direct":
+        return di.DirectInfluence(model, loss, regularization=lam)
+    if name == "CG":
+        return di.CgInfluence(model, loss, regularization=lam)
+    if name == "LiSSA":
+        return di.LissaInfluence(model, loss, regularization=lam)
+    if name == "Arnoldi":
+        return di.ArnoldiInfluence(model, loss, regularization=lam, rank=rank)
+    if name == "Nystroem":
+        return di.NystroemSketchInfluence(model, loss, regularization=lam, rank=rank)
+    if name == "EK-FAC":
+        return di.EkfacInfluence(model, loss, regularization=lam)
+    raise ValueError(name)
+
+
+def run_problem(arch: str, cfg: Config, workdir: str) -> dict:
+    x, y, xt, yt = digits(cfg.n_train, cfg.n_test, arch)
+    trainer = Trainer(arch, cfg.hidden, x, y, cfg.lam, cfg.max_iter)
+    everything = np.arange(cfg.n_train)
+    t0 = time.perf_counter()
+    model = trainer(everything, 0)
+    base_seconds = time.perf_counter() - t0
+    with torch.no_grad():
+        accuracy = float((model(xt).argmax(1) == yt).double().mean())
+    loss = nn.CrossEntropyLoss()
+    out: dict = {
+        "problem": arch,
+        "params": sum(p.numel() for p in model.parameters()),
+        "n_train": cfg.n_train,
+        "n_test": cfg.n_test,
+        "test_accuracy": accuracy,
+        "training_seconds": base_seconds,
+        "solvers": {},
+    }
+    scores = {}
+    for name in cfg.solvers:
+        t0 = time.perf_counter()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                solver = make_solver(name, model, cfg.lam).fit((x, y))
+                scores[name] = solver.influences(xt, yt, x, y)
+            out["solvers"][name] = {"influence_seconds": time.perf_counter() - t0}
+        except Exception as exc:  # a solver that fails is reported, the others still run
+            out["solvers"][name] = {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:120]}"}
+    store = os.path.join(workdir, f"{arch}-evaluation.zarr")
+    points = di.evaluate.random_points(cfg.n_train, cfg.loo, seed=0)
+    common = {"train": trainer, "test": (xt, yt), "task": loss, "model": model, "store": store, "client": False}
+    for name, s in scores.items():
+        row = out["solvers"][name]
+        t0 = time.perf_counter()
+        r = di.evaluate.lds(s, n_subsets=cfg.subsets, seeds=cfg.seeds, **common)
+        lds_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        left_out = di.evaluate.loo(s, points=points, warm_start=True, **common)
+        loo_seconds = time.perf_counter() - t0
+        row.update(
+            lds=r.mean,
+            lds_interval=list(r.interval),
+            loo_pearson=left_out.pearson,
+            loo_pearson_per_test=float(np.nanmean(left_out.per_test)),
+        )
+        if r.retrained:  # the first solver retrains; the others find every run recorded
+            out["lds_runs"], out["lds_seconds_per_run"] = r.retrained, lds_seconds / r.retrained
+        if left_out.retrained:
+            out["loo_runs"], out["loo_seconds_per_run"] = left_out.retrained, loo_seconds / left_out.retrained
+    if "Direct" in scores and cfg.scaling_runs:
+        out["scaling"] = scaling(scores["Direct"], trainer, (xt, yt), loss, cfg)
+    return out
+
+
+def scaling(scores, trainer, test, loss, cfg: Config) -> dict:
+    """The same ``cfg.scaling_runs`` LDS retrainings on 1 and on 2 worker processes (start-up not counted)."""
+    from distributed import Client, LocalCluster
+
+    seconds = {}
+    for workers in (1, 2):
+        with (
+            LocalCluster(
+                n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+            ) as cluster,
+            Client(cluster) as client,
+        ):
+            client.run(_warm_up, trainer)  # imports, lazy set-up, one thread per worker: before the clock
+            t0 = time.perf_counter()
+            r = di.evaluate.lds(
+                scores, train=trainer, test=test, task=loss, n_subsets=cfg.scaling_runs, seed=99, client=client
+            )
+            seconds[workers] = time.perf_counter() - t0
+            assert r.retrained == cfg.scaling_runs
+    return {
+        "runs": cfg.scaling_runs,
+        "seconds_1": seconds[1],
+        "seconds_2": seconds[2],
+        "speedup": seconds[1] / seconds[2],
+    }
+
+
+def _warm_up(trainer: Trainer) -> None:
+    """On a worker: one torch thread, and one small retraining (imports and lazy set-up of torch)."""
+    import dask_influence.evaluate  # noqa: F401
+
+    torch.set_num_threads(1)
+    trainer(np.arange(10), 0)
+
+
+def markdown(report: dict) -> str:
+    lines = [f"Machine: {report['machine']}; torch {report['torch']}.", ""]
+    for res in report["problems"]:
+        lines += [
+            f"### {res['problem']}: {res['params']:,} parameters, n_train = {res['n_train']}, "
+            f"n_test = {res['n_test']}, test accuracy {res['test_accuracy']:.3f}",
+            "",
+            f"LDS over {report['config']['subsets']} subsets of 0.5 x {report['config']['seeds']} seed(s); "
+            f"LOO over {report['config']['loo']} left-out points (warm start).",
+            "",
+            "| solver | LDS mean | LDS 95% interval | LOO Pearson | LOO Pearson per test point | influences (s) |",
+            "|---|---:|---|---:|---:|---:|",
+        ]
+        for name, row in res["solvers"].items():
+            if "error" in row:
+                lines.append(f"| {name} | - | - | - | - | {row['error']} |")
+                continue
+            lo, hi = row["lds_interval"]
+            lines.append(
+                f"| {name} | {row['lds']:.3f} | [{lo:.3f}, {hi:.3f}] | {row['loo_pearson']:.3f} | "
+                f"{row['loo_pearson_per_test']:.3f} | {row['influence_seconds']:.2f} |"
+            )
+        lines.append("")
+        cost = [f"training on all points {res['training_seconds']:.2f} s"]
+        if "lds_seconds_per_run" in res:
+            cost.append(f"LDS retraining {res['lds_seconds_per_run']:.2f} s/run ({res['lds_runs']} runs)")
+        if "loo_seconds_per_run" in res:
+            cost.append(f"LOO retraining (warm start) {res['loo_seconds_per_run']:.2f} s/run ({res['loo_runs']} runs)")
+        lines.append("Retraining cost: " + "; ".join(cost) + ".")
+        if "scaling" in res:
+            s = res["scaling"]
+            lines.append(
+                f"Cluster: {s['runs']} retrainings in {s['seconds_1']:.2f} s on 1 worker, {s['seconds_2']:.2f} s on 2 "
+                f"workers: speed-up {s['speedup']:.2f}x."
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="A smoke run: tiny problem, few retrainings.")
+    parser.add_argument("--problems", default=None, help="Comma-separated: digits-mlp, digits-cnn.")
+    parser.add_argument("--n-train", type=int, default=None)
+    parser.add_argument("--n-test", type=int, default=None)
+    parser.add_argument("--subsets", type=int, default=None)
+    parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--loo", type=int, default=None)
+    parser.add_argument("--scaling-runs", type=int, default=None, help="Retrainings timed on 1 vs 2 workers (0: skip).")
+    parser.add_argument("--solvers", default=None, help="Comma-separated subset of " + ", ".join(SOLVERS))
+    parser.add_argument("--out", default=None, help="Write the results as JSON here.")
+    args = parser.parse_args(argv)
+    cfg = TINY if args.tiny else Config()
+    for key in ("n_train", "n_test", "subsets", "seeds", "loo", "scaling_runs"):
+        value = getattr(args, key)
+        if value is not None:
+            setattr(cfg, key, value)
+    if args.problems:
+        cfg.problems = tuple(p.strip() for p in args.problems.split(","))
+    if args.solvers:
+        cfg.solvers = tuple(s.strip() for s in args.solvers.split(","))
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as workdir:
+        problems = [run_problem(arch, cfg, workdir) for arch in cfg.problems]
+    report = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "torch": torch.__version__,
+        "config": {"subsets": cfg.subsets, "seeds": cfg.seeds, "loo": cfg.loo, "n_train": cfg.n_train},
+        "problems": problems,
+        "wall_seconds": time.perf_counter() - start,
+    }
+    print(markdown(report))
+    print(f"Total {report['wall_seconds']:.1f} s.")
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(report, fh, indent=2)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""``dask-influence evaluate JOB.toml``: score a job's influences against retraining.
+
+Steps: read the job file and its ``[evaluate]`` section, call the ``[model]`` factory (the
+trained model, the loss or ``[task]``, the datasets), import the train function
+(``[evaluate] train``), then run each of ``[evaluate] methods`` on the store
+(``[evaluate] store``, default ``[output] store``), which must be complete:
+
+- ``lds``: retrain on ``n_subsets`` random subsets (``seeds`` each), one task per run on the
+  cluster, and print the mean LDS with its bootstrap interval;
+- ``loo``: retrain without each of ``loo_points`` and print the Pearson correlation;
+- ``mislabel``: the AUC of finding ``corrupted`` by mean influence (and self-influence when
+  the store has it).
+
+Every finished retraining is written to the store's ``evaluation/<method>`` group at once;
+running the command again retrains only the runs that are missing (``--overwrite`` starts
+afresh). Where the runs go follows ``run``: ``--scheduler``, ``[cluster] scheduler``,
+``DASK_SCHEDULER_ADDRESS``, ``[cluster] sequential`` (this process), else an embedded
+``LocalCluster``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..errors import JobFileError
+
+
+@click.command()
+@click.argument("job_file", metavar="JOB.toml", type=click.Path(path_type=Path))
+@click.option("--scheduler", metavar="ADDRESS", default=None, help="Address of a running Dask scheduler.")
+@click.option("--overwrite", is_flag=True, help="Discard the recorded retrainings of this evaluation and start afresh.")
+@click.option("--quiet", "-q", is_flag=True, help="Print nothing but the results and errors.")
+@click.option("--traceback", is_flag=True, help="Show the full traceback of an error.")
+def evaluate(job_file: Path, scheduler: str | None, overwrite: bool, quiet: bool, traceback: bool) -> None:
+    """Evaluate the influences of JOB.toml's store against retraining ([evaluate] section).
+
+    Writes the runs and results to the store's evaluation/ group (`inspect` shows them,
+    `plot --evaluation lds` draws them); an interrupted evaluation, run again, retrains
+    only what is missing. See docs/evaluation.md.
+    """
+    from .run import user_errors
+
+    with user_errors(traceback):
+        lines = evaluate_job(job_file, scheduler=scheduler, overwrite=overwrite, quiet=quiet)
+    for line in lines:
+        click.echo(line)
+
+
+def evaluate_job(
+    job_file: str | os.PathLike, *, scheduler: str | None = None, overwrite: bool = False, quiet: bool = True
+) -> list[str]:
+    """Run the ``[evaluate]`` section of a job file; returns the result lines. Errors propagate."""
+    import torch
+
+    from .. import evaluate as ev
+    from ..jobfile import load_factory, load_job, load_problem
+
+    start = time.perf_counter()
+    job = load_job(job_file)
+    section = job.evaluate
+    if section is None:
+        raise JobFileError(
+            'the job file has no [evaluate] section; add one, e.g. [evaluate] train = "retrain:train".',
+            path=str(job_file),
+        )
+    store = section.store or job.output.store
+    scores = ev.StoreScores(store)  # a complete store of mode "up", before anything is trained
+    problem = load_problem(job)
+    model = problem.model
+    if job.cluster.gpu:
+        if not torch.cuda.is_available():
+            raise ValueError("[cluster] gpu = true but CUDA is not available here; set gpu = false.")
+        model = model.to("cuda")
+    train_fn = load_factory(job, section.train, "evaluate")
+    _send_by_value(train_fn, job.model.path)
+    train: Any = functools.partial(train_fn, **section.options) if section.options else train_fn
+    common = {"train": train, "test": problem.test, "task": problem.loss, "model": model, "seed": section.seed}
+    lines: list[str] = []
+    with ExitStack() as stack:
+        client, where = (False, "in this process")
+        if {"lds", "loo"} & set(section.methods):
+            client, where = _client(job, scheduler, stack)
+        _say(quiet, f"Evaluating {store} ({', '.join(section.methods)}) {where}...")
+        if "lds" in section.methods:
+            r = ev.lds(
+                scores,
+                n_subsets=section.n_subsets,
+                fraction=section.fraction,
+                seeds=section.seeds,
+                overwrite=overwrite,
+                client=client,
+                gpu=job.cluster.gpu,
+                confidence=section.confidence,
+                n_bootstrap=section.bootstrap,
+                **common,
+            )
+            lines.append(
+                f"LDS: mean {r.mean:.4f}, {section.confidence:.0%} interval [{r.interval[0]:.4f}, "
+                f"{r.interval[1]:.4f}] over {r.per_test.size:,} test points ({section.n_subsets} subsets of "
+                f"{section.fraction:g} x {section.seeds} seed(s); {r.retrained} retrained, {r.skipped} already done)"
+            )
+        if "loo" in section.methods:
+            points: Any
+            if isinstance(section.loo_points, int):
+                points = ev.random_points(scores.n_train, min(section.loo_points, scores.n_train), seed=section.seed)
+            else:
+                points = list(section.loo_points)
+            loo_result = ev.loo(
+                scores,
+                points=points,
+                warm_start=section.warm_start,
+                seeds=section.seeds,
+                overwrite=overwrite,
+                client=client,
+                gpu=job.cluster.gpu,
+                **common,
+            )
+            summary = loo_result.summary()
+            lines.append(
+                f"LOO: Pearson {loo_result.pearson:.4f} (per test point, mean {summary['pearson_per_test_mean']:.4f}) "
+                f"over {loo_result.points.size:,} left-out points x {loo_result.base.size:,} test points "
+                f"({loo_result.retrained} retrained, {loo_result.skipped} already done)"
+            )
+        if "mislabel" in section.methods:
+            aucs = ev.mislabel_detection(list(section.corrupted), scores=scores)
+            _record_mislabel(store, aucs, section.corrupted)
+            lines.append(
+                "Mislabel detection AUC: " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in aucs.items())
+            )
+    _say(quiet, f"Evaluated in {time.perf_counter() - start:.1f} s; results in {store}/evaluation.")
+    return lines
+
+
+def _record_mislabel(store: str, aucs: dict[str, float], corrupted: tuple[int, ...]) -> None:
+    """The mislabel AUCs as an evaluation group without runs (``evaluation/mislabel``)."""
+    import datetime as _dt
+
+    import numpy as np
+    import zarr
+
+    from ..evaluate.records import ATTR, GROUP, write_array
+
+    group: Any = zarr.open_group(store, mode="a").require_group(GROUP).create_group("mislabel", overwrite=True)
+    write_array(group, "corrupted", np.asarray(corrupted, dtype=np.int64))
+    group.attrs[ATTR] = {
+        "kind": "mislabel",
+        "config": {"corrupted": len(corrupted)},
+        "result": {f"auc_{k}": v for k, v in aucs.items()},
+        "computed": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+    }
+
+
+def _send_by_value(fn: Any, paths: tuple[str, ...]) -> None:
+    """Pickle the train function's module by value when it lives in the job's ``[model] path``.
+
+    The workers then need not import it (they may not have the job's directory on their path).
+    """
+    import sys
+
+    import cloudpickle
+
+    module = sys.modules.get(getattr(fn, "__module__", "") or "")
+    where = os.path.realpath(getattr(module, "__file__", "") or "")
+    if module is not None and where and any(where.startswith(os.path.realpath(p) + os.sep) for p in paths):
+        cloudpickle.register_pickle_by_value(module)
+
+
+def _say(quiet: bool, message: str) -> None:
+    if not quiet:
+        click.echo(message, err=True)
+
+
+def _client(job: Any, scheduler: str | None, stack: ExitStack) -> tuple[Any, str]:
+    """The client the runs go to (``None``: this process) and where that is, as ``run`` resolves it."""
+    from .run import SCHEDULER_ENV, _connect
+
+    address, source = scheduler, "--scheduler"
+    if not address and job.cluster.scheduler:
+        address, source = job.cluster.scheduler, "[cluster] scheduler"
+    if not address and not job.cluster.sequential and os.environ.get(SCHEDULER_ENV, "").strip():
+        address, source = os.environ[SCHEDULER_ENV].strip(), SCHEDULER_ENV
+    if address:
+        return stack.enter_context(_connect(address, source)), f"on the scheduler at {address}"
+    if job.cluster.sequential:
+        return False, "in this process (sequential)"
+    return stack.enter_context(_local_cluster(job)), "on an embedded LocalCluster"
+
+
+@contextmanager
+def _local_cluster(job: Any) -> Iterator[Any]:
+    from distributed import Client, LocalCluster
+
+    kwargs: dict[str, Any] = {}
+    if job.cluster.memory_limit is not None:
+        kwargs["memory_limit"] = job.cluster.memory_limit
+    if job.cluster.gpu:
+        kwargs["resources"] = {"GPU": 1}
+    workers = job.cluster.workers or (1 if job.cluster.gpu else (os.cpu_count() or 1))
+    with (
+        LocalCluster(
+            n_workers=workers,
+            threads_per_worker=job.cluster.threads or 1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+            **kwargs,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client

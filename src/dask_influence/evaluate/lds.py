@@ -1,0 +1,242 @@
+"""The linear datamodeling score (LDS): do influences rank retrained subsets correctly?
+
+Draw ``n_subsets`` random subsets ``S_m`` of the training set, each keeping a ``fraction``
+of it (:mod:`.subsets`; reproducible from ``seed``), retrain on each with ``seeds``
+training seeds, and measure every test point (the task's measurement, the loss by default).
+
+Sign convention. ``influence[i, j] = grad f(z_test_i)^T (H + lambda I)^-1 grad L(z_j)``;
+removing training point ``j`` changes the measurement ``f`` of test point ``i`` by about
+``+influence[i, j] / n_train`` (with ``f`` the loss, a positive influence is helpful: removing
+the point raises the test loss). A model trained on ``S`` (the complement removed) thus has
+
+    f_S(i)  ~  f_full(i) + (1 / n_train) * sum_{j not in S} influence[i, j],
+
+and this predicted change is the ``prediction`` of the subset; equivalently, up to a constant
+per test point, ``-(1 / n_train) * sum_{j in S} influence[i, j]``. The LDS of test point ``i`` is
+the Spearman correlation, over the subsets, between the prediction and the measurement
+(averaged over the seeds). A score matrix with the opposite sign gives the opposite LDS.
+
+The influence predicts retraining that keeps every other point's weight (``1 / n_train``)
+and the regularizer. A train function that takes the mean loss over the subset instead gives
+the regularizer more weight on every subset alike; Spearman over subsets of one size hardly
+sees it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from .records import MemoryRecords, ZarrRecords
+from .retrain import function_name, make_retraining, run_retrainings, test_checksum
+from .scores import as_scores
+from .stats import bootstrap_interval, spearman_rows
+from .subsets import check_count, check_seed, draw_subset, draw_subsets, subset_size, training_seeds
+
+
+@dataclass
+class LdsResult:
+    """The LDS of an influence matrix against retraining.
+
+    Attributes:
+        per_test: ``(n_test,)`` Spearman correlation of each test point (NaN where the
+            measurements or predictions do not vary over the subsets).
+        mean: the mean of ``per_test`` (NaN left out).
+        interval: ``(low, high)`` percentile bootstrap interval of ``mean`` (test points resampled).
+        predictions: ``(n_subsets, n_test)`` predicted change of each test point's measurement,
+            ``(1 / n_train) * sum_{j not in S_m} influence[i, j]``.
+        measurements: ``(n_subsets, n_test)`` measurement after retraining, mean over the seeds.
+        subsets: ``(n_subsets, n_train)`` boolean membership.
+        seed, fraction, seeds: the parameters that drew the subsets and seeded the training.
+        retrained, skipped: runs retrained by this call and runs found done in the store.
+        store: where the evaluation is recorded (``None``: in memory only).
+    """
+
+    per_test: np.ndarray
+    mean: float
+    interval: tuple[float, float]
+    predictions: np.ndarray
+    measurements: np.ndarray
+    subsets: np.ndarray
+    seed: int
+    fraction: float
+    seeds: int
+    retrained: int = 0
+    skipped: int = 0
+    store: str | None = None
+    training_seeds: list[int] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        """The numbers worth printing, as plain data."""
+        return {
+            "lds_mean": self.mean,
+            "lds_interval": list(self.interval),
+            "n_test": int(self.per_test.size),
+            "n_test_defined": int(np.isfinite(self.per_test).sum()),
+            "n_subsets": int(self.subsets.shape[0]),
+            "fraction": self.fraction,
+            "seeds": self.seeds,
+            "seed": self.seed,
+            "retrained": self.retrained,
+            "skipped": self.skipped,
+        }
+
+
+def lds(
+    scores: Any,
+    *,
+    train: Callable[..., Any],
+    test: Any,
+    task: Any,
+    model: nn.Module | None = None,
+    n_subsets: int = 50,
+    fraction: float = 0.5,
+    seeds: int = 1,
+    seed: int = 0,
+    store: str | None = None,
+    name: str = "lds",
+    overwrite: bool = False,
+    client: Any = None,
+    gpu: bool | None = None,
+    confidence: float = 0.95,
+    n_bootstrap: int = 1000,
+) -> LdsResult:
+    """The linear datamodeling score of ``scores`` (see the module docstring for the convention).
+
+    Args:
+        scores: the influences ``(n_test, n_train)``: a matrix (numpy, torch), the path or URL
+            of a complete store written by ``influences_to_zarr`` (mode ``"up"``), or a
+            :class:`~dask_influence.evaluate.scores.ScoreSource`.
+        train: ``train(train_indices, seed) -> model or state_dict`` (see :mod:`.retrain`).
+        test: the ``n_test`` test points, the rows of ``scores``, in order: a batch, a
+            ``Dataset`` or a non-shuffling ``DataLoader``.
+        task: a :class:`~dask_influence.Task` or a pair loss ``loss(outputs, targets)``: what
+            is measured on each test point (the task's measurement; the loss by default).
+        model: the trained model (needed when ``train`` returns state dicts).
+        n_subsets: subsets ``M`` (at least 2); ``fraction``: share of the training points each keeps.
+        seeds: retrainings per subset (their measurements are averaged); ``seed`` draws the
+            subsets and the training seeds.
+        store: the zarr store whose ``evaluation/<name>`` group records the runs (default: the
+            store of ``scores``; ``None`` with a matrix: memory only, nothing resumes).
+        overwrite: discard recorded runs of ``name``. Without it, runs already recorded by an
+            evaluation of the same configuration are kept and only the missing ones retrained.
+        client: a ``distributed.Client`` (one task per run); ``None``: the current client, else
+            this process; ``False``: this process. ``gpu``: the tasks need the Dask resource ``GPU=1`` (``None``: when
+            ``model`` is on CUDA).
+        confidence, n_bootstrap: the bootstrap interval of the mean.
+
+    Returns:
+        an :class:`LdsResult`; with a store, its summary is also in the group's attributes.
+    """
+    source = as_scores(scores)
+    check_count("n_subsets", n_subsets, minimum=2)
+    check_count("seeds", seeds)
+    check_seed(seed)
+    k = subset_size(source.n_train, fraction)
+    retraining = make_retraining(train, test, task, model=model)
+    n_test = _check_test_count(retraining.test, source.n_test)
+    masks = draw_subsets(source.n_train, n_subsets, fraction, seed)
+    train_seeds = training_seeds(seed, seeds)
+    runs = [(draw_subset(source.n_train, fraction, seed, m), s) for m in range(n_subsets) for s in train_seeds]
+    config = {
+        "n_train": source.n_train,
+        "n_test": n_test,
+        "n_subsets": n_subsets,
+        "fraction": fraction,
+        "subset_size": k,
+        "seeds": seeds,
+        "seed": seed,
+        "training_seeds": train_seeds,
+        "train": function_name(train),
+        "task": retraining.task.describe(),
+        "test_checksum": test_checksum(retraining.test),
+    }
+    where = store if store is not None else source.store
+    records: Any
+    if where is None:
+        records = MemoryRecords(len(runs), n_test)
+    else:
+        records = ZarrRecords(
+            str(where),
+            name,
+            kind="lds",
+            config=config,
+            n_runs=len(runs),
+            n_test=n_test,
+            overwrite=overwrite,
+            static={"subsets": masks},
+        )
+        recorded = np.asarray(records.group["subsets"][...], dtype=bool)
+        if not np.array_equal(recorded, masks):
+            raise ValueError(
+                f"The subsets recorded in {where!r} differ from those drawn again from seed {seed} "
+                "(another numpy random generator?); pass overwrite=True to start afresh."
+            )
+    report = run_retrainings(retraining, runs, records, client=client, gpu=gpu)
+    measured = records.read().reshape(n_subsets, seeds, n_test).mean(axis=1)
+    result = lds_from(source, masks, measured, confidence=confidence, n_bootstrap=n_bootstrap, seed=seed)
+    out = LdsResult(
+        per_test=result["per_test"],
+        mean=result["mean"],
+        interval=result["interval"],
+        predictions=result["predictions"],
+        measurements=measured,
+        subsets=masks,
+        seed=seed,
+        fraction=fraction,
+        seeds=seeds,
+        retrained=report["retrained"],
+        skipped=report["skipped"],
+        store=None if where is None else str(where),
+        training_seeds=train_seeds,
+    )
+    summary = out.summary()
+    summary["confidence"] = confidence
+    records.save({"lds": out.per_test, "predictions": out.predictions, "measurements_mean": measured}, summary)
+    return out
+
+
+def lds_from(
+    scores: Any,
+    masks: np.ndarray,
+    measurements: np.ndarray,
+    *,
+    confidence: float = 0.95,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """LDS from measurements already taken: ``masks`` ``(M, n_train)``, ``measurements`` ``(M, n_test)``.
+
+    Returns ``per_test`` ``(n_test,)``, ``mean``, ``interval`` and ``predictions`` ``(M, n_test)``.
+    """
+    source = as_scores(scores)
+    masks = np.asarray(masks, dtype=bool)
+    measurements = np.asarray(measurements, dtype=np.float64)
+    if masks.shape[1] != source.n_train or measurements.shape != (masks.shape[0], source.n_test):
+        raise ValueError(
+            f"masks {masks.shape} and measurements {measurements.shape} do not fit scores of "
+            f"shape ({source.n_test}, {source.n_train}): need (M, n_train) and (M, n_test)."
+        )
+    sums = source.subset_sums(np.vstack([masks, np.ones((1, source.n_train), dtype=bool)]))  # one pass
+    removed = sums[:, -1:] - sums[:, :-1]  # (n_test, M): the sum over the points each subset leaves out
+    predictions = (removed / source.n_train).T
+    per_test = spearman_rows(predictions.T, measurements.T)
+    finite = per_test[np.isfinite(per_test)]
+    mean = float(finite.mean()) if finite.size else float("nan")
+    interval = bootstrap_interval(per_test, confidence=confidence, n_bootstrap=n_bootstrap, seed=seed)
+    return {"per_test": per_test, "mean": mean, "interval": interval, "predictions": predictions}
+
+
+def _check_test_count(test: Any, n_test: int) -> int:
+    from ..core import batches
+
+    n = batches.size(test)
+    if n != n_test:
+        raise ValueError(
+            f"test has {n} points but scores have {n_test} rows; pass the test points the scores were computed for."
+        )
+    return n

@@ -1,0 +1,243 @@
+"""Where the measurements of the retrainings are kept: a zarr group, or memory.
+
+An evaluation named ``name`` (``"lds"``, ``"loo"``) of a store lives in the group
+``<store>/evaluation/<name>``:
+
+- ``measurements`` ``(n_runs, n_test)`` float64, one chunk per run (row), NaN until written:
+  the measurement of every test point by the model of that retraining;
+- ``measurements_done`` ``(n_runs,)`` int8, one chunk per run: set to 1 after the run's row
+  is written (a row without its flag counts as not done);
+- the evaluation's own arrays (the subsets, the per-test results; see :mod:`.lds`, :mod:`.loo`);
+- attributes under ``"dask_influence_evaluation"``: ``kind``, ``config`` (what the runs
+  depend on: sizes, seeds, subsets' parameters, the train function's and task's names, a
+  checksum of the test data) and, once computed, ``result`` (the summary numbers).
+
+The worker that finishes a retraining writes its row and then its flag (:class:`RunTarget`),
+so an interrupted evaluation keeps every finished run; a rerun with the same configuration
+retrains only the runs whose flag is unset. A different configuration under the same name is
+refused (pass ``overwrite=True``, or another ``name``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import StoreError
+
+ATTR = "dask_influence_evaluation"
+GROUP = "evaluation"
+
+
+class MemoryRecords:
+    """The measurements of ``n_runs`` runs on ``n_test`` test points, in memory (nothing resumes)."""
+
+    target: RunTarget | None = None
+    store: str | None = None
+
+    def __init__(self, n_runs: int, n_test: int):
+        self.values = np.full((n_runs, n_test), np.nan)
+        self.flags = np.zeros(n_runs, dtype=bool)
+
+    def done(self) -> np.ndarray:
+        """``(n_runs,)`` booleans: the runs already measured."""
+        return self.flags.copy()
+
+    def write(self, r: int, row: np.ndarray) -> None:
+        """Record run ``r``'s measurements ``(n_test,)``."""
+        self.values[r] = row
+        self.flags[r] = True
+
+    def read(self) -> np.ndarray:
+        """``(n_runs, n_test)``: every run's measurements (NaN where not done)."""
+        return self.values.copy()
+
+    def save(self, arrays: dict[str, np.ndarray], result: dict) -> None:
+        """Nothing to save for an evaluation in memory."""
+
+
+@dataclass(frozen=True)
+class RunTarget:
+    """Where a worker writes one run: the store and the evaluation's group inside it."""
+
+    store: str
+    path: str
+
+    def write(self, r: int, row: np.ndarray) -> None:
+        """Write run ``r``'s row ``(n_test,)``, then its done flag."""
+        import zarr
+
+        group: Any = zarr.open_group(self.store, path=self.path, mode="r+")
+        group["measurements"][r : r + 1, :] = np.asarray(row, dtype=np.float64)[None, :]
+        group["measurements_done"][r : r + 1] = np.ones(1, dtype=np.int8)
+
+
+class ZarrRecords:
+    """The measurements in ``<store>/evaluation/<name>`` (see the module docstring).
+
+    Creates the group, or reopens one written with the same ``config`` (its finished runs
+    kept); ``overwrite`` starts afresh.
+
+    Raises:
+        StoreError: the group holds an evaluation of another configuration (or kind).
+    """
+
+    def __init__(
+        self,
+        store: str,
+        name: str,
+        *,
+        kind: str,
+        config: dict,
+        n_runs: int,
+        n_test: int,
+        overwrite: bool = False,
+        static: dict[str, np.ndarray] | None = None,
+    ):
+        import zarr
+
+        from ..storage.layout import codecs
+
+        check_name(name)
+        self.store = store
+        self.path = f"{GROUP}/{name}"
+        config = json.loads(json.dumps(_json_ready(config), sort_keys=True))
+        root: Any = zarr.open_group(store, mode="a")
+        parent: Any = root.require_group(GROUP)
+        self.group: Any
+        if name in parent and not overwrite:
+            existing = parent[name]
+            recorded = dict(existing.attrs.get(ATTR, {}))
+            if recorded.get("kind") != kind or recorded.get("config") != config:
+                raise StoreError(
+                    f"The store {store!r} holds an evaluation {name!r} of another configuration "
+                    f"({_difference(recorded.get('config') or {}, config, recorded.get('kind'), kind)}); pass "
+                    f"overwrite=True (--overwrite) to replace it, or another name to keep both."
+                )
+            self.group = existing
+            return
+        group: Any = parent.create_group(name, overwrite=True)
+        compress = codecs()
+        group.create_array(
+            "measurements",
+            shape=(n_runs, n_test),
+            chunks=(1, n_test),
+            dtype="float64",
+            fill_value=np.nan,
+            config={"write_empty_chunks": True},
+            **compress,
+        )
+        group.create_array("measurements_done", shape=(n_runs,), chunks=(1,), dtype="int8", fill_value=0, **compress)
+        for key, value in (static or {}).items():
+            write_array(group, key, value)
+        group.attrs[ATTR] = {
+            "kind": kind,
+            "config": config,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+        }
+        self.group = group
+
+    @property
+    def target(self) -> RunTarget:
+        """Where the workers write their runs."""
+        return RunTarget(self.store, self.path)
+
+    def done(self) -> np.ndarray:
+        """``(n_runs,)`` booleans: the runs whose flag is set (an unreadable flag: not done)."""
+        from ..storage.completion import read_flags
+
+        return read_flags(self.group["measurements_done"])[0]
+
+    def write(self, r: int, row: np.ndarray) -> None:
+        """Write run ``r``'s measurements ``(n_test,)``, then its flag."""
+        self.target.write(r, row)
+
+    def read(self) -> np.ndarray:
+        """``(n_runs, n_test)``: the measurements of the runs flagged done (NaN elsewhere)."""
+        values = np.asarray(self.group["measurements"][...], dtype=np.float64)
+        values[~self.done()] = np.nan
+        return values
+
+    def save(self, arrays: dict[str, np.ndarray], result: dict) -> None:
+        """Write the evaluation's result arrays and its summary ``result`` (attributes)."""
+        for key, value in arrays.items():
+            write_array(self.group, key, value)
+        attrs = dict(self.group.attrs[ATTR])
+        attrs["result"] = _json_ready(result)
+        attrs["computed"] = _dt.datetime.now(_dt.timezone.utc).isoformat()
+        self.group.attrs[ATTR] = attrs
+
+
+def write_array(group: Any, key: str, value: np.ndarray) -> None:
+    """Write ``value`` as the array ``key`` of ``group`` (replacing one of that name)."""
+    from ..storage.layout import codecs
+
+    value = np.asarray(value)
+    chunks = (1,) + value.shape[1:] if value.ndim >= 2 else value.shape or (1,)
+    array = group.create_array(key, shape=value.shape, chunks=chunks, dtype=value.dtype, overwrite=True, **codecs())
+    array[...] = value
+
+
+def check_name(name: str) -> None:
+    """Raise ``ValueError`` unless ``name`` is a plain name for a zarr group."""
+    if not isinstance(name, str) or not name or not all(c.isalnum() or c in "_-" for c in name):
+        raise ValueError(f"name must be a plain name such as 'lds' (letters, digits, '_', '-'); got {name!r}.")
+
+
+def read_evaluations(group: Any) -> dict[str, dict]:
+    """The evaluations of a store's group: ``{name: {kind, config, runs_done, runs, result}}``.
+
+    Empty without an ``evaluation`` group. Used by ``inspect``.
+    """
+    from ..storage.completion import read_flags
+
+    if GROUP not in group:
+        return {}
+    out = {}
+    parent = group[GROUP]
+    for name in sorted(parent.group_keys()):
+        sub = parent[name]
+        attrs = dict(sub.attrs.get(ATTR, {}))
+        if not attrs:
+            continue
+        flags = read_flags(sub["measurements_done"])[0] if "measurements_done" in sub else np.zeros(0, dtype=bool)
+        out[name] = {
+            "kind": attrs.get("kind"),
+            "config": attrs.get("config", {}),
+            "runs_done": int(flags.sum()),
+            "runs": int(flags.size),
+            "result": attrs.get("result"),
+        }
+    return out
+
+
+def _difference(old: dict, new: dict, old_kind: Any, new_kind: Any) -> str:
+    if old_kind != new_kind:
+        return f"kind {old_kind!r}, not {new_kind!r}"
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    shown = [f"{k} {_short(old.get(k))} -> {_short(new.get(k))}" for k in keys[:3]]
+    return ", ".join(shown) + (" ..." if len(keys) > 3 else "")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _json_ready(value: Any) -> Any:
+    """``value`` as JSON data: numpy scalars and arrays as Python values, NaN and Inf as ``None``."""
+    if isinstance(value, dict):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_json_ready(v) for v in (value.tolist() if isinstance(value, np.ndarray) else value)]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
