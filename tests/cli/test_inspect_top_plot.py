@@ -227,3 +227,11 @@ def test_rank_on_an_incomplete_store_and_a_perturbation_store(stores):
     assert "Warning: 58 training point(s) have chunks not computed yet" in result.output  # blocks 0 and 2: 32 + 26
     result = invoke("rank", stores["perturbation"])
     assert result.exit_code == 1 and "needs a store in mode 'up'" in result.output
+
+
+def test_plot_title_names_the_store_method_and_mode(stores):
+    from dask_influence.cli.plot import default_title
+
+    group = zarr.open_group(str(stores["complete"]), mode="r")
+    title = default_title(str(stores["complete"]), group)
+    assert title == "complete.zarr: mean influence per training point (DirectInfluence, regularization 0.001, mode up)"

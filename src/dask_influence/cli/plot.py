@@ -15,6 +15,7 @@ from typing import Any
 import click
 import numpy as np
 
+from ..storage.layout import ATTR
 from ..storage.read import mean_influence, open_store, require_up_mode
 
 
@@ -90,6 +91,16 @@ def histogram(
     ax.set_title(title or "Mean influence of each training point")
     ax.legend(loc="upper left")
     fig.savefig(out, dpi=120)
+
+
+def default_title(store: str, group: Any) -> str:
+    """``"<store name>: mean influence per training point (<method>, mode <mode>)"``."""
+    config = dict(group.attrs.get(ATTR, {})).get("config") or {}
+    name = os.path.basename(os.path.normpath(store)) or store
+    method = config.get("method") or "unknown method"
+    reg = config.get("regularization")
+    details = f"{method}" + (f", regularization {reg:g}" if isinstance(reg, (int, float)) else "")
+    return f"{name}: mean influence per training point ({details}, mode {config.get('mode', 'up')})"
 
 
 def evaluation_plot(group: Any, name: str, out: str, *, title: str | None = None) -> str:
@@ -203,7 +214,7 @@ def plot(store: str, out: str, suspects: str | None, bins: int, title: str | Non
         if not np.isfinite(mean).any():
             raise ValueError(f"No influences in {store!r} are computed yet; run the job with --resume.")
         marked = parse_suspects(suspects, mean.size) if suspects else None
-        histogram(mean, out, suspects=marked, bins=bins, title=title)
+        histogram(mean, out, suspects=marked, bins=bins, title=title or default_title(store, group))
     except (ValueError, TypeError, OSError, ImportError) as exc:
         raise click.ClickException(one_line(exc)) from None
     n_test = group["influences"].shape[0]
