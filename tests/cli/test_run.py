@@ -108,18 +108,6 @@ def invoke(*args, env=None):
     return result
 
 
-@pytest.fixture(autouse=True)
-def restore_imports():
-    """`run` in this process puts the factory's directory on sys.path and imports `factory`."""
-    path, had = list(sys.path), sys.modules.get("factory")
-    yield
-    sys.path[:] = path
-    if had is None:
-        sys.modules.pop("factory", None)
-    else:
-        sys.modules["factory"] = had
-
-
 # -- embedded LocalCluster -----------------------------------------------------------------------
 
 

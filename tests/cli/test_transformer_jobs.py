@@ -21,18 +21,6 @@ pytest.importorskip("transformers")
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "transformers"
 
 
-@pytest.fixture(autouse=True)
-def restore_imports():
-    """`run` puts the factory's directory on sys.path and imports `factory`."""
-    path, had = list(sys.path), sys.modules.get("factory")
-    yield
-    sys.path[:] = path
-    if had is None:
-        sys.modules.pop("factory", None)
-    else:
-        sys.modules["factory"] = had
-
-
 def _small_job(tmp_path, name, options, blocks):
     shutil.copy(EXAMPLE / "factory.py", tmp_path / "factory.py")
     text = (EXAMPLE / name).read_text()

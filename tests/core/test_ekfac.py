@@ -16,19 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dask_influence.core.solvers import ekfac as ekfac_module
 from dask_influence.core.solvers.direct import DirectInfluence
 from dask_influence.core.solvers.ekfac import EkfacInfluence
 from dask_influence.errors import NotPositiveDefiniteError
 
 DT = torch.float64
-
-
-@pytest.fixture(params=["layers", "flat"])
-def scoring(request, monkeypatch):
-    """Both routes of up-weighting scores: per-layer contractions, and flat per-sample gradients."""
-    monkeypatch.setattr(ekfac_module, "FLAT_SCORING_MAX_PARAMS", 0 if request.param == "layers" else 10**9)
-    return request.param
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from .records import MemoryRecords, ZarrRecords
+from .records import ZarrRecords, open_records
 from .retrain import function_name, make_retraining, run_retrainings, test_checksum
 from .scores import as_scores
 from .stats import bootstrap_interval, spearman_rows
@@ -156,20 +156,17 @@ def lds(
         "test_checksum": test_checksum(retraining.test),
     }
     where = store if store is not None else source.store
-    records: Any
-    if where is None:
-        records = MemoryRecords(len(runs), n_test)
-    else:
-        records = ZarrRecords(
-            str(where),
-            name,
-            kind="lds",
-            config=config,
-            n_runs=len(runs),
-            n_test=n_test,
-            overwrite=overwrite,
-            static={"subsets": masks},
-        )
+    records = open_records(
+        where,
+        name,
+        kind="lds",
+        config=config,
+        n_runs=len(runs),
+        n_test=n_test,
+        overwrite=overwrite,
+        static={"subsets": masks},
+    )
+    if isinstance(records, ZarrRecords):
         recorded = np.asarray(records.group["subsets"][...], dtype=bool)
         if not np.array_equal(recorded, masks):
             raise ValueError(

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from .records import MemoryRecords, ZarrRecords
+from .records import open_records
 from .retrain import function_name, make_retraining, run_retrainings, test_checksum
 from .scores import StoreScores, as_scores
 from .stats import pearson, pearson_rows
@@ -128,20 +128,16 @@ def loo(
         "test_checksum": test_checksum(retraining.test),
     }
     where = store if store is not None else source.store
-    records: Any
-    if where is None:
-        records = MemoryRecords(len(runs), n_test)
-    else:
-        records = ZarrRecords(
-            str(where),
-            name,
-            kind="loo",
-            config=config,
-            n_runs=len(runs),
-            n_test=n_test,
-            overwrite=overwrite,
-            static={"points": chosen},
-        )
+    records = open_records(
+        where,
+        name,
+        kind="loo",
+        config=config,
+        n_runs=len(runs),
+        n_test=n_test,
+        overwrite=overwrite,
+        static={"points": chosen},
+    )
     report = run_retrainings(retraining, runs, records, client=client, gpu=gpu)
     measured = records.read().reshape(1 + chosen.size, seeds, n_test).mean(axis=1)
     base = measured[0]

@@ -172,6 +172,33 @@ class ZarrRecords:
         self.group.attrs[ATTR] = attrs
 
 
+def open_records(
+    where: Any,
+    name: str,
+    *,
+    kind: str,
+    config: dict,
+    n_runs: int,
+    n_test: int,
+    overwrite: bool,
+    static: dict[str, np.ndarray],
+) -> MemoryRecords | ZarrRecords:
+    """The records of an evaluation: in memory when ``where`` (a store) is ``None``, else the
+    resumable ``evaluation/<name>`` group of that store (see :class:`ZarrRecords`)."""
+    if where is None:
+        return MemoryRecords(n_runs, n_test)
+    return ZarrRecords(
+        str(where),
+        name,
+        kind=kind,
+        config=config,
+        n_runs=n_runs,
+        n_test=n_test,
+        overwrite=overwrite,
+        static=static,
+    )
+
+
 def write_array(group: Any, key: str, value: np.ndarray) -> None:
     """Write ``value`` as the array ``key`` of ``group`` (replacing one of that name)."""
     from ..storage.layout import codecs
