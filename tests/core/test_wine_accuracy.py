@@ -85,3 +85,16 @@ def test_stochastic_lissa_on_wine_finds_the_flipped_labels(wine):
         mean = _mean_influence(solver, problem, train)
     assert pearsonr(mean, reference)[0] >= 0.97
     assert _auc(problem, mean) >= 0.95
+
+
+@pytest.mark.parametrize(
+    "cls, target",
+    [(di.CgInfluence, 0.999), (di.ArnoldiInfluence, 0.988), (di.NystroemSketchInfluence, 0.995)],
+    ids=["cg", "arnoldi", "nystroem"],
+)
+def test_defaults_reach_the_reference_accuracy(wine, cls, target):
+    """Issue 16: a user who passes only the regularization gets the reference document's
+    accuracy on the wine setting (Pearson of the mean influences against Direct)."""
+    problem, train, reference = wine
+    solver = cls(problem.model, problem.loss, regularization=problem.regularization).fit(train)
+    assert pearsonr(_mean_influence(solver, problem, train), reference)[0] >= target

@@ -27,6 +27,10 @@ from .base import InfluenceModel
 from .config import REQUIRED, SolverConfig, check_positive_int, check_rank, check_seed, hyperparameter
 from .registry import register
 
+DEFAULT_RANK = 30
+"""Probe vectors by default: on the wine outlier setting the mean influences reach Pearson
+0.996-0.997 against Direct at rank 30 over sketch seeds (0.96-0.99 at rank 10)."""
+
 
 @dataclass(frozen=True)
 class NystroemConfig(SolverConfig):
@@ -35,14 +39,15 @@ class NystroemConfig(SolverConfig):
     regularization: float = hyperparameter(
         REQUIRED, "lambda > 0 (required: outside the sketched subspace the curvature is taken to be zero)."
     )
-    rank: int = hyperparameter(10, "The number of random probe vectors, 1 <= rank <= p.")
+    rank: int | None = hyperparameter(None, "The number of random probe vectors, 1 <= rank <= p; None: min(30, p).")
     seed: int = hyperparameter(0, "Seeds the Gaussian test matrix.")
 
     solve_time: ClassVar[frozenset[str]] = frozenset({"regularization"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_positive_int("rank", self.rank)
+        if self.rank is not None:
+            check_positive_int("rank", self.rank)
         check_seed(self.seed)
 
 
@@ -63,7 +68,8 @@ class NystroemSketchInfluence(InfluenceModel):
     Args:
         model, loss, curvature, chunk_size: as for every solver.
         regularization: ``lambda > 0``, required.
-        rank: the number of random probe vectors, ``1 <= rank <= p``. The state keeps
+        rank: the number of random probe vectors, ``1 <= rank <= p``; ``None`` (default):
+            ``min(30, p)``. The state keeps
             ``rank`` eigenpairs (fewer when ``H`` restricted to the probes is not positive
             definite).
         seed: seeds the Gaussian test matrix.
@@ -79,7 +85,8 @@ class NystroemSketchInfluence(InfluenceModel):
         if config.regularization <= 0:
             raise ValueError(self._regularization_message(config.regularization))
         p = self.num_params
-        check_rank(config.rank, p, f"Pass rank={p} or less.")  # type: ignore[attr-defined]
+        if config.rank is not None:  # type: ignore[attr-defined]
+            check_rank(config.rank, p, f"Pass rank={p} or less.")  # type: ignore[attr-defined]
 
     @property
     def eigenvalues_(self) -> Tensor:
@@ -99,6 +106,12 @@ class NystroemSketchInfluence(InfluenceModel):
         self.state_ = None
         generator = torch.Generator().manual_seed(self.seed)
         self.state_ = nystroem_sketch(operator, self.rank, generator)
+
+    @property
+    def rank(self) -> int:
+        """The number of probe vectors: the configured ``rank``, or ``min(DEFAULT_RANK, p)``."""
+        configured = self.config.rank  # type: ignore[attr-defined]
+        return int(configured) if configured is not None else min(DEFAULT_RANK, self.num_params)
 
     def _solve(self, rhs: Tensor) -> Tensor:
         assert self.state_ is not None
