@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from ..evaluate.records import read_evaluations
 from ..storage.read import (
     chunk_ranges,
     describe,
@@ -84,6 +85,12 @@ def render(d: dict) -> str:
         features = f" x features {tuple(shape[2:])}" if len(shape) > 2 else ""
         lines.append(f"Influences: {shape[0]:,} test x {shape[1]:,} train points{features}")
     lines.append(f"Blocks: test {_sizes(d['test_block_sizes'])}, train {_sizes(d['train_block_sizes'])}")
+    fit = d.get("fit") or {}
+    if fit.get("generation", 1) > 1:
+        lines.append(
+            f"Fit: generation {fit['generation']} ({fit.get('reason')}, since {fit.get('since')}); "
+            "chunks of earlier fits count as not done"
+        )
     lines.append("Completion:")
     labels = {"influences": "chunks", "self_influences": "train blocks", "top_k": "test blocks"}
     for name, c in d["completion"].items():
@@ -116,17 +123,21 @@ def render(d: dict) -> str:
     if check is not None:
         damaged = sum(len(v) for v in check["damaged"].values())
         flags = sum(len(v) for v in check["unreadable_flags"].values())
-        if damaged or flags:
+        wrong = sum(len(v) for v in check.get("wrong_flags", {}).values())
+        if damaged or flags or wrong:
             found = "; ".join(f"{k} {v}" for k, v in {**check["damaged"]}.items())
             lines.append(f"Verify: {damaged} damaged chunk(s): {found}" if damaged else "Verify: no damaged chunk")
             if flags:
                 lines.append(f"Verify: {flags} unreadable done flag(s): {check['unreadable_flags']}")
+            if wrong:
+                lines.append(f"Verify: {wrong} chunk(s) marked done by the manifest but not by their flags")
             lines.append("  (run the job again with --resume to recompute them)")
         else:
             lines.append(
                 f"Verify: all {check['checked']} flagged chunks read and decoded "
                 f"({check['bytes_read'] / 2**20:.1f} MiB in {check['seconds']:.2f} s)"
             )
+    lines.extend(render_evaluations(d.get("evaluation") or {}))
     versions = d.get("versions") or {}
     if versions:
         lines.append("Written by: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
@@ -135,12 +146,42 @@ def render(d: dict) -> str:
     return "\n".join(lines)
 
 
+def render_evaluations(evaluations: dict) -> list[str]:
+    """The ``Evaluation:`` lines of ``inspect``: each evaluation's runs and results (none: no lines)."""
+    if not evaluations:
+        return []
+    lines = ["Evaluation (dask-influence evaluate; plot --evaluation NAME draws it):"]
+    for name, e in evaluations.items():
+        result = e.get("result") or {}
+        runs = f"{e['runs_done']}/{e['runs']} retrainings" if e.get("runs") else "no retraining"
+        if e.get("kind") == "lds" and result:
+            low, high = result.get("lds_interval") or (None, None)
+            text = (
+                f"LDS mean {_fmt(result.get('lds_mean'))} [{_fmt(low)}, {_fmt(high)}] over "
+                f"{result.get('n_test')} test points, {result.get('n_subsets')} subsets of "
+                f"{_fmt(result.get('fraction'))} x {result.get('seeds')} seed(s), seed {result.get('seed')}"
+            )
+        elif e.get("kind") == "loo" and result:
+            text = (
+                f"LOO Pearson {_fmt(result.get('pearson'))} (per test point "
+                f"{_fmt(result.get('pearson_per_test_mean'))}) over {result.get('n_points')} left-out points"
+            )
+        elif e.get("kind") == "mislabel" and result:
+            text = "AUC " + ", ".join(f"{k[4:].replace('_', ' ')} {_fmt(v)}" for k, v in result.items())
+        else:
+            text = "not computed yet; run `dask-influence evaluate` again to finish it"
+        lines.append(f"  {name:<10} {runs:<22} {text}")
+    return lines
+
+
 @click.command(name="inspect")
 @click.argument("store", metavar="STORE")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-@click.option("--no-stats", is_flag=True, help="Skip the summary statistics (they read every computed chunk).")
+@click.option("--no-stats", is_flag=True, help="Skip the summary statistics (they stream every computed chunk).")
 @click.option(
-    "--verify", is_flag=True, help="Read and decode every chunk flagged done (checksums) and list damaged ones."
+    "--verify",
+    is_flag=True,
+    help="Check the done state against the files: read every done flag and chunk (checksums), list damaged ones.",
 )
 def inspect_store(store: str, as_json: bool, no_stats: bool, verify: bool) -> None:
     """Show the shapes, method, completion and statistics of a STORE.
@@ -153,6 +194,7 @@ def inspect_store(store: str, as_json: bool, no_stats: bool, verify: bool) -> No
     try:
         group = open_store(store)
         d = describe(store, group, stats=not no_stats, verify=verify)
+        d["evaluation"] = read_evaluations(group)
     except (ValueError, TypeError, OSError) as exc:
         raise click.ClickException(one_line(exc)) from None
     if as_json:

@@ -14,6 +14,7 @@ process); an embedded ``LocalCluster`` with ``[cluster] workers / threads / memo
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -95,6 +96,13 @@ def foreign_error(exc: BaseException) -> str:
     help="Complete an existing store of the same job, computing only its missing chunks "
     "(creates the store if there is none).",
 )
+@click.option(
+    "--verify",
+    "verify",
+    is_flag=True,
+    help="With --resume, read and decode every done flag and chunk before trusting them (about one "
+    "read of the store); by default only the chunk files are listed (finds deleted chunks).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
 @click.option(
     "--break-lock",
@@ -115,6 +123,7 @@ def run(
     job_file: Path,
     scheduler: str | None,
     resume: bool,
+    verify: bool,
     overwrite: bool,
     break_lock: bool,
     fit_only: bool,
@@ -141,11 +150,29 @@ def run(
             break_lock=break_lock,
             fit_only=fit_only,
             refit=refit,
+            verify=verify,
         )
     if not complete:
         raise click.ClickException(summary)
     if not quiet:
         click.echo(summary)
+
+
+class _Progress(logging.Handler):
+    """The library's INFO lines (a line per fitting pass, per client-side solve) on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(f"  {record.getMessage()}", err=True)
+
+
+def _progress_lines(quiet: bool) -> None:
+    """Show the library's progress lines (fitting passes, client-side solves) unless quiet."""
+    log = logging.getLogger("dask_influence")
+    for handler in [h for h in log.handlers if isinstance(h, _Progress)]:
+        log.removeHandler(handler)
+    if not quiet:
+        log.addHandler(_Progress(logging.INFO))
+        log.setLevel(logging.INFO)
 
 
 def _say(quiet: bool, message: str) -> None:
@@ -163,19 +190,23 @@ def run_job(
     break_lock: bool = False,
     fit_only: bool = False,
     refit: bool = False,
+    verify: bool = False,
 ) -> tuple[bool, str]:
     """Run a job file; returns ``(complete, one-line summary)``. Errors propagate.
 
     ``fit_only``: fit (or find the saved fit), save it and stop; ``refit``: fit even if a
-    saved fit exists.
+    saved fit exists, and (with ``resume``) recompute every chunk of an earlier fit;
+    ``verify``: with ``resume``, read every done flag and chunk before trusting them (else
+    the chunk files are only listed).
     """
     import torch
     from torch.utils.data import DataLoader
 
     from ..jobfile import load_job, load_problem, make_solver
-    from ..storage.store import completion, is_complete
+    from ..storage.store import is_complete, load_state
 
     start = time.perf_counter()
+    _progress_lines(quiet)
     job = load_job(job_file)
     if not fit_only:
         _check_store_early(job.output.store, resume=resume, overwrite=overwrite, break_lock=break_lock)
@@ -217,13 +248,16 @@ def run_job(
             top_k=job.output.top_k,
             self_influences=job.output.self_influences,
             break_lock=break_lock,
+            verify="full" if verify else "exists",
+            refit=refit,
         )
     if calc.last_run_.get("lock_broken"):
         _say(quiet, f"Removed the lock of {job.output.store} held by {calc.last_run_['lock_broken']}.")
     import zarr
 
     group = zarr.open_group(job.output.store, mode="r")
-    done = completion(group)
+    state = load_state(group)
+    done = state.counts()
     chunks_done, chunks_total = done.get("influences", (0, 0))
     run_info = calc.last_run_
     if is_complete(group):
@@ -231,6 +265,8 @@ def run_job(
         skipped = run_info.get("chunks_skipped", 0)
         repaired = run_info.get("chunks_repaired", 0)
         repaired_text = f" ({repaired} damaged, recomputed)" if repaired else ""
+        if run_info.get("new_fit"):
+            repaired_text += f" (new fit, generation {run_info['fit_generation']}: chunks of earlier fits recomputed)"
         return True, (
             f"Complete: {job.output.store} ({chunks_done}/{chunks_total} chunks; {computed} computed"
             f"{repaired_text}, {skipped} already done) in {time.perf_counter() - start:.1f} s."

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, cast
 
@@ -53,6 +53,8 @@ class _BlockCalculator:
         self.last_fit_: dict[str, Any] = {}
         self._fit_train: Any = None  # the train BlockSource of fit(), for CG's factors on the client
         self._fit_id: str | None = None
+        self._refitted = False  # fit(refit=True) fitted the solver again (chunks of older fits are stale)
+        self._on_done: Callable[[Any], None] | None = None  # called with each finished key of a job
 
     # -- fitting ----------------------------------------------------------------------
     def fit(
@@ -83,6 +85,7 @@ class _BlockCalculator:
             self.last_fit_ = fit_with_blocks(self.solver, blocks, path=path, refit=refit)
         self._fit_train = source
         self._fit_id = getattr(self.solver, "fit_id_", None)  # to notice a later solver.fit()
+        self._refitted = bool(refit) and not self.last_fit_["reused"]
         return self.solver
 
     @contextmanager
@@ -183,6 +186,7 @@ class _BlockCalculator:
         train_block_size: int | None = None,
         verify: bool | str = True,
         break_lock: bool = False,
+        refit: bool | None = None,
     ) -> zarr.Group:
         """Compute the influence matrix into a zarr group and mark it complete.
 
@@ -201,6 +205,13 @@ class _BlockCalculator:
                 Damaged chunks are recomputed.
             break_lock: take the store's lock even while another job holds it. A stale lock
                 (its heartbeat too old, or its process gone on this host) is taken without it.
+            refit: the solver was fitted again (``dask-influence run --refit``): with
+                ``resume``, every chunk computed with an earlier fit is recomputed, even if
+                the fitted state came out the same, and a store recorded with another
+                fitted state is accepted instead of refused. ``None`` (default): True when
+                this calculator's ``fit(..., refit=True)`` fitted the solver. Each chunk's
+                done flag records the fit generation it was computed with
+                (:mod:`dask_influence.storage.fits`).
 
         Returns:
             the zarr group. ``last_run_`` says how many chunks were computed, skipped and
@@ -236,31 +247,61 @@ class _BlockCalculator:
         config = self._config(graph, layout)
         path = os.fspath(store)
         zstore.check_path(path)
+        fit = self._fit_identity(config, refit)
         with zlock.StoreLock(path, break_lock=break_lock) as lock:
-            group = zstore.prepare_store(path, config=config, layout=layout, resume=resume, overwrite=overwrite)
-            report = self._verify_store(group, path, verify_mode) if resume else None
-            keys = self._pending_writes(graph, group, path, layout)
+            generation = None if not resume else _generation_of(path)
+            group = zstore.prepare_store(
+                path, config=config, layout=layout, resume=resume, overwrite=overwrite, fit=fit
+            )
+            state = zstore.load_state(group)
+            report = self._verify_store(group, path, verify_mode, state) if resume else None
+            recorder = zstore.CompletionRecorder(group, state)
+            recorder.flush(final=False)  # the state this run starts from (repairs included)
+            keys, finishes = self._pending_writes(graph, group, path, layout, state)
             self.last_run_.update(
                 chunks_repaired=len(report.damaged.get("influences", [])) if report else 0,
                 verify=report.as_dict() if report else None,
                 lock_broken=lock.broken,
+                completion=state.as_dict(),
+                fit_generation=state.generation,
+                new_fit=generation is not None and state.generation != generation,
             )
-            self._execute_graph(graph, keys)
+            self._on_done = lambda key: recorder.record(finishes.get(key, []))
+            try:
+                self._execute_graph(graph, keys)
+            finally:
+                self._on_done = None
+                recorder.flush(final=False)  # what is known done, also after a failure
             lock.ensure_held()
+            recorder.flush(final=True)
+            self.last_run_["manifest_writes"] = recorder.writes
             extra: dict[str, Any] = {
                 "test_groups": [list(g) for g in plan.test_groups],
                 "last_run": {k: self.last_run_[k] for k in ("chunks_computed", "chunks_skipped", "chunks_repaired")},
             }
             if layout.solver_info:
                 extra["solver_info"] = self._solver_info_attribute(group)
-            zstore.mark_complete(group, extra)
+            zstore.mark_complete(group, extra, state)
         return zarr.open_group(path, mode="r")
 
-    def _verify_store(self, group: zarr.Group, path: str, mode: str | None) -> zstore.VerifyReport | None:
-        """Check the flagged chunks of a store being resumed; clear the flags of damaged ones."""
+    def _fit_identity(self, config: dict, refit: bool | None) -> zstore.FitIdentity:
+        """The fit of this job: its fingerprint, the in-memory fit's id, and whether it is a refit."""
+        fit_id = getattr(self.solver, "fit_id_", None)
+        if refit is None:
+            refit = self._refitted and fit_id == self._fit_id
+        return zstore.FitIdentity(str(config["solver_fingerprint"]), fit_id, bool(refit))
+
+    def _verify_store(
+        self, group: zarr.Group, path: str, mode: str | None, state: zstore.CompletionState
+    ) -> zstore.VerifyReport | None:
+        """Check the done chunks of a store being resumed; clear the flags of damaged ones (in
+        the store and in ``state``)."""
         if mode is None:
             return None
-        report = zstore.verify_store(group, mode=mode)
+        report = zstore.verify_store(group, mode=mode, state=state)
+        wrong = sum(len(v) for v in report.wrong_flags.values())
+        if wrong:
+            logger.warning("Resuming %s: the manifest marked %d chunk(s) done that their flags do not.", path, wrong)
         unreadable = sum(len(v) for v in report.unreadable_flags.values())
         if report.repaired or unreadable:
             logger.warning(
@@ -271,7 +312,8 @@ class _BlockCalculator:
                 unreadable,
                 report.as_dict()["damaged"],
             )
-            zstore.repair(group, report)
+        if report.repaired or unreadable or wrong:
+            zstore.repair(group, report, state)
         return report
 
     def _solver_info_attribute(self, group: zarr.Group) -> dict:
@@ -295,54 +337,50 @@ class _BlockCalculator:
             )
         return summary
 
-    def _pending_writes(self, graph: InfluenceGraph, group: zarr.Group, path: str, layout: zstore.StoreLayout) -> list:
+    def _pending_writes(
+        self, graph: InfluenceGraph, group: zarr.Group, path: str, layout: zstore.StoreLayout, state: Any
+    ) -> tuple[list, dict]:
+        """The write tasks of the chunks not done in ``state``, added to the graph.
+
+        Returns their keys and, per key, the ``(array, chunk)`` entries it completes (for the
+        driver's completion record).
+        """
         plan, dsk = graph.plan, graph.dsk
-        # zarr types group[name] as Array | Group; the *_done members are arrays (hence ignore[index])
-        done = np.asarray(group["influences_done"][...]) == 1  # type: ignore[index]
+        done = state.done("influences")
+        flag = state.current
         rows, cols = plan.test_ranges, plan.train_ranges
         write = f"write-{graph.token}"
         keys: list = []
+        finishes: dict = {}
         row_writes: dict[int, list] = {}
         computed = 0
         for g, members in enumerate(plan.test_groups):
-            for j in range(len(cols)):
+            member_rows = np.asarray(members)
+            for j in map(int, np.nonzero(~done[member_rows].all(axis=0))[0]):
                 targets = [(i, *rows[i], pos) for pos, i in enumerate(members) if not done[i, j]]
-                if not targets:
-                    continue
-                dsk[(write, g, j)] = (
-                    zstore.write_influence_chunks,
-                    path,
-                    j,
-                    cols[j],
-                    targets,
-                    (graph.group_name, g, j),
-                )
-                keys.append((write, g, j))
+                key: tuple = (write, g, j)
+                dsk[key] = (zstore.write_influence_chunks, path, j, cols[j], targets, (graph.group_name, g, j), flag)
+                keys.append(key)
+                finishes[key] = [("influences", (i, j)) for i, *_ in targets]
                 computed += len(targets)
                 for i, *_ in targets:
-                    row_writes.setdefault(i, []).append((write, g, j))
+                    row_writes.setdefault(i, []).append(key)
         skipped = int(done.sum())
         self_written = 0
         if layout.self_influences:
-            sdone = np.asarray(group["self_influences_done"][...]) == 1  # type: ignore[index]
             name = add_self_influence_tasks(graph)
-            for j in map(int, np.nonzero(~sdone)[0]):
-                dsk[(f"swrite-{graph.token}", j)] = (zstore.write_self_chunk, path, j, cols[j], (name, j))
-                keys.append((f"swrite-{graph.token}", j))
+            for j in map(int, np.nonzero(~state.done("self_influences"))[0]):
+                key = (f"swrite-{graph.token}", j)
+                dsk[key] = (zstore.write_self_chunk, path, j, cols[j], (name, j), flag)
+                keys.append(key)
+                finishes[key] = [("self_influences", (j,))]
                 self_written += 1
         if layout.top_k:
-            tdone = np.asarray(group["topk_done"][...]) == 1  # type: ignore[index]
-            for i in map(int, np.nonzero(~tdone)[0]):
-                dsk[(f"topk-{graph.token}", i)] = (
-                    zstore.topk_row,
-                    path,
-                    i,
-                    rows[i],
-                    list(cols),
-                    layout.top_k,
-                    *row_writes.get(i, []),
-                )
-                keys.append((f"topk-{graph.token}", i))
+            for i in map(int, np.nonzero(~state.done("top_k"))[0]):
+                key = (f"topk-{graph.token}", i)
+                dsk[key] = (zstore.topk_row, path, i, rows[i], list(cols), layout.top_k, flag, *row_writes.get(i, []))
+                keys.append(key)
+                finishes[key] = [("top_k", (i,))]
         if layout.solver_info:
             keys += self._solver_info_tasks(graph, group, path, set(row_writes))
         self.last_run_ = {
@@ -352,7 +390,7 @@ class _BlockCalculator:
             "self_influence_blocks_computed": self_written,
             "plan": plan.describe(),
         }
-        return keys
+        return keys, finishes
 
     def _solver_info_tasks(self, graph: InfluenceGraph, group: zarr.Group, path: str, pending: set[int]) -> list:
         """Record the solver's residuals per test block: a task writes the report that the solve
@@ -391,11 +429,31 @@ class _BlockCalculator:
         return DEFAULT_MEMORY_BUDGET if self.memory_budget == "auto" else cast("int | None", self.memory_budget)
 
     def _execute_graph(self, graph: InfluenceGraph, keys: list) -> list:
-        """Compute ``keys`` of a job's graph (the Dask calculator may solve test factors on the client first)."""
-        return self._execute(graph.dsk, keys)
+        """Compute ``keys`` of a job's graph (the Dask calculator may solve test factors on the client
+        first); ``self._on_done(key)``, when set, is called on this process as each of them finishes."""
+        return self._execute(_needed(graph.dsk, keys), keys)
 
     def _execute(self, dsk: dict, keys: list) -> list:
         raise NotImplementedError
+
+
+def _needed(dsk: dict, keys: list) -> dict:
+    """The tasks of ``dsk`` that ``keys`` depend on: a resume of a few chunks of a large store
+    schedules a graph of their size, not the store's."""
+    from dask.optimization import cull
+
+    if not keys:
+        return {}
+    return cull(dsk, keys)[0]
+
+
+def _generation_of(path: str) -> int | None:
+    """The fit generation of an existing store (None without one)."""
+    try:
+        attrs: Any = zarr.open_group(path, mode="r").attrs[zstore.ATTR]
+        return int(zstore.fit_record(attrs)["generation"])
+    except Exception:
+        return None
 
 
 def _verify_mode(verify: Any) -> str | None:
@@ -423,15 +481,26 @@ class SequentialInfluenceCalculator(_BlockCalculator):
     """
 
     def _execute(self, dsk: dict, keys: list) -> list:
+        from contextlib import ExitStack
+
+        from dask.callbacks import Callback
         from dask.diagnostics import ProgressBar
         from dask.local import get_sync
 
         if not keys:
             return []
-        if self.progress:
-            with ProgressBar():
-                return get_sync(dsk, keys)
-        return get_sync(dsk, keys)
+        wanted, on_done = set(keys), self._on_done
+        with ExitStack() as stack:
+            if self.progress:
+                stack.enter_context(ProgressBar())
+            if on_done is not None:
+
+                def posttask(key: Any, result: Any, dsk: Any, state: Any, worker: Any) -> None:
+                    if key in wanted:
+                        on_done(key)
+
+                stack.enter_context(Callback(posttask=posttask))
+            return get_sync(dsk, keys)
 
 
 class DaskInfluenceCalculator(_BlockCalculator):
@@ -550,7 +619,7 @@ class DaskInfluenceCalculator(_BlockCalculator):
         with self._client() as client:
             if self._factors_on_client():
                 self._solve_factors_on_client(client, graph, graph.dsk, keys)
-            return self._run(client, graph.dsk, keys)
+            return self._run(client, _needed(graph.dsk, keys), keys)
 
     def _execute(self, dsk: dict, keys: list) -> list:
         if not keys:
@@ -559,11 +628,27 @@ class DaskInfluenceCalculator(_BlockCalculator):
             return self._run(client, dsk, keys)
 
     def _run(self, client: Any, dsk: dict, keys: list) -> list:
+        import threading
+
+        from distributed import as_completed
+
         resources = {"GPU": 1} if self.solver.device.type == "cuda" else None
         with sent_once():  # the solver and an in-memory dataset are literals of the graph
             futures = client.get(dsk, keys, sync=False, resources=resources)
+        bar = None
         if self.progress:
             from distributed import progress
 
-            progress(futures)
-        return client.gather(futures)
+            bar = threading.Thread(target=progress, args=(futures,), daemon=True)
+            bar.start()
+        if self._on_done is not None:
+            on_done = self._on_done
+            for future in as_completed(futures):
+                if future.status == "finished":
+                    on_done(future.key)
+                else:
+                    break  # an error: gather raises it
+        results = client.gather(futures)
+        if bar is not None:
+            bar.join(timeout=5)
+        return results

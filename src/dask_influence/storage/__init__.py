@@ -4,7 +4,11 @@
   opening files, atomic local replace);
 - :mod:`.layout`: the zarr layout of a store (arrays, chunks, codecs, attributes);
 - :mod:`.store`: creating or resuming a store and the chunk writes of the workers;
-- :mod:`.completion`: the done flags and the ``complete`` attribute;
+- :mod:`.completion`: the done state of every chunk (manifest, flag listing, flags) and the
+  ``complete`` attribute;
+- :mod:`.manifest`: the completion manifest, the done state in one record;
+- :mod:`.fits`: the fit generation each chunk was computed with (refits invalidate);
+- :mod:`.chunkfiles`: listing chunk files and reading many of them fast;
 - :mod:`.verify`: checking flagged chunks before ``resume`` and repairing their flags;
 - :mod:`.solver_info`: the convergence records of iterative solvers;
 - :mod:`.lock`: the ``<store>.lock`` ownership marker of a store being written;

@@ -1,9 +1,11 @@
 """Reading a store back: open it, its attributes, completion, statistics, top-k and mean influence.
 
 This is the read side used by the ``inspect``, ``top`` and ``plot`` commands (and usable
-from Python). Everything works on complete and incomplete stores alike: only chunks whose
-done flag is set are read, one chunk at a time, and an unreadable flag counts as not done.
-zarr is imported when a store is opened, so importing this module is cheap.
+from Python). Everything works on complete and incomplete stores alike: only chunks done
+with the store's current fit are read (the done state comes from the completion manifest,
+see :mod:`.completion`), streamed a bounded window of chunks at a time (:mod:`.chunkfiles`),
+and an unreadable flag counts as not done. zarr is imported when a store is opened, so
+importing this module is cheap.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import StoreError
-from .completion import completion, is_complete, read_flags
+from .chunkfiles import read_chunks
+from .completion import CompletionState, is_complete, load_state
 from .layout import ATTR
 from .urls import is_url
 
@@ -62,30 +65,56 @@ def chunk_ranges(sizes: list[int]) -> list[tuple[int, int]]:
     return out
 
 
-def done_chunks(group: Any) -> Iterator[tuple[int, int, tuple[int, int], tuple[int, int]]]:
-    """``(i, j, rows, cols)`` of every chunk of ``influences`` whose done flag is set."""
+def done_chunks(
+    group: Any, state: CompletionState | None = None
+) -> Iterator[tuple[int, int, tuple[int, int], tuple[int, int]]]:
+    """``(i, j, rows, cols)`` of every chunk of ``influences`` done with the current fit."""
     info = store_info(group)
     rows = chunk_ranges(info["test_block_sizes"])
     cols = chunk_ranges(info["train_block_sizes"])
-    done, _ = read_flags(group["influences_done"])  # an unreadable flag counts as not done
+    done = (state or load_state(group)).done("influences")  # an unreadable flag counts as not done
     for i, j in zip(*np.nonzero(done)):
         yield int(i), int(j), rows[i], cols[j]
 
 
-def mean_influence(group: Any) -> tuple[np.ndarray, np.ndarray]:
+def done_blocks(group: Any, state: CompletionState | None = None) -> Iterator[tuple[tuple[int, int], np.ndarray]]:
+    """``((row start, column start), values)`` of every done chunk of ``influences``, streamed.
+
+    At most a window of chunks is held at a time (:func:`~.chunkfiles.read_chunks`); a chunk
+    whose file is missing or does not decode raises :class:`StoreError` (run ``inspect
+    --verify``, then ``run --resume``, to repair it).
+    """
+    array = group["influences"]
+    extra = (0,) * (array.ndim - 2)
+    starts = {}
+    coords = []
+    for i, j, (r0, _), (c0, _) in done_chunks(group, state):
+        starts[(i, j, *extra)] = (r0, c0)
+        coords.append((i, j, *extra))
+    for c, data in read_chunks(array, coords):
+        if not isinstance(data, np.ndarray):
+            reason = "its file is missing" if data is None else " ".join(str(data).split())
+            raise StoreError(
+                f"Chunk {c[:2]} of 'influences' is marked done but cannot be read ({reason}); run "
+                "`dask-influence inspect STORE --verify`, then the job with --resume to recompute it."
+            )
+        yield starts[c], data
+
+
+def mean_influence(group: Any, state: CompletionState | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Mean influence of each training point over the test points of the computed chunks.
 
-    Reads the store one chunk at a time. Returns ``(mean, count)``: ``count[j]`` test points
-    went into ``mean[j]`` (NaN where no chunk of column ``j`` is done yet).
+    Streams the done chunks (bounded memory). Returns ``(mean, count)``: ``count[j]`` test
+    points went into ``mean[j]`` (NaN where no chunk of column ``j`` is done yet).
     """
     n_test, n_train = group["influences"].shape[:2]
     total = np.zeros(n_train, dtype=np.float64)
     count = np.zeros(n_train, dtype=np.int64)
-    array = group["influences"]
-    for _, _, (r0, r1), (c0, c1) in done_chunks(group):
-        block = np.asarray(array[r0:r1, c0:c1], dtype=np.float64)
-        total[c0:c1] += block.reshape(r1 - r0, c1 - c0, -1).sum(axis=(0, 2))
-        count[c0:c1] += r1 - r0
+    for (_, c0), block in done_blocks(group, state):
+        block = np.asarray(block, dtype=np.float64)
+        rows, cols = block.shape[:2]
+        total[c0 : c0 + cols] += block.reshape(rows, cols, -1).sum(axis=(0, 2))
+        count[c0 : c0 + cols] += rows
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(count > 0, total / np.maximum(count, 1), np.nan)
     return mean, count
@@ -132,25 +161,48 @@ class _Moments:
         }
 
 
-def statistics(group: Any) -> dict:
-    """Summary statistics of the computed chunks of every array (read chunk by chunk)."""
+def _batched(blocks: Iterator[np.ndarray], size: int = 1 << 20) -> Iterator[np.ndarray]:
+    """The values of ``blocks`` flattened and joined into arrays of about ``size`` values: a
+    store of many tiny chunks is summed with a few large numpy calls (memory: one batch)."""
+    pending: list[np.ndarray] = []
+    count = 0
+    for block in blocks:
+        pending.append(np.ravel(block))
+        count += block.size
+        if count >= size:
+            yield np.concatenate(pending)
+            pending, count = [], 0
+    if pending:
+        yield np.concatenate(pending)
+
+
+def statistics(group: Any, state: CompletionState | None = None) -> dict:
+    """Summary statistics of the computed chunks of every array, streamed (bounded memory).
+
+    Running sums over the done chunks, read a window at a time (:func:`done_blocks`); memory
+    does not grow with the store.
+    """
+    state = state or load_state(group)
     out = {}
     moments, positive = _Moments(), 0
-    array = group["influences"]
-    for _, _, (r0, r1), (c0, c1) in done_chunks(group):
-        block = np.asarray(array[r0:r1, c0:c1])
-        moments.add(block)
-        positive += int((block > 0).sum())
+    for values in _batched(block for _, block in done_blocks(group, state)):
+        moments.add(values)
+        positive += int((values > 0).sum())
     out["influences"] = moments.summary()
     if moments.n:
         out["influences"]["fraction_positive"] = positive / moments.n
-    if "self_influences" in group:
-        info = store_info(group)
+    if "self_influences" in group and "self_influences" in state.values:
         s = _Moments()
-        flags, _ = read_flags(group["self_influences_done"])
-        for j, (c0, c1) in enumerate(chunk_ranges(info["train_block_sizes"])):
-            if flags[j]:
-                s.add(group["self_influences"][c0:c1])
+        done = [(int(j),) for j in np.nonzero(state.done("self_influences"))[0]]
+
+        def blocks() -> Iterator[np.ndarray]:
+            for c, data in read_chunks(group["self_influences"], done):
+                if not isinstance(data, np.ndarray):
+                    raise StoreError(f"Chunk {c[0]} of 'self_influences' is marked done but cannot be read.")
+                yield data
+
+        for values in _batched(blocks()):
+            s.add(values)
         out["self_influences"] = s.summary()
     return out
 
@@ -166,11 +218,23 @@ def describe(path: str, group: Any, *, stats: bool = True, verify: bool = False)
     for name in sorted(group.array_keys()):
         a = group[name]
         arrays[name] = {"shape": list(a.shape), "chunks": list(a.chunks), "dtype": str(a.dtype)}
-    done = {k: {"done": d, "total": t} for k, (d, t) in completion(group).items()}
+    state = load_state(group)
+    report = None
+    if verify:
+        from .verify import verify_store
+
+        report = verify_store(group, state=state)
+        for source in (report.damaged, report.unreadable_flags, report.wrong_flags):
+            for kind, coords in source.items():
+                for c in coords:
+                    state.clear(kind, c if isinstance(c, tuple) else (c,))
+    done = {k: {"done": d, "total": t} for k, (d, t) in state.counts().items()}
     out = {
         "store": path,
-        "complete": is_complete(group),
+        "complete": is_complete(group, state),
         "completion": done,
+        "completion_state": state.as_dict(),
+        "fit": info.get("fit"),
         "method": config.get("method"),
         "parameters": config.get("parameters", {}),
         "regularization": config.get("regularization"),
@@ -192,11 +256,9 @@ def describe(path: str, group: Any, *, stats: bool = True, verify: bool = False)
         "lock": lock_status(path),
     }
     if stats:
-        out["statistics"] = statistics(group)
-    if verify:
-        from .verify import verify_store
-
-        out["verify"] = verify_store(group).as_dict()
+        out["statistics"] = statistics(group, state)
+    if report is not None:
+        out["verify"] = report.as_dict()
     return out
 
 
@@ -233,14 +295,15 @@ def top_of_row(group: Any, test: int, k: int) -> dict:
     block = next(i for i, (r0, r1) in enumerate(rows) if r0 <= test < r1)
     k = min(k, n_train)
     stored_k = info.get("config", {}).get("top_k") or 0
-    if stored_k >= k and "topk_done" in group and int(group["topk_done"][block]) == 1:
+    state = load_state(group)
+    if stored_k >= k and "top_k" in state.values and bool(state.done("top_k")[block]):
         out = {"source": f"stored top-k (k={stored_k})", "missing_train_blocks": 0}
         for kind in ("helpful", "harmful"):
             idx = np.asarray(group[f"top_{kind}_indices"][test, :k])
             val = np.asarray(group[f"top_{kind}_values"][test, :k])
             out[kind] = [(int(i), float(v)) for i, v in zip(idx, val) if i >= 0]
         return out
-    done = np.asarray(group["influences_done"][block]) == 1
+    done = state.done("influences")[block]
     array = group["influences"]
     values = np.full(n_train, np.nan)
     for j, (c0, c1) in enumerate(chunk_ranges(info["train_block_sizes"])):

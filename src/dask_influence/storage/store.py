@@ -18,7 +18,16 @@ import zarr
 
 from ..errors import StoreError
 from . import urls
-from .completion import completion, is_complete, mark_complete, read_flags
+from .completion import (
+    CompletionRecorder,
+    CompletionState,
+    completion,
+    is_complete,
+    load_state,
+    mark_complete,
+    read_flags,
+)
+from .fits import FitIdentity, change_reason, fit_record, new_record, start_generation
 from .layout import (
     ATTR,
     FORMAT_VERSION,
@@ -37,6 +46,9 @@ from .verify import VerifyReport, repair, verify_store
 __all__ = [
     "ATTR",
     "FORMAT_VERSION",
+    "CompletionRecorder",
+    "CompletionState",
+    "FitIdentity",
     "SIGN_CONVENTION",
     "SOLVER_INFO_COLUMNS",
     "StoreLayout",
@@ -48,6 +60,7 @@ __all__ = [
     "create_group",
     "create_solver_info",
     "is_complete",
+    "load_state",
     "mark_complete",
     "normalize_config",
     "prepare_store",
@@ -106,18 +119,32 @@ def check_path(path: str | os.PathLike) -> None:
         ) from None
 
 
-def prepare_store(path: str, *, config: dict, layout: StoreLayout, resume: bool, overwrite: bool) -> zarr.Group:
+def prepare_store(
+    path: str,
+    *,
+    config: dict,
+    layout: StoreLayout,
+    resume: bool,
+    overwrite: bool,
+    fit: FitIdentity | None = None,
+) -> zarr.Group:
     """Create the store, or open an existing one for ``resume`` after checking its configuration.
+
+    ``fit``: the fit the job computes with (default: the fingerprint in ``config``). A store
+    being resumed whose current fit generation is another (a refit, see :mod:`.fits`) starts
+    a new generation, which makes every chunk of the earlier fits not done; a store recorded
+    with another fingerprint is accepted only after a refit (``fit.refit``).
 
     Raises:
         StoreError: the path exists and neither ``resume`` nor ``overwrite`` is set; the
-            existing store was written with another configuration; the path is a file or a
-            directory that is not a dask-influence store.
+            existing store was written with another configuration (or another fit, without
+            a refit); the path is a file or a directory that is not a dask-influence store.
     """
     if resume and overwrite:
         raise ValueError("Pass resume=True or overwrite=True, not both.")
     path = str(path)
     config = normalize_config(config)
+    fit = fit or FitIdentity(str(config.get("solver_fingerprint")))
     if os.path.isfile(path):
         raise StoreError(f"The output path {path!r} is a file; pass a directory path for the zarr store.")
     if urls.exists(path) and not (os.path.isdir(path) and not os.listdir(path)):
@@ -130,15 +157,24 @@ def prepare_store(path: str, *, config: dict, layout: StoreLayout, resume: bool,
         if overwrite:
             pass  # recreated below
         elif resume:
-            stored = existing.attrs[ATTR].get("config")
-            if stored != config:
-                diff = sorted(k for k in set(stored or {}) | set(config) if (stored or {}).get(k) != config.get(k))
+            stored = existing.attrs[ATTR].get("config") or {}
+            ignored = {"solver_fingerprint"} if fit.refit else set()
+            diff = sorted(k for k in set(stored) | set(config) if k not in ignored and stored.get(k) != config.get(k))
+            if diff:
+                hint = (
+                    " (the fitted state differs: after a refit pass refit=True to recompute every chunk with it)"
+                    if diff == ["solver_fingerprint"]
+                    else ""
+                )
                 raise StoreError(
                     f"The store {path!r} was written by a different configuration (differs in: "
-                    f"{', '.join(diff)}); resume it with the same solver, data and blocks, or "
+                    f"{', '.join(diff)}){hint}; resume it with the same solver, data and blocks, or "
                     "pass overwrite=True to start afresh."
                 )
             check_arrays(path, existing, layout)
+            reason = change_reason(fit_record(existing.attrs[ATTR]), fit)
+            if reason is not None:
+                start_generation(existing, fit, reason)
             return existing
         else:
             raise StoreError(
@@ -146,9 +182,12 @@ def prepare_store(path: str, *, config: dict, layout: StoreLayout, resume: bool,
                 "or overwrite=True to replace it."
             )
     try:
-        return create_group(path, config, layout)
+        group = create_group(path, config, layout)
     except OSError as err:
         raise StoreError(f"Cannot write the output store {path!r}: {err.strerror or err}.") from None
+    attrs: dict = dict(group.attrs[ATTR])  # type: ignore[arg-type]
+    group.attrs[ATTR] = {**attrs, "fit": new_record(fit, 1, "first fit")}
+    return group
 
 
 def _open_existing(path: str) -> zarr.Group | None:
@@ -163,13 +202,19 @@ def _open_existing(path: str) -> zarr.Group | None:
 
 
 def write_influence_chunks(
-    path: str, j: int, col: tuple[int, int], targets: list[tuple[int, int, int, int]], values: list[np.ndarray]
+    path: str,
+    j: int,
+    col: tuple[int, int],
+    targets: list[tuple[int, int, int, int]],
+    values: list[np.ndarray],
+    flag: int = 1,
 ) -> int:
     """Write chunks ``(i, j)`` of ``influences``, each followed by its done flag.
 
     Args:
         targets: ``(i, row_start, row_stop, position)`` for each chunk to write, where
             ``values[position]`` holds its data (the output of one influence task).
+        flag: the flag value of the fit generation computing them (:mod:`.fits`).
 
     Returns the number of chunks written.
     """
@@ -177,23 +222,26 @@ def write_influence_chunks(
     array, done = group["influences"], group["influences_done"]
     for i, start, stop, position in targets:
         array[start:stop, col[0] : col[1]] = values[position]
-        done[i, j] = 1
+        done[i, j] = flag
     return len(targets)
 
 
-def write_self_chunk(path: str, j: int, col: tuple[int, int], value: np.ndarray) -> int:
-    """Write chunk ``j`` of ``self_influences`` and then its done flag."""
+def write_self_chunk(path: str, j: int, col: tuple[int, int], value: np.ndarray, flag: int = 1) -> int:
+    """Write chunk ``j`` of ``self_influences`` and then its done flag (value ``flag``)."""
     group: Any = zarr.open_group(path, mode="r+")
     group["self_influences"][col[0] : col[1]] = value
-    group["self_influences_done"][j] = 1
+    group["self_influences_done"][j] = flag
     return j
 
 
-def topk_row(path: str, i: int, row: tuple[int, int], train_ranges: list[tuple[int, int]], k: int, *deps: Any) -> int:
+def topk_row(
+    path: str, i: int, row: tuple[int, int], train_ranges: list[tuple[int, int]], k: int, flag: int, *deps: Any
+) -> int:
     """Merge the top-``k`` helpful and harmful training points of test block ``i``.
 
     Reads the block's row of chunks one train chunk at a time (memory ``O(n_block * (k + b))``)
-    and writes ``(n_block, k)`` indices and values, ordered from most to least extreme.
+    and writes ``(n_block, k)`` indices and values, ordered from most to least extreme, then
+    the row's done flag (value ``flag``, see :mod:`.fits`); ``deps`` are the row's chunk writes.
     """
     group: Any = zarr.open_group(path, mode="r+")
     array = group["influences"]
@@ -214,5 +262,5 @@ def topk_row(path: str, i: int, row: tuple[int, int], train_ranges: list[tuple[i
         width = idx.shape[1]
         group[f"top_{kind}_indices"][row[0] : row[1], :width] = idx
         group[f"top_{kind}_values"][row[0] : row[1], :width] = val
-    group["topk_done"][i] = 1
+    group["topk_done"][i] = flag
     return i

@@ -8,13 +8,11 @@ their flags so that ``resume`` recomputes them. See ``docs/reliability.md``.
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from .completion import read_flags
 from .layout import ATTR
 
 
@@ -27,6 +25,8 @@ class VerifyReport:
         damaged: per tracked array (``influences``, ``self_influences``, ``top_k``), the chunk
             coordinates whose flag is set but whose file is missing or does not decode.
         unreadable_flags: per tracked array, the flags whose own chunk does not decode.
+        wrong_flags: per tracked array, chunks the manifest marked done whose flag is missing or
+            holds another fit's value (``mode="full"``; the flags win).
         bytes_read: bytes of chunk files read (0 with ``mode="exists"``).
         seconds: wall time of the verification.
     """
@@ -35,6 +35,7 @@ class VerifyReport:
     checked: int = 0
     damaged: dict[str, list] = field(default_factory=dict)
     unreadable_flags: dict[str, list] = field(default_factory=dict)
+    wrong_flags: dict[str, list] = field(default_factory=dict)
     bytes_read: int = 0
     seconds: float = 0.0
 
@@ -56,108 +57,120 @@ class VerifyReport:
                 if v
             },
             "unreadable_flags": {k: [list(c) for c in v] for k, v in self.unreadable_flags.items() if v},
+            "wrong_flags": {k: [list(c) for c in v] for k, v in self.wrong_flags.items() if v},
         }
 
 
-def _ranges(sizes: list[int]) -> list[tuple[int, int]]:
-    bounds = np.cumsum([0] + list(sizes))
-    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+TOPK_ARRAYS = [f"top_{k}_{what}" for k in ("helpful", "harmful") for what in ("indices", "values")]
 
 
-def _chunk_keys(array: Any) -> set[str] | None:
-    """The keys of the chunk files an array has in its store (one listing), or None if unknown."""
-    try:
-        from zarr.core.sync import sync
-
-        store, prefix = array.store_path.store, array.store_path.path
-
-        async def collect() -> set[str]:
-            return {key async for key in store.list_prefix(f"{prefix}/c/" if prefix else "c/")}
-
-        return sync(collect())
-    except Exception:
-        return None
+def _chunk_coords(kind: str, extra: tuple[int, ...], index: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
+    """The ``(array, chunk coordinates)`` holding tracked chunk ``index`` of ``kind`` (``extra``:
+    the zeros of the feature axes of ``influences``)."""
+    if kind == "influences":
+        return [("influences", index + extra)]
+    if kind == "self_influences":
+        return [("self_influences", index)]
+    return [(name, (index[0], 0)) for name in TOPK_ARRAYS]
 
 
-def _chunk_key(array: Any, coords: tuple[int, ...]) -> str:
-    prefix = array.store_path.path
-    key = array.metadata.encode_chunk_key(coords)
-    return f"{prefix}/{key}" if prefix else key
+def _report_key(kind: str, index: tuple[int, ...]) -> Any:
+    return index if kind == "influences" else index[0]
 
 
-def verify_store(group: Any, *, mode: str = "full", threads: int = 8) -> VerifyReport:
-    """Check every chunk whose done flag is set: its file exists and (``mode="full"``) decodes.
+def verify_store(group: Any, *, mode: str = "full", threads: int = 8, state: Any = None) -> VerifyReport:
+    """Check every chunk done with the current fit: its file exists and (``mode="full"``) decodes.
 
-    ``"full"`` reads each flagged chunk once (``threads`` at a time, on this process), so it
-    costs about one read of the store; the CRC32C checksum of each chunk makes a truncated
-    or altered file fail to decode. ``"exists"`` only lists the chunk files (one listing per
-    array), which finds deleted chunks but not truncated ones. Nothing is modified; see
+    ``"full"`` also reads the done flag of each of these chunks (a flag that does not decode,
+    or holds another fit's value, makes its chunk not done), then reads each chunk once
+    (``threads`` at a time, on this process, directly from the files of a local store, see
+    :mod:`.chunkfiles`), so it costs about one read of the store; the CRC32C checksum of each
+    chunk makes a truncated or altered file fail to decode. ``"exists"`` only lists the chunk
+    files (one listing per array), which finds deleted chunks but not truncated ones; the
+    listing of the flags is part of reading the state. ``state``: the store's
+    :class:`~.completion.CompletionState` (read if not given). Nothing is modified; see
     :func:`repair`.
     """
+    from .chunkfiles import list_chunks, read_chunks
+    from .completion import FLAG_ARRAYS, load_state
+
     if mode not in ("full", "exists"):
         raise ValueError(f"verify must be True, False, 'full' or 'exists'; got {mode!r}.")
     start = time.perf_counter()
-    attrs = group.attrs[ATTR]
-    rows, cols = _ranges(attrs["test_block_sizes"]), _ranges(attrs["train_block_sizes"])
+    state = state if state is not None else load_state(group)
     report = VerifyReport(mode=mode)
-    checks: list[tuple[str, Any, list[tuple[str, tuple, tuple]]]] = []
-
-    flags, bad = read_flags(group["influences_done"])
-    report.unreadable_flags["influences"] = bad
+    for kind, bad in state.unreadable.items():
+        report.unreadable_flags[kind] = list(bad)
+    flag_of = dict(FLAG_ARRAYS)
     extra = (0,) * (group["influences"].ndim - 2)
-    for i, j in zip(*np.nonzero(flags)):
-        i, j = int(i), int(j)
-        sel = (slice(*rows[i]), slice(*cols[j]))
-        checks.append(("influences", (i, j), [("influences", sel, (i, j) + extra)]))
-    if "self_influences_done" in group:
-        flags, bad = read_flags(group["self_influences_done"])
-        report.unreadable_flags["self_influences"] = bad
-        for (j,) in zip(*np.nonzero(flags)):
-            checks.append(("self_influences", int(j), [("self_influences", (slice(*cols[int(j)]),), (int(j),))]))
-    if "topk_done" in group:
-        flags, bad = read_flags(group["topk_done"])
-        report.unreadable_flags["top_k"] = bad
-        names = [f"top_{kind}_{what}" for kind in ("helpful", "harmful") for what in ("indices", "values")]
-        for (i,) in zip(*np.nonzero(flags)):
-            i = int(i)
-            checks.append(("top_k", i, [(name, (slice(*rows[i]), slice(None)), (i, 0)) for name in names]))
+    todo: dict[str, list[tuple[int, ...]]] = {}
+    for kind in state.values:
+        done = [tuple(int(k) for k in c) for c in zip(*np.nonzero(state.done(kind)))]
+        if mode == "full" and done:
+            good = []
+            for c, data in read_chunks(group[flag_of[kind]], done, threads=threads):
+                if isinstance(data, np.ndarray) and data.size and int(data.reshape(-1)[0]) == state.current:
+                    good.append(c)
+                elif isinstance(data, Exception):
+                    report.unreadable_flags.setdefault(kind, []).append(c)
+                else:  # no flag, or another fit's: the manifest was wrong
+                    report.wrong_flags.setdefault(kind, []).append(c)
+            done = good
+        todo[kind] = done
 
-    arrays = {name: group[name] for _, _, parts in checks for name, _, _ in parts}
-    keys = {name: _chunk_keys(a) for name, a in arrays.items()}
-
-    def ok(parts: list[tuple[str, tuple, tuple]]) -> tuple[bool, int]:
-        nbytes = 0
-        for name, sel, coords in parts:
-            present = keys[name]
-            if present is not None and _chunk_key(arrays[name], coords) not in present:
-                return False, nbytes
-            if mode == "full":
-                try:
-                    nbytes += np.asarray(arrays[name][sel]).nbytes
-                except Exception:
-                    return False, nbytes
-        return True, nbytes
-
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        results = list(pool.map(lambda c: ok(c[2]), checks))
-    for (kind, coords, _), (good, nbytes) in zip(checks, results):
-        report.bytes_read += nbytes
-        if not good:
-            report.damaged.setdefault(kind, []).append(coords)
-    report.checked = len(checks)
+    present: dict[str, set | None] = {}
+    broken: dict[str, set[tuple[int, ...]]] = {}
+    for kind, done in todo.items():
+        for index in done:
+            for name, coords in _chunk_coords(kind, extra, index):
+                if name not in present:
+                    present[name] = list_chunks(group[name])
+                files = present[name]
+                if files is not None and coords not in files:
+                    broken.setdefault(kind, set()).add(index)
+    if mode == "full":
+        for kind, done in todo.items():
+            parts: dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
+            for index in done:
+                if index in broken.get(kind, ()):
+                    continue
+                for name, coords in _chunk_coords(kind, extra, index):
+                    parts.setdefault(name, []).append((index, coords))
+            for name, items in parts.items():
+                owner = dict((coords, index) for index, coords in items)
+                for coords, data in read_chunks(group[name], [c for _, c in items], threads=threads):
+                    if isinstance(data, np.ndarray):
+                        report.bytes_read += data.nbytes
+                    else:
+                        broken.setdefault(kind, set()).add(owner[coords])
+    for kind, done in todo.items():
+        report.checked += len(done)
+        bad = sorted(broken.get(kind, ()))
+        if bad:
+            report.damaged[kind] = [_report_key(kind, c) for c in bad]
+    for kind in list(report.unreadable_flags):
+        report.unreadable_flags[kind] = sorted(report.unreadable_flags[kind])
     report.seconds = time.perf_counter() - start
     return report
 
 
-def repair(group: Any, report: VerifyReport) -> None:
+def repair(group: Any, report: VerifyReport, state: Any = None) -> None:
     """Clear the flags of the damaged chunks (and rewrite unreadable flags as 0) so that they
-    are recomputed, and mark the store incomplete if anything was found."""
-    flag_of = {"influences": "influences_done", "self_influences": "self_influences_done", "top_k": "topk_done"}
+    are recomputed, record them as not done in ``state``, and mark the store incomplete if
+    anything was found. The caller rewrites the manifest from ``state``."""
+    from .completion import FLAG_ARRAYS
+
+    flag_of = dict(FLAG_ARRAYS)
     found = False
-    for kind, coords in list(report.damaged.items()) + list(report.unreadable_flags.items()):
-        for c in coords:
-            group[flag_of[kind]][c if isinstance(c, tuple) else (c,)] = 0
-            found = True
+    for source in (report.damaged, report.unreadable_flags, report.wrong_flags):
+        for kind, coords in source.items():
+            for c in coords:
+                index = c if isinstance(c, tuple) else (c,)
+                if source is not report.wrong_flags:
+                    group[flag_of[kind]][index] = 0
+                if state is not None:
+                    state.clear(kind, index)
+                found = True
     if found and group.attrs[ATTR].get("complete"):
         attrs = dict(group.attrs[ATTR])
         attrs["complete"] = False
