@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -328,3 +329,54 @@ def test_registered_as_a_dask_subcommand():
     )
     assert result.returncode == 0, result.stderr
     assert "--scheduler ADDRESS" in result.stdout and "--resume" in result.stdout
+
+
+# -- restarts as an orchestrator does them (issue 17, item 2) ------------------------------------
+
+
+def test_a_restarted_driver_waits_for_the_killed_drivers_lock_and_resumes_exactly(tmp_path, expected, monkeypatch):
+    """The old driver ran in another pid namespace (a killed pod): its lock cannot be checked by
+    process id, only by heartbeat. `--wait-for-lock` takes it once stale and finishes the store."""
+    from dask_influence.storage import lock as zlock
+
+    job = write_job(tmp_path, cluster="sequential = true")
+    store = tmp_path / "influences.zarr"
+    result = invoke("run", job)  # a complete first run, then lose chunks as a killed driver would leave them
+    assert result.exit_code == 0, result.output
+    group = zarr.open_group(str(store), mode="r+")
+    group["influences_done"][1, 1] = 0
+    group.attrs[ATTR] = {**group.attrs[ATTR], "complete": False}
+    now = time.time()
+    info = zlock.LockInfo("old-pod", "old-pod", 1, None, "another-namespace", now, now, str(store))
+    assert zlock._Files(zlock.lock_path(str(store))).create(info.to_json())
+    monkeypatch.setattr(zlock, "STALE_SECONDS", 2.0)
+    monkeypatch.setattr(zlock, "POLL_SECONDS", 0.2)
+    refused = invoke("run", job, "--resume")
+    assert refused.exit_code == 1 and "--wait-for-lock SECONDS" in refused.output
+    result = invoke("run", job, "--resume", "--wait-for-lock", 30)
+    assert result.exit_code == 0, result.output
+    assert "Removed the lock" in result.output and "old-pod" in result.output
+    assert_store_equals(store, expected)
+
+
+def test_run_waits_for_workers_that_are_still_starting(tmp_path, expected):
+    """A DaskJob starts its job pod and its workers together: `run --scheduler` waits for them."""
+    from distributed import LocalCluster
+
+    job = write_job(tmp_path)
+    with LocalCluster(
+        n_workers=0, processes=False, protocol="tcp://", host="127.0.0.1", dashboard_address=None
+    ) as cluster:
+        result = invoke("run", job, "--scheduler", cluster.scheduler_address, "--timeout", 1)
+        assert result.exit_code == 1
+        assert "Error: only 0 of 1 worker(s) joined the Dask scheduler" in result.output
+        assert len(result.output.strip().splitlines()[-1]) < 300  # one line, no traceback
+        timer = threading.Timer(2.0, lambda: cluster.scale(1))
+        timer.start()
+        try:
+            result = invoke("run", job, "--scheduler", cluster.scheduler_address, "--timeout", 60)
+        finally:
+            timer.cancel()
+        assert result.exit_code == 0, result.output
+        assert "Waiting up to 60 s for 1 worker(s)" in result.output
+    assert_store_equals(tmp_path / "influences.zarr", expected)

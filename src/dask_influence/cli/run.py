@@ -111,6 +111,32 @@ def foreign_error(exc: BaseException) -> str:
     "gone; a stale lock is taken without this flag).",
 )
 @click.option(
+    "--wait-for-lock",
+    type=click.FloatRange(0),
+    default=0.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Wait this long for a lock held by a live job before refusing (a restarted driver whose "
+    "predecessor was killed takes its lock once the heartbeat is stale, 60 s).",
+)
+@click.option(
+    "--wait-for-workers",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    metavar="N",
+    help="With a scheduler: wait until N workers have joined before starting.",
+)
+@click.option(
+    "--timeout",
+    "workers_timeout",
+    type=click.FloatRange(0),
+    default=300.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long --wait-for-workers waits.",
+)
+@click.option(
     "--fit-only",
     is_flag=True,
     help="Fit the solver and save the fit (next to the store, or [solver] fit_file), then exit; "
@@ -126,6 +152,9 @@ def run(
     verify: bool,
     overwrite: bool,
     break_lock: bool,
+    wait_for_lock: float,
+    wait_for_workers: int,
+    workers_timeout: float,
     fit_only: bool,
     refit: bool,
     quiet: bool,
@@ -151,6 +180,9 @@ def run(
             fit_only=fit_only,
             refit=refit,
             verify=verify,
+            wait_for_lock=wait_for_lock,
+            wait_for_workers=wait_for_workers,
+            workers_timeout=workers_timeout,
         )
     if not complete:
         raise click.ClickException(summary)
@@ -191,6 +223,9 @@ def run_job(
     fit_only: bool = False,
     refit: bool = False,
     verify: bool = False,
+    wait_for_lock: float = 0.0,
+    wait_for_workers: int = 1,
+    workers_timeout: float = 300.0,
 ) -> tuple[bool, str]:
     """Run a job file; returns ``(complete, one-line summary)``. Errors propagate.
 
@@ -209,7 +244,9 @@ def run_job(
     _progress_lines(quiet)
     job = load_job(job_file)
     if not fit_only:
-        _check_store_early(job.output.store, resume=resume, overwrite=overwrite, break_lock=break_lock)
+        _check_store_early(
+            job.output.store, resume=resume, overwrite=overwrite, break_lock=break_lock, wait=wait_for_lock
+        )
     _say(quiet, f"Job {job_file}: {job.solver.class_name} ({job.solver.method}), store {job.output.store}")
     problem = load_problem(job)
     model = problem.model
@@ -228,7 +265,13 @@ def run_job(
         distributed = bool(scheduler or job.cluster.scheduler) or not job.cluster.sequential
 
     with ExitStack() as stack:
-        calc, where = (None, "") if fit_only and not distributed else _calculator(job, solver, scheduler, quiet, stack)
+        calc, where = (
+            (None, "")
+            if fit_only and not distributed
+            else _calculator(
+                job, solver, scheduler, quiet, stack, wait_for_workers=wait_for_workers, timeout=workers_timeout
+            )
+        )
         fit_path = _fit(job, solver, train, calc if distributed else None, where, refit=refit, quiet=quiet)
         if fit_only:
             return True, f"Fitted: {fit_path} in {time.perf_counter() - start:.1f} s; runs of this job reuse it."
@@ -248,6 +291,7 @@ def run_job(
             top_k=job.output.top_k,
             self_influences=job.output.self_influences,
             break_lock=break_lock,
+            wait_for_lock=wait_for_lock,
             verify="full" if verify else "exists",
             refit=refit,
         )
@@ -306,7 +350,9 @@ def _fit(job: Any, solver: Any, train: Any, calc: Any, where: str, *, refit: boo
     return path
 
 
-def _check_store_early(store: str, *, resume: bool, overwrite: bool, break_lock: bool = False) -> None:
+def _check_store_early(
+    store: str, *, resume: bool, overwrite: bool, break_lock: bool = False, wait: float = 0.0
+) -> None:
     """Refuse an unusable store before the (possibly long) fit; the library checks again.
 
     A path that is a file or cannot be written, a store locked by a live job, and an existing
@@ -317,7 +363,7 @@ def _check_store_early(store: str, *, resume: bool, overwrite: bool, break_lock:
     from ..storage.urls import is_url
 
     check_path(store)
-    check_lock(store, break_lock=break_lock)
+    check_lock(store, break_lock=break_lock, wait_seconds=wait)
     if resume or overwrite or is_url(store):
         return
     if os.path.isdir(store) and os.listdir(store):
@@ -326,8 +372,20 @@ def _check_store_early(store: str, *, resume: bool, overwrite: bool, break_lock:
         )
 
 
-def _calculator(job: Any, solver: Any, scheduler: str | None, quiet: bool, stack: ExitStack) -> tuple[Any, str]:
-    """The calculator and where it computes, per the resolution order of the module docstring."""
+def _calculator(
+    job: Any,
+    solver: Any,
+    scheduler: str | None,
+    quiet: bool,
+    stack: ExitStack,
+    *,
+    wait_for_workers: int = 1,
+    timeout: float = 300.0,
+) -> tuple[Any, str]:
+    """The calculator and where it computes, per the resolution order of the module docstring.
+
+    With a scheduler, waits up to ``timeout`` seconds for ``wait_for_workers`` workers (a
+    Kubernetes DaskJob starts its job pod and its workers together)."""
     import dask_influence as di
 
     address, source = scheduler, "--scheduler"
@@ -338,6 +396,17 @@ def _calculator(job: Any, solver: Any, scheduler: str | None, quiet: bool, stack
     if address:
         client = stack.enter_context(_connect(address, source))
         n = len(client.scheduler_info().get("workers", {}))
+        if n < wait_for_workers:
+            _say(quiet, f"Waiting up to {timeout:g} s for {wait_for_workers} worker(s) at {address} ({n} now)...")
+            try:
+                client.wait_for_workers(n_workers=wait_for_workers, timeout=timeout)
+            except (TimeoutError, OSError):
+                n = len(client.scheduler_info().get("workers", {}))
+                raise OSError(
+                    f"only {n} of {wait_for_workers} worker(s) joined the Dask scheduler at {address} within "
+                    f"{timeout:g} s; start workers, or raise --timeout or lower --wait-for-workers"
+                ) from None
+            n = len(client.scheduler_info().get("workers", {}))
         return (
             di.DaskInfluenceCalculator(solver, client, progress=not quiet),
             f"on the scheduler at {address} ({n} worker{'s' if n != 1 else ''} now)",

@@ -187,6 +187,7 @@ class _BlockCalculator:
         verify: bool | str = True,
         break_lock: bool = False,
         refit: bool | None = None,
+        wait_for_lock: float = 0.0,
     ) -> zarr.Group:
         """Compute the influence matrix into a zarr group and mark it complete.
 
@@ -205,6 +206,9 @@ class _BlockCalculator:
                 Damaged chunks are recomputed.
             break_lock: take the store's lock even while another job holds it. A stale lock
                 (its heartbeat too old, or its process gone on this host) is taken without it.
+            wait_for_lock: seconds to wait for a lock held by a live job (checked every few
+                seconds) before refusing: a driver restarted by an orchestrator, whose old
+                driver's heartbeat has not gone stale yet, then takes the lock and resumes.
             refit: the solver was fitted again (``dask-influence run --refit``): with
                 ``resume``, every chunk computed with an earlier fit is recomputed, even if
                 the fitted state came out the same, and a store recorded with another
@@ -248,7 +252,7 @@ class _BlockCalculator:
         path = os.fspath(store)
         zstore.check_path(path)
         fit = self._fit_identity(config, refit)
-        with zlock.StoreLock(path, break_lock=break_lock) as lock:
+        with zlock.StoreLock(path, break_lock=break_lock, wait_seconds=wait_for_lock) as lock:
             generation = None if not resume else _generation_of(path)
             group = zstore.prepare_store(
                 path, config=config, layout=layout, resume=resume, overwrite=overwrite, fit=fit
