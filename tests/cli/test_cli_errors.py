@@ -93,3 +93,13 @@ def test_a_model_returning_a_tuple_is_one_line(job):
     assert len(lines) == 1, result.output
     assert lines[0].startswith("Error: The model and loss could not be evaluated on a training batch")
     assert "must be Tensor, not tuple" in lines[0]
+
+
+def test_a_lost_scheduler_is_one_line_saying_the_store_is_resumable():
+    from distributed.client import FutureCancelledError
+
+    from dask_influence.cli.run import foreign_error
+
+    text = foreign_error(FutureCancelledError("influences-abc", reason="scheduler-connection-lost"))
+    assert text.startswith("lost the Dask scheduler or its workers (FutureCancelledError: ")
+    assert "rerun with --resume to compute only the missing chunks" in text and "\n" not in text

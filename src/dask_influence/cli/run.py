@@ -66,6 +66,16 @@ def user_errors(traceback: bool) -> Iterator[None]:
         raise click.ClickException(foreign_error(exc)) from None
 
 
+def _lost_cluster(exc: BaseException) -> bool:
+    """Whether ``exc`` says the connection to the Dask scheduler (or the job's futures) was lost."""
+    names = {type(e).__name__ for e in (exc, exc.__cause__, exc.__context__) if e is not None}
+    return bool(
+        names & {"FutureCancelledError", "CancelledError", "CommClosedError", "StreamClosedError"}
+        or "scheduler" in str(exc).lower()
+        and ("lost" in str(exc).lower() or "closed" in str(exc).lower())
+    )
+
+
 def foreign_error(exc: BaseException) -> str:
     """One line for an error the library does not raise itself (from the model, the loss, the
     data or a dependency): its type and message, what probably caused it, and ``--traceback``."""
@@ -75,6 +85,12 @@ def foreign_error(exc: BaseException) -> str:
         hint = (
             "a label is not a valid class index for the model's outputs (0 to number of classes - 1); "
             "check the labels of the datasets the factory returns"
+        )
+    elif _lost_cluster(exc):
+        return (
+            f"lost the Dask scheduler or its workers ({message}). The store keeps every chunk written so "
+            "far: once the scheduler and workers are back, rerun with --resume to compute only the "
+            "missing chunks (--traceback for the full traceback)."
         )
     else:
         hint = "raised while running the model, the loss or the data loading of the job"
