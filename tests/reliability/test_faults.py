@@ -351,3 +351,69 @@ def test_lost_worker_job_completes_and_equals_a_clean_run(tmp_path, cluster, cle
         f"job completed on the remaining worker; chunks written again after the loss {rewritten}; equal to "
         f"clean run (bit-identical: {identical})"
     )
+
+
+# -- 3. a lost scheduler ---------------------------------------------------------------------
+
+
+def test_lost_scheduler_ends_the_driver_in_one_line_and_a_restarted_cluster_resumes_exactly(tmp_path, clean):
+    """The scheduler is killed mid-job (issue 17, item 2): the driver ends with one line saying
+    the store is resumable; the scheduler is restarted at the same address and the workers are
+    restarted by the operator (Dask workers shut down when they lose their scheduler, and a
+    Kubernetes deployment restarts their pods); `run --resume` then computes only the missing
+    chunks and the store equals a clean run."""
+    from distributed import Client
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    c = Cluster(logs)
+    driver = None
+    try:
+        c.start_worker()
+        c.start_worker()
+        with Client(c.address, timeout="60s") as client:
+            c.ensure_workers(client, 2)
+        job = write_job(tmp_path, c.address)
+        store = tmp_path / "store.zarr"
+        env = {k: v for k, v in c.env.items() if k != rp.DELAY_ENV}
+        driver = subprocess.Popen(
+            [str(BIN / "dask-influence"), "run", str(job)],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        _wait_for(lambda: _flags_done(store) >= 4 or driver.poll() is not None, 180, "4 chunks written")
+        assert driver.poll() is None, driver.stdout.read().decode()[-3000:]
+        os.kill(c.scheduler.pid, signal.SIGKILL)
+        c.scheduler.wait(30)
+        out, _ = driver.communicate(timeout=180)
+        text = out.decode()
+        assert driver.returncode == 1, text[-3000:]
+        errors = [line.split("Error: ", 1)[1] for line in text.splitlines() if "Error: " in line]
+        assert len(errors) == 1 and errors[0].startswith("lost the Dask scheduler"), text[-3000:]
+        assert "rerun with --resume" in errors[0]
+        assert "Traceback" not in text
+        done_before = _flags_done(store)
+        assert 0 < done_before < N_CHUNKS
+
+        # the operator restarts the scheduler (same address) and the workers
+        _wait_for(lambda: all(w.poll() is not None for w in c.workers), 120, "the orphaned workers to exit")
+        c.scheduler = c._start(
+            "scheduler-2", ["scheduler", "--host", "127.0.0.1", "--port", str(c.port), "--no-dashboard"], {}
+        )
+        c.workers = []
+        c.start_worker()
+        c.start_worker()
+        with Client(c.address, timeout="60s") as client:
+            c.ensure_workers(client, 2)
+        result = CliRunner().invoke(cli, ["run", str(job), "--resume", "--wait-for-lock", "90"])
+        assert result.exit_code == 0, result.output
+        missing = N_CHUNKS - done_before
+        assert f"({N_CHUNKS}/{N_CHUNKS} chunks; {missing} computed, {done_before} already done)" in result.output
+        assert_equals_clean(store, clean)
+    finally:
+        if driver is not None:
+            _stop(driver)
+        c.stop()

@@ -185,6 +185,10 @@ def run(
         raise click.UsageError("Pass --resume or --overwrite, not both.")
     if fit_only and (resume or overwrite or break_lock):
         raise click.UsageError("--fit-only writes no store; drop --resume, --overwrite and --break-lock.")
+    if not traceback:  # the Dask client logs a lost scheduler with tracebacks; run says it in one line
+        import distributed  # noqa: F401  (configures its loggers on import: set the level after it)
+
+        logging.getLogger("distributed.client").setLevel(logging.CRITICAL)
     with user_errors(traceback):
         complete, summary = run_job(
             job_file,
