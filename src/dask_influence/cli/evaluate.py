@@ -180,13 +180,9 @@ def _say(quiet: bool, message: str) -> None:
 
 def _client(job: Any, scheduler: str | None, stack: ExitStack) -> tuple[Any, str]:
     """The client the runs go to (``None``: this process) and where that is, as ``run`` resolves it."""
-    from .run import SCHEDULER_ENV, _connect
+    from .run import _connect, scheduler_address
 
-    address, source = scheduler, "--scheduler"
-    if not address and job.cluster.scheduler:
-        address, source = job.cluster.scheduler, "[cluster] scheduler"
-    if not address and not job.cluster.sequential and os.environ.get(SCHEDULER_ENV, "").strip():
-        address, source = os.environ[SCHEDULER_ENV].strip(), SCHEDULER_ENV
+    address, source = scheduler_address(job, scheduler)
     if address:
         return stack.enter_context(_connect(address, source)), f"on the scheduler at {address}"
     if job.cluster.sequential:

@@ -392,6 +392,18 @@ def _check_store_early(
         )
 
 
+def scheduler_address(job: Any, scheduler: str | None) -> tuple[str | None, str]:
+    """The scheduler a job uses and where that came from: ``--scheduler``, then ``[cluster]
+    scheduler``, then ``$DASK_SCHEDULER_ADDRESS`` (not for a sequential job); ``None``: none."""
+    if scheduler:
+        return scheduler, "--scheduler"
+    if job.cluster.scheduler:
+        return job.cluster.scheduler, "[cluster] scheduler"
+    if not job.cluster.sequential and os.environ.get(SCHEDULER_ENV, "").strip():
+        return os.environ[SCHEDULER_ENV].strip(), SCHEDULER_ENV
+    return None, "--scheduler"
+
+
 def _calculator(
     job: Any,
     solver: Any,
@@ -408,11 +420,7 @@ def _calculator(
     Kubernetes DaskJob starts its job pod and its workers together)."""
     import dask_influence as di
 
-    address, source = scheduler, "--scheduler"
-    if not address and job.cluster.scheduler:
-        address, source = job.cluster.scheduler, "[cluster] scheduler"
-    if not address and not job.cluster.sequential and os.environ.get(SCHEDULER_ENV, "").strip():
-        address, source = os.environ[SCHEDULER_ENV].strip(), SCHEDULER_ENV
+    address, source = scheduler_address(job, scheduler)
     if address:
         client = stack.enter_context(_connect(address, source))
         n = len(client.scheduler_info().get("workers", {}))
