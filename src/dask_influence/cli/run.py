@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -40,6 +42,19 @@ def one_line(exc: BaseException) -> str:
     if isinstance(exc, JobFileError):
         return str(exc)
     return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _stop_on_sigterm() -> Any:
+    """Make SIGTERM (``kill``, a Kubernetes pod being stopped) end ``run`` as Ctrl-C does: the
+    lock released, one line saying how to resume. Returns the previous handler (``None``
+    off the main thread, where signals cannot be handled)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)
 
 
 @contextmanager
@@ -189,21 +204,33 @@ def run(
         import distributed  # noqa: F401  (configures its loggers on import: set the level after it)
 
         logging.getLogger("distributed.client").setLevel(logging.CRITICAL)
-    with user_errors(traceback):
-        complete, summary = run_job(
-            job_file,
-            scheduler=scheduler,
-            resume=resume,
-            overwrite=overwrite,
-            quiet=quiet,
-            break_lock=break_lock,
-            fit_only=fit_only,
-            refit=refit,
-            verify=verify,
-            wait_for_lock=wait_for_lock,
-            wait_for_workers=wait_for_workers,
-            workers_timeout=workers_timeout,
+    previous = _stop_on_sigterm()
+    try:
+        with user_errors(traceback):
+            complete, summary = run_job(
+                job_file,
+                scheduler=scheduler,
+                resume=resume,
+                overwrite=overwrite,
+                quiet=quiet,
+                break_lock=break_lock,
+                fit_only=fit_only,
+                refit=refit,
+                verify=verify,
+                wait_for_lock=wait_for_lock,
+                wait_for_workers=wait_for_workers,
+                workers_timeout=workers_timeout,
+            )
+    except KeyboardInterrupt:
+        click.echo(
+            f"\nInterrupted. The store keeps every chunk written so far: rerun with --resume "
+            f"(dask-influence run {job_file} --resume) to compute only the missing ones.",
+            err=True,
         )
+        raise SystemExit(130) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if not complete:
         raise click.ClickException(summary)
     if not quiet:
