@@ -360,23 +360,39 @@ def test_a_restarted_driver_waits_for_the_killed_drivers_lock_and_resumes_exactl
 
 
 def test_run_waits_for_workers_that_are_still_starting(tmp_path, expected):
-    """A DaskJob starts its job pod and its workers together: `run --scheduler` waits for them."""
-    from distributed import LocalCluster
+    """A DaskJob starts its job pod and its workers together: `run --scheduler` waits for them.
+    A `dask scheduler` process with no worker; then a `dask worker` process started 2 s into
+    the run."""
+    dask = shutil.which("dask", path=str(BIN)) or shutil.which("dask")
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if k != "DASK_SCHEDULER_ADDRESS"}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    logs = tmp_path / "logs"
+    logs.mkdir()
 
+    def start(command, name):
+        with open(logs / name, "w") as log:
+            return subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=logs, stdin=subprocess.DEVNULL
+            )
+
+    processes = [start([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"], "s.log")]
     job = write_job(tmp_path)
-    with LocalCluster(
-        n_workers=0, processes=False, protocol="tcp://", host="127.0.0.1", dashboard_address=None
-    ) as cluster:
-        result = invoke("run", job, "--scheduler", cluster.scheduler_address, "--timeout", 1)
-        assert result.exit_code == 1
+    try:
+        result = invoke("run", job, "--scheduler", address, "--timeout", 2)
+        assert result.exit_code == 1, result.output
         assert "Error: only 0 of 1 worker(s) joined the Dask scheduler" in result.output
         assert len(result.output.strip().splitlines()[-1]) < 300  # one line, no traceback
-        timer = threading.Timer(2.0, lambda: cluster.scale(1))
+        worker = [dask, "worker", address, "--nthreads", "1", "--no-dashboard", "--name", "late-worker"]
+        timer = threading.Timer(2.0, lambda: processes.append(start(worker, "w.log")))
         timer.start()
         try:
-            result = invoke("run", job, "--scheduler", cluster.scheduler_address, "--timeout", 60)
+            result = invoke("run", job, "--scheduler", address, "--timeout", 120)
         finally:
             timer.cancel()
         assert result.exit_code == 0, result.output
-        assert "Waiting up to 60 s for 1 worker(s)" in result.output
-    assert_store_equals(tmp_path / "influences.zarr", expected)
+        assert "Waiting up to 120 s for 1 worker(s)" in result.output
+        assert_store_equals(tmp_path / "influences.zarr", expected)
+    finally:
+        _stop(processes)
