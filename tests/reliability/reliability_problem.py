@@ -54,3 +54,48 @@ def make_problem(n_train: int = N_TRAIN, n_test: int = N_TEST, block: int = TRAI
         "train": SlowDataset(x, y, block),
         "test": TensorDataset(xt, yt),
     }
+
+
+def write_job(directory, *, cluster: str, output: str = "") -> str:
+    """A job file in ``directory`` running :func:`make_problem` with Direct (GGN), its store
+    ``directory/store.zarr``; ``cluster`` and ``output`` are extra lines of those sections."""
+    import textwrap
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    job = Path(directory) / "job.toml"
+    job.write_text(
+        textwrap.dedent(f"""\
+        [model]
+        factory = "reliability_problem:make_problem"
+        path = "{here}"
+
+        [solver]
+        method = "direct"
+        regularization = 0.1
+        curvature = "ggn"
+
+        [blocks]
+        test = {TEST_BLOCK}
+        train = {TRAIN_BLOCK}
+
+        [output]
+        store = "{Path(directory) / "store.zarr"}"
+        """)
+        + (output + "\n" if output else "")
+        + "\n[cluster]\n"
+        + cluster
+        + "\n"
+    )
+    return str(job)
+
+
+def flags_done(store) -> int:
+    """How many influence chunks of ``store`` are flagged done by the first fit (0 before it exists)."""
+    import numpy as np
+    import zarr
+
+    try:
+        return int((np.asarray(zarr.open_group(str(store), mode="r")["influences_done"][...]) == 1).sum())
+    except Exception:  # noqa: BLE001 - not created yet
+        return 0

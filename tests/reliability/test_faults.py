@@ -16,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -58,11 +57,7 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait(10)
 
 
-def _flags_done(path: Path) -> int:
-    try:
-        return int((np.asarray(zarr.open_group(str(path), mode="r")["influences_done"][...]) == 1).sum())
-    except Exception:
-        return 0
+_flags_done = rp.flags_done
 
 
 def _wait_for(predicate, timeout: float, what: str) -> None:
@@ -214,32 +209,7 @@ def _idle(client) -> bool:
 
 
 def write_job(tmp_path: Path, address: str) -> Path:
-    job = tmp_path / "job.toml"
-    job.write_text(
-        textwrap.dedent(f"""\
-        [model]
-        factory = "reliability_problem:make_problem"
-        path = "{HERE}"
-
-        [solver]
-        method = "direct"
-        regularization = 0.1
-        curvature = "ggn"
-
-        [blocks]
-        test = {rp.TEST_BLOCK}
-        train = {rp.TRAIN_BLOCK}
-
-        [output]
-        store = "{tmp_path / "store.zarr"}"
-        top_k = 3
-        self_influences = true
-
-        [cluster]
-        scheduler = "{address}"
-        """)
-    )
-    return job
+    return Path(rp.write_job(tmp_path, cluster=f'scheduler = "{address}"', output="top_k = 3\nself_influences = true"))
 
 
 # -- 2. a killed driver ----------------------------------------------------------------------

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -20,43 +19,9 @@ HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 
 
-def _job(tmp_path: Path) -> Path:
-    job = tmp_path / "job.toml"
-    job.write_text(
-        textwrap.dedent(f"""\
-        [model]
-        factory = "reliability_problem:make_problem"
-        path = "{HERE}"
-
-        [solver]
-        method = "direct"
-        regularization = 0.1
-        curvature = "ggn"
-
-        [blocks]
-        test = {rp.TEST_BLOCK}
-        train = {rp.TRAIN_BLOCK}
-
-        [output]
-        store = "{tmp_path / "store.zarr"}"
-
-        [cluster]
-        sequential = true
-        """)
-    )
-    return job
-
-
-def _flags_done(store: Path) -> int:
-    try:
-        return int(zarr.open_group(str(store), mode="r")["influences_done"][...].astype(bool).sum())
-    except Exception:  # noqa: BLE001 - not created yet
-        return 0
-
-
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
 def test_an_interrupted_run_says_how_to_resume_in_one_line(tmp_path, signum):
-    job = _job(tmp_path)
+    job = rp.write_job(tmp_path, cluster="sequential = true")
     store = tmp_path / "store.zarr"
     env = {**os.environ, rp.DELAY_ENV: "0.1", "PYTHONPATH": str(HERE)}
     env.pop("DASK_SCHEDULER_ADDRESS", None)
@@ -70,7 +35,7 @@ def test_an_interrupted_run_says_how_to_resume_in_one_line(tmp_path, signum):
     )
     try:
         deadline = time.monotonic() + 180
-        while _flags_done(store) < 2 and driver.poll() is None and time.monotonic() < deadline:
+        while rp.flags_done(store) < 2 and driver.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
         assert driver.poll() is None, driver.stdout.read().decode()[-3000:]
         os.kill(driver.pid, signum)

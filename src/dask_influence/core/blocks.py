@@ -145,13 +145,8 @@ def _ggn_from_jacobians(
 
     if solver.curvature is not Curvature.ggn or solver.objective.outputs is None:
         return None
-    functions = solver._functions
     theta = solver.block_curvature().theta
-    with torch.no_grad():
-        first = functions.outputs(theta, batches.slice_rows(batch, 0, 1))
-    if not isinstance(first, Tensor) or int(first[0].numel()) > JACOBIAN_MAX_OUTPUTS:
-        return None
-    sums = functions.ggn_dense_sum(theta, batch, ranges)
+    sums = solver._functions.ggn_dense_sum(theta, batch, ranges, max_outputs=JACOBIAN_MAX_OUTPUTS)
     if sums is None:
         return None
     scale = weight / batches.size(batch)  # the block's share of the mean loss, per sample

@@ -338,11 +338,18 @@ class ModelFunctions:
             return vmap(gvp, in_dims=1, out_dims=1)(v)
 
     def ggn_dense_sum(
-        self, theta: Tensor, batch: Any, ranges: Sequence[tuple[int, int]], *, max_entries: int = 2**25
+        self,
+        theta: Tensor,
+        batch: Any,
+        ranges: Sequence[tuple[int, int]],
+        *,
+        max_entries: int = 2**25,
+        max_outputs: int | None = None,
     ) -> list[Tensor] | None:
         """``sum_i J_i^T H_i J_i`` over the samples of a batch, restricted to each range ``(a, b)``
         of the parameters: ``[(b - a, b - a), ...]`` (a SUM over samples: the GGN of the batch's
-        mean loss is it divided by ``n``). ``None`` when the task gives no outputs.
+        mean loss is it divided by ``n``). ``None`` when the task gives no outputs, or outputs
+        that are not one tensor or have more than ``max_outputs`` entries per sample.
 
         ``J_i`` ``(c, p)`` is the Jacobian of sample ``i``'s outputs (``c`` entries) in the
         parameters, by vmapped reverse mode (``c`` backward passes per sample), and ``H_i``
@@ -366,7 +373,10 @@ class ModelFunctions:
             return output_loss(o.reshape(shape).unsqueeze(0), batches.unsqueeze(sample))
 
         n = batches.size(batch)
-        first = self.apply(params, outputs_fn, batches.slice_rows(batch, 0, 1))
+        with torch.no_grad():
+            first = self.apply(params, outputs_fn, batches.slice_rows(batch, 0, 1))
+        if not isinstance(first, Tensor) or (max_outputs is not None and int(first[0].numel()) > max_outputs):
+            return None
         shape, c = tuple(first.shape[1:]), int(first[0].numel())
         step = max(1, int(max_entries // max(1, c * self.spec.num_params)))
         totals = [theta.new_zeros(b - a, b - a) for a, b in ranges]
