@@ -1,0 +1,573 @@
+"""``GradientIndex``: projected training gradients built once on the cluster, queried many times.
+
+Build: each train block's per-sample loss gradients are projected to ``k`` dimensions
+(:mod:`dask_influence.core.projection`) by a Dask task that writes them to the index's
+``gradients`` array ``(n_train, k)`` and flags the block; a build that stops resumes with the
+blocks not flagged. Then one pass sums the preconditioner's curvature ``C`` ``(k, k)``:
+
+- ``"curvature"``: ``P H P^T`` (``curvature="ggn"``: the projected Gauss-Newton, else the
+  projected Hessian) of the mean training loss, from ``k`` curvature-vector products per block;
+- ``"fisher"``: ``Phi^T Phi / n``, the projected empirical Fisher, from the index itself
+  (no pass over the data; the TRAK preconditioner);
+- ``"none"``: the identity (plain projected-gradient similarity: not an influence).
+
+Query: ``influence[i, j] = phi(test_i)^T (C + lambda I)^-1 phi_j`` with ``phi(test_i) = P grad
+f(test_i)`` (the task's measurement), ``phi_j`` the stored row: the test gradients are
+projected and solved once per test block, then scored against the index chunk by chunk on
+the workers; the training data is not needed. With ``k = p`` and ``projection="orthogonal"``
+this is exactly the influence of the same curvature: only the compression approximates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from dask.base import tokenize
+from torch import nn
+
+from ..errors import StoreError
+from ..mapping.literals import Literal, unbox
+from ..mapping.plan import BlockPlan, ranges_from_sizes
+from ..mapping.sources import as_source
+from ..storage import lock as zlock
+from ..storage import store as zstore
+from . import layout, runner, tasks
+from .projector import Projector
+
+PRECONDITIONERS = ("curvature", "fisher", "none")
+DEFAULT_MEMORY_BUDGET = 512 * 2**20
+FAN_IN = 8
+
+
+@dataclass(frozen=True)
+class TopK:
+    """Per test point the ``k`` most helpful and most harmful training points, most extreme first.
+
+    Attributes:
+        helpful_indices, harmful_indices: ``(n_test, k)`` int64 training indices.
+        helpful_values, harmful_values: ``(n_test, k)`` their influences.
+    """
+
+    helpful_indices: np.ndarray
+    helpful_values: np.ndarray
+    harmful_indices: np.ndarray
+    harmful_values: np.ndarray
+
+
+class GradientIndex:
+    """A gradient index on disk and the model it belongs to (use :meth:`build` or :meth:`open`).
+
+    Args:
+        path: the index's zarr group.
+        projector: the model, task and projection (checked against the index).
+        client: where queries run: a ``distributed.Client``, ``None`` (the current client, else
+            an embedded ``LocalCluster`` per call) or ``"sync"`` (this process, no Dask cluster).
+        n_workers: workers of the embedded cluster (default: the number of cores).
+    """
+
+    def __init__(
+        self, path: str | os.PathLike, projector: Projector, *, client: Any = None, n_workers: int | None = None
+    ):
+        runner.check_client(client)
+        self.path = os.fspath(path)
+        self.projector = projector
+        self.client = client
+        self.n_workers = n_workers
+        self.group: Any = layout.open_index(self.path)
+        self.attributes = layout.attributes(self.group)
+        self.last_run_: dict[str, Any] = {}
+
+    # -- building -----------------------------------------------------------------------------
+    @classmethod
+    def build(
+        cls,
+        model: nn.Module,
+        task: Any,
+        train: Any,
+        path: str | os.PathLike,
+        *,
+        projection_dim: int = 1024,
+        projection: str = "sjlt",
+        seed: int = 0,
+        dtype: str = "float32",
+        preconditioner: str = "curvature",
+        curvature: str = "ggn",
+        regularization: float | str = "auto",
+        block_size: int | None = None,
+        layers: list[str] | None = None,
+        resume: bool = True,
+        overwrite: bool = False,
+        break_lock: bool = False,
+        client: Any = None,
+        n_workers: int | None = None,
+    ) -> GradientIndex:
+        """Project every training point's loss gradient into the index at ``path`` and sum the preconditioner.
+
+        Args:
+            model, task: the trained model and its :class:`~dask_influence.Task` (or a pair loss).
+            train: the training data (anything the mapping layer accepts: a sequential
+                DataLoader, a Dataset with ``block_size``, arrays or dask arrays).
+            projection_dim: ``k``.
+            projection: ``"sjlt"`` (sparse, any ``p``), ``"gaussian"``, ``"orthogonal"`` (dense,
+                small ``p``; exact at ``k = p``) or ``"kronecker"`` (per layer, no per-sample
+                gradient formed). See :mod:`dask_influence.core.projection`.
+            dtype: of the stored gradients: ``"float16"`` halves the size of ``"float32"``.
+            preconditioner: ``"curvature"`` (``P H P^T``, default), ``"fisher"`` (``Phi^T Phi / n``)
+                or ``"none"``.
+            curvature: ``"ggn"`` or ``"hessian"`` for ``preconditioner="curvature"``.
+            regularization: ``lambda`` added at query time; ``"auto"`` is ``0.01 * trace(C) / k``.
+                A query may pass another.
+            resume: complete an existing index built the same way (only its missing blocks);
+                an index built another way is refused.
+            overwrite: replace whatever index is at ``path``.
+
+        Returns:
+            the index, ready to query. ``last_run_`` says how many blocks were written.
+
+        Raises:
+            StoreError: ``path`` holds something else, or an index built with another model,
+                task, projection or data (without ``overwrite``), or is locked by another job.
+        """
+        if preconditioner not in PRECONDITIONERS:
+            raise ValueError(
+                f"preconditioner must be one of {', '.join(map(repr, PRECONDITIONERS))}; got {preconditioner!r}."
+            )
+        if curvature not in ("ggn", "hessian"):
+            raise ValueError(f"curvature must be 'ggn' or 'hessian'; got {curvature!r}.")
+        if dtype not in layout.DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(layout.DTYPES)}; got {dtype!r}.")
+        _check_regularization(regularization)
+        runner.check_client(client)
+        projector = Projector(model, task, projection, projection_dim, seed, layers=layers)
+        if preconditioner == "curvature" and curvature == "ggn" and not projector.task.has_outputs:
+            raise ValueError(
+                f"preconditioner='curvature' with curvature='ggn' needs the task's outputs; the task "
+                f"{projector.task.name!r} has none. Pass curvature='hessian', preconditioner='fisher', "
+                "or a Task with outputs and output_loss."
+            )
+        source = as_source(train, block_size=block_size, name="train", perturb=projector.task.perturb)
+        sizes = tuple(int(s) for s in source.block_sizes)
+        record = {
+            "kind": "gradient_index",
+            "model_checksum": projector.model_checksum(),
+            "num_params": projector.spec.num_params,
+            "task": projector.task.describe(),
+            "task_loss": projector.task.loss_id(),
+            "projection": projector.describe_projection(),
+            "dim": projector.dim,
+            "dtype": dtype,
+            "n_train": sum(sizes),
+            "block_sizes": list(sizes),
+            "data_digest": layout.block_digest(_load_block(source, 0)),
+            "preconditioner": preconditioner,
+            "curvature": curvature if preconditioner == "curvature" else None,
+            "regularization_setting": regularization,
+        }
+        path = os.fspath(path)
+        zstore.check_path(path)
+        with zlock.StoreLock(path, break_lock=break_lock):
+            group = _prepare(path, record, sizes, projector.dim, dtype, resume=resume, overwrite=overwrite)
+            done = layout.done_blocks(group)
+            ranges = ranges_from_sizes(sizes)
+            token = tokenize(record["model_checksum"], record["projection"], path)
+            proj_key = f"projector-{token}"
+            dsk: dict = {proj_key: (unbox, Literal(projector, token)), **source.graph()}
+            keys = []
+            for j in map(int, np.nonzero(~done)[0]):
+                keys.append((f"index-{token}", j))
+                dsk[keys[-1]] = (tasks.write_projected, proj_key, source.block_task(j), path, j, ranges[j])
+            gpu = projector.device.type == "cuda"
+            with runner.cluster(client, n_workers) as active:
+                runner.run(active, dsk, keys, gpu=gpu)
+                stored = layout.attributes(group)
+                if keys or not stored.get("curvature_done"):
+                    curv = _curvature(active, dsk, proj_key, source, path, record, ranges, gpu)
+                    layout.write_curvature(group, curv)
+                    lam = _auto_regularization(curv) if regularization == "auto" else float(regularization)
+                    layout.update(group, curvature_done=True, regularization=lam)
+            if not bool(layout.done_blocks(group).all()):
+                raise StoreError(
+                    f"The index {path!r} is missing blocks after its build; run the build again to resume."
+                )
+            layout.update(group, complete=True, completed=layout.now(), blocks_written=len(keys))
+        index = cls(path, projector, client=client, n_workers=n_workers)
+        index.last_run_ = {"blocks_written": len(keys), "blocks_skipped": len(sizes) - len(keys)}
+        return index
+
+    @classmethod
+    def open(
+        cls, path: str | os.PathLike, model: nn.Module, task: Any, *, client: Any = None, n_workers: int | None = None
+    ) -> GradientIndex:
+        """The complete index at ``path`` for querying with ``model`` and ``task``.
+
+        Raises:
+            StoreError: no index at ``path``, an incomplete one, or one built with another
+                model (parameters), task or projection.
+        """
+        path = os.fspath(path)
+        group = layout.open_index(path)
+        stored = layout.attributes(group)
+        if not stored.get("complete"):
+            raise StoreError(f"The gradient index {path!r} is incomplete; run its build again (it resumes).")
+        projection = dict(stored["projection"])
+        projector = Projector(model, task, projection)
+        layout.check_record(
+            path,
+            stored,
+            {
+                "model_checksum": projector.model_checksum(),
+                "task_loss": projector.task.loss_id(),
+                "projection": projector.describe_projection(),
+            },
+            "this model and task",
+        )
+        return cls(path, projector, client=client, n_workers=n_workers)
+
+    # -- properties -----------------------------------------------------------------------------
+    @property
+    def n_train(self) -> int:
+        """The number of indexed training points."""
+        return int(self.attributes["n_train"])
+
+    @property
+    def dim(self) -> int:
+        """``k``, the projected dimension."""
+        return int(self.attributes["dim"])
+
+    @property
+    def regularization(self) -> float:
+        """The ``lambda`` queries use unless they pass another."""
+        return float(self.attributes["regularization"])
+
+    def curvature_matrix(self) -> np.ndarray:
+        """The stored undamped curvature ``C`` ``(k, k)``."""
+        return np.asarray(self.group["curvature"][:])
+
+    def gradients(self) -> np.ndarray:
+        """The stored projected training gradients ``(n_train, k)`` (read whole: small indexes only)."""
+        return np.asarray(self.group["gradients"][:])
+
+    # -- queries ------------------------------------------------------------------------------
+    def influences(
+        self, test: Any, *, block_size: int | None = None, regularization: float | None = None
+    ) -> np.ndarray:
+        """``(n_test, n_train)`` influences of the indexed training points on ``test``, in memory."""
+        dsk, factor_keys, _, _, dtype = self._factor_graph(test, block_size, regularization)
+        ranges = ranges_from_sizes(tuple(self.attributes["block_sizes"]))
+        keys = []
+        for j, rows in enumerate(ranges):
+            keys.append(("ixscore", j))
+            dsk[keys[-1]] = (tasks.score_group, factor_keys, self.path, rows, dtype)
+        with runner.cluster(self.client, self.n_workers) as active:
+            parts = runner.run(active, dsk, keys, gpu=self._gpu)
+        return np.concatenate([np.concatenate(p, axis=0) for p in parts], axis=1)
+
+    def top_k(self, test: Any, k: int, *, block_size: int | None = None, regularization: float | None = None) -> TopK:
+        """Per test point the ``k`` most helpful and harmful training points, merged exactly chunk by chunk
+        (memory per task ``O(n_block * (k + chunk))``; the full matrix is never held)."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive int; got {k!r}.")
+        k = min(k, self.n_train)
+        dsk, factor_keys, _, _, dtype = self._factor_graph(test, block_size, regularization)
+        ranges = list(ranges_from_sizes(tuple(self.attributes["block_sizes"])))
+        keys: list = []
+        for i, fkey in enumerate(factor_keys):
+            keys.append(("ixtopk", i))
+            dsk[keys[-1]] = (_topk_block, fkey, self.path, ranges, k, dtype)
+        with runner.cluster(self.client, self.n_workers) as active:
+            parts = runner.run(active, dsk, keys, gpu=self._gpu)
+        return TopK(*(np.concatenate([p[n] for p in parts]) for n in range(4)))
+
+    def self_influences(self, *, regularization: float | None = None) -> np.ndarray:
+        """``phi_j^T (C + lambda I)^-1 phi_j`` for every indexed training point: ``(n_train,)``."""
+        chol, _ = self._cholesky(regularization)
+        dtype = _out_dtype(self.projector)
+        dsk: dict = {"ixchol": chol}
+        keys = []
+        for j, rows in enumerate(ranges_from_sizes(tuple(self.attributes["block_sizes"]))):
+            keys.append(("ixself", j))
+            dsk[keys[-1]] = (tasks.self_block, self.path, rows, "ixchol", dtype)
+        with runner.cluster(self.client, self.n_workers) as active:
+            return np.concatenate(runner.run(active, dsk, keys))
+
+    def influences_to_zarr(
+        self,
+        test: Any,
+        store: str | os.PathLike,
+        *,
+        top_k: int | None = None,
+        self_influences: bool = False,
+        resume: bool = False,
+        overwrite: bool = False,
+        block_size: int | None = None,
+        regularization: float | None = None,
+        break_lock: bool = False,
+        memory_budget: int | None = DEFAULT_MEMORY_BUDGET,
+    ) -> zarr.Group:
+        """Write ``(n_test, n_train)`` influences to an influence store (the layout of
+        ``DaskInfluenceCalculator.influences_to_zarr``, so ``inspect``, ``rank``, ``plot`` and
+        ``evaluate`` read it), chunked (test block, index block); optional top-k and self-influences.
+
+        Args:
+            resume: complete an existing store of the same query, computing only chunks not
+                flagged done. overwrite: replace it.
+            memory_budget: bytes one scoring task may hold (its factors and output block).
+
+        Returns:
+            the store's zarr group (read-only).
+        """
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be a positive int or None; got {top_k!r}.")
+        dsk, factor_keys, test_sizes, lam, dtype = self._factor_graph(test, block_size, regularization)
+        train_sizes = tuple(int(s) for s in self.attributes["block_sizes"])
+        plan = BlockPlan.build(
+            test_sizes,
+            train_sizes,
+            bytes_per_test_point=2 * (self.dim + max(train_sizes)) * np.dtype(dtype).itemsize,
+            memory_budget=memory_budget,
+        )
+        top_k = min(top_k, self.n_train) if top_k else None
+        store_layout = zstore.StoreLayout(plan.test_sizes, plan.train_sizes, None, dtype, top_k, bool(self_influences))
+        fingerprint = self._fingerprint(lam)
+        config = {
+            "method": "GradientIndex",
+            "parameters": {
+                "index": self.path,
+                "projection": self.attributes["projection"]["kind"],
+                "projection_dim": self.dim,
+                "preconditioner": self.attributes["preconditioner"],
+                "curvature": self.attributes.get("curvature"),
+                "index_dtype": self.attributes["dtype"],
+            },
+            "regularization": lam,
+            "mode": "up",
+            "shape": list(store_layout.shape),
+            "test_block_sizes": list(plan.test_sizes),
+            "train_block_sizes": list(plan.train_sizes),
+            "dtype": dtype,
+            "top_k": top_k,
+            "self_influences": bool(self_influences),
+            "solver_fingerprint": fingerprint,
+            "num_params": self.projector.spec.num_params,
+            "n_train_fit": self.n_train,
+        }
+        path = os.fspath(store)
+        zstore.check_path(path)
+        with zlock.StoreLock(path, break_lock=break_lock) as lock:
+            group = zstore.prepare_store(
+                path,
+                config=config,
+                layout=store_layout,
+                resume=resume,
+                overwrite=overwrite,
+                fit=zstore.FitIdentity(fingerprint),
+            )
+            state = zstore.load_state(group)
+            recorder = zstore.CompletionRecorder(group, state)
+            recorder.flush(final=False)
+            keys, finishes = self._pending(dsk, factor_keys, plan, store_layout, state, path, dtype)
+            try:
+                with runner.cluster(self.client, self.n_workers) as active:
+                    runner.run(
+                        active, dsk, keys, on_done=lambda key: recorder.record(finishes.get(key, [])), gpu=self._gpu
+                    )
+            finally:
+                recorder.flush(final=False)
+            lock.ensure_held()
+            recorder.flush(final=True)
+            zstore.mark_complete(group, {"test_groups": [list(g) for g in plan.test_groups]}, state)
+        return zarr.open_group(path, mode="r")
+
+    # -- helpers ------------------------------------------------------------------------------
+    @property
+    def _gpu(self) -> bool:
+        return self.projector.device.type == "cuda"
+
+    def _fingerprint(self, lam: float) -> str:
+        keys = ("model_checksum", "projection", "created", "preconditioner", "curvature", "n_train", "dtype")
+        record = {k: self.attributes.get(k) for k in keys}
+        return hashlib.sha256(json.dumps([record, lam, self.path], sort_keys=True, default=str).encode()).hexdigest()[
+            :16
+        ]
+
+    def _cholesky(self, regularization: float | None) -> tuple[np.ndarray, float]:
+        """The lower Cholesky factor of ``C + lambda I`` ``(k, k)`` float64 and ``lambda``."""
+        lam = self.regularization if regularization is None else float(regularization)
+        _check_regularization(lam)
+        c = torch.from_numpy(self.curvature_matrix())
+        chol, info = torch.linalg.cholesky_ex(c + lam * torch.eye(c.shape[0], dtype=c.dtype))
+        if int(info) != 0:
+            lowest = float(torch.linalg.eigvalsh(c)[0])
+            raise ValueError(
+                f"The index's projected curvature plus regularization={lam:g} is not positive definite "
+                f"(its smallest eigenvalue is {lowest:.3g}); pass regularization > "
+                f"{max(-lowest, 0) * 1.5 + 1e-12:.3g}, "
+                "or build the index with curvature='ggn' (positive semi-definite for convex losses)."
+            )
+        return chol.numpy(), lam
+
+    def _factor_graph(
+        self, test: Any, block_size: int | None, regularization: float | None
+    ) -> tuple[dict, list, tuple[int, ...], float, str]:
+        """The graph of the test factors ``(n_block, k)`` per test block, with its keys, the test
+        block sizes, ``lambda`` and the output dtype."""
+        chol, lam = self._cholesky(regularization)
+        source = as_source(test, block_size=block_size, name="test", perturb=self.projector.task.perturb)
+        token = tokenize(self._fingerprint(lam), source.token)
+        proj_key, chol_key = f"projector-{token}", f"chol-{token}"
+        dsk: dict = {
+            proj_key: (unbox, Literal(self.projector, token)),
+            chol_key: (unbox, Literal(chol, token)),
+            **source.graph(),
+        }
+        keys = []
+        for i in range(len(source.block_sizes)):
+            keys.append((f"ixfactors-{token}", i))
+            dsk[keys[-1]] = (tasks.factor_block, proj_key, chol_key, source.block_task(i))
+        return dsk, keys, tuple(int(s) for s in source.block_sizes), lam, _out_dtype(self.projector)
+
+    def _pending(
+        self, dsk: dict, factor_keys: list, plan: BlockPlan, store_layout: Any, state: Any, path: str, dtype: str
+    ) -> tuple[list, dict]:
+        """Write tasks for the chunks, self-influence blocks and top-k rows not done in ``state``."""
+        done, flag = state.done("influences"), state.current
+        rows, cols = plan.test_ranges, plan.train_ranges
+        keys: list = []
+        finishes: dict = {}
+        row_writes: dict[int, list] = {}
+        for g, members in enumerate(plan.test_groups):
+            for j in map(int, np.nonzero(~done[np.asarray(members)].all(axis=0))[0]):
+                score = ("ixscore", g, j)
+                dsk[score] = (tasks.score_group, [factor_keys[i] for i in members], self.path, cols[j], dtype)
+                targets = [(i, *rows[i], pos) for pos, i in enumerate(members) if not done[i, j]]
+                key: tuple = ("ixwrite", g, j)
+                dsk[key] = (zstore.write_influence_chunks, path, j, cols[j], targets, score, flag)
+                keys.append(key)
+                finishes[key] = [("influences", (i, j)) for i, *_ in targets]
+                for i, *_ in targets:
+                    row_writes.setdefault(i, []).append(key)
+        if store_layout.self_influences:
+            chol_key = next(k for k in dsk if isinstance(k, str) and k.startswith("chol-"))
+            for j in map(int, np.nonzero(~state.done("self_influences"))[0]):
+                key = ("ixswrite", j)
+                dsk[("ixself", j)] = (tasks.self_block, self.path, cols[j], chol_key, dtype)
+                dsk[key] = (zstore.write_self_chunk, path, j, cols[j], ("ixself", j), flag)
+                keys.append(key)
+                finishes[key] = [("self_influences", (j,))]
+        if store_layout.top_k:
+            for i in map(int, np.nonzero(~state.done("top_k"))[0]):
+                key = ("ixtopk", i)
+                dsk[key] = (
+                    zstore.topk_row,
+                    path,
+                    i,
+                    rows[i],
+                    list(cols),
+                    store_layout.top_k,
+                    flag,
+                    *row_writes.get(i, []),
+                )
+                keys.append(key)
+                finishes[key] = [("top_k", (i,))]
+        self.last_run_ = {
+            "chunks_computed": sum(len(v) for k, v in finishes.items() if k[0] == "ixwrite"),
+            "chunks_total": plan.num_chunks,
+        }
+        return keys, finishes
+
+
+def _topk_block(factors: np.ndarray, path: str, ranges: list[tuple[int, int]], k: int, dtype: str) -> tuple:
+    """Top-``k`` helpful and harmful training points of one test block, merged chunk by chunk:
+    ``(helpful_idx, helpful_val, harmful_idx, harmful_val)``, each ``(n_block, k)``."""
+    n = len(factors)
+    best = {s: (np.empty((n, 0), np.int64), np.empty((n, 0), dtype)) for s in (-1.0, 1.0)}
+    for rows in ranges:
+        block = tasks.score_group([factors], path, rows, dtype)[0]
+        idx = np.broadcast_to(np.arange(rows[0], rows[1]), block.shape)
+        for sign in best:
+            cand_idx = np.concatenate([best[sign][0], idx], axis=1)
+            cand_val = np.concatenate([best[sign][1], block], axis=1)
+            order = np.argsort(sign * cand_val, axis=1, kind="stable")[:, :k]
+            best[sign] = (np.take_along_axis(cand_idx, order, 1), np.take_along_axis(cand_val, order, 1))
+    return (*best[-1.0], *best[1.0])
+
+
+def _out_dtype(projector: Projector) -> str:
+    return "float64" if projector.dtype == torch.float64 else "float32"
+
+
+def _check_regularization(value: Any) -> None:
+    if value == "auto":
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"regularization must be a number >= 0 or 'auto'; got {value!r}.")
+
+
+def _auto_regularization(curvature: np.ndarray) -> float:
+    """``0.01 * trace(C) / k`` (relative damping; at least a tiny positive number)."""
+    k = curvature.shape[0]
+    return max(0.01 * abs(float(np.trace(curvature))) / k, 1e-12)
+
+
+def _load_block(source: Any, j: int) -> Any:
+    from dask.local import get_sync
+
+    return get_sync({**source.graph(), "block": source.block_task(j)}, "block")
+
+
+def _prepare(
+    path: str, record: dict, sizes: tuple[int, ...], dim: int, dtype: str, *, resume: bool, overwrite: bool
+) -> Any:
+    existing = layout.existing_kind(path)
+    if existing == "other":
+        layout.refuse_other(path)
+    if existing == "index" and not overwrite:
+        if not resume:
+            raise StoreError(
+                f"The gradient index {path!r} already exists; pass resume=True to complete it or "
+                "overwrite=True to replace it."
+            )
+        group = layout.open_index(path, mode="r+")
+        layout.check_record(path, layout.attributes(group), record, "this build")
+        return group
+    try:
+        return layout.create(path, record, sizes, dim, dtype)
+    except OSError as err:
+        raise StoreError(f"Cannot write the gradient index {path!r}: {err.strerror or err}.") from None
+
+
+def _curvature(
+    client: Any, dsk: dict, proj_key: str, source: Any, path: str, record: dict, ranges: Any, gpu: bool
+) -> np.ndarray:
+    """The preconditioner's undamped curvature ``C`` ``(k, k)``: a reduction tree over blocks."""
+    kind, n, k = record["preconditioner"], record["n_train"], record["dim"]
+    if kind == "none":
+        return np.eye(k)
+    token = tokenize(record["model_checksum"], record["projection"], kind, path)
+    leaves: list[tuple] = []
+    for j, rows in enumerate(ranges):
+        leaves.append((f"ixcurv-{token}", j))
+        if kind == "fisher":
+            dsk[leaves[-1]] = (tasks.gram_block, path, rows)
+        else:
+            weight = (rows[1] - rows[0]) / n
+            dsk[leaves[-1]] = (tasks.curvature_block, proj_key, source.block_task(j), record["curvature"], weight)
+    level, keys = 0, leaves
+    while len(keys) > 1:
+        grouped = [keys[i : i + FAN_IN] for i in range(0, len(keys), FAN_IN)]
+        keys = [(f"ixsum-{token}", level, g) for g in range(len(grouped))]
+        for key, members in zip(keys, grouped):
+            dsk[key] = (tasks.total, *members)
+        level += 1
+    (total,) = runner.run(client, dsk, keys, gpu=gpu and kind == "curvature")
+    total = np.asarray(total, dtype=np.float64)
+    if kind == "fisher":
+        total = total / n
+    return (total + total.T) / 2

@@ -1,0 +1,234 @@
+"""Projected per-sample gradients of a model and task: what a gradient index stores per block.
+
+A :class:`Projector` is built once on the driver and shipped to each worker once (it holds the
+model, the task and the seeded projection, never a ``(k, p)`` matrix). Its methods take a
+block (a batch of numpy arrays or tensors) and return numpy arrays.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..core import batches
+from ..core.data import pair_batch
+from ..core.gradients import _FORWARD_LOCK, ModelFunctions, ParamSpec, check_finite, flat_params, second_order
+from ..core.kronecker import Capture
+from ..core.projection import (
+    KINDS,
+    GaussianProjection,
+    KroneckerProjection,
+    OrthogonalProjection,
+    Projection,
+    SparseProjection,
+    from_record,
+)
+from ..core.task import Task, as_task
+
+CHUNK_SIZE = 64
+"""Samples per vmapped per-sample-gradient call (memory: ``CHUNK_SIZE * p`` numbers)."""
+
+CURVATURE_COLUMNS = 32
+"""Projected directions per batched curvature product (memory: ``p * CURVATURE_COLUMNS``)."""
+
+
+class Projector:
+    """Per-sample gradients of ``task`` at the model's parameters, projected to ``k`` dimensions.
+
+    Args:
+        model: the trained model (its trainable parameters are ``theta``, length ``p``).
+        task: a :class:`~dask_influence.Task` or a pair loss ``loss(outputs, targets)``.
+        projection: ``"sjlt"``, ``"gaussian"``, ``"orthogonal"``, ``"kronecker"``, or a
+            recorded description (:meth:`Projection.describe`).
+        dim: ``k`` (ignored with a recorded description).
+        seed: the projection's seed (ignored with a recorded description).
+        layers: with ``"kronecker"``, the names of the layers to project (default: every
+            supported layer with trainable weights; other parameters are left out).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Any,
+        projection: str | dict = "sjlt",
+        dim: int = 1024,
+        seed: int = 0,
+        *,
+        layers: list[str] | None = None,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
+        self.model = model
+        self.task: Task = as_task(task)
+        self.spec = ParamSpec.from_model(model)
+        self.functions = ModelFunctions(model, self.task, self.spec)
+        self.theta = flat_params(model, self.spec).detach()
+        self.layers: list = []
+        p = self.spec.num_params
+        kind = projection.get("kind") if isinstance(projection, dict) else projection
+        if kind not in KINDS:
+            raise ValueError(f"projection must be one of {', '.join(map(repr, KINDS))}; got {projection!r}.")
+        if kind == "kronecker":
+            from ..core.solvers.ekfac import find_layers, left_out_parameters
+
+            chosen = projection.get("layer_names") if isinstance(projection, dict) else layers
+            self.layers = find_layers(model, self.spec, chosen)
+            left_out = left_out_parameters(self.spec, self.layers)
+            if left_out and not isinstance(projection, dict):
+                warnings.warn(
+                    "projection='kronecker' projects Linear, Conv2d, Conv1D and Embedding layers; these "
+                    f"trainable parameters are left out of the index (as if frozen): {', '.join(left_out)}. "
+                    "Use projection='sjlt' to keep every parameter.",
+                    UserWarning,
+                    stacklevel=3,
+                )
+        self.projection: Projection
+        if isinstance(projection, dict):
+            if int(projection.get("num_params", -1)) != p:
+                raise ValueError(
+                    f"The index was built for a model with {projection.get('num_params')} trainable parameters; "
+                    f"this model has {p}."
+                )
+            self.projection = from_record(projection)
+        elif kind == "kronecker":
+            shapes = [(layer.name, *layer.shape) for layer in self.layers]
+            self.projection = KroneckerProjection(p, dim, seed, shapes)
+        else:
+            cls = {"sjlt": SparseProjection, "gaussian": GaussianProjection, "orthogonal": OrthogonalProjection}[kind]
+            self.projection = cls(p, dim, seed)
+
+    # -- identity ---------------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        """``k``, the projected dimension."""
+        return self.projection.dim
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model's parameter dtype."""
+        return self.theta.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """The model's device."""
+        return self.theta.device
+
+    def model_checksum(self) -> str:
+        """sha256 of the trainable parameters (what an index is valid for)."""
+        return hashlib.sha256(self.theta.cpu().contiguous().numpy().tobytes()).hexdigest()
+
+    def describe_projection(self) -> dict[str, Any]:
+        """The projection's description, with the chosen layer names for ``kronecker``."""
+        record = self.projection.describe()
+        if self.layers:
+            record["layer_names"] = [layer.name for layer in self.layers]
+        return record
+
+    # -- batches ----------------------------------------------------------------------------
+    def batch(self, block: Any, name: str = "the batch") -> Any:
+        """A block (numpy arrays or tensors; ``(x, y)`` for a pair loss) as tensors on the model's device."""
+        if self.task.pairs:
+            block = tuple(block) if isinstance(block, list) else block
+            if not (isinstance(block, tuple) and len(block) == 2):
+                raise TypeError(f"With a pair loss, {name} must be a pair (x, y); got {batches.structure(block)}.")
+            return pair_batch(block, self.dtype, self.device, ("x", "y"))
+        batch = batches.to_tensors(block, name, dtype=self.dtype, device=self.device)
+        batches.check(batch, name)
+        return batch
+
+    # -- projected gradients ------------------------------------------------------------------
+    def project(self, block: Any, *, measurement: bool = False) -> np.ndarray:
+        """Projected per-sample gradients of a block: ``(n, k)`` in the model's dtype.
+
+        ``measurement``: of the task's measurement (test side) instead of its loss.
+        """
+        batch = self.batch(block)
+        n = batches.size(batch)
+        out = torch.empty(n, self.dim, dtype=self.dtype, device=self.device)
+        for start in range(0, n, CHUNK_SIZE):
+            chunk = batches.slice_rows(batch, start, min(start + CHUNK_SIZE, n))
+            if isinstance(self.projection, KroneckerProjection):
+                out[start : start + CHUNK_SIZE] = self._kronecker(chunk, measurement)
+            else:
+                grads = self.functions.per_sample_grads(self.theta, chunk, measurement=measurement)
+                check_finite("per-sample gradients", grads, hint="Check the model and the loss for overflow.")
+                out[start : start + CHUNK_SIZE] = self.projection.project(grads)
+        check_finite("projected gradients", out, hint="Check the model and the loss for overflow.")
+        return out.detach().cpu().numpy()
+
+    def _kronecker(self, batch: Any, measurement: bool) -> Tensor:
+        """Per layer, ``sum_t (P_out g_t)(P_in a_t)^T`` from one forward and one backward of the
+        batch (the per-sample gradient is never formed): ``(n, k)``.
+
+        The batch's mean loss times ``n`` is the sum of the per-sample losses, and a sample's
+        loss depends on its own outputs only, so the gradient in each layer output is that
+        sample's gradient."""
+        projection = self.projection
+        assert isinstance(projection, KroneckerProjection)
+        fn = self.task.measure() if measurement else self.task.loss
+        n = batches.size(batch)
+        with torch.enable_grad():
+            with _FORWARD_LOCK, Capture(self.layers, n) as capture:
+                value = self.functions.apply(self.theta, fn, batch)
+            probes = [p for ps in capture.probes for p in ps]
+            grads = torch.autograd.grad(value * n, probes, allow_unused=True)
+        parts, at = [], 0
+        for index, (layer, calls) in enumerate(zip(self.layers, capture.probes)):
+            pieces = []
+            for probe in calls:
+                g = grads[at]
+                pieces.append(layer.output_grads(torch.zeros_like(probe) if g is None else g))
+                at += 1
+            g_all = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+            a_all = torch.cat(capture.inputs[index], dim=1)
+            parts.append(projection.project_layer(index, g_all.detach(), a_all))
+        return torch.cat(parts, dim=1)
+
+    def project_flat(self, vectors: Tensor) -> Tensor:
+        """``P v`` for each row of ``vectors`` ``(m, p)``: ``(m, k)``."""
+        projection = self.projection
+        if not isinstance(projection, KroneckerProjection):
+            return projection.project(vectors)
+        parts = []
+        for index, layer in enumerate(self.layers):
+            p_out, p_in = projection.factors(index, dtype=vectors.dtype, device=vectors.device)
+            m = layer.to_matrix(vectors)  # (m, o, i)
+            parts.append((p_out @ m @ p_in.T).reshape(vectors.shape[0], -1))
+        return torch.cat(parts, dim=1)
+
+    def columns(self, start: int, stop: int) -> Tensor:
+        """Rows ``start:stop`` of ``P`` as columns of the flat layout: ``(p, stop - start)``."""
+        projection = self.projection
+        if not isinstance(projection, KroneckerProjection):
+            return projection.columns(start, stop, dtype=self.dtype, device=self.device)
+        out = torch.zeros(stop - start, self.spec.num_params, dtype=self.dtype, device=self.device)
+        offsets = projection.offsets()
+        for index, layer in enumerate(self.layers):
+            a, b = max(start, offsets[index]), min(stop, offsets[index + 1])
+            if a >= b:
+                continue
+            m = projection.layer_columns(
+                index, a - offsets[index], b - offsets[index], dtype=self.dtype, device=self.device
+            )
+            layer.write_matrix(m, out[a - start : b - start])
+        return out.T
+
+    def curvature(self, block: Any, curvature: str) -> np.ndarray:
+        """``P C_b P^T`` ``(k, k)`` float64 for a block: ``C_b`` the Hessian (``"hessian"``) or the
+        generalized Gauss-Newton (``"ggn"``) of the block's mean loss. Costs ``k`` curvature-vector
+        products, ``CURVATURE_COLUMNS`` at a time."""
+        batch = self.batch(block)
+        product = self.functions.hessian_matmat if curvature == "hessian" else self.functions.ggn_matmat
+        out = torch.empty(self.dim, self.dim, dtype=torch.float64)
+        with second_order():
+            for start in range(0, self.dim, CURVATURE_COLUMNS):
+                stop = min(start + CURVATURE_COLUMNS, self.dim)
+                cv = product(self.theta, batch, self.columns(start, stop))  # (p, c)
+                out[:, start:stop] = self.project_flat(cv.T).T.double().cpu()
+        check_finite("the projected curvature", out, hint="Check the model and the loss for overflow.")
+        return out.numpy()

@@ -1,0 +1,71 @@
+"""Where the index graphs run: in this process (``client="sync"``), on a given or current
+Dask client, or on an embedded ``LocalCluster`` started for the call."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from ..mapping.literals import sent_once
+
+SYNC = "sync"
+
+
+def check_client(client: Any) -> None:
+    """Refuse a ``client`` that is neither a client, ``None`` nor ``'sync'``."""
+    if isinstance(client, str) and client != SYNC:
+        raise ValueError(f"client must be a distributed.Client, None or 'sync'; got {client!r}.")
+
+
+@contextmanager
+def cluster(client: Any, n_workers: int | None = None) -> Iterator[Any]:
+    """The client to run on: ``client`` itself, else the current one, else an embedded
+    ``LocalCluster`` (one single-threaded worker process per core) closed afterwards."""
+    if client is not None:
+        yield client
+        return
+    from distributed import Client, LocalCluster, get_client
+
+    try:
+        yield get_client()
+        return
+    except ValueError:
+        pass
+    workers = n_workers or os.cpu_count() or 1
+    with (
+        LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as local,
+        Client(local) as embedded,
+    ):
+        yield embedded
+
+
+def run(
+    client: Any,
+    dsk: dict,
+    keys: list,
+    *,
+    on_done: Callable[[Any], None] | None = None,
+    gpu: bool = False,
+) -> list:
+    """Compute ``keys`` of ``dsk``; ``on_done(key)`` is called here as each of them finishes."""
+    if not keys:
+        return []
+    if client == SYNC:
+        from dask.local import get_sync
+
+        results = list(get_sync(dsk, keys))  # shared keys (the projector, test factors) computed once
+        for key in keys if on_done is not None else ():
+            on_done(key)  # type: ignore[misc]
+        return results
+    from distributed import as_completed
+
+    with sent_once():
+        futures = client.get(dsk, keys, sync=False, resources={"GPU": 1} if gpu else None)
+    if on_done is not None:
+        for future in as_completed(futures):
+            if future.status != "finished":
+                break  # an error: gather raises it
+            on_done(future.key)
+    return client.gather(futures)

@@ -1,0 +1,76 @@
+"""Module-level task functions of the index graphs (build, curvature, queries), one per block.
+
+Inputs and outputs are numpy arrays; the projector and the Cholesky factor arrive as graph
+dependencies, fetched once per worker; index chunks are read by the workers from the store.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from ..mapping.tasks import _match_threads
+from . import layout
+
+
+def write_projected(projector: Any, block: Any, path: str, j: int, rows: tuple[int, int]) -> int:
+    """Project train block ``j``'s loss gradients and write them (then the block's flag)."""
+    _match_threads()
+    values = projector.project(block)
+    if len(values) != rows[1] - rows[0]:
+        raise ValueError(f"Train block {j} has {len(values)} samples; the plan expects {rows[1] - rows[0]}.")
+    return layout.write_block(path, j, rows, values)
+
+
+def _read(path: str, rows: tuple[int, int]) -> np.ndarray:
+    group: Any = zarr.open_group(path, mode="r")
+    return np.asarray(group["gradients"][rows[0] : rows[1]], dtype=np.float64)
+
+
+def gram_block(path: str, rows: tuple[int, int]) -> np.ndarray:
+    """``Phi_b^T Phi_b`` ``(k, k)`` float64 of the stored gradients of rows ``rows``."""
+    phi = _read(path, rows)
+    return phi.T @ phi
+
+
+def curvature_block(projector: Any, block: Any, curvature: str, weight: float) -> np.ndarray:
+    """``weight * P C_b P^T`` ``(k, k)`` for one train block (``weight = n_b / n``)."""
+    _match_threads()
+    return weight * projector.curvature(block, curvature)
+
+
+def total(*parts: np.ndarray) -> np.ndarray:
+    """The sum of the parts (a node of the reduction tree)."""
+    out = np.array(parts[0], dtype=np.float64, copy=True)
+    for part in parts[1:]:
+        out += part
+    return out
+
+
+def factor_block(projector: Any, chol: np.ndarray, block: Any) -> np.ndarray:
+    """``(C + lambda I)^-1 P grad f(z)`` for each test point of a block: ``(n_block, k)`` float64.
+
+    ``chol``: the lower Cholesky factor ``L`` ``(k, k)`` of ``C + lambda I``."""
+    _match_threads()
+    phi = torch.from_numpy(projector.project(block, measurement=True)).double()
+    return torch.cholesky_solve(phi.T, torch.from_numpy(chol)).T.numpy()
+
+
+def score_group(factors: list[np.ndarray], path: str, rows: tuple[int, int], out_dtype: str) -> list[np.ndarray]:
+    """Influences of index rows ``rows`` on a group of test blocks: one ``(n_test_block, n_b)``
+    array per test block (the index chunk is read once for the whole group)."""
+    phi = _read(path, rows)
+    stacked = np.concatenate(factors, axis=0)
+    values = (stacked @ phi.T).astype(out_dtype, copy=False)
+    bounds = np.cumsum([0] + [len(f) for f in factors])
+    return [values[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def self_block(path: str, rows: tuple[int, int], chol: np.ndarray, out_dtype: str) -> np.ndarray:
+    """``phi_j^T (C + lambda I)^-1 phi_j`` for index rows ``rows``: ``(n_b,)``."""
+    phi = torch.from_numpy(_read(path, rows))
+    half = torch.linalg.solve_triangular(torch.from_numpy(chol), phi.T, upper=False)
+    return (half * half).sum(0).numpy().astype(out_dtype, copy=False)
