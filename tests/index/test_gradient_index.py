@@ -1,0 +1,198 @@
+"""The gradient index against exact solvers: with ``k = p`` and an orthogonal projection its
+influences are exactly those of the same curvature (only the compression approximates);
+resumable builds, distributed == in-process, refusals of another model, task or projection."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from torch import nn
+from torch.utils.data import Dataset
+
+import dask_influence as di
+from cases import trained_classification_problem
+from dask_influence.errors import StoreError
+from dask_influence.index import Projector
+
+LAM = 0.3
+
+
+@pytest.fixture(scope="module")
+def problem():
+    """A 4-5-3 tanh MLP (43 parameters) near a minimum, float64: ``model, loss, (x, y), (xt, yt)``."""
+    model, loss, (x, y), (xt, yt) = trained_classification_problem()
+    return model.double(), loss, (x.double().numpy(), y.numpy()), (xt.double().numpy(), yt.numpy())
+
+
+def _exact(problem, curvature):
+    model, loss, (x, y), (xt, yt) = problem
+    direct = di.DirectInfluence(model, loss, regularization=LAM, curvature=curvature).fit(
+        torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y)), 16)
+    )
+    return direct.influences(xt, yt, x, y).numpy(), direct.self_influences(x, y).numpy()
+
+
+@pytest.mark.parametrize("curvature", ["ggn", "hessian"])
+def test_full_orthogonal_projection_is_exact(problem, curvature, tmp_path):
+    model, loss, train, test = problem
+    p = sum(q.numel() for q in model.parameters())
+    exact, exact_self = _exact(problem, curvature)
+    index = di.GradientIndex.build(
+        model, loss, train, tmp_path / "ix.zarr", projection="orthogonal", projection_dim=p, dtype="float64",
+        curvature=curvature, regularization=LAM, block_size=10, client="sync",
+    )  # fmt: skip
+    assert index.dim == p and index.last_run_ == {"blocks_written": 5, "blocks_skipped": 0}
+    np.testing.assert_allclose(index.influences(test), exact, rtol=1e-8, atol=1e-8 * np.abs(exact).max())
+    np.testing.assert_allclose(index.self_influences(), exact_self, rtol=1e-8)
+    group = index.influences_to_zarr(test, tmp_path / "out.zarr", top_k=4, self_influences=True, block_size=4)
+    np.testing.assert_allclose(group["influences"][:], exact, rtol=1e-8, atol=1e-8 * np.abs(exact).max())
+    np.testing.assert_allclose(group["self_influences"][:], exact_self, rtol=1e-8)
+    assert group.attrs["dask_influence"]["complete"]
+    np.testing.assert_array_equal(group["top_helpful_indices"][:], np.argsort(-exact, axis=1, kind="stable")[:, :4])
+    np.testing.assert_array_equal(group["top_harmful_indices"][:], np.argsort(exact, axis=1, kind="stable")[:, :4])
+
+
+def test_fisher_preconditioner_is_the_projected_empirical_fisher(problem, tmp_path):
+    """``C = Phi^T Phi / n``: with an orthogonal k = p projection, the influences of the damped
+    empirical Fisher ``G^T G / n + lambda I`` computed densely here."""
+    model, loss, train, test = problem
+    p = sum(q.numel() for q in model.parameters())
+    index = di.GradientIndex.build(
+        model, loss, train, tmp_path / "ix.zarr", projection="orthogonal", projection_dim=p, dtype="float64",
+        preconditioner="fisher", regularization=LAM, block_size=16, client="sync",
+    )  # fmt: skip
+    pr = Projector(model, loss)
+    g = pr.functions.per_sample_grads(pr.theta, pr.batch(train)).numpy()
+    gt = pr.functions.per_sample_grads(pr.theta, pr.batch(test)).numpy()
+    fisher = g.T @ g / len(g) + LAM * np.eye(p)
+    expected = gt @ np.linalg.solve(fisher, g.T)
+    np.testing.assert_allclose(index.influences(test), expected, rtol=1e-8, atol=1e-9 * np.abs(expected).max())
+
+
+def test_projections_agree_with_their_dense_matrix(problem):
+    """Each kind's ``project`` (the Kronecker one from layer inputs and output gradients, never a
+    per-sample gradient) equals the per-sample gradients times the dense ``P^T`` built from ``columns``."""
+    model, loss, train, _ = problem
+    for kind, k in (("sjlt", 16), ("gaussian", 16), ("orthogonal", 16), ("kronecker", 24)):
+        pr = Projector(model, loss, kind, k, seed=5)
+        g = pr.functions.per_sample_grads(pr.theta, pr.batch(train))
+        dense = (g @ pr.columns(0, pr.dim)).numpy()
+        got = pr.project(train)
+        np.testing.assert_allclose(got, dense, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(pr.project_flat(g).numpy(), dense, rtol=1e-10, atol=1e-12)
+        # same seed, same projection in a fresh object (as on another worker); another seed differs
+        np.testing.assert_array_equal(Projector(model, loss, kind, k, seed=5).project(train), got)
+        assert not np.allclose(Projector(model, loss, kind, k, seed=6).project(train), got)
+
+
+def test_sparse_projection_preserves_inner_products_on_average():
+    """E[<Px, Py>] = <x, y>: averaged over 200 seeds the error is small (a test that can fail)."""
+    from dask_influence.core.projection import SparseProjection
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3000, generator=gen, dtype=torch.float64)
+    exact = float(x[0] @ x[1])
+    estimates = []
+    for seed in range(200):
+        px = SparseProjection(3000, 256, seed).project(x)
+        estimates.append(float(px[0] @ px[1]))
+    spread = np.std(estimates)
+    assert abs(np.mean(estimates) - exact) < 4 * spread / np.sqrt(200)
+    assert spread < 0.15 * float(x.norm(dim=1).prod())  # about sqrt(2/k) of |x||y| for k = 256
+
+
+def test_top_k_equals_argsort_of_the_index_influences(problem, tmp_path):
+    model, loss, train, test = problem
+    index = di.GradientIndex.build(
+        model, loss, train, tmp_path / "ix.zarr", projection_dim=12, block_size=7, client="sync"
+    )
+    full = index.influences(test)
+    top = index.top_k(test, 5)
+    np.testing.assert_array_equal(top.helpful_indices, np.argsort(-full, axis=1, kind="stable")[:, :5])
+    np.testing.assert_array_equal(top.harmful_indices, np.argsort(full, axis=1, kind="stable")[:, :5])
+    np.testing.assert_allclose(top.helpful_values, np.take_along_axis(full, top.helpful_indices, 1), rtol=1e-6)
+
+
+class _Failing(Dataset):
+    """The training pairs; while ``armed``, reading more than ``budget`` rows raises (in one
+    process, whatever order the blocks are loaded in)."""
+
+    def __init__(self, x, y, budget):
+        self.x, self.y, self.budget, self.armed = x, y, budget, True
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        if self.armed:
+            self.budget -= 1
+            if self.budget < 0:
+                raise RuntimeError("simulated loss of the data source")
+        return self.x[i], self.y[i]
+
+
+def test_interrupted_build_resumes_only_missing_blocks(problem, tmp_path):
+    model, loss, (x, y), test = problem
+    kw = dict(projection_dim=16, dtype="float32", block_size=8, client="sync")
+    data = _Failing(x, y, budget=8 + 3 * 8)  # the first block's digest, then 3 blocks; the 4th fails
+    with pytest.raises(RuntimeError, match="simulated"):
+        di.GradientIndex.build(model, loss, data, tmp_path / "ix.zarr", **kw)
+    done = zarr.open_group(str(tmp_path / "ix.zarr"), mode="r")["gradients_done"][:]
+    assert 0 < done.sum() < len(done)
+    data.armed = False
+    resumed = di.GradientIndex.build(model, loss, data, tmp_path / "ix.zarr", **kw)
+    assert resumed.last_run_["blocks_written"] == len(done) - int(done.sum())
+    clean = di.GradientIndex.build(model, loss, (x, y), tmp_path / "clean.zarr", **kw)
+    np.testing.assert_array_equal(resumed.gradients(), clean.gradients())
+    np.testing.assert_array_equal(resumed.curvature_matrix(), clean.curvature_matrix())
+    np.testing.assert_array_equal(resumed.influences(test), clean.influences(test))
+    again = di.GradientIndex.build(model, loss, data, tmp_path / "ix.zarr", **kw)
+    assert again.last_run_ == {"blocks_written": 0, "blocks_skipped": len(done)}
+
+
+def test_build_on_two_workers_equals_build_in_one_process(problem, tmp_path, cluster_client):
+    model, loss, train, test = problem
+    kw = dict(projection_dim=20, projection="kronecker", dtype="float32", block_size=9)
+    local = di.GradientIndex.build(model, loss, train, tmp_path / "one.zarr", client="sync", **kw)
+    dist = di.GradientIndex.build(model, loss, train, tmp_path / "two.zarr", client=cluster_client, **kw)
+    np.testing.assert_array_equal(dist.gradients(), local.gradients())
+    np.testing.assert_allclose(dist.curvature_matrix(), local.curvature_matrix(), rtol=1e-12)
+    np.testing.assert_allclose(dist.influences(test), local.influences(test), rtol=1e-10)
+    group = dist.influences_to_zarr(test, tmp_path / "q.zarr", top_k=3, block_size=3)
+    np.testing.assert_allclose(group["influences"][:], local.influences(test), rtol=1e-6)
+
+
+def test_queries_refuse_another_model_task_or_projection(problem, tmp_path):
+    model, loss, train, test = problem
+    di.GradientIndex.build(model, loss, train, tmp_path / "ix.zarr", projection_dim=8, block_size=16, client="sync")
+    changed = trained_classification_problem()[0].double()
+    with torch.no_grad():
+        next(changed.parameters())[0, 0] += 1e-3
+    with pytest.raises(StoreError, match="model_checksum"):
+        di.GradientIndex.open(tmp_path / "ix.zarr", changed, loss)
+    with pytest.raises(StoreError, match="task_loss"):
+        di.GradientIndex.open(tmp_path / "ix.zarr", model, nn.MSELoss())
+    with pytest.raises(StoreError, match="projection"):
+        di.GradientIndex.build(
+            model, loss, train, tmp_path / "ix.zarr", projection_dim=8, seed=1, block_size=16, client="sync"
+        )
+    # the same index opens for the same model and task
+    assert di.GradientIndex.open(tmp_path / "ix.zarr", model, loss, client="sync").n_train == len(train[0])
+
+
+def test_bad_arguments_are_refused(problem, tmp_path):
+    model, loss, train, _ = problem
+    with pytest.raises(ValueError, match="preconditioner"):
+        di.GradientIndex.build(model, loss, train, tmp_path / "a", preconditioner="exact", client="sync")
+    with pytest.raises(ValueError, match="projection must be one of"):
+        di.GradientIndex.build(model, loss, train, tmp_path / "a", projection="fft", client="sync")
+    with pytest.raises(ValueError, match="at most p"):
+        di.GradientIndex.build(model, loss, train, tmp_path / "a", projection="orthogonal", client="sync")
+    with pytest.raises(StoreError, match="not a gradient index"):
+        (tmp_path / "b").mkdir()
+        (tmp_path / "b" / "file").write_text("x")
+        di.GradientIndex.build(model, loss, train, tmp_path / "b", client="sync")
+    with pytest.raises(StoreError, match="No gradient index"):
+        di.GradientIndex.open(tmp_path / "missing", model, loss)
