@@ -31,6 +31,10 @@ and its parameters, the block sizes, the output store and the cluster::
     scheduler = "tcp://scheduler:8786" # or local settings: workers, threads, memory_limit
     gpu = false
 
+    [index]                            # optional: `dask-influence index` / `query` (a gradient index)
+    store = "index.zarr"               # the index ([solver] is then optional)
+    projection_dim = 1024
+
     [evaluate]                         # optional: `dask-influence evaluate` (retraining on the cluster)
     train = "retrain:train"            # "module:function": train(train_indices, seed) -> model
     methods = ["lds", "loo"]           # and "mislabel" (with corrupted = [...])
@@ -78,6 +82,7 @@ __all__ = [
     "OutputSection",
     "ClusterSection",
     "EvaluateSection",
+    "IndexSection",
     "Problem",
     "SOLVER_METHODS",
     "load_job",
@@ -115,6 +120,17 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "blocks": ("test", "train"),
     "output": ("store", "mode", "top_k", "self_influences"),
     "cluster": ("scheduler", "workers", "threads", "memory_limit", "gpu", "sequential"),
+    "index": (
+        "store",
+        "projection_dim",
+        "projection",
+        "seed",
+        "dtype",
+        "preconditioner",
+        "curvature",
+        "regularization",
+        "layers",
+    ),
     "evaluate": (
         "train",
         "options",
@@ -258,6 +274,34 @@ class ClusterSection:
     sequential: bool = False
 
 
+@dataclass(frozen=True)
+class IndexSection:
+    """``[index]``: the gradient index of ``dask-influence index`` and ``query``
+    (:class:`~dask_influence.GradientIndex`; the keys are its ``build`` arguments).
+
+    Attributes:
+        store: the index's path (absolute) or URL.
+        regularization: a number, or ``"auto"``.
+        layers: with ``projection = "kronecker"``, the layers to project (``None``: all).
+    """
+
+    store: str
+    projection_dim: int = 1024
+    projection: str = "sjlt"
+    seed: int = 0
+    dtype: str = "float32"
+    preconditioner: str = "curvature"
+    curvature: str = "ggn"
+    regularization: float | str = "auto"
+    layers: tuple[str, ...] | None = None
+
+    def build_options(self) -> dict[str, Any]:
+        """The keyword arguments of ``GradientIndex.build`` besides the data and the store."""
+        options = {k: getattr(self, k) for k in SECTIONS["index"] if k not in ("store", "layers")}
+        options["layers"] = list(self.layers) if self.layers is not None else None
+        return options
+
+
 EVALUATE_METHODS = ("lds", "loo", "mislabel")
 """What ``[evaluate] methods`` may list."""
 
@@ -302,13 +346,28 @@ class Job:
     """A validated job file. ``path`` is the file it was read from (``None`` for a dict)."""
 
     model: ModelSection
-    solver: SolverSection
+    solver: SolverSection | None
     output: OutputSection
     blocks: BlocksSection = field(default_factory=BlocksSection)
     cluster: ClusterSection = field(default_factory=ClusterSection)
     path: Path | None = None
     task: TaskSection | None = None
     evaluate: EvaluateSection | None = None
+    index: IndexSection | None = None
+
+    def need_solver(self) -> SolverSection:
+        """The ``[solver]`` section (optional in a job file with an ``[index]`` section).
+
+        Raises:
+            JobFileError: the job has none.
+        """
+        if self.solver is None:
+            raise JobFileError(
+                "[solver] section is missing; " + _REQUIRED_HINTS["solver"] + " (A job with only an [index] "
+                "section runs with `dask-influence index` and `dask-influence query`.)",
+                path=None if self.path is None else str(self.path),
+            )
+        return self.solver
 
 
 # -- loading and validation ------------------------------------------------------------------
@@ -360,6 +419,8 @@ def parse_job(
         else:
             problems.append(f"unknown section [{key}]{_suggest(key, SECTIONS, brackets=True)}")
     for name in REQUIRED_SECTIONS:
+        if name == "solver" and "index" in data:
+            continue  # an index job: `index` and `query` need no solver
         if name not in tables and name not in data:
             problems.append(f"[{name}] section is missing; {_REQUIRED_HINTS[name]}")
 
@@ -370,9 +431,10 @@ def parse_job(
     output = _output(tables.get("output"), base, problems)
     cluster = _cluster(tables.get("cluster", {}), problems)
     evaluate = _evaluate(tables.get("evaluate"), base, problems)
+    index = _index(tables.get("index"), base, problems)
     if problems:
         raise JobFileError(problems, path=None if path is None else str(path))
-    assert model and solver and output  # for type checkers: no problems means all parsed
+    assert model and output  # for type checkers: no problems means all parsed
     return Job(
         model=model,
         solver=solver,
@@ -382,6 +444,7 @@ def parse_job(
         path=None if path is None else Path(path),
         task=task,
         evaluate=evaluate,
+        index=index,
     )
 
 
@@ -658,6 +721,51 @@ def _cluster(table: dict, problems: list[str]) -> ClusterSection:
             f"{', '.join((['scheduler'] if 'scheduler' in table else []) + local)}."
         )
     return ClusterSection(**values)
+
+
+def _index(table: dict | None, base: Path, problems: list[str]) -> IndexSection | None:
+    if table is None:
+        return None
+    _unknown("index", table, SECTIONS["index"], problems)
+    n_before = len(problems)
+    values: dict[str, Any] = {}
+    store = table.get("store")
+    if not isinstance(store, str) or not store.strip():
+        problems.append(f'[index] store is required: the index\'s path, e.g. "index.zarr"; got {_describe(store)}.')
+    else:
+        values["store"] = store if is_url(store) else str((base / store).resolve())
+    choices = {
+        "projection": ("sjlt", "gaussian", "orthogonal", "kronecker"),
+        "dtype": ("float16", "float32", "float64"),
+        "preconditioner": ("curvature", "fisher", "none"),
+        "curvature": ("ggn", "hessian"),
+    }
+    for key, allowed in choices.items():
+        if key in table:
+            if table[key] in allowed:
+                values[key] = table[key]
+            else:
+                problems.append(f"[index] {key} must be one of {', '.join(allowed)}; got {_describe(table[key])}.")
+    for key in ("projection_dim", "seed"):
+        if key in table:
+            ok = _positive_int(table[key]) or (key == "seed" and type(table[key]) is int and table[key] == 0)
+            if ok:
+                values[key] = table[key]
+            else:
+                problems.append(f"[index] {key} must be a positive integer; got {_describe(table[key])}.")
+    if "regularization" in table:
+        lam = table["regularization"]
+        if lam == "auto" or (type(lam) in (int, float) and lam >= 0):
+            values["regularization"] = lam
+        else:
+            problems.append(f'[index] regularization must be a number >= 0 or "auto"; got {_describe(lam)}.')
+    if "layers" in table:
+        layers = table["layers"]
+        if isinstance(layers, list) and all(isinstance(x, str) for x in layers):
+            values["layers"] = tuple(layers)
+        else:
+            problems.append(f"[index] layers must be a list of module names; got {_describe(layers)}.")
+    return IndexSection(**values) if len(problems) == n_before else None
 
 
 def _evaluate(table: dict | None, base: Path, problems: list[str]) -> EvaluateSection | None:
@@ -973,7 +1081,8 @@ def load_problem(job: Job) -> Problem:
 
 def make_solver(job: Job, model: Any, loss: Any) -> Any:
     """The (unfitted) solver of ``[solver]`` for ``model`` and ``loss`` (a loss or a Task)."""
-    return job.solver.solver_class(model, loss, **job.solver.params)
+    section = job.need_solver()
+    return section.solver_class(model, loss, **section.params)
 
 
 def _path(job: Job) -> str | None:

@@ -28,9 +28,10 @@ import numpy as np
 import zarr
 
 from ..errors import StoreError
+from ..storage.index_info import INDEX_ATTR
 from ..storage.layout import codecs, normalize_config, versions
 
-ATTR = "dask_influence_index"
+ATTR = INDEX_ATTR
 FORMAT_VERSION = 1
 DTYPES = ("float16", "float32", "float64")
 

@@ -1,0 +1,163 @@
+"""``dask-influence index`` and ``dask-influence query``: a gradient index from a job file.
+
+``index JOB.toml`` projects every training point's gradient into the ``[index] store``
+(resuming an interrupted build by default); ``query JOB.toml`` scores the job's test set
+against it and writes the ``[output] store`` (with ``top_k`` and ``self_influences`` as
+``[output]`` says), which ``inspect``, ``top``, ``rank`` and ``plot`` read like any store. The
+cluster is chosen as for ``run`` (``--scheduler``, ``[cluster]``, ``$DASK_SCHEDULER_ADDRESS``,
+else an embedded ``LocalCluster``).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .run import _progress_lines, _say, job_client, user_errors
+
+_JOB = click.argument("job_file", metavar="JOB.toml", type=click.Path(path_type=Path))
+_SCHEDULER = click.option("--scheduler", default=None, metavar="ADDRESS", help="Address of a running Dask scheduler.")
+_QUIET = click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
+_TRACEBACK = click.option("--traceback", is_flag=True, help="Show the full traceback of an error.")
+
+
+def _problem(job_file: Path, quiet: bool) -> tuple[Any, Any, Any]:
+    """The job, its model (on CUDA with ``[cluster] gpu``) and the factory's result."""
+    import torch
+
+    from ..errors import JobFileError
+    from ..jobfile import load_job, load_problem
+
+    _progress_lines(quiet)
+    job = load_job(job_file)
+    if job.index is None:
+        raise JobFileError(
+            '[index] section is missing; it names the index: [index] store = "index.zarr" '
+            "(and projection_dim, projection, preconditioner: see docs/index.md).",
+            path=str(job_file),
+        )
+    problem = load_problem(job)
+    model = problem.model
+    if job.cluster.gpu:
+        if not torch.cuda.is_available():
+            raise ValueError("[cluster] gpu = true but CUDA is not available here; set gpu = false.")
+        model = model.to("cuda")
+    return job, model, problem
+
+
+@click.command(name="index")
+@_JOB
+@_SCHEDULER
+@click.option(
+    "--resume/--no-resume",
+    default=True,
+    show_default=True,
+    help="Complete an existing index built the same way (only its missing blocks).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing index.")
+@click.option("--break-lock", is_flag=True, help="Take the index's lock even while another job holds it.")
+@_QUIET
+@_TRACEBACK
+def index(
+    job_file: Path, scheduler: str | None, resume: bool, overwrite: bool, break_lock: bool, quiet: bool, traceback: bool
+) -> None:
+    """Build the gradient index of JOB.toml's [index] section from its training data."""
+    from torch.utils.data import DataLoader
+
+    import dask_influence as di
+
+    with user_errors(traceback):
+        start = time.perf_counter()
+        job, model, problem = _problem(job_file, quiet)
+        section = job.index
+        assert section is not None
+        with ExitStack() as stack:
+            client, where = job_client(job, scheduler, quiet, stack, gpu=job.cluster.gpu)
+            _say(
+                quiet,
+                f"Indexing {len(problem.train):,} training points (k = {section.projection_dim}, "
+                f"{section.projection}, {section.preconditioner}) into {section.store} {where}...",
+            )
+            built = di.GradientIndex.build(
+                model,
+                problem.loss,
+                DataLoader(problem.train, batch_size=job.blocks.train, shuffle=False),
+                section.store,
+                resume=resume,
+                overwrite=overwrite,
+                break_lock=break_lock,
+                client="sync" if client is None else client,
+                **section.build_options(),
+            )
+        run = built.last_run_
+        if not quiet:
+            click.echo(
+                f"Complete: {section.store} ({built.n_train:,} points x {built.dim} dimensions, "
+                f"{built.attributes['dtype']}; {run['blocks_written']} blocks written, "
+                f"{run['blocks_skipped']} already done) in {time.perf_counter() - start:.1f} s."
+            )
+
+
+@click.command(name="query")
+@_JOB
+@_SCHEDULER
+@click.option("--resume", is_flag=True, help="Complete an existing output store of the same query.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output store.")
+@click.option("--regularization", type=float, default=None, help="Lambda for this query (default: the index's).")
+@click.option("--break-lock", is_flag=True, help="Take the store's lock even while another job holds it.")
+@_QUIET
+@_TRACEBACK
+def query(
+    job_file: Path,
+    scheduler: str | None,
+    resume: bool,
+    overwrite: bool,
+    regularization: float | None,
+    break_lock: bool,
+    quiet: bool,
+    traceback: bool,
+) -> None:
+    """Score JOB.toml's test set against its [index] and write the [output] store."""
+    from torch.utils.data import DataLoader
+
+    import dask_influence as di
+
+    if resume and overwrite:
+        raise click.UsageError("Pass --resume or --overwrite, not both.")
+    with user_errors(traceback):
+        start = time.perf_counter()
+        job, model, problem = _problem(job_file, quiet)
+        section = job.index
+        assert section is not None
+        if job.output.mode != "up":
+            raise ValueError("[output] mode must be 'up' for a query: an index holds gradients, not their derivatives.")
+        with ExitStack() as stack:
+            client, where = job_client(job, scheduler, quiet, stack, gpu=job.cluster.gpu)
+            opened = di.GradientIndex.open(
+                section.store, model, problem.loss, client="sync" if client is None else client
+            )
+            _say(
+                quiet,
+                f"Scoring {len(problem.test):,} test points against {section.store} "
+                f"({opened.n_train:,} points) {where}...",
+            )
+            opened.influences_to_zarr(
+                DataLoader(problem.test, batch_size=job.blocks.test, shuffle=False),
+                job.output.store,
+                top_k=job.output.top_k,
+                self_influences=job.output.self_influences,
+                resume=resume,
+                overwrite=overwrite,
+                regularization=regularization,
+                break_lock=break_lock,
+            )
+        if not quiet:
+            run = opened.last_run_
+            click.echo(
+                f"Complete: {job.output.store} ({run.get('chunks_computed', 0)}/{run.get('chunks_total', 0)} chunks "
+                f"computed) in {time.perf_counter() - start:.1f} s."
+            )
