@@ -77,7 +77,9 @@ class Projector:
             from ..core.solvers.ekfac import find_layers, left_out_parameters
 
             chosen = projection.get("layer_names") if isinstance(projection, dict) else layers
-            self.layers = find_layers(model, self.spec, chosen)
+            with warnings.catch_warnings():  # EK-FAC's wording; the index says it its own way below
+                warnings.filterwarnings("ignore", message="EK-FAC leaves out", category=UserWarning)
+                self.layers = find_layers(model, self.spec, chosen)
             left_out = left_out_parameters(self.spec, self.layers)
             if left_out and not isinstance(projection, dict):
                 warnings.warn(
