@@ -196,3 +196,26 @@ def test_bad_arguments_are_refused(problem, tmp_path):
         di.GradientIndex.build(model, loss, train, tmp_path / "b", client="sync")
     with pytest.raises(StoreError, match="No gradient index"):
         di.GradientIndex.open(tmp_path / "missing", model, loss)
+
+
+def test_index_scores_answer_evaluations_without_the_full_matrix(problem, tmp_path):
+    """``index.scores(test)`` (subset sums from the factors and one read of the index) gives what the
+    matrix of ``index.influences(test)`` gives, also through ``di.evaluate``'s LDS."""
+    from dask_influence.evaluate.lds import lds_from
+
+    model, loss, train, test = problem
+    index = di.GradientIndex.build(
+        model, loss, train, tmp_path / "ix.zarr", projection_dim=12, block_size=7, client="sync"
+    )
+    full = index.influences(test)
+    scores = index.scores(test)
+    assert (scores.n_test, scores.n_train) == full.shape
+    rng = np.random.default_rng(0)
+    masks = rng.random((9, full.shape[1])) < 0.5
+    np.testing.assert_allclose(scores.subset_sums(masks), full @ masks.T, rtol=1e-10)
+    np.testing.assert_allclose(scores.columns(np.array([3, 0, 40])), full[:, [3, 0, 40]], rtol=1e-10)
+    np.testing.assert_allclose(scores.mean_influence(), full.mean(axis=0), rtol=1e-10)
+    np.testing.assert_allclose(scores.self_influences(), index.self_influences(), rtol=1e-12)
+    measurements = rng.normal(size=(9, full.shape[0]))
+    a, b = lds_from(scores, masks, measurements), lds_from(full, masks, measurements)
+    np.testing.assert_allclose(a["per_test"], b["per_test"], rtol=1e-10)

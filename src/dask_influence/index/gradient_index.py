@@ -285,6 +285,20 @@ class GradientIndex:
             parts = runner.run(active, dsk, keys, gpu=self._gpu)
         return TopK(*(np.concatenate([p[n] for p in parts]) for n in range(4)))
 
+    def factors(self, test: Any, *, block_size: int | None = None, regularization: float | None = None) -> np.ndarray:
+        """``(C + lambda I)^-1 P grad f(test)`` for each test point: ``(n_test, k)`` float64."""
+        dsk, factor_keys, *_ = self._factor_graph(test, block_size, regularization)
+        with runner.cluster(self.client, self.n_workers) as active:
+            return np.concatenate(runner.run(active, dsk, factor_keys, gpu=self._gpu))
+
+    def scores(self, test: Any, *, block_size: int | None = None, regularization: float | None = None) -> Any:
+        """The influences on ``test`` as the scores of an evaluation (``di.evaluate.lds(index.scores(test), ...)``):
+        answered from the test factors and one read of the index, never the full matrix."""
+        from .scores import IndexScores
+
+        lam = self.regularization if regularization is None else float(regularization)
+        return IndexScores(self, self.factors(test, block_size=block_size, regularization=lam), lam)
+
     def self_influences(self, *, regularization: float | None = None) -> np.ndarray:
         """``phi_j^T (C + lambda I)^-1 phi_j`` for every indexed training point: ``(n_train,)``."""
         chol, _ = self._cholesky(regularization)
