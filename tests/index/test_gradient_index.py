@@ -219,3 +219,19 @@ def test_index_scores_answer_evaluations_without_the_full_matrix(problem, tmp_pa
     measurements = rng.normal(size=(9, full.shape[0]))
     a, b = lds_from(scores, masks, measurements), lds_from(full, masks, measurements)
     np.testing.assert_allclose(a["per_test"], b["per_test"], rtol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["sjlt", "kronecker"])
+def test_projected_ggn_from_output_roots_equals_ggn_products(problem, kind):
+    """The GGN preconditioner from the c output-curvature roots (c backward passes) equals
+    ``P G P^T`` from k Gauss-Newton-vector products."""
+    from dask_influence.core.gradients import second_order
+
+    model, loss, train, _ = problem
+    pr = Projector(model, loss, kind, 24, seed=3)
+    batch = pr.batch(train)
+    with second_order():
+        gv = pr.functions.ggn_matmat(pr.theta, batch, pr.columns(0, pr.dim))  # (p, k)
+    expected = pr.project_flat(gv.T).numpy()
+    got = pr.curvature(train, "ggn")  # 3 classes <= k: the roots path
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12 * np.abs(expected).max())

@@ -222,9 +222,18 @@ class Projector:
 
     def curvature(self, block: Any, curvature: str) -> np.ndarray:
         """``P C_b P^T`` ``(k, k)`` float64 for a block: ``C_b`` the Hessian (``"hessian"``) or the
-        generalized Gauss-Newton (``"ggn"``) of the block's mean loss. Costs ``k`` curvature-vector
-        products, ``CURVATURE_COLUMNS`` at a time."""
+        generalized Gauss-Newton (``"ggn"``) of the block's mean loss.
+
+        The GGN is ``(1/n) sum_i sum_r (P J_i^T s_ir)(P J_i^T s_ir)^T`` with ``S_i S_i^T`` the
+        Hessian of sample ``i``'s loss in its ``c`` outputs: ``c`` projected per-sample
+        backward passes (a classifier: its number of classes), used when ``c <= k``. Otherwise
+        (and for the Hessian) ``k`` curvature-vector products, ``CURVATURE_COLUMNS`` at a time."""
         batch = self.batch(block)
+        if curvature == "ggn":
+            with torch.no_grad():
+                outputs = self.functions.outputs(self.theta, batch)
+            if outputs[0].numel() <= self.dim:
+                return self._ggn_from_roots(batch, outputs)
         product = self.functions.hessian_matmat if curvature == "hessian" else self.functions.ggn_matmat
         out = torch.empty(self.dim, self.dim, dtype=torch.float64)
         with second_order():
@@ -234,3 +243,47 @@ class Projector:
                 out[:, start:stop] = self.project_flat(cv.T).T.double().cpu()
         check_finite("the projected curvature", out, hint="Check the model and the loss for overflow.")
         return out.numpy()
+
+    def _output_curvature(self) -> Any:
+        from ..core.solvers.ekfac import OutputCurvature, infer_task
+
+        loss = getattr(self.task.loss, "fn", None) if self.task.pairs else None
+        kind = infer_task(loss, self.task.output_curvature)
+        assert self.task.output_loss is not None  # ggn needs outputs (checked when building)
+        return OutputCurvature(self.task.output_loss, None if kind == "autograd" else kind)
+
+    def _ggn_from_roots(self, batch: Any, outputs: Tensor) -> np.ndarray:
+        """The projected GGN of a batch's mean loss from the output-curvature roots: ``(k, k)`` float64."""
+        curvature = self._output_curvature()
+        curvature.check(outputs, batch)
+        roots = curvature.roots(outputs, batch)  # (c, n, *outputs.shape[1:])
+        n = batches.size(batch)
+        total = torch.zeros(self.dim, self.dim, dtype=torch.float64)
+        for r in range(roots.shape[0]):
+            for start in range(0, n, CHUNK_SIZE):
+                stop = min(start + CHUNK_SIZE, n)
+                phi = self._projected_vjps(batches.slice_rows(batch, start, stop), roots[r, start:stop])
+                total += phi.T.double().cpu() @ phi.double().cpu()
+        total /= n
+        check_finite("the projected curvature", total, hint="Check the model and the loss for overflow.")
+        return total.numpy()
+
+    def _projected_vjps(self, batch: Any, vectors: Tensor) -> Tensor:
+        """``P J_i^T v_i`` for each sample ``i`` (``J_i`` its outputs' Jacobian): ``(n, k)``."""
+        outputs_fn = self.task.outputs
+        assert outputs_fn is not None
+        if isinstance(self.projection, KroneckerProjection):
+            projection = self.projection
+            with torch.enable_grad():
+                with _FORWARD_LOCK, Capture(self.layers, batches.size(batch)) as capture:
+                    outputs = self.functions.apply(self.theta, outputs_fn, batch)
+                pieces = capture.collect(outputs, vectors.unsqueeze(0))
+            return torch.cat([projection.project_layer(i, g[:, 0], a) for i, (g, a) in enumerate(pieces)], dim=1)
+        params = self.spec.unflatten(self.theta)
+
+        def dotted(p: dict[str, Tensor], sample: Any, v: Tensor) -> Tensor:
+            return (self.functions.apply(p, outputs_fn, batches.unsqueeze(sample))[0] * v).sum()
+
+        grads = torch.func.vmap(torch.func.grad(dotted), in_dims=(None, 0, 0))(params, batch, vectors)
+        flat = torch.cat([grads[k].reshape(vectors.shape[0], -1) for k in self.spec.names], dim=1)
+        return self.projection.project(flat)
