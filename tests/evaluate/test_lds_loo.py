@@ -196,3 +196,17 @@ def test_mislabel_detection_auc():
     assert aucs["mean_influence"] >= 0.85
     assert di.evaluate.mislabel_auc([3.0, 1.0, 2.0, 0.0], [0, 2]) == 1.0
     assert di.evaluate.mislabel_auc([3.0, 1.0, 2.0, 0.0], [0, 2], higher_is_suspicious=False) == 0.0
+
+
+def test_an_evaluation_takes_the_store_lock(problem, tmp_path):
+    """While another job holds the store's lock (a `run --resume`), an evaluation into that store is
+    refused before it retrains; the lock is released after an evaluation, so the next one runs."""
+    from dask_influence.storage.lock import StoreLock
+
+    model, loss, train, test, trainer, scores = problem
+    store = str(tmp_path / "eval.zarr")
+    with StoreLock(store), pytest.raises(StoreError, match="lock"):
+        di.evaluate.lds(scores, train=trainer, test=test, task=loss, n_subsets=3, store=store)
+    first = di.evaluate.lds(scores, train=trainer, test=test, task=loss, n_subsets=3, store=store)
+    again = di.evaluate.loo(scores, train=trainer, test=test, task=loss, points=[0, 1], store=store)
+    assert first.retrained == 3 and again.retrained > 0

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from .records import ZarrRecords, open_records
+from .records import ZarrRecords, open_records, store_lock
 from .retrain import function_name, make_retraining, run_retrainings, test_checksum
 from .scores import as_scores
 from .stats import bootstrap_interval, spearman_rows
@@ -156,44 +156,45 @@ def lds(
         "test_checksum": test_checksum(retraining.test),
     }
     where = store if store is not None else source.store
-    records = open_records(
-        where,
-        name,
-        kind="lds",
-        config=config,
-        n_runs=len(runs),
-        n_test=n_test,
-        overwrite=overwrite,
-        static={"subsets": masks},
-    )
-    if isinstance(records, ZarrRecords):
-        recorded = np.asarray(records.group["subsets"][...], dtype=bool)
-        if not np.array_equal(recorded, masks):
-            raise ValueError(
-                f"The subsets recorded in {where!r} differ from those drawn again from seed {seed} "
-                "(another numpy random generator?); pass overwrite=True to start afresh."
-            )
-    report = run_retrainings(retraining, runs, records, client=client, gpu=gpu)
-    measured = records.read().reshape(n_subsets, seeds, n_test).mean(axis=1)
-    result = lds_from(source, masks, measured, confidence=confidence, n_bootstrap=n_bootstrap, seed=seed)
-    out = LdsResult(
-        per_test=result["per_test"],
-        mean=result["mean"],
-        interval=result["interval"],
-        predictions=result["predictions"],
-        measurements=measured,
-        subsets=masks,
-        seed=seed,
-        fraction=fraction,
-        seeds=seeds,
-        retrained=report["retrained"],
-        skipped=report["skipped"],
-        store=None if where is None else str(where),
-        training_seeds=train_seeds,
-    )
-    summary = out.summary()
-    summary["confidence"] = confidence
-    records.save({"lds": out.per_test, "predictions": out.predictions, "measurements_mean": measured}, summary)
+    with store_lock(where):  # the store's lock, as `run` takes it
+        records = open_records(
+            where,
+            name,
+            kind="lds",
+            config=config,
+            n_runs=len(runs),
+            n_test=n_test,
+            overwrite=overwrite,
+            static={"subsets": masks},
+        )
+        if isinstance(records, ZarrRecords):
+            recorded = np.asarray(records.group["subsets"][...], dtype=bool)
+            if not np.array_equal(recorded, masks):
+                raise ValueError(
+                    f"The subsets recorded in {where!r} differ from those drawn again from seed {seed} "
+                    "(another numpy random generator?); pass overwrite=True to start afresh."
+                )
+        report = run_retrainings(retraining, runs, records, client=client, gpu=gpu)
+        measured = records.read().reshape(n_subsets, seeds, n_test).mean(axis=1)
+        result = lds_from(source, masks, measured, confidence=confidence, n_bootstrap=n_bootstrap, seed=seed)
+        out = LdsResult(
+            per_test=result["per_test"],
+            mean=result["mean"],
+            interval=result["interval"],
+            predictions=result["predictions"],
+            measurements=measured,
+            subsets=masks,
+            seed=seed,
+            fraction=fraction,
+            seeds=seeds,
+            retrained=report["retrained"],
+            skipped=report["skipped"],
+            store=None if where is None else str(where),
+            training_seeds=train_seeds,
+        )
+        summary = out.summary()
+        summary["confidence"] = confidence
+        records.save({"lds": out.per_test, "predictions": out.predictions, "measurements_mean": measured}, summary)
     return out
 
 

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from .records import open_records
+from .records import open_records, store_lock
 from .retrain import function_name, make_retraining, run_retrainings, test_checksum
 from .scores import StoreScores, as_scores
 from .stats import pearson, pearson_rows
@@ -128,34 +128,37 @@ def loo(
         "test_checksum": test_checksum(retraining.test),
     }
     where = store if store is not None else source.store
-    records = open_records(
-        where,
-        name,
-        kind="loo",
-        config=config,
-        n_runs=len(runs),
-        n_test=n_test,
-        overwrite=overwrite,
-        static={"points": chosen},
-    )
-    report = run_retrainings(retraining, runs, records, client=client, gpu=gpu)
-    measured = records.read().reshape(1 + chosen.size, seeds, n_test).mean(axis=1)
-    base = measured[0]
-    actual = (measured[1:] - base).T  # (n_test, K)
-    predicted = source.columns(chosen) / source.n_train  # (n_test, K)
-    per_test = pearson_rows(predicted, actual) if chosen.size >= 2 else np.full(n_test, np.nan)
-    out = LooResult(
-        points=chosen,
-        predicted=predicted,
-        actual=actual,
-        base=base,
-        pearson=pearson(predicted, actual),
-        per_test=per_test,
-        retrained=report["retrained"],
-        skipped=report["skipped"],
-        store=None if where is None else str(where),
-    )
-    records.save({"predicted": predicted, "actual": actual, "base": base, "pearson_per_test": per_test}, out.summary())
+    with store_lock(where):  # the store's lock, as `run` takes it
+        records = open_records(
+            where,
+            name,
+            kind="loo",
+            config=config,
+            n_runs=len(runs),
+            n_test=n_test,
+            overwrite=overwrite,
+            static={"points": chosen},
+        )
+        report = run_retrainings(retraining, runs, records, client=client, gpu=gpu)
+        measured = records.read().reshape(1 + chosen.size, seeds, n_test).mean(axis=1)
+        base = measured[0]
+        actual = (measured[1:] - base).T  # (n_test, K)
+        predicted = source.columns(chosen) / source.n_train  # (n_test, K)
+        per_test = pearson_rows(predicted, actual) if chosen.size >= 2 else np.full(n_test, np.nan)
+        out = LooResult(
+            points=chosen,
+            predicted=predicted,
+            actual=actual,
+            base=base,
+            pearson=pearson(predicted, actual),
+            per_test=per_test,
+            retrained=report["retrained"],
+            skipped=report["skipped"],
+            store=None if where is None else str(where),
+        )
+        records.save(
+            {"predicted": predicted, "actual": actual, "base": base, "pearson_per_test": per_test}, out.summary()
+        )
     return out
 
 

@@ -199,6 +199,17 @@ def open_records(
     )
 
 
+def store_lock(where: Any) -> Any:
+    """The lock of the store an evaluation writes into (``<store>.lock``, as ``run`` takes it), so
+    that an evaluation and a ``run --resume`` (or another evaluation) never write one store at
+    once; a no-op for evaluations kept in memory (``where`` is ``None``)."""
+    from contextlib import nullcontext
+
+    from ..storage.lock import StoreLock
+
+    return nullcontext() if where is None else StoreLock(str(where))
+
+
 def write_array(group: Any, key: str, value: np.ndarray) -> None:
     """Write ``value`` as the array ``key`` of ``group`` (replacing one of that name)."""
     from ..storage.layout import codecs
