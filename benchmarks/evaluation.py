@@ -108,10 +108,22 @@ class Config:
     max_iter: int = 500
     scaling_runs: int = 16
     solvers: tuple[str, ...] = SOLVERS
+    index_dims: tuple[int, ...] = (32, 128, 512)  # gradient-index rows: k (capped at p)
+    index_preconditioners: tuple[str, ...] = ("curvature", "fisher")
     extra: dict = field(default_factory=dict)
 
 
-TINY = Config(problems=("digits-mlp",), n_train=60, n_test=8, hidden=6, subsets=6, loo=4, max_iter=100, scaling_runs=8)
+TINY = Config(
+    problems=("digits-mlp",),
+    n_train=60,
+    n_test=8,
+    hidden=6,
+    subsets=6,
+    loo=4,
+    max_iter=100,
+    scaling_runs=8,
+    index_dims=(16, 64),
+)
 
 
 def digits(n_train: int, n_test: int, arch: str):
@@ -174,6 +186,21 @@ def run_problem(arch: str, cfg: Config, workdir: str) -> dict:
             out["solvers"][name] = {"influence_seconds": time.perf_counter() - t0}
         except Exception as exc:  # a solver that fails is reported, the others still run
             out["solvers"][name] = {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:120]}"}
+    p = out["params"]
+    for k in sorted({min(k, p) for k in cfg.index_dims}):
+        for preconditioner in cfg.index_preconditioners:
+            name = f"Index k={k} ({preconditioner})"
+            t0 = time.perf_counter()
+            try:
+                index = di.GradientIndex.build(
+                    model, loss, (x.numpy(), y.numpy()), os.path.join(workdir, f"{arch}-{k}-{preconditioner}.zarr"),
+                    projection_dim=k, preconditioner=preconditioner, regularization=cfg.lam, dtype="float32",
+                    overwrite=True, client="sync",
+                )  # fmt: skip
+                scores[name] = torch.from_numpy(index.influences((xt.numpy(), yt.numpy())))
+                out["solvers"][name] = {"influence_seconds": time.perf_counter() - t0}
+            except Exception as exc:
+                out["solvers"][name] = {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:120]}"}
     store = os.path.join(workdir, f"{arch}-evaluation.zarr")
     points = di.evaluate.random_points(cfg.n_train, cfg.loo, seed=0)
     common = {"train": trainer, "test": (xt, yt), "task": loss, "model": model, "store": store, "client": False}

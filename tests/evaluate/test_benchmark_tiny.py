@@ -24,7 +24,8 @@ def test_tiny_benchmark_reports_every_solver(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     (problem,) = report["problems"]
-    assert set(problem["solvers"]) == {"Direct", "CG", "LiSSA", "Arnoldi", "Nystroem", "EK-FAC"}
+    index_rows = {f"Index k={k} ({p})" for k in (16, 64) for p in ("curvature", "fisher")}
+    assert set(problem["solvers"]) == {"Direct", "CG", "LiSSA", "Arnoldi", "Nystroem", "EK-FAC"} | index_rows
     for name, row in problem["solvers"].items():
         assert "error" not in row, (name, row)
         assert -1.0 <= row["lds"] <= 1.0 and -1.0 <= row["loo_pearson"] <= 1.0
