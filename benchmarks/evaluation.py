@@ -1,6 +1,7 @@
 """LDS and leave-one-out faithfulness of every solver, by retraining (``dask_influence.evaluate``).
 
     python -m benchmarks.evaluation                       # digits MLP and digits CNN
+    python -m benchmarks.evaluation --problems tiny-gpt2  # a tiny GPT-2 (causal LM, dict batches)
     python -m benchmarks.evaluation --tiny                # a smoke run (a minute on 2 cores)
     python -m benchmarks.evaluation --problems digits-mlp --subsets 100 --seeds 2 --out eval.json
 
@@ -32,6 +33,7 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -95,6 +97,64 @@ class Trainer:
         return model.eval()
 
 
+class LmTrainer:
+    """``train(train_indices, seed, init=None) -> GPT2LMHeadModel``: full-batch Adam on the mean
+    causal-LM loss plus ``(lambda / 2) |theta|^2`` (a tiny GPT-2 built from a config, float64)."""
+
+    def __init__(self, batch: dict, lam: float, steps: int):
+        self.batch, self.lam, self.steps, self.last_seconds = batch, lam, steps, 0.0
+
+    def build(self) -> nn.Module:
+        import transformers
+
+        settings: dict[str, Any] = {"attn_implementation": "eager"}  # vectorized per-sample gradients
+        config = transformers.GPT2Config(
+            vocab_size=16, n_positions=8, n_embd=8, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0, **settings
+        )
+        return transformers.GPT2LMHeadModel(config).double()
+
+    def __call__(self, train_indices, seed, init=None) -> nn.Module:
+        t0 = time.perf_counter()
+        torch.manual_seed(int(seed))
+        model = self.build()
+        if init is not None:
+            model.load_state_dict(init)
+        idx = torch.as_tensor(np.asarray(train_indices), dtype=torch.long)
+        batch = {k: v[idx] for k, v in self.batch.items()}
+        task = di.tasks.causal_lm()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=0.05)
+        model.train()
+        for _ in range(self.steps):
+            opt.zero_grad()
+            value = task.loss(model, batch) + 0.5 * self.lam * sum((p * p).sum() for p in params)
+            value.backward()
+            opt.step()
+        self.last_seconds = time.perf_counter() - t0
+        return model.eval()
+
+
+def lm_problem(cfg: Config):
+    """A tiny GPT-2 trained on sequences of a random Markov chain over 16 tokens (length 8):
+    ``(trainer, model, task, train_batch, test_batch, test_loss)``."""
+    rng = np.random.default_rng(0)
+    transition = rng.dirichlet(np.full(16, 0.3), size=16)
+    n = cfg.n_train + cfg.n_test
+    ids = np.zeros((n, 8), dtype=np.int64)
+    ids[:, 0] = rng.integers(0, 16, n)
+    for t in range(1, 8):
+        ids[:, t] = [rng.choice(16, p=transition[i]) for i in ids[:, t - 1]]
+    batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.ones(n, 8, dtype=torch.long)}
+    train = {k: v[: cfg.n_train] for k, v in batch.items()}
+    test = {k: v[cfg.n_train :] for k, v in batch.items()}
+    trainer = LmTrainer(train, cfg.lam, cfg.lm_steps)
+    model = trainer(np.arange(cfg.n_train), 0)
+    task = di.tasks.causal_lm()
+    with torch.no_grad():
+        quality = float(task.loss(model, test))
+    return trainer, model, task, train, test, quality
+
+
 @dataclass
 class Config:
     problems: tuple[str, ...] = ("digits-mlp", "digits-cnn")
@@ -110,6 +170,7 @@ class Config:
     solvers: tuple[str, ...] = SOLVERS
     index_dims: tuple[int, ...] = (32, 128, 512)  # gradient-index rows: k (capped at p)
     index_preconditioners: tuple[str, ...] = ("curvature", "fisher")
+    lm_steps: int = 150  # Adam steps of each tiny-GPT-2 retraining
     extra: dict = field(default_factory=dict)
 
 
@@ -137,41 +198,49 @@ def digits(n_train: int, n_test: int, arch: str):
     return x[:n_train], y[:n_train], x[n_train:], y[n_train:]
 
 
-def make_solver(name: str, model: nn.Module, lam: float) -> di.InfluenceModel:
-    loss = nn.CrossEntropyLoss()
+def make_solver(
+    name: str, model: nn.Module, lam: float, loss: Any = None, curvature: str = "hessian"
+) -> di.InfluenceModel:
+    """A solver of ``name``; ``curvature="ggn"`` for a model away from a minimum (the tiny GPT-2)."""
+    loss = nn.CrossEntropyLoss() if loss is None else loss
     p = sum(q.numel() for q in model.parameters())
     rank = min(30, p - 1)
+    common = {"regularization": lam, "curvature": curvature}
     if name == "Direct":
-        return di.DirectInfluence(model, loss, regularization=lam)
+        return di.DirectInfluence(model, loss, **common)
     if name == "CG":
-        return di.CgInfluence(model, loss, regularization=lam)
+        return di.CgInfluence(model, loss, **common)
     if name == "LiSSA":
-        return di.LissaInfluence(model, loss, regularization=lam)
+        return di.LissaInfluence(model, loss, **common)
     if name == "Arnoldi":
-        return di.ArnoldiInfluence(model, loss, regularization=lam, rank=rank)
+        return di.ArnoldiInfluence(model, loss, rank=rank, **common)
     if name == "Nystroem":
-        return di.NystroemSketchInfluence(model, loss, regularization=lam, rank=rank)
+        return di.NystroemSketchInfluence(model, loss, rank=rank, **common)
     if name == "EK-FAC":
         return di.EkfacInfluence(model, loss, regularization=lam)
     raise ValueError(name)
 
 
 def run_problem(arch: str, cfg: Config, workdir: str) -> dict:
-    x, y, xt, yt = digits(cfg.n_train, cfg.n_test, arch)
-    trainer = Trainer(arch, cfg.hidden, x, y, cfg.lam, cfg.max_iter)
-    everything = np.arange(cfg.n_train)
-    t0 = time.perf_counter()
-    model = trainer(everything, 0)
-    base_seconds = time.perf_counter() - t0
-    with torch.no_grad():
-        accuracy = float((model(xt).argmax(1) == yt).double().mean())
-    loss = nn.CrossEntropyLoss()
+    if arch == "tiny-gpt2":
+        trainer, model, loss, train, test, quality = lm_problem(cfg)
+        base_seconds = trainer.last_seconds
+    else:
+        x, y, xt, yt = digits(cfg.n_train, cfg.n_test, arch)
+        trainer = Trainer(arch, cfg.hidden, x, y, cfg.lam, cfg.max_iter)
+        t0 = time.perf_counter()
+        model = trainer(np.arange(cfg.n_train), 0)
+        base_seconds = time.perf_counter() - t0
+        with torch.no_grad():
+            quality = float((model(xt).argmax(1) == yt).double().mean())
+        loss, train, test = nn.CrossEntropyLoss(), (x, y), (xt, yt)
+    n_train, n_test = len(next(iter(train.values())) if isinstance(train, dict) else train[0]), cfg.n_test
     out: dict = {
         "problem": arch,
         "params": sum(p.numel() for p in model.parameters()),
-        "n_train": cfg.n_train,
-        "n_test": cfg.n_test,
-        "test_accuracy": accuracy,
+        "n_train": n_train,
+        "n_test": n_test,
+        "test_accuracy": quality,
         "training_seconds": base_seconds,
         "solvers": {},
     }
@@ -181,8 +250,9 @@ def run_problem(arch: str, cfg: Config, workdir: str) -> dict:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                solver = make_solver(name, model, cfg.lam).fit((x, y))
-                scores[name] = solver.influences(xt, yt, x, y)
+                curvature = "ggn" if arch == "tiny-gpt2" else "hessian"  # Adam stops short of a minimum there
+                solver = make_solver(name, model, cfg.lam, loss, curvature).fit(train)
+                scores[name] = solver.influences(test, train)
             out["solvers"][name] = {"influence_seconds": time.perf_counter() - t0}
         except Exception as exc:  # a solver that fails is reported, the others still run
             out["solvers"][name] = {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:120]}"}
@@ -193,17 +263,17 @@ def run_problem(arch: str, cfg: Config, workdir: str) -> dict:
             t0 = time.perf_counter()
             try:
                 index = di.GradientIndex.build(
-                    model, loss, (x.numpy(), y.numpy()), os.path.join(workdir, f"{arch}-{k}-{preconditioner}.zarr"),
+                    model, loss, train, os.path.join(workdir, f"{arch}-{k}-{preconditioner}.zarr"),
                     projection_dim=k, preconditioner=preconditioner, regularization=cfg.lam, dtype="float32",
                     overwrite=True, client="sync",
                 )  # fmt: skip
-                scores[name] = torch.from_numpy(index.influences((xt.numpy(), yt.numpy())))
+                scores[name] = torch.from_numpy(index.influences(test))
                 out["solvers"][name] = {"influence_seconds": time.perf_counter() - t0}
             except Exception as exc:
                 out["solvers"][name] = {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:120]}"}
     store = os.path.join(workdir, f"{arch}-evaluation.zarr")
-    points = di.evaluate.random_points(cfg.n_train, cfg.loo, seed=0)
-    common = {"train": trainer, "test": (xt, yt), "task": loss, "model": model, "store": store, "client": False}
+    points = di.evaluate.random_points(n_train, cfg.loo, seed=0)
+    common = {"train": trainer, "test": test, "task": loss, "model": model, "store": store, "client": False}
     for name, s in scores.items():
         row = out["solvers"][name]
         t0 = time.perf_counter()
@@ -223,7 +293,7 @@ def run_problem(arch: str, cfg: Config, workdir: str) -> dict:
         if left_out.retrained:
             out["loo_runs"], out["loo_seconds_per_run"] = left_out.retrained, loo_seconds / left_out.retrained
     if "Direct" in scores and cfg.scaling_runs:
-        out["scaling"] = scaling(scores["Direct"], trainer, (xt, yt), loss, cfg)
+        out["scaling"] = scaling(scores["Direct"], trainer, test, loss, cfg)
     return out
 
 
@@ -267,7 +337,12 @@ def markdown(report: dict) -> str:
     for res in report["problems"]:
         lines += [
             f"### {res['problem']}: {res['params']:,} parameters, n_train = {res['n_train']}, "
-            f"n_test = {res['n_test']}, test accuracy {res['test_accuracy']:.3f}",
+            f"n_test = {res['n_test']}, "
+            + (
+                f"test loss {res['test_accuracy']:.3f}"
+                if res["problem"] == "tiny-gpt2"
+                else f"test accuracy {res['test_accuracy']:.3f}"
+            ),
             "",
             f"LDS over {report['config']['subsets']} subsets of 0.5 x {report['config']['seeds']} seed(s); "
             f"LOO over {report['config']['loo']} left-out points (warm start).",
@@ -304,7 +379,7 @@ def markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="A smoke run: tiny problem, few retrainings.")
-    parser.add_argument("--problems", default=None, help="Comma-separated: digits-mlp, digits-cnn.")
+    parser.add_argument("--problems", default=None, help="Comma-separated: digits-mlp, digits-cnn, tiny-gpt2.")
     parser.add_argument("--n-train", type=int, default=None)
     parser.add_argument("--n-test", type=int, default=None)
     parser.add_argument("--subsets", type=int, default=None)
