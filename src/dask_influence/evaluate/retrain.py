@@ -244,7 +244,7 @@ def run_retrainings(
         for r in todo
     ]
     try:
-        for future in as_completed(futures):
+        for future in as_completed(futures, loop=client.loop):  # also for a client that is not the default
             r, row = future.result()
             if target is None:
                 records.write(r, row)

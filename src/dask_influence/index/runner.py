@@ -64,7 +64,7 @@ def run(
     with sent_once():
         futures = client.get(dsk, keys, sync=False, resources={"GPU": 1} if gpu else None)
     if on_done is not None:
-        for future in as_completed(futures):
+        for future in as_completed(futures, loop=client.loop):  # also for a client that is not the default
             if future.status != "finished":
                 break  # an error: gather raises it
             on_done(future.key)

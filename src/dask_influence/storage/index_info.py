@@ -34,7 +34,7 @@ def describe_index(path: str, group: Any) -> dict[str, Any]:
         "blocks_done": int((flags > 0).sum()),
         "blocks_total": int(flags.size),
         "bytes_per_point": int(attrs.get("dim", 0))
-        * {"float16": 2, "float32": 4, "float64": 8}.get(attrs.get("dtype"), 4),
+        * {"float16": 2, "float32": 4, "float64": 8}.get(str(attrs.get("dtype")), 4),
     }
 
 
@@ -45,7 +45,8 @@ def render_index(d: dict[str, Any]) -> str:
         f"{d['path']}: gradient index, {'complete' if d.get('complete') else 'INCOMPLETE'}",
         f"  points      {d.get('n_train', 0):,} in {d['blocks_total']} blocks ({d['blocks_done']} written)",
         f"  projection  {projection.get('kind')}, k = {d.get('dim')}, seed {projection.get('seed')}, "
-        f"of p = {d.get('num_params', 0):,} parameters; stored as {d.get('dtype')} ({d['bytes_per_point']} bytes per point)",
+        f"of p = {d.get('num_params', 0):,} parameters",
+        f"  stored as   {d.get('dtype')} ({d['bytes_per_point']} bytes per point)",
         f"  precond.    {d.get('preconditioner')}"
         + (f" ({d['curvature']})" if d.get("curvature") else "")
         + (f", regularization {d['regularization']:g}" if isinstance(d.get("regularization"), (int, float)) else ""),
