@@ -13,7 +13,7 @@ UNEVEN = (13, 5, 20, 9)  # train blocks of the distributed fits (the in-process 
 
 # passes over the data of a fit: the validating pass + the fit's sweeps (None: varies, or not
 # listed: a new solver is still fitted in process, block by block and on the cluster and compared).
-PASSES = {"direct": 2, "cg": 2, "lissa": 31, "arnoldi": None, "nystroem": 2, "ekfac": 3}
+PASSES = {"direct": 2, "cg": 2, "lissa": 11, "arnoldi": None, "nystroem": 2, "ekfac": 3}
 
 # (class, keyword arguments, passes) for every registered solver, from tests/cases.py
 SOLVERS = [

@@ -6,6 +6,7 @@ CG's negative-curvature report (a bound on the smallest eigenvalue).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,8 @@ def lanczos(
     *,
     tol: float = 1e-6,
     generator: torch.Generator | None = None,
+    stop: Callable[[Tensor, float], bool] | None = None,
+    check_every: int = 5,
 ) -> LanczosResult:
     """Lanczos iteration with full reorthogonalization for a symmetric operator.
 
@@ -58,6 +61,13 @@ def lanczos(
             entry there). It stops early when the operator maps such a fresh random vector to
             (nearly) zero: then the operator vanishes on the whole complement of the basis.
         generator: seeds the random start vector(s), drawn in float64 on the CPU.
+        stop: an optional early stop, asked every ``check_every`` steps: ``stop(t, beta)``
+            with ``t`` the ``(j, j)`` float64 tridiagonal ``T = Q^T H Q`` of the ``j`` steps
+            so far and ``beta`` the norm of the next residual (the Ritz pair ``(theta_i,
+            Q s_i)`` of ``T`` has residual ``beta * |s_{j,i}|``); True ends the iteration
+            there (``ArnoldiInfluence(rank="auto")`` stops once the Ritz values above its
+            threshold have converged).
+        check_every: steps between calls of ``stop``.
 
     Returns:
         a :class:`LanczosResult`; ``operator`` was applied ``m`` times.
@@ -104,6 +114,8 @@ def lanczos(
         last_beta = beta
         if j >= m_max:
             break
+        if stop is not None and j % check_every == 0 and beta > tol * scale and stop(tridiagonal(alphas, betas), beta):
+            break
         if beta > tol * scale:
             betas.append(beta)
             q = w / beta
@@ -130,3 +142,14 @@ def lanczos(
         restarts=restarts,
         null_complement=null_complement,
     )
+
+
+def tridiagonal(alphas: list[float] | Tensor, betas: list[float] | Tensor) -> Tensor:
+    """The symmetric tridiagonal matrix ``(m, m)`` (float64, CPU) with diagonal ``alphas`` ``(m,)``
+    and off-diagonal ``betas`` ``(m - 1,)``."""
+    a = torch.as_tensor(alphas, dtype=torch.float64).cpu()
+    b = torch.as_tensor(betas, dtype=torch.float64).cpu()
+    t = torch.diag(a)
+    if a.numel() > 1:
+        t = t + torch.diag(b, 1) + torch.diag(b, -1)
+    return t

@@ -8,11 +8,14 @@ basis vector. Every new vector is re-orthogonalized against the whole basis (twi
 float64), which keeps ``Q`` orthonormal to rounding and prevents the spurious copies of
 converged eigenvalues that plain Lanczos produces. The eigenpairs ``(d_i, s_i)`` of ``T``
 give Ritz pairs ``(d_i, Q s_i)``; the ``rank`` of largest magnitude approximate the
-dominant eigenpairs of ``H`` (Schioppa, Zablotskaia, Vilar & Sokolov 2022).
+dominant eigenpairs of ``H`` (Schioppa, Zablotskaia, Vilar & Sokolov 2022). With
+``rank="auto"`` the iteration runs until the Ritz values above ``AUTO_FRACTION * lambda`` in
+magnitude have converged, and keeps those.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, cast
 
@@ -23,21 +26,35 @@ from ...errors import NotPositiveDefiniteError
 from ..blocks import BlockSums
 from ..eigen import EigenOperator, check_positive_definite
 from ..lanczos import LanczosResult, lanczos  # noqa: F401  (LanczosResult re-exported)
+from ..lowrank import LowRankInfo
 from ..operators import LinearOperator
 from ..serialization import serializable
 from .base import InfluenceModel
 from .config import (
+    AUTO_FRACTION,
     SolverConfig,
     check_blocks,
     check_nonnegative,
     check_positive_int,
     check_rank,
+    check_rank_choice,
     check_seed,
     hyperparameter,
 )
 from .registry import register
 
 COMPLEMENTS = ("auto", "ignore", "regularization")
+
+AUTO_KRYLOV = 200
+"""The default cap of Lanczos steps of ``rank="auto"``: ``min(p, AUTO_KRYLOV)``."""
+
+AUTO_CONVERGED = 0.1
+"""``rank="auto"``: a Ritz pair has converged when its residual ``|H v - d v|`` is at most this
+fraction of the threshold ``AUTO_FRACTION * regularization``."""
+
+AUTO_CHECK = 5
+"""``rank="auto"``: Lanczos steps between two looks at the Ritz values; the iteration stops once
+the converged count above the threshold has stayed the same over two looks."""
 
 
 @serializable
@@ -69,9 +86,15 @@ class ArnoldiState:
 class ArnoldiConfig(SolverConfig):
     """Hyperparameters of :class:`ArnoldiInfluence`."""
 
-    rank: int = hyperparameter(10, "How many eigenpairs of largest magnitude to keep, 1 <= rank <= p.")
+    rank: int | str = hyperparameter(
+        10,
+        "How many eigenpairs of largest magnitude to keep, 1 <= rank <= p; or 'auto': those whose "
+        "eigenvalue exceeds 0.25 * regularization in magnitude, found by Lanczos steps until they converge.",
+    )
     krylov_dimension: int | None = hyperparameter(
-        None, "Lanczos steps (one sweep each), rank <= krylov_dimension <= p; default min(p, max(2*rank, rank+20))."
+        None,
+        "Lanczos steps (one sweep each), rank <= krylov_dimension <= p; default min(p, max(2*rank, rank+20)); "
+        "with rank='auto' the most steps, default min(p, 200).",
     )
     complement: str = hyperparameter(
         "auto",
@@ -91,7 +114,7 @@ class ArnoldiConfig(SolverConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_positive_int("rank", self.rank)
+        self._set("rank", check_rank_choice(self.rank))
         if self.krylov_dimension is not None:
             check_positive_int("krylov_dimension", self.krylov_dimension)
         if not isinstance(self.complement, str) or self.complement not in COMPLEMENTS:
@@ -136,11 +159,19 @@ class ArnoldiInfluence(InfluenceModel):
         model, loss, regularization, curvature, chunk_size: as for every solver.
         blocks: ``"full"`` or ``"layer"``: Lanczos on the block-diagonal (per-layer) curvature;
             the eigenpairs found are then each confined to one layer.
-        rank: how many eigenpairs to keep, ``1 <= rank <= p``.
+        rank: how many eigenpairs to keep, ``1 <= rank <= p``; or ``"auto"``: the Lanczos
+            iteration looks at its Ritz values every 5 steps and stops once those above
+            ``AUTO_FRACTION * regularization`` in magnitude (``0.25 * lambda``: below it an
+            eigenvalue changes ``1 / (mu + lambda)`` by at most a third, 20% if positive,
+            and the complement weight ``1 / lambda`` stands for it) have converged (residual at most a tenth of
+            that level) and their count has not changed over the last two looks; it keeps
+            those (at least one). ``rank_`` is the number kept. Needs ``regularization > 0``;
+            the choice is made for the regularization at fit time.
         krylov_dimension: Lanczos steps (basis size), ``rank <= krylov_dimension <= p``;
             default ``min(p, max(2 * rank, rank + 20))``. More steps: more accurate
             eigenpairs at one sweep each. ``krylov_dimension = p`` gives the exact
-            eigendecomposition (up to rounding).
+            eigendecomposition (up to rounding). With ``rank="auto"``: the most steps,
+            default ``min(p, 200)``.
         complement: ``"auto"``, ``"ignore"`` or ``"regularization"``, see above.
         tol: relative breakdown threshold of the iteration. When a new Lanczos vector has
             norm below ``tol`` times the largest entry of ``T``, the basis spans an invariant
@@ -158,25 +189,45 @@ class ArnoldiInfluence(InfluenceModel):
     Memory: the basis, ``p * krylov_dimension`` float64 numbers, during ``fit``; the state
     keeps ``p * rank`` numbers in the model's dtype.
 
+    Each solve reports a :class:`~dask_influence.core.lowrank.LowRankInfo`: the fraction
+    ``|V^T g| / |g|`` of each right-hand side ``g`` inside the span of the kept eigenvectors
+    (the rest is dropped or weighted ``1 / regularization``).
+
     Raises:
         NotPositiveDefiniteError: see above.
     """
 
     state_: ArnoldiState | None = None
+    info_: LowRankInfo | None = None
+    reports_solves = True
 
     config_class = ArnoldiConfig
 
     def _validate(self, config: SolverConfig) -> None:
         assert isinstance(config, ArnoldiConfig)
         p = self.num_params
-        rank = check_rank(config.rank, p, f"Pass rank={p} for the exact eigendecomposition, or use DirectInfluence.")
-        default = min(p, max(2 * rank, rank + 20))
-        if config.krylov_dimension is not None and not rank <= config.krylov_dimension <= p:
-            raise ValueError(
-                f"krylov_dimension must be between rank={rank} and the number of "
-                f"trainable parameters p={p}; got {config.krylov_dimension}. Pass None for the "
-                f"default min(p, max(2*rank, rank+20)) = {default}."
+        if config.rank == "auto":
+            if config.regularization <= 0:
+                raise ValueError(
+                    "rank='auto' keeps the eigenvalues above 0.25 * regularization and needs regularization "
+                    f"> 0; got regularization={config.regularization:g}. Pass a regularization (e.g. 1e-3) "
+                    "or a rank (e.g. rank=10)."
+                )
+            if config.krylov_dimension is not None and not 1 <= config.krylov_dimension <= p:
+                raise ValueError(
+                    f"krylov_dimension must be between 1 and the number of trainable parameters p={p}; "
+                    f"got {config.krylov_dimension}. Pass None for the default min(p, {AUTO_KRYLOV})."
+                )
+        else:
+            rank = check_rank(
+                config.rank, p, f"Pass rank={p} for the exact eigendecomposition, or use DirectInfluence."
             )
+            if config.krylov_dimension is not None and not rank <= config.krylov_dimension <= p:
+                raise ValueError(
+                    f"krylov_dimension must be between rank={rank} and the number of "
+                    f"trainable parameters p={p}; got {config.krylov_dimension}. Pass None for the "
+                    f"default min(p, max(2*rank, rank+20)) = {min(p, max(2 * rank, rank + 20))}."
+                )
         if config.complement == "regularization" and config.regularization <= 0:
             raise ValueError(
                 "complement='regularization' treats H as zero outside the computed eigenvectors "
@@ -186,10 +237,22 @@ class ArnoldiInfluence(InfluenceModel):
 
     @property
     def krylov_dimension(self) -> int:
-        """Lanczos steps: the configured value, or ``min(p, max(2 * rank, rank + 20))``."""
+        """Lanczos steps: the configured value, or ``min(p, max(2 * rank, rank + 20))`` (with
+        ``rank="auto"`` the most steps, ``min(p, AUTO_KRYLOV)``)."""
         given = self.config.krylov_dimension  # type: ignore[attr-defined]
         rank = self.config.rank  # type: ignore[attr-defined]
-        return given if given is not None else min(self.num_params, max(2 * rank, rank + 20))
+        if given is not None:
+            return int(given)
+        if rank == "auto":
+            return min(self.num_params, AUTO_KRYLOV)
+        return min(self.num_params, max(2 * rank, rank + 20))
+
+    @property
+    def rank_(self) -> int:
+        """The number of eigenpairs kept (with ``rank="auto"``: the rank chosen)."""
+        self._require_fitted()
+        assert self.state_ is not None
+        return int(self.state_.eigenvalues.numel())
 
     # -- fitted state ---------------------------------------------------------------------
     @property
@@ -210,18 +273,28 @@ class ArnoldiInfluence(InfluenceModel):
     def _fit(self, operator: LinearOperator, blocks: BlockSums) -> None:
         self.state_ = None
         generator = torch.Generator().manual_seed(self.seed)
+        auto = self.config.rank == "auto"  # type: ignore[attr-defined]
+        threshold = AUTO_FRACTION * self.regularization
         result = lanczos(
             operator,
             self.krylov_dimension,
             tol=self.tol,
             generator=generator,
+            stop=_converged_above(threshold) if auto else None,
+            check_every=AUTO_CHECK,
         )
         m = result.alphas.numel()
         tridiagonal = torch.diag(result.alphas)
         if m > 1:
             tridiagonal = tridiagonal + torch.diag(result.betas, 1) + torch.diag(result.betas, -1)
         ritz_values, ritz_coeffs = torch.linalg.eigh(tridiagonal)
-        order = torch.argsort(ritz_values.abs(), descending=True, stable=True)[: self.rank]
+        if not auto:
+            rank = int(self.config.rank)  # type: ignore[attr-defined]
+        elif result.null_complement:
+            rank = m  # H vanishes outside the basis: keep it all (the complement is then exact)
+        else:
+            rank = max(1, int((ritz_values.abs() >= threshold).sum()))
+        order = torch.argsort(ritz_values.abs(), descending=True, stable=True)[:rank]
         eigenvalues = ritz_values[order]
         coeffs = ritz_coeffs[:, order]
         eigenvectors = result.basis @ coeffs
@@ -232,11 +305,14 @@ class ArnoldiInfluence(InfluenceModel):
             residual_norms=residual_norms.to(self.dtype),
             krylov_dimension=m,
             # H is proven zero outside the basis, and the basis is all kept: the complement is exact
-            null_complement=bool(result.null_complement and m <= self.rank),
+            null_complement=bool(result.null_complement and m <= rank),
         )
         self._check_definite(eigenvalues)  # after the state is kept: a refused regularization keeps the fit
 
     def _solve(self, rhs: Tensor) -> Tensor:
+        return self._solve_with_report(rhs)[0]
+
+    def _solve_with_report(self, rhs: Tensor) -> tuple[Tensor, LowRankInfo]:
         assert self.state_ is not None
         d, v = self.state_.eigenvalues, self.state_.eigenvectors
         self._check_definite(d)
@@ -251,7 +327,8 @@ class ArnoldiInfluence(InfluenceModel):
         complement = config.weights_complement(self.regularization) or (
             self.state_.null_complement and self.regularization > 0
         )
-        return EigenOperator(d, v).solve_rows(rhs, self.regularization, complement=complement)
+        solution = EigenOperator(d, v).solve_rows(rhs, self.regularization, complement=complement)
+        return solution, LowRankInfo.of(rhs, v, self.state_.krylov_dimension)
 
     def _check_definite(self, eigenvalues: Tensor) -> None:
         name = type(self).__name__
@@ -260,7 +337,26 @@ class ArnoldiInfluence(InfluenceModel):
         except NotPositiveDefiniteError as err:
             raise NotPositiveDefiniteError(
                 f"{name}: among the {eigenvalues.numel()} eigenvalues of largest magnitude "
-                f"kept (rank={self.rank}), some are not safely above -regularization. {err}",
+                f"kept (rank={self.config.rank}), some are not safely above -regularization. {err}",  # type: ignore[attr-defined]
                 smallest_eigenvalue=err.smallest_eigenvalue,
                 suggested_regularization=err.suggested_regularization,
             ) from None
+
+
+def _converged_above(threshold: float) -> Callable[[Tensor, float], bool]:
+    """The stop of ``rank="auto"``'s Lanczos iteration: every Ritz value of magnitude at least
+    ``threshold`` has a residual at most ``AUTO_CONVERGED * threshold``, at least one Ritz
+    value lies below it, and the count above it is the same as at the previous look."""
+    counts: list[int] = []
+
+    def stop(t: Tensor, beta: float) -> bool:
+        values, vectors = torch.linalg.eigh(t)
+        above = values.abs() >= threshold
+        count = int(above.sum())
+        residuals = beta * vectors[-1].abs()
+        converged = bool((residuals[above] <= AUTO_CONVERGED * threshold).all())
+        stable = bool(counts) and counts[-1] == count
+        counts.append(count)
+        return converged and stable and count < values.numel()
+
+    return stop

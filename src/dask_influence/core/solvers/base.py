@@ -563,15 +563,17 @@ class InfluenceModel(ABC):
     distributed sweep (:meth:`attach_curvature`)."""
 
     reports_solves: ClassVar[bool] = False
-    """True for iterative solvers whose solves return a report (iterations, residuals)."""
+    """True for solvers whose solves return a report with an error estimate per right-hand side
+    (CG, LiSSA: residuals; Arnoldi, Nystroem: the captured fraction of each right-hand side)."""
 
     def solve(self, rhs: Tensor) -> tuple[Tensor, Any]:
         """``(H + lambda I)^-1`` applied to each row of ``rhs`` ``(k, p)``, and the solve's report.
 
         Returns:
-            ``(solution (k, p), report)``: the report is the iterative solvers' record
-            (:class:`~.cg.CgInfo`, :class:`~.lissa.LissaInfo`), ``None`` for the others. Safe to
-            call from several threads: nothing is written to the solver.
+            ``(solution (k, p), report)``: the report is the solver's error estimate per row
+            (:class:`~.cg.CgInfo`, :class:`~.lissa.LissaInfo`,
+            :class:`~dask_influence.core.lowrank.LowRankInfo` for Arnoldi and Nystroem), ``None``
+            for the others. Safe to call from several threads: nothing is written to the solver.
         """
         self._require_fitted()
         return self._solve_with_report(self._check_factors(rhs))
@@ -706,16 +708,28 @@ class InfluenceModel(ABC):
         return self.influences_from_factors(factors, *train, mode=mode)
 
     def self_influences(self, *points: Any) -> Tensor:
-        """``grad L(z)^T (H + lambda I)^-1 grad L(z)`` for each point: ``(n,)``."""
+        """``grad L(z)^T (H + lambda I)^-1 grad L(z)`` for each point: ``(n,)``.
+
+        The report of the solves (one per ``chunk_size`` points, merged) stays in ``info_``."""
+        values, report = self.self_influences_with_report(*points)
+        if report is not None:
+            self.info_ = report
+        return values
+
+    def self_influences_with_report(self, *points: Any) -> tuple[Tensor, Any]:
+        """:meth:`self_influences` and the report of its solves, one row per point (see :meth:`solve`):
+        the error estimates of the training points' own solves."""
         theta = self._require_fitted()
         batch = self._batch(points, ("x", "y"))
-        out = []
+        out, reports = [], []
         n = batches.size(batch)
         for start in range(0, n, self.chunk_size):
             chunk = batches.slice_rows(batch, start, start + self.chunk_size)
             g = self._grads(theta, chunk, offset=start)
-            out.append((self._solved(g) * g).sum(dim=1))
-        return torch.cat(out)
+            solution, report = self._solve_with_report(g)
+            out.append((solution * g).sum(dim=1))
+            reports.append(report)
+        return torch.cat(out), _merge_reports(reports)
 
     # -- helpers ------------------------------------------------------------------------
     def _require_fitted(self) -> Tensor:
@@ -886,6 +900,16 @@ class InfluenceModel(ABC):
                 f"of one sample it gave {double.item():.6g}, on the sample alone {single.item():.6g}. "
                 "Use reduction='mean' instead of 'sum'."
             )
+
+
+def _merge_reports(reports: list[Any]) -> Any:
+    """One report for consecutive solves: ``None`` without reports, the report's class's
+    ``concatenate`` when it has one, else the last report."""
+    reports = [r for r in reports if r is not None]
+    if not reports:
+        return None
+    merge = getattr(type(reports[0]), "concatenate", None)
+    return merge(reports) if merge is not None and len(reports) > 1 else reports[-1]
 
 
 def _describe(batch: Any, pairs: bool) -> str:
