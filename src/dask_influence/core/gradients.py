@@ -38,6 +38,18 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 # The autograd graph keeps the tensors themselves, so only the forward needs the lock.
 _FORWARD_LOCK = threading.RLock()
 
+# Forward-mode AD (torch.func.jvp, jacfwd) is NOT thread-local: its dual levels live in one
+# process-wide stack (torch/csrc/autograd/forward_grad.h), entered and exited by every thread.
+# Two threads in jvp at once (two tasks of one threaded Dask worker, or a worker thread and the
+# driver of an in-process cluster) exit each other's levels, which clears the other's tangents
+# mid-computation: wrong curvature products without an error, or "Trying to access a forward
+# AD level with an invalid index". Every forward-mode computation of this package runs inside
+# second_order(), which holds this lock for its duration (so one thread at a time in a process;
+# reverse mode, vmap and grad keep their levels per thread and run concurrently). The lock also
+# makes second_order()'s process-wide attention switches safe: no other thread is inside.
+# Lock order: _SECOND_ORDER_LOCK, then _FORWARD_LOCK (never the other way round).
+_SECOND_ORDER_LOCK = threading.RLock()
+
 
 @dataclass(frozen=True)
 class ParamSpec:
@@ -139,9 +151,18 @@ class ParamSpec:
 
 
 def flat_params(model: nn.Module, spec: ParamSpec) -> Tensor:
-    """The trainable parameters of ``model`` as one detached vector ``(p,)``."""
-    named = dict(model.named_parameters())
-    return torch.cat([named[k].detach().reshape(-1) for k in spec.names])
+    """The trainable parameters of ``model`` as one detached vector ``(p,)``.
+
+    Read under the forward lock: while another thread is inside a forward of the same model
+    (two tasks of a threaded Dask worker share its copy), ``functional_call`` has replaced
+    the model's parameters with that thread's functorch wrappers (GradTrackingTensors, dual
+    tensors of its transform levels). Detached outside those levels they happen to give the
+    weights' values, but nothing guarantees it; under the lock the model holds its own
+    parameters (see :data:`_FORWARD_LOCK`).
+    """
+    with _FORWARD_LOCK:
+        named = dict(model.named_parameters())
+        return torch.cat([named[k].detach().reshape(-1) for k in spec.names])
 
 
 class _Bound(nn.Module):
@@ -409,20 +430,27 @@ def second_order() -> Iterator[None]:
     Hugging Face SDPA attention) fail there. The math backend is attention written in
     differentiable operations: exact, twice differentiable, and slower (it forms the
     ``(T, T)`` attention matrix). Plain gradients keep the fused kernels.
+
+    The block holds a process-wide lock (:data:`_SECOND_ORDER_LOCK`): forward-mode AD, which
+    the curvature products and mixed derivatives use, has process-wide levels and is not
+    safe in two threads at once, and the switches above are process-wide too. Threads of one
+    process (a threaded Dask worker, an in-process cluster) run these blocks one at a time;
+    the backward passes of their per-sample gradients still run concurrently.
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    mha = torch.backends.mha
-    fastpath = mha.get_fastpath_enabled()
-    # nn.TransformerEncoderLayer / nn.MultiheadAttention in eval mode take a fused "fast
-    # path" kernel when they see no parameter requiring grad (as under torch.func); it has
-    # no forward-mode derivative. Off inside the block, as the process had it afterwards.
-    mha.set_fastpath_enabled(False)
-    try:
-        with sdpa_kernel(SDPBackend.MATH):
-            yield
-    finally:
-        mha.set_fastpath_enabled(fastpath)
+    with _SECOND_ORDER_LOCK:
+        mha = torch.backends.mha
+        fastpath = mha.get_fastpath_enabled()
+        # nn.TransformerEncoderLayer / nn.MultiheadAttention in eval mode take a fused "fast
+        # path" kernel when they see no parameter requiring grad (as under torch.func); it has
+        # no forward-mode derivative. Off inside the block, as the process had it afterwards.
+        mha.set_fastpath_enabled(False)
+        try:
+            with sdpa_kernel(SDPBackend.MATH):
+                yield
+        finally:
+            mha.set_fastpath_enabled(fastpath)
 
 
 def _vjp(fn: Callable[[Tensor], Tensor], primal: Tensor) -> tuple[Tensor, Callable[[Tensor], tuple[Tensor, ...]]]:

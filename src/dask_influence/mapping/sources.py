@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from dask.base import tokenize
-from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler
 
 from ..core import batches
 from ..core.data import input_signature, is_whole_arrays
@@ -229,10 +229,12 @@ def as_source(
                 "access by index; pass a map-style dataset, arrays, or dask arrays instead."
             )
         if not isinstance(data.sampler, SequentialSampler) or data.batch_size is None:
+            what = "shuffles (shuffle=True)" if isinstance(data.sampler, RandomSampler) else "uses a custom sampler"
             raise ValueError(
-                f"The {name} DataLoader shuffles or uses a custom sampler, but the columns of "
-                "the influence matrix must follow the dataset order. Pass "
-                "DataLoader(dataset, batch_size=..., shuffle=False)."
+                f"The {name} DataLoader {what}, but the rows and columns of the influence matrix "
+                "follow the dataset order. Pass "
+                f"DataLoader(dataset, batch_size={data.batch_size or '...'}, shuffle=False) instead "
+                "(solver.fit accepts a shuffling loader; the same loader without shuffling fits the same solver)."
             )
         return DatasetSource(data.dataset, block_size or data.batch_size, data.collate_fn, name, perturb)
     if isinstance(data, (tuple, list, dict)) and data:
