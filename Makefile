@@ -4,6 +4,9 @@
 #   make lint   - ruff (lint and format check) and mypy; CI runs it before the tests
 #   make bench-env - pyDVL 0.10.0 in its own environment (benchmarks/.venv-pydvl; it pins numpy<2)
 #   make bench  - the benchmark against the lower bound and pyDVL (docs/benchmarks.md; ~1 hour on 2 cores)
+#   make bench-env-kronfluence / bench-env-dattri / bench-env-captum - each peer library in its own
+#                 environment (benchmarks/.venv-<peer>); make bench-envs makes all four
+#   make bench-peers - time to accuracy against pyDVL, Kronfluence, dattri and captum (docs/benchmarks.md)
 PYTHON ?= python3
 VENV ?= .venv
 # Pins for these CPU machines (the local CPU build of torch); set CONSTRAINTS= to skip.
@@ -13,8 +16,13 @@ STAMP := $(VENV)/.installed
 PIP_CONSTRAINTS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 
 PYDVL_VENV ?= benchmarks/.venv-pydvl
+KRONFLUENCE_VENV ?= benchmarks/.venv-kronfluence
+DATTRI_VENV ?= benchmarks/.venv-dattri
+CAPTUM_VENV ?= benchmarks/.venv-captum
+# the peers' environments get the project's transformers release too (the tiny GPT-2 of benchmarks.peers)
+PEER_TRANSFORMERS ?= transformers==5.24.0
 
-.PHONY: install demo test lint clean bench-env bench
+.PHONY: install demo test lint clean bench-env bench bench-env-kronfluence bench-env-dattri bench-env-captum bench-envs bench-peers
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +46,28 @@ lint: $(STAMP)
 bench-env:
 	test -x $(PYDVL_VENV)/bin/python || $(PYTHON) -m venv $(PYDVL_VENV)
 	$(PYDVL_VENV)/bin/python -m pip install --quiet $(PIP_CONSTRAINTS) "pydvl[influence]==0.10.0" scikit-learn
+
+# Kronfluence without its torchvision requirement (used only by its examples): PyPI's torchvision
+# is built for PyPI's CUDA torch and breaks imports (transformers loads it) next to the CPU build.
+bench-env-kronfluence:
+	test -x $(KRONFLUENCE_VENV)/bin/python || $(PYTHON) -m venv $(KRONFLUENCE_VENV)
+	$(KRONFLUENCE_VENV)/bin/python -m pip install --quiet $(PIP_CONSTRAINTS) --no-deps "kronfluence==1.0.1"
+	$(KRONFLUENCE_VENV)/bin/python -m pip install --quiet $(PIP_CONSTRAINTS) torch accelerate einops einconv \
+		opt-einsum safetensors tqdm "$(PEER_TRANSFORMERS)"
+	$(KRONFLUENCE_VENV)/bin/python -m pip uninstall --quiet --yes torchvision
+
+bench-env-dattri:
+	test -x $(DATTRI_VENV)/bin/python || $(PYTHON) -m venv $(DATTRI_VENV)
+	$(DATTRI_VENV)/bin/python -m pip install --quiet $(PIP_CONSTRAINTS) "dattri==0.3.0" torch "$(PEER_TRANSFORMERS)"
+
+bench-env-captum:
+	test -x $(CAPTUM_VENV)/bin/python || $(PYTHON) -m venv $(CAPTUM_VENV)
+	$(CAPTUM_VENV)/bin/python -m pip install --quiet $(PIP_CONSTRAINTS) "captum==0.9.0" "$(PEER_TRANSFORMERS)"
+
+bench-envs: bench-env bench-env-kronfluence bench-env-dattri bench-env-captum
+
+bench-peers: $(STAMP)
+	$(BIN)/python -m benchmarks.peers --out benchmarks/results $(BENCH_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run --out benchmarks/results $(BENCH_ARGS)

@@ -1,0 +1,148 @@
+"""The peer benchmark's pure parts (``benchmarks/peers.py``), without the peers' environments.
+
+The run itself (``python -m benchmarks.peers --tiny``) needs the peers' virtual environments
+(``make bench-env-kronfluence`` etc.) and minutes; here: the report's table and plot from a
+fixed small report, the rows of a peer whose environment is missing, and the accuracy measures.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from benchmarks import peers
+
+LB = {"total_s": 0.5, "test_grads_s": 0.1, "scoring_s": 0.4, "median_total_s": 0.6, "runs": [{}, {}, {}]}
+
+
+def row(method: str, library: str, seconds: float, pearson: float, **extra) -> dict:
+    return {
+        "method": method,
+        "library": library,
+        "status": "ok",
+        "fit_s": seconds / 2,
+        "factors_s": None if library != "ours" else seconds / 4,
+        "scoring_s": seconds / 4,
+        "end_to_end_s": seconds,
+        "end_to_end_runs_s": [seconds] * 3,
+        "pearson": pearson,
+        "spearman": pearson - 0.01,
+        "vs_lower_bound": seconds / LB["total_s"],
+        **extra,
+    }
+
+
+REPORT = {
+    "machine": "x86_64, 2 cores, Python 3.11",
+    "torch": "2.13.0",
+    "threads": 2,
+    "config": "tiny",
+    "repeats": 3,
+    "date": "2026-12-01",
+    "peers": {
+        "pyDVL": {"status": None, "versions": {"pydvl": "0.10.0"}},
+        "Kronfluence": {"status": None, "versions": {"kronfluence": "1.0.1"}},
+        "dattri": {"status": "not installed: make bench-env-dattri"},
+        "captum": {"status": None, "versions": {"captum": "0.9.0"}},
+    },
+    "problems": [
+        {
+            "key": "mlp-1e4",
+            "arch": "mlp-1e4",
+            "params": 10230,
+            "n_train": 2000,
+            "n_test": 100,
+            "regularization": 0.1,
+            "reference": {"method": "CG", "dtype": "float64", "seconds": 12.0, "rtol": 1e-8, "iterations": 40},
+            "lower_bound": LB,
+            "rows": [
+                row("Arnoldi", "ours", 2.0, 0.95),
+                row("Arnoldi", "pyDVL", 8.0, 0.95, agreement_with_ours=0.999),
+                row("Arnoldi", "captum", 4.0, 0.94, agreement_with_ours=0.99),
+                {"method": "Arnoldi", "library": "dattri", "status": "not installed: make bench-env-dattri"},
+                row("EK-FAC", "ours", 1.0, 0.9),
+                row("EK-FAC", "Kronfluence", 3.0, 0.89, agreement_with_ours=0.98),
+                {"method": "EK-FAC", "library": "pyDVL", "status": "timeout: over 900 s (killed)"},
+                row("CG", "ours", 5.0, float("nan")),
+            ],
+        },
+        {
+            "key": "gpt2-tiny",
+            "arch": "gpt2-tiny",
+            "params": 3696,
+            "n_train": 256,
+            "n_test": 16,
+            "regularization": 0.1,
+            "reference": {"method": "Direct", "dtype": "float64", "seconds": 3.0},
+            "lower_bound": LB,
+            "rows": [
+                row("EK-FAC", "ours", 1.5, 0.8),
+                {"method": "EK-FAC", "library": "pyDVL", "status": "n/a: the driver loads MLP and CNN only"},
+            ],
+        },
+    ],
+}
+
+
+def test_markdown_tables_from_a_fixed_report():
+    md = peers.markdown(REPORT)
+    assert "### mlp-1e4: 10,230 parameters, n_train = 2,000, n_test = 100" in md
+    assert "| Arnoldi | ours | **2.000** | 1.000 | 0.500 | 0.500 | 0.9500 | 0.9400 | - | 4.0x |" in md
+    assert "| Arnoldi | captum | **4.000** | 2.000 | - | 1.000 | 0.9400 | 0.9300 | 0.9900 | 8.0x |" in md
+    assert "| Arnoldi | dattri | not installed: make bench-env-dattri |" in md
+    assert "| EK-FAC | pyDVL | timeout: over 900 s (killed) |" in md
+    assert "| EK-FAC | pyDVL | n/a: the driver loads MLP and CNN only |" in md
+    assert "our CG in float64 at rtol 1e-08" in md and "our Direct in float64" in md
+    assert "- dattri: not installed: make bench-env-dattri" in md
+    assert "- Kronfluence: kronfluence 1.0.1" in md
+    # ours against the fastest peer: Arnoldi (captum 4 s), EK-FAC (Kronfluence 3 s); CG has no peer row
+    assert "| mlp-1e4 | Arnoldi | 2.000 (0.9500) | captum: 4.000 (0.9400) | 0.50x |" in md
+    assert "| mlp-1e4 | EK-FAC | 1.000 (0.9000) | Kronfluence: 3.000 (0.8900) | 0.33x |" in md
+    assert "| mlp-1e4 | CG |" not in md
+    assert "| CG | ours | **5.000** |" in md and "| - | 0.0" not in md  # NaN Pearson shown as "-"
+
+
+def test_plot_from_a_fixed_report(tmp_path):
+    path = tmp_path / "img" / "time_to_accuracy.png"
+    peers.plot(REPORT, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_missing_environment_gives_not_installed_rows(tmp_path):
+    dattri = next(p for p in peers.PEERS if p.name == "dattri")
+    assert peers.peer_status(dattri, tmp_path / "no-venv" / "bin" / "python") == "not installed: make bench-env-dattri"
+    statuses = {p.name: f"not installed: make {p.make_target}" for p in peers.PEERS}
+    spec = peers.tiny_specs()[0]
+    plan, rows = peers.plan_runs(spec, statuses)
+    assert plan == {m: ["ours"] for m in spec.methods}  # ours still runs every method
+    assert rows[("Arnoldi", "captum")] == {"status": "not installed: make bench-env-captum"}
+    assert rows[("EK-FAC", "Kronfluence")] == {"status": "not installed: make bench-env-kronfluence"}
+    assert rows[("CG", "pyDVL")] == {"status": "not installed: make bench-env"}
+    assert ("CG", "captum") not in rows  # captum has no CG: no row at all
+
+
+def test_plan_with_peers_installed_and_na_reasons():
+    statuses = {p.name: None for p in peers.PEERS}
+    gpt2 = next(s for s in peers.full_specs() if s.key == "gpt2-tiny")
+    plan, rows = peers.plan_runs(gpt2, statuses, load_errors={"captum": "failed to load: boom"})
+    assert plan["EK-FAC"] == ["ours", "Kronfluence"]
+    assert rows[("EK-FAC", "pyDVL")]["status"].startswith("n/a: ")
+    assert rows[("EK-FAC", "dattri")]["status"].startswith("n/a: ")
+    assert rows[("Arnoldi", "captum")] == {"status": "failed to load: boom"}
+    assert plan["Arnoldi"] == ["ours", "dattri"]
+
+
+def test_accuracy_measures():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((5, 40))
+    assert peers.pearson(a, 3 * a + 1) == pytest.approx(1.0)
+    assert peers.pearson(a, -a) == pytest.approx(-1.0)
+    assert peers.spearman(a, np.exp(a)) == pytest.approx(1.0)  # monotone: ranks agree
+    assert np.isnan(peers.pearson(a, np.full_like(a, np.nan)))
+    runs = [
+        {"fit_s": 1.0, "factors_s": None, "scoring_s": 1.0},
+        {"fit_s": 3.0, "factors_s": None, "scoring_s": 1.0},
+        {"fit_s": 2.0, "factors_s": None, "scoring_s": 1.0},
+    ]
+    summary = peers.summarize_runs(runs)
+    assert summary["end_to_end_s"] == 3.0 and summary["fit_s"] == 2.0 and summary["factors_s"] is None
