@@ -16,8 +16,11 @@ fresh process (wall time, and the child's peak RSS from ``getrusage``):
 - ``run --resume`` with 10 chunks missing, as a killed driver leaves them (their data and
   flag files deleted, the manifest not marking them done), and the same without a manifest
   (a store of the previous version: every flag is read);
-- ``inspect --verify --no-stats`` (reads every flag and chunk), and ``dask-influence --help``:
-  the fixed cost of starting the command (importing torch), included in every figure.
+- ``inspect --verify --no-stats`` (reads every flag and chunk);
+- the fixed costs, for reference: ``dask-influence --help`` (starting the command line, which
+  imports no subcommand's module), ``import torch`` (paid by every ``run``: the job's
+  factory builds a torch model) and torch's first ``torch.func.grad`` (it imports
+  ``torch._dynamo``: paid by every ``run`` that computes a chunk).
 
 The issue's target: under 5 s and 500 MB for 100,000 chunks, growing no faster than the
 number of missing chunks.
@@ -43,6 +46,7 @@ EXAMPLE = ROOT / "examples" / "batch_job"
 CLI = [sys.executable, "-c", "from dask_influence.cli.main import main; main()"]
 SHAPES = {1_000: (10, 100), 10_000: (100, 100), 100_000: (100, 1_000)}
 MISSING = 10
+FIRST_GRAD = "import torch; torch.func.grad(lambda x: (x * x).sum())(torch.ones(3))"
 
 # runs one command and reports its wall time and its peak RSS (its own, not this process's)
 MEASURE = """
@@ -112,7 +116,7 @@ def build(where: Path, n_test: int, n_train: int) -> tuple[Path, float]:
     train = DataLoader(problem.train, batch_size=1, shuffle=False)
     test = DataLoader(problem.test, batch_size=1, shuffle=False)
     calc.fit(train, path=fit_path_for(job.output.store))
-    graph = calc._graph(test, train, "up", None, None, record_solves=False)
+    graph = calc._graph(test, train, "up", None, None, record_solves=False, all_tasks=False)
     layout = zstore.StoreLayout(graph.plan.test_sizes, graph.plan.train_sizes, None, graph.dtype, None, False)
     config = calc._config(graph, layout)
     path = job.output.store
@@ -173,7 +177,9 @@ def bench(size: int, workdir: Path) -> dict:
     job, build_s = build(where, n_test, n_train)
     store = where / "store.zarr"
     out: dict = {"chunks": n_test * n_train, "grid": [n_test, n_train], "build_s": round(build_s, 1)}
-    out["startup"] = measure(*CLI, "--help")  # importing the command line (torch): not the store's cost
+    out["startup"] = measure(*CLI, "--help")  # the command line alone: not the store's cost
+    out["import_torch"] = measure(sys.executable, "-c", "import torch")  # every run's fixed cost
+    out["torch_first_grad"] = measure(sys.executable, "-c", FIRST_GRAD)  # every computing run's
     out["inspect"] = measure(*CLI, "inspect", str(store))
     out["inspect_no_stats"] = measure(*CLI, "inspect", str(store), "--no-stats")
     out["resume_complete"] = measure(*CLI, "run", str(job), "--resume", "--quiet")

@@ -13,7 +13,6 @@ from typing import Any
 
 import click
 
-from ..evaluate.records import read_evaluations
 from ..storage.read import (
     chunk_ranges,
     describe,
@@ -174,6 +173,19 @@ def render_evaluations(evaluations: dict) -> list[str]:
     return lines
 
 
+EVALUATION_GROUP = "evaluation"  # dask_influence.evaluate.records.GROUP (importing it imports torch)
+
+
+def _evaluations(group: Any) -> dict:
+    """The store's evaluations (:func:`~dask_influence.evaluate.records.read_evaluations`); the
+    evaluation package (which imports torch) is imported only when the store has some."""
+    if EVALUATION_GROUP not in group:
+        return {}
+    from ..evaluate.records import read_evaluations
+
+    return read_evaluations(group)
+
+
 @click.command(name="inspect")
 @click.argument("store", metavar="STORE")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
@@ -189,12 +201,18 @@ def inspect_store(store: str, as_json: bool, no_stats: bool, verify: bool) -> No
     Works on complete and incomplete stores; the exit code is 0 for both (use --json and
     its "complete" field, or `run --resume`, to act on it).
     """
+    from ..storage.index_info import describe_index, open_index_group, render_index
     from .run import one_line
 
+    index_group = open_index_group(store)
+    if index_group is not None:  # a gradient index (dask-influence index), not an influence store
+        info = describe_index(store, index_group)
+        click.echo(json.dumps(info, indent=2, default=str) if as_json else render_index(info))
+        return
     try:
         group = open_store(store)
         d = describe(store, group, stats=not no_stats, verify=verify)
-        d["evaluation"] = read_evaluations(group)
+        d["evaluation"] = _evaluations(group)
     except (ValueError, TypeError, OSError) as exc:
         raise click.ClickException(one_line(exc)) from None
     if as_json:

@@ -201,9 +201,9 @@ def run(
     if fit_only and (resume or overwrite or break_lock):
         raise click.UsageError("--fit-only writes no store; drop --resume, --overwrite and --break-lock.")
     if not traceback:  # the Dask client logs a lost scheduler with tracebacks; run says it in one line
-        import distributed  # noqa: F401  (configures its loggers on import: set the level after it)
-
-        logging.getLogger("distributed.client").setLevel(logging.CRITICAL)
+        # a filter, not a level: distributed sets its loggers' levels when it is imported, which
+        # a job in this process (sequential) never needs to do
+        logging.getLogger("distributed.client").addFilter(_CRITICAL_ONLY)
     previous = _stop_on_sigterm()
     try:
         with user_errors(traceback):
@@ -235,6 +235,16 @@ def run(
         raise click.ClickException(summary)
     if not quiet:
         click.echo(summary)
+
+
+class _CriticalOnly(logging.Filter):
+    """Drops the records of a logger below CRITICAL."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.CRITICAL
+
+
+_CRITICAL_ONLY = _CriticalOnly()
 
 
 class _Progress(logging.Handler):
@@ -294,7 +304,8 @@ def run_job(
         _check_store_early(
             job.output.store, resume=resume, overwrite=overwrite, break_lock=break_lock, wait=wait_for_lock
         )
-    _say(quiet, f"Job {job_file}: {job.solver.class_name} ({job.solver.method}), store {job.output.store}")
+    section = job.need_solver()
+    _say(quiet, f"Job {job_file}: {section.class_name} ({section.method}), store {job.output.store}")
     problem = load_problem(job)
     model = problem.model
     if job.cluster.gpu:
@@ -307,7 +318,7 @@ def run_job(
     train = DataLoader(problem.train, batch_size=job.blocks.train, shuffle=False)
     test = DataLoader(problem.test, batch_size=job.blocks.test, shuffle=False)
     n_train, n_test = len(problem.train), len(problem.test)
-    distributed = job.solver.distributed_fit
+    distributed = job.need_solver().distributed_fit
     if distributed is None:  # default: over the blocks on the cluster, when there is one
         distributed = bool(scheduler or job.cluster.scheduler) or not job.cluster.sequential
 
@@ -319,7 +330,16 @@ def run_job(
                 job, solver, scheduler, quiet, stack, wait_for_workers=wait_for_workers, timeout=workers_timeout
             )
         )
-        fit_path = _fit(job, solver, train, calc if distributed else None, where, refit=refit, quiet=quiet)
+        fit_path = _fit(
+            job,
+            solver,
+            train,
+            calc if distributed else None,
+            where,
+            refit=refit,
+            quiet=quiet,
+            verify_data=verify or not resume,  # a resume reuses its fit without a pass over the data
+        )
         if fit_only:
             return True, f"Fitted: {fit_path} in {time.perf_counter() - start:.1f} s; runs of this job reuse it."
         assert calc is not None  # _calculator() made one: influences are computed
@@ -347,11 +367,10 @@ def run_job(
     import zarr
 
     group = zarr.open_group(job.output.store, mode="r")
-    state = load_state(group)
-    done = state.counts()
-    chunks_done, chunks_total = done.get("influences", (0, 0))
     run_info = calc.last_run_
-    if is_complete(group):
+    done = run_info.get("completion_counts") or load_state(group).counts()  # the job's own counts at its end
+    chunks_done, chunks_total = done.get("influences", (0, 0))
+    if is_complete(group):  # the store's own say (one listing of the flags)
         computed = run_info.get("chunks_computed", 0)
         skipped = run_info.get("chunks_skipped", 0)
         repaired = run_info.get("chunks_repaired", 0)
@@ -369,14 +388,28 @@ def run_job(
     )
 
 
-def _fit(job: Any, solver: Any, train: Any, calc: Any, where: str, *, refit: bool, quiet: bool) -> str:
+def _fit(
+    job: Any,
+    solver: Any,
+    train: Any,
+    calc: Any,
+    where: str,
+    *,
+    refit: bool,
+    quiet: bool,
+    verify_data: bool = True,
+) -> str:
     """Fit the solver over the train blocks with ``calc`` (``None``: in this process), or reuse
-    the saved fit; save it. Returns the fit file."""
+    the saved fit; save it. Returns the fit file.
+
+    ``verify_data=False`` (``--resume`` without ``--verify``): a saved fit is reused without
+    reading the training data (its model weights, solver and the data's size, blocks and
+    feature shape are checked, not its contents; see ``calc.fit``)."""
     import dask_influence as di
 
     from ..mapping.fitting import fit_path_for
 
-    path = job.solver.fit_file or fit_path_for(job.output.store)
+    path = job.need_solver().fit_file or fit_path_for(job.output.store)
     fitter = calc if calc is not None else di.SequentialInfluenceCalculator(solver, progress=False)
     place = f"over its blocks {where}" if calc is not None else "in this process"
     _say(
@@ -384,10 +417,15 @@ def _fit(job: Any, solver: Any, train: Any, calc: Any, where: str, *, refit: boo
         f"Fitting {type(solver).__name__} ({solver.num_params:,} parameters) on {len(train.dataset):,} "
         f"training points in blocks of {job.blocks.train:,} {place}...",
     )
-    fitter.fit(train, path=path, refit=refit)
+    fitter.fit(train, path=path, refit=refit, verify_data=verify_data)
     info = fitter.last_fit_
     if info["reused"]:
-        _say(quiet, f"Reusing the saved fit {path} (same solver, model weights and training data).")
+        checked = (
+            "training data"
+            if info.get("data_checked", True)
+            else "size and blocks of the training data; --verify also checks its contents"
+        )
+        _say(quiet, f"Reusing the saved fit {path} (same solver, model weights and {checked}).")
     else:
         _say(
             quiet,
@@ -441,12 +479,38 @@ def _calculator(
     wait_for_workers: int = 1,
     timeout: float = 300.0,
 ) -> tuple[Any, str]:
-    """The calculator and where it computes, per the resolution order of the module docstring.
+    """The calculator and where it computes, per the resolution order of the module docstring."""
+    import dask_influence as di
+
+    client, where = job_client(
+        job,
+        scheduler,
+        quiet,
+        stack,
+        wait_for_workers=wait_for_workers,
+        timeout=timeout,
+        gpu=solver.device.type == "cuda",
+    )
+    if client is None:
+        return di.SequentialInfluenceCalculator(solver, progress=not quiet), where
+    return di.DaskInfluenceCalculator(solver, client, progress=not quiet), where
+
+
+def job_client(
+    job: Any,
+    scheduler: str | None,
+    quiet: bool,
+    stack: ExitStack,
+    *,
+    wait_for_workers: int = 1,
+    timeout: float = 300.0,
+    gpu: bool = False,
+) -> tuple[Any, str]:
+    """The Dask client a job computes on (``None``: in this process, ``[cluster] sequential``)
+    and a phrase saying where, per the resolution order of the module docstring; closed with ``stack``.
 
     With a scheduler, waits up to ``timeout`` seconds for ``wait_for_workers`` workers (a
     Kubernetes DaskJob starts its job pod and its workers together)."""
-    import dask_influence as di
-
     address, source = scheduler_address(job, scheduler)
     if address:
         client = stack.enter_context(_connect(address, source))
@@ -462,12 +526,9 @@ def _calculator(
                     f"{timeout:g} s; start workers, or raise --timeout or lower --wait-for-workers"
                 ) from None
             n = len(client.scheduler_info().get("workers", {}))
-        return (
-            di.DaskInfluenceCalculator(solver, client, progress=not quiet),
-            f"on the scheduler at {address} ({n} worker{'s' if n != 1 else ''} now)",
-        )
+        return client, f"on the scheduler at {address} ({n} worker{'s' if n != 1 else ''} now)"
     if job.cluster.sequential:
-        return di.SequentialInfluenceCalculator(solver, progress=not quiet), "in this process (sequential)"
+        return None, "in this process (sequential)"
     from distributed import Client, LocalCluster
 
     workers = job.cluster.workers or (1 if job.cluster.gpu else (os.cpu_count() or 1))
@@ -475,7 +536,7 @@ def _calculator(
     kwargs: dict[str, Any] = {}
     if job.cluster.memory_limit is not None:
         kwargs["memory_limit"] = job.cluster.memory_limit
-    if solver.device.type == "cuda":
+    if gpu:
         kwargs["resources"] = {"GPU": 1}
     cluster = stack.enter_context(
         LocalCluster(
@@ -489,7 +550,7 @@ def _calculator(
     )
     client = stack.enter_context(Client(cluster))
     return (
-        di.DaskInfluenceCalculator(solver, client, progress=not quiet),
+        client,
         f"on an embedded LocalCluster ({workers} worker{'s' if workers != 1 else ''} x {threads} "
         f"thread{'s' if threads != 1 else ''})",
     )

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, cast
 
-import dask.array as da
 import numpy as np
 import zarr
 
@@ -24,10 +24,16 @@ from ..core.solvers.base import InfluenceModel
 from ..errors import NotFittedError
 from ..storage import lock as zlock
 from ..storage import store as zstore
-from . import tasks
-from .graph import InfluenceGraph, add_self_influence_tasks, build_influence_graph, solver_fingerprint
+from .graph import (
+    InfluenceGraph,
+    add_self_influence_tasks,
+    build_influence_graph,
+    plan_influence_graph,
+    solver_fingerprint,
+)
 from .literals import sent_once
 from .sources import as_source
+from .store_job import add_store_tasks
 
 logger = logging.getLogger("dask_influence")
 
@@ -58,7 +64,13 @@ class _BlockCalculator:
 
     # -- fitting ----------------------------------------------------------------------
     def fit(
-        self, train: Any, *, block_size: int | None = None, path: str | os.PathLike | None = None, refit: bool = False
+        self,
+        train: Any,
+        *,
+        block_size: int | None = None,
+        path: str | os.PathLike | None = None,
+        refit: bool = False,
+        verify_data: bool = True,
     ) -> InfluenceModel:
         """Fit the wrapped solver over the train blocks; returns the solver, fitted.
 
@@ -75,14 +87,22 @@ class _BlockCalculator:
                 this solver (class and hyperparameters) fitted with these model weights on
                 this training data; a mismatch raises ``ValueError``. A fresh fit is saved there.
             refit: fit even if ``path`` exists, and replace it.
+            verify_data: before reusing the fit at ``path``, read every train block to
+                validate and checksum it (a pass over the training data). ``False`` (a
+                resume, ``run --resume``): restore it without reading the data, checking the
+                model weights, the solver and the data's size, blocks and feature shape,
+                not its contents (:func:`~.fitting.restore_fit`). A fresh fit always validates.
 
         ``last_fit_`` reports whether the fit was reused, the passes over the data and the time.
         """
-        from .fitting import fit_with_blocks
+        from .fitting import fit_with_blocks, restore_fit, saved_fit_exists
 
         source = as_source(train, block_size=block_size, name="train", perturb=self.solver.objective.perturb)
-        with self._train_blocks(source) as blocks:
-            self.last_fit_ = fit_with_blocks(self.solver, blocks, path=path, refit=refit)
+        if not verify_data and path is not None and not refit and saved_fit_exists(path):
+            self.last_fit_ = restore_fit(self.solver, source, path)  # no blocks loaded, no pass
+        else:
+            with self._train_blocks(source) as blocks:
+                self.last_fit_ = fit_with_blocks(self.solver, blocks, path=path, refit=refit)
         self._fit_train = source
         self._fit_id = getattr(self.solver, "fit_id_", None)  # to notice a later solver.fit()
         self._refitted = bool(refit) and not self.last_fit_["reused"]
@@ -112,12 +132,16 @@ class _BlockCalculator:
         train_block_size: int | None,
         *,
         record_solves: bool = False,
+        all_tasks: bool = True,
     ) -> InfluenceGraph:
-        self._check_fitted()
+        """The job's graph: every task (``all_tasks``), or none of its per-block tasks yet (a
+        store job adds those it is missing, :mod:`.store_job`)."""
         mode = InfluenceMode.parse(mode)
         perturb = self.solver.objective.perturb
+        # the inputs first (a shuffling loader is refused before the advice to fit the solver)
         test_src = as_source(test, block_size=test_block_size, name="test", perturb=perturb)
         train_src = as_source(train, block_size=train_block_size, name="train", perturb=perturb)
+        self._check_fitted()
         fitted = tuple(self.solver.feature_shape_ or ())
         for name, src in (("test", test_src), ("train", train_src)):
             if src.input_dtype is not None and tuple(src.feature_shape) != fitted:
@@ -138,7 +162,8 @@ class _BlockCalculator:
                 f"{'' if perturb == 0 else f' for the input {perturb!r}'}. "
                 "Use mode='up' for integer inputs such as token ids."
             )
-        graph = build_influence_graph(
+        build = build_influence_graph if all_tasks else plan_influence_graph
+        graph = build(
             self.solver, test_src, train_src, mode, memory_budget=self._memory_budget(), record_solves=record_solves
         )
         if len(graph.plan.test_groups) > 1:
@@ -159,15 +184,19 @@ class _BlockCalculator:
         Returns ``(n_test, n_train)`` (``(n_test, n_train, *features)`` in perturbation
         mode), chunked as (test block, train block).
         """
+        import dask.array as da  # imported when used: a store job needs no dask.array
+
         graph = self._graph(test, train, mode, test_block_size, train_block_size)
         return da.Array(graph.dsk, graph.chunk_name, chunks=graph.chunks, dtype=graph.dtype)
 
     def self_influences(self, train: Any, *, block_size: int | None = None) -> Any:
         """``grad L(z)^T H^-1 grad L(z)`` for every train point: ``(n_train,)``."""
-        self._check_fitted()
         src = as_source(train, block_size=block_size, name="train", perturb=self.solver.objective.perturb)
-        graph = build_influence_graph(self.solver, src, src, InfluenceMode.up, memory_budget=None)
+        self._check_fitted()
+        graph = plan_influence_graph(self.solver, src, src, InfluenceMode.up, memory_budget=None)
         name = add_self_influence_tasks(graph)
+        import dask.array as da
+
         return da.Array(graph.dsk, name, chunks=(graph.plan.train_sizes,), dtype=graph.dtype)
 
     # -- zarr ------------------------------------------------------------------------
@@ -188,6 +217,7 @@ class _BlockCalculator:
         break_lock: bool = False,
         refit: bool | None = None,
         wait_for_lock: float = 0.0,
+        save_factors: bool | str = "auto",
     ) -> zarr.Group:
         """Compute the influence matrix into a zarr group and mark it complete.
 
@@ -216,10 +246,16 @@ class _BlockCalculator:
                 this calculator's ``fit(..., refit=True)`` fitted the solver. Each chunk's
                 done flag records the fit generation it was computed with
                 (:mod:`dask_influence.storage.fits`).
+            save_factors: keep the test factors of each test block in the store (``factors``,
+                ``(n_test, p)``, :mod:`dask_influence.storage.factors`), so that a resume
+                reads them instead of solving again; a refit makes them stale. ``"auto"``
+                (default): when they take at most as many bytes as the influences, or at
+                most 1 GiB (a model of many parameters and few training points: not saved).
 
         Returns:
             the zarr group. ``last_run_`` says how many chunks were computed, skipped and
-            repaired, and what verification found.
+            repaired, how many test blocks' factors were solved and read back, and what
+            verification found.
 
         Raises:
             StoreError: the store exists without ``resume``/``overwrite``, was written by
@@ -234,8 +270,14 @@ class _BlockCalculator:
         verify_mode = _verify_mode(verify)
         if not isinstance(break_lock, bool):
             raise TypeError(f"break_lock must be True or False; got {break_lock!r}.")
-        graph = self._graph(
-            test, train, mode, test_block_size, train_block_size, record_solves=_records_solver_info(self.solver)
+        graph = self._graph(  # no per-block tasks yet: only those of the missing work are added
+            test,
+            train,
+            mode,
+            test_block_size,
+            train_block_size,
+            record_solves=_records_solver_info(self.solver),
+            all_tasks=False,
         )
         plan = graph.plan
         top_k = min(top_k, plan.n_train) if top_k else None
@@ -247,6 +289,7 @@ class _BlockCalculator:
             top_k,
             bool(self_influences),
             graph.record_solves,
+            self.solver.num_params if _saves_factors(save_factors, plan, graph, self.solver.num_params) else None,
         )
         config = self._config(graph, layout)
         path = os.fspath(store)
@@ -261,7 +304,8 @@ class _BlockCalculator:
             report = self._verify_store(group, path, verify_mode, state) if resume else None
             recorder = zstore.CompletionRecorder(group, state)
             recorder.flush(final=False)  # the state this run starts from (repairs included)
-            keys, finishes = self._pending_writes(graph, group, path, layout, state)
+            job = add_store_tasks(graph, group, path, layout, state, check_factors=verify_mode == "full")
+            self.last_run_ = {**job.counts, "plan": plan.describe()}
             self.last_run_.update(
                 chunks_repaired=len(report.damaged.get("influences", [])) if report else 0,
                 verify=report.as_dict() if report else None,
@@ -270,9 +314,15 @@ class _BlockCalculator:
                 fit_generation=state.generation,
                 new_fit=generation is not None and state.generation != generation,
             )
-            self._on_done = lambda key: recorder.record(finishes.get(key, []))
+            merges = _MergeProgress(job.merges, layout.top_k)
+
+            def on_done(key: Any) -> None:
+                recorder.record(job.finishes.get(key, []))
+                merges.done(key)
+
+            self._on_done = on_done
             try:
-                self._execute_graph(graph, keys)
+                self._execute_graph(graph, job.keys)
             finally:
                 self._on_done = None
                 recorder.flush(final=False)  # what is known done, also after a failure
@@ -286,6 +336,7 @@ class _BlockCalculator:
             if layout.solver_info:
                 extra["solver_info"] = self._solver_info_attribute(group)
             zstore.mark_complete(group, extra, state)
+            self.last_run_["completion_counts"] = state.counts()  # {array: (done, total)}: all done
         return zarr.open_group(path, mode="r")
 
     def _fit_identity(self, config: dict, refit: bool | None) -> zstore.FitIdentity:
@@ -341,72 +392,6 @@ class _BlockCalculator:
             )
         return summary
 
-    def _pending_writes(
-        self, graph: InfluenceGraph, group: zarr.Group, path: str, layout: zstore.StoreLayout, state: Any
-    ) -> tuple[list, dict]:
-        """The write tasks of the chunks not done in ``state``, added to the graph.
-
-        Returns their keys and, per key, the ``(array, chunk)`` entries it completes (for the
-        driver's completion record).
-        """
-        plan, dsk = graph.plan, graph.dsk
-        done = state.done("influences")
-        flag = state.current
-        rows, cols = plan.test_ranges, plan.train_ranges
-        write = f"write-{graph.token}"
-        keys: list = []
-        finishes: dict = {}
-        row_writes: dict[int, list] = {}
-        computed = 0
-        for g, members in enumerate(plan.test_groups):
-            member_rows = np.asarray(members)
-            for j in map(int, np.nonzero(~done[member_rows].all(axis=0))[0]):
-                targets = [(i, *rows[i], pos) for pos, i in enumerate(members) if not done[i, j]]
-                key: tuple = (write, g, j)
-                dsk[key] = (zstore.write_influence_chunks, path, j, cols[j], targets, (graph.group_name, g, j), flag)
-                keys.append(key)
-                finishes[key] = [("influences", (i, j)) for i, *_ in targets]
-                computed += len(targets)
-                for i, *_ in targets:
-                    row_writes.setdefault(i, []).append(key)
-        skipped = int(done.sum())
-        self_written = 0
-        if layout.self_influences:
-            name = add_self_influence_tasks(graph)
-            for j in map(int, np.nonzero(~state.done("self_influences"))[0]):
-                key = (f"swrite-{graph.token}", j)
-                dsk[key] = (zstore.write_self_chunk, path, j, cols[j], (name, j), flag)
-                keys.append(key)
-                finishes[key] = [("self_influences", (j,))]
-                self_written += 1
-        if layout.top_k:
-            for i in map(int, np.nonzero(~state.done("top_k"))[0]):
-                key = (f"topk-{graph.token}", i)
-                dsk[key] = (zstore.topk_row, path, i, rows[i], list(cols), layout.top_k, flag, *row_writes.get(i, []))
-                keys.append(key)
-                finishes[key] = [("top_k", (i,))]
-        if layout.solver_info:
-            keys += self._solver_info_tasks(graph, group, path, set(row_writes))
-        self.last_run_ = {
-            "chunks_computed": computed,
-            "chunks_skipped": skipped,
-            "chunks_total": plan.num_chunks,
-            "self_influence_blocks_computed": self_written,
-            "plan": plan.describe(),
-        }
-        return keys, finishes
-
-    def _solver_info_tasks(self, graph: InfluenceGraph, group: zarr.Group, path: str, pending: set[int]) -> list:
-        """Record the solver's residuals per test block: a task writes the report that the solve
-        of each block being computed (and of each block without a record) returns."""
-        recorded = ~np.isnan(zstore.read_solver_info(group)).any(axis=1)
-        write = f"solverinfo-{graph.token}"
-        keys = []
-        for i in sorted(pending | {int(i) for i in np.nonzero(~recorded)[0]}):
-            graph.dsk[(write, i)] = (zstore.write_solver_info, path, i, (tasks.pick, graph.solve_key(i), 1))
-            keys.append((write, i))
-        return keys
-
     def _config(self, graph: InfluenceGraph, layout: zstore.StoreLayout) -> dict:
         solver = self.solver
         params = {
@@ -441,6 +426,31 @@ class _BlockCalculator:
         raise NotImplementedError
 
 
+class _MergeProgress:
+    """INFO lines on the ``dask_influence`` logger as the top-k merges of a job finish: the
+    first, then at most one every ``every_seconds``, and the last."""
+
+    def __init__(self, keys: set, k: int | None, every_seconds: float = 5.0):
+        self.keys, self.k, self.every_seconds = keys, k, every_seconds
+        self.finished = 0
+        self._start = self._last = time.perf_counter()
+
+    def done(self, key: Any) -> None:
+        if key not in self.keys:
+            return
+        self.finished += 1
+        now = time.perf_counter()
+        if self.finished in (1, len(self.keys)) or now - self._last >= self.every_seconds:
+            self._last = now
+            logger.info(
+                "Top-%s merged for %d of %d test block(s) in %.1f s.",
+                self.k,
+                self.finished,
+                len(self.keys),
+                now - self._start,
+            )
+
+
 def _needed(dsk: dict, keys: list) -> dict:
     """The tasks of ``dsk`` that ``keys`` depend on: a resume of a few chunks of a large store
     schedules a graph of their size, not the store's."""
@@ -449,6 +459,21 @@ def _needed(dsk: dict, keys: list) -> dict:
     if not keys:
         return {}
     return cull(dsk, keys)[0]
+
+
+FACTORS_AUTO_BYTES = 2**30
+"""``save_factors="auto"`` saves the test factors up to this size, or up to the influences' size."""
+
+
+def _saves_factors(save_factors: bool | str, plan: Any, graph: InfluenceGraph, num_params: int) -> bool:
+    """Whether a job saves its test factors ``(n_test, num_params)`` (``influences_to_zarr(save_factors=...)``)."""
+    if isinstance(save_factors, bool):
+        return save_factors
+    if save_factors != "auto":
+        raise ValueError(f"save_factors must be True, False or 'auto'; got {save_factors!r}.")
+    factor_values = plan.n_test * int(num_params)
+    influence_values = plan.n_test * plan.n_train * max(1, int(np.prod(graph.feature_shape)))
+    return factor_values * np.dtype(graph.dtype).itemsize <= FACTORS_AUTO_BYTES or factor_values <= influence_values
 
 
 def _generation_of(path: str) -> int | None:
@@ -647,7 +672,7 @@ class DaskInfluenceCalculator(_BlockCalculator):
             bar.start()
         if self._on_done is not None:
             on_done = self._on_done
-            for future in as_completed(futures):
+            for future in as_completed(futures, loop=client.loop):  # also a client not set as the default
                 if future.status == "finished":
                     on_done(future.key)
                 else:

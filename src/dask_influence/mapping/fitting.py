@@ -18,7 +18,9 @@ module supplies the blocks and the reduction, and knows nothing of any solver's 
   (:meth:`InfluenceModel.__reduce__`), so a task needs no private copy.
 - :func:`fit_with_blocks` validates and checksums the blocks, then fits a solver with them,
   or restores a saved fit (:func:`save_fit`, :func:`load_fit`) after checking its model and
-  training-data checksums.
+  training-data checksums. :func:`restore_fit` restores a saved fit without any pass over
+  the training data (``run --resume``): the model, the solver and the data's size, blocks and
+  feature shape are checked, not the data's contents.
 - :func:`solve_factors_on_cluster` computes CG's test factors on the client, one distributed
   sweep per CG iteration, instead of a worker sweeping the whole training set alone.
 """
@@ -359,17 +361,21 @@ def local_training_data(solver: InfluenceModel, source: BlockSource) -> Training
 
 
 # -- fitting, saving and restoring -------------------------------------------------------------------
+def data_identity(source: BlockSource) -> dict:
+    """What is known of the training data without reading it: size, block sizes, feature shape."""
+    return {
+        "n": int(source.n),
+        "block_sizes": [int(s) for s in source.block_sizes],
+        "feature_shape": [int(s) for s in source.feature_shape],
+    }
+
+
 def data_fingerprint(blocks: TrainBlocks, digests: Sequence[str]) -> dict:
     """The identity of the training data: size, blocks, feature shape and a sha256 of its contents."""
     digest = hashlib.sha256()
     for d in digests:
         digest.update(d.encode())
-    return {
-        "n": blocks.n,
-        "block_sizes": list(blocks.sizes),
-        "feature_shape": [int(s) for s in blocks.source.feature_shape],
-        "sha256": digest.hexdigest(),
-    }
+    return {**data_identity(blocks.source), "sha256": digest.hexdigest()}
 
 
 def fit_with_blocks(
@@ -409,6 +415,7 @@ def fit_with_blocks(
         "n_train": blocks.n,
         "seconds": time.perf_counter() - start,
         "training_data": fingerprint,
+        "data_checked": True,
     }
     logger.debug(  # the CLI says it in its own words
         "%s %s over %d train blocks (%d passes) in %.1f s.",
@@ -419,6 +426,48 @@ def fit_with_blocks(
         report["seconds"],
     )
     return report
+
+
+def restore_fit(solver: InfluenceModel, source: BlockSource, path: str | os.PathLike) -> dict:
+    """Restore the saved fit at ``path`` into ``solver`` WITHOUT a pass over the training data.
+
+    For a resume (``run --resume``), whose first run validated and checksummed the same
+    training data: :func:`fit_with_blocks` reads every train block to check its contents,
+    which costs a pass over the whole training set. Still checked here, as by
+    :func:`load_fit` (a mismatch raises ``ValueError``): the file is a saved fit (plain
+    data); its solver class, fit-relevant hyperparameters and training loss are this
+    solver's; its checksum of the trainable parameters is the model's (the weights); and
+    the training data has the recorded size, block sizes and feature shape (read from the
+    source, no block is loaded). NOT checked: the contents of the training data (its
+    sha256) and the per-block validation (finite values, the loss on block 0); pass
+    through :func:`fit_with_blocks` (``verify_data=True``, ``run --resume --verify``) for those.
+
+    Returns:
+        the report of :func:`fit_with_blocks`, with ``"data_checked": False`` and no passes.
+    """
+    start = time.perf_counter()
+    solver.check_model_mode()
+    solver.trained_parameters()
+    identity = data_identity(source)
+    path = os.fspath(path)
+    load_fit(solver, path, training_data=identity, data=local_training_data(solver, source))
+    report = {
+        "reused": True,
+        "path": path,
+        "sweeps": 0,
+        "blocks": len(source.block_sizes),
+        "n_train": int(source.n),
+        "seconds": time.perf_counter() - start,
+        "training_data": identity,
+        "data_checked": False,
+    }
+    logger.debug("Restored %s from %s without a pass over the training data.", type(solver).__name__, path)
+    return report
+
+
+def saved_fit_exists(path: str | os.PathLike) -> bool:
+    """Whether a saved fit file exists at ``path`` (local or URL)."""
+    return _exists(os.fspath(path))
 
 
 def _fit(solver: InfluenceModel, blocks: TrainBlocks, data: TrainingData, float_inputs: bool | None) -> None:
@@ -542,9 +591,10 @@ def _mismatches(record: dict, solver: InfluenceModel, theta: Tensor, training_da
     saved_data = record.get("training_data")
     if saved_data is None:
         problems.append("it records no checksum of its training data (it was written by solver.save)")
-    elif saved_data != training_data:
+    else:  # what is known of the data: everything, or without its sha256 (restore_fit)
         differ = [k for k in training_data if saved_data.get(k) != training_data[k]]
-        problems.append(f"it was fitted on other training data (differs in: {', '.join(differ)})")
+        if differ:
+            problems.append(f"it was fitted on other training data (differs in: {', '.join(differ)})")
     return problems
 
 

@@ -4,14 +4,22 @@ Keys (``name`` parts are tokenized from the solver fingerprint, the data tokens,
 and the mode, so a rerun maps to the same keys):
 
 - ``solver-<token>``: the fitted solver, a literal fetched once per worker;
-- ``("factors-<token>", i)``: influence factors of test block ``i``;
+- ``("factors-<token>", i)``: influence factors of test block ``i``: ``(n_i, p)``;
 - ``("group-<token>", g, j)``: influences of train block ``j`` on test group ``g``
-  (train gradients computed once per group);
+  (train gradients computed once per group): one ``(n_i, n_j[, *features])`` array per
+  member ``i`` of the group;
 - ``("influences-<token>", i, j[, 0...])``: chunk ``(i, j)`` of the influence matrix.
+
+:func:`plan_influence_graph` makes a graph with none of the per-block tasks (the plan, the
+names, the solver and the data); the tasks are added for exactly the blocks a job needs
+(:meth:`InfluenceGraph.add_factor_tasks`, :meth:`InfluenceGraph.add_group_task`), so a resume
+of 10 missing chunks of a 100,000-chunk store builds tens of tasks, not the store's.
+:func:`build_influence_graph` adds every task (the lazy dask array of ``influences``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,8 +79,48 @@ class InfluenceGraph:
         """The chunks of the influence array (test blocks, train blocks, features)."""
         return (self.plan.test_sizes, self.plan.train_sizes) + tuple((s,) for s in self.feature_shape)
 
+    def factor_key(self, i: int) -> tuple:
+        """The key of the factors of test block ``i`` (``(n_i, p)``)."""
+        return (self.factor_name, i)
 
-def build_influence_graph(
+    def group_key(self, g: int, j: int) -> tuple:
+        """The key of the influences of train block ``j`` on test group ``g`` (a list, one array per member)."""
+        return (self.group_name, g, j)
+
+    def add_factor_tasks(self, blocks: Iterable[int]) -> None:
+        """Compute the factors of test blocks ``blocks`` (each a solve of its block's gradients).
+
+        With ``record_solves`` the solve task returns ``(factors, solver_info_row)`` and the
+        factor key picks the factors from it.
+        """
+        for i in blocks:
+            block = self.test.block_task(i)
+            if self.record_solves:
+                self.dsk[self.solve_key(i)] = (tasks.factors_with_info, self.solver_key, block)
+                self.dsk[self.factor_key(i)] = (tasks.pick, self.solve_key(i), 0)
+            else:
+                self.dsk[self.factor_key(i)] = (tasks.factor_block, self.solver_key, block)
+
+    def add_group_task(self, g: int, j: int) -> tuple:
+        """Influences of train block ``j`` on every test block of group ``g``, and the chunk keys
+        picking each member's part; returns the group key. The factors of the group's test
+        blocks must be in the graph (computed, or read from a store)."""
+        members = self.plan.test_groups[g]
+        key = self.group_key(g, j)
+        self.dsk[key] = (
+            tasks.influence_group,
+            self.solver_key,
+            [self.factor_key(i) for i in members],
+            self.train.block_task(j),
+            self.mode.value,
+            self.dtype,
+        )
+        for position, i in enumerate(members):
+            self.dsk[self.chunk_key(i, j)] = (tasks.pick, key, position)
+        return key
+
+
+def plan_influence_graph(
     solver: Any,
     test: BlockSource,
     train: BlockSource,
@@ -81,7 +129,8 @@ def build_influence_graph(
     memory_budget: int | None,
     record_solves: bool = False,
 ) -> InfluenceGraph:
-    """The tasks that compute every chunk of the influence matrix (nothing is computed).
+    """The graph of a job without its per-block tasks: the plan, the key names, the solver and
+    the data sources (nothing is computed; add tasks with the graph's methods).
 
     With ``record_solves`` the task that solves a test block also returns the solver's report
     as a row of the store's ``solver_info`` (:func:`tasks.factors_with_info`), at the key
@@ -102,16 +151,9 @@ def build_influence_graph(
     token = tokenize(fingerprint, test.token, train.token, plan, mode.value, dtype)
     solver_key = f"solver-{fingerprint}"
     factors, group, chunk = f"factors-{token}", f"group-{token}", f"influences-{token}"
-
     solve = f"factorinfo-{token}" if record_solves else factors
     dsk: dict = {solver_key: (unbox, Literal(solver, fingerprint)), **test.graph(), **train.graph()}
-    for i in range(len(plan.test_sizes)):
-        if record_solves:
-            dsk[(solve, i)] = (tasks.factors_with_info, solver_key, test.block_task(i))
-            dsk[(factors, i)] = (tasks.pick, (solve, i), 0)
-        else:
-            dsk[(factors, i)] = (tasks.factor_block, solver_key, test.block_task(i))
-    graph = InfluenceGraph(
+    return InfluenceGraph(
         dsk,
         plan,
         mode,
@@ -127,24 +169,31 @@ def build_influence_graph(
         solve,
         record_solves,
     )
-    for g, members in enumerate(plan.test_groups):
-        for j in range(len(plan.train_sizes)):
-            dsk[(group, g, j)] = (
-                tasks.influence_group,
-                solver_key,
-                [(factors, i) for i in members],
-                train.block_task(j),
-                mode.value,
-                dtype,
-            )
-            for position, i in enumerate(members):
-                dsk[graph.chunk_key(i, j)] = (tasks.pick, (group, g, j), position)
+
+
+def build_influence_graph(
+    solver: Any,
+    test: BlockSource,
+    train: BlockSource,
+    mode: InfluenceMode,
+    *,
+    memory_budget: int | None,
+    record_solves: bool = False,
+) -> InfluenceGraph:
+    """The tasks that compute every chunk of the influence matrix (nothing is computed); see
+    :func:`plan_influence_graph`."""
+    graph = plan_influence_graph(solver, test, train, mode, memory_budget=memory_budget, record_solves=record_solves)
+    graph.add_factor_tasks(range(len(graph.plan.test_sizes)))
+    for g in range(len(graph.plan.test_groups)):
+        for j in range(len(graph.plan.train_sizes)):
+            graph.add_group_task(g, j)
     return graph
 
 
-def add_self_influence_tasks(graph: InfluenceGraph) -> str:
-    """Add ``("self-<token>", j)`` tasks (self-influences of train block ``j``); returns the name."""
+def add_self_influence_tasks(graph: InfluenceGraph, blocks: Iterable[int] | None = None) -> str:
+    """Add ``("self-<token>", j)`` tasks (self-influences of train block ``j``: ``(n_j,)``) for
+    ``blocks`` (default: every train block); returns the name."""
     name = f"self-{graph.token}"
-    for j in range(len(graph.plan.train_sizes)):
+    for j in range(len(graph.plan.train_sizes)) if blocks is None else blocks:
         graph.dsk[(name, j)] = (tasks.self_influence_block, graph.solver_key, graph.train.block_task(j), graph.dtype)
     return name

@@ -7,6 +7,7 @@ dependency, fetched once per worker.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import numpy as np
@@ -18,15 +19,45 @@ from .sources import to_numpy
 
 
 def _match_threads() -> None:
-    """Use as many torch threads as the Dask worker has threads (1 on the default cluster)."""
+    """Use as many torch threads as the Dask worker has threads (1 on the default cluster).
+
+    Only in a worker that has its process to itself (started by a nanny, or alone without a
+    scheduler). An in-process worker (``LocalCluster(processes=False)``, a notebook's
+    ``Client(processes=False)``) shares the process with the user's program and with other
+    workers: ``torch.set_num_threads`` changes process-wide settings (MKL's thread count, the
+    count every new thread starts with), so a task there would override the user's setting
+    for the driver and the other workers. Its threads are left as the process has them.
+    """
+    if "distributed" not in sys.modules:  # no Dask worker in this process (synchronous scheduler)
+        return
     try:
         from distributed import get_worker
 
-        nthreads = get_worker().state.nthreads
+        worker = get_worker()
+        nthreads = worker.state.nthreads
     except (ImportError, ValueError, AttributeError):
+        return
+    if not _owns_process(worker):
         return
     if torch.get_num_threads() != nthreads:
         torch.set_num_threads(max(1, int(nthreads)))
+
+
+_GONE = ("stopping", "stopped", "closing", "closing_gracefully", "closed", "failed")
+
+
+def _owns_process(worker: Any) -> bool:
+    """Whether a Dask worker is the only Dask server of its process."""
+    if getattr(worker, "nanny", None):  # a nanny starts each worker in a process of its own
+        return True
+    from distributed import Scheduler, Worker
+
+    def running(server: Any) -> bool:
+        return str(getattr(getattr(server, "status", None), "name", "")) not in _GONE
+
+    schedulers = [s for s in list(Scheduler._instances) if running(s)]
+    workers = [w for w in list(Worker._instances) if running(w)]
+    return not schedulers and len(workers) <= 1
 
 
 def factor_block(solver: Any, block: Any) -> np.ndarray:

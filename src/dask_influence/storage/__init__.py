@@ -8,6 +8,8 @@
   ``complete`` attribute;
 - :mod:`.manifest`: the completion manifest, the done state in one record;
 - :mod:`.fits`: the fit generation each chunk was computed with (refits invalidate);
+- :mod:`.factors`: the saved test factors of each test block (a resume reads them back);
+- :mod:`.topk`: the top-k candidates of a chunk, their merges and the write;
 - :mod:`.chunkfiles`: listing chunk files and reading many of them fast;
 - :mod:`.verify`: checking flagged chunks before ``resume`` and repairing their flags;
 - :mod:`.solver_info`: the convergence records of iterative solvers;

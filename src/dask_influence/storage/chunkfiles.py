@@ -104,6 +104,82 @@ def list_chunks(array: Any) -> set[Coords] | None:
     return out
 
 
+def _parse_names(names: list[str]) -> np.ndarray:
+    """The integer names among ``names`` (directory entries) as int64; others (a write's
+    temporary files) are dropped."""
+    try:
+        return np.array(names, dtype=np.str_).astype(np.int64) if names else np.zeros(0, np.int64)
+    except ValueError:
+        return np.array([int(n) for n in names if n.isdigit()], dtype=np.int64)
+
+
+def _local_index(root: str, ndim: int) -> np.ndarray:
+    """The coordinates ``(N, ndim)`` of the chunk files under ``root`` (``<array>/c``), one
+    ``os.listdir`` per directory, the names converted in bulk (no per-file Python object)."""
+    prefixes = np.zeros((1, 0), dtype=np.int64)
+    for depth in range(ndim):
+        last = depth == ndim - 1
+        parts = []
+        for prefix in prefixes:
+            directory = os.path.join(root, *map(str, prefix))
+            try:
+                names = os.listdir(directory)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            if not last:  # keep directories only (a stray file at this depth is no chunk)
+                names = [n for n in names if os.path.isdir(os.path.join(directory, n))]
+            index = _parse_names(names)
+            parts.append(np.column_stack([np.repeat(prefix[None, :], len(index), axis=0), index]))
+        prefixes = np.concatenate(parts) if parts else np.zeros((0, depth + 1), dtype=np.int64)
+    return prefixes
+
+
+def chunk_index(array: Any) -> np.ndarray | None:
+    """The coordinates of the chunk files ``array`` has, ``(N, array.ndim)`` int64 (one listing),
+    or None if the store cannot list. Fast for local directories (``os.listdir`` and bulk
+    conversion: about 0.1 s for 100,000 files); else :func:`list_chunks`."""
+    ndim = len(array.shape)
+    where = local_dir(array)
+    if where is not None and _default_keys(array) and ndim > 0:
+        root = os.path.join(where, "c")
+        if not os.path.isdir(root):
+            return np.zeros((0, ndim), dtype=np.int64)
+        if ndim == 2:  # the common case: one listing of c/, one per row directory
+            rows = _parse_names(os.listdir(root))
+            parts = []
+            for i in rows:
+                try:
+                    cols = _parse_names(os.listdir(os.path.join(root, str(i))))
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                parts.append(np.column_stack([np.full(len(cols), i, dtype=np.int64), cols]))
+            return np.concatenate(parts) if parts else np.zeros((0, 2), dtype=np.int64)
+        return _local_index(root, ndim)
+    found = list_chunks(array)
+    if found is None:
+        return None
+    coords = [c for c in found if len(c) == ndim]
+    return np.array(coords, dtype=np.int64).reshape(len(coords), ndim)
+
+
+def present_mask(array: Any, shape: tuple[int, ...], extra: tuple[int, ...] = ()) -> np.ndarray | None:
+    """Boolean ``shape`` mask: True where ``array`` has the chunk file at ``index + extra``
+    (``extra``: the chunk coordinates of trailing axes, e.g. ``(0,)`` for the top-k arrays'
+    single column chunk); None if the store cannot list. Files outside ``shape`` are ignored."""
+    coords = chunk_index(array)
+    if coords is None:
+        return None
+    mask = np.zeros(shape, dtype=bool)
+    nd = len(shape)
+    if coords.shape[1] != nd + len(extra) or not len(coords):
+        return mask
+    keep = np.all((coords[:, :nd] >= 0) & (coords[:, :nd] < np.asarray(shape, dtype=np.int64)), axis=1)
+    if extra:
+        keep &= np.all(coords[:, nd:] == np.asarray(extra, dtype=np.int64), axis=1)
+    mask[tuple(coords[keep, :nd].T)] = True
+    return mask
+
+
 def _direct_decoder(array: Any) -> Callable[[bytes], np.ndarray] | None:
     """A decoder of ``array``'s chunk files (bytes -> full chunk), when its codecs are this library's."""
     try:

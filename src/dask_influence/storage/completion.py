@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import StoreError
-from .chunkfiles import list_chunks, read_chunks
+from .chunkfiles import list_chunks, present_mask, read_chunks
 from .fits import current_value, fit_record
 from .layout import ATTR
 from .manifest import Manifest, read_manifest, write_manifest
@@ -131,12 +131,8 @@ def load_state(group: Any, *, use_manifest: bool = True, threads: int = 8) -> Co
             values[...] = known
         elif manifest is not None:
             state.manifest = f"damaged: its {kind} entry has another shape"
-        present = list_chunks(flags)
-        if present is not None:
-            has_file = np.zeros(shape, dtype=bool)
-            inside = [c for c in present if len(c) == len(shape) and all(0 <= k < s for k, s in zip(c, shape))]
-            if inside:
-                has_file[tuple(np.array(inside).T)] = True
+        has_file = present_mask(flags, shape)
+        if has_file is not None:
             gone = (values != 0) & ~has_file
             state.disagreed += int(gone.sum())
             values[gone] = 0

@@ -12,8 +12,9 @@ A chunk counts as done only when its value is the current generation's, so a ref
 change of the fitted state) invalidates every chunk of an earlier fit at once, without
 touching them: a resume recomputes exactly the chunks of other fits. Flag values cycle
 through 1..127 (the flags are int8); before a value is reused, the flags still holding it
-are cleared. Stores written before generations existed have no ``fit`` attribute: their
-flags (all 1) belong to generation 1, so they resume as before.
+are cleared. The saved test factors (:mod:`.factors`) carry the same flag values. Stores
+written before generations existed have no ``fit`` attribute: their flags (all 1) belong to
+generation 1, so they resume as before.
 """
 
 from __future__ import annotations
@@ -111,11 +112,12 @@ def start_generation(group: Any, identity: FitIdentity, reason: str) -> dict:
 
 
 def _clear_value(group: Any, value: int) -> None:
-    """Clear every done flag holding ``value`` (read through the chunk files)."""
+    """Clear every done flag holding ``value`` (read through the chunk files), the saved factors' included."""
     from .chunkfiles import list_chunks, read_chunks
     from .completion import FLAG_ARRAYS
+    from .factors import FACTORS_DONE
 
-    for _, name in FLAG_ARRAYS:
+    for name in [name for _, name in FLAG_ARRAYS] + [FACTORS_DONE]:
         if name not in group:
             continue
         flags = group[name]

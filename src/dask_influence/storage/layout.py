@@ -10,8 +10,11 @@ Layout of the zarr group (zarr format 3):
 - optional ``self_influences`` ``(n_train,)`` with ``self_influences_done``;
 - optional top-k arrays ``top_helpful_indices``/``_values`` and ``top_harmful_indices``/
   ``_values`` ``(n_test, k)`` with ``topk_done``;
+- optional ``factors`` ``(n_test, p)`` with ``factors_done``: the saved test factors of each
+  test block (:mod:`.factors`), read back by a resume instead of solving again;
 - optional ``solver_info`` ``(n_test_blocks, 3)`` float64 for iterative solvers (CG, LiSSA):
-  per test block the iterations, the largest relative residual (LiSSA: relative update) and
+  per test block the iterations, the largest error estimate (CG and LiSSA: the relative
+  residual; Arnoldi and Nystroem: the captured fraction of the gradient's norm) and
   the number of right-hand sides that missed the tolerance; NaN until recorded;
 - attributes under ``"dask_influence"``: the job's configuration, the sign convention,
   shapes, library versions and ``complete`` (true only once every flag is set).
@@ -74,6 +77,7 @@ class StoreLayout:
     top_k: int | None
     self_influences: bool
     solver_info: bool = False  # an iterative solver: record residuals per test block
+    factors: int | None = None  # save the test factors, ``(n_test, factors)``: factors = p (None: not saved)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -144,6 +148,10 @@ def create_group(path: str, config: dict, layout: StoreLayout) -> zarr.Group:
         group.create_array("topk_done", shape=(n_i,), chunks=(1,), dtype="int8", fill_value=0, **compress)
     if layout.solver_info:
         create_solver_info(group, n_i)
+    if layout.factors:
+        from .factors import create_factors
+
+        create_factors(group, layout.test_sizes, layout.factors, layout.dtype)
     group.attrs[ATTR] = {
         "format": FORMAT_VERSION,
         "config": config,
@@ -168,7 +176,8 @@ def create_solver_info(group: zarr.Group, n_blocks: int) -> None:
 def check_arrays(path: str, group: Any, layout: StoreLayout) -> None:
     """The arrays of a store being resumed have the job's shapes, chunks and dtype.
 
-    Adds ``solver_info`` if the job records it and the store has none.
+    Adds ``solver_info`` if the job records it and the store has none, and the saved factors'
+    arrays if the job saves them and the store has none (a store of an earlier version).
 
     Raises:
         StoreError: an array is missing or has other shapes, chunks or dtype.
@@ -202,3 +211,7 @@ def check_arrays(path: str, group: Any, layout: StoreLayout) -> None:
             )
     if layout.solver_info and "solver_info" not in group:
         create_solver_info(group, len(layout.test_sizes))
+    if layout.factors:
+        from .factors import check_factors
+
+        check_factors(path, group, layout.test_sizes, layout.factors, layout.dtype)

@@ -2,7 +2,8 @@
 
 The arrays and attributes are described in :mod:`.layout`; completion (done flags, the
 ``complete`` attribute) is in :mod:`.completion`, verification before resume in
-:mod:`.verify` and the convergence records of iterative solvers in :mod:`.solver_info`.
+:mod:`.verify`, the convergence records of iterative solvers in :mod:`.solver_info`, the
+saved test factors in :mod:`.factors` and the top-k merge in :mod:`.topk`.
 Their public names are re-exported here, so that this module is the one entry point of the
 writing side (``dask_influence.mapping.store`` is this module, kept for compatibility).
 """
@@ -27,6 +28,7 @@ from .completion import (
     mark_complete,
     read_flags,
 )
+from .factors import read_factors, saved_blocks, write_factors
 from .fits import FitIdentity, change_reason, fit_record, new_record, start_generation
 from .layout import (
     ATTR,
@@ -41,6 +43,7 @@ from .layout import (
     versions,
 )
 from .solver_info import SOLVER_INFO_COLUMNS, read_solver_info, solver_info_row, solver_info_summary, write_solver_info
+from .topk import candidates, chunk_candidates, merge, write_topk
 from .verify import VerifyReport, repair, verify_store
 
 __all__ = [
@@ -56,25 +59,32 @@ __all__ = [
     "check_arrays",
     "check_path",
     "codecs",
+    "candidates",
+    "chunk_candidates",
     "completion",
     "create_group",
     "create_solver_info",
     "is_complete",
     "load_state",
     "mark_complete",
+    "merge",
     "normalize_config",
     "prepare_store",
+    "read_factors",
     "read_flags",
     "read_solver_info",
     "repair",
+    "saved_blocks",
     "solver_info_row",
     "solver_info_summary",
     "topk_row",
     "verify_store",
     "versions",
+    "write_factors",
     "write_influence_chunks",
     "write_self_chunk",
     "write_solver_info",
+    "write_topk",
 ]
 
 
@@ -237,30 +247,14 @@ def write_self_chunk(path: str, j: int, col: tuple[int, int], value: np.ndarray,
 def topk_row(
     path: str, i: int, row: tuple[int, int], train_ranges: list[tuple[int, int]], k: int, flag: int, *deps: Any
 ) -> int:
-    """Merge the top-``k`` helpful and harmful training points of test block ``i``.
+    """Merge the top-``k`` helpful and harmful training points of test block ``i`` from the store.
 
-    Reads the block's row of chunks one train chunk at a time (memory ``O(n_block * (k + b))``)
-    and writes ``(n_block, k)`` indices and values, ordered from most to least extreme, then
-    the row's done flag (value ``flag``, see :mod:`.fits`); ``deps`` are the row's chunk writes.
+    Reads the block's row of chunks back one train chunk at a time (memory ``O(n_block * (k + b))``),
+    keeps each chunk's candidates (:func:`.topk.candidates`) and writes their merge, then the
+    row's done flag (value ``flag``, see :mod:`.fits`); ``deps`` are the row's chunk writes. A
+    job of the calculator merges from the values in memory instead (:mod:`.topk`).
     """
-    group: Any = zarr.open_group(path, mode="r+")
+    group: Any = zarr.open_group(path, mode="r")
     array = group["influences"]
-    n_rows = row[1] - row[0]
-    best = {
-        kind: (np.empty((n_rows, 0), np.int64), np.empty((n_rows, 0), array.dtype)) for kind in ("helpful", "harmful")
-    }
-    for start, stop in train_ranges:
-        block = np.asarray(array[row[0] : row[1], start:stop])
-        idx = np.broadcast_to(np.arange(start, stop), block.shape)
-        for kind, sign in (("helpful", -1.0), ("harmful", 1.0)):
-            cand_idx = np.concatenate([best[kind][0], idx], axis=1)
-            cand_val = np.concatenate([best[kind][1], block], axis=1)
-            order = np.argsort(sign * cand_val, axis=1, kind="stable")[:, :k]
-            best[kind] = (np.take_along_axis(cand_idx, order, 1), np.take_along_axis(cand_val, order, 1))
-    for kind in ("helpful", "harmful"):
-        idx, val = best[kind]
-        width = idx.shape[1]
-        group[f"top_{kind}_indices"][row[0] : row[1], :width] = idx
-        group[f"top_{kind}_values"][row[0] : row[1], :width] = val
-    group["topk_done"][i] = flag
-    return i
+    parts = [candidates(np.asarray(array[row[0] : row[1], start:stop]), start, k) for start, stop in train_ranges]
+    return write_topk(path, i, row, merge(parts, k), flag)

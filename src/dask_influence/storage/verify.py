@@ -64,14 +64,15 @@ class VerifyReport:
 TOPK_ARRAYS = [f"top_{k}_{what}" for k in ("helpful", "harmful") for what in ("indices", "values")]
 
 
-def _chunk_coords(kind: str, extra: tuple[int, ...], index: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
-    """The ``(array, chunk coordinates)`` holding tracked chunk ``index`` of ``kind`` (``extra``:
+def _arrays_of(kind: str, extra: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
+    """The arrays holding the tracked chunks of ``kind`` and the chunk coordinates of their
+    trailing axes: chunk ``index`` of ``kind`` is chunk ``index + tail`` of each array (``extra``:
     the zeros of the feature axes of ``influences``)."""
     if kind == "influences":
-        return [("influences", index + extra)]
+        return [("influences", extra)]
     if kind == "self_influences":
-        return [("self_influences", index)]
-    return [(name, (index[0], 0)) for name in TOPK_ARRAYS]
+        return [("self_influences", ())]
+    return [(name, (0,)) for name in TOPK_ARRAYS]
 
 
 def _report_key(kind: str, index: tuple[int, ...]) -> Any:
@@ -91,7 +92,7 @@ def verify_store(group: Any, *, mode: str = "full", threads: int = 8, state: Any
     :class:`~.completion.CompletionState` (read if not given). Nothing is modified; see
     :func:`repair`.
     """
-    from .chunkfiles import list_chunks, read_chunks
+    from .chunkfiles import present_mask, read_chunks
     from .completion import FLAG_ARRAYS, load_state
 
     if mode not in ("full", "exists"):
@@ -103,49 +104,43 @@ def verify_store(group: Any, *, mode: str = "full", threads: int = 8, state: Any
         report.unreadable_flags[kind] = list(bad)
     flag_of = dict(FLAG_ARRAYS)
     extra = (0,) * (group["influences"].ndim - 2)
-    todo: dict[str, list[tuple[int, ...]]] = {}
+    todo: dict[str, np.ndarray] = {}  # per kind, the mask of the done chunks to check
     for kind in state.values:
-        done = [tuple(int(k) for k in c) for c in zip(*np.nonzero(state.done(kind)))]
-        if mode == "full" and done:
-            good = []
-            for c, data in read_chunks(group[flag_of[kind]], done, threads=threads):
+        done = state.done(kind).copy()
+        if mode == "full" and done.any():
+            coords = [tuple(int(k) for k in c) for c in zip(*np.nonzero(done))]
+            for c, data in read_chunks(group[flag_of[kind]], coords, threads=threads):
                 if isinstance(data, np.ndarray) and data.size and int(data.reshape(-1)[0]) == state.current:
-                    good.append(c)
-                elif isinstance(data, Exception):
+                    continue
+                done[c] = False
+                if isinstance(data, Exception):
                     report.unreadable_flags.setdefault(kind, []).append(c)
                 else:  # no flag, or another fit's: the manifest was wrong
                     report.wrong_flags.setdefault(kind, []).append(c)
-            done = good
         todo[kind] = done
 
-    present: dict[str, set | None] = {}
-    broken: dict[str, set[tuple[int, ...]]] = {}
+    # existence: one listing per array, compared as masks (no per-chunk Python work)
+    broken: dict[str, np.ndarray] = {}
     for kind, done in todo.items():
-        for index in done:
-            for name, coords in _chunk_coords(kind, extra, index):
-                if name not in present:
-                    present[name] = list_chunks(group[name])
-                files = present[name]
-                if files is not None and coords not in files:
-                    broken.setdefault(kind, set()).add(index)
+        missing = np.zeros(done.shape, dtype=bool)
+        for name, tail in _arrays_of(kind, extra):
+            present = present_mask(group[name], done.shape, tail)
+            if present is not None:
+                missing |= done & ~present
+        broken[kind] = missing
     if mode == "full":
         for kind, done in todo.items():
-            parts: dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
-            for index in done:
-                if index in broken.get(kind, ()):
-                    continue
-                for name, coords in _chunk_coords(kind, extra, index):
-                    parts.setdefault(name, []).append((index, coords))
-            for name, items in parts.items():
-                owner = dict((coords, index) for index, coords in items)
-                for coords, data in read_chunks(group[name], [c for _, c in items], threads=threads):
+            check = done & ~broken[kind]
+            for name, tail in _arrays_of(kind, extra):
+                coords = [tuple(int(k) for k in c) + tail for c in zip(*np.nonzero(check))]
+                for c, data in read_chunks(group[name], coords, threads=threads):
                     if isinstance(data, np.ndarray):
                         report.bytes_read += data.nbytes
                     else:
-                        broken.setdefault(kind, set()).add(owner[coords])
+                        broken[kind][c[: done.ndim]] = True
     for kind, done in todo.items():
-        report.checked += len(done)
-        bad = sorted(broken.get(kind, ()))
+        report.checked += int(done.sum())
+        bad = [tuple(int(k) for k in c) for c in zip(*np.nonzero(broken[kind]))]
         if bad:
             report.damaged[kind] = [_report_key(kind, c) for c in bad]
     for kind in list(report.unreadable_flags):

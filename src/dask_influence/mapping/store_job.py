@@ -1,0 +1,199 @@
+"""The tasks of a job writing a zarr store: exactly what the store is missing, and their writes.
+
+Given a job's :class:`~.graph.InfluenceGraph` without per-block tasks
+(:func:`~.graph.plan_influence_graph`) and the store's done state, :func:`add_store_tasks`
+adds the tasks of the missing work only, so a resume builds a graph of the size of what is
+missing, not of the store:
+
+- **chunks**: for each test group ``g`` and train block ``j`` with a chunk not done, the
+  group's influence task (the same task as in a clean run: its values are bit-identical)
+  and one write task of its missing chunks, each followed by its done flag;
+- **factors** of the test blocks those groups hold: read back from the store when saved with
+  the current fit (:mod:`dask_influence.storage.factors`), else solved and (``layout.factors``)
+  saved, with the solver's report of iterative solvers; one read and one save task per group;
+- **self-influences** of the train blocks not done;
+- **top-k** of each test block not done: the candidates of each chunk of its row (from the
+  values in memory, or read back for chunks done before), merged in a tree of fan-in
+  :data:`FAN_IN` and written with the block's flag (:mod:`dask_influence.storage.topk`);
+- **solver reports** (``solver_info``) of the test blocks solved without saving their
+  factors, and of those without a record.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..storage import store as zstore
+from . import tasks
+from .graph import InfluenceGraph, add_self_influence_tasks
+
+FAN_IN = 32
+"""Candidates merged by one top-k merge task."""
+
+
+@dataclass
+class StoreJob:
+    """The tasks :func:`add_store_tasks` added and what they complete.
+
+    Attributes:
+        keys: the keys to compute (every write).
+        finishes: per key, the ``(array, chunk)`` entries of the store's completion it marks
+            done (for the driver's completion record).
+        merges: the keys of the top-k writes (one per test block; for progress lines).
+        counts: what the job computes, for ``last_run_``: ``chunks_computed``,
+            ``chunks_skipped``, ``chunks_total``, ``self_influence_blocks_computed``,
+            ``factor_blocks_solved``, ``factor_blocks_read``, ``topk_blocks_merged``.
+    """
+
+    keys: list = field(default_factory=list)
+    finishes: dict = field(default_factory=dict)
+    merges: set = field(default_factory=set)
+    counts: dict = field(default_factory=dict)
+
+
+def missing_chunks(graph: InfluenceGraph, done: np.ndarray) -> dict[tuple[int, int], list[int]]:
+    """``{(g, j): [test blocks of group g whose chunk (i, j) is not done]}`` from the done mask
+    ``(n_test_blocks, n_train_blocks)``; only pairs with something missing."""
+    out: dict[tuple[int, int], list[int]] = {}
+    for g, members in enumerate(graph.plan.test_groups):
+        member_rows = np.asarray(members)
+        for j in map(int, np.nonzero(~done[member_rows].all(axis=0))[0]):
+            out[(g, j)] = [i for i in members if not done[i, j]]
+    return out
+
+
+def add_store_tasks(
+    graph: InfluenceGraph,
+    group: Any,
+    path: str,
+    layout: zstore.StoreLayout,
+    state: zstore.CompletionState,
+    *,
+    check_factors: bool = False,
+) -> StoreJob:
+    """Add to ``graph`` the tasks that compute and write what the store lacks (see the module docstring).
+
+    Args:
+        group: the store (open for reading); ``path`` its path for the workers.
+        state: its done state; chunks done with the current fit are skipped.
+        check_factors: read and checksum the saved factors before trusting them (``verify``);
+            else only their flags and (local stores) the existence of their files are checked.
+    """
+    plan, dsk, token = graph.plan, graph.dsk, graph.token
+    flag = state.current
+    rows, cols = plan.test_ranges, plan.train_ranges
+    job = StoreJob()
+    done = state.done("influences")
+    missing = missing_chunks(graph, done)
+
+    # factors of the test blocks of every group with a missing chunk: read back or solved;
+    # one read task and one save task per test group (one opening of the store each)
+    groups = sorted({g for g, _ in missing})
+    needed = [i for g in groups for i in plan.test_groups[g]]
+    loaded = zstore.saved_blocks(group, needed, flag, decode=check_factors) if layout.factors else set()
+    solved = [i for i in needed if i not in loaded]
+    graph.add_factor_tasks(solved)
+    for g in groups:
+        members = plan.test_groups[g]
+        read = [i for i in members if i in loaded]
+        if read:
+            key: tuple = (f"factorread-{token}", g)
+            dsk[key] = (zstore.read_factors, path, [(i, rows[i]) for i in read])
+            for position, i in enumerate(read):
+                dsk[graph.factor_key(i)] = (tasks.pick, key, position)
+        save = [i for i in members if i not in loaded]
+        if layout.factors and save:
+            infos = [(tasks.pick, graph.solve_key(i), 1) for i in save] if graph.record_solves else None
+            key = (f"factorsave-{token}", g)
+            dsk[key] = (
+                zstore.write_factors,
+                path,
+                [(i, rows[i]) for i in save],
+                [graph.factor_key(i) for i in save],
+                flag,
+                infos,
+            )
+            job.keys.append(key)
+
+    # the missing chunks: one influence task per (group, train block), one write of its missing chunks
+    write = f"write-{token}"
+    for (g, j), pending in missing.items():
+        members_at = {i: pos for pos, i in enumerate(plan.test_groups[g])}
+        targets = [(i, *rows[i], members_at[i]) for i in pending]
+        key = (write, g, j)
+        dsk[key] = (zstore.write_influence_chunks, path, j, cols[j], targets, graph.add_group_task(g, j), flag)
+        job.keys.append(key)
+        job.finishes[key] = [("influences", (i, j)) for i in pending]
+
+    # self-influences of the train blocks not done
+    self_missing = list(map(int, np.nonzero(~state.done("self_influences"))[0])) if layout.self_influences else []
+    if self_missing:
+        name = add_self_influence_tasks(graph, self_missing)
+        for j in self_missing:
+            key = (f"swrite-{token}", j)
+            dsk[key] = (zstore.write_self_chunk, path, j, cols[j], (name, j), flag)
+            job.keys.append(key)
+            job.finishes[key] = [("self_influences", (j,))]
+
+    # the top-k of the test blocks not done: candidates per chunk, merged in a tree, written
+    topk_missing = list(map(int, np.nonzero(~state.done("top_k"))[0])) if layout.top_k else []
+    for i in topk_missing:
+        key = _add_topk_tasks(graph, path, i, layout.top_k or 0, flag, done[i])
+        job.keys.append(key)
+        job.finishes[key] = [("top_k", (i,))]
+        job.merges.add(key)
+
+    # the solver's reports: of blocks solved without saving factors (the saves write theirs),
+    # and of blocks without a record that no save writes (solved for the record alone)
+    if layout.solver_info:
+        recorded = ~np.isnan(zstore.read_solver_info(group)).any(axis=1)
+        unrecorded = {int(i) for i in np.nonzero(~recorded)[0]}
+        saving = set(solved) if layout.factors else set()
+        for i in sorted(((set(solved) | unrecorded) - saving) - loaded):
+            if graph.solve_key(i) not in dsk:
+                graph.add_factor_tasks([i])
+            key = (f"solverinfo-{token}", i)
+            dsk[key] = (zstore.write_solver_info, path, i, (tasks.pick, graph.solve_key(i), 1))
+            job.keys.append(key)
+
+    job.counts = {
+        "chunks_computed": sum(len(m) for m in missing.values()),
+        "chunks_skipped": int(done.sum()),
+        "chunks_total": plan.num_chunks,
+        "self_influence_blocks_computed": len(self_missing),
+        "factor_blocks_solved": len(solved),
+        "factor_blocks_read": len(loaded),
+        "topk_blocks_merged": len(topk_missing),
+    }
+    return job
+
+
+def _add_topk_tasks(graph: InfluenceGraph, path: str, i: int, k: int, flag: int, row_done: np.ndarray) -> tuple:
+    """The top-``k`` of test block ``i``: a candidates task per chunk of its row (the chunk's
+    values from this job, or read back when ``row_done[j]``), a merge tree and the write;
+    returns the write's key."""
+    dsk, token = graph.dsk, graph.token
+    row, cols = graph.plan.test_ranges[i], graph.plan.train_ranges
+    level: list = []
+    for j, col in enumerate(cols):
+        key = (f"topkcand-{token}", i, j)
+        if row_done[j]:
+            dsk[key] = (zstore.chunk_candidates, path, row, col, k)
+        else:
+            dsk[key] = (zstore.candidates, graph.chunk_key(i, j), col[0], k)
+        level.append(key)
+    depth = 0
+    while len(level) > FAN_IN:
+        depth += 1
+        merged = []
+        for start in range(0, len(level), FAN_IN):
+            node = (f"topkmerge-{token}", i, depth, start // FAN_IN)
+            dsk[node] = (zstore.merge, level[start : start + FAN_IN], k)
+            merged.append(node)
+        level = merged
+    write = (f"topk-{token}", i)
+    dsk[write] = (zstore.write_topk, path, i, row, (zstore.merge, level, k), flag)
+    return write

@@ -1,0 +1,160 @@
+"""Saved test factors: the solves of each test block, kept in the store so that a resume does not redo them.
+
+The factors of test block ``i`` (``(H + lambda I)^-1 grad f(z)`` for each of its test points)
+are what every chunk of its row needs; for an iterative solver they are most of a job's
+cost. A job writes them to the store as they are computed:
+
+- ``factors``: ``(n_test, p)`` in the job's output dtype (float64 for float64 models, else
+  float32: exact for float32, float16 and bfloat16 factors), chunked by test block along the
+  rows and in pieces of at most :data:`CHUNK_BYTES` along ``p``; fill value NaN;
+- ``factors_done``: ``(n_test_blocks,)`` int8, set after block ``i``'s factors to the flag value
+  of the fit generation that computed them (:mod:`.fits`), as the influence chunks' flags.
+
+A resume reads the factors of a test block whose flag holds the current generation's value
+instead of solving again, so its chunks come out bit-identical to a clean run's; a refit (a
+new generation) makes every saved factor stale. The factors are not part of a store's
+completion (:mod:`.completion`): a store is complete without them, and only the flags of the
+test blocks a resume needs are read (O(missing rows), not O(blocks)).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from ..errors import StoreError
+
+FACTORS = "factors"
+FACTORS_DONE = "factors_done"
+CHUNK_BYTES = 64 * 2**20
+"""The largest chunk of ``factors`` (a test block's rows by a piece of ``p``), in bytes."""
+
+
+def factor_chunks(test_sizes: tuple[int, ...], num_params: int, dtype: str) -> tuple[int, int]:
+    """The chunk shape of ``factors``: the largest test block by at most :data:`CHUNK_BYTES` of ``p``."""
+    rows = max(test_sizes)
+    width = max(1, min(int(num_params), CHUNK_BYTES // (rows * np.dtype(dtype).itemsize)))
+    return rows, width
+
+
+def create_factors(group: Any, test_sizes: tuple[int, ...], num_params: int, dtype: str) -> None:
+    """Add ``factors`` and ``factors_done`` to a store (opened for writing)."""
+    from .layout import codecs
+
+    compress = codecs()
+    group.create_array(
+        FACTORS,
+        shape=(sum(test_sizes), int(num_params)),
+        chunks=factor_chunks(test_sizes, num_params, dtype),
+        dtype=dtype,
+        fill_value=np.nan,
+        config={"write_empty_chunks": True},
+        **compress,
+    )
+    group.create_array(FACTORS_DONE, shape=(len(test_sizes),), chunks=(1,), dtype="int8", fill_value=0, **compress)
+
+
+def check_factors(path: str, group: Any, test_sizes: tuple[int, ...], num_params: int, dtype: str) -> None:
+    """A store being resumed has ``factors`` of the job's shape and dtype (added if it has none).
+
+    Raises:
+        StoreError: the store's ``factors`` have another shape or dtype (it was altered).
+    """
+    if FACTORS not in group or FACTORS_DONE not in group:
+        for name in (FACTORS, FACTORS_DONE):
+            if name in group:
+                del group[name]
+        create_factors(group, test_sizes, num_params, dtype)
+        return
+    array = group[FACTORS]
+    shape = (sum(test_sizes), int(num_params))
+    if tuple(array.shape) != shape or str(array.dtype) != dtype or group[FACTORS_DONE].shape != (len(test_sizes),):
+        raise StoreError(
+            f"The array 'factors' of the store {path!r} has shape {tuple(array.shape)} and dtype {array.dtype}, "
+            f"but this job needs {shape} and {dtype}; the store was altered. Pass overwrite=True to start afresh."
+        )
+
+
+def saved_blocks(group: Any, blocks: list[int], current: int, *, decode: bool = False) -> set[int]:
+    """The test blocks among ``blocks`` whose factors are saved with the current fit (flag value ``current``).
+
+    Reads the done flags of ``blocks`` only. For a local store, a block also needs all of its
+    factor chunk files (checked to exist; with ``decode``, read and checksummed), so that a
+    deleted or damaged file is solved again rather than failing the job.
+    """
+    from .chunkfiles import local_dir, read_chunks
+
+    if not blocks or FACTORS_DONE not in group or FACTORS not in group:
+        return set()
+    flags = group[FACTORS_DONE]
+    found = {
+        c[0]
+        for c, data in read_chunks(flags, [(i,) for i in blocks])
+        if isinstance(data, np.ndarray) and data.size and int(data.reshape(-1)[0]) == current
+    }
+    array = group[FACTORS]
+    pieces = -(-int(array.shape[1]) // int(array.chunks[1]))
+    where = local_dir(array)
+    if decode:
+        coords = [(i, q) for i in sorted(found) for q in range(pieces)]
+        found -= {c[0] for c, data in read_chunks(array, coords) if not isinstance(data, np.ndarray)}
+    elif where is not None and array.metadata.chunk_key_encoding.name == "default":
+        root = os.path.join(where, "c")
+        found = {i for i in found if all(os.path.exists(os.path.join(root, str(i), str(q))) for q in range(pieces))}
+    return found
+
+
+def write_factors(
+    path: str,
+    blocks: list[tuple[int, tuple[int, int]]],
+    factors: list[np.ndarray],
+    flag: int,
+    infos: list[np.ndarray] | None = None,
+) -> int:
+    """Write the factors of several test blocks (``blocks``: ``(i, rows)``; ``factors[n]``:
+    ``(n_i, p)``), then their done flags ``flag``, in one task (one opening of the store).
+
+    ``infos``: the blocks' ``solver_info`` rows (iterative solvers), written before the flags,
+    so a block whose factors are saved also has its solver's report. Returns the blocks written.
+    """
+    import zarr
+
+    group: Any = zarr.open_group(path, mode="r+")
+    if infos is not None:
+        group["solver_info"].oindex[[i for i, _ in blocks]] = np.stack(infos)
+    array = group[FACTORS]
+    for (_, (start, stop)), values in zip(blocks, factors):
+        array[start:stop] = values
+    group[FACTORS_DONE].oindex[[i for i, _ in blocks]] = flag
+    return len(blocks)
+
+
+def read_factors(path: str, blocks: list[tuple[int, tuple[int, int]]]) -> list[np.ndarray]:
+    """The saved factors ``(n_i, p)`` of test blocks ``blocks`` (``(i, rows)``), in one task.
+
+    Raises:
+        StoreError: a block's factors do not decode or are missing (NaN); that block's done
+            flag is cleared first, so the job run again with ``resume`` solves them again.
+    """
+    import zarr
+
+    group: Any = zarr.open_group(path, mode="r+")
+    array = group[FACTORS]
+    out, problem = [], None
+    for i, (start, stop) in blocks:
+        try:
+            values = np.asarray(array[start:stop])
+            if np.isnan(values).any():
+                problem = f"the saved factors of test block {i} in {path!r} are missing (NaN)"
+        except Exception as err:  # a damaged chunk (its checksum)
+            problem = f"the saved factors of test block {i} in {path!r} are damaged ({' '.join(str(err).split())})"
+        if problem is not None:
+            group[FACTORS_DONE][i] = 0
+            raise StoreError(
+                f"{problem[0].upper()}{problem[1:]}; its flag is cleared: run the job again with resume "
+                "to solve them again."
+            )
+        out.append(values)
+    return out
