@@ -4,6 +4,8 @@ resumable builds, distributed == in-process, refusals of another model, task or 
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -235,3 +237,43 @@ def test_projected_ggn_from_output_roots_equals_ggn_products(problem, kind):
     expected = pr.project_flat(gv.T).numpy()
     got = pr.curvature(train, "ggn")  # 3 classes <= k: the roots path
     np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12 * np.abs(expected).max())
+
+
+class _Pause(nn.Module):
+    """Holds the first forward open until ``release`` is set (events shared through the class,
+    which pickles by reference)."""
+
+    inside, release = threading.Event(), threading.Event()
+
+    def forward(self, x):
+        if not type(self).inside.is_set():
+            type(self).inside.set()
+            type(self).release.wait(30)
+        return x
+
+
+def test_projector_pickles_while_another_thread_is_inside_a_forward():
+    """A Dask worker sends its projector to a peer from its event-loop thread while its task
+    thread computes a block (the model's parameters swapped for functorch wrappers): the pickle
+    waits for the forward to end and carries the model's own parameters (it used to fail, and a
+    2-worker job hung)."""
+    import pickle
+
+    inside, release = _Pause.inside, _Pause.release
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), _Pause()).eval()
+    projector = Projector(model, nn.CrossEntropyLoss(), "sjlt", 8, 0)
+    x, y = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32), np.array([0, 1, 2, 0, 1])
+    results: dict = {}
+    task = threading.Thread(target=lambda: results.setdefault("task", projector.project((x, y))))
+    task.start()
+    assert inside.wait(30)
+    sender = threading.Thread(target=lambda: results.setdefault("bytes", pickle.dumps(projector)))
+    sender.start()
+    sender.join(0.5)
+    assert sender.is_alive()  # waits for the forward: no snapshot of swapped parameters
+    release.set()
+    task.join(30)
+    sender.join(30)
+    copy = pickle.loads(results["bytes"])
+    np.testing.assert_array_equal(copy.project((x, y)), results["task"])

@@ -8,9 +8,11 @@ block (a batch of numpy arrays or tensors) and return numpy arrays.
 from __future__ import annotations
 
 import hashlib
+import pickle
 import warnings
 from typing import Any
 
+import cloudpickle
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -30,8 +32,8 @@ from ..core.projection import (
 )
 from ..core.task import Task, as_task
 
-CHUNK_SIZE = 64
-"""Samples per vmapped per-sample-gradient call (memory: ``CHUNK_SIZE * p`` numbers)."""
+CHUNK_ENTRIES = 1 << 22
+"""Per-sample-gradient numbers per vmapped call: ``CHUNK_ENTRIES // p`` samples (16 to 1,024)."""
 
 CURVATURE_COLUMNS = 32
 """Projected directions per batched curvature product (memory: ``p * CURVATURE_COLUMNS``)."""
@@ -104,6 +106,22 @@ class Projector:
             cls = {"sjlt": SparseProjection, "gaussian": GaussianProjection, "orthogonal": OrthogonalProjection}[kind]
             self.projection = cls(p, dim, seed)
 
+    def __reduce__(self) -> tuple:
+        """Pickle a snapshot taken under the process-wide forward lock.
+
+        A Dask worker sends its projector to another worker from its event-loop thread while
+        its task thread may be inside a forward, where ``functional_call`` has swapped the
+        model's parameters for functorch wrappers that cannot be serialized (the transfer, and
+        the job, would stall): as the solvers do, serialize only while no forward runs."""
+        with _FORWARD_LOCK:
+            payload = cloudpickle.dumps(self.__dict__, protocol=pickle.HIGHEST_PROTOCOL)
+        return (_restore, (payload,))
+
+    @property
+    def chunk_size(self) -> int:
+        """Samples per vmapped per-sample-gradient call (memory ``chunk_size * p`` numbers)."""
+        return max(16, min(1024, CHUNK_ENTRIES // max(1, self.spec.num_params)))
+
     # -- identity ---------------------------------------------------------------------------
     @property
     def dim(self) -> int:
@@ -152,14 +170,14 @@ class Projector:
         batch = self.batch(block)
         n = batches.size(batch)
         out = torch.empty(n, self.dim, dtype=self.dtype, device=self.device)
-        for start in range(0, n, CHUNK_SIZE):
-            chunk = batches.slice_rows(batch, start, min(start + CHUNK_SIZE, n))
+        step = self.chunk_size
+        for start in range(0, n, step):
+            chunk = batches.slice_rows(batch, start, min(start + step, n))
             if isinstance(self.projection, KroneckerProjection):
-                out[start : start + CHUNK_SIZE] = self._kronecker(chunk, measurement)
+                out[start : start + step] = self._kronecker(chunk, measurement)
             else:
                 grads = self.functions.per_sample_grads(self.theta, chunk, measurement=measurement)
-                check_finite("per-sample gradients", grads, hint="Check the model and the loss for overflow.")
-                out[start : start + CHUNK_SIZE] = self.projection.project(grads)
+                out[start : start + step] = self.projection.project(grads)
         check_finite("projected gradients", out, hint="Check the model and the loss for overflow.")
         return out.detach().cpu().numpy()
 
@@ -260,8 +278,8 @@ class Projector:
         n = batches.size(batch)
         total = torch.zeros(self.dim, self.dim, dtype=torch.float64)
         for r in range(roots.shape[0]):
-            for start in range(0, n, CHUNK_SIZE):
-                stop = min(start + CHUNK_SIZE, n)
+            for start in range(0, n, self.chunk_size):
+                stop = min(start + self.chunk_size, n)
                 phi = self._projected_vjps(batches.slice_rows(batch, start, stop), roots[r, start:stop])
                 total += phi.T.double().cpu() @ phi.double().cpu()
         total /= n
@@ -287,3 +305,10 @@ class Projector:
         grads = torch.func.vmap(torch.func.grad(dotted), in_dims=(None, 0, 0))(params, batch, vectors)
         flat = torch.cat([grads[k].reshape(vectors.shape[0], -1) for k in self.spec.names], dim=1)
         return self.projection.project(flat)
+
+
+def _restore(payload: bytes) -> Projector:
+    """A projector from :meth:`Projector.__reduce__`'s snapshot."""
+    projector = Projector.__new__(Projector)
+    projector.__dict__.update(pickle.loads(payload))
+    return projector
