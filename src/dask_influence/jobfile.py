@@ -603,7 +603,10 @@ def _check_type(value: Any, hint: Any) -> str | None:
         results = [_check_type(value, a) for a in members]
         if any(r is None for r in results):
             return None
-        return " or ".join(dict.fromkeys(r for r in results if r)) or "has an unsupported type"
+        found = list(dict.fromkeys(r for r in results if r))
+        if found and all(r.startswith("must be ") for r in found):
+            return "must be " + " or ".join(r.removeprefix("must be ") for r in found)
+        return " or ".join(found) or "has an unsupported type"
     if hint is bool:
         return None if isinstance(value, bool) else "must be true or false"
     if hint is int:

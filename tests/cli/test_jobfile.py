@@ -188,14 +188,14 @@ def test_solver_method_and_parameters(tmp_path):
         factory = "f:g"
         [solver]
         method = "nystroem"
-        rank = "ten"
+        rank = 1.5
         curvature = 2
         [output]
         store = "x.zarr"
     """,
     )
     assert found == [
-        "[solver] rank must be an integer; got 'ten'.",
+        "[solver] rank must be an integer or a string; got 1.5.",
         "[solver] curvature must be a string; got 2.",
         "[solver] regularization is required for method 'nystroem'.",
     ]
