@@ -58,10 +58,9 @@ def evaluate_job(
     job_file: str | os.PathLike, *, scheduler: str | None = None, overwrite: bool = False, quiet: bool = True
 ) -> list[str]:
     """Run the ``[evaluate]`` section of a job file; returns the result lines. Errors propagate."""
-    import torch
-
     from .. import evaluate as ev
     from ..jobfile import load_factory, load_job, load_problem
+    from .run import job_model
 
     start = time.perf_counter()
     job = load_job(job_file)
@@ -74,11 +73,7 @@ def evaluate_job(
     store = section.store or job.output.store
     scores = ev.StoreScores(store)  # a complete store of mode "up", before anything is trained
     problem = load_problem(job)
-    model = problem.model
-    if job.cluster.gpu:
-        if not torch.cuda.is_available():
-            raise ValueError("[cluster] gpu = true but CUDA is not available here; set gpu = false.")
-        model = model.to("cuda")
+    model = job_model(job, problem)
     train_fn = load_factory(job, section.train, "evaluate")
     _send_by_value(train_fn, job.model.path)
     train: Any = functools.partial(train_fn, **section.options) if section.options else train_fn

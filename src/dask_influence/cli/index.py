@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from .run import _progress_lines, _say, job_client, user_errors
+from .run import _progress_lines, _say, job_client, job_model, user_errors
 
 _JOB = click.argument("job_file", metavar="JOB.toml", type=click.Path(path_type=Path))
 _SCHEDULER = click.option("--scheduler", default=None, metavar="ADDRESS", help="Address of a running Dask scheduler.")
@@ -27,8 +27,6 @@ _TRACEBACK = click.option("--traceback", is_flag=True, help="Show the full trace
 
 def _problem(job_file: Path, quiet: bool) -> tuple[Any, Any, Any]:
     """The job, its model (on CUDA with ``[cluster] gpu``) and the factory's result."""
-    import torch
-
     from ..errors import JobFileError
     from ..jobfile import load_job, load_problem
 
@@ -41,12 +39,7 @@ def _problem(job_file: Path, quiet: bool) -> tuple[Any, Any, Any]:
             path=str(job_file),
         )
     problem = load_problem(job)
-    model = problem.model
-    if job.cluster.gpu:
-        if not torch.cuda.is_available():
-            raise ValueError("[cluster] gpu = true but CUDA is not available here; set gpu = false.")
-        model = model.to("cuda")
-    return job, model, problem
+    return job, job_model(job, problem), problem
 
 
 @click.command(name="index")

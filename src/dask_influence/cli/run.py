@@ -291,7 +291,6 @@ def run_job(
     ``verify``: with ``resume``, read every done flag and chunk before trusting them (else
     the chunk files are only listed).
     """
-    import torch
     from torch.utils.data import DataLoader
 
     from ..jobfile import load_job, load_problem, make_solver
@@ -307,13 +306,7 @@ def run_job(
     section = job.need_solver()
     _say(quiet, f"Job {job_file}: {section.class_name} ({section.method}), store {job.output.store}")
     problem = load_problem(job)
-    model = problem.model
-    if job.cluster.gpu:
-        if not torch.cuda.is_available():
-            raise ValueError(
-                "[cluster] gpu = true but CUDA is not available here; set gpu = false or run on a machine with a GPU."
-            )
-        model = model.to("cuda")
+    model = job_model(job, problem)
     solver = make_solver(job, model, problem.loss)
     train = DataLoader(problem.train, batch_size=job.blocks.train, shuffle=False)
     test = DataLoader(problem.test, batch_size=job.blocks.test, shuffle=False)
@@ -455,6 +448,19 @@ def _check_store_early(
         raise StoreError(
             f"The output store {store!r} already exists; pass --resume to complete it or --overwrite to replace it."
         )
+
+
+def job_model(job: Any, problem: Any) -> Any:
+    """The factory's model, moved to CUDA with ``[cluster] gpu = true`` (refused without CUDA)."""
+    import torch
+
+    if not job.cluster.gpu:
+        return problem.model
+    if not torch.cuda.is_available():
+        raise ValueError(
+            "[cluster] gpu = true but CUDA is not available here; set gpu = false or run on a machine with a GPU."
+        )
+    return problem.model.to("cuda")
 
 
 def scheduler_address(job: Any, scheduler: str | None) -> tuple[str | None, str]:

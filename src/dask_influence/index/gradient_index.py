@@ -498,19 +498,17 @@ class GradientIndex:
 
 
 def _topk_block(factors: np.ndarray, path: str, ranges: list[tuple[int, int]], k: int, dtype: str) -> tuple:
-    """Top-``k`` helpful and harmful training points of one test block, merged chunk by chunk:
+    """Top-``k`` helpful and harmful training points of one test block, merged chunk by chunk with
+    the stores' top-k selection (:mod:`dask_influence.storage.topk`):
     ``(helpful_idx, helpful_val, harmful_idx, harmful_val)``, each ``(n_block, k)``."""
-    n = len(factors)
-    best = {s: (np.empty((n, 0), np.int64), np.empty((n, 0), dtype)) for s in (-1.0, 1.0)}
+    from ..storage import topk
+
+    best = None
     for rows in ranges:
-        block = tasks.score_group([factors], path, rows, dtype)[0]
-        idx = np.broadcast_to(np.arange(rows[0], rows[1]), block.shape)
-        for sign in best:
-            cand_idx = np.concatenate([best[sign][0], idx], axis=1)
-            cand_val = np.concatenate([best[sign][1], block], axis=1)
-            order = np.argsort(sign * cand_val, axis=1, kind="stable")[:, :k]
-            best[sign] = (np.take_along_axis(cand_idx, order, 1), np.take_along_axis(cand_val, order, 1))
-    return (*best[-1.0], *best[1.0])
+        part = topk.candidates(tasks.score_group([factors], path, rows, dtype)[0], rows[0], k)
+        best = part if best is None else topk.merge([best, part], k)
+    assert best is not None  # an index has at least one block
+    return best
 
 
 def _out_dtype(projector: Projector) -> str:
