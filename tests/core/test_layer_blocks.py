@@ -50,7 +50,7 @@ def test_direct_layer_blocks_never_form_the_full_matrix(monkeypatch):
     monkeypatch.setattr(LinearOperator, "dense", lambda *a, **k: pytest.fail("formed the full H"))
     monkeypatch.setattr(SummedCurvatureOperator, "dense", lambda *a, **k: pytest.fail("formed the full H"))
     solver = di.DirectInfluence(model, loss, regularization=0.5, blocks="layer").fit((x, y))
-    assert [tuple(v.shape) for v in solver.state_.eigenvectors] == [(20, 20), (20, 20), (15, 15)]
+    assert [tuple(v.shape) for v in solver.state_.matrices] == [(20, 20), (20, 20), (15, 15)]
 
 
 def test_direct_layer_hessian_is_the_block_diagonal():

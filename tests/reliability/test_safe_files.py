@@ -178,14 +178,14 @@ def test_a_fit_file_with_one_byte_changed_is_refused(problem, tmp_path):
     solver = di.DirectInfluence(model, loss, regularization=0.3).fit((x, y))
     path = tmp_path / "solver.pt"
     solver.save(path)
-    flip_a_byte_of(path, solver.state_.eigenvectors[0])
+    flip_a_byte_of(path, solver.state_.matrices[0])
     with pytest.raises(ValueError, match=r"solver\.pt.*is damaged: its contents do not match the checksum"):
         di.DirectInfluence.load(path, model, loss)
     # the same through a job's saved fit: refused, and refit=True replaces it
     fit_path = fit_path_for(tmp_path / "out.zarr")
     calc = di.SequentialInfluenceCalculator(di.DirectInfluence(model, loss, regularization=0.3), progress=False)
     calc.fit((x, y), block_size=10, path=fit_path)
-    flip_a_byte_of(fit_path, calc.solver.state_.eigenvalues[0])
+    flip_a_byte_of(fit_path, calc.solver.state_.matrices[0])
     again = di.SequentialInfluenceCalculator(di.DirectInfluence(model, loss, regularization=0.3), progress=False)
     with pytest.raises(ValueError, match=r"out\.zarr\.fit\.pt.*is damaged.*refit=True"):
         again.fit((x, y), block_size=10, path=fit_path)
@@ -415,7 +415,7 @@ def test_run_resume_refuses_a_damaged_fit_file_and_refit_replaces_it(tmp_path, f
     assert invoke("run", job, "--fit-only", "--quiet").exit_code == 0
     saved = tmp_path / "influences.zarr.fit.pt"
     state = serialization.load(saved)["attributes"]["state_"]
-    flip_a_byte_of(saved, state.eigenvectors[0])
+    flip_a_byte_of(saved, state.matrices[0])
     result = invoke("run", job, "--resume")
     assert result.exit_code == 1 and "is damaged" in result.output and "--refit" in result.output
     assert len(fits) == 1  # nothing was fitted or computed with the damaged file

@@ -9,35 +9,42 @@ import torch
 from torch import Tensor
 
 from ..blocks import BlockSums
-from ..eigen import EigenOperator, check_positive_definite  # noqa: F401  (check_positive_definite re-exported)
+from ..eigen import EigenOperator, check_positive_definite
 from ..operators import BlockDiagonalOperator, LinearOperator
 from ..serialization import serializable
 from .base import InfluenceModel
 from .config import SolverConfig, check_blocks, hyperparameter
 from .registry import register
 
+# Steps of the power and inverse iterations that estimate ``H``'s largest eigenvalue and
+# ``H + lambda I``'s smallest after a Cholesky factorization (each O(p^2) per block).
+ESTIMATE_STEPS = 30
+# The Cholesky path is trusted when the estimated smallest eigenvalue of ``H + lambda I`` is
+# at least this many times the rounding level of :func:`~..eigen.definiteness`; otherwise the
+# exact eigenvalues decide (and name the problem).
+SAFETY_MARGIN = 10.0
+
 
 @serializable
 @dataclass(frozen=True)
 class DirectState:
-    """Eigendecompositions of the unregularized curvature, one per diagonal block.
+    """The unregularized curvature, one dense matrix per diagonal block.
 
-    With ``blocks="full"`` there is one block ``(0, p)``: ``H = V diag(eigenvalues) V^T``.
+    With ``blocks="full"`` there is one block ``(0, p)``. Files saved by earlier versions
+    hold an eigendecomposition instead (``eigenvalues``, ``eigenvectors``; ``matrices`` is
+    then ``None``): they load and solve as before.
 
     Attributes:
         blocks: ``(start, stop)`` of each block in the flat parameter vector.
-        eigenvalues: per block ``(p_b,)``, ascending.
-        eigenvectors: per block ``(p_b, p_b)``, orthonormal columns.
+        matrices: per block ``H_b`` ``(p_b, p_b)``, symmetric, in the model's dtype.
+        eigenvalues: (older files) per block ``(p_b,)``, ascending.
+        eigenvectors: (older files) per block ``(p_b, p_b)``, orthonormal columns.
     """
 
     blocks: tuple[tuple[int, int], ...]
-    eigenvalues: tuple[Tensor, ...]
-    eigenvectors: tuple[Tensor, ...]
-
-    @property
-    def all_eigenvalues(self) -> Tensor:
-        """The eigenvalues of every block, concatenated: ``(p,)``."""
-        return torch.cat(self.eigenvalues)
+    matrices: tuple[Tensor, ...] | None = None
+    eigenvalues: tuple[Tensor, ...] | None = None
+    eigenvectors: tuple[Tensor, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -61,10 +68,17 @@ class DirectConfig(SolverConfig):
 class DirectInfluence(InfluenceModel):
     """Exact influences from the dense curvature matrix.
 
-    ``fit`` forms ``H`` (``p`` curvature-vector products per training batch) and its
-    eigendecomposition in float64, once; changing ``regularization`` afterwards needs no
-    refit. Memory ``O(p^2)``; for models with more than a few thousand parameters use
+    ``fit`` forms ``H`` (from per-sample output Jacobians for the GGN of small-output
+    models, else ``p`` curvature-vector products per training batch, many per sweep) and a
+    Cholesky factorization of ``H + regularization * I`` in float64. Changing
+    ``regularization`` afterwards needs no refit (one new factorization, ``p^3 / 3`` flops).
+    Memory ``O(p^2)``; for models with more than a few thousand parameters use
     ``blocks="layer"`` or an iterative or low-rank solver.
+
+    The factorization is checked: an estimate of the smallest eigenvalue of
+    ``H + regularization * I`` (inverse iteration on the factor) must stand clear of
+    rounding; when it does not, or the factorization fails, the exact eigenvalues decide,
+    as in :func:`~..eigen.check_positive_definite`.
 
     Args:
         model, loss, regularization, curvature, chunk_size: as for every solver.
@@ -80,6 +94,7 @@ class DirectInfluence(InfluenceModel):
 
     config_class = DirectConfig
     state_: DirectState | None = None
+    _factors: tuple[float, tuple[Tensor, ...]] | None = None  # (lambda, lower Cholesky factor per block)
 
     def _fit(self, operator: LinearOperator, blocks: BlockSums) -> None:
         if isinstance(operator, BlockDiagonalOperator):
@@ -88,29 +103,99 @@ class DirectInfluence(InfluenceModel):
         else:
             ranges = ((0, operator.size),)
             matrices = [operator.dense()]
-        values, vectors = [], []
-        for matrix in matrices:
-            e, v = torch.linalg.eigh(matrix.double())
-            values.append(e.to(self.dtype))
-            vectors.append(v.to(self.dtype))
-        self.state_ = DirectState(ranges, tuple(values), tuple(vectors))
+        self.state_ = DirectState(ranges, tuple(m.to(self.dtype) for m in matrices))
+        self._factors = None
         # checked after the state is kept: a refused regularization leaves the solver fitted
-        check_positive_definite(self.state_.all_eigenvalues, self.regularization, type(self).__name__)
+        self._cholesky_factors()
 
     @property
     def hessian(self) -> Tensor:
         """The fitted, unregularized curvature matrix ``(p, p)`` (block-diagonal with ``blocks="layer"``)."""
         self._require_fitted()
-        assert self.state_ is not None
+        state = self.state_
+        assert state is not None
         out = torch.zeros(self.num_params, self.num_params, dtype=self.dtype, device=self.device)
-        for (start, stop), e, v in zip(self.state_.blocks, self.state_.eigenvalues, self.state_.eigenvectors):
-            out[start:stop, start:stop] = EigenOperator(e, v).dense()
+        for b, (start, stop) in enumerate(state.blocks):
+            if state.matrices is not None:
+                out[start:stop, start:stop] = state.matrices[b]
+            else:
+                assert state.eigenvalues is not None and state.eigenvectors is not None
+                out[start:stop, start:stop] = EigenOperator(state.eigenvalues[b], state.eigenvectors[b]).dense()
         return out
 
     def _solve(self, rhs: Tensor) -> Tensor:
-        assert self.state_ is not None
-        check_positive_definite(self.state_.all_eigenvalues, self.regularization, type(self).__name__)
+        state = self.state_
+        assert state is not None
         out = torch.empty_like(rhs)
-        for (start, stop), e, v in zip(self.state_.blocks, self.state_.eigenvalues, self.state_.eigenvectors):
-            out[:, start:stop] = EigenOperator(e, v).solve_rows(rhs[:, start:stop], self.regularization)
+        if state.matrices is None:  # an older file: the eigendecomposition
+            assert state.eigenvalues is not None and state.eigenvectors is not None
+            check_positive_definite(torch.cat(state.eigenvalues), self.regularization, type(self).__name__)
+            for (start, stop), e, v in zip(state.blocks, state.eigenvalues, state.eigenvectors):
+                out[:, start:stop] = EigenOperator(e, v).solve_rows(rhs[:, start:stop], self.regularization)
+            return out
+        for (start, stop), factor in zip(state.blocks, self._cholesky_factors()):
+            part = rhs[:, start:stop].to(factor.dtype).T  # (p_b, k)
+            out[:, start:stop] = torch.cholesky_solve(part, factor).T.to(rhs.dtype)
         return out
+
+    def _cholesky_factors(self) -> tuple[Tensor, ...]:
+        """The lower Cholesky factors of ``H_b + lambda I`` ``(p_b, p_b)`` float64 for the current
+        regularization (kept until it changes); raises when ``H + lambda I`` is not safely definite."""
+        lam = float(self.regularization)
+        cached = self._factors
+        if cached is not None and cached[0] == lam:
+            return cached[1]
+        state = self.state_
+        assert state is not None and state.matrices is not None
+        factors = []
+        for matrix in state.matrices:
+            factor = _checked_cholesky(matrix, lam)
+            if factor is None:  # not clearly definite: the exact eigenvalues decide (and name the problem)
+                check_positive_definite(self._exact_eigenvalues(), lam, type(self).__name__)
+                factor = _eigen_factor(matrix, lam)
+            factors.append(factor)
+        self._factors = (lam, tuple(factors))
+        return self._factors[1]
+
+    def _exact_eigenvalues(self) -> Tensor:
+        """The eigenvalues of every block of ``H``, in the model's dtype: ``(p,)``."""
+        state = self.state_
+        assert state is not None and state.matrices is not None
+        return torch.cat([torch.linalg.eigvalsh(m.double()).to(self.dtype) for m in state.matrices])
+
+
+def _checked_cholesky(matrix: Tensor, regularization: float) -> Tensor | None:
+    """The lower Cholesky factor of ``matrix + regularization * I`` ``(p, p)`` float64, or ``None``
+    when it fails or when the estimated smallest eigenvalue is within ``SAFETY_MARGIN`` of the
+    rounding level of :func:`~..eigen.definiteness` (``p * eps * max|eigenvalue|``, ``eps`` of the
+    matrix's dtype)."""
+    h = matrix.double()
+    p = h.shape[0]
+    a = h + regularization * torch.eye(p, dtype=h.dtype, device=h.device)
+    factor, info = torch.linalg.cholesky_ex(a)
+    if int(info) != 0:
+        return None
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    start = torch.randn(p, 1, generator=generator, dtype=h.dtype).to(h.device)
+    x = start / start.norm()
+    for _ in range(ESTIMATE_STEPS):  # power iteration: |H|'s largest eigenvalue (a lower bound)
+        y = h @ x
+        x = y / y.norm().clamp_min(torch.finfo(h.dtype).tiny)
+    largest = float((x.T @ h @ x).abs())
+    x = start / start.norm()
+    for _ in range(ESTIMATE_STEPS):  # inverse iteration: the smallest of H + lambda I (an upper bound)
+        y = torch.cholesky_solve(x, factor)
+        x = y / y.norm()
+    smallest = float(x.T @ a @ x)
+    info = torch.finfo(matrix.dtype)  # the rounding level of the eigenvalues in the model's dtype
+    threshold = max(p * info.eps * largest, info.tiny)
+    return factor if smallest > SAFETY_MARGIN * threshold else None
+
+
+def _eigen_factor(matrix: Tensor, regularization: float) -> Tensor:
+    """A lower-triangular ``L`` with ``L L^T = matrix + regularization * I`` for a definite matrix
+    that Cholesky refused by rounding: the QR of ``diag(sqrt(d + lambda)) V^T``."""
+    e, v = torch.linalg.eigh(matrix.double())
+    root = (v * (e + regularization).sqrt()).T  # root^T root = V diag(d + lambda) V^T
+    r = torch.linalg.qr(root, mode="r").R  # root = Q R: root^T root = R^T R
+    return r.T
