@@ -112,6 +112,27 @@ def train_lbfgs(
     opt.step(closure)
 
 
+def tiny_gpt2_config(**overrides: Any) -> Any:
+    """The tests' tiny GPT-2 config of ``transformers``: vocabulary 16, 8 positions, width 8, one
+    block of 2 heads, token 0 as BOS and EOS; ``overrides`` change or add settings (e.g.
+    ``attn_implementation="eager"``, dropout). Import ``transformers`` with
+    ``pytest.importorskip`` first."""
+    import transformers
+
+    settings: dict[str, Any] = dict(
+        vocab_size=16, n_positions=8, n_embd=8, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0
+    )
+    return transformers.GPT2Config(**{**settings, **overrides})
+
+
+def tiny_gpt2(**overrides: Any) -> nn.Module:
+    """A ``GPT2LMHeadModel`` of :func:`tiny_gpt2_config` (``overrides`` passed on), float64, in eval
+    mode; its weights come from torch's global generator (seed it right before)."""
+    import transformers
+
+    return transformers.GPT2LMHeadModel(tiny_gpt2_config(**overrides)).double().eval()
+
+
 # -- independent references --------------------------------------------------------------
 def _trainable(model: nn.Module) -> tuple[list[str], list[Tensor]]:
     named = [(k, v) for k, v in model.named_parameters() if v.requires_grad]

@@ -575,6 +575,8 @@ def solver_parameters(method: str) -> dict[str, Any]:
 
 
 def _check_solver_params(section: SolverSection, problems: list[str]) -> None:
+    """The keys, types and values of ``[solver]`` against the solver's configuration class."""
+    n_before = len(problems)
     config_class = section.solver_class.config_class
     allowed = config_class.types()
     for name, value in section.params.items():
@@ -590,6 +592,31 @@ def _check_solver_params(section: SolverSection, problems: list[str]) -> None:
     for name in config_class.required():
         if name not in section.params:
             problems.append(f"[solver] {name} is required for method {section.method!r}.")
+    if len(problems) == n_before:  # the keys and types are right: now the values
+        problem = _check_solver_values(config_class, section.params)
+        if problem:
+            problems.append(problem)
+
+
+def _check_solver_values(config_class: Any, params: dict[str, Any]) -> str | None:
+    """``None`` if ``params`` (keys and types checked) make a ``config_class`` (the solver's
+    configuration dataclass, which validates its values without a model), else one line naming
+    the key, the value and what is accepted, e.g. ``[solver] rank must be a positive int or 'auto';
+    got 'ten'.``"""
+    try:
+        config_class(**params)
+        return None
+    except (TypeError, ValueError) as exc:
+        message = " ".join(str(exc).split())
+    if any(message.startswith(f"{name} ") for name in params):
+        return f"[solver] {message}"
+    required = {name: params[name] for name in config_class.required() if name in params}
+    for name, value in params.items():  # the key whose value alone is refused
+        try:
+            config_class(**{**required, name: value})
+        except (TypeError, ValueError):
+            return f"[solver] {name} = {_describe(value)} is not accepted: {message}"
+    return f"[solver] the values are not accepted: {message}"
 
 
 def _check_type(value: Any, hint: Any) -> str | None:

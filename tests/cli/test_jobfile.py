@@ -211,6 +211,23 @@ def test_solver_method_and_parameters(tmp_path):
     assert msg == "[solver] h0 cannot be set in a job file (it needs a Python object); got 1.0."
 
 
+def test_solver_values_are_checked_when_the_file_loads(tmp_path):
+    """A value of the right type that the solver's configuration refuses fails at load time, in one
+    line naming the file, the key, the value and what is accepted."""
+    arnoldi = GOOD.replace('method = "cg"', 'method = "arnoldi"').replace(
+        'rtol = 1e-8\nmaxiter = 200\npreconditioner = "jacobi"\n', 'rank = "ten"\n'
+    )
+    path = write(tmp_path, arnoldi)
+    with pytest.raises(JobFileError) as info:
+        load_job(path)
+    assert str(info.value) == f"{path}: [solver] rank must be a positive int or 'auto'; got 'ten'."
+    path = write(tmp_path, GOOD.replace("rtol = 1e-8", 'rtol = 1e-8\ncurvature = "hesian"'), name="cg.toml")
+    with pytest.raises(JobFileError) as info:
+        load_job(path)
+    assert str(info.value) == f"{path}: [solver] curvature must be one of ['hessian', 'ggn']; got 'hesian'."
+    assert load_job(write(tmp_path, arnoldi.replace('rank = "ten"', 'rank = "auto"'), name="auto.toml"))
+
+
 def test_solver_parameters_follow_the_class_signatures():
     for method, name in SOLVER_METHODS.items():
         params = solver_parameters(method)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from cases import tiny_gpt2_config
 from dask_influence.core.solvers.direct import DirectInfluence
 from dask_influence.core.solvers.ekfac import EkfacInfluence, left_out_parameters
 
@@ -435,10 +436,9 @@ class TinyGpt2(nn.Module):
     def __init__(self):
         super().__init__()
         transformers = pytest.importorskip("transformers")
-        config = transformers.GPT2Config(
-            vocab_size=V, n_positions=8, n_embd=8, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager",
-        )  # fmt: skip
+        config = tiny_gpt2_config(
+            vocab_size=V, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager"
+        )
         self.gpt = transformers.GPT2Model(config)
         self.head = nn.Linear(8, C)
 

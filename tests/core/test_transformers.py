@@ -9,16 +9,14 @@ from torch.func import functional_call, grad, jacrev
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import dask_influence as di
+from cases import tiny_gpt2
 
 transformers = pytest.importorskip("transformers")
 
 
 def _tiny_gpt2():
     torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        vocab_size=16, n_positions=8, n_embd=8, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0
-    )
-    model = transformers.GPT2LMHeadModel(config).double().eval()
+    model = tiny_gpt2()
     ids = torch.randint(0, 16, (14, 6))
     mask = torch.ones_like(ids)
     mask[3, 4:] = 0  # a padded sequence

@@ -117,6 +117,35 @@ def test_top_k_equals_argsort_of_the_index_influences(problem, tmp_path):
     np.testing.assert_allclose(top.helpful_values, np.take_along_axis(full, top.helpful_indices, 1), rtol=1e-6)
 
 
+def test_query_store_top_k_merges_in_a_tree_and_resumes_from_stored_chunks(problem, tmp_path):
+    """More index blocks than one merge takes (a merge tree), then a resume whose top-k rows
+    mix chunks computed again with chunks read back: the same top-k as argsort of the store."""
+    model, loss, train, test = problem
+    index = di.GradientIndex.build(
+        model, loss, train, tmp_path / "ix.zarr", projection_dim=12, block_size=1, client="sync"
+    )
+    assert len(index.attributes["block_sizes"]) > 32  # store_job.FAN_IN
+    path = tmp_path / "q.zarr"
+    group = index.influences_to_zarr(test, path, top_k=4, block_size=3)
+    full = group["influences"][:]
+    top = {name: group[name][:] for name in ("top_helpful_indices", "top_helpful_values", "top_harmful_indices")}
+    np.testing.assert_array_equal(top["top_helpful_indices"], np.argsort(-full, axis=1, kind="stable")[:, :4])
+    np.testing.assert_array_equal(top["top_harmful_indices"], np.argsort(full, axis=1, kind="stable")[:, :4])
+    writable = zarr.open_group(str(path), mode="r+")
+    for i, j in [(0, 3), (0, 40), (1, 0)]:
+        writable["influences_done"][i, j] = 0
+        writable["influences"][i * 3 : (i + 1) * 3, j] = np.nan
+    writable["topk_done"][:] = 0
+    attrs = dict(writable.attrs["dask_influence"])
+    attrs["complete"] = False
+    writable.attrs["dask_influence"] = attrs
+    resumed = index.influences_to_zarr(test, path, top_k=4, block_size=3, resume=True)
+    assert index.last_run_["chunks_computed"] == 3
+    np.testing.assert_array_equal(resumed["influences"][:], full)
+    for name, values in top.items():
+        np.testing.assert_array_equal(resumed[name][:], values)
+
+
 class _Failing(Dataset):
     """The training pairs; while ``armed``, reading more than ``budget`` rows raises (in one
     process, whatever order the blocks are loaded in)."""

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import dask_influence as di
+from cases import tiny_gpt2
 from dask_influence.index import Projector
 
 transformers = pytest.importorskip("transformers")
@@ -18,17 +19,7 @@ transformers = pytest.importorskip("transformers")
 @pytest.fixture(scope="module")
 def gpt2():
     torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        vocab_size=16,
-        n_positions=8,
-        n_embd=8,
-        n_layer=1,
-        n_head=2,
-        bos_token_id=0,
-        eos_token_id=0,
-        attn_implementation="eager",
-    )
-    model = transformers.GPT2LMHeadModel(config).double().eval()
+    model = tiny_gpt2(attn_implementation="eager")
     ids = torch.randint(0, 16, (12, 6))
     mask = torch.ones_like(ids)
     mask[3, 4:] = 0  # a padded sequence

@@ -23,8 +23,7 @@ from __future__ import annotations
 import functools
 import os
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -182,28 +181,6 @@ def _client(job: Any, scheduler: str | None, stack: ExitStack) -> tuple[Any, str
         return stack.enter_context(_connect(address, source)), f"on the scheduler at {address}"
     if job.cluster.sequential:
         return False, "in this process (sequential)"
-    return stack.enter_context(_local_cluster(job)), "on an embedded LocalCluster"
+    from ..mapping.clients import job_cluster
 
-
-@contextmanager
-def _local_cluster(job: Any) -> Iterator[Any]:
-    from distributed import Client, LocalCluster
-
-    kwargs: dict[str, Any] = {}
-    if job.cluster.memory_limit is not None:
-        kwargs["memory_limit"] = job.cluster.memory_limit
-    if job.cluster.gpu:
-        kwargs["resources"] = {"GPU": 1}
-    workers = job.cluster.workers or (1 if job.cluster.gpu else (os.cpu_count() or 1))
-    with (
-        LocalCluster(
-            n_workers=workers,
-            threads_per_worker=job.cluster.threads or 1,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address=None,
-            **kwargs,
-        ) as cluster,
-        Client(cluster) as client,
-    ):
-        yield client
+    return stack.enter_context(job_cluster(job.cluster, gpu=job.cluster.gpu))

@@ -535,31 +535,9 @@ def job_client(
         return client, f"on the scheduler at {address} ({n} worker{'s' if n != 1 else ''} now)"
     if job.cluster.sequential:
         return None, "in this process (sequential)"
-    from distributed import Client, LocalCluster
+    from ..mapping.clients import job_cluster
 
-    workers = job.cluster.workers or (1 if job.cluster.gpu else (os.cpu_count() or 1))
-    threads = job.cluster.threads or 1
-    kwargs: dict[str, Any] = {}
-    if job.cluster.memory_limit is not None:
-        kwargs["memory_limit"] = job.cluster.memory_limit
-    if gpu:
-        kwargs["resources"] = {"GPU": 1}
-    cluster = stack.enter_context(
-        LocalCluster(
-            n_workers=workers,
-            threads_per_worker=threads,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address=None,
-            **kwargs,
-        )
-    )
-    client = stack.enter_context(Client(cluster))
-    return (
-        client,
-        f"on an embedded LocalCluster ({workers} worker{'s' if workers != 1 else ''} x {threads} "
-        f"thread{'s' if threads != 1 else ''})",
-    )
+    return stack.enter_context(job_cluster(job.cluster, gpu=gpu))
 
 
 @contextmanager

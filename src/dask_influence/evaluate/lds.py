@@ -31,8 +31,9 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from .records import ZarrRecords, open_records, store_lock
-from .retrain import function_name, make_retraining, run_retrainings, test_checksum
+from .recorded import check_test_count, evaluation_records
+from .records import ZarrRecords
+from .retrain import make_retraining, run_retrainings
 from .scores import as_scores
 from .stats import bootstrap_interval, spearman_rows
 from .subsets import check_count, check_seed, draw_subset, draw_subsets, subset_size, training_seeds
@@ -138,40 +139,29 @@ def lds(
     check_seed(seed)
     k = subset_size(source.n_train, fraction)
     retraining = make_retraining(train, test, task, model=model)
-    n_test = _check_test_count(retraining.test, source.n_test)
+    n_test = check_test_count(retraining.test, source.n_test)
     masks = draw_subsets(source.n_train, n_subsets, fraction, seed)
     train_seeds = training_seeds(seed, seeds)
     runs = [(draw_subset(source.n_train, fraction, seed, m), s) for m in range(n_subsets) for s in train_seeds]
-    config = {
-        "n_train": source.n_train,
-        "n_test": n_test,
-        "n_subsets": n_subsets,
-        "fraction": fraction,
-        "subset_size": k,
-        "seeds": seeds,
-        "seed": seed,
-        "training_seeds": train_seeds,
-        "train": function_name(train),
-        "task": retraining.task.describe(),
-        "test_checksum": test_checksum(retraining.test),
-    }
-    where = store if store is not None else source.store
-    with store_lock(where):  # the store's lock, as `run` takes it
-        records = open_records(
-            where,
-            name,
-            kind="lds",
-            config=config,
-            n_runs=len(runs),
-            n_test=n_test,
-            overwrite=overwrite,
-            static={"subsets": masks},
-        )
+    with evaluation_records(
+        source,
+        retraining,
+        runs,
+        store=store,
+        name=name,
+        kind="lds",
+        overwrite=overwrite,
+        train=train,
+        seed=seed,
+        train_seeds=train_seeds,
+        config={"n_subsets": n_subsets, "fraction": fraction, "subset_size": k},
+        static={"subsets": masks},
+    ) as records:
         if isinstance(records, ZarrRecords):
             recorded = np.asarray(records.group["subsets"][...], dtype=bool)
             if not np.array_equal(recorded, masks):
                 raise ValueError(
-                    f"The subsets recorded in {where!r} differ from those drawn again from seed {seed} "
+                    f"The subsets recorded in {records.store!r} differ from those drawn again from seed {seed} "
                     "(another numpy random generator?); pass overwrite=True to start afresh."
                 )
         report = run_retrainings(retraining, runs, records, client=client, gpu=gpu)
@@ -189,7 +179,7 @@ def lds(
             seeds=seeds,
             retrained=report["retrained"],
             skipped=report["skipped"],
-            store=None if where is None else str(where),
+            store=records.store,
             training_seeds=train_seeds,
         )
         summary = out.summary()
@@ -227,14 +217,3 @@ def lds_from(
     mean = float(finite.mean()) if finite.size else float("nan")
     interval = bootstrap_interval(per_test, confidence=confidence, n_bootstrap=n_bootstrap, seed=seed)
     return {"per_test": per_test, "mean": mean, "interval": interval, "predictions": predictions}
-
-
-def _check_test_count(test: Any, n_test: int) -> int:
-    from ..core import batches
-
-    n = batches.size(test)
-    if n != n_test:
-        raise ValueError(
-            f"test has {n} points but scores have {n_test} rows; pass the test points the scores were computed for."
-        )
-    return n

@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from .records import open_records, store_lock
-from .retrain import function_name, make_retraining, run_retrainings, test_checksum
+from .recorded import check_test_count, evaluation_records
+from .retrain import make_retraining, run_retrainings
 from .scores import StoreScores, as_scores
 from .stats import pearson, pearson_rows
 from .subsets import check_count, check_seed, training_seeds
@@ -108,37 +108,25 @@ def loo(
     check_seed(seed)
     chosen = _check_points(points, source.n_train)
     retraining = make_retraining(train, test, task, model=model, warm_start=warm_start)
-    from .lds import _check_test_count
-
-    n_test = _check_test_count(retraining.test, source.n_test)
+    n_test = check_test_count(retraining.test, source.n_test)
     train_seeds = training_seeds(seed, seeds)
     everything = np.arange(source.n_train, dtype=np.int64)
     runs = [(everything, s) for s in train_seeds]
     runs += [(np.delete(everything, j), s) for j in chosen for s in train_seeds]
-    config = {
-        "n_train": source.n_train,
-        "n_test": n_test,
-        "points": chosen.tolist(),
-        "seeds": seeds,
-        "seed": seed,
-        "training_seeds": train_seeds,
-        "warm_start": bool(warm_start),
-        "train": function_name(train),
-        "task": retraining.task.describe(),
-        "test_checksum": test_checksum(retraining.test),
-    }
-    where = store if store is not None else source.store
-    with store_lock(where):  # the store's lock, as `run` takes it
-        records = open_records(
-            where,
-            name,
-            kind="loo",
-            config=config,
-            n_runs=len(runs),
-            n_test=n_test,
-            overwrite=overwrite,
-            static={"points": chosen},
-        )
+    with evaluation_records(
+        source,
+        retraining,
+        runs,
+        store=store,
+        name=name,
+        kind="loo",
+        overwrite=overwrite,
+        train=train,
+        seed=seed,
+        train_seeds=train_seeds,
+        config={"points": chosen.tolist(), "warm_start": bool(warm_start)},
+        static={"points": chosen},
+    ) as records:
         report = run_retrainings(retraining, runs, records, client=client, gpu=gpu)
         measured = records.read().reshape(1 + chosen.size, seeds, n_test).mean(axis=1)
         base = measured[0]
@@ -154,7 +142,7 @@ def loo(
             per_test=per_test,
             retrained=report["retrained"],
             skipped=report["skipped"],
-            store=None if where is None else str(where),
+            store=records.store,
         )
         records.save(
             {"predicted": predicted, "actual": actual, "base": base, "pearson_per_test": per_test}, out.summary()

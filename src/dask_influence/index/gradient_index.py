@@ -20,6 +20,7 @@ this is exactly the influence of the same curvature: only the compression approx
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -33,9 +34,12 @@ from dask.base import tokenize
 from torch import nn
 
 from ..errors import StoreError
+from ..mapping.clients import dask_client
 from ..mapping.literals import Literal, unbox
 from ..mapping.plan import BlockPlan, ranges_from_sizes
 from ..mapping.sources import as_source
+from ..mapping.store_job import add_topk_tasks
+from ..mapping.tasks import pick
 from ..storage import lock as zlock
 from ..storage import store as zstore
 from . import layout, runner, tasks
@@ -184,7 +188,7 @@ class GradientIndex:
                 keys.append((f"index-{token}", j))
                 dsk[keys[-1]] = (tasks.write_projected, proj_key, source.block_task(j), path, j, ranges[j])
             gpu = projector.device.type == "cuda"
-            with runner.cluster(client, n_workers) as active:
+            with dask_client(client, n_workers) as active:
                 runner.run(active, dsk, keys, gpu=gpu)
                 stored = layout.attributes(group)
                 if keys or not stored.get("curvature_done"):
@@ -265,7 +269,7 @@ class GradientIndex:
         for j, rows in enumerate(ranges):
             keys.append(("ixscore", j))
             dsk[keys[-1]] = (tasks.score_group, factor_keys, self.path, rows, dtype)
-        with runner.cluster(self.client, self.n_workers) as active:
+        with dask_client(self.client, self.n_workers) as active:
             parts = runner.run(active, dsk, keys, gpu=self._gpu)
         return np.concatenate([np.concatenate(p, axis=0) for p in parts], axis=1)
 
@@ -281,14 +285,14 @@ class GradientIndex:
         for i, fkey in enumerate(factor_keys):
             keys.append(("ixtopk", i))
             dsk[keys[-1]] = (_topk_block, fkey, self.path, ranges, k, dtype)
-        with runner.cluster(self.client, self.n_workers) as active:
+        with dask_client(self.client, self.n_workers) as active:
             parts = runner.run(active, dsk, keys, gpu=self._gpu)
         return TopK(*(np.concatenate([p[n] for p in parts]) for n in range(4)))
 
     def factors(self, test: Any, *, block_size: int | None = None, regularization: float | None = None) -> np.ndarray:
         """``(C + lambda I)^-1 P grad f(test)`` for each test point: ``(n_test, k)`` float64."""
         dsk, factor_keys, *_ = self._factor_graph(test, block_size, regularization)
-        with runner.cluster(self.client, self.n_workers) as active:
+        with dask_client(self.client, self.n_workers) as active:
             return np.concatenate(runner.run(active, dsk, factor_keys, gpu=self._gpu))
 
     def scores(self, test: Any, *, block_size: int | None = None, regularization: float | None = None) -> Any:
@@ -308,7 +312,7 @@ class GradientIndex:
         for j, rows in enumerate(ranges_from_sizes(tuple(self.attributes["block_sizes"]))):
             keys.append(("ixself", j))
             dsk[keys[-1]] = (tasks.self_block, self.path, rows, "ixchol", dtype)
-        with runner.cluster(self.client, self.n_workers) as active:
+        with dask_client(self.client, self.n_workers) as active:
             return np.concatenate(runner.run(active, dsk, keys))
 
     def influences_to_zarr(
@@ -388,7 +392,7 @@ class GradientIndex:
             recorder.flush(final=False)
             keys, finishes = self._pending(dsk, factor_keys, plan, store_layout, state, path, dtype)
             try:
-                with runner.cluster(self.client, self.n_workers) as active:
+                with dask_client(self.client, self.n_workers) as active:
                     runner.run(
                         active, dsk, keys, on_done=lambda key: recorder.record(finishes.get(key, [])), gpu=self._gpu
                     )
@@ -455,7 +459,6 @@ class GradientIndex:
         rows, cols = plan.test_ranges, plan.train_ranges
         keys: list = []
         finishes: dict = {}
-        row_writes: dict[int, list] = {}
         for g, members in enumerate(plan.test_groups):
             for j in map(int, np.nonzero(~done[np.asarray(members)].all(axis=0))[0]):
                 score = ("ixscore", g, j)
@@ -465,8 +468,8 @@ class GradientIndex:
                 dsk[key] = (zstore.write_influence_chunks, path, j, cols[j], targets, score, flag)
                 keys.append(key)
                 finishes[key] = [("influences", (i, j)) for i, *_ in targets]
-                for i, *_ in targets:
-                    row_writes.setdefault(i, []).append(key)
+                for i, *_, pos in targets:  # chunk (i, j): test block i's rows of the group's scores
+                    dsk[("ixchunk", i, j)] = (pick, score, pos)
         if store_layout.self_influences:
             chol_key = next(k for k in dsk if isinstance(k, str) and k.startswith("chol-"))
             for j in map(int, np.nonzero(~state.done("self_influences"))[0]):
@@ -475,18 +478,10 @@ class GradientIndex:
                 dsk[key] = (zstore.write_self_chunk, path, j, cols[j], ("ixself", j), flag)
                 keys.append(key)
                 finishes[key] = [("self_influences", (j,))]
-        if store_layout.top_k:
+        if store_layout.top_k:  # candidates of the chunks in memory (read back if done before), merged
             for i in map(int, np.nonzero(~state.done("top_k"))[0]):
-                key = ("ixtopk", i)
-                dsk[key] = (
-                    zstore.topk_row,
-                    path,
-                    i,
-                    rows[i],
-                    list(cols),
-                    store_layout.top_k,
-                    flag,
-                    *row_writes.get(i, []),
+                key = add_topk_tasks(
+                    dsk, "ix", path, i, rows[i], cols, store_layout.top_k, flag, done[i], functools.partial(_chunk, i)
                 )
                 keys.append(key)
                 finishes[key] = [("top_k", (i,))]
@@ -495,6 +490,11 @@ class GradientIndex:
             "chunks_total": plan.num_chunks,
         }
         return keys, finishes
+
+
+def _chunk(i: int, j: int) -> tuple:
+    """The key of chunk ``(i, j)`` of a query store's job: ``(n_i, n_j)`` (:meth:`GradientIndex._pending`)."""
+    return ("ixchunk", i, j)
 
 
 def _topk_block(factors: np.ndarray, path: str, ranges: list[tuple[int, int]], k: int, dtype: str) -> tuple:

@@ -1,11 +1,10 @@
-"""Where the index graphs run: in this process (``client="sync"``), on a given or current
-Dask client, or on an embedded ``LocalCluster`` started for the call."""
+"""Where the index graphs run: in this process (``client="sync"``) or on a Dask client
+(the given or current one, or an embedded ``LocalCluster`` started for the call:
+:func:`~dask_influence.mapping.clients.dask_client`)."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 from ..mapping.literals import sent_once
@@ -17,28 +16,6 @@ def check_client(client: Any) -> None:
     """Refuse a ``client`` that is neither a client, ``None`` nor ``'sync'``."""
     if isinstance(client, str) and client != SYNC:
         raise ValueError(f"client must be a distributed.Client, None or 'sync'; got {client!r}.")
-
-
-@contextmanager
-def cluster(client: Any, n_workers: int | None = None) -> Iterator[Any]:
-    """The client to run on: ``client`` itself, else the current one, else an embedded
-    ``LocalCluster`` (one single-threaded worker process per core) closed afterwards."""
-    if client is not None:
-        yield client
-        return
-    from distributed import Client, LocalCluster, get_client
-
-    try:
-        yield get_client()
-        return
-    except ValueError:
-        pass
-    workers = n_workers or os.cpu_count() or 1
-    with (
-        LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as local,
-        Client(local) as embedded,
-    ):
-        yield embedded
 
 
 def run(

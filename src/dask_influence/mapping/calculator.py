@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, cast
 
 import numpy as np
@@ -24,6 +24,7 @@ from ..core.solvers.base import InfluenceModel
 from ..errors import NotFittedError
 from ..storage import lock as zlock
 from ..storage import store as zstore
+from .clients import dask_client
 from .graph import (
     InfluenceGraph,
     add_self_influence_tasks,
@@ -623,24 +624,9 @@ class DaskInfluenceCalculator(_BlockCalculator):
         limits = [x for x in limits if x > 0]
         return min([DEFAULT_MEMORY_BUDGET] + [x // 4 for x in limits])
 
-    @contextmanager
-    def _client(self) -> Iterator[Any]:
-        from distributed import Client, LocalCluster, get_client
-
-        if self.client is not None:
-            yield self.client
-            return
-        try:
-            yield get_client()
-            return
-        except ValueError:
-            pass
-        workers = self.n_workers or os.cpu_count() or 1
-        with (
-            LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
-            Client(cluster) as client,
-        ):
-            yield client
+    def _client(self) -> AbstractContextManager[Any]:
+        """The given client, else the current one, else an embedded ``LocalCluster`` for the call."""
+        return dask_client(self.client, self.n_workers)
 
     def _execute_graph(self, graph: InfluenceGraph, keys: list) -> list:
         if not keys:

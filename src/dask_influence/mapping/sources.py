@@ -19,6 +19,7 @@ task boundaries.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import numpy as np
@@ -99,7 +100,12 @@ class BlockSource:
 
 
 class DatasetSource(BlockSource):
-    """A map-style dataset loaded block by block on the workers."""
+    """A map-style dataset loaded block by block on the workers.
+
+    Attributes:
+        bounds: ``(n_blocks + 1,)`` row offsets: block ``k`` is rows ``bounds[k]:bounds[k + 1]``
+            (so a block's task is built in O(1)).
+    """
 
     def __init__(
         self, dataset: Any, block_size: int, collate: Any = None, name: str = "data", perturb: str | int | None = 0
@@ -118,6 +124,7 @@ class DatasetSource(BlockSource):
         if self.n == 0:
             raise ValueError(f"The {name} data is empty; pass at least one sample.")
         self.block_sizes = even_sizes(self.n, block_size)
+        self.bounds = tuple(itertools.accumulate(self.block_sizes, initial=0))
         self._describe_first(load_dataset_block(dataset, self.collate, 0, 1), perturb)
         self.token = tokenize(type(dataset).__name__, dataset, self.n)
         self.key = f"dataset-{name}-{self.token}"
@@ -128,8 +135,7 @@ class DatasetSource(BlockSource):
 
     def block_task(self, k: int) -> tuple:
         """Load samples of block ``k`` from the dataset and collate them on the worker."""
-        start = sum(self.block_sizes[:k])
-        return (load_dataset_block, self.key, self.collate, start, start + self.block_sizes[k])
+        return (load_dataset_block, self.key, self.collate, self.bounds[k], self.bounds[k + 1])
 
 
 class DaskArraySource(BlockSource):

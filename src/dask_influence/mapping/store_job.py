@@ -14,13 +14,16 @@ missing, not of the store:
 - **self-influences** of the train blocks not done;
 - **top-k** of each test block not done: the candidates of each chunk of its row (from the
   values in memory, or read back for chunks done before), merged in a tree of fan-in
-  :data:`FAN_IN` and written with the block's flag (:mod:`dask_influence.storage.topk`);
+  :data:`FAN_IN` and written with the block's flag (:func:`add_topk_tasks`, also used by the
+  gradient index's query stores; :mod:`dask_influence.storage.topk`);
 - **solver reports** (``solver_info``) of the test blocks solved without saving their
   factors, and of those without a record.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,7 +144,9 @@ def add_store_tasks(
     # the top-k of the test blocks not done: candidates per chunk, merged in a tree, written
     topk_missing = list(map(int, np.nonzero(~state.done("top_k"))[0])) if layout.top_k else []
     for i in topk_missing:
-        key = _add_topk_tasks(graph, path, i, layout.top_k or 0, flag, done[i])
+        key = add_topk_tasks(
+            dsk, token, path, i, rows[i], cols, layout.top_k or 0, flag, done[i], functools.partial(graph.chunk_key, i)
+        )
         job.keys.append(key)
         job.finishes[key] = [("top_k", (i,))]
         job.merges.add(key)
@@ -171,19 +176,35 @@ def add_store_tasks(
     return job
 
 
-def _add_topk_tasks(graph: InfluenceGraph, path: str, i: int, k: int, flag: int, row_done: np.ndarray) -> tuple:
-    """The top-``k`` of test block ``i``: a candidates task per chunk of its row (the chunk's
-    values from this job, or read back when ``row_done[j]``), a merge tree and the write;
-    returns the write's key."""
-    dsk, token = graph.dsk, graph.token
-    row, cols = graph.plan.test_ranges[i], graph.plan.train_ranges
+def add_topk_tasks(
+    dsk: dict,
+    token: str,
+    path: str,
+    i: int,
+    row: tuple[int, int],
+    cols: Sequence[tuple[int, int]],
+    k: int,
+    flag: int,
+    row_done: np.ndarray,
+    chunk: Callable[[int], Any],
+) -> tuple:
+    """Add to ``dsk`` the top-``k`` of test block ``i`` (store rows ``row``) and its write; returns
+    the write's key.
+
+    A candidates task per chunk ``(i, j)`` of its row (train columns ``cols[j]``): from the
+    chunk's values ``(n_i, n_j)`` in memory, the key ``chunk(j)`` of this job, or read back from
+    the store when ``row_done[j]`` (``row_done``: ``(n_train_blocks,)`` bool); then a merge tree
+    of fan-in :data:`FAN_IN` and :func:`~dask_influence.storage.topk.write_topk` with the flag
+    ``flag``. Keys are named with ``token``. Used by the calculator's store jobs and by
+    :meth:`~dask_influence.GradientIndex.influences_to_zarr`.
+    """
     level: list = []
     for j, col in enumerate(cols):
         key = (f"topkcand-{token}", i, j)
         if row_done[j]:
             dsk[key] = (zstore.chunk_candidates, path, row, col, k)
         else:
-            dsk[key] = (zstore.candidates, graph.chunk_key(i, j), col[0], k)
+            dsk[key] = (zstore.candidates, chunk(j), col[0], k)
         level.append(key)
     depth = 0
     while len(level) > FAN_IN:

@@ -82,18 +82,26 @@ def write_solver_info(path: str, i: int, row: np.ndarray) -> int:
 
 
 def read_solver_info(group: Any) -> np.ndarray:
-    """The ``(n_test_blocks, 3)`` records; NaN rows are missing or unreadable."""
+    """The ``(n_test_blocks, 3)`` records; NaN rows are missing or unreadable.
+
+    Read in bulk: one listing of the chunk files, then only the chunks that exist, decoded
+    directly on a few threads for local stores (:func:`~.chunkfiles.read_chunks`); a chunk that
+    does not decode leaves its rows NaN, the others are kept.
+    """
+    from .chunkfiles import list_chunks, read_chunks
+
     array = group["solver_info"]
-    try:
-        return np.asarray(array[...], dtype=np.float64)
-    except Exception:
-        out = np.full(array.shape, np.nan)
-        for i in range(array.shape[0]):
-            try:
-                out[i] = array[i]
-            except Exception:
-                pass
-        return out
+    shape = tuple(int(s) for s in array.shape)
+    chunks = tuple(int(c) for c in array.chunks)
+    out = np.full(shape, np.nan)
+    present = list_chunks(array)
+    grid = tuple(-(-extent // size) for extent, size in zip(shape, chunks))
+    coords = sorted(present) if present is not None else list(np.ndindex(*grid))
+    for c, data in read_chunks(array, coords):
+        if isinstance(data, np.ndarray):
+            block = tuple(slice(k * size, k * size + n) for k, size, n in zip(c, chunks, data.shape))
+            out[block] = data
+    return out
 
 
 def solver_info_summary(rows: np.ndarray, *, method: str, tolerance: float | None) -> dict:

@@ -77,7 +77,6 @@ __all__ = [
     "saved_blocks",
     "solver_info_row",
     "solver_info_summary",
-    "topk_row",
     "verify_store",
     "versions",
     "write_factors",
@@ -242,19 +241,3 @@ def write_self_chunk(path: str, j: int, col: tuple[int, int], value: np.ndarray,
     group["self_influences"][col[0] : col[1]] = value
     group["self_influences_done"][j] = flag
     return j
-
-
-def topk_row(
-    path: str, i: int, row: tuple[int, int], train_ranges: list[tuple[int, int]], k: int, flag: int, *deps: Any
-) -> int:
-    """Merge the top-``k`` helpful and harmful training points of test block ``i`` from the store.
-
-    Reads the block's row of chunks back one train chunk at a time (memory ``O(n_block * (k + b))``),
-    keeps each chunk's candidates (:func:`.topk.candidates`) and writes their merge, then the
-    row's done flag (value ``flag``, see :mod:`.fits`); ``deps`` are the row's chunk writes. A
-    job of the calculator merges from the values in memory instead (:mod:`.topk`).
-    """
-    group: Any = zarr.open_group(path, mode="r")
-    array = group["influences"]
-    parts = [candidates(np.asarray(array[row[0] : row[1], start:stop]), start, k) for start, stop in train_ranges]
-    return write_topk(path, i, row, merge(parts, k), flag)
