@@ -201,8 +201,6 @@ class ModelFunctions:
         self.task = task
         self.spec = spec or ParamSpec.from_model(model)
         self._bound = _Bound(model)
-        # curvature products use forward over reverse until it fails once (see hessian_matmat)
-        self._forward_over_reverse = True
         # per-sample gradients are vmapped until a model refuses vmap (data-dependent control
         # flow, e.g. Hugging Face's SDPA mask check); then one sample at a time
         self._vmap_samples = True
@@ -320,21 +318,18 @@ class ModelFunctions:
     def hessian_matmat(self, theta: Tensor, batch: Any, v: Tensor) -> Tensor:
         """Hessian of the batch loss times a block of vectors ``v`` ``(p, k)``: ``(p, k)``.
 
-        Forward over reverse (``k`` batched JVPs of the gradient), measured 1.3-1.6x faster
-        than reverse over reverse on MLPs; a loss or layer without forward-mode derivatives
-        of its backward falls back to reverse over reverse (one forward and backward pass,
-        then ``k`` batched double-backward passes), remembered for later calls. Attention
-        runs on the math backend of ``scaled_dot_product_attention`` here (see
-        :func:`second_order`).
+        Reverse over reverse: one forward and backward pass that keeps its graph, then ``k``
+        double-backward passes batched with ``vmap`` (one without ``vmap`` when ``k = 1``).
+        Measured against forward over reverse (``jvp`` of ``grad``) with torch 2.13 on one
+        core: 1.8x faster on a 1e4-parameter MLP, 1.5x on a tiny GPT-2 and 1.1x on a small CNN
+        for one vector (Lanczos, power iterations), 0.9-1.2x for 16. Attention runs on the
+        math backend of ``scaled_dot_product_attention`` here (see :func:`second_order`).
         """
         loss_grad = grad(lambda t: self.batch_loss(t, batch))
         with second_order():
-            if self._forward_over_reverse:
-                try:
-                    return vmap(lambda col: torch.func.jvp(loss_grad, (theta,), (col,))[1], in_dims=1, out_dims=1)(v)
-                except (RuntimeError, NotImplementedError):
-                    self._forward_over_reverse = False
             _, hvp = _vjp(loss_grad, theta)
+            if v.shape[1] == 1:
+                return hvp(v[:, 0])[0][:, None]
             return vmap(lambda col: hvp(col)[0], in_dims=1, out_dims=1)(v)
 
     def ggn_matmat(self, theta: Tensor, batch: Any, v: Tensor) -> Tensor:
