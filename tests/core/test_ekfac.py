@@ -18,7 +18,7 @@ from torch import nn
 
 from dask_influence.core.solvers.direct import DirectInfluence
 from dask_influence.core.solvers.ekfac import EkfacInfluence
-from dask_influence.errors import NotPositiveDefiniteError
+from dask_influence.errors import NonFiniteError, NotPositiveDefiniteError
 
 DT = torch.float64
 
@@ -518,3 +518,21 @@ def test_following_the_advice_of_the_closed_form_check_works():
         EkfacInfluence(model, loss, regularization=0.1).fit((x, y))
     solver = EkfacInfluence(model, loss, regularization=0.1, task="autograd").fit((x, y))
     assert solver.task == "autograd" and solver.influences(x[:2], y[:2], x, y).shape == (2, 15)
+
+
+def test_a_sample_that_overflows_is_named_by_the_fit():
+    """The fitting passes check their float64 sums per chunk, and only then scan the captured
+    gradients for the sample to name."""
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 4), torch.randint(0, 3, (40,))
+    x[17] = 3e38  # finite; the logits overflow to inf and the loss's gradient is NaN
+    linear = nn.Linear(4, 3)
+    with torch.no_grad():
+        linear.weight.fill_(1.0)
+    with pytest.raises(NonFiniteError, match=r"layer '' is NaN/Inf for sample 17\b"):
+        EkfacInfluence(linear, nn.CrossEntropyLoss(), regularization=0.1, chunk_size=16).fit((x, y))
+    # behind a tanh the gradients stay finite, but the first layer's input products overflow
+    x[17] = 1e38
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    with pytest.raises(NonFiniteError, match=r"samples 16 to 31 .*layer input is NaN/Inf, or the products overflowed"):
+        EkfacInfluence(model, nn.CrossEntropyLoss(), regularization=0.1, chunk_size=16).fit((x, y))

@@ -595,9 +595,11 @@ class EkfacInfluence(InfluenceModel):
                     fisher=True,
                     offset=offset + s,
                     check=offset + s == 0,
+                    finite_check=False,
                 )
                 for acc, (g, a) in zip(sums, pieces):
                     acc.add(g, a)
+                self._check_sums([t for acc in sums for t in (acc.a, acc.g)], pieces, offset + s)
             return [t for acc in sums for t in (acc.a, acc.g)]
         if kind == "corrected":
             if factors is None or len(factors) != len(self._layers):
@@ -609,17 +611,32 @@ class EkfacInfluence(InfluenceModel):
             )
             for s in range(0, batches.size(batch), self.chunk_size):
                 pieces = self._capture(
-                    theta, batches.slice_rows(batch, s, s + self.chunk_size), fisher=True, offset=offset + s
+                    theta,
+                    batches.slice_rows(batch, s, s + self.chunk_size),
+                    fisher=True,
+                    offset=offset + s,
+                    finite_check=False,
                 )
                 for total, f, (g, a) in zip(totals, factors, pieces):
                     total += corrected_eigenvalue_sum(f, g, a)
+                self._check_sums(totals, pieces, offset + s)
             return totals
         raise ValueError(f"kind must be 'covariance' or 'corrected'; got {kind!r}.")
 
     def _capture(
-        self, theta: Tensor, batch: Any, *, fisher: bool, offset: int = 0, check: bool = False
+        self,
+        theta: Tensor,
+        batch: Any,
+        *,
+        fisher: bool,
+        offset: int = 0,
+        check: bool = False,
+        finite_check: bool = True,
     ) -> list[tuple[Tensor, Tensor]]:
         """Per layer ``(g, a)``: ``g`` ``(n, r, P, o)``, ``a`` ``(n, P, i)``.
+
+        ``finite_check``: raise :class:`NonFiniteError` naming a sample whose ``g`` is NaN/Inf
+        (the fitting passes check their sums instead, see :meth:`_check_sums`).
 
         ``fisher=False``: ``r = 1``, the gradient of each sample's loss at its target.
         ``fisher=True``: ``r = c``, back-propagating the columns of ``S``, ``S S^T = H_out``.
@@ -637,7 +654,13 @@ class EkfacInfluence(InfluenceModel):
             o = outputs.detach()
             vectors = self._output.roots(o, batch) if fisher else self._output.gradients(o, batch)
             result = capture.collect(outputs, vectors)
-        for layer, (g, _) in zip(self._layers, result):
+        if finite_check:
+            self._check_finite(result, offset)
+        return result
+
+    def _check_finite(self, pieces: list[tuple[Tensor, Tensor]], offset: int) -> None:
+        """Raise :class:`NonFiniteError` naming the first sample whose captured output gradient is NaN/Inf."""
+        for layer, (g, _) in zip(self._layers, pieces):
             bad = ~torch.isfinite(g)
             if bool(bad.any()):
                 row = int(torch.nonzero(bad)[0, 0])
@@ -645,7 +668,19 @@ class EkfacInfluence(InfluenceModel):
                     f"The gradient in the output of layer '{layer.name}' is NaN/Inf for sample "
                     f"{offset + row}. Check the model and the loss for overflow (e.g. log of 0)."
                 )
-        return result
+
+    def _check_sums(self, sums: Sequence[Tensor], pieces: list[tuple[Tensor, Tensor]], offset: int) -> None:
+        """After a chunk is added into the float64 ``sums``: a NaN/Inf there names its sample (the
+        captured tensors are scanned only then; a pass over them per chunk cost 13% of a fit)."""
+        if all(bool(torch.isfinite(t).all()) for t in sums):
+            return
+        self._check_finite(pieces, offset)
+        n = pieces[0][1].shape[0] if pieces else 0
+        raise NonFiniteError(
+            f"EK-FAC's curvature sums became NaN/Inf with samples {offset} to {offset + n - 1} (their output "
+            "gradients are finite: a layer input is NaN/Inf, or the products overflowed). Check the model and "
+            "the data for overflow, or fit in float64."
+        )
 
     # -- curvature ------------------------------------------------------------------------------
     def _factors(self) -> tuple[LayerFactors, ...]:
