@@ -193,16 +193,22 @@ class _LmOutputs:
         return getattr(out, "logits", out)
 
 
-def _token_losses(logits: Tensor, batch: Any) -> tuple[Tensor, Tensor]:
-    """Per position ``t = 1..T-1``: the cross-entropy of token ``t`` given the tokens before
-    it ``(n, T-1)``, and the weight of the position (1 where it is predicted, else 0)."""
+def _predicted(batch: Any) -> tuple[Tensor, Tensor]:
+    """The tokens to predict at positions ``t = 1..T-1`` ``(n, T-1)`` (0 where none) and whether
+    each is predicted ``(n, T-1)`` bool (its label is not -100 and its attention mask is 1)."""
     inputs = _lm_inputs(batch)
     ids = inputs["input_ids"]
     targets = inputs.get("labels", ids)[:, 1:]
     weight = targets != IGNORE_INDEX
     if "attention_mask" in inputs:
         weight = weight & inputs["attention_mask"][:, 1:].bool()
-    safe = targets.masked_fill(~weight, 0).long()
+    return targets.masked_fill(~weight, 0).long(), weight
+
+
+def _token_losses(logits: Tensor, batch: Any) -> tuple[Tensor, Tensor]:
+    """Per position ``t = 1..T-1``: the cross-entropy of token ``t`` given the tokens before
+    it ``(n, T-1)``, and the weight of the position (1 where it is predicted, else 0)."""
+    safe, weight = _predicted(batch)
     predicted = logits[:, :-1]
     ce = F.cross_entropy(predicted.reshape(-1, predicted.shape[-1]), safe.reshape(-1), reduction="none")
     return ce.reshape(safe.shape), weight.to(logits.dtype)
@@ -215,6 +221,31 @@ class _LmLoss:
         ce, weight = _token_losses(logits, batch)
         per_sequence = (ce * weight).sum(dim=1) / weight.sum(dim=1).clamp_min(1)
         return per_sequence.mean()
+
+    def curvature_roots(self, logits: Tensor, batch: Any) -> Tensor:
+        """Square roots of each sequence's loss Hessian in its logits ``(n, T, V)``, in closed form:
+        ``((T-1) V, n, T, V)``, column ``(t, j)`` nonzero at position ``t`` only, so that
+        ``sum_r S_r S_r^T = H_out`` per sequence (EK-FAC and the gradient index use it).
+
+        A sequence's loss is ``sum_t w_t CE_t`` with ``w_t`` 1 / (its number of predicted
+        positions) where ``t + 1`` is predicted, else 0: ``H_out`` is block-diagonal over
+        positions with blocks ``w_t (diag(p_t) - p_t p_t^T)``, ``p_t = softmax(logits_t)``,
+        each factored as ``sqrt(w_t) (diag(sqrt p_t) - p_t sqrt(p_t)^T)``; the last position
+        predicts nothing.
+        """
+        n, length, vocab = logits.shape
+        if length < 2:
+            return logits.new_zeros(1, n, length, vocab)
+        _, predicted = _predicted(batch)
+        weight = predicted.double()
+        weight = weight / weight.sum(dim=1, keepdim=True).clamp_min(1)  # (n, T-1)
+        p = torch.softmax(logits[:, :-1].double(), dim=-1)  # (n, T-1, V)
+        s = p.sqrt()
+        root = torch.diag_embed(s) - p[..., :, None] * s[..., None, :]  # [n, t, i, j]
+        root = root * weight.sqrt()[..., None, None]
+        place = torch.eye(length - 1, length, dtype=root.dtype, device=root.device)  # position t of column t
+        out = torch.einsum("tu,ntij->tjnui", place, root)  # (T-1, V, n, T, V)
+        return out.reshape((length - 1) * vocab, n, length, vocab).to(logits.dtype)
 
 
 class _LmLogProb:

@@ -268,7 +268,7 @@ class Projector:
         loss = getattr(self.task.loss, "fn", None) if self.task.pairs else None
         kind = infer_task(loss, self.task.output_curvature)
         assert self.task.output_loss is not None  # ggn needs outputs (checked when building)
-        return OutputCurvature(self.task.output_loss, None if kind == "autograd" else kind)
+        return OutputCurvature(self.task.output_loss, kind)
 
     def _ggn_from_roots(self, batch: Any, outputs: Tensor) -> np.ndarray:
         """The projected GGN of a batch's mean loss from the output-curvature roots: ``(k, k)`` float64."""

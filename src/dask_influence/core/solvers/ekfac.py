@@ -278,12 +278,20 @@ class OutputCurvature:
     ``"classification"``: cross-entropy on logits, ``H_out = diag(p) - p p^T`` with
     ``p = softmax``, factored as ``S = diag(sqrt p) - p sqrt(p)^T`` (exact also for
     near-uniform ``p``). ``"regression"``: mean squared error over ``c`` outputs,
-    ``H_out = (2/c) I``. ``None``: the loss's own Hessian by autograd, factored by ``eigh``.
+    ``H_out = (2/c) I``. ``None``: the output loss's ``curvature_roots`` when it has that
+    method (the causal-LM task: per-position softmax blocks), else the loss's own Hessian by
+    autograd, factored by ``eigh``; ``"autograd"``: always the latter.
     """
 
     def __init__(self, output_loss: Callable[[Tensor, Any], Tensor], task: str | None):
         self.output_loss = output_loss
-        self.task = task
+        # an output loss may give its Hessian's roots in closed form (di.tasks.causal_lm's does):
+        # ``curvature_roots(outputs, batch) -> (r, n, *outputs.shape[1:])``, checked like the
+        # others; task="autograd" declines it
+        self.closed_form: Callable[[Tensor, Any], Tensor] | None = (
+            getattr(output_loss, "curvature_roots", None) if task is None else None
+        )
+        self.task = None if task == "autograd" else task
 
     def sample_loss(self, o: Tensor, sample: Any) -> Tensor:
         """The loss of one sample's outputs ``o`` (without the sample dimension)."""
@@ -326,6 +334,8 @@ class OutputCurvature:
             root = torch.diag_embed(s) - p[:, :, None] * s[:, None, :]
         elif self.task == "regression":
             root = math.sqrt(2.0 / c) * torch.eye(c, dtype=torch.float64, device=outputs.device).expand(n, c, c)
+        elif self.closed_form is not None:
+            return self.closed_form(outputs, targets)
         else:
             if c > MAX_AUTOGRAD_OUTPUTS:
                 raise ValueError(
@@ -355,7 +365,7 @@ class OutputCurvature:
 
     def check(self, outputs: Tensor, targets: Any) -> None:
         """Check a closed form against the loss's own Hessian on a few samples; raise if they differ."""
-        if self.task is None:
+        if self.task is None and self.closed_form is None:
             return
         o, y = outputs[:8].detach(), batches.slice_rows(targets, 0, 8)
         c = o[0].numel()
@@ -377,6 +387,12 @@ class OutputCurvature:
         tol = max(1e-8, 64 * c * eps) * scale
         error = float((closed - exact).abs().max())
         if error > tol:
+            if self.task is None:
+                raise ValueError(
+                    f"The output loss's curvature_roots ({type(self.output_loss).__name__}) differ from the "
+                    f"loss's own Hessian in the outputs by {error:.3e}; fix curvature_roots, or pass "
+                    "task='autograd' to use the loss's own Hessian."
+                )
             form = {
                 "classification": "diag(p) - p p^T of softmax cross-entropy",
                 "regression": "(2/c) I of mean squared error",
@@ -518,7 +534,7 @@ class EkfacInfluence(InfluenceModel):
             super().__init__(model, loss, config.replace(task=task))
             self._layers = find_layers(model, self._functions.spec, self.config.layers)
         assert self.objective.output_loss is not None  # a pair task or a task with outputs (checked above)
-        self._output = OutputCurvature(self.objective.output_loss, None if task == "autograd" else task)
+        self._output = OutputCurvature(self.objective.output_loss, task)
 
     # -- fitting --------------------------------------------------------------------------------
     def _fit(self, operator: LinearOperator, blocks: BlockSums) -> None:
