@@ -49,3 +49,20 @@ def test_ekfac_with_the_closed_form_equals_autograd_on_a_tiny_gpt2():
     test = {k: v[:3] for k, v in lm_batch(3, 8, 16, 4).items()}
     a, b = closed.influences(test, batch), slow.influences(test, batch)
     assert float((a - b).abs().max() / b.abs().max()) < 1e-10
+
+
+class _BigramLm(torch.nn.Module):
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, 4)
+        self.head = torch.nn.Linear(4, vocab)
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.head(self.embed(input_ids))
+
+
+def test_ekfac_refuses_closed_form_roots_too_many_to_back_propagate():
+    batch = lm_batch(3, 80, 64, 5)  # (T, V) = (80, 64): 5,120 entries per sequence
+    solver = EkfacInfluence(_BigramLm(64).double(), di.tasks.causal_lm(), regularization=0.1)
+    with pytest.raises(ValueError, match=r"outputs have 5,120 entries per sample.*backward passes.*CgInfluence"):
+        solver.fit(batch)

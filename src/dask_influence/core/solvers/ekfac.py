@@ -335,6 +335,13 @@ class OutputCurvature:
         elif self.task == "regression":
             root = math.sqrt(2.0 / c) * torch.eye(c, dtype=torch.float64, device=outputs.device).expand(n, c, c)
         elif self.closed_form is not None:
+            if c > MAX_AUTOGRAD_OUTPUTS:
+                raise ValueError(
+                    f"EK-FAC back-propagates each root of the loss's Hessian in the model outputs, and the "
+                    f"outputs have {c:,} entries per sample ({tuple(outputs.shape[1:])}): up to {c:,} backward "
+                    "passes per batch. Use a solver that needs only curvature products (CgInfluence or "
+                    "ArnoldiInfluence with curvature='ggn'), or shorter sequences or a smaller vocabulary."
+                )
             return self.closed_form(outputs, targets)
         else:
             if c > MAX_AUTOGRAD_OUTPUTS:
