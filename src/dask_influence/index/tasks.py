@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import zarr
 
+from ..core.eigen import factor_solve
 from ..mapping.tasks import _match_threads
 from . import layout
 
@@ -56,7 +57,7 @@ def factor_block(projector: Any, chol: np.ndarray, block: Any) -> np.ndarray:
     ``chol``: the lower Cholesky factor ``L`` ``(k, k)`` of ``C + lambda I``."""
     _match_threads()
     phi = torch.from_numpy(projector.project(block, measurement=True)).double()
-    return torch.cholesky_solve(phi.T, torch.from_numpy(chol)).T.numpy()
+    return factor_solve(torch.from_numpy(chol), phi.T).T.numpy()
 
 
 def score_group(factors: list[np.ndarray], path: str, rows: tuple[int, int], out_dtype: str) -> list[np.ndarray]:

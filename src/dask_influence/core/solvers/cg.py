@@ -20,6 +20,7 @@ from torch import Tensor
 from ...errors import ConvergenceWarning, NotPositiveDefiniteError
 from ..blocks import BlockSums
 from ..data import TrainingData
+from ..eigen import factor_solve
 from ..operators import Curvature, DampedOperator, LinearOperator
 from ..preconditioners import Preconditioner, make_preconditioner, preconditioner_name
 from .base import InfluenceModel
@@ -79,7 +80,7 @@ def _spd_solve(a: Tensor, b: Tensor) -> Tensor:
     """
     chol, info = torch.linalg.cholesky_ex(a)
     if int(info) == 0:
-        return torch.cholesky_solve(b, chol)
+        return factor_solve(chol, b)
     evals = torch.linalg.eigvalsh(a)
     smallest, largest = float(evals.min()), float(evals.abs().max())
     if smallest < -100 * a.shape[0] * torch.finfo(a.dtype).eps * largest:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..blocks import BlockSums
-from ..eigen import EigenOperator, check_positive_definite
+from ..eigen import EigenOperator, check_positive_definite, factor_solve
 from ..operators import BlockDiagonalOperator, LinearOperator
 from ..serialization import serializable
 from .base import InfluenceModel
@@ -135,7 +135,7 @@ class DirectInfluence(InfluenceModel):
             return out
         for (start, stop), factor in zip(state.blocks, self._cholesky_factors()):
             part = rhs[:, start:stop].to(factor.dtype).T  # (p_b, k)
-            out[:, start:stop] = torch.cholesky_solve(part, factor).T.to(rhs.dtype)
+            out[:, start:stop] = factor_solve(factor, part).T.to(rhs.dtype)
         return out
 
     def _cholesky_factors(self) -> tuple[Tensor, ...]:
@@ -184,7 +184,7 @@ def _checked_cholesky(matrix: Tensor, regularization: float) -> Tensor | None:
     largest = float((x.T @ h @ x).abs())
     x = start / start.norm()
     for _ in range(ESTIMATE_STEPS):  # inverse iteration: the smallest of H + lambda I (an upper bound)
-        y = torch.cholesky_solve(x, factor)
+        y = factor_solve(factor, x)
         x = y / y.norm()
     smallest = float(x.T @ a @ x)
     info = torch.finfo(matrix.dtype)  # the rounding level of the eigenvalues in the model's dtype
