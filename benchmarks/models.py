@@ -22,6 +22,9 @@ N_CLASSES = 10
 # name -> (description, widths of the two hidden layers); parameter counts in the comments
 MLP_WIDTHS = {
     "mlp-tiny": 8,  # 64-8-8-10: 682 parameters (the runner's smoke test)
+    "mlp-1k": 12,  # 1,066 (benchmarks/direct_bound.py)
+    "mlp-2.5k": 25,  # 2,535
+    "mlp-5k": 40,  # 4,650
     "mlp-1e4": 70,  # 64-70-70-10 tanh: 10,230 parameters
     "mlp-1e5": 280,  # 64-280-280-10: 99,690
     "mlp-1e6": 960,  # 64-960-960-10: 994,570
