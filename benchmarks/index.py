@@ -234,7 +234,7 @@ def exact_reference(problem: Problem) -> tuple[Callable[[float], np.ndarray], di
     if p <= DIRECT_MAX_PARAMS:
         solver: Any = di.DirectInfluence(problem.model, problem.objective, regularization=1.0, curvature="ggn")
         solver.fit(problem.train)
-        eigenvalues = solver.state_.all_eigenvalues
+        eigenvalues = torch.linalg.eigvalsh(solver.hessian.double())  # once, for the chosen lambda
         lam = LAMBDA_RELATIVE * float(eigenvalues.max())
         positive = eigenvalues.clamp(min=0)
         info.update(

@@ -295,12 +295,13 @@ def test_errors_are_one_line_messages(tmp_path):
         "[solver] unknown key 'regularisation'; did you mean 'regularization'?",
         "[blocks] train must be a positive integer; got 'x'.",
     ]
-    # the library's own errors (here from the solver's constructor)
+    # a value the solver refuses: checked when the job file loads, with the solver's own message
     negative = tmp_path / "negative.toml"
     negative.write_text(job.read_text().replace("regularization = 1e-3", "regularization = -1.0"))
     result = invoke("run", negative, "--quiet")
     assert result.exit_code == 1 and result.output.count("\n") == 1
-    assert result.output.startswith("Error: regularization must be a finite number >= 0; got -1.0")
+    expected = f"Error: {negative}: [solver] regularization must be a finite number >= 0; got -1.0"
+    assert result.output.startswith(expected)
     # a factory that cannot be imported
     missing = tmp_path / "missing.toml"
     missing.write_text(job.read_text().replace('"factory:make_problem"', '"no_such_module:make"'))

@@ -23,7 +23,9 @@ BIN = Path(sys.executable).parent
 def test_an_interrupted_run_says_how_to_resume_in_one_line(tmp_path, signum):
     job = rp.write_job(tmp_path, cluster="sequential = true")
     store = tmp_path / "store.zarr"
-    env = {**os.environ, rp.DELAY_ENV: "0.1", "PYTHONPATH": str(HERE)}
+    # half a second per train block: the signal lands mid-run even when polling the flags is slow
+    # (a loaded machine let a 0.1 s run finish before the signal arrived)
+    env = {**os.environ, rp.DELAY_ENV: "0.5", "PYTHONPATH": str(HERE)}
     env.pop("DASK_SCHEDULER_ADDRESS", None)
     driver = subprocess.Popen(
         [str(BIN / "dask-influence"), "run", str(job), "--quiet"],
