@@ -420,7 +420,7 @@ def run_ours(method: str, pb: Loaded, p: dict, chunk: int, model=None, dtype=Non
         warnings.simplefilter("ignore", UserWarning)  # EK-FAC on GPT-2: which parameters it leaves out
         t0 = time.perf_counter()  # construction counts as fit, as for the peers
         solver = make_ours(method, pb, p, chunk, model)
-        solver.fit(train)
+        solver.fit(train[0] if pb.is_lm else train)  # the dict batch itself: a 1-tuple would be a list of batches
         t1 = time.perf_counter()
         factors = solver.influence_factors(*test)
         t2 = time.perf_counter()
@@ -587,7 +587,7 @@ def run_problem(spec: Spec, peers: dict[str, str | None], repeats: int, log) -> 
             params["CG"]["iterations"] = int(cg.info_.iterations)
         if "LiSSA" in params:
             probe = make_ours("LiSSA", pb, {**params["LiSSA"], "maxiter": 1}, chunk)
-            probe.fit(batches(pb)[0])
+            probe.fit(batches(pb)[0][0] if pb.is_lm else batches(pb)[0])
             params["LiSSA"]["scale"] = float(probe.scale_)
         res["hyperparameters"] = params
 
