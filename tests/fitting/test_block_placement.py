@@ -57,37 +57,59 @@ def problem():
     return model, loss, x.numpy(), y.numpy()
 
 
+def _restrictions(keys, dask_scheduler=None):
+    """On the scheduler: the worker restrictions of each task key (sent as lists)."""
+    return [sorted(dask_scheduler.tasks[tuple(k)].worker_restrictions or ()) for k in keys]
+
+
 def test_each_worker_sums_its_own_group(problem, fit_client):
+    """Blocks are pinned loosely to their group's worker, and each group's sums stay there.
+
+    Loosely: the scheduler may still move a block, e.g. steal it for an idle worker while a
+    fresh cluster's other worker unpickles the solver (about one run in eight on a fresh
+    cluster). So the placement is tried up to three times; a pinning bug fails every time."""
     model, loss, x, y = problem
     solver = di.CgInfluence(model, loss, regularization=0.3)
     workers = sorted(fit_client.scheduler_info()["workers"])
     assert len(workers) == 2
     source = as_source((x, y), block_size=13)  # 13, 13, 13, 13, 13: groups [0, 1] and [2, 3, 4]
     v = np.random.default_rng(0).standard_normal((solver.num_params, 3))
-    with ClusterTrainBlocks(fit_client, solver, source) as blocks:
-        assert blocks.groups == [[0, 1], [2, 3, 4]]  # block 2's middle sample is past the half
-        wait(blocks._blocks)
-        where = fit_client.who_has(blocks._blocks)
-        for group, address in zip(blocks.groups, workers):
-            assert all(where[blocks._blocks[k].key] == (address,) for k in group)
-        # a first pass on workers that may have just started: until the scheduler knows how long
-        # these tasks take, an idle worker may steal a busy one's loosely pinned tasks
-        blocks.sum(curvature_block, v)
-        with get_task_stream(fit_client) as stream:
-            total = blocks.sum(curvature_block, v)
-        ran = {t["key"]: t["worker"] for t in stream.data}
     with LocalTrainBlocks(solver, source) as local:
         expected = local.sum(curvature_block, v)
-    np.testing.assert_allclose(total, expected, rtol=1e-13, atol=1e-15)
-    by_worker = {}
-    for key, worker in ran.items():
-        if "-sum" in str(key[0]):  # (name, group, depth, i): a group's additions stay on its worker
-            by_worker.setdefault(key[1], set()).add(worker)
-        else:
-            by_worker.setdefault(("block", key[2]), set()).add(worker)
-    assert by_worker[0] == {workers[0]} and by_worker[1] == {workers[1]}
-    assert all(by_worker[("block", k)] == {workers[0]} for k in (0, 1))
-    assert all(by_worker[("block", k)] == {workers[1]} for k in (2, 3, 4))
+    failures = []
+    for _ in range(3):
+        with ClusterTrainBlocks(fit_client, solver, source) as blocks:
+            assert blocks.groups == [[0, 1], [2, 3, 4]]  # block 2's middle sample is past the half
+            keys = [f.key for f in blocks._blocks]
+            wait(blocks._blocks)
+            asked = fit_client.run_on_scheduler(_restrictions, [list(k) for k in keys])  # in the order of keys
+            for group, address in zip(blocks.groups, workers):  # asked of the group's worker
+                assert all(asked[k] == [address] for k in group)
+            where = fit_client.who_has(blocks._blocks)
+            placed = all(where[keys[k]] == (a,) for g, a in zip(blocks.groups, workers) for k in g)
+            # a first pass on workers that may have just started: until the scheduler knows how long
+            # these tasks take, an idle worker may steal a busy one's loosely pinned tasks
+            blocks.sum(curvature_block, v)
+            with get_task_stream(fit_client) as stream:
+                total = blocks.sum(curvature_block, v)
+            ran = {t["key"]: t["worker"] for t in stream.data}
+        np.testing.assert_allclose(total, expected, rtol=1e-13, atol=1e-15)
+        by_worker: dict = {}
+        for key, worker in ran.items():
+            if "-sum" in str(key[0]):  # (name, group, depth, i): a group's additions stay on its worker
+                by_worker.setdefault(key[1], set()).add(worker)
+            else:
+                by_worker.setdefault(("block", key[2]), set()).add(worker)
+        summed = (
+            by_worker[0] == {workers[0]}
+            and by_worker[1] == {workers[1]}
+            and all(by_worker[("block", k)] == {workers[0]} for k in (0, 1))
+            and all(by_worker[("block", k)] == {workers[1]} for k in (2, 3, 4))
+        )
+        if placed and summed:
+            return
+        failures.append((where, by_worker))
+    pytest.fail(f"blocks or sums left their group's worker in 3 tries: {failures}")
 
 
 def test_no_large_graph_warning_for_the_solver_and_data(problem, fit_client, tmp_path):

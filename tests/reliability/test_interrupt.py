@@ -19,6 +19,10 @@ HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
 def test_an_interrupted_run_says_how_to_resume_in_one_line(tmp_path, signum):
     job = rp.write_job(tmp_path, cluster="sequential = true")
@@ -34,6 +38,9 @@ def test_an_interrupted_run_says_how_to_resume_in_one_line(tmp_path, signum):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
+        # a shell that starts this suite in the background (`cmd &` without job control) gives
+        # its children SIGINT ignored, and Python then installs no KeyboardInterrupt handler
+        preexec_fn=_default_sigint,
     )
     try:
         deadline = time.monotonic() + 180
