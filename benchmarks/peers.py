@@ -376,6 +376,13 @@ def batches(pb: Loaded, dtype: torch.dtype | None = None) -> tuple[tuple, tuple]
     return (x, pb.y_train), (xt, pb.y_test)
 
 
+def fit_data(pb: Loaded, train: tuple) -> Any:
+    """``train`` of :func:`batches` as ``fit`` takes it: the ``(x, y)`` pair, or the language model's
+    dict batch itself (the 1-tuple ``(batch,)`` would be read as a list of one batch, whose random
+    batches for LiSSA are then whole batches)."""
+    return train[0] if pb.is_lm else train
+
+
 def make_ours(method: str, pb: Loaded, p: dict, chunk: int, model: torch.nn.Module | None = None):
     import dask_influence as di
 
@@ -420,7 +427,7 @@ def run_ours(method: str, pb: Loaded, p: dict, chunk: int, model=None, dtype=Non
         warnings.simplefilter("ignore", UserWarning)  # EK-FAC on GPT-2: which parameters it leaves out
         t0 = time.perf_counter()  # construction counts as fit, as for the peers
         solver = make_ours(method, pb, p, chunk, model)
-        solver.fit(train[0] if pb.is_lm else train)  # the dict batch itself: a 1-tuple would be a list of batches
+        solver.fit(fit_data(pb, train))
         t1 = time.perf_counter()
         factors = solver.influence_factors(*test)
         t2 = time.perf_counter()
@@ -587,7 +594,7 @@ def run_problem(spec: Spec, peers: dict[str, str | None], repeats: int, log) -> 
             params["CG"]["iterations"] = int(cg.info_.iterations)
         if "LiSSA" in params:
             probe = make_ours("LiSSA", pb, {**params["LiSSA"], "maxiter": 1}, chunk)
-            probe.fit(batches(pb)[0][0] if pb.is_lm else batches(pb)[0])
+            probe.fit(fit_data(pb, batches(pb)[0]))
             params["LiSSA"]["scale"] = float(probe.scale_)
         res["hyperparameters"] = params
 
