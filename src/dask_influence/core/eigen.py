@@ -67,10 +67,16 @@ def definiteness(eigenvalues: Tensor, regularization: float) -> tuple[float, flo
     values = eigenvalues.double()
     count = eigenvalues.numel()
     scale = float(values.abs().max()) if count else 0.0
-    info = torch.finfo(eigenvalues.dtype)
-    threshold = max(count * info.eps * scale, info.tiny)
+    threshold = rounding_level(count, scale, eigenvalues.dtype)
     smallest = float((values + regularization).min()) if count else float("inf")
     return smallest, threshold, scale
+
+
+def rounding_level(count: int, scale: float, dtype: torch.dtype) -> float:
+    """``max(count * eps * scale, tiny)`` in ``dtype``: below it an eigenvalue of a ``count x count``
+    matrix whose largest is ``scale`` cannot be told from rounding."""
+    info = torch.finfo(dtype)
+    return max(count * info.eps * scale, info.tiny)
 
 
 def check_positive_definite(eigenvalues: Tensor, regularization: float, solver: str) -> None:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..blocks import BlockSums
-from ..eigen import EigenOperator, check_positive_definite, factor_solve
+from ..eigen import EigenOperator, check_positive_definite, factor_solve, rounding_level
 from ..operators import BlockDiagonalOperator, LinearOperator
 from ..serialization import serializable
 from .base import InfluenceModel
@@ -187,8 +187,7 @@ def _checked_cholesky(matrix: Tensor, regularization: float) -> Tensor | None:
         y = factor_solve(factor, x)
         x = y / y.norm()
     smallest = float(x.T @ a @ x)
-    info = torch.finfo(matrix.dtype)  # the rounding level of the eigenvalues in the model's dtype
-    threshold = max(p * info.eps * largest, info.tiny)
+    threshold = rounding_level(p, largest, matrix.dtype)  # of the eigenvalues in the model's dtype
     return factor if smallest > SAFETY_MARGIN * threshold else None
 
 
