@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacfwd, jacrev, vmap
+from torch.utils._pytree import tree_flatten
 
 from ..errors import NonFiniteError
 from . import batches
@@ -227,6 +228,32 @@ class ModelFunctions:
     def batch_loss(self, theta: Tensor, batch: Any) -> Tensor:
         """The task's loss on a batch (mean over the batch): a scalar."""
         return self.apply(theta, self.task.loss, batch)
+
+    def activation_bytes(self, theta: Tensor, batch: Any) -> int:
+        """Bytes of the largest tensor any module of the model returns for ONE sample: the first
+        sample of ``batch``, one forward without gradients. A batched curvature product keeps
+        about this much per layer for every sample and vector it carries. ``0`` when that
+        forward fails (the product itself will then say why)."""
+        largest = 0
+
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            nonlocal largest
+            for leaf in tree_flatten(output)[0]:
+                if isinstance(leaf, Tensor):
+                    largest = max(largest, leaf.numel() * leaf.element_size())
+
+        # under the forward lock: another thread's forward must not reach the hooks
+        with _FORWARD_LOCK:
+            handles = [m.register_forward_hook(hook) for m in self.model.modules()]
+            try:
+                with torch.no_grad():
+                    self.batch_loss(theta, batches.slice_rows(batch, 0, 1))
+            except Exception:  # a sizing pass only: the real product raises the real error
+                return 0
+            finally:
+                for handle in handles:
+                    handle.remove()
+        return largest
 
     def sample_loss(self, theta: Tensor, sample: Any) -> Tensor:
         """The loss of one sample (leaves without their batch dimension): a scalar."""
