@@ -203,6 +203,7 @@ class Spec:
     regularization: float = 0.1
     timeout_s: float = 600.0  # per run of a peer; a run over it is killed and not repeated
     lm_steps: int = 300  # training steps of the language model (full batch)
+    lissa_curve: tuple[int, ...] = (10, 25)  # fewer steps of our LiSSA, once each: accuracy against time
 
 
 # Hyperparameters every library gets (each names them its own way; see the drivers).
@@ -733,12 +734,30 @@ def run_problem(spec: Spec, peers: dict[str, str | None], repeats: int, log) -> 
                     row["agreement_with_ours"] = pearson(v, values[(m, OURS)])
                 row["vs_lower_bound"] = row["end_to_end_s"] / best["total_s"]
                 res["rows"].append(row)
+        if "LiSSA" in params and (("LiSSA", OURS) in runs):
+            res["lissa_steps"] = lissa_curve(spec, pb, params["LiSSA"], chunk, ref, res["rows"], log)
     finally:
         for proc in procs.values():
             proc.close()
         shutil.rmtree(tmp, ignore_errors=True)
     res["wall_s"] = time.perf_counter() - t_start
     return res
+
+
+def lissa_curve(spec: Spec, pb: Loaded, p: dict, chunk: int, ref: np.ndarray, rows: list[dict], log) -> list[dict]:
+    """Our LiSSA with fewer steps (``spec.lissa_curve``, one run each) and the row's own steps:
+    ``[{"steps", "end_to_end_s", "pearson"}, ...]``, accuracy against time along the recursion."""
+    curve = []
+    for steps in spec.lissa_curve:
+        if steps >= p["maxiter"]:
+            continue
+        log(f"   LiSSA ours, {steps} steps")
+        timing, vals, _ = run_ours("LiSSA", pb, {**p, "maxiter": steps}, chunk)
+        curve.append({"steps": steps, "end_to_end_s": sum(timing.values()), "pearson": pearson(vals, ref)})
+    own = next(r for r in rows if r["method"] == "LiSSA" and r["library"] == OURS)
+    if _ok(own):
+        curve.append({"steps": p["maxiter"], "end_to_end_s": own["end_to_end_s"], "pearson": own["pearson"]})
+    return curve
 
 
 # -- reports (pure: tests/benchmarks/test_peers.py runs them on a fixed report) ---------------------
@@ -800,6 +819,11 @@ def markdown(report: dict) -> str:
                 f"{_f(row['spearman'], '{:.4f}')} | {_f(row.get('agreement_with_ours'), '{:.4f}')} | "
                 f"{_f(row['vs_lower_bound'], '{:.1f}x')} |"
             )
+        if res.get("lissa_steps"):
+            points = "; ".join(
+                f"{pt['steps']} steps: {pt['pearson']:.4f} in {pt['end_to_end_s']:.2f} s" for pt in res["lissa_steps"]
+            )
+            lines += ["", f"Our LiSSA by steps (Pearson vs exact, end to end; fewer steps once each): {points}."]
         lines.append("")
     lines += [
         "### Ours against the fastest peer, per method",
@@ -820,7 +844,32 @@ def markdown(report: dict) -> str:
                 f"{best['library']}: {_f(best['end_to_end_s'])} ({_f(best['pearson'], '{:.4f}')}) | "
                 f"{ours['end_to_end_s'] / best['end_to_end_s']:.2f}x |"
             )
+            # the fewest steps of our LiSSA that reach the fastest peer's accuracy
+            reach = [pt for pt in res.get("lissa_steps") or [] if pt["pearson"] >= best["pearson"]]
+            if method == "LiSSA" and reach:
+                pt = min(reach, key=lambda q: q["end_to_end_s"])
+                lines.append(
+                    f"| {res['key']} | LiSSA, {pt['steps']} steps (equal accuracy) | {_f(pt['end_to_end_s'])} "
+                    f"({_f(pt['pearson'], '{:.4f}')}) | {best['library']}: {_f(best['end_to_end_s'])} "
+                    f"({_f(best['pearson'], '{:.4f}')}) | {pt['end_to_end_s'] / best['end_to_end_s']:.2f}x |"
+                )
     return "\n".join(lines) + "\n"
+
+
+def merge(paths: list[Path]) -> dict:
+    """One report from several runs' ``peers.json``: their problems in order, a later run's problem
+    replacing an earlier one with the same key; the peers' statuses and versions of all."""
+    reports = [json.loads(Path(path).read_text()) for path in paths]
+    merged = {**reports[-1], "problems": [], "merged_from": [str(path) for path in paths]}
+    problems: dict[str, dict] = {}
+    for rep in reports:
+        for name, info in rep["peers"].items():
+            merged["peers"].setdefault(name, {}).update({k: v for k, v in info.items() if v})
+        for res in rep["problems"]:
+            problems[res["key"]] = {**res, "date": rep.get("date"), "repeats": res.get("repeats", rep.get("repeats"))}
+    merged["problems"] = list(problems.values())
+    merged["date"] = ", ".join(sorted({str(rep.get("date")) for rep in reports}))
+    return merged
 
 
 MARKERS = {OURS: "o", "pyDVL": "s", "Kronfluence": "D", "dattri": "^", "captum": "v"}
@@ -851,6 +900,18 @@ def plot(report: dict, path: Path) -> None:
                 s=60 if row["library"] == OURS else 40,
                 edgecolors="black" if row["library"] == OURS else "none",
             )
+        curve = res.get("lissa_steps") or []
+        if len(curve) > 1:
+            xs, ys = [pt["end_to_end_s"] for pt in curve], [pt["pearson"] for pt in curve]
+            ax.plot(xs, ys, color=colors[METHODS.index("LiSSA") % len(colors)], lw=1, alpha=0.7, zorder=1)
+            for pt in curve:
+                ax.annotate(
+                    str(pt["steps"]),
+                    (pt["end_to_end_s"], pt["pearson"]),
+                    fontsize=7,
+                    xytext=(3, -9),
+                    textcoords="offset points",
+                )
         ax.axvline(res["lower_bound"]["total_s"], color="grey", ls=":", lw=1)
         ax.set(xscale="log", xlabel="end to end, s (fit + factors + scoring)", ylabel="Pearson vs exact")
         ax.set_title(f"{res['key']} ({res['params']:,} parameters)", fontsize=10)
@@ -864,6 +925,7 @@ def plot(report: dict, path: Path) -> None:
     ]
     handles += [Line2D([], [], ls="", marker=mk, color="black", mfc="none", label=lib) for lib, mk in MARKERS.items()]
     handles.append(Line2D([], [], color="grey", ls=":", label="lower bound"))
+    handles.append(Line2D([], [], color=colors[METHODS.index("LiSSA") % len(colors)], label="our LiSSA by steps"))
     fig.legend(handles=handles, loc="lower center", ncol=6, fontsize=8, frameon=False)
     fig.suptitle("Time to accuracy: method (colour) by library (marker)", fontsize=11)
     fig.tight_layout(rect=(0, 0.08, 1, 0.97))
@@ -881,9 +943,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--peers", default=None, help="comma-separated peers to run (default: all installed)")
     parser.add_argument("--methods", default=None, help="comma-separated methods to run, e.g. Arnoldi,EK-FAC")
     parser.add_argument("--plot", default=None, help="where the plot goes (default: see the module's docstring)")
+    parser.add_argument(
+        "--merge", nargs="+", default=None, help="no run: merge these peers.json files into --out (tables, plot)"
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        report = merge([Path(path) for path in args.merge])
+        (out / "peers.json").write_text(json.dumps(report, indent=2))
+        (out / "peers.md").write_text(markdown(report))
+        plot(report, Path(args.plot) if args.plot else ROOT / "docs" / "img" / "time_to_accuracy.png")
+        return report
 
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)

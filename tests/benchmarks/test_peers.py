@@ -159,3 +159,46 @@ def test_direct_preconditioned_cg_reference_is_the_float64_direct_solution():
     assert info["iterations"] <= 4  # plain CG needs tens of sweeps here
     np.testing.assert_allclose(values, exact, rtol=0, atol=1e-10 * np.abs(exact).max())
     assert "Cholesky factor of our float32 Direct fit" in peers.reference_text(info)
+
+
+def test_lissa_curve_in_tables_and_plot_and_merge(tmp_path):
+    import copy
+    import json
+
+    rep = copy.deepcopy(REPORT)
+    mlp = rep["problems"][0]
+    mlp["rows"] += [row("LiSSA", "ours", 10.0, 0.999), row("LiSSA", "pyDVL", 6.0, 0.90)]
+    mlp["lissa_steps"] = [
+        {"steps": 10, "end_to_end_s": 3.0, "pearson": 0.97},
+        {"steps": 25, "end_to_end_s": 5.0, "pearson": 0.99},
+        {"steps": 100, "end_to_end_s": 10.0, "pearson": 0.999},
+    ]
+    md = peers.markdown(rep)
+    assert "10 steps: 0.9700 in 3.00 s; 25 steps: 0.9900 in 5.00 s; 100 steps: 0.9990 in 10.00 s" in md
+    assert "| mlp-1e4 | LiSSA | 10.000 (0.9990) | pyDVL: 6.000 (0.9000) | 1.67x |" in md
+    # the fewest steps that reach pyDVL's 0.90: 10 steps, in half its time
+    assert "| mlp-1e4 | LiSSA, 10 steps (equal accuracy) | 3.000 (0.9700) | pyDVL: 6.000 (0.9000) | 0.50x |" in md
+    peers.plot(rep, tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").stat().st_size > 0
+
+    # merging two runs: the later run's problem replaces the earlier one of the same key
+    first, second = copy.deepcopy(REPORT), copy.deepcopy(rep)
+    second["problems"] = [mlp]
+    second["date"] = "2026-12-02"
+    (tmp_path / "a.json").write_text(json.dumps(first))
+    (tmp_path / "b.json").write_text(json.dumps(second))
+    merged = peers.main(
+        [
+            "--merge",
+            str(tmp_path / "a.json"),
+            str(tmp_path / "b.json"),
+            "--out",
+            str(tmp_path / "out"),
+            "--plot",
+            str(tmp_path / "out" / "plot.png"),
+        ]
+    )
+    assert [p["key"] for p in merged["problems"]] == ["mlp-1e4", "gpt2-tiny"]
+    assert merged["problems"][0]["lissa_steps"] == mlp["lissa_steps"]
+    assert merged["problems"][0]["date"] == "2026-12-02" and merged["problems"][1]["date"] == "2026-12-01"
+    assert "LiSSA, 10 steps (equal accuracy)" in (tmp_path / "out" / "peers.md").read_text()
