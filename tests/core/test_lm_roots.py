@@ -66,3 +66,10 @@ def test_ekfac_refuses_closed_form_roots_too_many_to_back_propagate():
     solver = EkfacInfluence(_BigramLm(64).double(), di.tasks.causal_lm(), regularization=0.1)
     with pytest.raises(ValueError, match=r"outputs have 5,120 entries per sample.*backward passes.*CgInfluence"):
         solver.fit(batch)
+
+
+def test_ekfac_refuses_autograd_hessians_of_too_many_outputs():
+    batch = lm_batch(3, 80, 64, 5)
+    solver = EkfacInfluence(_BigramLm(64).double(), di.tasks.causal_lm(), regularization=0.1, task="autograd")
+    with pytest.raises(ValueError, match=r"5,120 entries per sample.*by autograd, a 5,120 x 5,120 matrix.*closed form"):
+        solver.fit(batch)

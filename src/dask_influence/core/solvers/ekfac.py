@@ -334,24 +334,20 @@ class OutputCurvature:
             root = torch.diag_embed(s) - p[:, :, None] * s[:, None, :]
         elif self.task == "regression":
             root = math.sqrt(2.0 / c) * torch.eye(c, dtype=torch.float64, device=outputs.device).expand(n, c, c)
+        elif c > MAX_AUTOGRAD_OUTPUTS:
+            if self.closed_form is not None:
+                cost, fix = f"up to {c:,} backward passes per batch", "or shorter sequences or a smaller vocabulary"
+            else:
+                cost = f"its Hessian there by autograd, a {c:,} x {c:,} matrix per sample and {c:,} backward passes"
+                fix = "or a task with a closed form (output_curvature='classification' for (n, c) logits)"
+            raise ValueError(
+                f"EK-FAC back-propagates each root of the loss's Hessian in the model outputs, and the outputs "
+                f"have {c:,} entries per sample ({tuple(outputs.shape[1:])}): {cost}. Use a solver that needs "
+                f"only curvature products (CgInfluence or ArnoldiInfluence with curvature='ggn'), {fix}."
+            )
         elif self.closed_form is not None:
-            if c > MAX_AUTOGRAD_OUTPUTS:
-                raise ValueError(
-                    f"EK-FAC back-propagates each root of the loss's Hessian in the model outputs, and the "
-                    f"outputs have {c:,} entries per sample ({tuple(outputs.shape[1:])}): up to {c:,} backward "
-                    "passes per batch. Use a solver that needs only curvature products (CgInfluence or "
-                    "ArnoldiInfluence with curvature='ggn'), or shorter sequences or a smaller vocabulary."
-                )
             return self.closed_form(outputs, targets)
         else:
-            if c > MAX_AUTOGRAD_OUTPUTS:
-                raise ValueError(
-                    f"EK-FAC takes the loss's Hessian in the model outputs by autograd here, and the outputs "
-                    f"have {c:,} entries per sample ({tuple(outputs.shape[1:])}): a {c:,} x {c:,} matrix per "
-                    f"sample and {c:,} backward passes per batch. Use a solver that needs only curvature "
-                    "products (CgInfluence or ArnoldiInfluence with curvature='ggn'), or a task with a "
-                    "closed form (output_curvature='classification' for (n, c) logits)."
-                )
             h, eps = self.wide_hessians(outputs, targets)
             values, vectors = torch.linalg.eigh(0.5 * (h + h.transpose(1, 2)))
             # A convex loss's Hessian can show negative eigenvalues of the size of its rounding
