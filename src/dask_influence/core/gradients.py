@@ -397,7 +397,9 @@ class ModelFunctions:
         ``J_i`` ``(c, p)`` is the Jacobian of sample ``i``'s outputs (``c`` entries) in the
         parameters, by vmapped reverse mode (``c`` backward passes per sample), and ``H_i``
         ``(c, c)`` the Hessian of its loss in its outputs. Exact for the GGN, and for small
-        ``c`` far cheaper than ``p`` GGN-vector products. Samples are taken in sub-chunks
+        ``c`` far cheaper than ``p`` GGN-vector products. With ``H_i = R_i R_i^T`` (a convex
+        loss: :func:`psd_roots`) the sum is the Gram matrix of the rows ``R_i^T J_i``, formed
+        by :func:`add_gram_` (the upper blocks only). Samples are taken in sub-chunks
         holding at most ``max_entries`` numbers of ``J`` (the memory bound: ``8 * max_entries``
         bytes in float64).
         """
@@ -430,11 +432,53 @@ class ModelFunctions:
             j = torch.cat([jac[k].reshape(m, c, -1) for k in names], dim=2)  # (m, c, p)
             outs = vmap(sample_outputs, in_dims=(None, 0))(params, chunk).detach()
             h = vmap(jacrev(jacrev(sample_output_loss)), in_dims=(0, 0, None))(outs, chunk, shape)  # (m, c, c)
-            hj = h @ j
-            j2, hj2 = j.reshape(m * c, -1), hj.reshape(m * c, -1)
+            roots = psd_roots(h)
+            if roots is None:  # a loss not convex in the outputs: sum_i J_i^T (H_i J_i), one GEMM
+                j2, hj2 = j.reshape(m * c, -1), (h @ j).reshape(m * c, -1)
+                for total, (a, b) in zip(totals, ranges):
+                    total.addmm_(j2[:, a:b].T, hj2[:, a:b])
+                continue
+            rows = (roots.transpose(1, 2) @ j).reshape(-1, j.shape[2])  # (m r, p): the R_i^T J_i
             for total, (a, b) in zip(totals, ranges):
-                total.addmm_(j2[:, a:b].T, hj2[:, a:b])  # one GEMM: sum_i J_i^T (H_i J_i)
+                add_gram_(total, rows[:, a:b])  # sum_i (R_i^T J_i)^T (R_i^T J_i)
         return totals
+
+
+def psd_roots(h: Tensor) -> Tensor | None:
+    """``R`` ``(m, c, r)`` with ``R_i R_i^T = h_i`` for symmetric positive semi-definite ``h``
+    ``(m, c, c)``, in ``h``'s dtype; ``None`` when some ``h_i`` has an eigenvalue below minus the
+    rounding level ``c * eps * max|eigenvalue|``. Eigendirections whose eigenvalue is within that
+    level of zero in every sample are left out (cross-entropy's along the ones vector), so
+    ``r <= c``."""
+    wide = h.double()
+    values, vectors = torch.linalg.eigh(0.5 * (wide + wide.transpose(1, 2)))  # ascending per sample
+    tol = h.shape[1] * torch.finfo(h.dtype).eps * float(values.abs().max())
+    if bool((values < -tol).any()):
+        return None
+    keep = (values > tol).any(dim=0)
+    return (vectors[:, :, keep] * values[:, keep].clamp_min(0).sqrt()[:, None, :]).to(h.dtype)
+
+
+GRAM_BLOCK = 256
+"""Columns per block of :func:`add_gram_`. Measured with torch 2.13 (MKL) on one core of the
+2-core machine: ``A^T A`` for ``A`` ``(7,210, 4,650)`` float32 in blocks of 256-768 columns took
+0.40-0.44x the time of one full GEMM (half the multiply-adds, and blocks that stay in cache),
+``(20,000, 1,066)`` 0.44x at 256 and 0.52-0.58x at 512-1,024."""
+
+
+def add_gram_(total: Tensor, a: Tensor) -> None:
+    """``total += a^T a`` for ``a`` ``(m, q)`` and ``total`` ``(q, q)``: the blocks on and above
+    the diagonal, :data:`GRAM_BLOCK` columns each, each off-diagonal one added twice (itself and
+    its transpose)."""
+    q = a.shape[1]
+    edges = [*range(0, q, GRAM_BLOCK), q]
+    for i in range(len(edges) - 1):
+        lo, hi = edges[i], edges[i + 1]
+        for k in range(i, len(edges) - 1):
+            product = a[:, lo:hi].T @ a[:, edges[k] : edges[k + 1]]
+            total[lo:hi, edges[k] : edges[k + 1]] += product
+            if k > i:
+                total[edges[k] : edges[k + 1], lo:hi] += product.T
 
 
 def _row(batch: Any, i: int) -> Any:
