@@ -19,9 +19,7 @@ from dask_influence.core import operators
 
 def small_cnn() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)
-    ).double()
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).double()
 
 
 @pytest.fixture
@@ -58,14 +56,23 @@ def test_split_products_equal_the_whole_batch_product(curvature, data, monkeypat
 
     monkeypatch.setattr(op.functions, name, spy)
     per_sample = 4 * 36 * 8
-    # 10 samples x 8 vectors fit; 45 samples do not: pieces of 10, 10, 10, 10 and 5
+    # 8 vectors are already at the fewest (16) before samples are split: 10 of 45 samples fit,
+    # pieces of 10, 10, 10, 10 and 5
     monkeypatch.setattr(operators, "ACTIVATION_BUDGET", 10 * 8 * per_sample)
     monkeypatch.setattr(operators, "MIN_PIECE_SAMPLES", 4)
     split = op.batch_matmat(data, v)
     assert calls == [(10, 8)] * 4 + [(5, 8)]
     torch.testing.assert_close(split, whole, rtol=1e-12, atol=1e-14)
 
-    # at the fewest samples per piece, the vectors are split as well: 4 samples x 2 vectors
+    # fewer vectors first: 45 samples x 2 vectors fit, the batch stays whole
+    calls.clear()
+    monkeypatch.setattr(operators, "MIN_PIECE_VECTORS", 2)
+    monkeypatch.setattr(operators, "ACTIVATION_BUDGET", 45 * 2 * per_sample)
+    split = op.batch_matmat(data, v)
+    assert calls == [(45, 2)] * 4
+    torch.testing.assert_close(split, whole, rtol=1e-12, atol=1e-14)
+
+    # then fewer samples, down to the fewest: 4 samples x 2 vectors
     calls.clear()
     monkeypatch.setattr(operators, "ACTIVATION_BUDGET", 4 * 2 * per_sample)
     split = op.batch_matmat(data, v)

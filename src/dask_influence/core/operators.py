@@ -20,16 +20,23 @@ from .data import TrainingData
 from .gradients import ModelFunctions, check_finite
 
 ACTIVATION_BUDGET = 16 << 20
-"""Bytes of one layer's activations, over all samples and vectors of one batched curvature
-product, above which :meth:`CurvatureOperator.batch_matmat` splits the batch. Measured with
-torch 2.13 on 2 cores (microseconds per sample and vector of a Hessian product): the digits
-CNN (4 KiB per sample) 45-48 at 256 samples x 16 vectors or 64 x 64 (16 MiB), 88-93 at
-256-2,000 x 100 (100-800 MiB); an MLP of 1e5 parameters (1.2 KiB) 22-24 at 256-512 x 100,
-29 at 2,000 x 100. Beyond the caches the vectorized double backward runs at memory speed."""
+"""Bytes of one layer's activations (its largest module output per sample, times the samples
+and vectors of one batched curvature product) above which
+:meth:`CurvatureOperator.batch_matmat` splits the product: first into fewer vectors (down to
+:data:`MIN_PIECE_VECTORS`), then into fewer samples (down to :data:`MIN_PIECE_SAMPLES`).
+Measured with torch 2.13 on 2 cores, microseconds per sample and vector of a Hessian product
+(samples x vectors): the digits CNN (4 KiB per sample) 44-48 at 64 x 64, 128 x 32 and
+256 x 16 (16 MiB), 74-98 at twice that or more; an MLP of 1e5 parameters (1.1 KiB) 19-22 at
+256-1,024 x 16 against 23-26 at 64 vectors and 26-58 below 256 samples; an MLP of 1e4
+(280 B) fastest at the largest pieces (2.6 at 1,024 x 64). Beyond the caches the vectorized
+double backward runs at memory speed; too small a piece pays the forward and backward that
+every product starts with."""
+
+MIN_PIECE_VECTORS = 16
+"""The fewest vectors a split product keeps before it takes fewer samples."""
 
 MIN_PIECE_SAMPLES = 64
-"""The fewest samples a split piece gets; below it the per-call overheads dominate (the MLP
-of 1e5 parameters: 69 microseconds at 64 samples x 64 vectors against 22 at 256 x 16)."""
+"""The fewest samples a split product keeps."""
 
 
 class Curvature(str, Enum):
@@ -117,9 +124,10 @@ class CurvatureOperator(LinearOperator):
     def batch_matmat(self, batch: Any, v: Tensor) -> Tensor:
         """The curvature of ONE batch's mean loss times ``v`` ``(p, k)``: ``(p, k)``.
 
-        Pushed through in pieces of at most ``max_columns`` vectors and of as many samples as
-        keep each layer's activations for all of them within :data:`ACTIVATION_BUDGET` (the
-        pieces' products weighted by their share of the batch: the same mean)."""
+        Pushed through in pieces of at most ``max_columns`` vectors, fewer vectors and then
+        fewer samples where one layer's activations for all of them would exceed
+        :data:`ACTIVATION_BUDGET` (the pieces' products weighted by their share of the batch:
+        the same mean)."""
         fn = self.functions.hessian_matmat if self.curvature is Curvature.hessian else self.functions.ggn_matmat
         n = batches.size(batch)
         rows, cols = self._piece(batch, n, min(v.shape[1], self.max_columns))
@@ -134,16 +142,18 @@ class CurvatureOperator(LinearOperator):
 
     def _piece(self, batch: Any, n: int, cols: int) -> tuple[int, int]:
         """Samples and vectors per product: all of them while ``n * cols`` per-sample
-        activations fit in the budget, else fewer samples (down to :data:`MIN_PIECE_SAMPLES`),
-        then fewer vectors."""
+        activations fit in the budget, else fewer vectors (down to :data:`MIN_PIECE_VECTORS`),
+        then fewer samples (down to :data:`MIN_PIECE_SAMPLES`)."""
         shape = tuple(tuple(leaf.shape[1:]) for leaf in batches.leaves(batch) if isinstance(leaf, Tensor))
         if shape not in self._activation_bytes:
             self._activation_bytes[shape] = self.functions.activation_bytes(self.theta, batch)
         per = self._activation_bytes[shape]
         if per == 0 or n * cols * per <= ACTIVATION_BUDGET:
             return n, cols
-        rows = min(n, max(MIN_PIECE_SAMPLES, ACTIVATION_BUDGET // (cols * per)))
-        return rows, max(1, min(cols, ACTIVATION_BUDGET // (rows * per)))
+        cols = max(min(cols, MIN_PIECE_VECTORS), ACTIVATION_BUDGET // (n * per))
+        if n * cols * per <= ACTIVATION_BUDGET:
+            return n, cols
+        return min(n, max(MIN_PIECE_SAMPLES, ACTIVATION_BUDGET // (cols * per))), cols
 
     def matmat(self, v: Tensor) -> Tensor:
         """``H V``: the mean over the training batches of their curvature products."""
