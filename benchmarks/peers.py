@@ -857,8 +857,10 @@ def markdown(report: dict) -> str:
 
 
 def merge(paths: list[Path]) -> dict:
-    """One report from several runs' ``peers.json``: their problems in order, a later run's problem
-    replacing an earlier one with the same key; the peers' statuses and versions of all."""
+    """One report from several runs' ``peers.json``: their problems in order. A later run of a
+    problem replaces the earlier run's rows of the methods it ran (a run with ``--methods``
+    replaces those rows only, each row keeping its own run's date and ratio to that run's lower
+    bound); the peers' statuses and versions of all."""
     reports = [json.loads(Path(path).read_text()) for path in paths]
     merged = {**reports[-1], "problems": [], "merged_from": [str(path) for path in paths]}
     problems: dict[str, dict] = {}
@@ -866,7 +868,17 @@ def merge(paths: list[Path]) -> dict:
         for name, info in rep["peers"].items():
             merged["peers"].setdefault(name, {}).update({k: v for k, v in info.items() if v})
         for res in rep["problems"]:
-            problems[res["key"]] = {**res, "date": rep.get("date"), "repeats": res.get("repeats", rep.get("repeats"))}
+            new = {**res, "date": rep.get("date"), "repeats": res.get("repeats", rep.get("repeats"))}
+            new["rows"] = [{**row, "date": rep.get("date")} for row in res["rows"]]
+            old = problems.get(res["key"])
+            if old is not None:
+                ran = {row["method"] for row in new["rows"]}
+                kept = [row for row in old["rows"] if row["method"] not in ran]
+                order = {m: i for i, m in enumerate(METHODS)}
+                new["rows"] = sorted(kept + new["rows"], key=lambda row: order.get(row["method"], len(order)))
+                if "lissa_steps" not in new and "LiSSA" not in ran and "lissa_steps" in old:
+                    new["lissa_steps"] = old["lissa_steps"]
+            problems[res["key"]] = new
     merged["problems"] = list(problems.values())
     merged["date"] = ", ".join(sorted({str(rep.get("date")) for rep in reports}))
     return merged

@@ -202,3 +202,16 @@ def test_lissa_curve_in_tables_and_plot_and_merge(tmp_path):
     assert merged["problems"][0]["lissa_steps"] == mlp["lissa_steps"]
     assert merged["problems"][0]["date"] == "2026-12-02" and merged["problems"][1]["date"] == "2026-12-01"
     assert "LiSSA, 10 steps (equal accuracy)" in (tmp_path / "out" / "peers.md").read_text()
+    # a later run of some methods replaces those rows only
+    third = copy.deepcopy(REPORT)
+    third["problems"] = [{**copy.deepcopy(mlp), "rows": [row("EK-FAC", "ours", 0.5, 0.91)]}]
+    third["problems"][0].pop("lissa_steps")
+    third["date"] = "2026-12-03"
+    (tmp_path / "c.json").write_text(json.dumps(third))
+    merged = peers.merge([tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"])
+    rows = {(r["method"], r["library"]): r for r in merged["problems"][0]["rows"]}
+    assert rows[("EK-FAC", "ours")]["end_to_end_s"] == 0.5 and rows[("EK-FAC", "ours")]["date"] == "2026-12-03"
+    assert ("EK-FAC", "Kronfluence") not in rows  # the later run's rows of EK-FAC replace all of them
+    assert rows[("LiSSA", "pyDVL")]["date"] == "2026-12-02" and rows[("Arnoldi", "ours")]["end_to_end_s"] == 2.0
+    assert merged["problems"][0]["lissa_steps"] == mlp["lissa_steps"]
+    assert [r["method"] for r in merged["problems"][0]["rows"]][:2] == ["CG", "LiSSA"]
