@@ -787,7 +787,9 @@ def markdown(report: dict) -> str:
     """The report as markdown: one table per problem, then ours against the fastest peer per method."""
     lines = [
         f"Machine: {report['machine']}; torch {report['torch']}, {report['threads']} threads; "
-        f"configuration {report['config']}, medians of {report['repeats']} run(s); {report['date']}.",
+        f"configuration {report['config']}, medians of "
+        + ", ".join(f"{res.get('repeats', report['repeats'])} ({res['key']})" for res in report["problems"])
+        + f" run(s); {report['date']}.",
         "",
     ]
     for name, info in report["peers"].items():
@@ -879,7 +881,10 @@ def merge(paths: list[Path]) -> dict:
                 if "lissa_steps" not in new and "LiSSA" not in ran and "lissa_steps" in old:
                     new["lissa_steps"] = old["lissa_steps"]
             problems[res["key"]] = new
-    merged["problems"] = list(problems.values())
+    known = [spec.key for spec in full_specs()]
+    merged["problems"] = sorted(
+        problems.values(), key=lambda res: known.index(res["key"]) if res["key"] in known else len(known)
+    )
     merged["date"] = ", ".join(sorted({str(rep.get("date")) for rep in reports}))
     return merged
 
