@@ -880,6 +880,8 @@ def merge(paths: list[Path]) -> dict:
                 new["rows"] = sorted(kept + new["rows"], key=lambda row: order.get(row["method"], len(order)))
                 if "lissa_steps" not in new and "LiSSA" not in ran and "lissa_steps" in old:
                     new["lissa_steps"] = old["lissa_steps"]
+                if kept and old.get("repeats") != new.get("repeats"):
+                    new["repeats"] = f"{old.get('repeats')} ({', '.join(sorted(ran))}: {new.get('repeats')})"
             problems[res["key"]] = new
     known = [spec.key for spec in full_specs()]
     merged["problems"] = sorted(
@@ -898,6 +900,7 @@ def plot(report: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     problems = report["problems"]
     cols = min(2, max(1, len(problems)))
@@ -931,6 +934,7 @@ def plot(report: dict, path: Path) -> None:
                 )
         ax.axvline(res["lower_bound"]["total_s"], color="grey", ls=":", lw=1)
         ax.set(xscale="log", xlabel="end to end, s (fit + factors + scoring)", ylabel="Pearson vs exact")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # a panel spanning about a decade labels its minor ticks
         ax.set_title(f"{res['key']} ({res['params']:,} parameters)", fontsize=10)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(problems) :]:
