@@ -166,6 +166,9 @@ def flat_params(model: nn.Module, spec: ParamSpec) -> Tensor:
         return torch.cat([named[k].detach().reshape(-1) for k in spec.names])
 
 
+_BLOCKS: Any = object()  # per_sample_grads(out=_BLOCKS): the per-tensor blocks, not joined
+
+
 class _Bound(nn.Module):
     """The user's model as a submodule, so that ``functional_call`` can swap its parameters
     for the duration of ANY function of the model (a task's loss, outputs or measurement)."""
@@ -291,6 +294,8 @@ class ModelFunctions:
         if self._vmap_samples:
             try:
                 grads = vmap(grad(sample_loss), in_dims=(None, 0))(params, batch)
+                if out is _BLOCKS:
+                    return [grads[k].reshape(n, -1) for k in names]  # type: ignore[return-value]
                 return torch.cat([grads[k].reshape(n, -1) for k in names], dim=1, out=out)
             except RuntimeError as err:
                 if not _is_data_dependent(err):
@@ -304,6 +309,8 @@ class ModelFunctions:
                     UserWarning,
                     stacklevel=2,
                 )
+        if out is _BLOCKS:
+            out = None
         result = (
             out if out is not None else torch.empty(n, self.spec.num_params, dtype=theta.dtype, device=theta.device)
         )
@@ -312,6 +319,13 @@ class ModelFunctions:
             g = one(params, _row(batch, i))
             torch.cat([g[k].reshape(-1) for k in names], out=result[i])
         return result
+
+    def per_sample_grad_blocks(self, theta: Tensor, batch: Any) -> list[Tensor]:
+        """Per-sample gradients of a batch as one ``(n, numel_k)`` block per trainable tensor, in
+        the flat layout's order (their concatenation is :meth:`per_sample_grads`), without
+        copying them side by side; one ``(n, p)`` block for a model vmap cannot batch."""
+        result = self.per_sample_grads(theta, batch, out=_BLOCKS)
+        return result if isinstance(result, list) else [result]
 
     def mixed_grads(self, theta: Tensor, batch: Any, path: str | int) -> Tensor:
         """Mixed derivatives ``d/dx grad_theta L(z_i)`` in the input leaf ``path`` of a batch:

@@ -808,11 +808,18 @@ class InfluenceModel(ABC):
         out = torch.empty(factors.shape[0], n, dtype=self.dtype, device=self.device)
         for start in range(0, n, self.chunk_size):
             stop = min(start + self.chunk_size, n)
-            g = self._functions.per_sample_grads(theta, batches.slice_rows(batch, start, stop))
-            block = factors @ g.T
+            parts = self._functions.per_sample_grad_blocks(theta, batches.slice_rows(batch, start, stop))
+            # one product per parameter tensor, summed: no (n, p) copy of the gradients
+            # (joining them took 46 of 150 ms of scoring 2,000 points of a 1e4-parameter MLP)
+            width = parts[0].shape[1]
+            block = factors[:, :width] @ parts[0].T
+            for part in parts[1:]:
+                block.addmm_(factors[:, width : width + part.shape[1]], part.T)
+                width += part.shape[1]
             out[:, start:stop] = block
             # a NaN/Inf in a gradient makes its whole column non-finite (the factors are finite)
-            _check_grads_fast(block, g, self._functions.spec, start)
+            if not bool(torch.isfinite(block.sum())):
+                _check_grads_fast(block, torch.cat(parts, dim=1), self._functions.spec, start)
         return out
 
     def _check_factors(self, factors: Any) -> Tensor:
