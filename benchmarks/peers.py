@@ -508,11 +508,10 @@ def reference(spec: Spec, pb: Loaded, chunk: int, log) -> tuple[dict, np.ndarray
     p = {**method_params(spec, "CG"), "rtol": 1e-8, "maxiter": 2000}
     if method == "Direct+CG":
         # float32 H from curvature products of 4,096 sample-columns per call (the fastest size
-        # measured for the CNN), factorized in float64
+        # measured for the CNN); the fit keeps the float64 Cholesky factor of H + lambda I
         _, _, direct = run_ours("Direct", pb, method_params(spec, "Direct"), 64)
-        h = direct.hessian.double()
-        h.diagonal().add_(spec.regularization)
-        p["preconditioner"] = CholeskyPreconditioner(torch.linalg.cholesky(h))
+        (factor,) = direct._cholesky_factors()  # one block: blocks="full"
+        p["preconditioner"] = CholeskyPreconditioner(factor)
         info["direct_float32_s"] = time.perf_counter() - t0
     _, values, solver = run_ours("CG", pb, p, chunk, model=model64, dtype=torch.float64)
     info.update(seconds=time.perf_counter() - t0, rtol=p["rtol"], iterations=solver.info_.iterations)
@@ -906,24 +905,27 @@ def plot(report: dict, path: Path) -> None:
     cols = min(2, max(1, len(problems)))
     nrows = -(-len(problems) // cols) if problems else 1
     fig, axes = plt.subplots(nrows, cols, figsize=(6.2 * cols, 4.4 * nrows), squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+
+    def color(method: str) -> str:
+        return cycle[METHODS.index(method) % len(cycle)]
+
     for ax, res in zip(axes.flat, problems):
         for row in res["rows"]:
             if not _ok(row) or row.get("pearson") is None or not np.isfinite(row["pearson"]):
                 continue
-            color = colors[METHODS.index(row["method"]) % len(colors)]
             ax.scatter(
                 row["end_to_end_s"],
                 row["pearson"],
                 marker=MARKERS.get(row["library"], "x"),
-                color=color,
+                color=color(row["method"]),
                 s=60 if row["library"] == OURS else 40,
                 edgecolors="black" if row["library"] == OURS else "none",
             )
         curve = res.get("lissa_steps") or []
         if len(curve) > 1:
             xs, ys = [pt["end_to_end_s"] for pt in curve], [pt["pearson"] for pt in curve]
-            ax.plot(xs, ys, color=colors[METHODS.index("LiSSA") % len(colors)], lw=1, alpha=0.7, zorder=1)
+            ax.plot(xs, ys, color=color("LiSSA"), lw=1, alpha=0.7, zorder=1)
             for pt in curve:
                 ax.annotate(
                     str(pt["steps"]),
@@ -941,18 +943,23 @@ def plot(report: dict, path: Path) -> None:
         ax.axis("off")
     from matplotlib.lines import Line2D
 
-    handles = [
-        Line2D([], [], ls="", marker="s", color=colors[METHODS.index(m) % len(colors)], label=m) for m in METHODS
-    ]
+    handles = [Line2D([], [], ls="", marker="s", color=color(m), label=m) for m in METHODS]
     handles += [Line2D([], [], ls="", marker=mk, color="black", mfc="none", label=lib) for lib, mk in MARKERS.items()]
     handles.append(Line2D([], [], color="grey", ls=":", label="lower bound"))
-    handles.append(Line2D([], [], color=colors[METHODS.index("LiSSA") % len(colors)], label="our LiSSA by steps"))
+    handles.append(Line2D([], [], color=color("LiSSA"), label="our LiSSA by steps"))
     fig.legend(handles=handles, loc="lower center", ncol=6, fontsize=8, frameon=False)
     fig.suptitle("Time to accuracy: method (colour) by library (marker)", fontsize=11)
     fig.tight_layout(rect=(0, 0.08, 1, 0.97))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def write_report(report: dict, out: Path, plot_path: Path) -> None:
+    """``peers.json`` and ``peers.md`` into ``out``, and the plot."""
+    (out / "peers.json").write_text(json.dumps(report, indent=2))
+    (out / "peers.md").write_text(markdown(report))
+    plot(report, plot_path)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -972,9 +979,7 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if args.merge:
         report = merge([Path(path) for path in args.merge])
-        (out / "peers.json").write_text(json.dumps(report, indent=2))
-        (out / "peers.md").write_text(markdown(report))
-        plot(report, Path(args.plot) if args.plot else ROOT / "docs" / "img" / "time_to_accuracy.png")
+        write_report(report, out, Path(args.plot) if args.plot else ROOT / "docs" / "img" / "time_to_accuracy.png")
         return report
 
     def log(msg: str) -> None:
@@ -1009,9 +1014,8 @@ def main(argv: list[str] | None = None) -> dict:
             report["peers"][name]["versions"] = version
         report["problems"].append(res)
         (out / "peers.json").write_text(json.dumps(report, indent=2))  # after each problem: partial results survive
-    (out / "peers.md").write_text(markdown(report))
     plot_path = Path(args.plot) if args.plot else (out if args.tiny else ROOT / "docs" / "img") / "time_to_accuracy.png"
-    plot(report, plot_path)
+    write_report(report, out, plot_path)
     log(f"wrote {out / 'peers.json'}, {out / 'peers.md'}, {plot_path}")
     print(markdown(report))
     return report

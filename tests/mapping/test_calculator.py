@@ -83,13 +83,15 @@ def test_train_gradients_once_per_train_block(problem, monkeypatch):
     """n_train + n_test backward passes, whatever the number of test blocks."""
     solver, train, test = problem
     counts = {"rows": 0}
-    original = type(solver._functions).per_sample_grads
+    # the two entry points (joined gradients; per-tensor blocks for scoring) share no code path
+    for name in ("per_sample_grads", "per_sample_grad_blocks"):
+        original = getattr(type(solver._functions), name)
 
-    def counting(self, theta, batch, **kwargs):
-        counts["rows"] += int(batch[0].shape[0])
-        return original(self, theta, batch, **kwargs)
+        def counting(self, theta, batch, _original=original, **kwargs):
+            counts["rows"] += int(batch[0].shape[0])
+            return _original(self, theta, batch, **kwargs)
 
-    monkeypatch.setattr(type(solver._functions), "per_sample_grads", counting)
+        monkeypatch.setattr(type(solver._functions), name, counting)
     calc = di.SequentialInfluenceCalculator(solver, progress=False)
     lazy(calc, test, train, "up", test_block=2).compute(scheduler="sync")
     assert counts["rows"] == len(train[0]) + len(test[0])

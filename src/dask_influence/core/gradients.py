@@ -166,9 +166,6 @@ def flat_params(model: nn.Module, spec: ParamSpec) -> Tensor:
         return torch.cat([named[k].detach().reshape(-1) for k in spec.names])
 
 
-_BLOCKS: Any = object()  # per_sample_grads(out=_BLOCKS): the per-tensor blocks, not joined
-
-
 class _Bound(nn.Module):
     """The user's model as a submodule, so that ``functional_call`` can swap its parameters
     for the duration of ANY function of the model (a task's loss, outputs or measurement)."""
@@ -283,49 +280,62 @@ class ModelFunctions:
             out: optional contiguous ``(n, p)`` tensor to write into (saves one copy).
             measurement: differentiate the task's measurement instead of its loss.
         """
-        params = self.spec.unflatten(theta)
-        names = self.spec.names
-        fn = self.task.measure() if measurement else self.task.loss
-
-        def sample_loss(p: dict[str, Tensor], sample: Any) -> Tensor:
-            return self.apply(p, fn, batches.unsqueeze(sample))
-
-        n = batches.size(batch)
-        if self._vmap_samples:
-            try:
-                grads = vmap(grad(sample_loss), in_dims=(None, 0))(params, batch)
-                if out is _BLOCKS:
-                    return [grads[k].reshape(n, -1) for k in names]  # type: ignore[return-value]
-                return torch.cat([grads[k].reshape(n, -1) for k in names], dim=1, out=out)
-            except RuntimeError as err:
-                if not _is_data_dependent(err):
-                    raise
-                self._vmap_samples = False
-                warnings.warn(
-                    "torch.func.vmap cannot batch this model's forward (data-dependent control flow, "
-                    "e.g. Hugging Face's SDPA attention checking its padding mask); "
-                    "per-sample gradients are taken one sample at a time (the same numbers, slower). For a "
-                    "Hugging Face model, build it with attn_implementation='eager' to keep them vectorized.",
-                    UserWarning,
-                    stacklevel=2,
-                )
-        if out is _BLOCKS:
-            out = None
-        result = (
-            out if out is not None else torch.empty(n, self.spec.num_params, dtype=theta.dtype, device=theta.device)
-        )
-        one = grad(sample_loss)
-        for i in range(n):
-            g = one(params, _row(batch, i))
-            torch.cat([g[k].reshape(-1) for k in names], out=result[i])
-        return result
+        blocks = self._vmapped_grad_blocks(theta, batch, measurement)
+        if blocks is not None:
+            return torch.cat(blocks, dim=1, out=out)
+        return self._looped_grads(theta, batch, out, measurement)
 
     def per_sample_grad_blocks(self, theta: Tensor, batch: Any) -> list[Tensor]:
         """Per-sample gradients of a batch as one ``(n, numel_k)`` block per trainable tensor, in
         the flat layout's order (their concatenation is :meth:`per_sample_grads`), without
         copying them side by side; one ``(n, p)`` block for a model vmap cannot batch."""
-        result = self.per_sample_grads(theta, batch, out=_BLOCKS)
-        return result if isinstance(result, list) else [result]
+        blocks = self._vmapped_grad_blocks(theta, batch, False)
+        return blocks if blocks is not None else [self._looped_grads(theta, batch, None, False)]
+
+    def _sample_loss_fn(self, measurement: bool) -> Callable[[dict[str, Tensor], Any], Tensor]:
+        fn = self.task.measure() if measurement else self.task.loss
+
+        def sample_loss(p: dict[str, Tensor], sample: Any) -> Tensor:
+            return self.apply(p, fn, batches.unsqueeze(sample))
+
+        return sample_loss
+
+    def _vmapped_grad_blocks(self, theta: Tensor, batch: Any, measurement: bool) -> list[Tensor] | None:
+        """``[(n, numel_k), ...]`` by vmap, or ``None`` once vmap has refused the model (then
+        :meth:`_looped_grads`; the refusal is warned about once)."""
+        if not self._vmap_samples:
+            return None
+        params = self.spec.unflatten(theta)
+        n = batches.size(batch)
+        try:
+            grads = vmap(grad(self._sample_loss_fn(measurement)), in_dims=(None, 0))(params, batch)
+        except RuntimeError as err:
+            if not _is_data_dependent(err):
+                raise
+            self._vmap_samples = False
+            warnings.warn(
+                "torch.func.vmap cannot batch this model's forward (data-dependent control flow, "
+                "e.g. Hugging Face's SDPA attention checking its padding mask); "
+                "per-sample gradients are taken one sample at a time (the same numbers, slower). For a "
+                "Hugging Face model, build it with attn_implementation='eager' to keep them vectorized.",
+                UserWarning,
+                stacklevel=3,
+            )
+            return None
+        return [grads[k].reshape(n, -1) for k in self.spec.names]
+
+    def _looped_grads(self, theta: Tensor, batch: Any, out: Tensor | None, measurement: bool) -> Tensor:
+        """``(n, p)`` one sample at a time, into ``out`` when given."""
+        params = self.spec.unflatten(theta)
+        n = batches.size(batch)
+        result = (
+            out if out is not None else torch.empty(n, self.spec.num_params, dtype=theta.dtype, device=theta.device)
+        )
+        one = grad(self._sample_loss_fn(measurement))
+        for i in range(n):
+            g = one(params, _row(batch, i))
+            torch.cat([g[k].reshape(-1) for k in self.spec.names], out=result[i])
+        return result
 
     def mixed_grads(self, theta: Tensor, batch: Any, path: str | int) -> Tensor:
         """Mixed derivatives ``d/dx grad_theta L(z_i)`` in the input leaf ``path`` of a batch:

@@ -131,13 +131,16 @@ class CurvatureOperator(LinearOperator):
         fn = self.functions.hessian_matmat if self.curvature is Curvature.hessian else self.functions.ggn_matmat
         n = batches.size(batch)
         rows, cols = self._piece(batch, n, min(v.shape[1], self.max_columns))
-        out = None
+
+        def product(piece: Any) -> Tensor:
+            return torch.cat([fn(self.theta, piece, v[:, s : s + cols]) for s in range(0, v.shape[1], cols)], dim=1)
+
+        if rows >= n:
+            return product(batch)
+        out = torch.zeros_like(v)
         for r0 in range(0, n, rows):
-            piece = batch if rows >= n else batches.slice_rows(batch, r0, min(r0 + rows, n))
-            part = torch.cat([fn(self.theta, piece, v[:, s : s + cols]) for s in range(0, v.shape[1], cols)], dim=1)
-            weighted = part if rows >= n else (batches.size(piece) / n) * part
-            out = weighted if out is None else out + weighted
-        assert out is not None
+            piece = batches.slice_rows(batch, r0, min(r0 + rows, n))
+            out += (batches.size(piece) / n) * product(piece)
         return out
 
     def _piece(self, batch: Any, n: int, cols: int) -> tuple[int, int]:

@@ -818,8 +818,7 @@ class InfluenceModel(ABC):
                 width += part.shape[1]
             out[:, start:stop] = block
             # a NaN/Inf in a gradient makes its whole column non-finite (the factors are finite)
-            if not bool(torch.isfinite(block.sum())):
-                _check_grads_fast(block, torch.cat(parts, dim=1), self._functions.spec, start)
+            _check_grads_fast(block, parts, self._functions.spec, start)
         return out
 
     def _check_factors(self, factors: Any) -> Tensor:
@@ -935,18 +934,19 @@ def _is_pair(value: Any) -> bool:
     return isinstance(value, tuple) and len(value) == 2
 
 
-def _check_grads_fast(derived: Tensor, grads: Tensor, spec: Any, offset: int) -> None:
+def _check_grads_fast(derived: Tensor, grads: Tensor | list[Tensor], spec: Any, offset: int) -> None:
     """Raise on a NaN/Inf gradient, checking the cheap way first.
 
     ``derived`` is the gradients or something every gradient entry propagates into (a
     product with finite factors). A non-finite entry makes its sum non-finite, so the sum
     (one pass, no temporary) clears the common case; only a non-finite sum pays for the
     entrywise check, which names the sample and the parameter (an overflowing sum of
-    finite values passes it).
+    finite values passes it). ``grads`` is ``(n, p)`` or its per-tensor blocks, joined only
+    for that check.
     """
     if bool(torch.isfinite(derived.sum())):
         return
-    check_finite_grads(grads, spec, sample_offset=offset)
+    check_finite_grads(grads if isinstance(grads, Tensor) else torch.cat(grads, dim=1), spec, sample_offset=offset)
 
 
 _HALF = (torch.float16, torch.bfloat16)
