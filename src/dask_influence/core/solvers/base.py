@@ -685,16 +685,19 @@ class InfluenceModel(ABC):
             )
         return path
 
-    def influences(self, *points: Any, mode: str | InfluenceMode = "up") -> Tensor:
+    def influences(self, *points: Any, x: Any = None, y: Any = None, mode: str | InfluenceMode = "up") -> Tensor:
         """Influence of each training point on each test point.
 
-        ``influences(x_test, y_test, x, y)`` with a loss, ``influences(test_batch, train_batch)``
-        with a task; without the training points, the test points themselves. Returns
-        ``(n_test, n)`` in mode ``"up"`` and ``(n_test, n, *x.shape[1:])`` in mode
+        ``influences(x_test, y_test, x, y)`` with a loss (or pyDVL's keywords,
+        ``influences(x_test, y_test, x=x_train, y=y_train)``), ``influences(test_batch,
+        train_batch)`` with a task; without the training points, the test points themselves.
+        Returns ``(n_test, n)`` in mode ``"up"`` and ``(n_test, n, *x.shape[1:])`` in mode
         ``"perturbation"``. Positive means helpful: removing the point would raise the test
         loss (measurement) by about ``influence / n_train``.
         """
         mode = InfluenceMode.parse(mode)
+        if x is not None or y is not None:
+            return self._keyword_influences(points, x, y, mode)
         width = 2 if self.objective.pairs and not _is_pair(points[0] if points else None) else 1
         if len(points) not in (width, 2 * width):
             if self.objective.pairs:
@@ -706,6 +709,26 @@ class InfluenceModel(ABC):
         test, train = points[:width], points[width:] or points[:width]
         factors = self.influence_factors(*test)
         return self.influences_from_factors(factors, *train, mode=mode)
+
+    def _keyword_influences(self, test: tuple, x: Any, y: Any, mode: InfluenceMode) -> Tensor:
+        """``influences(x_test, y_test, x=..., y=...)``: the training points given as keywords."""
+        if not self.objective.pairs:
+            raise TypeError(
+                "x= and y= name the training inputs and targets of a pair loss; a solver built with a Task "
+                "takes influences(test_batch, train_batch)."
+            )
+        if x is None or y is None:
+            given, missing = ("x", "y") if y is None else ("y", "x")
+            raise ValueError(
+                f"Pass both x= and y= (the training inputs and targets), or neither (to use the test points "
+                f"as training points); got {given}= without {missing}=."
+            )
+        if len(test) == 4 or (len(test) == 2 and _is_pair(test[0])):
+            raise TypeError(
+                "The training points were given twice, as positional arguments and as x=, y=; pass "
+                "influences(x_test, y_test, x=x_train, y=y_train)."
+            )
+        return self.influences_from_factors(self.influence_factors(*test), x, y, mode=mode)
 
     def self_influences(self, *points: Any) -> Tensor:
         """``grad L(z)^T (H + lambda I)^-1 grad L(z)`` for each point: ``(n,)``.
