@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .core.task import Task
+from .core.sampled_fisher import softmax_hessian_product, softmax_sampled_roots
+from .core.task import Task, label_error
 
 __all__ = ["Task", "causal_lm", "classification", "regression"]
 
@@ -80,7 +81,26 @@ class _CrossEntropy:
         self.label_key = label_key
 
     def __call__(self, outputs: Tensor, batch: Any) -> Tensor:
-        return F.cross_entropy(outputs, _labels(batch, self.label_key))
+        labels = _labels(batch, self.label_key)
+        try:
+            return F.cross_entropy(outputs, labels)
+        except (IndexError, RuntimeError) as err:  # torch names neither the labels nor the classes
+            error = label_error(outputs, labels) if "out of bounds" in str(err) else None
+            if error is not None:
+                raise error from None
+            raise
+
+    def curvature_product(self, outputs: Tensor, batch: Any, u: Tensor) -> Tensor | None:
+        """The batch loss's Hessian in the logits ``(n, c, ...)`` times ``u`` (same shape), in closed
+        form: ``w_j (p_j * u_j - p_j (p_j . u_j))`` over the class dimension 1, ``w_j`` 1 / (the number
+        of labels not -100) where sample ``j``'s label is not -100, else 0. ``None`` for
+        class-probability targets (then the loss is differentiated instead)."""
+        labels = _labels(batch, self.label_key)
+        if labels.dtype.is_floating_point:
+            return None
+        kept = (labels != IGNORE_INDEX).to(u.dtype)
+        weight = kept / kept.sum().clamp_min(1)
+        return softmax_hessian_product(outputs.movedim(1, -1), u.movedim(1, -1), weight).movedim(-1, 1)
 
 
 class _Margin:
@@ -246,6 +266,38 @@ class _LmLoss:
         place = torch.eye(length - 1, length, dtype=root.dtype, device=root.device)  # position t of column t
         out = torch.einsum("tu,ntij->tjnui", place, root)  # (T-1, V, n, T, V)
         return out.reshape((length - 1) * vocab, n, length, vocab).to(logits.dtype)
+
+    def curvature_product(self, logits: Tensor, batch: Any, u: Tensor) -> Tensor:
+        """The BATCH loss's Hessian in the logits ``(n, T, V)`` times ``u`` ``(n, T, V)``, in closed
+        form per position: ``(w_t / n) (p_t * u_t - p_t (p_t . u_t))`` with ``w_t`` as in
+        :meth:`curvature_roots` (zero at the last position). ``O(n T V)``, whatever ``V``."""
+        n, length, _ = logits.shape
+        out = torch.zeros_like(u)
+        if length < 2:
+            return out
+        _, predicted = _predicted(batch)
+        weight = predicted.to(u.dtype)
+        weight = weight / weight.sum(dim=1, keepdim=True).clamp_min(1) / n  # (n, T-1)
+        out[:, :-1] = softmax_hessian_product(logits[:, :-1], u[:, :-1], weight)
+        return out
+
+    def sampled_roots(self, logits: Tensor, batch: Any, draws: int, generator: torch.Generator) -> Tensor:
+        """Sampled roots of each sequence's loss Hessian in its logits ``(n, T, V)``: ``(draws, n, T, V)``.
+
+        Per draw one label per predicted position from the model's predictive distribution
+        (:func:`~dask_influence.core.sampled_fisher.softmax_sampled_roots`), weighted by
+        ``sqrt(w_t)``: ``E[sum_k v_k v_k^T]`` is the Hessian :meth:`curvature_roots` factors
+        exactly, at ``draws`` backward passes instead of ``(T - 1) V``.
+        """
+        n, length, vocab = logits.shape
+        out = logits.new_zeros(draws, n, length, vocab)
+        if length < 2:
+            return out
+        _, predicted = _predicted(batch)
+        weight = predicted.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
+        weight = weight / weight.sum(dim=1, keepdim=True).clamp_min(1)  # (n, T-1)
+        out[:, :, :-1] = softmax_sampled_roots(logits[:, :-1], draws, generator, weight)
+        return out
 
 
 class _LmLogProb:

@@ -389,18 +389,36 @@ class ModelFunctions:
         ``J`` is the Jacobian of the model outputs in the parameters and ``H_out`` the
         Hessian of the loss in the outputs; the product is positive semi-definite whenever
         the loss is convex in the outputs. Returns ``(p, k)``.
+
+        ``H_out u`` is taken in closed form where the loss has one
+        (:func:`~.sampled_fisher.hessian_product`: softmax cross-entropy per position
+        ``p * u - p (p . u)``, the causal-LM task's, mean squared error), otherwise by
+        differentiating the loss's gradient in the outputs (one more backward per vector).
         """
+        from .sampled_fisher import hessian_product
+
         output_loss = self.task.output_loss
         if output_loss is None:
             self.outputs(theta, batch)  # raises, naming what the task lacks
             raise AssertionError  # unreachable
         with second_order():
             out, jt = _vjp(lambda t: self.outputs(t, batch), theta)
-            _, h_out = _vjp(grad(lambda o: output_loss(o, batch)), out.detach())
+            logits = out.detach()
+            h_out: Callable[[Tensor], Tensor]
+            if hessian_product(output_loss, logits, batch, logits) is not None:  # a closed form exists
+
+                def h_out(u: Tensor) -> Tensor:
+                    return hessian_product(output_loss, logits, batch, u)  # type: ignore[return-value]
+
+            else:
+                _, h_vjp = _vjp(grad(lambda o: output_loss(o, batch)), logits)
+
+                def h_out(u: Tensor) -> Tensor:
+                    return h_vjp(u)[0]
 
             def gvp(col: Tensor) -> Tensor:
                 jv = torch.func.jvp(lambda t: self.outputs(t, batch), (theta,), (col,))[1]
-                return jt(h_out(jv)[0])[0]
+                return jt(h_out(jv))[0]
 
             return vmap(gvp, in_dims=1, out_dims=1)(v)
 

@@ -39,7 +39,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import NotPositiveDefiniteError
-from .eigen import definiteness
 from .serialization import serializable
 
 
@@ -53,7 +52,10 @@ class LayerFactors:
         q_a, lambda_a: eigenvectors ``(i, i)`` and eigenvalues ``(i,)`` of ``A``. ``q_a`` is
             ``None`` when ``A`` is diagonal (an embedding's one-hot inputs): the eigenbasis is
             then the identity and ``lambda_a`` is ``A``'s diagonal, in input order (not sorted).
-        q_g, lambda_g: eigenvectors ``(o, o)`` and eigenvalues ``(o,)`` of ``G``.
+        q_g, lambda_g: eigenvectors ``(o, o)`` and eigenvalues ``(o,)`` of ``G``. ``q_g`` is
+            ``None`` when ``G`` is kept diagonal (the memory fallback of a very wide output side,
+            e.g. an untied LM head's ``V x V``): the eigenbasis is the identity and ``lambda_g`` is
+            ``G``'s diagonal, in output order.
         corrected: ``(o, i)`` EK-FAC eigenvalues, or ``None`` when fitted without the
             eigenvalue correction.
     """
@@ -61,14 +63,14 @@ class LayerFactors:
     name: str
     q_a: Tensor | None
     lambda_a: Tensor
-    q_g: Tensor
+    q_g: Tensor | None
     lambda_g: Tensor
     corrected: Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
         """``(o, i)``, the shape of the layer's parameter matrix."""
-        return int(self.q_g.shape[0]), int(self.lambda_a.shape[0])
+        return int(self.lambda_g.shape[0]), int(self.lambda_a.shape[0])
 
     @property
     def a_factor(self) -> Tensor:
@@ -79,7 +81,9 @@ class LayerFactors:
 
     @property
     def g_factor(self) -> Tensor:
-        """``G`` ``(o, o)``, rebuilt from its eigendecomposition."""
+        """``G`` ``(o, o)``, rebuilt from its eigendecomposition (dense, also when diagonal)."""
+        if self.q_g is None:
+            return torch.diag(self.lambda_g)
         return (self.q_g * self.lambda_g) @ self.q_g.T
 
     def eigenvalues(self, corrected: bool) -> Tensor:
@@ -95,17 +99,21 @@ class LayerFactors:
 
     def rotate(self, m: Tensor) -> Tensor:
         """``Q_G^T m Q_A`` for ``m`` ``(k, o, i)``: ``(k, o, i)``."""
-        out = self.q_g.T @ m
+        out = m if self.q_g is None else self.q_g.T @ m
         return out if self.q_a is None else out @ self.q_a
 
     def unrotate(self, m: Tensor) -> Tensor:
         """``Q_G m Q_A^T`` for ``m`` ``(k, o, i)``: ``(k, o, i)``."""
-        out = self.q_g @ m
+        out = m if self.q_g is None else self.q_g @ m
         return out if self.q_a is None else out @ self.q_a.T
 
     def rotate_inputs(self, a: Tensor) -> Tensor:
         """Inputs ``a`` ``(..., i)`` in the eigenbasis of ``A``: ``a Q_A`` ``(..., i)`` (``a`` itself when diagonal)."""
         return a if self.q_a is None else a @ self.q_a.to(a.dtype)
+
+    def rotate_outputs(self, g: Tensor) -> Tensor:
+        """Output gradients ``g`` ``(..., o)`` in the eigenbasis of ``G``: ``g Q_G`` (``g`` itself when diagonal)."""
+        return g if self.q_g is None else g @ self.q_g.to(g.dtype)
 
     def apply_power(self, m: Tensor, *, power: float, regularization: float, corrected: bool) -> Tensor:
         """``(C + regularization I)^power`` applied to ``m`` ``(k, o, i)``, ``C`` the layer's curvature.
@@ -117,22 +125,36 @@ class LayerFactors:
 
 
 def check_layer_positive(factors: LayerFactors, regularization: float, corrected: bool, solver: str) -> None:
-    """Raise :class:`NotPositiveDefiniteError` unless the layer's damped eigenvalues are safely > 0."""
-    diag = factors.eigenvalues(corrected).to(factors.q_g.dtype)
-    smallest, threshold, scale = definiteness(diag, regularization)
-    if smallest > threshold:
+    """Raise :class:`NotPositiveDefiniteError` unless the layer's damped eigenvalues are safely > 0.
+
+    The eigenvalues cannot be negative: EK-FAC's corrected ones are means of squares (summed in
+    float64), K-FAC's products of eigenvalues clipped at zero. So with ``regularization > 0``
+    every damped eigenvalue is at least ``regularization`` and nothing is refused, whatever the
+    layer's width and dtype (a test scaled by ``o * i * eps * max`` asked GPT-2-small's
+    ``c_fc`` in float32 for 28% of its largest eigenvalue). Only ``regularization = 0`` is
+    checked: the smallest eigenvalue must clear the rounding level of the float64 factors,
+    ``max(o, i) * eps64 * max`` (and the dtype's ``tiny``, so that ``1 / d`` is finite).
+    """
+    diag = factors.eigenvalues(corrected)
+    values = diag.double()
+    finite = bool(torch.isfinite(values).all())
+    smallest_raw = float(values.min()) if values.numel() else 0.0
+    if finite and smallest_raw >= 0 and regularization > 0:
         return
-    diag = diag.double()
-    # large enough to clear the threshold (p * eps * scale, which matters in float32 for wide layers)
-    suggestion = float(f"{max(1e-3 * scale, 2 * (threshold - float(diag.min())), 1e-8):.1g}")
-    if float(diag.min()) + suggestion <= threshold:
-        suggestion *= 2
+    scale = float(values.abs().max()) if values.numel() else 0.0
+    level = max(max(factors.shape) * torch.finfo(torch.float64).eps * scale, torch.finfo(diag.dtype).tiny)
+    smallest = smallest_raw + regularization
+    if finite and smallest > level:
+        return
+    mean = float(values.clamp_min(0).mean()) if values.numel() else 0.0
+    # Kronfluence's default damping: 0.1 x the mean eigenvalue (any positive value is accepted)
+    suggestion = float(f"{max(0.1 * mean, 2 * (level - smallest_raw), 1e-8):.1g}")
     raise NotPositiveDefiniteError(
         f"The {'EK-FAC' if corrected else 'K-FAC'} curvature of layer '{factors.name}' plus "
         f"regularization*I is singular: its smallest eigenvalue is {smallest:.3e} (largest "
-        f"{scale:.3e}; regularization={regularization:g}). Cross-entropy curvature always has a "
-        f"null direction, so pass regularization={suggestion:g} or larger, e.g. "
-        f"{solver}(model, loss, regularization={suggestion:g}).",
+        f"{scale:.3e}, mean {mean:.3e}; regularization={regularization:g}). Cross-entropy curvature always "
+        f"has a null direction, so pass a positive regularization, e.g. regularization={suggestion:g} "
+        f"(0.1 x the mean eigenvalue): {solver}(model, loss, regularization={suggestion:g}).",
         smallest_eigenvalue=smallest,
         suggested_regularization=suggestion,
     )
@@ -159,27 +181,42 @@ class FactorSums:
     """Running float64 sums of ``A`` and ``G`` over the training samples of one layer.
 
     ``a`` is ``(i, i)``, or its diagonal ``(i,)`` for a layer whose inputs are one-hot (an
-    embedding), where the off-diagonal entries are exactly zero; ``g`` is ``(o, o)``.
+    embedding), where the off-diagonal entries are exactly zero, or for a side too wide for
+    its dense factor (the memory fallback); ``g`` is ``(o, o)``, or its diagonal ``(o,)``
+    (the memory fallback of a wide output side).
 
     Args:
         shape: ``(o, i)``; a :class:`LayerShape` (:attr:`KroneckerLayer.shape`) also says
             whether ``A`` is diagonal.
         diagonal_a: keep only ``A``'s diagonal; ``None``: as ``shape`` says (``False`` for a
             plain tuple).
+        diagonal_g: keep only ``G``'s diagonal.
     """
 
-    def __init__(self, name: str, shape: tuple[int, int], device: torch.device, diagonal_a: bool | None = None):
+    def __init__(
+        self,
+        name: str,
+        shape: tuple[int, int],
+        device: torch.device,
+        diagonal_a: bool | None = None,
+        diagonal_g: bool = False,
+    ):
         o, i = shape
         if diagonal_a is None:
             diagonal_a = bool(getattr(shape, "diagonal_a", False))
         self.name = name
         self.a = torch.zeros((i,) if diagonal_a else (i, i), dtype=torch.float64, device=device)
-        self.g = torch.zeros(o, o, dtype=torch.float64, device=device)
+        self.g = torch.zeros((o,) if diagonal_g else (o, o), dtype=torch.float64, device=device)
 
     @property
     def diagonal_a(self) -> bool:
         """Whether only ``A``'s diagonal is kept (``a`` is ``(i,)``)."""
         return self.a.ndim == 1
+
+    @property
+    def diagonal_g(self) -> bool:
+        """Whether only ``G``'s diagonal is kept (``g`` is ``(o,)``)."""
+        return self.g.ndim == 1
 
     @classmethod
     def from_totals(cls, name: str, a: Tensor, g: Tensor) -> FactorSums:
@@ -188,7 +225,7 @@ class FactorSums:
         Args:
             a: the sum ``(i, i)`` of the inputs' second moments over the training samples, or
                 its diagonal ``(i,)`` for a layer with one-hot inputs.
-            g: the sum ``(o, o)`` of the output gradients' second moments.
+            g: the sum ``(o, o)`` of the output gradients' second moments, or its diagonal ``(o,)``.
         """
         sums = cls.__new__(cls)  # no zero matrices to allocate and drop
         sums.name, sums.a, sums.g = name, a.double(), g.double().to(a.device)
@@ -207,7 +244,10 @@ class FactorSums:
             self.a += torch.einsum("ti,ti->i", flat_a, flat_a).div_(a.shape[1])
         else:
             self.a += (flat_a.T @ flat_a).div_(a.shape[1])  # in-place adds upcast: no float64 temporaries
-        self.g += flat_g.T @ flat_g
+        if self.diagonal_g:
+            self.g += torch.einsum("to,to->o", flat_g, flat_g)
+        else:
+            self.g += flat_g.T @ flat_g
 
     def eigh(self, n: int, dtype: torch.dtype) -> LayerFactors:
         """Divide by ``n`` and eigendecompose both factors (float64); results in ``dtype``.
@@ -225,9 +265,13 @@ class FactorSums:
             lambda_a, q_a = torch.linalg.eigh(a)
             q_a, lambda_a = q_a.to(dtype), lambda_a.clamp_min(0).to(dtype)  # PSD: clip rounding noise
         del a
-        lambda_g, q_g = torch.linalg.eigh(g)
+        q_g: Tensor | None
+        if g.ndim == 1:
+            q_g, lambda_g = None, g.clamp_min(0).to(dtype)
+        else:
+            lambda_g, q_g = torch.linalg.eigh(g)
+            q_g, lambda_g = q_g.to(dtype), lambda_g.clamp_min(0).to(dtype)
         del g
-        q_g, lambda_g = q_g.to(dtype), lambda_g.clamp_min(0).to(dtype)
         return LayerFactors(self.name, q_a, lambda_a, q_g, lambda_g)
 
 
@@ -243,7 +287,7 @@ def corrected_eigenvalue_sum(factors: LayerFactors, g: Tensor, a: Tensor) -> Ten
     With one position the rotated gradient is an outer product and its square is the outer
     product of squares, so nothing of size ``(n, o, i)`` is formed.
     """
-    g_rot = g @ factors.q_g.to(g.dtype)  # in the batch's dtype: only the batch's sum is float64
+    g_rot = factors.rotate_outputs(g)  # in the batch's dtype: only the batch's sum is float64
     a_rot = factors.rotate_inputs(a)
     if a.shape[1] == 1:
         return torch.einsum("nro,ni->oi", g_rot[:, :, 0].square(), a_rot[:, 0].square())
@@ -291,7 +335,7 @@ def self_contract(factors: LayerFactors, inverse_diag: Tensor, g: Tensor, a: Ten
     ``sum_{o,i} g_rot[o]^2 inverse_diag[o, i] a_rot[i]^2``, without forming ``(m, o, i)``.
     """
     if a.shape[1] == 1:
-        g_rot = g[:, 0] @ factors.q_g
+        g_rot = factors.rotate_outputs(g[:, 0])
         a_rot = factors.rotate_inputs(a[:, 0])
         return ((g_rot.square() @ inverse_diag) * a_rot.square()).sum(1)
     rotated = factors.rotate(layer_grads(g, a))

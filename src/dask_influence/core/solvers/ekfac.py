@@ -46,10 +46,11 @@ from ..kronecker import (
 )
 from ..modes import InfluenceMode
 from ..operators import LinearOperator
+from ..sampled_fisher import generator_for, sampled_roots, softmax_hessian_product
 from ..serialization import serializable
 from ..task import Task
 from .base import InfluenceModel
-from .config import SolverConfig, hyperparameter
+from .config import SolverConfig, check_positive_int, check_seed, hyperparameter
 from .registry import register
 
 __all__ = ["EkfacInfluence", "EkfacState", "find_layers", "left_out_parameters"]
@@ -58,6 +59,13 @@ SUPPORTED_LAYERS = ("nn.Linear", "nn.Conv2d (groups=1)", "nn.Embedding", "Huggin
 """The layers EK-FAC factors (:func:`~dask_influence.core.kronecker.layer_kind`); other trainable
 parameters are left out (treated as frozen) with one warning."""
 TASKS = ("classification", "regression", "autograd")
+FISHER_CHOICES = ("auto", "exact", "sampled")
+"""EK-FAC's ``fisher``: the output curvature's exact roots, the sampled Fisher, or the cheaper."""
+EXACT_ROOTS_BUDGET = 256
+"""``fisher="auto"`` back-propagates the exact roots of the loss's Hessian in the outputs while
+they are at most this many per sample (each is one backward pass per chunk: ``c`` for a
+``c``-class classifier, ``(T - 1) V`` for a causal LM), and the sampled Fisher
+(``fisher_draws`` backward passes per chunk) beyond."""
 """EK-FAC's ``task``: a closed form of the loss's Hessian in the outputs, or ``"autograd"``
 (the loss's own Hessian, taken by autograd)."""
 
@@ -107,6 +115,21 @@ def left_out_parameters(spec: ParamSpec, layers: Sequence[KroneckerLayer]) -> li
     """
     covered = {span for layer in layers for span in (layer.weight, layer.bias) if span is not None}
     return [name for name, start, stop in spec.offsets() if (start, stop) not in covered]
+
+
+def _warn_fallback(message: str) -> None:
+    """One ``UserWarning``, attributed to the first caller outside the package."""
+    import os
+    import sys
+    import types
+    import warnings
+
+    package = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    frame: types.FrameType | None = sys._getframe(1)
+    level = 2
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level)
 
 
 def _warn_left_out(names: Sequence[str], hints: Sequence[str], chosen: bool) -> None:
@@ -297,6 +320,67 @@ class OutputCurvature:
         """The loss of one sample's outputs ``o`` (without the sample dimension)."""
         return self.output_loss(o.unsqueeze(0), batches.unsqueeze(sample))
 
+    def can_sample(self, outputs: Tensor) -> bool:
+        """Whether the sampled Fisher is known for these outputs: softmax cross-entropy over
+        ``(n, c)`` logits, mean squared error, or an output loss with ``sampled_roots`` (the
+        causal-LM task)."""
+        if self.task == "classification":
+            return outputs.ndim == 2
+        if self.task == "regression":
+            return True
+        return self.closed_form is not None and hasattr(self.output_loss, "sampled_roots")
+
+    def sampled(self, outputs: Tensor, targets: Any, draws: int, generator: torch.Generator) -> Tensor:
+        """Sampled roots ``(draws, n, *outputs.shape[1:])`` (:mod:`~dask_influence.core.sampled_fisher`)."""
+        kind = self.task if self.task in ("classification", "regression") else None
+        roots = sampled_roots(self.output_loss, kind, outputs, targets, draws, generator)
+        assert roots is not None  # can_sample() was asked first
+        return roots
+
+    def expected_product(self, outputs: Tensor, targets: Any, u: Tensor) -> Tensor:
+        """The batch mean loss's Hessian in the outputs times ``u``, as the sampled Fisher
+        estimates it (its expectation): ``(n, *outputs.shape[1:])``."""
+        n = outputs.shape[0]
+        if self.task == "classification":
+            return softmax_hessian_product(outputs, u) / n
+        if self.task == "regression":
+            return u * (2.0 / outputs.numel())
+        product = self.output_loss.curvature_product(outputs, targets, u)  # type: ignore[attr-defined]
+        return cast(Tensor, product)
+
+    def check_sampled(self, outputs: Tensor, targets: Any) -> None:
+        """Check the sampled Fisher's expectation against the loss's own Hessian-vector product on
+        a few samples (float64, one random vector); raise if they differ."""
+        o = outputs[:8].detach().double()
+        y = batches.map_leaves(lambda t: t.double() if t.is_floating_point() else t, batches.slice_rows(targets, 0, 8))
+        u = torch.randn(o.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).to(o.device)
+
+        def hvp(z: Tensor, targets: Any, v: Tensor) -> Tensor:  # reverse over reverse: no forward-mode levels
+            def loss(w: Tensor) -> Tensor:
+                return self.output_loss(w, targets)
+
+            return torch.func.vjp(grad(loss), z)[1](v)[0]
+
+        try:
+            exact = hvp(o, y, u)
+        except Exception:  # the loss needs its own dtype: compare there
+            o, u, y = outputs[:8].detach(), u.to(outputs.dtype), batches.slice_rows(targets, 0, 8)
+            exact = hvp(o, y, u)
+        closed = self.expected_product(o, y, u)
+        scale = max(float(exact.abs().max()), float(closed.abs().max()), 1e-300)
+        error = float((closed - exact).abs().max())
+        tol = max(1e-8, 64 * torch.finfo(o.dtype).eps) * scale
+        if error > tol:
+            form = {
+                "classification": "diag(p) - p p^T of softmax cross-entropy",
+                "regression": "(2/c) I of mean squared error",
+            }.get(str(self.task), f"{type(self.output_loss).__name__}.curvature_product")
+            raise ValueError(
+                f"The sampled Fisher assumes the loss's Hessian in the outputs is {form}, but the loss's own "
+                f"Hessian-vector product differs by {error:.3e} (of {scale:.3e}). Pass task='autograd' and "
+                "fisher='exact' to use the loss's own Hessian."
+            )
+
     def gradients(self, outputs: Tensor, targets: Any) -> Tensor:
         """Per-sample ``dL_j/do_j`` at the true targets, as ``(1, n, *outputs.shape[1:])``.
 
@@ -336,7 +420,11 @@ class OutputCurvature:
             root = math.sqrt(2.0 / c) * torch.eye(c, dtype=torch.float64, device=outputs.device).expand(n, c, c)
         elif c > MAX_AUTOGRAD_OUTPUTS:
             if self.closed_form is not None:
-                cost, fix = f"up to {c:,} backward passes per batch", "or shorter sequences or a smaller vocabulary"
+                cost = f"up to {c:,} backward passes per batch"
+                fix = (
+                    "fisher='sampled' (the default fisher='auto' samples here), or shorter sequences or a "
+                    "smaller vocabulary"
+                )
             else:
                 cost = f"its Hessian there by autograd, a {c:,} x {c:,} matrix per sample and {c:,} backward passes"
                 fix = "or a task with a closed form (output_curvature='classification' for (n, c) logits)"
@@ -419,6 +507,101 @@ def infer_task(loss: LossFn | None, task: str | None) -> str | None:
     return None
 
 
+# -- memory, known before any pass ---------------------------------------------------------------
+def default_memory_budget(device: torch.device) -> int:
+    """Half the machine's memory (80% of the GPU's for a CUDA device): ``memory_budget=None``."""
+    if device.type == "cuda":
+        return int(0.8 * torch.cuda.get_device_properties(device).total_memory)
+    try:
+        import psutil  # type: ignore[import-untyped]
+
+        total = int(psutil.virtual_memory().total)
+    except ImportError:  # pragma: no cover - psutil comes with dask
+        import os
+
+        total = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    return total // 2
+
+
+def _bytes(n: float) -> str:
+    """``n`` bytes, readable: ``'1,234,567 bytes (1.2 MB)'``."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{int(n):,} bytes ({n / size:.1f} {unit})"
+    return f"{int(n):,} bytes"
+
+
+@dataclass(frozen=True)
+class FitMemory:
+    """EK-FAC's fitting memory in bytes, from the layers' shapes (before any pass).
+
+    Attributes:
+        pieces: ``(layer, what, bytes)`` of every factor-sized piece: the float64 sums of
+            ``A`` (``i x i``, or ``i`` when diagonal) and ``G`` (``o x o`` or ``o``), their
+            float64 eigendecompositions (eigenvectors and workspace, ``2 d^2``), the fitted
+            state in the model's dtype and the float64 sums of the corrected eigenvalues
+            (``o x i``).
+        fixed: the peak of the factor-sized pieces: the first pass's sums plus the largest
+            eigendecomposition plus the state, or the state plus the second pass's sums.
+    """
+
+    pieces: tuple[tuple[str, str, int], ...]
+    fixed: int
+
+    @classmethod
+    def of(
+        cls, layers: Sequence[KroneckerLayer], itemsize: int, diagonal: set[tuple[str, str]], corrected: bool
+    ) -> FitMemory:
+        """The estimate for ``layers`` with the ``(layer, "A" | "G")`` sides in ``diagonal`` kept diagonal."""
+        pieces: list[tuple[str, str, int]] = []
+        sums = eigh = state = corr = 0
+        for layer in layers:
+            o, i = layer.shape
+            for side, d, diag in (
+                ("A", i, layer.diagonal_a or (layer.name, "A") in diagonal),
+                ("G", o, (layer.name, "G") in diagonal),
+            ):
+                entries = d if diag else d * d
+                pieces.append((layer.name, f"the float64 sums of its {side} ({d:,} x {d:,})", 8 * entries))
+                sums += 8 * entries
+                state += itemsize * (entries + d)
+                if not diag:
+                    pieces.append((layer.name, f"the eigendecomposition of its {side} ({d:,} x {d:,})", 16 * d * d))
+                    eigh = max(eigh, 16 * d * d)
+            if corrected:
+                pieces.append((layer.name, f"the float64 sums of its corrected eigenvalues ({o:,} x {i:,})", 8 * o * i))
+                corr += 8 * o * i
+                state += itemsize * o * i
+        return cls(tuple(pieces), max(sums + eigh + state, state + corr))
+
+    def largest(self) -> tuple[str, str, int]:
+        """The largest single piece ``(layer, what, bytes)``."""
+        return max(self.pieces, key=lambda piece: piece[2])
+
+
+def plan_factors(
+    layers: Sequence[KroneckerLayer], itemsize: int, budget: int, corrected: bool
+) -> tuple[set[tuple[str, str]], FitMemory]:
+    """The sides to keep diagonal so that the factor-sized pieces fit ``budget``: the widest
+    dense side first, one at a time, until they fit (or none is left). Returns those
+    ``(layer, "A" | "G")`` sides and the estimate with them."""
+    diagonal: set[tuple[str, str]] = set()
+    memory = FitMemory.of(layers, itemsize, diagonal, corrected)
+    while memory.fixed > budget:
+        dense = [
+            (d, layer.name, side)
+            for layer in layers
+            for side, d in (("A", layer.shape[1]), ("G", layer.shape[0]))
+            if (layer.name, side) not in diagonal and not (side == "A" and layer.diagonal_a) and d > 1
+        ]
+        if not dense:
+            break
+        _, name, side = max(dense)
+        diagonal.add((name, side))
+        memory = FitMemory.of(layers, itemsize, diagonal, corrected)
+    return diagonal, memory
+
+
 # -- the per-block function of both fitting passes -----------------------------------------------
 def ekfac_block(
     solver: EkfacInfluence,
@@ -453,6 +636,23 @@ class EkfacConfig(SolverConfig):
         "'classification' (cross-entropy on logits), 'regression' (mean squared error), 'autograd' (the "
         "loss's own Hessian in the outputs) or None: inferred from nn.CrossEntropyLoss/nn.MSELoss, else 'autograd'.",
     )
+    fisher: str = hyperparameter(
+        "auto",
+        "How the loss's curvature in the outputs enters the factors: 'exact' (back-propagate every root of it: "
+        "c per sample, (T-1) V for a causal LM), 'sampled' (the true Fisher: fisher_draws labels drawn from the "
+        "model per position, one backward pass each) or 'auto' (exact where it costs at most "
+        "EXACT_ROOTS_BUDGET = 256 backward passes per chunk, else sampled).",
+    )
+    fisher_draws: int = hyperparameter(
+        1, "Labels drawn per position for the sampled Fisher (its error falls like 1/sqrt(draws))."
+    )
+    seed: int = hyperparameter(0, "Seeds the labels of the sampled Fisher.")
+    memory_budget: int | None = hyperparameter(
+        None,
+        "Bytes the fit may hold (Kronecker factors, eigendecompositions, per-chunk blocks); None: half the "
+        "machine's memory (80% of the GPU's for a CUDA model). A dense factor that does not fit is kept "
+        "diagonal (with a warning); what still does not fit is refused before any pass.",
+    )
 
     solve_time: ClassVar[frozenset[str]] = frozenset({"regularization"})
 
@@ -466,6 +666,12 @@ class EkfacConfig(SolverConfig):
             self._set("layers", tuple(self.layers))
         if self.task is not None and self.task not in TASKS:
             raise ValueError(f"task must be 'classification', 'regression', 'autograd' or None; got {self.task!r}.")
+        if self.fisher not in FISHER_CHOICES:
+            raise ValueError(f"fisher must be 'auto', 'exact' or 'sampled'; got {self.fisher!r}.")
+        self._set("fisher_draws", check_positive_int("fisher_draws", self.fisher_draws))
+        check_seed(self.seed)
+        if self.memory_budget is not None:
+            self._set("memory_budget", check_positive_int("memory_budget", self.memory_budget))
 
 
 @register("ekfac")
@@ -538,6 +744,111 @@ class EkfacInfluence(InfluenceModel):
             self._layers = find_layers(model, self._functions.spec, self.config.layers)
         assert self.objective.output_loss is not None  # a pair task or a task with outputs (checked above)
         self._output = OutputCurvature(self.objective.output_loss, task)
+        self._plan_factors()
+
+    # -- memory ---------------------------------------------------------------------------------
+    @property
+    def memory_budget(self) -> int:
+        """The fit's budget in bytes: ``memory_budget``, or the machine's default (:func:`default_memory_budget`)."""
+        return self.config.memory_budget or default_memory_budget(self.device)
+
+    def _plan_factors(self) -> None:
+        """Before any pass: the factor-sized memory from the layers' shapes; sides kept diagonal
+        where the dense factors would not fit the budget (one warning), or a one-line refusal."""
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        budget = self.memory_budget
+        self._diagonal, self.memory_ = plan_factors(self._layers, itemsize, budget, self.update_diagonal)
+        self._fit_chunks: dict[tuple, int] = {}
+        if self.memory_.fixed > budget:
+            name, what, size = self.memory_.largest()
+            raise ValueError(
+                f"EK-FAC's factors need {_bytes(self.memory_.fixed)} even with every wide factor kept diagonal, "
+                f"beyond memory_budget={_bytes(budget)}; the largest piece is {what} of layer '{name}', "
+                f"{_bytes(size)}. Pass a larger memory_budget, or leave the layer out with layers=[...]."
+            )
+        if self._diagonal:
+            shapes = {layer.name: layer.shape for layer in self._layers}
+            parts = []
+            for name, side in sorted(self._diagonal):
+                d = shapes[name][1 if side == "A" else 0]
+                parts.append(
+                    f"the {side} of layer '{name}' ({d:,} x {d:,}: {_bytes(24 * d * d)} as a float64 factor "
+                    "and its eigendecomposition)"
+                )
+            _warn_fallback(
+                f"EK-FAC keeps {'; '.join(parts)} DIAGONAL: the dense factors would not fit memory_budget="
+                f"{_bytes(budget)} (the fit now needs {_bytes(self.memory_.fixed)} for its factors). The curvature "
+                "is then diagonal on that side of the layer, as for an embedding's inputs. Pass a larger "
+                "memory_budget for the dense factors, or leave the layer out with layers=[...]."
+            )
+
+    def _fit_chunk(self, theta: Tensor, batch: Any) -> int:
+        """Samples per chunk of a fitting pass on batches shaped as ``batch``: ``chunk_size``, or fewer
+        where the per-chunk blocks (the vectors back-propagated, each layer's inputs and output
+        gradients, a layer's per-sample gradients in the second pass) would not fit beside the
+        factors; a one-line refusal when one sample's do not. From one sample's forward."""
+        key = tuple(tuple(leaf.shape[1:]) for leaf in batches.leaves(batch) if isinstance(leaf, Tensor))
+        if key in self._fit_chunks:
+            return self._fit_chunks[key]
+        one = batches.slice_rows(batch, 0, 1)
+        with torch.no_grad(), _FORWARD_LOCK, Capture(self._layers, 1) as capture:
+            outputs = self._functions.outputs(theta, one)
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        c = int(outputs[0].numel())
+        r = self.config.fisher_draws if self._sampled(outputs) else c
+        pieces = [("the vectors back-propagated", r * c * itemsize)]
+        for layer, inputs in zip(self._layers, capture.inputs):
+            o, i = layer.shape
+            positions = sum(int(a.shape[1]) for a in inputs)
+            pieces.append((f"layer '{layer.name}''s output gradients and inputs", (r * o + i) * positions * itemsize))
+            if self.update_diagonal and positions > 1:
+                pieces.append((f"layer '{layer.name}''s per-sample gradients", 2 * o * i * itemsize))
+        del capture, outputs
+        per_sample = sum(size for _, size in pieces)
+        room = self.memory_budget - self.memory_.fixed
+        if per_sample > room:
+            what, size = max(pieces, key=lambda piece: piece[1])
+            raise ValueError(
+                f"EK-FAC's fit cannot hold one sample's blocks ({_bytes(per_sample)}; the largest, {what}, "
+                f"{_bytes(size)}) beside its factors ({_bytes(self.memory_.fixed)}) within memory_budget="
+                f"{_bytes(self.memory_budget)}. Pass a larger memory_budget, fisher='sampled' (fewer vectors "
+                "per sample), shorter sequences, or leave the layer out with layers=[...]."
+            )
+        chunk = max(1, min(self.chunk_size, room // per_sample))
+        self._fit_chunks[key] = chunk
+        return chunk
+
+    def check_loss(self, batch: Any) -> None:
+        """The checks of every solver on the first training batch, then EK-FAC's memory for batches
+        of its shapes (a one-line refusal before any pass where one sample's blocks do not fit)."""
+        super().check_loss(batch)
+        self._fit_chunk(self.trained_parameters(), batch)
+
+    # -- the output curvature: exact roots or the sampled Fisher ---------------------------------
+    def _sampled(self, outputs: Tensor) -> bool:
+        """Whether the fit back-propagates the sampled Fisher (else the exact roots) for these outputs."""
+        choice = self.config.fisher
+        if choice == "exact":
+            return False
+        can = self._output.can_sample(outputs)
+        if choice == "sampled" and not can:
+            raise ValueError(
+                "fisher='sampled' draws labels from the model's predictive distribution, which is known for "
+                "softmax cross-entropy over (n, c) logits, mean squared error and the causal-LM task; this "
+                f"loss ({type(self._output.output_loss).__name__}, task={self.task!r}) has none. Use fisher='exact'."
+            )
+        return can and (choice == "sampled" or int(outputs[0].numel()) > EXACT_ROOTS_BUDGET)
+
+    def _fisher_vectors(self, outputs: Tensor, batch: Any, offset: int, check: bool) -> Tensor:
+        """The vectors to back-propagate for ``G``: ``(r, n, *outputs.shape[1:])``."""
+        if self._sampled(outputs):
+            if check:
+                self._output.check_sampled(outputs, batch)
+            generator = generator_for(self.config.seed, offset, outputs.device)
+            return self._output.sampled(outputs, batch, self.config.fisher_draws, generator)
+        if check:
+            self._output.check(outputs, batch)
+        return self._output.roots(outputs, batch)
 
     # -- fitting --------------------------------------------------------------------------------
     def _fit(self, operator: LinearOperator, blocks: BlockSums) -> None:
@@ -599,18 +910,28 @@ class EkfacInfluence(InfluenceModel):
         Returns:
             the per-block sums; added over all blocks they are the unnormalized totals.
         """
+        step = self._fit_chunk(theta, batch)
         if kind == "covariance":
             if out is None:
-                sums = [FactorSums(layer.name, layer.shape, self.device) for layer in self._layers]
+                sums = [
+                    FactorSums(
+                        layer.name,
+                        layer.shape,
+                        self.device,
+                        diagonal_a=layer.diagonal_a or (layer.name, "A") in self._diagonal,
+                        diagonal_g=(layer.name, "G") in self._diagonal,
+                    )
+                    for layer in self._layers
+                ]
             else:
                 sums = [
                     FactorSums.from_totals(layer.name, out[2 * i], out[2 * i + 1])
                     for i, layer in enumerate(self._layers)
                 ]
-            for s in range(0, batches.size(batch), self.chunk_size):
+            for s in range(0, batches.size(batch), step):
                 pieces = self._capture(
                     theta,
-                    batches.slice_rows(batch, s, s + self.chunk_size),
+                    batches.slice_rows(batch, s, s + step),
                     fisher=True,
                     offset=offset + s,
                     check=offset + s == 0,
@@ -628,10 +949,10 @@ class EkfacInfluence(InfluenceModel):
                 if out is not None
                 else [torch.zeros(f.shape, dtype=torch.float64, device=self.device) for f in factors]
             )
-            for s in range(0, batches.size(batch), self.chunk_size):
+            for s in range(0, batches.size(batch), step):
                 pieces = self._capture(
                     theta,
-                    batches.slice_rows(batch, s, s + self.chunk_size),
+                    batches.slice_rows(batch, s, s + step),
                     fisher=True,
                     offset=offset + s,
                     finite_check=False,
@@ -668,10 +989,8 @@ class EkfacInfluence(InfluenceModel):
             # below only uses this call's own probes and graph, so it runs outside the lock.
             with _FORWARD_LOCK, Capture(self._layers, batches.size(batch)) as capture:
                 outputs = self._functions.outputs(theta, batch)
-            if check:
-                self._output.check(outputs.detach(), batch)
             o = outputs.detach()
-            vectors = self._output.roots(o, batch) if fisher else self._output.gradients(o, batch)
+            vectors = self._fisher_vectors(o, batch, offset, check) if fisher else self._output.gradients(o, batch)
             result = capture.collect(outputs, vectors)
         if finite_check:
             self._check_finite(result, offset)

@@ -1,0 +1,181 @@
+"""The loss's curvature in the model outputs without ``c`` backward passes: closed-form
+products and the sampled (true) Fisher.
+
+For softmax cross-entropy the Hessian of one position's loss in its logits ``o`` ``(V,)`` is
+``H = diag(p) - p p^T`` with ``p = softmax(o)``. Two ways to use it without forming or
+factoring it:
+
+- **Products** (CG, Arnoldi, LiSSA, Nystroem with ``curvature="ggn"``): ``H u = p * u - p (p . u)``
+  per position (:func:`softmax_hessian_product`), ``O(V)`` per position and vector, whatever
+  ``V``. No backward pass through the loss.
+- **The sampled Fisher** (EK-FAC's factors; the gradient index's curvature preconditioner): with
+  a label ``y`` drawn from ``p``, ``E_y[(p - e_y)(p - e_y)^T] = diag(p) - p p^T``, so the gradient
+  of the loss at a DRAWN label is a random square root of ``H``. With ``d`` draws per position,
+  ``v_k = (p - e_{y_k}) / sqrt(d)`` (``k = 1..d``) satisfy ``E[sum_k v_k v_k^T] = H``; the
+  error of the sum falls like ``1/sqrt(d)``. Positions of one sequence are drawn
+  independently and share one vector per draw (their cross terms have zero mean), so a
+  draw costs ONE backward pass for the whole batch, where the exact roots cost ``(T - 1) V``
+  (:func:`softmax_sampled_roots`). This is the true Fisher of the model's predictive
+  distribution (as Kronfluence and TRAK sample it), not the empirical Fisher (which uses the
+  data's labels).
+- For mean squared error over ``c`` outputs, ``H = (2/c) I``, and ``sqrt(2/c) z`` with
+  ``z ~ N(0, I)`` is a random root (:func:`gaussian_sampled_roots`).
+
+Roots are laid out as EK-FAC's exact roots are: ``(r, n, *outputs.shape[1:])``, ``r`` the
+number of vectors to back-propagate, with ``sum_r v_r[j] v_r[j]^T`` (in expectation) the
+Hessian of sample ``j``'s own loss in its outputs. :func:`sampled_roots` and
+:func:`hessian_product` find the form that fits a task's output loss; both return ``None``
+when there is none (the caller then keeps the autograd route).
+
+Randomness: a ``torch.Generator`` seeded by :func:`generator_for` from a seed and the index of
+the chunk's first sample, so a fit is reproducible for a given seed and chunking.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "gaussian_sampled_roots",
+    "generator_for",
+    "hessian_product",
+    "sampled_roots",
+    "softmax_hessian_product",
+    "softmax_sampled_roots",
+]
+
+
+def softmax_hessian_product(logits: Tensor, u: Tensor, weight: Tensor | None = None) -> Tensor:
+    """``w * (p * u - p (p . u))`` per position: the Hessian of ``w * cross_entropy`` in the
+    logits times ``u``, with the classes along the LAST dimension.
+
+    Args:
+        logits: ``(..., V)``.
+        u: ``(..., V)``, the same shape (or ``(k, ..., V)`` for ``k`` vectors at once).
+        weight: ``(...)`` per-position weights (the loss's share of each position), or ``None``
+            for 1.
+
+    Returns:
+        the product, shaped as ``u``, in ``u``'s dtype (``p`` is computed in the logits' dtype,
+        float64 logits give float64 products).
+    """
+    p = torch.softmax(logits, dim=-1).to(u.dtype)
+    out = p * u - p * (p * u).sum(dim=-1, keepdim=True)
+    if weight is not None:
+        out = out * weight.to(u.dtype).unsqueeze(-1)
+    return out
+
+
+def generator_for(seed: int, offset: int, device: torch.device) -> torch.Generator:
+    """A generator on ``device`` seeded from ``seed`` and the chunk's first sample ``offset``."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed((int(seed) * 1_000_003 + int(offset)) % (2**63 - 1))
+    return generator
+
+
+def softmax_sampled_roots(
+    logits: Tensor, draws: int, generator: torch.Generator, weight: Tensor | None = None
+) -> Tensor:
+    """Sampled square roots of ``w * (diag(p) - p p^T)`` per position: ``(draws, *logits.shape)``.
+
+    ``v_k = sqrt(w / draws) * (p - e_{y_k})`` with ``y_k ~ Categorical(p)`` drawn independently
+    per position and draw, classes along the LAST dimension of ``logits`` ``(..., V)``;
+    ``weight`` ``(...)`` (or ``None`` for 1). ``E[sum_k v_k v_k^T] = w (diag(p) - p p^T)``
+    per position, and different positions' vectors are uncorrelated, so one vector per draw
+    serves every position of a sample. In the logits' dtype; ``p`` is computed in float32 at
+    least.
+    """
+    if draws < 1:
+        raise ValueError(f"draws must be a positive int; got {draws!r}.")
+    vocab = logits.shape[-1]
+    wide = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    p = torch.softmax(logits.detach().to(wide), dim=-1)
+    flat = p.reshape(-1, vocab)
+    labels = torch.multinomial(flat, draws, replacement=True, generator=generator)  # (N, draws)
+    out = p.unsqueeze(0).expand(draws, *p.shape).clone()  # (draws, ..., V)
+    view = out.reshape(draws, -1, vocab)
+    rows = torch.arange(flat.shape[0], device=logits.device)
+    for k in range(draws):
+        view[k, rows, labels[:, k]] -= 1.0
+    scale = torch.full(p.shape[:-1], 1.0 / draws, dtype=wide, device=logits.device)
+    if weight is not None:
+        scale = scale * weight.to(wide)
+    out *= scale.sqrt().unsqueeze(-1)
+    return out.to(logits.dtype)
+
+
+def gaussian_sampled_roots(outputs: Tensor, variance: float, draws: int, generator: torch.Generator) -> Tensor:
+    """Sampled square roots of ``variance * I``: ``sqrt(variance / draws) z_k``, ``z_k ~ N(0, I)``:
+    ``(draws, *outputs.shape)`` in the outputs' dtype."""
+    if draws < 1:
+        raise ValueError(f"draws must be a positive int; got {draws!r}.")
+    z = torch.randn((draws, *outputs.shape), generator=generator, dtype=outputs.dtype, device=outputs.device)
+    return z * math.sqrt(variance / draws)
+
+
+def _plain_cross_entropy(loss: Any) -> bool:
+    """Whether ``loss`` is an ``nn.CrossEntropyLoss`` whose Hessian in the logits is ``diag(p) - p p^T``
+    per sample (no class weights, mean reduction; label smoothing does not change it)."""
+    return isinstance(loss, nn.CrossEntropyLoss) and loss.weight is None and loss.reduction == "mean"
+
+
+def _plain_mse(loss: Any) -> bool:
+    return isinstance(loss, nn.MSELoss) and loss.reduction == "mean"
+
+
+def _pair_loss(output_loss: Any) -> Any:
+    """The ``loss(outputs, targets)`` inside a pair task's output loss, or ``None``."""
+    return getattr(output_loss, "fn", None)
+
+
+def hessian_product(output_loss: Any, outputs: Tensor, batch: Any, u: Tensor) -> Tensor | None:
+    """The Hessian of the BATCH's mean loss in its outputs times ``u`` (shaped as ``outputs``), in
+    closed form, or ``None`` when the loss has none (the caller differentiates it instead).
+
+    Closed forms: an output loss's own ``curvature_product(outputs, batch, u)`` (the ready-made
+    tasks of :mod:`dask_influence.tasks`), and a pair task of a plain ``nn.CrossEntropyLoss``
+    (``(n, c)`` logits) or ``nn.MSELoss``.
+    """
+    own = getattr(output_loss, "curvature_product", None)
+    if own is not None:
+        return own(outputs, batch, u)
+    loss = _pair_loss(output_loss)
+    if _plain_cross_entropy(loss) and outputs.ndim == 2:
+        targets = batch[1]
+        if targets.dtype.is_floating_point:  # class probabilities (summing to 1): every sample counts
+            return softmax_hessian_product(outputs, u) / outputs.shape[0]
+        kept = (targets != loss.ignore_index).to(u.dtype)  # the mean runs over the labels not ignored
+        return softmax_hessian_product(outputs, u, kept / kept.sum().clamp_min(1))
+    if _plain_mse(loss):
+        return u * (2.0 / outputs.numel())
+    return None
+
+
+def sampled_roots(
+    output_loss: Any, kind: str | None, outputs: Tensor, batch: Any, draws: int, generator: torch.Generator
+) -> Tensor | None:
+    """Sampled roots ``(draws, n, *outputs.shape[1:])`` of each sample's output Hessian, or ``None``.
+
+    Args:
+        output_loss: the task's ``output_loss(outputs, batch)``; its own
+            ``sampled_roots(outputs, batch, draws, generator)`` is used when it has one (the
+            causal-LM task: every predicted position, weighted as the loss weighs it).
+        kind: ``"classification"`` (softmax cross-entropy over ``(n, c)`` logits) or
+            ``"regression"`` (mean squared error, ``H = (2/c) I`` per sample), or ``None``.
+        outputs: the model outputs ``(n, ...)``.
+        batch: the batch they belong to.
+        draws: labels drawn per position (one backward pass each).
+        generator: the source of randomness (:func:`generator_for`).
+    """
+    own = getattr(output_loss, "sampled_roots", None)
+    if own is not None and kind is None:
+        return own(outputs, batch, draws, generator)
+    if kind == "classification" and outputs.ndim == 2:
+        return softmax_sampled_roots(outputs, draws, generator)
+    if kind == "regression":
+        return gaussian_sampled_roots(outputs, 2.0 / outputs[0].numel(), draws, generator)
+    return None
