@@ -7,10 +7,23 @@ and data, which ``--resume`` relies on). The datasets are plain lists of dicts
 the Dask workers unpickle them without importing this file.
 
 - ``make_text_classifier``: a one-layer BERT sequence classifier. A sequence's label is
-  the number of occurrences of token 1 in it, modulo 3; a few training labels are flipped
-  (``flipped_indices``), which their self-influence and mean influence expose.
+  the number of occurrences of token 1 (the word "star") in it, modulo 3; 5% of the
+  training labels are flipped (``flipped_indices``).
+
+  Which score finds them: their **self-influence** (``dask-influence rank text.zarr --by
+  self``, ``plot --by self``), not their mean influence over the test points. Measured on
+  this job as shipped (200 training points, 20 test points, EK-FAC, regularization 0.01):
+  as a detector of the flipped labels the self-influence has AUC 0.87 (5 of the 10 flipped
+  labels among the 10 highest self-influences), the mean influence AUC 0.14 (lowest mean
+  first; 0 of them among the 10 most harmful): the flipped points rank among the most
+  *helpful* on average. ``python factory.py flipped.txt`` writes their indices for
+  ``plot --suspects flipped.txt``.
 - ``make_causal_lm``: a one-layer GPT-2 language model on sequences that count up from a
   random start in steps of 1 or 2 (modulo the vocabulary).
+
+Both also return ``show(index) -> str | dict``, which ``dask-influence report --job`` uses to
+print a training point: the sequence decoded to words through a word-level tokenizer built
+here (:func:`make_tokenizer`, nothing downloaded), with its label for the classifier.
 
 Requires ``transformers`` (``pip install "dask-influence[hf]"``).
 """
@@ -24,6 +37,20 @@ import torch
 
 VOCAB, LENGTH = 16, 8
 SEED = 0
+WORDS = "the star moon sun sky sea tree rock bird fish wind rain snow fire leaf hill".split()
+"""The word of each token id (``VOCAB`` of them); token 1, "star", decides the classifier's label."""
+
+
+def make_tokenizer():
+    """A word-level Hugging Face tokenizer of :data:`WORDS` (built in memory, nothing downloaded)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token=WORDS[0]))
+    words.pre_tokenizer = WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=words)
 
 
 def _train(model: torch.nn.Module, loss_fn, batches, steps: int, lr: float = 3e-3) -> None:
@@ -49,7 +76,9 @@ def flipped_indices(n_train: int = 200, seed: int = SEED) -> np.ndarray:
 
 
 def make_text_classifier(n_train: int = 200, n_test: int = 20, steps: int = 60, seed: int = SEED) -> dict:
-    """A tiny BERT sequence classifier, its training and test sequences (dicts)."""
+    """A tiny BERT sequence classifier, its training and test sequences (dicts), and ``show``
+    and ``show_test`` (index -> a dict row: the decoded text, the label, the count of "star"
+    and whether the label was flipped) for ``dask-influence report``."""
     from transformers import BertConfig, BertForSequenceClassification
 
     g = torch.Generator().manual_seed(seed)
@@ -76,11 +105,29 @@ def make_text_classifier(n_train: int = 200, n_test: int = 20, steps: int = 60, 
     test = {k: v[n_train:] for k, v in data.items()}
     batches = [{k: v[s : s + 32] for k, v in train.items()} for s in range(0, n_train, 32)]
     _train(model, lambda m, b: m(**b).loss, batches, steps)
-    return {"model": model, "train": _items(train), "test": _items(test)}
+    tokenizer = make_tokenizer()
+    is_flipped = set(flipped.tolist())
+
+    def row(part: dict, index: int, flips: bool) -> dict:
+        ids = part["input_ids"][index]
+        row = {"text": tokenizer.decode(ids), "label": int(part["labels"][index])}
+        row["stars mod 3"] = int((ids == 1).sum()) % 3  # the true label
+        if flips:
+            row["flipped"] = "yes" if index in is_flipped else ""
+        return row
+
+    return {
+        "model": model,
+        "train": _items(train),
+        "test": _items(test),
+        "show": lambda index: row(train, index, True),
+        "show_test": lambda index: row(test, index, False),
+    }
 
 
 def make_causal_lm(n_train: int = 120, n_test: int = 8, steps: int = 60, seed: int = SEED) -> dict:
-    """A tiny GPT-2 language model, its training and test sequences (dicts)."""
+    """A tiny GPT-2 language model, its training and test sequences (dicts), and ``show`` and
+    ``show_test`` (index -> the sequence decoded to words) for ``dask-influence report``."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     g = torch.Generator().manual_seed(seed)
@@ -99,7 +146,14 @@ def make_causal_lm(n_train: int = 120, n_test: int = 8, steps: int = 60, seed: i
     test = {k: v[n_train:] for k, v in data.items()}
     batches = [{k: v[s : s + 32] for k, v in train.items()} for s in range(0, n_train, 32)]
     _train(model, lambda m, b: m(**b, labels=b["input_ids"]).loss, batches, steps)
-    return {"model": model, "train": _items(train), "test": _items(test)}
+    tokenizer = make_tokenizer()
+    return {
+        "model": model,
+        "train": _items(train),
+        "test": _items(test),
+        "show": lambda index: tokenizer.decode(train["input_ids"][index]),
+        "show_test": lambda index: tokenizer.decode(test["input_ids"][index]),
+    }
 
 
 if __name__ == "__main__":  # python factory.py flipped.txt: the flipped training labels

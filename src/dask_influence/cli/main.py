@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "top": (".top", "top"),
     "rank": (".rank", "rank"),
     "plot": (".plot", "plot"),
+    "report": (".report", "report"),
     "demo": (".demo", "demo"),
     "evaluate": (".evaluate", "evaluate"),
     "index": (".index", "index"),

@@ -3,13 +3,17 @@
 The mean is over the test points (of the computed chunks, read one at a time). With
 ``--suspects`` (indices such as known or suspected mislabeled points, inline or in a file)
 those points are drawn as a second histogram and as ticks under the axis, and the command
-says how many of them are among the most harmful. Needs matplotlib.
+says how many of them are among the most harmful. ``--by self`` draws the stored
+self-influences instead (``[output] self_influences = true``), the score that finds
+mislabeled points (AUC 0.87 on the text example, where the mean influence scores 0.14).
+Needs matplotlib.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import textwrap
 from typing import Any
 
 import click
@@ -56,10 +60,27 @@ def _ints(text: str, what: str) -> np.ndarray:
         ) from None
 
 
+XLABELS = {
+    "mean": "mean influence over the test points  (< 0: harmful, > 0: helpful)",
+    "self": "self-influence  (high: the model had to memorize the point; suspects of mislabeling)",
+}
+
+
 def histogram(
-    mean: np.ndarray, out: str, *, suspects: np.ndarray | None = None, bins: int = 60, title: str | None = None
+    mean: np.ndarray,
+    out: Any,
+    *,
+    suspects: np.ndarray | None = None,
+    bins: int = 60,
+    title: str | None = None,
+    by: str = "mean",
+    dpi: int = 120,
 ) -> None:
-    """Write the histogram of ``mean`` (NaN entries left out) to ``out``."""
+    """Write the histogram of ``mean`` (``(n_train,)``, NaN entries left out) to ``out`` (a
+    path, or a binary file object with ``format`` from its name: PNG).
+
+    ``by="self"``: the values are self-influences (positive); their bins are logarithmic
+    when they span more than two decades."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -73,7 +94,13 @@ def histogram(
     fig = Figure(figsize=(7.5, 4.2), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    edges = np.histogram_bin_edges(mean[finite], bins=bins).tolist()
+    values = mean[finite]
+    log_x = by == "self" and values.size > 0 and values.min() > 0 and values.max() > 100 * values.min()
+    if log_x:
+        edges = np.geomspace(values.min(), values.max(), bins + 1).tolist()
+        ax.set_xscale("log")
+    else:
+        edges = np.histogram_bin_edges(values, bins=bins).tolist()
     others = mean[finite & ~is_suspect]
     label = "other training points" if is_suspect.any() else "training points"
     ax.hist(others, bins=edges, color="#4C72B0", alpha=0.85, label=f"{label} ({others.size:,})")
@@ -84,23 +111,28 @@ def histogram(
         ax.plot(
             marked, np.full(marked.shape, 0.012), "|", color="#DD4444", markersize=9, transform=ax.get_xaxis_transform()
         )
-    ax.axvline(0.0, color="0.3", linewidth=0.8, linestyle="--")
+    if by != "self":
+        ax.axvline(0.0, color="0.3", linewidth=0.8, linestyle="--")
     ax.set_yscale("log")
-    ax.set_xlabel("mean influence over the test points  (< 0: harmful, > 0: helpful)")
+    ax.set_ylim(bottom=0.5)  # a bin of one point stays visible on the log axis
+    ax.set_xlabel(XLABELS[by])
     ax.set_ylabel("training points")
-    ax.set_title(title or "Mean influence of each training point")
-    ax.legend(loc="upper left")
-    fig.savefig(out, dpi=120)
+    default = "Self-influence of each training point" if by == "self" else "Mean influence of each training point"
+    ax.set_title("\n".join(textwrap.wrap(title or default, 80)), fontsize=11)  # wrapped: never clipped
+    ax.legend(loc="best")
+    fig.savefig(out, dpi=dpi, format="png" if not isinstance(out, (str, os.PathLike)) else None)
 
 
-def default_title(store: str, group: Any) -> str:
-    """``"<store name>: mean influence per training point (<method>, mode <mode>)"``."""
+def default_title(store: str, group: Any, by: str = "mean") -> str:
+    """``"<store name>: mean influence per training point (<method>, mode <mode>)"`` (``by="self"``:
+    ``self-influence``)."""
     config = dict(group.attrs.get(ATTR, {})).get("config") or {}
     name = os.path.basename(os.path.normpath(store)) or store
     method = config.get("method") or "unknown method"
     reg = config.get("regularization")
     details = f"{method}" + (f", regularization {reg:g}" if isinstance(reg, (int, float)) else "")
-    return f"{name}: mean influence per training point ({details}, mode {config.get('mode', 'up')})"
+    what = "self-influence" if by == "self" else "mean influence"
+    return f"{name}: {what} per training point ({details}, mode {config.get('mode', 'up')})"
 
 
 def evaluation_plot(group: Any, name: str, out: str, *, title: str | None = None) -> str:
@@ -179,6 +211,14 @@ def evaluation_plot(group: Any, name: str, out: str, *, title: str | None = None
     default=None,
     help="Training indices to mark: '3,17,42', or a file of them (text, or .npy).",
 )
+@click.option(
+    "--by",
+    type=click.Choice(["mean", "self"]),
+    default="mean",
+    show_default=True,
+    help="mean: mean influence over the test points; self: the stored self-influence (finds mislabeled "
+    "points; needs [output] self_influences = true).",
+)
 @click.option("--bins", type=click.IntRange(2), default=60, show_default=True, help="Histogram bins.")
 @click.option("--title", default=None, help="Title of the plot.")
 @click.option(
@@ -188,18 +228,22 @@ def evaluation_plot(group: Any, name: str, out: str, *, title: str | None = None
     help="Draw predicted vs actual of the store's evaluation NAME (lds, loo; see `dask-influence evaluate`) "
     "instead of the histogram.",
 )
-def plot(store: str, out: str, suspects: str | None, bins: int, title: str | None, evaluation: str | None) -> None:
-    """Plot a histogram of the mean influence of each training point of STORE.
+def plot(
+    store: str, out: str, suspects: str | None, by: str, bins: int, title: str | None, evaluation: str | None
+) -> None:
+    """Plot a histogram of the mean influence (or, --by self, the self-influence) of each
+    training point of STORE.
 
-    The mean is over the test points; harmful training points (e.g. mislabeled ones) sit
-    on the left. --suspects marks given indices in red. --evaluation lds (or loo) draws
-    predicted against actual changes of an evaluation instead.
+    The mean is over the test points; harmful training points sit on the left. Mislabeled
+    points show best by self-influence (--by self), on the right. --suspects marks given
+    indices in red. --evaluation lds (or loo) draws predicted against actual changes of an
+    evaluation instead.
     """
     from .run import one_line
 
     if evaluation is not None:
-        if suspects:
-            raise click.UsageError("--suspects marks the histogram; drop it with --evaluation.")
+        if suspects or by != "mean":
+            raise click.UsageError("--suspects and --by draw the histogram; drop them with --evaluation.")
         try:
             drawn = evaluation_plot(open_store(store), evaluation, out, title=title)
         except (ValueError, TypeError, OSError, ImportError) as exc:
@@ -210,19 +254,36 @@ def plot(store: str, out: str, suspects: str | None, bins: int, title: str | Non
     try:
         group = open_store(store)
         require_up_mode(group, "plot")
-        mean, count = mean_influence(group)
-        if not np.isfinite(mean).any():
-            raise ValueError(f"No influences in {store!r} are computed yet; run the job with --resume.")
+        if by == "self":
+            from .rank import self_influence
+
+            mean = self_influence(group, "plot --by self")
+            count = np.where(np.isfinite(mean), group["influences"].shape[0], 0)
+            if not np.isfinite(mean).any():
+                raise ValueError(f"No self-influences in {store!r} are computed yet; run the job with --resume.")
+        else:
+            mean, count = mean_influence(group)
+            if not np.isfinite(mean).any():
+                raise ValueError(f"No influences in {store!r} are computed yet; run the job with --resume.")
         marked = parse_suspects(suspects, mean.size) if suspects else None
-        histogram(mean, out, suspects=marked, bins=bins, title=title or default_title(store, group))
+        histogram(mean, out, suspects=marked, bins=bins, title=title or default_title(store, group, by), by=by)
     except (ValueError, TypeError, OSError, ImportError) as exc:
         raise click.ClickException(one_line(exc)) from None
     n_test = group["influences"].shape[0]
     partial = int((count < n_test).sum())
-    click.echo(
-        f"Wrote {out}: mean influence of {int(np.isfinite(mean).sum()):,} training points over {n_test:,} test points."
-    )
-    if partial:
+    if by == "self":
+        click.echo(f"Wrote {out}: self-influence of {int(np.isfinite(mean).sum()):,} training points.")
+    else:
+        click.echo(
+            f"Wrote {out}: mean influence of {int(np.isfinite(mean).sum()):,} training points over "
+            f"{n_test:,} test points."
+        )
+    if partial and by == "self":
+        click.echo(
+            f"Warning: the store is incomplete; {partial:,} training points have no self-influence computed yet.",
+            err=True,
+        )
+    elif partial:
         click.echo(
             f"Warning: the store is incomplete; {partial:,} training points have fewer than {n_test:,} "
             "test points computed.",
@@ -230,10 +291,15 @@ def plot(store: str, out: str, suspects: str | None, bins: int, title: str | Non
         )
     if marked is not None and marked.size:
         others = np.delete(mean, marked)
-        lowest = np.argsort(np.where(np.isfinite(mean), mean, np.inf), kind="stable")[: marked.size]
-        found = np.intersect1d(lowest, marked).size
+        if by == "self":
+            extreme = np.argsort(np.where(np.isfinite(mean), -mean, np.inf), kind="stable")[: marked.size]
+            where = "highest self-influence"
+        else:
+            extreme = np.argsort(np.where(np.isfinite(mean), mean, np.inf), kind="stable")[: marked.size]
+            where = "most harmful"
+        found = np.intersect1d(extreme, marked).size
         click.echo(
-            f"Suspects: {marked.size:,} marked; mean influence {np.nanmean(mean[marked]):.4g} "
-            f"(others {np.nanmean(others):.4g}); {found:,} of them are among the {marked.size:,} "
-            "most harmful training points."
+            f"Suspects: {marked.size:,} marked; {'self-influence' if by == 'self' else 'mean influence'} "
+            f"{np.nanmean(mean[marked]):.4g} (others {np.nanmean(others):.4g}); {found:,} of them are among the "
+            f"{marked.size:,} {where} training points."
         )
