@@ -19,7 +19,7 @@ from torch import nn
 import dask_influence as di
 from dask_influence.core.blocks import SummedCurvatureOperator
 from dask_influence.core.operators import LinearOperator
-from dask_influence.core.solvers.arnoldi import ArnoldiInfluence
+from dask_influence.core.solvers.arnoldi import TRACE_PROBES, ArnoldiInfluence
 from dask_influence.core.solvers.direct import DirectInfluence
 from dask_influence.core.solvers.nystroem import NystroemSketchInfluence
 from dask_influence.demo import make_mlp
@@ -255,7 +255,9 @@ def test_never_forms_h_and_counts_sweeps(mlp, monkeypatch):
     calls = _count_products(monkeypatch)
     arnoldi = ArnoldiInfluence(mlp.model, mlp.loss, regularization=0.2, rank=5).fit((mlp.x, mlp.y))
     assert arnoldi.krylov_dimension == 25
-    assert calls == [1] * 25  # one sweep with one vector per Lanczos step
+    # one sweep with one vector per Lanczos step; the first also carries the trace probes of
+    # the complement's weight (complement="auto": 1 / (lambda + sigma_tail)), no extra sweep
+    assert calls == [1 + TRACE_PROBES] + [1] * 24
     arnoldi.influences(mlp.xt, mlp.yt, mlp.x, mlp.y)
     arnoldi.self_influences(mlp.x, mlp.y)
     assert len(calls) == 25  # solving needs no further sweeps

@@ -158,15 +158,20 @@ def test_arnoldi_auto_rank_keeps_the_eigenvalues_above_the_threshold():
     assert m.rank_ == int(keep.sum()) and 3 <= m.rank_ < 30
     torch.testing.assert_close(m.eigenvalues_.sort().values, eigenvalues[keep], rtol=1e-6, atol=1e-8)
     assert m.state_.krylov_dimension < m.num_params
-    # the solve is that of the exact eigenpairs above the threshold, the rest weighted 1 / lambda ...
+    # the solve is that of the exact eigenpairs above the threshold, the rest weighted
+    # 1 / (lambda + sigma_tail), sigma_tail the mean left-out eigenvalue (a trace estimate:
+    # measured 0.0132 against 0.0103 exactly) ...
+    tail = float((eigenvalues.sum() - eigenvalues[keep].sum()) / (~keep).sum())
+    assert m.state_.tail_eigenvalue == pytest.approx(tail, rel=0.35)
     g = m.per_sample_grads(xt, yt)
     v, d = vectors[:, keep], eigenvalues[keep]
-    ideal = ((g @ v) / (d + lam)) @ v.T + (g - (g @ v) @ v.T) / lam
+    ideal = ((g @ v) / (d + lam)) @ v.T + (g - (g @ v) @ v.T) / (lam + m.state_.tail_eigenvalue)
     approx = m.influence_factors(xt, yt)
     assert float(torch.linalg.norm(approx - ideal) / torch.linalg.norm(ideal)) < 1e-5
     # ... which errs by at most |mu| / (lambda - |mu|) <= 1/3 of 1 / lambda in each left-out direction
+    # (measured: 0.061 relative to Direct; with the weight 1 / lambda, 0.073)
     exact = di.DirectInfluence(model, loss, regularization=lam).fit((x, y)).influence_factors(xt, yt)
-    assert float(torch.linalg.norm(approx - exact) / torch.linalg.norm(exact)) < 0.1
+    assert float(torch.linalg.norm(approx - exact) / torch.linalg.norm(exact)) < 0.07
 
 
 def test_nystroem_auto_rank_grows_until_the_sketch_reaches_below_the_threshold():
