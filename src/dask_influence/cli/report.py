@@ -57,7 +57,10 @@ def _fmt(value: Any) -> str:
 
 def _image_array(value: Any) -> np.ndarray | None:
     """``value`` as an ``(H, W)`` or ``(H, W, 3|4)`` uint8 array when it is an image (a numpy
-    array or torch tensor of 2 dimensions, or 3 with 1, 3 or 4 channels first or last), else None."""
+    array or torch tensor of 2 dimensions, or 3 with 1, 3 or 4 channels first or last), else None.
+
+    uint8 and bool are taken as they are, other integers in 0..255 as 8-bit values, floats in
+    [0, 1] as intensities; anything else is stretched from its minimum to its maximum."""
     if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor
         value = value.detach().cpu().numpy()
     if not isinstance(value, np.ndarray) or value.ndim not in (2, 3) or value.size == 0:
@@ -77,12 +80,14 @@ def _image_array(value: Any) -> np.ndarray | None:
         return a.astype(np.uint8) * 255
     if not (np.issubdtype(a.dtype, np.number)):
         return None
+    integer = np.issubdtype(a.dtype, np.integer)
     a = np.nan_to_num(a.astype(np.float64))
     low, high = float(a.min()), float(a.max())
-    if low >= 0 and high <= 1:
-        low, high = 0.0, 1.0
-    elif low >= 0 and high <= 255:
-        low, high = 0.0, 255.0
+    if integer and low >= 0 and high <= 255:
+        low, high = 0.0, 255.0  # 8-bit pixel values
+    elif not integer and low >= 0 and high <= 1:
+        low, high = 0.0, 1.0  # intensities in [0, 1]
+    # anything else: stretched from its minimum (black) to its maximum (white)
     scale = 255.0 / (high - low) if high > low else 0.0
     return np.clip((a - low) * scale, 0, 255).round().astype(np.uint8)
 
