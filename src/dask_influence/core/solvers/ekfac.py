@@ -800,9 +800,10 @@ class EkfacInfluence(InfluenceModel):
         for layer, inputs in zip(self._layers, capture.inputs):
             o, i = layer.shape
             positions = sum(int(a.shape[1]) for a in inputs)
-            pieces.append((f"layer '{layer.name}''s output gradients and inputs", (r * o + i) * positions * itemsize))
+            blocks = (r * o + i) * positions * itemsize
+            pieces.append((f"the output gradients and inputs of layer '{layer.name}'", blocks))
             if self.update_diagonal and positions > 1:
-                pieces.append((f"layer '{layer.name}''s per-sample gradients", 2 * o * i * itemsize))
+                pieces.append((f"the per-sample gradients of layer '{layer.name}'", 2 * o * i * itemsize))
         del capture, outputs
         per_sample = sum(size for _, size in pieces)
         room = self.memory_budget - self.memory_.fixed
