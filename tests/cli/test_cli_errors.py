@@ -13,6 +13,7 @@ from dask_influence.cli.main import cli
 
 FACTORY = """
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -26,17 +27,34 @@ class TupleOut(nn.Module):
         return self.lin(x), x
 
 
+class RandomInEval(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.lin(F.dropout(x, p=0.5, training=True))  # random even in eval()
+
+
 def make(kind):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(30, 4, generator=g, dtype=torch.float64)
     y = torch.randint(0, 3, (30,), generator=g)
+    yt = y[:5] % 3
     model = nn.Linear(4, 3).double().eval()
     if kind == "label":
         y[20] = 3  # not a class of the 3 outputs, past the first block
+    elif kind == "negative":
+        y[20] = -1
+    elif kind == "test_label":
+        yt = yt.clone()
+        yt[2] = 7
+    elif kind == "dropout":
+        model = RandomInEval().double().eval()
     else:
         model = TupleOut().double().eval()
     return {"model": model, "loss": nn.CrossEntropyLoss(), "train": TensorDataset(x, y),
-            "test": TensorDataset(x[:5], y[:5] % 3)}
+            "test": TensorDataset(x[:5], yt)}
 """
 
 
@@ -75,15 +93,39 @@ def job(tmp_path, monkeypatch):
     return write
 
 
-def test_a_label_out_of_range_is_one_line_naming_the_labels(job):
-    result = CliRunner().invoke(cli, ["run", str(job("label")), "--quiet"])
+@pytest.mark.parametrize(
+    ("kind", "got", "advice"),
+    [
+        ("label", "got 3 (1 target(s))", ", or give the model 4 outputs."),  # a training label (vmapped gradients)
+        ("negative", "got -1 (1 target(s))", " (e.g. map them to 0..2)."),
+        ("test_label", "got 7 (1 target(s))", ", or give the model 8 outputs."),  # a test label
+    ],
+)
+def test_a_label_out_of_range_is_one_line_naming_the_labels(job, kind, got, advice):
+    """Issue 31 item 18: torch's `Target 3 is out of bounds` / `index 7 is out of bounds for
+    dimension 2 with size 3` named neither the labels nor the number of classes."""
+    result = CliRunner().invoke(cli, ["run", str(job(kind)), "--quiet"])
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
     assert len(lines) == 1, result.output
-    assert lines[0].startswith("Error: IndexError: Target 3 is out of bounds.")
-    assert "not a valid class index" in lines[0] and "--traceback" in lines[0]
-    full = CliRunner().invoke(cli, ["run", str(job("label")), "--quiet", "--overwrite", "--traceback"])
-    assert isinstance(full.exception, IndexError)
+    expected = f"Error: Labels out of range for the model's 3 classes: {got}; class labels must be 0 to 2"
+    assert lines[0].startswith(expected)
+    assert lines[0].endswith(advice)
+    assert "out of bounds" not in lines[0]
+    full = CliRunner().invoke(cli, ["run", str(job(kind)), "--quiet", "--overwrite", "--traceback"])
+    assert isinstance(full.exception, ValueError)
+
+
+def test_randomness_inside_eval_is_the_hidden_randomness_refusal(job):
+    """Issue 31 item 18: F.dropout(x, training=True) in eval() ended in torch's raw vmap
+    "randomness error mode" message."""
+    result = CliRunner().invoke(cli, ["run", str(job("dropout")), "--quiet"])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("Error: The model draws random numbers in its forward even in eval()")
+    assert "F.dropout(x, p, training=self.training)" in lines[0]
+    assert "randomness error mode" not in lines[0]
 
 
 def test_a_model_returning_a_tuple_is_one_line(job):

@@ -31,7 +31,7 @@ def test_a_restarted_driver_waits_for_the_killed_drivers_lock_to_go_stale(tmp_pa
     monkeypatch.setattr(zlock, "POLL_SECONDS", 0.2)
     store = tmp_path / "out.zarr"
     _foreign_lock(store, time.time())  # killed just now: the heartbeat is fresh
-    with pytest.raises(StoreError, match=r"being written by another job: host old-pod.*--wait-for-lock SECONDS"):
+    with pytest.raises(StoreError, match=r"being written by another job: host old-pod.*wait_for_lock=SECONDS waits"):
         zlock.StoreLock(store).acquire()
     began = time.monotonic()
     with zlock.StoreLock(store, wait_seconds=30) as held:

@@ -65,12 +65,18 @@ def check_pair(x: Tensor, y: Tensor, x_name: str = "x", y_name: str = "y") -> in
     return int(x.shape[0])
 
 
+DICT_BATCHES = (
+    "a loss(outputs, targets) takes (x, y) pairs; for dict batches (Hugging Face style) pass a "
+    'dask_influence.Task as the loss, e.g. di.tasks.classification() (in a job file: [task] name = "classification"; '
+    "causal_lm() and regression() likewise)"
+)
+"""What to do with dict batches given to a solver built with a pair loss, for messages."""
+
+
 def _split_batch(batch: Any) -> tuple[Any, Any]:
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):
         raise TypeError(
-            "Training batches must be (x, y) pairs; got a dict. Wrap the dataset so that "
-            "each item is an (input, target) tuple, or pass a dask_influence.Task (e.g. "
-            "di.tasks.classification()) to use dict batches."
+            f"Training batches must be (x, y) pairs; got a dict with keys {', '.join(map(str, batch))}: {DICT_BATCHES}."
         )
     try:
         x, y = batch
@@ -134,6 +140,8 @@ class TrainingData:
         self.perturb = perturb
         self._arrays: Any = None
         self._source: Any = None
+        if pairs and isinstance(data, Mapping):  # iterating it would give its keys as batches
+            raise TypeError(f"The training data is a dict with keys {', '.join(map(str, data))}: {DICT_BATCHES}.")
         if pairs and is_whole_arrays(data) and len(data) == 2 and not isinstance(data, Mapping):
             self._arrays = pair_batch(tuple(data), dtype, device, ("x", "y"))
             self._source = None

@@ -178,6 +178,16 @@ class _Bound(nn.Module):
         return fn(self.model, batch)
 
 
+HIDDEN_RANDOMNESS = (
+    "The model draws random numbers in its forward even in eval() (torch.func refused a random "
+    "operation, e.g. F.dropout(x, training=True) or torch.randn inside forward): its gradients, and "
+    "so its influences, would change from call to call. Make forward deterministic in eval(), e.g. "
+    "F.dropout(x, p, training=self.training) or an nn.Dropout module, and call model.eval()."
+)
+"""The refusal of a model whose forward is random in ``eval()`` (dropout modules in training
+mode are refused before, by the solver's model check)."""
+
+
 def _is_data_dependent(err: Exception) -> bool:
     """Whether ``err`` is vmap refusing data-dependent control flow (``.item()``, ``if t.any()``)."""
     text = str(err)
@@ -214,16 +224,30 @@ class ModelFunctions:
         (a flat vector or ``{name: tensor}``), under the forward lock."""
         params = theta_or_params if isinstance(theta_or_params, dict) else self.spec.unflatten(theta_or_params)
         with _FORWARD_LOCK:
-            return functional_call(self._bound, {"model." + k: v for k, v in params.items()}, (fn, batch))
+            try:
+                return functional_call(self._bound, {"model." + k: v for k, v in params.items()}, (fn, batch))
+            except RuntimeError as err:
+                if "randomness" in str(err) and "vmap" in str(err):  # torch.func's refusal of a random op
+                    raise ValueError(HIDDEN_RANDOMNESS) from None
+                raise
 
     def outputs(self, theta: Tensor, batch: Any) -> Tensor:
-        """Model outputs for a batch (the task's ``outputs``): ``(n, ...)``."""
+        """Model outputs for a batch (the task's ``outputs``): ``(n, ...)``, one tensor (a model
+        returning a tuple is refused: the GGN, EK-FAC and the gradient index need one)."""
         if self.task.outputs is None:
             raise ValueError(
                 f"The task {self.task.name!r} does not give the model outputs; pass "
                 "Task(outputs=..., output_loss=...) to use curvature='ggn' or EK-FAC."
             )
-        return self.apply(theta, self.task.outputs, batch)
+        out = self.apply(theta, self.task.outputs, batch)
+        if not isinstance(out, Tensor):
+            raise TypeError(
+                f"The model returned a {type(out).__name__}, not one tensor of outputs: curvature='ggn', "
+                "EK-FAC and the gradient index need the outputs the loss reads as one tensor. Use "
+                "curvature='hessian' (Direct, CG, LiSSA, Arnoldi, Nystroem), or pass a dask_influence.Task "
+                "whose outputs(model, batch) returns that tensor and whose output_loss(outputs, batch) takes it."
+            )
+        return out
 
     def batch_loss(self, theta: Tensor, batch: Any) -> Tensor:
         """The task's loss on a batch (mean over the batch): a scalar."""

@@ -43,6 +43,7 @@ refuses it and asks for a new fit. Format 2 is this one.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import pickle
 import re
@@ -312,6 +313,11 @@ def _write_whole(path: str, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(temp, path)
+    except OSError as err:  # a failed write names no file: name the one being written
+        if err.filename is not None and err.filename != temp:
+            raise
+        advice = "; free space on that disk or write the file elsewhere" if err.errno == errno.ENOSPC else ""
+        raise OSError(err.errno, f"{err.strerror or err} writing {len(data):,} bytes{advice}", path) from None
     finally:
         if os.path.exists(temp):
             os.remove(temp)
@@ -438,6 +444,8 @@ def _unreadable(source: str, what: str, refit: str, err: Exception) -> str:
             "without running anything."
         )
     if isinstance(err, EOFError):
-        return f"{source!r} is not {what}: the file is empty or truncated."
+        return f"{source!r} is not {what}: the file is empty or truncated (an interrupted write or copy); {refit}."
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return f"{source!r} is not {what}: {text}"
+    if "central directory" in text or "zip archive" in text or "Errno 22" in text:
+        text = f"the file is truncated or damaged ({text.split('. ')[0]})"
+    return f"{source!r} is not {what}: {text}; {refit}."

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .batches import Batch
@@ -123,15 +124,84 @@ def _qualname(fn: Any) -> str | None:
     return f"{getattr(fn, '__module__', '')}.{name}"
 
 
+TASK_HINT = (
+    'pass di.tasks.classification() as the loss (in a job file: [task] name = "classification"), '
+    "which calls model(**inputs) on dict batches and reads .logits"
+)
+"""How to score a Hugging Face model (or dict batches) on class labels, for messages."""
+
+
+def _plain(t: Tensor) -> Tensor:
+    """``t`` without the wrappers of ``torch.func`` (vmap's batching, grad's tracking): the
+    values of every sample, for a message."""
+    from torch._C import _functorch
+
+    while _functorch.is_functorch_wrapped_tensor(t):
+        t = _functorch.get_unwrapped(t)
+    return t
+
+
+def label_error(outputs: Any, labels: Any, loss: Any = None) -> ValueError | None:
+    """The error naming class labels out of range of ``outputs``, or ``None`` when they are in
+    range (or are not class indices): called after a loss failed, to replace torch's
+    ``Target 3 is out of bounds`` / ``index 3 is out of bounds for dimension 2 with size 3``.
+
+    Args:
+        outputs: the logits ``(n, c, ...)`` (``(c,)`` for one sample) the loss was given.
+        labels: the integer targets, possibly wrapped by ``vmap`` (then every sample's are read).
+        loss: the loss, for its ``ignore_index`` (default ``-100``, the torch convention).
+    """
+    if not (isinstance(outputs, Tensor) and isinstance(labels, Tensor)) or outputs.ndim == 0:
+        return None
+    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+        return None
+    classes = int(outputs.shape[1] if outputs.ndim >= 2 else outputs.shape[0])
+    ignore = int(getattr(loss, "ignore_index", -100))
+    values = _plain(labels).detach().reshape(-1).cpu()
+    bad = values[((values < 0) | (values >= classes)) & (values != ignore)]
+    if bad.numel() == 0:
+        return None
+    shown = sorted({int(v) for v in bad.tolist()})
+    listed = ", ".join(map(str, shown[:10])) + (", ..." if len(shown) > 10 else "")
+    return ValueError(
+        f"Labels out of range for the model's {classes} classes: got {listed} ({bad.numel()} target(s)); "
+        f"class labels must be 0 to {classes - 1} ({ignore} marks a target to ignore). Fix the labels of "
+        f"the training and test data (e.g. map them to 0..{classes - 1})"
+        + (f", or give the model {max(shown) + 1} outputs." if max(shown) >= classes else ".")
+    )
+
+
 class _PairLoss:
-    """``loss(model(x), y)`` of a batch ``(x, y)`` (picklable: a Dask worker gets it by value)."""
+    """``loss(model(x), y)`` of a batch ``(x, y)`` (picklable: a Dask worker gets it by value).
+
+    A failure of the loss is explained in one line where the cause is known: class labels out
+    of range (:func:`label_error`), or a Hugging Face output (an object with ``.logits``) that
+    a loss of tensors cannot take (:data:`TASK_HINT`)."""
 
     def __init__(self, loss: Callable[[Tensor, Tensor], Tensor]):
         self.fn = loss
 
     def __call__(self, model: nn.Module, batch: Batch) -> Tensor:
         x, y = batch
-        return self.fn(model(x), y)
+        return _pair_loss(self.fn, model(x), y)
+
+
+def _pair_loss(fn: Callable[[Tensor, Tensor], Tensor], out: Any, y: Tensor) -> Tensor:
+    """``fn(out, y)``, its failures explained where the cause is known (see :class:`_PairLoss`)."""
+    try:
+        return fn(out, y)
+    except (IndexError, RuntimeError) as err:
+        error = label_error(out, y, fn) if "out of bounds" in str(err) else None
+        if error is not None:
+            raise error from None
+        raise
+    except TypeError:
+        if not isinstance(out, Tensor) and isinstance(getattr(out, "logits", None), Tensor):
+            raise TypeError(
+                f"The model returned a {type(out).__name__} (a Hugging Face output with .logits), which "
+                f"the loss {_qualname(fn)} cannot take: {TASK_HINT}."
+            ) from None
+        raise
 
 
 def _pair_outputs(model: nn.Module, batch: Batch) -> Tensor:
@@ -145,7 +215,7 @@ class _PairOutputLoss:
         self.fn = loss
 
     def __call__(self, outputs: Tensor, batch: Batch) -> Tensor:
-        return self.fn(outputs, batch[1])
+        return _pair_loss(self.fn, outputs, batch[1])
 
 
 def pair_task(loss: Callable[[Tensor, Tensor], Tensor], output_curvature: str | None = None) -> Task:

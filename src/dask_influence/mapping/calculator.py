@@ -663,7 +663,8 @@ class DaskInfluenceCalculator(_BlockCalculator):
                     on_done(future.key)
                 else:
                     break  # an error: gather raises it
-        results = client.gather(futures)
-        if bar is not None:
-            bar.join(timeout=5)
-        return results
+        try:
+            return client.gather(futures)
+        finally:  # the bar's last words (it erases its line) come before the caller's, also on an error
+            if bar is not None:
+                bar.join(timeout=5)

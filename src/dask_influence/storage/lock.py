@@ -254,8 +254,8 @@ def _refusal(store: str, info: LockInfo, waited: float = 0.0) -> StoreError:
     waited_text = f" (waited {waited:g} s for it)" if waited else ""
     return StoreError(
         f"The store {store!r} is being written by another job{waited_text}: {info.describe()} (lock file "
-        f"{lock_path(store)!r}). Wait for that job to finish (dask-influence run --wait-for-lock SECONDS "
-        "waits), or, if it is gone, pass break_lock=True. "
+        f"{lock_path(store)!r}). Wait for that job to finish (wait_for_lock=SECONDS waits for it), or, if it "
+        "is gone, pass break_lock=True. "
         f"A lock is stale, and removed by the next job, once its heartbeat is older than "
         f"{STALE_SECONDS:.0f} s or its process is gone on the same host."
     )
@@ -268,6 +268,44 @@ def check_lock(store: str | os.PathLike, *, break_lock: bool = False, wait_secon
     info = read_lock(store)
     if info is not None and not break_lock and not wait_seconds and info.stale_reason() is None:
         raise _refusal(store, info)
+
+
+def await_lock(store: str | os.PathLike, *, wait_seconds: float = 0.0, break_lock: bool = False) -> str | None:
+    """Before a command writes ``store``: wait up to ``wait_seconds`` (polling every
+    :data:`POLL_SECONDS`) until no live job holds its lock, without taking it (a stale lock is
+    left for :class:`StoreLock` to remove, with its warning). With ``break_lock`` any lock is
+    removed at once.
+
+    For commands whose library call takes the lock without a wait of its own (``dask-influence
+    index``, ``query``, ``evaluate``): a driver restarted in a new process namespace gets the
+    killed driver's lock once its heartbeat is stale instead of being refused.
+
+    Returns:
+        the holder and reason of a lock removed by ``break_lock``, else ``None``.
+
+    Raises:
+        StoreError: a live job still holds the lock after the wait.
+    """
+    store = os.fspath(store)
+    if not wait_seconds >= 0:
+        raise ValueError(f"wait_seconds must be >= 0; got {wait_seconds!r}.")
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        info = read_lock(store)
+        if info is None:
+            return None
+        if break_lock:
+            _Files(lock_path(store)).remove()
+            removed = f"{info.describe()}: break_lock=True"
+            logger.warning("Removed the lock of %r held by %s.", store, removed)
+            return removed
+        if info.stale_reason() is not None:
+            return None
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _refusal(store, info, waited=wait_seconds)
+        logger.info("Waiting for the lock of %r (held by %s).", store, info.describe())
+        time.sleep(min(POLL_SECONDS, remaining))
 
 
 class StoreLock:

@@ -10,8 +10,11 @@ writing side (``dask_influence.mapping.store`` is this module, kept for compatib
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -230,14 +233,33 @@ def write_influence_chunks(
     group: Any = zarr.open_group(path, mode="r+")
     array, done = group["influences"], group["influences_done"]
     for i, start, stop, position in targets:
-        array[start:stop, col[0] : col[1]] = values[position]
-        done[i, j] = flag
+        with naming_the_file(path, f"chunk ({i}, {j}) of influences"):
+            array[start:stop, col[0] : col[1]] = values[position]
+            done[i, j] = flag
     return len(targets)
+
+
+@contextmanager
+def naming_the_file(path: str, what: str) -> Iterator[None]:
+    """Re-raise an ``OSError`` that names no file (a write that failed, e.g. a full disk:
+    ``[Errno 28] No space left on device``) naming the store and what was being written."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is not None or err.errno is None:
+            raise
+        advice = (
+            "; free space on that disk (or write the store elsewhere), then rerun with --resume"
+            if (err.errno == errno.ENOSPC)
+            else ""
+        )
+        raise OSError(err.errno, f"{err.strerror or err} writing {what}{advice}", path) from None
 
 
 def write_self_chunk(path: str, j: int, col: tuple[int, int], value: np.ndarray, flag: int = 1) -> int:
     """Write chunk ``j`` of ``self_influences`` and then its done flag (value ``flag``)."""
     group: Any = zarr.open_group(path, mode="r+")
-    group["self_influences"][col[0] : col[1]] = value
-    group["self_influences_done"][j] = flag
+    with naming_the_file(path, f"chunk {j} of self_influences"):
+        group["self_influences"][col[0] : col[1]] = value
+        group["self_influences_done"][j] = flag
     return j

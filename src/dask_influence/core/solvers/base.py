@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from ...errors import NonFiniteError, NotFittedError, NotPositiveDefiniteError
 from .. import batches
 from ..blocks import BlockSums, LocalBlocks, summed_operator
-from ..data import TrainingData, input_signature, pair_batch
+from ..data import DICT_BATCHES, TrainingData, input_signature, pair_batch
 from ..gradients import _FORWARD_LOCK, LossFn, ModelFunctions, check_finite, check_finite_grads, flat_params
 from ..modes import InfluenceMode
 from ..operators import BlockDiagonalOperator, Curvature, CurvatureOperator, LinearOperator
@@ -772,6 +772,8 @@ class InfluenceModel(ABC):
         With a pair loss, ``points`` is ``(x, y)`` or ``((x, y),)``; with a task, ``(batch,)``.
         """
         if self.objective.pairs:
+            if any(isinstance(point, dict) for point in points):
+                raise TypeError(f"Got a dict batch: {DICT_BATCHES}.")
             if len(points) == 1 and _is_pair(points[0]):
                 points = tuple(points[0])
             if len(points) != 2:
@@ -882,7 +884,7 @@ class InfluenceModel(ABC):
                 # float32 model changes a tiny residual's loss by far more than any fixed rtol;
                 # copying the outputs leaves only the loss's own reduction to compare.
                 if task.outputs is not None and task.output_loss is not None:
-                    out1 = self._functions.outputs(theta, one)
+                    out1 = self._functions.apply(theta, task.outputs, one)  # a tuple is fine for the loss
                     single = task.output_loss(out1, one)
                     if isinstance(out1, Tensor):
                         double = task.output_loss(torch.cat([out1, out1]), two)
