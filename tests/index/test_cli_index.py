@@ -76,7 +76,8 @@ def test_index_then_query_writes_a_store_equal_to_the_api(tmp_path, monkeypatch)
     index = di.GradientIndex.open(tmp_path / "index.zarr", problem["model"], problem["loss"], client="sync")
     expected = index.influences((xt.numpy(), yt.numpy()))
     group = zarr.open_group(str(tmp_path / "scores.zarr"), mode="r")
-    np.testing.assert_allclose(group["influences"][:], expected, rtol=1e-12)
+    # test blocks of 5 here and of 12 in the API: the factor solves round differently in the last bits
+    np.testing.assert_allclose(group["influences"][:], expected, rtol=1e-12, atol=1e-12 * np.abs(expected).max())
     np.testing.assert_allclose(group["self_influences"][:], index.self_influences(), rtol=1e-12)
     assert group.attrs["dask_influence"]["complete"]
     assert group.attrs["dask_influence"]["config"]["method"] == "GradientIndex"
@@ -107,3 +108,45 @@ def test_index_job_without_index_section_is_refused(tmp_path):
     (tmp_path / "job2.toml").write_text(job + "\n[solver]\nmethod = 'cg'\n")
     result = CliRunner().invoke(cli, ["index", str(tmp_path / "job2.toml")])
     assert result.exit_code != 0 and "[index] section is missing" in result.output
+    assert "see docs/gradient-index.md" in result.output  # issue 31 item 7: was docs/index.md, the home page
+
+
+def test_damaged_index_is_named_in_one_line_and_index_verify_repairs_it(tmp_path):
+    """Issue 31 items 1-2 from the command line: ``query`` on an index with a deleted chunk or a
+    flipped byte prints one ``Error:`` line naming the index, the array, the chunk and the repair;
+    ``inspect`` says DAMAGED; ``index`` (listing) recomputes the deleted block, ``index --verify``
+    the damaged one; the query then gives the clean scores."""
+    (tmp_path / "ixfactory.py").write_text(FACTORY)
+    (tmp_path / "job.toml").write_text(JOB)
+    runner = CliRunner()
+    job = str(tmp_path / "job.toml")
+    assert runner.invoke(cli, ["index", job]).exit_code == 0
+    assert runner.invoke(cli, ["query", job]).exit_code == 0
+    clean = zarr.open_group(str(tmp_path / "scores.zarr"), mode="r")["influences"][:]
+    chunks = tmp_path / "index.zarr" / "gradients" / "c"
+
+    (chunks / "1" / "0").unlink()
+    shown = runner.invoke(cli, ["inspect", str(tmp_path / "index.zarr")])
+    assert "gradient index, DAMAGED: block(s) 1 of its array 'gradients' are missing" in shown.output
+    refused = runner.invoke(cli, ["query", job, "--overwrite"])
+    assert refused.exit_code == 1 and "Traceback" not in refused.output
+    assert "Error: The gradient index" in refused.output and "block(s) 1 of its array 'gradients'" in refused.output
+    repaired = runner.invoke(cli, ["index", job])
+    assert repaired.exit_code == 0, repaired.output
+    assert "1 blocks written, 1 of them repaired, 4 already done" in repaired.output
+
+    raw = bytearray((chunks / "3" / "0").read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    (chunks / "3" / "0").write_bytes(bytes(raw))
+    refused = runner.invoke(cli, ["query", job, "--overwrite"])
+    assert refused.exit_code == 1 and "Traceback" not in refused.output
+    line = [text for text in refused.output.splitlines() if text.startswith("Error:")][0]
+    assert "chunk 3 of its array 'gradients' (block 3, training points 30 to 39) does not decode" in line
+    assert "dask-influence index JOB.toml --verify" in line
+    listed = runner.invoke(cli, ["index", job])  # without --verify only the files are listed
+    assert listed.exit_code == 0 and "0 blocks written" in listed.output
+    verified = runner.invoke(cli, ["index", job, "--verify"])
+    assert verified.exit_code == 0, verified.output
+    assert "1 blocks written, 1 of them repaired, 4 already done" in verified.output
+    assert runner.invoke(cli, ["query", job, "--overwrite"]).exit_code == 0
+    np.testing.assert_array_equal(zarr.open_group(str(tmp_path / "scores.zarr"), mode="r")["influences"][:], clean)

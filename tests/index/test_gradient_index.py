@@ -180,7 +180,8 @@ def test_interrupted_build_resumes_only_missing_blocks(problem, tmp_path):
     np.testing.assert_array_equal(resumed.curvature_matrix(), clean.curvature_matrix())
     np.testing.assert_array_equal(resumed.influences(test), clean.influences(test))
     again = di.GradientIndex.build(model, loss, data, tmp_path / "ix.zarr", **kw)
-    assert again.last_run_ == {"blocks_written": 0, "blocks_skipped": len(done)}
+    assert again.last_run_["blocks_written"] == 0 and again.last_run_["blocks_skipped"] == len(done)
+    assert again.last_run_["blocks_repaired"] == 0 and again.last_run_["verify"]["checked"] == len(done) + 1
 
 
 def test_build_on_two_workers_equals_build_in_one_process(problem, tmp_path, cluster_client):

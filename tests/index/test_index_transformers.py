@@ -52,3 +52,40 @@ def test_full_orthogonal_index_of_gpt2_equals_direct(gpt2, tmp_path):
     )  # fmt: skip
     got = index.influences(test)
     assert np.abs(got - exact).max() < 1e-8 * np.abs(exact).max()
+
+
+def test_index_of_bert_with_an_attention_mask_builds_with_the_looped_fallback(tmp_path):
+    """Issue 31 item 6: the projected-VJP path of the GGN preconditioner had no one-sample-at-a-time
+    fallback, so a Hugging Face ``BertForSequenceClassification`` with an ``attention_mask`` (whose
+    mask check vmap cannot batch, also with ``attn_implementation="eager"``) crashed with torch's raw
+    vmap ``RuntimeError``. The curvature it now builds equals ``P G P^T`` from Gauss-Newton-vector
+    products (no vmap over samples), and the queries score with it."""
+    from dask_influence.core.gradients import second_order
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=12, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8,
+        max_position_embeddings=6, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        attn_implementation="eager",
+    )  # fmt: skip
+    model = transformers.BertForSequenceClassification(config).double().eval()
+    ids = torch.randint(1, 12, (10, 6))  # no token 0: the padding row of the embedding is not used
+    mask = torch.ones_like(ids)
+    mask[2, 4:] = 0  # a padded sequence
+    data = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "labels": (ids[:, 0] % 3).numpy()}
+    task = di.tasks.classification()
+    with pytest.warns(UserWarning, match="one sample at a time"):
+        index = di.GradientIndex.build(
+            model, task, data, tmp_path / "ix.zarr", projection_dim=16, seed=1, regularization=0.5, block_size=5,
+            dtype="float64", client="sync",
+        )  # fmt: skip
+    pr = Projector(model, task, "sjlt", 16, seed=1)
+    batch = pr.batch(data)
+    with second_order():
+        gv = pr.functions.ggn_matmat(pr.theta, batch, pr.columns(0, pr.dim))  # (p, k)
+    expected = pr.project_flat(gv.T).numpy()
+    np.testing.assert_allclose(index.curvature_matrix(), expected, rtol=1e-9, atol=1e-12 * np.abs(expected).max())
+    scores = index.influences(data)
+    phi, phi_test = index.gradients(), pr.project(data, measurement=True)
+    exact = phi_test @ np.linalg.solve(expected + 0.5 * np.eye(16), phi.T)
+    np.testing.assert_allclose(scores, exact, rtol=1e-8, atol=1e-10 * np.abs(exact).max())

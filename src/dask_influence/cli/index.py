@@ -35,7 +35,7 @@ def _problem(job_file: Path, quiet: bool) -> tuple[Any, Any, Any]:
     if job.index is None:
         raise JobFileError(
             '[index] section is missing; it names the index: [index] store = "index.zarr" '
-            "(and projection_dim, projection, preconditioner: see docs/index.md).",
+            "(and projection_dim, projection, preconditioner: see docs/gradient-index.md).",
             path=str(job_file),
         )
     problem = load_problem(job)
@@ -51,12 +51,25 @@ def _problem(job_file: Path, quiet: bool) -> tuple[Any, Any, Any]:
     show_default=True,
     help="Complete an existing index built the same way (only its missing blocks).",
 )
-@click.option("--overwrite", is_flag=True, help="Replace an existing index.")
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="When resuming, read and decode every written block (checksums) before trusting it, and "
+    "recompute damaged ones; by default only the chunk files are listed (finds deleted blocks).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing index (after projecting a first batch).")
 @click.option("--break-lock", is_flag=True, help="Take the index's lock even while another job holds it.")
 @_QUIET
 @_TRACEBACK
 def index(
-    job_file: Path, scheduler: str | None, resume: bool, overwrite: bool, break_lock: bool, quiet: bool, traceback: bool
+    job_file: Path,
+    scheduler: str | None,
+    resume: bool,
+    verify: bool,
+    overwrite: bool,
+    break_lock: bool,
+    quiet: bool,
+    traceback: bool,
 ) -> None:
     """Build the gradient index of JOB.toml's [index] section from its training data."""
     from torch.utils.data import DataLoader
@@ -82,15 +95,17 @@ def index(
                 section.store,
                 resume=resume,
                 overwrite=overwrite,
+                verify="full" if verify else "exists",
                 break_lock=break_lock,
                 client="sync" if client is None else client,
                 **section.build_options(),
             )
         run = built.last_run_
         if not quiet:
+            repaired = f", {run['blocks_repaired']} of them repaired" if run.get("blocks_repaired") else ""
             click.echo(
                 f"Complete: {section.store} ({built.n_train:,} points x {built.dim} dimensions, "
-                f"{built.attributes['dtype']}; {run['blocks_written']} blocks written, "
+                f"{built.attributes['dtype']}; {run['blocks_written']} blocks written{repaired}, "
                 f"{run['blocks_skipped']} already done) in {time.perf_counter() - start:.1f} s."
             )
 

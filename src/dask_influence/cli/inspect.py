@@ -206,7 +206,7 @@ def inspect_store(store: str, as_json: bool, no_stats: bool, verify: bool) -> No
 
     index_group = open_index_group(store)
     if index_group is not None:  # a gradient index (dask-influence index), not an influence store
-        info = describe_index(store, index_group)
+        info = describe_index(store, index_group, verify=verify)
         click.echo(json.dumps(info, indent=2, default=str) if as_json else render_index(info))
         return
     try:

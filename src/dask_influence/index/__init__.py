@@ -1,6 +1,6 @@
 """The gradient index: projected training gradients on disk, scored against any number of test sets.
 
-See :class:`GradientIndex` and ``docs/index.md``.
+See :class:`GradientIndex` and ``docs/gradient-index.md``.
 """
 
 from .gradient_index import PRECONDITIONERS, GradientIndex, TopK

@@ -42,7 +42,7 @@ from ..mapping.store_job import add_topk_tasks
 from ..mapping.tasks import pick
 from ..storage import lock as zlock
 from ..storage import store as zstore
-from . import layout, runner, tasks
+from . import inputs, layout, runner, tasks
 from .projector import Projector
 
 PRECONDITIONERS = ("curvature", "fisher", "none")
@@ -108,6 +108,7 @@ class GradientIndex:
         layers: list[str] | None = None,
         resume: bool = True,
         overwrite: bool = False,
+        verify: bool | str = True,
         break_lock: bool = False,
         client: Any = None,
         n_workers: int | None = None,
@@ -126,18 +127,28 @@ class GradientIndex:
             preconditioner: ``"curvature"`` (``P H P^T``, default), ``"fisher"`` (``Phi^T Phi / n``)
                 or ``"none"``.
             curvature: ``"ggn"`` or ``"hessian"`` for ``preconditioner="curvature"``.
-            regularization: ``lambda`` added at query time; ``"auto"`` is ``0.01 * trace(C) / k``.
+            regularization: ``lambda`` added at query time; ``"auto"`` is ``0.01 * trace(C) / k``
+                (``0`` with ``preconditioner="none"``: plain projected-gradient similarity).
                 A query may pass another.
             resume: complete an existing index built the same way (only its missing blocks);
                 an index built another way is refused.
-            overwrite: replace whatever index is at ``path``.
+            overwrite: replace whatever index is at ``path`` (after projecting a first batch of
+                ``train``, so that data the model cannot take never deletes a good index).
+            verify: with ``resume``, check the blocks flagged written before trusting them:
+                ``True``/``"full"`` (default) reads every chunk once (checksums), ``"exists"``
+                only lists the chunk files, ``False`` trusts the flags. Missing or damaged
+                blocks (and a damaged curvature) are recomputed; ``last_run_["verify"]`` says
+                what was found.
 
         Returns:
-            the index, ready to query. ``last_run_`` says how many blocks were written.
+            the index, ready to query. ``last_run_`` says how many blocks were written and
+            repaired.
 
         Raises:
             StoreError: ``path`` holds something else, or an index built with another model,
                 task, projection or data (without ``overwrite``), or is locked by another job.
+            ValueError: the model and task cannot be evaluated on the first training batch
+                (nothing is written or deleted).
         """
         if preconditioner not in PRECONDITIONERS:
             raise ValueError(
@@ -148,6 +159,7 @@ class GradientIndex:
         if dtype not in layout.DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(layout.DTYPES)}; got {dtype!r}.")
         _check_regularization(regularization)
+        verify_mode = _verify_mode(verify)
         runner.check_client(client)
         projector = Projector(model, task, projection, projection_dim, seed, layers=layers)
         if preconditioner == "curvature" and curvature == "ggn" and not projector.task.has_outputs:
@@ -158,6 +170,12 @@ class GradientIndex:
             )
         source = as_source(train, block_size=block_size, name="train", perturb=projector.task.perturb)
         sizes = tuple(int(s) for s in source.block_sizes)
+        if any(s != sizes[0] for s in sizes[:-1]) or sizes[-1] > sizes[0]:  # uneven dask chunks: one block per chunk
+            source = as_source(train, block_size=max(sizes), name="train", perturb=projector.task.perturb)
+            sizes = tuple(int(s) for s in source.block_sizes)
+        first = _load_block(source, 0)
+        path = os.fspath(path)
+        _trial(projector, first, path)  # before anything at ``path`` is created, resumed or deleted
         record = {
             "kind": "gradient_index",
             "model_checksum": projector.model_checksum(),
@@ -169,15 +187,18 @@ class GradientIndex:
             "dtype": dtype,
             "n_train": sum(sizes),
             "block_sizes": list(sizes),
-            "data_digest": layout.block_digest(_load_block(source, 0)),
+            "data_digest": layout.block_digest(first),
+            "inputs": inputs.describe(first, projector.task.pairs, projector.task.perturb),
             "preconditioner": preconditioner,
             "curvature": curvature if preconditioner == "curvature" else None,
             "regularization_setting": regularization,
         }
-        path = os.fspath(path)
         zstore.check_path(path)
         with zlock.StoreLock(path, break_lock=break_lock):
-            group = _prepare(path, record, sizes, projector.dim, dtype, resume=resume, overwrite=overwrite)
+            group, resumed = _prepare(path, record, sizes, projector.dim, dtype, resume=resume, overwrite=overwrite)
+            report = layout.verify(group, mode=verify_mode) if resumed and verify_mode else None
+            if report is not None:
+                layout.repair(group, report)
             done = layout.done_blocks(group)
             ranges = ranges_from_sizes(sizes)
             token = tokenize(record["model_checksum"], record["projection"], path)
@@ -194,7 +215,7 @@ class GradientIndex:
                 if keys or not stored.get("curvature_done"):
                     curv = _curvature(active, dsk, proj_key, source, path, record, ranges, gpu)
                     layout.write_curvature(group, curv)
-                    lam = _auto_regularization(curv) if regularization == "auto" else float(regularization)
+                    lam = _regularization(regularization, preconditioner, curv)
                     layout.update(group, curvature_done=True, regularization=lam)
             if not bool(layout.done_blocks(group).all()):
                 raise StoreError(
@@ -203,6 +224,11 @@ class GradientIndex:
             layout.update(group, complete=True, completed=layout.now(), blocks_written=len(keys))
         index = cls(path, projector, client=client, n_workers=n_workers)
         index.last_run_ = {"blocks_written": len(keys), "blocks_skipped": len(sizes) - len(keys)}
+        if report is not None:
+            index.last_run_["blocks_repaired"] = len(
+                set(report.damaged.get("gradients", [])) | {c[0] for c in report.unreadable_flags.get("gradients", [])}
+            )
+            index.last_run_["verify"] = report.as_dict()
         return index
 
     @classmethod
@@ -220,6 +246,7 @@ class GradientIndex:
         stored = layout.attributes(group)
         if not stored.get("complete"):
             raise StoreError(f"The gradient index {path!r} is incomplete; run its build again (it resumes).")
+        layout.check_intact(path, group)
         projection = dict(stored["projection"])
         projector = Projector(model, task, projection)
         layout.check_record(
@@ -247,16 +274,22 @@ class GradientIndex:
 
     @property
     def regularization(self) -> float:
-        """The ``lambda`` queries use unless they pass another."""
+        """The ``lambda`` queries use unless they pass another (``0`` for ``preconditioner="none"``
+        with ``"auto"``, also in an index built before that rule)."""
+        if self.attributes.get("preconditioner") == "none" and self.attributes.get("regularization_setting") == "auto":
+            return 0.0
         return float(self.attributes["regularization"])
 
     def curvature_matrix(self) -> np.ndarray:
-        """The stored undamped curvature ``C`` ``(k, k)``."""
-        return np.asarray(self.group["curvature"][:])
+        """The stored undamped curvature ``C`` ``(k, k)`` float64 (verified: a damaged one raises a
+        ``StoreError`` naming it)."""
+        return layout.read_curvature(self.path, self.group)
 
     def gradients(self) -> np.ndarray:
-        """The stored projected training gradients ``(n_train, k)`` (read whole: small indexes only)."""
-        return np.asarray(self.group["gradients"][:])
+        """The stored projected training gradients ``(n_train, k)`` (read whole, every chunk verified:
+        small indexes only)."""
+        dtype = self.group["gradients"].dtype
+        return layout.read_gradients(self.path, (0, self.n_train), self.group).astype(dtype)
 
     # -- queries ------------------------------------------------------------------------------
     def influences(
@@ -438,6 +471,8 @@ class GradientIndex:
         block sizes, ``lambda`` and the output dtype."""
         chol, lam = self._cholesky(regularization)
         source = as_source(test, block_size=block_size, name="test", perturb=self.projector.task.perturb)
+        recorded = self.attributes.get("inputs")
+        inputs.check_source(recorded, source, self.projector.task.pairs)  # early, on the driver
         token = tokenize(self._fingerprint(lam), source.token)
         proj_key, chol_key = f"projector-{token}", f"chol-{token}"
         dsk: dict = {
@@ -448,7 +483,7 @@ class GradientIndex:
         keys = []
         for i in range(len(source.block_sizes)):
             keys.append((f"ixfactors-{token}", i))
-            dsk[keys[-1]] = (tasks.factor_block, proj_key, chol_key, source.block_task(i))
+            dsk[keys[-1]] = (tasks.factor_block, proj_key, chol_key, source.block_task(i), recorded)
         return dsk, keys, tuple(int(s) for s in source.block_sizes), lam, _out_dtype(self.projector)
 
     def _pending(
@@ -522,6 +557,57 @@ def _check_regularization(value: Any) -> None:
         raise ValueError(f"regularization must be a number >= 0 or 'auto'; got {value!r}.")
 
 
+def _verify_mode(verify: Any) -> str | None:
+    """``verify`` of :meth:`GradientIndex.build` as ``"full"``, ``"exists"`` or ``None``."""
+    if verify is True or verify == "full":
+        return "full"
+    if verify is False or verify is None:
+        return None
+    if verify == "exists":
+        return "exists"
+    raise ValueError(f"verify must be True, False, 'full' or 'exists'; got {verify!r}.")
+
+
+def _regularization(setting: float | str, preconditioner: str, curvature: np.ndarray) -> float:
+    """The stored ``lambda``: ``setting``, or for ``"auto"`` :func:`_auto_regularization` (``0`` with
+    ``preconditioner="none"``, whose scores are then the plain inner products ``phi_i . phi_j``)."""
+    if setting != "auto":
+        return float(setting)
+    return 0.0 if preconditioner == "none" else _auto_regularization(curvature)
+
+
+TRIAL_ROWS = 2
+"""Training points projected on the driver before a build creates, resumes or deletes anything."""
+
+
+def _trial(projector: Projector, block: Any, path: str) -> None:
+    """Project the first ``TRIAL_ROWS`` points of the first training block: data that the model
+    and task cannot take is refused before an existing index is touched.
+
+    Raises:
+        ValueError: naming the batch's shapes and dtypes, the error, and that nothing was written.
+    """
+    from ..core import batches
+
+    rows = batches.slice_rows(tuple(block) if isinstance(block, list) else block, 0, TRIAL_ROWS)
+    try:
+        projector.project(rows)
+    except Exception as err:
+        if type(err).__module__ == "dask_influence.errors":  # the library's own one-line errors (NaN data, ...)
+            raise
+        record = inputs.describe(rows, projector.task.pairs, None)["leaves"]
+        shapes = ", ".join(
+            f"{inputs._label(k, projector.task.pairs, 'train')} (n, {', '.join(map(str, v['shape']))}) {v['dtype']}"
+            .replace("(n, )", "(n,)")
+            for k, v in record.items()
+        )  # fmt: skip
+        raise ValueError(
+            f"The model and {'loss' if projector.task.pairs else 'task'} could not be evaluated on the first "
+            f"training batch ({shapes}): {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. "
+            f"Nothing was written; the index path {path!r} is left as it was."
+        ) from err
+
+
 def _auto_regularization(curvature: np.ndarray) -> float:
     """``0.01 * trace(C) / k`` (relative damping; at least a tiny positive number)."""
     k = curvature.shape[0]
@@ -536,7 +622,8 @@ def _load_block(source: Any, j: int) -> Any:
 
 def _prepare(
     path: str, record: dict, sizes: tuple[int, ...], dim: int, dtype: str, *, resume: bool, overwrite: bool
-) -> Any:
+) -> tuple[Any, bool]:
+    """The index group to build into, and whether it is an existing one being resumed."""
     existing = layout.existing_kind(path)
     if existing == "other":
         layout.refuse_other(path)
@@ -547,10 +634,14 @@ def _prepare(
                 "overwrite=True to replace it."
             )
         group = layout.open_index(path, mode="r+")
-        layout.check_record(path, layout.attributes(group), record, "this build")
-        return group
+        stored = layout.attributes(group)
+        added = {k: v for k, v in record.items() if k in layout.ADDED_LATER and k not in stored}
+        layout.check_record(path, stored, {k: v for k, v in record.items() if k not in added}, "this build")
+        if added:  # an index built before these were recorded: recorded now
+            layout.update(group, **added)
+        return group, True
     try:
-        return layout.create(path, record, sizes, dim, dtype)
+        return layout.create(path, record, sizes, dim, dtype), False
     except OSError as err:
         raise StoreError(f"Cannot write the gradient index {path!r}: {err.strerror or err}.") from None
 

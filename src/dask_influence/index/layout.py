@@ -29,11 +29,15 @@ import zarr
 
 from ..errors import StoreError
 from ..storage.index_info import INDEX_ATTR
+from ..storage.index_verify import chunk_problem, listed, problems, read_done, verify
 from ..storage.layout import codecs, normalize_config, versions
 
 ATTR = INDEX_ATTR
 FORMAT_VERSION = 1
 DTYPES = ("float16", "float32", "float64")
+ADDED_LATER = ("inputs",)
+"""Record keys an index built by an earlier version may lack: a resume records them, a query
+without them skips their check."""
 
 
 def is_index(path: str | os.PathLike) -> bool:
@@ -114,8 +118,8 @@ def update(group: Any, **values: Any) -> None:
 
 
 def done_blocks(group: Any) -> np.ndarray:
-    """Which blocks are written: ``(n_blocks,)`` bool (one read of the flag array)."""
-    return np.asarray(group["gradients_done"][:]) > 0
+    """Which blocks are written: ``(n_blocks,)`` bool (a flag that does not decode counts as not written)."""
+    return read_done(group)[0]
 
 
 def differences(stored: dict, record: dict) -> list[str]:
@@ -150,6 +154,94 @@ def write_block(path: str, j: int, rows: tuple[int, int], values: np.ndarray) ->
     array[rows[0] : rows[1]] = values.astype(array.dtype, copy=False)
     group["gradients_done"][j] = 1
     return j
+
+
+REPAIR = (
+    "run the build again with verification to recompute it (GradientIndex.build(...) verifies every chunk "
+    "by default; `dask-influence index JOB.toml --verify`)"
+)
+"""How to repair a damaged index, as the errors say it."""
+
+
+def block_rows(group: Any, j: int) -> tuple[int, int]:
+    """The rows of block ``j`` (chunk ``(j, 0)`` of ``gradients``; blocks are even with a ragged last one)."""
+    sizes = [int(s) for s in attributes(group)["block_sizes"]]
+    start = sum(sizes[:j])
+    return start, start + sizes[j]
+
+
+def _damaged(path: str, name: str, j: int, rows: tuple[int, int] | None, what: str) -> StoreError:
+    where = f"chunk {j} of its array {name!r}" + (
+        f" (block {j}, training points {rows[0]} to {rows[1] - 1})" if rows else ""
+    )
+    return StoreError(f"The gradient index {path!r} is damaged: {where} {what}; {REPAIR}.")
+
+
+def read_gradients(path: str, rows: tuple[int, int], group: Any = None) -> np.ndarray:
+    """Rows ``rows`` of ``gradients`` ``(rows[1] - rows[0], k)`` float64, each chunk verified.
+
+    Raises:
+        StoreError: a chunk is missing, does not decode (checksum), or reads as NaN, naming the
+            index, the array, the chunk, its training points and the repair.
+    """
+    from ..storage.chunkfiles import read_chunks
+
+    group = group if group is not None else zarr.open_group(path, mode="r")
+    array = group["gradients"]
+    size = int(array.chunks[0])
+    first, last = rows[0] // size, (rows[1] - 1) // size
+    parts = []
+    for (j, _), data in read_chunks(array, [(c, 0) for c in range(first, last + 1)], threads=1):
+        problem = chunk_problem(data)
+        if problem is not None:
+            chunk_rows = (j * size, min((j + 1) * size, int(array.shape[0])))
+            raise _damaged(path, "gradients", j, chunk_rows, problem)
+        assert isinstance(data, np.ndarray)
+        lo, hi = max(rows[0] - j * size, 0), min(rows[1] - j * size, len(data))
+        parts.append(np.array(data[lo:hi], dtype=np.float64))  # a writable copy (torch.from_numpy)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def read_curvature(path: str, group: Any = None) -> np.ndarray:
+    """The stored curvature ``C`` ``(k, k)`` float64, verified (see :func:`read_gradients`)."""
+    from ..storage.chunkfiles import read_chunks
+
+    group = group if group is not None else zarr.open_group(path, mode="r")
+    if "curvature" not in group:
+        raise StoreError(f"The gradient index {path!r} has no curvature array (an interrupted build); {REPAIR}.")
+    ((_, data),) = list(read_chunks(group["curvature"], [(0, 0)], threads=1))
+    problem = chunk_problem(data)
+    if problem is not None:
+        raise _damaged(path, "curvature", 0, None, problem)
+    return np.array(data, dtype=np.float64)  # a writable copy
+
+
+def check_intact(path: str, group: Any) -> None:
+    """Refuse an index whose flags or chunk files are not all there (one listing per array, the
+    flags read: no chunk of data is read; queries verify the chunks they read)."""
+    report = verify(group, mode="exists")
+    done = done_blocks(group)
+    found = problems(report)
+    if not found and not done.all():
+        found = f"block(s) {listed([int(j) for j in np.nonzero(~done)[0]])} are not written"
+    if found:
+        raise StoreError(f"The gradient index {path!r} is damaged: {found}; {REPAIR}.")
+
+
+def repair(group: Any, report: Any) -> None:
+    """Clear the flags of the damaged blocks (and rewrite unreadable flags as 0), mark the curvature
+    not done if it is damaged, and the index incomplete if anything was found: the build then
+    recomputes exactly these blocks (and the curvature)."""
+    blocks = set(report.damaged.get("gradients", [])) | {c[0] for c in report.unreadable_flags.get("gradients", [])}
+    for j in sorted(blocks):
+        group["gradients_done"][j] = 0
+    if blocks or report.damaged.get("curvature"):
+        attrs = attributes(group)
+        attrs.pop("completed", None)
+        attrs["complete"] = False
+        if report.damaged.get("curvature"):
+            attrs["curvature_done"] = False
+        group.attrs[ATTR] = attrs
 
 
 def write_curvature(group: Any, curvature: np.ndarray) -> None:

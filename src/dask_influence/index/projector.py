@@ -19,7 +19,16 @@ from torch import Tensor, nn
 
 from ..core import batches
 from ..core.data import pair_batch
-from ..core.gradients import _FORWARD_LOCK, ModelFunctions, ParamSpec, check_finite, flat_params, second_order
+from ..core.gradients import (
+    _FORWARD_LOCK,
+    ModelFunctions,
+    ParamSpec,
+    _is_data_dependent,
+    _row,
+    check_finite,
+    flat_params,
+    second_order,
+)
 from ..core.kronecker import Capture
 from ..core.projection import (
     KINDS,
@@ -302,8 +311,20 @@ class Projector:
         def dotted(p: dict[str, Tensor], sample: Any, v: Tensor) -> Tensor:
             return (self.functions.apply(p, outputs_fn, batches.unsqueeze(sample))[0] * v).sum()
 
-        grads = torch.func.vmap(torch.func.grad(dotted), in_dims=(None, 0, 0))(params, batch, vectors)
-        flat = torch.cat([grads[k].reshape(vectors.shape[0], -1) for k in self.spec.names], dim=1)
+        n = vectors.shape[0]
+        grads: dict[str, Tensor] | None = None
+        if self.functions._vmap_samples:
+            try:
+                grads = torch.func.vmap(torch.func.grad(dotted), in_dims=(None, 0, 0))(params, batch, vectors)
+            except RuntimeError as err:  # data-dependent control flow (e.g. a Hugging Face padding-mask check)
+                if not _is_data_dependent(err):
+                    raise
+                self.functions._vmap_samples = False  # as per_sample_grads does: one sample at a time from now on
+        if grads is None:
+            one = torch.func.grad(dotted)
+            rows = [one(params, _row(batch, i), vectors[i]) for i in range(n)]
+            grads = {k: torch.stack([r[k] for r in rows]) for k in self.spec.names}
+        flat = torch.cat([grads[k].reshape(n, -1) for k in self.spec.names], dim=1)
         return self.projection.project(flat)
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..mapping.plan import ranges_from_sizes
+from . import layout
 
 
 class IndexScores:
@@ -33,10 +34,10 @@ class IndexScores:
         self.n_test, self.n_train = int(self.factors.shape[0]), int(index.n_train)
 
     def _chunks(self) -> Any:
-        """``(start, stop, phi)`` for each index block, ``phi`` ``(n_b, k)`` float64."""
-        array = self.index.group["gradients"]
+        """``(start, stop, phi)`` for each index block, ``phi`` ``(n_b, k)`` float64 (every chunk
+        verified: a missing or damaged one raises a ``StoreError`` naming it)."""
         for start, stop in ranges_from_sizes(tuple(self.index.attributes["block_sizes"])):
-            yield start, stop, np.asarray(array[start:stop], dtype=np.float64)
+            yield start, stop, layout.read_gradients(self.index.path, (start, stop), self.index.group)
 
     def subset_sums(self, masks: np.ndarray) -> np.ndarray:
         """``(n_test, M)``: per test point, the sum of its influences over each subset ``(M, n_train)``."""
@@ -49,8 +50,16 @@ class IndexScores:
     def columns(self, indices: np.ndarray) -> np.ndarray:
         """``(n_test, K)``: the influences of the training points ``indices`` ``(K,)``."""
         indices = np.asarray(indices, dtype=np.int64)
-        rows = np.asarray(self.index.group["gradients"].get_orthogonal_selection((indices, slice(None))))
-        return self.factors @ rows.astype(np.float64).T
+        rows = np.empty((len(indices), self.factors.shape[1]))
+        ranges = ranges_from_sizes(tuple(self.index.attributes["block_sizes"]))
+        starts = np.array([start for start, _ in ranges])
+        blocks = np.searchsorted(starts, indices, side="right") - 1
+        for j in np.unique(blocks):  # only the blocks holding the asked points, each read (and verified) once
+            start, stop = ranges[int(j)]
+            phi = layout.read_gradients(self.index.path, (start, stop), self.index.group)
+            chosen = blocks == j
+            rows[chosen] = phi[indices[chosen] - start]
+        return self.factors @ rows.T
 
     def mean_influence(self) -> np.ndarray:
         """``(n_train,)``: the mean influence of each training point over the test points."""

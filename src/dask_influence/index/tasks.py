@@ -10,11 +10,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import zarr
 
 from ..core.eigen import factor_solve
 from ..mapping.tasks import _match_threads
-from . import layout
+from . import inputs, layout
 
 
 def write_projected(projector: Any, block: Any, path: str, j: int, rows: tuple[int, int]) -> int:
@@ -27,8 +26,9 @@ def write_projected(projector: Any, block: Any, path: str, j: int, rows: tuple[i
 
 
 def _read(path: str, rows: tuple[int, int]) -> np.ndarray:
-    group: Any = zarr.open_group(path, mode="r")
-    return np.asarray(group["gradients"][rows[0] : rows[1]], dtype=np.float64)
+    """Index rows ``rows`` ``(n_b, k)`` float64, every chunk verified (a missing or damaged one
+    raises a ``StoreError`` naming it: :func:`~.layout.read_gradients`)."""
+    return layout.read_gradients(path, rows)
 
 
 def gram_block(path: str, rows: tuple[int, int]) -> np.ndarray:
@@ -51,11 +51,13 @@ def total(*parts: np.ndarray) -> np.ndarray:
     return out
 
 
-def factor_block(projector: Any, chol: np.ndarray, block: Any) -> np.ndarray:
+def factor_block(projector: Any, chol: np.ndarray, block: Any, recorded: dict | None = None) -> np.ndarray:
     """``(C + lambda I)^-1 P grad f(z)`` for each test point of a block: ``(n_block, k)`` float64.
 
-    ``chol``: the lower Cholesky factor ``L`` ``(k, k)`` of ``C + lambda I``."""
+    ``chol``: the lower Cholesky factor ``L`` ``(k, k)`` of ``C + lambda I``; ``recorded``: the
+    index's record of its training inputs, against which the block is checked (:mod:`.inputs`)."""
     _match_threads()
+    inputs.check(recorded, block, projector.task.pairs)
     phi = torch.from_numpy(projector.project(block, measurement=True)).double()
     return factor_solve(torch.from_numpy(chol), phi.T).T.numpy()
 

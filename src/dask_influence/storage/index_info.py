@@ -21,17 +21,37 @@ def open_index_group(path: str) -> Any | None:
     return group if INDEX_ATTR in group.attrs else None
 
 
-def describe_index(path: str, group: Any) -> dict[str, Any]:
-    """The index's attributes and its completion (blocks written of all): a JSON-able dict."""
+def describe_index(path: str, group: Any, *, verify: bool = False) -> dict[str, Any]:
+    """The index's attributes and its completion (blocks written of all): a JSON-able dict.
+
+    The completion is checked, not taken from the attribute: the done flags are read (one that
+    does not decode counts as not written) and the chunk files listed; ``verify`` also reads and
+    decodes every written chunk (:func:`~.index_verify.verify`). ``complete`` is true only when
+    the attribute says so and every block is written and present (and, with ``verify``, decodes);
+    ``damaged`` says what was found (``None``: nothing).
+    """
     import numpy as np
 
+    from .index_verify import problems, read_done
+    from .index_verify import verify as verify_index
+
     attrs = dict(group.attrs[INDEX_ATTR])
-    flags = np.asarray(group["gradients_done"][:]) if "gradients_done" in group else np.zeros(0)
+    if "gradients_done" in group and "gradients" in group:
+        flags, _ = read_done(group)
+        report = verify_index(group, mode="full" if verify else "exists")
+        damaged = problems(report) or None
+        checked = report.as_dict()
+    else:
+        flags, damaged, checked = np.zeros(0, dtype=bool), "its arrays are missing", None
     return {
         "kind": "gradient index",
         "path": path,
         **attrs,
-        "blocks_done": int((flags > 0).sum()),
+        "complete_attribute": bool(attrs.get("complete")),
+        "complete": bool(attrs.get("complete")) and bool(flags.all()) and damaged is None,
+        "damaged": damaged,
+        "verify": checked if verify else None,
+        "blocks_done": int(flags.sum()) - (len(checked["damaged"].get("gradients", [])) if checked else 0),
         "blocks_total": int(flags.size),
         "bytes_per_point": int(attrs.get("dim", 0))
         * {"float16": 2, "float32": 4, "float64": 8}.get(str(attrs.get("dtype")), 4),
@@ -41,8 +61,19 @@ def describe_index(path: str, group: Any) -> dict[str, Any]:
 def render_index(d: dict[str, Any]) -> str:
     """Text lines for :func:`describe_index`'s dict."""
     projection = d.get("projection") or {}
+    if d.get("damaged"):
+        status = (
+            f"DAMAGED: {d['damaged']}; run the build again with --verify "
+            "(`dask-influence index JOB.toml --verify`) to recompute them"
+        )
+    elif d.get("complete"):
+        status = "complete" + (
+            f" (all {d['verify']['checked']} written chunks read and decoded)" if d.get("verify") else ""
+        )
+    else:
+        status = "INCOMPLETE; run the build again (`dask-influence index JOB.toml`) to write the rest"
     lines = [
-        f"{d['path']}: gradient index, {'complete' if d.get('complete') else 'INCOMPLETE'}",
+        f"{d['path']}: gradient index, {status}",
         f"  points      {d.get('n_train', 0):,} in {d['blocks_total']} blocks ({d['blocks_done']} written)",
         f"  projection  {projection.get('kind')}, k = {d.get('dim')}, seed {projection.get('seed')}, "
         f"of p = {d.get('num_params', 0):,} parameters",
