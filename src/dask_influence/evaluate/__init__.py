@@ -27,8 +27,8 @@ from .lds import LdsResult, lds, lds_from
 from .loo import LooResult, loo, random_points, top_points
 from .mislabel import mislabel_auc, mislabel_detection
 from .records import read_evaluations
-from .retrain import Retraining, measure
-from .scores import MatrixScores, ScoreSource, StoreScores, as_scores
+from .retrain import Retraining, RetrainingError, measure
+from .scores import MatrixScores, ScoreSource, StoreScores, as_scores, scores_fingerprint
 from .subsets import draw_subset, draw_subsets, training_seeds
 
 __all__ = [
@@ -46,9 +46,11 @@ __all__ = [
     "training_seeds",
     "measure",
     "Retraining",
+    "RetrainingError",
     "ScoreSource",
     "MatrixScores",
     "StoreScores",
     "as_scores",
+    "scores_fingerprint",
     "read_evaluations",
 ]

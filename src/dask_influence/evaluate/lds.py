@@ -24,6 +24,7 @@ sees it.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +35,7 @@ from torch import nn
 from .recorded import check_test_count, evaluation_records
 from .records import ZarrRecords
 from .retrain import make_retraining, run_retrainings
-from .scores import as_scores
+from .scores import as_scores, scores_fingerprint
 from .stats import bootstrap_interval, spearman_rows
 from .subsets import check_count, check_seed, draw_subset, draw_subsets, subset_size, training_seeds
 
@@ -55,6 +56,9 @@ class LdsResult:
         seed, fraction, seeds: the parameters that drew the subsets and seeded the training.
         retrained, skipped: runs retrained by this call and runs found done in the store.
         store: where the evaluation is recorded (``None``: in memory only).
+        repaired: runs found recorded but unreadable (a missing or damaged chunk), retrained.
+        scores: the fingerprint of the scores (:func:`~.scores.scores_fingerprint`), recorded
+            with the result.
     """
 
     per_test: np.ndarray
@@ -70,6 +74,8 @@ class LdsResult:
     skipped: int = 0
     store: str | None = None
     training_seeds: list[int] = field(default_factory=list)
+    repaired: list[int] = field(default_factory=list)
+    scores: str = ""
 
     def summary(self) -> dict[str, Any]:
         """The numbers worth printing, as plain data."""
@@ -84,6 +90,8 @@ class LdsResult:
             "seed": self.seed,
             "retrained": self.retrained,
             "skipped": self.skipped,
+            "repaired": len(self.repaired),
+            "scores": self.scores,
         }
 
 
@@ -131,7 +139,19 @@ def lds(
         confidence, n_bootstrap: the bootstrap interval of the mean.
 
     Returns:
-        an :class:`LdsResult`; with a store, its summary is also in the group's attributes.
+        an :class:`LdsResult`; with a store, its summary is also in the group's attributes,
+        with the fingerprint of the scores (a rerun with other scores reuses the runs and keeps
+        each scores' result, see :mod:`.records`).
+
+    Raises:
+        ValueError: a ``fraction`` whose subsets are empty or the whole training set (the
+            message gives the fractions that work); a shuffling test ``DataLoader``.
+        RetrainingError: the train function failed (naming the subset and training seed).
+        NonFiniteError: a retrained model measures NaN or Inf (naming the run).
+
+    Warns:
+        RuntimeWarning: the LDS is NaN for some test points (their measurements or predictions
+            do not vary over the subsets), naming how many and why.
     """
     source = as_scores(scores)
     check_count("n_subsets", n_subsets, minimum=2)
@@ -143,6 +163,12 @@ def lds(
     masks = draw_subsets(source.n_train, n_subsets, fraction, seed)
     train_seeds = training_seeds(seed, seeds)
     runs = [(draw_subset(source.n_train, fraction, seed, m), s) for m in range(n_subsets) for s in train_seeds]
+    labels = [
+        f"subset {m} of {n_subsets} ({k} of {source.n_train} training points, drawn with seed {seed}), "
+        f"training seed {s}"
+        for m in range(n_subsets)
+        for s in train_seeds
+    ]
     with evaluation_records(
         source,
         retraining,
@@ -156,6 +182,7 @@ def lds(
         train_seeds=train_seeds,
         config={"n_subsets": n_subsets, "fraction": fraction, "subset_size": k},
         static={"subsets": masks},
+        labels=labels,
     ) as records:
         if isinstance(records, ZarrRecords):
             recorded = np.asarray(records.group["subsets"][...], dtype=bool)
@@ -164,9 +191,10 @@ def lds(
                     f"The subsets recorded in {records.store!r} differ from those drawn again from seed {seed} "
                     "(another numpy random generator?); pass overwrite=True to start afresh."
                 )
-        report = run_retrainings(retraining, runs, records, client=client, gpu=gpu)
+        report = run_retrainings(retraining, runs, records, client=client, gpu=gpu, labels=labels)
         measured = records.read().reshape(n_subsets, seeds, n_test).mean(axis=1)
         result = lds_from(source, masks, measured, confidence=confidence, n_bootstrap=n_bootstrap, seed=seed)
+        _warn_undefined(result["per_test"], result["predictions"], measured)
         out = LdsResult(
             per_test=result["per_test"],
             mean=result["mean"],
@@ -181,11 +209,45 @@ def lds(
             skipped=report["skipped"],
             store=records.store,
             training_seeds=train_seeds,
+            repaired=list(getattr(records, "repaired", [])),
+            scores=scores_fingerprint(source, result["predictions"]),
         )
         summary = out.summary()
         summary["confidence"] = confidence
-        records.save({"lds": out.per_test, "predictions": out.predictions, "measurements_mean": measured}, summary)
+        records.save(
+            {"lds": out.per_test, "predictions": out.predictions, "measurements_mean": measured},
+            summary,
+            scores=out.scores,
+        )
     return out
+
+
+def _warn_undefined(per_test: np.ndarray, predictions: np.ndarray, measurements: np.ndarray) -> None:
+    """Warn, naming how many test points and why, where the LDS is NaN (a Spearman correlation
+    of a constant: the measurements or predictions do not vary over the subsets)."""
+    undefined = np.isnan(per_test)
+    if not undefined.any():
+        return
+    flat_measured = undefined & (np.ptp(measurements, axis=0) == 0)
+    flat_predicted = undefined & (np.ptp(predictions, axis=0) == 0)
+    causes = []
+    if flat_measured.any():
+        causes.append(
+            f"{int(flat_measured.sum())} measure the same after every retraining (does the train function "
+            "use its train_indices?)"
+        )
+    if flat_predicted.any():
+        causes.append(
+            f"{int(flat_predicted.sum())} have the same prediction for every subset (their scores are equal, "
+            "or zero, on the points the subsets leave out)"
+        )
+    n, bad = per_test.size, int(undefined.sum())
+    rest = f"the mean is over the other {n - bad}" if bad < n else "the mean is NaN"
+    warnings.warn(
+        f"The LDS is undefined (NaN) for {bad} of {n} test points: {'; '.join(causes) or 'a constant series'}; {rest}.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def lds_from(

@@ -23,7 +23,7 @@ point does not see it, the pooled one may.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -31,7 +31,7 @@ from torch import nn
 
 from .recorded import check_test_count, evaluation_records
 from .retrain import make_retraining, run_retrainings
-from .scores import StoreScores, as_scores
+from .scores import StoreScores, as_scores, scores_fingerprint
 from .stats import pearson, pearson_rows
 from .subsets import check_count, check_seed, training_seeds
 
@@ -49,6 +49,8 @@ class LooResult:
         per_test: ``(n_test,)`` the Pearson correlation over the points, per test point.
         retrained, skipped: runs retrained by this call and runs found done in the store.
         store: where the evaluation is recorded (``None``: in memory only).
+        repaired: runs found recorded but unreadable (a missing or damaged chunk), retrained.
+        scores: the fingerprint of the scores (:func:`~.scores.scores_fingerprint`).
     """
 
     points: np.ndarray
@@ -60,6 +62,8 @@ class LooResult:
     retrained: int = 0
     skipped: int = 0
     store: str | None = None
+    repaired: list[int] = field(default_factory=list)
+    scores: str = ""
 
     def summary(self) -> dict[str, Any]:
         """The numbers worth printing, as plain data."""
@@ -71,6 +75,8 @@ class LooResult:
             "n_test": int(self.base.size),
             "retrained": self.retrained,
             "skipped": self.skipped,
+            "repaired": len(self.repaired),
+            "scores": self.scores,
         }
 
 
@@ -101,7 +107,12 @@ def loo(
         seeds: retrainings per point (and of the base); measurements are averaged.
 
     Returns:
-        a :class:`LooResult`; with a store, its summary is also in the group's attributes.
+        a :class:`LooResult`; with a store, its summary is also in the group's attributes,
+        with the fingerprint of the scores.
+
+    Raises:
+        RetrainingError: the train function failed (naming the left-out point and training seed).
+        NonFiniteError: a retrained model measures NaN or Inf (naming the run).
     """
     source = as_scores(scores)
     check_count("seeds", seeds)
@@ -113,6 +124,8 @@ def loo(
     everything = np.arange(source.n_train, dtype=np.int64)
     runs = [(everything, s) for s in train_seeds]
     runs += [(np.delete(everything, j), s) for j in chosen for s in train_seeds]
+    labels = [f"the base run on all {source.n_train} training points, training seed {s}" for s in train_seeds]
+    labels += [f"the run leaving out training point {int(j)}, training seed {s}" for j in chosen for s in train_seeds]
     with evaluation_records(
         source,
         retraining,
@@ -126,8 +139,9 @@ def loo(
         train_seeds=train_seeds,
         config={"points": chosen.tolist(), "warm_start": bool(warm_start)},
         static={"points": chosen},
+        labels=labels,
     ) as records:
-        report = run_retrainings(retraining, runs, records, client=client, gpu=gpu)
+        report = run_retrainings(retraining, runs, records, client=client, gpu=gpu, labels=labels)
         measured = records.read().reshape(1 + chosen.size, seeds, n_test).mean(axis=1)
         base = measured[0]
         actual = (measured[1:] - base).T  # (n_test, K)
@@ -143,9 +157,13 @@ def loo(
             retrained=report["retrained"],
             skipped=report["skipped"],
             store=records.store,
+            repaired=list(getattr(records, "repaired", [])),
+            scores=scores_fingerprint(source, predicted),
         )
         records.save(
-            {"predicted": predicted, "actual": actual, "base": base, "pearson_per_test": per_test}, out.summary()
+            {"predicted": predicted, "actual": actual, "base": base, "pearson_per_test": per_test},
+            out.summary(),
+            scores=out.scores,
         )
     return out
 

@@ -45,6 +45,7 @@ def evaluation_records(
     train_seeds: list[int],
     config: dict[str, Any],
     static: dict[str, np.ndarray],
+    labels: list[str] | None = None,
 ) -> Iterator[MemoryRecords | ZarrRecords]:
     """The records of evaluation ``name`` (``kind``) of the scores ``source`` (``(n_test, n_train)``),
     held under the store's lock (as ``run`` takes it) for the block.
@@ -56,7 +57,10 @@ def evaluation_records(
         train, seed, train_seeds: the train function, the evaluation's seed and the training
             seeds drawn from it (recorded in the configuration).
         config: the evaluation's own configuration entries (e.g. its subsets' parameters).
-        static: its arrays written once with a new group (e.g. ``subsets``).
+        static: its arrays written once with a new group (e.g. ``subsets``); rewritten if they
+            no longer decode.
+        labels: each run as messages name it (e.g. ``"subset 3 of 50 (40 training points),
+            training seed 7"``).
     """
     where = store if store is not None else source.store
     full_config = {
@@ -80,4 +84,5 @@ def evaluation_records(
             n_test=source.n_test,
             overwrite=overwrite,
             static=static,
+            labels=labels,
         )

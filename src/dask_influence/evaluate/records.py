@@ -10,18 +10,35 @@ An evaluation named ``name`` (``"lds"``, ``"loo"``) of a store lives in the grou
 - the evaluation's own arrays (the subsets, the per-test results; see :mod:`.lds`, :mod:`.loo`);
 - attributes under ``"dask_influence_evaluation"``: ``kind``, ``config`` (what the runs
   depend on: sizes, seeds, subsets' parameters, the train function's and task's names, a
-  checksum of the test data) and, once computed, ``result`` (the summary numbers).
+  checksum of the test data) and, once computed, ``result`` (the summary numbers, with
+  ``scores``: the fingerprint of the scores they were computed from,
+  :func:`~.scores.scores_fingerprint`) and ``results`` (``{fingerprint: summary}`` of every
+  scores evaluated against these runs).
 
 The worker that finishes a retraining writes its row and then its flag (:class:`RunTarget`),
 so an interrupted evaluation keeps every finished run; a rerun with the same configuration
 retrains only the runs whose flag is unset. A different configuration under the same name is
 refused (pass ``overwrite=True``, or another ``name``).
+
+The runs do not depend on the scores, so a rerun with other scores reuses them; its result
+arrays (``lds``, ``predictions``, ...) are written to ``results/<fingerprint>/`` and, as the
+latest, to the group itself, and the result of the earlier scores stays in its own
+``results/<fingerprint>/`` (a group of an earlier version, whose result records no scores,
+has it moved to ``results/unrecorded/`` first).
+
+What is read back is verified, as the influence store's chunks are (:mod:`..storage.verify`):
+reopening a group reads the done flags and the measurement rows of the runs they mark done
+(CRC32C-checked, :func:`~dask_influence.storage.chunkfiles.read_chunks`); a run whose row is
+missing or does not decode, or whose flag does not decode, is named in a warning and its flag
+cleared, so the rerun retrains exactly those runs; a recorded array of the configuration
+(``subsets``, ``points``) that does not decode is rewritten from the configuration.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,7 +73,7 @@ class MemoryRecords:
         """``(n_runs, n_test)``: every run's measurements (NaN where not done)."""
         return self.values.copy()
 
-    def save(self, arrays: dict[str, np.ndarray], result: dict) -> None:
+    def save(self, arrays: dict[str, np.ndarray], result: dict, *, scores: str = "") -> None:
         """Nothing to save for an evaluation in memory."""
 
 
@@ -82,9 +99,15 @@ class ZarrRecords:
     Creates the group, or reopens one written with the same ``config`` (its finished runs
     kept); ``overwrite`` starts afresh.
 
+    Args:
+        labels: each run as messages name it (``n_runs``; default ``"run r"``).
+
     Raises:
         StoreError: the group holds an evaluation of another configuration (or kind).
     """
+
+    repaired: list[int]
+    """The runs found recorded but unreadable on reopening, whose flags were cleared."""
 
     def __init__(
         self,
@@ -97,6 +120,7 @@ class ZarrRecords:
         n_test: int,
         overwrite: bool = False,
         static: dict[str, np.ndarray] | None = None,
+        labels: list[str] | None = None,
     ):
         import zarr
 
@@ -105,6 +129,8 @@ class ZarrRecords:
         check_name(name)
         self.store = store
         self.path = f"{GROUP}/{name}"
+        self.labels = list(labels) if labels is not None else [f"run {r}" for r in range(n_runs)]
+        self.repaired = []
         config = json.loads(json.dumps(_json_ready(config), sort_keys=True))
         root: Any = zarr.open_group(store, mode="a")
         parent: Any = root.require_group(GROUP)
@@ -119,6 +145,7 @@ class ZarrRecords:
                     f"overwrite=True (--overwrite) to replace it, or another name to keep both."
                 )
             self.group = existing
+            self._verify(static or {})
             return
         group: Any = parent.create_group(name, overwrite=True)
         compress = codecs()
@@ -157,19 +184,94 @@ class ZarrRecords:
         self.target.write(r, row)
 
     def read(self) -> np.ndarray:
-        """``(n_runs, n_test)``: the measurements of the runs flagged done (NaN elsewhere)."""
-        values = np.asarray(self.group["measurements"][...], dtype=np.float64)
-        values[~self.done()] = np.nan
+        """``(n_runs, n_test)``: the measurements of the runs flagged done (NaN elsewhere), each
+        row read once and checked.
+
+        Raises:
+            StoreError: a done run's row is missing or does not decode (naming the run).
+        """
+        from ..storage.chunkfiles import read_chunks
+
+        array = self.group["measurements"]
+        values = np.full(tuple(int(v) for v in array.shape), np.nan)
+        done = np.nonzero(self.done())[0]
+        for (r, _), data in read_chunks(array, [(int(r), 0) for r in done]):
+            if not isinstance(data, np.ndarray):
+                raise StoreError(
+                    f"The measurements of {self.labels[r]} in {self.store!r} ({self.path}) cannot be read "
+                    f"({_reason(data)}); run the evaluation again: it verifies the recorded runs and retrains this one."
+                )
+            values[r] = data.reshape(-1)
         return values
 
-    def save(self, arrays: dict[str, np.ndarray], result: dict) -> None:
-        """Write the evaluation's result arrays and its summary ``result`` (attributes)."""
+    def _verify(self, static: dict[str, np.ndarray]) -> None:
+        """Clear the flags of the done runs whose row is missing or does not decode, and of flags
+        that do not decode (so they are retrained), naming them; rewrite a recorded array of the
+        configuration that does not decode (see the module docstring)."""
+        from ..storage.chunkfiles import read_chunks
+        from ..storage.completion import read_flags
+
+        flags, bad_flags = read_flags(self.group["measurements_done"])
+        broken: dict[int, str] = {int(c[0]): "its done flag does not decode" for c in bad_flags}
+        coords = [(int(r), 0) for r in np.nonzero(flags)[0]]
+        for (r, _), data in read_chunks(self.group["measurements"], coords):
+            if not isinstance(data, np.ndarray):
+                broken[r] = f"its measurements {_reason(data)}"
+        for r in sorted(broken):
+            self.group["measurements_done"][r : r + 1] = np.zeros(1, dtype=np.int8)
+        if broken:
+            self.repaired = sorted(broken)
+            shown = "; ".join(f"{self.labels[r]}: {broken[r]}" for r in self.repaired[:5])
+            more = f" (and {len(broken) - 5} more)" if len(broken) > 5 else ""
+            warnings.warn(
+                f"The evaluation {self.path!r} of {self.store!r} had {len(broken)} recorded run(s) that "
+                f"cannot be read, retrained now: {shown}{more}.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        for key, value in static.items():
+            if key not in self.group or not _intact(self.group[key], np.asarray(value)):
+                write_array(self.group, key, value)
+                warnings.warn(
+                    f"The array {key!r} of the evaluation {self.path!r} of {self.store!r} could not be read; "
+                    "rewritten from the configuration.",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+
+    def save(self, arrays: dict[str, np.ndarray], result: dict, *, scores: str = "") -> None:
+        """Write the evaluation's result arrays and its summary ``result`` (attributes), as the
+        result of the scores with fingerprint ``scores`` (see the module docstring): also under
+        ``results/<scores>/``, the result of other scores kept in theirs."""
+        attrs = dict(self.group.attrs[ATTR])
+        results = dict(attrs.get("results") or {})
+        previous = attrs.get("result")
+        if previous is not None and not (previous or {}).get("scores") and "unrecorded" not in results:
+            # a result of an earlier version, of scores it did not record: keep it before replacing it
+            for key in arrays:
+                if key in self.group and hasattr(self.group[key], "shape"):
+                    write_array(self._results_group("unrecorded"), key, np.asarray(self.group[key][...]))
+            results["unrecorded"] = previous
+        elif previous is not None and previous.get("scores") not in (None, scores):
+            warnings.warn(
+                f"The evaluation {self.path!r} of {self.store!r} now holds the result of the scores {scores}; "
+                f"that of the scores {previous['scores']} is kept under results/{_key(previous['scores'])}.",
+                UserWarning,
+                stacklevel=3,
+            )
         for key, value in arrays.items():
             write_array(self.group, key, value)
-        attrs = dict(self.group.attrs[ATTR])
-        attrs["result"] = _json_ready(result)
+            if scores:
+                write_array(self._results_group(_key(scores)), key, value)
+        summary = _json_ready({**result, "scores": scores})
+        results[scores or "unrecorded"] = summary
+        attrs["result"] = summary
+        attrs["results"] = results
         attrs["computed"] = _dt.datetime.now(_dt.timezone.utc).isoformat()
         self.group.attrs[ATTR] = attrs
+
+    def _results_group(self, key: str) -> Any:
+        return self.group.require_group("results").require_group(key)
 
 
 def open_records(
@@ -182,6 +284,7 @@ def open_records(
     n_test: int,
     overwrite: bool,
     static: dict[str, np.ndarray],
+    labels: list[str] | None = None,
 ) -> MemoryRecords | ZarrRecords:
     """The records of an evaluation: in memory when ``where`` (a store) is ``None``, else the
     resumable ``evaluation/<name>`` group of that store (see :class:`ZarrRecords`)."""
@@ -196,6 +299,7 @@ def open_records(
         n_test=n_test,
         overwrite=overwrite,
         static=static,
+        labels=labels,
     )
 
 
@@ -249,8 +353,41 @@ def read_evaluations(group: Any) -> dict[str, dict]:
             "runs_done": int(flags.sum()),
             "runs": int(flags.size),
             "result": attrs.get("result"),
+            "results": attrs.get("results") or {},
         }
     return out
+
+
+def _key(fingerprint: str) -> str:
+    """A scores fingerprint as a zarr group name (``matrix:ab12`` -> ``matrix-ab12``)."""
+    return "".join(c if c.isalnum() or c in "_-" else "-" for c in fingerprint) or "unrecorded"
+
+
+def _reason(data: Any) -> str:
+    """Why a chunk as :func:`~dask_influence.storage.chunkfiles.read_chunks` yields it is unusable."""
+    return "file is missing" if data is None else "do not decode: " + " ".join(str(data).split())
+
+
+def _intact(array: Any, value: np.ndarray) -> bool:
+    """Whether ``array``, written from ``value``, still has its chunks: each one decodes
+    (CRC32C-checked), and each one without a file is one zarr leaves out (equal to the fill
+    value). Whether the decoded values equal ``value`` is the caller's check."""
+    import math
+
+    from ..storage.chunkfiles import read_chunks
+
+    if tuple(int(v) for v in array.shape) != value.shape:
+        return False
+    grid = tuple(math.ceil(s / c) for s, c in zip(array.shape, array.chunks))
+    fill = array.fill_value
+    for coords, data in read_chunks(array, list(np.ndindex(*grid))):
+        if isinstance(data, Exception):
+            return False
+        if data is None:
+            block = value[tuple(slice(i * c, (i + 1) * c) for i, c in zip(coords, array.chunks))]
+            if not np.all(block == fill):
+                return False
+    return True
 
 
 def _difference(old: dict, new: dict, old_kind: Any, new_kind: Any) -> str:

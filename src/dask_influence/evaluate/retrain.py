@@ -33,6 +33,12 @@ from ..core.task import Task, as_task
 from ..errors import NonFiniteError
 
 
+class RetrainingError(RuntimeError):
+    """The user's train function raised in one run of an evaluation; the message names the run
+    (subset or left-out point, training seed) and the original error, which is the ``__cause__``
+    (in this process; on a cluster the message carries its type and text)."""
+
+
 @dataclass(frozen=True)
 class Retraining:
     """What every run of an evaluation shares; it travels to each worker once.
@@ -52,16 +58,38 @@ class Retraining:
     model: nn.Module | None = None
     warm_start: bool = False
 
-    def run(self, indices: np.ndarray, seed: int) -> np.ndarray:
-        """Train on ``indices`` with ``seed`` and measure every test point: ``(n_test,)`` float64."""
+    def run(self, indices: np.ndarray, seed: int, label: str | None = None) -> np.ndarray:
+        """Train on ``indices`` with ``seed`` and measure every test point: ``(n_test,)`` float64.
+
+        Args:
+            label: the run as the errors name it, e.g. ``"subset 3 of 50 (40 training points),
+                training seed 7"`` (default: its size and seed).
+
+        Raises:
+            RetrainingError: the train function raised (the message names the run).
+            NonFiniteError: the retrained model measures NaN or Inf (naming the run and test point).
+            TypeError: the train function returned neither a model nor a state dict.
+        """
         indices = np.asarray(indices, dtype=np.int64)
-        if self.warm_start:
-            assert self.model is not None  # checked by make_retraining
-            init = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-            out = self.train(indices, int(seed), init=init)
-        else:
-            out = self.train(indices, int(seed))
-        return measure(self._as_model(out), self.task, self.test)
+        label = label or f"the run on {indices.size} training points, training seed {int(seed)}"
+        try:
+            if self.warm_start:
+                assert self.model is not None  # checked by make_retraining
+                init = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+                out = self.train(indices, int(seed), init=init)
+            else:
+                out = self.train(indices, int(seed))
+        except Exception as err:
+            text = " ".join(str(err).split())
+            raise RetrainingError(f"The train function failed in {label}: {type(err).__name__}: {text}") from err
+        try:
+            model = self._as_model(out)
+        except TypeError as err:
+            raise TypeError(f"In {label}, {err}") from None
+        try:
+            return measure(model, self.task, self.test)
+        except NonFiniteError as err:
+            raise NonFiniteError(f"In {label}, {err}") from None
 
     def _as_model(self, out: Any) -> nn.Module:
         if isinstance(out, nn.Module):
@@ -104,10 +132,14 @@ def make_retraining(
 def as_batch(data: Any) -> Any:
     """All of ``data`` as one batch: a ``DataLoader``'s batches concatenated, a ``Dataset``'s
     items collated, a batch as it is (numpy leaves as tensors)."""
-    from torch.utils.data import DataLoader, Dataset
+    from torch.utils.data import DataLoader, Dataset, IterableDataset
     from torch.utils.data._utils.collate import default_collate
 
     if isinstance(data, DataLoader):
+        if not isinstance(data.dataset, IterableDataset):
+            from ..mapping.sources import as_source
+
+            as_source(data, name="test")  # the calculators' check: a shuffling loader is refused
         return batches.concat([_tensors(b) for b in data])
     if isinstance(data, Dataset) and not isinstance(data, (tuple, list, dict)):
         return _tensors(default_collate([data[i] for i in range(len(data))]))  # type: ignore[arg-type]
@@ -164,9 +196,11 @@ def function_name(fn: Any) -> str:
     return f"{getattr(inner, '__module__', '')}.{getattr(inner, '__qualname__', type(inner).__name__)}"
 
 
-def _run_one(retraining: Retraining, r: int, indices: np.ndarray, seed: int, target: Any) -> tuple[int, np.ndarray]:
+def _run_one(
+    retraining: Retraining, r: int, indices: np.ndarray, seed: int, target: Any, label: str | None = None
+) -> tuple[int, np.ndarray]:
     """One task: run ``r`` (train, measure), written to ``target`` (if any) before it returns."""
-    row = retraining.run(indices, seed)
+    row = retraining.run(indices, seed, label)
     if target is not None:
         target.write(r, row)
     return r, row
@@ -194,11 +228,13 @@ def run_retrainings(
     *,
     client: Any = None,
     gpu: bool | None = None,
+    labels: Sequence[str] | None = None,
 ) -> dict[str, int]:
     """Run every run of ``runs`` (``(train_indices, seed)``) that ``records`` does not hold yet.
 
     Args:
         records: :class:`~.records.MemoryRecords` or :class:`~.records.ZarrRecords`.
+        labels: each run as its errors name it (``len(runs)``; default: its size and seed).
         client: a ``distributed.Client``; ``None``: the current client, else this process;
             ``False``: this process.
         gpu: run the tasks with the Dask resource ``GPU=1`` (``None``: when ``retraining.model``
@@ -219,7 +255,7 @@ def run_retrainings(
     if client is None:
         for r in todo:
             indices, seed = runs[r]
-            records.write(r, retraining.run(indices, seed))
+            records.write(r, retraining.run(indices, seed, labels[r] if labels else None))
             report["retrained"] += 1
         return report
     from distributed import as_completed
@@ -237,6 +273,7 @@ def run_retrainings(
             runs[r][0],
             runs[r][1],
             target,
+            labels[r] if labels else None,
             key=f"retrain-{tag}-{r}",
             pure=False,
             resources={"GPU": 1} if gpu else None,

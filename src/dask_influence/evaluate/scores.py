@@ -15,10 +15,17 @@ that never need the whole matrix in memory:
 is a :class:`StoreScores`, read one chunk at a time. Any other object that implements
 :class:`ScoreSource` is used as it is: this is where a gradient index (top-k scores from a
 projected-gradient index) plugs in, by answering the same three queries.
+
+What an evaluation's result was computed from is recorded with it: :func:`scores_fingerprint`
+is a sha256 of the matrix (:class:`MatrixScores`), of the store's identity (its configuration,
+fit and shape: a store and its resumed or copied twin hold the same values,
+:class:`StoreScores`), or the source's own ``fingerprint()`` if it has one.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from typing import Any, Protocol, runtime_checkable
 
@@ -99,6 +106,12 @@ class MatrixScores:
         """See :class:`ScoreSource`."""
         return self._self
 
+    def fingerprint(self) -> str:
+        """``"matrix:<sha256 of the float64 matrix, 16 hex digits>"``."""
+        digest = hashlib.sha256(str(self.matrix.shape).encode())
+        digest.update(np.ascontiguousarray(self.matrix).tobytes())
+        return "matrix:" + digest.hexdigest()[:16]
+
 
 class StoreScores:
     """The ``influences`` of a complete store of mode ``"up"``, read one chunk at a time.
@@ -126,11 +139,28 @@ class StoreScores:
         self.n_test, self.n_train = (int(v) for v in self.group["influences"].shape[:2])
 
     def _chunks(self) -> Any:
-        from ..storage.read import done_chunks
+        """``((r0, r1), (c0, c1), block)`` of every chunk, each read once and checked: a chunk whose
+        file is missing or does not decode (CRC32C) raises :class:`StoreError` naming it and the
+        repair (``run --resume`` recomputes it), never NaN or zarr's bare checksum error."""
+        from ..storage.read import done_blocks
 
-        array = self.group["influences"]
-        for _, _, (r0, r1), (c0, c1) in done_chunks(self.group):
-            yield (r0, r1), (c0, c1), np.asarray(array[r0:r1, c0:c1], dtype=np.float64)
+        try:
+            for (r0, c0), block in done_blocks(self.group):
+                block = np.asarray(block, dtype=np.float64)
+                yield (r0, r0 + block.shape[0]), (c0, c0 + block.shape[1]), block
+        except StoreError as err:
+            raise StoreError(f"The scores store {self.store!r}: {err}") from None
+
+    def fingerprint(self) -> str:
+        """``"store:<sha256 of the store's configuration, fit and shape, 16 hex digits>"``."""
+        from ..storage.read import store_info
+
+        info = store_info(self.group)
+        identity = {k: info.get(k) for k in ("config", "test_block_sizes", "train_block_sizes")}
+        identity["fit"] = (info.get("fit") or {}).get("fingerprint")  # the fitted state, not when it was fitted
+        identity["shape"] = [int(v) for v in self.group["influences"].shape]
+        text = json.dumps(identity, sort_keys=True, default=str)
+        return "store:" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def subset_sums(self, masks: np.ndarray) -> np.ndarray:
         """See :class:`ScoreSource`."""
@@ -182,6 +212,19 @@ def as_scores(scores: Any) -> ScoreSource:
         "scores must be an influence matrix (n_test, n_train), the path of a store written by "
         f"influences_to_zarr, or a ScoreSource; got {type(scores).__name__}."
     )
+
+
+def scores_fingerprint(source: Any, fallback: np.ndarray | None = None) -> str:
+    """What identifies the scores an evaluation's result was computed from: the source's
+    ``fingerprint()`` (:class:`MatrixScores`, :class:`StoreScores`), else ``"values:<sha256>"``
+    of ``fallback`` (the values the evaluation read from the source, e.g. its predictions)."""
+    own = getattr(source, "fingerprint", None)
+    if callable(own):
+        return str(own())
+    digest = hashlib.sha256(type(source).__qualname__.encode())
+    if fallback is not None:
+        digest.update(np.ascontiguousarray(np.asarray(fallback, dtype=np.float64)).tobytes())
+    return "values:" + digest.hexdigest()[:16]
 
 
 def _is_tensor(value: Any) -> bool:

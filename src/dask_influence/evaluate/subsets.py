@@ -14,9 +14,27 @@ import numpy as np
 
 
 def subset_size(n_train: int, fraction: float) -> int:
-    """Training points kept by each subset: ``round(fraction * n_train)``, at least 1."""
+    """Training points kept by each subset: ``round(fraction * n_train)``.
+
+    Raises:
+        ValueError: that is 0 or all ``n_train`` points (every subset would be empty or the
+            whole training set, and the LDS, a correlation over the subsets, undefined); the
+            message gives the fractions that work, ``1 / n_train`` to ``(n_train - 1) / n_train``.
+    """
     check_fraction(fraction)
-    return max(1, min(n_train, int(round(fraction * n_train))))
+    if n_train < 2:
+        raise ValueError(
+            f"The LDS compares subsets of the training set and needs at least 2 training points; got {n_train}."
+        )
+    k = int(round(fraction * n_train))
+    if 1 <= k <= n_train - 1:
+        return k
+    what = "no training point" if k < 1 else f"all {n_train} training points"
+    raise ValueError(
+        f"fraction={fraction!r} keeps round({fraction!r} * {n_train}) = {k} of the {n_train} training points "
+        f"({what}): every subset would be {'empty' if k < 1 else 'the whole training set'} and the LDS undefined. "
+        f"Pass a fraction from {1 / n_train:.4g} to {(n_train - 1) / n_train:.4g} (e.g. 0.5)."
+    )
 
 
 def check_fraction(fraction: float) -> None:
@@ -29,7 +47,8 @@ def check_fraction(fraction: float) -> None:
 
 
 def draw_subset(n_train: int, fraction: float, seed: int, m: int) -> np.ndarray:
-    """Sorted training indices of subset ``m``: ``(round(fraction * n_train),)`` int64."""
+    """Sorted training indices of subset ``m``: ``(round(fraction * n_train),)`` int64 (see
+    :func:`subset_size` for the fractions refused)."""
     k = subset_size(n_train, fraction)
     rng = np.random.default_rng([int(seed), int(m)])
     return np.sort(rng.choice(n_train, size=k, replace=False)).astype(np.int64)
