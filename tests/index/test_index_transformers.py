@@ -5,9 +5,13 @@ a k = p orthogonal index equals Direct with the same task."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+import zarr
 
 import dask_influence as di
 from cases import tiny_gpt2
@@ -89,3 +93,50 @@ def test_index_of_bert_with_an_attention_mask_builds_with_the_looped_fallback(tm
     phi, phi_test = index.gradients(), pr.project(data, measurement=True)
     exact = phi_test @ np.linalg.solve(expected + 0.5 * np.eye(16), phi.T)
     np.testing.assert_allclose(scores, exact, rtol=1e-8, atol=1e-10 * np.abs(exact).max())
+
+
+@pytest.mark.slow
+def test_index_and_query_of_the_text_example_job(tmp_path):
+    """Issue 31 item 6 from the command line: ``dask-influence index`` on the BERT classifier of
+    ``examples/transformers`` (the factory of ``text_job.toml``, smaller) crashed with torch's raw
+    vmap ``RuntimeError``; it now builds, and ``query`` writes a complete store."""
+    from click.testing import CliRunner
+
+    from dask_influence.cli.main import cli
+
+    examples = Path(__file__).resolve().parents[2] / "examples" / "transformers"
+    (tmp_path / "job.toml").write_text(
+        f"""
+[model]
+factory = "factory:make_text_classifier"
+path = {json.dumps(str(examples))}
+options = {{ n_train = 20, n_test = 4, steps = 2 }}
+
+[task]
+name = "classification"
+
+[index]
+store = "index.zarr"
+projection_dim = 16
+
+[blocks]
+train = 10
+test = 4
+
+[output]
+store = "scores.zarr"
+top_k = 3
+
+[cluster]
+sequential = true
+"""
+    )
+    runner = CliRunner()
+    built = runner.invoke(cli, ["index", str(tmp_path / "job.toml")])
+    assert built.exit_code == 0, built.output
+    assert "2 blocks written, 0 already done" in built.output
+    queried = runner.invoke(cli, ["query", str(tmp_path / "job.toml")])
+    assert queried.exit_code == 0, queried.output
+    group = zarr.open_group(str(tmp_path / "scores.zarr"), mode="r")
+    assert group["influences"].shape == (4, 20) and np.isfinite(group["influences"][:]).all()
+    assert group.attrs["dask_influence"]["complete"]
