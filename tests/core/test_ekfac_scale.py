@@ -4,6 +4,8 @@ holds for real widths in float32."""
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 from torch import nn
@@ -27,7 +29,7 @@ def data(n: int, classes: int, seed: int = 1):
 
 
 # -- memory known up front ---------------------------------------------------------------------
-def test_a_factor_beyond_the_budget_is_kept_diagonal_with_a_warning():
+def test_a_factor_beyond_the_budget_is_kept_diagonal_with_a_warning(tmp_path):
     model = mlp(200)
     x, y = data(30, 200)
     budget = 1_000_000
@@ -53,7 +55,15 @@ def test_a_factor_beyond_the_budget_is_kept_diagonal_with_a_warning():
     # and the dense fit's G has the same diagonal
     dense.fit((x, y))
     assert torch.allclose(torch.diagonal(dense.state_.layers[1].g_factor), last.lambda_g, rtol=1e-10, atol=1e-15)
-    assert torch.isfinite(ek.influences(x[:3], y[:3], x, y)).all()
+    scores = ek.influences(x[:3], y[:3], x, y)
+    assert torch.isfinite(scores).all()
+    # a diagonal side saves, loads and pickles like an embedding's
+    path = tmp_path / "fit.pt"
+    ek.save(path)
+    loaded = EkfacInfluence.load(path, model, nn.CrossEntropyLoss())
+    assert loaded.state_.layers[1].q_g is None
+    assert torch.equal(loaded.influences(x[:3], y[:3], x, y), scores)
+    assert torch.equal(pickle.loads(pickle.dumps(ek)).influences(x[:3], y[:3], x, y), scores)
 
 
 def test_factors_beyond_any_fallback_are_refused_in_one_line():
