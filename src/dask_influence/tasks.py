@@ -170,6 +170,10 @@ class _MeanSquaredError:
             )
         return F.mse_loss(outputs, targets)
 
+    def curvature_product(self, outputs: Tensor, batch: Any, u: Tensor) -> Tensor:
+        """The batch loss's Hessian in the outputs times ``u``: ``(2 / outputs.numel()) u``."""
+        return u * (2.0 / outputs.numel())
+
 
 def regression(*, label_key: str = "labels", perturb: str | int | None = 0) -> Task:
     """Mean squared error of the outputs against targets of the same shape.

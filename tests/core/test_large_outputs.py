@@ -85,15 +85,21 @@ def test_causal_lm_ggn_products_use_the_closed_form_and_equal_the_dense_ggn():
     assert _rel(product, expected) < 1e-10
 
 
-@pytest.mark.parametrize("form", ["pair", "pair-ignore", "task"])
-def test_classification_ggn_products_equal_the_dense_ggn(form):
+@pytest.mark.parametrize("form", ["pair", "pair-ignore", "task", "regression", "pair-mse"])
+def test_classification_and_regression_ggn_products_equal_the_dense_ggn(form):
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 6)).to(DT)
     g = torch.Generator().manual_seed(2)
     x, y = torch.randn(9, 3, generator=g, dtype=DT), torch.randint(0, 6, (9,), generator=g)
     if form == "pair-ignore":
         y[[1, 4]] = -100  # left out of the mean, as F.cross_entropy does
-    task = di.tasks.classification() if form == "task" else as_task(nn.CrossEntropyLoss())
+    if form in ("regression", "pair-mse"):
+        y = torch.randn(9, 6, generator=g, dtype=DT)
+    task = {
+        "task": di.tasks.classification(),
+        "regression": di.tasks.regression(),
+        "pair-mse": as_task(nn.MSELoss()),
+    }.get(form, as_task(nn.CrossEntropyLoss()))
     functions = ModelFunctions(model, task)
     theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     batch = (x, y)
