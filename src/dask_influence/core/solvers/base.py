@@ -698,6 +698,8 @@ class InfluenceModel(ABC):
         mode = InfluenceMode.parse(mode)
         if x is not None or y is not None:
             return self._keyword_influences(points, x, y, mode)
+        if self.objective.pairs and any(isinstance(point, dict) for point in points):
+            raise TypeError(f"Got a dict batch: {DICT_BATCHES}.")
         width = 2 if self.objective.pairs and not _is_pair(points[0] if points else None) else 1
         if len(points) not in (width, 2 * width):
             if self.objective.pairs:
