@@ -51,7 +51,7 @@ def make(kind):
         yt[2] = 7
     elif kind == "dropout":
         model = RandomInEval().double().eval()
-    else:
+    elif kind == "tuple":
         model = TupleOut().double().eval()
     return {"model": model, "loss": nn.CrossEntropyLoss(), "train": TensorDataset(x, y),
             "test": TensorDataset(x[:5], yt)}
@@ -145,3 +145,23 @@ def test_a_lost_scheduler_is_one_line_saying_the_store_is_resumable():
     text = foreign_error(FutureCancelledError("influences-abc", reason="scheduler-connection-lost"))
     assert text.startswith("lost the Dask scheduler or its workers (FutureCancelledError: ")
     assert "rerun with --resume to compute only the missing chunks" in text and "\n" not in text
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.999])
+def test_a_truncated_fit_file_gives_the_refit_advice(job, keep):
+    """Issue 31 item 18: a fit file cut short (an interrupted copy) gave `[Errno 22] Invalid
+    argument` or miniz's message without saying what to do."""
+    path = job("label").with_name("fine.toml")
+    path.write_text(
+        job("label").read_text().replace('kind = "label"', 'kind = "fine"').replace("label.zarr", "fine.zarr")
+    )
+    assert CliRunner().invoke(cli, ["run", str(path), "--quiet"]).exit_code == 0
+    fit = path.with_name("fine.zarr.fit.pt")
+    with open(fit, "r+b") as f:
+        f.truncate(int(fit.stat().st_size * keep))
+    line = CliRunner().invoke(cli, ["run", str(path), "--quiet", "--overwrite"]).output.strip()
+    assert line.startswith(
+        f"Error: '{fit}' is not a saved fit (written by calc.fit(..., path=...)): the file is truncated"
+    )
+    assert line.endswith("; fit again and replace it with refit=True (dask-influence run --refit).")
+    assert "\n" not in line
