@@ -159,6 +159,7 @@ class Page(HTMLParser):
         self._test: int | None = None
         self._cell: list[str] | None = None
         self._head = False
+        self._ranking = False  # inside a ranking table (not the test point's own content table)
         self.feed(text)
 
     def handle_starttag(self, tag, attrs):
@@ -171,19 +172,26 @@ class Page(HTMLParser):
             kind = a["class"].split()[1]
             self.tables.append({"kind": kind, "test": self._test if kind in ("helpful", "harmful") else None})
             self.tables[-1].update(head=[], rows=[])
+            self._ranking = True
+        elif not self._ranking:
+            pass
         elif tag == "thead":
             self._head = True
         elif tag == "tr" and "data-index" in a:
             self.tables[-1]["rows"].append((int(a["data-index"]), float(a["data-value"]), []))
         elif tag in ("td", "th"):
             self._cell = []
-        elif tag == "img":
+        if tag == "img":
             self.images.append(a)
             if self._cell is not None:
                 self._cell.append("[img]")
 
     def handle_endtag(self, tag):
-        if tag == "thead":
+        if tag == "table":
+            self._ranking = False
+        elif not self._ranking:
+            pass
+        elif tag == "thead":
             self._head = False
         elif tag in ("td", "th") and self._cell is not None:
             text = "".join(self._cell).strip()
@@ -343,7 +351,7 @@ def _chromium() -> str | None:
 @pytest.mark.subprocess
 @pytest.mark.skipif(_chromium() is None, reason="no chromium binary (apt-get install chromium)")
 def test_the_report_in_headless_chromium(store, tmp_path):
-    text, _ = make_report(store, "--job", store["root"] / "job_dict.toml", "-n", 3, "-k", 3)
+    text, _ = make_report(store, "--job", store["root"] / "job_dict.toml", "-n", 3, "-k", 3, "--suspects", 6)
     page_path = tmp_path / "report.html"
     page_path.write_text(text, encoding="utf-8")
     browser = [
@@ -378,7 +386,7 @@ def test_the_report_in_headless_chromium(store, tmp_path):
     dom = subprocess.run([*browser, "--dump-dom", page_path.as_uri()], capture_output=True, text=True, timeout=180)
     assert dom.returncode == 0, dom.stderr[-2000:]
     page = Page(dom.stdout)
-    expected = expected_rows(store, n_test=3, k=3)
+    expected = expected_rows(store, n_test=3, k=3, n_suspects=6)
     assert page.tests == expected["tests"]
     for i in expected["tests"]:
         assert [r[0] for r in page.table("helpful", i)["rows"]] == expected["helpful"][i]

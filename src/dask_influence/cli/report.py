@@ -504,36 +504,42 @@ def write_report(
             '<p class="note">Training points are shown by index only: pass the job file '
             "(<code>--job JOB.toml</code>) whose factory returns <code>show(index)</code> to see them.</p>"
         )
-    nav = ['<a href="#computed">Computed with</a>']
-    nav.append('<a href="#suspects">Suspects</a>' if suspects is not None else '<a href="#harmful">Most harmful</a>')
-    nav += ['<a href="#distributions">Distributions</a>', '<a href="#tests">Test points</a>']
+    nav = ['<a href="#suspects">Suspects</a>'] if suspects is not None else []
+    nav += ['<a href="#tests">Test points</a>', '<a href="#harmful">Most harmful</a>']
+    nav += ['<a href="#distributions">Distributions</a>', '<a href="#computed">Computed with</a>']
     parts.append(f"<nav>{''.join(nav)}</nav>")
+    # the sections, in the order they are read: suspects, test points, harmful, plots, provenance
+    computed: list[str] = []
+    suspects_part: list[str] = []
+    harmful_part: list[str] = []
+    plots: list[str] = []
+    tests_part: list[str] = []
 
     self_count = None
     if selfs is not None:
         self_count = (int(np.isfinite(selfs).sum()), n_train)
-    parts.append('<h2 id="computed">Computed with</h2>')
-    parts.append(_facts(_computed_with(d, s["summary"], self_count)))
+    computed.append('<h2 id="computed">Computed with</h2>')
+    computed.append(_facts(_computed_with(d, s["summary"], self_count)))
 
     mean_col = {"mean influence": mean}
     if suspects is not None:
-        parts.append('<h2 id="suspects">Suspects: highest self-influence</h2>')
-        parts.append(
+        suspects_part.append('<h2 id="suspects">Suspects: highest self-influence</h2>')
+        suspects_part.append(
             '<p class="note">Self-influence grad L(z)<sup>T</sup> H<sup>-1</sup> grad L(z): how much the model had to '
             "bend to fit the point. Mislabeled and corrupted points tend to have high values (measured on "
             "examples/transformers: AUC 0.87 for its flipped labels, against 0.14 by mean influence). "
             f"The {len(suspects)} highest of {self_count[0] if self_count else 0:,}.</p>"
         )
-        parts.append(ranking_table(suspects, shower, kind="suspects", score=SELF, extra=mean_col))
-    parts.append('<h2 id="harmful">Most harmful on average: lowest mean influence</h2>')
-    parts.append(
+        suspects_part.append(ranking_table(suspects, shower, kind="suspects", score=SELF, extra=mean_col))
+    harmful_part.append('<h2 id="harmful">Most harmful on average: lowest mean influence</h2>')
+    harmful_part.append(
         f'<p class="note">Mean over the test points of each training point\'s influence; the {len(harmful)} lowest. '
         "Points that hurt many test predictions; not necessarily mislabeled.</p>"
     )
     extra = {SELF: selfs} if selfs is not None else None
-    parts.append(ranking_table(harmful, shower, kind="harmful-mean", score="mean influence", extra=extra))
+    harmful_part.append(ranking_table(harmful, shower, kind="harmful-mean", score="mean influence", extra=extra))
 
-    parts.append('<h2 id="distributions">Distributions</h2>')
+    plots.append('<h2 id="distributions">Distributions</h2>')
     marked = np.array([j for j, _ in suspects], dtype=np.int64) if suspects else None
     uri = _figure_uri(
         lambda f: histogram(
@@ -546,8 +552,8 @@ def write_report(
     )
     caption = "Mean influence of each training point over the test points (log count axis)"
     caption += "; the listed self-influence suspects in red." if marked is not None else "."
-    parts.append(f'<figure><img src="{uri}" alt="histogram of mean influence"><figcaption>{caption}</figcaption>')
-    parts.append("</figure>")
+    plots.append(f'<figure><img src="{uri}" alt="histogram of mean influence"><figcaption>{caption}</figcaption>')
+    plots.append("</figure>")
     if selfs is not None and marked is not None:
         assert selfs is not None
         uri = _figure_uri(
@@ -555,18 +561,18 @@ def write_report(
                 selfs, f, suspects=marked, title=f"{name}: self-influence per training point", by="self", dpi=100
             )
         )
-        parts.append(
+        plots.append(
             f'<figure><img src="{uri}" alt="histogram of self-influence"><figcaption>Self-influence of each '
             "training point; the listed suspects in red.</figcaption></figure>"
         )
         uri = _figure_uri(lambda f: _scatter(mean, selfs, marked, f))
-        parts.append(
+        plots.append(
             f'<figure><img src="{uri}" alt="mean influence against self-influence"><figcaption>Each training '
             "point's mean influence against its self-influence.</figcaption></figure>"
         )
 
-    parts.append('<h2 id="tests">Test points</h2>')
-    parts.append(
+    tests_part.append('<h2 id="tests">Test points</h2>')
+    tests_part.append(
         f'<p class="note">The {len(tests)} test point(s) of {n_rows:,} with the largest |influence| to any training '
         f"point (usually the ones the model gets wrong), each with its {k} most helpful and most harmful training "
         "points.</p>"
@@ -574,20 +580,22 @@ def write_report(
     for i in tests:
         i = int(i)
         top = top_of_row(group, i, k)
-        parts.append(f'<section class="test-point" id="test-{i}" data-test="{i}">')
-        parts.append(f'<h3>Test point {i} <span class="note">largest |influence| {s["row_absmax"][i]:.4g}')
-        parts.append(f" (from the {esc(top['source'])})</span></h3>")
-        parts.append(_test_content(test_shower(i), i))
+        tests_part.append(f'<section class="test-point" id="test-{i}" data-test="{i}">')
+        tests_part.append(f'<h3>Test point {i} <span class="note">largest |influence| {s["row_absmax"][i]:.4g}')
+        tests_part.append(f" (from the {esc(top['source'])})</span></h3>")
+        tests_part.append(_test_content(test_shower(i), i))
         if top["missing_train_blocks"]:
-            parts.append(
+            tests_part.append(
                 f'<p class="warn">{top["missing_train_blocks"]} train block(s) of this row are not computed yet.</p>'
             )
-        parts.append('<div class="pair">' if show is None else '<div class="pair stacked">')
+        tests_part.append('<div class="pair">' if show is None else '<div class="pair stacked">')
         for kind, label in (("helpful", "Most helpful"), ("harmful", "Most harmful")):
-            parts.append(f"<div><h3>{label}</h3>")
-            parts.append(ranking_table(top[kind], shower, kind=kind, score="influence", extra=extra))
-            parts.append("</div>")
-        parts.append("</div></section>")
+            tests_part.append(f"<div><h3>{label}</h3>")
+            tests_part.append(ranking_table(top[kind], shower, kind=kind, score="influence", extra=extra))
+            tests_part.append("</div>")
+        tests_part.append("</div></section>")
+
+    parts += suspects_part + tests_part + harmful_part + plots + computed
 
     errors = shower.errors + test_shower.errors
     if errors:
