@@ -250,3 +250,21 @@ def test_looped_projected_vjps_equal_the_vmapped_ones(problem):
     projector.functions._vmap_samples = False
     np.testing.assert_allclose(projector.curvature(train, "ggn"), vmapped, rtol=1e-12, atol=1e-15)
     assert torch.is_tensor(projector.theta)
+
+
+def test_a_resumed_query_store_repairs_its_damaged_chunks(problem, clean, tmp_path):
+    """The stores a query writes are verified on resume like the solvers' stores: a deleted and a
+    damaged influence chunk are recomputed (exactly those two), the result equals the clean run."""
+    model, loss, _, test = problem
+    index = di.GradientIndex.open(clean[0], model, loss, client="sync")
+    path = tmp_path / "q.zarr"
+    first = index.influences_to_zarr(test, path, top_k=3, block_size=3)["influences"][:]
+    os.remove(path / "influences" / "c" / "0" / "1")
+    _flip_byte(path / "influences" / "c" / "1" / "4")
+    listed = index.influences_to_zarr(test, path, top_k=3, block_size=3, resume=True, verify="exists")
+    assert index.last_run_["chunks_computed"] == 1 and index.last_run_["chunks_repaired"] == 1
+    assert listed.attrs["dask_influence"]["complete"]
+    resumed = index.influences_to_zarr(test, path, top_k=3, block_size=3, resume=True)  # verify=True
+    assert index.last_run_["chunks_computed"] == 1 and index.last_run_["verify"]["damaged"] == {"influences": [[1, 4]]}
+    np.testing.assert_array_equal(resumed["influences"][:], first)
+    np.testing.assert_allclose(first, clean[1], rtol=0, atol=1e-12 * np.abs(clean[1]).max())  # other test blocks

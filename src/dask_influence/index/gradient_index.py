@@ -359,6 +359,7 @@ class GradientIndex:
         overwrite: bool = False,
         block_size: int | None = None,
         regularization: float | None = None,
+        verify: bool | str = True,
         break_lock: bool = False,
         memory_budget: int | None = DEFAULT_MEMORY_BUDGET,
     ) -> zarr.Group:
@@ -369,11 +370,16 @@ class GradientIndex:
         Args:
             resume: complete an existing store of the same query, computing only chunks not
                 flagged done. overwrite: replace it.
+            verify: with ``resume``, check the chunks flagged done as
+                ``DaskInfluenceCalculator.influences_to_zarr`` does (``True``/``"full"``: read and
+                decode them; ``"exists"``: list their files; ``False``: trust the flags) and
+                recompute damaged ones; ``last_run_["chunks_repaired"]`` counts them.
             memory_budget: bytes one scoring task may hold (its factors and output block).
 
         Returns:
             the store's zarr group (read-only).
         """
+        verify_mode = _verify_mode(verify)
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be a positive int or None; got {top_k!r}.")
         dsk, factor_keys, test_sizes, lam, dtype = self._factor_graph(test, block_size, regularization)
@@ -421,9 +427,17 @@ class GradientIndex:
                 fit=zstore.FitIdentity(fingerprint),
             )
             state = zstore.load_state(group)
+            report = zstore.verify_store(group, mode=verify_mode, state=state) if resume and verify_mode else None
+            found = report is not None and (
+                report.repaired or any(report.unreadable_flags.values()) or any(report.wrong_flags.values())
+            )
+            if report is not None and found:
+                zstore.repair(group, report, state)  # their flags cleared: recomputed below
             recorder = zstore.CompletionRecorder(group, state)
             recorder.flush(final=False)
             keys, finishes = self._pending(dsk, factor_keys, plan, store_layout, state, path, dtype)
+            self.last_run_["chunks_repaired"] = len(report.damaged.get("influences", [])) if report else 0
+            self.last_run_["verify"] = report.as_dict() if report else None
             try:
                 with dask_client(self.client, self.n_workers) as active:
                     runner.run(
