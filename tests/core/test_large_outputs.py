@@ -164,6 +164,7 @@ def test_sampled_factors_converge_to_the_exact_ones_like_one_over_sqrt_draws():
     assert -0.65 < slope < -0.35, (g_err, slope)
 
 
+@pytest.mark.slow
 def test_auto_samples_where_the_exact_roots_cost_more_than_the_budget():
     # (T, V) = (80, 64): 5,120 exact roots per sequence, beyond EXACT_ROOTS_BUDGET = 256
     big = lm_batch(3, 80, 64, seed=6)

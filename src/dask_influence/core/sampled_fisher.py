@@ -97,10 +97,10 @@ def softmax_sampled_roots(
     flat = p.reshape(-1, vocab)
     labels = torch.multinomial(flat, draws, replacement=True, generator=generator)  # (N, draws)
     out = p.unsqueeze(0).expand(draws, *p.shape).clone()  # (draws, ..., V)
-    view = out.reshape(draws, -1, vocab)
-    rows = torch.arange(flat.shape[0], device=logits.device)
-    for k in range(draws):
-        view[k, rows, labels[:, k]] -= 1.0
+    view = out.view(draws, -1, vocab)  # p - e_y: subtract 1 at each drawn label
+    view.scatter_add_(
+        2, labels.T.unsqueeze(2), torch.full((draws, flat.shape[0], 1), -1.0, dtype=wide, device=out.device)
+    )
     scale = torch.full(p.shape[:-1], 1.0 / draws, dtype=wide, device=logits.device)
     if weight is not None:
         scale = scale * weight.to(wide)
