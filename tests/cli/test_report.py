@@ -344,6 +344,34 @@ def test_report_without_self_influences_and_refusals(store, tmp_path):
     assert "No store at" in result.output and "pass the path of a zarr store" in result.output
 
 
+def test_report_of_an_incomplete_store_lists_the_computed_chunks_only(store, tmp_path):
+    copy = tmp_path / "incomplete.zarr"
+    shutil.copytree(store["path"], copy)
+    group = zarr.open_group(str(copy), mode="r+")
+    group["influences_done"][1, 0] = 0  # test rows 5..9 x train columns 0..49 not done
+    group["topk_done"][1] = 0
+    group["self_influences_done"][0] = 0  # self-influences of 0..49 not done
+    values = store["influences"].copy()
+    values[5:10, :50] = np.nan
+    out = tmp_path / "incomplete.html"
+    result = invoke("report", copy, "-o", out, "-n", N_TEST, "-k", 3, "--suspects", 5)
+    assert result.exit_code == 0, result.output
+    text = out.read_text()
+    assert "This store is incomplete: everything below covers the computed chunks only." in text
+    assert "<th>Status</th><td>INCOMPLETE: 8 of 9 chunks computed</td>" in text
+    assert "<th>Self-influences</th><td>70 of 120 training points computed</td>" in text
+    page = Page(text)
+    absmax = np.nanmax(np.abs(values), axis=1)
+    assert page.tests == np.argsort(-absmax, kind="stable").tolist()
+    for i in (5, 9, 0):
+        row = np.where(np.isnan(values[i]), -np.inf, values[i])
+        assert [r[0] for r in page.table("helpful", i)["rows"]] == np.argsort(-row, kind="stable")[:3].tolist()
+    assert text.count("1 train block(s) of this row are not computed yet.") == 5
+    selfs = store["self"].copy()
+    selfs[:50] = -np.inf
+    assert [r[0] for r in page.table("suspects")["rows"]] == np.argsort(-selfs, kind="stable")[:5].tolist()
+
+
 def _chromium() -> str | None:
     return next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 
