@@ -144,6 +144,7 @@ def test_preconditioner_none_is_the_plain_inner_product(problem, tmp_path):
     group = zarr.open_group(str(tmp_path / "ix.zarr"), mode="r+")
     group.attrs["dask_influence_index"] = {**group.attrs["dask_influence_index"], "regularization": 0.01}
     old = di.GradientIndex.open(tmp_path / "ix.zarr", model, loss, client="sync")
+    assert _inspect(path)["regularization"] == 0.0
     np.testing.assert_allclose(old.influences(test), expected, rtol=1e-12, atol=1e-15)
     # an explicit lambda is still applied: the identity plus lambda
     np.testing.assert_allclose(old.influences(test, regularization=1.0), expected / 2, rtol=1e-12, atol=1e-15)

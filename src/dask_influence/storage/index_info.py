@@ -36,6 +36,8 @@ def describe_index(path: str, group: Any, *, verify: bool = False) -> dict[str, 
     from .index_verify import verify as verify_index
 
     attrs = dict(group.attrs[INDEX_ATTR])
+    if attrs.get("preconditioner") == "none" and attrs.get("regularization_setting") == "auto":
+        attrs["regularization"] = 0.0  # what queries use (an index built before that rule stored 0.01)
     if "gradients_done" in group and "gradients" in group:
         flags, _ = read_done(group)
         report = verify_index(group, mode="full" if verify else "exists")
