@@ -214,8 +214,9 @@ class ArnoldiInfluence(InfluenceModel):
             says: the factors are then exact.
         seed: seeds the random start vector.
 
-    Memory: the basis, ``p * krylov_dimension`` float64 numbers, and the trace probes and their
-    products, ``2 * p * TRACE_PROBES`` (``complement`` ``"auto"``/``"tail"``), during ``fit``; the state
+    Memory: the basis, ``p * krylov_dimension`` float64 numbers, and the trace probes (int8) and
+    their products (the model's dtype), ``p * TRACE_PROBES`` each (``complement``
+    ``"auto"``/``"tail"``), during ``fit``; the state
     keeps ``p * rank`` numbers in the model's dtype.
 
     Each solve reports a :class:`~dask_influence.core.lowrank.LowRankInfo`: the fraction
@@ -431,17 +432,17 @@ class _ProbedOperator(LinearOperator):
         self.size, self.dtype, self.device = operator.size, operator.dtype, operator.device
         self.count = min(probes, self.size)
         self.seed = int(seed)
-        self.z: Tensor | None = None  # (p, k) float64, entries +-1
-        self.hz: Tensor | None = None  # (p, k) float64, H z
+        self.signs: Tensor | None = None  # (p, k) int8, the probes z = 2 * signs - 1
+        self.hz: Tensor | None = None  # (p, k) H z, in the operator's dtype
 
     def matmat(self, v: Tensor) -> Tensor:
         if self.hz is not None or self.count == 0:
             return self.operator.matmat(v)
         generator = torch.Generator().manual_seed(self.seed + 0x7A11)  # not the start vector's stream
-        signs = torch.randint(0, 2, (self.size, self.count), generator=generator, dtype=torch.int8)
-        z = (2.0 * signs.double() - 1.0).to(self.device)
-        out = self.operator.matmat(torch.cat([v, z.to(v.dtype)], dim=1))
-        self.z, self.hz = z, out[:, v.shape[1] :].double()
+        signs = torch.randint(0, 2, (self.size, self.count), generator=generator, dtype=torch.int8).to(self.device)
+        z = 2 * signs.to(v.dtype) - 1
+        out = self.operator.matmat(torch.cat([v, z], dim=1))
+        self.signs, self.hz = signs, out[:, v.shape[1] :].clone()
         return out[:, : v.shape[1]]
 
 
@@ -460,11 +461,15 @@ def _tail_mean(result: LanczosResult, ritz_values: Tensor, kept: Tensor, probed:
     if r >= p:
         return 0.0
     uncaptured = float(ritz_values.sum() - kept.double().sum())
-    if m < p and probed.z is not None and probed.hz is not None:
-        q, z, hz = result.basis, probed.z.to(result.basis.device), probed.hz.to(result.basis.device)
-        a, b = q.T @ z, q.T @ hz
-        t = tridiagonal(result.alphas, result.betas).to(a.device)
-        each = (z * hz).sum(0) - 2 * (a * b).sum(0) + (a * (t @ a)).sum(0)
-        uncaptured += float(each.mean())
+    if m < p and probed.signs is not None and probed.hz is not None:
+        q = result.basis
+        t = tridiagonal(result.alphas, result.betas).to(q.device)
+        each = []
+        for k in range(probed.signs.shape[1]):  # one probe at a time in float64: 2 p numbers at most
+            z = 2 * probed.signs[:, k].to(q.device, torch.float64) - 1
+            hz = probed.hz[:, k].to(q.device, torch.float64)
+            a, b = q.T @ z, q.T @ hz
+            each.append(float(z @ hz - 2 * (a @ b) + a @ (t @ a)))
+        uncaptured += sum(each) / len(each)
     ceiling = float(kept.double().abs().min()) if r else float("inf")
     return min(max(uncaptured / (p - r), 0.0), ceiling)
