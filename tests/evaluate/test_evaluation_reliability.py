@@ -169,7 +169,8 @@ def test_rerun_with_other_scores_reuses_the_runs_and_keeps_each_scores_result(pr
     assert first.scores == fp_first and fp_first.startswith("matrix:")
     other = scores.clone()
     other[:, :40] = 0.0  # another method's scores: the same runs, another LDS
-    with pytest.warns(UserWarning, match=f"holds the result of the scores matrix:.*; that of the scores {fp_first}"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # several methods against one set of runs: the intended use
         second = di.evaluate.lds(other, **common)
     assert (second.retrained, second.skipped) == (0, 6)
     assert second.scores != fp_first
@@ -184,11 +185,11 @@ def test_rerun_with_other_scores_reuses_the_runs_and_keeps_each_scores_result(pr
     np.testing.assert_array_equal(np.asarray(group["lds"][...]), second.per_test)  # the latest, at the top
     recorded = di.evaluate.read_evaluations(zarr.open_group(store, mode="r"))["lds"]
     assert set(recorded["results"]) == {fp_first, second.scores}
-    # the same scores again: no warning, the same result
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        again = di.evaluate.lds(other, **common)
-    np.testing.assert_array_equal(again.per_test, second.per_test)
+    # the first scores again: their result back at the top, both kept
+    again = di.evaluate.lds(scores, **common)
+    np.testing.assert_array_equal(again.per_test, first.per_test)
+    attrs = zarr.open_group(store, mode="r")["evaluation/lds"].attrs["dask_influence_evaluation"]
+    assert attrs["result"]["scores"] == fp_first and set(attrs["results"]) == {fp_first, second.scores}
 
 
 # -- the evaluation store verifies what it reads -----------------------------------------------------

@@ -242,7 +242,8 @@ class ZarrRecords:
     def save(self, arrays: dict[str, np.ndarray], result: dict, *, scores: str = "") -> None:
         """Write the evaluation's result arrays and its summary ``result`` (attributes), as the
         result of the scores with fingerprint ``scores`` (see the module docstring): also under
-        ``results/<scores>/``, the result of other scores kept in theirs."""
+        ``results/<scores>/``, the result of other scores kept in theirs (evaluating several
+        methods' scores against one set of runs is the intended use, so nothing warns)."""
         attrs = dict(self.group.attrs[ATTR])
         results = dict(attrs.get("results") or {})
         previous = attrs.get("result")
@@ -252,13 +253,6 @@ class ZarrRecords:
                 if key in self.group and hasattr(self.group[key], "shape"):
                     write_array(self._results_group("unrecorded"), key, np.asarray(self.group[key][...]))
             results["unrecorded"] = previous
-        elif previous is not None and previous.get("scores") not in (None, scores):
-            warnings.warn(
-                f"The evaluation {self.path!r} of {self.store!r} now holds the result of the scores {scores}; "
-                f"that of the scores {previous['scores']} is kept under results/{_key(previous['scores'])}.",
-                UserWarning,
-                stacklevel=3,
-            )
         for key, value in arrays.items():
             write_array(self.group, key, value)
             if scores:
