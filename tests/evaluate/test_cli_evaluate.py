@@ -130,3 +130,26 @@ def test_evaluate_section_is_validated_all_at_once(tmp_path):
     assert any(p.startswith("[evaluate] fraction must be a number between 0 and 1") for p in problems)
     with pytest.raises(JobFileError, match="needs corrupted"):
         parse_job({**base, "evaluate": {"train": "a:b", "methods": ["mislabel"]}}, base_dir=tmp_path)
+
+
+def test_evaluate_refuses_a_degenerate_fraction_and_repairs_a_damaged_run(job, tmp_path):
+    """Issue 31 items 9 and the evaluation store's verification, through the command line."""
+    import os
+
+    runner = CliRunner()
+    job.write_text(JOB.replace("n_subsets = 12", "n_subsets = 12\nfraction = 0.995"))
+    refused = runner.invoke(cli, ["evaluate", str(job), "--quiet"])
+    assert refused.exit_code == 1
+    errors = [line for line in refused.output.splitlines() if line.startswith("Error:")]
+    assert errors == [
+        "Error: fraction=0.995 keeps round(0.995 * 60) = 60 of the 60 training points (all 60 training points): "
+        "every subset would be the whole training set and the LDS undefined. Pass a fraction from 0.01667 to "
+        "0.9833 (e.g. 0.5)."
+    ], refused.output
+    job.write_text(JOB)
+    assert runner.invoke(cli, ["evaluate", str(job), "--quiet"]).exit_code == 0
+    os.remove(tmp_path / "scores.zarr" / "evaluation" / "lds" / "measurements" / "c" / "4" / "0")
+    with pytest.warns(RuntimeWarning, match=r"had 1 recorded run\(s\) that cannot be read, retrained now: subset 4"):
+        again = runner.invoke(cli, ["evaluate", str(job), "--quiet"])
+    assert again.exit_code == 0, again.output
+    assert "1 retrained, 11 already done" in again.output and "0 retrained, 7 already done" in again.output
