@@ -27,8 +27,10 @@ Hessian of sample ``j``'s own loss in its outputs. :func:`sampled_roots` and
 :func:`hessian_product` find the form that fits a task's output loss; both return ``None``
 when there is none (the caller then keeps the autograd route).
 
-Randomness: a ``torch.Generator`` seeded by :func:`generator_for` from a seed and the index of
-the chunk's first sample, so a fit is reproducible for a given seed and chunking.
+Randomness: :func:`seeded_sampled_roots` draws each sample's labels from its own generator,
+seeded by :func:`generator_for` from a seed and the sample's index in the training data, so a
+fit's draws do not depend on how the data is split into blocks and chunks (a Dask fit equals
+the in-process one).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ __all__ = [
     "generator_for",
     "hessian_product",
     "sampled_roots",
+    "seeded_sampled_roots",
     "softmax_hessian_product",
     "softmax_sampled_roots",
 ]
@@ -179,3 +182,24 @@ def sampled_roots(
     if kind == "regression":
         return gaussian_sampled_roots(outputs, 2.0 / outputs[0].numel(), draws, generator)
     return None
+
+
+def seeded_sampled_roots(
+    output_loss: Any, kind: str | None, outputs: Tensor, batch: Any, draws: int, seed: int, offset: int
+) -> Tensor | None:
+    """:func:`sampled_roots` with each sample's labels drawn from its own generator, seeded by
+    ``seed`` and the sample's index ``offset + j`` in the data: ``(draws, n, *outputs.shape[1:])``,
+    the same draws however the data is split into blocks and chunks; ``None`` as
+    :func:`sampled_roots`."""
+    from . import batches
+
+    parts = []
+    for j in range(outputs.shape[0]):
+        generator = generator_for(seed, offset + j, outputs.device)
+        part = sampled_roots(
+            output_loss, kind, outputs[j : j + 1], batches.slice_rows(batch, j, j + 1), draws, generator
+        )
+        if part is None:
+            return None
+        parts.append(part)
+    return torch.cat(parts, dim=1)

@@ -46,7 +46,7 @@ from ..kronecker import (
 )
 from ..modes import InfluenceMode
 from ..operators import LinearOperator
-from ..sampled_fisher import generator_for, sampled_roots, softmax_hessian_product
+from ..sampled_fisher import seeded_sampled_roots, softmax_hessian_product
 from ..serialization import serializable
 from ..task import Task
 from .base import InfluenceModel
@@ -330,10 +330,11 @@ class OutputCurvature:
             return True
         return self.closed_form is not None and hasattr(self.output_loss, "sampled_roots")
 
-    def sampled(self, outputs: Tensor, targets: Any, draws: int, generator: torch.Generator) -> Tensor:
-        """Sampled roots ``(draws, n, *outputs.shape[1:])`` (:mod:`~dask_influence.core.sampled_fisher`)."""
+    def sampled(self, outputs: Tensor, targets: Any, draws: int, seed: int, offset: int) -> Tensor:
+        """Sampled roots ``(draws, n, *outputs.shape[1:])``, each sample's labels seeded by ``seed``
+        and its index ``offset + j`` (:func:`~dask_influence.core.sampled_fisher.seeded_sampled_roots`)."""
         kind = self.task if self.task in ("classification", "regression") else None
-        roots = sampled_roots(self.output_loss, kind, outputs, targets, draws, generator)
+        roots = seeded_sampled_roots(self.output_loss, kind, outputs, targets, draws, seed, offset)
         assert roots is not None  # can_sample() was asked first
         return roots
 
@@ -646,7 +647,9 @@ class EkfacConfig(SolverConfig):
     fisher_draws: int = hyperparameter(
         1, "Labels drawn per position for the sampled Fisher (its error falls like 1/sqrt(draws))."
     )
-    seed: int = hyperparameter(0, "Seeds the labels of the sampled Fisher.")
+    seed: int = hyperparameter(
+        0, "Seeds the labels of the sampled Fisher (with each sample's index: the same draws on any split of the data)."
+    )
     memory_budget: int | None = hyperparameter(
         None,
         "Bytes the fit may hold (Kronecker factors, eigendecompositions, per-chunk blocks); None: half the "
@@ -845,8 +848,7 @@ class EkfacInfluence(InfluenceModel):
         if self._sampled(outputs):
             if check:
                 self._output.check_sampled(outputs, batch)
-            generator = generator_for(self.config.seed, offset, outputs.device)
-            return self._output.sampled(outputs, batch, self.config.fisher_draws, generator)
+            return self._output.sampled(outputs, batch, self.config.fisher_draws, self.config.seed, offset)
         if check:
             self._output.check(outputs, batch)
         return self._output.roots(outputs, batch)
