@@ -192,6 +192,25 @@ def test_rerun_with_other_scores_reuses_the_runs_and_keeps_each_scores_result(pr
     assert attrs["result"]["scores"] == fp_first and set(attrs["results"]) == {fp_first, second.scores}
 
 
+def test_a_result_of_an_earlier_version_is_kept_before_other_scores_replace_it(problem, tmp_path):
+    model, loss, train, test, trainer, scores = problem
+    store = str(tmp_path / "e.zarr")
+    common = dict(train=trainer, task=loss, test=test, n_subsets=5, store=store)
+    first = di.evaluate.lds(scores, **common)
+    group = zarr.open_group(store, mode="r+")["evaluation/lds"]
+    attrs = dict(group.attrs["dask_influence_evaluation"])
+    attrs["result"] = {k: v for k, v in attrs["result"].items() if k not in ("scores", "repaired")}
+    del attrs["results"]  # as an earlier version wrote it: no record of the scores
+    group.attrs["dask_influence_evaluation"] = attrs
+    second = di.evaluate.lds(-scores, **common)
+    assert second.retrained == 0
+    group = zarr.open_group(store, mode="r")["evaluation/lds"]
+    results = group.attrs["dask_influence_evaluation"]["results"]
+    assert set(results) == {"unrecorded", second.scores}
+    assert results["unrecorded"]["lds_mean"] == pytest.approx(first.mean)
+    np.testing.assert_array_equal(np.asarray(group["results/unrecorded/lds"][...]), first.per_test)
+
+
 # -- the evaluation store verifies what it reads -----------------------------------------------------
 def _flip_a_byte(path):
     with open(path, "r+b") as fh:

@@ -250,8 +250,12 @@ class ZarrRecords:
         if previous is not None and not (previous or {}).get("scores") and "unrecorded" not in results:
             # a result of an earlier version, of scores it did not record: keep it before replacing it
             for key in arrays:
-                if key in self.group and hasattr(self.group[key], "shape"):
-                    write_array(self._results_group("unrecorded"), key, np.asarray(self.group[key][...]))
+                try:
+                    kept = np.asarray(self.group[key][...]) if key in self.group else None
+                except Exception:  # an array that no longer decodes: its summary is kept below
+                    kept = None
+                if kept is not None:
+                    write_array(self._results_group("unrecorded"), key, kept)
             results["unrecorded"] = previous
         for key, value in arrays.items():
             write_array(self.group, key, value)
