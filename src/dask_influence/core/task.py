@@ -17,7 +17,13 @@ Optional parts enable more solvers:
   (``curvature="ggn"``) and EK-FAC need the loss as a function of the outputs;
 - ``output_curvature``: ``"classification"`` (softmax cross-entropy over the last
   dimension of a ``(n, c)`` output) or ``"regression"`` (mean squared error) lets EK-FAC use
-  closed forms of the loss's Hessian in the outputs; ``None`` takes it by autograd;
+  closed forms of the loss's Hessian in the outputs; ``None`` takes it by autograd. An
+  ``output_loss`` object may carry its own closed forms as methods (the ready-made tasks of
+  :mod:`dask_influence.tasks` do): ``curvature_roots(outputs, batch)`` (exact roots, EK-FAC
+  and the gradient index), ``curvature_product(outputs, batch, u)`` (the batch loss's
+  Hessian in the outputs times ``u``: every GGN-vector product) and
+  ``sampled_roots(outputs, batch, draws, generator)`` (EK-FAC's sampled Fisher); see
+  :mod:`dask_influence.core.sampled_fisher`;
 - ``perturb``: the input leaf that perturbation influences differentiate in (a dict key
   such as ``"pixel_values"``, or a position such as ``0``); it must be floating point.
 
