@@ -186,3 +186,30 @@ def test_a_c_fc_sized_float32_fit_is_not_refused_after_the_fact():
     assert solver.is_fitted
     scores = solver.self_influences(x[:4], y[:4])
     assert torch.isfinite(scores).all() and bool((scores > 0).all())
+
+
+class _UntiedLm(nn.Module):
+    def __init__(self, vocab: int, width: int = 16):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(vocab, width)
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.head(torch.tanh(self.embed(input_ids)))
+
+
+@pytest.mark.slow
+def test_an_untied_lm_head_of_the_real_vocabulary_keeps_its_output_factor_diagonal():
+    """The LM head's G is V x V = 50,257^2: 20 GB of float64 sums (60.6 GB with its eigendecomposition)."""
+    model = _UntiedLm(50257).eval()
+    ids = torch.randint(0, 50257, (4, 32), generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match=r"keeps the G of layer 'head' \(50,257 x 50,257: 60,618,385,176 bytes"):
+        solver = EkfacInfluence(model, di.tasks.causal_lm(), regularization=0.01, memory_budget=2_000_000_000)
+    assert solver.memory_.fixed < 50_000_000
+    solver.fit({"input_ids": ids})
+    embed, head = solver.state_.layers
+    assert embed.q_a is None and embed.q_g is not None  # one-hot inputs: A diagonal by nature
+    assert head.q_g is None and head.q_a is not None  # the memory fallback: G diagonal
+    scores = solver.influences({"input_ids": ids[:2]}, {"input_ids": ids})
+    assert scores.shape == (2, 4) and bool((scores.diagonal() > 0).all())
