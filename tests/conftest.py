@@ -161,3 +161,12 @@ def mlp_regression():
 def mlp_classification():
     """A 3-5-3 tanh MLP (38 parameters) with cross entropy on 24 training and 5 test points."""
     return mlp_classification_problem()
+
+
+@pytest.fixture(params=["sync", pytest.param("cluster", marks=pytest.mark.cluster)])
+def scheduler(request):
+    """Where a graph runs, once each: ``"sync"`` (this process, Dask's synchronous scheduler) and
+    the session's 2-worker cluster (its ``Client``); pass it as ``client=`` or ``scheduler=``."""
+    if request.param == "sync":
+        return "sync"
+    return request.getfixturevalue("cluster_client")

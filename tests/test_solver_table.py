@@ -51,6 +51,21 @@ def test_every_registered_solver_is_in_the_table(gen):
         assert re.search(rf"^## {cls.__name__}$", text, flags=re.MULTILINE), f"docs/solvers.md lacks ## {cls.__name__}"
 
 
+def test_hand_written_solver_lists_name_every_registered_solver(gen):
+    """The places that list the solvers in prose (not generated) name every built-in one, so that a
+    new solver cannot leave them stale without this test failing."""
+    builtin = gen.builtin_solvers()
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    cli_md = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
+    method_row = next(line for line in cli_md.splitlines() if line.startswith("| `method` |"))
+    jobfile_doc = (ROOT / "src" / "dask_influence" / "jobfile.py").read_text(encoding="utf-8")
+    method_comment = next(line for line in jobfile_doc.splitlines() if line.strip().startswith('method = "cg"'))
+    for name, cls in builtin.items():
+        assert f"| `{cls.__name__}` |" in readme, f"README.md's solver table lacks {cls.__name__}"
+        assert f"`{name}` (`{cls.__name__}`)" in method_row, f"docs/cli.md's [solver] method row lacks {name}"
+        assert re.search(rf"\b{name}\b", method_comment), f"jobfile.py's example job lacks {name}"
+
+
 def test_rendering_of_types_and_defaults(gen):
     from typing import Any
 

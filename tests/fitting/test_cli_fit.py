@@ -2,8 +2,6 @@
 and gives the identical store; a saved fit of other training data is refused."""
 
 import sys
-import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,35 +13,21 @@ from dask_influence.cli.main import cli
 from dask_influence.jobfile import parse_job
 from dask_influence.mapping import fitting
 from dask_influence.mapping.store import ATTR
+from jobs import EXAMPLE_JOB as EXAMPLE
+from jobs import write_job
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "batch_job"
 N_TRAIN, N_TEST = 70, 9
 
 
-def write_job(tmp_path, *, n_train=N_TRAIN, name="job.toml", store="influences.zarr", solver=""):
-    path = tmp_path / name
-    path.write_text(
-        textwrap.dedent(f"""\
-        [model]
-        factory = "factory:make_problem"
-        path = "{EXAMPLE}"
-        options = {{ n_train = {n_train}, n_test = {N_TEST} }}
-
-        [solver]
-        method = "cg"
-        regularization = 1e-3
-        """)
-        + solver
-        + textwrap.dedent(f"""
-        [blocks]
-        test = 5
-        train = 32
-
-        [output]
-        store = "{store}"
-        """)
+def fit_job(tmp_path, *, n_train=N_TRAIN, name="job.toml", store="influences.zarr", **solver):
+    return write_job(
+        tmp_path,
+        name,
+        options={"n_train": n_train, "n_test": N_TEST},
+        solver={"method": "cg", "regularization": 1e-3, **solver},
+        blocks={"test": 5, "train": 32},
+        output={"store": store},
     )
-    return path
 
 
 def invoke(*args):
@@ -72,7 +56,7 @@ def fits(monkeypatch):
 
 def test_fit_once_then_reuse_and_resume(tmp_path, fit_client, fits):
     address = fit_client.scheduler.address
-    job = write_job(tmp_path)
+    job = fit_job(tmp_path)
     store, saved = tmp_path / "influences.zarr", tmp_path / "influences.zarr.fit.pt"
 
     result = invoke("run", job, "--fit-only", "--scheduler", address)
@@ -116,11 +100,11 @@ def test_fit_once_then_reuse_and_resume(tmp_path, fit_client, fits):
 
 
 def test_a_saved_fit_of_other_data_is_refused(tmp_path, fit_client, fits):
-    shared = 'fit_file = "shared.fit.pt"\n'
+    shared = {"fit_file": "shared.fit.pt"}
     assert (
         invoke(
             "run",
-            write_job(tmp_path, solver=shared),
+            fit_job(tmp_path, **shared),
             "--fit-only",
             "--quiet",
             "--scheduler",
@@ -128,7 +112,7 @@ def test_a_saved_fit_of_other_data_is_refused(tmp_path, fit_client, fits):
         ).exit_code
         == 0
     )
-    other = write_job(tmp_path, n_train=N_TRAIN + 1, name="other.toml", solver=shared)
+    other = fit_job(tmp_path, n_train=N_TRAIN + 1, name="other.toml", **shared)
     result = invoke("run", other, "--fit-only", "--scheduler", fit_client.scheduler.address)
     assert result.exit_code == 1 and fits == [1]
     assert (
@@ -137,7 +121,7 @@ def test_a_saved_fit_of_other_data_is_refused(tmp_path, fit_client, fits):
         and "--refit" in result.output
     )
     # in this process, with distributed_fit = false: the same file format and checks
-    local = write_job(tmp_path, name="local.toml", solver=shared + "distributed_fit = false\n")
+    local = fit_job(tmp_path, name="local.toml", **shared, distributed_fit=False)
     result = invoke("run", local, "--fit-only")
     assert result.exit_code == 0 and "Reusing the saved fit" in result.output and fits == [1]
 

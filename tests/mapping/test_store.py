@@ -37,10 +37,17 @@ def test_store_layout_and_attributes(problem, tmp_path):
     np.testing.assert_allclose(group["self_influences"][...], solver.self_influences(*train).numpy(), rtol=1e-10)
 
 
-def test_top_k_equals_argsort(problem, tmp_path, cluster_client):
+def calculator(solver, scheduler):
+    """The calculator that runs where the ``scheduler`` fixture says: in process, or on the cluster."""
+    if scheduler == "sync":
+        return di.SequentialInfluenceCalculator(solver, progress=False)
+    return di.DaskInfluenceCalculator(solver, scheduler, progress=False)
+
+
+def test_top_k_equals_argsort(problem, tmp_path, scheduler):
     solver, train, test = problem
     t, r = loaders(problem, 5, 8)
-    calc = di.DaskInfluenceCalculator(solver, cluster_client, progress=False)
+    calc = calculator(solver, scheduler)
     group = calc.influences_to_zarr(t, r, str(tmp_path / "top.zarr"), top_k=6)
     full = solver.influences(*test, *train).numpy()
     order = np.argsort(full, axis=1, kind="stable")
@@ -50,11 +57,11 @@ def test_top_k_equals_argsort(problem, tmp_path, cluster_client):
     assert np.all(np.diff(group["top_helpful_values"][...], axis=1) <= 0)
 
 
-def test_resume_computes_only_missing_chunks(problem, tmp_path, cluster_client):
+def test_resume_computes_only_missing_chunks(problem, tmp_path, scheduler):
     solver, train, test = problem
     t, r = loaders(problem)
     path = tmp_path / "resume.zarr"
-    calc = di.DaskInfluenceCalculator(solver, cluster_client, progress=False)
+    calc = calculator(solver, scheduler)
     clean = calc.influences_to_zarr(t, r, path, top_k=3)["influences"][...]
     # lose three chunks: clear their done flags and delete their data
     group = zarr.open_group(str(path), mode="r+")

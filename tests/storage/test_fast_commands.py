@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -18,8 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import dask_influence as di
 from dask_influence.cli.main import cli
 from dask_influence.mapping import fitting
-
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "batch_job"
+from jobs import write_job
 
 PROBE = """
 import json, sys
@@ -30,38 +28,21 @@ print("MODULES " + json.dumps(heavy))
 """
 
 
-def write_job(tmp_path: Path) -> Path:
-    job = tmp_path / "job.toml"
-    job.write_text(
-        textwrap.dedent(f"""\
-        [model]
-        factory = "factory:make_problem"
-        path = "{EXAMPLE}"
-        options = {{ n_train = 40, n_test = 9 }}
-
-        [solver]
-        method = "direct"
-        regularization = 1e-3
-
-        [blocks]
-        test = 3
-        train = 10
-
-        [output]
-        store = "{tmp_path / "influences.zarr"}"
-        top_k = 2
-
-        [cluster]
-        sequential = true
-        """)
+def write_fast_job(directory: Path) -> Path:
+    return write_job(
+        directory,
+        options={"n_train": 40, "n_test": 9},
+        solver={"method": "direct", "regularization": 1e-3},
+        blocks={"test": 3, "train": 10},
+        output={"store": str(directory / "influences.zarr"), "top_k": 2},
+        cluster={"sequential": True},
     )
-    return job
 
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
     where = tmp_path_factory.mktemp("job")
-    job = write_job(where)
+    job = write_fast_job(where)
     done = CliRunner().invoke(cli, ["run", str(job), "--quiet"])
     assert done.exit_code == 0, done.output
     return job

@@ -1,0 +1,60 @@
+"""Job files for the tests: one writer instead of a TOML template in every test file.
+
+:func:`write_job` writes a job file whose ``[model]`` is the batch-job example's factory
+(``examples/batch_job/factory.py``: a trained MLP on scikit-learn's wine data) unless the
+sections say otherwise; the ``job_file`` fixture of ``tests/conftest.py`` binds it to the test's
+``tmp_path``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+EXAMPLE_JOB = Path(__file__).resolve().parents[1] / "examples" / "batch_job"
+"""The example job's directory (its ``factory.py`` makes the wine problem)."""
+
+
+def toml_value(value: Any) -> str:
+    """One TOML value: a string, number, boolean, list or inline table (nested alike)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (str, Path)):
+        return json.dumps(str(value))  # a JSON string is a TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(f"no TOML form for {type(value).__name__}")
+
+
+def write_job(
+    directory: Path,
+    name: str = "job.toml",
+    *,
+    factory: str = "factory:make_problem",
+    factory_path: Path | str = EXAMPLE_JOB,
+    options: dict[str, Any] | None = None,
+    **sections: dict[str, Any],
+) -> Path:
+    """Write ``directory / name`` and return its path.
+
+    ``[model]`` names ``factory`` in ``factory_path`` with ``options`` (the factory's keywords);
+    every other keyword is a section: ``solver={"method": "cg", "regularization": 1e-3}``,
+    ``blocks={"test": 5, "train": 32}``, ``output={"store": "influences.zarr"}``,
+    ``cluster={"sequential": True}``, ...
+    """
+    model: dict[str, Any] = {"factory": factory, "path": str(factory_path)}
+    if options:
+        model["options"] = options
+    lines = []
+    for section, keys in {"model": model, **sections}.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {toml_value(value)}" for key, value in keys.items()]
+        lines.append("")
+    path = Path(directory) / name
+    path.write_text("\n".join(lines))
+    return path
