@@ -90,6 +90,19 @@ def test_chunks_shrink_to_the_budget_with_the_same_factors():
             assert float((u - v).abs().max()) < 1e-12 * float(v.abs().max())
 
 
+def test_scoring_chunks_shrink_to_the_budget_with_the_same_influences():
+    model = mlp(3)
+    x, y = data(20, 3)
+    free = EkfacInfluence(model, nn.CrossEntropyLoss(), regularization=0.1).fit((x, y))
+    budget = free.memory_.fixed + 2_000
+    tight = EkfacInfluence(model, nn.CrossEntropyLoss(), regularization=0.1, memory_budget=budget).fit((x, y))
+    expected, actual = free.influences(x[:5], y[:5], x, y), tight.influences(x[:5], y[:5], x, y)
+    assert float((actual - expected).abs().max()) < 1e-12 * float(expected.abs().max())
+    assert torch.allclose(tight.self_influences(x, y), free.self_influences(x, y), rtol=1e-12, atol=0)
+    scoring = [chunk for key, chunk in tight._fit_chunks.items() if key[0]]
+    assert scoring and all(1 <= chunk < tight.chunk_size for chunk in scoring)
+
+
 class _BigramLm(nn.Module):
     def __init__(self, vocab: int):
         super().__init__()
@@ -110,9 +123,10 @@ def test_one_sample_beyond_the_budget_is_refused_before_any_pass():
         solver.fit({"input_ids": ids})
     message = str(info.value)
     assert "\n" not in message
-    # 5,120 exact roots of 5,120 float64 entries per sequence (209,715,200 bytes), and per root the
-    # head's output gradients at 80 positions with its inputs ((5,120 x 64 + 5) x 80 x 8 bytes)
-    assert message.startswith("EK-FAC's fit cannot hold one sample's blocks (432,590,976 bytes (432.6 MB); ")
+    # 5,120 exact roots of 5,120 float64 entries per sequence (209,715,200 bytes), per root the
+    # head's output gradients at 80 positions with its inputs ((5,120 x 64 + 5) x 80 x 8 bytes), the
+    # embedding's ((5,120 x 4 + 64) x 80 x 8) and the head's per-sample gradients (2 x 64 x 5 x 8)
+    assert message.startswith("EK-FAC's fit cannot hold one sample's blocks (432,586,880 bytes (432.6 MB); ")
     assert "the largest, the output gradients and inputs of layer 'head', 209,718,400 bytes (209.7 MB)" in message
     assert "memory_budget=50,000,000 bytes (50.0 MB)" in message and "fisher='sampled'" in message
     assert not solver.is_fitted and solver.state_ is None

@@ -790,7 +790,13 @@ class EkfacInfluence(InfluenceModel):
         where the per-chunk blocks (the vectors back-propagated, each layer's inputs and output
         gradients, a layer's per-sample gradients in the second pass) would not fit beside the
         factors; a one-line refusal when one sample's do not. From one sample's forward."""
-        key = tuple(tuple(leaf.shape[1:]) for leaf in batches.leaves(batch) if isinstance(leaf, Tensor))
+        return self._chunk(theta, batch, scoring=False)
+
+    def _chunk(self, theta: Tensor, batch: Any, *, scoring: bool) -> int:
+        """Samples per chunk (see :meth:`_fit_chunk`); ``scoring``: for the gradients of influences,
+        self-influences and factors (one vector per sample; the flat ``(m, p)`` gradients and their
+        solve), beside the fitted state."""
+        key = (scoring, *(tuple(leaf.shape[1:]) for leaf in batches.leaves(batch) if isinstance(leaf, Tensor)))
         if key in self._fit_chunks:
             return self._fit_chunks[key]
         one = batches.slice_rows(batch, 0, 1)
@@ -798,25 +804,33 @@ class EkfacInfluence(InfluenceModel):
             outputs = self._functions.outputs(theta, one)
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         c = int(outputs[0].numel())
-        r = self.config.fisher_draws if self._sampled(outputs) else c
+        r = 1 if scoring else self.config.fisher_draws if self._sampled(outputs) else c
         pieces = [("the vectors back-propagated", r * c * itemsize)]
+        if scoring:
+            pieces.append(("the flat per-sample gradients and their solve (3 x p)", 3 * self.num_params * itemsize))
+        grads: list[tuple[str, int]] = []  # a layer's per-sample gradients (o, i): one layer at a time
         for layer, inputs in zip(self._layers, capture.inputs):
             o, i = layer.shape
             positions = sum(int(a.shape[1]) for a in inputs)
             blocks = (r * o + i) * positions * itemsize
             pieces.append((f"the output gradients and inputs of layer '{layer.name}'", blocks))
-            if self.update_diagonal and positions > 1:
-                pieces.append((f"the per-sample gradients of layer '{layer.name}'", 2 * o * i * itemsize))
+            if positions > 1 and (scoring or self.update_diagonal):
+                grads.append((f"the per-sample gradients of layer '{layer.name}'", 2 * o * i * itemsize))
+        if grads:
+            pieces.append(max(grads, key=lambda piece: piece[1]))
         del capture, outputs
         per_sample = sum(size for _, size in pieces)
-        room = self.memory_budget - self.memory_.fixed
+        held = self.state_.nbytes if scoring and self.state_ is not None else self.memory_.fixed
+        room = self.memory_budget - held
         if per_sample > room:
             what, size = max(pieces, key=lambda piece: piece[1])
+            task = "scoring" if scoring else "fit"
+            fix = "smaller test or training batches" if scoring else "fisher='sampled' (fewer vectors per sample)"
             raise ValueError(
-                f"EK-FAC's fit cannot hold one sample's blocks ({_bytes(per_sample)}; the largest, {what}, "
-                f"{_bytes(size)}) beside its factors ({_bytes(self.memory_.fixed)}) within memory_budget="
-                f"{_bytes(self.memory_budget)}. Pass a larger memory_budget, fisher='sampled' (fewer vectors "
-                "per sample), shorter sequences, or leave the layer out with layers=[...]."
+                f"EK-FAC's {task} cannot hold one sample's blocks ({_bytes(per_sample)}; the largest, {what}, "
+                f"{_bytes(size)}) beside its {'state' if scoring else 'factors'} ({_bytes(held)}) within "
+                f"memory_budget={_bytes(self.memory_budget)}. Pass a larger memory_budget, {fix}, shorter "
+                "sequences, or leave the layer out with layers=[...]."
             )
         chunk = max(1, min(self.chunk_size, room // per_sample))
         self._fit_chunks[key] = chunk
@@ -1058,8 +1072,9 @@ class EkfacInfluence(InfluenceModel):
         """Per chunk of the prepared points, per layer ``(g (m, P, o), a (m, P, i))`` at the true targets."""
         theta = self._require_fitted()
         batch = self._batch(points, names)
-        for s in range(0, batches.size(batch), self.chunk_size):
-            chunk = batches.slice_rows(batch, s, s + self.chunk_size)
+        step = self._chunk(theta, batch, scoring=True)  # chunk_size, or fewer to fit memory_budget
+        for s in range(0, batches.size(batch), step):
+            chunk = batches.slice_rows(batch, s, s + step)
             yield [(g[:, 0], a) for g, a in self._capture(theta, chunk, fisher=False, offset=s)]
 
     def _flat_grads(self, points: tuple, names: tuple[str, str] = ("x", "y")):
