@@ -22,7 +22,8 @@ Conventions for one layer (``o = d_out``, ``i = d_in``):
   :meth:`KroneckerLayer.to_matrix` and :meth:`KroneckerLayer.write_matrix` transpose.
 - ``A = E_n[(1/P) sum_t a_t a_t^T]`` and ``G = E_n[sum_r sum_t g_rt g_rt^T]``, where ``r``
   runs over the columns of a square root of the loss's Hessian in the model outputs (the
-  exact Fisher/GGN, no sampling). With ``A = Q_A diag(l_A) Q_A^T`` and
+  exact Fisher/GGN), or over random vectors whose outer products have that Hessian as their
+  expectation (the sampled Fisher, :mod:`.sampled_fisher`). With ``A = Q_A diag(l_A) Q_A^T`` and
   ``G = Q_G diag(l_G) Q_G^T``, K-FAC's curvature is diagonal in the basis ``Q_G (x) Q_A``
   with eigenvalues ``l_G[o] l_A[i]``; EK-FAC replaces them by the exact second moments of
   the rotated per-sample gradients, ``E_n[sum_r (Q_G^T grad_r M Q_A)[o, i]^2]``.

@@ -2,14 +2,22 @@
 and Hugging Face Conv1D layers.
 
 The curvature is the generalized Gauss-Newton matrix of the MEAN training loss (for
-cross-entropy: the true Fisher of the model's predictive distribution, taken exactly, not
-sampled and not the empirical Fisher), approximated block-diagonally per layer by
-``G (x) A``; see :mod:`dask_influence.core.kronecker` for the conventions. ``fit`` makes one
-pass over the training data for ``A`` and ``G`` and, with ``update_diagonal=True``, a second
-pass for the corrected eigenvalues. Up-weighting influences and self-influences are computed
-layer by layer from per-sample output gradients ``g`` and inputs ``a``: the flat ``(n, p)``
-per-sample gradients of the training points are never formed. Influence factors keep the
+cross-entropy: the true Fisher of the model's predictive distribution, not the empirical
+Fisher; taken exactly by back-propagating the roots of the loss's Hessian in the outputs, or,
+where those are more than :data:`EXACT_ROOTS_BUDGET` per sample (a language model's
+``(T - 1) V``), sampled with labels drawn from the model: ``fisher``), approximated
+block-diagonally per layer by ``G (x) A``; see :mod:`dask_influence.core.kronecker` for the
+conventions. ``fit`` makes one pass over the training data for ``A`` and ``G`` and, with
+``update_diagonal=True``, a second pass for the corrected eigenvalues. Up-weighting
+influences and self-influences are computed layer by layer from per-sample output gradients
+``g`` and inputs ``a``: the flat ``(n, p)`` per-sample gradients of the training points are
+never formed. Influence factors keep the
 library's ``(n_test, p)`` layout, so every solver's factors are interchangeable.
+
+Memory is estimated before any pass (``memory_budget``): at construction from the layers'
+shapes (a side whose dense factor does not fit is kept diagonal, with a warning, or the fit is
+refused in one line), and on the first training batch from one sample's forward (chunks sized
+to the budget, or a one-line refusal).
 
 Trainable parameters outside the supported layers (LayerNorm, ``nn.MultiheadAttention``'s
 projections, bare ``nn.Parameter``s) or outside ``layers=`` are left out, with one warning
