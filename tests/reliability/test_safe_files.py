@@ -27,6 +27,7 @@ from dask_influence.cli.main import cli
 from dask_influence.core import serialization
 from dask_influence.core.preconditioners import Preconditioner
 from dask_influence.core.serialization import KIND, serializable
+from dask_influence.core.solvers import fit_record
 from dask_influence.core.solvers.direct import DirectState
 from dask_influence.mapping import fitting
 from dask_influence.mapping.fitting import fit_path_for, load_fit
@@ -203,7 +204,7 @@ def _format_1(solver, path, **extra):
             "format": 1,
             "class": type(solver).__name__,
             "hyperparameters": solver.config.to_dict(),
-            "params_checksum": fitting._checksum(theta),
+            "params_checksum": fit_record.checksum(theta),
             "num_params": solver.num_params,
             "n_train": solver.n_train_,
             "feature_shape": tuple(solver.feature_shape_),

@@ -44,7 +44,9 @@ from torch.utils.data import DataLoader
 from ..core import batches
 from ..core.blocks import BlockFunction, add_results, curvature_block  # noqa: F401  (re-exported)
 from ..core.data import TrainingData, input_signature
-from ..core.solvers.base import InfluenceModel, _checksum, _to_device
+from ..core.solvers import fit_record
+from ..core.solvers.base import InfluenceModel
+from ..core.solvers.fit_record import to_device as _to_device
 from ..storage.urls import is_url
 from . import tasks
 from .literals import Literal, sent_once, unbox
@@ -488,17 +490,11 @@ def save_fit(solver: InfluenceModel, path: str | os.PathLike, *, training_data: 
     """
     import io
 
-    from ..core import serialization
     from ..storage.urls import replace_atomically
 
     path = os.fspath(path)
     buffer = io.BytesIO()
-    solver.save(buffer)
-    buffer.seek(0)
-    record = serialization.load(buffer, source="<solver.save>")
-    record["training_data"] = dict(training_data)
-    buffer = io.BytesIO()
-    serialization.save(record, buffer)
+    fit_record.write(solver, solver._require_fitted(), buffer, training_data=dict(training_data))
     if not is_url(path):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     replace_atomically(path, buffer.getvalue())
@@ -524,8 +520,6 @@ def load_fit(
             file), or holds another solver class or fit-relevant hyperparameters, was fitted
             with other model weights, or on other training data.
     """
-    from ..core.solvers.base import _restore_attributes
-
     path = os.fspath(path)
     record = _read(path)
     theta = solver.trained_parameters()
@@ -535,22 +529,13 @@ def load_fit(
             f"The saved fit {path!r} does not belong to this solver and data: {'; '.join(problems)}. "
             "Fit again and replace it with refit=True (dask-influence run --refit), or use another fit file."
         )
-    _restore_attributes(solver, record["attributes"], path)
-    solver.finish_fit(
-        theta,
-        data,
-        n=record["n_train"],
-        feature_shape=record["feature_shape"],
-        float_inputs=float_inputs if float_inputs is not None else record.get("float_inputs"),
-    )
+    fit_record.restore(solver, record, theta, data, where=path, float_inputs=float_inputs)
 
 
 def _read(path: str) -> dict:
-    """The record of a saved fit, read as plain data (``torch.load(..., weights_only=True)`` and
-    only allow-listed classes: :func:`dask_influence.core.serialization.load`); a file that
-    names any Python object, or of the old pickled format 1, is refused with a ``ValueError``
-    before anything in it runs."""
-    from ..core import serialization
+    """The record of a saved fit (:func:`dask_influence.core.solvers.fit_record.read`: plain data,
+    only allow-listed classes); a file that names any Python object, or of the old pickled format
+    1, is refused with a ``ValueError`` before anything in it runs."""
     from ..storage.urls import open_file
 
     what = "a saved fit (written by calc.fit(..., path=...))"
@@ -558,36 +543,15 @@ def _read(path: str) -> dict:
     if is_url(path):
         try:
             with open_file(path, "rb") as fh:
-                record = serialization.load(fh, source=path, what=what, refit=refit)
+                return fit_record.read(fh, where=path, what=what, refit=refit)
         except (OSError, FileNotFoundError) as err:
             raise ValueError(f"{path!r} is not {what}: {err}") from None
-    else:
-        record = serialization.load(path, what=what, refit=refit)
-    if (
-        not isinstance(record.get("attributes"), dict)
-        or not isinstance(record.get("hyperparameters"), dict)
-        or not all(k in record for k in ("n_train", "feature_shape"))
-    ):
-        raise ValueError(f"{path!r} is not {what}: it lacks the fitted attributes or hyperparameters.")
-    return record
+    return fit_record.read(path, where=path, what=what, refit=refit)
 
 
 def _mismatches(record: dict, solver: InfluenceModel, theta: Tensor, training_data: dict) -> list[str]:
-    problems = []
-    name = type(solver).__name__
-    if record.get("class") != name:
-        problems.append(f"it holds a fitted {record.get('class')}, not a {name}")
-    else:  # only what the fit depends on: solve-time hyperparameters (regularization, ...) may differ
-        ours = solver.config.fit_relevant()
-        saved = {k: v for k, v in record.get("hyperparameters", {}).items() if k not in solver.config.solve_time}
-        differ = sorted(k for k in set(ours) | set(saved) if not _same(ours.get(k), saved.get(k)))
-        if differ:
-            problems.append(f"its hyperparameters differ ({', '.join(differ)})")
-    task_loss = None if solver.objective.pairs else solver.objective.loss_id()
-    if record.get("task_loss") != task_loss:
-        problems.append(f"it was fitted with another training loss ({record.get('task_loss') or 'a pair loss'})")
-    if record.get("num_params") != theta.numel() or record.get("params_checksum") != _checksum(theta):
-        problems.append("it was fitted with other model weights (the checksum of the trainable parameters differs)")
+    """:func:`~dask_influence.core.solvers.fit_record.mismatches`, and the training data's."""
+    problems = fit_record.mismatches(record, solver, theta)
     saved_data = record.get("training_data")
     if saved_data is None:
         problems.append("it records no checksum of its training data (it was written by solver.save)")
@@ -596,21 +560,6 @@ def _mismatches(record: dict, solver: InfluenceModel, theta: Tensor, training_da
         if differ:
             problems.append(f"it was fitted on other training data (differs in: {', '.join(differ)})")
     return problems
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, Tensor) or isinstance(b, Tensor):
-        return (
-            isinstance(a, Tensor)
-            and isinstance(b, Tensor)
-            and a.shape == b.shape
-            and bool(torch.equal(a.cpu(), b.cpu()))
-        )
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(u, v) for u, v in zip(a, b))
-    if isinstance(a, (bool, int, float, str, type(None))) or isinstance(b, (bool, int, float, str, type(None))):
-        return a == b
-    return type(a) is type(b)  # e.g. a Preconditioner instance: its class
 
 
 def _exists(path: str) -> bool:

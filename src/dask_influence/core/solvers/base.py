@@ -409,27 +409,10 @@ class InfluenceModel(ABC):
             TypeError: a fitted attribute holds an object whose class is not allowed in saved
                 files (a custom preconditioner: decorate its class with ``@serializable``).
         """
-        from .. import serialization
+        from . import fit_record
 
-        theta = self._require_fitted()
-        serialization.save(
-            {
-                "method": type(self).method,
-                "class": type(self).__name__,
-                "hyperparameters": self.config.to_dict(),
-                "params_checksum": _checksum(theta),
-                "num_params": self.num_params,
-                "n_train": self.n_train_,
-                "feature_shape": tuple(self.feature_shape_ or ()),
-                # whether the training inputs were floating point (integer inputs are then refused
-                # with a clear TypeError); optional on load, absent from older files
-                "float_inputs": getattr(self, "_float_inputs", None),
-                # the task's training loss (a task's, by name; absent for a pair loss): the fit depends on it
-                **({} if self.objective.pairs else {"task_loss": self.objective.loss_id()}),
-                "attributes": {name: getattr(self, name) for name in self._saved_attributes},
-            },
-            path if hasattr(path, "write") else os.fspath(path),
-        )
+        file = cast(BinaryIO, path) if hasattr(path, "write") else os.fspath(path)
+        fit_record.write(self, self._require_fitted(), file)
 
     @classmethod
     def load(
@@ -452,32 +435,15 @@ class InfluenceModel(ABC):
                 another solver class, or ``model``'s trainable parameters are not the ones the
                 solver was fitted with.
         """
-        from .. import serialization
+        from . import fit_record
 
         where = os.fspath(path)
-        saved = serialization.load(
+        saved = fit_record.read(
             where,
+            where=where,
             what="a file written by InfluenceModel.save()",
             refit=f"fit the solver again and save it ({cls.__name__}(model, loss, ...).fit(train).save(path))",
         )
-        missing = [
-            k
-            for k in (
-                "class",
-                "hyperparameters",
-                "params_checksum",
-                "num_params",
-                "n_train",
-                "feature_shape",
-                "attributes",
-            )
-            if k not in saved
-        ]
-        if missing or not isinstance(saved["hyperparameters"], dict) or not isinstance(saved["attributes"], dict):
-            raise ValueError(
-                f"{where!r} is not a file written by InfluenceModel.save(): it lacks "
-                f"{', '.join(missing) or 'the hyperparameters and attributes as dicts'}."
-            )
         if cls is InfluenceModel and saved.get("method"):
             from .registry import solver_class
 
@@ -490,7 +456,7 @@ class InfluenceModel(ABC):
                 f"{where!r} records hyperparameters {', '.join(unknown)} that {cls.__name__} "
                 "does not take (written by another version?); fit again."
             )
-        solver = cls(model, loss, **_rebuildable(saved["hyperparameters"]))
+        solver = cls(model, loss, **fit_record.constructor_keywords(saved["hyperparameters"]))
         recorded = saved.get("task_loss")
         current = None if solver.objective.pairs else solver.objective.loss_id()
         if recorded != current:
@@ -500,7 +466,7 @@ class InfluenceModel(ABC):
                 "task (or loss) it was fitted with, or fit again."
             )
         theta = flat_params(solver.model, solver._functions.spec)  # a float32 copy of a half-precision model
-        if theta.numel() != saved["num_params"] or _checksum(theta) != saved["params_checksum"]:
+        if theta.numel() != saved["num_params"] or fit_record.checksum(theta) != saved["params_checksum"]:
             raise ValueError(
                 f"The model's trainable parameters differ from those the saved {cls.__name__} was "
                 "fitted with; load it with the same trained model (weights and frozen layers), "
@@ -511,19 +477,11 @@ class InfluenceModel(ABC):
                 f"{cls.__name__} applies the curvature from the training data when it solves; "
                 f"pass it: {cls.__name__}.load(path, model, loss, train=train_loader)."
             )
-        _restore_attributes(solver, saved["attributes"], where)
         source = None
         if cls.needs_training_data:
             source = solver.training_data(train)
             source.scan()
-        # "float_inputs" is optional: files written before it was recorded lack it
-        solver.finish_fit(
-            theta,
-            source,
-            n=saved["n_train"],
-            feature_shape=saved["feature_shape"],
-            float_inputs=saved.get("float_inputs"),
-        )
+        fit_record.restore(solver, saved, theta, source, where=where)
         return solver
 
     def _operator_for(self, theta: Tensor, source: TrainingData) -> Any:
@@ -1044,52 +1002,6 @@ def _same_value(a: Any, b: Any) -> bool:
     if isinstance(a, Tensor) or isinstance(b, Tensor):
         return isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and bool(torch.equal(a, b))
     return a is b or a == b
-
-
-def _checksum(theta: Tensor) -> str:
-    return hashlib.sha256(theta.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
-
-
-def _rebuildable(hyperparameters: dict[str, Any]) -> dict[str, Any]:
-    """Saved hyperparameters as constructor keywords: a value ``config.to_dict()`` could only
-    record by its class name (``"<MyPreconditioner>"``, a custom preconditioner instance)
-    becomes ``None``; the fitted object itself comes back with the saved attributes."""
-    return {
-        k: None if isinstance(v, str) and len(v) > 2 and v[0] == "<" and v[-1] == ">" else v
-        for k, v in hyperparameters.items()
-    }
-
-
-def _restore_attributes(solver: InfluenceModel, attributes: dict[str, Any], where: str) -> None:
-    """Set the fitted attributes read from a saved file (only those the class saves), on the solver's device."""
-    from .. import serialization
-
-    unknown = sorted(set(attributes) - set(solver._saved_attributes))
-    if unknown:
-        raise ValueError(
-            f"{where!r} holds attributes {', '.join(unknown)} that {type(solver).__name__} does not "
-            "save; it was not written for this solver."
-        )
-    for name, value in attributes.items():
-        if solver.device.type != "cpu":
-            value = serialization.to_device(value, solver.device)
-        setattr(solver, name, value)
-
-
-def _to_device(value: Any, device: torch.device) -> Any:
-    """Move the tensors of a (dataclass or nested tuple) state to ``device``."""
-    import dataclasses
-
-    if isinstance(value, Tensor):
-        return value.to(device)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        changes = {f.name: _to_device(getattr(value, f.name), device) for f in dataclasses.fields(value) if f.init}
-        return dataclasses.replace(value, **changes)
-    if isinstance(value, tuple):
-        return tuple(_to_device(v, device) for v in value)
-    if isinstance(value, list):
-        return [_to_device(v, device) for v in value]
-    return value
 
 
 _PICKLING = threading.local()  # ids of the solvers this thread is pickling (see __reduce__)
