@@ -108,8 +108,13 @@ def allowed_classes() -> dict[str, type]:
 
 
 def _import_builtin_classes() -> None:
-    """Import the modules whose classes register themselves (lazily: they import this module)."""
+    """Import the modules whose classes register themselves (lazily: they import this module): the
+    built-in solvers and preconditioners, and the solvers of the ``dask_influence.solvers`` entry
+    points (the registry's plugins), whose ``@serializable`` state classes join the allow-list."""
     from . import preconditioners, solvers  # noqa: F401
+    from .solvers.registry import load_plugins
+
+    load_plugins()
 
 
 # -- encoding --------------------------------------------------------------------------------------------
