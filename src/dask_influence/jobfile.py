@@ -28,7 +28,8 @@ and its parameters, the block sizes, the output store and the cluster::
     self_influences = true
 
     [cluster]
-    scheduler = "tcp://scheduler:8786" # or local settings: workers, threads, memory_limit
+    scheduler = "tls://scheduler:8786" # or local settings: workers, threads, memory_limit
+    security = { ca_file = "ca.pem", cert = "client.pem", key = "client-key.pem" }  # TLS
     gpu = false
 
     [index]                            # optional: `dask-influence index` / `query` (a gradient index)
@@ -63,6 +64,7 @@ from typing import TYPE_CHECKING, Any
 
 from .core.solvers.registry import SOLVERS, load_plugins, solver_class
 from .errors import JobFileError
+from .mapping.security import JOB_SOURCE, TlsFiles
 from .storage.urls import is_url
 
 if sys.version_info >= (3, 11):
@@ -119,7 +121,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "solver": ("method",),
     "blocks": ("test", "train"),
     "output": ("store", "mode", "top_k", "self_influences"),
-    "cluster": ("scheduler", "workers", "threads", "memory_limit", "gpu", "sequential"),
+    "cluster": ("scheduler", "security", "workers", "threads", "memory_limit", "gpu", "sequential"),
     "index": (
         "store",
         "projection_dim",
@@ -260,6 +262,10 @@ class ClusterSection:
     Attributes:
         scheduler: address of a running Dask scheduler; ``None``: ``DASK_SCHEDULER_ADDRESS``
             from the environment, else an embedded ``LocalCluster``.
+        security: the TLS certificates for a ``tls://`` scheduler (``[cluster] security =
+            { ca_file, cert, key }``, paths relative to the job file); ``None``: none given here
+            (``--tls-*`` options win over it, Dask's ``distributed.comm.tls.*`` configuration
+            comes after it; see :mod:`dask_influence.mapping.security`).
         workers, threads, memory_limit: settings of the embedded ``LocalCluster``
             (``memory_limit`` per worker: bytes or a string such as ``"4GiB"``).
         gpu: put the model on CUDA; its tasks then run with the Dask resource ``GPU=1``.
@@ -267,6 +273,7 @@ class ClusterSection:
     """
 
     scheduler: str | None = None
+    security: TlsFiles | None = None
     workers: int | None = None
     threads: int | None = None
     memory_limit: int | str | None = None
@@ -429,7 +436,7 @@ def parse_job(
     solver = _solver(tables.get("solver"), base, problems)
     blocks = _blocks(tables.get("blocks", {}), problems)
     output = _output(tables.get("output"), base, problems)
-    cluster = _cluster(tables.get("cluster", {}), problems)
+    cluster = _cluster(tables.get("cluster", {}), problems, base)
     evaluate = _evaluate(tables.get("evaluate"), base, problems)
     index = _index(tables.get("index"), base, problems)
     if problems:
@@ -707,9 +714,13 @@ def _output(table: dict | None, base: Path, problems: list[str]) -> OutputSectio
     return OutputSection(store=store, mode=mode, top_k=top_k, self_influences=self_influences)
 
 
-def _cluster(table: dict, problems: list[str]) -> ClusterSection:
+def _cluster(table: dict, problems: list[str], base: Path | None = None) -> ClusterSection:
     _unknown("cluster", table, SECTIONS["cluster"], problems)
     values: dict[str, Any] = {}
+    if "security" in table:
+        security = _security(table["security"], base or Path.cwd(), problems)
+        if security is not None:
+            values["security"] = security
     scheduler = table.get("scheduler")
     if scheduler is not None:
         if isinstance(scheduler, str) and scheduler.strip():
@@ -745,12 +756,42 @@ def _cluster(table: dict, problems: list[str]) -> ClusterSection:
             f"[cluster] give either scheduler or local settings ({', '.join(local)}), not both: "
             "a running scheduler has its own workers."
         )
-    if table.get("sequential") is True and ("scheduler" in table or local):
-        problems.append(
-            "[cluster] sequential = true computes in this process; remove "
-            f"{', '.join((['scheduler'] if 'scheduler' in table else []) + local)}."
-        )
+    remote = [k for k in ("scheduler", "security") if k in table]
+    if table.get("sequential") is True and (remote or local):
+        problems.append(f"[cluster] sequential = true computes in this process; remove {', '.join(remote + local)}.")
     return ClusterSection(**values)
+
+
+SECURITY_KEYS = ("ca_file", "cert", "key")
+
+
+def _security(table: Any, base: Path, problems: list[str]) -> TlsFiles | None:
+    """``[cluster] security``: the TLS files of the client, as paths relative to the job file."""
+    if not isinstance(table, dict):
+        problems.append(
+            '[cluster] security must be a table such as { ca_file = "ca.pem", cert = "client.pem", '
+            f'key = "client-key.pem" }}; got {_describe(table)}.'
+        )
+        return None
+    _unknown("cluster.security", table, SECURITY_KEYS, problems)
+    values: dict[str, str] = {}
+    for key in SECURITY_KEYS:
+        if key not in table:
+            continue
+        value = table[key]
+        if isinstance(value, str) and value.strip():
+            value = value.strip()
+            values[key] = value if os.path.isabs(value) else str(base / value)
+        else:
+            problems.append(f"[cluster] security {key} must be the path of a PEM file; got {_describe(value)}.")
+    missing = [k for k in ("ca_file", "cert") if k not in table]
+    if missing:
+        problems.append(
+            f"[cluster] security needs ca_file (the cluster's CA certificate) and cert (this client's certificate; "
+            f"key: its private key, unless the cert file holds it); {' and '.join(missing)} missing."
+        )
+        return None
+    return TlsFiles(**values, source=JOB_SOURCE) if values else None
 
 
 def _index(table: dict | None, base: Path, problems: list[str]) -> IndexSection | None:

@@ -30,15 +30,26 @@ from typing import Any
 import click
 
 from ..errors import JobFileError
+from .cluster_options import tls_from_options, tls_options
 
 
 @click.command()
 @click.argument("job_file", metavar="JOB.toml", type=click.Path(path_type=Path))
 @click.option("--scheduler", metavar="ADDRESS", default=None, help="Address of a running Dask scheduler.")
+@tls_options
 @click.option("--overwrite", is_flag=True, help="Discard the recorded retrainings of this evaluation and start afresh.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but the results and errors.")
 @click.option("--traceback", is_flag=True, help="Show the full traceback of an error.")
-def evaluate(job_file: Path, scheduler: str | None, overwrite: bool, quiet: bool, traceback: bool) -> None:
+def evaluate(
+    job_file: Path,
+    scheduler: str | None,
+    tls_ca_file: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+    overwrite: bool,
+    quiet: bool,
+    traceback: bool,
+) -> None:
     """Evaluate the influences of JOB.toml's store against retraining ([evaluate] section).
 
     Writes the runs and results to the store's evaluation/ group (`inspect` shows them,
@@ -48,15 +59,28 @@ def evaluate(job_file: Path, scheduler: str | None, overwrite: bool, quiet: bool
     from .run import user_errors
 
     with user_errors(traceback):
-        lines = evaluate_job(job_file, scheduler=scheduler, overwrite=overwrite, quiet=quiet)
+        lines = evaluate_job(
+            job_file,
+            scheduler=scheduler,
+            overwrite=overwrite,
+            quiet=quiet,
+            tls=tls_from_options(tls_ca_file, tls_cert, tls_key),
+        )
     for line in lines:
         click.echo(line)
 
 
 def evaluate_job(
-    job_file: str | os.PathLike, *, scheduler: str | None = None, overwrite: bool = False, quiet: bool = True
+    job_file: str | os.PathLike,
+    *,
+    scheduler: str | None = None,
+    overwrite: bool = False,
+    quiet: bool = True,
+    tls: Any = None,
 ) -> list[str]:
-    """Run the ``[evaluate]`` section of a job file; returns the result lines. Errors propagate."""
+    """Run the ``[evaluate]`` section of a job file; returns the result lines. Errors propagate.
+
+    ``tls``: the certificates of ``--tls-*`` (:class:`~dask_influence.mapping.security.TlsFiles`), if any."""
     from .. import evaluate as ev
     from ..jobfile import load_factory, load_job, load_problem
     from .run import job_model
@@ -81,7 +105,7 @@ def evaluate_job(
     with ExitStack() as stack:
         client, where = (False, "in this process")
         if {"lds", "loo"} & set(section.methods):
-            client, where = _client(job, scheduler, stack)
+            client, where = _client(job, scheduler, stack, tls)
         _say(quiet, f"Evaluating {store} ({', '.join(section.methods)}) {where}...")
         if "lds" in section.methods:
             r = ev.lds(
@@ -172,13 +196,14 @@ def _say(quiet: bool, message: str) -> None:
         click.echo(message, err=True)
 
 
-def _client(job: Any, scheduler: str | None, stack: ExitStack) -> tuple[Any, str]:
+def _client(job: Any, scheduler: str | None, stack: ExitStack, tls: Any = None) -> tuple[Any, str]:
     """The client the runs go to (``None``: this process) and where that is, as ``run`` resolves it."""
-    from .run import _connect, scheduler_address
+    from .run import connect_scheduler, refuse_tls_without_scheduler, scheduler_address
 
     address, source = scheduler_address(job, scheduler)
     if address:
-        return stack.enter_context(_connect(address, source)), f"on the scheduler at {address}"
+        return connect_scheduler(job, address, source, tls, stack), f"on the scheduler at {address}"
+    refuse_tls_without_scheduler(job, tls)
     if job.cluster.sequential:
         return False, "in this process (sequential)"
     from ..mapping.clients import job_cluster

@@ -17,6 +17,7 @@ from typing import Any
 
 import click
 
+from .cluster_options import tls_from_options, tls_options
 from .run import _progress_lines, _say, job_client, job_model, user_errors
 
 _JOB = click.argument("job_file", metavar="JOB.toml", type=click.Path(path_type=Path))
@@ -45,6 +46,7 @@ def _problem(job_file: Path, quiet: bool) -> tuple[Any, Any, Any]:
 @click.command(name="index")
 @_JOB
 @_SCHEDULER
+@tls_options
 @click.option(
     "--resume/--no-resume",
     default=True,
@@ -64,6 +66,9 @@ def _problem(job_file: Path, quiet: bool) -> tuple[Any, Any, Any]:
 def index(
     job_file: Path,
     scheduler: str | None,
+    tls_ca_file: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
     resume: bool,
     verify: bool,
     overwrite: bool,
@@ -82,7 +87,8 @@ def index(
         section = job.index
         assert section is not None
         with ExitStack() as stack:
-            client, where = job_client(job, scheduler, quiet, stack, gpu=job.cluster.gpu)
+            tls = tls_from_options(tls_ca_file, tls_cert, tls_key)
+            client, where = job_client(job, scheduler, quiet, stack, gpu=job.cluster.gpu, tls=tls)
             _say(
                 quiet,
                 f"Indexing {len(problem.train):,} training points (k = {section.projection_dim}, "
@@ -113,6 +119,7 @@ def index(
 @click.command(name="query")
 @_JOB
 @_SCHEDULER
+@tls_options
 @click.option("--resume", is_flag=True, help="Complete an existing output store of the same query.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output store.")
 @click.option("--regularization", type=float, default=None, help="Lambda for this query (default: the index's).")
@@ -122,6 +129,9 @@ def index(
 def query(
     job_file: Path,
     scheduler: str | None,
+    tls_ca_file: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
     resume: bool,
     overwrite: bool,
     regularization: float | None,
@@ -144,7 +154,8 @@ def query(
         if job.output.mode != "up":
             raise ValueError("[output] mode must be 'up' for a query: an index holds gradients, not their derivatives.")
         with ExitStack() as stack:
-            client, where = job_client(job, scheduler, quiet, stack, gpu=job.cluster.gpu)
+            tls = tls_from_options(tls_ca_file, tls_cert, tls_key)
+            client, where = job_client(job, scheduler, quiet, stack, gpu=job.cluster.gpu, tls=tls)
             opened = di.GradientIndex.open(
                 section.store, model, problem.loss, client="sync" if client is None else client
             )

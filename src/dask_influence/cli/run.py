@@ -10,6 +10,10 @@ store, then check that the store is complete. The exit code is 0 only when it is
 Where the blocks are computed, in this order: ``--scheduler``; ``[cluster] scheduler``;
 ``DASK_SCHEDULER_ADDRESS`` from the environment; ``[cluster] sequential = true`` (this
 process); an embedded ``LocalCluster`` with ``[cluster] workers / threads / memory_limit``.
+A ``tls://`` scheduler is reached with the certificates of ``--tls-ca-file/--tls-cert/--tls-key``,
+else ``[cluster] security``, else Dask's ``distributed.comm.tls.*`` configuration
+(:mod:`dask_influence.mapping.security`); a plain ``tcp://`` scheduler on another host gets
+one warning.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -27,6 +32,7 @@ from typing import Any
 import click
 
 from ..errors import JobFileError, StoreError
+from .cluster_options import tls_from_options, tls_options
 
 SCHEDULER_ENV = "DASK_SCHEDULER_ADDRESS"
 # errors shown as one "Error: ..." line: the library's own (ValueError/TypeError/RuntimeError
@@ -118,9 +124,10 @@ def foreign_error(exc: BaseException) -> str:
     "--scheduler",
     metavar="ADDRESS",
     default=None,
-    help="Address of a running Dask scheduler, e.g. tcp://scheduler:8786 (default: [cluster] "
+    help="Address of a running Dask scheduler, e.g. tls://scheduler:8786 (default: [cluster] "
     f"scheduler of the job, else ${SCHEDULER_ENV}, else an embedded LocalCluster).",
 )
+@tls_options
 @click.option(
     "--resume",
     is_flag=True,
@@ -179,6 +186,9 @@ def foreign_error(exc: BaseException) -> str:
 def run(
     job_file: Path,
     scheduler: str | None,
+    tls_ca_file: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
     resume: bool,
     verify: bool,
     overwrite: bool,
@@ -210,6 +220,7 @@ def run(
             complete, summary = run_job(
                 job_file,
                 scheduler=scheduler,
+                tls=tls_from_options(tls_ca_file, tls_cert, tls_key),
                 resume=resume,
                 overwrite=overwrite,
                 quiet=quiet,
@@ -273,6 +284,7 @@ def run_job(
     job_file: str | os.PathLike,
     *,
     scheduler: str | None = None,
+    tls: Any = None,
     resume: bool = False,
     overwrite: bool = False,
     quiet: bool = False,
@@ -289,7 +301,8 @@ def run_job(
     ``fit_only``: fit (or find the saved fit), save it and stop; ``refit``: fit even if a
     saved fit exists, and (with ``resume``) recompute every chunk of an earlier fit;
     ``verify``: with ``resume``, read every done flag and chunk before trusting them (else
-    the chunk files are only listed).
+    the chunk files are only listed); ``tls``: the certificates of ``--tls-*``
+    (:class:`~dask_influence.mapping.security.TlsFiles`), if any.
     """
     from torch.utils.data import DataLoader
 
@@ -320,7 +333,14 @@ def run_job(
             (None, "")
             if fit_only and not distributed
             else _calculator(
-                job, solver, scheduler, quiet, stack, wait_for_workers=wait_for_workers, timeout=workers_timeout
+                job,
+                solver,
+                scheduler,
+                quiet,
+                stack,
+                wait_for_workers=wait_for_workers,
+                timeout=workers_timeout,
+                tls=tls,
             )
         )
         fit_path = _fit(
@@ -484,6 +504,7 @@ def _calculator(
     *,
     wait_for_workers: int = 1,
     timeout: float = 300.0,
+    tls: Any = None,
 ) -> tuple[Any, str]:
     """The calculator and where it computes, per the resolution order of the module docstring."""
     import dask_influence as di
@@ -496,6 +517,7 @@ def _calculator(
         wait_for_workers=wait_for_workers,
         timeout=timeout,
         gpu=solver.device.type == "cuda",
+        tls=tls,
     )
     if client is None:
         return di.SequentialInfluenceCalculator(solver, progress=not quiet), where
@@ -511,15 +533,17 @@ def job_client(
     wait_for_workers: int = 1,
     timeout: float = 300.0,
     gpu: bool = False,
+    tls: Any = None,
 ) -> tuple[Any, str]:
     """The Dask client a job computes on (``None``: in this process, ``[cluster] sequential``)
     and a phrase saying where, per the resolution order of the module docstring; closed with ``stack``.
 
     With a scheduler, waits up to ``timeout`` seconds for ``wait_for_workers`` workers (a
-    Kubernetes DaskJob starts its job pod and its workers together)."""
+    Kubernetes DaskJob starts its job pod and its workers together). ``tls``: the certificates
+    of ``--tls-*``, if any (see :func:`connect_scheduler`)."""
     address, source = scheduler_address(job, scheduler)
     if address:
-        client = stack.enter_context(_connect(address, source))
+        client = connect_scheduler(job, address, source, tls, stack)
         n = len(client.scheduler_info().get("workers", {}))
         if n < wait_for_workers:
             _say(quiet, f"Waiting up to {timeout:g} s for {wait_for_workers} worker(s) at {address} ({n} now)...")
@@ -533,6 +557,7 @@ def job_client(
                 ) from None
             n = len(client.scheduler_info().get("workers", {}))
         return client, f"on the scheduler at {address} ({n} worker{'s' if n != 1 else ''} now)"
+    refuse_tls_without_scheduler(job, tls)
     if job.cluster.sequential:
         return None, "in this process (sequential)"
     from ..mapping.clients import job_cluster
@@ -540,17 +565,32 @@ def job_client(
     return stack.enter_context(job_cluster(job.cluster, gpu=gpu))
 
 
-@contextmanager
-def _connect(address: str, source: str) -> Iterator[Any]:
-    from distributed import Client
+def connect_scheduler(job: Any, address: str, source: str, tls: Any, stack: ExitStack) -> Any:
+    """A client of the scheduler at ``address``, closed with ``stack``, secured with the first
+    certificates of ``tls`` (``--tls-*``), ``[cluster] security`` and Dask's configuration.
 
-    try:
-        client = Client(address)
-    except (OSError, TimeoutError) as exc:
-        raise OSError(
-            f"cannot connect to the Dask scheduler at {address} (from {source}): {' '.join(str(exc).split())}"
-        ) from None
-    try:
-        yield client
-    finally:
-        client.close()
+    Without certificates, a scheduler on another host reached over plain TCP gets one line
+    ``Warning: ...`` on stderr (the library's own warning about it is then silenced)."""
+    from ..mapping.clients import connect
+    from ..mapping.security import UnencryptedSchedulerWarning, resolve_tls, unencrypted_warning
+
+    tls = resolve_tls(tls, job.cluster.security)
+    if tls is None:
+        message = unencrypted_warning(address)
+        if message is not None:
+            click.echo(f"Warning: {message}", err=True)
+    stack.enter_context(warnings.catch_warnings())
+    warnings.simplefilter("ignore", UnencryptedSchedulerWarning)
+    return stack.enter_context(connect(address, source, tls))
+
+
+def refuse_tls_without_scheduler(job: Any, tls: Any) -> None:
+    """Certificates given on the command line or in the job file, but no scheduler to use them
+    with: refused (an embedded LocalCluster or this process uses no TLS)."""
+    given = tls if tls is not None and tls.given() else job.cluster.security
+    if given is not None:
+        raise ValueError(
+            f"TLS certificates are given ({given.source}) but no scheduler: the job would run on an embedded "
+            "LocalCluster (or in this process), which uses no TLS. Name the scheduler with --scheduler "
+            "tls://HOST:PORT (or [cluster] scheduler, or $DASK_SCHEDULER_ADDRESS), or drop the certificates."
+        )

@@ -7,18 +7,26 @@ and the package import stay free of it).
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+
+from .security import TlsFiles, connection_error, scheme_of, warn_if_unencrypted
 
 
 @contextmanager
 def dask_client(client: Any = None, n_workers: int | None = None) -> Iterator[Any]:
     """``client`` itself when given, else ``distributed.get_client()``, else a client of an
     embedded ``LocalCluster`` (``n_workers`` single-threaded worker processes, default one per
-    core) that is closed when the block ends."""
+    core) that is closed when the block ends.
+
+    A given or current client whose scheduler is on another host and reached without TLS
+    raises an :class:`~dask_influence.mapping.security.UnencryptedSchedulerWarning` (a client
+    secured with ``Client(address, security=Security(...))`` on ``tls://`` does not)."""
     if client is not None:
+        warn_if_unencrypted(client)
         yield client
         return
     from distributed import get_client
@@ -28,6 +36,7 @@ def dask_client(client: Any = None, n_workers: int | None = None) -> Iterator[An
     except ValueError:
         current = None
     if current is not None:
+        warn_if_unencrypted(current)
         yield current
         return
     with local_cluster(n_workers or os.cpu_count() or 1) as embedded:
@@ -71,3 +80,53 @@ def job_cluster(section: Any, *, gpu: bool = False) -> Iterator[tuple[Any, str]]
     )
     with local_cluster(workers, threads=threads, **kwargs) as client:
         yield client, where
+
+
+@contextmanager
+def connect(address: str, source: str, tls: TlsFiles | None = None, *, timeout: Any = None) -> Iterator[Any]:
+    """A client of the running scheduler at ``address`` (``source``: where the address came from,
+    named in errors), secured with ``tls`` (see :mod:`~dask_influence.mapping.security`); closed
+    when the block ends.
+
+    Refused in one line (``OSError``; ``ValueError`` for the certificates themselves, checked
+    before connecting): a ``tls://`` address without certificates, certificates with a plain
+    ``tcp://`` address, and each way the TLS handshake fails (the scheduler's certificate not
+    signed by our CA; ours refused by the scheduler; a side that does not speak TLS).
+    ``timeout``: of the connection (default Dask's ``distributed.comm.timeouts.connect``).
+    """
+    from distributed import Client
+
+    scheme = scheme_of(address)
+    if tls is not None:
+        if scheme not in ("", "tls"):
+            raise ValueError(
+                f"TLS certificates are given (from {tls.source}) but the Dask scheduler address {address} (from "
+                f"{source}) is {scheme}://, which is not encrypted: write it as tls://{address.partition('://')[2]}."
+            )
+        tls.check()
+        if not scheme:
+            address = f"tls://{address}"
+    elif scheme == "tls":
+        raise ValueError(
+            f"the Dask scheduler address {address} (from {source}) is tls:// but no TLS certificates are given: pass "
+            "--tls-ca-file, --tls-cert and --tls-key (or [cluster] security in the job file, or Dask's "
+            "distributed.comm.tls.* configuration)."
+        )
+    kwargs: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
+    if tls is not None:
+        kwargs["security"] = tls.security()
+    failed = None
+    try:
+        client = Client(address, **kwargs)
+    except (OSError, TimeoutError, TypeError, ValueError, RuntimeError) as exc:  # ssl.SSLError is an OSError
+        failed = connection_error(exc, address, source, tls)
+    if failed is not None:
+        # The Client that failed in its __init__ is closed by its __del__, which stops the shared
+        # event-loop thread: collected later, inside the next Client's start, it deadlocks on the
+        # loop's lock. Collect it now, while no client is starting (the traceback is gone).
+        gc.collect()
+        raise OSError(failed)
+    try:
+        yield client
+    finally:
+        client.close()

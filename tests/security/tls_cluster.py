@@ -1,0 +1,117 @@
+"""A Dask scheduler and two workers secured with TLS on 127.0.0.1, and the certificate files
+of two unrelated certificate authorities, for the TLS tests.
+
+The certificates are self-signed ones made by ``distributed.security.Security.temporary()``
+(which needs ``cryptography``): each is its own CA, so the files of one "cluster" are
+``ca.pem`` (the certificate, as the CA), ``cert.pem`` and ``key.pem``; the other set is made
+the same way and is signed by nothing the first trusts.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+@dataclass(frozen=True)
+class Certs:
+    """The PEM files of one certificate authority: the CA, a certificate it signed, its key."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    def options(self) -> list[str]:
+        """``--tls-ca-file CA --tls-cert CERT --tls-key KEY``."""
+        return ["--tls-ca-file", str(self.ca), "--tls-cert", str(self.cert), "--tls-key", str(self.key)]
+
+    def security(self):
+        """``distributed.security.Security`` of a client presenting these files."""
+        from distributed.security import Security
+
+        files = {"tls_ca_file": str(self.ca), "tls_client_cert": str(self.cert), "tls_client_key": str(self.key)}
+        return Security(**files, require_encryption=True)
+
+
+def make_certs(directory: Path) -> Certs:
+    """A new self-signed CA and certificate (one RSA key) written as PEM files into ``directory``."""
+    from distributed.security import Security
+
+    temporary = Security.temporary()
+    directory.mkdir(parents=True, exist_ok=True)
+    certs = Certs(directory / "ca.pem", directory / "cert.pem", directory / "key.pem")
+    certs.ca.write_text(temporary.tls_ca_file)
+    certs.cert.write_text(temporary.tls_client_cert)
+    certs.key.write_text(temporary.tls_client_key)
+    certs.key.chmod(0o600)
+    return certs
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop(processes: list[subprocess.Popen]) -> None:
+    """Stop exactly the processes started here, by pid: workers first, then the scheduler
+    (SIGTERM, then SIGKILL after 15 s)."""
+    for group in (processes[1:], processes[:1]):
+        for proc in group:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for proc in group:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+
+
+def start_tls_cluster(certs: Certs, logs: Path, n_workers: int = 2) -> tuple[str, list[subprocess.Popen]]:
+    """``dask scheduler`` and ``n_workers`` ``dask worker --nthreads 1`` processes on 127.0.0.1,
+    all with ``--tls-ca-file/--tls-cert/--tls-key`` of ``certs`` (mutual TLS, as the deployment
+    files start them). Returns the ``tls://`` address and the processes (for :func:`stop`);
+    the workers have joined when it returns."""
+    from distributed import Client
+
+    dask = shutil.which("dask", path=str(BIN)) or shutil.which("dask")
+    assert dask, "the `dask` command is not installed"
+    port = free_port()
+    address = f"tls://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if k != "DASK_SCHEDULER_ADDRESS"}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    tls = certs.options()
+    commands = [
+        [dask, "scheduler", "--protocol", "tls", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard", *tls]
+    ] + [
+        [dask, "worker", address, "--nthreads", "1", "--no-dashboard", "--name", f"worker-{i}", *tls]
+        for i in range(n_workers)
+    ]
+    processes: list[subprocess.Popen] = []
+    try:
+        for i, command in enumerate(commands):
+            with open(logs / f"process-{i}.log", "w") as log:
+                processes.append(
+                    subprocess.Popen(
+                        command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=logs, stdin=subprocess.DEVNULL
+                    )
+                )
+        with Client(address, security=certs.security(), timeout="60s") as client:
+            client.wait_for_workers(n_workers, timeout=120)
+    except BaseException:
+        for log in sorted(logs.glob("*.log")):
+            print(f"--- {log.name}\n{log.read_text()[-3000:]}")
+        stop(processes)
+        raise
+    return address, processes
