@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
 import os
 import re
 import sys
@@ -1010,12 +1011,31 @@ def load_factory(job: Job, factory: str | None = None, section_name: str = "mode
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
+        if _module_found(module_name, exc):  # the module is there: its own imports failed
+            missing = getattr(exc, "name", None) if isinstance(exc, ModuleNotFoundError) else None
+            fix = (
+                f"install {missing!r} in this environment (and on the workers)"
+                if missing
+                else "fix that import or install what it needs (here and on the workers)"
+            )
+            raise JobFileError(
+                f"[{section_name}] factory {factory!r}: importing module {module_name!r} "
+                f"({_origin(module_name)}) failed: {type(exc).__name__}: {' '.join(str(exc).split())}; {fix}.",
+                path=_path(job),
+            ) from exc
         searched = ", ".join(paths) or "sys.path"
         raise JobFileError(
             f"[{section_name}] factory {factory!r}: cannot import module {module_name!r} "
             f"({exc}); searched {searched}. Set [model] path to the directory that holds it.",
             path=_path(job),
         ) from None
+    except Exception as exc:  # noqa: BLE001 - the module's own code failed while importing
+        raise JobFileError(
+            f"[{section_name}] factory {factory!r}: importing module {module_name!r} ({_origin(module_name)}) "
+            f"raised {type(exc).__name__}: {' '.join(str(exc).split())}; fix the module (--traceback shows "
+            "where).",
+            path=_path(job),
+        ) from exc
     target: Any = module
     for part in function.split("."):
         if not hasattr(target, part):
@@ -1031,6 +1051,28 @@ def load_factory(job: Job, factory: str | None = None, section_name: str = "mode
             f"[{section_name}] factory {factory!r} is a {type(target).__name__}, not a function.", path=_path(job)
         )
     return target
+
+
+def _module_found(module_name: str, exc: ImportError) -> bool:
+    """Whether ``exc``, raised importing ``module_name``, comes from inside the module (a
+    dependency it imports is missing or broken) rather than from not finding it."""
+    missing = getattr(exc, "name", None)
+    if isinstance(exc, ModuleNotFoundError) and missing is not None:
+        # not found: the module itself or one of its parent packages
+        return not (module_name == missing or module_name.startswith(missing + "."))
+    try:
+        return importlib.util.find_spec(module_name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _origin(module_name: str) -> str:
+    """Where a module that failed while importing lives (its file), for messages."""
+    try:
+        spec = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):
+        spec = None
+    return (spec.origin if spec is not None and spec.origin else "found on the path") or module_name
 
 
 def load_task(job: Job) -> Any:
@@ -1117,6 +1159,15 @@ def load_problem(job: Job) -> Problem:
         if not present:
             missing.append(key)
         parts[key] = value
+    if task is None and "train" not in missing:
+        keys = _dict_item_keys(parts["train"])
+        if keys is not None:  # a Hugging Face style dataset: a loss(outputs, targets) cannot take it
+            raise JobFileError(
+                f"the factory {name!r} returned train items that are dicts (keys {keys}) and the job has no "
+                '[task] section; add one to score them, e.g. [task] name = "classification" (cross-entropy on '
+                'model(**inputs).logits, labels under "labels"; or "causal_lm", "regression"; see docs/tasks.md).',
+                path=_path(job),
+            )
     if missing:
         raise JobFileError(
             f"the factory {name!r} returned a {type(result).__name__} without "
@@ -1148,6 +1199,16 @@ def load_problem(job: Job) -> Problem:
     if problems:
         raise JobFileError(problems, path=_path(job))
     return Problem(**parts)
+
+
+def _dict_item_keys(data: Any) -> str | None:
+    """The keys of a dataset's first item when it is a dict (``None`` otherwise, or when it cannot
+    be read here: the checks of the data then say what is wrong)."""
+    try:
+        item = data[0] if hasattr(data, "__getitem__") and len(data) else None
+    except Exception:  # noqa: BLE001 - a dataset that fails here fails later with its own error
+        return None
+    return ", ".join(map(str, item)) if isinstance(item, Mapping) else None
 
 
 def make_solver(job: Job, model: Any, loss: Any) -> Any:

@@ -38,6 +38,21 @@ from .cluster_options import tls_from_options, tls_options
 @click.option("--scheduler", metavar="ADDRESS", default=None, help="Address of a running Dask scheduler.")
 @tls_options
 @click.option("--overwrite", is_flag=True, help="Discard the recorded retrainings of this evaluation and start afresh.")
+@click.option(
+    "--break-lock",
+    is_flag=True,
+    help="Take the store's lock even if another job seems to hold it (only when that job is gone; a "
+    "stale lock is taken without this flag).",
+)
+@click.option(
+    "--wait-for-lock",
+    type=click.FloatRange(0),
+    default=0.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Wait this long for a lock held by a live job before refusing (a restarted driver whose "
+    "predecessor was killed takes its lock once the heartbeat is stale, 60 s).",
+)
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but the results and errors.")
 @click.option("--traceback", is_flag=True, help="Show the full traceback of an error.")
 def evaluate(
@@ -47,6 +62,8 @@ def evaluate(
     tls_cert: str | None,
     tls_key: str | None,
     overwrite: bool,
+    break_lock: bool,
+    wait_for_lock: float,
     quiet: bool,
     traceback: bool,
 ) -> None:
@@ -54,16 +71,23 @@ def evaluate(
 
     Writes the runs and results to the store's evaluation/ group (`inspect` shows them,
     `plot --evaluation lds` draws them); an interrupted evaluation, run again, retrains
-    only what is missing. See docs/evaluation.md.
+    only what is missing (SIGTERM and Ctrl-C end it with one line saying so, exit code 130,
+    the store's lock released). See docs/evaluation.md.
     """
-    from .run import user_errors
+    from .run import interrupts_say_how_to_resume, user_errors
 
-    with user_errors(traceback):
+    hint = (
+        "Every finished retraining is recorded in the store: rerun "
+        f"(dask-influence evaluate {job_file}) to retrain only the missing runs."
+    )
+    with interrupts_say_how_to_resume(hint), user_errors(traceback):
         lines = evaluate_job(
             job_file,
             scheduler=scheduler,
             overwrite=overwrite,
             quiet=quiet,
+            break_lock=break_lock,
+            wait_for_lock=wait_for_lock,
             tls=tls_from_options(tls_ca_file, tls_cert, tls_key),
         )
     for line in lines:
@@ -77,8 +101,13 @@ def evaluate_job(
     overwrite: bool = False,
     quiet: bool = True,
     tls: Any = None,
+    break_lock: bool = False,
+    wait_for_lock: float = 0.0,
 ) -> list[str]:
     """Run the ``[evaluate]`` section of a job file; returns the result lines. Errors propagate.
+
+    ``wait_for_lock``: seconds to wait for a live job's lock of the store (a driver restarted
+    in a new process namespace); ``break_lock``: remove any lock of the store first.
 
     ``tls``: the certificates of ``--tls-*`` (:class:`~dask_influence.mapping.security.TlsFiles`), if any."""
     from .. import evaluate as ev
@@ -95,6 +124,12 @@ def evaluate_job(
         )
     store = section.store or job.output.store
     scores = ev.StoreScores(store)  # a complete store of mode "up", before anything is trained
+    if {"lds", "loo"} & set(section.methods):  # they record their runs in the store, under its lock
+        from ..storage.lock import await_lock
+
+        removed = await_lock(store, wait_seconds=wait_for_lock, break_lock=break_lock)
+        if removed:
+            _say(quiet, f"Removed the lock of {store} held by {removed}.")
     problem = load_problem(job)
     model = job_model(job, problem)
     train_fn = load_factory(job, section.train, "evaluate")
@@ -206,6 +241,6 @@ def _client(job: Any, scheduler: str | None, stack: ExitStack, tls: Any = None) 
     refuse_tls_without_scheduler(job, tls)
     if job.cluster.sequential:
         return False, "in this process (sequential)"
-    from ..mapping.clients import job_cluster
+    from .run import start_embedded_cluster
 
-    return stack.enter_context(job_cluster(job.cluster, gpu=job.cluster.gpu))
+    return start_embedded_cluster(job.cluster, gpu=job.cluster.gpu, stack=stack)

@@ -18,16 +18,44 @@ from typing import Any
 import click
 
 from .cluster_options import tls_from_options, tls_options
-from .run import _progress_lines, _say, job_client, job_model, user_errors
+from .run import (
+    _check_store_early,
+    _progress_lines,
+    _say,
+    interrupts_say_how_to_resume,
+    job_client,
+    job_model,
+    progress_bar,
+    user_errors,
+)
 
 _JOB = click.argument("job_file", metavar="JOB.toml", type=click.Path(path_type=Path))
 _SCHEDULER = click.option("--scheduler", default=None, metavar="ADDRESS", help="Address of a running Dask scheduler.")
 _QUIET = click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
 _TRACEBACK = click.option("--traceback", is_flag=True, help="Show the full traceback of an error.")
+_WAIT_FOR_LOCK = click.option(
+    "--wait-for-lock",
+    type=click.FloatRange(0),
+    default=0.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Wait this long for a lock held by a live job before refusing (a restarted driver whose "
+    "predecessor was killed takes its lock once the heartbeat is stale, 60 s).",
+)
 
 
-def _problem(job_file: Path, quiet: bool) -> tuple[Any, Any, Any]:
-    """The job, its model (on CUDA with ``[cluster] gpu``) and the factory's result."""
+def _wait_for_lock(store: str, seconds: float, break_lock: bool) -> None:
+    """Wait up to ``seconds`` for a live job's lock of ``store`` (the library then takes it, or
+    removes it with ``break_lock``, which waits for nothing)."""
+    from ..storage.lock import await_lock
+
+    if not break_lock:
+        await_lock(store, wait_seconds=seconds)
+
+
+def _problem(job_file: Path, quiet: bool, before: Any = None) -> tuple[Any, Any, Any]:
+    """The job, its model (on CUDA with ``[cluster] gpu``) and the factory's result;
+    ``before(job)`` runs before the factory is called (checks of the stores)."""
     from ..errors import JobFileError
     from ..jobfile import load_job, load_problem
 
@@ -39,6 +67,8 @@ def _problem(job_file: Path, quiet: bool) -> tuple[Any, Any, Any]:
             "(and projection_dim, projection, preconditioner: see docs/gradient-index.md).",
             path=str(job_file),
         )
+    if before is not None:
+        before(job)
     problem = load_problem(job)
     return job, job_model(job, problem), problem
 
@@ -61,6 +91,7 @@ def _problem(job_file: Path, quiet: bool) -> tuple[Any, Any, Any]:
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing index (after projecting a first batch).")
 @click.option("--break-lock", is_flag=True, help="Take the index's lock even while another job holds it.")
+@_WAIT_FOR_LOCK
 @_QUIET
 @_TRACEBACK
 def index(
@@ -73,17 +104,27 @@ def index(
     verify: bool,
     overwrite: bool,
     break_lock: bool,
+    wait_for_lock: float,
     quiet: bool,
     traceback: bool,
 ) -> None:
-    """Build the gradient index of JOB.toml's [index] section from its training data."""
+    """Build the gradient index of JOB.toml's [index] section from its training data.
+
+    SIGTERM and Ctrl-C end it with one line saying how to resume (exit code 130), the index's
+    lock released; every block written so far is kept."""
     from torch.utils.data import DataLoader
 
     import dask_influence as di
 
-    with user_errors(traceback):
+    hint = (
+        "The index keeps every block written so far: rerun "
+        f"(dask-influence index {job_file}; it resumes by default) to compute only the missing ones."
+    )
+    with interrupts_say_how_to_resume(hint), user_errors(traceback):
         start = time.perf_counter()
-        job, model, problem = _problem(job_file, quiet)
+        job, model, problem = _problem(
+            job_file, quiet, lambda job: _wait_for_lock(job.index.store, wait_for_lock, break_lock)
+        )
         section = job.index
         assert section is not None
         with ExitStack() as stack:
@@ -94,18 +135,19 @@ def index(
                 f"Indexing {len(problem.train):,} training points (k = {section.projection_dim}, "
                 f"{section.projection}, {section.preconditioner}) into {section.store} {where}...",
             )
-            built = di.GradientIndex.build(
-                model,
-                problem.loss,
-                DataLoader(problem.train, batch_size=job.blocks.train, shuffle=False),
-                section.store,
-                resume=resume,
-                overwrite=overwrite,
-                verify="full" if verify else "exists",
-                break_lock=break_lock,
-                client="sync" if client is None else client,
-                **section.build_options(),
-            )
+            with progress_bar(not quiet):
+                built = di.GradientIndex.build(
+                    model,
+                    problem.loss,
+                    DataLoader(problem.train, batch_size=job.blocks.train, shuffle=False),
+                    section.store,
+                    resume=resume,
+                    overwrite=overwrite,
+                    verify="full" if verify else "exists",
+                    break_lock=break_lock,
+                    client="sync" if client is None else client,
+                    **section.build_options(),
+                )
         run = built.last_run_
         if not quiet:
             repaired = f", {run['blocks_repaired']} of them repaired" if run.get("blocks_repaired") else ""
@@ -124,6 +166,7 @@ def index(
 @click.option("--overwrite", is_flag=True, help="Replace an existing output store.")
 @click.option("--regularization", type=float, default=None, help="Lambda for this query (default: the index's).")
 @click.option("--break-lock", is_flag=True, help="Take the store's lock even while another job holds it.")
+@_WAIT_FOR_LOCK
 @_QUIET
 @_TRACEBACK
 def query(
@@ -136,19 +179,37 @@ def query(
     overwrite: bool,
     regularization: float | None,
     break_lock: bool,
+    wait_for_lock: float,
     quiet: bool,
     traceback: bool,
 ) -> None:
-    """Score JOB.toml's test set against its [index] and write the [output] store."""
+    """Score JOB.toml's test set against its [index] and write the [output] store.
+
+    An existing [output] store without --resume or --overwrite is refused before the factory
+    runs and the cluster starts. SIGTERM and Ctrl-C end it with one line saying how to resume
+    (exit code 130), the store's lock released."""
     from torch.utils.data import DataLoader
 
     import dask_influence as di
 
     if resume and overwrite:
         raise click.UsageError("Pass --resume or --overwrite, not both.")
-    with user_errors(traceback):
+
+    def check_store(job: Any) -> None:
+        if job.output.mode != "up":
+            raise ValueError("[output] mode must be 'up' for a query: an index holds gradients, not their derivatives.")
+        _check_store_early(
+            job.output.store, resume=resume, overwrite=overwrite, break_lock=break_lock, wait=wait_for_lock
+        )
+        _wait_for_lock(job.output.store, wait_for_lock, break_lock)
+
+    hint = (
+        "The store keeps every chunk written so far: rerun with --resume "
+        f"(dask-influence query {job_file} --resume) to compute only the missing ones."
+    )
+    with interrupts_say_how_to_resume(hint), user_errors(traceback):
         start = time.perf_counter()
-        job, model, problem = _problem(job_file, quiet)
+        job, model, problem = _problem(job_file, quiet, check_store)
         section = job.index
         assert section is not None
         if job.output.mode != "up":
@@ -164,16 +225,17 @@ def query(
                 f"Scoring {len(problem.test):,} test points against {section.store} "
                 f"({opened.n_train:,} points) {where}...",
             )
-            opened.influences_to_zarr(
-                DataLoader(problem.test, batch_size=job.blocks.test, shuffle=False),
-                job.output.store,
-                top_k=job.output.top_k,
-                self_influences=job.output.self_influences,
-                resume=resume,
-                overwrite=overwrite,
-                regularization=regularization,
-                break_lock=break_lock,
-            )
+            with progress_bar(not quiet):
+                opened.influences_to_zarr(
+                    DataLoader(problem.test, batch_size=job.blocks.test, shuffle=False),
+                    job.output.store,
+                    top_k=job.output.top_k,
+                    self_influences=job.output.self_influences,
+                    resume=resume,
+                    overwrite=overwrite,
+                    regularization=regularization,
+                    break_lock=break_lock,
+                )
         if not quiet:
             run = opened.last_run_
             click.echo(

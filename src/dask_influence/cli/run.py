@@ -79,12 +79,128 @@ def user_errors(traceback: bool) -> Iterator[None]:
                 message.replace("resume=True", "--resume")
                 .replace("overwrite=True", "--overwrite")
                 .replace("break_lock=True", "--break-lock")
+                .replace("wait_for_lock=SECONDS", "--wait-for-lock SECONDS")
             )
+        end_progress_line()
         raise click.ClickException(message) from None
     except Exception as exc:  # noqa: BLE001 - an error of the user's model, loss or data: one line
         if traceback:
             raise
+        end_progress_line()
         raise click.ClickException(foreign_error(exc)) from None
+
+
+_BAR = {"drawn": False}
+"""Whether a progress bar may have been drawn on stdout since the last line break."""
+
+
+@contextmanager
+def progress_bar(show: bool) -> Iterator[None]:
+    """Mark a call that draws Dask's progress bar (``show``): after it, the bar's line is ended
+    (a newline where stdout is not a terminal, on success and on error), so that a summary or
+    an ``Error:`` line written next is not glued to the bar in a log file."""
+    _BAR["drawn"] = _BAR["drawn"] or show
+    try:
+        yield
+    finally:
+        end_progress_line()
+
+
+def end_progress_line() -> None:
+    """End the line of a progress bar drawn on stdout, if one was (a terminal needs nothing:
+    the bar erases its own line)."""
+    import sys
+
+    if not _BAR["drawn"]:
+        return
+    _BAR["drawn"] = False
+    try:
+        sys.stdout.flush()
+        if not sys.stdout.isatty():
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+    except (OSError, ValueError):  # stdout closed: nothing to end
+        pass
+
+
+@contextmanager
+def interrupts_say_how_to_resume(hint: str) -> Iterator[None]:
+    """Ctrl-C and SIGTERM (``kill``, a Kubernetes pod being stopped) end a command with one line,
+    ``Interrupted.`` and ``hint`` (how to resume), and exit code 130; the store's lock is
+    released on the way out (the library's ``with`` blocks hold it)."""
+    previous = _stop_on_sigterm()
+    try:
+        yield
+    except KeyboardInterrupt:
+        end_progress_line()
+        click.echo(f"\nInterrupted. {hint}", err=True)
+        raise SystemExit(130) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def start_embedded_cluster(section: Any, *, gpu: bool, stack: ExitStack) -> tuple[Any, str]:
+    """The job's embedded ``LocalCluster`` (:func:`~dask_influence.mapping.clients.job_cluster`),
+    closed with ``stack``, started so that it stays out of the command's output:
+
+    - its worker processes ignore SIGINT: Ctrl-C in a terminal reaches the whole process group,
+      and a worker's ``KeyboardInterrupt`` traceback would precede the command's own line
+      (the driver stops the workers as it closes the cluster);
+    - the logs of Dask's scheduler, nannies and workers are shown at CRITICAL only while the
+      cluster runs (a failed task's "Compute Failed" block and the teardown's heartbeat and
+      connection tracebacks would surround the one-line ``Error:``; ``--traceback`` shows the
+      error's full traceback).
+    """
+    from ..mapping.clients import job_cluster
+
+    stack.enter_context(_quiet_dask_logs())
+    with _sigint_ignored():
+        found: tuple[Any, str] = stack.enter_context(job_cluster(section, gpu=gpu))
+    return found
+
+
+_DASK_LOG_ENV = "DASK_LOGGING__DISTRIBUTED"
+
+
+@contextmanager
+def _quiet_dask_logs() -> Iterator[None]:
+    """Dask's log lines at CRITICAL only: here (the handlers of the ``distributed`` logger) and in
+    the worker processes started meanwhile (their environment: Dask reads its logging levels
+    from ``DASK_LOGGING__*`` when it is imported)."""
+    import logging
+
+    import distributed  # noqa: F401 - sets up the handlers of the "distributed" logger
+
+    previous_env = os.environ.get(_DASK_LOG_ENV)
+    os.environ[_DASK_LOG_ENV] = "critical"
+    # a filter, not a level: each nanny sets the handlers' level while it runs (silence_logs)
+    handlers = [h for h in logging.getLogger("distributed").handlers if isinstance(h, logging.StreamHandler)]
+    for handler in handlers:
+        handler.addFilter(_CRITICAL_ONLY)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(_CRITICAL_ONLY)
+        if previous_env is None:
+            os.environ.pop(_DASK_LOG_ENV, None)
+        else:
+            os.environ[_DASK_LOG_ENV] = previous_env
+
+
+@contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored while child processes are started (they inherit it; Python then installs
+    no ``KeyboardInterrupt`` handler in them); restored after. Off the main thread: nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _lost_cluster(exc: BaseException) -> bool:
@@ -233,6 +349,7 @@ def run(
                 workers_timeout=workers_timeout,
             )
     except KeyboardInterrupt:
+        end_progress_line()
         click.echo(
             f"\nInterrupted. The store keeps every chunk written so far: rerun with --resume "
             f"(dask-influence run {job_file} --resume) to compute only the missing ones.",
@@ -361,20 +478,21 @@ def run_job(
             f"Computing influences of {n_train:,} training points on {n_test:,} test points "
             f"(blocks of {job.blocks.test:,} x {job.blocks.train:,}) {where}...",
         )
-        calc.influences_to_zarr(
-            test,
-            train,
-            job.output.store,
-            mode=job.output.mode,
-            resume=resume,
-            overwrite=overwrite,
-            top_k=job.output.top_k,
-            self_influences=job.output.self_influences,
-            break_lock=break_lock,
-            wait_for_lock=wait_for_lock,
-            verify="full" if verify else "exists",
-            refit=refit,
-        )
+        with progress_bar(not quiet):
+            calc.influences_to_zarr(
+                test,
+                train,
+                job.output.store,
+                mode=job.output.mode,
+                resume=resume,
+                overwrite=overwrite,
+                top_k=job.output.top_k,
+                self_influences=job.output.self_influences,
+                break_lock=break_lock,
+                wait_for_lock=wait_for_lock,
+                verify="full" if verify else "exists",
+                refit=refit,
+            )
     if calc.last_run_.get("lock_broken"):
         _say(quiet, f"Removed the lock of {job.output.store} held by {calc.last_run_['lock_broken']}.")
     import zarr
@@ -560,9 +678,7 @@ def job_client(
     refuse_tls_without_scheduler(job, tls)
     if job.cluster.sequential:
         return None, "in this process (sequential)"
-    from ..mapping.clients import job_cluster
-
-    return stack.enter_context(job_cluster(job.cluster, gpu=gpu))
+    return start_embedded_cluster(job.cluster, gpu=gpu, stack=stack)
 
 
 def connect_scheduler(job: Any, address: str, source: str, tls: Any, stack: ExitStack) -> Any:
