@@ -99,3 +99,16 @@ def flags_done(store) -> int:
         return int((np.asarray(zarr.open_group(str(store), mode="r")["influences_done"][...]) == 1).sum())
     except Exception:  # noqa: BLE001 - not created yet
         return 0
+
+
+TRAIN_DELAY_ENV = "DI_TEST_TRAIN_DELAY"
+
+
+def slow_train(train_indices, seed):
+    """A retraining for evaluation tests (``[evaluate] train``): sleeps ``$DI_TEST_TRAIN_DELAY``
+    seconds, then returns the problem's (untrained, seeded) model, so that an evaluation lasts
+    long enough to be interrupted."""
+    delay = float(os.environ.get(TRAIN_DELAY_ENV, "0") or 0)
+    if delay:
+        time.sleep(delay)
+    return make_problem()["model"]

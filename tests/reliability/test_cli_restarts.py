@@ -36,7 +36,7 @@ def _job(directory: Path, *, evaluate: bool = False) -> str:
     path = Path(rp.write_job(directory, cluster="sequential = true"))
     extra = f'[index]\nstore = "{directory / "index.zarr"}"\nprojection_dim = 8\ndtype = "float64"\n\n'
     if evaluate:
-        extra += '[evaluate]\ntrain = "reliability_problem:make_problem"\nmethods = ["lds"]\nn_subsets = 2\n\n'
+        extra += '[evaluate]\ntrain = "reliability_problem:slow_train"\nmethods = ["lds"]\nn_subsets = 8\n\n'
     path.write_text(path.read_text().replace("[cluster]", extra + "[cluster]"))
     return str(path)
 
@@ -154,3 +154,42 @@ def test_sigterm_ends_index_with_the_resume_line_and_releases_the_lock(tmp_path)
     assert found, result.output
     written, skipped = int(found.group(1)), int(found.group(2))
     assert skipped > 0 and written + skipped == rp.N_TRAIN // rp.TRAIN_BLOCK  # 30 blocks, none twice
+
+
+@pytest.mark.subprocess
+@pytest.mark.slow
+def test_sigterm_ends_evaluate_with_the_resume_line_and_releases_the_lock(tmp_path):
+    job = _job(tmp_path, evaluate=True)
+    assert CliRunner().invoke(cli, ["run", job, "--quiet"]).exit_code == 0  # the store to evaluate
+    store = tmp_path / "store.zarr"
+    env = {**os.environ, rp.TRAIN_DELAY_ENV: "1.0", "PYTHONPATH": str(HERE)}  # 8 subsets + base: ~9 s
+    env.pop("DASK_SCHEDULER_ADDRESS", None)
+    driver = subprocess.Popen(
+        [str(BIN / "dask-influence"), "evaluate", job, "--quiet"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not os.path.exists(zlock.lock_path(str(store))) and time.monotonic() < deadline:
+            assert driver.poll() is None, driver.stdout.read().decode()[-3000:]
+            time.sleep(0.1)
+        time.sleep(2.5)  # a retraining or two recorded
+        assert driver.poll() is None
+        os.kill(driver.pid, signal.SIGTERM)
+        out, _ = driver.communicate(timeout=60)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    text = out.decode()
+    assert driver.returncode == 130, text[-3000:]  # was -15: killed at once, the lock left
+    assert "Traceback" not in text
+    assert text.strip().splitlines()[-1] == (
+        "Interrupted. Every finished retraining is recorded in the store: rerun "
+        f"(dask-influence evaluate {job}) to retrain only the missing runs."
+    )
+    assert not os.path.exists(zlock.lock_path(str(store)))
