@@ -92,12 +92,37 @@ def test_a_model_returning_a_tuple_with_a_loss_of_tuples_works_or_is_refused_in_
     torch.testing.assert_close(hessian.influences(x[:5], y[:5], x, y), reference.influences(x[:5], y[:5], x, y))
     refusal = (
         r"^The model returned a tuple, not one tensor of outputs: curvature='ggn', EK-FAC and the gradient "
-        r"index need the outputs the loss reads as one tensor\. Use curvature='hessian'"
+        r"index's curvature preconditioners need the outputs the loss reads as one tensor\. Use "
+        r"curvature='hessian' \(Direct, CG, LiSSA, Arnoldi, Nystroem\) or an index with preconditioner='none'"
     )
     with pytest.raises(TypeError, match=refusal):
         di.DirectInfluence(model, tuple_loss, regularization=0.1, curvature="ggn").fit((x, y))
     with pytest.raises(TypeError, match=refusal):
         di.EkfacInfluence(model, tuple_loss, regularization=0.1).fit((x, y))
+
+
+def test_a_model_returning_a_tuple_is_indexed_without_a_curvature_preconditioner_or_refused(tmp_path):
+    torch.manual_seed(0)
+    model = TupleOut().double().eval()
+    x, y = torch.randn(30, 4, dtype=torch.float64), torch.randint(0, 3, (30,))
+    train = DataLoader(TensorDataset(x, y), batch_size=10)
+    with pytest.raises(TypeError, match=r"^The model returned a tuple, not one tensor of outputs"):
+        di.GradientIndex.build(model, tuple_loss, train, tmp_path / "a.zarr", projection_dim=4, client="sync")
+    index = di.GradientIndex.build(
+        model, tuple_loss, train, tmp_path / "b.zarr", projection_dim=4, client="sync", preconditioner="none"
+    )
+    plain = di.GradientIndex.build(
+        model.lin,
+        nn.CrossEntropyLoss(),
+        train,
+        tmp_path / "c.zarr",
+        projection_dim=4,
+        client="sync",
+        preconditioner="none",
+    )
+    torch.testing.assert_close(
+        torch.as_tensor(index.influences((x[:3], y[:3]))), torch.as_tensor(plain.influences((x[:3], y[:3])))
+    )
 
 
 def test_random_operations_in_eval_are_refused_as_hidden_randomness():

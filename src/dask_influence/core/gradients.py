@@ -243,9 +243,10 @@ class ModelFunctions:
         if not isinstance(out, Tensor):
             raise TypeError(
                 f"The model returned a {type(out).__name__}, not one tensor of outputs: curvature='ggn', "
-                "EK-FAC and the gradient index need the outputs the loss reads as one tensor. Use "
-                "curvature='hessian' (Direct, CG, LiSSA, Arnoldi, Nystroem), or pass a dask_influence.Task "
-                "whose outputs(model, batch) returns that tensor and whose output_loss(outputs, batch) takes it."
+                "EK-FAC and the gradient index's curvature preconditioners need the outputs the loss reads as "
+                "one tensor. Use curvature='hessian' (Direct, CG, LiSSA, Arnoldi, Nystroem) or an index with "
+                "preconditioner='none', or pass a dask_influence.Task whose outputs(model, batch) returns that "
+                "tensor and whose output_loss(outputs, batch) takes it."
             )
         return out
 
