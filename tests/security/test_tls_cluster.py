@@ -1,4 +1,4 @@
-"""Real TLS on 127.0.0.1: a scheduler and two workers started with self-signed certificates
+"""Real TLS on 127.0.0.1: a scheduler and two workers started with certificates
 made here; `dask-influence run` and the Python API reach them with the right certificates and
 write the store a sequential run writes; without certificates, over plain TCP, or with the
 certificates of another CA they are refused in one line and nothing is written."""
@@ -24,7 +24,7 @@ from dask_influence.cli.main import cli
 from dask_influence.mapping.clients import connect
 from dask_influence.mapping.security import CLI_SOURCE, TlsFiles, UnencryptedSchedulerWarning
 from dask_influence.mapping.store import is_complete
-from tls_cluster import BIN, Certs, make_certs, start_tls_cluster, stop
+from tls_cluster import BIN, Certs, cluster_certs, make_certs, start_tls_cluster, stop
 
 pytestmark = [pytest.mark.cluster]
 
@@ -36,9 +36,10 @@ N_CHUNKS = 6
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory) -> dict[str, Certs]:
-    """Two unrelated CAs: ``cluster`` (the scheduler's and workers') and ``other``."""
+    """Two unrelated CAs: ``cluster`` (deploy/make_certs.py: the scheduler's, workers' and client's)
+    and ``other`` (``Security.temporary()``)."""
     root = tmp_path_factory.mktemp("certs")
-    return {"cluster": make_certs(root / "cluster"), "other": make_certs(root / "other")}
+    return {"cluster": cluster_certs(root / "cluster"), "other": make_certs(root / "other")}
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +140,7 @@ def test_run_with_the_right_certificates_writes_the_sequential_store(tmp_path, c
 def test_certificates_from_the_job_file(tmp_path, certs, tls_scheduler, sequential_store):
     """[cluster] security with paths relative to the job file; --tls-* options win over it."""
     cluster = certs["cluster"]
-    for name in ("ca", "cert", "key"):
+    for name in ("ca", "cert", "key"):  # next to the job file
         (tmp_path / f"{name}.pem").write_bytes(getattr(cluster, name).read_bytes())
     security = 'security = { ca_file = "ca.pem", cert = "cert.pem", key = "key.pem" }'
     job = write_job(tmp_path, cluster=f'scheduler = "{tls_scheduler}"\n{security}')
@@ -153,7 +154,7 @@ def test_certificates_from_the_job_file(tmp_path, certs, tls_scheduler, sequenti
     assert error_line(again) == (
         f"Error: the Dask scheduler at {tls_scheduler} (from [cluster] scheduler) presented a certificate that the "
         f"CA {certs['other'].ca} (--tls-ca-file) does not accept (CERTIFICATE_VERIFY_FAILED: certificate verify "
-        "failed: self-signed certificate): give the CA certificate of the cluster's certificates."
+        "failed: self-signed certificate in certificate chain): give the CA certificate of the cluster's certificates."
     )
 
 
@@ -205,7 +206,7 @@ def test_another_cas_certificates_are_refused_and_nothing_is_written(tmp_path, c
     assert error_line(result) == (
         f"Error: the Dask scheduler at {tls_scheduler} (from --scheduler) presented a certificate that the CA "
         f"{other.ca} (--tls-ca-file) does not accept (CERTIFICATE_VERIFY_FAILED: certificate verify failed: "
-        "self-signed certificate): give the CA certificate of the cluster's certificates."
+        "self-signed certificate in certificate chain): give the CA certificate of the cluster's certificates."
     )
     # the cluster's CA, but a client certificate of the other CA: the scheduler refuses it
     mixed = ["--tls-ca-file", certs["cluster"].ca, "--tls-cert", other.cert, "--tls-key", other.key]
@@ -292,6 +293,6 @@ def test_python_api_clients_without_the_clusters_certificates_are_refused(tmp_pa
     assert str(refused.value) == (
         f"the Dask scheduler at {tls_scheduler} (from the test) presented a certificate that the CA {other.ca} "
         f"({CLI_SOURCE.split('/')[0]}) does not accept (CERTIFICATE_VERIFY_FAILED: certificate verify failed: "
-        "self-signed certificate): give the CA certificate of the cluster's certificates."
+        "self-signed certificate in certificate chain): give the CA certificate of the cluster's certificates."
     )
     assert not list(tmp_path.iterdir())  # nothing written

@@ -1,14 +1,15 @@
 """A Dask scheduler and two workers secured with TLS on 127.0.0.1, and the certificate files
 of two unrelated certificate authorities, for the TLS tests.
 
-The certificates are self-signed ones made by ``distributed.security.Security.temporary()``
-(which needs ``cryptography``): each is its own CA, so the files of one "cluster" are
-``ca.pem`` (the certificate, as the CA), ``cert.pem`` and ``key.pem``; the other set is made
-the same way and is signed by nothing the first trusts.
+The cluster's certificates are made by deploy/make_certs.py (the script the deployments use:
+a CA and one certificate per role, scheduler, worker and client); the unrelated set by
+``distributed.security.Security.temporary()`` (a self-signed certificate that is its own CA).
+Both need ``cryptography``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import signal
@@ -16,23 +17,27 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
 class Certs:
-    """The PEM files of one certificate authority: the CA, a certificate it signed, its key."""
+    """The PEM files of one certificate authority: the CA, a client certificate it signed and its
+    key, and (``roles``) the certificate and key of each server role (``scheduler``, ``worker``)."""
 
     ca: Path
     cert: Path
     key: Path
+    roles: dict[str, tuple[Path, Path]] = field(default_factory=dict)
 
-    def options(self) -> list[str]:
-        """``--tls-ca-file CA --tls-cert CERT --tls-key KEY``."""
-        return ["--tls-ca-file", str(self.ca), "--tls-cert", str(self.cert), "--tls-key", str(self.key)]
+    def options(self, role: str = "client") -> list[str]:
+        """``--tls-ca-file CA --tls-cert CERT --tls-key KEY`` of ``role``."""
+        cert, key = self.roles.get(role, (self.cert, self.key))
+        return ["--tls-ca-file", str(self.ca), "--tls-cert", str(cert), "--tls-key", str(key)]
 
     def security(self):
         """``distributed.security.Security`` of a client presenting these files."""
@@ -42,8 +47,27 @@ class Certs:
         return Security(**files, require_encryption=True)
 
 
+def load_make_certs():
+    """deploy/make_certs.py as a module."""
+    spec = importlib.util.spec_from_file_location("deploy_make_certs", ROOT / "deploy" / "make_certs.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def cluster_certs(directory: Path) -> Certs:
+    """A CA and the scheduler's, workers' and client's certificates, by deploy/make_certs.py."""
+    written = load_make_certs().make_certificates(directory)
+    assert sorted(p.name for p in written) == sorted(
+        ["ca.pem"] + [f"{r}{s}" for r in ("scheduler", "worker", "client") for s in (".pem", "-key.pem")]
+    )
+    roles = {role: (directory / f"{role}.pem", directory / f"{role}-key.pem") for role in ("scheduler", "worker")}
+    return Certs(directory / "ca.pem", directory / "client.pem", directory / "client-key.pem", roles)
+
+
 def make_certs(directory: Path) -> Certs:
-    """A new self-signed CA and certificate (one RSA key) written as PEM files into ``directory``."""
+    """A new self-signed CA and certificate (one RSA key, ``Security.temporary()``) written as PEM files."""
     from distributed.security import Security
 
     temporary = Security.temporary()
@@ -91,11 +115,9 @@ def start_tls_cluster(certs: Certs, logs: Path, n_workers: int = 2) -> tuple[str
     address = f"tls://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if k != "DASK_SCHEDULER_ADDRESS"}
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    tls = certs.options()
-    commands = [
-        [dask, "scheduler", "--protocol", "tls", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard", *tls]
-    ] + [
-        [dask, "worker", address, "--nthreads", "1", "--no-dashboard", "--name", f"worker-{i}", *tls]
+    scheduler = [dask, "scheduler", "--protocol", "tls", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"]
+    commands = [scheduler + certs.options("scheduler")] + [
+        [dask, "worker", address, "--nthreads", "1", "--no-dashboard", "--name", f"w-{i}", *certs.options("worker")]
         for i in range(n_workers)
     ]
     processes: list[subprocess.Popen] = []
