@@ -33,6 +33,7 @@ import zarr
 from dask.base import tokenize
 from torch import nn
 
+from .. import progress as _progress
 from ..errors import StoreError
 from ..mapping.clients import dask_client
 from ..mapping.literals import Literal, unbox
@@ -104,6 +105,7 @@ class GradientIndex:
         preconditioner: str = "curvature",
         curvature: str = "ggn",
         regularization: float | str = "auto",
+        ggn_draws: int | str | None = "auto",
         block_size: int | None = None,
         layers: list[str] | None = None,
         resume: bool = True,
@@ -112,6 +114,7 @@ class GradientIndex:
         break_lock: bool = False,
         client: Any = None,
         n_workers: int | None = None,
+        progress: bool | None = None,
     ) -> GradientIndex:
         """Project every training point's loss gradient into the index at ``path`` and sum the preconditioner.
 
@@ -127,6 +130,13 @@ class GradientIndex:
             preconditioner: ``"curvature"`` (``P H P^T``, default), ``"fisher"`` (``Phi^T Phi / n``)
                 or ``"none"``.
             curvature: ``"ggn"`` or ``"hessian"`` for ``preconditioner="curvature"``.
+            ggn_draws: how the GGN is summed: ``0``/``None`` exactly (``c`` projected backward
+                passes per sample for ``c`` outputs, or ``k`` GGN-vector products), a positive
+                int ``d``: the true Fisher from ``d`` labels drawn per sample from the model's
+                predictive distribution (``d`` backward passes per sample, an unbiased
+                estimate; :mod:`dask_influence.core.sampled_fisher`), ``"auto"`` (default):
+                ``AUTO_DRAWS`` draws where the loss's sampled Fisher is known and cheaper
+                than the exact sum (``AUTO_DRAWS < c``), else exact. A resumed index keeps its own.
             regularization: ``lambda`` added at query time; ``"auto"`` is ``0.01 * trace(C) / k``
                 (``0`` with ``preconditioner="none"``: plain projected-gradient similarity).
                 A query may pass another.
@@ -139,6 +149,8 @@ class GradientIndex:
                 only lists the chunk files, ``False`` trusts the flags. Missing or damaged
                 blocks (and a damaged curvature) are recomputed; ``last_run_["verify"]`` says
                 what was found.
+            progress: report each pass (the projected gradients, the curvature): samples done of
+                ``n_train``, rate, ETA; ``None``: see :mod:`dask_influence.progress`.
 
         Returns:
             the index, ready to query. ``last_run_`` says how many blocks were written and
@@ -159,6 +171,7 @@ class GradientIndex:
         if dtype not in layout.DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(layout.DTYPES)}; got {dtype!r}.")
         _check_regularization(regularization)
+        _check_draws(ggn_draws)
         verify_mode = _verify_mode(verify)
         runner.check_client(client)
         projector = Projector(model, task, projection, projection_dim, seed, layers=layers)
@@ -192,10 +205,13 @@ class GradientIndex:
             "preconditioner": preconditioner,
             "curvature": curvature if preconditioner == "curvature" else None,
             "regularization_setting": regularization,
+            "ggn_estimate": _ggn_estimate(projector, first, preconditioner, curvature, ggn_draws, seed),
         }
         zstore.check_path(path)
         with zlock.StoreLock(path, break_lock=break_lock):
-            group, resumed = _prepare(path, record, sizes, projector.dim, dtype, resume=resume, overwrite=overwrite)
+            group, resumed = _prepare(
+                path, record, sizes, projector.dim, dtype, resume=resume, overwrite=overwrite, auto=ggn_draws == "auto"
+            )
             report = layout.verify(group, mode=verify_mode) if resumed and verify_mode else None
             if report is not None:
                 layout.repair(group, report)
@@ -209,11 +225,28 @@ class GradientIndex:
                 keys.append((f"index-{token}", j))
                 dsk[keys[-1]] = (tasks.write_projected, proj_key, source.block_task(j), path, j, ranges[j])
             gpu = projector.device.type == "cuda"
-            with dask_client(client, n_workers) as active:
-                runner.run(active, dsk, keys, gpu=gpu)
+            passes = 1 if preconditioner == "none" else 2
+            with _progress.reporting(progress) as reporter, dask_client(client, n_workers) as active:
+                todo = {key: sizes[key[1]] for key in keys}
+                meter = reporter.meter(
+                    f"Index build: pass 1 of {passes} (projected gradients, dim {projector.dim:,})",
+                    sum(todo.values()),
+                    "samples",
+                    force=True,
+                )
+                runner.run(active, dsk, keys, gpu=gpu, meter=meter, counts=todo)
+                meter.finish()
                 stored = layout.attributes(group)
                 if keys or not stored.get("curvature_done"):
-                    curv = _curvature(active, dsk, proj_key, source, path, record, ranges, gpu)
+                    what = f"{curvature} curvature" if preconditioner == "curvature" else f"{preconditioner} curvature"
+                    summing = (
+                        None
+                        if preconditioner == "none"
+                        else reporter.meter(f"Index build: pass 2 of 2 ({what})", sum(sizes), "samples", force=True)
+                    )
+                    curv = _curvature(active, dsk, proj_key, source, path, record, ranges, gpu, summing)
+                    if summing is not None:
+                        summing.finish()
                     layout.write_curvature(group, curv)
                     lam = _regularization(regularization, preconditioner, curv)
                     layout.update(group, curvature_done=True, regularization=lam)
@@ -293,17 +326,27 @@ class GradientIndex:
 
     # -- queries ------------------------------------------------------------------------------
     def influences(
-        self, test: Any, *, block_size: int | None = None, regularization: float | None = None
+        self,
+        test: Any,
+        *,
+        block_size: int | None = None,
+        regularization: float | None = None,
+        progress: bool | None = None,
     ) -> np.ndarray:
-        """``(n_test, n_train)`` influences of the indexed training points on ``test``, in memory."""
+        """``(n_test, n_train)`` influences of the indexed training points on ``test``, in memory.
+
+        ``progress``: report the index blocks scored; ``None``: see :mod:`dask_influence.progress`."""
         dsk, factor_keys, _, _, dtype = self._factor_graph(test, block_size, regularization)
         ranges = ranges_from_sizes(tuple(self.attributes["block_sizes"]))
         keys = []
         for j, rows in enumerate(ranges):
             keys.append(("ixscore", j))
             dsk[keys[-1]] = (tasks.score_group, factor_keys, self.path, rows, dtype)
-        with dask_client(self.client, self.n_workers) as active:
-            parts = runner.run(active, dsk, keys, gpu=self._gpu)
+        with _progress.reporting(progress) as reporter, dask_client(self.client, self.n_workers) as active:
+            meter = reporter.meter("Index query: influences", self.n_train, "training points")
+            counts = {key: rows[1] - rows[0] for key, rows in zip(keys, ranges)}
+            parts = runner.run(active, dsk, keys, gpu=self._gpu, meter=meter, counts=counts)
+            meter.finish()
         return np.concatenate([np.concatenate(p, axis=0) for p in parts], axis=1)
 
     def top_k(self, test: Any, k: int, *, block_size: int | None = None, regularization: float | None = None) -> TopK:
@@ -362,6 +405,7 @@ class GradientIndex:
         verify: bool | str = True,
         break_lock: bool = False,
         memory_budget: int | None = DEFAULT_MEMORY_BUDGET,
+        progress: bool | None = None,
     ) -> zarr.Group:
         """Write ``(n_test, n_train)`` influences to an influence store (the layout of
         ``DaskInfluenceCalculator.influences_to_zarr``, so ``inspect``, ``rank``, ``plot`` and
@@ -375,6 +419,8 @@ class GradientIndex:
                 decode them; ``"exists"``: list their files; ``False``: trust the flags) and
                 recompute damaged ones; ``last_run_["chunks_repaired"]`` counts them.
             memory_budget: bytes one scoring task may hold (its factors and output block).
+            progress: report the chunks written (of those to compute), rate and ETA; ``None``:
+                see :mod:`dask_influence.progress`.
 
         Returns:
             the store's zarr group (read-only).
@@ -438,11 +484,25 @@ class GradientIndex:
             keys, finishes = self._pending(dsk, factor_keys, plan, store_layout, state, path, dtype)
             self.last_run_["chunks_repaired"] = len(report.damaged.get("influences", [])) if report else 0
             self.last_run_["verify"] = report.as_dict() if report else None
+            counts = {key: len(finishes[key]) for key in keys if key[0] == "ixwrite"}
             try:
-                with dask_client(self.client, self.n_workers) as active:
-                    runner.run(
-                        active, dsk, keys, on_done=lambda key: recorder.record(finishes.get(key, [])), gpu=self._gpu
+                with _progress.reporting(progress) as reporter, dask_client(self.client, self.n_workers) as active:
+                    meter = reporter.meter(
+                        f"Index query: influence chunks ({sum(test_sizes):,} test x {self.n_train:,} indexed points)",
+                        sum(counts.values()),
+                        "chunks",
+                        force=True,
                     )
+                    runner.run(
+                        active,
+                        dsk,
+                        keys,
+                        on_done=lambda key: recorder.record(finishes.get(key, [])),
+                        gpu=self._gpu,
+                        meter=meter,
+                        counts=counts,
+                    )
+                    meter.finish()
             finally:
                 recorder.flush(final=False)
             lock.ensure_held()
@@ -590,6 +650,44 @@ def _regularization(setting: float | str, preconditioner: str, curvature: np.nda
     return 0.0 if preconditioner == "none" else _auto_regularization(curvature)
 
 
+AUTO_DRAWS = 16
+"""Labels drawn per sample by ``ggn_draws="auto"`` (measured: docs/gradient-index.md)."""
+
+
+def _check_draws(value: Any) -> None:
+    if value == "auto" or value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"ggn_draws must be 'auto', None or an int >= 0; got {value!r}.")
+
+
+def _ggn_estimate(
+    projector: Projector, first: Any, preconditioner: str, curvature: str, draws: int | str | None, seed: int
+) -> str | dict | None:
+    """How the index sums its GGN: ``"exact"`` or ``{"kind": "sampled", "draws": d, "seed": seed}``
+    (``None`` for another preconditioner or curvature).
+
+    Raises:
+        ValueError: ``ggn_draws`` asks for the sampled Fisher where the loss has none.
+    """
+    if preconditioner != "curvature" or curvature != "ggn" or not draws:
+        return None if preconditioner != "curvature" or curvature != "ggn" else "exact"
+    from ..core import batches
+
+    can, c = projector.sampling(batches.slice_rows(tuple(first) if isinstance(first, list) else first, 0, 8))
+    if draws == "auto":
+        draws = AUTO_DRAWS if can and AUTO_DRAWS < c else 0
+        if not draws:
+            return "exact"
+    if not can:
+        raise ValueError(
+            f"ggn_draws={draws} draws labels from the model's predictive distribution, which is known for "
+            "softmax cross-entropy, the causal-LM task and mean squared error; this task's loss has none. "
+            "Pass ggn_draws=0 (the exact GGN)."
+        )
+    return {"kind": "sampled", "draws": int(draws), "seed": int(seed)}
+
+
 TRIAL_ROWS = 2
 """Training points projected on the driver before a build creates, resumes or deletes anything."""
 
@@ -635,7 +733,15 @@ def _load_block(source: Any, j: int) -> Any:
 
 
 def _prepare(
-    path: str, record: dict, sizes: tuple[int, ...], dim: int, dtype: str, *, resume: bool, overwrite: bool
+    path: str,
+    record: dict,
+    sizes: tuple[int, ...],
+    dim: int,
+    dtype: str,
+    *,
+    resume: bool,
+    overwrite: bool,
+    auto: bool = False,
 ) -> tuple[Any, bool]:
     """The index group to build into, and whether it is an existing one being resumed."""
     existing = layout.existing_kind(path)
@@ -649,6 +755,11 @@ def _prepare(
             )
         group = layout.open_index(path, mode="r+")
         stored = layout.attributes(group)
+        if "ggn_estimate" not in stored:  # an index built before the sampled Fisher: an exact GGN
+            stored["ggn_estimate"] = "exact" if record.get("ggn_estimate") is not None else None
+            layout.update(group, ggn_estimate=stored["ggn_estimate"])
+        if auto:  # ggn_draws="auto" resumes the index as it was built
+            record["ggn_estimate"] = stored["ggn_estimate"]
         added = {k: v for k, v in record.items() if k in layout.ADDED_LATER and k not in stored}
         layout.check_record(path, stored, {k: v for k, v in record.items() if k not in added}, "this build")
         if added:  # an index built before these were recorded: recorded now
@@ -661,7 +772,15 @@ def _prepare(
 
 
 def _curvature(
-    client: Any, dsk: dict, proj_key: str, source: Any, path: str, record: dict, ranges: Any, gpu: bool
+    client: Any,
+    dsk: dict,
+    proj_key: str,
+    source: Any,
+    path: str,
+    record: dict,
+    ranges: Any,
+    gpu: bool,
+    meter: _progress.Meter | None = None,
 ) -> np.ndarray:
     """The preconditioner's undamped curvature ``C`` ``(k, k)``: a reduction tree over blocks."""
     kind, n, k = record["preconditioner"], record["n_train"], record["dim"]
@@ -675,7 +794,11 @@ def _curvature(
             dsk[leaves[-1]] = (tasks.gram_block, path, rows)
         else:
             weight = (rows[1] - rows[0]) / n
-            dsk[leaves[-1]] = (tasks.curvature_block, proj_key, source.block_task(j), record["curvature"], weight)
+            sampled = record.get("ggn_estimate")
+            sampled = sampled if isinstance(sampled, dict) else None
+            dsk[leaves[-1]] = (
+                tasks.curvature_block, proj_key, source.block_task(j), record["curvature"], weight, sampled, rows[0]
+            )  # fmt: skip
     level, keys = 0, leaves
     while len(keys) > 1:
         grouped = [keys[i : i + FAN_IN] for i in range(0, len(keys), FAN_IN)]
@@ -683,7 +806,8 @@ def _curvature(
         for key, members in zip(keys, grouped):
             dsk[key] = (tasks.total, *members)
         level += 1
-    (total,) = runner.run(client, dsk, keys, gpu=gpu and kind == "curvature")
+    counts = {leaf: rows[1] - rows[0] for leaf, rows in zip(leaves, ranges)}
+    (total,) = runner.run(client, dsk, keys, gpu=gpu and kind == "curvature", meter=meter, counts=counts)
     total = np.asarray(total, dtype=np.float64)
     if kind == "fisher":
         total = total / n

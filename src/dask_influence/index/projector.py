@@ -247,18 +247,28 @@ class Projector:
             layer.write_matrix(m, out[a - start : b - start])
         return out.T
 
-    def curvature(self, block: Any, curvature: str) -> np.ndarray:
+    def curvature(self, block: Any, curvature: str, sampled: dict | None = None, offset: int = 0) -> np.ndarray:
         """``P C_b P^T`` ``(k, k)`` float64 for a block: ``C_b`` the Hessian (``"hessian"``) or the
         generalized Gauss-Newton (``"ggn"``) of the block's mean loss.
 
         The GGN is ``(1/n) sum_i sum_r (P J_i^T s_ir)(P J_i^T s_ir)^T`` with ``S_i S_i^T`` the
         Hessian of sample ``i``'s loss in its ``c`` outputs: ``c`` projected per-sample
         backward passes (a classifier: its number of classes), used when ``c <= k``. Otherwise
-        (and for the Hessian) ``k`` curvature-vector products, ``CURVATURE_COLUMNS`` at a time."""
+        (and for the Hessian) ``k`` curvature-vector products, ``CURVATURE_COLUMNS`` at a time.
+
+        ``sampled`` (``{"draws": d, "seed": s}``, GGN only): the true Fisher instead, with the
+        ``s_ir`` the ``d`` sampled roots of :mod:`dask_influence.core.sampled_fisher` (labels
+        drawn from the model's predictive distribution, seeded by ``s`` and each sample's index
+        ``offset + i`` in the training data): ``d`` backward passes per sample, an unbiased
+        estimate of the projected GGN (cross-entropy, causal LM, mean squared error)."""
         batch = self.batch(block)
         if curvature == "ggn":
             with torch.no_grad():
                 outputs = self.functions.outputs(self.theta, batch)
+            if sampled is not None:
+                output = self._output_curvature()
+                roots = output.sampled(outputs, batch, int(sampled["draws"]), int(sampled["seed"]), offset)
+                return self._ggn_from_roots(batch, outputs, roots)
             if outputs[0].numel() <= self.dim:
                 return self._ggn_from_roots(batch, outputs)
         product = self.functions.hessian_matmat if curvature == "hessian" else self.functions.ggn_matmat
@@ -279,18 +289,38 @@ class Projector:
         assert self.task.output_loss is not None  # ggn needs outputs (checked when building)
         return OutputCurvature(self.task.output_loss, kind)
 
-    def _ggn_from_roots(self, batch: Any, outputs: Tensor) -> np.ndarray:
-        """The projected GGN of a batch's mean loss from the output-curvature roots: ``(k, k)`` float64."""
-        curvature = self._output_curvature()
-        curvature.check(outputs, batch)
-        roots = curvature.roots(outputs, batch)  # (c, n, *outputs.shape[1:])
-        n = batches.size(batch)
+    def sampling(self, block: Any) -> tuple[bool, int]:
+        """Whether the sampled Fisher is known for the task's outputs on ``block`` (softmax
+        cross-entropy, the causal-LM task, mean squared error), and the number ``c`` of exact
+        output-curvature roots per sample (the exact projected GGN's backward passes)."""
+        if not self.task.has_outputs:
+            return False, 0
+        batch = self.batch(block)
+        with torch.no_grad():
+            outputs = self.functions.outputs(self.theta, batch)
+        output = self._output_curvature()
+        can = output.can_sample(outputs)
+        if can:
+            output.check_sampled(outputs, batch)
+        return can, int(outputs[0].numel())
+
+    def _ggn_from_roots(self, batch: Any, outputs: Tensor, roots: Tensor | None = None) -> np.ndarray:
+        """The projected GGN of a batch's mean loss from the output-curvature roots ``(r, n, ...)``
+        (the exact ones unless given: ``r = c``): ``(k, k)`` float64."""
+        if roots is None:
+            curvature = self._output_curvature()
+            curvature.check(outputs, batch)
+            roots = curvature.roots(outputs, batch)  # (c, n, *outputs.shape[1:])
+        n, r = batches.size(batch), roots.shape[0]
         total = torch.zeros(self.dim, self.dim, dtype=torch.float64)
-        for r in range(roots.shape[0]):
-            for start in range(0, n, self.chunk_size):
-                stop = min(start + self.chunk_size, n)
-                phi = self._projected_vjps(batches.slice_rows(batch, start, stop), roots[r, start:stop])
-                total += phi.T.double().cpu() @ phi.double().cpu()
+        step = max(1, self.chunk_size // r)  # a chunk's samples x roots in one vectorized call
+        for start in range(0, n, step):
+            stop = min(start + step, n)
+            rows = batches.slice_rows(batch, start, stop)
+            copies = batches.concat([rows] * r) if r > 1 else rows  # root-major: (r * m) samples
+            vectors = roots[:, start:stop].reshape(r * (stop - start), *roots.shape[2:])
+            phi = self._projected_vjps(copies, vectors.to(self.dtype)).double().cpu()
+            total += phi.T @ phi
         total /= n
         check_finite("the projected curvature", total, hint="Check the model and the loss for overflow.")
         return total.numpy()

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..mapping.literals import sent_once
+from ..progress import Meter
 
 SYNC = "sync"
 
@@ -25,24 +26,53 @@ def run(
     *,
     on_done: Callable[[Any], None] | None = None,
     gpu: bool = False,
+    meter: Meter | None = None,
+    counts: dict[Any, int] | None = None,
 ) -> list:
-    """Compute ``keys`` of ``dsk``; ``on_done(key)`` is called here as each of them finishes."""
+    """Compute ``keys`` of ``dsk``; ``on_done(key)`` is called here as each of them finishes.
+
+    ``meter`` (progress) is advanced by ``counts[key]`` as each key of ``counts`` finishes (any
+    key of the graph, e.g. the leaves of a reduction; default: 1 per key of ``keys``)."""
     if not keys:
         return []
+    counted = counts if counts is not None else dict.fromkeys(keys, 1)
+    if meter is None or not meter.progress.show:
+        counted = {}
     if client == SYNC:
+        from dask.callbacks import Callback
         from dask.local import get_sync
 
-        results = list(get_sync(dsk, keys))  # shared keys (the projector, test factors) computed once
+        def posttask(key: Any, result: Any, dsk: Any, state: Any, worker: Any) -> None:
+            if key in counted:
+                meter.advance(counted[key])  # type: ignore[union-attr]
+
+        with Callback(posttask=posttask) if counted else _nothing():
+            results = list(get_sync(dsk, keys))  # shared keys (the projector, test factors) computed once
         for key in keys if on_done is not None else ():
             on_done(key)  # type: ignore[misc]
         return results
     from distributed import as_completed
 
+    wanted = set(keys)
+    extra = [key for key in counted if key not in wanted]  # followed, and released as they finish
     with sent_once():
-        futures = client.get(dsk, keys, sync=False, resources={"GPU": 1} if gpu else None)
-    if on_done is not None:
-        for future in as_completed(futures, loop=client.loop):  # also for a client that is not the default
+        futures = client.get(dsk, list(keys) + extra, sync=False, resources={"GPU": 1} if gpu else None)
+    futures, side = futures[: len(keys)], futures[len(keys) :]
+    if on_done is not None or counted:
+        for future in as_completed(futures + side, loop=client.loop):  # also for a client that is not the default
             if future.status != "finished":
                 break  # an error: gather raises it
-            on_done(future.key)
+            if future.key in counted:
+                meter.advance(counted[future.key])  # type: ignore[union-attr]
+            if future.key in wanted:
+                if on_done is not None:
+                    on_done(future.key)
+            else:
+                future.release()
     return client.gather(futures)
+
+
+def _nothing() -> Any:
+    from contextlib import nullcontext
+
+    return nullcontext()

@@ -37,10 +37,13 @@ def gram_block(path: str, rows: tuple[int, int]) -> np.ndarray:
     return phi.T @ phi
 
 
-def curvature_block(projector: Any, block: Any, curvature: str, weight: float) -> np.ndarray:
-    """``weight * P C_b P^T`` ``(k, k)`` for one train block (``weight = n_b / n``)."""
+def curvature_block(
+    projector: Any, block: Any, curvature: str, weight: float, sampled: dict | None = None, offset: int = 0
+) -> np.ndarray:
+    """``weight * P C_b P^T`` ``(k, k)`` for one train block (``weight = n_b / n``; ``sampled``:
+    the sampled Fisher's draws and seed, ``offset`` the block's first training index)."""
     _match_threads()
-    return weight * projector.curvature(block, curvature)
+    return weight * projector.curvature(block, curvature, sampled, offset)
 
 
 def total(*parts: np.ndarray) -> np.ndarray:
