@@ -339,7 +339,8 @@ def test_malformed_batches(setup):
     with pytest.raises(TypeError, match=r"must be a DataLoader"):
         di.DirectInfluence(model, mse, regularization=3.0).fit(42)
     m = di.DirectInfluence(model, mse, regularization=3.0).fit((x, y))
-    with pytest.raises(TypeError, match=r"x_test must be a torch\.Tensor or a numpy array; got dict"):
+    # a dict where a pair loss takes x: the message names the task that takes dict batches (issue 31, item 12)
+    with pytest.raises(TypeError, match=r"Got a dict batch: .*takes \(x, y\) pairs.*di\.tasks\.classification\(\)"):
         m.influence_factors({"a": 1}, y)
     with pytest.raises(TypeError, match=r"x_test must be numeric; got an array of dtype <U3"):
         m.influence_factors("abc", y)
