@@ -12,11 +12,13 @@ commands that only read a store (``dask-influence inspect``) do not import torch
 
 from __future__ import annotations
 
-from importlib import import_module
-from importlib.metadata import PackageNotFoundError, version
-from typing import TYPE_CHECKING, Any
+from importlib import import_module as _import_module
+from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
+from importlib.metadata import version as _version
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+from typing import Any as _Any
 
-if TYPE_CHECKING:  # what the names are, for type checkers and IDEs; imported lazily at run time
+if _TYPE_CHECKING:  # what the names are, for type checkers and IDEs; imported lazily at run time
     from . import evaluate, tasks
     from .core.modes import InfluenceMode
     from .core.operators import Curvature
@@ -75,23 +77,24 @@ _WHERE: dict[str, str | None] = {
 }
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> _Any:
     """Import a public name on first use (and keep it: later lookups do not come here)."""
     if name not in _WHERE:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     where = _WHERE[name]
-    value = import_module(f".{name}", __name__) if where is None else getattr(import_module(where, __name__), name)
+    value = _import_module(f".{name}", __name__) if where is None else getattr(_import_module(where, __name__), name)
     globals()[name] = value
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_WHERE))
+    """The public names (``__all__``) and the module's own dunders; no import helpers."""
+    return sorted(set(__all__) | {name for name in globals() if name.startswith("__")})
 
 
 try:
-    __version__ = version("dask-influence")
-except PackageNotFoundError:  # running from a source tree without installation
+    __version__ = _version("dask-influence")
+except _PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0+unknown"
 
 __all__ = [
@@ -121,3 +124,5 @@ __all__ = [
     "StoreError",
     "__version__",
 ]
+
+del annotations  # the __future__ import's flag: not a name of the API
