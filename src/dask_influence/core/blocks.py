@@ -81,6 +81,8 @@ class LocalBlocks:
         self.data = data
         self.n = int(data.num_samples)
         self.sweeps = 0
+        self.on_block: Callable[[int], None] | None = None
+        """Called with each block's number of samples as it is summed (progress)."""
 
     def sum(self, fn: BlockFunction, payload: Any = None) -> Any:
         """The sum of ``fn`` over the batches, in order (see :class:`BlockSums`)."""
@@ -91,6 +93,8 @@ class LocalBlocks:
             size = batches.size(batch)
             total = fn(self.solver, batch, start, size / self.n, payload, out=total)
             start += size
+            if self.on_block is not None:
+                self.on_block(size)
         if total is None:
             raise ValueError("The training data has no batches; pass at least one sample.")
         return total

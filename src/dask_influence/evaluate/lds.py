@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from .. import progress as _progress
 from .recorded import check_test_count, evaluation_records
 from .records import ZarrRecords
 from .retrain import make_retraining, run_retrainings
@@ -111,6 +112,7 @@ def lds(
     overwrite: bool = False,
     client: Any = None,
     gpu: bool | None = None,
+    progress: bool | None = None,
     confidence: float = 0.95,
     n_bootstrap: int = 1000,
 ) -> LdsResult:
@@ -136,6 +138,8 @@ def lds(
         client: a ``distributed.Client`` (one task per run); ``None``: the current client, else
             this process; ``False``: this process. ``gpu``: the tasks need the Dask resource ``GPU=1`` (``None``: when
             ``model`` is on CUDA).
+        progress: report the retraining runs done of those to run (rate, ETA); ``None``: see
+            :mod:`dask_influence.progress`.
         confidence, n_bootstrap: the bootstrap interval of the mean.
 
     Returns:
@@ -191,7 +195,10 @@ def lds(
                     f"The subsets recorded in {records.store!r} differ from those drawn again from seed {seed} "
                     "(another numpy random generator?); pass overwrite=True to start afresh."
                 )
-        report = run_retrainings(retraining, runs, records, client=client, gpu=gpu, labels=labels)
+        with _progress.reporting(progress):
+            report = run_retrainings(
+                retraining, runs, records, client=client, gpu=gpu, labels=labels, what="LDS: retraining on subsets"
+            )
         measured = records.read().reshape(n_subsets, seeds, n_test).mean(axis=1)
         result = lds_from(source, masks, measured, confidence=confidence, n_bootstrap=n_bootstrap, seed=seed)
         _warn_undefined(result["per_test"], result["predictions"], measured)

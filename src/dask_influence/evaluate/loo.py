@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from .. import progress as _progress
 from .recorded import check_test_count, evaluation_records
 from .retrain import make_retraining, run_retrainings
 from .scores import StoreScores, as_scores, scores_fingerprint
@@ -96,11 +97,12 @@ def loo(
     overwrite: bool = False,
     client: Any = None,
     gpu: bool | None = None,
+    progress: bool | None = None,
 ) -> LooResult:
     """Retrain without each of ``points`` and compare with ``scores`` (see the module docstring).
 
     Args:
-        scores, train, test, task, model, seed, store, overwrite, client, gpu: as for
+        scores, train, test, task, model, seed, store, overwrite, client, gpu, progress: as for
             :func:`~dask_influence.evaluate.lds`.
         points: the training indices to leave out, one retraining (per seed) each.
         warm_start: call ``train(indices, seed, init=state_dict)`` with the weights of ``model``.
@@ -141,7 +143,10 @@ def loo(
         static={"points": chosen},
         labels=labels,
     ) as records:
-        report = run_retrainings(retraining, runs, records, client=client, gpu=gpu, labels=labels)
+        with _progress.reporting(progress):
+            report = run_retrainings(
+                retraining, runs, records, client=client, gpu=gpu, labels=labels, what="LOO: retraining without points"
+            )
         measured = records.read().reshape(1 + chosen.size, seeds, n_test).mean(axis=1)
         base = measured[0]
         actual = (measured[1:] - base).T  # (n_test, K)

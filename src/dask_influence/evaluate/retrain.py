@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import progress as _progress
 from ..core import batches
 from ..core.task import Task, as_task
 from ..errors import NonFiniteError
@@ -229,6 +230,7 @@ def run_retrainings(
     client: Any = None,
     gpu: bool | None = None,
     labels: Sequence[str] | None = None,
+    what: str = "Retraining",
 ) -> dict[str, int]:
     """Run every run of ``runs`` (``(train_indices, seed)``) that ``records`` does not hold yet.
 
@@ -239,6 +241,8 @@ def run_retrainings(
             ``False``: this process.
         gpu: run the tasks with the Dask resource ``GPU=1`` (``None``: when ``retraining.model``
             is on CUDA).
+        what: names the runs in progress lines (``what: 3 of 50 runs ...``), reported through
+            the current :mod:`dask_influence.progress` reporter.
 
     Returns:
         ``{"retrained": runs run now, "skipped": runs already done}``.
@@ -251,12 +255,16 @@ def run_retrainings(
     report = {"retrained": 0, "skipped": len(runs) - len(todo)}
     if not todo:
         return report
+    skipped = f" ({report['skipped']:,} already done)" if report["skipped"] else ""
+    meter = _progress.current().meter(f"{what}{skipped}", len(todo), "runs", force=True)
     client = current_client(client)
     if client is None:
         for r in todo:
             indices, seed = runs[r]
             records.write(r, retraining.run(indices, seed, labels[r] if labels else None))
             report["retrained"] += 1
+            meter.advance()
+        meter.finish()
         return report
     from distributed import as_completed
 
@@ -286,6 +294,8 @@ def run_retrainings(
             if target is None:
                 records.write(r, row)
             report["retrained"] += 1
+            meter.advance()
+        meter.finish()
     except BaseException:
         client.cancel(futures)
         raise

@@ -148,6 +148,10 @@ class TrainBlocks:
         self.sizes = tuple(int(s) for s in source.block_sizes)
         self.starts = tuple(int(s) for s in np.cumsum((0,) + self.sizes[:-1]))
         self.n = int(source.n)
+        self.on_block: Callable[[int], None] | None = None
+        """Called here with the samples of each block (or group of blocks) as a sum finishes it (progress)."""
+        self._leaf_counts: dict[Any, int] = {}  # samples per key of a sum's block tasks, and of its groups' tops
+        self._group_counts: dict[Any, int] = {}
         self.resources = {"GPU": 1} if solver.device.type == "cuda" else None
         self.groups = contiguous_groups(self.starts, self.sizes, self.n, places)
         self.sweeps = 0
@@ -177,11 +181,17 @@ class TrainBlocks:
                     nxt.append((name, g, depth, i // 2))
                 level = nxt + level[len(level) - len(level) % 2 :]
             tops.append([level[0]])
-        partials = [group[0] for group in self._get(dsk, tops)]
+        if self.on_block is not None:  # per block in this process; per group (its tree's top) on a cluster
+            self._leaf_counts = {keys[k]: self.sizes[k] for k in range(len(self.sizes))}
+            self._group_counts = {top[0]: sum(self.sizes[k] for k in group) for top, group in zip(tops, self.groups)}
+        try:
+            partials = [group[0] for group in self._get(dsk, tops)]
+        finally:
+            self._leaf_counts, self._group_counts = {}, {}
         total = partials[0]
         for part in partials[1:]:
             total = add_results(total, part)
-        logger.info(
+        logger.debug(  # the solver's fit reports its passes (dask_influence.progress)
             "Pass %d over %d train blocks (%s) in %.1f s.",
             self.sweeps,
             len(self.sizes),
@@ -249,10 +259,20 @@ class LocalTrainBlocks(TrainBlocks):
         return f"fit-solver-{self._token}", self._block_keys, f"fit-payload-{self._token}", dsk
 
     def _get(self, dsk: dict, keys: list[list]) -> list[list]:
+        from contextlib import nullcontext
+
+        from dask.callbacks import Callback
         from dask.local import get_sync
 
-        # dask's annotation omits nested lists of keys, which get_sync accepts (and returns nested)
-        return [list(group) for group in get_sync(dsk, keys)]  # type: ignore[arg-type]
+        leaves, on_block = self._leaf_counts, self.on_block
+
+        def posttask(key: Any, result: Any, dsk: Any, state: Any, worker: Any) -> None:
+            if key in leaves and on_block is not None:
+                on_block(leaves[key])
+
+        with Callback(posttask=posttask) if leaves else nullcontext():
+            # dask's annotation omits nested lists of keys, which get_sync accepts (and returns nested)
+            return [list(group) for group in get_sync(dsk, keys)]  # type: ignore[arg-type]
 
 
 class ClusterTrainBlocks(TrainBlocks):
@@ -311,6 +331,13 @@ class ClusterTrainBlocks(TrainBlocks):
             )
             for address, group in zip(self.workers, keys)
         ]
+        if self.on_block is not None and self._group_counts:
+            from distributed import as_completed
+
+            for future in as_completed([f for group in futures for f in group], loop=self.client.loop):
+                if future.status != "finished":
+                    break  # an error: gather raises it
+                self.on_block(self._group_counts.get(future.key, 0))
         return self.client.gather(futures)
 
     def close(self) -> None:

@@ -36,6 +36,7 @@ import cloudpickle
 import torch
 from torch import Tensor, nn
 
+from ... import progress as _progress
 from ...errors import NotFittedError, NotPositiveDefiniteError
 from .. import batches
 from ..blocks import BlockSums, LocalBlocks, summed_operator
@@ -241,7 +242,7 @@ class InfluenceModel(ABC):
         return self._theta is not None
 
     # -- fitting ----------------------------------------------------------------------
-    def fit(self, data: Any) -> InfluenceModel:
+    def fit(self, data: Any, *, progress: bool | None = None) -> InfluenceModel:
         """Fit the solver on the training data; returns ``self``.
 
         Args:
@@ -249,6 +250,8 @@ class InfluenceModel(ABC):
                 pair ``(x, y)``; with a task also a dict of arrays). Batches are pairs
                 ``(x, y)`` with a loss, any structure with a task. The curvature is the mean
                 over all samples.
+            progress: report every pass over the data (its name, samples done of ``n``, rate,
+                ETA); ``None``: where a person watches (see :mod:`dask_influence.progress`).
         """
         self.check_model_mode()
         source = self.training_data(data)
@@ -261,6 +264,7 @@ class InfluenceModel(ABC):
             source,
             feature_shape=source.feature_shape,
             float_inputs=source.float_inputs,
+            progress=progress,
         )
         return self
 
@@ -282,6 +286,7 @@ class InfluenceModel(ABC):
         *,
         feature_shape: Sequence[int],
         float_inputs: bool | None,
+        progress: bool | None = None,
     ) -> None:
         """Fit from sums over training blocks: the one fitting path.
 
@@ -299,11 +304,24 @@ class InfluenceModel(ABC):
                 ``x`` of pairs; ``()`` without one).
             float_inputs: whether that leaf is floating point (integer inputs are then
                 refused with a clear error); ``None`` when there is no such leaf.
+            progress: report each pass (see :meth:`fit`).
         """
+        with _progress.reporting(progress) as reporter:
+            self._fit_reported(blocks, data, feature_shape, float_inputs, reporter)
+
+    def _fit_reported(
+        self,
+        blocks: BlockSums,
+        data: TrainingData | None,
+        feature_shape: Sequence[int],
+        float_inputs: bool | None,
+        reporter: _progress.Progress,
+    ) -> None:
         theta = self.trained_parameters()
         self._theta = None
+        reported = _ReportedBlocks(blocks, self, reporter)
         try:
-            self._fit(self.curvature_over(blocks, theta), blocks)
+            self._fit(self.curvature_over(reported, theta), reported)
         except NotPositiveDefiniteError as err:
             # A solver whose regularization is a solve-time setting keeps a fit whose state it
             # stored before refusing the regularization: following the advice needs no refit.
@@ -318,6 +336,21 @@ class InfluenceModel(ABC):
                 suggested_regularization=suggested,
             ) from None
         self.finish_fit(theta, data, n=blocks.n, feature_shape=feature_shape, float_inputs=float_inputs)
+        reported.done()
+
+    def _progress_title(self) -> str:
+        """The solver's name in progress lines (``CG``, ``EK-FAC``, ...)."""
+        name = type(self).__name__
+        return _TITLES.get(name, name.removesuffix("Influence"))
+
+    def _fit_passes(self) -> int | None:
+        """The number of passes over the training data a fit makes, where known (progress lines)."""
+        return None
+
+    def _pass_name(self, fn: Any, payload: Any) -> str:
+        """What a fitting pass of block function ``fn`` computes, for progress lines."""
+        name = getattr(fn, "__name__", "block sums")
+        return _PASS_NAMES.get(name, name.removesuffix("_block").replace("_", " "))
 
     def finish_fit(
         self,
@@ -576,16 +609,19 @@ class InfluenceModel(ABC):
         self._require_fitted()
         return self._solved(self._check_factors(v))
 
-    def influence_factors(self, *test: Any) -> Tensor:
+    def influence_factors(self, *test: Any, progress: bool | None = None) -> Tensor:
         """``(H + lambda I)^-1 grad f(z_test)`` for each test point: ``(n_test, p)``.
 
         Args:
             test: ``x_test, y_test`` (a loss) or one test batch (a task); ``f`` is the
                 task's measurement (the loss by default).
+            progress: report the solve (CG iterations, LiSSA steps, right-hand sides done);
+                ``None``: see :mod:`dask_influence.progress`.
         """
         theta = self._require_fitted()
         batch = self._batch(test, ("x_test", "y_test"))
-        return self._solved(self._grads(theta, batch, measurement=True))
+        with _progress.reporting(progress):
+            return self._solved(self._grads(theta, batch, measurement=True))
 
     def influences_from_factors(self, factors: Tensor, *points: Any, mode: str | InfluenceMode = "up") -> Tensor:
         """Influences of the points on the test points behind ``factors``.
@@ -639,7 +675,9 @@ class InfluenceModel(ABC):
             )
         return path
 
-    def influences(self, *points: Any, x: Any = None, y: Any = None, mode: str | InfluenceMode = "up") -> Tensor:
+    def influences(
+        self, *points: Any, x: Any = None, y: Any = None, mode: str | InfluenceMode = "up", progress: bool | None = None
+    ) -> Tensor:
         """Influence of each training point on each test point.
 
         ``influences(x_test, y_test, x, y)`` with a loss (or pyDVL's keywords,
@@ -650,6 +688,10 @@ class InfluenceModel(ABC):
         loss (measurement) by about ``influence / n_train``.
         """
         mode = InfluenceMode.parse(mode)
+        with _progress.reporting(progress):
+            return self._influences(points, x, y, mode)
+
+    def _influences(self, points: tuple, x: Any, y: Any, mode: InfluenceMode) -> Tensor:
         if x is not None or y is not None:
             return self._keyword_influences(points, x, y, mode)
         if self.objective.pairs and any(isinstance(point, dict) for point in points):
@@ -686,11 +728,13 @@ class InfluenceModel(ABC):
             )
         return self.influences_from_factors(self.influence_factors(*test), x, y, mode=mode)
 
-    def self_influences(self, *points: Any) -> Tensor:
+    def self_influences(self, *points: Any, progress: bool | None = None) -> Tensor:
         """``grad L(z)^T (H + lambda I)^-1 grad L(z)`` for each point: ``(n,)``.
 
-        The report of the solves (one per ``chunk_size`` points, merged) stays in ``info_``."""
-        values, report = self.self_influences_with_report(*points)
+        The report of the solves (one per ``chunk_size`` points, merged) stays in ``info_``.
+        ``progress``: report the points done (and each solve); ``None``: see :mod:`dask_influence.progress`."""
+        with _progress.reporting(progress):
+            values, report = self.self_influences_with_report(*points)
         if report is not None:
             self.info_ = report
         return values
@@ -702,12 +746,15 @@ class InfluenceModel(ABC):
         batch = self._batch(points, ("x", "y"))
         out, reports = [], []
         n = batches.size(batch)
+        meter = _progress.current().meter(f"{self._progress_title()} self-influences", n, "points")
         for start in range(0, n, self.chunk_size):
             chunk = batches.slice_rows(batch, start, start + self.chunk_size)
             g = self._grads(theta, chunk, offset=start)
             solution, report = self._solve_with_report(g)
             out.append((solution * g).sum(dim=1))
             reports.append(report)
+            meter.advance(batches.size(chunk))
+        meter.finish()
         return torch.cat(out), _merge_reports(reports)
 
     # -- helpers ------------------------------------------------------------------------
@@ -830,3 +877,80 @@ def _restore_solver(cls: type[InfluenceModel], payload: bytes) -> InfluenceModel
     solver = cls.__new__(cls)
     solver.__dict__.update(cloudpickle.loads(payload))
     return solver
+
+
+_PASS_NAMES = {"curvature_block": "curvature products", "dense_block": "dense curvature"}
+_TITLES = {
+    "CgInfluence": "CG",
+    "LissaInfluence": "LiSSA",
+    "NystroemSketchInfluence": "Nystroem",
+    "EkfacInfluence": "EK-FAC",
+}
+
+
+def _title(solver: InfluenceModel) -> str:
+    return solver._progress_title()
+
+
+class _ReportedBlocks:
+    """The training blocks of a fit with each pass reported: a :class:`~dask_influence.progress.Meter`
+    per pass, counting samples as blocks that say so (``on_block``: the in-process blocks) are
+    summed, else at the end of the pass. Everything else is the blocks' own."""
+
+    def __init__(self, blocks: BlockSums, solver: InfluenceModel, reporter: _progress.Progress):
+        self._blocks, self._solver, self._reporter = blocks, solver, reporter
+        self._passes = 0
+        self._started = reporter.clock()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._blocks, name)
+
+    @property
+    def n(self) -> int:
+        return self._blocks.n
+
+    @n.setter
+    def n(self, value: int) -> None:
+        self._blocks.n = value
+
+    @property
+    def sweeps(self) -> int:
+        return self._blocks.sweeps
+
+    @sweeps.setter
+    def sweeps(self, value: int) -> None:
+        self._blocks.sweeps = value
+
+    def sum(self, fn: Any, payload: Any = None) -> Any:
+        self._passes += 1
+        total = self._solver._fit_passes()
+        of = f" of {total}" if total and total >= self._passes else ""
+        meter = self._reporter.meter(
+            f"{_title(self._solver)} fit: pass {self._passes}{of} ({self._solver._pass_name(fn, payload)})",
+            self._blocks.n,
+            "samples",
+            force=bool(total),  # a known, small number of passes: each one's start is said
+        )
+        hooked = self._reporter.show and hasattr(self._blocks, "on_block")
+        if hooked:
+            self._blocks.on_block = meter.advance  # type: ignore[attr-defined]
+        try:
+            result = self._blocks.sum(fn, payload)
+        finally:
+            if hooked:
+                self._blocks.on_block = None  # type: ignore[attr-defined]
+        if not hooked:
+            meter.advance(self._blocks.n - meter.done)
+        meter.finish()
+        return result
+
+    def done(self) -> None:
+        """Say the end of the fit (after at least one pass)."""
+        if not self._passes:
+            return
+        elapsed = self._reporter.clock() - self._started
+        self._reporter.say(
+            f"{_title(self._solver)} fit: done, {self._passes} pass{'es' if self._passes != 1 else ''} "
+            f"over {_progress.count(self._blocks.n)} samples in {_progress.duration(elapsed)}",
+            force=True,
+        )

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from ... import progress as _progress
 from ...errors import ConvergenceWarning, NotPositiveDefiniteError
 from ..blocks import BlockSums
 from ..data import TrainingData
@@ -358,10 +359,24 @@ class CgInfluence(InfluenceModel):
         precondition = self.preconditioner_.apply if self.preconditioner_ is not None else None
         block = self.config.block_size or rhs.shape[0]
         solutions, infos = [], []
+        reporter = _progress.current()
+        k = rhs.shape[0]
+        points = reporter.meter("CG solve", k, "right-hand sides") if k > block else None
         for start in range(0, rhs.shape[0], block):
+            stop = min(start + block, k)
+            which = f"right-hand sides {start + 1:,}-{stop:,} of {k:,}" if k > block else f"{k:,} right-hand sides"
+            iterations = reporter.meter(f"CG solve ({which})", maxiter, "iterations", bound=True)
+            apply = damped.matmat
+            if reporter.show:
+
+                def apply(v: Tensor, meter: _progress.Meter = iterations) -> Tensor:
+                    out = damped.matmat(v)
+                    meter.advance()
+                    return out
+
             try:
                 x, info = block_cg(
-                    damped.matmat,
+                    apply,
                     rhs[start : start + block].T,
                     rtol=self.rtol,
                     atol=self.config.atol,
@@ -372,6 +387,12 @@ class CgInfluence(InfluenceModel):
                 raise self._negative_curvature(err) from None
             solutions.append(x.T)
             infos.append(info)
+            residual = float(info.relative_residuals.max()) if info.relative_residuals.numel() else 0.0
+            iterations.finish(f", relative residual max {residual:.2e}")
+            if points is not None:
+                points.advance(stop - start)
+        if points is not None:
+            points.finish()
         info = CgInfo.concatenate(infos)
         self._warn_if_not_converged(info, maxiter)
         return torch.cat(solutions), info

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, jacrev, vmap
 
+from ... import progress as _progress
 from ...errors import NonFiniteError, NotFittedError
 from .. import batches
 from ..blocks import BlockSums
@@ -876,6 +877,17 @@ class EkfacInfluence(InfluenceModel):
         return self._output.roots(outputs, batch)
 
     # -- fitting --------------------------------------------------------------------------------
+    def _progress_title(self) -> str:
+        return "EK-FAC" if self.update_diagonal else "K-FAC"
+
+    def _fit_passes(self) -> int | None:
+        return 2 if self.update_diagonal else 1
+
+    def _pass_name(self, fn: Any, payload: Any) -> str:
+        if getattr(fn, "__name__", "") == "ekfac_block":
+            return {"covariance": "Kronecker factors", "corrected": "eigenvalue correction"}.get(payload[0], payload[0])
+        return super()._pass_name(fn, payload)
+
     def _fit(self, operator: LinearOperator, blocks: BlockSums) -> None:
         def sweep(kind: str, factors: Sequence[LayerFactors] | None) -> list[Tensor]:
             return list(blocks.sum(ekfac_block, (kind, None if factors is None else tuple(factors))))
@@ -895,10 +907,14 @@ class EkfacInfluence(InfluenceModel):
         """
         totals: list[Tensor | None] = list(sweep("covariance", None))
         factors = []
+        title = f"{self._progress_title()} fit: eigendecompositions"
+        meter = _progress.current().meter(title, len(self._layers), "layers")
         for i, layer in enumerate(self._layers):  # one layer's float64 eigh at a time, sums released
             sums = FactorSums.from_totals(layer.name, totals[2 * i], totals[2 * i + 1])  # type: ignore[arg-type]
             totals[2 * i] = totals[2 * i + 1] = None  # only `sums` holds them now; its eigh lets go
             factors.append(sums.eigh(n, self.dtype))
+            meter.advance()
+        meter.finish()
         if self.update_diagonal:
             corrected = sweep("corrected", tuple(factors))
             factors = [
@@ -1101,11 +1117,24 @@ class EkfacInfluence(InfluenceModel):
         """
         return torch.cat(list(self._flat_grads(points)))
 
-    def influence_factors(self, *test: Any) -> Tensor:
+    def influence_factors(self, *test: Any, progress: bool | None = None) -> Tensor:
         """``(C + lambda I)^-1 grad f(z_test)`` per test point: ``(n_test, p)``."""
         if self.objective.measurement is not None:  # the measurement's gradient: not the layers' loss gradients
-            return super().influence_factors(*test)
-        return torch.cat([self._solve(flat) for flat in self._flat_grads(test, ("x_test", "y_test"))])
+            return super().influence_factors(*test, progress=progress)
+        with _progress.reporting(progress) as reporter:
+            meter = reporter.meter(f"{self._progress_title()} influence factors", self._count(test), "points")
+            parts = []
+            for flat in self._flat_grads(test, ("x_test", "y_test")):
+                parts.append(self._solve(flat))
+                meter.advance(flat.shape[0])
+            meter.finish()
+        return torch.cat(parts)
+
+    def _count(self, points: tuple) -> int | None:
+        """The number of points given (``None`` where not known without preparing them)."""
+        first = points[0] if points else None
+        leaves = [leaf for leaf in batches.leaves(first) if isinstance(leaf, Tensor)] if first is not None else []
+        return int(leaves[0].shape[0]) if leaves and leaves[0].ndim > 0 else None
 
     def influences_from_factors(self, factors: Tensor, *points: Any, mode: str | InfluenceMode = "up") -> Tensor:
         """Influences ``(n_test, n)`` (mode ``"up"``) or ``(n_test, n, *x.shape[1:])`` (mode ``"perturbation"``).
@@ -1127,14 +1156,17 @@ class EkfacInfluence(InfluenceModel):
             parts.append(cast(Tensor, sum(up_contract(f, g, a) for f, (g, a) in zip(blocks, pieces))))
         return torch.cat(parts, dim=1)
 
-    def self_influences(self, *points: Any) -> Tensor:
+    def self_influences(self, *points: Any, progress: bool | None = None) -> Tensor:
         """``grad L(z)^T (C + lambda I)^-1 grad L(z)`` per point: ``(n,)``, layer by layer."""
         self._require_fitted()
         self._check_positive()
         inverse = [1.0 / (f.eigenvalues(self.update_diagonal) + self.regularization) for f in self._factors()]
         parts = []
-        for pieces in self._pieces(points):
-            parts.append(
-                cast(Tensor, sum(self_contract(f, d, g, a) for f, d, (g, a) in zip(self._factors(), inverse, pieces)))
-            )
+        with _progress.reporting(progress) as reporter:
+            meter = reporter.meter(f"{self._progress_title()} self-influences", self._count(points), "points")
+            for pieces in self._pieces(points):
+                terms = (self_contract(f, d, g, a) for f, d, (g, a) in zip(self._factors(), inverse, pieces))
+                parts.append(cast(Tensor, sum(terms)))
+                meter.advance(parts[-1].shape[0])
+            meter.finish()
         return torch.cat(parts)

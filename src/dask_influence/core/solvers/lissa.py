@@ -47,6 +47,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from ... import progress as _progress
 from ...errors import ConvergenceWarning, DivergenceError
 from ..blocks import BlockSums
 from ..data import TrainingData
@@ -270,13 +271,16 @@ class LissaInfluence(InfluenceModel):
         x0 = b / self.scale_ if self.h0 is None else self._initial_guess(b).clone()
         shift = self.regularization + self.dampen * self.scale_
         batch_size = self.batch_size or self._data.batch_size
+        what = f"LiSSA solve ({b.shape[1]:,} right-hand sides)"
+        meter = _progress.current().meter(what, self.maxiter, "steps", bound=True)
         if b.shape[1] == 0:
             x, rel, steps, sweeps, scale = b.clone(), b.new_zeros(0), 0, 0, self.scale_
         elif batch_size >= self._data.num_samples:
-            x, rel, steps, sweeps, scale = self._deterministic(b, x0, shift)
+            x, rel, steps, sweeps, scale = self._deterministic(b, x0, shift, meter)
         else:
-            x, rel, steps, sweeps, scale = self._stochastic(b, x0, shift, batch_size)
+            x, rel, steps, sweeps, scale = self._stochastic(b, x0, shift, batch_size, meter)
         info = LissaInfo(steps, sweeps, rel, rel <= self.rtol, scale)
+        meter.finish(f", relative residual max {float(rel.max()) if rel.numel() else 0.0:.2e}")
         if not info.converged:
             failed = rel[~info.converged_columns]
             warnings.warn(
@@ -290,7 +294,9 @@ class LissaInfluence(InfluenceModel):
         return x.T, info
 
     # -- the two recursions: (p, k) in, solutions (p, k) and residuals (k,) out ----------------
-    def _deterministic(self, b: Tensor, x: Tensor, shift: float) -> tuple[Tensor, Tensor, int, int, float]:
+    def _deterministic(
+        self, b: Tensor, x: Tensor, shift: float, meter: _progress.Meter | None = None
+    ) -> tuple[Tensor, Tensor, int, int, float]:
         """Every step a sweep: ``r = b - (H + shift) x`` exactly, then ``x += r / s``."""
         assert self._operator is not None and self.scale_ is not None
         s = self.scale_
@@ -302,6 +308,8 @@ class LissaInfluence(InfluenceModel):
         steps = 0
         for steps in range(1, self.maxiter + 1):
             r = b[:, active] - (self._operator.matmat(x) + shift * x)
+            if meter is not None:
+                meter.advance()
             if not bool(torch.isfinite(r).all()):
                 self._raise_divergence(steps, "the iterates became NaN/Inf", s)
             size = float(torch.linalg.vector_norm(r))
@@ -320,7 +328,7 @@ class LissaInfluence(InfluenceModel):
         return out, rel, steps, steps, s
 
     def _stochastic(
-        self, b: Tensor, x0: Tensor, shift: float, batch_size: int
+        self, b: Tensor, x0: Tensor, shift: float, batch_size: int, meter: _progress.Meter | None = None
     ) -> tuple[Tensor, Tensor, int, int, float]:
         """Epochs of batch steps, each ended by a sweep that checks the candidates exactly."""
         assert self._operator is not None and self._data is not None and self.scale_ is not None
@@ -359,6 +367,8 @@ class LissaInfluence(InfluenceModel):
                 step = b_act - curvature
                 x = x + step / s
                 steps += 1
+                if meter is not None:
+                    meter.advance()
                 if not bool(torch.isfinite(x).all()):
                     blown = "the iterates became NaN/Inf"
                     break
