@@ -273,7 +273,7 @@ def run_problem(arch: str, cfg: Config, workdir: str) -> dict:
                 out["solvers"][name] = {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:120]}"}
     store = os.path.join(workdir, f"{arch}-evaluation.zarr")
     points = di.evaluate.random_points(n_train, cfg.loo, seed=0)
-    common = {"train": trainer, "test": test, "task": loss, "model": model, "store": store, "client": False}
+    common = {"retrain": trainer, "test": test, "task": loss, "model": model, "store": store, "client": False}
     for name, s in scores.items():
         row = out["solvers"][name]
         t0 = time.perf_counter()
@@ -312,7 +312,7 @@ def scaling(scores, trainer, test, loss, cfg: Config) -> dict:
             client.run(_warm_up, trainer)  # imports, lazy set-up, one thread per worker: before the clock
             t0 = time.perf_counter()
             r = di.evaluate.lds(
-                scores, train=trainer, test=test, task=loss, n_subsets=cfg.scaling_runs, seed=99, client=client
+                scores, retrain=trainer, test=test, task=loss, n_subsets=cfg.scaling_runs, seed=99, client=client
             )
             seconds[workers] = time.perf_counter() - t0
             assert r.retrained == cfg.scaling_runs

@@ -39,6 +39,11 @@ class ConvergenceWarning(UserWarning):
     """An iterative solver stopped at ``maxiter`` before reaching its tolerance."""
 
 
+class RenamedWarning(FutureWarning):
+    """An old spelling of a keyword or job-file key was used; the message names the new one.
+    Old spellings keep working for one release (docs/api.md, "One vocabulary")."""
+
+
 class StoreError(ValueError):
     """The output store cannot be used as asked (exists, other configuration, not a store)."""
 

@@ -33,7 +33,7 @@ def _wait_idle(client, timeout=60.0):
 
 def test_cluster_runs_equal_the_runs_in_this_process(problem, cluster_client, tmp_path):
     model, loss, train, test, scores = problem
-    kwargs = dict(train=NewtonTrainer(*train, weighting="mean"), test=test, task=loss, n_subsets=10, seed=2)
+    kwargs = dict(retrain=NewtonTrainer(*train, weighting="mean"), test=test, task=loss, n_subsets=10, seed=2)
     on_cluster = di.evaluate.lds(scores, client=cluster_client, store=str(tmp_path / "e.zarr"), **kwargs)
     in_process = di.evaluate.lds(scores, **kwargs)
     assert on_cluster.retrained == 10
@@ -52,17 +52,17 @@ def test_cluster_failure_then_resume_retrains_only_the_missing_runs(problem, clu
     kwargs = dict(test=test, task=loss, n_subsets=6, seeds=2, seed=4, store=store, client=cluster_client)
     with pytest.raises(RuntimeError, match="simulated failure"):
         di.evaluate.lds(
-            scores, train=NewtonTrainer(*train, weighting="mean", count_file=counter, fail_after=5), **kwargs
+            scores, retrain=NewtonTrainer(*train, weighting="mean", count_file=counter, fail_after=5), **kwargs
         )
     _wait_idle(cluster_client)
     done_before = int(np.asarray(zarr.open_group(store, mode="r")["evaluation/lds/measurements_done"][...]).sum())
     assert 5 <= done_before < 12
-    resumed = di.evaluate.lds(scores, train=NewtonTrainer(*train, weighting="mean", count_file=counter), **kwargs)
+    resumed = di.evaluate.lds(scores, retrain=NewtonTrainer(*train, weighting="mean", count_file=counter), **kwargs)
     assert (resumed.retrained, resumed.skipped) == (12 - done_before, done_before)
     with open(counter) as fh:
         assert sum(1 for _ in fh) == 12  # no run trained twice
     reference = di.evaluate.lds(
-        scores, train=NewtonTrainer(*train, weighting="mean"), test=test, task=loss, n_subsets=6, seeds=2, seed=4
+        scores, retrain=NewtonTrainer(*train, weighting="mean"), test=test, task=loss, n_subsets=6, seeds=2, seed=4
     )
     np.testing.assert_allclose(resumed.measurements, reference.measurements, rtol=1e-12)
     assert resumed.mean == pytest.approx(reference.mean, abs=1e-12)

@@ -40,7 +40,7 @@ def problem():
 def test_a_shuffling_test_loader_is_refused_as_the_calculators_refuse_it(problem):
     model, loss, train, test, trainer, scores = problem
     shuffled = DataLoader(TensorDataset(*test), batch_size=4, shuffle=True)
-    common = dict(train=trainer, task=loss, test=shuffled)
+    common = dict(retrain=trainer, task=loss, test=shuffled)
     message = (
         "The test DataLoader shuffles (shuffle=True), but the rows and columns of the influence matrix follow "
         "the dataset order. Pass DataLoader(dataset, batch_size=4, shuffle=False) instead"
@@ -54,15 +54,15 @@ def test_a_shuffling_test_loader_is_refused_as_the_calculators_refuse_it(problem
         assert str(err.value).startswith(message)
     # the same loader without shuffling is the test batch, in order
     ordered = DataLoader(TensorDataset(*test), batch_size=4, shuffle=False)
-    a = di.evaluate.lds(scores, train=trainer, task=loss, test=ordered, n_subsets=4)
-    b = di.evaluate.lds(scores, train=trainer, task=loss, test=test, n_subsets=4)
+    a = di.evaluate.lds(scores, retrain=trainer, task=loss, test=ordered, n_subsets=4)
+    b = di.evaluate.lds(scores, retrain=trainer, task=loss, test=test, n_subsets=4)
     np.testing.assert_array_equal(a.measurements, b.measurements)
 
 
 # -- item 9: degenerate subsets ---------------------------------------------------------------------
 def test_fractions_giving_degenerate_subsets_are_refused_with_the_fractions_that_work(problem):
     model, loss, train, test, trainer, scores = problem
-    common = dict(train=trainer, task=loss, test=test, n_subsets=3)
+    common = dict(retrain=trainer, task=loss, test=test, n_subsets=3)
     with pytest.raises(ValueError) as err:
         di.evaluate.lds(scores, fraction=0.995, **common)
     assert str(err.value) == (
@@ -87,7 +87,7 @@ def test_a_nan_lds_comes_with_a_warning_that_says_why(problem):
         return trainer(np.arange(N_TRAIN), seed)  # always the full training set
 
     with pytest.warns(RuntimeWarning) as caught:
-        r = di.evaluate.lds(scores, train=ignores_its_indices, task=loss, test=test, n_subsets=4)
+        r = di.evaluate.lds(scores, retrain=ignores_its_indices, task=loss, test=test, n_subsets=4)
     assert np.isnan(r.mean) and np.isnan(r.per_test).all()
     assert [str(w.message) for w in caught] == [
         "The LDS is undefined (NaN) for 12 of 12 test points: 12 measure the same after every retraining (does "
@@ -95,7 +95,7 @@ def test_a_nan_lds_comes_with_a_warning_that_says_why(problem):
     ]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning where the LDS is defined
-        di.evaluate.lds(scores, train=trainer, task=loss, test=test, n_subsets=4)
+        di.evaluate.lds(scores, retrain=trainer, task=loss, test=test, n_subsets=4)
 
 
 # -- item 10: errors name the run -------------------------------------------------------------------
@@ -110,7 +110,7 @@ def test_an_error_of_the_train_function_names_the_subset_and_the_seed(problem):
         return trainer(indices, s)
 
     with pytest.raises(RetrainingError) as err:
-        di.evaluate.lds(scores, train=fails_on_subset_2, task=loss, test=test, n_subsets=4, seeds=2)
+        di.evaluate.lds(scores, retrain=fails_on_subset_2, task=loss, test=test, n_subsets=4, seeds=2)
     assert str(err.value) == (
         f"The train function failed in subset 2 of 4 (40 of 80 training points, drawn with seed 0), training seed "
         f"{seed}: ValueError: singular matrix in my solver"
@@ -131,7 +131,7 @@ def test_on_a_cluster_the_error_names_the_run_too(problem, cluster_client):
         return trainer(indices, s)
 
     with pytest.raises(RetrainingError, match=r"^The train function failed in subset 1 of 3 \(40 of 80 training "):
-        di.evaluate.lds(scores, train=fails_on_subset_1, task=loss, test=test, n_subsets=3, client=cluster_client)
+        di.evaluate.lds(scores, retrain=fails_on_subset_1, task=loss, test=test, n_subsets=3, client=cluster_client)
 
 
 def test_a_nan_retrained_model_names_the_left_out_point(problem):
@@ -145,7 +145,7 @@ def test_a_nan_retrained_model_names_the_left_out_point(problem):
         return out
 
     with pytest.raises(NonFiniteError) as err:
-        di.evaluate.loo(scores, train=diverges_without_7, task=loss, test=test, points=[3, 7])
+        di.evaluate.loo(scores, retrain=diverges_without_7, task=loss, test=test, points=[3, 7])
     seed = di.evaluate.training_seeds(0, 1)[0]
     assert str(err.value) == (
         f"In the run leaving out training point 7, training seed {seed}, the retrained model's measurement is nan "
@@ -156,14 +156,14 @@ def test_a_nan_retrained_model_names_the_left_out_point(problem):
         return "model.pt"
 
     with pytest.raises(TypeError, match="^In the base run on all 80 training points, training seed .*, the train "):
-        di.evaluate.loo(scores, train=returns_a_string, task=loss, test=test, points=[3])
+        di.evaluate.loo(scores, retrain=returns_a_string, task=loss, test=test, points=[3])
 
 
 # -- item 11: results record the scores they belong to ----------------------------------------------
 def test_rerun_with_other_scores_reuses_the_runs_and_keeps_each_scores_result(problem, tmp_path):
     model, loss, train, test, trainer, scores = problem
     store = str(tmp_path / "e.zarr")
-    common = dict(train=trainer, task=loss, test=test, n_subsets=6, store=store)
+    common = dict(retrain=trainer, task=loss, test=test, n_subsets=6, store=store)
     first = di.evaluate.lds(scores, **common)
     fp_first = di.evaluate.MatrixScores(scores).fingerprint()
     assert first.scores == fp_first and fp_first.startswith("matrix:")
@@ -195,7 +195,7 @@ def test_rerun_with_other_scores_reuses_the_runs_and_keeps_each_scores_result(pr
 def test_a_result_of_an_earlier_version_is_kept_before_other_scores_replace_it(problem, tmp_path):
     model, loss, train, test, trainer, scores = problem
     store = str(tmp_path / "e.zarr")
-    common = dict(train=trainer, task=loss, test=test, n_subsets=5, store=store)
+    common = dict(retrain=trainer, task=loss, test=test, n_subsets=5, store=store)
     first = di.evaluate.lds(scores, **common)
     group = zarr.open_group(store, mode="r+")["evaluation/lds"]
     attrs = dict(group.attrs["dask_influence_evaluation"])
@@ -224,9 +224,9 @@ def test_a_missing_or_damaged_run_is_named_and_the_rerun_retrains_exactly_it(pro
     model, loss, train, test, trainer, scores = problem
     store = str(tmp_path / "e.zarr")
     counter = str(tmp_path / "calls.txt")
-    clean = di.evaluate.lds(scores, train=trainer, task=loss, test=test, n_subsets=6, seed=1)
+    clean = di.evaluate.lds(scores, retrain=trainer, task=loss, test=test, n_subsets=6, seed=1)
     counting = NewtonTrainer(*train, weighting="mean", count_file=counter)
-    common = dict(train=counting, task=loss, test=test, n_subsets=6, seed=1, store=store)
+    common = dict(retrain=counting, task=loss, test=test, n_subsets=6, seed=1, store=store)
     di.evaluate.lds(scores, **common)
     lds_dir = os.path.join(store, "evaluation", "lds")
     os.remove(os.path.join(lds_dir, "measurements", "c", "3", "0"))  # a run's row deleted
@@ -268,7 +268,7 @@ def test_a_damaged_scores_store_is_named_and_resume_repairs_it(problem, tmp_path
     store = str(tmp_path / "scores.zarr")
     calc = di.SequentialInfluenceCalculator(solver, progress=False)
     calc.influences_to_zarr(test, train, store, test_block_size=5, train_block_size=32)
-    common = dict(train=trainer, task=loss, test=test, n_subsets=4, store=None)
+    common = dict(retrain=trainer, task=loss, test=test, n_subsets=4, store=None)
     expected = di.evaluate.lds(scores, **common)
     chunk = os.path.join(store, "influences", "c", "1", "2")
     for damage, reason in [

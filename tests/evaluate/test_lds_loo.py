@@ -28,7 +28,7 @@ def problem():
 
 def test_direct_lds_is_high_and_flips_with_the_sign(problem):
     model, loss, _, test, trainer, scores = problem
-    r = di.evaluate.lds(scores, train=trainer, test=test, task=loss, n_subsets=30, fraction=0.5, seed=3)
+    r = di.evaluate.lds(scores, retrain=trainer, test=test, task=loss, n_subsets=30, fraction=0.5, seed=3)
     print(f"LDS of Direct: {r.mean:.4f} [{r.interval[0]:.4f}, {r.interval[1]:.4f}]")
     assert r.mean >= 0.9
     assert r.interval[0] <= r.mean <= r.interval[1]
@@ -36,7 +36,7 @@ def test_direct_lds_is_high_and_flips_with_the_sign(problem):
     assert r.predictions.shape == r.measurements.shape == (30, N_TEST)
     assert r.subsets.shape == (30, N_TRAIN) and (r.subsets.sum(axis=1) == N_TRAIN // 2).all()
     assert r.retrained == 30 and r.skipped == 0
-    flipped = di.evaluate.lds(-scores, train=trainer, test=test, task=loss, n_subsets=30, fraction=0.5, seed=3)
+    flipped = di.evaluate.lds(-scores, retrain=trainer, test=test, task=loss, n_subsets=30, fraction=0.5, seed=3)
     np.testing.assert_allclose(flipped.per_test, -r.per_test, atol=1e-12)
     assert flipped.mean <= -0.9
 
@@ -53,7 +53,7 @@ def test_prediction_is_the_sum_over_the_removed_points(problem):
 def test_loo_pearson_against_retraining(problem):
     model, loss, train, test, trainer, scores = problem
     points = di.evaluate.random_points(N_TRAIN, 16, seed=0)
-    r = di.evaluate.loo(scores, train=trainer, test=test, task=loss, points=points)
+    r = di.evaluate.loo(scores, retrain=trainer, test=test, task=loss, points=points)
     print(f"LOO Pearson of Direct: {r.pearson:.5f} (per test point {np.nanmean(r.per_test):.5f})")
     assert r.pearson >= 0.99
     assert np.nanmin(r.per_test) >= 0.99
@@ -70,19 +70,21 @@ def test_loo_of_top_points_with_state_dicts_and_warm_start(problem):
     points = di.evaluate.top_points(scores, 0, 4)
     assert points.size == 8
     assert scores[0, points[0]] == scores[0].max() and scores[0, points[4]] == scores[0].min()
-    r = di.evaluate.loo(scores, train=returns_state, test=test, task=loss, points=points, model=model, warm_start=True)
+    r = di.evaluate.loo(
+        scores, retrain=returns_state, test=test, task=loss, points=points, model=model, warm_start=True
+    )
     print(f"LOO Pearson, top-4 of test point 0, warm start: {r.pearson:.5f}")
     assert r.pearson >= 0.99
     with pytest.raises(ValueError, match="warm_start=True .* pass model="):
-        di.evaluate.loo(scores, train=returns_state, test=test, task=loss, points=points, warm_start=True)
+        di.evaluate.loo(scores, retrain=returns_state, test=test, task=loss, points=points, warm_start=True)
     with pytest.raises(TypeError, match="returned a state dict; pass model="):
-        di.evaluate.loo(scores, train=returns_state, test=test, task=loss, points=points[:2])
+        di.evaluate.loo(scores, retrain=returns_state, test=test, task=loss, points=points[:2])
 
 
 def test_subsets_are_reproducible_from_the_recorded_seed(problem, tmp_path):
     model, loss, train, test, trainer, scores = problem
     store = str(tmp_path / "eval.zarr")
-    r = di.evaluate.lds(scores, train=trainer, test=test, task=loss, n_subsets=5, seed=11, store=store)
+    r = di.evaluate.lds(scores, retrain=trainer, test=test, task=loss, n_subsets=5, seed=11, store=store)
     group = zarr.open_group(store, mode="r")["evaluation/lds"]
     config = group.attrs["dask_influence_evaluation"]["config"]
     again = di.evaluate.draw_subsets(config["n_train"], config["n_subsets"], config["fraction"], config["seed"])
@@ -103,18 +105,18 @@ def test_interrupted_evaluation_resumes_with_only_the_missing_runs(problem, tmp_
     kwargs = dict(test=test, task=loss, n_subsets=8, seeds=2, seed=5, store=store, client=False)
     failing = NewtonTrainer(*train, weighting="mean", count_file=counter, fail_after=6)
     with pytest.raises(RuntimeError, match="simulated failure after 6"):
-        di.evaluate.lds(scores, train=failing, **kwargs)
+        di.evaluate.lds(scores, retrain=failing, **kwargs)
     flags = np.asarray(zarr.open_group(store, mode="r")["evaluation/lds/measurements_done"][...])
     assert flags.sum() == 6
-    resumed = di.evaluate.lds(scores, train=NewtonTrainer(*train, weighting="mean", count_file=counter), **kwargs)
+    resumed = di.evaluate.lds(scores, retrain=NewtonTrainer(*train, weighting="mean", count_file=counter), **kwargs)
     assert (resumed.retrained, resumed.skipped) == (10, 6)
     with open(counter) as fh:
         assert sum(1 for _ in fh) == 16  # every run trained exactly once
-    fresh = di.evaluate.lds(scores, train=NewtonTrainer(*train, weighting="mean"), **{**kwargs, "store": None})
+    fresh = di.evaluate.lds(scores, retrain=NewtonTrainer(*train, weighting="mean"), **{**kwargs, "store": None})
     np.testing.assert_allclose(resumed.measurements, fresh.measurements, rtol=1e-12)
     np.testing.assert_array_equal(resumed.per_test, fresh.per_test)
     # a third call finds everything done
-    done = di.evaluate.lds(scores, train=NewtonTrainer(*train, weighting="mean", count_file=counter), **kwargs)
+    done = di.evaluate.lds(scores, retrain=NewtonTrainer(*train, weighting="mean", count_file=counter), **kwargs)
     assert (done.retrained, done.skipped) == (0, 16)
     result = zarr.open_group(store, mode="r")["evaluation/lds"].attrs["dask_influence_evaluation"]["result"]
     assert result["lds_mean"] == pytest.approx(fresh.mean)
@@ -123,12 +125,12 @@ def test_interrupted_evaluation_resumes_with_only_the_missing_runs(problem, tmp_
 def test_another_configuration_under_the_same_name_is_refused(problem, tmp_path):
     model, loss, train, test, trainer, scores = problem
     store = str(tmp_path / "eval.zarr")
-    di.evaluate.lds(scores, train=trainer, test=test, task=loss, n_subsets=3, store=store)
+    di.evaluate.lds(scores, retrain=trainer, test=test, task=loss, n_subsets=3, store=store)
     with pytest.raises(StoreError, match="n_subsets 3 -> 4.*overwrite=True"):
-        di.evaluate.lds(scores, train=trainer, test=test, task=loss, n_subsets=4, store=store)
-    r = di.evaluate.lds(scores, train=trainer, test=test, task=loss, n_subsets=4, store=store, overwrite=True)
+        di.evaluate.lds(scores, retrain=trainer, test=test, task=loss, n_subsets=4, store=store)
+    r = di.evaluate.lds(scores, retrain=trainer, test=test, task=loss, n_subsets=4, store=store, overwrite=True)
     assert r.retrained == 4
-    r2 = di.evaluate.lds(scores, train=trainer, test=test, task=loss, n_subsets=3, store=store, name="lds_small")
+    r2 = di.evaluate.lds(scores, retrain=trainer, test=test, task=loss, n_subsets=3, store=store, name="lds_small")
     assert r2.retrained == 3
     assert set(di.evaluate.read_evaluations(zarr.open_group(store, mode="r"))) == {"lds", "lds_small"}
 
@@ -148,8 +150,8 @@ def test_scores_from_a_store_and_a_task(problem, tmp_path):
     np.testing.assert_array_equal(di.evaluate.top_points(store, 2, 3), di.evaluate.top_points(scores, 2, 3))
     task = di.Task(loss=lambda m, b: torch.nn.functional.binary_cross_entropy_with_logits(m(b["x"]), b["y"]))
     x_test, y_test = test
-    from_store = di.evaluate.lds(store, train=trainer, test={"x": x_test, "y": y_test}, task=task, n_subsets=6)
-    in_memory = di.evaluate.lds(scores, train=trainer, test=test, task=loss, n_subsets=6)
+    from_store = di.evaluate.lds(store, retrain=trainer, test={"x": x_test, "y": y_test}, task=task, n_subsets=6)
+    in_memory = di.evaluate.lds(scores, retrain=trainer, test=test, task=loss, n_subsets=6)
     np.testing.assert_allclose(from_store.measurements, in_memory.measurements, rtol=1e-12)
     np.testing.assert_allclose(from_store.per_test, in_memory.per_test, rtol=1e-10)
     assert from_store.store == store
@@ -163,7 +165,7 @@ def test_scores_from_a_store_and_a_task(problem, tmp_path):
 
 def test_bad_inputs_name_the_fix(problem):
     model, loss, train, test, trainer, scores = problem
-    common = dict(train=trainer, task=loss)
+    common = dict(retrain=trainer, task=loss)
     with pytest.raises(ValueError, match="test has 5 points but scores have 12 rows"):
         di.evaluate.lds(scores, test=(test[0][:5], test[1][:5]), **common)
     with pytest.raises(ValueError, match="fraction must be a number between 0 and 1"):
@@ -206,7 +208,7 @@ def test_an_evaluation_takes_the_store_lock(problem, tmp_path):
     model, loss, train, test, trainer, scores = problem
     store = str(tmp_path / "eval.zarr")
     with StoreLock(store), pytest.raises(StoreError, match="lock"):
-        di.evaluate.lds(scores, train=trainer, test=test, task=loss, n_subsets=3, store=store)
-    first = di.evaluate.lds(scores, train=trainer, test=test, task=loss, n_subsets=3, store=store)
-    again = di.evaluate.loo(scores, train=trainer, test=test, task=loss, points=[0, 1], store=store)
+        di.evaluate.lds(scores, retrain=trainer, test=test, task=loss, n_subsets=3, store=store)
+    first = di.evaluate.lds(scores, retrain=trainer, test=test, task=loss, n_subsets=3, store=store)
+    again = di.evaluate.loo(scores, retrain=trainer, test=test, task=loss, points=[0, 1], store=store)
     assert first.retrained == 3 and again.retrained > 0

@@ -135,7 +135,7 @@ def evaluate_job(
     train_fn = load_factory(job, section.train, "evaluate")
     _send_by_value(train_fn, job.model.path)
     train: Any = functools.partial(train_fn, **section.options) if section.options else train_fn
-    common = {"train": train, "test": problem.test, "task": problem.loss, "model": model, "seed": section.seed}
+    common = {"retrain": train, "test": problem.test, "task": problem.loss, "model": model, "seed": section.seed}
     lines: list[str] = []
     with ExitStack() as stack:
         client, where = (False, "in this process")

@@ -35,7 +35,7 @@ from torch import nn
 from .. import progress as _progress
 from .recorded import check_test_count, evaluation_records
 from .records import ZarrRecords
-from .retrain import make_retraining, run_retrainings
+from .retrain import make_retraining, retrain_function, run_retrainings
 from .scores import as_scores, scores_fingerprint
 from .stats import bootstrap_interval, spearman_rows
 from .subsets import check_count, check_seed, draw_subset, draw_subsets, subset_size, training_seeds
@@ -99,7 +99,7 @@ class LdsResult:
 def lds(
     scores: Any,
     *,
-    train: Callable[..., Any],
+    retrain: Callable[..., Any] | None = None,
     test: Any,
     task: Any,
     model: nn.Module | None = None,
@@ -115,6 +115,7 @@ def lds(
     progress: bool | None = None,
     confidence: float = 0.95,
     n_bootstrap: int = 1000,
+    train: Callable[..., Any] | None = None,
 ) -> LdsResult:
     """The linear datamodeling score of ``scores`` (see the module docstring for the convention).
 
@@ -122,12 +123,13 @@ def lds(
         scores: the influences ``(n_test, n_train)``: a matrix (numpy, torch), the path or URL
             of a complete store written by ``influences_to_zarr`` (mode ``"up"``), or a
             :class:`~dask_influence.evaluate.scores.ScoreSource`.
-        train: ``train(train_indices, seed) -> model or state_dict`` (see :mod:`.retrain`).
+        retrain: ``retrain(train_indices, seed) -> model or state_dict``, the training procedure
+            run on each subset (see :mod:`.retrain`).
         test: the ``n_test`` test points, the rows of ``scores``, in order: a batch, a
             ``Dataset`` or a non-shuffling ``DataLoader``.
         task: a :class:`~dask_influence.Task` or a pair loss ``loss(outputs, targets)``: what
             is measured on each test point (the task's measurement; the loss by default).
-        model: the trained model (needed when ``train`` returns state dicts).
+        model: the trained model (needed when ``retrain`` returns state dicts).
         n_subsets: subsets ``M`` (at least 2); ``fraction``: share of the training points each keeps.
         seeds: retrainings per subset (their measurements are averaged); ``seed`` draws the
             subsets and the training seeds.
@@ -141,6 +143,7 @@ def lds(
         progress: report the retraining runs done of those to run (rate, ETA); ``None``: see
             :mod:`dask_influence.progress`.
         confidence, n_bootstrap: the bootstrap interval of the mean.
+        train: the old spelling of ``retrain`` (a :class:`~dask_influence.errors.RenamedWarning`).
 
     Returns:
         an :class:`LdsResult`; with a store, its summary is also in the group's attributes,
@@ -157,12 +160,13 @@ def lds(
         RuntimeWarning: the LDS is NaN for some test points (their measurements or predictions
             do not vary over the subsets), naming how many and why.
     """
+    retrain = retrain_function("di.evaluate.lds", retrain, train)
     source = as_scores(scores)
     check_count("n_subsets", n_subsets, minimum=2)
     check_count("seeds", seeds)
     check_seed(seed)
     k = subset_size(source.n_train, fraction)
-    retraining = make_retraining(train, test, task, model=model)
+    retraining = make_retraining(retrain, test, task, model=model)
     n_test = check_test_count(retraining.test, source.n_test)
     masks = draw_subsets(source.n_train, n_subsets, fraction, seed)
     train_seeds = training_seeds(seed, seeds)
@@ -181,7 +185,7 @@ def lds(
         name=name,
         kind="lds",
         overwrite=overwrite,
-        train=train,
+        train=retrain,
         seed=seed,
         train_seeds=train_seeds,
         config={"n_subsets": n_subsets, "fraction": fraction, "subset_size": k},

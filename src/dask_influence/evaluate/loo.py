@@ -31,7 +31,7 @@ from torch import nn
 
 from .. import progress as _progress
 from .recorded import check_test_count, evaluation_records
-from .retrain import make_retraining, run_retrainings
+from .retrain import make_retraining, retrain_function, run_retrainings
 from .scores import StoreScores, as_scores, scores_fingerprint
 from .stats import pearson, pearson_rows
 from .subsets import check_count, check_seed, training_seeds
@@ -84,7 +84,7 @@ class LooResult:
 def loo(
     scores: Any,
     *,
-    train: Callable[..., Any],
+    retrain: Callable[..., Any] | None = None,
     test: Any,
     task: Any,
     points: Any,
@@ -98,14 +98,15 @@ def loo(
     client: Any = None,
     gpu: bool | None = None,
     progress: bool | None = None,
+    train: Callable[..., Any] | None = None,
 ) -> LooResult:
     """Retrain without each of ``points`` and compare with ``scores`` (see the module docstring).
 
     Args:
-        scores, train, test, task, model, seed, store, overwrite, client, gpu, progress: as for
-            :func:`~dask_influence.evaluate.lds`.
+        scores, retrain, test, task, model, seed, store, overwrite, client, gpu, progress, train: as
+            for :func:`~dask_influence.evaluate.lds`.
         points: the training indices to leave out, one retraining (per seed) each.
-        warm_start: call ``train(indices, seed, init=state_dict)`` with the weights of ``model``.
+        warm_start: call ``retrain(indices, seed, init=state_dict)`` with the weights of ``model``.
         seeds: retrainings per point (and of the base); measurements are averaged.
 
     Returns:
@@ -116,11 +117,12 @@ def loo(
         RetrainingError: the train function failed (naming the left-out point and training seed).
         NonFiniteError: a retrained model measures NaN or Inf (naming the run).
     """
+    retrain = retrain_function("di.evaluate.loo", retrain, train)
     source = as_scores(scores)
     check_count("seeds", seeds)
     check_seed(seed)
     chosen = _check_points(points, source.n_train)
-    retraining = make_retraining(train, test, task, model=model, warm_start=warm_start)
+    retraining = make_retraining(retrain, test, task, model=model, warm_start=warm_start)
     n_test = check_test_count(retraining.test, source.n_test)
     train_seeds = training_seeds(seed, seeds)
     everything = np.arange(source.n_train, dtype=np.int64)
@@ -136,7 +138,7 @@ def loo(
         name=name,
         kind="loo",
         overwrite=overwrite,
-        train=train,
+        train=retrain,
         seed=seed,
         train_seeds=train_seeds,
         config={"points": chosen.tolist(), "warm_start": bool(warm_start)},

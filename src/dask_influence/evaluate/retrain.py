@@ -109,6 +109,20 @@ class Retraining:
         )
 
 
+def retrain_function(where: str, retrain: Callable[..., Any] | None, train: Callable[..., Any] | None) -> Callable:
+    """The retraining function of ``where`` (``"di.evaluate.lds"``), given as ``retrain=`` or by
+    its old spelling ``train=`` (with a :class:`~dask_influence.errors.RenamedWarning`)."""
+    from ..renamed import renamed
+
+    fn = renamed(where, "train", train, "retrain", retrain, stacklevel=4)
+    if fn is None:
+        raise TypeError(
+            f"{where}() needs retrain=, the function retrain(train_indices, seed) -> model or state_dict "
+            "that trains on the given training points."
+        )
+    return fn
+
+
 def make_retraining(
     train: Callable[..., Any], test: Any, task: Any, *, model: nn.Module | None = None, warm_start: bool = False
 ) -> Retraining:
