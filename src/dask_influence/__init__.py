@@ -37,6 +37,7 @@ if _TYPE_CHECKING:  # what the names are, for type checkers and IDEs; imported l
         NonFiniteError,
         NotFittedError,
         NotPositiveDefiniteError,
+        RenamedWarning,
         StoreError,
     )
     from .index import GradientIndex
@@ -68,6 +69,7 @@ _WHERE: dict[str, str | None] = {
     "NonFiniteError": ".errors",
     "NotFittedError": ".errors",
     "NotPositiveDefiniteError": ".errors",
+    "RenamedWarning": ".errors",
     "StoreError": ".errors",
     # mapping layer: blocks on Dask, results in zarr
     "DaskInfluenceCalculator": ".mapping.calculator",
@@ -121,6 +123,7 @@ __all__ = [
     "NonFiniteError",
     "NotFittedError",
     "NotPositiveDefiniteError",
+    "RenamedWarning",
     "StoreError",
     "__version__",
 ]
