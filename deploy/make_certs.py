@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Make the TLS certificates of a dask-influence cluster: a private certificate authority (CA)
 and one certificate for each role (scheduler, worker, client), all signed by that CA.
 
@@ -137,13 +138,18 @@ def _write(path: Path, data: bytes, mode: int) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The command line; returns the exit code."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's options."""
+    parser = argparse.ArgumentParser(prog="dask-influence-make-certs", description=__doc__.split("\n\n")[0])
     parser.add_argument("directory", help="where to write the PEM files")
     parser.add_argument("--days", type=int, default=365, help="validity of the certificates (default 365)")
     parser.add_argument("--force", action="store_true", help="replace existing files with a new CA")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit code."""
+    args = build_parser().parse_args(argv)
     try:
         written = make_certificates(args.directory, days=args.days, force=args.force)
     except (OSError, ImportError) as exc:

@@ -37,7 +37,7 @@ def load_documents(path: Path) -> list[dict]:
 
 
 def kubernetes_files() -> list[Path]:
-    return sorted(KUBERNETES.glob("*.yaml")) + [HELM / "job.yaml"]
+    return sorted(KUBERNETES.glob("*.yaml")) + [HELM / "job.yaml", HELM / "networkpolicy.yaml"]
 
 
 @cache
@@ -286,7 +286,8 @@ def helm_commands(values: dict) -> list[tuple[str, list[str]]]:
         )
     ]
     for group in helm_worker_groups(values):
-        args = [group["image"].get("dask_worker", "dask-worker"), f"dask-scheduler:{port}"]
+        address = group.get("custom_scheduler_url") or f"dask-scheduler:{port}"
+        args = [group["image"].get("dask_worker", "dask-worker"), address]
         limits = group.get("resources", {}).get("limits")
         if limits:
             args += [
@@ -368,3 +369,109 @@ def dockerfile_env(path: Path) -> dict[str, str]:
 
 
 IMAGE = re.compile(r"^dask-influence:(?P<version>[0-9][^-]*)(?P<cuda>-cuda)?$")
+
+
+# -- TLS and NetworkPolicy ----------------------------------------------------------------------
+
+TLS_SECRET = "dask-influence-tls"
+HELM_RELEASE = "dask"
+
+
+def model_problems(instance: Any, type_name: str, path: str = "") -> list[str]:
+    """Fields of ``instance`` that the Kubernetes API type ``type_name`` (e.g. ``V1NetworkPolicy``)
+    does not have, and values of the wrong shape, read from the models of the installed
+    ``kubernetes`` client (the API's OpenAPI types)."""
+    import kubernetes.client.models as models
+
+    inner = re.fullmatch(r"(?i)list\[(.+)\]", type_name)
+    if inner:
+        if not isinstance(instance, list):
+            return [f"{path} must be a list"]
+        return [p for i, item in enumerate(instance) for p in model_problems(item, inner[1], f"{path}[{i}]")]
+    if re.fullmatch(r"(?i)dict\((.+)\)|dict\[(.+)\]", type_name):
+        return [] if isinstance(instance, dict) else [f"{path} must be a mapping"]
+    scalars = {"str": str, "int": int, "bool": bool, "float": (int, float), "object": (int, str, dict, list)}
+    if type_name in scalars:
+        ok = isinstance(instance, scalars[type_name]) and not (type_name == "int" and isinstance(instance, bool))
+        return [] if ok else [f"{path} must be {type_name}"]
+    model = getattr(models, type_name)
+    if not isinstance(instance, dict):
+        return [f"{path} must be a mapping ({type_name})"]
+    by_key = {key: attr for attr, key in model.attribute_map.items()}
+    problems = []
+    for key, value in instance.items():
+        where = f"{path}.{key}" if path else key
+        if key not in by_key:
+            problems.append(f"{where} is not a field of {type_name}")
+        else:
+            problems += model_problems(value, model.openapi_types[by_key[key]], where)
+    return problems
+
+
+def selector_matches(selector: dict, labels: dict[str, str]) -> bool:
+    """Whether a Kubernetes label selector (matchLabels, matchExpressions) selects ``labels``."""
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for expression in selector.get("matchExpressions") or []:
+        key, operator, values = expression["key"], expression["operator"], expression.get("values", [])
+        present = key in labels
+        ok = {
+            "In": present and labels.get(key) in values,
+            "NotIn": not present or labels.get(key) not in values,
+            "Exists": present,
+            "DoesNotExist": not present,
+        }[operator]
+        if not ok:
+            return False
+    return True
+
+
+def pods_with_labels() -> list[tuple[str, dict[str, str], dict]]:
+    """``(where, labels, pod spec)`` of every pod the manifests make, with the labels the Dask
+    operator adds (``dask.org/cluster-name``, ``dask.org/component``) and those of the Dask Helm
+    chart's own pods (its scheduler and worker groups: ``app``, ``release``, ``component``)."""
+    found = []
+    for path, doc in kubernetes_resources():
+        kind, spec, meta = doc["kind"], doc.get("spec", {}), doc["metadata"]
+        name, own = f"{path.relative_to(ROOT)}:{kind}/{meta['name']}", dict(meta.get("labels", {}))
+
+        def dask(cluster: str, component: str, base: dict = own) -> dict[str, str]:
+            return base | {"dask.org/cluster-name": cluster, "dask.org/component": component}
+
+        if kind == "DaskCluster":
+            found.append((f"{name} scheduler", dask(meta["name"], "scheduler"), spec["scheduler"]["spec"]))
+            found.append((f"{name} worker", dask(meta["name"], "worker"), spec["worker"]["spec"]))
+        elif kind == "DaskWorkerGroup":
+            found.append((f"{name} worker", dask(spec["cluster"], "worker"), spec["worker"]["spec"]))
+        elif kind == "DaskJob":
+            found.append((f"{name} runner", dask(meta["name"], "job-runner"), spec["job"]["spec"]))
+            cluster = spec["cluster"]["spec"]
+            found.append((f"{name} scheduler", dask(meta["name"], "scheduler"), cluster["scheduler"]["spec"]))
+            found.append((f"{name} worker", dask(meta["name"], "worker"), cluster["worker"]["spec"]))
+        elif kind == "Job":
+            template = spec["template"]
+            found.append((name, dict(template.get("metadata", {}).get("labels", {})), template["spec"]))
+        elif kind == "Pod":
+            found.append((name, own, spec))
+    chart = {"app": "dask", "release": HELM_RELEASE}
+    found.append(("helm scheduler", chart | {"component": "scheduler"}, {}))
+    found.append(("helm worker", chart | {"component": "worker"}, {}))
+    return found
+
+
+def admitted(policies: list[dict], labels: dict[str, str], peer: dict[str, str], port: int) -> bool:
+    """Whether a pod of this namespace labelled ``peer`` may open ``port`` on a pod labelled
+    ``labels`` (NetworkPolicy semantics: a pod no policy selects admits everything; a selected
+    one admits what any rule of any selecting policy allows)."""
+    selecting = [p for p in policies if selector_matches(p["spec"]["podSelector"], labels)]
+    if not selecting:
+        return True
+    for policy in selecting:
+        for rule in policy["spec"].get("ingress", []):
+            ports = [p["port"] for p in rule.get("ports", [])]
+            peers = rule.get("from")
+            if ports and port not in ports:
+                continue
+            if peers is None or any("podSelector" in f and selector_matches(f["podSelector"], peer) for f in peers):
+                return True
+    return False

@@ -29,7 +29,8 @@ from deploy_files import (
     helm_values,
 )
 
-EXECUTABLES = ("dask", "dask-influence")
+EXECUTABLES = ("dask", "dask-influence", "dask-influence-make-certs")
+MAKE_CERTS = DEPLOY / "make_certs.py"  # installed in the images as dask-influence-make-certs
 UTILITIES = ("sleep",)  # a container that only waits (deploy/kubernetes/shell-pod.yaml)
 DASK_SUBCOMMANDS = ("scheduler", "worker")
 
@@ -53,7 +54,11 @@ def _container_commands() -> list[tuple[str, list[str]]]:
     # the entrypoint's own shortcuts, as docs/deploy.md shows them
     commands += [
         ("entrypoint scheduler", ["scheduler"]),
-        ("entrypoint worker", ["worker", "tcp://scheduler:8786", "--nthreads", "1"]),
+        (
+            "entrypoint worker",
+            ["worker", "tls://scheduler:8786", "--nthreads", "1", "--tls-ca-file", "/tls/ca.pem"]
+            + ["--tls-cert", "/tls/worker.pem", "--tls-key", "/tls/worker-key.pem"],
+        ),
         ("entrypoint job", ["job"]),
         ("entrypoint job with arguments", ["job", "/job/job.toml", "--resume", "--quiet"]),
         ("entrypoint passthrough", ["dask-influence", "inspect", "/data/influences.zarr"]),
@@ -113,6 +118,8 @@ _HELP: dict[tuple[str, str | None], tuple[int, str, str]] = {}
 
 
 def _help_argv(executable: str, subcommand: str | None) -> list[str]:
+    if executable == "dask-influence-make-certs":
+        return [sys.executable, str(MAKE_CERTS), "--help"]
     return [_executable(executable)] + ([subcommand] if subcommand else []) + ["--help"]
 
 
@@ -156,6 +163,8 @@ def split(argv: list[str]) -> tuple[str, str | None, list[str]]:
     executable = argv[0]
     assert executable in EXECUTABLES, f"the image runs {executable!r}, not one of {EXECUTABLES}"
     rest = argv[1:]
+    if executable == "dask-influence-make-certs":
+        return executable, None, rest
     if executable == "dask" or (rest and not rest[0].startswith("-")):
         assert rest, f"{executable} needs a subcommand"
         return executable, rest[0], rest[1:]
@@ -186,8 +195,27 @@ def test_every_deployment_file_contributes_commands():
     assert any("kubernetes/daskjob.yaml" in s for s in sources)
 
 
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory) -> Path:
+    """The certificate files of the deployments (the `certs` volume, the Secret at /tls), made by
+    deploy/make_certs.py as the `certs` service makes them."""
+    directory = tmp_path_factory.mktemp("tls")
+    done = subprocess.run([sys.executable, str(MAKE_CERTS), str(directory)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return directory
+
+
+def tls_stand_in(arg: str, tls_files: Path) -> str:
+    """``/tls/NAME`` -> the file NAME that deploy/make_certs.py wrote (it must have written it)."""
+    if not arg.startswith("/tls/"):
+        return arg
+    local = tls_files / arg.removeprefix("/tls/")
+    assert local.is_file(), f"{arg} is not one of the files deploy/make_certs.py writes"
+    return str(local)
+
+
 @pytest.mark.parametrize("where,argv", COMMANDS, ids=[w for w, _ in COMMANDS])
-def test_command_exists_and_parses(where, argv, stubs, tmp_path):
+def test_command_exists_and_parses(where, argv, stubs, tmp_path, tls_files):
     final = through_entrypoint(argv, stubs, tmp_path)
     executable, subcommand, args = split(final)
     if args == ["--help"]:  # the image's default CMD prints the help
@@ -199,7 +227,16 @@ def test_command_exists_and_parses(where, argv, stubs, tmp_path):
             f"{where}: {' '.join(final)}: {option} is not an option of "
             f"{executable}{' ' + subcommand if subcommand else ''}"
         )
+    if executable == "dask-influence-make-certs":  # argparse, not click
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("deploy_make_certs", MAKE_CERTS)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.build_parser().parse_args(args)
+        return
     command = click_command(executable, subcommand)
+    args = [tls_stand_in(a, tls_files) for a in args]  # `dask` checks that its --tls-* files exist
     ctx = command.make_context(f"{executable} {subcommand or ''}".strip(), list(args), resilient_parsing=False)
     if "--memory-limit" in args:
         from dask.utils import parse_bytes
@@ -210,19 +247,19 @@ def test_command_exists_and_parses(where, argv, stubs, tmp_path):
 
 
 def test_workers_and_jobs_reach_the_scheduler_they_are_deployed_with(stubs, tmp_path):
-    """compose: the address names the scheduler service and its --port; Helm: the chart's Service."""
+    """compose: the tls:// address names the scheduler service and its --port; Helm: the chart's Service."""
     services = compose()["services"]
     scheduler = services["scheduler"]["command"]
     port = scheduler[scheduler.index("--port") + 1]
     for name, service in services.items():
         command = service["command"]
         if command[:2] == ["dask", "worker"]:
-            assert command[2] == f"tcp://scheduler:{port}", name
+            assert command[2] == f"tls://scheduler:{port}", name
         if command[:2] == ["dask-influence", "run"]:
-            assert command[command.index("--scheduler") + 1] == f"tcp://scheduler:{port}", name
+            assert command[command.index("--scheduler") + 1] == f"tls://scheduler:{port}", name
     for where, argv in helm_commands(helm_values()):
         if "worker" in where:
-            assert argv[1] == f"dask-scheduler:{helm_values()['scheduler']['servicePort']}"
+            assert argv[1] == f"tls://dask-scheduler:{helm_values()['scheduler']['servicePort']}"
 
 
 def test_job_files_named_in_commands_are_mounted_where_the_command_looks():

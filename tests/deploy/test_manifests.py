@@ -145,8 +145,9 @@ def test_daskjob_runner_resumes_and_restarts_on_failure():
         (runner,) = pod["containers"]
         args = runner.get("command", []) + runner.get("args", [])
         assert args[:2] == ["dask-influence", "run"] and "--resume" in args
-        # the operator provides the scheduler address; a hard-coded one would point elsewhere
-        assert "--scheduler" not in args
+        # the operator's DASK_SCHEDULER_ADDRESS is tcp://: the runner names the tls:// address of
+        # the Service the operator makes for this job's cluster, <job name>-scheduler
+        assert args[args.index("--scheduler") + 1] == f"tls://{job['metadata']['name']}-scheduler:8786"
 
 
 # -- pods: volumes, images, GPUs --------------------------------------------------------------
@@ -313,7 +314,7 @@ def test_helm_job_targets_the_charts_scheduler_service():
     args = runner["args"]
     port = helm_values()["scheduler"].get("servicePort", 8786)
     # release "dask" of chart "dask": the chart names the Service "<release>-scheduler"
-    assert args[args.index("--scheduler") + 1] == f"tcp://dask-scheduler:{port}"
+    assert args[args.index("--scheduler") + 1] == f"tls://dask-scheduler:{port}"
     assert "--resume" in args
 
 
@@ -322,7 +323,7 @@ def test_helm_job_targets_the_charts_scheduler_service():
 
 def test_compose_has_a_scheduler_two_workers_and_a_job():
     services = compose()["services"]
-    assert set(services) == {"scheduler", "worker-1", "worker-2", "job"}
+    assert set(services) == {"certs", "scheduler", "worker-1", "worker-2", "job"}
     job = services["job"]
     assert set(job["depends_on"]) == {"scheduler", "worker-1", "worker-2"}
     assert job["command"][:3] == ["dask-influence", "run", "/job/job.toml"] and "--resume" in job["command"]
