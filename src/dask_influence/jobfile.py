@@ -37,7 +37,7 @@ and its parameters, the block sizes, the output store and the cluster::
     projection_dim = 1024
 
     [evaluate]                         # optional: `dask-influence evaluate` (retraining on the cluster)
-    train = "retrain:train"            # "module:function": train(train_indices, seed) -> model
+    retrain = "retrain:train"          # "module:function": retrain(train_indices, seed) -> model
     methods = ["lds", "loo"]           # and "mislabel" (with corrupted = [...])
     n_subsets = 50
 
@@ -135,7 +135,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "layers",
     ),
     "evaluate": (
-        "train",
+        "retrain",
         "options",
         "store",
         "methods",
@@ -143,13 +143,18 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "fraction",
         "seeds",
         "seed",
-        "loo_points",
+        "points",
         "warm_start",
         "corrupted",
         "confidence",
-        "bootstrap",
+        "n_bootstrap",
     ),
 }
+RENAMED_KEYS: dict[str, dict[str, str]] = {
+    "evaluate": {"train": "retrain", "loo_points": "points", "bootstrap": "n_bootstrap"}
+}
+"""``section -> {old key: new key}``: old spellings accepted for one release with a ``RenamedWarning``
+(the keys of :func:`dask_influence.evaluate.lds` / ``loo``)."""
 REQUIRED_SECTIONS = ("model", "solver", "output")
 LOCAL_KEYS = ("workers", "threads", "memory_limit")
 TASK_NAMES = ("classification", "regression", "causal_lm")
@@ -319,22 +324,22 @@ class EvaluateSection:
     """``[evaluate]``: what ``dask-influence evaluate`` measures (see :mod:`dask_influence.evaluate`).
 
     Attributes:
-        train: ``"module:function"``, ``train(train_indices, seed, **options) -> model or
-            state_dict`` (imported with ``[model] path`` in front of ``sys.path``).
+        retrain: ``"module:function"``, ``retrain(train_indices, seed, **options) -> model or
+            state_dict`` (imported with ``[model] path`` in front of ``sys.path``; formerly ``train``).
         options: keyword arguments for the train function.
         store: the store whose influences are scored and whose ``evaluation/`` group records the
             runs (absolute path or URL; ``None``: ``[output] store``).
         methods: any of ``"lds"``, ``"loo"``, ``"mislabel"``.
         n_subsets, fraction, seeds, seed: the LDS subsets and the retraining seeds.
-        loo_points: leave-one-out points: a number (a random sample of that size, drawn with
-            ``seed``) or a list of training indices.
+        points: leave-one-out points: a number (a random sample of that size, drawn with
+            ``seed``) or a list of training indices (formerly ``loo_points``).
         warm_start: leave-one-out retraining starts from the trained weights
             (``train(..., init=state_dict)``).
         corrupted: the corrupted training indices for ``"mislabel"``.
-        confidence, bootstrap: the bootstrap interval of the mean LDS.
+        confidence, n_bootstrap: the bootstrap interval of the mean LDS (formerly ``bootstrap``).
     """
 
-    train: str
+    retrain: str
     options: dict[str, Any] = field(default_factory=dict)
     store: str | None = None
     methods: tuple[str, ...] = ("lds",)
@@ -342,11 +347,11 @@ class EvaluateSection:
     fraction: float = 0.5
     seeds: int = 1
     seed: int = 0
-    loo_points: int | tuple[int, ...] = 20
+    points: int | tuple[int, ...] = 20
     warm_start: bool = False
     corrupted: tuple[int, ...] = ()
     confidence: float = 0.95
-    bootstrap: int = 1000
+    n_bootstrap: int = 1000
 
 
 @dataclass(frozen=True)
@@ -843,16 +848,19 @@ def _index(table: dict | None, base: Path, problems: list[str]) -> IndexSection 
 def _evaluate(table: dict | None, base: Path, problems: list[str]) -> EvaluateSection | None:
     if table is None:
         return None
+    table = _renamed_keys("evaluate", table, problems)
     _unknown("evaluate", table, SECTIONS["evaluate"], problems)
     n_before = len(problems)
     values: dict[str, Any] = {}
-    train = table.get("train")
-    if train is None:
-        problems.append('[evaluate] train is required: the retraining function as "module:function".')
-    elif not isinstance(train, str) or not _FACTORY.match(train.strip()):
-        problems.append(f'[evaluate] train must be "module:function" (e.g. "retrain:train"); got {_describe(train)}.')
+    retrain = table.get("retrain")
+    if retrain is None:
+        problems.append('[evaluate] retrain is required: the retraining function as "module:function".')
+    elif not isinstance(retrain, str) or not _FACTORY.match(retrain.strip()):
+        problems.append(
+            f'[evaluate] retrain must be "module:function" (e.g. "retrain:train"); got {_describe(retrain)}.'
+        )
     else:
-        values["train"] = train.strip()
+        values["retrain"] = retrain.strip()
     options = table.get("options", {})
     if isinstance(options, Mapping):
         values["options"] = dict(options)
@@ -878,7 +886,7 @@ def _evaluate(table: dict | None, base: Path, problems: list[str]) -> EvaluateSe
         )
     else:
         values["methods"] = tuple(dict.fromkeys(methods))
-    for key, minimum in (("n_subsets", 2), ("seeds", 1), ("bootstrap", 1)):
+    for key, minimum in (("n_subsets", 2), ("seeds", 1), ("n_bootstrap", 1)):
         if key in table:
             value = table[key]
             if isinstance(value, int) and not isinstance(value, bool) and value >= minimum:
@@ -900,15 +908,15 @@ def _evaluate(table: dict | None, base: Path, problems: list[str]) -> EvaluateSe
                 problems.append(
                     f"[evaluate] {key} must be a number between 0 and 1 (e.g. {example}); got {_describe(value)}."
                 )
-    if "loo_points" in table:
-        value = table["loo_points"]
+    if "points" in table:
+        value = table["points"]
         if _positive_int(value):
-            values["loo_points"] = value
+            values["points"] = value
         elif _index_list(value):
-            values["loo_points"] = tuple(value)
+            values["points"] = tuple(value)
         else:
             problems.append(
-                "[evaluate] loo_points must be a number of random training points or a list of training "
+                "[evaluate] points must be a number of random training points or a list of training "
                 f"indices; got {_describe(value)}."
             )
     if "warm_start" in table:
@@ -928,6 +936,32 @@ def _evaluate(table: dict | None, base: Path, problems: list[str]) -> EvaluateSe
     if len(problems) != n_before:
         return None
     return EvaluateSection(**values)
+
+
+def _renamed_keys(section: str, table: dict, problems: list[str]) -> dict:
+    """``table`` with the old spellings of :data:`RENAMED_KEYS` renamed, each with a ``RenamedWarning``;
+    a table with both spellings of a key is a problem."""
+    renames = {old: new for old, new in RENAMED_KEYS.get(section, {}).items() if old in table}
+    if not renames:
+        return table
+    import warnings
+
+    from .errors import RenamedWarning
+
+    table = dict(table)
+    for old, new in renames.items():
+        if new in table:
+            problems.append(f"[{section}] pass {new} only ({old} is its old spelling).")
+            table.pop(old)
+            continue
+        table[new] = table.pop(old)
+        warnings.warn(
+            f"[{section}] {old} is now spelled {new}; the old spelling still works in this release and will be "
+            "removed in the next.",
+            RenamedWarning,
+            stacklevel=2,
+        )
+    return table
 
 
 def _index_list(value: Any) -> bool:

@@ -36,11 +36,11 @@ self_influences = true
 sequential = true
 
 [evaluate]
-train = "evaljob:train"
+retrain = "evaljob:train"
 options = { steps = 60 }
 methods = ["lds", "loo", "mislabel"]
 n_subsets = 12
-loo_points = 6
+points = 6
 corrupted = [0, 15, 30, 45]
 """
 
@@ -107,15 +107,15 @@ def test_evaluate_needs_a_complete_store_and_the_section(tmp_path):
 def test_evaluate_section_is_validated_all_at_once(tmp_path):
     base = {"model": {"factory": "f:g"}, "solver": {"method": "direct"}, "output": {"store": "s.zarr"}}
     job = parse_job(
-        {**base, "evaluate": {"train": "retrain:train", "store": "other.zarr", "loo_points": [1, 2]}}, base_dir=tmp_path
+        {**base, "evaluate": {"retrain": "retrain:train", "store": "other.zarr", "points": [1, 2]}}, base_dir=tmp_path
     )
-    assert job.evaluate == EvaluateSection(train="retrain:train", store=str(tmp_path / "other.zarr"), loo_points=(1, 2))
+    assert job.evaluate == EvaluateSection(retrain="retrain:train", store=str(tmp_path / "other.zarr"), points=(1, 2))
     bad = {
-        "train": "not a function",
+        "retrain": "not a function",
         "methods": ["lds", "shapley"],
         "n_subsets": 1,
         "fraction": 1.0,
-        "loo_points": "all",
+        "points": "all",
         "warm_start": "yes",
         "n_subset": 3,
     }
@@ -124,12 +124,32 @@ def test_evaluate_section_is_validated_all_at_once(tmp_path):
     problems = info.value.problems
     assert len(problems) == 7, problems
     assert "[evaluate] unknown key 'n_subset'; did you mean 'n_subsets'?" in problems
-    assert any(p.startswith('[evaluate] train must be "module:function"') for p in problems)
+    assert any(p.startswith('[evaluate] retrain must be "module:function"') for p in problems)
     assert any(p.startswith("[evaluate] methods must be a list of 'lds', 'loo', 'mislabel'") for p in problems)
     assert "[evaluate] n_subsets must be an integer of at least 2; got 1." in problems
     assert any(p.startswith("[evaluate] fraction must be a number between 0 and 1") for p in problems)
     with pytest.raises(JobFileError, match="needs corrupted"):
-        parse_job({**base, "evaluate": {"train": "a:b", "methods": ["mislabel"]}}, base_dir=tmp_path)
+        parse_job({**base, "evaluate": {"retrain": "a:b", "methods": ["mislabel"]}}, base_dir=tmp_path)
+
+
+def test_old_spellings_of_evaluate_keys_warn_and_name_the_new_ones(tmp_path):
+    """[evaluate] train, loo_points and bootstrap (before session 9) still parse, each with a
+    RenamedWarning naming the key of di.evaluate it became; both spellings at once are refused."""
+    from dask_influence.errors import RenamedWarning
+
+    base = {"model": {"factory": "f:g"}, "solver": {"method": "direct"}, "output": {"store": "s.zarr"}}
+    old = {"train": "retrain:train", "loo_points": [1, 2], "bootstrap": 200}
+    with pytest.warns(RenamedWarning) as caught:
+        job = parse_job({**base, "evaluate": old}, base_dir=tmp_path)
+    assert job.evaluate == EvaluateSection(retrain="retrain:train", points=(1, 2), n_bootstrap=200)
+    assert sorted(str(w.message).split(";")[0] for w in caught) == [
+        "[evaluate] bootstrap is now spelled n_bootstrap",
+        "[evaluate] loo_points is now spelled points",
+        "[evaluate] train is now spelled retrain",
+    ]
+    with pytest.raises(JobFileError) as info:
+        parse_job({**base, "evaluate": {"train": "a:b", "retrain": "a:b"}}, base_dir=tmp_path)
+    assert info.value.problems == ["[evaluate] pass retrain only (train is its old spelling)."]
 
 
 def test_evaluate_refuses_a_degenerate_fraction_and_repairs_a_damaged_run(job, tmp_path):

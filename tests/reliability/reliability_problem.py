@@ -105,7 +105,7 @@ TRAIN_DELAY_ENV = "DI_TEST_TRAIN_DELAY"
 
 
 def slow_train(train_indices, seed):
-    """A retraining for evaluation tests (``[evaluate] train``): sleeps ``$DI_TEST_TRAIN_DELAY``
+    """A retraining for evaluation tests (``[evaluate] retrain``): sleeps ``$DI_TEST_TRAIN_DELAY``
     seconds, then returns the problem's (untrained, seeded) model, so that an evaluation lasts
     long enough to be interrupted."""
     delay = float(os.environ.get(TRAIN_DELAY_ENV, "0") or 0)

@@ -36,7 +36,7 @@ def _job(directory: Path, *, evaluate: bool = False) -> str:
     path = Path(rp.write_job(directory, cluster="sequential = true"))
     extra = f'[index]\nstore = "{directory / "index.zarr"}"\nprojection_dim = 8\ndtype = "float64"\n\n'
     if evaluate:
-        extra += '[evaluate]\ntrain = "reliability_problem:slow_train"\nmethods = ["lds"]\nn_subsets = 8\n\n'
+        extra += '[evaluate]\nretrain = "reliability_problem:slow_train"\nmethods = ["lds"]\nn_subsets = 8\n\n'
     path.write_text(path.read_text().replace("[cluster]", extra + "[cluster]"))
     return str(path)
 

@@ -2,12 +2,12 @@
 
 Steps: read the job file and its ``[evaluate]`` section, call the ``[model]`` factory (the
 trained model, the loss or ``[task]``, the datasets), import the train function
-(``[evaluate] train``), then run each of ``[evaluate] methods`` on the store
+(``[evaluate] retrain``), then run each of ``[evaluate] methods`` on the store
 (``[evaluate] store``, default ``[output] store``), which must be complete:
 
 - ``lds``: retrain on ``n_subsets`` random subsets (``seeds`` each), one task per run on the
   cluster, and print the mean LDS with its bootstrap interval;
-- ``loo``: retrain without each of ``loo_points`` and print the Pearson correlation;
+- ``loo``: retrain without each of ``points`` and print the Pearson correlation;
 - ``mislabel``: the AUC of finding ``corrupted`` by mean influence (and self-influence when
   the store has it).
 
@@ -132,7 +132,7 @@ def evaluate_job(
             _say(quiet, f"Removed the lock of {store} held by {removed}.")
     problem = load_problem(job)
     model = job_model(job, problem)
-    train_fn = load_factory(job, section.train, "evaluate")
+    train_fn = load_factory(job, section.retrain, "evaluate")
     _send_by_value(train_fn, job.model.path)
     train: Any = functools.partial(train_fn, **section.options) if section.options else train_fn
     common = {"retrain": train, "test": problem.test, "task": problem.loss, "model": model, "seed": section.seed}
@@ -152,7 +152,7 @@ def evaluate_job(
                 client=client,
                 gpu=job.cluster.gpu,
                 confidence=section.confidence,
-                n_bootstrap=section.bootstrap,
+                n_bootstrap=section.n_bootstrap,
                 **common,
             )
             lines.append(
@@ -162,10 +162,10 @@ def evaluate_job(
             )
         if "loo" in section.methods:
             points: Any
-            if isinstance(section.loo_points, int):
-                points = ev.random_points(scores.n_train, min(section.loo_points, scores.n_train), seed=section.seed)
+            if isinstance(section.points, int):
+                points = ev.random_points(scores.n_train, min(section.points, scores.n_train), seed=section.seed)
             else:
-                points = list(section.loo_points)
+                points = list(section.points)
             loo_result = ev.loo(
                 scores,
                 points=points,
