@@ -296,3 +296,23 @@ def test_python_api_clients_without_the_clusters_certificates_are_refused(tmp_pa
         "self-signed certificate in certificate chain): give the CA certificate of the cluster's certificates."
     )
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_scheduler_with_certificates_from_dasks_environment_as_the_helm_chart_runs_it(certs, tmp_path):
+    """deploy/helm/values.yaml: `dask-scheduler --protocol tls`, the PEM text of the Secret in
+    DASK_DISTRIBUTED__COMM__TLS__* variables; a worker with files; clients as before."""
+    from distributed import Client
+    from distributed.comm.core import FatalCommClosedError
+
+    address, processes = start_tls_cluster(certs["cluster"], tmp_path, n_workers=1, scheduler_from_env=True)
+    try:
+        with Client(address, security=certs["cluster"].security(), timeout="30s") as client:
+            assert client.submit(sum, [1, 2, 3]).result(timeout=60) == 6
+            assert len(client.scheduler_info()["workers"]) == 1
+        with pytest.raises(FatalCommClosedError, match="TLS certificate does not match"):
+            Client(address, security=certs["other"].security(), timeout="10s")
+        gc.collect()  # the failed Client, now (see above)
+        result = invoke("run", write_job(tmp_path), "--scheduler", address.replace("tls://", "tcp://"))
+        assert "closed the connection of this plain TCP client" in error_line(result)
+    finally:
+        stop(processes)

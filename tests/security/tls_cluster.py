@@ -102,11 +102,17 @@ def stop(processes: list[subprocess.Popen]) -> None:
                 proc.wait(timeout=10)
 
 
-def start_tls_cluster(certs: Certs, logs: Path, n_workers: int = 2) -> tuple[str, list[subprocess.Popen]]:
+def start_tls_cluster(
+    certs: Certs, logs: Path, n_workers: int = 2, *, scheduler_from_env: bool = False
+) -> tuple[str, list[subprocess.Popen]]:
     """``dask scheduler`` and ``n_workers`` ``dask worker --nthreads 1`` processes on 127.0.0.1,
     all with ``--tls-ca-file/--tls-cert/--tls-key`` of ``certs`` (mutual TLS, as the deployment
     files start them). Returns the ``tls://`` address and the processes (for :func:`stop`);
-    the workers have joined when it returns."""
+    the workers have joined when it returns.
+
+    ``scheduler_from_env``: the scheduler gets only ``--protocol tls`` and its CA, certificate
+    and key as PEM text in Dask's configuration variables, as deploy/helm/values.yaml gives
+    them (the Dask Helm chart mounts no files into the scheduler)."""
     from distributed import Client
 
     dask = shutil.which("dask", path=str(BIN)) or shutil.which("dask")
@@ -116,7 +122,16 @@ def start_tls_cluster(certs: Certs, logs: Path, n_workers: int = 2) -> tuple[str
     env = {k: v for k, v in os.environ.items() if k != "DASK_SCHEDULER_ADDRESS"}
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     scheduler = [dask, "scheduler", "--protocol", "tls", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"]
-    commands = [scheduler + certs.options("scheduler")] + [
+    scheduler_env = dict(env)
+    if scheduler_from_env:
+        cert, key = certs.roles["scheduler"]
+        scheduler_env.update(
+            DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION="True",
+            DASK_DISTRIBUTED__COMM__TLS__CA_FILE=certs.ca.read_text(),
+            DASK_DISTRIBUTED__COMM__TLS__SCHEDULER__CERT=cert.read_text(),
+            DASK_DISTRIBUTED__COMM__TLS__SCHEDULER__KEY=key.read_text(),
+        )
+    commands = [scheduler + ([] if scheduler_from_env else certs.options("scheduler"))] + [
         [dask, "worker", address, "--nthreads", "1", "--no-dashboard", "--name", f"w-{i}", *certs.options("worker")]
         for i in range(n_workers)
     ]
@@ -126,7 +141,12 @@ def start_tls_cluster(certs: Certs, logs: Path, n_workers: int = 2) -> tuple[str
             with open(logs / f"process-{i}.log", "w") as log:
                 processes.append(
                     subprocess.Popen(
-                        command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=logs, stdin=subprocess.DEVNULL
+                        command,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        env=scheduler_env if i == 0 else env,
+                        cwd=logs,
+                        stdin=subprocess.DEVNULL,
                     )
                 )
         with Client(address, security=certs.security(), timeout="60s") as client:
