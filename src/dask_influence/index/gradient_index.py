@@ -24,6 +24,7 @@ import functools
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +44,7 @@ from ..mapping.store_job import add_topk_tasks
 from ..mapping.tasks import pick
 from ..storage import lock as zlock
 from ..storage import store as zstore
+from ..storage.index_info import suggested_dim
 from . import inputs, layout, runner, tasks
 from .projector import Projector
 
@@ -88,6 +90,7 @@ class GradientIndex:
         self.group: Any = layout.open_index(self.path)
         self.attributes = layout.attributes(self.group)
         self.last_run_: dict[str, Any] = {}
+        self._factors: dict[float, np.ndarray] = {}  # lambda -> the Cholesky factor of C + lambda I
 
     # -- building -----------------------------------------------------------------------------
     @classmethod
@@ -101,7 +104,7 @@ class GradientIndex:
         projection_dim: int = 1024,
         projection: str = "sjlt",
         seed: int = 0,
-        dtype: str = "float32",
+        dtype: str = "auto",
         preconditioner: str = "curvature",
         curvature: str = "ggn",
         regularization: float | str = "auto",
@@ -126,7 +129,9 @@ class GradientIndex:
             projection: ``"sjlt"`` (sparse, any ``p``), ``"gaussian"``, ``"orthogonal"`` (dense,
                 small ``p``; exact at ``k = p``) or ``"kronecker"`` (per layer, no per-sample
                 gradient formed). See :mod:`dask_influence.core.projection`.
-            dtype: of the stored gradients: ``"float16"`` halves the size of ``"float32"``.
+            dtype: of the stored gradients: ``"float16"`` halves the size of ``"float32"``;
+                ``"auto"`` (default): ``"float16"`` (measured: under 2e-7 of Pearson lost), and
+                ``"float32"`` for a float64 model. A resumed index keeps its own.
             preconditioner: ``"curvature"`` (``P H P^T``, default), ``"fisher"`` (``Phi^T Phi / n``)
                 or ``"none"``.
             curvature: ``"ggn"`` or ``"hessian"`` for ``preconditioner="curvature"``.
@@ -168,13 +173,14 @@ class GradientIndex:
             )
         if curvature not in ("ggn", "hessian"):
             raise ValueError(f"curvature must be 'ggn' or 'hessian'; got {curvature!r}.")
-        if dtype not in layout.DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(layout.DTYPES)}; got {dtype!r}.")
+        if dtype != "auto" and dtype not in layout.DTYPES:
+            raise ValueError(f"dtype must be 'auto' or one of {', '.join(layout.DTYPES)}; got {dtype!r}.")
         _check_regularization(regularization)
         _check_draws(ggn_draws)
         verify_mode = _verify_mode(verify)
         runner.check_client(client)
         projector = Projector(model, task, projection, projection_dim, seed, layers=layers)
+        auto_dtype, dtype = dtype == "auto", _auto_dtype(projector) if dtype == "auto" else dtype
         if preconditioner == "curvature" and curvature == "ggn" and not projector.task.has_outputs:
             raise ValueError(
                 f"preconditioner='curvature' with curvature='ggn' needs the task's outputs; the task "
@@ -210,8 +216,17 @@ class GradientIndex:
         zstore.check_path(path)
         with zlock.StoreLock(path, break_lock=break_lock):
             group, resumed = _prepare(
-                path, record, sizes, projector.dim, dtype, resume=resume, overwrite=overwrite, auto=ggn_draws == "auto"
+                path,
+                record,
+                sizes,
+                projector.dim,
+                dtype,
+                resume=resume,
+                overwrite=overwrite,
+                auto=ggn_draws == "auto",
+                auto_dtype=auto_dtype,
             )
+            dtype = str(record["dtype"])
             report = layout.verify(group, mode=verify_mode) if resumed and verify_mode else None
             if report is not None:
                 layout.repair(group, report)
@@ -247,15 +262,23 @@ class GradientIndex:
                     curv = _curvature(active, dsk, proj_key, source, path, record, ranges, gpu, summing)
                     if summing is not None:
                         summing.finish()
-                    layout.write_curvature(group, curv)
+                    stored_as = layout.curvature_dtype(dtype)
+                    layout.write_curvature(group, curv, stored_as)
                     lam = _regularization(regularization, preconditioner, curv)
-                    layout.update(group, curvature_done=True, regularization=lam)
+                    layout.update(
+                        group,
+                        curvature_done=True,
+                        regularization=lam,
+                        curvature_dtype=stored_as,
+                        **effective_dimension(curv, lam, preconditioner),
+                    )
             if not bool(layout.done_blocks(group).all()):
                 raise StoreError(
                     f"The index {path!r} is missing blocks after its build; run the build again to resume."
                 )
             layout.update(group, complete=True, completed=layout.now(), blocks_written=len(keys))
         index = cls(path, projector, client=client, n_workers=n_workers)
+        _warn_small_k(index.attributes)
         index.last_run_ = {"blocks_written": len(keys), "blocks_skipped": len(sizes) - len(keys)}
         if report is not None:
             index.last_run_["blocks_repaired"] = len(
@@ -314,8 +337,8 @@ class GradientIndex:
         return float(self.attributes["regularization"])
 
     def curvature_matrix(self) -> np.ndarray:
-        """The stored undamped curvature ``C`` ``(k, k)`` float64 (verified: a damaged one raises a
-        ``StoreError`` naming it)."""
+        """The stored undamped curvature ``C`` ``(k, k)`` as float64 (stored in float32 unless the
+        index is float64; verified: a damaged one raises a ``StoreError`` naming it)."""
         return layout.read_curvature(self.path, self.group)
 
     def gradients(self) -> np.ndarray:
@@ -367,7 +390,7 @@ class GradientIndex:
 
     def factors(self, test: Any, *, block_size: int | None = None, regularization: float | None = None) -> np.ndarray:
         """``(C + lambda I)^-1 P grad f(test)`` for each test point: ``(n_test, k)`` float64."""
-        dsk, factor_keys, *_ = self._factor_graph(test, block_size, regularization)
+        dsk, factor_keys, *_ = self._factor_graph(test, block_size, regularization, "float64")
         with dask_client(self.client, self.n_workers) as active:
             return np.concatenate(runner.run(active, dsk, factor_keys, gpu=self._gpu))
 
@@ -523,9 +546,15 @@ class GradientIndex:
         ]
 
     def _cholesky(self, regularization: float | None) -> tuple[np.ndarray, float]:
-        """The lower Cholesky factor of ``C + lambda I`` ``(k, k)`` float64 and ``lambda``."""
+        """The lower Cholesky factor of ``C + lambda I`` ``(k, k)`` float64 and ``lambda`` (factored
+        once per ``lambda`` and index object: later queries reuse it)."""
         lam = self.regularization if regularization is None else float(regularization)
         _check_regularization(lam)
+        if lam not in self._factors:
+            self._factors = {lam: self._factor(lam)}  # one factor kept: k x k float64
+        return self._factors[lam], lam
+
+    def _factor(self, lam: float) -> np.ndarray:
         c = torch.from_numpy(self.curvature_matrix())
         chol, info = torch.linalg.cholesky_ex(c + lam * torch.eye(c.shape[0], dtype=c.dtype))
         if int(info) != 0:
@@ -536,18 +565,20 @@ class GradientIndex:
                 f"{max(-lowest, 0) * 1.5 + 1e-12:.3g}, "
                 "or build the index with curvature='ggn' (positive semi-definite for convex losses)."
             )
-        return chol.numpy(), lam
+        return chol.numpy()
 
     def _factor_graph(
-        self, test: Any, block_size: int | None, regularization: float | None
+        self, test: Any, block_size: int | None, regularization: float | None, factor_dtype: str | None = None
     ) -> tuple[dict, list, tuple[int, ...], float, str]:
-        """The graph of the test factors ``(n_block, k)`` per test block, with its keys, the test
-        block sizes, ``lambda`` and the output dtype."""
+        """The graph of the test factors ``(n_block, k)`` per test block (in ``factor_dtype``, by default
+        the output dtype: float32 for a float32 model), with its keys, the test block sizes,
+        ``lambda`` and the output dtype."""
+        out = _out_dtype(self.projector)
         chol, lam = self._cholesky(regularization)
         source = as_source(test, block_size=block_size, name="test", perturb=self.projector.task.perturb)
         recorded = self.attributes.get("inputs")
         inputs.check_source(recorded, source, self.projector.task.pairs)  # early, on the driver
-        token = tokenize(self._fingerprint(lam), source.token)
+        token = tokenize(self._fingerprint(lam), source.token, factor_dtype or out)
         proj_key, chol_key = f"projector-{token}", f"chol-{token}"
         dsk: dict = {
             proj_key: (unbox, Literal(self.projector, token)),
@@ -557,8 +588,9 @@ class GradientIndex:
         keys = []
         for i in range(len(source.block_sizes)):
             keys.append((f"ixfactors-{token}", i))
-            dsk[keys[-1]] = (tasks.factor_block, proj_key, chol_key, source.block_task(i), recorded)
-        return dsk, keys, tuple(int(s) for s in source.block_sizes), lam, _out_dtype(self.projector)
+            block = source.block_task(i)
+            dsk[keys[-1]] = (tasks.factor_block, proj_key, chol_key, block, recorded, factor_dtype or out)
+        return dsk, keys, tuple(int(s) for s in source.block_sizes), lam, out
 
     def _pending(
         self, dsk: dict, factor_keys: list, plan: BlockPlan, store_layout: Any, state: Any, path: str, dtype: str
@@ -618,6 +650,60 @@ def _topk_block(factors: np.ndarray, path: str, ranges: list[tuple[int, int]], k
         best = part if best is None else topk.merge([best, part], k)
     assert best is not None  # an index has at least one block
     return best
+
+
+def effective_dimension(curvature: np.ndarray, lam: float, preconditioner: str) -> dict[str, Any]:
+    """The effective dimension of the projected curvature and what it says about ``k``.
+
+    ``effective_dimension_projected`` is ``d_k = tr(C (C + lambda I)^-1)`` of the stored ``C``
+    ``(k, k)`` (from the Cholesky factor ``L`` of ``C + lambda I``: ``k - lambda ||L^-1||_F^2``;
+    the eigenvalues, clipped at 0, where ``C`` is indefinite), at most ``k``.
+    ``effective_dimension`` estimates the full curvature's ``d`` from it: a random projection
+    to ``k`` dimensions of a curvature with ``d`` directions above ``lambda`` keeps about
+    ``d_k = d k / (k + d)`` of them, so ``d ~ d_k k / (k - d_k)`` (``None``: ``d_k`` within 0.5
+    of ``k``, saturated). Measured on an MLP and a 2-layer GPT-2 it overestimates the true
+    ``d`` by 1.4-2x where ``k >= 2 d``: a conservative guide. Empty for ``preconditioner="none"``.
+    """
+    if preconditioner == "none" or lam <= 0:
+        return {}
+    k = curvature.shape[0]
+    c = torch.from_numpy(np.asarray(curvature, dtype=np.float64))
+    chol, info = torch.linalg.cholesky_ex(c + lam * torch.eye(k, dtype=c.dtype))
+    if int(info) == 0:
+        inverse = torch.linalg.solve_triangular(chol, torch.eye(k, dtype=c.dtype), upper=False)
+        d_k = float(k - lam * (inverse * inverse).sum())
+    else:
+        e = torch.linalg.eigvalsh(c).clamp_min(0)
+        d_k = float((e / (e + lam)).sum())
+    d_k = min(max(d_k, 0.0), float(k))
+    estimate = d_k * k / (k - d_k) if k - d_k > 0.5 else None
+    return {"effective_dimension_projected": d_k, "effective_dimension": estimate}
+
+
+def _warn_small_k(attributes: dict) -> None:
+    """Warn when ``k`` is below the estimated effective dimension, naming the ``k`` to choose."""
+    better = suggested_dim(attributes)
+    if better is None:
+        return
+    k, d_k = int(attributes["dim"]), attributes["effective_dimension_projected"]
+    estimate = attributes["effective_dimension"]
+    found = (
+        f"the estimated effective dimension of the curvature is {min(estimate, attributes['num_params']):,.0f}"
+        if estimate is not None
+        else "the projected curvature is saturated (all its directions lie above lambda)"
+    )
+    warnings.warn(
+        f"projection_dim={k} is too small for regularization={attributes['regularization']:.3g}: {found} "
+        f"(tr(C (C + lambda I)^-1) = {d_k:,.1f} of k = {k}), so the index loses directions the influences need. "
+        f"Build with projection_dim={better}{' or more' if estimate is None else ''} (or a larger regularization).",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def _auto_dtype(projector: Projector) -> str:
+    """``dtype="auto"``: float16 (2 bytes per dimension and point), float32 for a float64 model."""
+    return "float32" if projector.dtype == torch.float64 else "float16"
 
 
 def _out_dtype(projector: Projector) -> str:
@@ -742,6 +828,7 @@ def _prepare(
     resume: bool,
     overwrite: bool,
     auto: bool = False,
+    auto_dtype: bool = False,
 ) -> tuple[Any, bool]:
     """The index group to build into, and whether it is an existing one being resumed."""
     existing = layout.existing_kind(path)
@@ -760,6 +847,8 @@ def _prepare(
             layout.update(group, ggn_estimate=stored["ggn_estimate"])
         if auto:  # ggn_draws="auto" resumes the index as it was built
             record["ggn_estimate"] = stored["ggn_estimate"]
+        if auto_dtype:  # so does dtype="auto"
+            record["dtype"] = stored.get("dtype", record["dtype"])
         added = {k: v for k, v in record.items() if k in layout.ADDED_LATER and k not in stored}
         layout.check_record(path, stored, {k: v for k, v in record.items() if k not in added}, "this build")
         if added:  # an index built before these were recorded: recorded now

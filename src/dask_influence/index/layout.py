@@ -6,7 +6,8 @@ A zarr group (format 3):
   models), chunked by train block, fill value NaN: the projected loss gradient of each
   training point;
 - ``gradients_done``: ``(n_blocks,)`` int8, one chunk per flag, set after its block is written;
-- ``curvature``: ``(k, k)`` float64, the preconditioner's undamped curvature ``C`` (the
+- ``curvature``: ``(k, k)`` float32 (float64 in a float64 index, and in indexes built before
+  the attribute ``curvature_dtype``), the preconditioner's undamped curvature ``C`` (the
   projected Hessian or GGN ``P H P^T``, or the projected empirical Fisher ``Phi^T Phi / n``;
   the identity for ``"none"``): queries solve with ``C + lambda I``, so ``lambda`` can change
   without rebuilding;
@@ -35,6 +36,8 @@ from ..storage.layout import codecs, normalize_config, versions
 ATTR = INDEX_ATTR
 FORMAT_VERSION = 1
 DTYPES = ("float16", "float32", "float64")
+F16_MAX = 65504.0
+"""The largest float16: a float16 index refuses a block with a larger entry (never writes inf)."""
 ADDED_LATER = ("inputs",)
 """Record keys an index built by an earlier version may lack: a resume records them, a query
 without them skips their check."""
@@ -151,6 +154,13 @@ def write_block(path: str, j: int, rows: tuple[int, int], values: np.ndarray) ->
     """Write block ``j`` (rows ``rows``) of ``gradients`` and then its done flag."""
     group: Any = zarr.open_group(path, mode="r+")
     array = group["gradients"]
+    if array.dtype == np.float16 and len(values) and float(np.abs(values).max()) > F16_MAX:
+        i = int(np.abs(values).max(axis=1).argmax())
+        raise ValueError(
+            f"Training point {rows[0] + i} (block {j}) has a projected gradient entry of "
+            f"{float(np.abs(values[i]).max()):.4g}, beyond float16's range ({F16_MAX:g}); build the index "
+            "with dtype='float32'."
+        )
     array[rows[0] : rows[1]] = values.astype(array.dtype, copy=False)
     group["gradients_done"][j] = 1
     return j
@@ -177,8 +187,9 @@ def _damaged(path: str, name: str, j: int, rows: tuple[int, int] | None, what: s
     return StoreError(f"The gradient index {path!r} is damaged: {where} {what}; {REPAIR}.")
 
 
-def read_gradients(path: str, rows: tuple[int, int], group: Any = None) -> np.ndarray:
-    """Rows ``rows`` of ``gradients`` ``(rows[1] - rows[0], k)`` float64, each chunk verified.
+def read_gradients(path: str, rows: tuple[int, int], group: Any = None, dtype: Any = np.float64) -> np.ndarray:
+    """Rows ``rows`` of ``gradients`` ``(rows[1] - rows[0], k)`` in ``dtype`` (float64 by default; the
+    queries of a float32 model read float32), each chunk verified.
 
     Raises:
         StoreError: a chunk is missing, does not decode (checksum), or reads as NaN, naming the
@@ -198,7 +209,7 @@ def read_gradients(path: str, rows: tuple[int, int], group: Any = None) -> np.nd
             raise _damaged(path, "gradients", j, chunk_rows, problem)
         assert isinstance(data, np.ndarray)
         lo, hi = max(rows[0] - j * size, 0), min(rows[1] - j * size, len(data))
-        parts.append(np.array(data[lo:hi], dtype=np.float64))  # a writable copy (torch.from_numpy)
+        parts.append(np.array(data[lo:hi], dtype=dtype))  # a writable copy (torch.from_numpy)
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
@@ -244,12 +255,19 @@ def repair(group: Any, report: Any) -> None:
         group.attrs[ATTR] = attrs
 
 
-def write_curvature(group: Any, curvature: np.ndarray) -> None:
-    """Store ``curvature`` ``(k, k)`` float64 (replacing an earlier one)."""
+def curvature_dtype(index_dtype: str) -> str:
+    """The dtype ``C`` is stored in: float64 for a float64 index, else float32 (half the bytes; its
+    rounding, ``6e-8`` of ``|C|``, is far below any usable ``lambda``)."""
+    return "float64" if index_dtype == "float64" else "float32"
+
+
+def write_curvature(group: Any, curvature: np.ndarray, dtype: str = "float64") -> None:
+    """Store ``curvature`` ``(k, k)`` in ``dtype`` (replacing an earlier one; the index's attribute
+    ``curvature_dtype`` says which: an index without it stored float64)."""
     if "curvature" in group:
         del group["curvature"]
     k = curvature.shape[0]
-    group.create_array("curvature", shape=(k, k), chunks=(k, k), dtype="float64", **codecs())
+    group.create_array("curvature", shape=(k, k), chunks=(k, k), dtype=dtype, **codecs())
     group["curvature"][:] = curvature
 
 

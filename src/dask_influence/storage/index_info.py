@@ -5,6 +5,7 @@ The index itself is :mod:`dask_influence.index`; its attributes live under :data
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 INDEX_ATTR = "dask_influence_index"
@@ -60,6 +61,47 @@ def describe_index(path: str, group: Any, *, verify: bool = False) -> dict[str, 
     }
 
 
+def suggested_dim(attributes: dict) -> int | None:
+    """The ``k`` to build with when the index's ``k`` is below the estimated effective dimension
+    (the next power of 2 at or above it; 4x ``k`` when saturated; at most ``p``), else ``None``."""
+    if "effective_dimension_projected" not in attributes:
+        return None
+    k, estimate = int(attributes["dim"]), attributes.get("effective_dimension")
+    p = int(attributes.get("num_params") or 2**62)
+    if k >= p or (estimate is not None and k >= min(estimate, p)):
+        return None
+    return min(4 * k if estimate is None else 1 << math.ceil(math.log2(estimate)), p)
+
+
+def _curvature_line(d: dict[str, Any]) -> str | None:
+    """How ``C`` was summed and stored (``None`` for an index built before these were recorded)."""
+    estimate = d.get("ggn_estimate")
+    how = (
+        f"sampled GGN (true Fisher, {estimate['draws']} draws per sample, seed {estimate['seed']})"
+        if isinstance(estimate, dict)
+        else "exact GGN"
+        if estimate == "exact"
+        else None
+    )
+    stored = d.get("curvature_dtype")
+    if how is None and stored is None:
+        return None
+    parts = [how] if how else []
+    parts.append(f"stored {stored or 'float64'}")
+    return "  curvature   " + ", ".join(parts)
+
+
+def _dimension_line(d: dict[str, Any]) -> str | None:
+    """The effective dimension at the index's ``lambda`` and whether ``k`` is enough."""
+    if d.get("effective_dimension_projected") is None:
+        return None
+    estimate, p = d.get("effective_dimension"), int(d.get("num_params") or 0)
+    line = f"  eff. dim.   {d['effective_dimension_projected']:,.1f} of k = {d.get('dim')} (tr(C (C + lambda I)^-1)); "
+    line += f"full curvature ~{min(estimate, p or estimate):,.0f}" if estimate is not None else "saturated"
+    better = suggested_dim(d)
+    return line + (f": k too small, build with projection_dim={better}" if better else ": k is enough")
+
+
 def render_index(d: dict[str, Any]) -> str:
     """Text lines for :func:`describe_index`'s dict."""
     projection = d.get("projection") or {}
@@ -83,6 +125,7 @@ def render_index(d: dict[str, Any]) -> str:
         f"  precond.    {d.get('preconditioner')}"
         + (f" ({d['curvature']})" if d.get("curvature") else "")
         + (f", regularization {d['regularization']:g}" if isinstance(d.get("regularization"), (int, float)) else ""),
+        *(line for line in (_curvature_line(d), _dimension_line(d)) if line),
         f"  task        {d.get('task_loss')}",
         f"  model       sha256 {str(d.get('model_checksum'))[:16]}...",
         f"  created     {d.get('created')}",
