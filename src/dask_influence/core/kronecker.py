@@ -388,6 +388,10 @@ class KroneckerLayer:
         kind: see :func:`layer_kind`. ``"conv1d"`` and ``"embedding"`` store their weight
             transposed, ``(d_in_weight, d_out)``; ``"embedding"`` has one-hot inputs and a
             diagonal ``A``.
+        tied_use: for an LM head whose weight ``(V, d)`` is tied to a token embedding (GPT-2's
+            ``lm_head`` and ``wte``; EK-FAC's ``tied="head"``), that embedding's layer: it is
+            captured beside the head, and its use's gradient is added to the head's
+            (:func:`tied_pieces`); its factors are not formed. ``None`` otherwise.
     """
 
     name: str
@@ -397,6 +401,7 @@ class KroneckerLayer:
     d_out: int
     d_in_weight: int
     kind: LayerKind = "linear"
+    tied_use: KroneckerLayer | None = field(default=None, repr=False)
 
     @classmethod
     def of(
@@ -492,6 +497,28 @@ class KroneckerLayer:
         if self.kind == "conv2d":
             return grad.reshape(n, self.d_out, -1).transpose(1, 2)
         return grad.reshape(n, -1, self.d_out)
+
+
+def tied_pieces(head: tuple[Tensor, Tensor], use: tuple[Tensor, Tensor], r: int) -> tuple[Tensor, Tensor]:
+    """One vector's pieces of a tied LM head, both uses in the head's layout: ``(g (n, P + Q, V), a (n, P + Q, i))``.
+
+    ``head`` is the head's ``(g (n, r, P, V), a (n, P, i))`` (``i = d``, or ``d + 1`` with a bias
+    of its own) and ``use`` the tied embedding's ``(g (n, r, Q, d), a (n, Q, V))`` (one-hot
+    inputs). The shared weight ``W`` ``(V, d)`` is the head's ``M``; its gradient through the
+    embedding is ``sum_q onehot_q g_q^T``, a sum of outer products in the same layout with the
+    roles swapped. So the concatenated positions give ``layer_grads(g, a)`` = the whole
+    per-sample gradient of ``W`` (both uses), and :func:`up_contract`, :func:`self_contract`
+    and :func:`corrected_eigenvalue_sum` read it unchanged. The head's bias column gets
+    zeros from the embedding's positions.
+    """
+    g_head, a_head = head
+    g_use, a_use = use
+    rows = g_use[:, r]
+    if a_head.shape[-1] > rows.shape[-1]:  # the head's own bias column: the embedding adds nothing there
+        rows = F.pad(rows, (0, a_head.shape[-1] - rows.shape[-1]))
+    g = torch.cat([g_head[:, r], a_use.to(g_head.dtype)], dim=1)
+    a = torch.cat([a_head, rows.to(a_head.dtype)], dim=1)
+    return g, a
 
 
 def _conv_patches(conv: nn.Conv2d, x: Tensor) -> Tensor:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, cast
 
 import torch
@@ -51,6 +51,7 @@ from ..kronecker import (
     layer_grads,
     layer_kind,
     self_contract,
+    tied_pieces,
     up_contract,
 )
 from ..modes import InfluenceMode
@@ -68,6 +69,9 @@ SUPPORTED_LAYERS = ("nn.Linear", "nn.Conv2d (groups=1)", "nn.Embedding", "Huggin
 """The layers EK-FAC factors (:func:`~dask_influence.core.kronecker.layer_kind`); other trainable
 parameters are left out (treated as frozen) with one warning."""
 TASKS = ("classification", "regression", "autograd")
+TIED_CHOICES = ("exclude", "head")
+"""EK-FAC's ``tied``: a weight shared by a token embedding and an LM head is left out, or
+factored through its LM-head use (a diagonal vocabulary side, both uses' gradients counted)."""
 FISHER_CHOICES = ("auto", "exact", "sampled")
 """EK-FAC's ``fisher``: the output curvature's exact roots, the sampled Fisher, or the cheaper."""
 EXACT_ROOTS_BUDGET = 256
@@ -141,7 +145,7 @@ def _warn_fallback(message: str) -> None:
     warnings.warn(message, UserWarning, stacklevel=level)
 
 
-def _warn_left_out(names: Sequence[str], hints: Sequence[str], chosen: bool) -> None:
+def _warn_left_out(names: Sequence[str], hints: Sequence[str], chosen: bool, tied: Sequence[str] = ()) -> None:
     """One ``UserWarning`` naming the left-out parameters, attributed to the first caller outside the package."""
     import os
     import sys
@@ -161,7 +165,7 @@ def _warn_left_out(names: Sequence[str], hints: Sequence[str], chosen: bool) -> 
         f"are {where}not in a layer it factors ({', '.join(SUPPORTED_LAYERS)}). It treats them as frozen: their "
         "entries of the influence factors and their rows and columns of the curvature are zero, so they add "
         "nothing to influences. Pass layers=[...] to choose the layers, or freeze them to silence this "
-        f"warning ({freeze}).",
+        f"warning ({freeze}).{''.join(' ' + note for note in tied)}",
         UserWarning,
         stacklevel=level,
     )
@@ -189,7 +193,9 @@ def _refusal(module: nn.Module, mname: str, pname: str) -> str | None:
     return None
 
 
-def find_layers(model: nn.Module, spec: ParamSpec, layers: Sequence[str] | None = None) -> list[KroneckerLayer]:
+def find_layers(
+    model: nn.Module, spec: ParamSpec, layers: Sequence[str] | None = None, tied: str = "exclude"
+) -> list[KroneckerLayer]:
     """The supported layers that hold trainable parameters, in flat-vector order.
 
     Supported (see :data:`SUPPORTED_LAYERS`): ``nn.Linear``, ``nn.Conv2d`` with ``groups=1``,
@@ -205,6 +211,11 @@ def find_layers(model: nn.Module, spec: ParamSpec, layers: Sequence[str] | None 
         spec: the layout of the flat ``(p,)`` parameter vector.
         layers: names of modules (as in ``model.named_modules()``) to include; ``None``
             includes every supported module with trainable parameters.
+        tied: what to do with a weight tied between an ``nn.Embedding`` and an ``nn.Linear``
+            (GPT-2's ``wte`` and ``lm_head``; :data:`TIED_CHOICES`): ``"exclude"`` leaves it out
+            (the warning names it), ``"head"`` factors it as the head's layer with the
+            embedding's use attached (:attr:`KroneckerLayer.tied_use`). Other shared
+            parameters are always left out.
 
     Returns:
         one :class:`~dask_influence.core.kronecker.KroneckerLayer` per included module, in
@@ -257,17 +268,44 @@ def find_layers(model: nn.Module, spec: ParamSpec, layers: Sequence[str] | None 
     found: dict[str, dict[str, Any]] = {}
     left_out: list[str] = []
     hints: list[str] = []
+    tied_notes: list[str] = []
     for full in spec.names:
         places = sorted(set(owners[id(named[full])]))
         if len({m for m, _ in places}) > 1:
             sharing = [m for m, _ in places]
+            pair = _tied_pair(modules, places)
+            if pair is not None and tied == "head" and (layers is None or pair[0] in layers):
+                use = pair[1]
+                refusal = _refusal(modules[use], use, "weight")
+                if refusal is not None:
+                    raise ValueError(refusal)
+                found.setdefault(pair[0], {"module": modules[pair[0]]})["weight"] = offsets[full]
+                found[pair[0]]["tied_use"] = KroneckerLayer.of(use, modules[use], offsets[full], None)
+                tied_notes.append(
+                    f"EK-FAC factors the tied parameter '{full}' (shared by '{pair[1]}' and '{pair[0]}') through "
+                    f"its '{pair[0]}' use (tied='head'): K-FAC's factors come from the head's inputs and output "
+                    f"gradients, with the vocabulary side ({modules[pair[0]].weight.shape[0]:,}) kept DIAGONAL; the "
+                    f"'{pair[1]}' use's gradient is still counted in every gradient and in the corrected "
+                    "eigenvalues. tied='exclude' leaves it out instead."
+                )
+                continue
+            if pair is not None and tied == "head" and layers is not None and pair[1] in layers:
+                raise ValueError(
+                    f"layers names '{pair[1]}', whose weight '{full}' is tied to '{pair[0]}'; with tied='head' "
+                    f"it is factored as '{pair[0]}': name '{pair[0]}' in layers= instead."
+                )
             if layers is not None and set(sharing) & set(layers):
                 raise ValueError(
                     f"Parameter '{full}' is shared by modules {sharing}; K-FAC needs each trainable "
                     f"parameter in one layer. Drop them from layers=, or freeze it with "
                     f"model.get_parameter('{full}').requires_grad_(False)."
                 )
-            # a tied weight (GPT-2's token embedding and LM head): left out, as frozen
+            # a tied weight (GPT-2's token embedding and LM head) with tied='exclude': left out, as frozen
+            if pair is not None:
+                tied_notes.append(
+                    f"'{full}' is tied (shared by '{pair[1]}' and '{pair[0]}'): pass tied='head' to factor it "
+                    f"through its '{pair[0]}' use."
+                )
             left_out.append(full)
             hints.append(f"model.get_parameter('{full}').requires_grad_(False)")
             continue
@@ -296,11 +334,29 @@ def find_layers(model: nn.Module, spec: ParamSpec, layers: Sequence[str] | None 
                 "(requires_grad_(True)) or drop it from layers."
             )
     if left_out:
-        _warn_left_out(left_out, hints, layers is not None)
+        _warn_left_out(left_out, hints, layers is not None, [n for n in tied_notes if not n.startswith("EK-FAC")])
+    for note in tied_notes:
+        if note.startswith("EK-FAC"):
+            _warn_fallback(note)
     return [
-        KroneckerLayer.of(mname, entry["module"], entry.get("weight"), entry.get("bias"))
+        replace(
+            KroneckerLayer.of(mname, entry["module"], entry.get("weight"), entry.get("bias")),
+            tied_use=entry.get("tied_use"),
+        )
         for mname, entry in found.items()
     ]
+
+
+def _tied_pair(modules: dict[str, nn.Module], places: Sequence[tuple[str, str]]) -> tuple[str, str] | None:
+    """``(head, embedding)`` module names when a shared parameter is the ``weight`` of exactly one
+    ``nn.Linear`` and one ``nn.Embedding`` (an LM head tied to the token embedding), else ``None``."""
+    if len(places) != 2 or any(pname != "weight" for _, pname in places):
+        return None
+    heads = [m for m, _ in places if isinstance(modules.get(m), nn.Linear)]
+    embeddings = [m for m, _ in places if isinstance(modules.get(m), nn.Embedding)]
+    if len(heads) != 1 or len(embeddings) != 1:
+        return None
+    return heads[0], embeddings[0]
 
 
 # -- the loss's curvature in the model outputs ---------------------------------------------------
@@ -590,12 +646,17 @@ class FitMemory:
 
 
 def plan_factors(
-    layers: Sequence[KroneckerLayer], itemsize: int, budget: int, corrected: bool
+    layers: Sequence[KroneckerLayer],
+    itemsize: int,
+    budget: int,
+    corrected: bool,
+    diagonal: set[tuple[str, str]] | None = None,
 ) -> tuple[set[tuple[str, str]], FitMemory]:
     """The sides to keep diagonal so that the factor-sized pieces fit ``budget``: the widest
-    dense side first, one at a time, until they fit (or none is left). Returns those
-    ``(layer, "A" | "G")`` sides and the estimate with them."""
-    diagonal: set[tuple[str, str]] = set()
+    dense side first, one at a time, until they fit (or none is left), beyond those already in
+    ``diagonal`` (a tied head's vocabulary side). Returns those ``(layer, "A" | "G")`` sides
+    and the estimate with them."""
+    diagonal = set(diagonal or ())
     memory = FitMemory.of(layers, itemsize, diagonal, corrected)
     while memory.fixed > budget:
         dense = [
@@ -659,6 +720,13 @@ class EkfacConfig(SolverConfig):
     seed: int = hyperparameter(
         0, "Seeds the labels of the sampled Fisher (with each sample's index: the same draws on any split of the data)."
     )
+    tied: str = hyperparameter(
+        "exclude",
+        "A weight tied between a token embedding and an LM head (GPT-2's wte and lm_head): 'exclude' leaves it "
+        "out (zero factor entries, named in the warning); 'head' factors it through its LM-head use (A from the "
+        "head's inputs, a diagonal vocabulary side G; the embedding use's gradient still counted in every "
+        "gradient and in the corrected eigenvalues).",
+    )
     memory_budget: int | None = hyperparameter(
         None,
         "Bytes the fit may hold (Kronecker factors, eigendecompositions, per-chunk blocks); None: half the "
@@ -678,6 +746,8 @@ class EkfacConfig(SolverConfig):
             self._set("layers", tuple(self.layers))
         if self.task is not None and self.task not in TASKS:
             raise ValueError(f"task must be 'classification', 'regression', 'autograd' or None; got {self.task!r}.")
+        if self.tied not in TIED_CHOICES:
+            raise ValueError(f"tied must be 'exclude' or 'head'; got {self.tied!r}.")
         if self.fisher not in FISHER_CHOICES:
             raise ValueError(f"fisher must be 'auto', 'exact' or 'sampled'; got {self.fisher!r}.")
         self._set("fisher_draws", check_positive_int("fisher_draws", self.fisher_draws))
@@ -753,7 +823,9 @@ class EkfacInfluence(InfluenceModel):
         # (functional_call swaps them for plain tensors), so construction holds the lock too.
         with _FORWARD_LOCK:
             super().__init__(model, loss, config.replace(task=task))
-            self._layers = find_layers(model, self._functions.spec, self.config.layers)
+            self._layers = find_layers(model, self._functions.spec, self.config.layers, self.config.tied)
+        # what the hooks watch: the layers, then the embedding uses of tied heads (tied="head")
+        self._captured = self._layers + [layer.tied_use for layer in self._layers if layer.tied_use is not None]
         assert self.objective.output_loss is not None  # a pair task or a task with outputs (checked above)
         self._output = OutputCurvature(self.objective.output_loss, task)
         self._plan_factors()
@@ -769,7 +841,8 @@ class EkfacInfluence(InfluenceModel):
         where the dense factors would not fit the budget (one warning), or a one-line refusal."""
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         budget = self.memory_budget
-        self._diagonal, self.memory_ = plan_factors(self._layers, itemsize, budget, self.update_diagonal)
+        tied = {(layer.name, "G") for layer in self._layers if layer.tied_use is not None}  # a diagonal vocabulary side
+        self._diagonal, self.memory_ = plan_factors(self._layers, itemsize, budget, self.update_diagonal, tied)
         self._fit_chunks: dict[tuple, int] = {}
         if self.memory_.fixed > budget:
             name, what, size = self.memory_.largest()
@@ -778,10 +851,10 @@ class EkfacInfluence(InfluenceModel):
                 f"beyond memory_budget={_bytes(budget)}; the largest piece is {what} of layer '{name}', "
                 f"{_bytes(size)}. Pass a larger memory_budget, or leave the layer out with layers=[...]."
             )
-        if self._diagonal:
+        if self._diagonal - tied:
             shapes = {layer.name: layer.shape for layer in self._layers}
             parts = []
-            for name, side in sorted(self._diagonal):
+            for name, side in sorted(self._diagonal - tied):
                 d = shapes[name][1 if side == "A" else 0]
                 parts.append(
                     f"the {side} of layer '{name}' ({d:,} x {d:,}: {_bytes(24 * d * d)} as a float64 factor "
@@ -809,7 +882,7 @@ class EkfacInfluence(InfluenceModel):
         if key in self._fit_chunks:
             return self._fit_chunks[key]
         one = batches.slice_rows(batch, 0, 1)
-        with torch.no_grad(), _FORWARD_LOCK, Capture(self._layers, 1) as capture:
+        with torch.no_grad(), _FORWARD_LOCK, Capture(self._captured, 1) as capture:
             outputs = self._functions.outputs(theta, one)
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         c = int(outputs[0].numel())
@@ -818,9 +891,11 @@ class EkfacInfluence(InfluenceModel):
         if scoring:
             pieces.append(("the flat per-sample gradients and their solve (3 x p)", 3 * self.num_params * itemsize))
         grads: list[tuple[str, int]] = []  # a layer's per-sample gradients (o, i): one layer at a time
-        for layer, inputs in zip(self._layers, capture.inputs):
+        for layer, inputs in zip(self._captured, capture.inputs):
             o, i = layer.shape
             positions = sum(int(a.shape[1]) for a in inputs)
+            if layer.tied_use is not None:  # the head's blocks with the embedding's positions (tied_pieces)
+                positions += sum(int(a.shape[1]) for a in capture.inputs[self._captured.index(layer.tied_use)])
             blocks = (r * o + i) * positions * itemsize
             pieces.append((f"the output gradients and inputs of layer '{layer.name}'", blocks))
             if positions > 1 and (scoring or self.update_diagonal):
@@ -998,8 +1073,14 @@ class EkfacInfluence(InfluenceModel):
                     offset=offset + s,
                     finite_check=False,
                 )
-                for total, f, (g, a) in zip(totals, factors, pieces):
-                    total += corrected_eigenvalue_sum(f, g, a)
+                for layer, total, f, (g, a) in zip(self._layers, totals, factors, pieces):
+                    if layer.tied_use is None:
+                        total += corrected_eigenvalue_sum(f, g, a)
+                        continue
+                    use = pieces[len(self._layers) + self._tied_index(layer)]
+                    for r in range(g.shape[1]):  # both uses' gradient per vector
+                        merged_g, merged_a = tied_pieces((g, a), use, r)
+                        total += corrected_eigenvalue_sum(f, merged_g[:, None], merged_a)
                 self._check_sums(totals, pieces, offset + s)
             return totals
         raise ValueError(f"kind must be 'covariance' or 'corrected'; got {kind!r}.")
@@ -1028,7 +1109,7 @@ class EkfacInfluence(InfluenceModel):
             # process-wide forward lock of core.gradients: threads sharing one model (a Dask
             # worker's threads) then never see each other's hooks or parameters. The backward
             # below only uses this call's own probes and graph, so it runs outside the lock.
-            with _FORWARD_LOCK, Capture(self._layers, batches.size(batch)) as capture:
+            with _FORWARD_LOCK, Capture(self._captured, batches.size(batch)) as capture:
                 outputs = self._functions.outputs(theta, batch)
             o = outputs.detach()
             vectors = self._fisher_vectors(o, batch, offset, check) if fisher else self._output.gradients(o, batch)
@@ -1099,7 +1180,17 @@ class EkfacInfluence(InfluenceModel):
         step = self._chunk(theta, batch, scoring=True)  # chunk_size, or fewer to fit memory_budget
         for s in range(0, batches.size(batch), step):
             chunk = batches.slice_rows(batch, s, s + step)
-            yield [(g[:, 0], a) for g, a in self._capture(theta, chunk, fisher=False, offset=s)]
+            pieces = self._capture(theta, chunk, fisher=False, offset=s)
+            yield [
+                (g[:, 0], a)
+                if layer.tied_use is None
+                else tied_pieces((g, a), pieces[len(self._layers) + self._tied_index(layer)], 0)
+                for layer, (g, a) in zip(self._layers, pieces)
+            ]
+
+    def _tied_index(self, layer: KroneckerLayer) -> int:
+        """The place of ``layer``'s tied embedding use among the captured uses (after the layers)."""
+        return [lay.name for lay in self._layers if lay.tied_use is not None].index(layer.name)
 
     def _flat_grads(self, points: tuple, names: tuple[str, str] = ("x", "y")):
         """Per chunk, flat per-sample gradients ``(m, p)`` assembled from ``sum_t g_t a_t^T``."""
