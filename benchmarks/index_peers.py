@@ -1,0 +1,321 @@
+"""Gradient indexes side by side (issue 28 item 4): build time, query time, index size and
+accuracy per ``k`` against exact float64 GGN influences, on an MLP and a 2-layer GPT-2.
+
+    python -m benchmarks.index_peers --tiny          # smoke sizes (seconds; the test runs it)
+    python -m benchmarks.index_peers                 # the sizes of docs/benchmarks.md (minutes)
+    python -m benchmarks.index_peers --ks 256,1024 --problems gpt2
+
+Writes ``OUT/index_peers.json`` (``index_peers-tiny.json`` with ``--tiny``) and prints a
+markdown table.
+
+Problems (trained briefly in float32 with AdamW; the indexes are built from the float32
+model, the reference from its float64 copy):
+
+- ``mlp``: a 64-64-32-10 tanh MLP (6,570 parameters) on the digits (1,600 train, 100 test);
+- ``gpt2``: a 2-layer GPT-2 (vocabulary 16, 16 positions, width 16, eager attention) on
+  sequences of a random sparse Markov chain (256 train, 100 test; every fifth padded), the
+  causal-LM task, influence on the MLP projections only (``c_fc``, ``c_proj``: 4,256
+  parameters; the rest frozen). Each sequence has ``(T - 1) V = 240`` output logits.
+
+Reference: ``DirectInfluence(curvature="ggn")`` in float64 at ``lambda = 0.01 x`` the largest
+eigenvalue of the GGN (power iteration on the dense GGN), the same ``lambda`` every index is
+queried at. Also reported: the plain unprojected gradient dot product and the effective
+dimension ``tr(G (G + lambda I)^-1)`` of the full GGN.
+
+Methods (``client="sync"``: one process, no Dask cluster; the machine may be loaded, so
+compare ratios within one run):
+
+- ``ours``: ``di.GradientIndex`` with its defaults (float16 gradients; the GGN exact where it
+  has few output roots, sampled from 16 drawn labels per sample for the LM);
+- ``ours-exact``: ``ggn_draws=0`` (the exact projected GGN; the LM only, not with ``--tiny``);
+- ``ours-fisher``: ``preconditioner="fisher"`` (the projected empirical Fisher: TRAK's and
+  Bergson's preconditioner).
+
+Peers (TRAK ``traker``, Bergson, dattri) run in their own virtual environments under
+``benchmarks/`` where they install; none was installed for the runs in docs/benchmarks.md
+(see there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import dask_influence as di
+
+SEED = 0
+TOP = 10
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes of one run."""
+
+    mlp_hidden: tuple[int, int]
+    mlp_train: int
+    mlp_test: int
+    gpt2_layers: int
+    gpt2_width: int
+    gpt2_positions: int
+    gpt2_train: int
+    gpt2_test: int
+    epochs: int
+    ks: tuple[int, ...]
+    exact_lm: bool
+
+
+FULL = Plan((64, 32), 1600, 100, 2, 16, 16, 256, 100, 20, (256, 1024, 4096), True)
+TINY = Plan((8, 8), 120, 12, 1, 8, 8, 32, 8, 3, (16, 64), False)
+
+
+@dataclass
+class Problem:
+    name: str
+    model: nn.Module  # float32, eval
+    task: Any
+    train: Any
+    test: Any
+
+
+def _fit(model: nn.Module, loss: Any, n: int, epochs: int, batch: int = 32) -> None:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=3e-3, weight_decay=1e-2)
+    gen = torch.Generator().manual_seed(SEED)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=gen)
+        for s in range(0, n, batch):
+            opt.zero_grad()
+            loss(perm[s : s + batch]).backward()
+            opt.step()
+    model.eval()
+
+
+def mlp_problem(plan: Plan) -> Problem:
+    from .problems import digits
+
+    x, y = digits(SEED)
+    x = x.reshape(len(x), -1)
+    n, m = plan.mlp_train, plan.mlp_test
+    torch.manual_seed(SEED)
+    h1, h2 = plan.mlp_hidden
+    model = nn.Sequential(nn.Linear(64, h1), nn.Tanh(), nn.Linear(h1, h2), nn.Tanh(), nn.Linear(h2, 10))
+    xt, yt = torch.from_numpy(x[:n]), torch.from_numpy(y[:n])
+    ce = nn.CrossEntropyLoss()
+    _fit(model, lambda idx: ce(model(xt[idx]), yt[idx]), n, plan.epochs)
+    return Problem("mlp", model, nn.CrossEntropyLoss(), (x[:n], y[:n]), (x[n : n + m], y[n : n + m]))
+
+
+def markov_sequences(n: int, vocab: int, length: int, seed: int) -> dict[str, np.ndarray]:
+    """``n`` sequences of a random sparse Markov chain over ``vocab`` tokens, every fifth padded."""
+    rng = np.random.default_rng(seed)
+    cumulative = np.cumsum(rng.dirichlet(np.full(vocab, 0.2), size=vocab), axis=1)
+    ids = np.empty((n, length), np.int64)
+    ids[:, 0] = rng.integers(0, vocab, n)
+    for t in range(1, length):
+        ids[:, t] = np.minimum((cumulative[ids[:, t - 1]] < rng.random(n)[:, None]).sum(1), vocab - 1)
+    mask = np.ones_like(ids)
+    mask[::5, -2:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def gpt2_problem(plan: Plan) -> Problem:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(SEED)
+    config = GPT2Config(
+        vocab_size=16, n_positions=plan.gpt2_positions, n_embd=plan.gpt2_width, n_layer=plan.gpt2_layers, n_head=2,
+        bos_token_id=0, eos_token_id=0, attn_implementation="eager",
+    )  # fmt: skip
+    model = GPT2LMHeadModel(config)
+    n, m = plan.gpt2_train, plan.gpt2_test
+    data = markov_sequences(n + m, 16, plan.gpt2_positions, SEED)
+    train = {k: v[:n] for k, v in data.items()}
+    test = {k: v[n:] for k, v in data.items()}
+    task = di.tasks.causal_lm()
+    tensors = {k: torch.from_numpy(v) for k, v in train.items()}
+    _fit(model, lambda idx: task.loss(model, {k: v[idx] for k, v in tensors.items()}), n, plan.epochs)
+    for name, param in model.named_parameters():  # influence on the MLP projections only
+        param.requires_grad_(".mlp." in name)
+    return Problem("gpt2", model, task, train, test)
+
+
+def _wide(data: Any) -> Any:
+    if isinstance(data, dict):
+        return data
+    x, y = data
+    return (x.astype(np.float64), y)
+
+
+def _args(problem: Problem, data: Any) -> tuple:
+    return tuple(data) if isinstance(data, tuple) else (data,)
+
+
+def reference(problem: Problem) -> dict[str, Any]:
+    """Exact float64 GGN influences at ``lambda = 0.01 x`` the GGN's largest eigenvalue."""
+    import copy
+
+    model = copy.deepcopy(problem.model).double()
+    train, test = _wide(problem.train), _wide(problem.test)
+    start = time.perf_counter()
+    direct = di.DirectInfluence(model, problem.task, regularization=1.0, curvature="ggn").fit(train)
+    g = direct.hessian
+    v = torch.randn(g.shape[0], dtype=g.dtype, generator=torch.Generator().manual_seed(SEED))
+    for _ in range(100):
+        v = g @ v
+        v = v / v.norm()
+    top = float(v @ g @ v)
+    lam = 0.01 * top
+    direct = di.DirectInfluence(model, problem.task, regularization=lam, curvature="ggn").fit(train)
+    exact = direct.influences(*_args(problem, test), *_args(problem, train)).numpy()
+    seconds = time.perf_counter() - start
+    from dask_influence.index import Projector
+
+    pr = Projector(model, problem.task, "sjlt", 8)
+    g_train = pr.functions.per_sample_grads(pr.theta, pr.batch(train))
+    g_test = pr.functions.per_sample_grads(pr.theta, pr.batch(test), measurement=True)
+    plain = (g_test @ g_train.T).numpy()
+    e = torch.linalg.eigvalsh(g).clamp_min(0)
+    return {
+        "exact": exact,
+        "lam": lam,
+        "lambda_max": top,
+        "num_params": int(g.shape[0]),
+        "seconds": seconds,
+        "effective_dimension": float((e / (e + lam)).sum()),
+        "plain_dot": compare(plain, exact),
+    }
+
+
+def compare(approx: np.ndarray, exact: np.ndarray, top: int = TOP) -> dict[str, float]:
+    """Pooled Pearson and the mean top-``top`` overlap of the most helpful training points."""
+    a, b = approx.ravel().astype(np.float64), exact.ravel()
+    pearson = float(np.corrcoef(a, b)[0, 1])
+    t = min(top, exact.shape[1])
+    mine = np.argsort(-approx, axis=1)[:, :t]
+    theirs = np.argsort(-exact, axis=1)[:, :t]
+    overlap = float(np.mean([len(set(x) & set(y)) / t for x, y in zip(mine, theirs)]))
+    return {"pearson": pearson, "top_overlap": overlap}
+
+
+def disk_bytes(path: str | os.PathLike) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def methods(problem: Problem, plan: Plan) -> list[tuple[str, dict]]:
+    out = [("ours", {}), ("ours-fisher", {"preconditioner": "fisher"})]
+    if problem.name == "gpt2" and plan.exact_lm:
+        out.insert(1, ("ours-exact", {"ggn_draws": 0}))
+    return out
+
+
+def measure_ours(problem: Problem, ref: dict, k: int, name: str, options: dict, workdir: Path) -> dict:
+    path = workdir / f"{problem.name}-{name}-{k}.zarr"
+    block = 400 if isinstance(problem.train, tuple) else 64
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        start = time.perf_counter()
+        index = di.GradientIndex.build(
+            problem.model, problem.task, problem.train, path, projection_dim=k, regularization=ref["lam"],
+            block_size=block, client="sync", overwrite=True, **options,
+        )  # fmt: skip
+        build = time.perf_counter() - start
+    start = time.perf_counter()
+    scores = index.influences(problem.test)
+    query = time.perf_counter() - start
+    attrs = index.attributes
+    row = {
+        "problem": problem.name,
+        "method": name,
+        "k": index.dim,
+        "build_s": build,
+        "query_s": query,
+        "bytes": disk_bytes(path),
+        **compare(scores, ref["exact"]),
+        "ggn": attrs.get("ggn_estimate"),
+        "dtype": attrs.get("dtype"),
+        "d_k": attrs.get("effective_dimension_projected"),
+        "d_estimate": attrs.get("effective_dimension"),
+        "warned_small_k": any("too small" in str(w.message) for w in caught),
+    }
+    shutil.rmtree(path, ignore_errors=True)
+    return row
+
+
+def table(result: dict) -> str:
+    lines = []
+    for name, problem in result["problems"].items():
+        ref = problem["reference"]
+        lines += [
+            f"\n**{name}** ({ref['num_params']:,} parameters; lambda = {ref['lam']:.3g} = 0.01 x lambda_max; "
+            f"exact d_lambda {ref['effective_dimension']:,.0f}; plain gradient dot product: Pearson "
+            f"{ref['plain_dot']['pearson']:.3f}; reference {ref['seconds']:.1f} s)\n",
+            "| method | k | build s | query s | index bytes | Pearson | top-10 | d_k / estimate | warned |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in problem["rows"]:
+            est = "saturated" if r["d_estimate"] is None else f"{r['d_estimate']:,.0f}"
+            d_k = "" if r["d_k"] is None else f"{r['d_k']:,.0f} / {est}"
+            how = r["method"] + (f" (sampled, {r['ggn']['draws']} draws)" if isinstance(r["ggn"], dict) else "")
+            lines.append(
+                f"| {how} | {r['k']:,} | {r['build_s']:.2f} | {r['query_s']:.3f} | {r['bytes']:,} | "
+                f"{r['pearson']:.3f} | {r['top_overlap']:.2f} | {d_k} | {'yes' if r['warned_small_k'] else ''} |"
+            )
+    return "\n".join(lines)
+
+
+def run(plan: Plan, problems: list[str], workdir: Path, log: Any = print) -> dict:
+    torch.set_num_threads(1)
+    result: dict[str, Any] = {
+        "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count()},
+        "plan": plan.__dict__,
+        "problems": {},
+    }
+    for name in problems:
+        problem = mlp_problem(plan) if name == "mlp" else gpt2_problem(plan)
+        ref = reference(problem)
+        log(f"{name}: p = {ref['num_params']:,}, lambda = {ref['lam']:.3g}, reference {ref['seconds']:.1f} s")
+        rows = []
+        for k in plan.ks:
+            for method, options in methods(problem, plan):
+                rows.append(measure_ours(problem, ref, k, method, options, workdir))
+                r = rows[-1]
+                log(f"  {method} k={k}: build {r['build_s']:.2f} s, query {r['query_s']:.3f} s, Pearson {r['pearson']:.3f}")
+        result["problems"][name] = {"reference": {k: v for k, v in ref.items() if k != "exact"}, "rows": rows}
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="smoke sizes")
+    parser.add_argument("--problems", default="mlp,gpt2")
+    parser.add_argument("--ks", default=None, help="comma-separated k (default: the plan's)")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args(argv)
+    plan = TINY if args.tiny else FULL
+    if args.ks:
+        plan = Plan(**{**plan.__dict__, "ks": tuple(int(k) for k in args.ks.split(","))})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = run(plan, args.problems.split(","), Path(tmp))
+    (out / ("index_peers-tiny.json" if args.tiny else "index_peers.json")).write_text(json.dumps(result, indent=1))
+    print(table(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
