@@ -293,7 +293,7 @@ def run(plan: Plan, problems: list[str], workdir: Path, log: Any = print) -> dic
             for method, options in methods(problem, plan):
                 rows.append(measure_ours(problem, ref, k, method, options, workdir))
                 r = rows[-1]
-                log(f"  {method} k={k}: build {r['build_s']:.2f} s, query {r['query_s']:.3f} s, Pearson {r['pearson']:.3f}")
+                log(f"  {method} k={k}: build {r['build_s']:.2f} s, query {r['query_s']:.3f} s, r {r['pearson']:.3f}")
         result["problems"][name] = {"reference": {k: v for k, v in ref.items() if k != "exact"}, "rows": rows}
     return result
 
