@@ -253,3 +253,21 @@ def test_run_warns_once_about_a_plain_remote_scheduler(tmp_path):
     )
     assert "Traceback" not in result.output
     assert not (tmp_path / "influences.zarr").exists()
+
+
+def test_dasks_tls_configuration_is_not_forced_on_a_plain_tcp_address(tmp_path, certs):
+    """TLS files in Dask's configuration apply to tls:// addresses (as in Dask); a tcp:// address
+    connects without them, with the warning, instead of being refused for having certificates."""
+    a, _ = certs
+    settings = {
+        "distributed.comm.tls.ca-file": str(a.ca),
+        "distributed.comm.tls.client.cert": str(a.cert),
+        "distributed.comm.tls.client.key": str(a.key),
+        "distributed.comm.timeouts.connect": "1s",
+    }
+    with dask.config.set(settings):
+        result = invoke("run", write_job(tmp_path, ""), "--scheduler", "tcp://192.0.2.1:8786")
+    assert result.exit_code == 1
+    assert f"Warning: {unencrypted_warning('tcp://192.0.2.1:8786')}" in result.output
+    assert "Error: cannot connect to the Dask scheduler at tcp://192.0.2.1:8786" in result.output
+    assert "TLS certificates are given" not in result.output

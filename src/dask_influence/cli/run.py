@@ -683,14 +683,23 @@ def job_client(
 
 def connect_scheduler(job: Any, address: str, source: str, tls: Any, stack: ExitStack) -> Any:
     """A client of the scheduler at ``address``, closed with ``stack``, secured with the first
-    certificates of ``tls`` (``--tls-*``), ``[cluster] security`` and Dask's configuration.
+    certificates of ``tls`` (``--tls-*``), ``[cluster] security`` and Dask's configuration (the
+    last for a ``tls://`` address only: a ``tcp://`` one then connects without TLS, as in Dask).
 
     Without certificates, a scheduler on another host reached over plain TCP gets one line
     ``Warning: ...`` on stderr (the library's own warning about it is then silenced)."""
     from ..mapping.clients import connect
-    from ..mapping.security import UnencryptedSchedulerWarning, resolve_tls, unencrypted_warning
+    from ..mapping.security import (
+        CONFIG_SOURCE,
+        UnencryptedSchedulerWarning,
+        resolve_tls,
+        scheme_of,
+        unencrypted_warning,
+    )
 
     tls = resolve_tls(tls, job.cluster.security)
+    if tls is not None and tls.source == CONFIG_SOURCE and scheme_of(address) != "tls":
+        tls = None  # Dask's own configuration applies to tls:// addresses, as in Dask
     if tls is None:
         message = unencrypted_warning(address)
         if message is not None:
