@@ -39,6 +39,8 @@ Peers (TRAK ``traker``, Bergson, dattri) run in their own virtual environments u
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import json
 import os
 import platform
@@ -255,6 +257,51 @@ def measure_ours(problem: Problem, ref: dict, k: int, name: str, options: dict, 
     return row
 
 
+TRAK_VENV = Path(__file__).resolve().parent / ".venv-trak"
+
+
+def measure_trak(problem: Problem, ref: dict, plan: Plan, workdir: Path) -> list[dict]:
+    """TRAK's rows (the MLP only), from :mod:`benchmarks.peer_trak_index` in its own environment;
+    ``[]`` where that environment is missing."""
+    import subprocess
+    import sys
+
+    python = TRAK_VENV / "bin" / "python"
+    if problem.name != "mlp" or not python.exists():
+        return []
+    x, y = problem.train
+    xt, yt = problem.test
+    np.savez(workdir / "trak-data.npz", x_train=x, y_train=y, x_test=xt, y_test=yt)
+    torch.save(problem.model.state_dict(), workdir / "trak-state.pt")
+    spec = {
+        "data": str(workdir / "trak-data.npz"), "state": str(workdir / "trak-state.pt"),
+        "hidden": list(plan.mlp_hidden), "ks": list(plan.ks), "lam": ref["lam"], "workdir": str(workdir),
+        "out": str(workdir / "trak-out.json"),
+    }  # fmt: skip
+    (workdir / "trak-spec.json").write_text(json.dumps(spec))
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [str(python), "-m", "benchmarks.peer_trak_index", str(workdir / "trak-spec.json")],
+        cwd=root, capture_output=True, text=True, timeout=1800, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        print(
+            f"TRAK failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}",
+            file=sys.stderr,
+        )
+        return []
+    answer = json.loads((workdir / "trak-out.json").read_text())
+    rows = []
+    for r in answer["rows"]:
+        scores = np.load(r["scores"])
+        rows.append({
+            "problem": problem.name, "method": f"trak {answer['version']}", "k": r["k"], "build_s": r["build_s"],
+            "query_s": r["query_s"], "bytes": r["bytes"], **compare(scores, ref["exact"]), "ggn": None,
+            "dtype": "float32", "d_k": None, "d_estimate": None, "warned_small_k": False,
+        })  # fmt: skip
+    return rows
+
+
 def table(result: dict) -> str:
     lines = []
     for name, problem in result["problems"].items():
@@ -277,8 +324,32 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run(plan: Plan, problems: list[str], workdir: Path, log: Any = print) -> dict:
+def cached_reference(problem: Problem, plan: Plan, cache: Path | None) -> dict[str, Any]:
+    """:func:`reference`, kept in ``cache`` (the output folder) for a rerun of the same plan."""
+    if cache is None:
+        return reference(problem)
+    sizes = {k: v for k, v in plan.__dict__.items() if k not in ("ks", "exact_lm")}  # what the reference depends on
+    digest = hashlib.sha256(json.dumps(sizes, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    key = f"{problem.name}-{digest}"
+    path = cache / f"index_peers-reference-{key}.npz"
+    if path.exists():
+        stored = np.load(path, allow_pickle=False)
+        return {**json.loads(str(stored["meta"])), "exact": stored["exact"]}
+    ref = reference(problem)
+    np.savez(path, exact=ref["exact"], meta=json.dumps({k: v for k, v in ref.items() if k != "exact"}))
+    return ref
+
+
+def run(
+    plan: Plan,
+    problems: list[str],
+    workdir: Path,
+    log: Any = print,
+    peers: tuple[str, ...] = ("trak",),
+    cache: Path | None = None,
+) -> dict:
     torch.set_num_threads(1)
+    log = functools.partial(print, flush=True) if log is print else log
     result: dict[str, Any] = {
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count()},
         "plan": plan.__dict__,
@@ -286,7 +357,7 @@ def run(plan: Plan, problems: list[str], workdir: Path, log: Any = print) -> dic
     }
     for name in problems:
         problem = mlp_problem(plan) if name == "mlp" else gpt2_problem(plan)
-        ref = reference(problem)
+        ref = cached_reference(problem, plan, cache)
         log(f"{name}: p = {ref['num_params']:,}, lambda = {ref['lam']:.3g}, reference {ref['seconds']:.1f} s")
         rows = []
         for k in plan.ks:
@@ -294,6 +365,9 @@ def run(plan: Plan, problems: list[str], workdir: Path, log: Any = print) -> dic
                 rows.append(measure_ours(problem, ref, k, method, options, workdir))
                 r = rows[-1]
                 log(f"  {method} k={k}: build {r['build_s']:.2f} s, query {r['query_s']:.3f} s, r {r['pearson']:.3f}")
+        for r in measure_trak(problem, ref, plan, workdir) if "trak" in peers else []:
+            rows.append(r)
+            log(f"  {r['method']} k={r['k']}: build {r['build_s']:.2f} s, query {r['query_s']:.3f} s")
         result["problems"][name] = {"reference": {k: v for k, v in ref.items() if k != "exact"}, "rows": rows}
     return result
 
@@ -304,6 +378,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--problems", default="mlp,gpt2")
     parser.add_argument("--ks", default=None, help="comma-separated k (default: the plan's)")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--peers", default="trak", help="comma-separated peers to run where installed ('' for none)")
+    parser.add_argument("--keep-reference", action="store_true", help="reuse the exact reference kept in --out")
     args = parser.parse_args(argv)
     plan = TINY if args.tiny else FULL
     if args.ks:
@@ -311,7 +387,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        result = run(plan, args.problems.split(","), Path(tmp))
+        peers = tuple(p for p in args.peers.split(",") if p)
+        result = run(plan, args.problems.split(","), Path(tmp), peers=peers, cache=out if args.keep_reference else None)
     (out / ("index_peers-tiny.json" if args.tiny else "index_peers.json")).write_text(json.dumps(result, indent=1))
     print(table(result))
     return result

@@ -15,7 +15,7 @@ pytest.importorskip("transformers")
 
 
 def test_tiny_run_measures_every_row_and_writes_its_table(tmp_path, capsys):
-    result = bench.main(["--tiny", "--out", str(tmp_path)])
+    result = bench.main(["--tiny", "--out", str(tmp_path), "--peers", ""])
     stored = json.loads((tmp_path / "index_peers-tiny.json").read_text())
     assert set(stored["problems"]) == {"mlp", "gpt2"}
     for name, problem in result["problems"].items():
