@@ -66,7 +66,20 @@ def resolve(progress: bool | None) -> bool:
         return True
     if env in ("0", "false", "no", "off"):
         return False
-    return _watched() or _logged()
+    return not _in_worker() and (_watched() or _logged())
+
+
+def _in_worker() -> bool:
+    """Whether this runs in a Dask worker's task (whose driver reports the job's progress)."""
+    if "distributed" not in sys.modules:
+        return False
+    try:
+        from distributed import get_worker
+
+        get_worker()
+    except (ValueError, ImportError):
+        return False
+    return True
 
 
 def _watched() -> bool:
@@ -243,6 +256,17 @@ _SILENT = Progress(False)
 def current() -> Progress:
     """The reporter of the call this code runs in (:func:`reporting`), or a silent one."""
     return _CURRENT.get() or _SILENT
+
+
+@contextmanager
+def silenced() -> Iterator[None]:
+    """Calls made inside (``progress=None``) say nothing: the block tasks of a job that reports
+    its own progress (its chunks), run in this process."""
+    token = _CURRENT.set(_SILENT)
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
 
 
 @contextmanager

@@ -166,3 +166,16 @@ def test_meter_formats_counts_rate_and_eta_with_a_clock():
         "Work: 1,000 of 1,000 points in 40 s (25 points/s)",
     ]
     assert progress.duration(150) == "2 min 30 s" and progress.duration(3900) == "1 h 5 min"
+
+
+def test_float_class_labels_name_the_fix(problem):
+    """Issue 27 item 5: float labels for cross-entropy name the fix, y.long()."""
+    model, loss, x, y, loader = problem
+    with pytest.raises(ValueError) as caught:
+        di.DirectInfluence(model, loss, regularization=1.0).fit((x, y.double()))
+    message = str(caught.value)
+    assert (
+        "The loss takes class labels as integers (torch.long), but the targets are float64: convert them with y.long()"
+        in message
+    )
+    assert "\n" not in message

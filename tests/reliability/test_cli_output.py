@@ -95,7 +95,8 @@ def test_an_error_on_the_embedded_cluster_is_one_line_of_its_own(tmp_path):
         "Error: x_test contains 1 NaN/Inf value(s) (first at index (1, 2)). Clean or impute the data before "
         "computing influences."
     )
-    assert "Completed" in lines[-2]  # the progress bar's line, ended before the error
+    # the job's progress line (dask_influence.progress), ended before the error
+    assert lines[-2] == "  Influences: chunks of 5 test x 30 training points: 0 of 3 chunks"
 
 
 def test_ctrl_c_on_the_embedded_cluster_prints_no_worker_traceback(tmp_path):

@@ -112,9 +112,10 @@ def evaluate_job(
     ``tls``: the certificates of ``--tls-*`` (:class:`~dask_influence.mapping.security.TlsFiles`), if any."""
     from .. import evaluate as ev
     from ..jobfile import load_factory, load_job, load_problem
-    from .run import job_model
+    from .run import _progress_lines, job_model
 
     start = time.perf_counter()
+    _progress_lines(quiet)
     job = load_job(job_file)
     section = job.evaluate
     if section is None:

@@ -98,8 +98,12 @@ _BAR = {"drawn": False}
 def progress_bar(show: bool) -> Iterator[None]:
     """Mark a call that draws Dask's progress bar (``show``): after it, the bar's line is ended
     (a newline where stdout is not a terminal, on success and on error), so that a summary or
-    an ``Error:`` line written next is not glued to the bar in a log file."""
-    _BAR["drawn"] = _BAR["drawn"] or show
+    an ``Error:`` line written next is not glued to the bar in a log file. Where the library's
+    progress lines are shown (:mod:`dask_influence.progress`, on unless ``--quiet``), they take the
+    bar's place (on stderr, each a line of its own): nothing to end."""
+    from .. import progress
+
+    _BAR["drawn"] = _BAR["drawn"] or (show and not progress.resolve(None))
     try:
         yield
     finally:
@@ -376,20 +380,37 @@ _CRITICAL_ONLY = _CriticalOnly()
 
 
 class _Progress(logging.Handler):
-    """The library's INFO lines (a line per fitting pass, per client-side solve) on stderr."""
+    """The library's INFO lines on stderr: its progress (:mod:`dask_influence.progress`: every pass
+    of a fit, an index build or query, a job's chunks, evaluation runs, with counts, rate and
+    ETA) and its other notes (client-side solves, top-k merges, waiting for a lock)."""
 
     def emit(self, record: logging.LogRecord) -> None:
         click.echo(f"  {record.getMessage()}", err=True)
 
 
 def _progress_lines(quiet: bool) -> None:
-    """Show the library's progress lines (fitting passes, client-side solves) unless quiet."""
+    """Show the library's progress lines (every pass, with counts, rate and ETA) unless quiet:
+    the library's calls report (``progress=None`` means on in this process, off with ``--quiet``)."""
+    from .. import progress
+
     log = logging.getLogger("dask_influence")
     for handler in [h for h in log.handlers if isinstance(h, _Progress)]:
         log.removeHandler(handler)
+    level = log.level
+    progress.set_default(not quiet)
     if not quiet:
         log.addHandler(_Progress(logging.INFO))
         log.setLevel(logging.INFO)
+    context = click.get_current_context(silent=True)
+    if context is not None:  # a command run in a process that goes on (a test, a notebook): undone after it
+
+        def restore() -> None:
+            progress.set_default(None)
+            for handler in [h for h in log.handlers if isinstance(h, _Progress)]:
+                log.removeHandler(handler)
+            log.setLevel(level)
+
+        context.call_on_close(restore)
 
 
 def _say(quiet: bool, message: str) -> None:

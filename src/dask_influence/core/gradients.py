@@ -340,9 +340,13 @@ class ModelFunctions:
             self._vmap_samples = False
             warnings.warn(
                 "torch.func.vmap cannot batch this model's forward (data-dependent control flow, "
-                "e.g. Hugging Face's SDPA attention checking its padding mask); "
-                "per-sample gradients are taken one sample at a time (the same numbers, slower). For a "
-                "Hugging Face model, build it with attn_implementation='eager' to keep them vectorized.",
+                "e.g. Hugging Face's SDPA attention, or a 2-D padding mask checked in Python); "
+                "per-sample gradients are taken one sample at a time (the same numbers, about 4-10x slower). "
+                "For a Hugging Face model, put attn_implementation='eager' in its config "
+                "(GPT2Config(..., attn_implementation='eager'), from_pretrained(..., attn_implementation='eager') "
+                "or model.set_attn_implementation('eager'); not Model(config, attn_implementation=...)); with a "
+                "padding mask (BERT), pass it as a 4-D additive float mask, "
+                "(1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min. See docs/tasks.md.",
                 UserWarning,
                 stacklevel=3,
             )

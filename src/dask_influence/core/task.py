@@ -177,6 +177,21 @@ def label_error(outputs: Any, labels: Any, loss: Any = None) -> ValueError | Non
     )
 
 
+def float_label_error(outputs: Any, labels: Tensor, err: BaseException) -> ValueError | None:
+    """The error naming the fix for floating-point class labels given to a loss that takes class
+    indices (torch's ``expected target dtype to be Long or Byte, but got Float``), or ``None``
+    when ``err`` is another failure."""
+    text = str(err)
+    if "expected target dtype" not in text and "expected scalar type Long" not in text:
+        return None
+    dtype = str(_plain(labels).dtype).replace("torch.", "")
+    return ValueError(
+        f"The loss takes class labels as integers (torch.long), but the targets are {dtype}: convert them "
+        "with y.long() (e.g. TensorDataset(x, y.long()), or return them as torch.long from the dataset or "
+        "job factory). Float targets are taken only as class probabilities (one per class, the outputs' shape)."
+    )
+
+
 class _PairLoss:
     """``loss(model(x), y)`` of a batch ``(x, y)`` (picklable: a Dask worker gets it by value).
 
@@ -198,6 +213,8 @@ def _pair_loss(fn: Callable[[Tensor, Tensor], Tensor], out: Any, y: Tensor) -> T
         return fn(out, y)
     except (IndexError, RuntimeError) as err:
         error = label_error(out, y, fn) if "out of bounds" in str(err) else None
+        if error is None and isinstance(y, Tensor) and y.is_floating_point():
+            error = float_label_error(out, y, err)
         if error is not None:
             raise error from None
         raise

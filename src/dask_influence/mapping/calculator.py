@@ -19,6 +19,7 @@ from typing import Any, cast
 import numpy as np
 import zarr
 
+from .. import progress as _progress
 from ..core.modes import InfluenceMode
 from ..core.solvers.base import InfluenceModel
 from ..errors import NotFittedError
@@ -55,6 +56,7 @@ class _BlockCalculator:
             )
         self.solver = solver
         self.progress = bool(progress)
+        self._metered = False
         self.memory_budget = memory_budget
         self.last_run_: dict[str, Any] = {}
         self.last_fit_: dict[str, Any] = {}
@@ -316,16 +318,30 @@ class _BlockCalculator:
                 new_fit=generation is not None and state.generation != generation,
             )
             merges = _MergeProgress(job.merges, layout.top_k)
+            chunks = {key: sum(a == "influences" for a, _ in job.finishes.get(key, [])) for key in job.keys}
+            reporter = _progress.Progress(_progress.resolve(None) if self.progress else False)
+            meter = reporter.meter(
+                f"Influences: chunks of {layout.shape[0]:,} test x {layout.shape[1]:,} training points",
+                sum(chunks.values()),
+                "chunks",
+                force=True,
+            )
 
             def on_done(key: Any) -> None:
                 recorder.record(job.finishes.get(key, []))
                 merges.done(key)
+                if chunks.get(key):
+                    meter.advance(chunks[key])
 
             self._on_done = on_done
+            self._metered = reporter.show  # the chunks are reported: no Dask progress bar besides
             try:
-                self._execute_graph(graph, job.keys)
+                with _progress.silenced():  # the block tasks (their solves) run here with the sequential calculator
+                    self._execute_graph(graph, job.keys)
+                meter.finish()
             finally:
                 self._on_done = None
+                self._metered = False
                 recorder.flush(final=False)  # what is known done, also after a failure
             lock.ensure_held()
             recorder.flush(final=True)
@@ -521,7 +537,7 @@ class SequentialInfluenceCalculator(_BlockCalculator):
             return []
         wanted, on_done = set(keys), self._on_done
         with ExitStack() as stack:
-            if self.progress:
+            if self.progress and not self._metered:
                 stack.enter_context(ProgressBar())
             if on_done is not None:
 
@@ -651,7 +667,7 @@ class DaskInfluenceCalculator(_BlockCalculator):
         with sent_once():  # the solver and an in-memory dataset are literals of the graph
             futures = client.get(dsk, keys, sync=False, resources=resources)
         bar = None
-        if self.progress:
+        if self.progress and not self._metered:
             from distributed import progress
 
             bar = threading.Thread(target=progress, args=(futures,), daemon=True)
