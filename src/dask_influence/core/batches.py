@@ -21,8 +21,47 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from ..errors import NonFiniteError
+
 Batch = Any
 """A pytree (tuples, lists, dicts) of tensors with a common leading sample dimension."""
+
+
+def to_tensor(a: Any, name: str, *, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Convert ``a`` (tensor, numpy array or nested sequence) to a tensor on ``device``.
+
+    Floating inputs are cast to ``dtype``; integer and boolean inputs keep theirs.
+    Raises ``TypeError`` for objects that are not array-like.
+    """
+    if isinstance(a, Tensor):
+        t = a
+    elif isinstance(a, np.ndarray) or np.isscalar(a) or isinstance(a, (list, tuple)):
+        arr = np.asarray(a)
+        if arr.dtype == object:
+            raise TypeError(f"{name} must be numeric; got an array of Python objects.")
+        if arr.dtype.kind not in "biufc":
+            raise TypeError(f"{name} must be numeric; got an array of dtype {arr.dtype}.")
+        t = torch.from_numpy(np.ascontiguousarray(arr))
+    else:
+        raise TypeError(f"{name} must be a torch.Tensor or a numpy array; got {type(a).__name__}.")
+    if t.is_floating_point():
+        t = t.to(device=device, dtype=dtype)
+    else:
+        t = t.to(device=device)
+    return t
+
+
+def check_finite(name: str, t: Tensor, *, hint: str = "") -> None:
+    """Raise :class:`NonFiniteError` if ``t`` holds NaN or Inf."""
+    if t.is_floating_point() or t.is_complex():
+        bad = ~torch.isfinite(t)
+        if bool(bad.any()):
+            count = int(bad.sum())
+            first = tuple(int(i) for i in torch.nonzero(bad)[0].tolist())
+            raise NonFiniteError(
+                f"{name} contains {count} NaN/Inf value(s) (first at index {first}). "
+                + (hint or "Clean or impute the data before computing influences.")
+            )
 
 
 def normalize(batch: Batch) -> Batch:
@@ -123,8 +162,6 @@ def to_tensors(batch: Batch, name: str, *, dtype: torch.dtype, device: torch.dev
     Raises:
         TypeError: a leaf is not a tensor or a numeric array (naming its path).
     """
-    from .data import to_tensor
-
     batch = normalize(batch)
     flat, spec = tree_flatten(batch)
     if not flat:
@@ -153,8 +190,6 @@ def check(batch: Batch, name: str) -> int:
             f"The parts of {name} must hold the same number of samples; got {listed}. Pass the parts "
             "that belong together (every leaf's first dimension is the sample)."
         )
-    from .gradients import check_finite
-
     n = next(iter(sizes.values()))
     if n == 0:
         raise ValueError(f"{name} is empty (0 samples); pass at least one sample.")

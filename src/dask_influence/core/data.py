@@ -20,31 +20,7 @@ import torch
 from torch import Tensor
 
 from . import batches
-from .gradients import check_finite
-
-
-def to_tensor(a: Any, name: str, *, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """Convert ``a`` (tensor, numpy array or nested sequence) to a tensor on ``device``.
-
-    Floating inputs are cast to ``dtype``; integer and boolean inputs keep theirs.
-    Raises ``TypeError`` for objects that are not array-like.
-    """
-    if isinstance(a, Tensor):
-        t = a
-    elif isinstance(a, np.ndarray) or np.isscalar(a) or isinstance(a, (list, tuple)):
-        arr = np.asarray(a)
-        if arr.dtype == object:
-            raise TypeError(f"{name} must be numeric; got an array of Python objects.")
-        if arr.dtype.kind not in "biufc":
-            raise TypeError(f"{name} must be numeric; got an array of dtype {arr.dtype}.")
-        t = torch.from_numpy(np.ascontiguousarray(arr))
-    else:
-        raise TypeError(f"{name} must be a torch.Tensor or a numpy array; got {type(a).__name__}.")
-    if t.is_floating_point():
-        t = t.to(device=device, dtype=dtype)
-    else:
-        t = t.to(device=device)
-    return t
+from .batches import check_finite, to_tensor
 
 
 def check_pair(x: Tensor, y: Tensor, x_name: str = "x", y_name: str = "y") -> int:

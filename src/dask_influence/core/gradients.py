@@ -28,6 +28,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..errors import NonFiniteError
 from . import batches
+from .batches import check_finite  # noqa: F401  (re-exported: its home until session 9)
 
 if TYPE_CHECKING:
     from .task import Task
@@ -621,19 +622,6 @@ def _jacobian_in_leaf(fn: Callable[[Any], Tensor], batch: Any, path: str | int, 
             except (RuntimeError, NotImplementedError):
                 pass
         return vmap(jacrev(of_leaf, argnums=0))(x, batch)
-
-
-def check_finite(name: str, t: Tensor, *, hint: str = "") -> None:
-    """Raise :class:`NonFiniteError` if ``t`` holds NaN or Inf."""
-    if t.is_floating_point() or t.is_complex():
-        bad = ~torch.isfinite(t)
-        if bool(bad.any()):
-            count = int(bad.sum())
-            first = tuple(int(i) for i in torch.nonzero(bad)[0].tolist())
-            raise NonFiniteError(
-                f"{name} contains {count} NaN/Inf value(s) (first at index {first}). "
-                + (hint or "Clean or impute the data before computing influences.")
-            )
 
 
 def check_finite_grads(grads: Tensor, spec: ParamSpec, sample_offset: int = 0) -> None:

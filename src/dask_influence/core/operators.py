@@ -16,8 +16,9 @@ import torch
 from torch import Tensor
 
 from . import batches
+from .batches import check_finite
 from .data import TrainingData
-from .gradients import ModelFunctions, check_finite
+from .gradients import ModelFunctions
 
 ACTIVATION_BUDGET = 16 << 20
 """Bytes of one layer's activations (its largest module output per sample, times the samples

@@ -102,19 +102,10 @@ def serializable(cls: T | None = None, *, name: str | None = None) -> Any:
 
 
 def allowed_classes() -> dict[str, type]:
-    """``{name: class}`` of every class a saved file may hold (the built-in ones included)."""
-    _import_builtin_classes()
+    """``{name: class}`` of every class a saved file may hold: those whose modules are imported (the
+    solvers package imports every built-in solver, and :mod:`.solvers.fit_record`, the one reader of
+    saved fits, also loads the registry's entry-point solvers first)."""
     return dict(_CLASSES)
-
-
-def _import_builtin_classes() -> None:
-    """Import the modules whose classes register themselves (lazily: they import this module): the
-    built-in solvers and preconditioners, and the solvers of the ``dask_influence.solvers`` entry
-    points (the registry's plugins), whose ``@serializable`` state classes join the allow-list."""
-    from . import preconditioners, solvers  # noqa: F401
-    from .solvers.registry import load_plugins
-
-    load_plugins()
 
 
 # -- encoding --------------------------------------------------------------------------------------------
@@ -189,7 +180,6 @@ def from_data(data: Any, *, source: str = "the data", device: torch.device | str
         ValueError: naming ``source`` and the offending type: an object of a class that is not
             allow-listed, an unknown tag, or any value that is not plain data.
     """
-    _import_builtin_classes()
     return _decode(data, source, None if device is None else torch.device(device), "record")
 
 

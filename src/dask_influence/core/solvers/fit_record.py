@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from .. import serialization
+from .registry import load_plugins
 
 if TYPE_CHECKING:
     from ..data import TrainingData
@@ -75,6 +76,9 @@ def read(file: str | BinaryIO, *, where: str, what: str, refit: str) -> dict[str
         ValueError: naming ``where`` as not ``what`` (unreadable, not plain data, an old format, a
             key missing) and saying ``refit``, what to do instead.
     """
+    # the allow-list holds the state classes of every imported solver module: the built-in ones (this
+    # package's __init__ imports them all) and the entry-point solvers, loaded here
+    load_plugins()
     record = serialization.load(file, source=where, what=what, refit=refit)
     missing = [k for k in REQUIRED if k not in record]
     if missing or not isinstance(record["hyperparameters"], dict) or not isinstance(record["attributes"], dict):

@@ -22,8 +22,9 @@ from torch import Tensor, nn
 
 from ...errors import NonFiniteError
 from .. import batches
+from ..batches import check_finite
 from ..data import DICT_BATCHES, input_signature, pair_batch
-from ..gradients import check_finite, check_finite_grads, flat_params
+from ..gradients import check_finite_grads, flat_params
 
 if TYPE_CHECKING:
     from .base import InfluenceModel
