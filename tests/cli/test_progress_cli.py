@@ -194,3 +194,40 @@ def test_embedded_cluster_waits_for_slow_worker_exits_instead_of_killing(caplog)
     killed = [r.getMessage() for r in caplog.records if "still alive" in r.getMessage()]
     assert killed == []
     assert elapsed >= 6  # the exits were waited for
+
+
+@pytest.mark.parametrize("scale, shift", [(1e-6, 1.5e-4), (1e-5, 0.0), (0.02, -0.0731), (0.3, 5.0)])
+def test_loo_plot_tick_labels_do_not_overlap(tmp_path, monkeypatch, scale, shift):
+    """Issue 27 item 5: leave-one-out changes of 1e-4 got 11 x-tick labels of 8 characters
+    ('0.00002' ... '0.00018'), overlapping; now at most 6 ticks, the power of ten in the label."""
+    import matplotlib.figure
+    import numpy as np
+    import zarr
+
+    from dask_influence.cli.plot import evaluation_plot
+    from dask_influence.evaluate.records import ATTR, GROUP
+
+    group = zarr.open_group(str(tmp_path / "scores.zarr"), mode="w")
+    sub = group.require_group(GROUP).require_group("loo")
+    predicted = np.random.default_rng(0).normal(0, scale, (6, 8)) + shift
+    sub.create_array("predicted", data=predicted)
+    sub.create_array("actual", data=1.05 * predicted)
+    sub.attrs[ATTR] = {"kind": "loo", "result": {"pearson": 0.9931}}
+    drawn = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, *a, **k: drawn.append(self))
+    assert evaluation_plot(group, "loo", str(tmp_path / "loo.png")) == (
+        "loo (loo): 48 predicted vs actual pairs, Pearson 0.9931"
+    )
+    (fig,) = drawn
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    for axis in (ax.xaxis, ax.yaxis):
+        boxes = [t.get_window_extent(renderer) for t in axis.get_ticklabels() if t.get_visible() and t.get_text()]
+        assert 3 <= len(boxes) <= 8
+        assert not [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1 :] if a.overlaps(b)]
+    label = ax.xaxis.get_label()
+    for tick in ax.xaxis.get_ticklabels():  # nor does a tick label run into the axis label
+        assert not tick.get_window_extent(renderer).overlaps(label.get_window_extent(renderer))
+    if scale < 1e-3:
+        assert "10^{" in ax.get_xlabel() and not ax.xaxis.offsetText.get_visible()

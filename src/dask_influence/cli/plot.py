@@ -190,9 +190,28 @@ def evaluation_plot(group: Any, name: str, out: str, *, title: str | None = None
         ax.legend(loc="upper left")
     ax.axhline(0.0, color="0.8", linewidth=0.6)
     ax.axvline(0.0, color="0.8", linewidth=0.6)
+    _readable_ticks(ax)
     ax.set_title(title or f"{name}: predicted vs actual ({label})")
     fig.savefig(out, dpi=120)
     return f"{name} ({kind}): {predicted.size:,} predicted vs actual pairs, {label}"
+
+
+def _readable_ticks(ax: Any) -> None:
+    """At most 6 ticks per axis, small and large values in scientific notation with the power
+    of ten written once, in the axis label (``... (x10^-4)``; Matplotlib's own place for it, the
+    axis' end, collides with a long x label): leave-one-out changes (``influence / n_train``,
+    often 1e-4 to 1e-6) otherwise got up to 11 labels of 8 characters, overlapping."""
+    from matplotlib.ticker import MaxNLocator
+
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(MaxNLocator(nbins=6))
+    ax.ticklabel_format(style="sci", scilimits=(-2, 4), useMathText=True)
+    ax.figure.canvas.draw()  # the formatters choose their power of ten when drawn
+    for axis in (ax.xaxis, ax.yaxis):
+        offset = axis.get_major_formatter().get_offset()
+        if offset:
+            axis.set_label_text(f"{axis.get_label_text()} ({offset})")
+            axis.offsetText.set_visible(False)
 
 
 @click.command()
