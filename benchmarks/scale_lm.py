@@ -29,10 +29,11 @@ the training data costs at least ``FB_train / workers`` (ideal split), so EK-FAC
 ``FB_train / w + FB_test``, a query's ``FB_test``. Tokens per second count the training tokens a path reads
 (test tokens for the factors and the query). Peak memory per worker is the largest resident set size (RSS,
 psutil, polled every 50 ms) of each worker process during the path (torch's allocations included; the
-client's own for the client-side steps). Before each path its memory per worker is ESTIMATED (EK-FAC: the
-solver's own :class:`FitMemory` plus its per-chunk blocks; the others from the model's and the data's shapes:
-weights, gradients, the solver's vectors, a chunk's logits ``T x V`` and activations) and a path whose
-estimate exceeds ``--memory-per-worker`` is refused with a one-line reason (recorded in the table).
+client's own for the client-side steps). Before each path its memory per worker is ESTIMATED: an idle
+worker's resident set (measured when the cluster starts) plus, for EK-FAC, the solver's own
+:class:`FitMemory` and its per-chunk blocks, for the others the model's and the data's shapes (weights,
+gradients, the solver's vectors, a chunk's logits ``T x V`` and activations); a path whose estimate exceeds
+``--memory-per-worker`` is refused with a one-line reason (recorded in the table).
 
 Writes ``benchmarks/results/scale_lm_<config>.json`` and ``.md`` (git-ignored). The machine this runs on may be
 shared and loaded: read ratios (time / floor), not absolute seconds.
@@ -177,10 +178,11 @@ def forward_backward_seconds(model: torch.nn.Module, ids: np.ndarray, chunk: int
 
 # -- memory: estimated before each path, measured (RSS) during it ------------------------------------------------
 def activation_bytes(config: dict[str, Any], chunk: int) -> int:
-    """A chunk's forward and backward activations (float32): the logits ``T x V`` (values, softmax and gradient)
-    and per layer about 20 ``T x d`` tensors and the attention's ``3 x heads x T^2``."""
+    """A chunk's forward and backward activations (float32): six ``T x V`` tensors of the logits (values,
+    log-softmax, probabilities, their gradient, the back-propagated vectors, a copy) and per layer about 20
+    ``T x d`` tensors and the attention's ``3 x heads x T^2``."""
     t, v, d = config["seq_len"], config["vocab_size"], config["n_embd"]
-    per_sequence = 3 * t * v + config["n_layer"] * (20 * t * d + 3 * config["n_head"] * t * t)
+    per_sequence = 6 * t * v + config["n_layer"] * (20 * t * d + 3 * config["n_head"] * t * t)
     return 4 * chunk * per_sequence
 
 
@@ -312,6 +314,10 @@ def run_paths(model, config, train_ids, test_ids, args, workers: int, fb: dict[s
         return True
 
     with local_cluster(workers) as (client, pids):
+        import psutil
+
+        # an idle worker's resident set (Python, torch, Dask), measured before any path: part of every estimate
+        baseline = max(psutil.Process(pid).memory_info().rss for pid in pids)
         if "ekfac" in args.paths:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the left-out LayerNorms, the tied head's note
@@ -324,7 +330,7 @@ def run_paths(model, config, train_ids, test_ids, args, workers: int, fb: dict[s
                     chunk_size=chunk,
                     memory_budget=args.memory_per_worker,
                 )
-            estimate = estimate_bytes("ekfac", config, p, chunk, args, solver)
+            estimate = baseline + estimate_bytes("ekfac", config, p, chunk, args, solver)
             names = ["EK-FAC fit", "EK-FAC factors", "EK-FAC scoring"]
             floors = [2 * floor_train, fb["test"], floor_train + fb["test"]]
             if not refused(names, estimate, floors):
@@ -348,7 +354,7 @@ def run_paths(model, config, train_ids, test_ids, args, workers: int, fb: dict[s
                 assert scores.shape == (n_test, n_train) and np.isfinite(scores).all()
                 row(names[2], seconds, floors[2], (n_train + n_test) * t, mon.peaks, estimate)
         if "index" in args.paths:
-            estimate = estimate_bytes("index", config, p, chunk, args)
+            estimate = baseline + estimate_bytes("index", config, p, chunk, args)
             names = ["index build", "index query"]
             floors = [floor_train, fb["test"]]
             if not refused(names, estimate, floors):
@@ -376,7 +382,7 @@ def run_paths(model, config, train_ids, test_ids, args, workers: int, fb: dict[s
                         seconds = time.perf_counter() - start
                     row(names[1], seconds, floors[1], n_test * t, mon.peaks, estimate)
         if "cg" in args.paths:
-            estimate = estimate_bytes("cg", config, p, chunk, args)
+            estimate = baseline + estimate_bytes("cg", config, p, chunk, args)
             floor = args.cg_iterations * floor_train + fb["test"]
             if not refused(["CG"], estimate, [floor]):
                 solver = di.CgInfluence(
@@ -398,7 +404,7 @@ def run_paths(model, config, train_ids, test_ids, args, workers: int, fb: dict[s
                     seconds = time.perf_counter() - start
                 row("CG", seconds, floor, args.cg_iterations * n_train * t, mon.peaks, estimate)
         if "arnoldi" in args.paths:
-            estimate = estimate_bytes("arnoldi", config, p, chunk, args)
+            estimate = baseline + estimate_bytes("arnoldi", config, p, chunk, args)
             if not refused(["Arnoldi"], estimate, [args.rank * floor_train]):
                 solver = di.ArnoldiInfluence(
                     model,

@@ -5,6 +5,7 @@ positive floors, times at or above their floors, the per-worker RSS, and a refus
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -45,6 +46,11 @@ def test_a_path_estimated_beyond_the_memory_per_worker_is_refused_in_one_line(tm
     )
     (row,) = result["rows"]
     assert row["path"] == "CG" and row["time_s"] is None and row["floor_s"] > 0
-    assert row["status"].startswith("refused: needs about 0.0 GB per worker (estimated before the start), more than")
+    assert re.fullmatch(
+        r"refused: needs about \d+\.\d GB per worker \(estimated before the start\), more than "
+        r"--memory-per-worker 0\.0 GB",
+        row["status"],
+    ), row["status"]
+    assert row["estimate_per_worker_mb"] > 100  # an idle worker's resident set (Python, torch, Dask) is part of it
     out = capsys.readouterr().out
     assert "tiny CG on 1 worker(s) refused: needs about" in out
