@@ -100,7 +100,7 @@ def build(where: Path, n_test: int, n_train: int) -> tuple[Path, float]:
     from torch.utils.data import DataLoader
 
     import dask_influence as di
-    from dask_influence.jobfile import load_job, load_problem, make_solver
+    from dask_influence.job import load_job, load_problem, make_solver
     from dask_influence.mapping.fitting import fit_path_for
     from dask_influence.storage import store as zstore
 

@@ -58,12 +58,12 @@ def test_hand_written_solver_lists_name_every_registered_solver(gen):
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     cli_md = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
     method_row = next(line for line in cli_md.splitlines() if line.startswith("| `method` |"))
-    jobfile_doc = (ROOT / "src" / "dask_influence" / "jobfile.py").read_text(encoding="utf-8")
+    jobfile_doc = (ROOT / "src" / "dask_influence" / "job" / "__init__.py").read_text(encoding="utf-8")
     method_comment = next(line for line in jobfile_doc.splitlines() if line.strip().startswith('method = "cg"'))
     for name, cls in builtin.items():
         assert f"| `{cls.__name__}` |" in readme, f"README.md's solver table lacks {cls.__name__}"
         assert f"`{name}` (`{cls.__name__}`)" in method_row, f"docs/cli.md's [solver] method row lacks {name}"
-        assert re.search(rf"\b{name}\b", method_comment), f"jobfile.py's example job lacks {name}"
+        assert re.search(rf"\b{name}\b", method_comment), f"job/__init__.py's example job lacks {name}"
 
 
 def test_rendering_of_types_and_defaults(gen):
@@ -92,7 +92,7 @@ DRIVER = textwrap.dedent(
     from dask_influence.core.solvers.base import InfluenceModel
     from dask_influence.core.solvers.registry import SOLVERS
     from dask_influence.errors import JobFileError
-    from dask_influence.jobfile import parse_job
+    from dask_influence.job import parse_job
 
     from diagonal_solver import DiagonalInfluence
 

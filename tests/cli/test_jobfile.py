@@ -7,7 +7,7 @@ import pytest
 
 import dask_influence as di
 from dask_influence.errors import JobFileError
-from dask_influence.jobfile import (
+from dask_influence.job import (
     SOLVER_METHODS,
     Job,
     load_job,
@@ -422,7 +422,7 @@ def test_task_factory_must_return_a_task(tmp_path):
         "    data = [{'x': x[i], 'labels': y[i]} for i in range(8)]\n"
         "    return {'model': torch.nn.Linear(2, 1), 'train': data, 'test': data}\n"
     )
-    from dask_influence.jobfile import load_task
+    from dask_influence.job import load_task
 
     job = load_job(write(tmp_path, MINIMAL + '[task]\nfactory = "mytasks:good"\noptions = { scale = 2.0 }\n'))
     assert isinstance(load_task(job), di.Task)
@@ -436,3 +436,50 @@ def test_task_factory_must_return_a_task(tmp_path):
     job = load_job(write(tmp_path, MINIMAL + '[task]\nname = "regression"\noptions = { nope = 1 }\n'))
     with pytest.raises(JobFileError, match=r"\[task\] name 'regression' does not take options"):
         load_task(job)
+
+
+def test_every_path_key_follows_one_rule(tmp_path, monkeypatch):
+    """~ expanded, relative paths taken from the job file's directory (normalized), URLs kept,
+    for every key that names a path (before session 9, [index] store = "~/idx.zarr" became
+    <job dir>/~/idx.zarr and the security files kept a literal ~)."""
+    from dask_influence.job import resolve_path
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    base = tmp_path / "jobdir"
+
+    def job_with(value):
+        return parse_job(
+            {
+                "model": {"factory": "f:g", "path": value},
+                "solver": {"method": "direct", "fit_file": value},
+                "output": {"store": value},
+                "index": {"store": value},
+                "evaluate": {"retrain": "a:b", "store": value},
+                "cluster": {
+                    "scheduler": "tls://127.0.0.1:8786",
+                    "security": {"ca_file": value, "cert": value, "key": value},
+                },
+            },
+            base_dir=base,
+        )
+
+    for value, expected in [
+        ("~/idx.zarr", str(home / "idx.zarr")),
+        ("out/../idx.zarr", str(base / "idx.zarr")),
+        (str(tmp_path / "abs.zarr"), str(tmp_path / "abs.zarr")),
+        ("memory://bucket/idx.zarr", "memory://bucket/idx.zarr"),
+    ]:
+        assert resolve_path(value, base) == expected
+        if value.startswith("memory://"):
+            continue  # a URL is no [model] path or certificate file
+        job = job_with(value)
+        found = {
+            "[model] path": job.model.path[0],
+            "[solver] fit_file": job.solver.fit_file,
+            "[output] store": job.output.store,
+            "[index] store": job.index.store,
+            "[evaluate] store": job.evaluate.store,
+            "[cluster] security ca_file": job.cluster.security.ca_file,
+        }
+        assert found == dict.fromkeys(found, expected), value

@@ -236,7 +236,7 @@ def test_configmap_holds_the_deploy_job_files_and_the_example_factory():
 
 @pytest.mark.parametrize("name", ["job.toml", "job-gpu.toml"])
 def test_deploy_job_files_are_valid_and_mirror_the_example(name, tmp_path):
-    from dask_influence.jobfile import load_job
+    from dask_influence.job import load_job
 
     # the layout the containers see: /job/<name> and /job/batch_job/factory.py
     (tmp_path / "batch_job").mkdir()

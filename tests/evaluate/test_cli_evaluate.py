@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from dask_influence.cli.main import cli
 from dask_influence.errors import JobFileError
-from dask_influence.jobfile import EvaluateSection, parse_job
+from dask_influence.job import EvaluateSection, parse_job
 
 HERE = Path(__file__).parent
 

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 import dask_influence as di
 from dask_influence.cli.main import cli
-from dask_influence.jobfile import parse_job
+from dask_influence.job import parse_job
 from dask_influence.mapping import fitting
 from dask_influence.mapping.store import ATTR
 from jobs import EXAMPLE_JOB as EXAMPLE

@@ -181,7 +181,7 @@ def test_runs_from_a_job_file(problem, fit_client, tmp_path, monkeypatch):
 def test_a_solver_of_another_installed_package_is_found_by_its_entry_point(tmp_path, monkeypatch):
     """``[project.entry-points."dask_influence.solvers"]`` of an installed package: a job file names it."""
     from dask_influence.core.solvers import registry
-    from dask_influence.jobfile import make_solver, parse_job
+    from dask_influence.job import make_solver, parse_job
 
     (tmp_path / "plugin_solver.py").write_text(
         "from dask_influence import DirectInfluence\n\n\nclass PluginInfluence(DirectInfluence):\n"

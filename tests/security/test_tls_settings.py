@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from dask_influence.cli.main import cli
 from dask_influence.errors import JobFileError
-from dask_influence.jobfile import load_job
+from dask_influence.job import load_job
 from dask_influence.mapping.security import (
     CLI_SOURCE,
     CONFIG_SOURCE,

@@ -1,0 +1,103 @@
+"""The job file of ``dask-influence run`` (and ``index``, ``query``, ``evaluate``): a TOML file,
+its schema, its validation and the user's code it names.
+
+The package: :mod:`.sections` (one frozen dataclass per section, :class:`Job`), :mod:`.paths`
+(one rule for every path), :mod:`.validate` (:func:`load_job`, :func:`parse_job`: every
+problem at once) and :mod:`.factory` (:func:`load_problem`, :func:`load_task`,
+:func:`make_solver`: importing the factory).
+
+A job file names a Python factory that returns the model, the loss and the data, the solver
+and its parameters, the block sizes, the output store and the cluster::
+
+    [model]
+    factory = "factory:make_problem"   # "module:function"
+    path = "."                         # search path(s) for the module, relative to this file
+
+    [task]                             # optional: batches of any structure (dicts), a measurement
+    name = "causal_lm"                 # classification, regression, causal_lm (dask_influence.tasks)
+    options = { measurement = "loss" } # their keyword arguments
+    # factory = "tasks:make_task"      # or a "module:function" returning a dask_influence.Task
+
+    [solver]
+    method = "cg"                      # direct, cg, lissa, arnoldi, nystroem, ekfac
+    regularization = 1e-3              # any other keyword of the solver class
+    distributed_fit = true             # fit over the train blocks on the cluster (default with one)
+
+    [blocks]
+    test = 100                         # test points per block (rows of a zarr chunk)
+    train = 10000                      # training points per block (columns of a chunk)
+
+    [output]
+    store = "influences.zarr"          # path (relative to this file) or URL
+    mode = "up"                        # or "perturbation"
+    top_k = 10
+    self_influences = true
+
+    [cluster]
+    scheduler = "tls://scheduler:8786" # or local settings: workers, threads, memory_limit
+    security = { ca_file = "ca.pem", cert = "client.pem", key = "client-key.pem" }  # TLS
+    gpu = false
+
+    [index]                            # optional: `dask-influence index` / `query` (a gradient index)
+    store = "index.zarr"               # the index ([solver] is then optional)
+    projection_dim = 1024
+
+    [evaluate]                         # optional: `dask-influence evaluate` (retraining on the cluster)
+    retrain = "retrain:train"          # "module:function": retrain(train_indices, seed) -> model
+    methods = ["lds", "loo"]           # and "mislabel" (with corrupted = [...])
+    n_subsets = 50
+
+:func:`load_job` reads and validates the file; every problem found is reported at once in
+one :class:`~dask_influence.errors.JobFileError`, one per line, with its section and, for
+an unknown key, the closest valid one. This module is pure (no click, no cluster); it
+imports the user's factory only when :func:`load_problem` is called. ``docs/cli.md``
+documents every key.
+"""
+
+from __future__ import annotations
+
+from .factory import Problem, load_factory, load_problem, load_task, make_solver
+from .paths import resolve_path
+from .sections import (
+    DEFAULT_BLOCK_SIZE,
+    EVALUATE_METHODS,
+    MODES,
+    SECTIONS,
+    SOLVER_METHODS,
+    BlocksSection,
+    ClusterSection,
+    EvaluateSection,
+    IndexSection,
+    Job,
+    ModelSection,
+    OutputSection,
+    SolverSection,
+    TaskSection,
+)
+from .validate import load_job, parse_job, solver_parameters
+
+__all__ = [
+    "Job",
+    "ModelSection",
+    "TaskSection",
+    "SolverSection",
+    "BlocksSection",
+    "OutputSection",
+    "ClusterSection",
+    "EvaluateSection",
+    "IndexSection",
+    "Problem",
+    "SOLVER_METHODS",
+    "SECTIONS",
+    "MODES",
+    "EVALUATE_METHODS",
+    "DEFAULT_BLOCK_SIZE",
+    "load_job",
+    "parse_job",
+    "solver_parameters",
+    "resolve_path",
+    "load_factory",
+    "load_problem",
+    "load_task",
+    "make_solver",
+]

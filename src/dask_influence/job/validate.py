@@ -1,0 +1,657 @@
+"""Reading and validating a job file: every problem found at once, one line each, with its
+section and, for an unknown key, the closest valid one (``did you mean``). Pure: no click, no
+cluster, no import of the user's code (that is :mod:`.factory`)."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..core.solvers.registry import load_plugins, solver_class
+from ..errors import JobFileError
+from ..mapping.security import JOB_SOURCE, TlsFiles
+from .paths import resolve_path
+from .sections import (
+    _FACTORY,
+    _REQUIRED_HINTS,
+    EVALUATE_METHODS,
+    LOCAL_KEYS,
+    MODES,
+    RENAMED_KEYS,
+    REQUIRED_SECTIONS,
+    SECTIONS,
+    SOLVER_METHODS,
+    TASK_NAMES,
+    BlocksSection,
+    ClusterSection,
+    EvaluateSection,
+    IndexSection,
+    Job,
+    ModelSection,
+    OutputSection,
+    SolverSection,
+    TaskSection,
+)
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+
+def load_job(path: str | os.PathLike) -> Job:
+    """Read and validate a job file.
+
+    Relative paths in the file (``[model] path``, ``[output] store``) are relative to the
+    file's directory.
+
+    Raises:
+        JobFileError: the file is missing, is not valid TOML, or breaks the schema; the
+            message lists every problem, one per line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise JobFileError(f"the job file {str(path)!r} {what}; pass the path of a TOML job file.")
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise JobFileError(f"not valid TOML: {exc}", path=str(path)) from None
+    except UnicodeDecodeError as exc:
+        raise JobFileError(f"not valid TOML (not UTF-8 text): {exc}", path=str(path)) from None
+    return parse_job(data, base_dir=path.resolve().parent, path=path)
+
+
+def parse_job(
+    data: Mapping[str, Any], *, base_dir: str | os.PathLike | None = None, path: str | os.PathLike | None = None
+) -> Job:
+    """Validate the parsed TOML ``data`` of a job file; see :func:`load_job`.
+
+    Args:
+        base_dir: directory that relative paths are resolved against (default: the
+            current directory).
+        path: the file the data came from, for messages.
+    """
+    base = Path(base_dir) if base_dir is not None else Path.cwd()
+    problems: list[str] = []
+    tables: dict[str, dict] = {}
+    for key, value in data.items():
+        if key in SECTIONS:
+            if isinstance(value, Mapping):
+                tables[key] = dict(value)
+            else:
+                problems.append(f"[{key}] must be a table (a [{key}] section); got {_describe(value)}.")
+        else:
+            problems.append(f"unknown section [{key}]{_suggest(key, SECTIONS, brackets=True)}")
+    for name in REQUIRED_SECTIONS:
+        if name == "solver" and "index" in data:
+            continue  # an index job: `index` and `query` need no solver
+        if name not in tables and name not in data:
+            problems.append(f"[{name}] section is missing; {_REQUIRED_HINTS[name]}")
+
+    model = _model(tables.get("model"), base, problems)
+    task = _task(tables.get("task"), problems)
+    solver = _solver(tables.get("solver"), base, problems)
+    blocks = _blocks(tables.get("blocks", {}), problems)
+    output = _output(tables.get("output"), base, problems)
+    cluster = _cluster(tables.get("cluster", {}), problems, base)
+    evaluate = _evaluate(tables.get("evaluate"), base, problems)
+    index = _index(tables.get("index"), base, problems)
+    if problems:
+        raise JobFileError(problems, path=None if path is None else str(path))
+    assert model and output  # for type checkers: no problems means all parsed
+    return Job(
+        model=model,
+        solver=solver,
+        output=output,
+        blocks=blocks,
+        cluster=cluster,
+        path=None if path is None else Path(path),
+        task=task,
+        evaluate=evaluate,
+        index=index,
+    )
+
+
+def _model(table: dict | None, base: Path, problems: list[str]) -> ModelSection | None:
+    if table is None:
+        return None
+    _unknown("model", table, SECTIONS["model"], problems)
+    factory = table.get("factory")
+    ok = True
+    if factory is None:
+        problems.append('[model] factory is required: the Python factory as "module:function".')
+        ok = False
+    elif not isinstance(factory, str):
+        problems.append(f'[model] factory must be a string "module:function"; got {_describe(factory)}.')
+        ok = False
+    elif not _FACTORY.match(factory.strip()):
+        problems.append(f'[model] factory must be "module:function" (e.g. "factory:make_problem"); got {factory!r}.')
+        ok = False
+    paths: list[str] = []
+    raw = table.get("path", ".")
+    items = [raw] if isinstance(raw, str) else raw
+    if not isinstance(items, list) or not all(isinstance(p, str) and p for p in items):
+        problems.append(f"[model] path must be a directory or a list of directories; got {_describe(raw)}.")
+        ok = False
+    else:
+        paths = [resolve_path(p, base) for p in items]
+    options = table.get("options", {})
+    if not isinstance(options, Mapping):
+        problems.append(
+            f"[model] options must be a table of keyword arguments for the factory; got {_describe(options)}."
+        )
+        ok = False
+    if not ok:
+        return None
+    assert isinstance(factory, str)  # checked above
+    return ModelSection(factory=factory.strip(), path=tuple(paths), options=dict(options))
+
+
+def _task(table: dict | None, problems: list[str]) -> TaskSection | None:
+    if table is None:
+        return None
+    _unknown("task", table, SECTIONS["task"], problems)
+    name, factory, options = table.get("name"), table.get("factory"), table.get("options", {})
+    n_before = len(problems)
+    if (name is None) == (factory is None):
+        problems.append(
+            '[task] needs either name (a ready-made task: "' + '", "'.join(TASK_NAMES) + '") or '
+            'factory ("module:function" returning a dask_influence.Task), not '
+            + ("both." if name is not None else "neither.")
+        )
+    elif name is not None and name not in TASK_NAMES:
+        problems.append(
+            f"[task] name must be one of {', '.join(TASK_NAMES)}; got {name!r}{_suggest(str(name), TASK_NAMES)}"
+        )
+    elif factory is not None and (not isinstance(factory, str) or not _FACTORY.match(factory.strip())):
+        problems.append(f'[task] factory must be "module:function" (e.g. "tasks:make_task"); got {_describe(factory)}.')
+    if not isinstance(options, Mapping):
+        problems.append(f"[task] options must be a table of keyword arguments; got {_describe(options)}.")
+    if len(problems) != n_before:
+        return None
+    return TaskSection(name=name, factory=None if factory is None else factory.strip(), options=dict(options))
+
+
+def _solver(table: dict | None, base: Path, problems: list[str]) -> SolverSection | None:
+    if table is None:
+        return None
+    method = table.get("method")
+    params = {k: v for k, v in table.items() if k != "method" and k not in FIT_KEYS}
+    fit = _fit_keys(table, base, problems)
+    if method is None:
+        problems.append(f"[solver] method is required; one of {', '.join(SOLVER_METHODS)}.")
+        return None
+    if not isinstance(method, str):
+        problems.append(
+            f"[solver] method must be a string, one of {', '.join(SOLVER_METHODS)}; got {_describe(method)}."
+        )
+        return None
+    key = method.strip().lower()
+    if key not in SOLVER_METHODS:
+        load_plugins()  # solvers of other installed packages (entry points)
+    if key not in SOLVER_METHODS:
+        close = difflib.get_close_matches(key, list(SOLVER_METHODS), n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]!r}?" if close else "."
+        problems.append(f"[solver] unknown method {method!r}; choose one of {', '.join(SOLVER_METHODS)}{hint}")
+        return None
+    section = SolverSection(method=key, params=params, **fit)
+    n_before = len(problems)
+    _check_solver_params(section, problems)
+    return section if len(problems) == n_before else None
+
+
+#: ``[solver]`` keys about the fit itself rather than the solver class.
+FIT_KEYS = ("distributed_fit", "fit_file")
+
+
+def _fit_keys(table: dict, base: Path, problems: list[str]) -> dict[str, Any]:
+    """``distributed_fit`` and ``fit_file`` of ``[solver]``, checked."""
+    out: dict[str, Any] = {}
+    if "distributed_fit" in table:
+        value = table["distributed_fit"]
+        if isinstance(value, bool):
+            out["distributed_fit"] = value
+        else:
+            problems.append(f"[solver] distributed_fit must be true or false; got {_describe(value)}.")
+    if "fit_file" in table:
+        value = table["fit_file"]
+        if not isinstance(value, str) or not value.strip():
+            problems.append(f"[solver] fit_file must be a path or URL; got {_describe(value)}.")
+        else:
+            out["fit_file"] = resolve_path(value, base)
+    return out
+
+
+def solver_parameters(method: str) -> dict[str, Any]:
+    """The keys a job file may give for ``method``: ``{name: type}`` of its configuration's fields."""
+    return solver_class(method).config_class.types()
+
+
+def _check_solver_params(section: SolverSection, problems: list[str]) -> None:
+    """The keys, types and values of ``[solver]`` against the solver's configuration class."""
+    n_before = len(problems)
+    config_class = section.solver_class.config_class
+    allowed = config_class.types()
+    for name, value in section.params.items():
+        if name not in allowed:
+            problems.append(
+                f"[solver] unknown key {name!r}"
+                f"{_suggest(name, ['method', *allowed, *FIT_KEYS], what=f'keys for method {section.method!r}')}"
+            )
+            continue
+        problem = _check_type(value, allowed[name])
+        if problem:
+            problems.append(f"[solver] {name} {problem}; got {_describe(value)}.")
+    for name in config_class.required():
+        if name not in section.params:
+            problems.append(f"[solver] {name} is required for method {section.method!r}.")
+    if len(problems) == n_before:  # the keys and types are right: now the values
+        problem = _check_solver_values(config_class, section.params)
+        if problem:
+            problems.append(problem)
+
+
+def _check_solver_values(config_class: Any, params: dict[str, Any]) -> str | None:
+    """``None`` if ``params`` (keys and types checked) make a ``config_class`` (the solver's
+    configuration dataclass, which validates its values without a model), else one line naming
+    the key, the value and what is accepted, e.g. ``[solver] rank must be a positive int or 'auto';
+    got 'ten'.``"""
+    try:
+        config_class(**params)
+        return None
+    except (TypeError, ValueError) as exc:
+        message = " ".join(str(exc).split())
+    if any(message.startswith(f"{name} ") for name in params):
+        return f"[solver] {message}"
+    required = {name: params[name] for name in config_class.required() if name in params}
+    for name, value in params.items():  # the key whose value alone is refused
+        try:
+            config_class(**{**required, name: value})
+        except (TypeError, ValueError):
+            return f"[solver] {name} = {_describe(value)} is not accepted: {message}"
+    return f"[solver] the values are not accepted: {message}"
+
+
+def _check_type(value: Any, hint: Any) -> str | None:
+    """``None`` if a TOML ``value`` fits the annotation ``hint``, else what it must be."""
+    if hint is Any:
+        return None
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        members = [a for a in args if a is not type(None)]
+        results = [_check_type(value, a) for a in members]
+        if any(r is None for r in results):
+            return None
+        found = list(dict.fromkeys(r for r in results if r))
+        if found and all(r.startswith("must be ") for r in found):
+            return "must be " + " or ".join(r.removeprefix("must be ") for r in found)
+        return " or ".join(found) or "has an unsupported type"
+    if hint is bool:
+        return None if isinstance(value, bool) else "must be true or false"
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "must be an integer"
+    if hint is float:
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "must be a number"
+    if hint is str:
+        return None if isinstance(value, str) else "must be a string"
+    if origin in (list, tuple, Sequence, typing.Sequence) or hint in (list, tuple):
+        inner = args[0] if args else Any
+        if isinstance(value, list) and all(_check_type(v, inner) is None for v in value):
+            return None
+        return "must be a list" + (" of strings" if inner is str else "")
+    return "cannot be set in a job file (it needs a Python object)"
+
+
+def _blocks(table: dict, problems: list[str]) -> BlocksSection:
+    _unknown("blocks", table, SECTIONS["blocks"], problems)
+    values = {}
+    for key in ("test", "train"):
+        if key in table:
+            value = table[key]
+            if _positive_int(value):
+                values[key] = value
+            else:
+                problems.append(f"[blocks] {key} must be a positive integer; got {_describe(value)}.")
+    return BlocksSection(**values)
+
+
+def _output(table: dict | None, base: Path, problems: list[str]) -> OutputSection | None:
+    if table is None:
+        return None
+    _unknown("output", table, SECTIONS["output"], problems)
+    ok = True
+    store = table.get("store")
+    if store is None:
+        problems.append('[output] store is required: the path or URL of the zarr store, e.g. "influences.zarr".')
+        ok = False
+    elif not isinstance(store, str) or not store.strip():
+        problems.append(f"[output] store must be a path or URL; got {_describe(store)}.")
+        ok = False
+    else:
+        store = resolve_path(store, base)
+    mode = table.get("mode", "up")
+    if not isinstance(mode, str) or mode.strip().lower() not in MODES:
+        problems.append(f'[output] mode must be "up" or "perturbation"; got {_describe(mode)}.')
+        ok = False
+    else:
+        mode = mode.strip().lower()
+    top_k = table.get("top_k")
+    if top_k is not None and not _positive_int(top_k):
+        problems.append(f"[output] top_k must be a positive integer; got {_describe(top_k)}.")
+        ok = False
+    elif top_k is not None and mode == "perturbation":
+        problems.append(
+            '[output] top_k needs mode = "up" (perturbation influences have one value per '
+            'feature); remove top_k or set mode = "up".'
+        )
+        ok = False
+    self_influences = table.get("self_influences", False)
+    if not isinstance(self_influences, bool):
+        problems.append(f"[output] self_influences must be true or false; got {_describe(self_influences)}.")
+        ok = False
+    if not ok:
+        return None
+    assert isinstance(store, str)  # checked above
+    return OutputSection(store=store, mode=mode, top_k=top_k, self_influences=self_influences)
+
+
+def _cluster(table: dict, problems: list[str], base: Path | None = None) -> ClusterSection:
+    _unknown("cluster", table, SECTIONS["cluster"], problems)
+    values: dict[str, Any] = {}
+    if "security" in table:
+        security = _security(table["security"], base or Path.cwd(), problems)
+        if security is not None:
+            values["security"] = security
+    scheduler = table.get("scheduler")
+    if scheduler is not None:
+        if isinstance(scheduler, str) and scheduler.strip():
+            values["scheduler"] = scheduler.strip()
+        else:
+            problems.append(
+                f'[cluster] scheduler must be an address such as "tcp://scheduler:8786"; got {_describe(scheduler)}.'
+            )
+    for key in ("workers", "threads"):
+        if key in table:
+            if _positive_int(table[key]):
+                values[key] = table[key]
+            else:
+                problems.append(f"[cluster] {key} must be a positive integer; got {_describe(table[key])}.")
+    if "memory_limit" in table:
+        limit = table["memory_limit"]
+        if _memory_limit_ok(limit):
+            values["memory_limit"] = limit
+        else:
+            problems.append(
+                '[cluster] memory_limit must be a number of bytes, a size such as "4GiB", '
+                f'or "auto"; got {_describe(limit)}.'
+            )
+    for key in ("gpu", "sequential"):
+        if key in table:
+            if isinstance(table[key], bool):
+                values[key] = table[key]
+            else:
+                problems.append(f"[cluster] {key} must be true or false; got {_describe(table[key])}.")
+    local = [k for k in LOCAL_KEYS if k in table]
+    if "scheduler" in table and local:
+        problems.append(
+            f"[cluster] give either scheduler or local settings ({', '.join(local)}), not both: "
+            "a running scheduler has its own workers."
+        )
+    remote = [k for k in ("scheduler", "security") if k in table]
+    if table.get("sequential") is True and (remote or local):
+        problems.append(f"[cluster] sequential = true computes in this process; remove {', '.join(remote + local)}.")
+    return ClusterSection(**values)
+
+
+SECURITY_KEYS = ("ca_file", "cert", "key")
+
+
+def _security(table: Any, base: Path, problems: list[str]) -> TlsFiles | None:
+    """``[cluster] security``: the TLS files of the client, as paths relative to the job file."""
+    if not isinstance(table, dict):
+        problems.append(
+            '[cluster] security must be a table such as { ca_file = "ca.pem", cert = "client.pem", '
+            f'key = "client-key.pem" }}; got {_describe(table)}.'
+        )
+        return None
+    _unknown("cluster.security", table, SECURITY_KEYS, problems)
+    values: dict[str, str] = {}
+    for key in SECURITY_KEYS:
+        if key not in table:
+            continue
+        value = table[key]
+        if isinstance(value, str) and value.strip():
+            values[key] = resolve_path(value, base)
+        else:
+            problems.append(f"[cluster] security {key} must be the path of a PEM file; got {_describe(value)}.")
+    missing = [k for k in ("ca_file", "cert") if k not in table]
+    if missing:
+        problems.append(
+            f"[cluster] security needs ca_file (the cluster's CA certificate) and cert (this client's certificate; "
+            f"key: its private key, unless the cert file holds it); {' and '.join(missing)} missing."
+        )
+        return None
+    return TlsFiles(**values, source=JOB_SOURCE) if values else None
+
+
+def _index(table: dict | None, base: Path, problems: list[str]) -> IndexSection | None:
+    if table is None:
+        return None
+    _unknown("index", table, SECTIONS["index"], problems)
+    n_before = len(problems)
+    values: dict[str, Any] = {}
+    store = table.get("store")
+    if not isinstance(store, str) or not store.strip():
+        problems.append(f'[index] store is required: the index\'s path, e.g. "index.zarr"; got {_describe(store)}.')
+    else:
+        values["store"] = resolve_path(store, base)
+    choices = {
+        "projection": ("sjlt", "gaussian", "orthogonal", "kronecker"),
+        "dtype": ("float16", "float32", "float64"),
+        "preconditioner": ("curvature", "fisher", "none"),
+        "curvature": ("ggn", "hessian"),
+    }
+    for key, allowed in choices.items():
+        if key in table:
+            if table[key] in allowed:
+                values[key] = table[key]
+            else:
+                problems.append(f"[index] {key} must be one of {', '.join(allowed)}; got {_describe(table[key])}.")
+    for key in ("projection_dim", "seed"):
+        if key in table:
+            ok = _positive_int(table[key]) or (key == "seed" and type(table[key]) is int and table[key] == 0)
+            if ok:
+                values[key] = table[key]
+            else:
+                problems.append(f"[index] {key} must be a positive integer; got {_describe(table[key])}.")
+    if "regularization" in table:
+        lam = table["regularization"]
+        if lam == "auto" or (type(lam) in (int, float) and lam >= 0):
+            values["regularization"] = lam
+        else:
+            problems.append(f'[index] regularization must be a number >= 0 or "auto"; got {_describe(lam)}.')
+    if "layers" in table:
+        layers = table["layers"]
+        if isinstance(layers, list) and all(isinstance(x, str) for x in layers):
+            values["layers"] = tuple(layers)
+        else:
+            problems.append(f"[index] layers must be a list of module names; got {_describe(layers)}.")
+    return IndexSection(**values) if len(problems) == n_before else None
+
+
+def _evaluate(table: dict | None, base: Path, problems: list[str]) -> EvaluateSection | None:
+    if table is None:
+        return None
+    table = _renamed_keys("evaluate", table, problems)
+    _unknown("evaluate", table, SECTIONS["evaluate"], problems)
+    n_before = len(problems)
+    values: dict[str, Any] = {}
+    retrain = table.get("retrain")
+    if retrain is None:
+        problems.append('[evaluate] retrain is required: the retraining function as "module:function".')
+    elif not isinstance(retrain, str) or not _FACTORY.match(retrain.strip()):
+        problems.append(
+            f'[evaluate] retrain must be "module:function" (e.g. "retrain:train"); got {_describe(retrain)}.'
+        )
+    else:
+        values["retrain"] = retrain.strip()
+    options = table.get("options", {})
+    if isinstance(options, Mapping):
+        values["options"] = dict(options)
+    else:
+        problems.append(f"[evaluate] options must be a table of keyword arguments; got {_describe(options)}.")
+    if "store" in table:
+        store = table["store"]
+        if not isinstance(store, str) or not store.strip():
+            problems.append(f"[evaluate] store must be a path or URL; got {_describe(store)}.")
+        else:
+            values["store"] = resolve_path(store, base)
+    methods = table.get("methods", ["lds"])
+    if isinstance(methods, str):
+        methods = [methods]
+    if not isinstance(methods, list) or not methods or not all(m in EVALUATE_METHODS for m in methods):
+        problems.append(
+            f"[evaluate] methods must be a list of {', '.join(repr(m) for m in EVALUATE_METHODS)}; "
+            f"got {_describe(methods)}."
+        )
+    else:
+        values["methods"] = tuple(dict.fromkeys(methods))
+    for key, minimum in (("n_subsets", 2), ("seeds", 1), ("n_bootstrap", 1)):
+        if key in table:
+            value = table[key]
+            if isinstance(value, int) and not isinstance(value, bool) and value >= minimum:
+                values[key] = value
+            else:
+                problems.append(f"[evaluate] {key} must be an integer of at least {minimum}; got {_describe(value)}.")
+    if "seed" in table:
+        value = table["seed"]
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            values["seed"] = value
+        else:
+            problems.append(f"[evaluate] seed must be a non-negative integer; got {_describe(value)}.")
+    for key, example in (("fraction", "0.5"), ("confidence", "0.95")):
+        if key in table:
+            value = table[key]
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1:
+                values[key] = float(value)
+            else:
+                problems.append(
+                    f"[evaluate] {key} must be a number between 0 and 1 (e.g. {example}); got {_describe(value)}."
+                )
+    if "points" in table:
+        value = table["points"]
+        if _positive_int(value):
+            values["points"] = value
+        elif _index_list(value):
+            values["points"] = tuple(value)
+        else:
+            problems.append(
+                "[evaluate] points must be a number of random training points or a list of training "
+                f"indices; got {_describe(value)}."
+            )
+    if "warm_start" in table:
+        if isinstance(table["warm_start"], bool):
+            values["warm_start"] = table["warm_start"]
+        else:
+            problems.append(f"[evaluate] warm_start must be true or false; got {_describe(table['warm_start'])}.")
+    if "corrupted" in table:
+        if _index_list(table["corrupted"]):
+            values["corrupted"] = tuple(table["corrupted"])
+        else:
+            problems.append(
+                f"[evaluate] corrupted must be a list of training indices; got {_describe(table['corrupted'])}."
+            )
+    if "mislabel" in values.get("methods", ()) and not values.get("corrupted"):
+        problems.append('[evaluate] methods = ["mislabel"] needs corrupted = [...] (the corrupted training indices).')
+    if len(problems) != n_before:
+        return None
+    return EvaluateSection(**values)
+
+
+def _renamed_keys(section: str, table: dict, problems: list[str]) -> dict:
+    """``table`` with the old spellings of :data:`RENAMED_KEYS` renamed, each with a ``RenamedWarning``;
+    a table with both spellings of a key is a problem."""
+    renames = {old: new for old, new in RENAMED_KEYS.get(section, {}).items() if old in table}
+    if not renames:
+        return table
+    import warnings
+
+    from ..errors import RenamedWarning
+
+    table = dict(table)
+    for old, new in renames.items():
+        if new in table:
+            problems.append(f"[{section}] pass {new} only ({old} is its old spelling).")
+            table.pop(old)
+            continue
+        table[new] = table.pop(old)
+        warnings.warn(
+            f"[{section}] {old} is now spelled {new}; the old spelling still works in this release and will be "
+            "removed in the next.",
+            RenamedWarning,
+            stacklevel=2,
+        )
+    return table
+
+
+def _index_list(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+    )
+
+
+def _memory_limit_ok(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, (int, float)):
+        return value > 0
+    if isinstance(value, str):
+        if value.strip().lower() == "auto":
+            return True
+        from dask.utils import parse_bytes
+
+        try:
+            return parse_bytes(value) > 0
+        except (ValueError, TypeError):
+            return False
+    return False
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _unknown(section: str, table: Mapping, valid: Sequence[str], problems: list[str]) -> None:
+    for key in table:
+        if key not in valid:
+            problems.append(f"[{section}] unknown key {key!r}{_suggest(key, valid)}")
+
+
+def _suggest(key: str, valid: Any, *, brackets: bool = False, what: str | None = None) -> str:
+    """``"; did you mean 'x'?"`` for the closest valid key, else the list of valid keys."""
+    valid = list(valid)
+    close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean [{close[0]}]?" if brackets else f"; did you mean {close[0]!r}?"
+    listed = ", ".join(f"[{v}]" if brackets else v for v in valid)
+    return f"; valid {what or ('sections' if brackets else 'keys')}: {listed}."
+
+
+def _describe(value: Any) -> str:
+    """A TOML value as a message shows it: ``'big'``, ``-3``, ``a table``, ``a list``."""
+    if isinstance(value, Mapping):
+        return "a table"
+    if isinstance(value, list) and len(repr(value)) > 40:
+        return "a list"
+    return repr(value)
