@@ -483,3 +483,41 @@ def test_every_path_key_follows_one_rule(tmp_path, monkeypatch):
             "[cluster] security ca_file": job.cluster.security.ca_file,
         }
         assert found == dict.fromkeys(found, expected), value
+
+
+def _documented_defaults(section: str) -> dict[str, str]:
+    """``key -> default`` as docs/cli.md's table of ``[section]`` writes it."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "cli.md").read_text(encoding="utf-8")
+    table = text.split(f"### `[{section}]`", 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0]
+    rows = [line.split("|") for line in table.splitlines() if line.startswith("| `")]
+    return {row[1].strip().strip("`"): row[3].strip() for row in rows}
+
+
+def test_index_and_evaluate_defaults_are_the_apis_and_the_docs_say_them():
+    """[index] and [evaluate] take their defaults from GradientIndex.build and di.evaluate.lds/loo
+    (one source of truth), and docs/cli.md's tables show the same values."""
+    import inspect
+
+    from dask_influence.job import EvaluateSection, IndexSection
+
+    build = inspect.signature(di.GradientIndex.build).parameters
+    index = IndexSection(store="x")
+    lds = inspect.signature(di.evaluate.lds).parameters
+    evaluate = EvaluateSection(retrain="a:b")
+    for key in ("projection_dim", "projection", "seed", "dtype", "preconditioner", "curvature", "regularization"):
+        assert getattr(index, key) == build[key].default, key
+    for key in ("n_subsets", "fraction", "seeds", "seed", "confidence", "n_bootstrap"):
+        assert getattr(evaluate, key) == lds[key].default, key
+
+    def shown(value):
+        return f'`"{value}"`' if isinstance(value, str) else str(value)
+
+    for section, values in (("index", index), ("evaluate", evaluate)):
+        documented = _documented_defaults(section)
+        for key, text in documented.items():
+            if hasattr(values, key) and key not in ("store", "layers", "options", "methods", "corrupted", "retrain"):
+                value = getattr(values, key)
+                if isinstance(value, bool):
+                    assert text == f"`{str(value).lower()}`", (section, key, text)
+                else:
+                    assert text == shown(value), (section, key, text)

@@ -8,8 +8,9 @@ keywords of :func:`dask_influence.evaluate.lds` and ``loo``.
 
 from __future__ import annotations
 
+import inspect
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,39 @@ from ..mapping.security import TlsFiles
 
 if TYPE_CHECKING:
     from ..core.solvers.base import InfluenceModel
+
+
+def api_default(function: Callable[[], Callable[..., Any]], name: str) -> Any:
+    """A dataclass field whose default is the default of keyword ``name`` of the API function
+    ``function()`` returns (imported when a section is built, not when this module is): the job
+    file and the API it configures share one default."""
+
+    def default() -> Any:
+        value = inspect.signature(function()).parameters[name].default
+        if value is inspect.Parameter.empty:
+            raise TypeError(f"{name} has no default in {function().__qualname__}")
+        return value
+
+    return field(default_factory=default)
+
+
+def _build() -> Callable[..., Any]:
+    from ..index import GradientIndex
+
+    return GradientIndex.build
+
+
+def _lds() -> Callable[..., Any]:
+    from ..evaluate import lds
+
+    return lds
+
+
+def _loo() -> Callable[..., Any]:
+    from ..evaluate import loo
+
+    return loo
+
 
 DEFAULT_BLOCK_SIZE = 256
 MODES = ("up", "perturbation")
@@ -223,7 +257,8 @@ class ClusterSection:
 @dataclass(frozen=True)
 class IndexSection:
     """``[index]``: the gradient index of ``dask-influence index`` and ``query``
-    (:class:`~dask_influence.GradientIndex`; the keys are its ``build`` arguments).
+    (:class:`~dask_influence.GradientIndex`; the keys are its ``build`` arguments, and their
+    defaults are ``build``'s own).
 
     Attributes:
         store: the index's path (absolute) or URL.
@@ -232,13 +267,13 @@ class IndexSection:
     """
 
     store: str
-    projection_dim: int = 1024
-    projection: str = "sjlt"
-    seed: int = 0
-    dtype: str = "float32"
-    preconditioner: str = "curvature"
-    curvature: str = "ggn"
-    regularization: float | str = "auto"
+    projection_dim: int = api_default(_build, "projection_dim")
+    projection: str = api_default(_build, "projection")
+    seed: int = api_default(_build, "seed")
+    dtype: str = api_default(_build, "dtype")
+    preconditioner: str = api_default(_build, "preconditioner")
+    curvature: str = api_default(_build, "curvature")
+    regularization: float | str = api_default(_build, "regularization")
     layers: tuple[str, ...] | None = None
 
     def build_options(self) -> dict[str, Any]:
@@ -276,15 +311,15 @@ class EvaluateSection:
     options: dict[str, Any] = field(default_factory=dict)
     store: str | None = None
     methods: tuple[str, ...] = ("lds",)
-    n_subsets: int = 50
-    fraction: float = 0.5
-    seeds: int = 1
-    seed: int = 0
-    points: int | tuple[int, ...] = 20
-    warm_start: bool = False
+    n_subsets: int = api_default(_lds, "n_subsets")
+    fraction: float = api_default(_lds, "fraction")
+    seeds: int = api_default(_lds, "seeds")
+    seed: int = api_default(_lds, "seed")
+    points: int | tuple[int, ...] = 20  # loo takes the points themselves: the job file's default draws 20
+    warm_start: bool = api_default(_loo, "warm_start")
     corrupted: tuple[int, ...] = ()
-    confidence: float = 0.95
-    n_bootstrap: int = 1000
+    confidence: float = api_default(_lds, "confidence")
+    n_bootstrap: int = api_default(_lds, "n_bootstrap")
 
 
 @dataclass(frozen=True)

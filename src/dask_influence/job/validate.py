@@ -454,11 +454,17 @@ def _index(table: dict | None, base: Path, problems: list[str]) -> IndexSection 
         problems.append(f'[index] store is required: the index\'s path, e.g. "index.zarr"; got {_describe(store)}.')
     else:
         values["store"] = resolve_path(store, base)
+    from ..core.operators import Curvature
+    from ..core.projection import KINDS
+    from ..index.gradient_index import PRECONDITIONERS
+    from ..index.layout import DTYPES
+
+    # the choices GradientIndex.build accepts, from where it defines them
     choices = {
-        "projection": ("sjlt", "gaussian", "orthogonal", "kronecker"),
-        "dtype": ("float16", "float32", "float64"),
-        "preconditioner": ("curvature", "fisher", "none"),
-        "curvature": ("ggn", "hessian"),
+        "projection": KINDS,
+        "dtype": ("auto", *DTYPES),
+        "preconditioner": PRECONDITIONERS,
+        "curvature": tuple(c.value for c in Curvature),
     }
     for key, allowed in choices.items():
         if key in table:
