@@ -10,10 +10,12 @@ installed; imports only torch, numpy and ``trak``.
 per ``k``).
 
 Mapped onto our convention: the model output is each sample's cross-entropy loss (so TRAK's
-features are the projected loss gradients, as ours) and the out-to-loss term is 1; TRAK's
-``(Phi^T Phi + lambda_reg I)^-1`` with ``lambda_reg = n lambda`` is our
-``n (Phi^T Phi / n + lambda I)^-1``: the empirical-Fisher index at the same ``lambda``
-(TRAK rescales its inverse by a constant: Pearson does not see it). The CPU projector
+features are the projected loss gradients, as ours) and the out-to-loss term is 1. TRAK's
+features are ``R g / sqrt(p)`` with Rademacher entries +-1 (``E[R^T R / p] = (k / p) I``,
+where ours has ``E[P^T P] = I``), so its ``(Phi^T Phi + lambda_reg I)^-1`` with
+``lambda_reg = n (k / p) lambda`` is our
+``(Phi^T Phi / n + lambda I)^-1`` up to a constant: the empirical-Fisher index at the same
+``lambda`` (TRAK also rescales its inverse by a constant: Pearson does not see either). The CPU projector
 (``BasicProjector``, Rademacher) and float32 throughout.
 """
 
@@ -75,7 +77,7 @@ def main(spec_path: str) -> None:
         projector = BasicProjector(p, k, 0, ProjectionType.rademacher, "cpu", block_size=blocks, dtype=torch.float32)
         traker = TRAKer(
             model=model, task=LossOutput(), train_set_size=n, save_dir=str(save), device="cpu", projector=projector,
-            proj_dim=k, use_half_precision=False, lambda_reg=n * spec["lam"], logging_level=40,
+            proj_dim=k, use_half_precision=False, lambda_reg=n * k / p * spec["lam"], logging_level=40,
         )  # fmt: skip
         traker.load_checkpoint(model.state_dict(), model_id=0)
         for s in range(0, n, 200):
