@@ -179,3 +179,25 @@ def test_float_class_labels_name_the_fix(problem):
         in message
     )
     assert "\n" not in message
+
+
+def test_fit_on_the_cluster_counts_each_group_of_blocks(problem, fit_client, capsys, monkeypatch, every_line):
+    """calc.fit over the train blocks on the workers: each pass counts the samples of each worker's
+    group as it finishes (the groups of the session cluster's workers, in blocks of 10 of 40)."""
+    model, loss, x, y, loader = problem
+    monkeypatch.setenv(progress.ENV, "1")
+    calc = di.DaskInfluenceCalculator(di.EkfacInfluence(model, loss, regularization=1.0), fit_client)
+    calc.fit(loader)
+    said = lines(capsys.readouterr().err)
+    assert said[0] == "EK-FAC fit: pass 1 of 2 (Kronecker factors): 0 of 40 samples"
+    counts = [
+        int(m.group(1))
+        for s in said
+        if (m := re.match(r"EK-FAC fit: pass 1 of 2 \(Kronecker factors\): (\d+) of 40 samples", s))
+    ]
+    assert counts[0] == 0 and counts[-1] == 40 and counts == sorted(counts) and len(counts) >= 3
+    assert "EK-FAC fit: pass 2 of 2 (eigenvalue correction): 0 of 40 samples" in said
+    assert re.fullmatch(r"EK-FAC fit: done, 2 passes over 40 samples in [\d.]+ s", said[-1])
+    silent = di.DaskInfluenceCalculator(di.EkfacInfluence(model, loss, regularization=1.0), fit_client, progress=False)
+    silent.fit(loader)
+    assert capsys.readouterr().err == ""

@@ -97,6 +97,9 @@ class _BlockCalculator:
                 not its contents (:func:`~.fitting.restore_fit`). A fresh fit always validates.
 
         ``last_fit_`` reports whether the fit was reused, the passes over the data and the time.
+        Each pass is reported as ``solver.fit`` reports it (:mod:`dask_influence.progress`;
+        nothing with ``progress=False``), counting the samples of each worker's group of blocks
+        as it finishes.
         """
         from .fitting import fit_with_blocks, restore_fit, saved_fit_exists
 
@@ -104,7 +107,7 @@ class _BlockCalculator:
         if not verify_data and path is not None and not refit and saved_fit_exists(path):
             self.last_fit_ = restore_fit(self.solver, source, path)  # no blocks loaded, no pass
         else:
-            with self._train_blocks(source) as blocks:
+            with self._train_blocks(source) as blocks, _progress.reporting(None if self.progress else False):
                 self.last_fit_ = fit_with_blocks(self.solver, blocks, path=path, refit=refit)
         self._fit_train = source
         self._fit_id = getattr(self.solver, "fit_id_", None)  # to notice a later solver.fit()
