@@ -47,6 +47,7 @@ LANES: dict[str, tuple[str, ...]] = {
     "benchmarks/test_runner.py": ("subprocess", "slow"),
     "cli/test_run.py": ("subprocess", "cluster"),
     "cli/test_demo.py": ("cluster",),
+    "cli/test_progress_cli.py": ("subprocess", "cluster"),
     "deploy/test_commands.py": ("subprocess",),
     "evaluate/test_benchmark_tiny.py": ("subprocess", "slow"),
     "mapping/test_worker_loss.py": ("subprocess", "cluster", "slow"),

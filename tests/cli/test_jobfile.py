@@ -521,3 +521,39 @@ def test_index_and_evaluate_defaults_are_the_apis_and_the_docs_say_them():
                     assert text == f"`{str(value).lower()}`", (section, key, text)
                 else:
                     assert text == shown(value), (section, key, text)
+
+
+def test_loading_the_factory_leaves_sys_path_as_it_was(tmp_path):
+    """The factory's directory is searched while its module is imported and its factory called,
+    then taken off sys.path again (it stayed there for the rest of the process before session 9)."""
+    import sys
+
+    (tmp_path / "pathfactory.py").write_text(
+        "import torch\nfrom torch.utils.data import TensorDataset\n"
+        "def make():\n"
+        "    import pathhelper  # a neighbour imported when the factory is called\n"
+        "    return pathhelper.problem()\n"
+    )
+    (tmp_path / "pathhelper.py").write_text(
+        "import torch\nfrom torch import nn\nfrom torch.utils.data import TensorDataset\n"
+        "def problem():\n"
+        "    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))\n"
+        "    return {'model': nn.Linear(3, 2), 'loss': nn.CrossEntropyLoss(), 'train': TensorDataset(x, y),"
+        " 'test': TensorDataset(x[:2], y[:2])}\n"
+    )
+    job = parse_job(
+        {
+            "model": {"factory": "pathfactory:make", "path": str(tmp_path)},
+            "solver": {"method": "direct"},
+            "output": {"store": "s.zarr"},
+        },
+        base_dir=tmp_path,
+    )
+    before = list(sys.path)
+    try:
+        problem = load_problem(job)
+        assert len(problem.train) == 8
+        assert sys.path == before
+    finally:
+        for name in ("pathfactory", "pathhelper"):
+            sys.modules.pop(name, None)

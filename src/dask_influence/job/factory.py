@@ -7,7 +7,8 @@ import importlib
 import importlib.util
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,18 +28,26 @@ class Problem:
     test: Any
 
 
-def load_factory(job: Job, factory: str | None = None, section_name: str = "model") -> Callable[..., Any]:
-    """Import the ``[model] factory`` function (or another ``"module:function"``), with
-    ``[model] path`` in front of ``sys.path``."""
-    paths = job.model.path
-    factory = factory or job.model.factory
-    module_name, function = factory.split(":", 1)
-    for directory in reversed(paths):
-        if directory not in sys.path:
-            sys.path.insert(0, directory)
-    _forget_shadowed(module_name, paths)
+@contextmanager
+def search_path(paths: Sequence[str]) -> Iterator[None]:
+    """``paths`` in front of ``sys.path`` for the duration of the block (importing the user's
+    module, calling its factory), then ``sys.path`` as it was: a job leaves no directory of its
+    own on the import path of the process that ran it."""
+    added = [p for p in paths if p not in sys.path]
+    sys.path[:0] = added
     try:
-        module = importlib.import_module(module_name)
+        yield
+    finally:
+        for p in added:
+            if p in sys.path:
+                sys.path.remove(p)
+
+
+def _import_module(job: Job, module_name: str, factory: str, section_name: str, paths: Sequence[str]) -> Any:
+    """Import ``module_name`` (``paths`` already searched first), or raise the one-line error that
+    says whether it was not found or failed while importing."""
+    try:
+        return importlib.import_module(module_name)
     except ImportError as exc:
         if _module_found(module_name, exc):  # the module is there: its own imports failed
             missing = getattr(exc, "name", None) if isinstance(exc, ModuleNotFoundError) else None
@@ -65,6 +74,17 @@ def load_factory(job: Job, factory: str | None = None, section_name: str = "mode
             "where).",
             path=_path(job),
         ) from exc
+
+
+def load_factory(job: Job, factory: str | None = None, section_name: str = "model") -> Callable[..., Any]:
+    """Import the ``[model] factory`` function (or another ``"module:function"``), with
+    ``[model] path`` searched first (only while importing: ``sys.path`` is left as it was)."""
+    paths = job.model.path
+    factory = factory or job.model.factory
+    module_name, function = factory.split(":", 1)
+    _forget_shadowed(module_name, paths)
+    with search_path(paths):
+        module = _import_module(job, module_name, factory, section_name, paths)
     target: Any = module
     for part in function.split("."):
         if not hasattr(target, part):
@@ -125,7 +145,8 @@ def load_task(job: Job) -> Any:
         fn = load_factory(job, section.factory, "task")
         where = f"[task] factory {section.factory!r}"
     try:
-        task = fn(**section.options)
+        with search_path(job.model.path):
+            task = fn(**section.options)
     except TypeError as exc:
         raise JobFileError(f"{where} does not take options {section.options}: {exc}", path=_path(job)) from None
     if not isinstance(task, Task):
@@ -170,7 +191,8 @@ def load_problem(job: Job) -> Problem:
     from torch.utils.data import IterableDataset
 
     factory = load_factory(job)
-    result = factory(**job.model.options)
+    with search_path(job.model.path):  # a factory may import its neighbours when called
+        result = factory(**job.model.options)
     name = job.model.factory
     parts: dict[str, Any] = {}
     missing = []
