@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import pickle
 import warnings
-from typing import Any
+from typing import Any, cast
 
 import cloudpickle
 import numpy as np
@@ -317,13 +317,45 @@ class Projector:
         for start in range(0, n, step):
             stop = min(start + step, n)
             rows = batches.slice_rows(batch, start, stop)
-            copies = batches.concat([rows] * r) if r > 1 else rows  # root-major: (r * m) samples
-            vectors = roots[:, start:stop].reshape(r * (stop - start), *roots.shape[2:])
-            phi = self._projected_vjps(copies, vectors.to(self.dtype)).double().cpu()
+            chunk = roots[:, start:stop].to(self.dtype)
+            phi = self._shared_forward_vjps(rows, chunk) if r > 1 else None
+            if phi is None:  # root-major copies of the samples: (r * m) samples, one vector each
+                copies = batches.concat([rows] * r) if r > 1 else rows
+                phi = self._projected_vjps(copies, chunk.reshape(r * (stop - start), *roots.shape[2:]))
+            phi = phi.double().cpu()
             total += phi.T @ phi
         total /= n
         check_finite("the projected curvature", total, hint="Check the model and the loss for overflow.")
         return total.numpy()
+
+    def _shared_forward_vjps(self, batch: Any, roots: Tensor) -> Tensor | None:
+        """``P J_i^T v_ri`` for every sample ``i`` and root ``r`` of ``roots`` ``(r, m, ...)`` from ONE
+        forward per sample (``torch.func.vjp``, its pullback vmapped over the roots): ``(m * r, k)``
+        in no particular order (the GGN sums their outer products). ``None`` where this does not
+        apply (the Kronecker projection, or a model vmap cannot batch): the caller repeats the
+        samples instead."""
+        if isinstance(self.projection, KroneckerProjection) or not self.functions._vmap_samples:
+            return None
+        outputs_fn = self.task.outputs
+        assert outputs_fn is not None
+        params = self.spec.unflatten(self.theta)
+
+        def pullbacks(sample: Any, vectors: Tensor) -> dict[str, Tensor]:
+            def outputs(p: dict[str, Tensor]) -> Tensor:
+                return self.functions.apply(p, outputs_fn, batches.unsqueeze(sample))[0]
+
+            pullback = torch.func.vjp(outputs, params)[1]
+            return cast(dict[str, Tensor], torch.func.vmap(lambda v: pullback(v)[0])(vectors))
+
+        try:
+            grads = torch.func.vmap(pullbacks, in_dims=(0, 1))(batch, roots)  # {name: (m, r, *shape)}
+        except RuntimeError as err:  # data-dependent control flow: the caller's path falls back
+            if not _is_data_dependent(err):
+                raise
+            return None
+        m, r = roots.shape[1], roots.shape[0]
+        flat = torch.cat([grads[k].reshape(m * r, -1) for k in self.spec.names], dim=1)
+        return self.projection.project(flat)
 
     def _projected_vjps(self, batch: Any, vectors: Tensor) -> Tensor:
         """``P J_i^T v_i`` for each sample ``i`` (``J_i`` its outputs' Jacobian): ``(n, k)``."""
