@@ -104,3 +104,16 @@ def test_auto_keeps_the_exact_ggn_where_it_is_cheaper_and_explicit_draws_sample(
             model, lambda o, t: ((o - torch.nn.functional.one_hot(t, 3)) ** 4).mean(), data, tmp_path / "d.zarr",
             ggn_draws=4, client="sync",
         )  # fmt: skip
+
+
+@pytest.mark.cluster
+def test_sampled_ggn_on_two_workers_and_other_blocks_equals_the_in_process_build(lm, tmp_path, cluster_client):
+    """Each sample's labels are drawn from a generator seeded by its index in the training data:
+    blocks of 7 on 2 workers give the in-process index of blocks of 20 (up to summation order)."""
+    model, task, train, test, lam, _ = lm
+    kw = dict(projection_dim=32, regularization=lam, dtype="float64", ggn_draws=4)
+    local = di.GradientIndex.build(model, task, train, tmp_path / "one.zarr", block_size=20, client="sync", **kw)
+    dist = di.GradientIndex.build(model, task, train, tmp_path / "two.zarr", block_size=7, client=cluster_client, **kw)
+    assert dist.attributes["ggn_estimate"] == {"kind": "sampled", "draws": 4, "seed": 0}
+    np.testing.assert_allclose(dist.curvature_matrix(), local.curvature_matrix(), rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(dist.influences(test), local.influences(test), rtol=1e-8, atol=1e-12)
