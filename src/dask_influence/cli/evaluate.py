@@ -234,11 +234,11 @@ def _say(quiet: bool, message: str) -> None:
 
 def _client(job: Any, scheduler: str | None, stack: ExitStack, tls: Any = None) -> tuple[Any, str]:
     """The client the runs go to (``None``: this process) and where that is, as ``run`` resolves it."""
-    from .run import connect_scheduler, refuse_tls_without_scheduler, scheduler_address
+    from .run import _warn, connect_scheduler, refuse_tls_without_scheduler, scheduler_address
 
     address, source = scheduler_address(job, scheduler)
     if address:
-        return connect_scheduler(job, address, source, tls, stack), f"on the scheduler at {address}"
+        return connect_scheduler(job, address, source, tls, stack, warn=_warn), f"on the scheduler at {address}"
     refuse_tls_without_scheduler(job, tls)
     if job.cluster.sequential:
         return False, "in this process (sequential)"

@@ -22,6 +22,7 @@ from .run import (
     _check_store_early,
     _progress_lines,
     _say,
+    _warn,
     interrupts_say_how_to_resume,
     job_client,
     job_model,
@@ -129,7 +130,9 @@ def index(
         assert section is not None
         with ExitStack() as stack:
             tls = tls_from_options(tls_ca_file, tls_cert, tls_key)
-            client, where = job_client(job, scheduler, quiet, stack, gpu=job.cluster.gpu, tls=tls)
+            client, where = job_client(
+                job, scheduler, stack, say=lambda m: _say(quiet, m), warn=_warn, gpu=job.cluster.gpu, tls=tls
+            )
             _say(
                 quiet,
                 f"Indexing {len(problem.train):,} training points (k = {section.projection_dim}, "
@@ -216,7 +219,9 @@ def query(
             raise ValueError("[output] mode must be 'up' for a query: an index holds gradients, not their derivatives.")
         with ExitStack() as stack:
             tls = tls_from_options(tls_ca_file, tls_cert, tls_key)
-            client, where = job_client(job, scheduler, quiet, stack, gpu=job.cluster.gpu, tls=tls)
+            client, where = job_client(
+                job, scheduler, stack, say=lambda m: _say(quiet, m), warn=_warn, gpu=job.cluster.gpu, tls=tls
+            )
             opened = di.GradientIndex.open(
                 section.store, model, problem.loss, client="sync" if client is None else client
             )

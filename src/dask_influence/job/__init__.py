@@ -3,8 +3,9 @@ its schema, its validation and the user's code it names.
 
 The package: :mod:`.sections` (one frozen dataclass per section, :class:`Job`), :mod:`.paths`
 (one rule for every path), :mod:`.validate` (:func:`load_job`, :func:`parse_job`: every
-problem at once) and :mod:`.factory` (:func:`load_problem`, :func:`load_task`,
-:func:`make_solver`: importing the factory).
+problem at once), :mod:`.factory` (:func:`load_problem`, :func:`load_task`,
+:func:`make_solver`: importing the factory) and :mod:`.cluster` (where a job computes: the
+client of ``--scheduler`` or ``[cluster]``, TLS, the embedded ``LocalCluster``; nothing printed).
 
 A job file names a Python factory that returns the model, the loss and the data, the solver
 and its parameters, the block sizes, the output store and the cluster::
