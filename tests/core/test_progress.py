@@ -181,6 +181,7 @@ def test_float_class_labels_name_the_fix(problem):
     assert "\n" not in message
 
 
+@pytest.mark.slow
 def test_fit_on_the_cluster_counts_each_group_of_blocks(problem, fit_client, capsys, monkeypatch, every_line):
     """calc.fit over the train blocks on the workers: each pass counts the samples of each worker's
     group as it finishes (the groups of the session cluster's workers, in blocks of 10 of 40)."""
