@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import copyreg
-import hashlib
 import os
 import pickle
 import threading
@@ -411,15 +410,9 @@ class InfluenceModel(ABC):
     def fingerprint(self) -> str:
         """A deterministic hash of this solver: method, hyperparameters, the model's weights and,
         when fitted, the fitted state. Two solvers with the same fingerprint give the same influences."""
-        h = hashlib.sha256(f"{self.method or type(self).__name__};".encode())
-        _hash_tree(h, self.config.to_dict())
-        if not self.objective.pairs:  # (pair losses keep the fingerprints of earlier versions)
-            _hash_tree(h, self.objective.describe())
-        for p in self.model.parameters():
-            h.update(p.detach().cpu().contiguous().numpy().tobytes())
-        if self.is_fitted:
-            _hash_tree(h, self.fitted_state())
-        return h.hexdigest()[:32]
+        from . import fit_record
+
+        return fit_record.fingerprint(self)
 
     # -- save and load ------------------------------------------------------------------
     def save(self, path: str | os.PathLike | BinaryIO) -> None:
@@ -466,52 +459,7 @@ class InfluenceModel(ABC):
         """
         from . import fit_record
 
-        where = os.fspath(path)
-        saved = fit_record.read(
-            where,
-            where=where,
-            what="a file written by InfluenceModel.save()",
-            refit=f"fit the solver again and save it ({cls.__name__}(model, loss, ...).fit(train).save(path))",
-        )
-        if cls is InfluenceModel and saved.get("method"):
-            from .registry import solver_class
-
-            cls = solver_class(saved["method"])
-        if saved["class"] != cls.__name__:
-            raise ValueError(f"{where!r} holds a fitted {saved['class']}; use {saved['class']}.load().")
-        unknown = sorted(set(saved["hyperparameters"]) - set(cls.config_class.field_names()))
-        if unknown:
-            raise ValueError(
-                f"{where!r} records hyperparameters {', '.join(unknown)} that {cls.__name__} "
-                "does not take (written by another version?); fit again."
-            )
-        solver = cls(model, loss, **fit_record.constructor_keywords(saved["hyperparameters"]))
-        recorded = saved.get("task_loss")
-        current = None if solver.objective.pairs else solver.objective.loss_id()
-        if recorded != current:
-            raise ValueError(
-                f"{where!r} was fitted with the training loss {recorded or 'loss(outputs, targets) of (x, y) pairs'}, "
-                f"but this solver's is {current or 'a loss(outputs, targets) of (x, y) pairs'}; load it with the "
-                "task (or loss) it was fitted with, or fit again."
-            )
-        theta = flat_params(solver.model, solver._functions.spec)  # a float32 copy of a half-precision model
-        if theta.numel() != saved["num_params"] or fit_record.checksum(theta) != saved["params_checksum"]:
-            raise ValueError(
-                f"The model's trainable parameters differ from those the saved {cls.__name__} was "
-                "fitted with; load it with the same trained model (weights and frozen layers), "
-                "or fit again."
-            )
-        if cls.needs_training_data and train is None:
-            raise ValueError(
-                f"{cls.__name__} applies the curvature from the training data when it solves; "
-                f"pass it: {cls.__name__}.load(path, model, loss, train=train_loader)."
-            )
-        source = None
-        if cls.needs_training_data:
-            source = solver.training_data(train)
-            source.scan()
-        fit_record.restore(solver, saved, theta, source, where=where)
-        return solver
+        return fit_record.load_solver(cls, os.fspath(path), model, loss, train)
 
     def _operator_for(self, theta: Tensor, source: TrainingData) -> Any:
         operator: Any = CurvatureOperator(self._functions, theta, source, self.curvature)
@@ -830,45 +778,6 @@ def _merge_reports(reports: list[Any]) -> Any:
     return merge(reports) if merge is not None and len(reports) > 1 else reports[-1]
 
 
-def _hash_tree(h: Any, value: Any) -> None:
-    """Feed ``value`` (tensors, numbers, strings, containers, dataclasses, plain objects) to ``h``."""
-    import dataclasses
-
-    if isinstance(value, Tensor):
-        t = value.detach().cpu().contiguous()
-        h.update(f"T{t.dtype}{tuple(t.shape)};".encode())
-        h.update(t.numpy().tobytes() if t.dtype not in (torch.bfloat16,) else t.float().numpy().tobytes())
-    elif isinstance(value, (bool, int, float, str, type(None))):
-        h.update(f"{type(value).__name__}={value!r};".encode())
-    elif isinstance(value, dict):
-        h.update(b"{")
-        for key in sorted(value, key=str):
-            h.update(f"{key}:".encode())
-            _hash_tree(h, value[key])
-        h.update(b"}")
-    elif isinstance(value, (list, tuple)):
-        h.update(b"[")
-        for item in value:
-            _hash_tree(h, item)
-        h.update(b"]")
-    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-        h.update(f"{type(value).__name__}(".encode())
-        _hash_tree(h, {f.name: getattr(value, f.name) for f in dataclasses.fields(value)})
-        h.update(b")")
-    elif hasattr(value, "__dict__"):
-        h.update(f"{type(value).__name__}(".encode())
-        _hash_tree(h, {k: v for k, v in vars(value).items() if k != "num_applications"})
-        h.update(b")")
-    else:
-        h.update(repr(type(value)).encode())
-
-
-def _same_value(a: Any, b: Any) -> bool:
-    if isinstance(a, Tensor) or isinstance(b, Tensor):
-        return isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and bool(torch.equal(a, b))
-    return a is b or a == b
-
-
 _PICKLING = threading.local()  # ids of the solvers this thread is pickling (see __reduce__)
 
 
@@ -954,3 +863,9 @@ class _ReportedBlocks:
             f"over {_progress.count(self._blocks.n)} samples in {_progress.duration(elapsed)}",
             force=True,
         )
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and bool(torch.equal(a, b))
+    return a is b or a == b

@@ -179,3 +179,105 @@ def to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, list):
         return [to_device(v, device) for v in value]
     return value
+
+
+def load_solver(cls: type[InfluenceModel], where: str, model: Any, loss: Any, train: Any) -> InfluenceModel:
+    """:meth:`InfluenceModel.load`: the fitted solver of the record at ``where`` for ``model`` and
+    ``loss`` (``cls`` the base class: the registered class the record names), after checking that
+    the record is one ``save`` wrote for that class, its hyperparameters, training loss and
+    the model's weights; ``train`` for the solvers that apply the curvature at solve time."""
+    from ..gradients import flat_params
+
+    saved = read(
+        where,
+        where=where,
+        what="a file written by InfluenceModel.save()",
+        refit=f"fit the solver again and save it ({cls.__name__}(model, loss, ...).fit(train).save(path))",
+    )
+    if cls.__module__ == f"{__package__}.base" and saved.get("method"):  # InfluenceModel.load: the class it names
+        from .registry import solver_class
+
+        cls = solver_class(saved["method"])
+    if saved["class"] != cls.__name__:
+        raise ValueError(f"{where!r} holds a fitted {saved['class']}; use {saved['class']}.load().")
+    unknown = sorted(set(saved["hyperparameters"]) - set(cls.config_class.field_names()))
+    if unknown:
+        raise ValueError(
+            f"{where!r} records hyperparameters {', '.join(unknown)} that {cls.__name__} "
+            "does not take (written by another version?); fit again."
+        )
+    solver = cls(model, loss, **constructor_keywords(saved["hyperparameters"]))
+    recorded = saved.get("task_loss")
+    current = None if solver.objective.pairs else solver.objective.loss_id()
+    if recorded != current:
+        raise ValueError(
+            f"{where!r} was fitted with the training loss {recorded or 'loss(outputs, targets) of (x, y) pairs'}, "
+            f"but this solver's is {current or 'a loss(outputs, targets) of (x, y) pairs'}; load it with the "
+            "task (or loss) it was fitted with, or fit again."
+        )
+    theta = flat_params(solver.model, solver._functions.spec)  # a float32 copy of a half-precision model
+    if theta.numel() != saved["num_params"] or checksum(theta) != saved["params_checksum"]:
+        raise ValueError(
+            f"The model's trainable parameters differ from those the saved {cls.__name__} was "
+            "fitted with; load it with the same trained model (weights and frozen layers), "
+            "or fit again."
+        )
+    if cls.needs_training_data and train is None:
+        raise ValueError(
+            f"{cls.__name__} applies the curvature from the training data when it solves; "
+            f"pass it: {cls.__name__}.load(path, model, loss, train=train_loader)."
+        )
+    source = None
+    if cls.needs_training_data:
+        source = solver.training_data(train)
+        source.scan()
+    restore(solver, saved, theta, source, where=where)
+    return solver
+
+
+def fingerprint(solver: InfluenceModel) -> str:
+    """A deterministic hash of ``solver``: method, hyperparameters, the task (not for a pair loss:
+    those keep the fingerprints of earlier versions), the model's weights and, when fitted, the
+    fitted state. Two solvers with the same fingerprint give the same influences."""
+    h = hashlib.sha256(f"{solver.method or type(solver).__name__};".encode())
+    hash_tree(h, solver.config.to_dict())
+    if not solver.objective.pairs:
+        hash_tree(h, solver.objective.describe())
+    for p in solver.model.parameters():
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    if solver.is_fitted:
+        hash_tree(h, solver.fitted_state())
+    return h.hexdigest()[:32]
+
+
+def hash_tree(h: Any, value: Any) -> None:
+    """Feed ``value`` (tensors, numbers, strings, containers, dataclasses, plain objects) to ``h``."""
+    import dataclasses
+
+    if isinstance(value, Tensor):
+        t = value.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)};".encode())
+        h.update(t.numpy().tobytes() if t.dtype not in (torch.bfloat16,) else t.float().numpy().tobytes())
+    elif isinstance(value, (bool, int, float, str, type(None))):
+        h.update(f"{type(value).__name__}={value!r};".encode())
+    elif isinstance(value, dict):
+        h.update(b"{")
+        for key in sorted(value, key=str):
+            h.update(f"{key}:".encode())
+            hash_tree(h, value[key])
+        h.update(b"}")
+    elif isinstance(value, (list, tuple)):
+        h.update(b"[")
+        for item in value:
+            hash_tree(h, item)
+        h.update(b"]")
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        h.update(f"{type(value).__name__}(".encode())
+        hash_tree(h, {f.name: getattr(value, f.name) for f in dataclasses.fields(value)})
+        h.update(b")")
+    elif hasattr(value, "__dict__"):
+        h.update(f"{type(value).__name__}(".encode())
+        hash_tree(h, {k: v for k, v in vars(value).items() if k != "num_applications"})
+        h.update(b")")
+    else:
+        h.update(repr(type(value)).encode())
