@@ -19,6 +19,8 @@ from dask_influence.index.projector import Projector
 
 transformers = pytest.importorskip("transformers")
 
+pytestmark = pytest.mark.slow  # the dense GGN references and LiSSA's iterations: about 2 minutes on the loaded machine
+
 V, D, LAM = 48, 16, 0.1
 TIED = "transformer.wte.weight"
 
@@ -149,6 +151,17 @@ def test_ekfac_tied_head_factors_the_lm_head_use_and_counts_both_gradients(tied)
     finally:
         ekfac_module.FLAT_SCORING_MAX_PARAMS = original
     assert _rel(ek.self_influences(train), ek.influences(train, train).diagonal()) < 1e-10
+
+
+def test_ekfac_tied_head_saves_and_loads_its_choice(tied, tmp_path):
+    model, task, train, test, *_ = tied
+    with pytest.warns(UserWarning, match="factors the tied parameter"):
+        ek = EkfacInfluence(model, task, regularization=LAM, tied="head", fisher="sampled").fit(train)
+    ek.save(tmp_path / "ekfac.pt")
+    with pytest.warns(UserWarning, match="factors the tied parameter"):
+        loaded = EkfacInfluence.load(tmp_path / "ekfac.pt", model, task)
+    assert loaded.config.tied == "head" and loaded._layers[0].name == "lm_head"
+    assert _rel(loaded.influences(test, train), ek.influences(test, train)) < 1e-12
 
 
 def test_ekfac_tied_head_with_the_sampled_fisher_and_a_refused_layer_choice(tied):
