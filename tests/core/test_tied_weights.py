@@ -188,3 +188,31 @@ def test_gradient_index_sjlt_projects_both_uses_and_kronecker_leaves_the_tied_we
     with pytest.warns(UserWarning, match=r"left out of the index.*transformer\.wte\.weight"):
         kron = Projector(model, task, "kronecker", 32, seed=3)
     assert "lm_head" not in [layer.name for layer in kron.layers]
+
+
+class _TiedBiasLm(torch.nn.Module):
+    """An embedding and an LM head WITH a bias of its own, the head's weight tied to the embedding's."""
+
+    def __init__(self, vocab: int = 11, width: int = 5):
+        super().__init__()
+        torch.manual_seed(3)
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.mix = torch.nn.Linear(width, width)
+        self.head = torch.nn.Linear(width, vocab)
+        self.head.weight = self.embed.weight
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.head(torch.tanh(self.mix(self.embed(input_ids))))
+
+
+def test_ekfac_tied_head_with_its_own_bias_gives_torch_func_gradients():
+    """The head's bias column gets zeros from the embedding's positions (tied_pieces pads them):
+    gradients from the factors equal torch.func's on the tied weight and the bias."""
+    model = _TiedBiasLm().double()
+    ids = torch.randint(0, 11, (6, 4), generator=torch.Generator().manual_seed(4))
+    with pytest.warns(UserWarning, match="factors the tied parameter 'embed.weight'"):
+        ek = EkfacInfluence(model, di.tasks.causal_lm(), regularization=LAM, tied="head", fisher="exact")
+    assert [(layer.name, layer.shape) for layer in ek._layers] == [("head", (11, 6)), ("mix", (5, 6))]
+    ek.fit({"input_ids": ids})
+    grads = ek.per_sample_grads({"input_ids": ids})
+    assert _rel(ek.per_sample_grads_from_factors({"input_ids": ids}), grads) < 1e-12
