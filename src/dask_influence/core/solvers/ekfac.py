@@ -772,6 +772,11 @@ class EkfacInfluence(InfluenceModel):
             for K-FAC.
         layers: names of the modules to include (``None``: all supported trainable ones).
             Trainable parameters outside them are left out in the same way.
+        tied: a weight ``(V, d)`` shared by an ``nn.Embedding`` and an ``nn.Linear`` LM head
+            (GPT-2's ``wte`` and ``lm_head``): ``"exclude"`` (default) leaves it out, the warning
+            naming it; ``"head"`` factors it as the head's layer (``A`` ``(d, d)`` from the
+            head's inputs, ``G`` diagonal ``(V,)``) and adds the embedding use's gradient to
+            every gradient and to the corrected eigenvalues, with one warning naming it.
         task: ``"classification"`` (cross-entropy on logits), ``"regression"`` (mean squared
             error) or ``None``: inferred from ``nn.CrossEntropyLoss``/``nn.MSELoss``, and for
             any other loss its own Hessian in the outputs is taken by autograd. A closed form
