@@ -140,8 +140,9 @@ class GradientIndex:
                 int ``d``: the true Fisher from ``d`` labels drawn per sample from the model's
                 predictive distribution (``d`` backward passes per sample, an unbiased
                 estimate; :mod:`dask_influence.core.sampled_fisher`), ``"auto"`` (default):
-                ``AUTO_DRAWS`` draws where the loss's sampled Fisher is known and cheaper
-                than the exact sum (``AUTO_DRAWS < c``), else exact. A resumed index keeps its own.
+                ``d = ceil(16 k / n_train)`` draws (1 to 16) where the loss's sampled Fisher
+                is known and ``d < c`` (cheaper than the exact sum), else exact. A resumed
+                index keeps its own.
             regularization: ``lambda`` added at query time; ``"auto"`` is ``0.01 * trace(C) / k``
                 (``0`` with ``preconditioner="none"``: plain projected-gradient similarity).
                 A query may pass another.
@@ -211,7 +212,7 @@ class GradientIndex:
             "preconditioner": preconditioner,
             "curvature": curvature if preconditioner == "curvature" else None,
             "regularization_setting": regularization,
-            "ggn_estimate": _ggn_estimate(projector, first, preconditioner, curvature, ggn_draws, seed),
+            "ggn_estimate": _ggn_estimate(projector, first, preconditioner, curvature, ggn_draws, seed, sum(sizes)),
         }
         zstore.check_path(path)
         with zlock.StoreLock(path, break_lock=break_lock):
@@ -737,7 +738,12 @@ def _regularization(setting: float | str, preconditioner: str, curvature: np.nda
 
 
 AUTO_DRAWS = 16
-"""Labels drawn per sample by ``ggn_draws="auto"`` (measured: docs/gradient-index.md)."""
+"""The most labels drawn per sample by ``ggn_draws="auto"`` (measured: docs/gradient-index.md)."""
+AUTO_DRAWS_PER_DIM = 16
+"""``ggn_draws="auto"`` draws ``AUTO_DRAWS_PER_DIM * k / n_train`` labels per sample (1 to
+``AUTO_DRAWS``): about 16 drawn gradients per projected dimension kept the sampled GGN within
+0.01 of Pearson of the exact one (tiny GPT-2: n = 60 and k = 64 at 16 draws; n = 1,024 and
+k = 64 at 1 draw)."""
 
 
 def _check_draws(value: Any) -> None:
@@ -747,8 +753,20 @@ def _check_draws(value: Any) -> None:
         raise ValueError(f"ggn_draws must be 'auto', None or an int >= 0; got {value!r}.")
 
 
+def auto_draws(k: int, n_train: int) -> int:
+    """The labels ``ggn_draws="auto"`` draws per sample: ``ceil(AUTO_DRAWS_PER_DIM * k / n_train)``,
+    1 to ``AUTO_DRAWS``."""
+    return int(min(AUTO_DRAWS, max(1, -(-AUTO_DRAWS_PER_DIM * k // max(n_train, 1)))))
+
+
 def _ggn_estimate(
-    projector: Projector, first: Any, preconditioner: str, curvature: str, draws: int | str | None, seed: int
+    projector: Projector,
+    first: Any,
+    preconditioner: str,
+    curvature: str,
+    draws: int | str | None,
+    seed: int,
+    n_train: int,
 ) -> str | dict | None:
     """How the index sums its GGN: ``"exact"`` or ``{"kind": "sampled", "draws": d, "seed": seed}``
     (``None`` for another preconditioner or curvature).
@@ -762,7 +780,8 @@ def _ggn_estimate(
 
     can, c = projector.sampling(batches.slice_rows(tuple(first) if isinstance(first, list) else first, 0, 8))
     if draws == "auto":
-        draws = AUTO_DRAWS if can and AUTO_DRAWS < c else 0
+        chosen = auto_draws(projector.dim, n_train)
+        draws = chosen if can and chosen < c else 0
         if not draws:
             return "exact"
     if not can:
