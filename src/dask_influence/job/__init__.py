@@ -57,25 +57,67 @@ documents every key.
 
 from __future__ import annotations
 
-from .factory import Problem, load_factory, load_problem, load_task, make_solver
-from .paths import resolve_path
-from .sections import (
-    DEFAULT_BLOCK_SIZE,
-    EVALUATE_METHODS,
-    MODES,
-    SECTIONS,
-    SOLVER_METHODS,
-    BlocksSection,
-    ClusterSection,
-    EvaluateSection,
-    IndexSection,
-    Job,
-    ModelSection,
-    OutputSection,
-    SolverSection,
-    TaskSection,
-)
-from .validate import load_job, parse_job, solver_parameters
+from importlib import import_module as _import_module
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+from typing import Any as _Any
+
+if _TYPE_CHECKING:
+    from .factory import Problem, load_factory, load_problem, load_task, make_solver
+    from .paths import resolve_path
+    from .sections import (
+        DEFAULT_BLOCK_SIZE,
+        EVALUATE_METHODS,
+        MODES,
+        SECTIONS,
+        SOLVER_METHODS,
+        BlocksSection,
+        ClusterSection,
+        EvaluateSection,
+        IndexSection,
+        Job,
+        ModelSection,
+        OutputSection,
+        SolverSection,
+        TaskSection,
+    )
+    from .validate import load_job, parse_job, solver_parameters
+
+# public name -> its module: imported on first use (PEP 562), so that importing a light module of
+# this package (``job.cluster`` for the CLI's ``inspect``) does not import the solvers and torch
+_WHERE = {
+    **dict.fromkeys(("Problem", "load_factory", "load_problem", "load_task", "make_solver"), ".factory"),
+    "resolve_path": ".paths",
+    **dict.fromkeys(
+        (
+            "DEFAULT_BLOCK_SIZE",
+            "EVALUATE_METHODS",
+            "MODES",
+            "SECTIONS",
+            "SOLVER_METHODS",
+            "BlocksSection",
+            "ClusterSection",
+            "EvaluateSection",
+            "IndexSection",
+            "Job",
+            "ModelSection",
+            "OutputSection",
+            "SolverSection",
+            "TaskSection",
+        ),
+        ".sections",
+    ),
+    **dict.fromkeys(("load_job", "parse_job", "solver_parameters"), ".validate"),
+}
+
+
+def __getattr__(name: str) -> _Any:
+    """Import a public name on first use."""
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(_import_module(_WHERE[name], __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "Job",
