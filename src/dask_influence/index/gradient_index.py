@@ -141,8 +141,9 @@ class GradientIndex:
                 predictive distribution (``d`` backward passes per sample, an unbiased
                 estimate; :mod:`dask_influence.core.sampled_fisher`), ``"auto"`` (default):
                 ``d = ceil(16 k / n_train)`` draws (1 to 16) where the loss's sampled Fisher
-                is known and ``d < c`` (cheaper than the exact sum), else exact. A resumed
-                index keeps its own.
+                is known and ``c > 16`` (a causal LM), else exact (measured: sampling a
+                10-class MLP's GGN lost 0.1 of Pearson even at 16 draws). A resumed index
+                keeps its own.
             regularization: ``lambda`` added at query time; ``"auto"`` is ``0.01 * trace(C) / k``
                 (``0`` with ``preconditioner="none"``: plain projected-gradient similarity).
                 A query may pass another.
@@ -779,9 +780,8 @@ def _ggn_estimate(
     from ..core import batches
 
     can, c = projector.sampling(batches.slice_rows(tuple(first) if isinstance(first, list) else first, 0, 8))
-    if draws == "auto":
-        chosen = auto_draws(projector.dim, n_train)
-        draws = chosen if can and chosen < c else 0
+    if draws == "auto":  # sampled only beyond AUTO_DRAWS exact roots (a classifier of few classes stays exact)
+        draws = auto_draws(projector.dim, n_train) if can and c > AUTO_DRAWS else 0
         if not draws:
             return "exact"
     if not can:
