@@ -502,7 +502,7 @@ def _fit(
     from ..mapping.fitting import fit_path_for
 
     path = job.need_solver().fit_file or fit_path_for(job.output.store)
-    fitter = calc if calc is not None else di.SequentialInfluenceCalculator(solver, progress=False)
+    fitter = calc if calc is not None else di.SequentialInfluenceCalculator(solver, progress=not quiet)
     place = f"over its blocks {where}" if calc is not None else "in this process"
     _say(
         quiet,
