@@ -92,6 +92,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "preconditioner",
         "curvature",
         "regularization",
+        "ggn_draws",
         "layers",
     ),
     "evaluate": (
@@ -274,6 +275,7 @@ class IndexSection:
     preconditioner: str = api_default(_build, "preconditioner")
     curvature: str = api_default(_build, "curvature")
     regularization: float | str = api_default(_build, "regularization")
+    ggn_draws: int | str = api_default(_build, "ggn_draws")
     layers: tuple[str, ...] | None = None
 
     def build_options(self) -> dict[str, Any]:

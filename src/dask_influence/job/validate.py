@@ -485,6 +485,15 @@ def _index(table: dict | None, base: Path, problems: list[str]) -> IndexSection 
             values["regularization"] = lam
         else:
             problems.append(f'[index] regularization must be a number >= 0 or "auto"; got {_describe(lam)}.')
+    if "ggn_draws" in table:
+        draws = table["ggn_draws"]
+        if draws == "auto" or (type(draws) is int and draws >= 0):
+            values["ggn_draws"] = draws
+        else:
+            problems.append(
+                '[index] ggn_draws must be "auto", 0 (the exact GGN) or a number of drawn labels; '
+                f"got {_describe(draws)}."
+            )
     if "layers" in table:
         layers = table["layers"]
         if isinstance(layers, list) and all(isinstance(x, str) for x in layers):
