@@ -5,29 +5,5 @@ public API so that ``from dask_influence.jobfile import load_job`` keeps working
 
 from __future__ import annotations
 
-from .job import (  # noqa: F401
-    DEFAULT_BLOCK_SIZE,
-    EVALUATE_METHODS,
-    MODES,
-    SECTIONS,
-    SOLVER_METHODS,
-    BlocksSection,
-    ClusterSection,
-    EvaluateSection,
-    IndexSection,
-    Job,
-    ModelSection,
-    OutputSection,
-    Problem,
-    SolverSection,
-    TaskSection,
-    __all__,
-    load_factory,
-    load_job,
-    load_problem,
-    load_task,
-    make_solver,
-    parse_job,
-    resolve_path,
-    solver_parameters,
-)
+from .job import *  # noqa: F403  (the names of job.__all__, each imported on first use there)
+from .job import __all__  # noqa: F401

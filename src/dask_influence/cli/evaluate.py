@@ -31,30 +31,18 @@ import click
 
 from ..errors import JobFileError
 from .cluster_options import tls_from_options, tls_options
+from .options import BREAK_LOCK, JOB_ARGUMENT, SCHEDULER, TRACEBACK, WAIT_FOR_LOCK
 
 
 @click.command()
-@click.argument("job_file", metavar="JOB.toml", type=click.Path(path_type=Path))
-@click.option("--scheduler", metavar="ADDRESS", default=None, help="Address of a running Dask scheduler.")
+@JOB_ARGUMENT
+@SCHEDULER
 @tls_options
 @click.option("--overwrite", is_flag=True, help="Discard the recorded retrainings of this evaluation and start afresh.")
-@click.option(
-    "--break-lock",
-    is_flag=True,
-    help="Take the store's lock even if another job seems to hold it (only when that job is gone; a "
-    "stale lock is taken without this flag).",
-)
-@click.option(
-    "--wait-for-lock",
-    type=click.FloatRange(0),
-    default=0.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="Wait this long for a lock held by a live job before refusing (a restarted driver whose "
-    "predecessor was killed takes its lock once the heartbeat is stale, 60 s).",
-)
+@BREAK_LOCK
+@WAIT_FOR_LOCK
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but the results and errors.")
-@click.option("--traceback", is_flag=True, help="Show the full traceback of an error.")
+@TRACEBACK
 def evaluate(
     job_file: Path,
     scheduler: str | None,

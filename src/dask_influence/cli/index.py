@@ -18,6 +18,7 @@ from typing import Any
 import click
 
 from .cluster_options import tls_from_options, tls_options
+from .options import JOB_ARGUMENT, SCHEDULER, TRACEBACK, WAIT_FOR_LOCK
 from .run import (
     _check_store_early,
     _progress_lines,
@@ -30,19 +31,11 @@ from .run import (
     user_errors,
 )
 
-_JOB = click.argument("job_file", metavar="JOB.toml", type=click.Path(path_type=Path))
-_SCHEDULER = click.option("--scheduler", default=None, metavar="ADDRESS", help="Address of a running Dask scheduler.")
+_JOB = JOB_ARGUMENT
+_SCHEDULER = SCHEDULER
 _QUIET = click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
-_TRACEBACK = click.option("--traceback", is_flag=True, help="Show the full traceback of an error.")
-_WAIT_FOR_LOCK = click.option(
-    "--wait-for-lock",
-    type=click.FloatRange(0),
-    default=0.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="Wait this long for a lock held by a live job before refusing (a restarted driver whose "
-    "predecessor was killed takes its lock once the heartbeat is stale, 60 s).",
-)
+_TRACEBACK = TRACEBACK
+_WAIT_FOR_LOCK = WAIT_FOR_LOCK
 
 
 def _wait_for_lock(store: str, seconds: float, break_lock: bool) -> None:

@@ -33,6 +33,8 @@ from typing import Any
 import click
 import numpy as np
 
+from .options import TRACEBACK
+
 __all__ = ["report", "write_report", "content_html"]
 
 TEXT_LIMIT = 600
@@ -682,7 +684,7 @@ def _factory_show(job_file: str, n_train: int, n_test: int) -> tuple[Any, Any]:
     help="How many training points to list by self-influence and by mean influence.",
 )
 @click.option("--title", default=None, help="Title of the page.")
-@click.option("--traceback", is_flag=True, help="Show the full traceback of an error.")
+@TRACEBACK
 def report(
     store: str,
     out: str,

@@ -42,6 +42,7 @@ from ..job.cluster import (  # noqa: F401  (re-exported for index, evaluate and 
     start_embedded_cluster,
 )
 from .cluster_options import tls_from_options, tls_options
+from .options import BREAK_LOCK, JOB_ARGUMENT, TRACEBACK, WAIT_FOR_LOCK
 
 # errors shown as one "Error: ..." line: the library's own (ValueError/TypeError/RuntimeError
 # subclasses), torch's errors on bad shapes, and failures to reach a scheduler or a store
@@ -184,7 +185,7 @@ def foreign_error(exc: BaseException) -> str:
 
 
 @click.command()
-@click.argument("job_file", metavar="JOB.toml", type=click.Path(path_type=Path))
+@JOB_ARGUMENT
 @click.option(
     "--scheduler",
     metavar="ADDRESS",
@@ -207,21 +208,8 @@ def foreign_error(exc: BaseException) -> str:
     "read of the store); by default only the chunk files are listed (finds deleted chunks).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
-@click.option(
-    "--break-lock",
-    is_flag=True,
-    help="Take the store's lock even if another job seems to hold it (only when that job is "
-    "gone; a stale lock is taken without this flag).",
-)
-@click.option(
-    "--wait-for-lock",
-    type=click.FloatRange(0),
-    default=0.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="Wait this long for a lock held by a live job before refusing (a restarted driver whose "
-    "predecessor was killed takes its lock once the heartbeat is stale, 60 s).",
-)
+@BREAK_LOCK
+@WAIT_FOR_LOCK
 @click.option(
     "--wait-for-workers",
     type=click.IntRange(1),
@@ -247,7 +235,7 @@ def foreign_error(exc: BaseException) -> str:
 )
 @click.option("--refit", is_flag=True, help="Fit again even if a saved fit exists, and replace it.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors (no progress bar).")
-@click.option("--traceback", is_flag=True, help="Show the full traceback of an error.")
+@TRACEBACK
 def run(
     job_file: Path,
     scheduler: str | None,
