@@ -60,7 +60,7 @@ from ..core.solvers.registry import SOLVERS, solver_class
 @click.option("--sequential", is_flag=True, help="Run in this process without a cluster.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split and training.")
 @click.option("--epochs", type=click.IntRange(1), default=300, show_default=True, help="Training epochs.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--quiet", is_flag=True, help="No progress lines.")
 def demo(
     store: str,
     solver: str,
@@ -86,8 +86,10 @@ def demo(
     import dask_influence as di
 
     from ..demo import rank_harmful, wine_outlier_problem
+    from .run import _progress_lines
 
     start = time.perf_counter()
+    _progress_lines(quiet)  # every pass as a line with counts, rate and ETA, as the other commands show it
     problem = wine_outlier_problem(n_flipped=n_flipped, epochs=epochs, seed=seed, dtype=torch.float64)
     accuracy = float((problem.model(problem.x_test).argmax(1) == problem.y_test).double().mean())
     click.echo(
@@ -113,9 +115,15 @@ def demo(
             client = Client(scheduler)
         calc = di.DaskInfluenceCalculator(model, client, progress=not quiet, n_workers=workers)
         where = f"on the scheduler at {scheduler}" if scheduler else "on an embedded LocalCluster"
-    group = calc.influences_to_zarr(test, train, store, overwrite=True, top_k=top)
-    if client := getattr(calc, "client", None):
-        client.close()
+    from contextlib import nullcontext
+
+    from ..job.cluster import _quiet_dask_logs
+
+    # an embedded cluster's teardown logs (heartbeats to a closing scheduler) stay out of the output
+    with nullcontext() if sequential else _quiet_dask_logs():
+        group = calc.influences_to_zarr(test, train, store, overwrite=True, top_k=top)
+        if client := getattr(calc, "client", None):
+            client.close()
 
     influences = group["influences"]
     assert isinstance(influences, zarr.Array)
