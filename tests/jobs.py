@@ -58,3 +58,29 @@ def write_job(
     path = Path(directory) / name
     path.write_text("\n".join(lines))
     return path
+
+
+def load_example_factory(directory: Path = EXAMPLE_JOB) -> Any:
+    """The example's ``factory.py`` as a module of its own name (not ``factory`` in ``sys.modules``)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        f"batch_job_factory_{abs(hash(str(directory)))}", directory / "factory.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def invoke(*args: Any, env: dict[str, str] | None = None) -> Any:
+    """``dask-influence ARGS`` in this process (click's runner): the result of a clean exit, an
+    ``Error: ...`` exit included; any other exception is raised (not a clean one-line error)."""
+    from click.testing import CliRunner
+
+    from dask_influence.cli.main import cli
+
+    result = CliRunner().invoke(cli, [str(a) for a in args], env=env)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result

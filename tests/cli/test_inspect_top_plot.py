@@ -1,6 +1,5 @@
 """`inspect`, `top` and `plot` on complete, incomplete and perturbation stores."""
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -8,33 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from click.testing import CliRunner
 from torch.utils.data import DataLoader
 
 import dask_influence as di
 from dask_influence.cli.inspect import mean_influence
-from dask_influence.cli.main import cli
 from dask_influence.mapping.store import ATTR
+from jobs import invoke, load_example_factory
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "batch_job"
 N_TRAIN, N_TEST, TEST_BLOCK, TRAIN_BLOCK, K = 90, 14, 5, 32, 4
-
-
-def load_example_factory(directory):
-    """The example's factory.py as a module of its own name (not `factory` in sys.modules)."""
-    spec = importlib.util.spec_from_file_location(
-        f"batch_job_factory_{abs(hash(str(directory)))}", directory / "factory.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def invoke(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 @pytest.fixture(scope="module")

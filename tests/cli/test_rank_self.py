@@ -1,7 +1,6 @@
 """`rank --by self` and `plot --by self`: the stored self-influences, highest first, against
 the in-memory solver's; refusals for stores without them; the text example's measured claim."""
 
-import importlib.util
 import json
 import re
 import shutil
@@ -18,6 +17,7 @@ from torch.utils.data import DataLoader
 import dask_influence as di
 from dask_influence.cli.main import cli
 from dask_influence.mapping.store import ATTR
+from jobs import invoke, load_example_factory
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "batch_job"
 N_TRAIN, N_TEST, TEST_BLOCK, TRAIN_BLOCK = 90, 14, 7, 30
@@ -25,23 +25,6 @@ NO_SELF = (
     "Error: `{command}` needs self-influences and this store has none; set `self_influences = true` under "
     "[output] in the job file and run it again with --overwrite."
 )
-
-
-def load_example_factory(directory):
-    """The example's factory.py as a module of its own name (not `factory` in sys.modules)."""
-    spec = importlib.util.spec_from_file_location(
-        f"rank_self_factory_{abs(hash(str(directory)))}", directory / "factory.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def invoke(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 @pytest.fixture(scope="module")

@@ -19,10 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from click.testing import CliRunner
 from PIL import Image
 
-from dask_influence.cli.main import cli
+from jobs import invoke
 
 N_TRAIN, N_TEST, FLIPPED = 120, 12, (4, 17, 33, 60, 91)
 HOSTILE = "<script>alert('x')</script> & \"quoted\""
@@ -107,13 +106,6 @@ self_influences = {self_influences}
 [cluster]
 sequential = true
 """
-
-
-def invoke(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 def write_job(root: Path, show: str, *, store: str = "digits.zarr", self_influences: bool = True, extra: str = ""):

@@ -2,7 +2,6 @@
 started here as separate processes (the commands of the deployment manifests), and in this
 process. Every store must equal the in-memory result."""
 
-import importlib.util
 import os
 import shutil
 import signal
@@ -17,12 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from click.testing import CliRunner
 from torch.utils.data import DataLoader
 
 import dask_influence as di
-from dask_influence.cli.main import cli
 from dask_influence.mapping.store import ATTR, is_complete
+from jobs import invoke, load_example_factory
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "batch_job"
@@ -90,23 +88,6 @@ def assert_store_equals(store, expected, *, top_k=4):
         group["top_helpful_indices"][...], np.argsort(-expected["up"], axis=1, kind="stable")[:, :top_k]
     )
     return group
-
-
-def load_example_factory(directory):
-    """The example's factory.py as a module of its own name (not `factory` in sys.modules)."""
-    spec = importlib.util.spec_from_file_location(
-        f"batch_job_factory_{abs(hash(str(directory)))}", directory / "factory.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def invoke(*args, env=None):
-    result = CliRunner().invoke(cli, [str(a) for a in args], env=env)
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception  # not a clean "Error: ..." exit
-    return result
 
 
 # -- embedded LocalCluster -----------------------------------------------------------------------

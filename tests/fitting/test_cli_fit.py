@@ -6,15 +6,13 @@ import sys
 import numpy as np
 import pytest
 import zarr
-from click.testing import CliRunner
 
 import dask_influence as di
-from dask_influence.cli.main import cli
 from dask_influence.job import parse_job
 from dask_influence.mapping import fitting
 from dask_influence.mapping.store import ATTR
 from jobs import EXAMPLE_JOB as EXAMPLE
-from jobs import write_job
+from jobs import invoke, write_job
 
 N_TRAIN, N_TEST = 70, 9
 
@@ -28,13 +26,6 @@ def fit_job(tmp_path, *, n_train=N_TRAIN, name="job.toml", store="influences.zar
         blocks={"test": 5, "train": 32},
         output={"store": store},
     )
-
-
-def invoke(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 @pytest.fixture

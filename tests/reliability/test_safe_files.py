@@ -19,11 +19,9 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from click.testing import CliRunner
 from torch import nn
 
 import dask_influence as di
-from dask_influence.cli.main import cli
 from dask_influence.core import serialization
 from dask_influence.core.preconditioners import Preconditioner
 from dask_influence.core.serialization import KIND, serializable
@@ -31,6 +29,7 @@ from dask_influence.core.solvers import fit_record
 from dask_influence.core.solvers.direct import DirectState
 from dask_influence.mapping import fitting
 from dask_influence.mapping.fitting import fit_path_for, load_fit
+from jobs import invoke
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "batch_job"
 
@@ -361,13 +360,6 @@ def write_job(tmp_path, regularization):
         """)
     )
     return path
-
-
-def invoke(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 @pytest.fixture

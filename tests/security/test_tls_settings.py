@@ -9,9 +9,7 @@ from pathlib import Path
 
 import dask
 import pytest
-from click.testing import CliRunner
 
-from dask_influence.cli.main import cli
 from dask_influence.errors import JobFileError
 from dask_influence.job import load_job
 from dask_influence.mapping.security import (
@@ -24,6 +22,7 @@ from dask_influence.mapping.security import (
     resolve_tls,
     unencrypted_warning,
 )
+from jobs import invoke
 from tls_cluster import make_certs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,13 +57,6 @@ def write_job(directory: Path, cluster: str) -> Path:
         + "\n"
     )
     return path
-
-
-def invoke(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 # -- which certificates win -------------------------------------------------------------------
