@@ -9,18 +9,16 @@ from typing import Any
 
 from .errors import RenamedWarning
 
-_UNSET: Any = object()
-
 
 def renamed(where: str, old: str, old_value: Any, new: str, new_value: Any, *, stacklevel: int = 3) -> Any:
     """The value of the keyword ``new``, given either as ``new`` or as its old spelling ``old``.
 
-    ``None`` (or nothing) for both: ``None``. Both given: ``TypeError``. Only ``old``: its value,
+    ``None`` for both: ``None``. Both given: ``TypeError``. Only ``old``: its value,
     with a :class:`RenamedWarning` naming ``where`` and the new spelling.
     """
-    if old_value is None or old_value is _UNSET:
-        return None if new_value is _UNSET else new_value
-    if new_value is not None and new_value is not _UNSET:
+    if old_value is None:
+        return new_value
+    if new_value is not None:
         raise TypeError(f"{where}: pass {new}= only ({old}= is its old spelling).")
     warnings.warn(
         f"{where}: {old}= is now spelled {new}=; the old spelling still works in this release and will be removed "

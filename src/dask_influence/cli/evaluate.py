@@ -99,8 +99,9 @@ def evaluate_job(
 
     ``tls``: the certificates of ``--tls-*`` (:class:`~dask_influence.mapping.security.TlsFiles`), if any."""
     from .. import evaluate as ev
+    from ..job.cluster import job_model
     from ..jobfile import load_factory, load_job, load_problem
-    from .run import _progress_lines, job_model
+    from .run import _progress_lines
 
     start = time.perf_counter()
     _progress_lines(quiet)
@@ -222,7 +223,8 @@ def _say(quiet: bool, message: str) -> None:
 
 def _client(job: Any, scheduler: str | None, stack: ExitStack, tls: Any = None) -> tuple[Any, str]:
     """The client the runs go to (``None``: this process) and where that is, as ``run`` resolves it."""
-    from .run import _warn, connect_scheduler, refuse_tls_without_scheduler, scheduler_address
+    from ..job.cluster import connect_scheduler, refuse_tls_without_scheduler, scheduler_address
+    from .run import _warn
 
     address, source = scheduler_address(job, scheduler)
     if address:
@@ -230,6 +232,6 @@ def _client(job: Any, scheduler: str | None, stack: ExitStack, tls: Any = None) 
     refuse_tls_without_scheduler(job, tls)
     if job.cluster.sequential:
         return False, "in this process (sequential)"
-    from .run import start_embedded_cluster
+    from ..job.cluster import start_embedded_cluster
 
     return start_embedded_cluster(job.cluster, gpu=job.cluster.gpu, stack=stack)

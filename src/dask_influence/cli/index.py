@@ -17,6 +17,7 @@ from typing import Any
 
 import click
 
+from ..job.cluster import job_client, job_model
 from .cluster_options import tls_from_options, tls_options
 from .options import JOB_ARGUMENT, SCHEDULER, TRACEBACK, WAIT_FOR_LOCK
 from .run import (
@@ -25,17 +26,11 @@ from .run import (
     _say,
     _warn,
     interrupts_say_how_to_resume,
-    job_client,
-    job_model,
     progress_bar,
     user_errors,
 )
 
-_JOB = JOB_ARGUMENT
-_SCHEDULER = SCHEDULER
 _QUIET = click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
-_TRACEBACK = TRACEBACK
-_WAIT_FOR_LOCK = WAIT_FOR_LOCK
 
 
 def _wait_for_lock(store: str, seconds: float, break_lock: bool) -> None:
@@ -68,8 +63,8 @@ def _problem(job_file: Path, quiet: bool, before: Any = None) -> tuple[Any, Any,
 
 
 @click.command(name="index")
-@_JOB
-@_SCHEDULER
+@JOB_ARGUMENT
+@SCHEDULER
 @tls_options
 @click.option(
     "--resume/--no-resume",
@@ -85,9 +80,9 @@ def _problem(job_file: Path, quiet: bool, before: Any = None) -> tuple[Any, Any,
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing index (after projecting a first batch).")
 @click.option("--break-lock", is_flag=True, help="Take the index's lock even while another job holds it.")
-@_WAIT_FOR_LOCK
+@WAIT_FOR_LOCK
 @_QUIET
-@_TRACEBACK
+@TRACEBACK
 def index(
     job_file: Path,
     scheduler: str | None,
@@ -155,16 +150,16 @@ def index(
 
 
 @click.command(name="query")
-@_JOB
-@_SCHEDULER
+@JOB_ARGUMENT
+@SCHEDULER
 @tls_options
 @click.option("--resume", is_flag=True, help="Complete an existing output store of the same query.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output store.")
 @click.option("--regularization", type=float, default=None, help="Lambda for this query (default: the index's).")
 @click.option("--break-lock", is_flag=True, help="Take the store's lock even while another job holds it.")
-@_WAIT_FOR_LOCK
+@WAIT_FOR_LOCK
 @_QUIET
-@_TRACEBACK
+@TRACEBACK
 def query(
     job_file: Path,
     scheduler: str | None,

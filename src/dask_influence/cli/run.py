@@ -31,16 +31,7 @@ from typing import Any
 import click
 
 from ..errors import JobFileError, StoreError
-from ..job.cluster import (  # noqa: F401  (re-exported for index, evaluate and the tests)
-    _CRITICAL_ONLY,
-    SCHEDULER_ENV,
-    connect_scheduler,
-    job_client,
-    job_model,
-    refuse_tls_without_scheduler,
-    scheduler_address,
-    start_embedded_cluster,
-)
+from ..job.cluster import _CRITICAL_ONLY, SCHEDULER_ENV, job_client, job_model
 from .cluster_options import tls_from_options, tls_options
 from .options import BREAK_LOCK, JOB_ARGUMENT, TRACEBACK, WAIT_FOR_LOCK
 
