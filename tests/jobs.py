@@ -9,6 +9,7 @@ sections say otherwise; the ``job_file`` fixture of ``tests/conftest.py`` binds 
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -84,3 +85,23 @@ def invoke(*args: Any, env: dict[str, str] | None = None) -> Any:
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
     return result
+
+
+# A factory module (``make(seed=0)``): a 4-6-3 tanh MLP in float64 with cross-entropy on 48 training
+# and 12 test points; the index and progress tests write it next to their job files.
+CLASSIFIER_FACTORY = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    def make(seed=0):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(60, 4, generator=g, dtype=torch.float64)
+        y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+        return {"model": model, "loss": nn.CrossEntropyLoss(),
+                "train": TensorDataset(x[:48], y[:48]), "test": TensorDataset(x[48:], y[48:])}
+    """
+)

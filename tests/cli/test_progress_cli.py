@@ -16,25 +16,10 @@ from click.testing import CliRunner
 
 from dask_influence import progress
 from dask_influence.cli.main import cli
+from jobs import CLASSIFIER_FACTORY
 
 HERE = Path(__file__).parent
 
-FACTORY = textwrap.dedent(
-    """
-    import torch
-    from torch import nn
-    from torch.utils.data import TensorDataset
-
-    def make(seed=0):
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn(60, 4, generator=g, dtype=torch.float64)
-        y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
-        torch.manual_seed(seed)
-        model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
-        return {"model": model, "loss": nn.CrossEntropyLoss(),
-                "train": TensorDataset(x[:48], y[:48]), "test": TensorDataset(x[48:], y[48:])}
-    """
-)
 
 JOB = textwrap.dedent(
     """
@@ -69,7 +54,7 @@ RATE_ETA = r"\(\d+%\), [\d.,]+ {unit}/s, ETA [\d.]+ s"
 
 @pytest.fixture
 def job(tmp_path, monkeypatch):
-    (tmp_path / "progress_factory.py").write_text(FACTORY)
+    (tmp_path / "progress_factory.py").write_text(CLASSIFIER_FACTORY)
     path = tmp_path / "job.toml"
     path.write_text(JOB)
     monkeypatch.chdir(tmp_path)

@@ -11,23 +11,7 @@ from click.testing import CliRunner
 
 import dask_influence as di
 from dask_influence.cli.main import cli
-
-FACTORY = textwrap.dedent(
-    """
-    import torch
-    from torch import nn
-    from torch.utils.data import TensorDataset
-
-    def make(seed=0):
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn(60, 4, generator=g, dtype=torch.float64)
-        y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
-        torch.manual_seed(seed)
-        model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
-        return {"model": model, "loss": nn.CrossEntropyLoss(),
-                "train": TensorDataset(x[:48], y[:48]), "test": TensorDataset(x[48:], y[48:])}
-    """
-)
+from jobs import CLASSIFIER_FACTORY
 
 JOB = textwrap.dedent(
     """
@@ -56,7 +40,7 @@ JOB = textwrap.dedent(
 
 
 def test_index_then_query_writes_a_store_equal_to_the_api(tmp_path, monkeypatch):
-    (tmp_path / "ixfactory.py").write_text(FACTORY)
+    (tmp_path / "ixfactory.py").write_text(CLASSIFIER_FACTORY)
     (tmp_path / "job.toml").write_text(JOB)
     runner = CliRunner()
     built = runner.invoke(cli, ["index", str(tmp_path / "job.toml")])
@@ -99,7 +83,7 @@ def test_index_then_query_writes_a_store_equal_to_the_api(tmp_path, monkeypatch)
 
 
 def test_index_job_without_index_section_is_refused(tmp_path):
-    (tmp_path / "ixfactory.py").write_text(FACTORY)
+    (tmp_path / "ixfactory.py").write_text(CLASSIFIER_FACTORY)
     job = JOB.split("[index]")[0] + "[output]\nstore = 'x.zarr'\n"
     (tmp_path / "job.toml").write_text(job)
     result = CliRunner().invoke(cli, ["index", str(tmp_path / "job.toml")])
@@ -116,7 +100,7 @@ def test_damaged_index_is_named_in_one_line_and_index_verify_repairs_it(tmp_path
     flipped byte prints one ``Error:`` line naming the index, the array, the chunk and the repair;
     ``inspect`` says DAMAGED; ``index`` (listing) recomputes the deleted block, ``index --verify``
     the damaged one; the query then gives the clean scores."""
-    (tmp_path / "ixfactory.py").write_text(FACTORY)
+    (tmp_path / "ixfactory.py").write_text(CLASSIFIER_FACTORY)
     (tmp_path / "job.toml").write_text(JOB)
     runner = CliRunner()
     job = str(tmp_path / "job.toml")
