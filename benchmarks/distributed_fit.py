@@ -66,7 +66,7 @@ def time_cg(client, model, loss, train, test, block: int, k: int, iterations: in
     )
     calc = di.DaskInfluenceCalculator(solver, client, progress=False)
     start = time.perf_counter()
-    calc.fit(train, block_size=block)
+    calc.fit(train, train_block_size=block)
     fitted = time.perf_counter()
     rhs = solver.per_sample_grads(*test)
     with warnings.catch_warnings(), solving_on_cluster(solver, client, as_source(train, block_size=block)) as cg:
@@ -79,7 +79,7 @@ def time_cg(client, model, loss, train, test, block: int, k: int, iterations: in
 def time_ekfac(client, model, loss, train, block: int) -> dict[str, float]:
     calc = di.DaskInfluenceCalculator(di.EkfacInfluence(model, loss, regularization=1e-2), client, progress=False)
     start = time.perf_counter()
-    calc.fit(train, block_size=block)
+    calc.fit(train, train_block_size=block)
     return {"EK-FAC fit": time.perf_counter() - start}
 
 

@@ -393,7 +393,7 @@ def accuracy_problem(
                     preconditioner=preconditioner,
                     curvature="ggn",
                     regularization=lam,
-                    block_size=plan.block_size,
+                    train_block_size=plan.block_size,
                     overwrite=True,
                     client=client,
                 )
@@ -636,7 +636,7 @@ def throughput(tiny: bool, workdir: Path, log: Callable[[str], None] = print) ->
             projection=projection,
             dtype=dtype,
             preconditioner=preconditioner,
-            block_size=block,
+            train_block_size=block,
             overwrite=True,
             client="sync",
         )
@@ -660,14 +660,14 @@ def throughput(tiny: bool, workdir: Path, log: Callable[[str], None] = print) ->
     with local_cluster(2) as client:
         index = di.GradientIndex.open(keep, model, loss_fn(), client=client)
         start = time.perf_counter()
-        index.top_k((x_test[:40], y_test[:40]), TOP, block_size=10)
+        index.top_k((x_test[:40], y_test[:40]), TOP, test_block_size=10)
         cold_s = time.perf_counter() - start
-        index.top_k((x_test[:40], y_test[:40]), TOP, block_size=10)
+        index.top_k((x_test[:40], y_test[:40]), TOP, test_block_size=10)
         start = time.perf_counter()
-        index.top_k((x_test, y_test), TOP, block_size=max(1, n_query // 4))
+        index.top_k((x_test, y_test), TOP, test_block_size=max(1, n_query // 4))
         top_s = time.perf_counter() - start
         start = time.perf_counter()
-        index.influences_to_zarr((x_test, y_test), workdir / "query.zarr", block_size=max(1, n_query // 4))
+        index.influences_to_zarr((x_test, y_test), workdir / "query.zarr", test_block_size=max(1, n_query // 4))
         zarr_s = time.perf_counter() - start
     shutil.rmtree(workdir / "query.zarr", ignore_errors=True)
     shutil.rmtree(keep, ignore_errors=True)

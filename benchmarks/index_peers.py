@@ -233,7 +233,7 @@ def measure_ours(problem: Problem, ref: dict, k: int, name: str, options: dict, 
         start = time.perf_counter()
         index = di.GradientIndex.build(
             problem.model, problem.task, problem.train, path, projection_dim=k, regularization=ref["lam"],
-            block_size=block, client="sync", overwrite=True, **options,
+            train_block_size=block, client="sync", overwrite=True, **options,
         )  # fmt: skip
         build = time.perf_counter() - start
     start = time.perf_counter()

@@ -337,7 +337,7 @@ def run_paths(model, config, train_ids, test_ids, args, workers: int, fb: dict[s
                 calc = di.DaskInfluenceCalculator(solver, client, progress=False)
                 with RssMonitor(pids) as mon:
                     start = time.perf_counter()
-                    calc.fit(train, block_size=block)
+                    calc.fit(train, train_block_size=block)
                     seconds = time.perf_counter() - start
                 row(names[0], seconds, floors[0], 2 * n_train * t, mon.peaks, estimate)
                 with RssMonitor([os.getpid()]) as mon:  # on the client
@@ -370,7 +370,7 @@ def run_paths(model, config, train_ids, test_ids, args, workers: int, fb: dict[s
                             projection_dim=args.projection_dim,
                             projection=args.projection,
                             preconditioner="fisher",
-                            block_size=block,
+                            train_block_size=block,
                             client=client,
                             progress=False,
                         )
@@ -397,7 +397,7 @@ def run_paths(model, config, train_ids, test_ids, args, workers: int, fb: dict[s
                 with RssMonitor(pids) as mon, warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # a few iterations do not reach rtol
                     start = time.perf_counter()
-                    calc.fit(train, block_size=block)
+                    calc.fit(train, train_block_size=block)
                     rhs = solver.per_sample_grads({"input_ids": torch.as_tensor(test_ids[: args.n_solve])})
                     with solving_on_cluster(solver, client, as_source(train, block_size=block)) as cg:
                         cg.apply_inverse(rhs)
@@ -417,7 +417,7 @@ def run_paths(model, config, train_ids, test_ids, args, workers: int, fb: dict[s
                 calc = di.DaskInfluenceCalculator(solver, client, progress=False)
                 with RssMonitor(pids) as mon:
                     start = time.perf_counter()
-                    calc.fit(train, block_size=block)
+                    calc.fit(train, train_block_size=block)
                     seconds = time.perf_counter() - start
                 vectors = int(getattr(solver.state_, "krylov_dimension", 0) or 0) or args.rank
                 row("Arnoldi", seconds, vectors * floor_train, vectors * n_train * t, mon.peaks, estimate)

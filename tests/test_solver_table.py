@@ -132,7 +132,7 @@ DRIVER = textwrap.dedent(
 
     # the calculators' fitting path gives the same state
     blockwise = DiagonalInfluence(model, loss, regularization=0.1, num_probes=2000)
-    di.SequentialInfluenceCalculator(blockwise, progress=False).fit((x.numpy(), y.numpy()), block_size=7)
+    di.SequentialInfluenceCalculator(blockwise, progress=False).fit((x.numpy(), y.numpy()), train_block_size=7)
     assert torch.allclose(blockwise.state_.diagonal, solver.state_.diagonal, rtol=1e-12, atol=1e-14)
 
     # job files take the method and the config's fields

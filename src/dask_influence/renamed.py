@@ -20,10 +20,15 @@ def renamed(where: str, old: str, old_value: Any, new: str, new_value: Any, *, s
         return new_value
     if new_value is not None:
         raise TypeError(f"{where}: pass {new}= only ({old}= is its old spelling).")
+    warn_renamed(f"{where}: {old}=", f"{new}=", stacklevel=stacklevel + 1)
+    return old_value
+
+
+def warn_renamed(old: str, new: str, *, stacklevel: int = 3) -> None:
+    """Warn with a :class:`RenamedWarning` that ``old`` (a keyword, method or job-file key, as the
+    user wrote it) is now spelled ``new``."""
     warnings.warn(
-        f"{where}: {old}= is now spelled {new}=; the old spelling still works in this release and will be removed "
-        "in the next.",
+        f"{old} is now spelled {new}; the old spelling still works in this release and will be removed in the next.",
         RenamedWarning,
         stacklevel=stacklevel,
     )
-    return old_value

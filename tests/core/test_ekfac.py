@@ -274,7 +274,7 @@ def test_own_hessian_for_plain_loss_functions_matches_closed_form():
     x, y = data(15, 4, 3, seed=11)
     closed = EkfacInfluence(model, nn.CrossEntropyLoss(), regularization=0.1).fit((x, y))
     own = EkfacInfluence(model, lambda o, t: F.cross_entropy(o, t), regularization=0.1).fit((x, y))
-    assert own.task is None and closed.task == "classification"
+    assert own.config.task is None and closed.config.task == "classification"
     for a, b in zip(own.state_.layers, closed.state_.layers):
         assert rel_err(a.corrected, b.corrected) < 1e-10
         assert rel_err(a.g_factor, b.g_factor) < 1e-10
@@ -517,7 +517,7 @@ def test_following_the_advice_of_the_closed_form_check_works():
     with pytest.raises(ValueError, match=r"Pass task='autograd'"):
         EkfacInfluence(model, loss, regularization=0.1).fit((x, y))
     solver = EkfacInfluence(model, loss, regularization=0.1, task="autograd").fit((x, y))
-    assert solver.task == "autograd" and solver.influences(x[:2], y[:2], x, y).shape == (2, 15)
+    assert solver.config.task == "autograd" and solver.influences(x[:2], y[:2], x, y).shape == (2, 15)
 
 
 def test_a_sample_that_overflows_is_named_by_the_fit():

@@ -85,7 +85,7 @@ def test_ekfac_takes_cross_entropy_as_a_function_on_float32_models(steps):
     told = di.EkfacInfluence(model, lambda o, t: F.cross_entropy(o, t), regularization=0.1, task="classification").fit(
         (x, y)
     )
-    assert own.task is None and told.task == "classification"
+    assert own.config.task is None and told.config.task == "classification"
     expected = closed.influences(x[:3], y[:3], x, y)
     for solver in (own, told):
         got = solver.influences(x[:3], y[:3], x, y)

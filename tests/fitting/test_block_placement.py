@@ -118,7 +118,7 @@ def test_no_large_graph_warning_for_the_solver_and_data(problem, fit_client, tmp
     calc = di.DaskInfluenceCalculator(di.DirectInfluence(model, loss, regularization=0.3), fit_client, progress=False)
     with dask.config.set({"distributed.admin.large-graph-warning-threshold": "1kB"}), warnings.catch_warnings():
         warnings.filterwarnings("error", message="Sending large graph")
-        calc.fit((x, y), block_size=20)
+        calc.fit((x, y), train_block_size=20)
         group = calc.influences_to_zarr((x[:4], y[:4]), (x, y), tmp_path / "out.zarr", train_block_size=20)
         values = group["influences"][...]
     expected = di.DirectInfluence(model, loss, regularization=0.3).fit((torch.from_numpy(x), torch.from_numpy(y)))

@@ -70,7 +70,7 @@ def test_fit_errors(problem, fit_client, tmp_path):
     bad = x.clone()
     bad[30, 2] = float("nan")
     with pytest.raises(di.NonFiniteError, match="training block starting at sample 30"):
-        calc.fit((bad, y), block_size=10)
+        calc.fit((bad, y), train_block_size=10)
     with pytest.raises(ValueError, match="factors must be"):
         di.DaskInfluenceCalculator(calc.solver, fit_client, factors="driver")
     with pytest.raises(ValueError, match=r"calc\.fit\(train\) first"):

@@ -28,7 +28,7 @@ def _refuses_integer_inputs(solver, test):
 def test_calculator_fit_records_float_inputs(problem, cls):
     model, loss, train, test = problem
     calc = di.SequentialInfluenceCalculator(cls(model, loss, regularization=0.3), progress=False)
-    solver = calc.fit(train, block_size=10)
+    solver = calc.fit(train, train_block_size=10)
     _refuses_integer_inputs(solver, test)
 
 
@@ -36,10 +36,10 @@ def test_restored_and_loaded_fits_record_float_inputs(problem, tmp_path):
     model, loss, train, test = problem
     path = tmp_path / "fit.pt"
     di.SequentialInfluenceCalculator(di.DirectInfluence(model, loss, regularization=0.3), progress=False).fit(
-        train, block_size=10, path=path
+        train, train_block_size=10, path=path
     )
     again = di.SequentialInfluenceCalculator(di.DirectInfluence(model, loss, regularization=0.3), progress=False)
-    again.fit(train, block_size=10, path=path)
+    again.fit(train, train_block_size=10, path=path)
     assert again.last_fit_["reused"]
     _refuses_integer_inputs(again.solver, test)
     _refuses_integer_inputs(di.DirectInfluence.load(path, model, loss), test)  # the fit file is a saved solver
@@ -48,5 +48,5 @@ def test_restored_and_loaded_fits_record_float_inputs(problem, tmp_path):
 def test_cluster_fit_records_float_inputs(problem, fit_client):
     model, loss, train, test = problem
     calc = di.DaskInfluenceCalculator(di.DirectInfluence(model, loss, regularization=0.3), fit_client, progress=False)
-    solver = calc.fit(train, block_size=10)
+    solver = calc.fit(train, train_block_size=10)
     _refuses_integer_inputs(solver, test)

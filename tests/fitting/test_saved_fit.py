@@ -24,7 +24,7 @@ def fit(problem, path, *, cls=di.CgInfluence, model=None, x=None, refit=False, *
     base, loss, (x0, y), _ = problem
     kwargs = {**CG, **kwargs} if cls is di.CgInfluence else {"regularization": 0.3, **kwargs}
     calc = di.SequentialInfluenceCalculator(cls(model or base, loss, **kwargs), progress=False)
-    calc.fit((x0 if x is None else x, y), block_size=10, path=path, refit=refit)
+    calc.fit((x0 if x is None else x, y), train_block_size=10, path=path, refit=refit)
     return calc
 
 

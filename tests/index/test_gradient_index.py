@@ -43,12 +43,12 @@ def test_full_orthogonal_projection_is_exact(problem, curvature, tmp_path):
     exact, exact_self = _exact(problem, curvature)
     index = di.GradientIndex.build(
         model, loss, train, tmp_path / "ix.zarr", projection="orthogonal", projection_dim=p, dtype="float64",
-        curvature=curvature, regularization=LAM, block_size=10, client="sync",
+        curvature=curvature, regularization=LAM, train_block_size=10, client="sync",
     )  # fmt: skip
     assert index.dim == p and index.last_run_ == {"blocks_written": 5, "blocks_skipped": 0}
     np.testing.assert_allclose(index.influences(test), exact, rtol=1e-8, atol=1e-8 * np.abs(exact).max())
     np.testing.assert_allclose(index.self_influences(), exact_self, rtol=1e-8)
-    group = index.influences_to_zarr(test, tmp_path / "out.zarr", top_k=4, self_influences=True, block_size=4)
+    group = index.influences_to_zarr(test, tmp_path / "out.zarr", top_k=4, self_influences=True, test_block_size=4)
     np.testing.assert_allclose(group["influences"][:], exact, rtol=1e-8, atol=1e-8 * np.abs(exact).max())
     np.testing.assert_allclose(group["self_influences"][:], exact_self, rtol=1e-8)
     assert group.attrs["dask_influence"]["complete"]
@@ -63,7 +63,7 @@ def test_fisher_preconditioner_is_the_projected_empirical_fisher(problem, tmp_pa
     p = sum(q.numel() for q in model.parameters())
     index = di.GradientIndex.build(
         model, loss, train, tmp_path / "ix.zarr", projection="orthogonal", projection_dim=p, dtype="float64",
-        preconditioner="fisher", regularization=LAM, block_size=16, client="sync",
+        preconditioner="fisher", regularization=LAM, train_block_size=16, client="sync",
     )  # fmt: skip
     pr = Projector(model, loss)
     g = pr.functions.per_sample_grads(pr.theta, pr.batch(train)).numpy()
@@ -108,7 +108,7 @@ def test_sparse_projection_preserves_inner_products_on_average():
 def test_top_k_equals_argsort_of_the_index_influences(problem, tmp_path):
     model, loss, train, test = problem
     index = di.GradientIndex.build(
-        model, loss, train, tmp_path / "ix.zarr", projection_dim=12, block_size=7, client="sync"
+        model, loss, train, tmp_path / "ix.zarr", projection_dim=12, train_block_size=7, client="sync"
     )
     full = index.influences(test)
     top = index.top_k(test, 5)
@@ -122,11 +122,11 @@ def test_query_store_top_k_merges_in_a_tree_and_resumes_from_stored_chunks(probl
     mix chunks computed again with chunks read back: the same top-k as argsort of the store."""
     model, loss, train, test = problem
     index = di.GradientIndex.build(
-        model, loss, train, tmp_path / "ix.zarr", projection_dim=12, block_size=1, client="sync"
+        model, loss, train, tmp_path / "ix.zarr", projection_dim=12, train_block_size=1, client="sync"
     )
     assert len(index.attributes["block_sizes"]) > 32  # store_job.FAN_IN
     path = tmp_path / "q.zarr"
-    group = index.influences_to_zarr(test, path, top_k=4, block_size=3)
+    group = index.influences_to_zarr(test, path, top_k=4, test_block_size=3)
     full = group["influences"][:]
     top = {name: group[name][:] for name in ("top_helpful_indices", "top_helpful_values", "top_harmful_indices")}
     np.testing.assert_array_equal(top["top_helpful_indices"], np.argsort(-full, axis=1, kind="stable")[:, :4])
@@ -139,7 +139,7 @@ def test_query_store_top_k_merges_in_a_tree_and_resumes_from_stored_chunks(probl
     attrs = dict(writable.attrs["dask_influence"])
     attrs["complete"] = False
     writable.attrs["dask_influence"] = attrs
-    resumed = index.influences_to_zarr(test, path, top_k=4, block_size=3, resume=True)
+    resumed = index.influences_to_zarr(test, path, top_k=4, test_block_size=3, resume=True)
     assert index.last_run_["chunks_computed"] == 3
     np.testing.assert_array_equal(resumed["influences"][:], full)
     for name, values in top.items():
@@ -166,7 +166,7 @@ class _Failing(Dataset):
 
 def test_interrupted_build_resumes_only_missing_blocks(problem, tmp_path):
     model, loss, (x, y), test = problem
-    kw = dict(projection_dim=16, dtype="float32", block_size=8, client="sync")
+    kw = dict(projection_dim=16, dtype="float32", train_block_size=8, client="sync")
     data = _Failing(x, y, budget=8 + 3 * 8)  # the first block's digest, then 3 blocks; the 4th fails
     with pytest.raises(RuntimeError, match="simulated"):
         di.GradientIndex.build(model, loss, data, tmp_path / "ix.zarr", **kw)
@@ -186,19 +186,21 @@ def test_interrupted_build_resumes_only_missing_blocks(problem, tmp_path):
 
 def test_build_on_two_workers_equals_build_in_one_process(problem, tmp_path, cluster_client):
     model, loss, train, test = problem
-    kw = dict(projection_dim=20, projection="kronecker", dtype="float32", block_size=9)
+    kw = dict(projection_dim=20, projection="kronecker", dtype="float32", train_block_size=9)
     local = di.GradientIndex.build(model, loss, train, tmp_path / "one.zarr", client="sync", **kw)
     dist = di.GradientIndex.build(model, loss, train, tmp_path / "two.zarr", client=cluster_client, **kw)
     np.testing.assert_array_equal(dist.gradients(), local.gradients())
     np.testing.assert_allclose(dist.curvature_matrix(), local.curvature_matrix(), rtol=1e-12)
     np.testing.assert_allclose(dist.influences(test), local.influences(test), rtol=1e-10)
-    group = dist.influences_to_zarr(test, tmp_path / "q.zarr", top_k=3, block_size=3)
+    group = dist.influences_to_zarr(test, tmp_path / "q.zarr", top_k=3, test_block_size=3)
     np.testing.assert_allclose(group["influences"][:], local.influences(test), rtol=1e-6)
 
 
 def test_queries_refuse_another_model_task_or_projection(problem, tmp_path):
     model, loss, train, test = problem
-    di.GradientIndex.build(model, loss, train, tmp_path / "ix.zarr", projection_dim=8, block_size=16, client="sync")
+    di.GradientIndex.build(
+        model, loss, train, tmp_path / "ix.zarr", projection_dim=8, train_block_size=16, client="sync"
+    )
     changed = trained_classification_problem()[0].double()
     with torch.no_grad():
         next(changed.parameters())[0, 0] += 1e-3
@@ -208,7 +210,7 @@ def test_queries_refuse_another_model_task_or_projection(problem, tmp_path):
         di.GradientIndex.open(tmp_path / "ix.zarr", model, nn.MSELoss())
     with pytest.raises(StoreError, match="projection"):
         di.GradientIndex.build(
-            model, loss, train, tmp_path / "ix.zarr", projection_dim=8, seed=1, block_size=16, client="sync"
+            model, loss, train, tmp_path / "ix.zarr", projection_dim=8, seed=1, train_block_size=16, client="sync"
         )
     # the same index opens for the same model and task
     assert di.GradientIndex.open(tmp_path / "ix.zarr", model, loss, client="sync").n_train == len(train[0])
@@ -237,7 +239,7 @@ def test_index_scores_answer_evaluations_without_the_full_matrix(problem, tmp_pa
 
     model, loss, train, test = problem
     index = di.GradientIndex.build(
-        model, loss, train, tmp_path / "ix.zarr", projection_dim=12, block_size=7, client="sync"
+        model, loss, train, tmp_path / "ix.zarr", projection_dim=12, train_block_size=7, client="sync"
     )
     full = index.influences(test)
     scores = index.scores(test)

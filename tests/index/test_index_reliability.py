@@ -23,7 +23,7 @@ from dask_influence.cli.main import cli
 from dask_influence.errors import StoreError
 from dask_influence.index import Projector
 
-KW = dict(projection_dim=8, block_size=10, client="sync")  # 47 points: blocks of 10, 10, 10, 10, 7
+KW = dict(projection_dim=8, train_block_size=10, client="sync")  # 47 points: blocks of 10, 10, 10, 10, 7
 MISSING = r"chunk 2 of its array 'gradients' \(block 2, training points 20 to 29\) is missing"
 UNDECODABLE = r"chunk 3 of its array 'gradients' \(block 3, training points 30 to 39\) does not decode"
 
@@ -239,7 +239,7 @@ def test_uneven_dask_chunks_are_indexed_one_block_per_chunk(problem, tmp_path):
     index = di.GradientIndex.build(model, loss, (dx, dy), tmp_path / "ix.zarr", projection_dim=8, client="sync")
     assert index.attributes["block_sizes"] == [22, 22, 3]
     reference = di.GradientIndex.build(model, loss, (x, y), tmp_path / "ref.zarr", projection_dim=8, client="sync",
-                                       block_size=22)  # fmt: skip
+                                       train_block_size=22)  # fmt: skip
     np.testing.assert_array_equal(index.gradients(), reference.gradients())
 
 
@@ -259,13 +259,13 @@ def test_a_resumed_query_store_repairs_its_damaged_chunks(problem, clean, tmp_pa
     model, loss, _, test = problem
     index = di.GradientIndex.open(clean[0], model, loss, client="sync")
     path = tmp_path / "q.zarr"
-    first = index.influences_to_zarr(test, path, top_k=3, block_size=3)["influences"][:]
+    first = index.influences_to_zarr(test, path, top_k=3, test_block_size=3)["influences"][:]
     os.remove(path / "influences" / "c" / "0" / "1")
     _flip_byte(path / "influences" / "c" / "1" / "4")
-    listed = index.influences_to_zarr(test, path, top_k=3, block_size=3, resume=True, verify="exists")
+    listed = index.influences_to_zarr(test, path, top_k=3, test_block_size=3, resume=True, verify="exists")
     assert index.last_run_["chunks_computed"] == 1 and index.last_run_["chunks_repaired"] == 1
     assert listed.attrs["dask_influence"]["complete"]
-    resumed = index.influences_to_zarr(test, path, top_k=3, block_size=3, resume=True)  # verify=True
+    resumed = index.influences_to_zarr(test, path, top_k=3, test_block_size=3, resume=True)  # verify=True
     assert index.last_run_["chunks_computed"] == 1 and index.last_run_["verify"]["damaged"] == {"influences": [[1, 4]]}
     np.testing.assert_array_equal(resumed["influences"][:], first)
     np.testing.assert_allclose(first, clean[1], rtol=0, atol=1e-12 * np.abs(clean[1]).max())  # other test blocks

@@ -56,7 +56,7 @@ def _quiet(fn, *args, **kwargs):
 
 def test_default_storage_is_float16_gradients_and_a_float32_curvature(float32_problem, tmp_path):
     model, loss, train, test = float32_problem
-    kw = dict(projection_dim=256, block_size=200, client="sync")
+    kw = dict(projection_dim=256, train_block_size=200, client="sync")
     small = _quiet(di.GradientIndex.build, model, loss, train, tmp_path / "a.zarr", **kw)
     wide = _quiet(di.GradientIndex.build, model, loss, train, tmp_path / "b.zarr", dtype="float32", **kw)
     group = zarr.open_group(str(tmp_path / "a.zarr"), mode="r")
@@ -76,11 +76,11 @@ def test_default_storage_is_float16_gradients_and_a_float32_curvature(float32_pr
 def test_queries_in_float32_equal_float64_math_and_reuse_the_cholesky_factor(float32_problem, tmp_path):
     model, loss, train, test = float32_problem
     index = _quiet(
-        di.GradientIndex.build, model, loss, train, tmp_path / "a.zarr", projection_dim=128, block_size=200,
+        di.GradientIndex.build, model, loss, train, tmp_path / "a.zarr", projection_dim=128, train_block_size=200,
         client="sync",
     )  # fmt: skip
     got = index.influences(test)
-    factors = index.factors(test)  # float64 (the public factors stay float64)
+    factors = index.influence_factors(test)  # float64 (the public factors stay float64)
     assert factors.dtype == np.float64
     expected = factors @ index.gradients().astype(np.float64).T
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
@@ -98,7 +98,7 @@ def test_an_index_written_before_float32_curvature_and_auto_dtype_stays_readable
     the default arguments (dtype='auto', ggn_draws='auto') completes it as it was built."""
     model, loss, train, test = float32_problem
     path = tmp_path / "old.zarr"
-    kw = dict(projection_dim=64, block_size=200, client="sync")
+    kw = dict(projection_dim=64, train_block_size=200, client="sync")
     index = _quiet(di.GradientIndex.build, model, loss, train, path, dtype="float32", **kw)
     before = index.influences(test)
     group = zarr.open_group(str(path), mode="r+")
@@ -149,13 +149,13 @@ def test_effective_dimension_is_recorded_shown_and_warned_about(float64_problem,
     p = 1162
     full = di.GradientIndex.build(
         model, loss, train, tmp_path / "full.zarr", projection="orthogonal", projection_dim=p, dtype="float64",
-        regularization=1.0, block_size=200, client="sync",
+        regularization=1.0, train_block_size=200, client="sync",
     )  # fmt: skip
     e = np.clip(np.linalg.eigvalsh(full.curvature_matrix()), 0, None)
     lam = 0.01 * e[-1]
     exact = float((e / (e + lam)).sum())
     assert 305 < exact < 320  # 313.9
-    kw = dict(regularization=lam, block_size=200, client="sync")
+    kw = dict(regularization=lam, train_block_size=200, client="sync")
     with pytest.warns(UserWarning, match=r"^projection_dim=256 is too small for regularization=") as caught:
         small = di.GradientIndex.build(model, loss, train, tmp_path / "k256.zarr", projection_dim=256, **kw)
     message = str(next(w.message for w in caught if "too small" in str(w.message)))

@@ -59,7 +59,7 @@ def test_full_orthogonal_index_of_gpt2_equals_direct(gpt2, tmp_path):
         projection_dim=direct.num_params,
         dtype="float64",
         regularization=lam,
-        block_size=5,
+        train_block_size=5,
         ggn_draws=0,
         client="sync",
     )  # fmt: skip  (ggn_draws=0: the exact GGN; "auto" samples it for a causal LM)
@@ -89,7 +89,7 @@ def test_index_of_bert_with_an_attention_mask_builds_with_the_looped_fallback(tm
     task = di.tasks.classification()
     with pytest.warns(UserWarning, match="one sample at a time"):
         index = di.GradientIndex.build(
-            model, task, data, tmp_path / "ix.zarr", projection_dim=16, seed=1, regularization=0.5, block_size=5,
+            model, task, data, tmp_path / "ix.zarr", projection_dim=16, seed=1, regularization=0.5, train_block_size=5,
             dtype="float64", client="sync",
         )  # fmt: skip
     pr = Projector(model, task, "sjlt", 16, seed=1)

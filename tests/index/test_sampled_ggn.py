@@ -51,7 +51,7 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_auto_samples_the_lm_ggn_within_002_pearson_of_the_exact_projected_ggn(lm, tmp_path):
     model, task, train, test, lam, exact = lm
-    common = dict(projection_dim=64, regularization=lam, block_size=20, dtype="float64", client="sync")
+    common = dict(projection_dim=64, regularization=lam, train_block_size=20, dtype="float64", client="sync")
     auto = di.GradientIndex.build(model, task, train, tmp_path / "auto.zarr", **common)
     assert auto.attributes["ggn_estimate"] == {"kind": "sampled", "draws": 16, "seed": 0}  # 16 < 7 x 16 roots
     full = di.GradientIndex.build(model, task, train, tmp_path / "exact.zarr", ggn_draws=0, **common)
@@ -112,8 +112,10 @@ def test_sampled_ggn_on_two_workers_and_other_blocks_equals_the_in_process_build
     blocks of 7 on 2 workers give the in-process index of blocks of 20 (up to summation order)."""
     model, task, train, test, lam, _ = lm
     kw = dict(projection_dim=32, regularization=lam, dtype="float64", ggn_draws=4)
-    local = di.GradientIndex.build(model, task, train, tmp_path / "one.zarr", block_size=20, client="sync", **kw)
-    dist = di.GradientIndex.build(model, task, train, tmp_path / "two.zarr", block_size=7, client=cluster_client, **kw)
+    local = di.GradientIndex.build(model, task, train, tmp_path / "one.zarr", train_block_size=20, client="sync", **kw)
+    dist = di.GradientIndex.build(
+        model, task, train, tmp_path / "two.zarr", train_block_size=7, client=cluster_client, **kw
+    )
     assert dist.attributes["ggn_estimate"] == {"kind": "sampled", "draws": 4, "seed": 0}
     np.testing.assert_allclose(dist.curvature_matrix(), local.curvature_matrix(), rtol=1e-10, atol=1e-13)
     np.testing.assert_allclose(dist.influences(test), local.influences(test), rtol=1e-8, atol=1e-12)
@@ -133,7 +135,7 @@ def test_auto_draws_fall_with_the_training_points_per_dimension(lm, tmp_path):
     direct = di.DirectInfluence(model, task, regularization=1.0, curvature="ggn").fit(train)
     lam = 0.01 * float(torch.linalg.eigvalsh(direct.hessian)[-1])
     exact = di.DirectInfluence(model, task, regularization=lam, curvature="ggn").fit(train).influences(test, train)
-    common = dict(projection_dim=32, regularization=lam, block_size=256, dtype="float64", client="sync")
+    common = dict(projection_dim=32, regularization=lam, train_block_size=256, dtype="float64", client="sync")
     auto = di.GradientIndex.build(model, task, train, tmp_path / "auto.zarr", **common)
     assert auto.attributes["ggn_estimate"] == {"kind": "sampled", "draws": 1, "seed": 0}
     full = di.GradientIndex.build(model, task, train, tmp_path / "exact.zarr", ggn_draws=0, **common)

@@ -202,7 +202,7 @@ def test_threaded_cluster_dict_batches_with_attention(threaded_client, tmp_path)
     for round_, options in enumerate(ROUNDS):
         solver = di.CgInfluence(model, task, **hyper)
         calc = di.DaskInfluenceCalculator(solver, threaded_client, progress=False, **options)
-        calc.fit(train, block_size=6)
+        calc.fit(train, train_block_size=6)
         group = calc.influences_to_zarr(
             test, train, tmp_path / f"text-{round_}.zarr", test_block_size=3, train_block_size=6
         )

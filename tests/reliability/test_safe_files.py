@@ -123,7 +123,7 @@ def test_a_crafted_fit_file_is_refused_unrun(kind, problem, tmp_path):
     craft(kind, path, marker)
     calc = di.SequentialInfluenceCalculator(di.DirectInfluence(model, loss, regularization=0.3), progress=False)
     with pytest.raises(ValueError, match="out.zarr.fit.pt") as err:
-        calc.fit((x, y), block_size=10, path=path)
+        calc.fit((x, y), train_block_size=10, path=path)
     assert not marker.exists() and not calc.solver.is_fitted
     assert "is not a saved fit" in str(err.value) or "format 1" in str(err.value)
     # the function that restores fits, directly
@@ -184,12 +184,12 @@ def test_a_fit_file_with_one_byte_changed_is_refused(problem, tmp_path):
     # the same through a job's saved fit: refused, and refit=True replaces it
     fit_path = fit_path_for(tmp_path / "out.zarr")
     calc = di.SequentialInfluenceCalculator(di.DirectInfluence(model, loss, regularization=0.3), progress=False)
-    calc.fit((x, y), block_size=10, path=fit_path)
+    calc.fit((x, y), train_block_size=10, path=fit_path)
     flip_a_byte_of(fit_path, calc.solver.state_.matrices[0])
     again = di.SequentialInfluenceCalculator(di.DirectInfluence(model, loss, regularization=0.3), progress=False)
     with pytest.raises(ValueError, match=r"out\.zarr\.fit\.pt.*is damaged.*refit=True"):
-        again.fit((x, y), block_size=10, path=fit_path)
-    again.fit((x, y), block_size=10, path=fit_path, refit=True)
+        again.fit((x, y), train_block_size=10, path=fit_path)
+    again.fit((x, y), train_block_size=10, path=fit_path, refit=True)
     assert not again.last_fit_["reused"]
     assert rel_diff(again.solver.influences(x, y), solver.influences(x, y)) < 1e-10
 
@@ -228,9 +228,9 @@ def test_old_format_files_are_refused_with_fit_again(cls, kwargs, problem, tmp_p
     _format_1(solver, fit_file, training_data={"n": 30})
     calc = di.SequentialInfluenceCalculator(cls(model, loss, regularization=0.3, **kwargs), progress=False)
     with pytest.raises(ValueError, match=r"fit\.pt.*format 1.*fit again.*--refit"):
-        calc.fit((x, y), block_size=10, path=fit_file)
+        calc.fit((x, y), train_block_size=10, path=fit_file)
     # refit replaces it with a file of the current format
-    calc.fit((x, y), block_size=10, path=fit_file, refit=True)
+    calc.fit((x, y), train_block_size=10, path=fit_file, refit=True)
     assert torch.load(fit_file, weights_only=True)["format"] == serialization.FORMAT
 
 
@@ -317,7 +317,7 @@ def test_a_saved_direct_fit_is_reused_when_only_the_regularization_changed(probl
     def fit(regularization, **kwargs):
         solver = di.DirectInfluence(copy.deepcopy(model), loss, regularization=regularization, **kwargs)
         calc = di.SequentialInfluenceCalculator(solver, progress=False)
-        calc.fit((x, y), block_size=10, path=path)
+        calc.fit((x, y), train_block_size=10, path=path)
         return calc
 
     assert not fit(0.3).last_fit_["reused"]

@@ -141,7 +141,7 @@ def test_a_refit_invalidates_every_chunk_and_equals_a_clean_run(problem, tmp_pat
     path, fit_file = tmp_path / "store.zarr", tmp_path / "fit.pt"
     solver = di.DirectInfluence(model, loss, regularization=0.1, curvature="ggn")
     calc = di.SequentialInfluenceCalculator(solver, progress=False)
-    calc.fit(TensorDataset(*train), block_size=TRAIN_BLOCK, path=fit_file)
+    calc.fit(TensorDataset(*train), train_block_size=TRAIN_BLOCK, path=fit_file)
     t, r = loaders(test, train)
     calc.influences_to_zarr(t, r, path, top_k=3, self_influences=True)
     assert zarr.open_group(str(path), mode="r").attrs[ATTR]["fit"]["generation"] == 1
@@ -151,7 +151,7 @@ def test_a_refit_invalidates_every_chunk_and_equals_a_clean_run(problem, tmp_pat
     again = di.SequentialInfluenceCalculator(
         di.DirectInfluence(model, loss, regularization=0.1, curvature="ggn"), progress=False
     )
-    again.fit(TensorDataset(*train), block_size=TRAIN_BLOCK, path=fit_file)
+    again.fit(TensorDataset(*train), train_block_size=TRAIN_BLOCK, path=fit_file)
     again.influences_to_zarr(t, r, path, top_k=3, self_influences=True, resume=True)
     assert again.last_run_["chunks_computed"] == 0 and not again.last_run_["new_fit"]
 
@@ -159,7 +159,7 @@ def test_a_refit_invalidates_every_chunk_and_equals_a_clean_run(problem, tmp_pat
     refit = di.SequentialInfluenceCalculator(
         di.DirectInfluence(model, loss, regularization=0.1, curvature="ggn"), progress=False
     )
-    refit.fit(TensorDataset(*train), block_size=TRAIN_BLOCK, path=fit_file, refit=True)
+    refit.fit(TensorDataset(*train), train_block_size=TRAIN_BLOCK, path=fit_file, refit=True)
     group = refit.influences_to_zarr(t, r, path, top_k=3, self_influences=True, resume=True)
     assert refit.last_run_["chunks_computed"] == N_CHUNKS and refit.last_run_["chunks_skipped"] == 0
     assert refit.last_run_["self_influence_blocks_computed"] == 10 and refit.last_run_["new_fit"]

@@ -92,7 +92,7 @@ def test_a_resume_reads_the_saved_factors_and_a_refit_solves_them_again(problem,
 
     def job(refit=False, **kw):
         calc = di.SequentialInfluenceCalculator(solver(), progress=False)
-        calc.fit(TensorDataset(*train), block_size=TRAIN_BLOCK, path=fit_file, refit=refit)
+        calc.fit(TensorDataset(*train), train_block_size=TRAIN_BLOCK, path=fit_file, refit=refit)
         t, r = loaders(test, train)
         calc.influences_to_zarr(t, r, path, top_k=3, self_influences=True, **kw)
         return calc

@@ -42,6 +42,7 @@ from ..mapping.plan import BlockPlan, ranges_from_sizes
 from ..mapping.sources import as_source
 from ..mapping.store_job import add_topk_tasks
 from ..mapping.tasks import pick
+from ..renamed import renamed, warn_renamed
 from ..storage import lock as zlock
 from ..storage import store as zstore
 from ..storage.index_info import suggested_dim
@@ -109,7 +110,7 @@ class GradientIndex:
         curvature: str = "ggn",
         regularization: float | str = "auto",
         ggn_draws: int | str | None = "auto",
-        block_size: int | None = None,
+        train_block_size: int | None = None,
         layers: list[str] | None = None,
         resume: bool = True,
         overwrite: bool = False,
@@ -118,13 +119,17 @@ class GradientIndex:
         client: Any = None,
         n_workers: int | None = None,
         progress: bool | None = None,
+        block_size: int | None = None,
     ) -> GradientIndex:
         """Project every training point's loss gradient into the index at ``path`` and sum the preconditioner.
 
         Args:
             model, task: the trained model and its :class:`~dask_influence.Task` (or a pair loss).
             train: the training data (anything the mapping layer accepts: a sequential
-                DataLoader, a Dataset with ``block_size``, arrays or dask arrays).
+                DataLoader, a Dataset with ``train_block_size``, arrays or dask arrays).
+            train_block_size: training points per block, one Dask task and one chunk of the
+                index each (default: the loader's batch size; a dask array's chunks).
+                ``block_size=`` is its old spelling (a ``RenamedWarning``).
             projection_dim: ``k``.
             projection: ``"sjlt"`` (sparse, any ``p``), ``"gaussian"``, ``"orthogonal"`` (dense,
                 small ``p``; exact at ``k = p``) or ``"kronecker"`` (per layer, no per-sample
@@ -169,6 +174,9 @@ class GradientIndex:
             ValueError: the model and task cannot be evaluated on the first training batch
                 (nothing is written or deleted).
         """
+        train_block_size = renamed(
+            "GradientIndex.build", "block_size", block_size, "train_block_size", train_block_size
+        )
         if preconditioner not in PRECONDITIONERS:
             raise ValueError(
                 f"preconditioner must be one of {', '.join(map(repr, PRECONDITIONERS))}; got {preconditioner!r}."
@@ -189,7 +197,7 @@ class GradientIndex:
                 f"{projector.task.name!r} has none. Pass curvature='hessian', preconditioner='fisher', "
                 "or a Task with outputs and output_loss."
             )
-        source = as_source(train, block_size=block_size, name="train", perturb=projector.task.perturb)
+        source = as_source(train, block_size=train_block_size, name="train", perturb=projector.task.perturb)
         sizes = tuple(int(s) for s in source.block_sizes)
         if any(s != sizes[0] for s in sizes[:-1]) or sizes[-1] > sizes[0]:  # uneven dask chunks: one block per chunk
             source = as_source(train, block_size=max(sizes), name="train", perturb=projector.task.perturb)
@@ -354,14 +362,19 @@ class GradientIndex:
         self,
         test: Any,
         *,
-        block_size: int | None = None,
+        test_block_size: int | None = None,
         regularization: float | None = None,
         progress: bool | None = None,
+        block_size: int | None = None,
     ) -> np.ndarray:
-        """``(n_test, n_train)`` influences of the indexed training points on ``test``, in memory.
+        """``(n_test, n_train)`` influences of the indexed training points on ``test``, computed on the
+        cluster and returned in memory (NumPy; see docs/api.md, "What influences returns").
 
-        ``progress``: report the index blocks scored; ``None``: see :mod:`dask_influence.progress`."""
-        dsk, factor_keys, _, _, dtype = self._factor_graph(test, block_size, regularization)
+        ``test_block_size``: test points per block (one factor task each; default: the loader's
+        batch size; ``block_size=`` is its old spelling). ``progress``: report the index blocks
+        scored; ``None``: see :mod:`dask_influence.progress`."""
+        test_block_size = _test_block_size("influences", block_size, test_block_size)
+        dsk, factor_keys, _, _, dtype = self._factor_graph(test, test_block_size, regularization)
         ranges = ranges_from_sizes(tuple(self.attributes["block_sizes"]))
         keys = []
         for j, rows in enumerate(ranges):
@@ -374,13 +387,22 @@ class GradientIndex:
             meter.finish()
         return np.concatenate([np.concatenate(p, axis=0) for p in parts], axis=1)
 
-    def top_k(self, test: Any, k: int, *, block_size: int | None = None, regularization: float | None = None) -> TopK:
+    def top_k(
+        self,
+        test: Any,
+        k: int,
+        *,
+        test_block_size: int | None = None,
+        regularization: float | None = None,
+        block_size: int | None = None,
+    ) -> TopK:
         """Per test point the ``k`` most helpful and harmful training points, merged exactly chunk by chunk
         (memory per task ``O(n_block * (k + chunk))``; the full matrix is never held)."""
+        test_block_size = _test_block_size("top_k", block_size, test_block_size)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive int; got {k!r}.")
         k = min(k, self.n_train)
-        dsk, factor_keys, _, _, dtype = self._factor_graph(test, block_size, regularization)
+        dsk, factor_keys, _, _, dtype = self._factor_graph(test, test_block_size, regularization)
         ranges = list(ranges_from_sizes(tuple(self.attributes["block_sizes"])))
         keys: list = []
         for i, fkey in enumerate(factor_keys):
@@ -390,19 +412,44 @@ class GradientIndex:
             parts = runner.run(active, dsk, keys, gpu=self._gpu)
         return TopK(*(np.concatenate([p[n] for p in parts]) for n in range(4)))
 
-    def factors(self, test: Any, *, block_size: int | None = None, regularization: float | None = None) -> np.ndarray:
-        """``(C + lambda I)^-1 P grad f(test)`` for each test point: ``(n_test, k)`` float64."""
-        dsk, factor_keys, *_ = self._factor_graph(test, block_size, regularization, "float64")
+    def influence_factors(
+        self,
+        test: Any,
+        *,
+        test_block_size: int | None = None,
+        regularization: float | None = None,
+        block_size: int | None = None,
+    ) -> np.ndarray:
+        """The projected influence factors ``(C + lambda I)^-1 P grad f(test)`` for each test point:
+        ``(n_test, k)`` float64 (the solvers' ``influence_factors`` in the index's ``k`` dimensions;
+        ``influences = influence_factors @ gradients().T``). ``test_block_size``: test points per
+        block (``block_size=`` is its old spelling)."""
+        test_block_size = _test_block_size("influence_factors", block_size, test_block_size)
+        dsk, factor_keys, *_ = self._factor_graph(test, test_block_size, regularization, "float64")
         with dask_client(self.client, self.n_workers) as active:
             return np.concatenate(runner.run(active, dsk, factor_keys, gpu=self._gpu))
 
-    def scores(self, test: Any, *, block_size: int | None = None, regularization: float | None = None) -> Any:
+    def factors(self, test: Any, **kwargs: Any) -> np.ndarray:
+        """The old spelling of :meth:`influence_factors` (a ``RenamedWarning``; removed in the next release)."""
+        warn_renamed("GradientIndex.factors", "GradientIndex.influence_factors")
+        return self.influence_factors(test, **kwargs)
+
+    def scores(
+        self,
+        test: Any,
+        *,
+        test_block_size: int | None = None,
+        regularization: float | None = None,
+        block_size: int | None = None,
+    ) -> Any:
         """The influences on ``test`` as the scores of an evaluation (``di.evaluate.lds(index.scores(test), ...)``):
         answered from the test factors and one read of the index, never the full matrix."""
         from .scores import IndexScores
 
+        test_block_size = _test_block_size("scores", block_size, test_block_size)
         lam = self.regularization if regularization is None else float(regularization)
-        return IndexScores(self, self.factors(test, block_size=block_size, regularization=lam), lam)
+        factors = self.influence_factors(test, test_block_size=test_block_size, regularization=lam)
+        return IndexScores(self, factors, lam)
 
     def self_influences(self, *, regularization: float | None = None) -> np.ndarray:
         """``phi_j^T (C + lambda I)^-1 phi_j`` for every indexed training point: ``(n_train,)``."""
@@ -425,12 +472,13 @@ class GradientIndex:
         self_influences: bool = False,
         resume: bool = False,
         overwrite: bool = False,
-        block_size: int | None = None,
+        test_block_size: int | None = None,
         regularization: float | None = None,
         verify: bool | str = True,
         break_lock: bool = False,
         memory_budget: int | None = DEFAULT_MEMORY_BUDGET,
         progress: bool | None = None,
+        block_size: int | None = None,
     ) -> zarr.Group:
         """Write ``(n_test, n_train)`` influences to an influence store (the layout of
         ``DaskInfluenceCalculator.influences_to_zarr``, so ``inspect``, ``rank``, ``plot`` and
@@ -439,6 +487,8 @@ class GradientIndex:
         Args:
             resume: complete an existing store of the same query, computing only chunks not
                 flagged done. overwrite: replace it.
+            test_block_size: test points per block: the store's chunks are (test block, index
+                block) (default: the loader's batch size; ``block_size=`` is its old spelling).
             verify: with ``resume``, check the chunks flagged done as
                 ``DaskInfluenceCalculator.influences_to_zarr`` does (``True``/``"full"``: read and
                 decode them; ``"exists"``: list their files; ``False``: trust the flags) and
@@ -450,10 +500,11 @@ class GradientIndex:
         Returns:
             the store's zarr group (read-only).
         """
+        test_block_size = _test_block_size("influences_to_zarr", block_size, test_block_size)
         verify_mode = _verify_mode(verify)
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be a positive int or None; got {top_k!r}.")
-        dsk, factor_keys, test_sizes, lam, dtype = self._factor_graph(test, block_size, regularization)
+        dsk, factor_keys, test_sizes, lam, dtype = self._factor_graph(test, test_block_size, regularization)
         train_sizes = tuple(int(s) for s in self.attributes["block_sizes"])
         plan = BlockPlan.build(
             test_sizes,
@@ -633,6 +684,13 @@ class GradientIndex:
             "chunks_total": plan.num_chunks,
         }
         return keys, finishes
+
+
+def _test_block_size(method: str, block_size: int | None, test_block_size: int | None) -> int | None:
+    """``test_block_size`` of ``GradientIndex.<method>``, given by its name or by its old spelling ``block_size``."""
+    return renamed(
+        f"GradientIndex.{method}", "block_size", block_size, "test_block_size", test_block_size, stacklevel=4
+    )
 
 
 def _chunk(i: int, j: int) -> tuple:

@@ -23,6 +23,7 @@ from .. import progress as _progress
 from ..core.modes import InfluenceMode
 from ..core.solvers.base import InfluenceModel
 from ..errors import NotFittedError
+from ..renamed import renamed
 from ..storage import lock as zlock
 from ..storage import store as zstore
 from .clients import dask_client
@@ -70,10 +71,11 @@ class _BlockCalculator:
         self,
         train: Any,
         *,
-        block_size: int | None = None,
+        train_block_size: int | None = None,
         path: str | os.PathLike | None = None,
         refit: bool = False,
         verify_data: bool = True,
+        block_size: int | None = None,
     ) -> InfluenceModel:
         """Fit the wrapped solver over the train blocks; returns the solver, fitted.
 
@@ -83,8 +85,9 @@ class _BlockCalculator:
 
         Args:
             train: the training data, in any form the calculator accepts (a DataLoader
-                without shuffling, a Dataset with ``block_size``, arrays, dask arrays).
-            block_size: training points per block (default: the loader's batch size).
+                without shuffling, a Dataset with ``train_block_size``, arrays, dask arrays).
+            train_block_size: training points per block (default: the loader's batch size;
+                ``block_size=`` is its old spelling, with a ``RenamedWarning``).
             path: a file for the fitted state (e.g. ``fitting.fit_path_for(store)``). If it
                 exists, it is restored instead of fitting, after checking that it holds
                 this solver (class and hyperparameters) fitted with these model weights on
@@ -103,7 +106,9 @@ class _BlockCalculator:
         """
         from .fitting import fit_with_blocks, restore_fit, saved_fit_exists
 
-        source = as_source(train, block_size=block_size, name="train", perturb=self.solver.objective.perturb)
+        where = f"{type(self).__name__}.fit"
+        train_block_size = renamed(where, "block_size", block_size, "train_block_size", train_block_size)
+        source = as_source(train, block_size=train_block_size, name="train", perturb=self.solver.objective.perturb)
         if not verify_data and path is not None and not refit and saved_fit_exists(path):
             self.last_fit_ = restore_fit(self.solver, source, path)  # no blocks loaded, no pass
         else:
@@ -195,9 +200,13 @@ class _BlockCalculator:
         graph = self._graph(test, train, mode, test_block_size, train_block_size)
         return da.Array(graph.dsk, graph.chunk_name, chunks=graph.chunks, dtype=graph.dtype)
 
-    def self_influences(self, train: Any, *, block_size: int | None = None) -> Any:
-        """``grad L(z)^T H^-1 grad L(z)`` for every train point: ``(n_train,)``."""
-        src = as_source(train, block_size=block_size, name="train", perturb=self.solver.objective.perturb)
+    def self_influences(self, train: Any, *, train_block_size: int | None = None, block_size: int | None = None) -> Any:
+        """``grad L(z)^T H^-1 grad L(z)`` for every train point: a lazy ``dask.array`` ``(n_train,)``
+        chunked by train block (``train_block_size``: training points per block; ``block_size=`` is
+        its old spelling, with a ``RenamedWarning``)."""
+        where = f"{type(self).__name__}.self_influences"
+        train_block_size = renamed(where, "block_size", block_size, "train_block_size", train_block_size)
+        src = as_source(train, block_size=train_block_size, name="train", perturb=self.solver.objective.perturb)
         self._check_fitted()
         graph = plan_influence_graph(self.solver, src, src, InfluenceMode.up, memory_budget=None)
         name = add_self_influence_tasks(graph)

@@ -265,7 +265,8 @@ def as_source(
         and not isinstance(data, (tuple, list, str, bytes, dict))
     ):
         if block_size is None:
-            raise ValueError(f"Pass block_size with a {name} Dataset (the number of samples per block).")
+            keyword = f"{name}_block_size" if name in ("test", "train") else "block_size"
+            raise ValueError(f"Pass {keyword} with a {name} Dataset (the number of samples per block).")
         return DatasetSource(data, block_size, None, name, perturb)
     raise TypeError(
         f"Unsupported {name} data of type {type(data).__name__}. Pass a DataLoader "

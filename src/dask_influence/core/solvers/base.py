@@ -58,7 +58,7 @@ from .config import (  # noqa: F401  (re-exported: the solvers' shared checks)
 class InfluenceModel(ABC):
     """Base class of all solvers.
 
-    ``Solver(model, loss, **hyperparameters)`` or ``Solver(model, loss, config)`` with the
+    ``Solver(model, task, **hyperparameters)`` or ``Solver(model, task, config)`` with the
     solver's ``config_class``; the hyperparameters every solver has are those of
     :class:`~.config.SolverConfig` (``regularization``, ``curvature``, ``chunk_size``).
 
@@ -66,9 +66,10 @@ class InfluenceModel(ABC):
         model: a trained ``nn.Module``; influence is taken with respect to its parameters
             with ``requires_grad=True``. Put it in eval mode (dropout and batch norm in
             training mode make per-sample gradients ill-defined).
-        loss: ``loss(outputs, targets) -> scalar`` with mean reduction over the batch (the
-            points are then pairs ``x, y``), or a :class:`~..task.Task` (the points are
-            batches of any structure).
+        task: what is differentiated and measured: a :class:`~..task.Task` (the points are
+            batches of any structure), or a loss ``loss(outputs, targets) -> scalar`` with mean
+            reduction over the batch (the points are then pairs ``x, y``; it is wrapped as a
+            pair task). ``solver.task`` is the Task, ``solver.loss`` what was passed.
         config: the hyperparameters as one ``config_class`` instance (instead of keywords).
         **hyperparameters: the fields of ``config_class``, by name.
     """
@@ -87,11 +88,11 @@ class InfluenceModel(ABC):
     """Fitted attributes written by :meth:`save`."""
 
     def __init__(
-        self, model: nn.Module, loss: LossFn | Task, config: SolverConfig | None = None, /, **hyperparameters: Any
+        self, model: nn.Module, task: LossFn | Task, config: SolverConfig | None = None, /, **hyperparameters: Any
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
-        task = as_task(loss)
+        loss, task = task, as_task(task)  # ``loss``: as given (``self.loss``); ``task``: a Task either way
         self.__dict__["config"] = self._make_config(config, hyperparameters)
         model = inputs.widen_half_precision(model)
         self.model = model
@@ -104,6 +105,12 @@ class InfluenceModel(ABC):
         self.n_train_: int | None = None
         self.feature_shape_: torch.Size | None = None
         self._validate(self.config)
+
+    @property
+    def task(self) -> Task:
+        """The :class:`~..task.Task` the solver differentiates and measures (a loss function
+        given at construction is wrapped as its pair task; ``loss`` keeps what was given)."""
+        return self.objective
 
     @classmethod
     def _make_config(cls, config: SolverConfig | None, hyperparameters: dict[str, Any]) -> SolverConfig:
@@ -438,11 +445,19 @@ class InfluenceModel(ABC):
 
     @classmethod
     def load(
-        cls, path: str | os.PathLike, model: nn.Module, loss: LossFn | Task, *, train: Any = None
+        cls,
+        path: str | os.PathLike,
+        model: nn.Module,
+        task: LossFn | Task | None = None,
+        *,
+        train: Any = None,
+        loss: LossFn | Task | None = None,
     ) -> InfluenceModel:
         """Rebuild a fitted solver from :meth:`save`'s file and the same trained model.
 
         Args:
+            task: the solver's task or loss, as it was built with (``loss=`` is its old
+                spelling, with a ``RenamedWarning``).
             train: the training data, for solvers that apply ``H`` at solve time (CG,
                 LiSSA); ignored by the others.
 
@@ -457,9 +472,13 @@ class InfluenceModel(ABC):
                 another solver class, or ``model``'s trainable parameters are not the ones the
                 solver was fitted with.
         """
+        from ...renamed import renamed
         from . import fit_record
 
-        return fit_record.load_solver(cls, os.fspath(path), model, loss, train)
+        task = renamed(f"{cls.__name__}.load", "loss", loss, "task", task)
+        if task is None:
+            raise TypeError(f"{cls.__name__}.load() needs the task (or loss) the solver was built with.")
+        return fit_record.load_solver(cls, os.fspath(path), model, task, train)
 
     def _operator_for(self, theta: Tensor, source: TrainingData) -> Any:
         operator: Any = CurvatureOperator(self._functions, theta, source, self.curvature)

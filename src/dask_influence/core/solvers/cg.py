@@ -24,6 +24,7 @@ from ..data import TrainingData
 from ..eigen import factor_solve
 from ..operators import Curvature, DampedOperator, LinearOperator
 from ..preconditioners import Preconditioner, make_preconditioner, preconditioner_name
+from ..task import Task
 from .base import InfluenceModel
 from .config import SolverConfig, check_blocks, check_nonnegative, check_positive_int, check_seed, hyperparameter
 from .registry import register
@@ -312,12 +313,12 @@ class CgInfluence(InfluenceModel):
     def __init__(
         self,
         model: torch.nn.Module,
-        loss: Callable[[Tensor, Tensor], Tensor],
+        task: Callable[[Tensor, Tensor], Tensor] | Task,
         config: CgConfig | None = None,
         /,
         **hyperparameters: Any,
     ):
-        super().__init__(model, loss, config, **hyperparameters)
+        super().__init__(model, task, config, **hyperparameters)
         self.preconditioner_: Preconditioner | None = make_preconditioner(
             self.config.preconditioner, rank=self.config.preconditioner_rank, seed=self.config.seed
         )

@@ -765,8 +765,9 @@ class EkfacInfluence(InfluenceModel):
             ``nn.Embedding`` and Hugging Face ``Conv1D`` layers are factored, any other
             trainable parameter is left out (treated as frozen: zero factor entries) with one
             warning naming it.
-        loss: ``loss(outputs, targets)`` with mean reduction; ``None`` picks
-            ``nn.CrossEntropyLoss()`` or ``nn.MSELoss()`` from ``task``.
+        task: the objective (positional): a :class:`~..task.Task` with ``outputs`` and
+            ``output_loss``, or a loss ``loss(outputs, targets)`` with mean reduction; ``None``
+            picks ``nn.CrossEntropyLoss()`` or ``nn.MSELoss()`` from the keyword ``task=``.
         regularization: ``lambda >= 0`` added to every eigenvalue: ``(C + lambda I)^-1``.
         update_diagonal: ``True`` for EK-FAC (a second pass refits the eigenvalues), ``False``
             for K-FAC.
@@ -777,7 +778,8 @@ class EkfacInfluence(InfluenceModel):
             naming it; ``"head"`` factors it as the head's layer (``A`` ``(d, d)`` from the
             head's inputs, ``G`` diagonal ``(V,)``) and adds the embedding use's gradient to
             every gradient and to the corrected eigenvalues, with one warning naming it.
-        task: ``"classification"`` (cross-entropy on logits), ``"regression"`` (mean squared
+        task= (keyword, kept in ``solver.config.task``; ``solver.task`` is the objective): the
+            output curvature, ``"classification"`` (cross-entropy on logits), ``"regression"`` (mean squared
             error) or ``None``: inferred from ``nn.CrossEntropyLoss``/``nn.MSELoss``, and for
             any other loss its own Hessian in the outputs is taken by autograd. A closed form
             is checked against autograd on the first batch.
@@ -801,38 +803,39 @@ class EkfacInfluence(InfluenceModel):
     def __init__(
         self,
         model: nn.Module,
-        loss: LossFn | Task | None = None,
+        task: LossFn | Task | None = None,
         config: EkfacConfig | None = None,
         /,
         **hyperparameters: Any,
     ):
         config = cast(EkfacConfig, self._make_config(config, hyperparameters))  # an instance of config_class
-        if isinstance(loss, Task):
-            if not loss.has_outputs:
+        # ``task``: the objective; ``kind``: the output curvature (the ``task=`` hyperparameter, config.task)
+        if isinstance(task, Task):
+            if not task.has_outputs:
                 raise ValueError(
                     f"EK-FAC needs the loss as a function of the model outputs, which the task "
-                    f"{loss.name!r} does not give: pass Task(..., outputs=fn(model, batch) -> outputs, "
+                    f"{task.name!r} does not give: pass Task(..., outputs=fn(model, batch) -> outputs, "
                     "output_loss=fn(outputs, batch) -> loss) (the ready-made tasks of di.tasks carry "
                     "them), or use another solver (e.g. CgInfluence)."
                 )
-            task = config.task or loss.output_curvature
-            if task is not None and task not in TASKS:
-                raise ValueError(f"task must be 'classification', 'regression', 'autograd' or None; got {task!r}.")
+            kind = config.task or task.output_curvature
+            if kind is not None and kind not in TASKS:
+                raise ValueError(f"task must be 'classification', 'regression', 'autograd' or None; got {kind!r}.")
         else:
-            task = infer_task(loss, config.task)
-            if loss is None:
-                if task is None:
+            kind = infer_task(task, config.task)
+            if task is None:
+                if kind is None:
                     raise ValueError("Pass a loss, or task='classification' or 'regression' to use the default one.")
-                loss = nn.CrossEntropyLoss() if task == "classification" else nn.MSELoss()
+                task = nn.CrossEntropyLoss() if kind == "classification" else nn.MSELoss()
         # Reading the model's trainable parameters races with another thread's forward
         # (functional_call swaps them for plain tensors), so construction holds the lock too.
         with _FORWARD_LOCK:
-            super().__init__(model, loss, config.replace(task=task))
+            super().__init__(model, task, config.replace(task=kind))
             self._layers = find_layers(model, self._functions.spec, self.config.layers, self.config.tied)
         # what the hooks watch: the layers, then the embedding uses of tied heads (tied="head")
         self._captured = self._layers + [layer.tied_use for layer in self._layers if layer.tied_use is not None]
         assert self.objective.output_loss is not None  # a pair task or a task with outputs (checked above)
-        self._output = OutputCurvature(self.objective.output_loss, task)
+        self._output = OutputCurvature(self.objective.output_loss, kind)
         self._plan_factors()
 
     # -- memory ---------------------------------------------------------------------------------

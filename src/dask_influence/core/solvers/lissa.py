@@ -53,6 +53,7 @@ from ..blocks import BlockSums
 from ..data import TrainingData
 from ..lanczos import lanczos, tridiagonal
 from ..operators import CurvatureOperator, DampedOperator, LinearOperator
+from ..task import Task
 from .base import InfluenceModel
 from .config import SolverConfig, check_nonnegative, check_positive_int, hyperparameter
 from .registry import register
@@ -230,12 +231,12 @@ class LissaInfluence(InfluenceModel):
     def __init__(
         self,
         model: torch.nn.Module,
-        loss: Callable[[Tensor, Tensor], Tensor],
+        task: Callable[[Tensor, Tensor], Tensor] | Task,
         config: LissaConfig | None = None,
         /,
         **hyperparameters: Any,
     ):
-        super().__init__(model, loss, config, **hyperparameters)
+        super().__init__(model, task, config, **hyperparameters)
         self._operator: CurvatureOperator | None = None
         self._data: TrainingData | None = None
         self.scale_: float | None = None
