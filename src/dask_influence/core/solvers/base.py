@@ -28,7 +28,7 @@ import pickle
 import threading
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, BinaryIO, ClassVar, cast
 
 import cloudpickle
@@ -535,8 +535,26 @@ class InfluenceModel(ABC):
     def influence_factors_with_report(self, *test: Any) -> tuple[Tensor, Any]:
         """:meth:`influence_factors` and the report of its solve (see :meth:`solve`)."""
         theta = self._require_fitted()
-        batch = self._batch(test, ("x_test", "y_test"))
-        return self._solve_with_report(self._grads(theta, batch, measurement=True))
+        return self._factors_with_report(theta, self._batch(test, ("x_test", "y_test")))
+
+    def _factors_with_report(self, theta: Tensor, batch: Any) -> tuple[Tensor, Any]:
+        """The factors ``(n_test, p)`` of a prepared test batch and the report of their solves:
+        each chunk of :meth:`_test_gradients` solved on its own, the reports merged."""
+        parts, reports = [], []
+        for grads in self._test_gradients(theta, batch):
+            solution, report = self._solve_with_report(grads)
+            parts.append(solution)
+            reports.append(report)
+        return (parts[0] if len(parts) == 1 else torch.cat(parts)), _merge_reports(reports)
+
+    def _test_gradients(self, theta: Tensor, batch: Any) -> Iterator[Tensor]:
+        """Engine hook: the per-sample gradients of the measurement of a prepared test batch, in
+        chunks ``(m, p)`` that are solved one at a time (in order; together the ``n_test`` rows).
+
+        Default: one chunk of all the rows (a block solver such as CG solves them together).
+        EK-FAC assembles them per chunk from its layers' inputs and output gradients.
+        """
+        yield self._grads(theta, batch, measurement=True)
 
     def _solve_with_report(self, rhs: Tensor) -> tuple[Tensor, Any]:
         """``(_solve(rhs), report)``; iterative solvers override it and return their report."""
@@ -588,7 +606,10 @@ class InfluenceModel(ABC):
         theta = self._require_fitted()
         batch = self._batch(test, ("x_test", "y_test"))
         with _progress.reporting(progress):
-            return self._solved(self._grads(theta, batch, measurement=True))
+            factors, report = self._factors_with_report(theta, batch)
+        if report is not None:
+            self.info_ = report
+        return factors
 
     def influences_from_factors(self, factors: Tensor, *points: Any, mode: str | InfluenceMode = "up") -> Tensor:
         """Influences of the points on the test points behind ``factors``.
@@ -710,7 +731,12 @@ class InfluenceModel(ABC):
         """:meth:`self_influences` and the report of its solves, one row per point (see :meth:`solve`):
         the error estimates of the training points' own solves."""
         theta = self._require_fitted()
-        batch = self._batch(points, ("x", "y"))
+        return self._self_influences(theta, self._batch(points, ("x", "y")))
+
+    def _self_influences(self, theta: Tensor, batch: Any) -> tuple[Tensor, Any]:
+        """Engine hook: the self-influences ``(n,)`` of a prepared batch and the report of their
+        solves (``None`` without one). Default: per ``chunk_size`` chunk, the per-sample
+        gradients ``g`` solved and ``(H + lambda I)^-1 g . g`` summed per row."""
         out, reports = [], []
         n = batches.size(batch)
         meter = _progress.current().meter(f"{self._progress_title()} self-influences", n, "points")
@@ -755,8 +781,12 @@ class InfluenceModel(ABC):
         return out
 
     def _up_influences(self, theta: Tensor, factors: Tensor, batch: Any) -> Tensor:
-        """``factors @ grads(batch).T`` ``(n_test, n)``, chunk by chunk into one preallocated
-        result: the ``(n, p)`` gradients are never held at once, nor copied."""
+        """Engine hook: the up-weighting influences ``factors @ grads(batch).T`` ``(n_test, n)``
+        of a prepared batch of training points against checked factors ``(n_test, p)``.
+
+        Default: chunk by chunk into one preallocated result, the ``(n, p)`` gradients never
+        held at once, nor copied. EK-FAC contracts the factors with its layers' inputs and
+        output gradients instead (on models with many parameters)."""
         n = batches.size(batch)
         out = torch.empty(factors.shape[0], n, dtype=self.dtype, device=self.device)
         for start in range(0, n, self.chunk_size):

@@ -28,7 +28,7 @@ influence factors (and their rows and columns of the curvature) are zero.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, cast
 
@@ -51,12 +51,13 @@ from ..kronecker import (
     layer_grads,
     layer_kind,
     self_contract,
+    rotated_square_sum,
+    tied_layer_grads,
     tied_pieces,
     up_contract,
 )
-from ..modes import InfluenceMode
 from ..operators import LinearOperator
-from ..sampled_fisher import seeded_sampled_roots, softmax_hessian_product
+from ..sampled_fisher import closed_form_is_tested, seeded_sampled_roots, softmax_hessian_product
 from ..serialization import serializable
 from ..task import Task
 from .base import InfluenceModel
@@ -416,7 +417,10 @@ class OutputCurvature:
 
     def check_sampled(self, outputs: Tensor, targets: Any) -> None:
         """Check the sampled Fisher's expectation against the loss's own Hessian-vector product on
-        a few samples (float64, one random vector); raise if they differ."""
+        a few samples (float64, one random vector); raise if they differ. Skipped for the ready-made
+        tasks, whose closed forms the test suite checks (:func:`closed_form_is_tested`)."""
+        if closed_form_is_tested(self.output_loss):
+            return
         o = outputs[:8].detach().double()
         y = batches.map_leaves(lambda t: t.double() if t.is_floating_point() else t, batches.slice_rows(targets, 0, 8))
         u = torch.randn(o.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).to(o.device)
@@ -1087,8 +1091,7 @@ class EkfacInfluence(InfluenceModel):
                         continue
                     use = pieces[len(self._layers) + self._tied_index(layer)]
                     for r in range(g.shape[1]):  # both uses' gradient per vector
-                        merged_g, merged_a = tied_pieces((g, a), use, r)
-                        total += corrected_eigenvalue_sum(f, merged_g[:, None], merged_a)
+                        total += rotated_square_sum(f, tied_layer_grads((g, a), use, r))
                 self._check_sums(totals, pieces, offset + s)
             return totals
         raise ValueError(f"kind must be 'covariance' or 'corrected'; got {kind!r}.")
@@ -1180,11 +1183,9 @@ class EkfacInfluence(InfluenceModel):
         eye = torch.eye(self.num_params, dtype=self.dtype, device=self.device)
         return self._apply(eye, power=1.0, regularization=0.0)
 
-    # -- influences -------------------------------------------------------------------------------
-    def _pieces(self, points: tuple, names: tuple[str, str] = ("x", "y")):
-        """Per chunk of the prepared points, per layer ``(g (m, P, o), a (m, P, i))`` at the true targets."""
-        theta = self._require_fitted()
-        batch = self._batch(points, names)
+    # -- influences: the base class's scoring hooks, layer by layer --------------------------------
+    def _pieces(self, theta: Tensor, batch: Any) -> Iterator[list[tuple[Tensor, Tensor]]]:
+        """Per chunk of a prepared batch, per layer ``(g (m, P, o), a (m, P, i))`` at the true targets."""
         step = self._chunk(theta, batch, scoring=True)  # chunk_size, or fewer to fit memory_budget
         for s in range(0, batches.size(batch), step):
             chunk = batches.slice_rows(batch, s, s + step)
@@ -1200,9 +1201,9 @@ class EkfacInfluence(InfluenceModel):
         """The place of ``layer``'s tied embedding use among the captured uses (after the layers)."""
         return [lay.name for lay in self._layers if lay.tied_use is not None].index(layer.name)
 
-    def _flat_grads(self, points: tuple, names: tuple[str, str] = ("x", "y")):
+    def _flat_grads(self, theta: Tensor, batch: Any) -> Iterator[Tensor]:
         """Per chunk, flat per-sample gradients ``(m, p)`` assembled from ``sum_t g_t a_t^T``."""
-        for pieces in self._pieces(points, names):
+        for pieces in self._pieces(theta, batch):
             flat = torch.zeros(pieces[0][0].shape[0], self.num_params, dtype=self.dtype, device=self.device)
             for layer, (g, a) in zip(self._layers, pieces):
                 layer.write_matrix(layer_grads(g, a), flat)
@@ -1214,58 +1215,48 @@ class EkfacInfluence(InfluenceModel):
         Equal to :meth:`per_sample_grads` (by ``torch.func``) on the layers' parameters;
         meant for checks and debugging.
         """
-        return torch.cat(list(self._flat_grads(points)))
+        theta = self._require_fitted()
+        return torch.cat(list(self._flat_grads(theta, self._batch(points, ("x", "y")))))
 
-    def influence_factors(self, *test: Any, progress: bool | None = None) -> Tensor:
-        """``(C + lambda I)^-1 grad f(z_test)`` per test point: ``(n_test, p)``."""
-        if self.objective.measurement is not None:  # the measurement's gradient: not the layers' loss gradients
-            return super().influence_factors(*test, progress=progress)
-        with _progress.reporting(progress) as reporter:
-            meter = reporter.meter(f"{self._progress_title()} influence factors", self._count(test), "points")
-            parts = []
-            for flat in self._flat_grads(test, ("x_test", "y_test")):
-                parts.append(self._solve(flat))
-                meter.advance(flat.shape[0])
-            meter.finish()
-        return torch.cat(parts)
+    def _test_gradients(self, theta: Tensor, batch: Any) -> Iterator[Tensor]:
+        """The test gradients per chunk, assembled from the layers (the base class's hook); a task's
+        own measurement (not the layers' loss gradients) by the base class's route."""
+        if self.objective.measurement is not None:
+            yield from super()._test_gradients(theta, batch)
+            return
+        meter = _progress.current().meter(f"{self._progress_title()} influence factors", batches.size(batch), "points")
+        for flat in self._flat_grads(theta, batch):
+            yield flat
+            meter.advance(flat.shape[0])
+        meter.finish()
 
-    def _count(self, points: tuple) -> int | None:
-        """The number of points given (``None`` where not known without preparing them)."""
-        first = points[0] if points else None
-        leaves = [leaf for leaf in batches.leaves(first) if isinstance(leaf, Tensor)] if first is not None else []
-        return int(leaves[0].shape[0]) if leaves and leaves[0].ndim > 0 else None
+    def _up_influences(self, theta: Tensor, factors: Tensor, batch: Any) -> Tensor:
+        """Up-weighting influences ``(n_test, n)`` (the base class's hook).
 
-    def influences_from_factors(self, factors: Tensor, *points: Any, mode: str | InfluenceMode = "up") -> Tensor:
-        """Influences ``(n_test, n)`` (mode ``"up"``) or ``(n_test, n, *x.shape[1:])`` (mode ``"perturbation"``).
-
-        Up-weighting influences of a model with more than :data:`FLAT_SCORING_MAX_PARAMS`
-        parameters are computed layer by layer from the layers' inputs and output gradients,
-        without flat ``(n, p)`` training gradients; on smaller models, where the hooks and the
-        per-layer contractions cost more than the gradients, by the flat route of the other
-        solvers (vmapped per-sample gradients and one product). Both give the same numbers.
+        On a model with more than :data:`FLAT_SCORING_MAX_PARAMS` parameters, layer by layer
+        from the layers' inputs and output gradients, without flat ``(n, p)`` training
+        gradients; on smaller models, where the hooks and the per-layer contractions cost more
+        than the gradients, by the flat route of the other solvers (vmapped per-sample
+        gradients and one product). Both give the same numbers.
         """
-        mode = InfluenceMode.parse(mode)
-        if mode is not InfluenceMode.up or self.num_params <= FLAT_SCORING_MAX_PARAMS:
-            return super().influences_from_factors(factors, *points, mode=mode)
-        self._require_fitted()
-        factors = self._check_factors(factors)
+        if self.num_params <= FLAT_SCORING_MAX_PARAMS:
+            return super()._up_influences(theta, factors, batch)
         blocks = [layer.to_matrix(factors) for layer in self._layers]
         parts = []
-        for pieces in self._pieces(points):
+        for pieces in self._pieces(theta, batch):
             parts.append(cast(Tensor, sum(up_contract(f, g, a) for f, (g, a) in zip(blocks, pieces))))
         return torch.cat(parts, dim=1)
 
-    def self_influences(self, *points: Any, progress: bool | None = None) -> Tensor:
-        """``grad L(z)^T (C + lambda I)^-1 grad L(z)`` per point: ``(n,)``, layer by layer."""
-        self._require_fitted()
+    def _self_influences(self, theta: Tensor, batch: Any) -> tuple[Tensor, Any]:
+        """``grad L(z)^T (C + lambda I)^-1 grad L(z)`` per point ``(n,)``, layer by layer (the base
+        class's hook); no report."""
         self._check_positive()
         inverse = [1.0 / (f.eigenvalues(self.update_diagonal) + self.regularization) for f in self._factors()]
         parts = []
-        with _progress.reporting(progress) as reporter:
-            meter = reporter.meter(f"{self._progress_title()} self-influences", self._count(points), "points")
-            for pieces in self._pieces(points):
-                terms = (self_contract(f, d, g, a) for f, d, (g, a) in zip(self._factors(), inverse, pieces))
-                parts.append(cast(Tensor, sum(terms)))
-                meter.advance(parts[-1].shape[0])
-            meter.finish()
-        return torch.cat(parts)
+        meter = _progress.current().meter(f"{self._progress_title()} self-influences", batches.size(batch), "points")
+        for pieces in self._pieces(theta, batch):
+            terms = (self_contract(f, d, g, a) for f, d, (g, a) in zip(self._factors(), inverse, pieces))
+            parts.append(cast(Tensor, sum(terms)))
+            meter.advance(parts[-1].shape[0])
+        meter.finish()
+        return torch.cat(parts), None
