@@ -1,11 +1,14 @@
 """The layering rules of docs/architecture.md, checked on the source: no import circle in
-``core/``, and ``core/`` imports nothing of the mapping, storage, CLI or job-file layers, nor
-Dask, zarr or fsspec. Imports inside functions count (a lazy import still ties the modules);
-imports under ``if TYPE_CHECKING:`` do not."""
+any package (nor across them), ``core/`` imports nothing of the mapping, storage, CLI or
+job-file layers, nor Dask, zarr or fsspec; ``storage/`` imports no layer above it; ``mapping/``
+imports neither the index, the evaluation, the job layer nor the CLI; ``job/`` never imports
+the CLI. Imports inside functions count (a lazy import still ties the modules); imports under
+``if TYPE_CHECKING:`` do not."""
 
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "dask_influence"
@@ -107,3 +110,50 @@ def test_core_imports_no_outer_layer_nor_dask_zarr_or_fsspec():
         if name.startswith("dask_influence.core")
     }
     assert {k: v for k, v in offending.items() if v} == {}
+
+
+PACKAGES = sorted({m for m in MODULES if m.count(".") == 1 and MODULES[m].name == "__init__.py"})
+
+
+def test_no_import_circle_in_any_package_nor_across_them():
+    assert len(PACKAGES) >= 7  # core, mapping, storage, index, evaluate, job, cli
+    assert {package: cycles(package) for package in PACKAGES} == dict.fromkeys(PACKAGES, [])
+    assert cycles("dask_influence") == []
+
+
+def test_the_circle_finder_finds_a_two_module_circle(tmp_path, monkeypatch):
+    """The check above would catch the circles it was written against (storage's
+    factors <-> layout, completion <-> fits, index_info <-> index_verify)."""
+    package = tmp_path / "dask_influence" / "storage"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("def f():\n    from .b import g\n")
+    (package / "b.py").write_text("from .a import f\n")
+    this = sys.modules[__name__]
+    monkeypatch.setattr(this, "PACKAGE", tmp_path / "dask_influence")
+    monkeypatch.setattr(this, "MODULES", {module_name(p): p for p in (tmp_path / "dask_influence").rglob("*.py")})
+    assert cycles("dask_influence.storage") == [["dask_influence.storage.a", "dask_influence.storage.b"]]
+
+
+def _offending(layer: str, forbidden: tuple[str, ...]) -> dict[str, list[str]]:
+    """The modules of ``layer`` that import a module of ``forbidden``, and what they import."""
+    prefixes = tuple(f"dask_influence.{name}" for name in forbidden)
+    found = {
+        name: sorted(t for t in imports(name) if any(t == p or t.startswith(p + ".") for p in prefixes))
+        for name in MODULES
+        if name == f"dask_influence.{layer}" or name.startswith(f"dask_influence.{layer}.")
+    }
+    return {k: v for k, v in found.items() if v}
+
+
+def test_storage_imports_no_layer_above_it():
+    assert _offending("storage", ("core", "mapping", "index", "evaluate", "job", "jobfile", "cli")) == {}
+
+
+def test_mapping_imports_neither_index_evaluate_job_nor_cli():
+    assert _offending("mapping", ("index", "evaluate", "job", "jobfile", "cli")) == {}
+
+
+def test_job_layer_never_imports_the_cli():
+    assert _offending("job", ("cli",)) == {}
+    assert _offending("jobfile", ("cli",)) == {}

@@ -2,7 +2,8 @@
 
 - :mod:`.urls`: local paths and fsspec URLs in one place (is it a URL, suffixes, existence,
   opening files, atomic local replace);
-- :mod:`.layout`: the zarr layout of a store (arrays, chunks, codecs, attributes);
+- :mod:`.layout`: the zarr layout of a store (arrays, chunks, attributes, the done-flag arrays);
+- :mod:`.codecs`: the codecs of every array written (zstd, then a CRC32C checksum);
 - :mod:`.store`: creating or resuming a store and the chunk writes of the workers;
 - :mod:`.completion`: the done state of every chunk (manifest, flag listing, flags) and the
   ``complete`` attribute;

@@ -34,15 +34,8 @@ import numpy as np
 from ..errors import StoreError
 from .chunkfiles import list_chunks, present_mask, read_chunks
 from .fits import current_value, fit_record
-from .layout import ATTR
+from .layout import ATTR, FLAG_ARRAYS
 from .manifest import Manifest, read_manifest, write_manifest
-
-FLAG_ARRAYS = (
-    ("influences", "influences_done"),
-    ("self_influences", "self_influences_done"),
-    ("top_k", "topk_done"),
-)
-"""The tracked arrays of a store and their done-flag arrays."""
 
 
 @dataclass

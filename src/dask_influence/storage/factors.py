@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import StoreError
+from .codecs import codecs
 
 FACTORS = "factors"
 FACTORS_DONE = "factors_done"
@@ -41,8 +42,6 @@ def factor_chunks(test_sizes: tuple[int, ...], num_params: int, dtype: str) -> t
 
 def create_factors(group: Any, test_sizes: tuple[int, ...], num_params: int, dtype: str) -> None:
     """Add ``factors`` and ``factors_done`` to a store (opened for writing)."""
-    from .layout import codecs
-
     compress = codecs()
     group.create_array(
         FACTORS,

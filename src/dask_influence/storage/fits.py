@@ -114,8 +114,8 @@ def start_generation(group: Any, identity: FitIdentity, reason: str) -> dict:
 def _clear_value(group: Any, value: int) -> None:
     """Clear every done flag holding ``value`` (read through the chunk files), the saved factors' included."""
     from .chunkfiles import list_chunks, read_chunks
-    from .completion import FLAG_ARRAYS
     from .factors import FACTORS_DONE
+    from .layout import FLAG_ARRAYS
 
     for name in [name for _, name in FLAG_ARRAYS] + [FACTORS_DONE]:
         if name not in group:

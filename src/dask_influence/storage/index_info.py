@@ -8,7 +8,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-INDEX_ATTR = "dask_influence_index"
+from .index_verify import INDEX_ATTR, problems, read_done
+from .index_verify import verify as verify_index
 
 
 def open_index_group(path: str) -> Any | None:
@@ -32,9 +33,6 @@ def describe_index(path: str, group: Any, *, verify: bool = False) -> dict[str, 
     ``damaged`` says what was found (``None``: nothing).
     """
     import numpy as np
-
-    from .index_verify import problems, read_done
-    from .index_verify import verify as verify_index
 
     attrs = dict(group.attrs[INDEX_ATTR])
     if attrs.get("preconditioner") == "none" and attrs.get("regularization_setting") == "auto":

@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from .index_info import INDEX_ATTR
+INDEX_ATTR = "dask_influence_index"
+"""The attribute that holds a gradient index's record (:mod:`dask_influence.index.layout`)."""
 
 
 def chunk_problem(data: Any) -> str | None:

@@ -35,6 +35,8 @@ import numpy as np
 import zarr
 
 from ..errors import StoreError
+from .codecs import codecs
+from .factors import check_factors, create_factors
 
 ATTR = "dask_influence"
 FORMAT_VERSION = 1
@@ -43,6 +45,15 @@ SIGN_CONVENTION = (
     "training point j helps test point i (removing it raises the test loss by about "
     "influence / n_train)."
 )
+
+
+FLAG_ARRAYS = (
+    ("influences", "influences_done"),
+    ("self_influences", "self_influences_done"),
+    ("top_k", "topk_done"),
+)
+"""The tracked arrays of a store and their done-flag arrays (:mod:`.completion` reads them, :mod:`.fits`
+clears them)."""
 
 
 def versions() -> dict[str, str]:
@@ -88,13 +99,6 @@ class StoreLayout:
     def chunks(self) -> tuple[int, ...]:
         """Chunk shape of ``influences``: the largest test block by the largest train block."""
         return (max(self.test_sizes), max(self.train_sizes)) + tuple(self.feature_shape or ())
-
-
-def codecs() -> dict:
-    """zstd, then a CRC32C checksum: truncation or bit flips fail to decode."""
-    from zarr.codecs import Crc32cCodec, ZstdCodec
-
-    return {"compressors": [ZstdCodec(level=0), Crc32cCodec()]}
 
 
 def create_group(path: str, config: dict, layout: StoreLayout) -> zarr.Group:
@@ -149,8 +153,6 @@ def create_group(path: str, config: dict, layout: StoreLayout) -> zarr.Group:
     if layout.solver_info:
         create_solver_info(group, n_i)
     if layout.factors:
-        from .factors import create_factors
-
         create_factors(group, layout.test_sizes, layout.factors, layout.dtype)
     group.attrs[ATTR] = {
         "format": FORMAT_VERSION,
@@ -212,6 +214,4 @@ def check_arrays(path: str, group: Any, layout: StoreLayout) -> None:
     if layout.solver_info and "solver_info" not in group:
         create_solver_info(group, len(layout.test_sizes))
     if layout.factors:
-        from .factors import check_factors
-
         check_factors(path, group, layout.test_sizes, layout.factors, layout.dtype)

@@ -93,7 +93,8 @@ def verify_store(group: Any, *, mode: str = "full", threads: int = 8, state: Any
     :func:`repair`.
     """
     from .chunkfiles import present_mask, read_chunks
-    from .completion import FLAG_ARRAYS, load_state
+    from .completion import load_state
+    from .layout import FLAG_ARRAYS
 
     if mode not in ("full", "exists"):
         raise ValueError(f"verify must be True, False, 'full' or 'exists'; got {mode!r}.")
@@ -153,7 +154,7 @@ def repair(group: Any, report: VerifyReport, state: Any = None) -> None:
     """Clear the flags of the damaged chunks (and rewrite unreadable flags as 0) so that they
     are recomputed, record them as not done in ``state``, and mark the store incomplete if
     anything was found. The caller rewrites the manifest from ``state``."""
-    from .completion import FLAG_ARRAYS
+    from .layout import FLAG_ARRAYS
 
     flag_of = dict(FLAG_ARRAYS)
     found = False

@@ -1,0 +1,16 @@
+"""The codecs of every array this library writes: zstd, then a CRC32C checksum.
+
+Its own module so that the modules that create arrays (:mod:`.layout`, :mod:`.factors`, the
+index's and the evaluation's arrays) share it without importing each other.
+"""
+
+from __future__ import annotations
+
+
+def codecs() -> dict:
+    """zstd, then a CRC32C checksum: truncation or bit flips fail to decode.
+
+    Returns the keyword arguments of ``zarr.Group.create_array`` (``{"compressors": [...]}``)."""
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    return {"compressors": [ZstdCodec(level=0), Crc32cCodec()]}
