@@ -80,7 +80,7 @@ class Plan:
     exact_lm: bool
 
 
-FULL = Plan((64, 32), 1600, 100, 2, 8, 16, 256, 100, 20, (256, 1024), True)
+FULL = Plan((64, 32), 1600, 100, 2, 16, 16, 256, 100, 20, (256, 1024, 4096), True)
 TINY = Plan((8, 8), 120, 12, 1, 8, 8, 32, 8, 3, (16, 64), False)
 
 
@@ -258,49 +258,81 @@ def measure_ours(problem: Problem, ref: dict, k: int, name: str, options: dict, 
     return row
 
 
-TRAK_VENV = Path(__file__).resolve().parent / ".venv-trak"
+BENCH = Path(__file__).resolve().parent
+
+# name -> (its environment under benchmarks/, its driver module, the label of its rows);
+# each driver's docstring says how its environment is made
+PEERS: dict[str, tuple[str, str, str]] = {
+    "trak": (".venv-trak", "benchmarks.peer_trak_index", "trak"),
+    "bergson": (".venv-bergson", "benchmarks.peer_bergson_index", "bergson"),
+    "dattri": (".venv-dattri-llm", "benchmarks.peer_dattri_index", "dattri-llm"),
+    "logra": (".venv-logix", "benchmarks.peer_logra_index", "logra (logix-ai)"),
+}
 
 
-def measure_trak(problem: Problem, ref: dict, plan: Plan, workdir: Path) -> list[dict]:
-    """TRAK's rows (the MLP only), from :mod:`benchmarks.peer_trak_index` in its own environment;
-    ``[]`` where that environment is missing."""
-    import subprocess
-    import sys
-
-    python = TRAK_VENV / "bin" / "python"
-    if problem.name != "mlp" or not python.exists():
-        return []
-    x, y = problem.train
-    xt, yt = problem.test
-    np.savez(workdir / "trak-data.npz", x_train=x, y_train=y, x_test=xt, y_test=yt)
-    torch.save(problem.model.state_dict(), workdir / "trak-state.pt")
+def peer_spec(problem: Problem, ref: dict, plan: Plan, ks: tuple[int, ...], workdir: Path, name: str) -> Path:
+    """Write the problem (data, trained float32 weights, sizes) for a peer driver; see
+    :mod:`benchmarks.peer_problems_index`. Returns the spec's path."""
+    data = workdir / f"{problem.name}-data.npz"
+    state = workdir / f"{problem.name}-state.pt"
+    if not data.exists():
+        if isinstance(problem.train, tuple):
+            (x, y), (xt, yt) = problem.train, problem.test
+            np.savez(data, x_train=x, y_train=y, x_test=xt, y_test=yt)
+        else:
+            np.savez(
+                data,
+                **{
+                    f"{k}_{part}": v
+                    for part, d in (("train", problem.train), ("test", problem.test))
+                    for k, v in d.items()
+                },
+            )
+        torch.save(problem.model.state_dict(), state)
     spec = {
-        "data": str(workdir / "trak-data.npz"), "state": str(workdir / "trak-state.pt"),
-        "hidden": list(plan.mlp_hidden), "ks": list(plan.ks), "lam": ref["lam"], "workdir": str(workdir),
-        "out": str(workdir / "trak-out.json"),
+        "problem": problem.name, "data": str(data), "state": str(state), "hidden": list(plan.mlp_hidden),
+        "gpt2": {"n_layer": plan.gpt2_layers, "n_embd": plan.gpt2_width, "n_positions": plan.gpt2_positions,
+                 "vocab_size": 16, "n_head": 2},
+        "ks": list(ks), "lam": ref["lam"], "workdir": str(workdir),
+        "out": str(workdir / f"{name}-{problem.name}-out.json"),
     }  # fmt: skip
-    (workdir / "trak-spec.json").write_text(json.dumps(spec))
-    root = Path(__file__).resolve().parents[1]
+    path = workdir / f"{name}-{problem.name}-spec.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def measure_peer(
+    name: str, problem: Problem, ref: dict, plan: Plan, ks: tuple[int, ...], workdir: Path, log: Any = print
+) -> tuple[list[dict], str | None]:
+    """A peer's rows for ``ks``, from its driver run in its own environment; ``([], why)``
+    where its environment is missing, it skips the problem, or it fails (the last line of
+    its error)."""
+    import subprocess
+
+    env, module, label = PEERS[name]
+    python = BENCH / env / "bin" / "python"
+    if not python.exists():
+        return [], f"not installed ({python.relative_to(BENCH.parent)} missing)"
+    spec = peer_spec(problem, ref, plan, ks, workdir, name)
+    out = Path(json.loads(spec.read_text())["out"])
+    out.unlink(missing_ok=True)
     done = subprocess.run(
-        [str(python), "-m", "benchmarks.peer_trak_index", str(workdir / "trak-spec.json")],
-        cwd=root, capture_output=True, text=True, timeout=1800, check=False,
+        ["nice", "-n", "10", str(python), "-m", module, str(spec)],
+        cwd=BENCH.parent, capture_output=True, text=True, timeout=1800, check=False,
     )  # fmt: skip
-    if done.returncode != 0:
-        print(
-            f"TRAK failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}",
-            file=sys.stderr,
-        )
-        return []
-    answer = json.loads((workdir / "trak-out.json").read_text())
+    if done.returncode != 0 or not out.exists():
+        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+        return [], f"failed: {lines[-1] if lines else done.returncode}"
+    answer = json.loads(out.read_text())
     rows = []
     for r in answer["rows"]:
         scores = np.load(r["scores"])
         rows.append({
-            "problem": problem.name, "method": f"trak {answer['version']}", "k": r["k"], "build_s": r["build_s"],
+            "problem": problem.name, "method": f"{label} {answer['version']}", "k": r["k"], "build_s": r["build_s"],
             "query_s": r["query_s"], "bytes": r["bytes"], **compare(scores, ref["exact"]), "ggn": None,
-            "dtype": "float32", "d_k": None, "d_estimate": None, "warned_small_k": False,
+            "dtype": r.get("dtype", "float32"), "d_k": None, "d_estimate": None, "warned_small_k": False,
         })  # fmt: skip
-    return rows
+    return rows, answer.get("skipped")
 
 
 def table(result: dict) -> str:
@@ -341,12 +373,16 @@ def cached_reference(problem: Problem, plan: Plan, cache: Path | None) -> dict[s
     return ref
 
 
+def _line(r: dict) -> str:
+    return f"  {r['method']} k={r['k']}: build {r['build_s']:.2f} s, query {r['query_s']:.3f} s, r {r['pearson']:.3f}"
+
+
 def run(
     plan: Plan,
     problems: list[str],
     workdir: Path,
     log: Any = print,
-    peers: tuple[str, ...] = ("trak",),
+    peers: tuple[str, ...] = tuple(PEERS),
     cache: Path | None = None,
 ) -> dict:
     torch.set_num_threads(1)
@@ -360,16 +396,25 @@ def run(
         problem = mlp_problem(plan) if name == "mlp" else gpt2_problem(plan)
         ref = cached_reference(problem, plan, cache)
         log(f"{name}: p = {ref['num_params']:,}, lambda = {ref['lam']:.3g}, reference {ref['seconds']:.1f} s")
-        rows = []
-        for k in plan.ks:
+        rows: list[dict] = []
+        notes: dict[str, str] = {}
+        for k in plan.ks:  # alternating: every library at one k before the next k
             for method, options in methods(problem, plan):
                 rows.append(measure_ours(problem, ref, k, method, options, workdir))
-                r = rows[-1]
-                log(f"  {method} k={k}: build {r['build_s']:.2f} s, query {r['query_s']:.3f} s, r {r['pearson']:.3f}")
-        for r in measure_trak(problem, ref, plan, workdir) if "trak" in peers else []:
-            rows.append(r)
-            log(f"  {r['method']} k={r['k']}: build {r['build_s']:.2f} s, query {r['query_s']:.3f} s")
-        result["problems"][name] = {"reference": {k: v for k, v in ref.items() if k != "exact"}, "rows": rows}
+                log(_line(rows[-1]))
+            for peer in peers:
+                if peer in notes:  # skipped or failed at a smaller k: not tried again
+                    continue
+                got, note = measure_peer(peer, problem, ref, plan, (k,), workdir)
+                if note:
+                    notes[peer] = note
+                    log(f"  {peer}: {note}")
+                rows += got
+                for r in got:
+                    log(_line(r))
+        result["problems"][name] = {
+            "reference": {k: v for k, v in ref.items() if k != "exact"}, "rows": rows, "peers_not_run": notes,
+        }  # fmt: skip
     return result
 
 
@@ -379,7 +424,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--problems", default="mlp,gpt2")
     parser.add_argument("--ks", default=None, help="comma-separated k (default: the plan's)")
     parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--peers", default="trak", help="comma-separated peers to run where installed ('' for none)")
+    parser.add_argument(
+        "--peers", default=",".join(PEERS), help="comma-separated peers to run where installed ('' for none)"
+    )
     parser.add_argument("--keep-reference", action="store_true", help="reuse the exact reference kept in --out")
     args = parser.parse_args(argv)
     plan = TINY if args.tiny else FULL

@@ -59,6 +59,10 @@ def main(spec_path: str) -> None:
 
     spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(1)
+    if spec.get("problem", "mlp") != "mlp":
+        reason = "the driver maps TRAK onto the MLP only (its model output is one loss per sample of (x, y) tensors)"
+        Path(spec["out"]).write_text(json.dumps({"version": trak.__version__, "rows": [], "skipped": reason}))
+        return
     data = np.load(spec["data"])
     x, y = torch.from_numpy(data["x_train"]).float(), torch.from_numpy(data["y_train"])
     xt, yt = torch.from_numpy(data["x_test"]).float(), torch.from_numpy(data["y_test"])
