@@ -140,7 +140,7 @@ def test_a_model_returning_a_tuple_is_one_line(job):
 def test_a_lost_scheduler_is_one_line_saying_the_store_is_resumable():
     from distributed.client import FutureCancelledError
 
-    from dask_influence.cli.run import foreign_error
+    from dask_influence.cli.output import foreign_error
 
     text = foreign_error(FutureCancelledError("influences-abc", reason="scheduler-connection-lost"))
     assert text.startswith("lost the Dask scheduler or its workers (FutureCancelledError: ")

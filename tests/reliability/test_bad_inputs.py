@@ -64,10 +64,10 @@ def test_unwritable_directory_is_named(setup, tmp_path):
             ),
         ):
             di.SequentialInfluenceCalculator(solver, progress=False).influences_to_zarr((x, y), (x, y), target)
-        from dask_influence.cli.run import _check_store_early
+        from dask_influence.job.run import check_store_early
 
         with pytest.raises(di.StoreError, match="is not writable"):
-            _check_store_early(str(target), resume=True, overwrite=False)
+            check_store_early(str(target), resume=True, overwrite=False)
     finally:
         (tmp_path / "read-only").chmod(0o755)
 

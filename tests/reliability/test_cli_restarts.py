@@ -102,7 +102,7 @@ def test_query_refuses_an_existing_store_before_the_factory_and_the_cluster(tmp_
     called = []
     monkeypatch.setattr(rp, "make_problem", lambda *a, **k: called.append(1))
     started = []
-    monkeypatch.setattr("dask_influence.cli.index.job_client", lambda *a, **k: started.append(1))
+    monkeypatch.setattr("dask_influence.job.index.job_client", lambda *a, **k: started.append(1))
     line = _refusal(CliRunner().invoke(cli, ["query", job]))
     assert line == (
         f"Error: The output store '{tmp_path / 'store.zarr'}' already exists; pass --resume to complete it or "
@@ -111,27 +111,26 @@ def test_query_refuses_an_existing_store_before_the_factory_and_the_cluster(tmp_
     assert called == [] and started == []
 
 
-@pytest.mark.subprocess
-@pytest.mark.slow
-def test_sigterm_ends_index_with_the_resume_line_and_releases_the_lock(tmp_path):
-    job = _job(tmp_path)
-    index = tmp_path / "index.zarr"
-    env = {**os.environ, rp.DELAY_ENV: "0.5", "PYTHONPATH": str(HERE)}
+def _sigterm_while_running(command: str, job: str, store: Path, env: dict[str, str], after: float) -> str:
+    """``dask-influence COMMAND JOB --quiet`` in a child process, sent SIGTERM ``after`` seconds
+    once it holds the lock of ``store``; its last line, checked to be a clean interruption
+    (exit code 130, no traceback, the lock released)."""
+    env = {**os.environ, **env, "PYTHONPATH": str(HERE)}
     env.pop("DASK_SCHEDULER_ADDRESS", None)
     driver = subprocess.Popen(
-        [str(BIN / "dask-influence"), "index", job, "--quiet"],
+        [str(BIN / "dask-influence"), command, job, "--quiet"],
         env=env,
-        cwd=tmp_path,
+        cwd=Path(job).parent,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + 180
-        while not os.path.exists(zlock.lock_path(str(index))) and time.monotonic() < deadline:
+        while not os.path.exists(zlock.lock_path(str(store))) and time.monotonic() < deadline:
             assert driver.poll() is None, driver.stdout.read().decode()[-3000:]
             time.sleep(0.1)
-        time.sleep(2.0)  # some blocks written (0.5 s per block)
+        time.sleep(after)
         assert driver.poll() is None
         os.kill(driver.pid, signal.SIGTERM)
         out, _ = driver.communicate(timeout=60)
@@ -140,14 +139,21 @@ def test_sigterm_ends_index_with_the_resume_line_and_releases_the_lock(tmp_path)
             driver.kill()
             driver.wait()
     text = out.decode()
-    assert driver.returncode == 130, text[-3000:]  # was -15: killed at once
+    assert driver.returncode == 130, text[-3000:]  # was -15: killed at once, the lock left
     assert "Traceback" not in text
-    last = text.strip().splitlines()[-1]
-    assert last == (
+    assert not os.path.exists(zlock.lock_path(str(store)))  # released on the way out
+    return text.strip().splitlines()[-1]
+
+
+@pytest.mark.subprocess
+@pytest.mark.slow
+def test_sigterm_ends_index_with_the_resume_line_and_releases_the_lock(tmp_path):
+    job = _job(tmp_path)
+    last = _sigterm_while_running("index", job, tmp_path / "index.zarr", {rp.DELAY_ENV: "0.5"}, after=2.0)
+    assert last == (  # some blocks written (0.5 s per block)
         "Interrupted. The index keeps every block written so far: rerun "
         f"(dask-influence index {job}; it resumes by default) to compute only the missing ones."
     )
-    assert not os.path.exists(zlock.lock_path(str(index)))  # released on the way out
     result = CliRunner().invoke(cli, ["index", job])
     assert result.exit_code == 0, result.output
     found = re.search(r"; (\d+) blocks written, (\d+) already done\)", result.output)
@@ -162,34 +168,9 @@ def test_sigterm_ends_evaluate_with_the_resume_line_and_releases_the_lock(tmp_pa
     job = _job(tmp_path, evaluate=True)
     assert CliRunner().invoke(cli, ["run", job, "--quiet"]).exit_code == 0  # the store to evaluate
     store = tmp_path / "store.zarr"
-    env = {**os.environ, rp.TRAIN_DELAY_ENV: "1.0", "PYTHONPATH": str(HERE)}  # 8 subsets + base: ~9 s
-    env.pop("DASK_SCHEDULER_ADDRESS", None)
-    driver = subprocess.Popen(
-        [str(BIN / "dask-influence"), "evaluate", job, "--quiet"],
-        env=env,
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 180
-        while not os.path.exists(zlock.lock_path(str(store))) and time.monotonic() < deadline:
-            assert driver.poll() is None, driver.stdout.read().decode()[-3000:]
-            time.sleep(0.1)
-        time.sleep(2.5)  # a retraining or two recorded
-        assert driver.poll() is None
-        os.kill(driver.pid, signal.SIGTERM)
-        out, _ = driver.communicate(timeout=60)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait()
-    text = out.decode()
-    assert driver.returncode == 130, text[-3000:]  # was -15: killed at once, the lock left
-    assert "Traceback" not in text
-    assert text.strip().splitlines()[-1] == (
+    # 8 subsets + base at 1 s each: a retraining or two recorded after 2.5 s
+    last = _sigterm_while_running("evaluate", job, store, {rp.TRAIN_DELAY_ENV: "1.0"}, after=2.5)
+    assert last == (
         "Interrupted. Every finished retraining is recorded in the store: rerun "
         f"(dask-influence evaluate {job}) to retrain only the missing runs."
     )
-    assert not os.path.exists(zlock.lock_path(str(store)))

@@ -114,10 +114,10 @@ def test_second_writer_is_refused_while_the_first_runs(setup, tmp_path):
         # the command line refuses too, before fitting, and names its flag
         job = tmp_path / "job.toml"
         job.write_text(f'[model]\nfactory = "x:y"\n[solver]\nmethod = "direct"\n[output]\nstore = "{path}"\n')
-        from dask_influence.cli import run as run_module
+        from dask_influence.job.run import check_store_early
 
         with pytest.raises(di.StoreError, match="being written by another job"):
-            run_module._check_store_early(str(path), resume=True, overwrite=False)
+            check_store_early(str(path), resume=True, overwrite=False)
         text = CliRunner().invoke(cli, ["inspect", str(path), "--no-stats"])
         assert f"Lock: held: host {socket.gethostname()}, pid {os.getpid()}" in text.output
         assert zarr.open_group(str(path), mode="r").attrs[ATTR]["complete"] is False

@@ -86,10 +86,10 @@ def demo(
     import dask_influence as di
 
     from ..demo import rank_harmful, wine_outlier_problem
-    from .run import _progress_lines
+    from .output import show_log_lines
 
     start = time.perf_counter()
-    _progress_lines(quiet)  # every pass as a line with counts, rate and ETA, as the other commands show it
+    show_log_lines(quiet)  # every pass as a line with counts, rate and ETA, as the other commands show it
     problem = wine_outlier_problem(n_flipped=n_flipped, epochs=epochs, seed=seed, dtype=torch.float64)
     accuracy = float((problem.model(problem.x_test).argmax(1) == problem.y_test).double().mean())
     click.echo(

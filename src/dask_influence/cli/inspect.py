@@ -202,7 +202,7 @@ def inspect_store(store: str, as_json: bool, no_stats: bool, verify: bool) -> No
     its "complete" field, or `run --resume`, to act on it).
     """
     from ..storage.index_info import describe_index, open_index_group, render_index
-    from .run import one_line
+    from .output import one_line
 
     index_group = open_index_group(store)
     if index_group is not None:  # a gradient index (dask-influence index), not an influence store

@@ -258,7 +258,7 @@ def plot(
     indices in red. --evaluation lds (or loo) draws predicted against actual changes of an
     evaluation instead.
     """
-    from .run import one_line
+    from .output import one_line
 
     if evaluation is not None:
         if suspects or by != "mean":

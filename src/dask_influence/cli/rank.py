@@ -124,7 +124,7 @@ def rank(store: str, by: str, order: str | None, top_n: int, every: bool, fmt: s
     mislabeled points use --by self (highest self-influence first): on the text example
     mislabels score AUC 0.87 by self-influence and 0.14 by mean influence.
     """
-    from .run import one_line
+    from .output import one_line
 
     if by == "self" and order is not None:
         raise click.UsageError(

@@ -28,7 +28,7 @@ def top(store: str, test: int, k: int, as_json: bool) -> None:
     Positive influence means helpful: removing the training point would raise the loss on
     the test point. Values come from the stored top-k arrays when present.
     """
-    from .run import one_line
+    from .output import one_line
 
     try:
         group = open_store(store)

@@ -4,8 +4,13 @@ its schema, its validation and the user's code it names.
 The package: :mod:`.sections` (one frozen dataclass per section, :class:`Job`), :mod:`.paths`
 (one rule for every path), :mod:`.validate` (:func:`load_job`, :func:`parse_job`: every
 problem at once), :mod:`.factory` (:func:`load_problem`, :func:`load_task`,
-:func:`make_solver`: importing the factory) and :mod:`.cluster` (where a job computes: the
-client of ``--scheduler`` or ``[cluster]``, TLS, the embedded ``LocalCluster``; nothing printed).
+:func:`make_solver`: importing the factory), :mod:`.cluster` (where a job computes: the
+client of ``--scheduler`` or ``[cluster]``, TLS, the embedded ``LocalCluster``) and the runners
+that the commands call: :func:`run_job` (:mod:`.run`: fit, then the influences into the store),
+:func:`index_job` and :func:`query_job` (:mod:`.index`), :func:`evaluate_job`
+(:mod:`.evaluate`). Each runs from Python as well, given a path, a dict of sections or a
+:class:`Job`. Nothing here prints: notes go to the loggers under ``dask_influence.job``
+(the commands show them), progress to ``dask_influence.progress``.
 
 A job file names a Python factory that returns the model, the loss and the data, the solver
 and its parameters, the block sizes, the output store and the cluster::
@@ -50,9 +55,9 @@ and its parameters, the block sizes, the output store and the cluster::
 
 :func:`load_job` reads and validates the file; every problem found is reported at once in
 one :class:`~dask_influence.errors.JobFileError`, one per line, with its section and, for
-an unknown key, the closest valid one. This module is pure (no click, no cluster); it
-imports the user's factory only when :func:`load_problem` is called. ``docs/cli.md``
-documents every key.
+an unknown key, the closest valid one. The package never imports click or the CLI;
+it imports the user's factory only when :func:`load_problem` (or a runner) is called.
+``docs/cli.md`` documents every key.
 """
 
 from __future__ import annotations
@@ -62,8 +67,11 @@ from typing import TYPE_CHECKING as _TYPE_CHECKING
 from typing import Any as _Any
 
 if _TYPE_CHECKING:
+    from .evaluate import evaluate_job
     from .factory import Problem, load_factory, load_problem, load_task, make_solver
+    from .index import index_job, query_job
     from .paths import resolve_path
+    from .run import RunResult, run_job
     from .sections import (
         DEFAULT_BLOCK_SIZE,
         EVALUATE_METHODS,
@@ -107,6 +115,9 @@ _WHERE = {
         ".sections",
     ),
     **dict.fromkeys(("load_job", "parse_job", "solver_parameters"), ".validate"),
+    **dict.fromkeys(("run_job", "RunResult"), ".run"),
+    **dict.fromkeys(("index_job", "query_job"), ".index"),
+    "evaluate_job": ".evaluate",
 }
 
 
@@ -143,4 +154,9 @@ __all__ = [
     "load_problem",
     "load_task",
     "make_solver",
+    "run_job",
+    "RunResult",
+    "index_job",
+    "query_job",
+    "evaluate_job",
 ]
