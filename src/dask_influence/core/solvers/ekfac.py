@@ -933,7 +933,7 @@ class EkfacInfluence(InfluenceModel):
         return chunk
 
     def check_loss(self, batch: Any) -> None:
-        """The checks of every solver on the first training batch, then EK-FAC's memory for batches
+        """Engine hook. The checks of every solver on the first training batch, then EK-FAC's memory for batches
         of its shapes (a one-line refusal before any pass where one sample's blocks do not fit)."""
         super().check_loss(batch)
         self._fit_chunk(self.trained_parameters(), batch)
@@ -982,7 +982,7 @@ class EkfacInfluence(InfluenceModel):
         self.fit_from_sums(blocks.n, sweep)
 
     def fit_from_sums(self, n: int, sweep: Callable[[str, Sequence[LayerFactors] | None], list[Tensor]]) -> None:
-        """Fit from sums over the training blocks of :meth:`block_sums`.
+        """Engine hook. Fit from sums over the training blocks of :meth:`block_sums`.
 
         ``sweep(kind, factors)`` must return the elementwise sum, over every block of the
         training data, of ``block_sums(kind, theta, batch_b, offset=start_b, factors=factors)``
@@ -1021,7 +1021,7 @@ class EkfacInfluence(InfluenceModel):
         factors: Sequence[LayerFactors] | None = None,
         out: list[Tensor] | None = None,
     ) -> list[Tensor]:
-        """One block's float64 contribution to a fitting pass, in chunks of ``chunk_size``.
+        """Engine hook. One block's float64 contribution to a fitting pass, in chunks of ``chunk_size``.
 
         Args:
             kind: ``"covariance"``: per layer the sums of ``A`` ``(i, i)`` and ``G`` ``(o, o)``

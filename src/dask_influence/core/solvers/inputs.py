@@ -5,7 +5,7 @@ structure with a task; feature shape and input dtype against the fit), test fact
 (:func:`checked_factors`, ``(n_test, p)``), the model's mode (:func:`check_model_mode`), the
 loss on the first training batch (:func:`check_loss`: it evaluates, is a finite scalar, averages
 over the batch), NaN/Inf gradients (:func:`check_grads_fast`) and half-precision models
-(:func:`widen_half_precision`). :class:`~.base.InfluenceModel` calls them; they read the solver's
+(:func:`widen_half_precision`). :class:`~.engine.SolverEngine` calls them; they read the solver's
 model, objective, dtype, device and fitted input signature, and change nothing.
 """
 
@@ -27,7 +27,7 @@ from ..data import DICT_BATCHES, input_signature, pair_batch
 from ..gradients import check_finite_grads, flat_params
 
 if TYPE_CHECKING:
-    from .base import InfluenceModel
+    from .engine import SolverEngine
 
 STOCHASTIC_LAYERS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 """Layers that draw randomness in training mode (refused there: per-sample gradients would differ per call)."""
@@ -35,7 +35,7 @@ BATCH_LAYERS = (nn.modules.batchnorm._BatchNorm,)
 """Layers that mix the samples of a batch in training mode."""
 
 
-def validated_batch(solver: InfluenceModel, points: tuple, names: tuple[str, str]) -> Any:
+def validated_batch(solver: SolverEngine, points: tuple, names: tuple[str, str]) -> Any:
     """The points of a public call as one validated batch on the model's device.
 
     With a pair loss, ``points`` is ``(x, y)`` or ``((x, y),)``; with a task, ``(batch,)``.
@@ -83,7 +83,7 @@ def validated_batch(solver: InfluenceModel, points: tuple, names: tuple[str, str
     return batch
 
 
-def checked_factors(solver: InfluenceModel, factors: Any) -> Tensor:
+def checked_factors(solver: SolverEngine, factors: Any) -> Tensor:
     """``factors`` ``(n_test, p)`` from ``influence_factors``, checked and on the solver's device and dtype."""
     if not isinstance(factors, Tensor):
         raise TypeError(f"factors must be a torch.Tensor from influence_factors; got {type(factors).__name__}.")
@@ -109,7 +109,7 @@ def check_model_mode(model: nn.Module) -> None:
             )
 
 
-def check_loss(solver: InfluenceModel, batch: Any) -> None:
+def check_loss(solver: SolverEngine, batch: Any) -> None:
     """Check the loss on the first training batch: it evaluates, is a finite scalar and averages over the batch."""
     theta = flat_params(solver.model, solver._functions.spec)
     one = batches.slice_rows(batch, 0, 1)
