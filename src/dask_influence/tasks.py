@@ -18,6 +18,7 @@ margin, a log-probability) a helpful training point has a NEGATIVE influence.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -285,23 +286,28 @@ class _LmLoss:
         out[:, :-1] = softmax_hessian_product(logits[:, :-1], u[:, :-1], weight)
         return out
 
-    def sampled_roots(self, logits: Tensor, batch: Any, draws: int, generator: torch.Generator) -> Tensor:
+    draws_per_sample = True
+    """:meth:`sampled_roots` takes one generator per sequence (a chunk is drawn in one pass)."""
+
+    def sampled_roots(
+        self, logits: Tensor, batch: Any, draws: int, generator: torch.Generator | Sequence[torch.Generator]
+    ) -> Tensor:
         """Sampled roots of each sequence's loss Hessian in its logits ``(n, T, V)``: ``(draws, n, T, V)``.
 
         Per draw one label per predicted position from the model's predictive distribution
         (:func:`~dask_influence.core.sampled_fisher.softmax_sampled_roots`), weighted by
         ``sqrt(w_t)``: ``E[sum_k v_k v_k^T]`` is the Hessian :meth:`curvature_roots` factors
-        exactly, at ``draws`` backward passes instead of ``(T - 1) V``.
+        exactly, at ``draws`` backward passes instead of ``(T - 1) V``. The last position (which
+        predicts nothing) has weight 0, so its rows are zero. ``generator``: one, or one per sequence.
         """
         n, length, vocab = logits.shape
-        out = logits.new_zeros(draws, n, length, vocab)
         if length < 2:
-            return out
+            return logits.new_zeros(draws, n, length, vocab)
         _, predicted = _predicted(batch)
-        weight = predicted.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
-        weight = weight / weight.sum(dim=1, keepdim=True).clamp_min(1)  # (n, T-1)
-        out[:, :, :-1] = softmax_sampled_roots(logits[:, :-1], draws, generator, weight)
-        return out
+        weight = logits.new_zeros((n, length), dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
+        weight[:, :-1] = predicted.to(weight.dtype)
+        weight = weight / weight.sum(dim=1, keepdim=True).clamp_min(1)  # (n, T), 0 at the last position
+        return softmax_sampled_roots(logits, draws, generator, weight)
 
 
 class _LmLogProb:

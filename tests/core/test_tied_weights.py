@@ -216,3 +216,43 @@ def test_ekfac_tied_head_with_its_own_bias_gives_torch_func_gradients():
     ek.fit({"input_ids": ids})
     grads = ek.per_sample_grads({"input_ids": ids})
     assert _rel(ek.per_sample_grads_from_factors({"input_ids": ids}), grads) < 1e-12
+
+
+def test_tied_layer_grads_equal_the_joined_positions_product():
+    """The tied head's per-sample gradient with the embedding's share scattered into token rows
+    equals the product over the joined positions (the one-hot inputs as output gradients), with a
+    padding position (all-zero one-hot) and a head bias column."""
+    from dask_influence.core.kronecker import layer_grads, tied_layer_grads, tied_pieces
+
+    g = torch.Generator().manual_seed(3)
+    n, r, p, q, vocab, d = 3, 2, 5, 4, 11, 6
+    g_head = torch.randn(n, r, p, vocab, generator=g, dtype=torch.float64)
+    a_head = torch.randn(n, p, d + 1, generator=g, dtype=torch.float64)  # d inputs and the bias's 1
+    g_use = torch.randn(n, r, q, d, generator=g, dtype=torch.float64)
+    ids = torch.randint(0, vocab, (n, q), generator=g)
+    ids[0, 1] = ids[0, 2]  # a token seen twice in one sample adds both rows
+    a_use = torch.nn.functional.one_hot(ids, vocab).to(torch.float64)
+    a_use[1, 3] = 0.0  # padding
+    for vector in range(r):
+        joined = layer_grads(*tied_pieces((g_head, a_head), (g_use, a_use), vector))
+        fast = tied_layer_grads((g_head, a_head), (g_use, a_use), vector)
+        torch.testing.assert_close(fast, joined, rtol=1e-12, atol=1e-12)
+        basis = torch.linalg.qr(torch.randn(d + 1, d + 1, generator=g, dtype=torch.float64))[0]
+        rotated = tied_layer_grads((g_head, a_head), (g_use, a_use), vector, inputs_basis=basis)
+        torch.testing.assert_close(rotated, joined @ basis, rtol=1e-12, atol=1e-12)
+
+
+def test_drawn_labels_follow_the_probabilities_and_each_sample_its_own_generator():
+    """Inverse-CDF draws: frequencies within sampling noise of p (total variation over 20,000
+    draws of 50 classes well under 0.05), and drawing rows in groups with one generator per group
+    gives each group the draws it gets alone."""
+    from dask_influence.core.sampled_fisher import draw_categorical
+
+    p = torch.softmax(torch.randn(1, 50, generator=torch.Generator().manual_seed(0)) * 2, -1)
+    labels = draw_categorical(p.expand(20_000, 50).contiguous(), 1, torch.Generator().manual_seed(1))
+    freq = torch.bincount(labels.flatten(), minlength=50).double() / 20_000
+    assert 0.5 * float((freq - p[0].double()).abs().sum()) < 0.05
+    rows = torch.softmax(torch.randn(6, 50, generator=torch.Generator().manual_seed(2)), -1)
+    grouped = draw_categorical(rows, 3, [torch.Generator().manual_seed(s) for s in (10, 11)])
+    alone = [draw_categorical(rows[3 * j : 3 * j + 3], 3, torch.Generator().manual_seed(10 + j)) for j in range(2)]
+    assert torch.equal(grouped, torch.cat(alone))

@@ -298,6 +298,52 @@ def corrected_eigenvalue_sum(factors: LayerFactors, g: Tensor, a: Tensor) -> Ten
     return out
 
 
+def rotated_square_sum(factors: LayerFactors, grads: Tensor, *, inputs_rotated: bool = False) -> Tensor:
+    """``sum_n (Q_G^T grads_n Q_A)^2`` of per-sample gradients ``grads`` ``(n, o, i)``: ``(o, i)`` float64
+    (:func:`corrected_eigenvalue_sum` for gradients formed elsewhere, e.g. :func:`tied_layer_grads`).
+    ``inputs_rotated``: ``grads`` are already ``grads_n Q_A``."""
+    rot = grads if factors.q_g is None else factors.q_g.T.to(grads.dtype) @ grads
+    if not inputs_rotated:
+        rot = factors.rotate_inputs(rot)
+    return rot.square().sum(0, dtype=torch.float64)
+
+
+def tied_layer_grads(
+    head: tuple[Tensor, Tensor], use: tuple[Tensor, Tensor], r: int, inputs_basis: Tensor | None = None
+) -> Tensor:
+    """Per-sample gradients ``(n, V, i)`` of a tied LM head's weight through both of its uses, for
+    vector ``r``: what ``layer_grads(*tied_pieces(head, use, r))`` computes, without the
+    embedding's one-hot positions in the product.
+
+    The embedding's share ``sum_q onehot_q g_q^T`` adds each position's output gradient
+    ``g_q`` ``(d,)`` to the row of its token, so it is an ``index_add_`` of ``Q x d`` numbers
+    where the joined product costs ``V x Q x i`` multiply-adds (13 GFLOP for four GPT-2
+    sequences of 128 tokens, half the layer's work). Padding rows (all-zero one-hots) add nothing.
+
+    Args:
+        head: the head's ``(g (n, r, P, V), a (n, P, i))``.
+        use: the embedding's ``(g (n, r, Q, d), a (n, Q, V))`` (one-hot inputs).
+        r: which back-propagated vector.
+        inputs_basis: ``Q_A`` ``(i, i)`` to return ``grads Q_A`` instead (the input side in
+            ``A``'s eigenbasis), rotating the ``P + Q`` positions' inputs rather than the
+            ``V x i`` result; ``None``: unrotated.
+    """
+    g_head, a_head = head
+    g_use, a_use = use
+    rows = g_use[:, r]  # (n, Q, d)
+    present, ids = a_use.max(dim=-1)  # (n, Q): the token of each position, 0 weight at padding
+    rows = (rows * present.unsqueeze(-1).to(rows.dtype)).to(a_head.dtype)
+    d = rows.shape[-1]
+    if inputs_basis is not None:
+        basis = inputs_basis.to(a_head.dtype)
+        a_head, rows = a_head @ basis, rows @ basis[:d]  # a head bias column adds nothing for the embedding
+    grads = layer_grads(g_head[:, r], a_head)  # (n, V, i)
+    n, vocab, width = grads.shape
+    at = (ids + torch.arange(n, device=ids.device).unsqueeze(1) * vocab).reshape(-1)
+    grads.view(n * vocab, width)[:, : rows.shape[-1]].index_add_(0, at, rows.reshape(-1, rows.shape[-1]))
+    return grads
+
+
 def layer_grads(g: Tensor, a: Tensor) -> Tensor:
     """Per-sample gradients ``sum_t g_t a_t^T`` of one layer.
 
@@ -619,11 +665,14 @@ class Capture:
                 at += len(probes)
                 parts = [layer.output_grads(torch.zeros_like(flat[c]) if grads[c] is None else grads[c]) for c in calls]
                 g_r = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+                if rs == 1:  # one vector: no copy into a stacked tensor
+                    out[index] = g_r.unsqueeze(1)
+                    continue
                 if out[index] is None:
                     out[index] = g_r.new_empty((g_r.shape[0], rs) + tuple(g_r.shape[1:]))
                 out[index][:, r] = g_r  # type: ignore[index]
             del grads
         return [
-            (g.detach(), torch.cat(inputs, dim=1))  # type: ignore[union-attr]
+            (g.detach(), inputs[0] if len(inputs) == 1 else torch.cat(inputs, dim=1))  # type: ignore[union-attr]
             for g, inputs in zip(out, self.inputs)
         ]
