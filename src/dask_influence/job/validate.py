@@ -4,12 +4,14 @@ cluster, no import of the user's code (that is :mod:`.factory`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import sys
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -214,20 +216,8 @@ FIT_KEYS = ("distributed_fit", "fit_file")
 
 def _fit_keys(table: dict, base: Path, problems: list[str]) -> dict[str, Any]:
     """``distributed_fit`` and ``fit_file`` of ``[solver]``, checked."""
-    out: dict[str, Any] = {}
-    if "distributed_fit" in table:
-        value = table["distributed_fit"]
-        if isinstance(value, bool):
-            out["distributed_fit"] = value
-        else:
-            problems.append(f"[solver] distributed_fit must be true or false; got {_describe(value)}.")
-    if "fit_file" in table:
-        value = table["fit_file"]
-        if not isinstance(value, str) or not value.strip():
-            problems.append(f"[solver] fit_file must be a path or URL; got {_describe(value)}.")
-        else:
-            out["fit_file"] = resolve_path(value, base)
-    return out
+    fit_table = {k: v for k, v in table.items() if k in FIT_KEYS}
+    return _section("solver", fit_table, SolverSection, problems, {"fit_file": _path(base)}, skip=("method", "params"))
 
 
 def solver_parameters(method: str) -> dict[str, Any]:
@@ -313,55 +303,25 @@ def _check_type(value: Any, hint: Any) -> str | None:
 
 def _blocks(table: dict, problems: list[str]) -> BlocksSection:
     _unknown("blocks", table, SECTIONS["blocks"], problems)
-    values = {}
-    for key in ("test", "train"):
-        if key in table:
-            value = table[key]
-            if _positive_int(value):
-                values[key] = value
-            else:
-                problems.append(f"[blocks] {key} must be a positive integer; got {_describe(value)}.")
-    return BlocksSection(**values)
+    return BlocksSection(**_section("blocks", table, BlocksSection, problems))
 
 
 def _output(table: dict | None, base: Path, problems: list[str]) -> OutputSection | None:
     if table is None:
         return None
     _unknown("output", table, SECTIONS["output"], problems)
-    ok = True
-    store = table.get("store")
-    if store is None:
-        problems.append('[output] store is required: the path or URL of the zarr store, e.g. "influences.zarr".')
-        ok = False
-    elif not isinstance(store, str) or not store.strip():
-        problems.append(f"[output] store must be a path or URL; got {_describe(store)}.")
-        ok = False
-    else:
-        store = resolve_path(store, base)
-    mode = table.get("mode", "up")
-    if not isinstance(mode, str) or mode.strip().lower() not in MODES:
-        problems.append(f'[output] mode must be "up" or "perturbation"; got {_describe(mode)}.')
-        ok = False
-    else:
-        mode = mode.strip().lower()
-    top_k = table.get("top_k")
-    if top_k is not None and not _positive_int(top_k):
-        problems.append(f"[output] top_k must be a positive integer; got {_describe(top_k)}.")
-        ok = False
-    elif top_k is not None and mode == "perturbation":
+    n_before = len(problems)
+    store = _required_path("output", table, problems, base, 'the path or URL of the zarr store, e.g. "influences.zarr"')
+    mode = Rule('"up" or "perturbation"', lambda v: v.strip().lower(), lambda v: _lowered(v) in MODES)
+    values = _section("output", table, OutputSection, problems, {"mode": mode}, skip=("store",))
+    if "top_k" in values and values.get("mode") == "perturbation":
         problems.append(
             '[output] top_k needs mode = "up" (perturbation influences have one value per '
             'feature); remove top_k or set mode = "up".'
         )
-        ok = False
-    self_influences = table.get("self_influences", False)
-    if not isinstance(self_influences, bool):
-        problems.append(f"[output] self_influences must be true or false; got {_describe(self_influences)}.")
-        ok = False
-    if not ok:
+    if len(problems) != n_before or store is None:
         return None
-    assert isinstance(store, str)  # checked above
-    return OutputSection(store=store, mode=mode, top_k=top_k, self_influences=self_influences)
+    return OutputSection(store=store, **values)
 
 
 def _cluster(table: dict, problems: list[str], base: Path | None = None) -> ClusterSection:
@@ -371,35 +331,11 @@ def _cluster(table: dict, problems: list[str], base: Path | None = None) -> Clus
         security = _security(table["security"], base or Path.cwd(), problems)
         if security is not None:
             values["security"] = security
-    scheduler = table.get("scheduler")
-    if scheduler is not None:
-        if isinstance(scheduler, str) and scheduler.strip():
-            values["scheduler"] = scheduler.strip()
-        else:
-            problems.append(
-                f'[cluster] scheduler must be an address such as "tcp://scheduler:8786"; got {_describe(scheduler)}.'
-            )
-    for key in ("workers", "threads"):
-        if key in table:
-            if _positive_int(table[key]):
-                values[key] = table[key]
-            else:
-                problems.append(f"[cluster] {key} must be a positive integer; got {_describe(table[key])}.")
-    if "memory_limit" in table:
-        limit = table["memory_limit"]
-        if _memory_limit_ok(limit):
-            values["memory_limit"] = limit
-        else:
-            problems.append(
-                '[cluster] memory_limit must be a number of bytes, a size such as "4GiB", '
-                f'or "auto"; got {_describe(limit)}.'
-            )
-    for key in ("gpu", "sequential"):
-        if key in table:
-            if isinstance(table[key], bool):
-                values[key] = table[key]
-            else:
-                problems.append(f"[cluster] {key} must be true or false; got {_describe(table[key])}.")
+    rules = {
+        "scheduler": Rule('an address such as "tcp://scheduler:8786"', _stripped, _nonempty_str),
+        "memory_limit": Rule('a number of bytes, a size such as "4GiB", or "auto"', ok=_memory_limit_ok),
+    }
+    values |= _section("cluster", table, ClusterSection, problems, rules, skip=("security",))
     local = [k for k in LOCAL_KEYS if k in table]
     if "scheduler" in table and local:
         problems.append(
@@ -448,59 +384,36 @@ def _index(table: dict | None, base: Path, problems: list[str]) -> IndexSection 
         return None
     _unknown("index", table, SECTIONS["index"], problems)
     n_before = len(problems)
-    values: dict[str, Any] = {}
     store = table.get("store")
-    if not isinstance(store, str) or not store.strip():
+    if not _nonempty_str(store):
         problems.append(f'[index] store is required: the index\'s path, e.g. "index.zarr"; got {_describe(store)}.')
-    else:
-        values["store"] = resolve_path(store, base)
     from ..core.operators import Curvature
     from ..core.projection import KINDS
     from ..index.gradient_index import PRECONDITIONERS
     from ..index.layout import DTYPES
 
-    # the choices GradientIndex.build accepts, from where it defines them
-    choices = {
-        "projection": KINDS,
-        "dtype": ("auto", *DTYPES),
-        "preconditioner": PRECONDITIONERS,
-        "curvature": tuple(c.value for c in Curvature),
+    rules = {  # the choices GradientIndex.build accepts, from where it defines them
+        "projection": _one_of(KINDS),
+        "dtype": _one_of(("auto", *DTYPES)),
+        "preconditioner": _one_of(PRECONDITIONERS),
+        "curvature": _one_of(tuple(c.value for c in Curvature)),
+        "seed": Rule("a positive integer", ok=lambda v: _positive_int(v) or (type(v) is int and v == 0)),
+        "regularization": Rule(
+            'a number >= 0 or "auto"', ok=lambda v: v == "auto" or (type(v) in (int, float) and v >= 0)
+        ),
+        "ggn_draws": Rule(
+            '"auto", 0 (the exact GGN) or a number of drawn labels',
+            ok=lambda v: v == "auto" or (type(v) is int and v >= 0),
+        ),
+        "layers": Rule(
+            "a list of module names", tuple, lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)
+        ),
     }
-    for key, allowed in choices.items():
-        if key in table:
-            if table[key] in allowed:
-                values[key] = table[key]
-            else:
-                problems.append(f"[index] {key} must be one of {', '.join(allowed)}; got {_describe(table[key])}.")
-    for key in ("projection_dim", "seed"):
-        if key in table:
-            ok = _positive_int(table[key]) or (key == "seed" and type(table[key]) is int and table[key] == 0)
-            if ok:
-                values[key] = table[key]
-            else:
-                problems.append(f"[index] {key} must be a positive integer; got {_describe(table[key])}.")
-    if "regularization" in table:
-        lam = table["regularization"]
-        if lam == "auto" or (type(lam) in (int, float) and lam >= 0):
-            values["regularization"] = lam
-        else:
-            problems.append(f'[index] regularization must be a number >= 0 or "auto"; got {_describe(lam)}.')
-    if "ggn_draws" in table:
-        draws = table["ggn_draws"]
-        if draws == "auto" or (type(draws) is int and draws >= 0):
-            values["ggn_draws"] = draws
-        else:
-            problems.append(
-                '[index] ggn_draws must be "auto", 0 (the exact GGN) or a number of drawn labels; '
-                f"got {_describe(draws)}."
-            )
-    if "layers" in table:
-        layers = table["layers"]
-        if isinstance(layers, list) and all(isinstance(x, str) for x in layers):
-            values["layers"] = tuple(layers)
-        else:
-            problems.append(f"[index] layers must be a list of module names; got {_describe(layers)}.")
-    return IndexSection(**values) if len(problems) == n_before else None
+    values = _section("index", table, IndexSection, problems, rules, skip=("store",))
+    if len(problems) != n_before:
+        return None
+    assert isinstance(store, str)  # checked above
+    return IndexSection(store=resolve_path(store, base), **values)
 
 
 def _evaluate(table: dict | None, base: Path, problems: list[str]) -> EvaluateSection | None:
@@ -509,7 +422,6 @@ def _evaluate(table: dict | None, base: Path, problems: list[str]) -> EvaluateSe
     table = _renamed_keys("evaluate", table, problems)
     _unknown("evaluate", table, SECTIONS["evaluate"], problems)
     n_before = len(problems)
-    values: dict[str, Any] = {}
     retrain = table.get("retrain")
     if retrain is None:
         problems.append('[evaluate] retrain is required: the retraining function as "module:function".')
@@ -517,79 +429,141 @@ def _evaluate(table: dict | None, base: Path, problems: list[str]) -> EvaluateSe
         problems.append(
             f'[evaluate] retrain must be "module:function" (e.g. "retrain:train"); got {_describe(retrain)}.'
         )
-    else:
-        values["retrain"] = retrain.strip()
-    options = table.get("options", {})
-    if isinstance(options, Mapping):
-        values["options"] = dict(options)
-    else:
-        problems.append(f"[evaluate] options must be a table of keyword arguments; got {_describe(options)}.")
-    if "store" in table:
-        store = table["store"]
-        if not isinstance(store, str) or not store.strip():
-            problems.append(f"[evaluate] store must be a path or URL; got {_describe(store)}.")
-        else:
-            values["store"] = resolve_path(store, base)
-    methods = table.get("methods", ["lds"])
-    if isinstance(methods, str):
-        methods = [methods]
-    if not isinstance(methods, list) or not methods or not all(m in EVALUATE_METHODS for m in methods):
-        problems.append(
-            f"[evaluate] methods must be a list of {', '.join(repr(m) for m in EVALUATE_METHODS)}; "
-            f"got {_describe(methods)}."
-        )
-    else:
-        values["methods"] = tuple(dict.fromkeys(methods))
-    for key, minimum in (("n_subsets", 2), ("seeds", 1), ("n_bootstrap", 1)):
-        if key in table:
-            value = table[key]
-            if isinstance(value, int) and not isinstance(value, bool) and value >= minimum:
-                values[key] = value
-            else:
-                problems.append(f"[evaluate] {key} must be an integer of at least {minimum}; got {_describe(value)}.")
-    if "seed" in table:
-        value = table["seed"]
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            values["seed"] = value
-        else:
-            problems.append(f"[evaluate] seed must be a non-negative integer; got {_describe(value)}.")
-    for key, example in (("fraction", "0.5"), ("confidence", "0.95")):
-        if key in table:
-            value = table[key]
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1:
-                values[key] = float(value)
-            else:
-                problems.append(
-                    f"[evaluate] {key} must be a number between 0 and 1 (e.g. {example}); got {_describe(value)}."
-                )
-    if "points" in table:
-        value = table["points"]
-        if _positive_int(value):
-            values["points"] = value
-        elif _index_list(value):
-            values["points"] = tuple(value)
-        else:
-            problems.append(
-                "[evaluate] points must be a number of random training points or a list of training "
-                f"indices; got {_describe(value)}."
-            )
-    if "warm_start" in table:
-        if isinstance(table["warm_start"], bool):
-            values["warm_start"] = table["warm_start"]
-        else:
-            problems.append(f"[evaluate] warm_start must be true or false; got {_describe(table['warm_start'])}.")
-    if "corrupted" in table:
-        if _index_list(table["corrupted"]):
-            values["corrupted"] = tuple(table["corrupted"])
-        else:
-            problems.append(
-                f"[evaluate] corrupted must be a list of training indices; got {_describe(table['corrupted'])}."
-            )
+    if isinstance(table.get("methods"), str):  # one method: a list of one
+        table = {**table, "methods": [table["methods"]]}
+    methods = Rule(
+        f"a list of {', '.join(repr(m) for m in EVALUATE_METHODS)}",
+        lambda v: tuple(dict.fromkeys(v)),
+        lambda v: isinstance(v, list) and bool(v) and all(m in EVALUATE_METHODS for m in v),
+    )
+    rules = {
+        "options": _OPTIONS,
+        "store": _path(base),
+        "methods": methods,
+        "n_subsets": _at_least(2),
+        "seeds": _at_least(1),
+        "n_bootstrap": _at_least(1),
+        "seed": Rule("a non-negative integer", ok=lambda v: _integer(v) and v >= 0),
+        "fraction": _fraction("0.5"),
+        "confidence": _fraction("0.95"),
+        "points": Rule(
+            "a number of random training points or a list of training indices",
+            lambda v: v if _positive_int(v) else tuple(v),
+            lambda v: _positive_int(v) or _index_list(v),
+        ),
+        "corrupted": Rule("a list of training indices", tuple, _index_list),
+    }
+    values = _section("evaluate", table, EvaluateSection, problems, rules, skip=("retrain",))
     if "mislabel" in values.get("methods", ()) and not values.get("corrupted"):
         problems.append('[evaluate] methods = ["mislabel"] needs corrupted = [...] (the corrupted training indices).')
     if len(problems) != n_before:
         return None
-    return EvaluateSection(**values)
+    assert isinstance(retrain, str)  # checked above
+    return EvaluateSection(retrain=retrain.strip(), **values)
+
+
+# -- one validator for the keys of every section, driven by its dataclass ----------------------
+
+
+_REFUSED = object()
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one key's value must be.
+
+    Attributes:
+        expected: completes ``[section] key must be ...; got VALUE.``
+        convert: the value the section's dataclass holds (applied once ``ok`` holds).
+        ok: whether a value (as TOML gives it) is acceptable.
+    """
+
+    expected: str
+    convert: Callable[[Any], Any] = lambda v: v
+    ok: Callable[[Any], bool] = lambda v: True
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _nonempty_str(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def _stripped(value: Any) -> Any:
+    return value.strip()
+
+
+def _lowered(value: Any) -> Any:
+    return value.strip().lower() if isinstance(value, str) else None
+
+
+_POSITIVE_INT = Rule("a positive integer", ok=lambda v: _positive_int(v))
+_BOOL = Rule("true or false", ok=lambda v: isinstance(v, bool))
+_OPTIONS = Rule("a table of keyword arguments", dict, lambda v: isinstance(v, Mapping))
+_BY_TYPE = {"int": _POSITIVE_INT, "int | None": _POSITIVE_INT, "bool": _BOOL, "bool | None": _BOOL}
+"""The rule of a field whose section gives none, by the field's annotation."""
+
+
+def _one_of(choices: Sequence[str]) -> Rule:
+    return Rule(f"one of {', '.join(choices)}", ok=lambda v: v in choices)
+
+
+def _at_least(minimum: int) -> Rule:
+    return Rule(f"an integer of at least {minimum}", ok=lambda v: _integer(v) and v >= minimum)
+
+
+def _fraction(example: str) -> Rule:
+    return Rule(
+        f"a number between 0 and 1 (e.g. {example})",
+        float,
+        lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1,
+    )
+
+
+def _path(base: Path) -> Rule:
+    """A path (resolved against ``base``: :func:`~.paths.resolve_path`) or a URL."""
+    return Rule("a path or URL", lambda v: resolve_path(v, base), _nonempty_str)
+
+
+def _section(
+    section: str,
+    table: Mapping[str, Any],
+    cls: type,
+    problems: list[str],
+    rules: Mapping[str, Rule] | None = None,
+    *,
+    skip: Sequence[str] = (),
+) -> dict[str, Any]:
+    """The values of ``table`` for the fields of the section's dataclass ``cls`` (``skip``: fields
+    the caller checks itself), each checked by its rule (``rules``, else by the field's type:
+    ``int`` a positive integer, ``bool`` true or false). One problem per refused value:
+    ``[section] key must be EXPECTED; got VALUE.``"""
+    rules = rules or {}
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in skip or f.name not in table:
+            continue
+        rule = rules.get(f.name) or _BY_TYPE[str(f.type)]
+        value = table[f.name]
+        if rule.ok(value):
+            values[f.name] = rule.convert(value)
+        else:
+            problems.append(f"[{section}] {f.name} must be {rule.expected}; got {_describe(value)}.")
+    return values
+
+
+def _required_path(section: str, table: Mapping[str, Any], problems: list[str], base: Path, what: str) -> str | None:
+    """``table["store"]`` resolved (:func:`~.paths.resolve_path`); ``None`` with a problem if missing or not a path."""
+    store = table.get("store")
+    if store is None:
+        problems.append(f"[{section}] store is required: {what}.")
+        return None
+    if not _nonempty_str(store):
+        problems.append(f"[{section}] store must be a path or URL; got {_describe(store)}.")
+        return None
+    return resolve_path(store, base)
 
 
 def _renamed_keys(section: str, table: dict, problems: list[str]) -> dict:
