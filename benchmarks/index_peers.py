@@ -357,6 +357,75 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _family(method: str) -> str:
+    """A row's library (one line of the plot): the method without its version."""
+    return method.rsplit(" ", 1)[0] if method[-1].isdigit() else method
+
+
+def at_equal_accuracy(result: dict, ours: str = "ours") -> dict[str, list[dict]]:
+    """Per problem, each peer row against the cheapest ``ours`` row (by build + query
+    seconds) whose Pearson is at least the peer's: the time and byte ratios (``ours / peer``:
+    below 1 is ours cheaper), or ``None`` where no ``ours`` row reaches the peer's accuracy."""
+    out: dict[str, list[dict]] = {}
+    for name, problem in result["problems"].items():
+        mine = [r for r in problem["rows"] if r["method"] == ours]
+        lines = []
+        for r in problem["rows"]:
+            if r["method"].startswith("ours"):
+                continue
+            good = [m for m in mine if m["pearson"] >= r["pearson"]]
+            best = min(good, key=lambda m: m["build_s"] + m["query_s"]) if good else None
+            seconds = r["build_s"] + r["query_s"]
+            lines.append({
+                "peer": r["method"], "k": r["k"], "pearson": r["pearson"],
+                "ours_k": None if best is None else best["k"],
+                "ours_pearson": None if best is None else best["pearson"],
+                "time_ratio": None if best is None else (best["build_s"] + best["query_s"]) / seconds,
+                "build_ratio": None if best is None else best["build_s"] / r["build_s"],
+                "query_ratio": None if best is None else best["query_s"] / r["query_s"],
+                "bytes_ratio": None if best is None else best["bytes"] / r["bytes"],
+            })  # fmt: skip
+        out[name] = lines
+    return out
+
+
+def plot(result: dict, path: str | os.PathLike) -> None:
+    """Time to accuracy: build + query seconds (log) against pooled Pearson, one panel per
+    problem, one line per library across ``k`` (each point labelled with its ``k``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["problems"])
+    fig, axes = plt.subplots(1, len(names), figsize=(6.2 * len(names), 4.6), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        problem = result["problems"][name]
+        families: dict[str, list[dict]] = {}
+        for r in problem["rows"]:
+            families.setdefault(_family(r["method"]), []).append(r)
+        for family, rows in families.items():
+            rows = sorted(rows, key=lambda r: r["k"])
+            x = [r["build_s"] + r["query_s"] for r in rows]
+            y = [r["pearson"] for r in rows]
+            style = "-o" if family.startswith("ours") else "--s"
+            (line,) = ax.plot(x, y, style, label=family, linewidth=2.2 if family == "ours" else 1.3)
+            for xi, yi, r in zip(x, y, rows):
+                ax.annotate(f"{r['k']:,}", (xi, yi), textcoords="offset points", xytext=(4, -10), fontsize=7,
+                            color=line.get_color())  # fmt: skip
+        ref = problem["reference"]
+        ax.axhline(ref["plain_dot"]["pearson"], color="grey", linestyle=":", linewidth=1, label="plain gradient dot")
+        ax.set_xscale("log")
+        ax.set_xlabel("build + query seconds (log; loaded 2-core machine, one run)")
+        ax.set_ylabel("pooled Pearson vs exact GGN influence")
+        ax.set_title(f"{name}: {ref['num_params']:,} parameters (points labelled with k)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def cached_reference(problem: Problem, plan: Plan, cache: Path | None) -> dict[str, Any]:
     """:func:`reference`, kept in ``cache`` (the output folder) for a rerun of the same plan."""
     if cache is None:
@@ -428,6 +497,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--peers", default=",".join(PEERS), help="comma-separated peers to run where installed ('' for none)"
     )
     parser.add_argument("--keep-reference", action="store_true", help="reuse the exact reference kept in --out")
+    parser.add_argument("--plot", default=None, help="write the time-to-accuracy plot here (a .png)")
     args = parser.parse_args(argv)
     plan = TINY if args.tiny else FULL
     if args.ks:
@@ -437,8 +507,21 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         peers = tuple(p for p in args.peers.split(",") if p)
         result = run(plan, args.problems.split(","), Path(tmp), peers=peers, cache=out if args.keep_reference else None)
+    result["at_equal_accuracy"] = at_equal_accuracy(result)
     (out / ("index_peers-tiny.json" if args.tiny else "index_peers.json")).write_text(json.dumps(result, indent=1))
+    if args.plot:
+        plot(result, args.plot)
     print(table(result))
+    for name, lines in result["at_equal_accuracy"].items():
+        for e in lines:
+            if e["time_ratio"] is None:
+                print(f"{name}: {e['peer']} k={e['k']:,} r={e['pearson']:.3f}: no 'ours' row reaches it")
+            else:
+                print(
+                    f"{name}: {e['peer']} k={e['k']:,} r={e['pearson']:.3f} vs ours k={e['ours_k']:,} "
+                    f"r={e['ours_pearson']:.3f}: time x{e['time_ratio']:.2f} (build x{e['build_ratio']:.2f}, "
+                    f"query x{e['query_ratio']:.2f}), bytes x{e['bytes_ratio']:.2f}"
+                )
     return result
 
 
