@@ -277,14 +277,13 @@ class _LmLoss:
         form per position: ``(w_t / n) (p_t * u_t - p_t (p_t . u_t))`` with ``w_t`` as in
         :meth:`curvature_roots` (zero at the last position). ``O(n T V)``, whatever ``V``."""
         n, length, _ = logits.shape
-        out = torch.zeros_like(u)
         if length < 2:
-            return out
+            return torch.zeros_like(u)
         _, predicted = _predicted(batch)
-        weight = predicted.to(u.dtype)
-        weight = weight / weight.sum(dim=1, keepdim=True).clamp_min(1) / n  # (n, T-1)
-        out[:, :-1] = softmax_hessian_product(logits[:, :-1], u[:, :-1], weight)
-        return out
+        weight = logits.new_zeros((n, length), dtype=u.dtype)
+        weight[:, :-1] = predicted.to(u.dtype)
+        weight = weight / weight.sum(dim=1, keepdim=True).clamp_min(1) / n  # (n, T), 0 at the last position
+        return softmax_hessian_product(logits, u, weight)  # no copy into a zero tensor: the weight zeroes it
 
     draws_per_sample = True
     """:meth:`sampled_roots` takes one generator per sequence (a chunk is drawn in one pass)."""

@@ -425,7 +425,7 @@ class ModelFunctions:
         ``p * u - p (p . u)``, the causal-LM task's, mean squared error), otherwise by
         differentiating the loss's gradient in the outputs (one more backward per vector).
         """
-        from .sampled_fisher import hessian_product
+        from .sampled_fisher import has_hessian_product, hessian_product
 
         output_loss = self.task.output_loss
         if output_loss is None:
@@ -435,7 +435,7 @@ class ModelFunctions:
             out, jt = _vjp(lambda t: self.outputs(t, batch), theta)
             logits = out.detach()
             h_out: Callable[[Tensor], Tensor]
-            if hessian_product(output_loss, logits, batch, logits) is not None:  # a closed form exists
+            if has_hessian_product(output_loss, logits):  # a closed form exists
 
                 def h_out(u: Tensor) -> Tensor:
                     return hessian_product(output_loss, logits, batch, u)  # type: ignore[return-value]

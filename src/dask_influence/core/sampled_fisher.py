@@ -47,6 +47,7 @@ __all__ = [
     "draw_categorical",
     "gaussian_sampled_roots",
     "generator_for",
+    "has_hessian_product",
     "hessian_product",
     "sampled_roots",
     "seeded_sampled_roots",
@@ -70,10 +71,13 @@ def softmax_hessian_product(logits: Tensor, u: Tensor, weight: Tensor | None = N
         float64 logits give float64 products).
     """
     p = torch.softmax(logits, dim=-1).to(u.dtype)
-    out = p * u - p * (p * u).sum(dim=-1, keepdim=True)
+    out = p * u  # the one new tensor of u's size; the rest is in place (a GGN product over 50,257
+    dot = out.sum(dim=-1, keepdim=True)  # classes is memory-bound: each pass over it counts)
     if weight is not None:
-        out = out * weight.to(u.dtype).unsqueeze(-1)
-    return out
+        w = weight.to(u.dtype).unsqueeze(-1)
+        out.mul_(w)
+        dot = dot * w
+    return out.addcmul_(p, dot, value=-1.0)
 
 
 def generator_for(seed: int, offset: int, device: torch.device) -> torch.Generator:
@@ -205,6 +209,15 @@ def hessian_product(output_loss: Any, outputs: Tensor, batch: Any, u: Tensor) ->
     if _plain_mse(loss):
         return u * (2.0 / outputs.numel())
     return None
+
+
+def has_hessian_product(output_loss: Any, outputs: Tensor) -> bool:
+    """Whether :func:`hessian_product` has a closed form for this loss and these outputs (without
+    computing one: over a large vocabulary a product is seconds of memory traffic)."""
+    if getattr(output_loss, "curvature_product", None) is not None:
+        return True
+    loss = _pair_loss(output_loss)
+    return (_plain_cross_entropy(loss) and outputs.ndim == 2) or _plain_mse(loss)
 
 
 def sampled_roots(
