@@ -165,3 +165,46 @@ def test_a_truncated_fit_file_gives_the_refit_advice(job, keep):
     )
     assert line.endswith("; fit again and replace it with refit=True (dask-influence run --refit).")
     assert "\n" not in line
+
+
+@pytest.mark.parametrize(
+    ("command", "runner", "line"),
+    [
+        (
+            "run",
+            "dask_influence.job.run.run_job",
+            "Interrupted. The store keeps every chunk written so far: rerun with --resume "
+            "(dask-influence run {job} --resume) to compute only the missing ones.",
+        ),
+        (
+            "query",
+            "dask_influence.job.index.query_job",
+            "Interrupted. The store keeps every chunk written so far: rerun with --resume "
+            "(dask-influence query {job} --resume) to compute only the missing ones.",
+        ),
+        (
+            "index",
+            "dask_influence.job.index.index_job",
+            "Interrupted. The index keeps every block written so far: rerun "
+            "(dask-influence index {job}; it resumes by default) to compute only the missing ones.",
+        ),
+        (
+            "evaluate",
+            "dask_influence.job.evaluate.evaluate_job",
+            "Interrupted. Every finished retraining is recorded in the store: rerun "
+            "(dask-influence evaluate {job}) to retrain only the missing runs.",
+        ),
+    ],
+)
+def test_ctrl_c_in_a_job_ends_each_command_with_its_resume_line(tmp_path, monkeypatch, command, runner, line):
+    """The commands call the job layer's runner; Ctrl-C (or SIGTERM, turned into the same
+    KeyboardInterrupt) inside it ends the command with exit code 130 and the command's own line."""
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, interrupted)
+    job = tmp_path / "job.toml"
+    result = CliRunner().invoke(cli, [command, str(job), "--quiet"])
+    assert result.exit_code == 130, result.output
+    assert result.output.strip().splitlines()[-1] == line.format(job=job)

@@ -25,7 +25,7 @@ from .options import (
     quiet_option,
     refuse_resume_and_overwrite,
 )
-from .output import job_command
+from .output import job_command, resume_hint
 
 
 @click.command(name="index")
@@ -115,11 +115,7 @@ def query(
     from ..job.index import query_job
 
     refuse_resume_and_overwrite(resume, overwrite)
-    hint = (
-        "The store keeps every chunk written so far: rerun with --resume "
-        f"(dask-influence query {job_file} --resume) to compute only the missing ones."
-    )
-    with job_command(quiet, traceback, hint):
+    with job_command(quiet, traceback, resume_hint("query", job_file)):
         summary = query_job(
             job_file,
             scheduler=scheduler,

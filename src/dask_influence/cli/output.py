@@ -123,6 +123,14 @@ def interrupts_say_how_to_resume(hint: str) -> Iterator[None]:
             signal.signal(signal.SIGTERM, previous)
 
 
+def resume_hint(command: str, job_file: object) -> str:
+    """What ``run`` and ``query`` say after ``Interrupted.``: how to compute only the missing chunks."""
+    return (
+        "The store keeps every chunk written so far: rerun with --resume "
+        f"(dask-influence {command} {job_file} --resume) to compute only the missing ones."
+    )
+
+
 @contextmanager
 def job_command(quiet: bool, traceback: bool, interrupted: str) -> Iterator[None]:
     """The frame of a command that runs a job (``run``, ``index``, ``query``, ``evaluate``): the

@@ -35,7 +35,7 @@ from .options import (
     quiet_option,
     refuse_resume_and_overwrite,
 )
-from .output import job_command, one_line, user_errors
+from .output import job_command, one_line, resume_hint, user_errors
 
 __all__ = ["run", "one_line", "user_errors"]  # one_line, user_errors: report imports them from here
 
@@ -110,11 +110,7 @@ def run(
         # a filter, not a level: distributed sets its loggers' levels when it is imported, which
         # a job in this process (sequential) never needs to do
         logging.getLogger("distributed.client").addFilter(_CRITICAL_ONLY)
-    hint = (
-        "The store keeps every chunk written so far: rerun with --resume "
-        f"(dask-influence run {job_file} --resume) to compute only the missing ones."
-    )
-    with job_command(quiet, traceback, hint):
+    with job_command(quiet, traceback, resume_hint("run", job_file)):
         result = run_job(
             job_file,
             scheduler=scheduler,
