@@ -133,6 +133,27 @@ def tiny_gpt2(**overrides: Any) -> nn.Module:
     return transformers.GPT2LMHeadModel(tiny_gpt2_config(**overrides)).double().eval()
 
 
+def tiny_bert() -> tuple[nn.Module, Tensor, Tensor]:
+    """A ``BertForSequenceClassification`` (vocabulary 16, 8 positions, width 8, one layer of 2 heads,
+    3 labels) in float64 and eval mode, seeded (1), with 14 sequences of 5 token ids ``(14, 5)`` and
+    their labels ``(14,)`` drawn after it. Import ``transformers`` with ``pytest.importorskip`` first."""
+    import transformers
+
+    torch.manual_seed(1)
+    config = transformers.BertConfig(
+        vocab_size=16,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=12,
+        max_position_embeddings=8,
+        num_labels=3,
+    )
+    model = transformers.BertForSequenceClassification(config).double().eval()
+    ids = torch.randint(0, 16, (14, 5))
+    return model, ids, torch.randint(0, 3, (14,))
+
+
 # -- independent references --------------------------------------------------------------
 def _trainable(model: nn.Module) -> tuple[list[str], list[Tensor]]:
     named = [(k, v) for k, v in model.named_parameters() if v.requires_grad]

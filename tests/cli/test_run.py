@@ -4,8 +4,6 @@ process. Every store must equal the in-memory result."""
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -20,6 +18,7 @@ from torch.utils.data import DataLoader
 
 import dask_influence as di
 from dask_influence.mapping.store import ATTR, is_complete
+from dask_processes import free_port, scheduler_command, start, start_cluster, stop, worker_command
 from jobs import invoke, load_example_factory
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -114,64 +113,14 @@ def test_run_on_the_embedded_local_cluster(tmp_path, expected, monkeypatch):
 # -- a scheduler and two workers as separate processes ---------------------------------------------
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(processes):
-    """Stop exactly the processes started here, by pid: SIGTERM, then SIGKILL after 15 s.
-
-    Workers first (they close their own worker subprocess), then the scheduler.
-    """
-    for group in (processes[1:], processes[:1]):
-        for proc in group:
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        for proc in group:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def scheduler(tmp_path_factory):
     """`dask scheduler` and two `dask worker --nthreads 1` processes on 127.0.0.1; yields the address."""
-    from distributed import Client
-
-    logs = tmp_path_factory.mktemp("dask-logs")
-    dask = shutil.which("dask", path=str(BIN)) or shutil.which("dask")
-    assert dask, "the `dask` command is not installed"
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    env = {k: v for k, v in os.environ.items() if k != "DASK_SCHEDULER_ADDRESS"}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    commands = [[dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"]] + [
-        [dask, "worker", address, "--nthreads", "1", "--no-dashboard", "--name", f"worker-{i}"] for i in range(2)
-    ]
-    processes = []
+    address, processes = start_cluster(tmp_path_factory.mktemp("dask-logs"))
     try:
-        for i, command in enumerate(commands):
-            log = open(logs / f"process-{i}.log", "w")
-            processes.append(
-                subprocess.Popen(
-                    command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=logs, stdin=subprocess.DEVNULL
-                )
-            )
-            log.close()
-        with Client(address, timeout="60s") as client:
-            client.wait_for_workers(2, timeout=120)
         yield address
-    except Exception:
-        for log in sorted(logs.glob("*.log")):
-            print(f"--- {log.name}\n{log.read_text()[-3000:]}")
-        raise
     finally:
-        _stop(processes)
+        stop(processes)
         assert all(proc.poll() is not None for proc in processes)
 
 
@@ -299,7 +248,7 @@ def test_unreachable_scheduler(tmp_path):
 
     job = write_job(tmp_path)
     with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
-        result = invoke("run", job, "--quiet", "--scheduler", f"tcp://127.0.0.1:{_free_port()}")
+        result = invoke("run", job, "--quiet", "--scheduler", f"tcp://127.0.0.1:{free_port()}")
     assert result.exit_code == 1
     assert result.output.startswith("Error: cannot connect to the Dask scheduler at tcp://127.0.0.1:")
     assert "(from --scheduler)" in result.output
@@ -345,29 +294,19 @@ def test_run_waits_for_workers_that_are_still_starting(tmp_path, expected):
     """A DaskJob starts its job pod and its workers together: `run --scheduler` waits for them.
     A `dask scheduler` process with no worker; then a `dask worker` process started 2 s into
     the run."""
-    dask = shutil.which("dask", path=str(BIN)) or shutil.which("dask")
-    port = _free_port()
+    port = free_port()
     address = f"tcp://127.0.0.1:{port}"
-    env = {k: v for k, v in os.environ.items() if k != "DASK_SCHEDULER_ADDRESS"}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     logs = tmp_path / "logs"
     logs.mkdir()
-
-    def start(command, name):
-        with open(logs / name, "w") as log:
-            return subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=logs, stdin=subprocess.DEVNULL
-            )
-
-    processes = [start([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"], "s.log")]
+    processes = [start(scheduler_command(port), logs / "s.log")]
     job = write_job(tmp_path)
     try:
         result = invoke("run", job, "--scheduler", address, "--timeout", 2)
         assert result.exit_code == 1, result.output
         assert "Error: only 0 of 1 worker(s) joined the Dask scheduler" in result.output
         assert len(result.output.strip().splitlines()[-1]) < 300  # one line, no traceback
-        worker = [dask, "worker", address, "--nthreads", "1", "--no-dashboard", "--name", "late-worker"]
-        timer = threading.Timer(2.0, lambda: processes.append(start(worker, "w.log")))
+        worker = worker_command(address, "late-worker")
+        timer = threading.Timer(2.0, lambda: processes.append(start(worker, logs / "w.log")))
         timer.start()
         try:
             result = invoke("run", job, "--scheduler", address, "--timeout", 120)
@@ -377,4 +316,4 @@ def test_run_waits_for_workers_that_are_still_starting(tmp_path, expected):
         assert "Waiting up to 120 s for 1 worker(s)" in result.output
         assert_store_equals(tmp_path / "influences.zarr", expected)
     finally:
-        _stop(processes)
+        stop(processes)

@@ -9,7 +9,7 @@ from torch.func import functional_call, grad, jacrev
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import dask_influence as di
-from cases import tiny_gpt2
+from cases import tiny_bert, tiny_gpt2
 
 transformers = pytest.importorskip("transformers")
 
@@ -25,21 +25,10 @@ def _tiny_gpt2():
 
 
 def _tiny_bert():
-    torch.manual_seed(1)
-    config = transformers.BertConfig(
-        vocab_size=16,
-        hidden_size=8,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=12,
-        max_position_embeddings=8,
-        num_labels=3,
-    )
-    model = transformers.BertForSequenceClassification(config).double().eval()
-    ids = torch.randint(0, 16, (14, 5))
+    model, ids, labels = tiny_bert()
     mask = torch.ones_like(ids)
     mask[2, 3:] = 0
-    return model, {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 3, (14,))}
+    return model, {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def _rows(batch, start, stop):

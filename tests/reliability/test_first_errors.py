@@ -10,25 +10,14 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import dask_influence as di
+from cases import tiny_bert
 
 TASK = 'di.tasks.classification() (in a job file: [task] name = "classification"'
 
 
 def _tiny_bert():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(1)
-    config = transformers.BertConfig(
-        vocab_size=16,
-        hidden_size=8,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=12,
-        max_position_embeddings=8,
-        num_labels=3,
-    )
-    model = transformers.BertForSequenceClassification(config).double().eval()
-    ids = torch.randint(0, 16, (14, 5))
-    return model, ids, torch.randint(0, 3, (14,))
+    pytest.importorskip("transformers")
+    return tiny_bert()
 
 
 def test_a_hugging_face_model_with_a_plain_loss_names_the_classification_task():

@@ -10,17 +10,14 @@ Both need ``cryptography``.
 from __future__ import annotations
 
 import importlib.util
-import os
-import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-BIN = Path(sys.executable).parent
+from dask_processes import BIN, process_env, start_cluster, stop
+
+__all__ = ["BIN", "Certs", "cluster_certs", "load_make_certs", "make_certs", "start_tls_cluster", "stop"]
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -80,28 +77,6 @@ def make_certs(directory: Path) -> Certs:
     return certs
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop(processes: list[subprocess.Popen]) -> None:
-    """Stop exactly the processes started here, by pid: workers first, then the scheduler
-    (SIGTERM, then SIGKILL after 15 s)."""
-    for group in (processes[1:], processes[:1]):
-        for proc in group:
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        for proc in group:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-
-
 def start_tls_cluster(
     certs: Certs, logs: Path, n_workers: int = 2, *, scheduler_from_env: bool = False
 ) -> tuple[str, list[subprocess.Popen]]:
@@ -113,47 +88,21 @@ def start_tls_cluster(
     ``scheduler_from_env``: the scheduler gets only ``--protocol tls`` and its CA, certificate
     and key as PEM text in Dask's configuration variables, as deploy/helm/values.yaml gives
     them (the Dask Helm chart mounts no files into the scheduler)."""
-    from distributed import Client
-
-    dask = shutil.which("dask", path=str(BIN)) or shutil.which("dask")
-    assert dask, "the `dask` command is not installed"
-    port = free_port()
-    address = f"tls://127.0.0.1:{port}"
-    env = {k: v for k, v in os.environ.items() if k != "DASK_SCHEDULER_ADDRESS"}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    scheduler = [dask, "scheduler", "--protocol", "tls", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"]
-    scheduler_env = dict(env)
+    scheduler_env = None
     if scheduler_from_env:
         cert, key = certs.roles["scheduler"]
-        scheduler_env.update(
+        scheduler_env = process_env(
             DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION="True",
             DASK_DISTRIBUTED__COMM__TLS__CA_FILE=certs.ca.read_text(),
             DASK_DISTRIBUTED__COMM__TLS__SCHEDULER__CERT=cert.read_text(),
             DASK_DISTRIBUTED__COMM__TLS__SCHEDULER__KEY=key.read_text(),
         )
-    commands = [scheduler + ([] if scheduler_from_env else certs.options("scheduler"))] + [
-        [dask, "worker", address, "--nthreads", "1", "--no-dashboard", "--name", f"w-{i}", *certs.options("worker")]
-        for i in range(n_workers)
-    ]
-    processes: list[subprocess.Popen] = []
-    try:
-        for i, command in enumerate(commands):
-            with open(logs / f"process-{i}.log", "w") as log:
-                processes.append(
-                    subprocess.Popen(
-                        command,
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        env=scheduler_env if i == 0 else env,
-                        cwd=logs,
-                        stdin=subprocess.DEVNULL,
-                    )
-                )
-        with Client(address, security=certs.security(), timeout="60s") as client:
-            client.wait_for_workers(n_workers, timeout=120)
-    except BaseException:
-        for log in sorted(logs.glob("*.log")):
-            print(f"--- {log.name}\n{log.read_text()[-3000:]}")
-        stop(processes)
-        raise
-    return address, processes
+    return start_cluster(
+        logs,
+        n_workers,
+        protocol="tls",
+        scheduler_options=() if scheduler_from_env else certs.options("scheduler"),
+        scheduler_env=scheduler_env,
+        worker_options=certs.options("worker"),
+        security=certs.security(),
+    )
