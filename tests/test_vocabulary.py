@@ -115,9 +115,7 @@ def test_index_queries_take_test_block_size_and_warn_for_block_size(index, probl
     with pytest.warns(
         di.RenamedWarning, match=rf"^GradientIndex\.{method}: block_size= is now spelled test_block_size="
     ):
-        old = call(*args[:1], tmp_path / "old.zarr", block_size=4) if len(args) == 2 and method != "top_k" else (
-            call(*args, block_size=4)
-        )  # fmt: skip
+        old = call(*((test, tmp_path / "old.zarr") if method == "influences_to_zarr" else args), block_size=4)
     if method == "influences_to_zarr":
         assert new["influences"].chunks == old["influences"].chunks == (4, 10)
         new, old = new["influences"][:], old["influences"][:]
@@ -151,6 +149,10 @@ def test_calculator_fit_and_self_influences_take_train_block_size(problem):
         calc.self_influences(train)
     with pytest.raises(ValueError, match=r"^Pass test_block_size with a test Dataset \(the number of samples"):
         calc.influences(train, train, train_block_size=10)
+    with pytest.raises(ValueError, match=r"^train_block_size must be a positive int; got 0\.$"):
+        calc.influences((x, y), (x, y), train_block_size=0)
+    with pytest.raises(TypeError, match=r"a map-style Dataset with test_block_size, or a pair"):
+        calc.influences(object(), (x, y))
 
 
 # -- 4. the curvature defaults the table documents ----------------------------------------------

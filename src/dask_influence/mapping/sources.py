@@ -8,7 +8,7 @@ Accepted inputs (test or train):
 - a pair ``(x, y)`` (or a tuple) of dask arrays, or a dict of dask arrays (their chunks along
   the first axis are the blocks);
 - a pair ``(x, y)`` (or a tuple) of numpy arrays or tensors, or a dict of them (blocks of
-  ``block_size``).
+  ``block_size``: the caller's ``test_block_size`` / ``train_block_size``).
 
 A block is a batch (:mod:`dask_influence.core.batches`): a pytree of numpy arrays.
 
@@ -226,8 +226,9 @@ def as_source(
         perturb: the input leaf whose feature shape and dtype the source records (the
             solver task's ``perturb``: ``0`` is the ``x`` of pairs).
     """
+    keyword = f"{name}_block_size" if name in ("test", "train") else "block_size"  # the caller's name for it
     if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
-        raise ValueError(f"block_size must be a positive int; got {block_size!r}.")
+        raise ValueError(f"{keyword} must be a positive int; got {block_size!r}.")
     if isinstance(data, DataLoader):
         if isinstance(data.dataset, IterableDataset):
             raise TypeError(
@@ -265,11 +266,10 @@ def as_source(
         and not isinstance(data, (tuple, list, str, bytes, dict))
     ):
         if block_size is None:
-            keyword = f"{name}_block_size" if name in ("test", "train") else "block_size"
             raise ValueError(f"Pass {keyword} with a {name} Dataset (the number of samples per block).")
         return DatasetSource(data, block_size, None, name, perturb)
     raise TypeError(
         f"Unsupported {name} data of type {type(data).__name__}. Pass a DataLoader "
-        "(shuffle=False), a map-style Dataset with block_size, or a pair (x, y) or a dict of "
+        f"(shuffle=False), a map-style Dataset with {keyword}, or a pair (x, y) or a dict of "
         "dask arrays, numpy arrays or tensors."
     )
