@@ -88,7 +88,7 @@ def test_influence_model_defines_the_user_methods_and_no_hook():
 def test_the_api_reference_lists_no_engine_hook_of_any_builtin_solver():
     filters = api_filters()
     builtin = {name: cls for name, cls in SOLVERS.items() if cls.__module__.startswith("dask_influence.")}
-    assert set(builtin) == {"direct", "cg", "lissa", "arnoldi", "nystroem", "ekfac"}
+    assert set(builtin) >= {"direct", "cg", "lissa", "arnoldi", "nystroem", "ekfac"}
     hooks = set(own_public(SolverEngine))
     for cls in (InfluenceModel, *builtin.values()):
         assert cls.__name__ in filters, f"docs/api.md has no ::: entry for {cls.__name__}"

@@ -38,7 +38,7 @@ from .data import TrainingData
 from .operators import BlockDiagonalOperator, LinearOperator, finite_curvature
 
 if TYPE_CHECKING:
-    from .solvers.base import InfluenceModel
+    from .solvers.engine import SolverEngine
 
 BlockFunction = Callable[..., Any]
 """``fn(solver, batch, start, weight, payload, out=None) -> Tensor | list[Tensor]`` for one block."""
@@ -76,7 +76,7 @@ class LocalBlocks:
         data: the training data, scanned (its ``num_samples`` known).
     """
 
-    def __init__(self, solver: InfluenceModel, data: TrainingData):
+    def __init__(self, solver: SolverEngine, data: TrainingData):
         self.solver = solver
         self.data = data
         self.n = int(data.num_samples)
@@ -102,7 +102,7 @@ class LocalBlocks:
 
 # -- the per-block functions of the curvature -------------------------------------------------
 def curvature_block(
-    solver: InfluenceModel, batch: Any, start: int, weight: float, v: Tensor, out: Tensor | None = None
+    solver: SolverEngine, batch: Any, start: int, weight: float, v: Tensor, out: Tensor | None = None
 ) -> Tensor:
     """``(n_b / n) * H_b V`` of one block for ``V`` ``(p, k)``: ``(p, k)`` (added into ``out`` if given)."""
     v = v.to(device=solver.device, dtype=solver.dtype)
@@ -114,7 +114,7 @@ def curvature_block(
 
 
 def dense_block(
-    solver: InfluenceModel,
+    solver: SolverEngine,
     batch: Any,
     start: int,
     weight: float,
@@ -142,7 +142,7 @@ JACOBIAN_MAX_OUTPUTS = 64
 
 
 def _ggn_from_jacobians(
-    solver: InfluenceModel, batch: Any, ranges: Sequence[tuple[int, int]], weight: float
+    solver: SolverEngine, batch: Any, ranges: Sequence[tuple[int, int]], weight: float
 ) -> list[Tensor] | None:
     """``(n_b / n) * GGN_b`` per range from per-sample output Jacobians (``None``: not applicable)."""
     from .operators import Curvature
@@ -158,7 +158,7 @@ def _ggn_from_jacobians(
 
 
 def _dense_from_products(
-    solver: InfluenceModel,
+    solver: SolverEngine,
     batch: Any,
     ranges: Sequence[tuple[int, int]],
     column_chunk: int,

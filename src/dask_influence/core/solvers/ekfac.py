@@ -27,20 +27,18 @@ influence factors (and their rows and columns of the curvature) are zero.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, cast
+from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, jacrev, vmap
 
 from ... import progress as _progress
 from ...errors import NonFiniteError, NotFittedError
 from .. import batches
 from ..blocks import BlockSums
-from ..gradients import _FORWARD_LOCK, LossFn, ParamSpec
+from ..gradients import _FORWARD_LOCK, LossFn
 from ..kronecker import (
     Capture,
     FactorSums,
@@ -49,39 +47,41 @@ from ..kronecker import (
     check_layer_positive,
     corrected_eigenvalue_sum,
     layer_grads,
-    layer_kind,
-    self_contract,
     rotated_square_sum,
+    self_contract,
     tied_layer_grads,
     tied_pieces,
     up_contract,
 )
 from ..operators import LinearOperator
-from ..sampled_fisher import closed_form_is_tested, seeded_sampled_roots, softmax_hessian_product
+from ..output_curvature import TASKS, OutputCurvature, infer_task
 from ..serialization import serializable
 from ..task import Task
 from .base import InfluenceModel
-from .config import SolverConfig, check_positive_int, check_seed, hyperparameter
+from .ekfac_config import EkfacConfig
+from .ekfac_layers import find_layers, left_out_parameters
+from .ekfac_memory import FitMemory, _bytes, default_memory_budget, plan_or_refuse
 from .registry import register
 
-__all__ = ["EkfacInfluence", "EkfacState", "find_layers", "left_out_parameters"]
+__all__ = [  # with the names of the split-off modules that tests and the index import from here
+    "EkfacInfluence",
+    "EkfacState",
+    "FitMemory",
+    "OutputCurvature",
+    "find_layers",
+    "infer_task",
+    "left_out_parameters",
+]
 
-SUPPORTED_LAYERS = ("nn.Linear", "nn.Conv2d (groups=1)", "nn.Embedding", "Hugging Face Conv1D")
-"""The layers EK-FAC factors (:func:`~dask_influence.core.kronecker.layer_kind`); other trainable
-parameters are left out (treated as frozen) with one warning."""
-TASKS = ("classification", "regression", "autograd")
-TIED_CHOICES = ("exclude", "head")
-"""EK-FAC's ``tied``: a weight shared by a token embedding and an LM head is left out, or
-factored through its LM-head use (a diagonal vocabulary side, both uses' gradients counted)."""
-FISHER_CHOICES = ("auto", "exact", "sampled")
-"""EK-FAC's ``fisher``: the output curvature's exact roots, the sampled Fisher, or the cheaper."""
 EXACT_ROOTS_BUDGET = 256
 """``fisher="auto"`` back-propagates the exact roots of the loss's Hessian in the outputs while
 they are at most this many per sample (each is one backward pass per chunk: ``c`` for a
 ``c``-class classifier, ``(T - 1) V`` for a causal LM), and the sampled Fisher
 (``fisher_draws`` backward passes per chunk) beyond."""
-"""EK-FAC's ``task``: a closed form of the loss's Hessian in the outputs, or ``"autograd"``
-(the loss's own Hessian, taken by autograd)."""
+
+# Up to this many parameters EK-FAC scores by flat per-sample gradients (vmap + one product),
+# which beat its per-layer contractions there (measured in docs/benchmarks.md).
+FLAT_SCORING_MAX_PARAMS = 50_000
 
 
 @serializable
@@ -105,578 +105,6 @@ class EkfacState:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-# -- which layers, and where their parameters sit ------------------------------------------------
-def _freeze_hint(module_name: str, param_name: str) -> str:
-    """How to freeze one parameter: its module's ``requires_grad_(False)``, or the bare parameter's."""
-    if module_name:
-        return f"model.get_submodule('{module_name}').requires_grad_(False)"
-    return f"model.{param_name}.requires_grad_(False)"
-
-
-# The largest per-sample output (entries) whose Hessian EK-FAC takes by autograd (c x c per sample).
-MAX_AUTOGRAD_OUTPUTS = 4096
-
-# Up to this many parameters EK-FAC scores by flat per-sample gradients (vmap + one product),
-# which beat its per-layer contractions there (measured in docs/benchmarks.md).
-FLAT_SCORING_MAX_PARAMS = 50_000
-
-
-def left_out_parameters(spec: ParamSpec, layers: Sequence[KroneckerLayer]) -> list[str]:
-    """The trainable parameters (names as in ``spec.names``, in flat order) that no layer of ``layers`` covers.
-
-    EK-FAC treats them as frozen: their entries of the influence factors ``(n_test, p)`` and
-    their rows and columns of the curvature are zero, so they add nothing to influences.
-    """
-    covered = {span for layer in layers for span in (layer.weight, layer.bias) if span is not None}
-    return [name for name, start, stop in spec.offsets() if (start, stop) not in covered]
-
-
-def _warn_fallback(message: str) -> None:
-    """One ``UserWarning``, attributed to the first caller outside the package."""
-    import os
-    import sys
-    import types
-    import warnings
-
-    package = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    frame: types.FrameType | None = sys._getframe(1)
-    level = 2
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
-        frame, level = frame.f_back, level + 1
-    warnings.warn(message, UserWarning, stacklevel=level)
-
-
-def _warn_left_out(names: Sequence[str], hints: Sequence[str], chosen: bool, tied: Sequence[str] = ()) -> None:
-    """One ``UserWarning`` naming the left-out parameters, attributed to the first caller outside the package."""
-    import os
-    import sys
-    import types
-    import warnings
-
-    package = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    frame: types.FrameType | None = sys._getframe(1)
-    level = 2
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
-        frame, level = frame.f_back, level + 1
-    shown = ", ".join(names[:50]) + (f", and {len(names) - 50} more" if len(names) > 50 else "")
-    freeze = "; ".join(dict.fromkeys(hints[:5])) + ("; ..." if len(dict.fromkeys(hints)) > 5 else "")
-    where = "not in layers= or " if chosen else ""
-    warnings.warn(
-        f"EK-FAC leaves out {len(names)} trainable parameter{'s' if len(names) != 1 else ''} ({shown}): they "
-        f"are {where}not in a layer it factors ({', '.join(SUPPORTED_LAYERS)}). It treats them as frozen: their "
-        "entries of the influence factors and their rows and columns of the curvature are zero, so they add "
-        "nothing to influences. Pass layers=[...] to choose the layers, or freeze them to silence this "
-        f"warning ({freeze}).{''.join(' ' + note for note in tied)}",
-        UserWarning,
-        stacklevel=level,
-    )
-
-
-def _refusal(module: nn.Module, mname: str, pname: str) -> str | None:
-    """Why a supported-kind module cannot be factored (an error), or ``None``."""
-    if isinstance(module, nn.Conv2d) and module.groups != 1:
-        return (
-            f"Layer '{mname}' is a grouped Conv2d (groups={module.groups}), which EkfacInfluence "
-            f"does not support; freeze it with {_freeze_hint(mname, pname)}."
-        )
-    if isinstance(module, nn.Embedding) and module.max_norm is not None:
-        return (
-            f"Layer '{mname}' is an nn.Embedding with max_norm={module.max_norm}: its forward renormalizes "
-            "the rows it reads in place, so the weights change during the forward and its curvature is "
-            f"not that of a fixed layer. Build it with max_norm=None, or freeze it with {_freeze_hint(mname, pname)}."
-        )
-    if isinstance(module, nn.Embedding) and module.scale_grad_by_freq:
-        return (
-            f"Layer '{mname}' is an nn.Embedding with scale_grad_by_freq=True: its gradient is scaled by "
-            "the token frequencies of the whole mini-batch, so it is not a sum of per-sample gradients. "
-            f"Build it with scale_grad_by_freq=False, or freeze it with {_freeze_hint(mname, pname)}."
-        )
-    return None
-
-
-def find_layers(
-    model: nn.Module, spec: ParamSpec, layers: Sequence[str] | None = None, tied: str = "exclude"
-) -> list[KroneckerLayer]:
-    """The supported layers that hold trainable parameters, in flat-vector order.
-
-    Supported (see :data:`SUPPORTED_LAYERS`): ``nn.Linear``, ``nn.Conv2d`` with ``groups=1``,
-    ``nn.Embedding`` (without ``max_norm`` and ``scale_grad_by_freq``) and Hugging Face's
-    ``Conv1D`` (GPT-2; detected without importing ``transformers``). Every other trainable
-    parameter (a LayerNorm, ``nn.MultiheadAttention``'s projections, a bare ``nn.Parameter``,
-    a module outside ``layers``) is LEFT OUT: EK-FAC treats it as frozen (its entries of the
-    ``(n_test, p)`` influence factors are zero; :func:`left_out_parameters` lists them), and
-    one ``UserWarning`` names them.
-
-    Args:
-        model: the model whose trainable parameters ``spec`` describes.
-        spec: the layout of the flat ``(p,)`` parameter vector.
-        layers: names of modules (as in ``model.named_modules()``) to include; ``None``
-            includes every supported module with trainable parameters.
-        tied: what to do with a weight tied between an ``nn.Embedding`` and an ``nn.Linear``
-            (GPT-2's ``wte`` and ``lm_head``; :data:`TIED_CHOICES`): ``"exclude"`` leaves it out
-            (the warning names it), ``"head"`` factors it as the head's layer with the
-            embedding's use attached (:attr:`KroneckerLayer.tied_use`). Other shared
-            parameters are always left out.
-
-    Returns:
-        one :class:`~dask_influence.core.kronecker.KroneckerLayer` per included module, in
-        the order of the flat vector.
-
-    Raises:
-        ValueError: a trainable parameter of a module in ``layers`` is shared with another
-            module (tied weights are left out by default), or belongs to an embedding with
-            ``sparse=True`` (whose gradient ``torch.func`` cannot take per sample); a grouped
-            Conv2d or an embedding with ``max_norm``/``scale_grad_by_freq`` would be included;
-            or ``layers`` names an unknown or unsupported module, or one without trainable
-            parameters.
-    """
-    modules = dict(model.named_modules())
-    # nn.MultiheadAttention reads its out_proj's weight directly (never calling its forward),
-    # so that nn.Linear's inputs and output gradients cannot be captured
-    functional = {
-        f"{name}.{child}" if name else child
-        for name, module in modules.items()
-        if isinstance(module, nn.MultiheadAttention)
-        for child, _ in module.named_children()
-    }
-    if layers is not None:
-        if isinstance(layers, str):
-            raise TypeError(
-                f"layers must be a list of module names; got the string {layers!r}. Use layers=[{layers!r}]."
-            )
-        for name in layers:
-            if name not in modules:
-                raise ValueError(
-                    f"layers names '{name}', which is not a module of the model; known names: {sorted(modules)[:20]}."
-                )
-            if layer_kind(modules[name]) is None:
-                raise ValueError(
-                    f"layers names '{name}' ({type(modules[name]).__name__}); EkfacInfluence supports "
-                    f"only {', '.join(SUPPORTED_LAYERS)} layers."
-                )
-            if name in functional:
-                raise ValueError(
-                    f"layers names '{name}', a projection of an nn.MultiheadAttention, which uses its "
-                    "weights directly instead of calling it, so K-FAC cannot see its inputs; drop it from layers."
-                )
-    owners: dict[int, list[tuple[str, str]]] = {}
-    for mname, module in model.named_modules(remove_duplicate=False):
-        for pname, param in module.named_parameters(recurse=False):
-            if (mname, pname) not in owners.setdefault(id(param), []):
-                owners[id(param)].append((mname, pname))
-    named = dict(model.named_parameters())
-    offsets = {name: (start, stop) for name, start, stop in spec.offsets()}
-    found: dict[str, dict[str, Any]] = {}
-    left_out: list[str] = []
-    hints: list[str] = []
-    tied_notes: list[str] = []
-    for full in spec.names:
-        places = sorted(set(owners[id(named[full])]))
-        if len({m for m, _ in places}) > 1:
-            sharing = [m for m, _ in places]
-            pair = _tied_pair(modules, places)
-            if pair is not None and tied == "head" and (layers is None or pair[0] in layers):
-                use = pair[1]
-                refusal = _refusal(modules[use], use, "weight")
-                if refusal is not None:
-                    raise ValueError(refusal)
-                found.setdefault(pair[0], {"module": modules[pair[0]]})["weight"] = offsets[full]
-                found[pair[0]]["tied_use"] = KroneckerLayer.of(use, modules[use], offsets[full], None)
-                tied_notes.append(
-                    f"EK-FAC factors the tied parameter '{full}' (shared by '{pair[1]}' and '{pair[0]}') through "
-                    f"its '{pair[0]}' use (tied='head'): K-FAC's factors come from the head's inputs and output "
-                    f"gradients, with the vocabulary side ({modules[pair[0]].weight.shape[0]:,}) kept DIAGONAL; the "
-                    f"'{pair[1]}' use's gradient is still counted in every gradient and in the corrected "
-                    "eigenvalues. tied='exclude' leaves it out instead."
-                )
-                continue
-            if pair is not None and tied == "head" and layers is not None and pair[1] in layers:
-                raise ValueError(
-                    f"layers names '{pair[1]}', whose weight '{full}' is tied to '{pair[0]}'; with tied='head' "
-                    f"it is factored as '{pair[0]}': name '{pair[0]}' in layers= instead."
-                )
-            if layers is not None and set(sharing) & set(layers):
-                raise ValueError(
-                    f"Parameter '{full}' is shared by modules {sharing}; K-FAC needs each trainable "
-                    f"parameter in one layer. Drop them from layers=, or freeze it with "
-                    f"model.get_parameter('{full}').requires_grad_(False)."
-                )
-            # a tied weight (GPT-2's token embedding and LM head) with tied='exclude': left out, as frozen
-            if pair is not None:
-                tied_notes.append(
-                    f"'{full}' is tied (shared by '{pair[1]}' and '{pair[0]}'): pass tied='head' to factor it "
-                    f"through its '{pair[0]}' use."
-                )
-            left_out.append(full)
-            hints.append(f"model.get_parameter('{full}').requires_grad_(False)")
-            continue
-        mname, pname = places[0]
-        module = modules.get(mname, model)
-        if isinstance(module, nn.Embedding) and module.sparse:  # refused even when left out: see below
-            raise ValueError(
-                f"Layer '{mname}' is an nn.Embedding with sparse=True: torch.func cannot take the per-sample "
-                "gradients of its sparse weight gradient, which influences need. Its outputs do not depend on "
-                f"sparse, so set model.get_submodule('{mname}').sparse = False, or freeze it with "
-                f"{_freeze_hint(mname, pname)}."
-            )
-        supported = layer_kind(module) is not None and pname in ("weight", "bias") and mname not in functional
-        if not supported or (layers is not None and mname not in layers):
-            left_out.append(full)
-            hints.append(_freeze_hint(mname, pname))
-            continue
-        refusal = _refusal(module, mname, pname)
-        if refusal is not None:
-            raise ValueError(refusal)
-        found.setdefault(mname, {"module": module})[pname] = offsets[full]
-    for name in layers or ():
-        if name not in found:
-            raise ValueError(
-                f"layers names '{name}', but none of its parameters is trainable; unfreeze it "
-                "(requires_grad_(True)) or drop it from layers."
-            )
-    if left_out:
-        _warn_left_out(left_out, hints, layers is not None, [n for n in tied_notes if not n.startswith("EK-FAC")])
-    for note in tied_notes:
-        if note.startswith("EK-FAC"):
-            _warn_fallback(note)
-    return [
-        replace(
-            KroneckerLayer.of(mname, entry["module"], entry.get("weight"), entry.get("bias")),
-            tied_use=entry.get("tied_use"),
-        )
-        for mname, entry in found.items()
-    ]
-
-
-def _tied_pair(modules: dict[str, nn.Module], places: Sequence[tuple[str, str]]) -> tuple[str, str] | None:
-    """``(head, embedding)`` module names when a shared parameter is the ``weight`` of exactly one
-    ``nn.Linear`` and one ``nn.Embedding`` (an LM head tied to the token embedding), else ``None``."""
-    if len(places) != 2 or any(pname != "weight" for _, pname in places):
-        return None
-    heads = [m for m, _ in places if isinstance(modules.get(m), nn.Linear)]
-    embeddings = [m for m, _ in places if isinstance(modules.get(m), nn.Embedding)]
-    if len(heads) != 1 or len(embeddings) != 1:
-        return None
-    return heads[0], embeddings[0]
-
-
-# -- the loss's curvature in the model outputs ---------------------------------------------------
-class OutputCurvature:
-    """Per-sample square roots ``S`` with ``S S^T = H_out``, the Hessian of one sample's loss in its outputs.
-
-    ``"classification"``: cross-entropy on logits, ``H_out = diag(p) - p p^T`` with
-    ``p = softmax``, factored as ``S = diag(sqrt p) - p sqrt(p)^T`` (exact also for
-    near-uniform ``p``). ``"regression"``: mean squared error over ``c`` outputs,
-    ``H_out = (2/c) I``. ``None``: the output loss's ``curvature_roots`` when it has that
-    method (the causal-LM task: per-position softmax blocks), else the loss's own Hessian by
-    autograd, factored by ``eigh``; ``"autograd"``: always the latter.
-    """
-
-    def __init__(self, output_loss: Callable[[Tensor, Any], Tensor], task: str | None):
-        self.output_loss = output_loss
-        # an output loss may give its Hessian's roots in closed form (di.tasks.causal_lm's does):
-        # ``curvature_roots(outputs, batch) -> (r, n, *outputs.shape[1:])``, checked like the
-        # others; task="autograd" declines it
-        self.closed_form: Callable[[Tensor, Any], Tensor] | None = (
-            getattr(output_loss, "curvature_roots", None) if task is None else None
-        )
-        self.task = None if task == "autograd" else task
-
-    def sample_loss(self, o: Tensor, sample: Any) -> Tensor:
-        """The loss of one sample's outputs ``o`` (without the sample dimension)."""
-        return self.output_loss(o.unsqueeze(0), batches.unsqueeze(sample))
-
-    def can_sample(self, outputs: Tensor) -> bool:
-        """Whether the sampled Fisher is known for these outputs: softmax cross-entropy over
-        ``(n, c)`` logits, mean squared error, or an output loss with ``sampled_roots`` (the
-        causal-LM task)."""
-        if self.task == "classification":
-            return outputs.ndim == 2
-        if self.task == "regression":
-            return True
-        return self.closed_form is not None and hasattr(self.output_loss, "sampled_roots")
-
-    def sampled(self, outputs: Tensor, targets: Any, draws: int, seed: int, offset: int) -> Tensor:
-        """Sampled roots ``(draws, n, *outputs.shape[1:])``, each sample's labels seeded by ``seed``
-        and its index ``offset + j`` (:func:`~dask_influence.core.sampled_fisher.seeded_sampled_roots`)."""
-        kind = self.task if self.task in ("classification", "regression") else None
-        roots = seeded_sampled_roots(self.output_loss, kind, outputs, targets, draws, seed, offset)
-        assert roots is not None  # can_sample() was asked first
-        return roots
-
-    def expected_product(self, outputs: Tensor, targets: Any, u: Tensor) -> Tensor:
-        """The batch mean loss's Hessian in the outputs times ``u``, as the sampled Fisher
-        estimates it (its expectation): ``(n, *outputs.shape[1:])``."""
-        n = outputs.shape[0]
-        if self.task == "classification":
-            return softmax_hessian_product(outputs, u) / n
-        if self.task == "regression":
-            return u * (2.0 / outputs.numel())
-        product = self.output_loss.curvature_product(outputs, targets, u)  # type: ignore[attr-defined]
-        return cast(Tensor, product)
-
-    def check_sampled(self, outputs: Tensor, targets: Any) -> None:
-        """Check the sampled Fisher's expectation against the loss's own Hessian-vector product on
-        a few samples (float64, one random vector); raise if they differ. Skipped for the ready-made
-        tasks, whose closed forms the test suite checks (:func:`closed_form_is_tested`)."""
-        if closed_form_is_tested(self.output_loss):
-            return
-        o = outputs[:8].detach().double()
-        y = batches.map_leaves(lambda t: t.double() if t.is_floating_point() else t, batches.slice_rows(targets, 0, 8))
-        u = torch.randn(o.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).to(o.device)
-
-        def hvp(z: Tensor, targets: Any, v: Tensor) -> Tensor:  # reverse over reverse: no forward-mode levels
-            def loss(w: Tensor) -> Tensor:
-                return self.output_loss(w, targets)
-
-            return torch.func.vjp(grad(loss), z)[1](v)[0]
-
-        try:
-            exact = hvp(o, y, u)
-        except Exception:  # the loss needs its own dtype: compare there
-            o, u, y = outputs[:8].detach(), u.to(outputs.dtype), batches.slice_rows(targets, 0, 8)
-            exact = hvp(o, y, u)
-        closed = self.expected_product(o, y, u)
-        scale = max(float(exact.abs().max()), float(closed.abs().max()), 1e-300)
-        error = float((closed - exact).abs().max())
-        tol = max(1e-8, 64 * torch.finfo(o.dtype).eps) * scale
-        if error > tol:
-            form = {
-                "classification": "diag(p) - p p^T of softmax cross-entropy",
-                "regression": "(2/c) I of mean squared error",
-            }.get(str(self.task), f"{type(self.output_loss).__name__}.curvature_product")
-            raise ValueError(
-                f"The sampled Fisher assumes the loss's Hessian in the outputs is {form}, but the loss's own "
-                f"Hessian-vector product differs by {error:.3e} (of {scale:.3e}). Pass task='autograd' and "
-                "fisher='exact' to use the loss's own Hessian."
-            )
-
-    def gradients(self, outputs: Tensor, targets: Any) -> Tensor:
-        """Per-sample ``dL_j/do_j`` at the true targets, as ``(1, n, *outputs.shape[1:])``.
-
-        ``targets`` is the batch the outputs belong to (the task's loss reads its labels)."""
-        return vmap(grad(self.sample_loss))(outputs, targets).unsqueeze(0)
-
-    def hessians(self, outputs: Tensor, targets: Any) -> Tensor:
-        """``H_out`` of each sample by autograd: ``(n, c, c)``."""
-        n, c = outputs.shape[0], outputs[0].numel()
-        return vmap(jacrev(jacrev(self.sample_loss)))(outputs, targets).reshape(n, c, c)
-
-    def wide_hessians(self, outputs: Tensor, targets: Any) -> tuple[Tensor, float]:
-        """``H_out`` of each sample as float64 ``(n, c, c)``, and the machine epsilon it was computed with.
-
-        Lower-precision outputs (a float32 model) are widened to float64 first, so the loss's
-        Hessian at them carries float64 rounding, not the cancellation of float32 terms
-        (``diag(p) - p p^T`` loses ``eps * max(p)`` per entry, however small the entry).
-        A loss that cannot take float64 outputs (float32 buffers, such as class weights) is
-        differentiated in the outputs' own dtype instead.
-        """
-        if outputs.dtype != torch.float64 and getattr(self, "_widen", True):
-            wide_targets = batches.map_leaves(lambda t: t.double() if t.is_floating_point() else t, targets)
-            try:
-                return self.hessians(outputs.double(), wide_targets), torch.finfo(torch.float64).eps
-            except Exception:  # the loss needs its own dtype: remember, and fall back to it
-                self._widen = False
-        return self.hessians(outputs, targets).double(), torch.finfo(outputs.dtype).eps
-
-    def roots(self, outputs: Tensor, targets: Any) -> Tensor:
-        """The columns of ``S`` as back-propagation vectors: ``(c, n, *outputs.shape[1:])``."""
-        n, c = outputs.shape[0], outputs[0].numel()
-        if self.task == "classification" and outputs.ndim == 2:
-            p = torch.softmax(outputs.double(), dim=1)
-            s = p.sqrt()
-            root = torch.diag_embed(s) - p[:, :, None] * s[:, None, :]
-        elif self.task == "regression":
-            root = math.sqrt(2.0 / c) * torch.eye(c, dtype=torch.float64, device=outputs.device).expand(n, c, c)
-        elif c > MAX_AUTOGRAD_OUTPUTS:
-            if self.closed_form is not None:
-                cost = f"up to {c:,} backward passes per batch"
-                fix = (
-                    "fisher='sampled' (the default fisher='auto' samples here), or shorter sequences or a "
-                    "smaller vocabulary"
-                )
-            else:
-                cost = f"its Hessian there by autograd, a {c:,} x {c:,} matrix per sample and {c:,} backward passes"
-                fix = "or a task with a closed form (output_curvature='classification' for (n, c) logits)"
-            raise ValueError(
-                f"EK-FAC back-propagates each root of the loss's Hessian in the model outputs, and the outputs "
-                f"have {c:,} entries per sample ({tuple(outputs.shape[1:])}): {cost}. Use a solver that needs "
-                f"only curvature products (CgInfluence or ArnoldiInfluence with curvature='ggn'), {fix}."
-            )
-        elif self.closed_form is not None:
-            return self.closed_form(outputs, targets)
-        else:
-            h, eps = self.wide_hessians(outputs, targets)
-            values, vectors = torch.linalg.eigh(0.5 * (h + h.transpose(1, 2)))
-            # A convex loss's Hessian can show negative eigenvalues of the size of its rounding
-            # (cross-entropy's zero eigenvalue along the ones vector; a confident sample, whose
-            # whole Hessian is tiny): an eigenvalue counts as negative only beyond a tolerance
-            # relative to the largest curvature in the batch and to the precision it was
-            # computed in (about c * eps per entry).
-            rel = max(1e-6, 64 * c * eps)
-            floor = -rel * float(values.abs().max())
-            if bool((values < floor).any()):
-                raise ValueError(
-                    "The loss is not convex in the model outputs (its Hessian there has a negative "
-                    f"eigenvalue, {float(values.min()):.3e}); K-FAC's Gauss-Newton curvature needs "
-                    "a convex loss such as cross-entropy or mean squared error."
-                )
-            root = vectors * values.clamp_min(0).sqrt()[:, None, :]
-        return root.to(outputs.dtype).permute(2, 0, 1).reshape(c, *outputs.shape)
-
-    def check(self, outputs: Tensor, targets: Any) -> None:
-        """Check a closed form against the loss's own Hessian on a few samples; raise if they differ."""
-        if self.task is None and self.closed_form is None:
-            return
-        o, y = outputs[:8].detach(), batches.slice_rows(targets, 0, 8)
-        c = o[0].numel()
-        exact, eps = self.wide_hessians(o, y)
-        root = self.roots(o, y).double().reshape(-1, o.shape[0], c).permute(1, 2, 0)
-        closed = root @ root.transpose(1, 2)
-        # Both sides carry rounding of the terms they are made of, not of their (possibly
-        # tiny, cancelled) entries: diag(p) and p p^T of a confident sample are near 1 while
-        # diag(p) - p p^T is near 0; S is stored in the outputs' dtype. So the tolerance is
-        # relative to the largest term and to the coarsest precision involved.
-        if self.task == "classification" and o.ndim == 2:
-            terms = float(torch.softmax(o.double(), dim=1).max())
-        elif self.task == "regression":
-            terms = 2.0 / c
-        else:
-            terms = 0.0
-        scale = max(float(exact.abs().max()), float(closed.abs().max()), terms)
-        eps = max(eps, torch.finfo(o.dtype).eps if o.is_floating_point() else eps)
-        tol = max(1e-8, 64 * c * eps) * scale
-        error = float((closed - exact).abs().max())
-        if error > tol:
-            if self.task is None:
-                raise ValueError(
-                    f"The output loss's curvature_roots ({type(self.output_loss).__name__}) differ from the "
-                    f"loss's own Hessian in the outputs by {error:.3e}; fix curvature_roots, or pass "
-                    "task='autograd' to use the loss's own Hessian."
-                )
-            form = {
-                "classification": "diag(p) - p p^T of softmax cross-entropy",
-                "regression": "(2/c) I of mean squared error",
-            }[self.task]
-            raise ValueError(
-                f"task={self.task!r} assumes the loss's Hessian in the outputs is {form}, but the "
-                f"loss's own Hessian differs by {error:.3e}. Pass task='autograd' to use the loss's own Hessian."
-            )
-
-
-def infer_task(loss: LossFn | None, task: str | None) -> str | None:
-    """The task from ``task`` or the loss's type; ``None`` means the loss's own Hessian is used."""
-    if task is not None:
-        if task not in TASKS:
-            raise ValueError(f"task must be 'classification', 'regression', 'autograd' or None; got {task!r}.")
-        return task
-    if isinstance(loss, nn.CrossEntropyLoss):
-        return "classification"
-    if isinstance(loss, nn.MSELoss):
-        return "regression"
-    return None
-
-
-# -- memory, known before any pass ---------------------------------------------------------------
-def default_memory_budget(device: torch.device) -> int:
-    """Half the machine's memory (80% of the GPU's for a CUDA device): ``memory_budget=None``."""
-    if device.type == "cuda":
-        return int(0.8 * torch.cuda.get_device_properties(device).total_memory)
-    try:
-        import psutil  # type: ignore[import-untyped]
-
-        total = int(psutil.virtual_memory().total)
-    except ImportError:  # pragma: no cover - psutil comes with dask
-        import os
-
-        total = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    return total // 2
-
-
-def _bytes(n: float) -> str:
-    """``n`` bytes, readable: ``'1,234,567 bytes (1.2 MB)'``."""
-    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{int(n):,} bytes ({n / size:.1f} {unit})"
-    return f"{int(n):,} bytes"
-
-
-@dataclass(frozen=True)
-class FitMemory:
-    """EK-FAC's fitting memory in bytes, from the layers' shapes (before any pass).
-
-    Attributes:
-        pieces: ``(layer, what, bytes)`` of every factor-sized piece: the float64 sums of
-            ``A`` (``i x i``, or ``i`` when diagonal) and ``G`` (``o x o`` or ``o``), their
-            float64 eigendecompositions (eigenvectors and workspace, ``2 d^2``), the fitted
-            state in the model's dtype and the float64 sums of the corrected eigenvalues
-            (``o x i``).
-        fixed: the peak of the factor-sized pieces: the first pass's sums plus the largest
-            eigendecomposition plus the state, or the state plus the second pass's sums.
-    """
-
-    pieces: tuple[tuple[str, str, int], ...]
-    fixed: int
-
-    @classmethod
-    def of(
-        cls, layers: Sequence[KroneckerLayer], itemsize: int, diagonal: set[tuple[str, str]], corrected: bool
-    ) -> FitMemory:
-        """The estimate for ``layers`` with the ``(layer, "A" | "G")`` sides in ``diagonal`` kept diagonal."""
-        pieces: list[tuple[str, str, int]] = []
-        sums = eigh = state = corr = 0
-        for layer in layers:
-            o, i = layer.shape
-            for side, d, diag in (
-                ("A", i, layer.diagonal_a or (layer.name, "A") in diagonal),
-                ("G", o, (layer.name, "G") in diagonal),
-            ):
-                entries = d if diag else d * d
-                pieces.append((layer.name, f"the float64 sums of its {side} ({d:,} x {d:,})", 8 * entries))
-                sums += 8 * entries
-                state += itemsize * (entries + d)
-                if not diag:
-                    pieces.append((layer.name, f"the eigendecomposition of its {side} ({d:,} x {d:,})", 16 * d * d))
-                    eigh = max(eigh, 16 * d * d)
-            if corrected:
-                pieces.append((layer.name, f"the float64 sums of its corrected eigenvalues ({o:,} x {i:,})", 8 * o * i))
-                corr += 8 * o * i
-                state += itemsize * o * i
-        return cls(tuple(pieces), max(sums + eigh + state, state + corr))
-
-    def largest(self) -> tuple[str, str, int]:
-        """The largest single piece ``(layer, what, bytes)``."""
-        return max(self.pieces, key=lambda piece: piece[2])
-
-
-def plan_factors(
-    layers: Sequence[KroneckerLayer],
-    itemsize: int,
-    budget: int,
-    corrected: bool,
-    diagonal: set[tuple[str, str]] | None = None,
-) -> tuple[set[tuple[str, str]], FitMemory]:
-    """The sides to keep diagonal so that the factor-sized pieces fit ``budget``: the widest
-    dense side first, one at a time, until they fit (or none is left), beyond those already in
-    ``diagonal`` (a tied head's vocabulary side). Returns those ``(layer, "A" | "G")`` sides
-    and the estimate with them."""
-    diagonal = set(diagonal or ())
-    memory = FitMemory.of(layers, itemsize, diagonal, corrected)
-    while memory.fixed > budget:
-        dense = [
-            (d, layer.name, side)
-            for layer in layers
-            for side, d in (("A", layer.shape[1]), ("G", layer.shape[0]))
-            if (layer.name, side) not in diagonal and not (side == "A" and layer.diagonal_a) and d > 1
-        ]
-        if not dense:
-            break
-        _, name, side = max(dense)
-        diagonal.add((name, side))
-        memory = FitMemory.of(layers, itemsize, diagonal, corrected)
-    return diagonal, memory
-
-
 # -- the per-block function of both fitting passes -----------------------------------------------
 def ekfac_block(
     solver: EkfacInfluence,
@@ -693,73 +121,6 @@ def ekfac_block(
 
 
 # -- the solver -----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class EkfacConfig(SolverConfig):
-    """Hyperparameters of :class:`EkfacInfluence` (its curvature is always the GGN)."""
-
-    curvature: str = field(default="ggn", init=False, metadata={"help": "Always 'ggn'."})
-    update_diagonal: bool = hyperparameter(
-        True, "True for EK-FAC (a second pass refits the eigenvalues), False for K-FAC."
-    )
-    layers: tuple[str, ...] | None = hyperparameter(
-        None,
-        "Names of the modules to include (None: every trainable Linear, Conv2d, Embedding and Hugging Face "
-        "Conv1D); other trainable parameters are left out (zero factor entries) with one warning.",
-    )
-    task: str | None = hyperparameter(
-        None,
-        "'classification' (cross-entropy on logits), 'regression' (mean squared error), 'autograd' (the "
-        "loss's own Hessian in the outputs) or None: inferred from nn.CrossEntropyLoss/nn.MSELoss, else 'autograd'.",
-    )
-    fisher: str = hyperparameter(
-        "auto",
-        "How the loss's curvature in the outputs enters the factors: 'exact' (back-propagate every root of it: "
-        "c per sample, (T-1) V for a causal LM), 'sampled' (the true Fisher: fisher_draws labels drawn from the "
-        "model per position, one backward pass each) or 'auto' (exact where it costs at most "
-        "EXACT_ROOTS_BUDGET = 256 backward passes per chunk, else sampled).",
-    )
-    fisher_draws: int = hyperparameter(
-        1, "Labels drawn per position for the sampled Fisher (its error falls like 1/sqrt(draws))."
-    )
-    seed: int = hyperparameter(
-        0, "Seeds the labels of the sampled Fisher (with each sample's index: the same draws on any split of the data)."
-    )
-    tied: str = hyperparameter(
-        "exclude",
-        "A weight tied between a token embedding and an LM head (GPT-2's wte and lm_head): 'exclude' leaves it "
-        "out (zero factor entries, named in the warning); 'head' factors it through its LM-head use (A from the "
-        "head's inputs, a diagonal vocabulary side G; the embedding use's gradient still counted in every "
-        "gradient and in the corrected eigenvalues).",
-    )
-    memory_budget: int | None = hyperparameter(
-        None,
-        "Bytes the fit may hold (Kronecker factors, eigendecompositions, per-chunk blocks); None: half the "
-        "machine's memory (80% of the GPU's for a CUDA model). A dense factor that does not fit is kept "
-        "diagonal (with a warning); what still does not fit is refused before any pass.",
-    )
-
-    solve_time: ClassVar[frozenset[str]] = frozenset({"regularization"})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not isinstance(self.update_diagonal, bool):
-            raise TypeError(f"update_diagonal must be True or False; got {self.update_diagonal!r}.")
-        if self.layers is not None:
-            if isinstance(self.layers, str) or not all(isinstance(n, str) for n in self.layers):
-                raise TypeError(f"layers must be a list of module names or None; got {self.layers!r}.")
-            self._set("layers", tuple(self.layers))
-        if self.task is not None and self.task not in TASKS:
-            raise ValueError(f"task must be 'classification', 'regression', 'autograd' or None; got {self.task!r}.")
-        if self.tied not in TIED_CHOICES:
-            raise ValueError(f"tied must be 'exclude' or 'head'; got {self.tied!r}.")
-        if self.fisher not in FISHER_CHOICES:
-            raise ValueError(f"fisher must be 'auto', 'exact' or 'sampled'; got {self.fisher!r}.")
-        self._set("fisher_draws", check_positive_int("fisher_draws", self.fisher_draws))
-        check_seed(self.seed)
-        if self.memory_budget is not None:
-            self._set("memory_budget", check_positive_int("memory_budget", self.memory_budget))
-
-
 @register("ekfac")
 class EkfacInfluence(InfluenceModel):
     """Influences from a block-diagonal Kronecker-factored curvature (K-FAC or EK-FAC).
@@ -850,34 +211,11 @@ class EkfacInfluence(InfluenceModel):
 
     def _plan_factors(self) -> None:
         """Before any pass: the factor-sized memory from the layers' shapes; sides kept diagonal
-        where the dense factors would not fit the budget (one warning), or a one-line refusal."""
+        where the dense factors would not fit the budget (one warning), or a one-line refusal
+        (:func:`~.ekfac_memory.plan_or_refuse`)."""
         itemsize = torch.empty((), dtype=self.dtype).element_size()
-        budget = self.memory_budget
-        tied = {(layer.name, "G") for layer in self._layers if layer.tied_use is not None}  # a diagonal vocabulary side
-        self._diagonal, self.memory_ = plan_factors(self._layers, itemsize, budget, self.update_diagonal, tied)
+        self._diagonal, self.memory_ = plan_or_refuse(self._layers, itemsize, self.memory_budget, self.update_diagonal)
         self._fit_chunks: dict[tuple, int] = {}
-        if self.memory_.fixed > budget:
-            name, what, size = self.memory_.largest()
-            raise ValueError(
-                f"EK-FAC's factors need {_bytes(self.memory_.fixed)} even with every wide factor kept diagonal, "
-                f"beyond memory_budget={_bytes(budget)}; the largest piece is {what} of layer '{name}', "
-                f"{_bytes(size)}. Pass a larger memory_budget, or leave the layer out with layers=[...]."
-            )
-        if self._diagonal - tied:
-            shapes = {layer.name: layer.shape for layer in self._layers}
-            parts = []
-            for name, side in sorted(self._diagonal - tied):
-                d = shapes[name][1 if side == "A" else 0]
-                parts.append(
-                    f"the {side} of layer '{name}' ({d:,} x {d:,}: {_bytes(24 * d * d)} as a float64 factor "
-                    "and its eigendecomposition)"
-                )
-            _warn_fallback(
-                f"EK-FAC keeps {'; '.join(parts)} DIAGONAL: the dense factors would not fit memory_budget="
-                f"{_bytes(budget)} (the fit now needs {_bytes(self.memory_.fixed)} for its factors). The curvature "
-                "is then diagonal on that side of the layer, as for an embedding's inputs. Pass a larger "
-                "memory_budget for the dense factors, or leave the layer out with layers=[...]."
-            )
 
     def _fit_chunk(self, theta: Tensor, batch: Any) -> int:
         """Samples per chunk of a fitting pass on batches shaped as ``batch``: ``chunk_size``, or fewer
