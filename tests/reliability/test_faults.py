@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,6 +30,7 @@ import reliability_problem as rp
 from dask_influence.cli.main import cli
 from dask_influence.mapping.lock import lock_path, read_lock
 from dask_influence.mapping.store import ATTR, is_complete
+from dask_processes import free_port, process_env, scheduler_command, start, stop, worker_command
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
@@ -38,23 +38,6 @@ N_CHUNKS = (rp.N_TEST // rp.TEST_BLOCK) * (rp.N_TRAIN // rp.TRAIN_BLOCK)  # 60
 DELAY = "0.15"  # seconds per block load on the workers: 30 train blocks, ~2.5 s per job on 2 workers
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop one process started here, by its pid: SIGTERM, then SIGKILL after 15 s."""
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(10)
 
 
 _flags_done = rp.flags_done
@@ -73,50 +56,22 @@ class Cluster:
 
     def __init__(self, logs: Path):
         self.logs = logs
-        self.port = _free_port()
+        self.port = free_port()
         self.address = f"tcp://127.0.0.1:{self.port}"
-        self.env = {k: v for k, v in os.environ.items() if k != "DASK_SCHEDULER_ADDRESS"}
-        self.env.update(
-            OMP_NUM_THREADS="1",
-            MKL_NUM_THREADS="1",
-            PYTHONPATH=os.pathsep.join([str(HERE)] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
+        self.env = process_env(
+            PYTHONPATH=os.pathsep.join([str(HERE)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
         )
-        self.scheduler = self._start(
-            "scheduler", ["scheduler", "--host", "127.0.0.1", "--port", str(self.port), "--no-dashboard"], {}
-        )
+        self.scheduler = self.start_scheduler("scheduler")
         self.workers: list[subprocess.Popen] = []
 
-    def _start(self, name: str, args: list[str], extra_env: dict) -> subprocess.Popen:
-        log = open(self.logs / f"{name}.log", "a")
-        try:
-            return subprocess.Popen(
-                [str(BIN / "dask"), *args],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**self.env, **extra_env},
-                cwd=self.logs,
-                stdin=subprocess.DEVNULL,
-            )
-        finally:
-            log.close()
+    def start_scheduler(self, name: str) -> subprocess.Popen:
+        """A scheduler at this cluster's address (again, after one was killed)."""
+        return start(scheduler_command(self.port), self.logs / f"{name}.log", self.env)
 
     def start_worker(self) -> subprocess.Popen:
-        proc = self._start(
-            f"worker-{len(self.workers)}",
-            [
-                "worker",
-                self.address,
-                "--nthreads",
-                "1",
-                "--no-nanny",
-                "--no-dashboard",
-                "--host",
-                "127.0.0.1",
-                "--name",
-                f"worker-{len(self.workers)}",
-            ],
-            {rp.DELAY_ENV: DELAY},
-        )
+        name = f"worker-{len(self.workers)}"
+        command = worker_command(self.address, name, "--no-nanny", "--host", "127.0.0.1")
+        proc = start(command, self.logs / f"{name}.log", {**self.env, rp.DELAY_ENV: DELAY})
         self.workers.append(proc)
         return proc
 
@@ -127,8 +82,7 @@ class Cluster:
         client.wait_for_workers(n, timeout=120)
 
     def stop(self) -> None:
-        for proc in self.workers + [self.scheduler]:
-            _stop(proc)
+        stop([self.scheduler, *self.workers])
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +190,7 @@ def test_killed_driver_resumes_computing_only_the_missing_chunks(tmp_path, clust
         os.kill(driver.pid, signal.SIGKILL)  # the driver dies mid-run, without cleaning up
         driver.wait(30)
     finally:
-        _stop(driver)
+        stop([driver])
     # the scheduler releases the dead client's tasks; tasks already running finish their writes
     _wait_for(lambda: _idle(cluster.client), 60, "the scheduler to forget the dead driver's tasks")
     done_before = _flags_done(store)
@@ -370,9 +324,7 @@ def test_lost_scheduler_ends_the_driver_in_one_line_and_a_restarted_cluster_resu
 
         # the operator restarts the scheduler (same address) and the workers
         _wait_for(lambda: all(w.poll() is not None for w in c.workers), 120, "the orphaned workers to exit")
-        c.scheduler = c._start(
-            "scheduler-2", ["scheduler", "--host", "127.0.0.1", "--port", str(c.port), "--no-dashboard"], {}
-        )
+        c.scheduler = c.start_scheduler("scheduler-2")
         c.workers = []
         c.start_worker()
         c.start_worker()
@@ -385,5 +337,5 @@ def test_lost_scheduler_ends_the_driver_in_one_line_and_a_restarted_cluster_resu
         assert_equals_clean(store, clean)
     finally:
         if driver is not None:
-            _stop(driver)
+            stop([driver])
         c.stop()
