@@ -29,91 +29,103 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from .peer_problems_index import disk_bytes, load, save_scores, write
+from .peer_problems_index import WARM, PeerProblem, disk_bytes, load, save_scores, subset, write
 
 
-def main(spec_path: str) -> None:
-    problem = load(spec_path)
-    spec = problem.spec
-    import bergson
+def token_dataset(data: dict[str, torch.Tensor]) -> Any:
+    """Bergson's input: a ``datasets.Dataset`` of token ids, labels and lengths."""
+    from datasets import Dataset
+
+    n, length = data["input_ids"].shape
+    return Dataset.from_dict({
+        "input_ids": data["input_ids"].tolist(), "labels": data["labels"].tolist(), "length": [length] * n,
+    })  # fmt: skip
+
+
+def one_k(problem: PeerProblem, k: int, root: Path) -> dict:
+    """Build Bergson's index at ``k`` under ``root`` and score the test set: seconds, bytes
+    and the ``(n_test, n_train)`` scores."""
     from bergson import Attributor, GradientProcessor, IndexConfig, collect_gradients
     from bergson.collector.collector import CollectorComputer
     from bergson.config import InversionConfig
     from bergson.data import column_offsets, load_gradients
     from bergson.hessians.autocorrelation import JointAutocorrelationCollector
 
+    model = problem.model
+    targets = {name for name, _ in model.transformer.named_modules() if name.endswith(("mlp.c_fc", "mlp.c_proj"))}
+
+    def config(part: str) -> Any:
+        return IndexConfig(
+            run_path=str(root / part), projection_dim=k, projection_target="global", include_bias=True,
+            loss_reduction="mean", projection_seed=0,
+        )  # fmt: skip
+
+    def processor() -> Any:
+        return GradientProcessor(projection_dim=k, projection_target="global", include_bias=True, projection_seed=0)
+
+    start = time.perf_counter()
+    ds = token_dataset(problem.train)
+    batches = blocks(len(ds), 32)
+    cfg = config("index")
+    collect_gradients(model, ds, processor(), cfg, batches=batches, target_modules=targets)
+    index_path = cfg.partial_run_path
+    hessian_path = root / "hessian"
+    collector = JointAutocorrelationCollector(
+        model=model.base_model, data=ds, path=str(hessian_path), processor=processor(), target_modules=targets,
+        attention_cfgs={},
+    )  # fmt: skip
+    CollectorComputer(model=model, data=ds, collector=collector, batches=batches, cfg=cfg).run_with_collector_hooks()
+    build = time.perf_counter() - start
+    start = time.perf_counter()
+    attributor = Attributor(
+        index_path, device="cpu", hessian_path=hessian_path,
+        inversion_cfg=InversionConfig(inversion="absolute_damped_inverse", damping_factor=problem.spec["lam"]),
+    )  # fmt: skip
+    test_ds = token_dataset(problem.test)
+    query_cfg = config("query")
+    collect_gradients(
+        model, test_ds, GradientProcessor.load(index_path), query_cfg, batches=blocks(len(test_ds), 32),
+        target_modules=targets,
+    )  # fmt: skip
+    flat = load_gradients(query_cfg.partial_run_path)
+    sizes = json.loads((query_cfg.partial_run_path / "info.json").read_text())["grad_sizes"]
+    queries = {name: torch.from_numpy(np.array(flat[:, lo:hi])) for name, (lo, hi) in column_offsets(sizes).items()}
+    top, order = attributor.search(queries, k=None)
+    scores = torch.empty_like(top).scatter_(1, order, top)
+    query = time.perf_counter() - start
+    size = disk_bytes(index_path) + disk_bytes(hessian_path)
+    return {"k": k, "build_s": build, "query_s": query, "bytes": size, "scores": scores.numpy()}
+
+
+def blocks(n: int, size: int) -> list[list[int]]:
+    return [list(range(s, min(s + size, n))) for s in range(0, n, size)]
+
+
+def main(spec_path: str) -> None:
+    import bergson
+
+    problem = load(spec_path)
+    spec = problem.spec
     if problem.name != "gpt2":
         reason = "Bergson collects from a Hugging Face PreTrainedModel over token ids; no path for an MLP on features"
         write(spec, bergson.__version__, [], skipped=reason)
         return
-    from datasets import Dataset
-
-    model = problem.model
-    train = problem.train
-    n, length = train["input_ids"].shape
-    ds = Dataset.from_dict({
-        "input_ids": train["input_ids"].tolist(), "labels": train["labels"].tolist(), "length": [length] * n,
-    })  # fmt: skip
-    m, length_test = problem.test["input_ids"].shape
-    test_ds = Dataset.from_dict({
-        "input_ids": problem.test["input_ids"].tolist(), "labels": problem.test["labels"].tolist(),
-        "length": [length_test] * m,
-    })  # fmt: skip
-    test_batches = [list(range(s, min(s + 32, m))) for s in range(0, m, 32)]
-    targets = {name for name, _ in model.transformer.named_modules() if name.endswith(("mlp.c_fc", "mlp.c_proj"))}
-    batches = [list(range(s, min(s + 32, n))) for s in range(0, n, 32)]
     rows = []
-    for k in spec["ks"]:
+    runs = [(spec["ks"][0], subset(problem, WARM), False)] + [(k, problem, True) for k in spec["ks"]]
+    for k, data, timed in runs:  # the first: an untimed warm-up on WARM samples
         root = Path(spec["workdir"]) / f"bergson-{k}"
         shutil.rmtree(root, ignore_errors=True)
         root.mkdir(parents=True)
-        start = time.perf_counter()
-        cfg = IndexConfig(
-            run_path=str(root / "index"), projection_dim=k, projection_target="global", include_bias=True,
-            loss_reduction="mean", projection_seed=0,
-        )  # fmt: skip
-        processor = GradientProcessor(
-            projection_dim=k, projection_target="global", include_bias=True, projection_seed=0
-        )
-        collect_gradients(model, ds, processor, cfg, batches=batches, target_modules=targets)
-        index_path = cfg.partial_run_path
-        hessian_path = root / "hessian"
-        gram = GradientProcessor(projection_dim=k, projection_target="global", include_bias=True, projection_seed=0)
-        collector = JointAutocorrelationCollector(
-            model=model.base_model, data=ds, path=str(hessian_path), processor=gram, target_modules=targets,
-            attention_cfgs={},
-        )  # fmt: skip
-        CollectorComputer(
-            model=model, data=ds, collector=collector, batches=batches, cfg=cfg
-        ).run_with_collector_hooks()
-        build = time.perf_counter() - start
-        start = time.perf_counter()
-        attributor = Attributor(
-            index_path, device="cpu", hessian_path=hessian_path,
-            inversion_cfg=InversionConfig(inversion="absolute_damped_inverse", damping_factor=spec["lam"]),
-        )  # fmt: skip
-        query_cfg = IndexConfig(
-            run_path=str(root / "query"), projection_dim=k, projection_target="global", include_bias=True,
-            loss_reduction="mean", projection_seed=0,
-        )  # fmt: skip
-        collect_gradients(
-            model, test_ds, GradientProcessor.load(index_path), query_cfg, batches=test_batches, target_modules=targets
-        )
-        flat = load_gradients(query_cfg.partial_run_path)
-        sizes = json.loads((query_cfg.partial_run_path / "info.json").read_text())["grad_sizes"]
-        queries = {name: torch.from_numpy(np.array(flat[:, lo:hi])) for name, (lo, hi) in column_offsets(sizes).items()}
-        top, order = attributor.search(queries, k=None)
-        scores = torch.empty_like(top).scatter_(1, order, top)
-        query = time.perf_counter() - start
-        size = disk_bytes(index_path) + disk_bytes(hessian_path)
-        rows.append({
-            "k": k, "build_s": build, "query_s": query, "bytes": size,
-            "scores": save_scores(spec, "bergson", k, scores.numpy().astype(np.float64)),
-        })  # fmt: skip
+        row = one_k(data, k, root)
+        shutil.rmtree(root, ignore_errors=True)
+        if timed:
+            row["scores"] = save_scores(spec, "bergson", k, row["scores"].astype(np.float64))
+            rows.append(row)
     write(spec, bergson.__version__, rows)
 
 

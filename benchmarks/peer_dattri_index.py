@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .peer_problems_index import disk_bytes, load, per_sample_loss, save_scores, write
+from .peer_problems_index import WARM, PeerProblem, disk_bytes, load, per_sample_loss, save_scores, subset, write
 
 
 class Rows(Dataset):
@@ -66,73 +66,71 @@ def identities(problem: str, data: dict[str, torch.Tensor]) -> list[str]:
     ]
 
 
-def main(spec_path: str) -> None:
-    import dattri_llm
+def one_k(problem: PeerProblem, k: int, root: Path) -> dict:
+    """Build dattri-llm's projected store and Fisher at ``k`` under ``root`` and score the
+    test set: seconds, bytes and the ``(n_test, n_train)`` scores."""
     from dattri_llm import AttributionArguments, AttributionTask, HookManagerConfig, KFACAttributor
-
-    problem = load(spec_path)
-    spec = problem.spec
-    model = problem.model
 
     def loss_func(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return per_sample_loss(problem, model, batch).sum()
 
     if problem.name == "mlp":
-        layers = [r"^0$", r"^2$", r"^4$"]
+        layers, n_layers = [r"^0$", r"^2$", r"^4$"], 3
     else:
-        layers = [r"transformer\.h\.\d+\.mlp\.c_(fc|proj)$"]
-    n_layers = 3 if problem.name == "mlp" else 2 * spec["gpt2"]["n_layer"]
-    train, test = Rows(problem.train), Rows(problem.test)
+        layers, n_layers = [r"transformer\.h\.\d+\.mlp\.c_(fc|proj)$"], 2 * problem.spec["gpt2"]["n_layer"]
+    per_layer = max(1, k // n_layers)
+    config = HookManagerConfig(
+        linear_io=layers,
+        projection_kwargs={"__default__": {
+            "style": "dense", "proj_dim": per_layer, "proj_type": "rademacher", "proj_seed": 0,
+            "proj_max_batch_size": 64, "include_bias": True, "device": "cpu",
+        }},
+    )  # fmt: skip
+    args = AttributionArguments(
+        output_dir=str(root / "out"), per_device_train_batch_size=64, per_device_eval_batch_size=64, use_cpu=True
+    )
+    attributor = KFACAttributor(args, task=AttributionTask(loss_func=loss_func, model=problem.model))
+    options = {"direct_fim_max_params": 10 * per_layer + 10, "covariances_at_capture": False}
+    start = time.perf_counter()
+    ((train_dir, _),) = attributor.cache(
+        Rows(problem.train), Rows(problem.test, [0]), cache_dir=str(root / "build"), hook_config=config,
+        covariances_at_capture=False,
+    )  # fmt: skip
+    fisher_dir = attributor.fit(train_dir, str(root / "fisher"), **options)
+    build = time.perf_counter() - start
+    start = time.perf_counter()
+    ((_, test_dir),) = attributor.cache(
+        Rows(problem.train, [0]), Rows(problem.test), cache_dir=str(root / "query"), hook_config=config,
+        covariances_at_capture=False,
+    )  # fmt: skip
+    score = attributor.attribute_from_cache(
+        train_dir, test_dir, fisher_dir=fisher_dir, damping=problem.spec["lam"], **options
+    )
+    train_ids, matrix = score.agnostic_matrix()  # (n_train, n_test), rows in the store's order
+    query = time.perf_counter() - start
+    where = {h: i for i, h in enumerate(train_ids)}
+    test_cols = [score.test_index[h] for h in identities(problem.name, problem.test)]
+    order = [where[h] for h in identities(problem.name, problem.train)]
+    scores = matrix[order][:, test_cols].T.numpy()  # (n_test, n_train)
+    size = disk_bytes(Path(train_dir)) + disk_bytes(Path(fisher_dir))
+    return {"k": per_layer * n_layers, "build_s": build, "query_s": query, "bytes": size, "scores": scores}
+
+
+def main(spec_path: str) -> None:
+    import dattri_llm
+
+    problem = load(spec_path)
+    spec = problem.spec
     rows = []
-    for k in spec["ks"]:
+    runs = [(spec["ks"][0], subset(problem, WARM), False)] + [(k, problem, True) for k in spec["ks"]]
+    for k, data, timed in runs:  # the first: an untimed warm-up on WARM samples
         root = Path(spec["workdir"]) / f"dattri-{k}"
         shutil.rmtree(root, ignore_errors=True)
-        per_layer = max(1, k // n_layers)
-        config = HookManagerConfig(
-            linear_io=layers,
-            projection_kwargs={"__default__": {
-                "style": "dense", "proj_dim": per_layer, "proj_type": "rademacher", "proj_seed": 0,
-                "proj_max_batch_size": 64, "include_bias": True, "device": "cpu",
-            }},
-        )  # fmt: skip
-        args = AttributionArguments(
-            output_dir=str(root / "out"), per_device_train_batch_size=64, per_device_eval_batch_size=64, use_cpu=True
-        )
-        attributor = KFACAttributor(args, task=AttributionTask(loss_func=loss_func, model=model))
-        options = {"direct_fim_max_params": 10 * per_layer + 10, "covariances_at_capture": False}
-        start = time.perf_counter()
-        ((train_dir, _),) = attributor.cache(
-            train,
-            Rows(problem.test, [0]),
-            cache_dir=str(root / "build"),
-            hook_config=config,
-            covariances_at_capture=False,
-        )
-        fisher_dir = attributor.fit(train_dir, str(root / "fisher"), **options)
-        build = time.perf_counter() - start
-        start = time.perf_counter()
-        ((_, test_dir),) = attributor.cache(
-            Rows(problem.train, [0]),
-            test,
-            cache_dir=str(root / "query"),
-            hook_config=config,
-            covariances_at_capture=False,
-        )
-        score = attributor.attribute_from_cache(
-            train_dir, test_dir, fisher_dir=fisher_dir, damping=spec["lam"], **options
-        )
-        train_ids, matrix = score.agnostic_matrix()  # (n_train, n_test), rows in the store's order
-        query = time.perf_counter() - start
-        where = {h: i for i, h in enumerate(train_ids)}
-        test_cols = [score.test_index[h] for h in identities(problem.name, problem.test)]
-        order = [where[h] for h in identities(problem.name, problem.train)]
-        scores = matrix[order][:, test_cols].T.numpy()  # (n_test, n_train)
-        size = disk_bytes(Path(train_dir)) + disk_bytes(Path(fisher_dir))
-        rows.append({
-            "k": per_layer * n_layers, "build_s": build, "query_s": query, "bytes": size,
-            "scores": save_scores(spec, "dattri", k, scores.astype(np.float64)),
-        })  # fmt: skip
+        row = one_k(data, k, root)
         shutil.rmtree(root, ignore_errors=True)
+        if timed:
+            row["scores"] = save_scores(spec, "dattri", k, row["scores"].astype(np.float64))
+            rows.append(row)
     write(spec, dattri_llm.__version__, rows)
 
 

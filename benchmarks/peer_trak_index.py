@@ -72,7 +72,10 @@ def main(spec_path: str) -> None:
     p = sum(q.numel() for q in model.parameters())
     n = len(x)
     rows = []
-    for k in spec["ks"]:
+    full = (x, y, xt, yt)
+    warm = (x[:64], y[:64], xt[:64], yt[:64])  # an untimed warm-up build (first-call costs), as ours runs warm
+    for k, (x, y, xt, yt), timed in [(spec["ks"][0], warm, False)] + [(k, full, True) for k in spec["ks"]]:
+        n = len(x)
         save = Path(spec["workdir"]) / f"trak-{k}"
         shutil.rmtree(save, ignore_errors=True)
         start = time.perf_counter()
@@ -94,6 +97,8 @@ def main(spec_path: str) -> None:
         scores = np.asarray(traker.finalize_scores("q")).T  # (n_test, n_train)
         query = time.perf_counter() - start
         size = sum(f.stat().st_size for f in save.rglob("*") if f.is_file() and "scores" not in f.parts)
+        if not timed:
+            continue
         out = Path(spec["out"]).with_name(f"trak-scores-{k}.npy")
         np.save(out, scores.astype(np.float64))
         rows.append({"k": k, "build_s": build, "query_s": query, "bytes": size, "scores": str(out)})
