@@ -73,14 +73,17 @@ def suggested_dim(attributes: dict) -> int | None:
 
 def _curvature_line(d: dict[str, Any]) -> str | None:
     """How ``C`` was summed and stored (``None`` for an index built before these were recorded)."""
-    estimate = d.get("ggn_estimate")
-    how = (
-        f"sampled GGN (true Fisher, {estimate['draws']} draws per sample, seed {estimate['seed']})"
-        if isinstance(estimate, dict)
-        else "exact GGN"
-        if estimate == "exact"
-        else None
-    )
+    recorded = d.get("ggn_estimate")
+    estimate: dict[str, Any] = recorded if isinstance(recorded, dict) else {}
+    kind = estimate.get("kind") if estimate else recorded
+    if kind == "sampled":
+        how: str | None = f"sampled GGN (true Fisher, {estimate['draws']} draws per sample, seed {estimate['seed']})"
+    elif kind == "leading":
+        how = f"GGN over each sample's leading output-curvature roots ({estimate.get('trace', 1.0):.0%} of the trace)"
+    elif kind == "exact":
+        how = "exact GGN"
+    else:
+        how = f"GGN ({kind})" if kind else None
     stored = d.get("curvature_dtype")
     if how is None and stored is None:
         return None
