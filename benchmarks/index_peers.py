@@ -1,22 +1,24 @@
 """Gradient indexes side by side (issue 28 item 4): build time, query time, index size and
-accuracy per ``k`` against exact float64 GGN influences, on an MLP and a 2-layer GPT-2.
+accuracy per ``k`` against exact float64 GGN influences, on an MLP and a 2-layer GPT-2, for ours
+and every peer library that installs here, each in its own environment.
 
-    python -m benchmarks.index_peers --tiny          # smoke sizes (seconds; the test runs it)
-    python -m benchmarks.index_peers                 # the sizes of docs/benchmarks.md (minutes)
-    python -m benchmarks.index_peers --ks 256,1024 --problems gpt2
+    python -m benchmarks.index_peers --tiny          # smoke sizes (a minute; the test runs it with --peers "")
+    python -m benchmarks.index_peers --problems mlp --keep-reference --plot mlp.png   # one problem per run
+    python -m benchmarks.index_peers --problems gpt2 --keep-reference                # (docs/benchmarks.md)
 
-Writes ``OUT/index_peers.json`` (``index_peers-tiny.json`` with ``--tiny``) and prints a
-markdown table.
+Writes ``OUT/index_peers.json`` (``index_peers-tiny.json`` with ``--tiny``), prints a markdown
+table and, per peer row, the cheapest default row at least as accurate (time and byte
+ratios); ``--plot`` draws time to accuracy. ``--keep-reference`` keeps the exact reference
+in ``OUT`` for the next run (the GPT-2's takes about 30 minutes on the loaded 2-core machine).
 
 Problems (trained briefly in float32 with AdamW; the indexes are built from the float32
 model, the reference from its float64 copy):
 
 - ``mlp``: a 64-64-32-10 tanh MLP (6,570 parameters) on the digits (1,600 train, 100 test);
-- ``gpt2``: a 2-layer GPT-2 (vocabulary 16, 16 positions, width 8, eager attention) on
+- ``gpt2``: a 2-layer GPT-2 (vocabulary 16, 16 positions, width 16, eager attention) on
   sequences of a random sparse Markov chain (256 train, 100 test; every fifth padded), the
-  causal-LM task, influence on the MLP projections only (``c_fc``, ``c_proj``: 1,104
-  parameters; the rest frozen). Each sequence has ``(T - 1) V = 240`` output logits. (Width
-  16, 4,256 parameters, makes the exact reference take over 10 minutes here.)
+  causal-LM task, influence on the MLP projections only (``c_fc``, ``c_proj`` with biases:
+  4,256 parameters; the rest frozen). Each sequence has ``(T - 1) V = 240`` output logits.
 
 Reference: ``DirectInfluence(curvature="ggn")`` in float64 at ``lambda = 0.01 x`` the largest
 eigenvalue of the GGN (power iteration on the dense GGN), the same ``lambda`` every index is
@@ -24,17 +26,22 @@ queried at. Also reported: the plain unprojected gradient dot product and the ef
 dimension ``tr(G (G + lambda I)^-1)`` of the full GGN.
 
 Methods (``client="sync"``: one process, no Dask cluster; the machine may be loaded, so
-compare ratios within one run):
+compare ratios within one run; every library at one ``k`` before the next ``k``, each after an
+untimed warm-up build and query on 64 samples):
 
-- ``ours``: ``di.GradientIndex`` with its defaults (float16 gradients; the GGN exact where it
-  has few output roots, sampled from 16 drawn labels per sample for the LM);
-- ``ours-exact``: ``ggn_draws=0`` (the exact projected GGN; the LM only, not with ``--tiny``);
+- ``ours``: ``di.GradientIndex`` with its defaults;
+- ``ours-exact``: ``ggn_draws=0`` (the exact projected GGN; the LM only, ``k <= 1,024``, not
+  with ``--tiny``);
 - ``ours-fisher``: ``preconditioner="fisher"`` (the projected empirical Fisher: TRAK's and
   Bergson's preconditioner).
 
-Peers (TRAK ``traker``, Bergson, dattri) run in their own virtual environments under
-``benchmarks/`` where they install; none was installed for the runs in docs/benchmarks.md
-(see there).
+Peers (``--peers``, default all four; each skipped, with the reason in the JSON's
+``peers_not_run``, where its environment is missing or it has no path for the problem): TRAK
+(``traker`` 0.3.2, the MLP), Bergson 2.5.1 (the GPT-2), dattri-llm 0.1.0 and LoGra
+(``logix-ai`` 0.1.1), each run by its driver ``benchmarks/peer_<name>_index.py`` in its own
+environment ``benchmarks/.venv-<env>`` (git-ignored); the driver's docstring has the commands
+that make the environment and how the library is mapped onto our problems and ``lambda``.
+The problems cross over through :mod:`benchmarks.peer_problems_index`.
 """
 
 from __future__ import annotations
@@ -335,6 +342,15 @@ def measure_peer(
     return rows, answer.get("skipped")
 
 
+def _ggn_note(ggn: Any) -> str:
+    """How a default row summed its GGN, as the table shows it."""
+    if not isinstance(ggn, dict):
+        return ""
+    if ggn.get("kind") == "sampled":
+        return f" (sampled, {ggn['draws']} draws)"
+    return f" ({ggn.get('kind')}{', trace ' + str(ggn['trace']) if 'trace' in ggn else ''})"
+
+
 def table(result: dict) -> str:
     lines = []
     for name, problem in result["problems"].items():
@@ -349,7 +365,7 @@ def table(result: dict) -> str:
         for r in problem["rows"]:
             est = "saturated" if r["d_estimate"] is None else f"{r['d_estimate']:,.0f}"
             d_k = "" if r["d_k"] is None else f"{r['d_k']:,.0f} / {est}"
-            how = r["method"] + (f" (sampled, {r['ggn']['draws']} draws)" if isinstance(r["ggn"], dict) else "")
+            how = r["method"] + _ggn_note(r["ggn"])
             lines.append(
                 f"| {how} | {r['k']:,} | {r['build_s']:.2f} | {r['query_s']:.3f} | {r['bytes']:,} | "
                 f"{r['pearson']:.3f} | {r['top_overlap']:.2f} | {d_k} | {'yes' if r['warned_small_k'] else ''} |"
@@ -442,6 +458,28 @@ def cached_reference(problem: Problem, plan: Plan, cache: Path | None) -> dict[s
     return ref
 
 
+WARM = 64  # samples of the untimed warm-up builds
+
+
+def _source() -> dict[str, Any]:
+    """The commit measured, and the files under src/ that differed from it (others' work in
+    progress in a shared tree is measured too)."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=BENCH.parent, capture_output=True, text=True, check=False)
+        return done.stdout.strip()
+
+    return {
+        "commit": git("rev-parse", "--short", "HEAD"),
+        "src_changed": git("diff", "--name-only", "HEAD", "--", "src").split(),
+    }
+
+
+def _head(data: Any, n: int = WARM) -> Any:
+    return tuple(a[:n] for a in data) if isinstance(data, tuple) else {k: v[:n] for k, v in data.items()}
+
+
 def _line(r: dict) -> str:
     return f"  {r['method']} k={r['k']}: build {r['build_s']:.2f} s, query {r['query_s']:.3f} s, r {r['pearson']:.3f}"
 
@@ -458,6 +496,7 @@ def run(
     log = functools.partial(print, flush=True) if log is print else log
     result: dict[str, Any] = {
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count()},
+        "source": _source(),
         "plan": plan.__dict__,
         "problems": {},
     }
@@ -467,6 +506,9 @@ def run(
         log(f"{name}: p = {ref['num_params']:,}, lambda = {ref['lam']:.3g}, reference {ref['seconds']:.1f} s")
         rows: list[dict] = []
         notes: dict[str, str] = {}
+        warm = Problem(problem.name, problem.model, problem.task, _head(problem.train), _head(problem.test))
+        for method, options in methods(problem, plan, plan.ks[0]):  # untimed, as each peer driver warms up
+            measure_ours(warm, {**ref, "exact": ref["exact"][:WARM, :WARM]}, plan.ks[0], method, options, workdir)
         for k in plan.ks:  # alternating: every library at one k before the next k
             for method, options in methods(problem, plan, k):
                 rows.append(measure_ours(problem, ref, k, method, options, workdir))
@@ -478,8 +520,12 @@ def run(
                 if note:
                     notes[peer] = note
                     log(f"  {peer}: {note}")
-                rows += got
                 for r in got:
+                    if any(q["method"] == r["method"] and q["k"] == r["k"] for q in rows):  # its k is capped
+                        notes[peer] = f"k capped at {r['k']:,} (asked {k:,})"
+                        log(f"  {peer}: {notes[peer]}")
+                        continue
+                    rows.append(r)
                     log(_line(r))
         result["problems"][name] = {
             "reference": {k: v for k, v in ref.items() if k != "exact"}, "rows": rows, "peers_not_run": notes,
@@ -498,17 +544,29 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--keep-reference", action="store_true", help="reuse the exact reference kept in --out")
     parser.add_argument("--plot", default=None, help="write the time-to-accuracy plot here (a .png)")
+    parser.add_argument(
+        "--from-json", default=None, help="comma-separated result files of earlier runs: merge them, print and plot"
+    )
     args = parser.parse_args(argv)
-    plan = TINY if args.tiny else FULL
-    if args.ks:
-        plan = Plan(**{**plan.__dict__, "ks": tuple(int(k) for k in args.ks.split(","))})
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        peers = tuple(p for p in args.peers.split(",") if p)
-        result = run(plan, args.problems.split(","), Path(tmp), peers=peers, cache=out if args.keep_reference else None)
-    result["at_equal_accuracy"] = at_equal_accuracy(result)
-    (out / ("index_peers-tiny.json" if args.tiny else "index_peers.json")).write_text(json.dumps(result, indent=1))
+    if args.from_json:
+        result = {"problems": {}, "runs": []}
+        for path in args.from_json.split(","):
+            earlier = json.loads(Path(path).read_text())
+            result["problems"].update(earlier["problems"])
+            result["runs"].append({k: earlier.get(k) for k in ("machine", "source", "plan")})
+        result["at_equal_accuracy"] = at_equal_accuracy(result)
+    else:
+        plan = TINY if args.tiny else FULL
+        if args.ks:
+            plan = Plan(**{**plan.__dict__, "ks": tuple(int(k) for k in args.ks.split(","))})
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            peers = tuple(p for p in args.peers.split(",") if p)
+            cache = out if args.keep_reference else None
+            result = run(plan, args.problems.split(","), Path(tmp), peers=peers, cache=cache)
+        result["at_equal_accuracy"] = at_equal_accuracy(result)
+        (out / ("index_peers-tiny.json" if args.tiny else "index_peers.json")).write_text(json.dumps(result, indent=1))
     if args.plot:
         plot(result, args.plot)
     print(table(result))

@@ -2,7 +2,11 @@
 environment (``benchmarks/.venv-trak``, see docs/benchmarks.md), where dask-influence is not
 installed; imports only torch, numpy and ``trak``.
 
+    python3.11 -m venv benchmarks/.venv-trak
+    benchmarks/.venv-trak/bin/python -m pip install -c constraints/cpu.txt torch traker==0.3.2
     benchmarks/.venv-trak/bin/python -m benchmarks.peer_trak_index SPEC.json
+
+(The GPT-2 is not mapped: the answer says ``skipped``.)
 
 ``SPEC.json``: ``data`` (an ``.npz`` of ``x_train``, ``y_train``, ``x_test``, ``y_test``),
 ``state`` (the MLP's ``state_dict``), ``hidden`` (its two hidden widths), ``ks``, ``lam``
