@@ -414,6 +414,10 @@ def plot(result: dict, path: str | os.PathLike) -> None:
     import matplotlib.pyplot as plt
 
     names = list(result["problems"])
+    order = ["ours", "ours-exact", "ours-fisher", "trak", "bergson", "dattri-llm", "logra (logix-ai)"]
+    seen = {_family(r["method"]) for p in result["problems"].values() for r in p["rows"]}
+    palette = plt.get_cmap("tab10").colors
+    colors = {f: palette[i % len(palette)] for i, f in enumerate(order + sorted(seen - set(order)))}
     fig, axes = plt.subplots(1, len(names), figsize=(6.2 * len(names), 4.6), squeeze=False)
     for ax, name in zip(axes[0], names):
         problem = result["problems"][name]
@@ -425,7 +429,8 @@ def plot(result: dict, path: str | os.PathLike) -> None:
             x = [r["build_s"] + r["query_s"] for r in rows]
             y = [r["pearson"] for r in rows]
             style = "-o" if family.startswith("ours") else "--s"
-            (line,) = ax.plot(x, y, style, label=family, linewidth=2.2 if family == "ours" else 1.3)
+            width = 2.2 if family == "ours" else 1.3
+            (line,) = ax.plot(x, y, style, label=family, linewidth=width, color=colors[family])
             for xi, yi, r in zip(x, y, rows):
                 ax.annotate(f"{r['k']:,}", (xi, yi), textcoords="offset points", xytext=(4, -10), fontsize=7,
                             color=line.get_color())  # fmt: skip

@@ -3,9 +3,13 @@ where dask-influence is not installed.
 
     python3.11 -m venv benchmarks/.venv-bergson
     benchmarks/.venv-bergson/bin/python -m pip install -c constraints/cpu.txt torch bergson==2.5.1
+    benchmarks/.venv-bergson/bin/python -m pip uninstall -y torchvision torchaudio
     benchmarks/.venv-bergson/bin/python -m benchmarks.peer_bergson_index SPEC.json
 
-(``SPEC.json``: see :mod:`benchmarks.peer_problems_index`.)
+(The ``torchvision``/``torchaudio`` wheels Bergson pulls from PyPI do not load with the local
+CPU torch, ``RuntimeError: operator torchvision::nms does not exist``, and then
+``transformers`` cannot import ``GPT2LMHeadModel``; Bergson's code imports neither.
+``SPEC.json``: see :mod:`benchmarks.peer_problems_index`.)
 
 Bergson's TRAK-style path (its ``trak`` command, in-process): a global Rademacher projection
 of the MLP projections' per-sequence gradients to ``k`` (``projection_target="global"``, biases

@@ -3,7 +3,7 @@ its own environment, where dask-influence is not installed.
 
     python3.11 -m venv benchmarks/.venv-logix
     benchmarks/.venv-logix/bin/python -m pip install --ignore-requires-python -c constraints/cpu.txt \\
-        torch numpy==2.4.6 logix-ai==0.1.1
+        torch numpy==2.4.6 logix-ai==0.1.1 transformers==5.25.0
     benchmarks/.venv-logix/bin/python -m benchmarks.peer_logra_index SPEC.json
 
 (``logix-ai`` 0.1.1 declares ``Requires-Python <3.11``, and pip finds no version for 3.11
