@@ -87,13 +87,25 @@ def test_sampled_ggn_converges_to_the_exact_projected_ggn_as_draws_grow(lm):
     np.testing.assert_allclose(split, whole, rtol=1e-10, atol=1e-12 * np.abs(whole).max())
 
 
-def test_auto_keeps_the_exact_ggn_where_it_is_cheaper_and_explicit_draws_sample(tmp_path):
-    """3 classes: 3 exact backward passes per sample beat 16 draws; ggn_draws=2 samples there too."""
+def test_auto_keeps_the_leading_ggn_roots_where_they_are_cheaper_and_explicit_draws_sample(tmp_path):
+    """3 classes: the leading exact roots (95% of the output curvature's trace) beat 16 draws; the
+    GGN they sum leaves out at most 5% of the exact one's trace and none of its definiteness;
+    ggn_draws=0 is the exact GGN; ggn_draws=2 samples there too."""
     model, loss, (x, y), _ = trained_classification_problem()
     data = (x.double().numpy(), y.numpy())
     model = model.double()
     auto = di.GradientIndex.build(model, loss, data, tmp_path / "a.zarr", projection_dim=16, client="sync")
-    assert auto.attributes["ggn_estimate"] == "exact"
+    assert auto.attributes["ggn_estimate"] == {"kind": "leading", "trace": 0.95}
+    exact = di.GradientIndex.build(
+        model, loss, data, tmp_path / "e.zarr", projection_dim=16, ggn_draws=0, client="sync"
+    )
+    assert exact.attributes["ggn_estimate"] == "exact"
+    c_auto, c_exact = auto.curvature_matrix(), exact.curvature_matrix()
+    left_out = c_exact - c_auto  # the directions each sample curves least: positive semi-definite
+    assert np.linalg.eigvalsh(left_out).min() > -1e-10 * np.trace(c_exact)
+    # 3 classes: softmax's Hessian has rank 2 (the ones vector is its null space), so the 2 leading
+    # roots of 3 hold all of it here; leading_roots' choice is checked on 6 classes below
+    assert np.trace(left_out) <= 0.05 * np.trace(c_exact)
     two = di.GradientIndex.build(model, loss, data, tmp_path / "b.zarr", projection_dim=16, ggn_draws=2, client="sync")
     assert two.attributes["ggn_estimate"] == {"kind": "sampled", "draws": 2, "seed": 0}
     assert not np.allclose(two.curvature_matrix(), auto.curvature_matrix())
@@ -141,3 +153,26 @@ def test_auto_draws_fall_with_the_training_points_per_dimension(lm, tmp_path):
     full = di.GradientIndex.build(model, task, train, tmp_path / "exact.zarr", ggn_draws=0, **common)
     sampled, reference = _pearson(auto.influences(test), exact.numpy()), _pearson(full.influences(test), exact.numpy())
     assert reference > 0.7 and abs(sampled - reference) < 0.02, (sampled, reference)  # 0.743 vs 0.749
+
+
+def test_leading_roots_keep_the_largest_curvature_and_the_asked_share_of_the_trace():
+    """Per sample the eigen-roots of H_i = sum_r s_r s_r^T, largest first: with trace=1 they square
+    back to H_i; with 0.9 the block keeps the fewest directions holding >= 90% of its trace, and
+    each sample's kept part is its best rank-m approximation."""
+    from dask_influence.index.projector import leading_roots
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(30, 6, generator=g, dtype=torch.float64) * 3
+    p = torch.softmax(logits, dim=1)
+    s = p.sqrt()
+    roots = (torch.diag_embed(s) - p[:, :, None] * s[:, None, :]).permute(2, 0, 1)  # (c, n, c): S S^T = H
+    h = torch.einsum("rni,rnj->nij", roots, roots)
+    full = leading_roots(roots, 1.0)
+    torch.testing.assert_close(torch.einsum("rni,rnj->nij", full, full), h, rtol=0, atol=1e-12)
+    kept = leading_roots(roots, 0.9)
+    m = kept.shape[0]
+    values = torch.linalg.eigvalsh(h).flip(-1)
+    held = values.sum(0).cumsum(0) / values.sum()
+    assert held[m - 1] >= 0.9 > held[m - 2]  # the fewest directions that hold 90%
+    approx = torch.einsum("rni,rnj->nij", kept, kept)
+    torch.testing.assert_close(torch.linalg.eigvalsh(approx).flip(-1)[:, :m], values[:, :m], rtol=0, atol=1e-12)
