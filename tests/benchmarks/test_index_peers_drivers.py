@@ -70,8 +70,8 @@ def test_a_missing_environment_is_reported_not_run(monkeypatch, tmp_path):
 @pytest.mark.subprocess
 @pytest.mark.parametrize(
     ("peer", "problem", "floor"),
-    [("trak", "mlp", 0.6), ("logra", "mlp", 0.6), ("dattri", "mlp", 0.6), ("bergson", "gpt2", 0.6),
-     ("logra", "gpt2", 0.4), ("dattri", "gpt2", 0.6)],
+    [("trak", "mlp", 0.6), ("logra", "mlp", 0.6), ("dattri", "mlp", 0.6), ("trak", "gpt2", 0.6),
+     ("bergson", "gpt2", 0.6), ("logra", "gpt2", 0.4), ("dattri", "gpt2", 0.6)],
 )  # fmt: skip
 def test_installed_peer_driver_scores_the_smoke_problem(peer, problem, floor, tmp_path):
     env = Path(bench.__file__).resolve().parent / bench.PEERS[peer][0]
@@ -84,5 +84,5 @@ def test_installed_peer_driver_scores_the_smoke_problem(peer, problem, floor, tm
     assert note is None and len(rows) == 1, note
     row = rows[0]
     assert row["build_s"] > 0 and row["query_s"] > 0 and row["bytes"] > 0
-    # measured (tiny sizes, k ~ 64): trak 0.78, logra 0.79 / 0.56, dattri 0.85 / 0.85, bergson 0.84
+    # measured (tiny sizes, k ~ 64): trak 0.78 / 0.83, logra 0.79 / 0.56, dattri 0.85 / 0.85, bergson 0.84
     assert row["pearson"] > floor, row
