@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import batches
+from . import batches, memory
 from .batches import check_finite
 from .data import TrainingData
 from .gradients import ModelFunctions
@@ -97,6 +97,11 @@ class CurvatureOperator(LinearOperator):
         curvature: ``"hessian"`` or ``"ggn"``.
         max_columns: at most this many vectors are pushed through one vmapped product
             (bounds memory; a larger block is split).
+        memory_room: bytes one product piece may hold (``None``: no limit beyond
+            :data:`ACTIVATION_BUDGET`'s speed sizing): pieces are cut to fewer vectors, down to
+            one, then fewer samples, down to one, so that
+            :func:`~.memory.product_bytes` fits; a one-line ``ValueError`` when one sample and
+            one vector do not fit. The solver sets it from its ``memory_budget``.
 
     Attributes:
         num_passes: how many sweeps over the training data the operator has made.
@@ -110,6 +115,7 @@ class CurvatureOperator(LinearOperator):
         curvature: Curvature | str = Curvature.hessian,
         *,
         max_columns: int = 64,
+        memory_room: int | None = None,
     ):
         self.functions = functions
         self.theta = theta
@@ -119,6 +125,7 @@ class CurvatureOperator(LinearOperator):
         self.dtype = theta.dtype
         self.device = theta.device
         self.max_columns = int(max_columns)
+        self.memory_room = memory_room
         self.num_passes = 0
         self._activation_bytes: dict[tuple, int] = {}  # per sample, by the batch's sample shapes
 
@@ -127,8 +134,8 @@ class CurvatureOperator(LinearOperator):
 
         Pushed through in pieces of at most ``max_columns`` vectors, fewer vectors and then
         fewer samples where one layer's activations for all of them would exceed
-        :data:`ACTIVATION_BUDGET` (the pieces' products weighted by their share of the batch:
-        the same mean)."""
+        :data:`ACTIVATION_BUDGET`, or the piece :attr:`memory_room` (the pieces' products
+        weighted by their share of the batch: the same mean; the product is linear in ``v``)."""
         fn = self.functions.hessian_matmat if self.curvature is Curvature.hessian else self.functions.ggn_matmat
         n = batches.size(batch)
         rows, cols = self._piece(batch, n, min(v.shape[1], self.max_columns))
@@ -152,6 +159,24 @@ class CurvatureOperator(LinearOperator):
         if shape not in self._activation_bytes:
             self._activation_bytes[shape] = self.functions.activation_bytes(self.theta, batch)
         per = self._activation_bytes[shape]
+        rows, cols = self._speed_piece(per, n, cols)
+        if self.memory_room is None:
+            return rows, cols
+        piece = memory.product_piece(per, rows, cols, self.memory_room)
+        if piece is None:
+            raise ValueError(
+                f"One curvature product of one sample and one vector holds "
+                f"{memory.readable(memory.product_bytes(per, 1, 1))} ({memory.PRODUCT_COPIES} x the largest "
+                f"module output of a sample, {memory.readable(per)}), beyond the "
+                f"{memory.readable(self.memory_room)} the solver's memory_budget leaves for it. Pass a larger "
+                "memory_budget, or shorter sequences."
+            )
+        return piece
+
+    @staticmethod
+    def _speed_piece(per: int, n: int, cols: int) -> tuple[int, int]:
+        """The pieces :data:`ACTIVATION_BUDGET` asks for speed (at least :data:`MIN_PIECE_VECTORS`
+        vectors and :data:`MIN_PIECE_SAMPLES` samples)."""
         if per == 0 or n * cols * per <= ACTIVATION_BUDGET:
             return n, cols
         cols = max(min(cols, MIN_PIECE_VECTORS), ACTIVATION_BUDGET // (n * per))

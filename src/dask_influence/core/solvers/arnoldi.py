@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ...errors import NotPositiveDefiniteError
+from .. import memory
 from ..blocks import BlockSums
 from ..eigen import EigenOperator, check_positive_definite
 from ..lanczos import LanczosResult, lanczos, tridiagonal
@@ -116,6 +117,7 @@ class ArnoldiConfig(SolverConfig):
     tol: float = hyperparameter(1e-6, "Relative breakdown threshold of the Lanczos iteration.")
     seed: int = hyperparameter(0, "Seeds the random start vector.")
     blocks: str = hyperparameter("full", "'full' or 'layer' (Lanczos on the per-layer block-diagonal curvature).")
+    memory_budget: int | None = hyperparameter(None, memory.BUDGET_HELP)
 
     solve_time: ClassVar[frozenset[str]] = frozenset({"regularization"})
 
@@ -138,6 +140,8 @@ class ArnoldiConfig(SolverConfig):
         self._set("tol", check_nonnegative("tol", self.tol))
         check_seed(self.seed)
         check_blocks(self.blocks)
+        if self.memory_budget is not None:
+            check_positive_int("memory_budget", self.memory_budget)
 
 
 @register("arnoldi")
@@ -298,6 +302,32 @@ class ArnoldiInfluence(InfluenceModel):
         self._require_fitted()
         assert self.state_ is not None
         return self.state_.eigenvectors
+
+    # -- memory ---------------------------------------------------------------------------
+    def memory_pieces(self, batch_size: int) -> tuple[list[tuple[str, int]], int]:
+        """Engine hook. The Krylov basis ``(p, m)`` float64, the Ritz vectors ``(p, rank)`` in float64
+        and in the model's dtype, the first product's block ``(p, 1 + TRACE_PROBES)`` and its
+        product (with the probes' int8 signs), three Lanczos vectors, the parameters and a chunk's
+        gradients; the first product pushes ``1 + TRACE_PROBES`` vectors (one with
+        ``complement`` "ignore"/"regularization"), in pieces that fit."""
+        p, size = self.num_params, memory.itemsize(self.dtype)
+        m = self.krylov_dimension
+        config = cast(ArnoldiConfig, self.config)
+        rank = m if config.rank == "auto" else min(int(config.rank), m)
+        probes = min(TRACE_PROBES, p) if config.estimates_tail() else 0
+        pieces = memory.common_pieces(p, size, min(self.chunk_size, batch_size)) + [
+            (f"the Krylov basis (p, m) = ({p:,}, {m:,}) in float64", memory.matrix_bytes(p, m, 8)),
+            (
+                f"the Ritz vectors ({p:,}, {rank:,}) in float64 and the state's copy",
+                memory.matrix_bytes(p, rank, 8 + size),
+            ),
+            (
+                f"the first product's {1 + probes} vectors (1 + {probes} trace probes) and their product",
+                memory.matrix_bytes(p, 1 + probes, 2 * size) + memory.matrix_bytes(p, probes, 1),
+            ),
+            ("three Lanczos vectors in float64", 3 * p * 8),
+        ]
+        return pieces, 1 + probes
 
     # -- solver ---------------------------------------------------------------------------
     def _fit(self, operator: LinearOperator, blocks: BlockSums) -> None:

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ... import progress as _progress
 from ...errors import ConvergenceWarning, NotPositiveDefiniteError
+from .. import memory
 from ..blocks import BlockSums
 from ..data import TrainingData
 from ..eigen import factor_solve
@@ -30,6 +31,13 @@ from .config import SolverConfig, check_blocks, check_nonnegative, check_positiv
 from .registry import register
 
 MatMat = Callable[[Tensor], Tensor]
+
+
+CG_VECTORS = 8
+"""``(p, k)`` tensors block CG holds for ``k`` right-hand sides (x, r, p, A p, b, the best x and r, the
+preconditioned residual): its memory estimate."""
+
+CG_PIECE = "block CG's vectors"
 
 
 @dataclass(frozen=True)
@@ -254,6 +262,7 @@ class CgConfig(SolverConfig):
     block_size: int | None = hyperparameter(None, "Solve at most this many right-hand sides together (default: all).")
     seed: int = hyperparameter(0, "Seeds the preconditioner's random probes.")
     blocks: str = hyperparameter("full", "'full' or 'layer' (block-diagonal curvature, one block per layer).")
+    memory_budget: int | None = hyperparameter(None, memory.BUDGET_HELP)
 
     solve_time: ClassVar[frozenset[str]] = frozenset({"regularization", "rtol", "atol", "maxiter", "block_size"})
 
@@ -269,6 +278,8 @@ class CgConfig(SolverConfig):
         check_positive_int("preconditioner_rank", self.preconditioner_rank)
         check_seed(self.seed)
         check_blocks(self.blocks)
+        if self.memory_budget is not None:
+            check_positive_int("memory_budget", self.memory_budget)
         make_preconditioner(self.preconditioner)  # refuses an unknown name
         if isinstance(self.preconditioner, str):
             self._set("preconditioner", self.preconditioner.strip().lower().replace("nystrom", "nystroem"))
@@ -344,6 +355,40 @@ class CgInfluence(InfluenceModel):
     def _detach(self) -> None:
         self._operator = None
 
+    def memory_pieces(self, batch_size: int) -> tuple[list[tuple[str, int]], int]:
+        """Engine hook. Block CG's vectors for one right-hand side, :data:`CG_VECTORS` x ``(p, 1)`` (a solve
+        takes as many right-hand sides per block as fit the room left, :meth:`_rhs_per_block`); the
+        preconditioner (Jacobi: ``2 p``; Nystroem: 4 x ``(p, rank)`` float64), the parameters and a
+        chunk's gradients; its products push ``k = min(chunk_size, batch)`` vectors, in pieces that fit."""
+        p, size = self.num_params, memory.itemsize(self.dtype)
+        k = min(self.chunk_size, batch_size)
+        name = preconditioner_name(self.config.preconditioner)
+        rank = self.config.preconditioner_rank
+        extra = {None: 0, "jacobi": 2 * p * size, "nystroem": memory.matrix_bytes(p, min(rank, p), 4 * 8)}
+        pieces = memory.common_pieces(p, size, k) + [
+            (f"{CG_PIECE} for one right-hand side ({CG_VECTORS} x ({p:,}, 1))", CG_VECTORS * p * size),
+            (f"the {name} preconditioner", extra.get(name, 0)),
+        ]
+        return pieces, k
+
+    def _rhs_per_block(self, block: int) -> int:
+        """At most ``block`` right-hand sides per block CG solve, fewer where :data:`CG_VECTORS` x
+        ``(p, block)`` would not fit the room the fit's estimate left (a one-line refusal where one
+        does not); ``block`` when the fit made no estimate (a loaded solver)."""
+        estimate = getattr(self, "estimated_memory_", None)
+        if not isinstance(estimate, memory.MemoryEstimate):
+            return block
+        budget = memory.budget_of(self.config.memory_budget, self.device)
+        room = budget - (estimate.total - estimate.bytes_of(CG_PIECE))
+        one = CG_VECTORS * self.num_params * memory.itemsize(self.dtype)
+        if one > room:
+            raise ValueError(
+                f"CgInfluence cannot hold one right-hand side's {CG_PIECE} ({memory.readable(one)}) beside its other "
+                f"pieces within memory_budget={memory.readable(budget)}. Pass a larger memory_budget, or a smaller "
+                "chunk_size."
+            )
+        return max(1, min(block, room // one))
+
     def _attach(self, operator: LinearOperator, data: TrainingData | None) -> None:
         self._operator = operator
 
@@ -359,6 +404,7 @@ class CgInfluence(InfluenceModel):
         maxiter = self.config.maxiter or min(2 * self.num_params, 1000)
         precondition = self.preconditioner_.apply if self.preconditioner_ is not None else None
         block = self.config.block_size or rhs.shape[0]
+        block = self._rhs_per_block(block)
         solutions, infos = [], []
         reporter = _progress.current()
         k = rhs.shape[0]

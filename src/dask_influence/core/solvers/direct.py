@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 from torch import Tensor
 
+from .. import memory
 from ..blocks import BlockSums
 from ..eigen import EigenOperator, check_positive_definite, factor_solve, rounding_level
 from ..operators import BlockDiagonalOperator, LinearOperator
 from ..serialization import serializable
 from .base import InfluenceModel
-from .config import SolverConfig, check_blocks, hyperparameter
+from .config import SolverConfig, check_blocks, check_positive_int, hyperparameter
 from .registry import register
 
 # Steps of the power and inverse iterations that estimate ``H``'s largest eigenvalue and
@@ -57,11 +58,15 @@ class DirectConfig(SolverConfig):
         "memory O(sum p_layer^2), the full (p, p) matrix is never formed).",
     )
 
+    memory_budget: int | None = hyperparameter(None, memory.BUDGET_HELP)
+
     solve_time: ClassVar[frozenset[str]] = frozenset({"regularization"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_blocks(self.blocks)
+        if self.memory_budget is not None:
+            check_positive_int("memory_budget", self.memory_budget)
 
 
 @register("direct")
@@ -95,6 +100,51 @@ class DirectInfluence(InfluenceModel):
     config_class = DirectConfig
     state_: DirectState | None = None
     _factors: tuple[float, tuple[Tensor, ...]] | None = None  # (lambda, lower Cholesky factor per block)
+
+    def _validate(self, config: SolverConfig) -> None:
+        """At construction: refuse in one line a dense curvature that cannot fit ``memory_budget``."""
+        assert isinstance(config, DirectConfig)
+        budget = memory.budget_of(config.memory_budget, self.device)
+        (_, matrix), (_, factor) = self._dense_pieces(config.blocks)
+        if matrix + factor > budget:
+            p, name = self.num_params, str(self.dtype).removeprefix("torch.")
+            what = "the dense (p, p) curvature" if config.blocks == "full" else "its dense per-layer blocks"
+            raise ValueError(
+                f"DirectInfluence needs {what}: {memory.short(matrix)} in {name} for p = {p:,} "
+                f"({memory.short(matrix + factor)} with its float64 Cholesky factor), beyond "
+                f"memory_budget={memory.readable(budget)}. Use CgInfluence, ArnoldiInfluence or EkfacInfluence "
+                "(or blocks='layer', or a larger memory_budget)."
+            )
+
+    def _dense_pieces(self, blocks: str) -> list[tuple[str, int]]:
+        """The dense matrix ``(p, p)`` (per block with ``blocks="layer"``: ``sum p_b^2``) in the model's
+        dtype, and the float64 Cholesky factor of the largest block with its workspace (the float64
+        copy and the shifted matrix: 2 x ``p_b^2`` float64, 3 for a float32 model)."""
+        size = memory.itemsize(self.dtype)
+        if blocks == "layer":
+            widths = [stop - start for _, start, stop in self._functions.spec.layer_slices()]
+        else:
+            widths = [self.num_params]
+        copies = 2 if size == 8 else 3
+        more = " + ..." if len(widths) > 4 else ""
+        largest = max(widths)
+        return [
+            (
+                f"the dense curvature ({' + '.join(f'{w:,}^2' for w in widths[:4])}{more})",
+                sum(w * w for w in widths) * size,
+            ),
+            (
+                f"the float64 Cholesky factor and workspace ({copies} x {largest:,} x {largest:,})",
+                copies * 8 * largest * largest,
+            ),
+        ]
+
+    def memory_pieces(self, batch_size: int) -> tuple[list[tuple[str, int]], int]:
+        """Engine hook. The dense matrix and its factor (:meth:`_dense_pieces`), the parameters and a chunk's
+        gradients; the products push 64 unit vectors at once."""
+        chunk = min(self.chunk_size, batch_size)
+        pieces = self._dense_pieces(cast(DirectConfig, self.config).blocks)
+        return memory.common_pieces(self.num_params, memory.itemsize(self.dtype), chunk) + pieces, 64
 
     def _fit(self, operator: LinearOperator, blocks: BlockSums) -> None:
         if isinstance(operator, BlockDiagonalOperator):
@@ -171,7 +221,8 @@ def _checked_cholesky(matrix: Tensor, regularization: float) -> Tensor | None:
     matrix's dtype)."""
     h = matrix.double()
     p = h.shape[0]
-    a = h + regularization * torch.eye(p, dtype=h.dtype, device=h.device)
+    a = h.clone()  # no (p, p) identity: the same numbers
+    a.diagonal().add_(regularization)
     factor, info = torch.linalg.cholesky_ex(a)
     if int(info) != 0:
         return None

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from ... import progress as _progress
 from ...errors import NotFittedError
-from .. import batches
+from .. import batches, memory
 from ..blocks import BlockSums, summed_operator
 from ..data import TrainingData
 from ..gradients import _FORWARD_LOCK, ModelFunctions, check_finite, flat_params
@@ -226,7 +226,13 @@ class SolverEngine(ABC):
     def block_curvature(self) -> CurvatureOperator:
         """Engine hook. The curvature of the loss at the trained parameters, without data: its
         ``batch_matmat(batch, V)`` is one block's curvature times ``V``."""
-        return CurvatureOperator(self._functions, self.trained_parameters(), None, self.curvature)  # type: ignore[arg-type]
+        return CurvatureOperator(
+            self._functions,
+            self.trained_parameters(),
+            None,  # type: ignore[arg-type]
+            self.curvature,
+            memory_room=self._product_room,
+        )
 
     def trained_parameters(self) -> Tensor:
         """Engine hook. The model's trainable parameters as one flat vector ``(p,)`` (checked finite)."""
@@ -250,7 +256,9 @@ class SolverEngine(ABC):
         return {name: getattr(self, name) for name in self._saved_attributes}
 
     def _operator_for(self, theta: Tensor, source: TrainingData) -> Any:
-        operator: Any = CurvatureOperator(self._functions, theta, source, self.curvature)
+        operator: Any = CurvatureOperator(
+            self._functions, theta, source, self.curvature, memory_room=self._product_room
+        )
         if self.blocks == "layer":
             slices = [(start, stop) for _, start, stop in self._functions.spec.layer_slices()]
             operator = BlockDiagonalOperator(operator, slices)
@@ -438,8 +446,52 @@ class SolverEngine(ABC):
 
     def check_loss(self, batch: Any) -> None:
         """Engine hook. Check the loss on the first training batch: it evaluates, is a finite scalar and averages
-        over the batch (:func:`.inputs.check_loss`)."""
+        over the batch (:func:`.inputs.check_loss`); then the memory for batches of its shapes
+        (:meth:`memory_estimate`: a one-line refusal before any pass where it cannot fit)."""
         inputs.check_loss(self, batch)
+        estimate = self.memory_estimate(batch)
+        if estimate is not None:
+            budget = memory.budget_of(getattr(self.config, "memory_budget", None), self.device)
+            estimate.check(budget, "Pass a larger memory_budget, smaller batches or chunk_size, or another solver.")
+            self.estimated_memory_ = estimate
+            self._product_room = budget - (estimate.total - estimate.bytes_of(memory.PRODUCT_PIECE))
+
+    # -- memory ----------------------------------------------------------------------
+    _product_room: int | None = None
+    estimated_memory_: memory.MemoryEstimate | None = None
+    """The peak memory estimated by :meth:`check_loss` before the fit's first pass (``None`` before)."""
+    """Bytes one piece of a curvature product may hold (set by :meth:`check_loss`); ``None``: unsized."""
+
+    def memory_pieces(self, batch_size: int) -> tuple[list[tuple[str, int]], int] | None:
+        """Engine hook. The pieces ``(name, bytes)`` this solver holds at its peak beside a curvature
+        product, for training batches of ``batch_size`` samples, and how many vectors its largest
+        product pushes at once; ``None`` (default): no estimate (EK-FAC plans its own memory)."""
+        return None
+
+    def memory_estimate(self, batch: Any) -> memory.MemoryEstimate | None:
+        """Engine hook. The peak memory of this solver for batches shaped as ``batch`` (from the
+        model's shapes and one sample's forward, before any pass): :meth:`memory_pieces` plus one
+        piece of its largest curvature product, as many samples and vectors as fit the rest of
+        ``memory_budget`` (:func:`~..memory.product_piece`; one of each when none fit)."""
+        n = batches.size(batch)
+        planned = self.memory_pieces(n)
+        if planned is None:
+            return None
+        pieces, vectors = planned
+        budget = memory.budget_of(getattr(self.config, "memory_budget", None), self.device)
+        theta = self.trained_parameters()
+        per = self._functions.activation_bytes(theta, batch)
+        room = budget - sum(size for _, size in pieces)
+        rows, cols = CurvatureOperator._speed_piece(per, n, min(vectors, 64))
+        piece = memory.product_piece(per, rows, cols, room) or (1, 1)
+        pieces.append(
+            (
+                f"{memory.PRODUCT_PIECE} ({piece[0]:,} samples x {piece[1]:,} of {vectors:,} vectors x "
+                f"{memory.PRODUCT_COPIES} x {memory.short(per)}, one sample's largest module output)",
+                memory.product_bytes(per, *piece),
+            )
+        )
+        return memory.MemoryEstimate.of(f"{type(self).__name__} ({self.dtype}, p = {self.num_params:,})", pieces)
 
 
 def _merge_reports(reports: list[Any]) -> Any:

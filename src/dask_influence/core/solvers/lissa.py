@@ -49,6 +49,7 @@ from torch import Tensor
 
 from ... import progress as _progress
 from ...errors import ConvergenceWarning, DivergenceError
+from .. import memory
 from ..blocks import BlockSums
 from ..data import TrainingData
 from ..lanczos import lanczos, tridiagonal
@@ -71,6 +72,10 @@ the wine outlier problem: epochs of 20-100 steps reach a tolerance in the fewest
 
 _GROWTH = 1e4  # a step this many times the size of the right-hand side (or residual) is divergence
 _MAX_BACKOFFS = 10  # doublings of the scale within one solve before divergence is reported
+
+
+LISSA_VECTORS = 10
+"""``(p, k)`` tensors a LiSSA solve of ``k`` right-hand sides holds at once (its memory estimate)."""
 
 
 @dataclass(frozen=True)
@@ -165,6 +170,7 @@ class LissaConfig(SolverConfig):
         "vanishes as the solve converges; False: the plain recursion (its noise floor limits the accuracy).",
     )
     seed: int = hyperparameter(0, "Seeds the batch draws and the scale estimate.")
+    memory_budget: int | None = hyperparameter(None, memory.BUDGET_HELP)
 
     solve_time: ClassVar[frozenset[str]] = frozenset(
         {"maxiter", "rtol", "h0", "batch_size", "epoch_length", "variance_reduction"}
@@ -188,6 +194,8 @@ class LissaConfig(SolverConfig):
         if not isinstance(self.variance_reduction, bool):
             raise TypeError(f"variance_reduction must be True or False; got {self.variance_reduction!r}.")
         self._set("seed", int(self.seed))
+        if self.memory_budget is not None:
+            check_positive_int("memory_budget", self.memory_budget)
 
 
 @register("lissa")
@@ -252,6 +260,18 @@ class LissaInfluence(InfluenceModel):
     def _attach(self, operator: CurvatureOperator, data: TrainingData | None) -> None:
         self._operator = operator
         self._data = data
+
+    def memory_pieces(self, batch_size: int) -> tuple[list[tuple[str, int]], int]:
+        """Engine hook. The iterates of a solve of a chunk of ``k = min(chunk_size, batch)`` right-hand
+        sides: :data:`LISSA_VECTORS` x ``(p, k)`` (the right-hand sides, the iterate and the best one, the
+        reference point and its product, the batch product, the step, the sums), the parameters and a
+        chunk's gradients; its products push ``k`` vectors, in pieces that fit."""
+        p, size = self.num_params, memory.itemsize(self.dtype)
+        k = min(self.chunk_size, batch_size)
+        pieces = memory.common_pieces(p, size, k) + [
+            (f"LiSSA's iterates ({LISSA_VECTORS} x ({p:,}, {k:,}))", LISSA_VECTORS * memory.matrix_bytes(p, k, size))
+        ]
+        return pieces, k
 
     def _fit(self, operator: LinearOperator, blocks: BlockSums) -> None:
         if self.scale is None:

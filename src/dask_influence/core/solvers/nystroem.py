@@ -17,11 +17,12 @@ and its regularized inverse is applied exactly by the Sherman-Morrison-Woodbury 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 from torch import Tensor
 
+from .. import memory
 from ..blocks import BlockSums
 from ..lowrank import LowRankFactor, LowRankInfo, adaptive_nystroem_sketch, nystroem_sketch
 from ..operators import LinearOperator
@@ -64,6 +65,7 @@ class NystroemConfig(SolverConfig):
     )
     max_rank: int | None = hyperparameter(None, "The most probes of rank='auto'; None: min(p, 200).")
     seed: int = hyperparameter(0, "Seeds the Gaussian test matrix.")
+    memory_budget: int | None = hyperparameter(None, memory.BUDGET_HELP)
 
     solve_time: ClassVar[frozenset[str]] = frozenset({"regularization"})
 
@@ -74,6 +76,8 @@ class NystroemConfig(SolverConfig):
         if self.max_rank is not None:
             check_positive_int("max_rank", self.max_rank)
         check_seed(self.seed)
+        if self.memory_budget is not None:
+            check_positive_int("memory_budget", self.memory_budget)
 
 
 @register("nystroem")
@@ -163,6 +167,24 @@ class NystroemSketchInfluence(InfluenceModel):
             )
         else:
             self.state_ = nystroem_sketch(operator, int(self.rank), generator)
+
+    def memory_pieces(self, batch_size: int) -> tuple[list[tuple[str, int]], int]:
+        """Engine hook. The sketch: the test matrix ``(p, m)``, its product and the float64 copies of the
+        factorization (4 x ``(p, m)`` float64 at most), ``m`` the rank (``rank="auto"``: its cap), the
+        state ``(p, m)`` in the model's dtype, the parameters and a chunk's gradients; the sketch's product
+        pushes ``m`` vectors, in pieces that fit."""
+        p, size = self.num_params, memory.itemsize(self.dtype)
+        rank = self.rank
+        cap = cast(NystroemConfig, self.config).max_rank or AUTO_MAX_RANK
+        m = min(p, cap) if rank == "auto" else int(rank)
+        pieces = memory.common_pieces(p, size, min(self.chunk_size, batch_size)) + [
+            (
+                f"the sketch's test matrix, its product and their float64 factorization (4 x ({p:,}, {m:,}))",
+                memory.matrix_bytes(p, m, 4 * 8),
+            ),
+            (f"the state's eigenvectors ({p:,}, {m:,})", memory.matrix_bytes(p, m, size)),
+        ]
+        return pieces, m
 
     @property
     def rank(self) -> int | str:
