@@ -77,7 +77,7 @@ def softmax_hessian_product(logits: Tensor, u: Tensor, weight: Tensor | None = N
         w = weight.to(u.dtype).unsqueeze(-1)
         out.mul_(w)
         dot = dot * w
-    return out.addcmul_(p, dot, value=-1.0)
+    return out.sub_(p * dot)  # not addcmul_: vmap (the GGN products' vectors) has no batching rule for it
 
 
 def generator_for(seed: int, offset: int, device: torch.device) -> torch.Generator:

@@ -331,8 +331,7 @@ class Projector:
             if phi is None:  # root-major copies of the samples: (r * m) samples, one vector each
                 copies = batches.concat([rows] * r) if r > 1 else rows
                 phi = self._projected_vjps(copies, chunk.reshape(r * (stop - start), *roots.shape[2:]))
-            phi = phi.double().cpu()
-            total += phi.T @ phi
+            total += (phi.T @ phi).double().cpu()  # in phi's dtype (see tasks.gram_block), summed in float64
         total /= n
         check_finite("the projected curvature", total, hint="Check the model and the loss for overflow.")
         return total.numpy()
