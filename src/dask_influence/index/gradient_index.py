@@ -46,7 +46,7 @@ from ..renamed import renamed, warn_renamed
 from ..storage import lock as zlock
 from ..storage import store as zstore
 from ..storage.index_info import suggested_dim
-from . import inputs, layout, runner, tasks
+from . import inputs, layout, memory_check, runner, tasks
 from .projector import LEADING_ROOTS_MAX_OUTPUTS, Projector
 
 PRECONDITIONERS = ("curvature", "fisher", "none")
@@ -78,7 +78,14 @@ class GradientIndex:
         client: where queries run: a ``distributed.Client``, ``None`` (the current client, else
             an embedded ``LocalCluster`` per call) or ``"sync"`` (this process, no Dask cluster).
         n_workers: workers of the embedded cluster (default: the number of cores).
+
+    Attributes:
+        memory_budget: bytes one worker may hold in a query (``None``: half the machine's memory);
+            a test block beyond it is refused in one line before any work
+            (:mod:`~.memory_check`). :meth:`build` sets it to its own.
     """
+
+    memory_budget: int | None = None
 
     def __init__(
         self, path: str | os.PathLike, projector: Projector, *, client: Any = None, n_workers: int | None = None
@@ -120,6 +127,7 @@ class GradientIndex:
         n_workers: int | None = None,
         progress: bool | None = None,
         block_size: int | None = None,
+        memory_budget: int | None = None,
     ) -> GradientIndex:
         """Project every training point's loss gradient into the index at ``path`` and sum the preconditioner.
 
@@ -166,6 +174,12 @@ class GradientIndex:
                 what was found.
             progress: report each pass (the projected gradients, the curvature): samples done of
                 ``n_train``, rate, ETA; ``None``: see :mod:`dask_influence.progress`.
+            memory_budget: bytes one worker may hold (``None``: half the machine's memory, 80% of
+                the GPU's). The build's peak per worker is estimated from the shapes before
+                anything is written (:func:`~.memory_check.build_estimate`: a block's projected
+                gradients, a chunk's per-sample gradients, the ``(k, k)`` sums, the block's
+                output-curvature roots or products) and refused in one line beyond it; the
+                index's queries keep it.
 
         Returns:
             the index, ready to query. ``last_run_`` says how many blocks were written and
@@ -226,6 +240,7 @@ class GradientIndex:
             "regularization_setting": regularization,
             "ggn_estimate": _ggn_estimate(projector, first, preconditioner, curvature, ggn_draws, seed, sum(sizes)),
         }
+        memory_check.check_build(projector, first, max(sizes), record, memory_budget)  # before anything is written
         zstore.check_path(path)
         with zlock.StoreLock(path, break_lock=break_lock):
             group, resumed = _prepare(
@@ -293,6 +308,7 @@ class GradientIndex:
         index = cls(path, projector, client=client, n_workers=n_workers)
         _warn_small_k(index.attributes)
         index.last_run_ = {"blocks_written": len(keys), "blocks_skipped": len(sizes) - len(keys)}
+        index.memory_budget = memory_budget
         if report is not None:
             index.last_run_["blocks_repaired"] = len(
                 set(report.damaged.get("gradients", [])) | {c[0] for c in report.unreadable_flags.get("gradients", [])}
@@ -634,6 +650,9 @@ class GradientIndex:
         source = as_source(test, block_size=block_size, name="test", perturb=self.projector.task.perturb)
         recorded = self.attributes.get("inputs")
         inputs.check_source(recorded, source, self.projector.task.pairs)  # early, on the driver
+        memory_check.check_query(
+            self.projector, lambda: _load_block(source, 0), source.block_sizes, self.attributes, self.memory_budget
+        )
         token = tokenize(self._fingerprint(lam), source.token, factor_dtype or out)
         proj_key, chol_key = f"projector-{token}", f"chol-{token}"
         dsk: dict = {
