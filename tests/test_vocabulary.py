@@ -164,3 +164,163 @@ def test_curvature_defaults_are_the_documented_ones():
     assert SolverConfig().curvature == "hessian"
     assert inspect.signature(di.GradientIndex.build).parameters["curvature"].default == "ggn"
     assert di.EkfacInfluence.config_class().curvature == "ggn"
+
+
+# -- 5. EK-FAC's output_curvature (formerly task=) and CG's rhs_block_size (formerly block_size) -------
+OLD_NEW = [("ekfac", "task", "output_curvature", "classification"), ("cg", "block_size", "rhs_block_size", 4)]
+
+
+def _solver(name, model, loss, **kw):
+    return SOLVERS[name](model, loss, regularization=LAM, **kw)
+
+
+@pytest.mark.parametrize(("name", "old", "new", "value"), OLD_NEW, ids=["ekfac", "cg"])
+def test_renamed_hyperparameters_warn_and_give_the_same_numbers(problem, name, old, new, value):
+    model, loss, (x, y), (xt, yt) = problem
+    cls = SOLVERS[name].__name__
+    solver = _quiet(_solver, name, model, loss, **{new: value}).fit((x, y))
+    assert getattr(solver.config, new) == value and getattr(solver, new) == value
+    with pytest.warns(
+        di.RenamedWarning,
+        match=rf"^{cls}: {old}= is now spelled {new}=; the old spelling still works in this release and will be "
+        r"removed in the next\.$",
+    ):
+        by_old = _solver(name, model, loss, **{old: value}).fit((x, y))
+    assert getattr(by_old.config, new) == value and not hasattr(type(by_old.config), old)
+    np.testing.assert_array_equal(by_old.influences(xt, yt, x, y).numpy(), solver.influences(xt, yt, x, y).numpy())
+    with pytest.raises(TypeError, match=rf"^{cls}: pass {new}= only \({old}= is its old spelling\)\.$"):
+        _solver(name, model, loss, **{old: value, new: value})
+    # the old attribute reads (and, where it is no other attribute, writes) the new one, warning
+    with pytest.warns(di.RenamedWarning, match=rf"^{type(solver.config).__name__}\.{old} is now spelled "):
+        assert getattr(solver.config, old) == value
+    if name == "cg":  # solver.task is the objective on every solver; block_size has no other meaning
+        with pytest.warns(di.RenamedWarning, match=r"^CgConfig\.block_size is now spelled CgConfig\.rhs_block_size"):
+            assert solver.block_size == 4
+        with pytest.warns(di.RenamedWarning, match=r"^CgInfluence: block_size= is now spelled rhs_block_size="):
+            solver.block_size = 2  # solve-time: no refit needed
+        assert solver.config.rhs_block_size == 2 and solver.is_fitted
+
+
+def _as_written_before(record: dict, old: str, new: str) -> dict:
+    """``record`` (``{name: value}``) with ``new`` spelled ``old``, as the version before the rename wrote it."""
+    return {old if k == new else k: v for k, v in record.items()}
+
+
+def _rewrite_fit_file(path, old: str, new: str) -> None:
+    """A saved fit rewritten as the version before the rename wrote it (its hyperparameter ``old``)."""
+    from dask_influence.core import serialization
+
+    record = serialization.load(str(path))
+    record["hyperparameters"] = _as_written_before(record["hyperparameters"], old, new)
+    serialization.save({k: v for k, v in record.items() if k != "format"}, str(path))
+    assert old in serialization.load(str(path))["hyperparameters"]
+
+
+@pytest.mark.parametrize(("name", "old", "new", "value"), OLD_NEW, ids=["ekfac", "cg"])
+def test_a_fit_saved_with_the_old_name_loads_with_the_same_fingerprint(problem, tmp_path, name, old, new, value):
+    model, loss, (x, y), (xt, yt) = problem
+    solver = _solver(name, model, loss, **{new: value}).fit((x, y))
+    solver.save(tmp_path / "fit.pt")
+    _rewrite_fit_file(tmp_path / "fit.pt", old, new)
+    loaded = _quiet(SOLVERS[name].load, tmp_path / "fit.pt", model, loss, train=(x, y))
+    assert getattr(loaded.config, new) == value
+    assert loaded.fingerprint() == solver.fingerprint()
+    np.testing.assert_array_equal(loaded.influences(xt, yt, x, y).numpy(), solver.influences(xt, yt, x, y).numpy())
+
+
+def test_the_rename_keeps_the_fingerprints():
+    """The fingerprints of unfitted EK-FAC solvers, as the code before the rename (commit 05ae181, when
+    the hyperparameter was task=) computed them: a store records its solver's fingerprint, and a resume
+    refuses another one."""
+
+    def model():
+        m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+        with torch.no_grad():
+            for i, p in enumerate(m.parameters()):
+                p.copy_(torch.linspace(-1, 1, p.numel(), dtype=torch.float64).reshape(p.shape) * (i + 1) / 4)
+        return m
+
+    loss = torch.nn.CrossEntropyLoss()
+    inferred = di.EkfacInfluence(model(), loss, regularization=0.1)  # output_curvature 'classification'
+    autograd = di.EkfacInfluence(model(), loss, regularization=0.1, output_curvature="autograd")
+    assert inferred.fingerprint() == "41341c7553dfa5827f3a0026c1aeabfc"
+    assert autograd.fingerprint() == "98e94fbc52c5656954085122cae0d23d"
+
+
+@pytest.mark.parametrize(("name", "old", "new", "value"), OLD_NEW, ids=["ekfac", "cg"])
+def test_a_store_and_its_fit_written_before_the_rename_resume(problem, tmp_path, name, old, new, value):
+    import zarr
+
+    from dask_influence.mapping.fitting import fit_path_for
+
+    model, loss, train, test = problem
+    store = tmp_path / "out.zarr"
+
+    def run(**kw):
+        calc = di.SequentialInfluenceCalculator(_solver(name, model, loss, **{new: value}), progress=False)
+        calc.fit(train, train_block_size=10, path=fit_path_for(store))
+        calc.influences_to_zarr(test, train, store, test_block_size=3, train_block_size=10, **kw)
+        return calc
+
+    _quiet(run)
+    group = zarr.open_group(str(store), mode="r+")
+    expected = group["influences"][:]
+    # as the version before the rename wrote them: the old name in the fit file and the store's parameters
+    _rewrite_fit_file(fit_path_for(store), old, new)
+    attrs = dict(group.attrs["dask_influence"])
+    config = attrs["config"]
+    attrs["config"] = {**config, "parameters": _as_written_before(config["parameters"], old, new)}
+    group.attrs["dask_influence"] = attrs
+    again = _quiet(run, resume=True)
+    assert again.last_fit_["reused"]
+    after = zarr.open_group(str(store), mode="r").attrs["dask_influence"]
+    assert after["config"] == attrs["config"] and after["complete"]
+    np.testing.assert_array_equal(zarr.open_group(str(store), mode="r")["influences"][:], expected)
+
+
+@pytest.mark.parametrize(("name", "old", "new", "value"), OLD_NEW, ids=["ekfac", "cg"])
+def test_the_job_file_takes_the_new_solver_key_and_warns_for_the_old(name, old, new, value):
+    from dask_influence.errors import JobFileError
+    from dask_influence.job import parse_job
+
+    def job(**solver):
+        return {"model": {"factory": "f:g"}, "solver": {"method": name, **solver}, "output": {"store": "s.zarr"}}
+
+    assert _quiet(parse_job, job(**{new: value})).solver.params == {new: value}
+    with pytest.warns(
+        di.RenamedWarning,
+        match=rf"^\[solver\] {old} is now spelled {new}; the old spelling still works in this release and will be "
+        r"removed in the next\.$",
+    ):
+        assert parse_job(job(**{old: value})).solver.params == {new: value}
+    with pytest.raises(JobFileError, match=rf"\[solver\] pass {new} only \({old} is its old spelling\)\."):
+        parse_job(job(**{old: value, new: value}))
+    with pytest.raises(JobFileError, match=rf"\[solver\] {new} must be"):  # checked under its new name
+        _quiet(parse_job, job(**{new: "no"}))
+
+
+# -- 6. the job file's keys are the section dataclasses' fields ----------------------------------------
+def test_the_job_sections_keys_are_their_dataclasses_fields():
+    import dataclasses
+
+    from dask_influence.job import sections
+
+    classes = {
+        "model": sections.ModelSection,
+        "task": sections.TaskSection,
+        "solver": sections.SolverSection,
+        "blocks": sections.BlocksSection,
+        "output": sections.OutputSection,
+        "cluster": sections.ClusterSection,
+        "index": sections.IndexSection,
+        "evaluate": sections.EvaluateSection,
+    }
+    assert list(sections.SECTIONS) == list(classes)  # the order "valid sections" lists them in
+    for name, cls in classes.items():
+        fields = [f.name for f in dataclasses.fields(cls) if f.name != "params"]  # [solver]'s class keys: params
+        assert list(sections.SECTIONS[name]) == fields, name
+    # a field added to a section is a key at once
+    Extra = dataclasses.make_dataclass(
+        "Extra", [("new_key", int, dataclasses.field(default=1))], bases=(sections.BlocksSection,), frozen=True
+    )
+    assert sections.section_keys(Extra) == ("test", "train", "new_key")

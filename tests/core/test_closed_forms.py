@@ -73,12 +73,12 @@ def test_ridge_direct(bias):
     assert err < 1e-6, f"DirectInfluence ridge relative error {err:.2e}"
 
 
-# block_size=1 solves each right-hand side on its own (several iterations per solve); the
+# rhs_block_size=1 solves each right-hand side on its own (several iterations per solve); the
 # default solves the 6 test points as one block, which spans the 5-6 dimensional space at once
-@pytest.mark.parametrize("block_size", [None, 1], ids=["block", "single"])
+@pytest.mark.parametrize("rhs_block_size", [None, 1], ids=["block", "single"])
 @pytest.mark.parametrize("preconditioner", [None, "jacobi", "nystroem"])
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
-def test_ridge_cg(bias, preconditioner, block_size):
+def test_ridge_cg(bias, preconditioner, rhs_block_size):
     model, x, y, xt, yt, exact, _ = _ridge(bias)
     m = di.CgInfluence(
         model,
@@ -86,7 +86,7 @@ def test_ridge_cg(bias, preconditioner, block_size):
         regularization=REG,
         preconditioner=preconditioner,
         preconditioner_rank=3,
-        block_size=block_size,
+        rhs_block_size=rhs_block_size,
     ).fit(loader(x, y, BATCH))
     err = rel_err(m.influences(xt, yt, x, y), exact)
     assert err < 1e-5, f"CgInfluence({preconditioner}) ridge relative error {err:.2e}"
@@ -216,9 +216,9 @@ def test_logistic_direct(logistic, curvature):
     assert err < 1e-6, f"DirectInfluence({curvature}) logistic relative error {err:.2e}"
 
 
-@pytest.mark.parametrize("block_size", [None, 1], ids=["block", "single"])
+@pytest.mark.parametrize("rhs_block_size", [None, 1], ids=["block", "single"])
 @pytest.mark.parametrize("preconditioner", [None, "jacobi", "nystroem"])
-def test_logistic_cg(logistic, preconditioner, block_size):
+def test_logistic_cg(logistic, preconditioner, rhs_block_size):
     model, x, y, xt, yt, exact, _ = logistic
     m = di.CgInfluence(
         model,
@@ -226,7 +226,7 @@ def test_logistic_cg(logistic, preconditioner, block_size):
         regularization=REG,
         preconditioner=preconditioner,
         preconditioner_rank=5,
-        block_size=block_size,
+        rhs_block_size=rhs_block_size,
     )
     m.fit(loader(x, y, BATCH))
     err = rel_err(m.influences(xt, yt, x, y), exact)

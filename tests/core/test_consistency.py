@@ -261,11 +261,11 @@ def _ill_conditioned_ridge(n=60, p=40, seed=0):
     return model, x, y, v @ torch.diag(eig) @ v.T
 
 
-@pytest.mark.parametrize("block_size", [None, 1], ids=["block", "single"])
-def test_nystroem_preconditioner_cuts_iterations(block_size):
+@pytest.mark.parametrize("rhs_block_size", [None, 1], ids=["block", "single"])
+def test_nystroem_preconditioner_cuts_iterations(rhs_block_size):
     model, x, y, _ = _ill_conditioned_ridge()
     xt, yt = x[:3], y[:3] + 1
-    kwargs = dict(regularization=1e-3, maxiter=1000, block_size=block_size)
+    kwargs = dict(regularization=1e-3, maxiter=1000, rhs_block_size=rhs_block_size)
     exact = di.DirectInfluence(model, nn.MSELoss(), regularization=1e-3).fit(loader(x, y, 16)).influences(xt, yt, x, y)
     plain = di.CgInfluence(model, nn.MSELoss(), **kwargs).fit(loader(x, y, 16))
     nys = di.CgInfluence(model, nn.MSELoss(), preconditioner="nystroem", preconditioner_rank=10, **kwargs)

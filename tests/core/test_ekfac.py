@@ -274,13 +274,13 @@ def test_own_hessian_for_plain_loss_functions_matches_closed_form():
     x, y = data(15, 4, 3, seed=11)
     closed = EkfacInfluence(model, nn.CrossEntropyLoss(), regularization=0.1).fit((x, y))
     own = EkfacInfluence(model, lambda o, t: F.cross_entropy(o, t), regularization=0.1).fit((x, y))
-    assert own.config.task is None and closed.config.task == "classification"
+    assert own.config.output_curvature is None and closed.config.output_curvature == "classification"
     for a, b in zip(own.state_.layers, closed.state_.layers):
         assert rel_err(a.corrected, b.corrected) < 1e-10
         assert rel_err(a.g_factor, b.g_factor) < 1e-10
-    with pytest.raises(ValueError, match="task=.autograd."):
+    with pytest.raises(ValueError, match="output_curvature=.autograd."):
         # cross-entropy of doubled logits: its output Hessian is not diag(p) - p p^T of the logits
-        EkfacInfluence(model, lambda o, t: F.cross_entropy(2 * o, t), task="classification").fit((x, y))
+        EkfacInfluence(model, lambda o, t: F.cross_entropy(2 * o, t), output_curvature="classification").fit((x, y))
 
 
 def test_threads_sharing_one_model_get_the_sequential_results():
@@ -504,8 +504,8 @@ def test_wine_ekfac_pearson_issue_target(wine):
 
 def test_following_the_advice_of_the_closed_form_check_works():
     """Issue 19: a temperature-scaled cross-entropy is an nn.CrossEntropyLoss whose Hessian in the
-    logits is not the closed form; the error's advice (task='autograd') must then succeed, not
-    repeat the error (task=None re-inferred 'classification' from the class)."""
+    logits is not the closed form; the error's advice (output_curvature='autograd') must then succeed, not
+    repeat the error (output_curvature=None re-inferred 'classification' from the class)."""
 
     class Tempered(nn.CrossEntropyLoss):
         def forward(self, outputs, targets):
@@ -514,10 +514,10 @@ def test_following_the_advice_of_the_closed_form_check_works():
     model = mlp()
     x, y = data(15, 4, 3, seed=11)
     loss = Tempered()
-    with pytest.raises(ValueError, match=r"Pass task='autograd'"):
+    with pytest.raises(ValueError, match=r"Pass output_curvature='autograd'"):
         EkfacInfluence(model, loss, regularization=0.1).fit((x, y))
-    solver = EkfacInfluence(model, loss, regularization=0.1, task="autograd").fit((x, y))
-    assert solver.config.task == "autograd" and solver.influences(x[:2], y[:2], x, y).shape == (2, 15)
+    solver = EkfacInfluence(model, loss, regularization=0.1, output_curvature="autograd").fit((x, y))
+    assert solver.config.output_curvature == "autograd" and solver.influences(x[:2], y[:2], x, y).shape == (2, 15)
 
 
 def test_a_sample_that_overflows_is_named_by_the_fit():

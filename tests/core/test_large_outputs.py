@@ -206,7 +206,9 @@ def test_sampled_classification_fisher_converges_and_is_checked():
     sampled.fit((x, y))
     assert _rel(sampled.curvature_matrix(), exact.curvature_matrix()) < 0.05
     with pytest.raises(ValueError, match=r"sampled Fisher assumes .*diag\(p\) - p p\^T.*differs"):
-        wrong = EkfacInfluence(model, lambda o, t: F.cross_entropy(2 * o, t), task="classification", fisher="sampled")
+        wrong = EkfacInfluence(
+            model, lambda o, t: F.cross_entropy(2 * o, t), output_curvature="classification", fisher="sampled"
+        )
         wrong.fit((x, y))
     with pytest.raises(ValueError, match=r"fisher='sampled' draws labels.*has none\. Use fisher='exact'"):
         EkfacInfluence(model, lambda o, t: F.cross_entropy(o, t), fisher="sampled").fit((x, y))

@@ -44,7 +44,7 @@ def test_ekfac_with_the_closed_form_equals_autograd_on_a_tiny_gpt2():
     task = di.tasks.causal_lm()
     closed = EkfacInfluence(model, task, regularization=0.1).fit(batch)
     assert closed._output.closed_form is not None
-    slow = EkfacInfluence(model, task, regularization=0.1, task="autograd").fit(batch)
+    slow = EkfacInfluence(model, task, regularization=0.1, output_curvature="autograd").fit(batch)
     assert slow._output.closed_form is None
     test = {k: v[:3] for k, v in lm_batch(3, 8, 16, 4).items()}
     a, b = closed.influences(test, batch), slow.influences(test, batch)
@@ -71,6 +71,8 @@ def test_ekfac_refuses_closed_form_roots_too_many_to_back_propagate():
 
 def test_ekfac_refuses_autograd_hessians_of_too_many_outputs():
     batch = lm_batch(3, 80, 64, 5)
-    solver = EkfacInfluence(_BigramLm(64).double(), di.tasks.causal_lm(), regularization=0.1, task="autograd")
+    solver = EkfacInfluence(
+        _BigramLm(64).double(), di.tasks.causal_lm(), regularization=0.1, output_curvature="autograd"
+    )
     with pytest.raises(ValueError, match=r"5,120 entries per sample.*by autograd, a 5,120 x 5,120 matrix.*closed form"):
         solver.fit(batch)

@@ -106,7 +106,7 @@ def test_lines_go_through_logging_when_the_application_shows_info(problem, capsy
 
 def test_cg_solve_over_many_test_points_reports_right_hand_sides_and_iterations(problem, capsys, every_line):
     model, loss, x, y, loader = problem
-    solver = di.CgInfluence(model, loss, regularization=1.0, block_size=16).fit(loader, progress=False)
+    solver = di.CgInfluence(model, loss, regularization=1.0, rhs_block_size=16).fit(loader, progress=False)
     solver.influence_factors(x, y, progress=True)
     said = lines(capsys.readouterr().err)
     assert said[0] == "CG solve: 0 of 40 right-hand sides"

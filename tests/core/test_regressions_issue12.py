@@ -82,10 +82,10 @@ def test_ekfac_takes_cross_entropy_as_a_function_on_float32_models(steps):
     model, x, y = _float32_classifier(steps)
     closed = di.EkfacInfluence(model, nn.CrossEntropyLoss(), regularization=0.1).fit((x, y))
     own = di.EkfacInfluence(model, lambda o, t: F.cross_entropy(o, t), regularization=0.1).fit((x, y))
-    told = di.EkfacInfluence(model, lambda o, t: F.cross_entropy(o, t), regularization=0.1, task="classification").fit(
-        (x, y)
-    )
-    assert own.config.task is None and told.config.task == "classification"
+    told = di.EkfacInfluence(
+        model, lambda o, t: F.cross_entropy(o, t), regularization=0.1, output_curvature="classification"
+    ).fit((x, y))
+    assert own.config.output_curvature is None and told.config.output_curvature == "classification"
     expected = closed.influences(x[:3], y[:3], x, y)
     for solver in (own, told):
         got = solver.influences(x[:3], y[:3], x, y)
@@ -123,15 +123,17 @@ def test_ekfac_still_refuses_a_non_convex_loss(dtype, steps):
 def test_ekfac_still_refuses_a_loss_that_is_not_the_task(dtype):
     model, x, y = _float32_classifier(5)
     model, x = model.to(dtype), x.to(dtype)
-    with pytest.raises(ValueError, match=r"task='classification' assumes .* differs by .*task='autograd'"):
-        di.EkfacInfluence(model, lambda o, t: F.cross_entropy(2 * o, t), regularization=0.1, task="classification").fit(
-            (x, y)
-        )
+    with pytest.raises(
+        ValueError, match=r"output_curvature='classification' assumes .* differs by .*output_curvature='autograd'"
+    ):
+        di.EkfacInfluence(
+            model, lambda o, t: F.cross_entropy(2 * o, t), regularization=0.1, output_curvature="classification"
+        ).fit((x, y))
     targets = torch.randn(64, 3, dtype=dtype)
-    with pytest.raises(ValueError, match=r"task='regression' assumes .* differs by"):
-        di.EkfacInfluence(model, lambda o, t: 3 * F.mse_loss(o, t), regularization=0.1, task="regression").fit(
-            (x, targets)
-        )
+    with pytest.raises(ValueError, match=r"output_curvature='regression' assumes .* differs by"):
+        di.EkfacInfluence(
+            model, lambda o, t: 3 * F.mse_loss(o, t), regularization=0.1, output_curvature="regression"
+        ).fit((x, targets))
 
 
 def test_ekfac_falls_back_to_the_outputs_dtype_for_a_loss_that_refuses_float64():

@@ -2,7 +2,7 @@
 
 EK-FAC back-propagates them to build its output-side Kronecker factors ``G``, and the
 gradient index projects the GGN with them: closed forms for cross-entropy on logits and mean
-squared error (:data:`TASKS`), an output loss's own ``curvature_roots`` (the causal-LM task),
+squared error (:data:`OUTPUT_CURVATURES`), an output loss's own ``curvature_roots`` (the causal-LM task),
 the loss's Hessian by autograd, or the sampled true Fisher (labels drawn from the model,
 :mod:`.sampled_fisher`).
 """
@@ -21,9 +21,9 @@ from . import batches
 from .gradients import LossFn
 from .sampled_fisher import closed_form_is_tested, seeded_sampled_roots, softmax_hessian_product
 
-TASKS = ("classification", "regression", "autograd")
-"""EK-FAC's ``task``: a closed form of the loss's Hessian in the outputs, or ``"autograd"``
-(the loss's own Hessian, taken by autograd)."""
+OUTPUT_CURVATURES = ("classification", "regression", "autograd")
+"""EK-FAC's ``output_curvature`` (formerly ``task``): a closed form of the loss's Hessian in the
+outputs, or ``"autograd"`` (the loss's own Hessian, taken by autograd)."""
 
 # The largest per-sample output (entries) whose Hessian EK-FAC takes by autograd (c x c per sample).
 MAX_AUTOGRAD_OUTPUTS = 4096
@@ -40,15 +40,16 @@ class OutputCurvature:
     autograd, factored by ``eigh``; ``"autograd"``: always the latter.
     """
 
-    def __init__(self, output_loss: Callable[[Tensor, Any], Tensor], task: str | None):
+    def __init__(self, output_loss: Callable[[Tensor, Any], Tensor], kind: str | None):
         self.output_loss = output_loss
         # an output loss may give its Hessian's roots in closed form (di.tasks.causal_lm's does):
         # ``curvature_roots(outputs, batch) -> (r, n, *outputs.shape[1:])``, checked like the
-        # others; task="autograd" declines it
+        # others; output_curvature="autograd" declines it
         self.closed_form: Callable[[Tensor, Any], Tensor] | None = (
-            getattr(output_loss, "curvature_roots", None) if task is None else None
+            getattr(output_loss, "curvature_roots", None) if kind is None else None
         )
-        self.task = None if task == "autograd" else task
+        self.kind = None if kind == "autograd" else kind
+        """``"classification"``, ``"regression"`` or ``None`` (the loss's own roots or Hessian)."""
 
     def sample_loss(self, o: Tensor, sample: Any) -> Tensor:
         """The loss of one sample's outputs ``o`` (without the sample dimension)."""
@@ -58,16 +59,16 @@ class OutputCurvature:
         """Whether the sampled Fisher is known for these outputs: softmax cross-entropy over
         ``(n, c)`` logits, mean squared error, or an output loss with ``sampled_roots`` (the
         causal-LM task)."""
-        if self.task == "classification":
+        if self.kind == "classification":
             return outputs.ndim == 2
-        if self.task == "regression":
+        if self.kind == "regression":
             return True
         return self.closed_form is not None and hasattr(self.output_loss, "sampled_roots")
 
     def sampled(self, outputs: Tensor, targets: Any, draws: int, seed: int, offset: int) -> Tensor:
         """Sampled roots ``(draws, n, *outputs.shape[1:])``, each sample's labels seeded by ``seed``
         and its index ``offset + j`` (:func:`~dask_influence.core.sampled_fisher.seeded_sampled_roots`)."""
-        kind = self.task if self.task in ("classification", "regression") else None
+        kind = self.kind if self.kind in ("classification", "regression") else None
         roots = seeded_sampled_roots(self.output_loss, kind, outputs, targets, draws, seed, offset)
         assert roots is not None  # can_sample() was asked first
         return roots
@@ -76,9 +77,9 @@ class OutputCurvature:
         """The batch mean loss's Hessian in the outputs times ``u``, as the sampled Fisher
         estimates it (its expectation): ``(n, *outputs.shape[1:])``."""
         n = outputs.shape[0]
-        if self.task == "classification":
+        if self.kind == "classification":
             return softmax_hessian_product(outputs, u) / n
-        if self.task == "regression":
+        if self.kind == "regression":
             return u * (2.0 / outputs.numel())
         product = self.output_loss.curvature_product(outputs, targets, u)  # type: ignore[attr-defined]
         return cast(Tensor, product)
@@ -112,11 +113,11 @@ class OutputCurvature:
             form = {
                 "classification": "diag(p) - p p^T of softmax cross-entropy",
                 "regression": "(2/c) I of mean squared error",
-            }.get(str(self.task), f"{type(self.output_loss).__name__}.curvature_product")
+            }.get(str(self.kind), f"{type(self.output_loss).__name__}.curvature_product")
             raise ValueError(
                 f"The sampled Fisher assumes the loss's Hessian in the outputs is {form}, but the loss's own "
-                f"Hessian-vector product differs by {error:.3e} (of {scale:.3e}). Pass task='autograd' and "
-                "fisher='exact' to use the loss's own Hessian."
+                f"Hessian-vector product differs by {error:.3e} (of {scale:.3e}). Pass output_curvature='autograd' "
+                "and fisher='exact' to use the loss's own Hessian."
             )
 
     def gradients(self, outputs: Tensor, targets: Any) -> Tensor:
@@ -150,11 +151,11 @@ class OutputCurvature:
     def roots(self, outputs: Tensor, targets: Any) -> Tensor:
         """The columns of ``S`` as back-propagation vectors: ``(c, n, *outputs.shape[1:])``."""
         n, c = outputs.shape[0], outputs[0].numel()
-        if self.task == "classification" and outputs.ndim == 2:
+        if self.kind == "classification" and outputs.ndim == 2:
             p = torch.softmax(outputs.double(), dim=1)
             s = p.sqrt()
             root = torch.diag_embed(s) - p[:, :, None] * s[:, None, :]
-        elif self.task == "regression":
+        elif self.kind == "regression":
             root = math.sqrt(2.0 / c) * torch.eye(c, dtype=torch.float64, device=outputs.device).expand(n, c, c)
         elif c > MAX_AUTOGRAD_OUTPUTS:
             if self.closed_form is not None:
@@ -194,7 +195,7 @@ class OutputCurvature:
 
     def check(self, outputs: Tensor, targets: Any) -> None:
         """Check a closed form against the loss's own Hessian on a few samples; raise if they differ."""
-        if self.task is None and self.closed_form is None:
+        if self.kind is None and self.closed_form is None:
             return
         o, y = outputs[:8].detach(), batches.slice_rows(targets, 0, 8)
         c = o[0].numel()
@@ -205,9 +206,9 @@ class OutputCurvature:
         # tiny, cancelled) entries: diag(p) and p p^T of a confident sample are near 1 while
         # diag(p) - p p^T is near 0; S is stored in the outputs' dtype. So the tolerance is
         # relative to the largest term and to the coarsest precision involved.
-        if self.task == "classification" and o.ndim == 2:
+        if self.kind == "classification" and o.ndim == 2:
             terms = float(torch.softmax(o.double(), dim=1).max())
-        elif self.task == "regression":
+        elif self.kind == "regression":
             terms = 2.0 / c
         else:
             terms = 0.0
@@ -216,28 +217,32 @@ class OutputCurvature:
         tol = max(1e-8, 64 * c * eps) * scale
         error = float((closed - exact).abs().max())
         if error > tol:
-            if self.task is None:
+            if self.kind is None:
                 raise ValueError(
                     f"The output loss's curvature_roots ({type(self.output_loss).__name__}) differ from the "
                     f"loss's own Hessian in the outputs by {error:.3e}; fix curvature_roots, or pass "
-                    "task='autograd' to use the loss's own Hessian."
+                    "output_curvature='autograd' to use the loss's own Hessian."
                 )
             form = {
                 "classification": "diag(p) - p p^T of softmax cross-entropy",
                 "regression": "(2/c) I of mean squared error",
-            }[self.task]
+            }[self.kind]
             raise ValueError(
-                f"task={self.task!r} assumes the loss's Hessian in the outputs is {form}, but the "
-                f"loss's own Hessian differs by {error:.3e}. Pass task='autograd' to use the loss's own Hessian."
+                f"output_curvature={self.kind!r} assumes the loss's Hessian in the outputs is {form}, but the "
+                f"loss's own Hessian differs by {error:.3e}. Pass output_curvature='autograd' to use the loss's "
+                "own Hessian."
             )
 
 
-def infer_task(loss: LossFn | None, task: str | None) -> str | None:
-    """The task from ``task`` or the loss's type; ``None`` means the loss's own Hessian is used."""
-    if task is not None:
-        if task not in TASKS:
-            raise ValueError(f"task must be 'classification', 'regression', 'autograd' or None; got {task!r}.")
-        return task
+def infer_output_curvature(loss: LossFn | None, kind: str | None) -> str | None:
+    """The output curvature ``kind`` (:data:`OUTPUT_CURVATURES`), or the one of the loss's type;
+    ``None`` means the loss's own Hessian is used."""
+    if kind is not None:
+        if kind not in OUTPUT_CURVATURES:
+            raise ValueError(
+                f"output_curvature must be 'classification', 'regression', 'autograd' or None; got {kind!r}."
+            )
+        return kind
     if isinstance(loss, nn.CrossEntropyLoss):
         return "classification"
     if isinstance(loss, nn.MSELoss):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import re
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -75,42 +75,6 @@ class _MethodNames(Mapping):
 #: ``[solver] method`` -> name of the solver class (from :data:`~dask_influence.core.solvers.registry.SOLVERS`).
 SOLVER_METHODS: Mapping[str, str] = _MethodNames()
 
-# keys of each section (the [solver] keys besides `method` come from the solver class)
-SECTIONS: dict[str, tuple[str, ...]] = {
-    "model": ("factory", "path", "options"),
-    "task": ("name", "factory", "options"),
-    "solver": ("method",),
-    "blocks": ("test", "train"),
-    "output": ("store", "mode", "top_k", "self_influences"),
-    "cluster": ("scheduler", "security", "workers", "threads", "memory_limit", "gpu", "sequential"),
-    "index": (
-        "store",
-        "projection_dim",
-        "projection",
-        "seed",
-        "dtype",
-        "preconditioner",
-        "curvature",
-        "regularization",
-        "ggn_draws",
-        "layers",
-    ),
-    "evaluate": (
-        "retrain",
-        "options",
-        "store",
-        "methods",
-        "n_subsets",
-        "fraction",
-        "seeds",
-        "seed",
-        "points",
-        "warm_start",
-        "corrupted",
-        "confidence",
-        "n_bootstrap",
-    ),
-}
 RENAMED_KEYS: dict[str, dict[str, str]] = {
     "evaluate": {"train": "retrain", "loo_points": "points", "bootstrap": "n_bootstrap"}
 }
@@ -322,6 +286,28 @@ class EvaluateSection:
     corrupted: tuple[int, ...] = ()
     confidence: float = api_default(_lds, "confidence")
     n_bootstrap: int = api_default(_lds, "n_bootstrap")
+
+
+def section_keys(cls: type, *, without: tuple[str, ...] = (), extra: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The keys of a section: the fields of its dataclass ``cls`` in declaration order (less
+    ``without``: fields that are no key), then ``extra`` (keys that are no field)."""
+    return tuple(f.name for f in fields(cls) if f.name not in without) + extra
+
+
+SECTIONS: dict[str, tuple[str, ...]] = {
+    "model": section_keys(ModelSection),
+    "task": section_keys(TaskSection),
+    # besides these, [solver] takes the fields of the solver class's configuration (the registry)
+    "solver": section_keys(SolverSection, without=("params",)),
+    "blocks": section_keys(BlocksSection),
+    "output": section_keys(OutputSection),
+    "cluster": section_keys(ClusterSection),
+    "index": section_keys(IndexSection),
+    "evaluate": section_keys(EvaluateSection),
+}
+"""``section -> its keys``, from the section dataclasses' fields (a new field is a key at once). The
+old spellings of :data:`RENAMED_KEYS` (and a solver's ``config_class.renamed``) are no keys: they
+are renamed, with a ``RenamedWarning``, before the keys are checked."""
 
 
 @dataclass(frozen=True)

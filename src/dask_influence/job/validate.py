@@ -204,14 +204,15 @@ def _solver(table: dict | None, base: Path, problems: list[str]) -> SolverSectio
         hint = f"; did you mean {close[0]!r}?" if close else "."
         problems.append(f"[solver] unknown method {method!r}; choose one of {', '.join(SOLVER_METHODS)}{hint}")
         return None
-    section = SolverSection(method=key, params=params, **fit)
+    renames = solver_class(key).config_class.renamed  # old spellings of its hyperparameters
+    section = SolverSection(method=key, params=_renamed_keys("solver", params, problems, renames), **fit)
     n_before = len(problems)
     _check_solver_params(section, problems)
     return section if len(problems) == n_before else None
 
 
-#: ``[solver]`` keys about the fit itself rather than the solver class.
-FIT_KEYS = ("distributed_fit", "fit_file")
+#: ``[solver]`` keys about the fit itself rather than the solver class (SolverSection's fields).
+FIT_KEYS = tuple(k for k in SECTIONS["solver"] if k != "method")
 
 
 def _fit_keys(table: dict, base: Path, problems: list[str]) -> dict[str, Any]:
@@ -566,10 +567,12 @@ def _required_path(section: str, table: Mapping[str, Any], problems: list[str], 
     return resolve_path(store, base)
 
 
-def _renamed_keys(section: str, table: dict, problems: list[str]) -> dict:
-    """``table`` with the old spellings of :data:`RENAMED_KEYS` renamed, each with a ``RenamedWarning``;
-    a table with both spellings of a key is a problem."""
-    renames = {old: new for old, new in RENAMED_KEYS.get(section, {}).items() if old in table}
+def _renamed_keys(section: str, table: dict, problems: list[str], renamed: Mapping[str, str] | None = None) -> dict:
+    """``table`` with the old spellings of :data:`RENAMED_KEYS` (or ``renamed``: ``{old: new}``, a
+    solver's renamed hyperparameters) renamed, each with a ``RenamedWarning``; a table with both
+    spellings of a key is a problem."""
+    renamed = RENAMED_KEYS.get(section, {}) if renamed is None else renamed
+    renames = {old: new for old, new in renamed.items() if old in table}
     if not renames:
         return table
     import warnings

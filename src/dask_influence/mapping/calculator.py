@@ -312,6 +312,8 @@ class _BlockCalculator:
         fit = self._fit_identity(config, refit)
         with zlock.StoreLock(path, break_lock=break_lock, wait_seconds=wait_for_lock) as lock:
             generation = None if not resume else _generation_of(path)
+            if resume:
+                config = _with_recorded_names(config, path, type(self.solver.config).renamed)
             group = zstore.prepare_store(
                 path, config=config, layout=layout, resume=resume, overwrite=overwrite, fit=fit
             )
@@ -503,6 +505,23 @@ def _saves_factors(save_factors: bool | str, plan: Any, graph: InfluenceGraph, n
     factor_values = plan.n_test * int(num_params)
     influence_values = plan.n_test * plan.n_train * max(1, int(np.prod(graph.feature_shape)))
     return factor_values * np.dtype(graph.dtype).itemsize <= FACTORS_AUTO_BYTES or factor_values <= influence_values
+
+
+def _with_recorded_names(config: dict, path: str, renamed: Any) -> dict:
+    """``config`` with a renamed hyperparameter (``renamed``: ``{old: new}``, ``SolverConfig.renamed``)
+    under its old name where the existing store at ``path`` recorded it so: a store written before
+    the rename resumes (its recorded parameters are compared with the solver's)."""
+    if not renamed:
+        return config
+    try:
+        attrs: Any = zarr.open_group(path, mode="r").attrs[zstore.ATTR]
+        stored = dict(attrs.get("config", {}).get("parameters") or {})
+    except Exception:
+        return config
+    back = {new: old for old, new in renamed.items() if old in stored and new not in stored}
+    if not back:
+        return config
+    return {**config, "parameters": {back.get(k, k): v for k, v in config["parameters"].items()}}
 
 
 def _generation_of(path: str) -> int | None:

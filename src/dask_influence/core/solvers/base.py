@@ -110,6 +110,7 @@ class InfluenceModel(SolverEngine):
             if not isinstance(config, cls.config_class):
                 raise TypeError(f"{cls.__name__} takes a {cls.config_class.__name__}; got {type(config).__name__}.")
             return config
+        hyperparameters = cls.config_class.keywords(cls.__name__, hyperparameters)  # old names: renamed, warned
         allowed = cls.config_class.field_names()
         unknown = sorted(set(hyperparameters) - set(allowed))
         if unknown:
@@ -127,12 +128,14 @@ class InfluenceModel(SolverEngine):
 
     def __getattr__(self, name: str) -> Any:
         config = self.__dict__.get("config")
-        if config is not None and name in type(config).field_names():
-            return getattr(config, name)
+        if config is not None and (name in type(config).field_names() or name in type(config).renamed):
+            return getattr(config, name)  # an old name warns (SolverConfig.renamed)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __setattr__(self, name: str, value: Any) -> None:
         config = self.__dict__.get("config")
+        if config is not None and name in type(config).renamed:  # an old name: warned, then the new one
+            name = next(iter(type(config).keywords(type(self).__name__, {name: value})))
         if name == "config" or (config is not None and name in type(config).field_names()):
             new = value if name == "config" else cast(SolverConfig, config).replace(**{name: value})
             self._change_config(new)

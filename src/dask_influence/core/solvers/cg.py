@@ -12,6 +12,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import torch
@@ -259,12 +260,17 @@ class CgConfig(SolverConfig):
         "Preconditioner instance; fitted in fit and applied at every iteration.",
     )
     preconditioner_rank: int = hyperparameter(10, "Rank of the Nystroem preconditioner.")
-    block_size: int | None = hyperparameter(None, "Solve at most this many right-hand sides together (default: all).")
+    rhs_block_size: int | None = hyperparameter(
+        None,
+        "Right-hand sides (test points) solved together by one block CG, at most (default: all of a call's; "
+        "formerly block_size). Not a data block: a memory and convergence knob of the solve.",
+    )
     seed: int = hyperparameter(0, "Seeds the preconditioner's random probes.")
     blocks: str = hyperparameter("full", "'full' or 'layer' (block-diagonal curvature, one block per layer).")
     memory_budget: int | None = hyperparameter(None, memory.BUDGET_HELP)
 
-    solve_time: ClassVar[frozenset[str]] = frozenset({"regularization", "rtol", "atol", "maxiter", "block_size"})
+    solve_time: ClassVar[frozenset[str]] = frozenset({"regularization", "rtol", "atol", "maxiter", "rhs_block_size"})
+    renamed = MappingProxyType({"block_size": "rhs_block_size"})  # block sizes name data blocks (docs/api.md)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -273,8 +279,8 @@ class CgConfig(SolverConfig):
         self._set("atol", check_nonnegative("atol", self.atol))
         if self.maxiter is not None:
             check_positive_int("maxiter", self.maxiter)
-        if self.block_size is not None:
-            check_positive_int("block_size", self.block_size)
+        if self.rhs_block_size is not None:
+            check_positive_int("rhs_block_size", self.rhs_block_size)
         check_positive_int("preconditioner_rank", self.preconditioner_rank)
         check_seed(self.seed)
         check_blocks(self.blocks)
@@ -306,7 +312,8 @@ class CgInfluence(InfluenceModel):
             ``preconditioner_rank``) or a :class:`Preconditioner` instance. It is fitted in
             ``fit`` and applied at every iteration.
         preconditioner_rank: rank of the Nystroem preconditioner.
-        block_size: solve at most this many right-hand sides together (default: all).
+        rhs_block_size: solve at most this many right-hand sides together (default: all; formerly
+            ``block_size``, which still works with a ``RenamedWarning``).
         blocks: ``"full"`` or ``"layer"`` (block-diagonal curvature, one block per layer).
         seed: seeds the preconditioner's random probes.
 
@@ -403,7 +410,7 @@ class CgInfluence(InfluenceModel):
         damped = DampedOperator(self._operator, self.regularization)
         maxiter = self.config.maxiter or min(2 * self.num_params, 1000)
         precondition = self.preconditioner_.apply if self.preconditioner_ is not None else None
-        block = self.config.block_size or rhs.shape[0]
+        block = self.config.rhs_block_size or rhs.shape[0]
         block = self._rhs_per_block(block)
         solutions, infos = [], []
         reporter = _progress.current()

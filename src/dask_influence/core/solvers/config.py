@@ -17,7 +17,9 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 from torch import Tensor
@@ -121,6 +123,12 @@ class SolverConfig:
     solve_time: ClassVar[frozenset[str]] = frozenset()
     """Fields that may change after fitting without a refit."""
 
+    renamed: ClassVar[Mapping[str, str]] = MappingProxyType({})
+    """``{old name: new name}`` of renamed hyperparameters. The old keyword (and job-file key,
+    and attribute) keeps working for one release with a ``RenamedWarning``; a fit saved with
+    the old name still loads (:meth:`upgrade`), and fingerprints hash the old name
+    (:meth:`fingerprint_dict`), so that stores written before the rename still resume."""
+
     def __post_init__(self) -> None:
         missing = [name for name in self.field_names() if getattr(self, name) is REQUIRED]
         if missing:
@@ -132,6 +140,42 @@ class SolverConfig:
         self._set("regularization", check_nonnegative("regularization", self.regularization))
         self._set("curvature", Curvature.parse(self.curvature).value)
         self._set("chunk_size", check_positive_int("chunk_size", self.chunk_size))
+
+    if not typing.TYPE_CHECKING:  # type checkers keep refusing unknown attributes
+
+        def __getattr__(self, name: str) -> Any:
+            """An old name of :attr:`renamed`: the new one's value, with a ``RenamedWarning``."""
+            new = type(self).renamed.get(name)
+            if new is None:
+                raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+            from ...renamed import warn_renamed
+
+            warn_renamed(f"{type(self).__name__}.{name}", f"{type(self).__name__}.{new}")
+            return getattr(self, new)
+
+    @classmethod
+    def keywords(cls, where: str, hyperparameters: dict[str, Any]) -> dict[str, Any]:
+        """``hyperparameters`` as a user passed them, with the old names of :attr:`renamed` changed
+        to the new ones, each with a ``RenamedWarning`` naming ``where`` (``TypeError``: both given)."""
+        if not any(old in hyperparameters for old in cls.renamed):
+            return hyperparameters
+        from ...renamed import renamed
+
+        out = dict(hyperparameters)
+        for old, new in cls.renamed.items():
+            if old in out:
+                out[new] = renamed(where, old, out.pop(old), new, out.get(new), stacklevel=5)
+        return out
+
+    @classmethod
+    def upgrade(cls, hyperparameters: Mapping[str, Any]) -> dict[str, Any]:
+        """Recorded hyperparameters (a saved fit's) with the old names of :attr:`renamed` changed to
+        the new ones, silently: a file written before a rename loads as it was written."""
+        out = dict(hyperparameters)
+        for old, new in cls.renamed.items():
+            if old in out and new not in out:
+                out[new] = out.pop(old)
+        return out
 
     def _set(self, name: str, value: Any) -> None:
         """Normalize a field in ``__post_init__`` (the dataclass is frozen)."""
@@ -178,6 +222,13 @@ class SolverConfig:
     def replace(self, **changes: Any) -> SolverConfig:
         """A copy with ``changes`` applied (and validated)."""
         return dataclasses.replace(self, **changes)
+
+    def fingerprint_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` with each renamed hyperparameter under its old name (:attr:`renamed`): what
+        the fingerprint hashes, so that a rename leaves fingerprints (and the stores that record
+        them) as they were."""
+        old_names = {new: old for old, new in self.renamed.items()}
+        return {old_names.get(k, k): v for k, v in self.to_dict().items()}
 
     def fit_relevant(self) -> dict[str, Any]:
         """:meth:`to_dict` without the :attr:`solve_time` fields: what a fit depends on."""

@@ -51,11 +51,10 @@ from ..kronecker import (
     rotated_square_sum,
     self_contract,
     tied_layer_grads,
-    tied_pieces,
     up_contract,
 )
 from ..operators import LinearOperator
-from ..output_curvature import TASKS, OutputCurvature, infer_task
+from ..output_curvature import OUTPUT_CURVATURES, OutputCurvature, infer_output_curvature
 from ..serialization import serializable
 from ..task import Task
 from .base import InfluenceModel
@@ -70,9 +69,12 @@ __all__ = [  # with the names of the split-off modules that tests and the index 
     "FitMemory",
     "OutputCurvature",
     "find_layers",
+    "infer_output_curvature",
     "infer_task",
     "left_out_parameters",
 ]
+
+infer_task = infer_output_curvature  # its former name, which the index imports
 
 EXACT_ROOTS_BUDGET = 256
 """``fisher="auto"`` back-propagates the exact roots of the loss's Hessian in the outputs while
@@ -133,7 +135,7 @@ class EkfacInfluence(InfluenceModel):
             warning naming it.
         task: the objective (positional): a :class:`~..task.Task` with ``outputs`` and
             ``output_loss``, or a loss ``loss(outputs, targets)`` with mean reduction; ``None``
-            picks ``nn.CrossEntropyLoss()`` or ``nn.MSELoss()`` from the keyword ``task=``.
+            picks ``nn.CrossEntropyLoss()`` or ``nn.MSELoss()`` from ``output_curvature``.
         regularization: ``lambda >= 0`` added to every eigenvalue: ``(C + lambda I)^-1``.
         update_diagonal: ``True`` for EK-FAC (a second pass refits the eigenvalues), ``False``
             for K-FAC.
@@ -144,9 +146,11 @@ class EkfacInfluence(InfluenceModel):
             naming it; ``"head"`` factors it as the head's layer (``A`` ``(d, d)`` from the
             head's inputs, ``G`` diagonal ``(V,)``) and adds the embedding use's gradient to
             every gradient and to the corrected eigenvalues, with one warning naming it.
-        task= (keyword, kept in ``solver.config.task``; ``solver.task`` is the objective): the
-            output curvature, ``"classification"`` (cross-entropy on logits), ``"regression"`` (mean squared
-            error) or ``None``: inferred from ``nn.CrossEntropyLoss``/``nn.MSELoss``, and for
+        output_curvature: the loss's curvature in the outputs (``solver.config.output_curvature``;
+            formerly the keyword ``task=``, which still works with a ``RenamedWarning``):
+            ``"classification"`` (cross-entropy on logits), ``"regression"`` (mean squared error),
+            ``"autograd"`` (the loss's own Hessian in the outputs) or ``None``: a Task's
+            ``output_curvature``, else inferred from ``nn.CrossEntropyLoss``/``nn.MSELoss``, and for
             any other loss its own Hessian in the outputs is taken by autograd. A closed form
             is checked against autograd on the first batch.
         chunk_size: samples per batched forward/backward pass (memory knob).
@@ -175,7 +179,7 @@ class EkfacInfluence(InfluenceModel):
         **hyperparameters: Any,
     ):
         config = cast(EkfacConfig, self._make_config(config, hyperparameters))  # an instance of config_class
-        # ``task``: the objective; ``kind``: the output curvature (the ``task=`` hyperparameter, config.task)
+        # ``task``: the objective; ``kind``: the output curvature (config.output_curvature)
         if isinstance(task, Task):
             if not task.has_outputs:
                 raise ValueError(
@@ -184,19 +188,23 @@ class EkfacInfluence(InfluenceModel):
                     "output_loss=fn(outputs, batch) -> loss) (the ready-made tasks of di.tasks carry "
                     "them), or use another solver (e.g. CgInfluence)."
                 )
-            kind = config.task or task.output_curvature
-            if kind is not None and kind not in TASKS:
-                raise ValueError(f"task must be 'classification', 'regression', 'autograd' or None; got {kind!r}.")
+            kind = config.output_curvature or task.output_curvature
+            if kind is not None and kind not in OUTPUT_CURVATURES:
+                raise ValueError(
+                    f"output_curvature must be 'classification', 'regression', 'autograd' or None; got {kind!r}."
+                )
         else:
-            kind = infer_task(task, config.task)
+            kind = infer_output_curvature(task, config.output_curvature)
             if task is None:
                 if kind is None:
-                    raise ValueError("Pass a loss, or task='classification' or 'regression' to use the default one.")
+                    raise ValueError(
+                        "Pass a loss, or output_curvature='classification' or 'regression' to use the default one."
+                    )
                 task = nn.CrossEntropyLoss() if kind == "classification" else nn.MSELoss()
         # Reading the model's trainable parameters races with another thread's forward
         # (functional_call swaps them for plain tensors), so construction holds the lock too.
         with _FORWARD_LOCK:
-            super().__init__(model, task, config.replace(task=kind))
+            super().__init__(model, task, config.replace(output_curvature=kind))
             self._layers = find_layers(model, self._functions.spec, self.config.layers, self.config.tied)
         # what the hooks watch: the layers, then the embedding uses of tied heads (tied="head")
         self._captured = self._layers + [layer.tied_use for layer in self._layers if layer.tied_use is not None]
@@ -288,7 +296,8 @@ class EkfacInfluence(InfluenceModel):
             raise ValueError(
                 "fisher='sampled' draws labels from the model's predictive distribution, which is known for "
                 "softmax cross-entropy over (n, c) logits, mean squared error and the causal-LM task; this "
-                f"loss ({type(self._output.output_loss).__name__}, task={self.task!r}) has none. Use fisher='exact'."
+                f"loss ({type(self._output.output_loss).__name__}, "
+                f"output_curvature={self.config.output_curvature!r}) has none. Use fisher='exact'."
             )
         return can and (choice == "sampled" or int(outputs[0].numel()) > EXACT_ROOTS_BUDGET)
 
@@ -524,8 +533,10 @@ class EkfacInfluence(InfluenceModel):
         return self._apply(eye, power=1.0, regularization=0.0)
 
     # -- influences: the base class's scoring hooks, layer by layer --------------------------------
-    def _pieces(self, theta: Tensor, batch: Any) -> Iterator[list[tuple[Tensor, Tensor]]]:
-        """Per chunk of a prepared batch, per layer ``(g (m, P, o), a (m, P, i))`` at the true targets."""
+    def _pieces(self, theta: Tensor, batch: Any) -> Iterator[list[tuple[Tensor, Tensor] | Tensor]]:
+        """Per chunk of a prepared batch, per layer ``(g (m, P, o), a (m, P, i))`` at the true targets;
+        for a tied LM head its per-sample gradients through both uses ``(m, V, i)``
+        (:func:`~..kronecker.tied_layer_grads`: the embedding's share added to token rows)."""
         step = self._chunk(theta, batch, scoring=True)  # chunk_size, or fewer to fit memory_budget
         for s in range(0, batches.size(batch), step):
             chunk = batches.slice_rows(batch, s, s + step)
@@ -533,7 +544,7 @@ class EkfacInfluence(InfluenceModel):
             yield [
                 (g[:, 0], a)
                 if layer.tied_use is None
-                else tied_pieces((g, a), pieces[len(self._layers) + self._tied_index(layer)], 0)
+                else tied_layer_grads((g, a), pieces[len(self._layers) + self._tied_index(layer)], 0)
                 for layer, (g, a) in zip(self._layers, pieces)
             ]
 
@@ -545,8 +556,8 @@ class EkfacInfluence(InfluenceModel):
         """Per chunk, flat per-sample gradients ``(m, p)`` assembled from ``sum_t g_t a_t^T``."""
         for pieces in self._pieces(theta, batch):
             flat = torch.zeros(pieces[0][0].shape[0], self.num_params, dtype=self.dtype, device=self.device)
-            for layer, (g, a) in zip(self._layers, pieces):
-                layer.write_matrix(layer_grads(g, a), flat)
+            for layer, piece in zip(self._layers, pieces):
+                layer.write_matrix(piece if isinstance(piece, Tensor) else layer_grads(*piece), flat)
             yield flat
 
     def per_sample_grads_from_factors(self, *points: Any) -> Tensor:
@@ -584,7 +595,7 @@ class EkfacInfluence(InfluenceModel):
         blocks = [layer.to_matrix(factors) for layer in self._layers]
         parts = []
         for pieces in self._pieces(theta, batch):
-            parts.append(cast(Tensor, sum(up_contract(f, g, a) for f, (g, a) in zip(blocks, pieces))))
+            parts.append(cast(Tensor, sum(up_contract(f, piece) for f, piece in zip(blocks, pieces))))
         return torch.cat(parts, dim=1)
 
     def _self_influences(self, theta: Tensor, batch: Any) -> tuple[Tensor, Any]:
@@ -595,7 +606,7 @@ class EkfacInfluence(InfluenceModel):
         parts = []
         meter = _progress.current().meter(f"{self._progress_title()} self-influences", batches.size(batch), "points")
         for pieces in self._pieces(theta, batch):
-            terms = (self_contract(f, d, g, a) for f, d, (g, a) in zip(self._factors(), inverse, pieces))
+            terms = (self_contract(f, d, piece) for f, d, piece in zip(self._factors(), inverse, pieces))
             parts.append(cast(Tensor, sum(terms)))
             meter.advance(parts[-1].shape[0])
         meter.finish()

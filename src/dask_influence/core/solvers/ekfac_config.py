@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import ClassVar
 
-from ..output_curvature import TASKS
+from ..output_curvature import OUTPUT_CURVATURES
 from .config import SolverConfig, check_positive_int, check_seed, hyperparameter
 from .ekfac_layers import TIED_CHOICES
 
@@ -26,10 +27,11 @@ class EkfacConfig(SolverConfig):
         "Names of the modules to include (None: every trainable Linear, Conv2d, Embedding and Hugging Face "
         "Conv1D); other trainable parameters are left out (zero factor entries) with one warning.",
     )
-    task: str | None = hyperparameter(
+    output_curvature: str | None = hyperparameter(
         None,
-        "'classification' (cross-entropy on logits), 'regression' (mean squared error), 'autograd' (the "
-        "loss's own Hessian in the outputs) or None: inferred from nn.CrossEntropyLoss/nn.MSELoss, else 'autograd'.",
+        "The loss's curvature in the outputs (formerly task=): 'classification' (cross-entropy on logits), "
+        "'regression' (mean squared error), 'autograd' (the loss's own Hessian in the outputs) or None: the "
+        "task's own (Task.output_curvature), inferred from nn.CrossEntropyLoss/nn.MSELoss, else 'autograd'.",
     )
     fisher: str = hyperparameter(
         "auto",
@@ -59,6 +61,7 @@ class EkfacConfig(SolverConfig):
     )
 
     solve_time: ClassVar[frozenset[str]] = frozenset({"regularization"})
+    renamed = MappingProxyType({"task": "output_curvature"})  # the objective is the solver's task
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -68,8 +71,11 @@ class EkfacConfig(SolverConfig):
             if isinstance(self.layers, str) or not all(isinstance(n, str) for n in self.layers):
                 raise TypeError(f"layers must be a list of module names or None; got {self.layers!r}.")
             self._set("layers", tuple(self.layers))
-        if self.task is not None and self.task not in TASKS:
-            raise ValueError(f"task must be 'classification', 'regression', 'autograd' or None; got {self.task!r}.")
+        if self.output_curvature is not None and self.output_curvature not in OUTPUT_CURVATURES:
+            raise ValueError(
+                "output_curvature must be 'classification', 'regression', 'autograd' or None; "
+                f"got {self.output_curvature!r}."
+            )
         if self.tied not in TIED_CHOICES:
             raise ValueError(f"tied must be 'exclude' or 'head'; got {self.tied!r}.")
         if self.fisher not in FISHER_CHOICES:

@@ -10,7 +10,8 @@ plain data, read with ``weights_only=True``; objects are rebuilt only from its a
 The record (a ``dict``):
 
 - ``method``: the registered solver name; ``class``: the solver class's name;
-- ``hyperparameters``: ``config.to_dict()``;
+- ``hyperparameters``: ``config.to_dict()`` (a record written before a hyperparameter was renamed
+  is read with the new name: ``SolverConfig.upgrade``);
 - ``params_checksum``: sha256 of the flat trainable parameters ``theta`` (``(p,)``), and
   ``num_params``: ``p``;
 - ``n_train``, ``feature_shape`` and ``float_inputs`` (optional on read) of the training data;
@@ -98,7 +99,8 @@ def mismatches(record: dict[str, Any], solver: InfluenceModel, theta: Tensor) ->
         problems.append(f"it holds a fitted {record.get('class')}, not a {name}")
     else:
         ours = solver.config.fit_relevant()
-        saved = {k: v for k, v in record.get("hyperparameters", {}).items() if k not in solver.config.solve_time}
+        recorded = type(solver.config).upgrade(record.get("hyperparameters", {}))  # names renamed since: the new ones
+        saved = {k: v for k, v in recorded.items() if k not in solver.config.solve_time}
         differ = sorted(k for k in set(ours) | set(saved) if not same_value(ours.get(k), saved.get(k)))
         if differ:
             problems.append(f"its hyperparameters differ ({', '.join(differ)})")
@@ -200,6 +202,7 @@ def load_solver(cls: type[InfluenceModel], where: str, model: Any, loss: Any, tr
         cls = solver_class(saved["method"])
     if saved["class"] != cls.__name__:
         raise ValueError(f"{where!r} holds a fitted {saved['class']}; use {saved['class']}.load().")
+    saved["hyperparameters"] = cls.config_class.upgrade(saved["hyperparameters"])  # written before a rename
     unknown = sorted(set(saved["hyperparameters"]) - set(cls.config_class.field_names()))
     if unknown:
         raise ValueError(
@@ -236,11 +239,12 @@ def load_solver(cls: type[InfluenceModel], where: str, model: Any, loss: Any, tr
 
 
 def fingerprint(solver: InfluenceModel) -> str:
-    """A deterministic hash of ``solver``: method, hyperparameters, the task (not for a pair loss:
+    """A deterministic hash of ``solver``: method, hyperparameters (a renamed one under its old name,
+    ``SolverConfig.fingerprint_dict``: a rename keeps fingerprints), the task (not for a pair loss:
     those keep the fingerprints of earlier versions), the model's weights and, when fitted, the
     fitted state. Two solvers with the same fingerprint give the same influences."""
     h = hashlib.sha256(f"{solver.method or type(solver).__name__};".encode())
-    hash_tree(h, solver.config.to_dict())
+    hash_tree(h, solver.config.fingerprint_dict())  # renamed hyperparameters under their old names
     if not solver.objective.pairs:
         hash_tree(h, solver.objective.describe())
     for p in solver.model.parameters():
