@@ -324,3 +324,13 @@ def test_the_job_sections_keys_are_their_dataclasses_fields():
         "Extra", [("new_key", int, dataclasses.field(default=1))], bases=(sections.BlocksSection,), frozen=True
     )
     assert sections.section_keys(Extra) == ("test", "train", "new_key")
+
+
+def test_ekfac_solver_task_stays_the_objective(problem):
+    """Only the keyword and the config's attribute are the old spelling: ``solver.task`` is the Task."""
+    model, loss, _, _ = problem
+    solver = _quiet(di.EkfacInfluence, model, loss, regularization=LAM, output_curvature="autograd")
+    assert isinstance(_quiet(getattr, solver, "task"), di.Task)
+    with pytest.raises(AttributeError):
+        solver.task = "classification"
+    assert solver.config.output_curvature == "autograd"

@@ -134,7 +134,8 @@ class InfluenceModel(SolverEngine):
 
     def __setattr__(self, name: str, value: Any) -> None:
         config = self.__dict__.get("config")
-        if config is not None and name in type(config).renamed:  # an old name: warned, then the new one
+        if config is not None and name in type(config).renamed and not hasattr(type(self), name):
+            # an old name (not another attribute, as EK-FAC's task, the objective): warned, then the new one
             name = next(iter(type(config).keywords(type(self).__name__, {name: value})))
         if name == "config" or (config is not None and name in type(config).field_names()):
             new = value if name == "config" else cast(SolverConfig, config).replace(**{name: value})
