@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import sys
 import types
 import typing
 from collections.abc import Mapping
@@ -161,10 +163,15 @@ class SolverConfig:
             return hyperparameters
         from ...renamed import renamed
 
+        outside = 1  # frames up to the caller's code outside this package: where the warning points
+        frame = sys._getframe(1)
+        package = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+        while frame.f_back is not None and frame.f_code.co_filename.startswith(package):
+            frame, outside = frame.f_back, outside + 1
         out = dict(hyperparameters)
         for old, new in cls.renamed.items():
             if old in out:
-                out[new] = renamed(where, old, out.pop(old), new, out.get(new), stacklevel=5)
+                out[new] = renamed(where, old, out.pop(old), new, out.get(new), stacklevel=2 + outside)
         return out
 
     @classmethod
