@@ -184,8 +184,9 @@ def test_renamed_hyperparameters_warn_and_give_the_same_numbers(problem, name, o
         di.RenamedWarning,
         match=rf"^{cls}: {old}= is now spelled {new}=; the old spelling still works in this release and will be "
         r"removed in the next\.$",
-    ):
-        by_old = _solver(name, model, loss, **{old: value}).fit((x, y))
+    ) as caught:
+        by_old = SOLVERS[name](model, loss, regularization=LAM, **{old: value}).fit((x, y))
+    assert [w.filename for w in caught] == [__file__]  # the caller's line
     assert getattr(by_old.config, new) == value and not hasattr(type(by_old.config), old)
     np.testing.assert_array_equal(by_old.influences(xt, yt, x, y).numpy(), solver.influences(xt, yt, x, y).numpy())
     with pytest.raises(TypeError, match=rf"^{cls}: pass {new}= only \({old}= is its old spelling\)\.$"):
