@@ -81,9 +81,9 @@ def test_direct_estimate_is_the_dense_matrix_plus_its_pieces(lm):
     assert est.bytes_of("the float64 Cholesky factor") == 2 * 8 * p * p  # float64 model: no extra copy
     assert est.bytes_of("the parameters") == 2 * p * 8
     assert est.bytes_of("a chunk's per-sample gradients") == 2 * 12 * p * 8
-    # the product of 64 unit vectors over the 12 sequences: 4 x the logits per sequence and vector
+    # the product of 64 unit vectors over the 12 sequences: 5 x the logits per sequence and vector
     assert est.bytes_of(memory.PRODUCT_PIECE) == memory.PRODUCT_COPIES * LOGITS * 12 * 64
-    assert est.total == p * p * 8 + 2 * 8 * p * p + 2 * p * 8 + 2 * 12 * p * 8 + 4 * LOGITS * 12 * 64
+    assert est.total == p * p * 8 + 2 * 8 * p * p + 2 * p * 8 + 2 * 12 * p * 8 + 5 * LOGITS * 12 * 64
 
 
 # -- refusals before any pass -------------------------------------------------------------------------
@@ -118,8 +118,8 @@ def test_a_product_that_cannot_hold_one_sample_and_one_vector_is_refused(lm):
     )
     with pytest.raises(
         ValueError,
-        match=r"^One curvature product of one sample and one vector holds 9,600 bytes "
-        r"\(9.6 kB\) \(4 x the largest module output of a sample, 2,400 bytes \(2.4 kB\)\), beyond "
+        match=r"^One curvature product of one sample and one vector holds 12,000 bytes "
+        r"\(12.0 kB\) \(5 x the largest module output of a sample, 2,400 bytes \(2.4 kB\)\), beyond "
         r"the 2,400 bytes \(2.4 kB\) the solver's memory_budget leaves for it\.",
     ):
         operator.batch_matmat(train, torch.zeros(p, 1, dtype=DT))
@@ -149,7 +149,7 @@ def test_arnoldi_pushes_its_trace_probes_in_pieces_that_fit(lm):
     model, p, train, test = lm
     task = di.tasks.causal_lm()
     big = di.ArnoldiInfluence(model, task, regularization=0.1, curvature="ggn", rank=6).fit(train)
-    assert f"12 samples x 9 of 9 vectors x 4 x {memory.short(LOGITS)}" in str(big.estimated_memory_)
+    assert f"12 samples x 9 of 9 vectors x 5 x {memory.short(LOGITS)}" in str(big.estimated_memory_)
     budget = _fixed(big) + memory.product_bytes(LOGITS, 12, 2)
     small = di.ArnoldiInfluence(model, task, regularization=0.1, curvature="ggn", rank=6, memory_budget=budget)
     small.fit(train)
