@@ -45,6 +45,18 @@ def test_build_estimate_is_the_sum_of_its_shapes(problem):
     sampled = build_estimate(projector, first, 10, "curvature", "ggn", {"kind": "sampled", "draws": 4, "seed": 0})
     assert sampled.bytes_of("the sampled output-curvature roots (4 x 10 x 3)") == 4 * 10 * 3 * 8
     assert build_estimate(projector, first, 10, "none", None, None).total == 2 * 10 * K * 8 + 10 * 43 * 8
+    # the Hessian: 16 curvature-vector products over the block, 5 x the hidden layer's 5 float64 per sample
+    hessian = build_estimate(projector, first, 10, "curvature", "hessian", None)
+    assert hessian.pieces[-2:] == (
+        ("the projection's columns and their product (2 x (43, 16))", 2 * 43 * K * 8),
+        ("one piece of a curvature product (10 samples x 16 vectors x 5 x 40 bytes)", 5 * 40 * 10 * K),
+    )
+    # the Kronecker projection forms no per-sample gradient: a chunk's forward and backward
+    kronecker = Projector(model, loss, "kronecker", K, 0)
+    assert build_estimate(kronecker, first, 10, "none", None, None).pieces[1] == (
+        "a chunk's forward and backward (2 x 10 samples x 40 bytes)",
+        2 * 10 * 40,
+    )
 
 
 def test_build_refuses_in_one_line_before_writing_anything(problem, tmp_path):
