@@ -189,3 +189,23 @@ def test_small_budgets_give_the_same_numbers(lm, cls):
     assert small._product_room == memory.product_bytes(LOGITS, 3, 1)
     assert small.block_curvature()._piece(train, 12, 12) == (3, 1)
     torch.testing.assert_close(small.influences(test, train), big.influences(test, train), rtol=1e-6, atol=1e-9)
+
+
+def test_memory_budget_leaves_fingerprints_as_they_were_before_it():
+    """``memory_budget`` sizes the work, not the numbers (a resource field): the fingerprints (which
+    stores record and resume against) are those of the code before the field existed (pinned from
+    commit 05ae181) whatever the budget, and a store's recorded parameters leave it out."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    before = {
+        di.DirectInfluence: ({}, "fac19aecbbd13ce4816c3a6ea93f3569"),
+        di.CgInfluence: ({}, "a42c6292b302c141799a99d6da46e357"),
+        di.LissaInfluence: ({}, "efa1aec758a4a20890841a663cc2c7a6"),
+        di.ArnoldiInfluence: ({"rank": 3}, "aa2190445e958858f2623b98cdb3c138"),
+        di.NystroemSketchInfluence: ({"rank": 3}, "17b4d2baa0afe414c121146b69e770f4"),
+    }
+    for cls, (kw, pinned) in before.items():
+        for budget in (None, 10**9):
+            solver = cls(model, nn.CrossEntropyLoss(), regularization=0.1, curvature="ggn", memory_budget=budget, **kw)
+            assert solver.fingerprint() == pinned, (cls.__name__, budget)
+            assert "memory_budget" in solver.config.resource_fields

@@ -42,7 +42,9 @@ def gram_block(path: str, rows: tuple[int, int]) -> np.ndarray:
     import torch
     import zarr
 
-    stored = zarr.open_group(path, mode="r")["gradients"].dtype
+    array = zarr.open_group(path, mode="r")["gradients"]
+    assert isinstance(array, zarr.Array)
+    stored = array.dtype
     phi = torch.from_numpy(_read(path, rows, np.float64 if stored == np.float64 else np.float32))
     return (phi.T @ phi).double().numpy()
 

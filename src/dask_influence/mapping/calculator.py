@@ -426,7 +426,9 @@ class _BlockCalculator:
     def _config(self, graph: InfluenceGraph, layout: zstore.StoreLayout) -> dict:
         solver = self.solver
         params = {
-            k: v for k, v in solver.config.to_dict().items() if isinstance(v, (bool, int, float, str, type(None)))
+            k: v
+            for k, v in solver.config.to_dict().items()
+            if isinstance(v, (bool, int, float, str, type(None))) and k not in solver.config.resource_fields
         }
         return {
             "method": type(solver).__name__,

@@ -118,6 +118,7 @@ class ArnoldiConfig(SolverConfig):
     seed: int = hyperparameter(0, "Seeds the random start vector.")
     blocks: str = hyperparameter("full", "'full' or 'layer' (Lanczos on the per-layer block-diagonal curvature).")
     memory_budget: int | None = hyperparameter(None, memory.BUDGET_HELP)
+    resource_fields: ClassVar[frozenset[str]] = frozenset({"memory_budget"})
 
     solve_time: ClassVar[frozenset[str]] = frozenset({"regularization"})
 

@@ -268,6 +268,7 @@ class CgConfig(SolverConfig):
     seed: int = hyperparameter(0, "Seeds the preconditioner's random probes.")
     blocks: str = hyperparameter("full", "'full' or 'layer' (block-diagonal curvature, one block per layer).")
     memory_budget: int | None = hyperparameter(None, memory.BUDGET_HELP)
+    resource_fields: ClassVar[frozenset[str]] = frozenset({"memory_budget"})
 
     solve_time: ClassVar[frozenset[str]] = frozenset({"regularization", "rtol", "atol", "maxiter", "rhs_block_size"})
     renamed = MappingProxyType({"block_size": "rhs_block_size"})  # block sizes name data blocks (docs/api.md)

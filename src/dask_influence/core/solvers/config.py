@@ -125,6 +125,12 @@ class SolverConfig:
     solve_time: ClassVar[frozenset[str]] = frozenset()
     """Fields that may change after fitting without a refit."""
 
+    resource_fields: ClassVar[frozenset[str]] = frozenset()
+    """Fields that size the work (memory) without changing the numbers: left out of the fingerprint
+    (:meth:`fingerprint_dict`) and of a store's recorded parameters, so that a fit or a store made
+    under one budget is the same under another (and those written before the field existed still
+    match). EK-FAC's ``memory_budget`` is not one: it can make a factor diagonal."""
+
     renamed: ClassVar[Mapping[str, str]] = MappingProxyType({})
     """``{old name: new name}`` of renamed hyperparameters. The old keyword (and job-file key,
     and attribute) keeps working for one release with a ``RenamedWarning``; a fit saved with
@@ -235,7 +241,7 @@ class SolverConfig:
         the fingerprint hashes, so that a rename leaves fingerprints (and the stores that record
         them) as they were."""
         old_names = {new: old for old, new in self.renamed.items()}
-        return {old_names.get(k, k): v for k, v in self.to_dict().items()}
+        return {old_names.get(k, k): v for k, v in self.to_dict().items() if k not in self.resource_fields}
 
     def fit_relevant(self) -> dict[str, Any]:
         """:meth:`to_dict` without the :attr:`solve_time` fields: what a fit depends on."""

@@ -59,6 +59,7 @@ class DirectConfig(SolverConfig):
     )
 
     memory_budget: int | None = hyperparameter(None, memory.BUDGET_HELP)
+    resource_fields: ClassVar[frozenset[str]] = frozenset({"memory_budget"})
 
     solve_time: ClassVar[frozenset[str]] = frozenset({"regularization"})
 

@@ -555,7 +555,9 @@ class EkfacInfluence(InfluenceModel):
     def _flat_grads(self, theta: Tensor, batch: Any) -> Iterator[Tensor]:
         """Per chunk, flat per-sample gradients ``(m, p)`` assembled from ``sum_t g_t a_t^T``."""
         for pieces in self._pieces(theta, batch):
-            flat = torch.zeros(pieces[0][0].shape[0], self.num_params, dtype=self.dtype, device=self.device)
+            first = pieces[0]
+            m = (first if isinstance(first, Tensor) else first[0]).shape[0]
+            flat = torch.zeros(m, self.num_params, dtype=self.dtype, device=self.device)
             for layer, piece in zip(self._layers, pieces):
                 layer.write_matrix(piece if isinstance(piece, Tensor) else layer_grads(*piece), flat)
             yield flat

@@ -171,6 +171,7 @@ class LissaConfig(SolverConfig):
     )
     seed: int = hyperparameter(0, "Seeds the batch draws and the scale estimate.")
     memory_budget: int | None = hyperparameter(None, memory.BUDGET_HELP)
+    resource_fields: ClassVar[frozenset[str]] = frozenset({"memory_budget"})
 
     solve_time: ClassVar[frozenset[str]] = frozenset(
         {"maxiter", "rtol", "h0", "batch_size", "epoch_length", "variance_reduction"}

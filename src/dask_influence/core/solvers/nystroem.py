@@ -66,6 +66,7 @@ class NystroemConfig(SolverConfig):
     max_rank: int | None = hyperparameter(None, "The most probes of rank='auto'; None: min(p, 200).")
     seed: int = hyperparameter(0, "Seeds the Gaussian test matrix.")
     memory_budget: int | None = hyperparameter(None, memory.BUDGET_HELP)
+    resource_fields: ClassVar[frozenset[str]] = frozenset({"memory_budget"})
 
     solve_time: ClassVar[frozenset[str]] = frozenset({"regularization"})
 
