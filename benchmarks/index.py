@@ -392,6 +392,7 @@ def accuracy_problem(
                     dtype=dtype,
                     preconditioner=preconditioner,
                     curvature="ggn",
+                    ggn_draws=0,  # every output root: at k = p the index is then exactly Direct's GGN
                     regularization=lam,
                     train_block_size=plan.block_size,
                     overwrite=True,

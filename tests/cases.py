@@ -414,3 +414,20 @@ def solver_cases(
         for kwargs in [override.get(name, SOLVER_CASES.get(name, {})), *variants.get(name, ())]:
             cases.append(SolverCase(name, cls, _checked(name, cls, kwargs)))
     return cases
+
+
+class TinyLm(nn.Module):
+    """A causal LM of a few dozen parameters: token embedding, a causal running mean (positions
+    interact), a hidden layer and a head of ``vocab`` logits ``(n, T, vocab)``."""
+
+    def __init__(self, vocab: int, width: int = 4, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = nn.Embedding(vocab, width)
+        self.hidden = nn.Linear(width, width)
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        h = self.embed(input_ids)
+        steps = torch.arange(1, h.shape[1] + 1, dtype=h.dtype, device=h.device)[None, :, None]
+        return self.head(torch.tanh(self.hidden(h.cumsum(1) / steps)))

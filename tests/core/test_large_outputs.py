@@ -12,6 +12,7 @@ from torch import nn
 from torch.func import hessian, jacrev
 
 import dask_influence as di
+from cases import TinyLm
 from dask_influence import tasks as tasks_module
 from dask_influence.core.gradients import ModelFunctions
 from dask_influence.core.sampled_fisher import generator_for, softmax_sampled_roots
@@ -19,22 +20,6 @@ from dask_influence.core.solvers.ekfac import EkfacInfluence
 from dask_influence.core.task import as_task
 
 DT = torch.float64
-
-
-class TinyLm(nn.Module):
-    """Token embedding, a causal running mean (positions interact), a hidden layer and a head."""
-
-    def __init__(self, vocab: int, width: int = 4, seed: int = 0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.embed = nn.Embedding(vocab, width)
-        self.hidden = nn.Linear(width, width)
-        self.head = nn.Linear(width, vocab)
-
-    def forward(self, input_ids, attention_mask=None):
-        h = self.embed(input_ids)
-        steps = torch.arange(1, h.shape[1] + 1, dtype=h.dtype, device=h.device)[None, :, None]
-        return self.head(torch.tanh(self.hidden(h.cumsum(1) / steps)))
 
 
 def lm_batch(n: int, length: int, vocab: int, seed: int) -> dict:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import dask_influence as di
+from cases import TinyLm
 from dask_influence.core import memory
 from dask_influence.core.operators import CurvatureOperator
 from dask_influence.core.solvers.arnoldi import TRACE_PROBES
@@ -19,22 +20,6 @@ V, T = 50, 6
 LOGITS = T * V * 8  # one sequence's logits in float64: the largest module output of the tiny LM
 
 
-class TinyLm(nn.Module):
-    """Token embedding, a causal running mean, a hidden layer and a head of ``V`` logits."""
-
-    def __init__(self, vocab: int = V, width: int = 4, seed: int = 0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.embed = nn.Embedding(vocab, width)
-        self.hidden = nn.Linear(width, width)
-        self.head = nn.Linear(width, vocab)
-
-    def forward(self, input_ids, attention_mask=None):
-        h = self.embed(input_ids)
-        steps = torch.arange(1, h.shape[1] + 1, dtype=h.dtype)[None, :, None]
-        return self.head(torch.tanh(self.hidden(h.cumsum(1) / steps)))
-
-
 def lm_batch(n: int, seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, V, (n, T), generator=g)
@@ -43,7 +28,7 @@ def lm_batch(n: int, seed: int) -> dict:
 
 @pytest.fixture(scope="module")
 def lm():
-    model = TinyLm().to(DT).eval()
+    model = TinyLm(V).to(DT).eval()
     p = sum(t.numel() for t in model.parameters())
     return model, p, lm_batch(12, 0), lm_batch(3, 1)
 

@@ -14,22 +14,14 @@ from dataclasses import dataclass
 import torch
 
 from ..kronecker import KroneckerLayer
+from ..memory import default_budget
 from .ekfac_layers import _warn_fallback
 
 
 def default_memory_budget(device: torch.device) -> int:
-    """Half the machine's memory (80% of the GPU's for a CUDA device): ``memory_budget=None``."""
-    if device.type == "cuda":
-        return int(0.8 * torch.cuda.get_device_properties(device).total_memory)
-    try:
-        import psutil  # type: ignore[import-untyped]
-
-        total = int(psutil.virtual_memory().total)
-    except ImportError:  # pragma: no cover - psutil comes with dask
-        import os
-
-        total = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    return total // 2
+    """Half the machine's memory (80% of the GPU's for a CUDA device): ``memory_budget=None``
+    (the budget every solver defaults to: :func:`~..memory.default_budget`)."""
+    return default_budget(device)
 
 
 def _bytes(n: float) -> str:
