@@ -51,6 +51,10 @@ def test_build_estimate_is_the_sum_of_its_shapes(problem):
         ("the projection's columns and their product (2 x (43, 16))", 2 * 43 * K * 8),
         ("one piece of a curvature product (10 samples x 16 vectors x 5 x 40 bytes)", 5 * 40 * 10 * K),
     )
+    # the empirical Fisher sums the stored gradients: the (k, k) sums, no roots or products (the
+    # scale benchmark's Fisher index on a 50,257-token GPT-2 was refused for products it never makes)
+    fisher = build_estimate(projector, first, 10, "fisher", "ggn", None)
+    assert fisher.pieces[-1][0].startswith("the curvature sums") and len(fisher.pieces) == 3
     # the Kronecker projection forms no per-sample gradient: a chunk's forward and backward
     kronecker = Projector(model, loss, "kronecker", K, 0)
     assert build_estimate(kronecker, first, 10, "none", None, None).pieces[1] == (

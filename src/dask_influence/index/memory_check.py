@@ -55,6 +55,7 @@ def build_estimate(
         pieces.append((f"the dense orthogonal projection ({p:,}, {k:,})", memory.matrix_bytes(p, k, size + 8)))
     if preconditioner != "none":
         pieces.append((f"the curvature sums ({FAN_IN + 1} x ({k:,}, {k:,}) float64)", (FAN_IN + 1) * k * k * 8))
+    if preconditioner == "curvature":  # the empirical Fisher sums the stored gradients: no second pass
         c = _outputs_per_sample(projector, first)
         kind = ggn.get("kind") if isinstance(ggn, dict) else ggn
         if curvature == "ggn" and kind == "sampled":
