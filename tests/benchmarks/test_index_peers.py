@@ -34,6 +34,6 @@ def test_tiny_run_measures_every_row_and_writes_its_table(tmp_path, capsys):
         assert default["pearson"] > 0.85
         # the LM samples its GGN; the 10-class MLP sums its leading output roots (ggn_draws="auto", 05ae181)
         leading = {"kind": "leading", "trace": 0.95}
-        assert default["ggn"] == ({"kind": "sampled", "draws": 16, "seed": 0} if name == "gpt2" else leading)
+        assert default["ggn"] == ({"kind": "sampled", "draws": 8, "seed": 0} if name == "gpt2" else leading)
     printed = capsys.readouterr().out
-    assert "| ours (sampled, 16 draws) | 64 |" in printed and "| ours-fisher | 16 |" in printed
+    assert "| ours (sampled, 8 draws) | 64 |" in printed and "| ours-fisher | 16 |" in printed

@@ -53,12 +53,12 @@ def test_auto_samples_the_lm_ggn_within_002_pearson_of_the_exact_projected_ggn(l
     model, task, train, test, lam, exact = lm
     common = dict(projection_dim=64, regularization=lam, train_block_size=20, dtype="float64", client="sync")
     auto = di.GradientIndex.build(model, task, train, tmp_path / "auto.zarr", **common)
-    assert auto.attributes["ggn_estimate"] == {"kind": "sampled", "draws": 16, "seed": 0}  # 16 < 7 x 16 roots
+    assert auto.attributes["ggn_estimate"] == {"kind": "sampled", "draws": 8, "seed": 0}  # ceil(8 x 64 / 60) > 8
     full = di.GradientIndex.build(model, task, train, tmp_path / "exact.zarr", ggn_draws=0, **common)
     assert full.attributes["ggn_estimate"] == "exact"
     sampled, reference = _pearson(auto.influences(test), exact), _pearson(full.influences(test), exact)
     assert reference > 0.8  # measured 0.815 (k = 64 of p = 1,080)
-    assert abs(sampled - reference) < 0.02, (sampled, reference)  # measured 0.807 vs 0.815
+    assert abs(sampled - reference) < 0.02, (sampled, reference)  # measured 0.797 vs 0.815 (8 draws; 16: 0.807)
     fisher = di.GradientIndex.build(model, task, train, tmp_path / "f.zarr", preconditioner="fisher", **common)
     assert _pearson(fisher.influences(test), exact) < reference - 0.05  # the empirical Fisher is another matrix
 
@@ -134,13 +134,13 @@ def test_sampled_ggn_on_two_workers_and_other_blocks_equals_the_in_process_build
 
 
 def test_auto_draws_fall_with_the_training_points_per_dimension(lm, tmp_path):
-    """``ggn_draws="auto"`` draws ``ceil(16 k / n_train)`` labels per sample (1 to 16): with 512
+    """``ggn_draws="auto"`` draws ``ceil(8 k / n_train)`` labels per sample (1 to 8): with 512
     sequences and k = 32 one draw per sequence keeps the index within 0.02 Pearson of the exact
     projected GGN (also measured: 1,024 sequences, k = 64: 0.867 vs 0.874; the empirical Fisher
     0.673)."""
     from dask_influence.index.gradient_index import auto_draws
 
-    assert [auto_draws(64, 60), auto_draws(8, 60), auto_draws(64, 1024), auto_draws(256, 1024)] == [16, 3, 1, 4]
+    assert [auto_draws(64, 60), auto_draws(8, 60), auto_draws(64, 1024), auto_draws(256, 1024)] == [8, 2, 1, 2]
     model, task, *_ = lm
     data = _sequences(536, seed=1)
     train, test = {k: v[:512] for k, v in data.items()}, {k: v[512:] for k, v in data.items()}

@@ -153,9 +153,9 @@ class GradientIndex:
                 int ``d``: the true Fisher from ``d`` labels drawn per sample from the model's
                 predictive distribution (``d`` backward passes per sample, an unbiased
                 estimate; :mod:`dask_influence.core.sampled_fisher`), ``"auto"`` (default):
-                ``d = ceil(16 k / n_train)`` draws (1 to 16) where the loss's sampled Fisher
-                is known and ``c > 16`` (a causal LM); with ``3 <= c <= 16`` (a classifier of a
-                few classes: sampling its GGN lost 0.1 of Pearson even at 16 draws) the leading
+                ``d = ceil(8 k / n_train)`` draws (1 to 8) where the loss's sampled Fisher
+                is known and ``c > 64`` (a causal LM); with ``3 <= c <= 64`` (a classifier:
+                sampling a 10-class MLP's GGN lost 0.1 of Pearson even at 16 draws) the leading
                 exact roots that hold 95% of the output curvature's trace
                 (:func:`~.projector.leading_roots`: within 0.001 of the exact GGN's Pearson on
                 a 10-class MLP, at 1.2-1.5x the empirical Fisher's build); else exact. A resumed
@@ -818,13 +818,14 @@ def _regularization(setting: float | str, preconditioner: str, curvature: np.nda
     return 0.0 if preconditioner == "none" else _auto_regularization(curvature)
 
 
-AUTO_DRAWS = 16
+AUTO_DRAWS = 8
 """The most labels drawn per sample by ``ggn_draws="auto"`` (measured: docs/gradient-index.md)."""
-AUTO_DRAWS_PER_DIM = 16
+AUTO_DRAWS_PER_DIM = 8
 """``ggn_draws="auto"`` draws ``AUTO_DRAWS_PER_DIM * k / n_train`` labels per sample (1 to
-``AUTO_DRAWS``): about 16 drawn gradients per projected dimension kept the sampled GGN within
-0.01 of Pearson of the exact one (tiny GPT-2: n = 60 and k = 64 at 16 draws; n = 1,024 and
-k = 64 at 1 draw)."""
+``AUTO_DRAWS``): about 8 drawn gradients per projected dimension keep the sampled GGN within
+0.02 of Pearson of the exact one at under 2x the empirical Fisher's build (the width-16 GPT-2 of
+``benchmarks/index_peers.py``, 256 sequences: 0.945 / 0.974 against the exact 0.962 / 0.992 at
+k = 256 / 1,024, builds 1.5-2.0x the Fisher's; 16 draws: 0.954 / 0.984 at 2.2-2.7x)."""
 
 
 AUTO_TRACE = 0.95
@@ -866,8 +867,8 @@ def _ggn_estimate(
     from ..core import batches
 
     can, c = projector.sampling(batches.slice_rows(tuple(first) if isinstance(first, list) else first, 0, 8))
-    if draws == "auto":  # sampled beyond AUTO_DRAWS exact roots; a classifier of few classes: its leading roots
-        draws = auto_draws(projector.dim, n_train) if can and c > AUTO_DRAWS else 0
+    if draws == "auto":  # up to 64 outputs (a classifier): the leading exact roots; beyond: sampled labels
+        draws = auto_draws(projector.dim, n_train) if can and c > LEADING_ROOTS_MAX_OUTPUTS else 0
         if not draws:
             return {"kind": "leading", "trace": AUTO_TRACE} if 2 < c <= LEADING_ROOTS_MAX_OUTPUTS else "exact"
     if not can:
