@@ -29,7 +29,6 @@ only the GPT-2 runs (the answer says ``skipped`` for the MLP).
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .peer_problems_index import WARM, PeerProblem, disk_bytes, load, save_scores, subset, write
+from .peer_problems_index import PeerProblem, disk_bytes, load, run_ks, write
 
 
 def token_dataset(data: dict[str, torch.Tensor]) -> Any:
@@ -119,17 +118,7 @@ def main(spec_path: str) -> None:
         reason = "Bergson collects from a Hugging Face PreTrainedModel over token ids; no path for an MLP on features"
         write(spec, bergson.__version__, [], skipped=reason)
         return
-    rows = []
-    runs = [(spec["ks"][0], subset(problem, WARM), False)] + [(k, problem, True) for k in spec["ks"]]
-    for k, data, timed in runs:  # the first: an untimed warm-up on WARM samples
-        root = Path(spec["workdir"]) / f"bergson-{k}"
-        shutil.rmtree(root, ignore_errors=True)
-        root.mkdir(parents=True)
-        row = one_k(data, k, root)
-        shutil.rmtree(root, ignore_errors=True)
-        if timed:
-            row["scores"] = save_scores(spec, "bergson", k, row["scores"].astype(np.float64))
-            rows.append(row)
+    rows = run_ks(problem, "bergson", one_k)
     write(spec, bergson.__version__, rows)
 
 

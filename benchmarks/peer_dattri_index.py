@@ -26,16 +26,14 @@ projector is used (its ``sjlt`` is CUDA-only).
 
 from __future__ import annotations
 
-import shutil
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .peer_problems_index import WARM, PeerProblem, disk_bytes, load, per_sample_loss, save_scores, subset, write
+from .peer_problems_index import PeerProblem, disk_bytes, load, per_sample_loss, run_ks, write
 
 
 class Rows(Dataset):
@@ -121,16 +119,7 @@ def main(spec_path: str) -> None:
 
     problem = load(spec_path)
     spec = problem.spec
-    rows = []
-    runs = [(spec["ks"][0], subset(problem, WARM), False)] + [(k, problem, True) for k in spec["ks"]]
-    for k, data, timed in runs:  # the first: an untimed warm-up on WARM samples
-        root = Path(spec["workdir"]) / f"dattri-{k}"
-        shutil.rmtree(root, ignore_errors=True)
-        row = one_k(data, k, root)
-        shutil.rmtree(root, ignore_errors=True)
-        if timed:
-            row["scores"] = save_scores(spec, "dattri", k, row["scores"].astype(np.float64))
-            rows.append(row)
+    rows = run_ks(problem, "dattri", one_k, make_dir=False)
     write(spec, dattri_llm.__version__, rows)
 
 

@@ -33,7 +33,6 @@ parameters) before LogIX watches them.
 
 from __future__ import annotations
 
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -43,7 +42,7 @@ import torch
 import yaml
 from torch import nn
 
-from .peer_problems_index import WARM, PeerProblem, disk_bytes, load, per_sample_loss, save_scores, subset, write
+from .peer_problems_index import PeerProblem, disk_bytes, load, per_sample_loss, run_ks, write
 
 
 def as_linear(model: nn.Module) -> list[str]:
@@ -136,17 +135,7 @@ def main(spec_path: str) -> None:
 
     problem = load(spec_path)
     spec = problem.spec
-    rows = []
-    runs = [(spec["ks"][0], subset(problem, WARM), False)] + [(k, problem, True) for k in spec["ks"]]
-    for k, data, timed in runs:  # the first: an untimed warm-up on WARM samples
-        root = Path(spec["workdir"]) / f"logra-{k}"
-        shutil.rmtree(root, ignore_errors=True)
-        root.mkdir(parents=True)
-        row = one_k(data, k, root)
-        shutil.rmtree(root, ignore_errors=True)
-        if timed:
-            row["scores"] = save_scores(spec, "logra", k, np.asarray(row["scores"], dtype=np.float64))
-            rows.append(row)
+    rows = run_ks(problem, "logra", one_k)
     write(spec, logix.__version__, rows)
 
 

@@ -132,3 +132,25 @@ def save_scores(spec: dict[str, Any], tag: str, k: int, scores: np.ndarray) -> s
     out = Path(spec["out"]).with_name(f"{tag}-scores-{k}.npy")
     np.save(out, np.asarray(scores, dtype=np.float64))
     return str(out)
+
+
+def run_ks(problem: PeerProblem, tag: str, one_k: Any, *, make_dir: bool = True) -> list[dict]:
+    """A peer's timed rows, one per ``k`` of the spec, after an untimed warm-up on :data:`WARM`
+    samples: ``one_k(data, k, root)`` builds and queries in a fresh folder ``root`` (removed
+    after) and returns its row with ``scores``, which are saved beside ``out`` (:func:`save_scores`)."""
+    import shutil
+
+    spec = problem.spec
+    rows = []
+    runs = [(spec["ks"][0], subset(problem, WARM), False)] + [(k, problem, True) for k in spec["ks"]]
+    for k, data, timed in runs:
+        root = Path(spec["workdir"]) / f"{tag}-{k}"
+        shutil.rmtree(root, ignore_errors=True)
+        if make_dir:
+            root.mkdir(parents=True)
+        row = one_k(data, k, root)
+        shutil.rmtree(root, ignore_errors=True)
+        if timed:
+            row["scores"] = save_scores(spec, tag, k, np.asarray(row["scores"], dtype=np.float64))
+            rows.append(row)
+    return rows
