@@ -143,7 +143,7 @@ def test_ekfac_tied_head_factors_the_lm_head_use_and_counts_both_gradients(tied)
     scores = ek.influences(test, train)
     pearson = _pearson(scores, expected)
     assert pearson > 0.85  # 0.886 measured (0.350 with tied="exclude")
-    # the layer-by-layer scoring of large models (tied_pieces in up_contract / self_contract) agrees
+    # the layer-by-layer scoring of large models (tied_layer_grads in up_contract / self_contract) agrees
     original = ekfac_module.FLAT_SCORING_MAX_PARAMS
     try:
         ekfac_module.FLAT_SCORING_MAX_PARAMS = 0
@@ -206,7 +206,7 @@ class _TiedBiasLm(torch.nn.Module):
 
 
 def test_ekfac_tied_head_with_its_own_bias_gives_torch_func_gradients():
-    """The head's bias column gets zeros from the embedding's positions (tied_pieces pads them):
+    """The head's bias column gets nothing from the embedding's use (tied_layer_grads):
     gradients from the factors equal torch.func's on the tied weight and the bias."""
     model = _TiedBiasLm().double()
     ids = torch.randint(0, 11, (6, 4), generator=torch.Generator().manual_seed(4))
@@ -218,11 +218,22 @@ def test_ekfac_tied_head_with_its_own_bias_gives_torch_func_gradients():
     assert _rel(ek.per_sample_grads_from_factors({"input_ids": ids}), grads) < 1e-12
 
 
+def _joined_positions(head, use, r):
+    """The reference: both uses of the tied weight as positions of the head, ``(g (n, P + Q, V),
+    a (n, P + Q, i))``: the embedding's one-hot inputs as output gradients and its output
+    gradients as inputs (zero in the head's bias column), so that ``layer_grads`` of them is the
+    whole per-sample gradient (the joined form the library used before ``tied_layer_grads``)."""
+    g_head, a_head = head
+    g_use, a_use = use
+    rows = torch.nn.functional.pad(g_use[:, r], (0, a_head.shape[-1] - g_use.shape[-1]))
+    return torch.cat([g_head[:, r], a_use], dim=1), torch.cat([a_head, rows], dim=1)
+
+
 def test_tied_layer_grads_equal_the_joined_positions_product():
     """The tied head's per-sample gradient with the embedding's share scattered into token rows
     equals the product over the joined positions (the one-hot inputs as output gradients), with a
     padding position (all-zero one-hot) and a head bias column."""
-    from dask_influence.core.kronecker import layer_grads, tied_layer_grads, tied_pieces
+    from dask_influence.core.kronecker import layer_grads, tied_layer_grads
 
     g = torch.Generator().manual_seed(3)
     n, r, p, q, vocab, d = 3, 2, 5, 4, 11, 6
@@ -234,7 +245,7 @@ def test_tied_layer_grads_equal_the_joined_positions_product():
     a_use = torch.nn.functional.one_hot(ids, vocab).to(torch.float64)
     a_use[1, 3] = 0.0  # padding
     for vector in range(r):
-        joined = layer_grads(*tied_pieces((g_head, a_head), (g_use, a_use), vector))
+        joined = layer_grads(*_joined_positions((g_head, a_head), (g_use, a_use), vector))
         fast = tied_layer_grads((g_head, a_head), (g_use, a_use), vector)
         torch.testing.assert_close(fast, joined, rtol=1e-12, atol=1e-12)
         basis = torch.linalg.qr(torch.randn(d + 1, d + 1, generator=g, dtype=torch.float64))[0]

@@ -421,11 +421,11 @@ class ModelFunctions:
         the loss is convex in the outputs. Returns ``(p, k)``.
 
         ``H_out u`` is taken in closed form where the loss has one
-        (:func:`~.sampled_fisher.hessian_product`: softmax cross-entropy per position
+        (:func:`~.sampled_fisher.hessian_form`: softmax cross-entropy per position
         ``p * u - p (p . u)``, the causal-LM task's, mean squared error), otherwise by
         differentiating the loss's gradient in the outputs (one more backward per vector).
         """
-        from .sampled_fisher import has_hessian_product, hessian_product
+        from .sampled_fisher import hessian_form
 
         output_loss = self.task.output_loss
         if output_loss is None:
@@ -434,17 +434,14 @@ class ModelFunctions:
         with second_order():
             out, jt = _vjp(lambda t: self.outputs(t, batch), theta)
             logits = out.detach()
-            h_out: Callable[[Tensor], Tensor]
-            if has_hessian_product(output_loss, logits):  # a closed form exists
-
-                def h_out(u: Tensor) -> Tensor:
-                    return hessian_product(output_loss, logits, batch, u)  # type: ignore[return-value]
-
-            else:
+            h_out = hessian_form(output_loss, logits, batch)
+            if h_out is None:  # no closed form: differentiate the loss's gradient in the outputs
                 _, h_vjp = _vjp(grad(lambda o: output_loss(o, batch)), logits)
 
-                def h_out(u: Tensor) -> Tensor:
+                def by_autograd(u: Tensor) -> Tensor:
                     return h_vjp(u)[0]
+
+                h_out = by_autograd
 
             def gvp(col: Tensor) -> Tensor:
                 jv = torch.func.jvp(lambda t: self.outputs(t, batch), (theta,), (col,))[1]

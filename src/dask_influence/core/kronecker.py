@@ -298,25 +298,24 @@ def corrected_eigenvalue_sum(factors: LayerFactors, g: Tensor, a: Tensor) -> Ten
     return out
 
 
-def rotated_square_sum(factors: LayerFactors, grads: Tensor, *, inputs_rotated: bool = False) -> Tensor:
-    """``sum_n (Q_G^T grads_n Q_A)^2`` of per-sample gradients ``grads`` ``(n, o, i)``: ``(o, i)`` float64
-    (:func:`corrected_eigenvalue_sum` for gradients formed elsewhere, e.g. :func:`tied_layer_grads`).
-    ``inputs_rotated``: ``grads`` are already ``grads_n Q_A``."""
+def rotated_square_sum(factors: LayerFactors, grads: Tensor) -> Tensor:
+    """``sum_n (Q_G^T grads_n)^2`` of per-sample gradients ``grads`` ``(n, o, i)`` already in ``A``'s
+    eigenbasis (``grads_n Q_A``, as :func:`tied_layer_grads` forms them): ``(o, i)`` float64, what
+    :func:`corrected_eigenvalue_sum` adds for gradients formed elsewhere."""
     rot = grads if factors.q_g is None else factors.q_g.T.to(grads.dtype) @ grads
-    if not inputs_rotated:
-        rot = factors.rotate_inputs(rot)
     return rot.square().sum(0, dtype=torch.float64)
 
 
 def tied_layer_grads(
     head: tuple[Tensor, Tensor], use: tuple[Tensor, Tensor], r: int, inputs_basis: Tensor | None = None
 ) -> Tensor:
-    """Per-sample gradients ``(n, V, i)`` of a tied LM head's weight through both of its uses, for
-    vector ``r``: what ``layer_grads(*tied_pieces(head, use, r))`` computes, without the
-    embedding's one-hot positions in the product.
+    """Per-sample gradients ``(n, V, i)`` of a tied LM head's weight ``W`` ``(V, d)`` through both of
+    its uses, for vector ``r``: the head's ``sum_p g_p a_p^T`` plus the embedding's.
 
-    The embedding's share ``sum_q onehot_q g_q^T`` adds each position's output gradient
-    ``g_q`` ``(d,)`` to the row of its token, so it is an ``index_add_`` of ``Q x d`` numbers
+    The head is ``(g (n, r, P, V), a (n, P, i))`` (``i = d``, or ``d + 1`` with a bias of its own,
+    to which the embedding adds nothing). The embedding's share ``sum_q onehot_q g_q^T`` adds each
+    position's output gradient ``g_q`` ``(d,)`` to the row of its token, so it is an
+    ``index_add_`` of ``Q x d`` numbers
     where the joined product costs ``V x Q x i`` multiply-adds (13 GFLOP for four GPT-2
     sequences of 128 tokens, half the layer's work). Padding rows (all-zero one-hots) add nothing.
 
@@ -445,7 +444,7 @@ class KroneckerLayer:
         tied_use: for an LM head whose weight ``(V, d)`` is tied to a token embedding (GPT-2's
             ``lm_head`` and ``wte``; EK-FAC's ``tied="head"``), that embedding's layer: it is
             captured beside the head, and its use's gradient is added to the head's
-            (:func:`tied_pieces`); its factors are not formed. ``None`` otherwise.
+            (:func:`tied_layer_grads`); its factors are not formed. ``None`` otherwise.
     """
 
     name: str
@@ -551,28 +550,6 @@ class KroneckerLayer:
         if self.kind == "conv2d":
             return grad.reshape(n, self.d_out, -1).transpose(1, 2)
         return grad.reshape(n, -1, self.d_out)
-
-
-def tied_pieces(head: tuple[Tensor, Tensor], use: tuple[Tensor, Tensor], r: int) -> tuple[Tensor, Tensor]:
-    """One vector's pieces of a tied LM head, both uses in the head's layout: ``(g (n, P + Q, V), a (n, P + Q, i))``.
-
-    ``head`` is the head's ``(g (n, r, P, V), a (n, P, i))`` (``i = d``, or ``d + 1`` with a bias
-    of its own) and ``use`` the tied embedding's ``(g (n, r, Q, d), a (n, Q, V))`` (one-hot
-    inputs). The shared weight ``W`` ``(V, d)`` is the head's ``M``; its gradient through the
-    embedding is ``sum_q onehot_q g_q^T``, a sum of outer products in the same layout with the
-    roles swapped. So the concatenated positions give ``layer_grads(g, a)`` = the whole
-    per-sample gradient of ``W`` (both uses), and :func:`up_contract`, :func:`self_contract`
-    and :func:`corrected_eigenvalue_sum` read it unchanged. The head's bias column gets
-    zeros from the embedding's positions.
-    """
-    g_head, a_head = head
-    g_use, a_use = use
-    rows = g_use[:, r]
-    if a_head.shape[-1] > rows.shape[-1]:  # the head's own bias column: the embedding adds nothing there
-        rows = F.pad(rows, (0, a_head.shape[-1] - rows.shape[-1]))
-    g = torch.cat([g_head[:, r], a_use.to(g_head.dtype)], dim=1)
-    a = torch.cat([a_head, rows.to(a_head.dtype)], dim=1)
-    return g, a
 
 
 def _conv_patches(conv: nn.Conv2d, x: Tensor) -> Tensor:

@@ -24,7 +24,7 @@ factoring it:
 Roots are laid out as EK-FAC's exact roots are: ``(r, n, *outputs.shape[1:])``, ``r`` the
 number of vectors to back-propagate, with ``sum_r v_r[j] v_r[j]^T`` (in expectation) the
 Hessian of sample ``j``'s own loss in its outputs. :func:`sampled_roots` and
-:func:`hessian_product` find the form that fits a task's output loss; both return ``None``
+:func:`hessian_form` find the form that fits a task's output loss; both return ``None``
 when there is none (the caller then keeps the autograd route).
 
 Randomness: :func:`seeded_sampled_roots` draws each sample's labels from its own generator,
@@ -36,7 +36,7 @@ the in-process one).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -47,8 +47,7 @@ __all__ = [
     "draw_categorical",
     "gaussian_sampled_roots",
     "generator_for",
-    "has_hessian_product",
-    "hessian_product",
+    "hessian_form",
     "sampled_roots",
     "seeded_sampled_roots",
     "softmax_hessian_product",
@@ -188,9 +187,11 @@ def _pair_loss(output_loss: Any) -> Any:
     return getattr(output_loss, "fn", None)
 
 
-def hessian_product(output_loss: Any, outputs: Tensor, batch: Any, u: Tensor) -> Tensor | None:
-    """The Hessian of the BATCH's mean loss in its outputs times ``u`` (shaped as ``outputs``), in
-    closed form, or ``None`` when the loss has none (the caller differentiates it instead).
+def hessian_form(output_loss: Any, outputs: Tensor, batch: Any) -> Callable[[Tensor], Tensor] | None:
+    """``u -> H u``: the Hessian of the BATCH's mean loss in its outputs times ``u`` (shaped as
+    ``outputs``) in closed form, or ``None`` when the loss has none (the caller differentiates it
+    instead). Learning which form applies computes no product (over a large vocabulary one is
+    seconds of memory traffic).
 
     Closed forms: an output loss's own ``curvature_product(outputs, batch, u)`` (the ready-made
     tasks of :mod:`dask_influence.tasks`), and a pair task of a plain ``nn.CrossEntropyLoss``
@@ -198,30 +199,26 @@ def hessian_product(output_loss: Any, outputs: Tensor, batch: Any, u: Tensor) ->
     """
     own = getattr(output_loss, "curvature_product", None)
     if own is not None:
-        return own(outputs, batch, u)
+        return lambda u: own(outputs, batch, u)
     loss = _pair_loss(output_loss)
     if _plain_cross_entropy(loss) and outputs.ndim == 2:
         targets = batch[1]
         if targets.dtype.is_floating_point:  # class probabilities (summing to 1): every sample counts
-            return softmax_hessian_product(outputs, u) / outputs.shape[0]
-        kept = (targets != loss.ignore_index).to(u.dtype)  # the mean runs over the labels not ignored
-        return softmax_hessian_product(outputs, u, kept / kept.sum().clamp_min(1))
+            return lambda u: softmax_hessian_product(outputs, u) / outputs.shape[0]
+        kept = targets != loss.ignore_index  # the mean runs over the labels not ignored
+        return lambda u: softmax_hessian_product(outputs, u, kept.to(u.dtype) / kept.sum().clamp_min(1))
     if _plain_mse(loss):
-        return u * (2.0 / outputs.numel())
+        return lambda u: u * (2.0 / outputs.numel())
     return None
 
 
-def has_hessian_product(output_loss: Any, outputs: Tensor) -> bool:
-    """Whether :func:`hessian_product` has a closed form for this loss and these outputs (without
-    computing one: over a large vocabulary a product is seconds of memory traffic)."""
-    if getattr(output_loss, "curvature_product", None) is not None:
-        return True
-    loss = _pair_loss(output_loss)
-    return (_plain_cross_entropy(loss) and outputs.ndim == 2) or _plain_mse(loss)
-
-
 def sampled_roots(
-    output_loss: Any, kind: str | None, outputs: Tensor, batch: Any, draws: int, generator: torch.Generator
+    output_loss: Any,
+    kind: str | None,
+    outputs: Tensor,
+    batch: Any,
+    draws: int,
+    generator: torch.Generator | Sequence[torch.Generator],
 ) -> Tensor | None:
     """Sampled roots ``(draws, n, *outputs.shape[1:])`` of each sample's output Hessian, or ``None``.
 
@@ -234,7 +231,8 @@ def sampled_roots(
         outputs: the model outputs ``(n, ...)``.
         batch: the batch they belong to.
         draws: labels drawn per position (one backward pass each).
-        generator: the source of randomness (:func:`generator_for`).
+        generator: the source of randomness (:func:`generator_for`), or one per sample for the
+            softmax forms (:func:`draw_categorical`).
     """
     own = getattr(output_loss, "sampled_roots", None)
     if own is not None and kind is None:
@@ -242,6 +240,8 @@ def sampled_roots(
     if kind == "classification" and outputs.ndim == 2:
         return softmax_sampled_roots(outputs, draws, generator)
     if kind == "regression":
+        if not isinstance(generator, torch.Generator):  # drawn sample by sample (seeded_sampled_roots)
+            raise TypeError("Gaussian roots take one generator; draw them sample by sample.")
         return gaussian_sampled_roots(outputs, 2.0 / outputs[0].numel(), draws, generator)
     return None
 
@@ -260,8 +260,8 @@ def seeded_sampled_roots(
     from . import batches
 
     generators = [generator_for(seed, offset + j, outputs.device) for j in range(outputs.shape[0])]
-    if kind == "classification" and outputs.ndim == 2 or getattr(output_loss, "draws_per_sample", False):
-        return sampled_roots(output_loss, kind, outputs, batch, draws, generators)  # type: ignore[arg-type]
+    if (kind == "classification" and outputs.ndim == 2) or getattr(output_loss, "draws_per_sample", False):
+        return sampled_roots(output_loss, kind, outputs, batch, draws, generators)
     parts = []
     for j, generator in enumerate(generators):
         part = sampled_roots(

@@ -253,7 +253,7 @@ class EkfacInfluence(InfluenceModel):
         for layer, inputs in zip(self._captured, capture.inputs):
             o, i = layer.shape
             positions = sum(int(a.shape[1]) for a in inputs)
-            if layer.tied_use is not None:  # the head's blocks with the embedding's positions (tied_pieces)
+            if layer.tied_use is not None:  # the embedding's positions counted with the head's: an upper bound
                 positions += sum(int(a.shape[1]) for a in capture.inputs[self._captured.index(layer.tied_use)])
             blocks = (r * o + i) * positions * itemsize
             pieces.append((f"the output gradients and inputs of layer '{layer.name}'", blocks))
@@ -439,8 +439,7 @@ class EkfacInfluence(InfluenceModel):
                         continue
                     use = pieces[len(self._layers) + self._tied_index(layer)]
                     for r in range(g.shape[1]):  # both uses' gradient per vector
-                        grads = tied_layer_grads((g, a), use, r, inputs_basis=f.q_a)
-                        total += rotated_square_sum(f, grads, inputs_rotated=True)
+                        total += rotated_square_sum(f, tied_layer_grads((g, a), use, r, inputs_basis=f.q_a))
                 self._check_sums(totals, pieces, offset + s)
             return totals
         raise ValueError(f"kind must be 'covariance' or 'corrected'; got {kind!r}.")
