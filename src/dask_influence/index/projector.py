@@ -265,15 +265,13 @@ class Projector:
         if curvature == "ggn":
             with torch.no_grad():
                 outputs = self.functions.outputs(self.theta, batch)
-            if sampled is not None and sampled.get("kind") == "leading":
-                if outputs[0].numel() <= self.dim:
-                    return self._ggn_from_roots(batch, outputs, trace=float(sampled["trace"]))
-            elif sampled is not None:
+            trace = float(sampled["trace"]) if sampled is not None and sampled.get("kind") == "leading" else None
+            if sampled is not None and trace is None:
                 output = self._output_curvature()
                 roots = output.sampled(outputs, batch, int(sampled["draws"]), int(sampled["seed"]), offset)
                 return self._ggn_from_roots(batch, outputs, roots)
-            if outputs[0].numel() <= self.dim:
-                return self._ggn_from_roots(batch, outputs)
+            if outputs[0].numel() <= self.dim:  # the exact roots, or their leading ones
+                return self._ggn_from_roots(batch, outputs, trace=trace)
         product = self.functions.hessian_matmat if curvature == "hessian" else self.functions.ggn_matmat
         out = torch.empty(self.dim, self.dim, dtype=torch.float64)
         with second_order():
