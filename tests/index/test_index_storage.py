@@ -92,6 +92,53 @@ def test_queries_in_float32_equal_float64_math_and_reuse_the_cholesky_factor(flo
     assert list(index._factors) == [2 * index.regularization]  # one factor kept at a time
 
 
+def test_the_build_stores_the_cholesky_factor_that_queries_at_its_lambda_use(float32_problem, tmp_path, monkeypatch):
+    """The build stores ``L`` of ``C + lambda I`` (float32, lower triangle) instead of ``C``: a query at
+    the index's ``lambda`` reads it and factors nothing; ``C`` and queries at another ``lambda`` are
+    rebuilt from it and agree with float64 math on the float64 sum of ``C``."""
+    import dask_influence.index.gradient_index as gi
+
+    model, loss, train, test = float32_problem
+    sums: list[np.ndarray] = []
+    original = gi._curvature
+    monkeypatch.setattr(gi, "_curvature", lambda *a, **k: sums.append(original(*a, **k)) or sums[-1])
+    index = _quiet(
+        di.GradientIndex.build, model, loss, train, tmp_path / "a.zarr", projection_dim=128, train_block_size=200,
+        client="sync",
+    )  # fmt: skip
+    (c64,) = sums
+    lam = index.regularization
+    stored = zarr.open_group(str(tmp_path / "a.zarr"), mode="r")["curvature"][:]
+    assert stored.dtype == np.float32 and index.attributes["curvature_form"] == "cholesky"
+    assert index.attributes["curvature_factor_lambda"] == lam
+    assert not np.triu(stored, 1).any()  # lower-triangular
+    exact = np.linalg.cholesky(c64 + lam * np.eye(len(c64)))
+    np.testing.assert_allclose(stored, exact, rtol=0, atol=1e-6 * np.abs(exact).max())  # float32 rounding
+    np.testing.assert_allclose(index.curvature_matrix(), c64, rtol=0, atol=1e-6 * np.abs(c64).max())
+
+    phi = torch.from_numpy(index.gradients().astype(np.float64))
+    fresh = di.GradientIndex.open(tmp_path / "a.zarr", model, loss, client="sync")
+
+    def refused(*args, **kwargs):
+        raise AssertionError("a query at the build's lambda factored the curvature")
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", refused)
+    got = torch.from_numpy(fresh.influence_factors(test))
+    monkeypatch.undo()
+    ref = torch.from_numpy(np.linalg.solve(c64 + lam * np.eye(len(c64)), _test_phi(fresh, test).T).T)
+    np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=0, atol=1e-5 * ref.abs().max().item())
+    other = fresh.influences(test, regularization=3 * lam)  # refactored from C = L L^T - lambda I
+    want = np.linalg.solve(c64 + 3 * lam * np.eye(len(c64)), _test_phi(fresh, test).T).T @ phi.numpy().T
+    np.testing.assert_allclose(other, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def _test_phi(index, test) -> np.ndarray:
+    """The projected test measurements ``(n_test, k)`` float64 (``influence_factors`` at ``lambda -> inf``
+    times ``lambda``, computed directly from the projector)."""
+    x, y = test
+    return index.projector.project((x, y), measurement=True).astype(np.float64)
+
+
 def test_an_index_written_before_float32_curvature_and_auto_dtype_stays_readable(float32_problem, tmp_path):
     """An older index: float32 gradients (the old default), a float64 curvature, no curvature_dtype,
     ggn_estimate or effective dimension attributes. It opens, scores as before, and a resume with
@@ -102,13 +149,15 @@ def test_an_index_written_before_float32_curvature_and_auto_dtype_stays_readable
     # the exact GGN, as such indexes were built
     index = _quiet(di.GradientIndex.build, model, loss, train, path, dtype="float32", ggn_draws=0, **kw)
     before = index.influences(test)
+    c = index.curvature_matrix()  # such an index stored C, not its Cholesky factor
     group = zarr.open_group(str(path), mode="r+")
-    c = group["curvature"][:].astype(np.float64)
     del group["curvature"]
     group.create_array("curvature", shape=c.shape, chunks=c.shape, dtype="float64")
     group["curvature"][:] = c
     attrs = dict(group.attrs["dask_influence_index"])
     for key in ("curvature_dtype", "ggn_estimate", "effective_dimension", "effective_dimension_projected"):
+        attrs.pop(key)
+    for key in ("curvature_form", "curvature_factor_lambda"):
         attrs.pop(key)
     group["gradients_done"][1] = 0  # an interrupted build
     attrs["complete"] = False

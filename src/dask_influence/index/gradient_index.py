@@ -291,14 +291,17 @@ class GradientIndex:
                     if summing is not None:
                         summing.finish()
                     stored_as = layout.curvature_dtype(dtype)
-                    layout.write_curvature(group, curv, stored_as)
                     lam = _regularization(regularization, preconditioner, curv)
+                    chol = cholesky_factor(curv, lam)  # stored instead of C: queries at lambda skip it
+                    layout.write_curvature(group, curv if chol is None else chol, stored_as)
                     layout.update(
                         group,
                         curvature_done=True,
                         regularization=lam,
                         curvature_dtype=stored_as,
-                        **effective_dimension(curv, lam, preconditioner),
+                        curvature_form="matrix" if chol is None else "cholesky",
+                        curvature_factor_lambda=lam,
+                        **effective_dimension(curv, lam, preconditioner, chol),
                     )
             if not bool(layout.done_blocks(group).all()):
                 raise StoreError(
@@ -366,9 +369,18 @@ class GradientIndex:
         return float(self.attributes["regularization"])
 
     def curvature_matrix(self) -> np.ndarray:
-        """The stored undamped curvature ``C`` ``(k, k)`` as float64 (stored in float32 unless the
-        index is float64; verified: a damaged one raises a ``StoreError`` naming it)."""
-        return layout.read_curvature(self.path, self.group)
+        """The undamped curvature ``C`` ``(k, k)`` as float64 (verified: a damaged one raises a
+        ``StoreError`` naming it). An index stores the Cholesky factor ``L`` of ``C + lambda_0 I``
+        (``lambda_0`` its build's regularization) where that is positive definite, else ``C``; in
+        float32 unless the index is float64. ``C`` is then ``L L^T - lambda_0 I``: rounding of
+        about ``6e-8 (|C| + lambda_0)`` in float32."""
+        stored = layout.read_curvature(self.path, self.group)
+        if self.attributes.get("curvature_form") != "cholesky":
+            return stored
+        factor = torch.from_numpy(stored)
+        c = factor @ factor.T
+        c.diagonal().sub_(float(self.attributes["curvature_factor_lambda"]))
+        return c.numpy()
 
     def gradients(self) -> np.ndarray:
         """The stored projected training gradients ``(n_train, k)`` (read whole, every chunk verified:
@@ -627,6 +639,8 @@ class GradientIndex:
         return self._factors[lam], lam
 
     def _factor(self, lam: float) -> np.ndarray:
+        if self.attributes.get("curvature_form") == "cholesky" and lam == self.attributes["curvature_factor_lambda"]:
+            return layout.read_curvature(self.path, self.group)  # the build's factor: one read, no factorization
         c = torch.from_numpy(self.curvature_matrix())
         chol, info = torch.linalg.cholesky_ex(c + lam * torch.eye(c.shape[0], dtype=c.dtype))
         if int(info) != 0:
@@ -734,12 +748,23 @@ def _topk_block(factors: np.ndarray, path: str, ranges: list[tuple[int, int]], k
     return best
 
 
-def effective_dimension(curvature: np.ndarray, lam: float, preconditioner: str) -> dict[str, Any]:
+def cholesky_factor(curvature: np.ndarray, lam: float) -> np.ndarray | None:
+    """The lower Cholesky factor ``L`` ``(k, k)`` float64 of ``C + lambda I``, or ``None`` where that
+    is not positive definite (a projected Hessian with ``lambda`` below its lowest eigenvalue)."""
+    c = torch.from_numpy(np.asarray(curvature, dtype=np.float64))
+    chol, info = torch.linalg.cholesky_ex(c + lam * torch.eye(c.shape[0], dtype=c.dtype))
+    return chol.numpy() if int(info) == 0 else None
+
+
+def effective_dimension(
+    curvature: np.ndarray, lam: float, preconditioner: str, chol: np.ndarray | None = None
+) -> dict[str, Any]:
     """The effective dimension of the projected curvature and what it says about ``k``.
 
     ``effective_dimension_projected`` is ``d_k = tr(C (C + lambda I)^-1)`` of the stored ``C``
-    ``(k, k)`` (from the Cholesky factor ``L`` of ``C + lambda I``: ``k - lambda ||L^-1||_F^2``;
-    the eigenvalues, clipped at 0, where ``C`` is indefinite), at most ``k``.
+    ``(k, k)`` (from the Cholesky factor ``L`` of ``C + lambda I``, ``chol`` where the caller has it:
+    ``k - lambda ||L^-1||_F^2``; the eigenvalues, clipped at 0, where ``C + lambda I`` is
+    indefinite), at most ``k``.
     ``effective_dimension`` estimates the full curvature's ``d`` from it: a random projection
     to ``k`` dimensions of a curvature with ``d`` directions above ``lambda`` keeps about
     ``d_k = d k / (k + d)`` of them, so ``d ~ d_k k / (k - d_k)`` (``None``: ``d_k`` within 0.5
@@ -749,13 +774,12 @@ def effective_dimension(curvature: np.ndarray, lam: float, preconditioner: str) 
     if preconditioner == "none" or lam <= 0:
         return {}
     k = curvature.shape[0]
-    c = torch.from_numpy(np.asarray(curvature, dtype=np.float64))
-    chol, info = torch.linalg.cholesky_ex(c + lam * torch.eye(k, dtype=c.dtype))
-    if int(info) == 0:
-        inverse = torch.linalg.solve_triangular(chol, torch.eye(k, dtype=c.dtype), upper=False)
+    chol = cholesky_factor(curvature, lam) if chol is None else chol
+    if chol is not None:
+        inverse = torch.linalg.solve_triangular(torch.from_numpy(chol), torch.eye(k, dtype=torch.float64), upper=False)
         d_k = float(k - lam * (inverse * inverse).sum())
     else:
-        e = torch.linalg.eigvalsh(c).clamp_min(0)
+        e = torch.linalg.eigvalsh(torch.from_numpy(np.asarray(curvature, dtype=np.float64))).clamp_min(0)
         d_k = float((e / (e + lam)).sum())
     d_k = min(max(d_k, 0.0), float(k))
     estimate = d_k * k / (k - d_k) if k - d_k > 0.5 else None

@@ -7,10 +7,14 @@ A zarr group (format 3):
   training point;
 - ``gradients_done``: ``(n_blocks,)`` int8, one chunk per flag, set after its block is written;
 - ``curvature``: ``(k, k)`` float32 (float64 in a float64 index, and in indexes built before
-  the attribute ``curvature_dtype``), the preconditioner's undamped curvature ``C`` (the
-  projected Hessian or GGN ``P H P^T``, or the projected empirical Fisher ``Phi^T Phi / n``;
-  the identity for ``"none"``): queries solve with ``C + lambda I``, so ``lambda`` can change
-  without rebuilding;
+  the attribute ``curvature_dtype``): with the attribute ``curvature_form = "cholesky"`` the
+  lower Cholesky factor ``L`` of ``C + lambda_0 I`` (``lambda_0`` the attribute
+  ``curvature_factor_lambda``, the build's regularization; its upper triangle is zeros, which
+  the compressor all but removes), else (an indefinite ``C + lambda_0 I``, or an index built
+  before the factor was stored) the undamped curvature ``C`` itself. ``C`` is the
+  preconditioner's curvature: the projected Hessian or GGN ``P H P^T``, the projected empirical
+  Fisher ``Phi^T Phi / n``, or the identity for ``"none"``. Queries at ``lambda_0`` solve with
+  the stored factor; another ``lambda`` refactors ``C = L L^T - lambda_0 I``;
 - attributes under ``"dask_influence_index"``: the format, the model checksum, the task, the
   projection, the data (``n_train``, block sizes, a digest of the first block), the
   preconditioner, library versions, and ``complete``.
@@ -214,7 +218,9 @@ def read_gradients(path: str, rows: tuple[int, int], group: Any = None, dtype: A
 
 
 def read_curvature(path: str, group: Any = None) -> np.ndarray:
-    """The stored curvature ``C`` ``(k, k)`` float64, verified (see :func:`read_gradients`)."""
+    """The stored ``curvature`` array ``(k, k)`` as float64, verified (see :func:`read_gradients`):
+    ``C``, or the Cholesky factor of ``C + lambda_0 I`` where the attribute ``curvature_form`` is
+    ``"cholesky"`` (see the module's docstring)."""
     from ..storage.chunkfiles import read_chunks
 
     group = group if group is not None else zarr.open_group(path, mode="r")
@@ -262,8 +268,9 @@ def curvature_dtype(index_dtype: str) -> str:
 
 
 def write_curvature(group: Any, curvature: np.ndarray, dtype: str = "float64") -> None:
-    """Store ``curvature`` ``(k, k)`` in ``dtype`` (replacing an earlier one; the index's attribute
-    ``curvature_dtype`` says which: an index without it stored float64)."""
+    """Store ``curvature`` ``(k, k)`` (``C`` or its factor) in ``dtype`` (replacing an earlier one;
+    the index's attributes ``curvature_dtype`` and ``curvature_form`` say which: an index without
+    them stored ``C`` in float64)."""
     if "curvature" in group:
         del group["curvature"]
     k = curvature.shape[0]
