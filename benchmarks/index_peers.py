@@ -85,10 +85,11 @@ class Plan:
     epochs: int
     ks: tuple[int, ...]
     exact_lm: bool
+    ours_ks: tuple[int, ...] = ()  # smaller k for the default index only: where it meets the peers' accuracy
 
 
-FULL = Plan((64, 32), 1600, 100, 2, 16, 16, 256, 100, 20, (256, 1024, 4096), True)
-TINY = Plan((8, 8), 120, 12, 1, 8, 8, 32, 8, 3, (16, 64), False)
+FULL = Plan((64, 32), 1600, 100, 2, 16, 16, 256, 100, 20, (256, 1024, 4096), True, (64, 128))
+TINY = Plan((8, 8), 120, 12, 1, 8, 8, 32, 8, 3, (16, 64), False, (8,))
 
 
 @dataclass
@@ -451,7 +452,7 @@ def cached_reference(problem: Problem, plan: Plan, cache: Path | None) -> dict[s
     """:func:`reference`, kept in ``cache`` (the output folder) for a rerun of the same plan."""
     if cache is None:
         return reference(problem)
-    sizes = {k: v for k, v in plan.__dict__.items() if k not in ("ks", "exact_lm")}  # what the reference depends on
+    sizes = {k: v for k, v in plan.__dict__.items() if k not in ("ks", "exact_lm", "ours_ks")}  # what it depends on
     digest = hashlib.sha256(json.dumps(sizes, sort_keys=True, default=str).encode()).hexdigest()[:12]
     key = f"{problem.name}-{digest}"
     path = cache / f"index_peers-reference-{key}.npz"
@@ -514,6 +515,9 @@ def run(
         warm = Problem(problem.name, problem.model, problem.task, _head(problem.train), _head(problem.test))
         for method, options in methods(problem, plan, plan.ks[0]):  # untimed, as each peer driver warms up
             measure_ours(warm, {**ref, "exact": ref["exact"][:WARM, :WARM]}, plan.ks[0], method, options, workdir)
+        for k in plan.ours_ks:  # the default index below the shared k: the cheapest at the peers' accuracy
+            rows.append(measure_ours(problem, ref, k, "ours", {}, workdir))
+            log(_line(rows[-1]))
         for k in plan.ks:  # alternating: every library at one k before the next k
             for method, options in methods(problem, plan, k):
                 rows.append(measure_ours(problem, ref, k, method, options, workdir))

@@ -23,13 +23,13 @@ def test_tiny_run_measures_every_row_and_writes_its_table(tmp_path, capsys):
         assert ref["num_params"] == {"mlp": 682, "gpt2": 552}[name]
         rows = problem["rows"]
         assert [(r["method"], r["k"]) for r in rows] == [
-            ("ours", 16), ("ours-fisher", 16), ("ours", 64), ("ours-fisher", 64),
-        ]  # fmt: skip
+            ("ours", 8), ("ours", 16), ("ours-fisher", 16), ("ours", 64), ("ours-fisher", 64),
+        ]  # fmt: skip  (k = 8: the default index alone, below the shared k)
         for r in rows:
             assert r["build_s"] > 0 and r["query_s"] > 0 and r["bytes"] > 0
             assert -1 <= r["pearson"] <= 1 and 0 <= r["top_overlap"] <= 1
             assert r["dtype"] == "float16"
-        default, fisher = rows[2], rows[3]
+        default, fisher = rows[3], rows[4]
         assert default["pearson"] > fisher["pearson"] + 0.05, (default, fisher)  # measured 0.907/0.768, 0.961/0.810
         assert default["pearson"] > 0.85
         # the LM samples its GGN; the 10-class MLP sums its leading output roots (ggn_draws="auto", 05ae181)
