@@ -35,6 +35,7 @@ from dask.base import tokenize
 from torch import nn
 
 from .. import progress as _progress
+from ..core.projection import KroneckerProjection
 from ..errors import StoreError
 from ..mapping.clients import dask_client
 from ..mapping.literals import Literal, unbox
@@ -46,7 +47,7 @@ from ..renamed import renamed, warn_renamed
 from ..storage import lock as zlock
 from ..storage import store as zstore
 from ..storage.index_info import suggested_dim
-from . import inputs, layout, memory_check, runner, tasks
+from . import factored, inputs, layout, memory_check, runner, tasks
 from .projector import LEADING_ROOTS_MAX_OUTPUTS, Projector
 
 PRECONDITIONERS = ("curvature", "fisher", "none")
@@ -128,6 +129,8 @@ class GradientIndex:
         progress: bool | None = None,
         block_size: int | None = None,
         memory_budget: int | None = None,
+        storage: str = "dense",
+        factor_rank: int | None = None,
     ) -> GradientIndex:
         """Project every training point's loss gradient into the index at ``path`` and sum the preconditioner.
 
@@ -174,6 +177,15 @@ class GradientIndex:
                 what was found.
             progress: report each pass (the projected gradients, the curvature): samples done of
                 ``n_train``, rate, ETA; ``None``: see :mod:`dask_influence.progress`.
+            storage: ``"dense"`` (default): each point's ``(k,)`` projected gradient; ``"factored"``
+                (``projection="kronecker"`` only): per layer ``r`` pairs ``(u (k_o,), v (k_i,))`` whose
+                ``sum_r u_r v_r^T`` is the layer's projected gradient, ``r sum_l (k_o + k_i)`` numbers
+                per point instead of ``sum_l k_o k_i`` (a classifier: ``r = 1``); queries densify
+                each index chunk as they read it (:mod:`~.factored`). A resumed index keeps its own.
+            factor_rank: with ``storage="factored"``: ``None`` (default) stores every layer exactly
+                (``r`` the positions per sample ``T``, at most ``min(k_o, k_i)``); an int ``r`` keeps
+                each layer's best rank-``r`` part (an SVD) and records the share of the Frobenius
+                norm it drops (``attributes["factor_dropped"]``).
             memory_budget: bytes one worker may hold (``None``: half the machine's memory, 80% of
                 the GPU's). The build's peak per worker is estimated from the shapes before
                 anything is written (:func:`~.memory_check.build_estimate`: a block's projected
@@ -203,6 +215,7 @@ class GradientIndex:
         if dtype != "auto" and dtype not in layout.DTYPES:
             raise ValueError(f"dtype must be 'auto' or one of {', '.join(layout.DTYPES)}; got {dtype!r}.")
         _check_regularization(regularization)
+        factored.check_storage(storage, factor_rank, projection)
         _check_draws(ggn_draws)
         verify_mode = _verify_mode(verify)
         runner.check_client(client)
@@ -222,6 +235,7 @@ class GradientIndex:
         first = _load_block(source, 0)
         path = os.fspath(path)
         _trial(projector, first, path)  # before anything at ``path`` is created, resumed or deleted
+        rank = _factor_rank(projector, first, factor_rank) if storage == "factored" else None
         record = {
             "kind": "gradient_index",
             "model_checksum": projector.model_checksum(),
@@ -239,6 +253,8 @@ class GradientIndex:
             "curvature": curvature if preconditioner == "curvature" else None,
             "regularization_setting": regularization,
             "ggn_estimate": _ggn_estimate(projector, first, preconditioner, curvature, ggn_draws, seed, sum(sizes)),
+            "storage": storage,
+            **({"factor_rank": rank} if rank is not None else {}),
         }
         memory_check.check_build(projector, first, max(sizes), record, memory_budget)  # before anything is written
         zstore.check_path(path)
@@ -266,7 +282,7 @@ class GradientIndex:
             keys = []
             for j in map(int, np.nonzero(~done)[0]):
                 keys.append((f"index-{token}", j))
-                dsk[keys[-1]] = (tasks.write_projected, proj_key, source.block_task(j), path, j, ranges[j])
+                dsk[keys[-1]] = (tasks.write_projected, proj_key, source.block_task(j), path, j, ranges[j], rank)
             gpu = projector.device.type == "cuda"
             passes = 1 if preconditioner == "none" else 2
             with _progress.reporting(progress) as reporter, dask_client(client, n_workers) as active:
@@ -307,15 +323,15 @@ class GradientIndex:
                 raise StoreError(
                     f"The index {path!r} is missing blocks after its build; run the build again to resume."
                 )
+            if rank is not None:
+                layout.update(group, factor_dropped=layout.factor_dropped(path, group))
             layout.update(group, complete=True, completed=layout.now(), blocks_written=len(keys))
         index = cls(path, projector, client=client, n_workers=n_workers)
         _warn_small_k(index.attributes)
         index.last_run_ = {"blocks_written": len(keys), "blocks_skipped": len(sizes) - len(keys)}
         index.memory_budget = memory_budget
         if report is not None:
-            index.last_run_["blocks_repaired"] = len(
-                set(report.damaged.get("gradients", [])) | {c[0] for c in report.unreadable_flags.get("gradients", [])}
-            )
+            index.last_run_["blocks_repaired"] = len(layout.damaged_blocks(report))
             index.last_run_["verify"] = report.as_dict()
         return index
 
@@ -385,7 +401,7 @@ class GradientIndex:
     def gradients(self) -> np.ndarray:
         """The stored projected training gradients ``(n_train, k)`` (read whole, every chunk verified:
         small indexes only)."""
-        dtype = self.group["gradients"].dtype
+        dtype = layout.stored_dtype(self.group)
         return layout.read_gradients(self.path, (0, self.n_train), self.group).astype(dtype)
 
     # -- queries ------------------------------------------------------------------------------
@@ -904,6 +920,21 @@ def _ggn_estimate(
     return {"kind": "sampled", "draws": int(draws), "seed": int(seed)}
 
 
+def _factor_rank(projector: Projector, first: Any, factor_rank: int | None) -> int:
+    """The ``r`` a factored index stores: ``factor_rank`` (at most the largest ``min(k_o, k_i)``, beyond
+    which every layer is exact), or the exact rank ``max_l min(T_l, k_o, k_i)`` of the first block's
+    positions (:func:`~.factored.exact_rank`)."""
+    from ..core import batches
+
+    projection = projector.projection
+    assert isinstance(projection, KroneckerProjection)
+    dims = projection.layer_dims
+    if factor_rank is not None:
+        return min(int(factor_rank), max(min(ko, ki) for ko, ki in dims))
+    rows = batches.slice_rows(tuple(first) if isinstance(first, list) else first, 0, 1)
+    return factored.exact_rank(dims, projector.positions(rows))
+
+
 TRIAL_ROWS = 2
 """Training points projected on the driver before a build creates, resumes or deletes anything."""
 
@@ -972,6 +1003,10 @@ def _prepare(
             )
         group = layout.open_index(path, mode="r+")
         stored = layout.attributes(group)
+        if "storage" not in stored:  # an index built before the factored storage: dense
+            stored["storage"] = "dense"
+            if record.get("storage") == "dense":
+                layout.update(group, storage="dense")
         if "ggn_estimate" not in stored:  # an index built before the sampled Fisher: an exact GGN
             stored["ggn_estimate"] = "exact" if record.get("ggn_estimate") is not None else None
             layout.update(group, ggn_estimate=stored["ggn_estimate"])

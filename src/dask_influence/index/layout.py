@@ -5,6 +5,12 @@ A zarr group (format 3):
 - ``gradients``: ``(n_train, k)`` in the index dtype (float16 or float32; float64 for float64
   models), chunked by train block, fill value NaN: the projected loss gradient of each
   training point;
+- or, in a factored index (attribute ``storage = "factored"``, :mod:`.factored`), instead of
+  ``gradients``: ``factors_out`` ``(n_train, r, sum k_o)`` and ``factors_in``
+  ``(n_train, r, sum k_i)`` in the index dtype (per layer ``r`` pairs ``(u, v)`` with
+  ``sum_r u_r v_r^T`` the layer's ``(k_o, k_i)`` projected gradient) and ``factors_dropped``
+  ``(n_blocks, 2)`` float64 (per block the squared Frobenius norm a truncation left out, and the
+  total), chunked by train block like ``gradients``; :func:`read_gradients` densifies them;
 - ``gradients_done``: ``(n_blocks,)`` int8, one chunk per flag, set after its block is written;
 - ``curvature``: ``(k, k)`` float32 (float64 in a float64 index, and in indexes built before
   the attribute ``curvature_dtype``): with the attribute ``curvature_form = "cholesky"`` the
@@ -34,7 +40,7 @@ import zarr
 
 from ..errors import StoreError
 from ..storage.index_info import INDEX_ATTR
-from ..storage.index_verify import chunk_problem, listed, problems, read_done, verify
+from ..storage.index_verify import chunk_problem, damaged_blocks, listed, problems, read_done, verify
 from ..storage.layout import codecs, normalize_config, versions
 
 ATTR = INDEX_ATTR
@@ -72,15 +78,37 @@ def create(path: str, record: dict, block_sizes: tuple[int, ...], dim: int, dtyp
     """Create (replacing whatever is at ``path``) the index group, its arrays and attributes."""
     group = zarr.open_group(path, mode="w")
     compress = codecs()
-    group.create_array(
-        "gradients",
-        shape=(sum(block_sizes), dim),
-        chunks=(max(block_sizes), dim),
-        dtype=dtype,
-        fill_value=np.nan,
-        config={"write_empty_chunks": True},
-        **compress,
-    )
+    n, rows = sum(block_sizes), max(block_sizes)
+    if record.get("storage") == "factored":  # per layer r pairs (u, v): see the module
+        r, dims = int(record["factor_rank"]), record["projection"]["layer_dims"]
+        for name, width in (("factors_out", sum(d[0] for d in dims)), ("factors_in", sum(d[1] for d in dims))):
+            group.create_array(
+                name,
+                shape=(n, r, width),
+                chunks=(rows, r, width),
+                dtype=dtype,
+                fill_value=np.nan,
+                config={"write_empty_chunks": True},
+                **compress,
+            )
+        group.create_array(
+            "factors_dropped",
+            shape=(len(block_sizes), 2),
+            chunks=(1, 2),
+            dtype="float64",
+            fill_value=np.nan,
+            **compress,
+        )
+    else:
+        group.create_array(
+            "gradients",
+            shape=(n, dim),
+            chunks=(rows, dim),
+            dtype=dtype,
+            fill_value=np.nan,
+            config={"write_empty_chunks": True},
+            **compress,
+        )
     group.create_array("gradients_done", shape=(len(block_sizes),), chunks=(1,), dtype="int8", fill_value=0, **compress)
     group.attrs[ATTR] = {
         **record,
@@ -170,6 +198,41 @@ def write_block(path: str, j: int, rows: tuple[int, int], values: np.ndarray) ->
     return j
 
 
+def write_factors(
+    path: str, j: int, rows: tuple[int, int], factors_out: np.ndarray, factors_in: np.ndarray, norms: tuple
+) -> int:
+    """Write block ``j``'s factors (rows ``rows``: ``(n_b, r, sum k_o)`` and ``(n_b, r, sum k_i)``) and
+    its ``norms`` (squared Frobenius norm dropped, total), then its done flag."""
+    group: Any = zarr.open_group(path, mode="r+")
+    out, into = group["factors_out"], group["factors_in"]
+    for values in (factors_out, factors_in):
+        if out.dtype == np.float16 and values.size and float(np.abs(values).max()) > F16_MAX:
+            i = int(np.abs(values).reshape(len(values), -1).max(axis=1).argmax())
+            raise ValueError(
+                f"Training point {rows[0] + i} (block {j}) has a projected gradient factor of "
+                f"{float(np.abs(values[i]).max()):.4g}, beyond float16's range ({F16_MAX:g}); build the index "
+                "with dtype='float32'."
+            )
+    out[rows[0] : rows[1]] = factors_out.astype(out.dtype, copy=False)
+    into[rows[0] : rows[1]] = factors_in.astype(into.dtype, copy=False)
+    group["factors_dropped"][j] = np.asarray(norms, dtype=np.float64)
+    group["gradients_done"][j] = 1
+    return j
+
+
+def stored_dtype(group: Any) -> np.dtype:
+    """The dtype the index stores its projected gradients (or their factors) in."""
+    return np.dtype(group["factors_out" if "factors_out" in group else "gradients"].dtype)
+
+
+def factor_dropped(path: str, group: Any) -> float:
+    """A factored index's truncation: ``sqrt(sum ||M - M_r||_F^2 / sum ||M||_F^2)`` over every
+    training point and layer (``0``: exact), from ``factors_dropped`` (verified)."""
+    norms = _read_rows(path, group, "factors_dropped", (0, int(group["factors_dropped"].shape[0])), np.float64)
+    dropped, total = (float(v) for v in norms.sum(axis=0))
+    return float(np.sqrt(dropped / total)) if total > 0 else 0.0
+
+
 REPAIR = (
     "run the build again with verification to recompute it (GradientIndex.build(...) verifies every chunk "
     "by default; `dask-influence index JOB.toml --verify`)"
@@ -199,18 +262,32 @@ def read_gradients(path: str, rows: tuple[int, int], group: Any = None, dtype: A
         StoreError: a chunk is missing, does not decode (checksum), or reads as NaN, naming the
             index, the array, the chunk, its training points and the repair.
     """
+    group = group if group is not None else zarr.open_group(path, mode="r")
+    if "factors_out" in group:  # a factored index: its factors densified (one point, every query)
+        from .factored import densify
+
+        dims = [(int(ko), int(ki)) for ko, ki in group.attrs[ATTR]["projection"]["layer_dims"]]
+        out = _read_rows(path, group, "factors_out", rows, None)
+        into = _read_rows(path, group, "factors_in", rows, None)
+        return densify(out, into, dims, dtype)
+    return _read_rows(path, group, "gradients", rows, dtype)
+
+
+def _read_rows(path: str, group: Any, name: str, rows: tuple[int, int], dtype: Any) -> np.ndarray:
+    """Rows ``rows`` of the array ``name`` (chunked by train block along its first axis) in
+    ``dtype`` (``None``: as stored), each chunk verified (see :func:`read_gradients`)."""
     from ..storage.chunkfiles import read_chunks
 
-    group = group if group is not None else zarr.open_group(path, mode="r")
-    array = group["gradients"]
+    array = group[name]
     size = int(array.chunks[0])
+    rest = (0,) * (len(array.shape) - 1)
     first, last = rows[0] // size, (rows[1] - 1) // size
     parts = []
-    for (j, _), data in read_chunks(array, [(c, 0) for c in range(first, last + 1)], threads=1):
+    for (j, *_), data in read_chunks(array, [(c, *rest) for c in range(first, last + 1)], threads=1):
         problem = chunk_problem(data)
         if problem is not None:
             chunk_rows = (j * size, min((j + 1) * size, int(array.shape[0])))
-            raise _damaged(path, "gradients", j, chunk_rows, problem)
+            raise _damaged(path, name, j, chunk_rows, problem)
         assert isinstance(data, np.ndarray)
         lo, hi = max(rows[0] - j * size, 0), min(rows[1] - j * size, len(data))
         parts.append(np.array(data[lo:hi], dtype=dtype))  # a writable copy (torch.from_numpy)
@@ -249,8 +326,8 @@ def repair(group: Any, report: Any) -> None:
     """Clear the flags of the damaged blocks (and rewrite unreadable flags as 0), mark the curvature
     not done if it is damaged, and the index incomplete if anything was found: the build then
     recomputes exactly these blocks (and the curvature)."""
-    blocks = set(report.damaged.get("gradients", [])) | {c[0] for c in report.unreadable_flags.get("gradients", [])}
-    for j in sorted(blocks):
+    blocks = damaged_blocks(report)
+    for j in blocks:
         group["gradients_done"][j] = 0
     if blocks or report.damaged.get("curvature"):
         attrs = attributes(group)

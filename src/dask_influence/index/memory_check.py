@@ -7,6 +7,10 @@ projection ``(p, k)`` where there is one, and in the curvature pass the ``(k, k)
 :data:`~.gradient_index.FAN_IN` blocks with their total, plus the block's output-curvature roots
 (``(r, b, c)`` for ``c`` outputs per sample: ``r = c`` exact roots, ``d`` sampled ones) or the
 curvature-vector products of :data:`~.projector.CURVATURE_COLUMNS` columns.
+A factored index (``storage="factored"``) holds a block's factors ``(b, r, sum k_o + k_i)`` and
+their copy instead of its ``(b, k)`` gradients, plus one chunk's largest layer ``(chunk, k_o,
+k_i)`` float64 three times for a truncating SVD; its queries an index block's factors beside
+the densified rows.
 :func:`query_estimate` sums a query's: the ``(k, k)`` Cholesky factor, a test block's projected
 gradients and factors ``(n, k)``, one chunk's per-sample gradients, an index block's gradients
 ``(b, k)`` and the scores ``(n, b)``. :func:`check` refuses in one line, naming the largest piece,
@@ -37,14 +41,33 @@ def _outputs_per_sample(projector: Projector, first: Any) -> int:
 
 
 def build_estimate(
-    projector: Projector, first: Any, block: int, preconditioner: str, curvature: str | None, ggn: Any
+    projector: Projector,
+    first: Any,
+    block: int,
+    preconditioner: str,
+    curvature: str | None,
+    ggn: Any,
+    factor_rank: int | None = None,
 ) -> memory.MemoryEstimate:
-    """One worker's peak for a training block of ``block`` samples shaped as ``first`` (see the module)."""
+    """One worker's peak for a training block of ``block`` samples shaped as ``first`` (see the module;
+    ``factor_rank``: the ``r`` of a factored index)."""
     p, k = projector.spec.num_params, projector.dim
     size = memory.itemsize(projector.dtype)
     chunk = min(projector.chunk_size, block)
     per = projector.functions.activation_bytes(projector.theta, first)
-    pieces = [(f"the projected gradients of a block and their copy (2 x ({block:,}, {k:,}))", 2 * block * k * size)]
+    if factor_rank is not None and isinstance(projector.projection, KroneckerProjection):
+        dims = projector.projection.layer_dims
+        width = sum(ko + ki for ko, ki in dims)
+        largest = max(ko * ki for ko, ki in dims)
+        pieces = [
+            (
+                f"the projected gradient factors of a block and their copy (2 x ({block:,}, {factor_rank}, {width:,}))",
+                2 * block * factor_rank * width * size,
+            ),
+            (f"a chunk's largest layer for its SVD (3 x ({chunk:,}, {largest:,}) float64)", 3 * chunk * largest * 8),
+        ]
+    else:
+        pieces = [(f"the projected gradients of a block and their copy (2 x ({block:,}, {k:,}))", 2 * block * k * size)]
     if isinstance(projector.projection, KroneckerProjection):
         pieces.append(
             (f"a chunk's forward and backward (2 x {chunk:,} samples x {memory.short(per)})", 2 * chunk * per)
@@ -86,9 +109,12 @@ def build_estimate(
     return memory.MemoryEstimate.of(f"The index build (per worker, a block of {block:,})", pieces)
 
 
-def query_estimate(projector: Projector, first: Any, test_block: int, train_block: int) -> memory.MemoryEstimate:
+def query_estimate(
+    projector: Projector, first: Any, test_block: int, train_block: int, factor_numbers: int = 0
+) -> memory.MemoryEstimate:
     """One worker's peak in a query: a test block of ``test_block`` points against an index block of
-    ``train_block`` (see the module)."""
+    ``train_block`` (see the module; ``factor_numbers``: a factored index's ``r sum_l (k_o + k_i)``
+    stored per point, read beside the densified rows)."""
     p, k = projector.spec.num_params, projector.dim
     size = memory.itemsize(projector.dtype)
     chunk = min(projector.chunk_size, test_block)
@@ -107,6 +133,13 @@ def query_estimate(projector: Projector, first: Any, test_block: int, train_bloc
         (f"an index block's gradients ({train_block:,}, {k:,}) and their cast", memory.matrix_bytes(train_block, k, 8)),
         (f"the scores ({test_block:,}, {train_block:,})", memory.matrix_bytes(test_block, train_block, 8)),
     ]
+    if factor_numbers:
+        pieces.append(
+            (
+                f"an index block's factors ({train_block:,}, {factor_numbers:,}) and their cast",
+                memory.matrix_bytes(train_block, factor_numbers, 8),
+            )
+        )
     return memory.MemoryEstimate.of(f"The index query (per worker, a test block of {test_block:,})", pieces)
 
 
@@ -127,7 +160,8 @@ def check(
 def check_build(projector: Projector, first: Any, block: int, record: dict, budget: int | None) -> None:
     """:func:`check` of :func:`build_estimate` for the largest training block (``record``: the
     build's record, its ``preconditioner``, ``curvature`` and ``ggn_estimate``)."""
-    args = (record["preconditioner"], record["curvature"], record["ggn_estimate"])
+    rank = record.get("factor_rank") if record.get("storage") == "factored" else None
+    args = (record["preconditioner"], record["curvature"], record["ggn_estimate"], rank)
     first = projector.batch(first)
     check(
         build_estimate(projector, first, block, *args),
@@ -144,9 +178,13 @@ def check_query(projector: Projector, load_first: Any, test_sizes: Any, attribut
     first = projector.batch(load_first()) if isinstance(projector.projection, KroneckerProjection) else None
     test_block = max(int(s) for s in test_sizes)
     train_block = max(int(s) for s in attributes["block_sizes"])
+    numbers = 0
+    if attributes.get("storage") == "factored":
+        dims = attributes["projection"]["layer_dims"]
+        numbers = int(attributes["factor_rank"]) * sum(int(ko) + int(ki) for ko, ki in dims)
     check(
-        query_estimate(projector, first, test_block, train_block),
-        query_estimate(projector, first, 1, train_block),
+        query_estimate(projector, first, test_block, train_block, numbers),
+        query_estimate(projector, first, 1, train_block, numbers),
         budget,
         projector.device,
         "test_block_size",

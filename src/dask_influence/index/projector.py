@@ -192,13 +192,55 @@ class Projector:
 
     def _kronecker(self, batch: Any, measurement: bool) -> Tensor:
         """Per layer, ``sum_t (P_out g_t)(P_in a_t)^T`` from one forward and one backward of the
-        batch (the per-sample gradient is never formed): ``(n, k)``.
+        batch (the per-sample gradient is never formed): ``(n, k)``."""
+        projection = self.projection
+        assert isinstance(projection, KroneckerProjection)
+        layers = self._kronecker_layers(batch, measurement)
+        return torch.cat([projection.project_layer(i, g, a) for i, (g, a) in enumerate(layers)], dim=1)
+
+    def project_factors(self, block: Any, rank: int) -> tuple[np.ndarray, np.ndarray, float, float]:
+        """A block's projected loss gradients as per-layer factors (``projection="kronecker"``,
+        :mod:`.factored`): ``factors_out`` ``(n, r, sum k_o)`` and ``factors_in`` ``(n, r, sum k_i)``
+        in the model's dtype, per layer ``sum_r u_r v_r^T`` the ``(k_o, k_i)`` projected gradient
+        (its positions' own pairs, or its best rank-``r`` part), and the squared Frobenius norms
+        dropped and in total, summed over the block's samples and layers."""
+        from .factored import factorize
+
+        projection = self.projection
+        assert isinstance(projection, KroneckerProjection)
+        batch = self.batch(block)
+        n = batches.size(batch)
+        widths = (sum(d[0] for d in projection.layer_dims), sum(d[1] for d in projection.layer_dims))
+        out = torch.empty(n, rank, widths[0], dtype=self.dtype, device=self.device)
+        into = torch.empty(n, rank, widths[1], dtype=self.dtype, device=self.device)
+        dropped = total = 0.0
+        step = self.chunk_size
+        for start in range(0, n, step):
+            chunk = batches.slice_rows(batch, start, min(start + step, n))
+            pieces = []
+            for index, (g, a) in enumerate(self._kronecker_layers(chunk, False)):
+                p_out, p_in = projection.factors(index, dtype=g.dtype, device=g.device)
+                pieces.append((g @ p_out.T, a @ p_in.T))
+            u, v, d, t = factorize(pieces, rank)
+            out[start : start + step], into[start : start + step] = u, v
+            dropped, total = dropped + float(d.sum()), total + float(t.sum())
+        for name, values in (("factors_out", out), ("factors_in", into)):
+            check_finite(f"projected gradient {name}", values, hint="Check the model and the loss for overflow.")
+        return out.detach().cpu().numpy(), into.detach().cpu().numpy(), dropped, total
+
+    def positions(self, block: Any) -> list[int]:
+        """``T_l``, the positions per sample of each Kronecker layer (all its calls) on ``block``'s
+        first sample."""
+        batch = batches.slice_rows(self.batch(block), 0, 1)
+        return [int(g.shape[1]) for g, _ in self._kronecker_layers(batch, False)]
+
+    def _kronecker_layers(self, batch: Any, measurement: bool) -> list[tuple[Tensor, Tensor]]:
+        """Per layer its output gradients ``g`` ``(n, T, o)`` and inputs ``a`` ``(n, T, i)`` over the
+        positions of all its calls, from one forward and one backward of the batch.
 
         The batch's mean loss times ``n`` is the sum of the per-sample losses, and a sample's
         loss depends on its own outputs only, so the gradient in each layer output is that
         sample's gradient."""
-        projection = self.projection
-        assert isinstance(projection, KroneckerProjection)
         fn = self.task.measure() if measurement else self.task.loss
         n = batches.size(batch)
         with torch.enable_grad():
@@ -215,8 +257,8 @@ class Projector:
                 at += 1
             g_all = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
             a_all = torch.cat(capture.inputs[index], dim=1)
-            parts.append(projection.project_layer(index, g_all.detach(), a_all))
-        return torch.cat(parts, dim=1)
+            parts.append((g_all.detach(), a_all))
+        return parts
 
     def project_flat(self, vectors: Tensor) -> Tensor:
         """``P v`` for each row of ``vectors`` ``(m, p)``: ``(m, k)``."""

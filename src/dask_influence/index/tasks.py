@@ -16,9 +16,17 @@ from ..mapping.tasks import _match_threads
 from . import inputs, layout
 
 
-def write_projected(projector: Any, block: Any, path: str, j: int, rows: tuple[int, int]) -> int:
-    """Project train block ``j``'s loss gradients and write them (then the block's flag)."""
+def write_projected(
+    projector: Any, block: Any, path: str, j: int, rows: tuple[int, int], factor_rank: int | None = None
+) -> int:
+    """Project train block ``j``'s loss gradients and write them (then the block's flag); with
+    ``factor_rank`` (a factored index) their per-layer factors of that rank (:mod:`.factored`)."""
     _match_threads()
+    if factor_rank is not None:
+        out, into, dropped, total = projector.project_factors(block, factor_rank)
+        if len(out) != rows[1] - rows[0]:
+            raise ValueError(f"Train block {j} has {len(out)} samples; the plan expects {rows[1] - rows[0]}.")
+        return layout.write_factors(path, j, rows, out, into, (dropped, total))
     values = projector.project(block)
     if len(values) != rows[1] - rows[0]:
         raise ValueError(f"Train block {j} has {len(values)} samples; the plan expects {rows[1] - rows[0]}.")
@@ -42,9 +50,7 @@ def gram_block(path: str, rows: tuple[int, int]) -> np.ndarray:
     import torch
     import zarr
 
-    array = zarr.open_group(path, mode="r")["gradients"]
-    assert isinstance(array, zarr.Array)
-    stored = array.dtype
+    stored = layout.stored_dtype(zarr.open_group(path, mode="r"))
     phi = torch.from_numpy(_read(path, rows, np.float64 if stored == np.float64 else np.float32))
     return (phi.T @ phi).double().numpy()
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .index_verify import INDEX_ATTR, problems, read_done
+from .index_verify import INDEX_ATTR, damaged_blocks, data_arrays, problems, read_done
 from .index_verify import verify as verify_index
 
 
@@ -37,7 +37,7 @@ def describe_index(path: str, group: Any, *, verify: bool = False) -> dict[str, 
     attrs = dict(group.attrs[INDEX_ATTR])
     if attrs.get("preconditioner") == "none" and attrs.get("regularization_setting") == "auto":
         attrs["regularization"] = 0.0  # what queries use (an index built before that rule stored 0.01)
-    if "gradients_done" in group and "gradients" in group:
+    if "gradients_done" in group and all(name in group for name in data_arrays(group)):
         flags, _ = read_done(group)
         report = verify_index(group, mode="full" if verify else "exists")
         damaged = problems(report) or None
@@ -52,11 +52,19 @@ def describe_index(path: str, group: Any, *, verify: bool = False) -> dict[str, 
         "complete": bool(attrs.get("complete")) and bool(flags.all()) and damaged is None,
         "damaged": damaged,
         "verify": checked if verify else None,
-        "blocks_done": int(flags.sum()) - (len(checked["damaged"].get("gradients", [])) if checked else 0),
+        "blocks_done": int(flags.sum()) - (len(damaged_blocks(report)) if checked else 0),
         "blocks_total": int(flags.size),
-        "bytes_per_point": int(attrs.get("dim", 0))
+        "bytes_per_point": _numbers_per_point(attrs)
         * {"float16": 2, "float32": 4, "float64": 8}.get(str(attrs.get("dtype")), 4),
     }
+
+
+def _numbers_per_point(attrs: dict[str, Any]) -> int:
+    """Stored numbers per training point: ``k``, or ``r sum_l (k_o + k_i)`` in a factored index."""
+    if attrs.get("storage") == "factored":
+        dims = (attrs.get("projection") or {}).get("layer_dims") or []
+        return int(attrs.get("factor_rank", 0)) * sum(int(ko) + int(ki) for ko, ki in dims)
+    return int(attrs.get("dim", 0))
 
 
 def suggested_dim(attributes: dict) -> int | None:
@@ -122,7 +130,9 @@ def render_index(d: dict[str, Any]) -> str:
         f"  points      {d.get('n_train', 0):,} in {d['blocks_total']} blocks ({d['blocks_done']} written)",
         f"  projection  {projection.get('kind')}, k = {d.get('dim')}, seed {projection.get('seed')}, "
         f"of p = {d.get('num_params', 0):,} parameters",
-        f"  stored as   {d.get('dtype')} ({d['bytes_per_point']} bytes per point)",
+        f"  stored as   {d.get('dtype')}"
+        + (f", factored (rank {d.get('factor_rank')} per layer)" if d.get("storage") == "factored" else "")
+        + f" ({d['bytes_per_point']} bytes per point)",
         f"  precond.    {d.get('preconditioner')}"
         + (f" ({d['curvature']})" if d.get("curvature") else "")
         + (f", regularization {d['regularization']:g}" if isinstance(d.get("regularization"), (int, float)) else ""),

@@ -16,6 +16,25 @@ import numpy as np
 INDEX_ATTR = "dask_influence_index"
 """The attribute that holds a gradient index's record (:mod:`dask_influence.index.layout`)."""
 
+FACTORED_ARRAYS = ("factors_out", "factors_in", "factors_dropped")
+"""The per-block arrays of a factored index (``storage="factored"``: :mod:`dask_influence.index.factored`)."""
+
+
+def data_arrays(group: Any) -> tuple[str, ...]:
+    """The arrays written per train block before its flag: ``("gradients",)``, or a factored
+    index's :data:`FACTORED_ARRAYS` (its attribute ``storage``)."""
+    factored = group.attrs[INDEX_ATTR].get("storage") == "factored"
+    return FACTORED_ARRAYS if factored else ("gradients",)
+
+
+def damaged_blocks(report: Any) -> list[int]:
+    """The blocks :func:`verify` found damaged in any data array, or whose flag does not decode."""
+    found = {c[0] for c in report.unreadable_flags.get("gradients", [])}
+    for name, blocks in report.damaged.items():
+        if name != "curvature":
+            found |= set(blocks)
+    return sorted(found)
+
 
 def chunk_problem(data: Any) -> str | None:
     """Why a chunk as :func:`~dask_influence.storage.chunkfiles.read_chunks` yields it is unusable, or None."""
@@ -38,11 +57,12 @@ def read_done(group: Any) -> tuple[np.ndarray, list[int]]:
 
 
 def verify(group: Any, *, mode: str = "full", threads: int = 8) -> Any:
-    """Check every block flagged written: its chunk of ``gradients`` exists (one listing) and, with
-    ``mode="full"``, decodes (CRC32C) without NaN; and the curvature, once stored, likewise.
+    """Check every block flagged written: its chunk of ``gradients`` (of each of a factored index's
+    :data:`FACTORED_ARRAYS`) exists (one listing) and, with ``mode="full"``, decodes (CRC32C)
+    without NaN; and the curvature, once stored, likewise.
 
-    Returns a :class:`~dask_influence.storage.verify.VerifyReport`: ``damaged["gradients"]`` the
-    blocks, ``damaged["curvature"]`` ``[0]`` when ``C`` is missing or damaged,
+    Returns a :class:`~dask_influence.storage.verify.VerifyReport`: ``damaged[name]`` the blocks
+    of each data array, ``damaged["curvature"]`` ``[0]`` when ``C`` is missing or damaged,
     ``unreadable_flags["gradients"]`` the blocks whose own flag does not decode. Nothing is
     modified; see :func:`repair`.
     """
@@ -58,19 +78,21 @@ def verify(group: Any, *, mode: str = "full", threads: int = 8) -> Any:
     done, bad_flags = read_done(group)
     if bad_flags:
         report.unreadable_flags["gradients"] = [(j,) for j in bad_flags]
-    array = group["gradients"]
-    present = present_mask(array, done.shape, (0,))
-    broken = done & ~present if present is not None else np.zeros_like(done)
-    if mode == "full":
-        check = [(int(j), 0) for j in np.nonzero(done & ~broken)[0]]
-        for (j, _), data in read_chunks(array, check, threads=threads):
-            if chunk_problem(data) is not None:
-                broken[j] = True
-            elif isinstance(data, np.ndarray):
-                report.bytes_read += data.nbytes
+    for name in data_arrays(group):
+        array = group[name]
+        rest = (0,) * (len(array.shape) - 1)
+        present = present_mask(array, done.shape, rest)
+        broken = done & ~present if present is not None else np.zeros_like(done)
+        if mode == "full":
+            check = [(int(j), *rest) for j in np.nonzero(done & ~broken)[0]]
+            for (j, *_), data in read_chunks(array, check, threads=threads):
+                if chunk_problem(data) is not None:
+                    broken[j] = True
+                elif isinstance(data, np.ndarray):
+                    report.bytes_read += data.nbytes
+        if broken.any():
+            report.damaged[name] = [int(j) for j in np.nonzero(broken)[0]]
     report.checked = int(done.sum())
-    if broken.any():
-        report.damaged["gradients"] = [int(j) for j in np.nonzero(broken)[0]]
     if group.attrs[INDEX_ATTR].get("curvature_done"):
         report.checked += 1
         if "curvature" not in group:
@@ -92,10 +114,10 @@ def verify(group: Any, *, mode: str = "full", threads: int = 8) -> Any:
 def problems(report: Any) -> str:
     """What :func:`verify` found, in words (``""``: nothing)."""
     parts = []
-    damaged = report.damaged.get("gradients", [])
-    if damaged:
-        how = "missing or not decoding" if report.mode == "full" else "missing (chunk files deleted)"
-        parts.append(f"block(s) {listed(damaged)} of its array 'gradients' are {how} although flagged written")
+    how = "missing or not decoding" if report.mode == "full" else "missing (chunk files deleted)"
+    for name, damaged in report.damaged.items():
+        if name != "curvature" and damaged:
+            parts.append(f"block(s) {listed(damaged)} of its array {name!r} are {how} although flagged written")
     flags = [c[0] for c in report.unreadable_flags.get("gradients", [])]
     if flags:
         parts.append(f"the done flag(s) of block(s) {listed(flags)} (array 'gradients_done') do not decode")
