@@ -8,9 +8,9 @@ projection ``(p, k)`` where there is one, and in the curvature pass the ``(k, k)
 (``(r, b, c)`` for ``c`` outputs per sample: ``r = c`` exact roots, ``d`` sampled ones) or the
 curvature-vector products of :data:`~.projector.CURVATURE_COLUMNS` columns.
 A factored index (``storage="factored"``) holds a block's factors ``(b, r, sum k_o + k_i)`` and
-their copy instead of its ``(b, k)`` gradients, plus one chunk's largest layer ``(chunk, k_o,
-k_i)`` float64 three times for a truncating SVD; its queries an index block's factors beside
-the densified rows.
+their copy instead of its ``(b, k)`` gradients, plus, where a sample has more positions than
+``r``, one chunk's largest layer ``(chunk, k_o, k_i)`` float64 three times for its SVD; its
+queries an index block's factors beside the densified rows.
 :func:`query_estimate` sums a query's: the ``(k, k)`` Cholesky factor, a test block's projected
 gradients and factors ``(n, k)``, one chunk's per-sample gradients, an index block's gradients
 ``(b, k)`` and the scores ``(n, b)``. :func:`check` refuses in one line, naming the largest piece,
@@ -63,9 +63,12 @@ def build_estimate(
             (
                 f"the projected gradient factors of a block and their copy (2 x ({block:,}, {factor_rank}, {width:,}))",
                 2 * block * factor_rank * width * size,
-            ),
-            (f"a chunk's largest layer for its SVD (3 x ({chunk:,}, {largest:,}) float64)", 3 * chunk * largest * 8),
+            )
         ]
+        if max(projector.positions(first)) > factor_rank:  # more positions than pairs: an SVD per layer
+            pieces.append(
+                (f"a chunk's largest layer for its SVD (3 x ({chunk:,}, {largest:,}) float64)", 3 * chunk * largest * 8)
+            )
     else:
         pieces = [(f"the projected gradients of a block and their copy (2 x ({block:,}, {k:,}))", 2 * block * k * size)]
     if isinstance(projector.projection, KroneckerProjection):
