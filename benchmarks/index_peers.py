@@ -230,6 +230,9 @@ def methods(problem: Problem, plan: Plan, k: int) -> list[tuple[str, dict]]:
     out = [("ours", {}), ("ours-fisher", {"preconditioner": "fisher"})]
     if problem.name == "gpt2" and plan.exact_lm and k <= 1024:  # the exact LM GGN: (T - 1) V passes per sequence
         out.insert(1, ("ours-exact", {"ggn_draws": 0}))
+    if problem.name == "mlp" and k >= 256:  # Kronecker, stored as rank-1 factors per layer (a classifier: T = 1):
+        # sum_l (k_o + k_i) numbers per point instead of k (106 of 1,027, 213 of 4,109); docs/gradient-index.md
+        out.append(("ours-factored", {"projection": "kronecker", "storage": "factored"}))
     return out
 
 
