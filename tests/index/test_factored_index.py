@@ -27,8 +27,6 @@ from cases import tiny_gpt2, trained_classification_problem
 from dask_influence.errors import StoreError
 from dask_influence.index import layout
 
-pytestmark = [pytest.mark.slow]
-
 KW = dict(projection="kronecker", seed=3, client="sync")
 
 
