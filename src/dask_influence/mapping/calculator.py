@@ -34,7 +34,7 @@ from .graph import (
     plan_influence_graph,
     solver_fingerprint,
 )
-from .literals import sent_once
+from .literals import broadcast_large, sent_once
 from .sources import as_source
 from .store_job import add_store_tasks
 
@@ -697,8 +697,8 @@ class DaskInfluenceCalculator(_BlockCalculator):
         from distributed import as_completed
 
         resources = {"GPU": 1} if self.solver.device.type == "cuda" else None
-        with sent_once():  # the solver and an in-memory dataset are literals of the graph
-            futures = client.get(dsk, keys, sync=False, resources=resources)
+        with sent_once():  # the solver and an in-memory dataset are literals of the graph (broadcast if large)
+            futures = client.get(broadcast_large(client, dsk), keys, sync=False, resources=resources)
         bar = None
         if self.progress and not self._metered:
             from distributed import progress

@@ -1,0 +1,46 @@
+"""Large graph literals (a fitted solver of GPT-2-small's size) are broadcast to the workers before a
+submission instead of travelling inside the graph (:func:`dask_influence.mapping.literals.broadcast_large`)."""
+
+import numpy as np
+import torch
+from distributed import Future
+
+import dask_influence as di
+from dask_influence.mapping import calculator as calc_module
+from dask_influence.mapping import literals
+
+
+def test_payload_bytes_counts_each_storage_once():
+    weight = torch.zeros(1000, dtype=torch.float32)  # 4,000 bytes
+    view = weight[:10]  # the same storage
+    holder = type("Holder", (), {})()
+    holder.a, holder.b, holder.nested = weight, view, {"x": [np.zeros(5)], "same": weight}  # + 40 bytes
+    assert literals.payload_bytes(holder) == 4040
+    model = torch.nn.Linear(10, 5)  # 55 float32 parameters
+    assert literals.payload_bytes({"m": model, "again": model}) == 55 * 4
+    assert literals.payload_bytes(holder, limit=100) > 100  # stops early once past the limit
+
+
+def test_a_large_solver_is_broadcast_and_scores_the_same(problem, cluster_client, monkeypatch, tmp_path):
+    solver, train, test = problem
+
+    def run(name):
+        calc = di.DaskInfluenceCalculator(solver, cluster_client, progress=False)
+        group = calc.influences_to_zarr(test, train, str(tmp_path / name), test_block_size=4, train_block_size=10)
+        return group["influences"][:]
+
+    expected = run("literal.zarr")
+    replaced: list = []
+
+    def recording(client, dsk, threshold=None):
+        out = literals.broadcast_large(client, dsk, threshold)
+        replaced.extend(k for k, v in out.items() if isinstance(v, Future))
+        return out
+
+    monkeypatch.setattr(calc_module, "broadcast_large", recording)
+    run("again.zarr")
+    assert replaced == []  # the default threshold: a small solver stays a graph literal
+    monkeypatch.setattr(literals, "BROADCAST_BYTES", 0)  # every literal counts as large
+    got = run("broadcast.zarr")
+    assert any(str(k).startswith("solver-") for k in replaced)
+    np.testing.assert_array_equal(got, expected)
