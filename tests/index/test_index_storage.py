@@ -96,7 +96,7 @@ def test_the_build_stores_the_cholesky_factor_that_queries_at_its_lambda_use(flo
     """The build stores ``L`` of ``C + lambda I`` (float32, lower triangle) instead of ``C``: a query at
     the index's ``lambda`` reads it and factors nothing; ``C`` and queries at another ``lambda`` are
     rebuilt from it and agree with float64 math on the float64 sum of ``C``."""
-    import dask_influence.index.gradient_index as gi
+    import dask_influence.index.build as gi
 
     model, loss, train, test = float32_problem
     sums: list[np.ndarray] = []

@@ -138,7 +138,7 @@ def test_auto_draws_fall_with_the_training_points_per_dimension(lm, tmp_path):
     sequences and k = 32 one draw per sequence keeps the index within 0.02 Pearson of the exact
     projected GGN (also measured: 1,024 sequences, k = 64: 0.867 vs 0.874; the empirical Fisher
     0.673)."""
-    from dask_influence.index.gradient_index import auto_draws
+    from dask_influence.index.build import auto_draws
 
     assert [auto_draws(64, 60), auto_draws(8, 60), auto_draws(64, 1024), auto_draws(256, 1024)] == [8, 2, 1, 2]
     model, task, *_ = lm

@@ -4,7 +4,7 @@
 projected gradients ``(b, k)`` and their NumPy copy, one chunk's per-sample gradients
 ``(chunk, p)`` (or, for the Kronecker projection, a chunk's forward and backward), a dense
 projection ``(p, k)`` where there is one, and in the curvature pass the ``(k, k)`` float64 sums of
-:data:`~.gradient_index.FAN_IN` blocks with their total, plus the block's output-curvature roots
+:data:`~.build.FAN_IN` blocks with their total, plus the block's output-curvature roots
 (``(r, b, c)`` for ``c`` outputs per sample: ``r = c`` exact roots, ``d`` sampled ones) or the
 curvature-vector products of :data:`~.projector.CURVATURE_COLUMNS` columns.
 A factored index (``storage="factored"``) holds a block's factors ``(b, r, sum k_o + k_i)`` and
@@ -28,7 +28,7 @@ from ..core.projection import KroneckerProjection, OrthogonalProjection
 from .projector import CURVATURE_COLUMNS, Projector
 
 FAN_IN = 8
-"""Curvature sums one reduce task adds at once (``gradient_index.FAN_IN``)."""
+"""Curvature sums one reduce task adds at once (``build.FAN_IN``)."""
 
 
 def _outputs_per_sample(projector: Projector, first: Any) -> int:
