@@ -36,15 +36,16 @@ def test_build_estimate_is_the_sum_of_its_shapes(problem):
     assert est.pieces == (
         ("the projected gradients of a block and their copy (2 x (10, 16))", 2 * 10 * K * 8),
         ("a chunk's per-sample gradients (10, 43)", 10 * 43 * 8),
+        ("the count sketch's kept hashes (43 x 5 bytes)", 43 * 5),  # an int32 bucket and an int8 sign each
         ("the curvature sums (9 x (16, 16) float64)", 9 * K * K * 8),
         ("the exact output-curvature roots (3 x 10 x 3)", 3 * 10 * 3 * 8),
     )
-    assert est.total == 25_152
-    assert build_estimate(projector, first, 1, "curvature", "ggn", "exact").total == 19_104
+    assert est.total == 25_152 + 215
+    assert build_estimate(projector, first, 1, "curvature", "ggn", "exact").total == 19_104 + 215
     # the sampled Fisher's roots: draws x samples x outputs
     sampled = build_estimate(projector, first, 10, "curvature", "ggn", {"kind": "sampled", "draws": 4, "seed": 0})
     assert sampled.bytes_of("the sampled output-curvature roots (4 x 10 x 3)") == 4 * 10 * 3 * 8
-    assert build_estimate(projector, first, 10, "none", None, None).total == 2 * 10 * K * 8 + 10 * 43 * 8
+    assert build_estimate(projector, first, 10, "none", None, None).total == 2 * 10 * K * 8 + 10 * 43 * 8 + 43 * 5
     # the Hessian: 16 curvature-vector products over the block, 5 x the hidden layer's 5 float64 per sample
     hessian = build_estimate(projector, first, 10, "curvature", "hessian", None)
     assert hessian.pieces[-2:] == (
@@ -54,7 +55,7 @@ def test_build_estimate_is_the_sum_of_its_shapes(problem):
     # the empirical Fisher sums the stored gradients: the (k, k) sums, no roots or products (the
     # scale benchmark's Fisher index on a 50,257-token GPT-2 was refused for products it never makes)
     fisher = build_estimate(projector, first, 10, "fisher", "ggn", None)
-    assert fisher.pieces[-1][0].startswith("the curvature sums") and len(fisher.pieces) == 3
+    assert fisher.pieces[-1][0].startswith("the curvature sums") and len(fisher.pieces) == 4
     # the Kronecker projection forms no per-sample gradient: a chunk's forward and backward
     kronecker = Projector(model, loss, "kronecker", K, 0)
     assert build_estimate(kronecker, first, 10, "none", None, None).pieces[1] == (
@@ -68,21 +69,21 @@ def test_build_refuses_in_one_line_before_writing_anything(problem, tmp_path):
     with pytest.raises(ValueError) as err:
         _build(problem, path, memory_budget=20_000)
     assert str(err.value) == (
-        "The index build (per worker, a block of 10) needs 25,152 bytes (25.2 kB), beyond memory_budget=20,000 "
+        "The index build (per worker, a block of 10) needs 25,367 bytes (25.4 kB), beyond memory_budget=20,000 "
         "bytes (20.0 kB); the largest piece is the curvature sums (9 x (16, 16) float64), 18,432 bytes (18.4 kB). "
-        "Pass a smaller train_block_size (one sample needs 19,104 bytes (19.1 kB)), or a larger memory_budget."
+        "Pass a smaller train_block_size (one sample needs 19,319 bytes (19.3 kB)), or a larger memory_budget."
     )
     assert not path.exists()
     with pytest.raises(ValueError) as err:
         _build(problem, path, memory_budget=10_000)
     assert str(err.value) == (
-        "The index build (per worker, a block of 1) needs 19,104 bytes (19.1 kB), beyond memory_budget=10,000 "
+        "The index build (per worker, a block of 1) needs 19,319 bytes (19.3 kB), beyond memory_budget=10,000 "
         "bytes (10.0 kB); the largest piece is the curvature sums (9 x (16, 16) float64), 18,432 bytes (18.4 kB). "
         "Even one sample does not fit: pass a larger memory_budget, or a smaller projection_dim."
     )
     assert not path.exists()
-    index = _build(problem, path, memory_budget=25_152)  # exactly the estimate: built
-    assert index.memory_budget == 25_152 and index.last_run_["blocks_written"] == 5
+    index = _build(problem, path, memory_budget=25_367)  # exactly the estimate: built
+    assert index.memory_budget == 25_367 and index.last_run_["blocks_written"] == 5
 
 
 def test_query_refuses_a_test_block_beyond_the_budget_and_nothing_is_written(problem, tmp_path):
@@ -96,15 +97,16 @@ def test_query_refuses_a_test_block_beyond_the_budget_and_nothing_is_written(pro
         ("a chunk's per-sample gradients (6, 43)", 6 * 43 * 8),
         ("an index block's gradients (10, 16) and their cast", 10 * K * 8),
         ("the scores (6, 10)", 6 * 10 * 8),
+        ("the count sketch's kept hashes (43 x 5 bytes)", 43 * 5),
     )
-    assert query_estimate(index.projector, None, 1, 10).total == 4_008
+    assert query_estimate(index.projector, None, 1, 10).total == 4_008 + 215
     index.memory_budget = 5_000
     with pytest.raises(ValueError) as err:
         index.influences_to_zarr(test, tmp_path / "out.zarr", test_block_size=6)
     assert str(err.value) == (
-        "The index query (per worker, a test block of 6) needs 7,408 bytes (7.4 kB), beyond memory_budget=5,000 "
+        "The index query (per worker, a test block of 6) needs 7,623 bytes (7.6 kB), beyond memory_budget=5,000 "
         "bytes (5.0 kB); the largest piece is a chunk's per-sample gradients (6, 43), 2,064 bytes (2.1 kB). "
-        "Pass a smaller test_block_size (one sample needs 4,008 bytes (4.0 kB)), or a larger memory_budget."
+        "Pass a smaller test_block_size (one sample needs 4,223 bytes (4.2 kB)), or a larger memory_budget."
     )
     assert not (tmp_path / "out.zarr").exists()
     # blocks of one test point fit: the same numbers

@@ -35,6 +35,14 @@ PIECE = 1 << 16
 CACHE_ENTRIES = 1 << 25
 """A dense projection with at most this many entries is generated once per process and kept."""
 
+SJLT_CACHE_PARAMS = 1 << 28
+"""A count sketch of at most this many parameter coordinates keeps its hashes once generated
+(:data:`SJLT_CACHE_BYTES` per coordinate: an int32 bucket and an int8 sign; GPT-2-small's 124M
+parameters: 619 MB per process). Regenerating them cost as much as the projection itself for
+each chunk of a 124M-parameter model (0.4 ms of draws against 0.2 ms of ``index_add_`` per
+piece of 65,536 coordinates and 2 samples)."""
+SJLT_CACHE_BYTES = 5
+
 KINDS = ("sjlt", "gaussian", "orthogonal", "kronecker")
 
 
@@ -97,16 +105,19 @@ class SparseProjection(Projection):
     kind = "sjlt"
 
     def _piece(self, index: int, a: int, b: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Piece ``index``'s buckets ``(b - a,)`` int64 and signs ``(b - a,)`` int8 on ``device``
+        (kept as int32 and int8 for models up to :data:`SJLT_CACHE_PARAMS`; ``index_add_`` takes
+        int64 indices: int32 ones were 15x slower here)."""
         key = ("piece", index, str(device))
         if key not in self._cache:
             gen = _generator(self.seed, "sjlt", self.dim, index)
             buckets = torch.randint(0, self.dim, (b - a,), generator=gen)
             signs = torch.randint(0, 2, (b - a,), generator=gen).to(torch.int8) * 2 - 1
-            piece = (buckets.to(device), signs.to(device))
-            if self.num_params <= CACHE_ENTRIES:
-                self._cache[key] = piece
-            return piece
-        return self._cache[key]
+            if self.num_params > SJLT_CACHE_PARAMS:
+                return buckets.to(device), signs.to(device)
+            self._cache[key] = (buckets.to(device=device, dtype=torch.int32), signs.to(device))
+        buckets, signs = self._cache[key]
+        return buckets.long(), signs
 
     def project(self, grads: Tensor) -> Tensor:
         """``grads @ P^T``: ``(n, p) -> (n, k)``."""

@@ -24,7 +24,13 @@ from typing import Any
 import torch
 
 from ..core import batches, memory
-from ..core.projection import KroneckerProjection, OrthogonalProjection
+from ..core.projection import (
+    SJLT_CACHE_BYTES,
+    SJLT_CACHE_PARAMS,
+    KroneckerProjection,
+    OrthogonalProjection,
+    SparseProjection,
+)
 from .projector import CURVATURE_COLUMNS, Projector
 
 FAN_IN = 8
@@ -79,6 +85,7 @@ def build_estimate(
         pieces.append((f"a chunk's per-sample gradients ({chunk:,}, {p:,})", memory.matrix_bytes(chunk, p, size)))
     if isinstance(projector.projection, OrthogonalProjection):
         pieces.append((f"the dense orthogonal projection ({p:,}, {k:,})", memory.matrix_bytes(p, k, size + 8)))
+    pieces += _sketch_cache(projector)
     if preconditioner != "none":
         pieces.append((f"the curvature sums ({FAN_IN + 1} x ({k:,}, {k:,}) float64)", (FAN_IN + 1) * k * k * 8))
     if preconditioner == "curvature":  # the empirical Fisher sums the stored gradients: no second pass
@@ -112,6 +119,14 @@ def build_estimate(
     return memory.MemoryEstimate.of(f"The index build (per worker, a block of {block:,})", pieces)
 
 
+def _sketch_cache(projector: Projector) -> list[tuple[str, int]]:
+    """The count sketch's hashes, kept per process for models up to ``SJLT_CACHE_PARAMS``."""
+    p = projector.spec.num_params
+    if not isinstance(projector.projection, SparseProjection) or p > SJLT_CACHE_PARAMS:
+        return []
+    return [(f"the count sketch's kept hashes ({p:,} x {SJLT_CACHE_BYTES} bytes)", p * SJLT_CACHE_BYTES)]
+
+
 def query_estimate(
     projector: Projector, first: Any, test_block: int, train_block: int, factor_numbers: int = 0
 ) -> memory.MemoryEstimate:
@@ -136,6 +151,7 @@ def query_estimate(
         (f"an index block's gradients ({train_block:,}, {k:,}) and their cast", memory.matrix_bytes(train_block, k, 8)),
         (f"the scores ({test_block:,}, {train_block:,})", memory.matrix_bytes(test_block, train_block, 8)),
     ]
+    pieces += _sketch_cache(projector)
     if factor_numbers:
         pieces.append(
             (
