@@ -44,3 +44,30 @@ def test_a_large_solver_is_broadcast_and_scores_the_same(problem, cluster_client
     got = run("broadcast.zarr")
     assert any(str(k).startswith("solver-") for k in replaced)
     np.testing.assert_array_equal(got, expected)
+
+
+def test_a_large_projector_is_broadcast_once_per_build_and_the_index_is_the_same(cluster_client, monkeypatch, tmp_path):
+    from cases import mapping_problem
+    from dask_influence.index import build as build_module
+    from dask_influence.index import runner
+
+    model, loss, train, test = mapping_problem()
+    kw = dict(projection_dim=8, train_block_size=10, client=cluster_client)
+    literal = di.GradientIndex.build(model, loss, train, tmp_path / "a.zarr", **kw)
+    expected = literal.influences(test)
+    scattered: list = []
+    original = cluster_client.scatter
+
+    def counting(data, *args, **kwargs):
+        scattered.append(type(data).__name__)
+        return original(data, *args, **kwargs)
+
+    monkeypatch.setattr(literals, "BROADCAST_BYTES", 0)
+    monkeypatch.setattr(cluster_client, "scatter", counting)
+    broadcast = di.GradientIndex.build(model, loss, train, tmp_path / "b.zarr", **kw)
+    assert scattered.count("Projector") == 1  # both passes of the build use the one broadcast
+    assert build_module.broadcast_large is runner.broadcast_large
+    np.testing.assert_array_equal(broadcast.gradients(), literal.gradients())
+    np.testing.assert_array_equal(broadcast.curvature_matrix(), literal.curvature_matrix())
+    np.testing.assert_array_equal(broadcast.influences(test), expected)
+    assert scattered.count("Projector") == 2  # and the query's own

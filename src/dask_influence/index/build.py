@@ -32,7 +32,7 @@ from .. import progress as _progress
 from ..core.projection import KroneckerProjection
 from ..errors import StoreError
 from ..mapping.clients import dask_client
-from ..mapping.literals import Literal, unbox
+from ..mapping.literals import Literal, broadcast_large, unbox
 from ..mapping.plan import ranges_from_sizes
 from ..mapping.sources import as_source
 from ..storage import lock as zlock
@@ -151,6 +151,8 @@ def write_index(
         gpu = projector.device.type == "cuda"
         passes = 1 if preconditioner == "none" else 2
         with _progress.reporting(progress) as reporter, dask_client(client, n_workers) as active:
+            if active != runner.SYNC:  # a large projector is sent once for both passes, not per pass
+                dsk = broadcast_large(active, dsk)
             todo = {key: sizes[key[1]] for key in keys}
             meter = reporter.meter(
                 f"Index build: pass 1 of {passes} (projected gradients, dim {projector.dim:,})",

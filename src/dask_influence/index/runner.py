@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ..mapping.literals import sent_once
+from ..mapping.literals import broadcast_large, sent_once
 from ..progress import Meter
 
 SYNC = "sync"
@@ -55,8 +55,10 @@ def run(
 
     wanted = set(keys)
     extra = [key for key in counted if key not in wanted]  # followed, and released as they finish
-    with sent_once():
-        futures = client.get(dsk, list(keys) + extra, sync=False, resources={"GPU": 1} if gpu else None)
+    with sent_once():  # a projector of more than BROADCAST_BYTES (a 124M-parameter model) goes to the workers first
+        futures = client.get(
+            broadcast_large(client, dsk), list(keys) + extra, sync=False, resources={"GPU": 1} if gpu else None
+        )
     futures, side = futures[: len(keys)], futures[len(keys) :]
     if on_done is not None or counted:
         for future in as_completed(futures + side, loop=client.loop):  # also for a client that is not the default
