@@ -73,6 +73,8 @@ def test_every_field_of_every_section_refuses_a_wrong_value_in_one_line(section,
         ),
         ("index", "projection", "fancy", "[index] projection must be one of "),
         ("index", "seed", -1, "[index] seed must be a positive integer; got -1."),
+        ("index", "storage", "sparse", "[index] storage must be one of "),
+        ("index", "factor_rank", 0, "[index] factor_rank must be a positive integer (the factors kept per layer)"),
         ("evaluate", "methods", ["lds", "x"], "[evaluate] methods must be a list of 'lds', 'loo', 'mislabel'; got"),
         ("evaluate", "methods", "x", "[evaluate] methods must be a list of 'lds', 'loo', 'mislabel'; got ['x']."),
         ("evaluate", "n_subsets", 1, "[evaluate] n_subsets must be an integer of at least 2; got 1."),
@@ -88,8 +90,9 @@ def test_good_values_are_converted_as_the_sections_hold_them():
     data = {name: dict(table) for name, table in BASE.items()}
     data["output"] |= {"mode": " Perturbation ", "self_influences": True}
     data["evaluate"] = {"retrain": " r:t ", "methods": "loo", "points": [3, 1], "fraction": 1 / 4}
-    data["index"] = {"store": "i.zarr", "layers": ["fc1"], "seed": 0}
+    data["index"] = {"store": "i.zarr", "layers": ["fc1"], "seed": 0, "storage": "factored", "factor_rank": 2}
     job = parse_job(data, base_dir="/jobs")
+    assert job.index.build_options()["storage"] == "factored" and job.index.build_options()["factor_rank"] == 2
     assert (job.output.mode, job.output.store, job.output.self_influences) == ("perturbation", "/jobs/s.zarr", True)
     assert (job.evaluate.retrain, job.evaluate.methods, job.evaluate.points) == ("r:t", ("loo",), (3, 1))
     assert (job.index.store, job.index.layers, job.index.seed) == ("/jobs/i.zarr", ("fc1",), 0)

@@ -515,7 +515,8 @@ def test_index_and_evaluate_defaults_are_the_apis_and_the_docs_say_them():
     for section, values in (("index", index), ("evaluate", evaluate)):
         documented = _documented_defaults(section)
         for key, text in documented.items():
-            if hasattr(values, key) and key not in ("store", "layers", "options", "methods", "corrupted", "retrain"):
+            described = ("store", "layers", "factor_rank", "options", "methods", "corrupted", "retrain")  # in words
+            if hasattr(values, key) and key not in described:
                 value = getattr(values, key)
                 if isinstance(value, bool):
                     assert text == f"`{str(value).lower()}`", (section, key, text)

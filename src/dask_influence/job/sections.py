@@ -229,6 +229,9 @@ class IndexSection:
         store: the index's path (absolute) or URL.
         regularization: a number, or ``"auto"``.
         layers: with ``projection = "kronecker"``, the layers to project (``None``: all).
+        storage, factor_rank: ``"factored"`` keeps each layer's Kronecker-projected gradient as
+            low-rank factors (``factor_rank``: their number per layer; ``None``: exact); see
+            docs/gradient-index.md, "Factored storage".
     """
 
     store: str
@@ -241,6 +244,8 @@ class IndexSection:
     regularization: float | str = api_default(_build, "regularization")
     ggn_draws: int | str = api_default(_build, "ggn_draws")
     layers: tuple[str, ...] | None = None
+    storage: str = api_default(_build, "storage")
+    factor_rank: int | None = None
 
     def build_options(self) -> dict[str, Any]:
         """The keyword arguments of ``GradientIndex.build`` besides the data and the store."""

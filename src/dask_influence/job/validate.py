@@ -390,6 +390,7 @@ def _index(table: dict | None, base: Path, problems: list[str]) -> IndexSection 
         problems.append(f'[index] store is required: the index\'s path, e.g. "index.zarr"; got {_describe(store)}.')
     from ..core.operators import Curvature
     from ..core.projection import KINDS
+    from ..index.factored import STORAGES
     from ..index.gradient_index import PRECONDITIONERS
     from ..index.layout import DTYPES
 
@@ -409,6 +410,8 @@ def _index(table: dict | None, base: Path, problems: list[str]) -> IndexSection 
         "layers": Rule(
             "a list of module names", tuple, lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)
         ),
+        "storage": _one_of(STORAGES),
+        "factor_rank": Rule("a positive integer (the factors kept per layer)", ok=_positive_int),
     }
     values = _section("index", table, IndexSection, problems, rules, skip=("store",))
     if len(problems) != n_before:
