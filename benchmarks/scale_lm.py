@@ -186,17 +186,18 @@ def activation_bytes(config: dict[str, Any], chunk: int) -> int:
     return 4 * chunk * per_sequence
 
 
-def estimate_bytes(path: str, config: dict[str, Any], p: int, chunk: int, args: argparse.Namespace, solver=None) -> int:
+def estimate_bytes(
+    path: str, config: dict[str, Any], p: int, chunk: int, args: argparse.Namespace, solver=None, batch=None
+) -> int:
     """Peak bytes per worker of ``path`` before it starts (see the module docstring)."""
     weights = 4 * p
     acts = activation_bytes(config, chunk)
-    if path == "ekfac":
-        assert solver is not None
-        factors = solver.memory_.fixed  # the solver's own estimate of its factor-sized pieces
-        t = config["seq_len"]
-        blocks = 4 * chunk * sum(2 * (layer.shape[0] + layer.shape[1]) * t for layer in solver._layers)
-        largest = max(layer.shape[0] * layer.shape[1] for layer in solver._layers)
-        return 3 * weights + factors + blocks + 8 * chunk * largest + acts
+    if path == "ekfac":  # the solver's own estimates: its factors and one sample's blocks (logits included)
+        assert solver is not None and batch is not None
+        per_sample = sum(size for _, size in solver.chunk_pieces(solver.trained_parameters(), batch))
+        t, d = config["seq_len"], config["n_embd"]
+        layers = 4 * chunk * config["n_layer"] * (20 * t * d + 3 * config["n_head"] * t * t)  # inside the blocks
+        return 3 * weights + solver.memory_.fixed + chunk * per_sample + layers
     if path == "index":  # per-sample flat gradients of a chunk and the projection
         return 3 * weights + 2 * 4 * chunk * p + acts + 4 * args.projection_dim**2
     if path == "cg":  # the iterates of block CG (x, r, p, Ap and the right-hand sides) for n_solve sequences
@@ -263,6 +264,10 @@ def local_cluster(workers: int):
         )
         client = stack.enter_context(Client(cluster))
         client.run(lambda: __import__("dask_influence.mapping.fitting"))
+        # the model's code, imported once per worker when the first task unpickles a GPT-2 (about 4 s of the
+        # first EK-FAC fit's 16 s on one worker in the run of docs/benchmarks.md): a worker's start, not a
+        # cost per token, and the floor is measured in this warm process
+        client.run(lambda: __import__("transformers.models.gpt2.modeling_gpt2"))
         client.run(lambda: torch.set_num_threads(1))
         pids = sorted(client.run(os.getpid).values())
         yield client, pids
@@ -330,7 +335,9 @@ def run_paths(model, config, train_ids, test_ids, args, workers: int, fb: dict[s
                     chunk_size=chunk,
                     memory_budget=args.memory_per_worker,
                 )
-            estimate = baseline + estimate_bytes("ekfac", config, p, chunk, args, solver)
+            estimate = baseline + estimate_bytes(
+                "ekfac", config, p, chunk, args, solver, {"input_ids": torch.as_tensor(train_ids[:1])}
+            )
             names = ["EK-FAC fit", "EK-FAC factors", "EK-FAC scoring"]
             floors = [2 * floor_train, fb["test"], floor_train + fb["test"]]
             if not refused(names, estimate, floors):

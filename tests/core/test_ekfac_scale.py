@@ -123,10 +123,11 @@ def test_one_sample_beyond_the_budget_is_refused_before_any_pass():
         solver.fit({"input_ids": ids})
     message = str(info.value)
     assert "\n" not in message
-    # 5,120 exact roots of 5,120 float64 entries per sequence (209,715,200 bytes), per root the
-    # head's output gradients at 80 positions with its inputs ((5,120 x 64 + 5) x 80 x 8 bytes), the
-    # embedding's ((5,120 x 4 + 64) x 80 x 8) and the head's per-sample gradients (2 x 64 x 5 x 8)
-    assert message.startswith("EK-FAC's fit cannot hold one sample's blocks (432,586,880 bytes (432.6 MB); ")
+    # the model outputs (80 x 64 x 8 = 40,960 bytes), 5,120 exact roots of 5,120 float64 entries per
+    # sequence (209,715,200 bytes), per root the head's output gradients at 80 positions with its
+    # inputs ((5,120 x 64 + 5) x 80 x 8 bytes), the embedding's ((5,120 x 4 + 64) x 80 x 8) and the
+    # head's per-sample gradients (2 x 64 x 5 x 8)
+    assert message.startswith("EK-FAC's fit cannot hold one sample's blocks (432,627,840 bytes (432.6 MB); ")
     assert "the largest, the output gradients and inputs of layer 'head', 209,718,400 bytes (209.7 MB)" in message
     assert "memory_budget=50,000,000 bytes (50.0 MB)" in message and "fisher='sampled'" in message
     assert not solver.is_fitted and solver.state_ is None

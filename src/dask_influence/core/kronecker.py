@@ -161,6 +161,31 @@ def check_layer_positive(factors: LayerFactors, regularization: float, corrected
     )
 
 
+SQUARE_SUM_TILE = 1 << 20
+"""Elements of one tile of :func:`add_square_sum`: its squares stay in the cache."""
+
+
+def add_square_sum(total: Tensor, x: Tensor) -> None:
+    """``total += sum_rows x^2`` for ``x`` ``(N, F)`` and a float64 ``total`` ``(F,)``, in place.
+
+    Tile by tile (about :data:`SQUARE_SUM_TILE` elements: up to 64 rows, or more where ``F`` is
+    small): each tile's column sums of squares are formed in ``x``'s dtype and added to the float64
+    ``total``, so nothing of ``x``'s size is allocated and each tile's squares are summed while in
+    the cache. ``torch.einsum("to,to->o")`` over a ``(512, 50,257)`` block of LM-head gradients ran
+    as 50,257 tiny products (311 ms, one thread) and ``x.square().sum(0, dtype=float64)`` converts
+    every square (205 ms); this takes 20-30 ms. Sums of at most ``max(64, TILE / F)`` squares are
+    rounded in ``x``'s dtype: a relative error of about ``1e-7`` in float32 (the einsum summed
+    every row so).
+    """
+    n, f = x.shape
+    rows = min(n, max(64, SQUARE_SUM_TILE // max(f, 1)))
+    cols = max(4096, SQUARE_SUM_TILE // max(rows, 1))
+    for r in range(0, n, rows):
+        for c in range(0, f, cols):
+            tile = x[r : r + rows, c : c + cols]
+            total[c : c + cols] += torch.linalg.vecdot(tile, tile, dim=0)
+
+
 class LayerShape(tuple):
     """``(o, i)`` of a layer's parameter matrix, a plain tuple to every reader, that also says
     whether the layer's ``A`` is diagonal (``diagonal_a``): :class:`FactorSums` built from a
@@ -242,11 +267,13 @@ class FactorSums:
         flat_a = a.reshape(-1, a.shape[-1])
         flat_g = g.reshape(-1, g.shape[-1])
         if self.diagonal_a:
-            self.a += torch.einsum("ti,ti->i", flat_a, flat_a).div_(a.shape[1])
+            counts = torch.zeros_like(self.a)
+            add_square_sum(counts, flat_a)
+            self.a += counts.div_(a.shape[1])
         else:
             self.a += (flat_a.T @ flat_a).div_(a.shape[1])  # in-place adds upcast: no float64 temporaries
         if self.diagonal_g:
-            self.g += torch.einsum("to,to->o", flat_g, flat_g)
+            add_square_sum(self.g, flat_g)
         else:
             self.g += flat_g.T @ flat_g
 
@@ -294,16 +321,21 @@ def corrected_eigenvalue_sum(factors: LayerFactors, g: Tensor, a: Tensor) -> Ten
         return torch.einsum("nro,ni->oi", g_rot[:, :, 0].square(), a_rot[:, 0].square())
     out = torch.zeros(factors.shape, dtype=torch.float64, device=g.device)
     for r in range(g.shape[1]):
-        out += layer_grads(g_rot[:, r], a_rot).square().sum(0)
+        grads = layer_grads(g_rot[:, r], a_rot)
+        add_square_sum(out.view(-1), grads.reshape(grads.shape[0], -1))
     return out
 
 
-def rotated_square_sum(factors: LayerFactors, grads: Tensor) -> Tensor:
+def rotated_square_sum(factors: LayerFactors, grads: Tensor, out: Tensor | None = None) -> Tensor:
     """``sum_n (Q_G^T grads_n)^2`` of per-sample gradients ``grads`` ``(n, o, i)`` already in ``A``'s
     eigenbasis (``grads_n Q_A``, as :func:`tied_layer_grads` forms them): ``(o, i)`` float64, what
-    :func:`corrected_eigenvalue_sum` adds for gradients formed elsewhere."""
+    :func:`corrected_eigenvalue_sum` adds for gradients formed elsewhere. Added into ``out`` (float64
+    ``(o, i)``, contiguous) in place when given (:func:`add_square_sum`), and returned."""
     rot = grads if factors.q_g is None else factors.q_g.T.to(grads.dtype) @ grads
-    return rot.square().sum(0, dtype=torch.float64)
+    if out is None:
+        out = torch.zeros(rot.shape[1:], dtype=torch.float64, device=rot.device)
+    add_square_sum(out.view(-1), rot.reshape(rot.shape[0], -1))
+    return out
 
 
 def tied_layer_grads(
@@ -321,7 +353,8 @@ def tied_layer_grads(
 
     Args:
         head: the head's ``(g (n, r, P, V), a (n, P, i))``.
-        use: the embedding's ``(g (n, r, Q, d), a (n, Q, V))`` (one-hot inputs).
+        use: the embedding's ``(g (n, r, Q, d), a)``, ``a`` its one-hot inputs ``(n, Q, V)`` or its
+            token ids ``(n, Q)`` (integers, ``-1`` at padding: :meth:`KroneckerLayer.token_ids`).
         r: which back-propagated vector.
         inputs_basis: ``Q_A`` ``(i, i)`` to return ``grads Q_A`` instead (the input side in
             ``A``'s eigenbasis), rotating the ``P + Q`` positions' inputs rather than the
@@ -330,7 +363,10 @@ def tied_layer_grads(
     g_head, a_head = head
     g_use, a_use = use
     rows = g_use[:, r]  # (n, Q, d)
-    present, ids = a_use.max(dim=-1)  # (n, Q): the token of each position, 0 weight at padding
+    if a_use.is_floating_point():
+        present, ids = a_use.max(dim=-1)  # (n, Q): the token of each position, 0 weight at padding
+    else:
+        present, ids = a_use >= 0, a_use.clamp_min(0)
     rows = (rows * present.unsqueeze(-1).to(rows.dtype)).to(a_head.dtype)
     d = rows.shape[-1]
     if inputs_basis is not None:
@@ -544,6 +580,15 @@ class KroneckerLayer:
             parts.append(torch.ones_like(x[..., :1]))
         return torch.cat(parts, dim=-1)
 
+    def token_ids(self, x: Tensor) -> Tensor:
+        """An embedding's token ids ``x`` ``(n, ...)`` by position: ``(n, P)`` int64, ``-1`` at
+        ``padding_idx`` (what :meth:`inputs` one-hots, without the ``(n, P, V)`` tensor)."""
+        if self.kind != "embedding":
+            raise ValueError(f"Layer '{self.name}' is not an embedding; it has no token ids.")
+        ids = x.reshape(x.shape[0], -1).to(torch.int64)
+        padding = cast(nn.Embedding, self.module).padding_idx
+        return ids if padding is None else ids.masked_fill(ids == padding, -1)
+
     def output_grads(self, grad: Tensor) -> Tensor:
         """The gradient in the layer output, by position: ``(n, P, o)``."""
         n = grad.shape[0]
@@ -581,14 +626,25 @@ class Capture:
     batch size 1 in a larger batch (position ids ``(1, T)`` that the model broadcasts over
     the batch, as GPT-2 does) returns its output expanded to the batch, one copy per sample.
 
+    A probe is a zero scalar expanded to the output's shape (no zero tensor of the output's size:
+    the LM head's ``(n, T, V)`` fill cost as much as its add); the gradient in it is taken at the
+    expansion, never summed to the scalar.
+
     Args:
         layers: the layers to watch.
         n: the batch size; a layer whose input does not lead with it is refused.
+        ids: embedding layers among ``layers`` whose inputs are recorded as their token ids
+            ``(n, P)`` int64 (``-1`` at ``padding_idx``) instead of one-hots ``(n, P, V)`` (a tied
+            LM head's embedding use, whose one-hots of a 50,257-token vocabulary are 100 MB for
+            four sequences of 128 tokens and only ever read for their ids).
     """
 
-    def __init__(self, layers: Sequence[KroneckerLayer], n: int):
+    def __init__(self, layers: Sequence[KroneckerLayer], n: int, ids: Sequence[KroneckerLayer] = ()):
         self.layers = list(layers)
         self.n = n
+        self._ids = {id(layer) for layer in ids}
+        if any(layer.kind != "embedding" for layer in ids):
+            raise ValueError("Capture(ids=...) takes embedding layers only.")
         self.inputs: list[list[Tensor]] = [[] for _ in self.layers]
         self.probes: list[list[Tensor]] = [[] for _ in self.layers]
         self._handles: list = []
@@ -605,6 +661,7 @@ class Capture:
 
     def _hook(self, index: int):
         layer = self.layers[index]
+        as_ids = id(layer) in self._ids
 
         def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
             x = args[0]
@@ -619,8 +676,8 @@ class Capture:
                     f"dimension is not the batch of {self.n} samples; K-FAC needs batch-first "
                     "inputs. Freeze this layer (requires_grad_(False)) or leave it out of layers=."
                 )
-            self.inputs[index].append(layer.inputs(x.detach()))
-            probe = output.new_zeros(output.shape, requires_grad=True)
+            self.inputs[index].append(layer.token_ids(x.detach()) if as_ids else layer.inputs(x.detach()))
+            probe = output.new_zeros((), requires_grad=True).expand(output.shape)
             self.probes[index].append(probe)
             return output + probe
 

@@ -27,7 +27,9 @@ influence factors (and their rows and columns of the curvature) are zero.
 
 from __future__ import annotations
 
+import logging
 import math
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -39,7 +41,7 @@ from ... import progress as _progress
 from ...errors import NonFiniteError, NotFittedError
 from .. import batches
 from ..blocks import BlockSums
-from ..gradients import _FORWARD_LOCK, LossFn
+from ..gradients import _FORWARD_LOCK, LossFn, flat_params
 from ..kronecker import (
     Capture,
     FactorSums,
@@ -75,6 +77,8 @@ __all__ = [  # with the names of the split-off modules that tests and the index 
 ]
 
 infer_task = infer_output_curvature  # its former name, which the index imports
+
+logger = logging.getLogger("dask_influence")
 
 EXACT_ROOTS_BUDGET = 256
 """``fisher="auto"`` back-propagates the exact roots of the loss's Hessian in the outputs while
@@ -118,9 +122,12 @@ def ekfac_block(
     out: list[Tensor] | None = None,
 ) -> list[Tensor]:
     """One block's float64 sums of a fitting pass (:meth:`EkfacInfluence.block_sums`);
-    ``payload`` is ``(kind, factors)``."""
+    ``payload`` is ``(kind, factors)``. The parameters are read without the finite check of
+    :meth:`~.engine.SolverEngine.trained_parameters` (the fit checked them before its first pass;
+    the check scanned the ``p`` weights once per block: 4% of a GPT-2 fit)."""
     kind, factors = payload
-    return solver.block_sums(kind, solver.trained_parameters(), batch, offset=start, factors=factors, out=out)
+    theta = flat_params(solver.model, solver._functions.spec)
+    return solver.block_sums(kind, theta, batch, offset=start, factors=factors, out=out)
 
 
 # -- the solver -----------------------------------------------------------------------------------
@@ -207,7 +214,8 @@ class EkfacInfluence(InfluenceModel):
             super().__init__(model, task, config.replace(output_curvature=kind))
             self._layers = find_layers(model, self._functions.spec, self.config.layers, self.config.tied)
         # what the hooks watch: the layers, then the embedding uses of tied heads (tied="head")
-        self._captured = self._layers + [layer.tied_use for layer in self._layers if layer.tied_use is not None]
+        self._tied_uses = [layer.tied_use for layer in self._layers if layer.tied_use is not None]
+        self._captured = self._layers + self._tied_uses  # the uses' inputs captured as token ids
         assert self.objective.output_loss is not None  # a pair task or a task with outputs (checked above)
         self._output = OutputCurvature(self.objective.output_loss, kind)
         self._plan_factors()
@@ -227,55 +235,98 @@ class EkfacInfluence(InfluenceModel):
         self._fit_chunks: dict[tuple, int] = {}
 
     def _fit_chunk(self, theta: Tensor, batch: Any) -> int:
-        """Samples per chunk of a fitting pass on batches shaped as ``batch``: ``chunk_size``, or fewer
-        where the per-chunk blocks (the vectors back-propagated, each layer's inputs and output
-        gradients, a layer's per-sample gradients in the second pass) would not fit beside the
+        """Samples per chunk of a fitting pass on batches shaped as ``batch``: ``chunk_size``, halved
+        until the per-chunk blocks (the model outputs and the vectors back-propagated, each layer's
+        inputs and output gradients, a layer's per-sample gradients in the second pass) fit beside the
         factors; a one-line refusal when one sample's do not. From one sample's forward."""
         return self._chunk(theta, batch, scoring=False)
 
-    def _chunk(self, theta: Tensor, batch: Any, *, scoring: bool) -> int:
-        """Samples per chunk (see :meth:`_fit_chunk`); ``scoring``: for the gradients of influences,
-        self-influences and factors (one vector per sample; the flat ``(m, p)`` gradients and their
-        solve), beside the fitted state."""
-        key = (scoring, *(tuple(leaf.shape[1:]) for leaf in batches.leaves(batch) if isinstance(leaf, Tensor)))
-        if key in self._fit_chunks:
-            return self._fit_chunks[key]
+    def chunk_pieces(self, theta: Tensor, batch: Any, *, scoring: bool = False) -> list[tuple[str, int]]:
+        """One sample's per-chunk blocks ``(what, bytes)`` for batches shaped as ``batch``, from one
+        sample's forward (no backward): what a chunk of ``m`` samples holds is ``m`` times their sum,
+        beside the factors (:attr:`memory_`; the fitted state when ``scoring``).
+
+        - the model outputs (``c`` numbers: a causal LM's ``T x V`` logits) and the vectors
+          back-propagated (``r`` of ``c``: every exact root, ``fisher_draws`` sampled ones, or the
+          loss gradient when ``scoring``);
+        - per layer its inputs ``(P, i)`` and output gradients ``(r, P, o)`` at its ``P`` positions;
+          a tied LM head's embedding use holds its output gradients ``(r, Q, d)`` and its token ids
+          ``(Q,)`` int64 (no one-hot inputs, :class:`~..kronecker.Capture`), and adds nothing to the
+          head's positions (its share is an ``index_add_`` into the head's per-sample gradients);
+        - the largest layer's per-sample gradients ``(o, i)`` where they are formed (several
+          positions, or a tied head, in the second pass and in scoring): twice (rotated), once for
+          a tied head in the second pass (its diagonal ``G`` rotates nothing);
+        - when ``scoring``: the flat per-sample gradients and their solve (``3 x p``).
+        """
         one = batches.slice_rows(batch, 0, 1)
-        with torch.no_grad(), _FORWARD_LOCK, Capture(self._captured, 1) as capture:
+        with torch.no_grad(), _FORWARD_LOCK, Capture(self._captured, 1, ids=self._tied_uses) as capture:
             outputs = self._functions.outputs(theta, one)
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         c = int(outputs[0].numel())
         r = 1 if scoring else self.config.fisher_draws if self._sampled(outputs) else c
-        pieces = [("the vectors back-propagated", r * c * itemsize)]
+        pieces = [("the model outputs", c * itemsize), ("the vectors back-propagated", r * c * itemsize)]
         if scoring:
             pieces.append(("the flat per-sample gradients and their solve (3 x p)", 3 * self.num_params * itemsize))
         grads: list[tuple[str, int]] = []  # a layer's per-sample gradients (o, i): one layer at a time
         for layer, inputs in zip(self._captured, capture.inputs):
             o, i = layer.shape
             positions = sum(int(a.shape[1]) for a in inputs)
-            if layer.tied_use is not None:  # the embedding's positions counted with the head's: an upper bound
-                positions += sum(int(a.shape[1]) for a in capture.inputs[self._captured.index(layer.tied_use)])
+            if any(layer is use for use in self._tied_uses):
+                blocks = (r * o * itemsize + 8) * positions
+                pieces.append((f"the output gradients and token ids of the tied use '{layer.name}'", blocks))
+                continue
             blocks = (r * o + i) * positions * itemsize
             pieces.append((f"the output gradients and inputs of layer '{layer.name}'", blocks))
-            if positions > 1 and (scoring or self.update_diagonal):
-                grads.append((f"the per-sample gradients of layer '{layer.name}'", 2 * o * i * itemsize))
+            formed = positions > 1 or layer.tied_use is not None
+            if formed and (scoring or self.update_diagonal):
+                copies = 1 if layer.tied_use is not None and not scoring else 2
+                grads.append((f"the per-sample gradients of layer '{layer.name}'", copies * o * i * itemsize))
         if grads:
             pieces.append(max(grads, key=lambda piece: piece[1]))
         del capture, outputs
+        return pieces
+
+    def _chunk(self, theta: Tensor, batch: Any, *, scoring: bool) -> int:
+        """Samples per chunk (see :meth:`_fit_chunk`); ``scoring``: for the gradients of influences,
+        self-influences and factors (one vector per sample; the flat ``(m, p)`` gradients and their
+        solve), beside the fitted state. ``chunk_size`` halved until ``chunk x`` one sample's
+        :meth:`chunk_pieces` fit the room the factors leave in ``memory_budget``, said in one line (an
+        INFO log record for the default ``chunk_size``, a ``UserWarning`` for another one: the user's)."""
+        key = (scoring, *(tuple(leaf.shape[1:]) for leaf in batches.leaves(batch) if isinstance(leaf, Tensor)))
+        if key in self._fit_chunks:
+            return self._fit_chunks[key]
+        pieces = self.chunk_pieces(theta, batch, scoring=scoring)
         per_sample = sum(size for _, size in pieces)
         held = self.state_.nbytes if scoring and self.state_ is not None else self.memory_.fixed
         room = self.memory_budget - held
+        task = "scoring" if scoring else "fit"
+        beside = "state" if scoring else "factors"
+        what, size = max(pieces, key=lambda piece: piece[1])
         if per_sample > room:
-            what, size = max(pieces, key=lambda piece: piece[1])
-            task = "scoring" if scoring else "fit"
             fix = "smaller test or training batches" if scoring else "fisher='sampled' (fewer vectors per sample)"
             raise ValueError(
                 f"EK-FAC's {task} cannot hold one sample's blocks ({_bytes(per_sample)}; the largest, {what}, "
-                f"{_bytes(size)}) beside its {'state' if scoring else 'factors'} ({_bytes(held)}) within "
+                f"{_bytes(size)}) beside its {beside} ({_bytes(held)}) within "
                 f"memory_budget={_bytes(self.memory_budget)}. Pass a larger memory_budget, {fix}, shorter "
                 "sequences, or leave the layer out with layers=[...]."
             )
-        chunk = max(1, min(self.chunk_size, room // per_sample))
+        chunk = self.chunk_size
+        while chunk > 1 and chunk * per_sample > room:
+            chunk = max(1, chunk // 2)
+        if chunk < self.chunk_size:
+            given = self.chunk_size != EkfacConfig.__dataclass_fields__["chunk_size"].default  # the user's choice
+            message = (
+                f"EK-FAC's {task} runs in chunks of {chunk} samples: {self.chunk_size} "
+                f"({'chunk_size' if given else 'the default chunk_size'}) would hold "
+                f"{_bytes(self.chunk_size * per_sample)} of per-chunk blocks (the largest, {what}, "
+                f"{_bytes(size)} per sample) beside its {beside} ({_bytes(held)}), beyond "
+                f"memory_budget={_bytes(self.memory_budget)}; pass chunk_size={chunk} or a larger memory_budget "
+                "to choose."
+            )
+            if given:
+                warnings.warn(message, UserWarning, stacklevel=2)
+            else:
+                logger.info(message)
         self._fit_chunks[key] = chunk
         return chunk
 
@@ -439,7 +490,7 @@ class EkfacInfluence(InfluenceModel):
                         continue
                     use = pieces[len(self._layers) + self._tied_index(layer)]
                     for r in range(g.shape[1]):  # both uses' gradient per vector
-                        total += rotated_square_sum(f, tied_layer_grads((g, a), use, r, inputs_basis=f.q_a))
+                        rotated_square_sum(f, tied_layer_grads((g, a), use, r, inputs_basis=f.q_a), out=total)
                 self._check_sums(totals, pieces, offset + s)
             return totals
         raise ValueError(f"kind must be 'covariance' or 'corrected'; got {kind!r}.")
@@ -468,7 +519,7 @@ class EkfacInfluence(InfluenceModel):
             # process-wide forward lock of core.gradients: threads sharing one model (a Dask
             # worker's threads) then never see each other's hooks or parameters. The backward
             # below only uses this call's own probes and graph, so it runs outside the lock.
-            with _FORWARD_LOCK, Capture(self._captured, batches.size(batch)) as capture:
+            with _FORWARD_LOCK, Capture(self._captured, batches.size(batch), ids=self._tied_uses) as capture:
                 outputs = self._functions.outputs(theta, batch)
             o = outputs.detach()
             vectors = self._fisher_vectors(o, batch, offset, check) if fisher else self._output.gradients(o, batch)
