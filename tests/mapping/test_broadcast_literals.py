@@ -71,3 +71,14 @@ def test_a_large_projector_is_broadcast_once_per_build_and_the_index_is_the_same
     np.testing.assert_array_equal(broadcast.curvature_matrix(), literal.curvature_matrix())
     np.testing.assert_array_equal(broadcast.influences(test), expected)
     assert scattered.count("Projector") == 2  # and the query's own
+
+
+def test_a_lazy_result_of_a_large_solver_holds_a_broadcast_future(problem, cluster_client, monkeypatch):
+    solver, train, test = problem
+    calc = di.DaskInfluenceCalculator(solver, cluster_client, progress=False)
+    expected = calc.influences(test, train).compute()
+    monkeypatch.setattr(literals, "BROADCAST_BYTES", 0)
+    lazy = calc.influences(test, train)
+    assert any(isinstance(v, Future) for v in dict(lazy.__dask_graph__()).values())
+    np.testing.assert_array_equal(lazy.compute(), expected)
+    np.testing.assert_array_equal(calc.self_influences(train).compute(), calc.self_influences(train).compute())

@@ -198,7 +198,7 @@ class _BlockCalculator:
         import dask.array as da  # imported when used: a store job needs no dask.array
 
         graph = self._graph(test, train, mode, test_block_size, train_block_size)
-        return da.Array(graph.dsk, graph.chunk_name, chunks=graph.chunks, dtype=graph.dtype)
+        return da.Array(self._lazy_graph(graph.dsk), graph.chunk_name, chunks=graph.chunks, dtype=graph.dtype)
 
     def self_influences(self, train: Any, *, train_block_size: int | None = None, block_size: int | None = None) -> Any:
         """``grad L(z)^T H^-1 grad L(z)`` for every train point: a lazy ``dask.array`` ``(n_train,)``
@@ -212,7 +212,11 @@ class _BlockCalculator:
         name = add_self_influence_tasks(graph)
         import dask.array as da
 
-        return da.Array(graph.dsk, name, chunks=(graph.plan.train_sizes,), dtype=graph.dtype)
+        return da.Array(self._lazy_graph(graph.dsk), name, chunks=(graph.plan.train_sizes,), dtype=graph.dtype)
+
+    def _lazy_graph(self, dsk: dict) -> dict:
+        """The graph of a lazy result as it is returned (the Dask calculator broadcasts a large solver)."""
+        return dsk
 
     # -- zarr ------------------------------------------------------------------------
     def influences_to_zarr(
@@ -587,7 +591,10 @@ class DaskInfluenceCalculator(_BlockCalculator):
 
     Args:
         solver: a fitted solver; it is shipped to each worker once (as one graph key that
-            the scheduler can recompute if a worker is lost).
+            the scheduler can recompute if a worker is lost; one of more than 128 MiB of arrays,
+            e.g. EK-FAC on a 124M-parameter model, is broadcast to the workers instead, so that
+            neither the submitted graph nor the scheduler holds a copy:
+            :func:`~dask_influence.mapping.literals.broadcast_large`).
         client: a ``distributed.Client``; ``None`` uses the current client if there is one,
             else starts an embedded ``LocalCluster`` (one single-threaded worker process per
             core) for each call and closes it afterwards.
@@ -676,6 +683,20 @@ class DaskInfluenceCalculator(_BlockCalculator):
     def _client(self) -> AbstractContextManager[Any]:
         """The given client, else the current one, else an embedded ``LocalCluster`` for the call."""
         return dask_client(self.client, self.n_workers)
+
+    def _lazy_graph(self, dsk: dict) -> dict:
+        """A lazy array's graph with a solver over ``BROADCAST_BYTES`` broadcast to the given or current
+        client's workers (a future in the graph: the array is then computed on that client); without a
+        client the graph keeps its literals (computed wherever the caller computes it)."""
+        client = self.client
+        if client is None:
+            from distributed import get_client
+
+            try:
+                client = get_client()
+            except ValueError:
+                return dsk
+        return broadcast_large(client, dsk)
 
     def _execute_graph(self, graph: InfluenceGraph, keys: list) -> list:
         if not keys:
