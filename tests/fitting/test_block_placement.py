@@ -123,3 +123,26 @@ def test_no_large_graph_warning_for_the_solver_and_data(problem, fit_client, tmp
         values = group["influences"][...]
     expected = di.DirectInfluence(model, loss, regularization=0.3).fit((torch.from_numpy(x), torch.from_numpy(y)))
     np.testing.assert_allclose(values, expected.influences(x[:4], y[:4], x, y).numpy(), rtol=1e-10)
+
+
+def test_block_results_are_added_in_place_where_they_can_be():
+    """The fit's reduction tree adds a block's result into the other's (two held, not three): the
+    same numbers as ``a + b``; read-only arrays, other dtypes and broadcasting get a new array."""
+    import numpy as np
+    import torch
+
+    from dask_influence.core.blocks import add_results
+
+    a, b = np.arange(6.0).reshape(2, 3), np.ones((2, 3))
+    expected = a + b
+    out = add_results([a, torch.zeros(3, dtype=torch.float64)], [b, torch.ones(3, dtype=torch.float64)])
+    assert out[0] is a and np.array_equal(a, expected)
+    assert torch.equal(out[1], torch.ones(3, dtype=torch.float64))
+    frozen = np.zeros(3)
+    frozen.setflags(write=False)
+    kept = add_results(frozen, np.ones(3))
+    assert kept is not frozen and np.array_equal(kept, np.ones(3)) and not frozen.any()
+    narrow = np.zeros(3, dtype=np.float32)
+    assert add_results(narrow, np.ones(3)).dtype == np.float64 and not narrow.any()  # promoted: a new array
+    row = np.zeros(3)
+    assert add_results(row, np.ones((2, 3))).shape == (2, 3) and not row.any()  # broadcast: a new array

@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -62,9 +63,22 @@ class BlockSums(Protocol):
 
 
 def add_results(a: Any, b: Any) -> Any:
-    """Sum of two per-block results (tensors or arrays, or lists of them added elementwise)."""
+    """Sum of two per-block results (tensors or arrays, or lists of them added elementwise), added
+    into ``a`` where it is a writable array or tensor of the sum's dtype and shape (else a new one).
+
+    ``a`` is a block's or a subtree's own result, used by this one addition: adding in place keeps
+    two results in memory instead of three (two blocks of EK-FAC's float64 factor sums on
+    GPT-2-small are 2.6 GB each). The same numbers as ``a + b``."""
     if isinstance(a, list):
-        return [u + v for u, v in zip(a, b)]
+        return [add_results(u, v) for u, v in zip(a, b)]
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        if a.flags.writeable and a.shape == np.broadcast_shapes(a.shape, b.shape) and a.dtype == np.result_type(a, b):
+            a += b
+            return a
+    elif isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        if a.shape == torch.broadcast_shapes(a.shape, b.shape) and a.dtype == torch.result_type(a, b):
+            if not a.requires_grad and not a.is_inference():
+                return a.add_(b)
     return a + b
 
 
