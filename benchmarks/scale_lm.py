@@ -10,7 +10,8 @@ attention, random weights trained ``--train-steps`` Adam steps on the generated 
 ids, so that the model's predictive distribution is not uniform), the causal-LM task
 (``di.tasks.causal_lm()``). GPT-2's tied ``wte``/``lm_head`` is factored through the head by EK-FAC
 (``tied="head"``). Each path runs on an embedded ``LocalCluster`` of 1 and of 2 single-threaded worker
-processes (one cluster alive at a time):
+processes (one cluster alive at a time; its workers import ``dask_influence`` and GPT-2's code when it starts,
+a worker's start rather than a path's cost):
 
 - ``EK-FAC fit`` (``DaskInfluenceCalculator.fit``: the covariance pass and the corrected-eigenvalue pass,
   sampled Fisher with 1 draw), ``EK-FAC factors`` (the test sequences' ``influence_factors``, on the client)
@@ -31,9 +32,9 @@ the training data costs at least ``FB_train / workers`` (ideal split), so EK-FAC
 psutil, polled every 50 ms) of each worker process during the path (torch's allocations included; the
 client's own for the client-side steps). Before each path its memory per worker is ESTIMATED: an idle
 worker's resident set (measured when the cluster starts) plus, for EK-FAC, the solver's own
-:class:`FitMemory` and its per-chunk blocks, for the others the model's and the data's shapes (weights,
-gradients, the solver's vectors, a chunk's logits ``T x V`` and activations); a path whose estimate exceeds
-``--memory-per-worker`` is refused with a one-line reason (recorded in the table).
+:class:`FitMemory` and a chunk of its ``chunk_pieces`` (the fit's or scoring's), for the others the model's
+and the data's shapes (weights, gradients, the solver's vectors, a chunk's logits ``T x V`` and activations);
+a path whose estimate exceeds ``--memory-per-worker`` is refused with a one-line reason (recorded in the table).
 
 Writes ``benchmarks/results/scale_lm_<config>.json`` and ``.md`` (git-ignored). The machine this runs on may be
 shared and loaded: read ratios (time / floor), not absolute seconds.
@@ -194,7 +195,10 @@ def estimate_bytes(
     acts = activation_bytes(config, chunk)
     if path == "ekfac":  # the solver's own estimates: its factors and one sample's blocks (logits included)
         assert solver is not None and batch is not None
-        per_sample = sum(size for _, size in solver.chunk_pieces(solver.trained_parameters(), batch))
+        theta = solver.trained_parameters()
+        per_sample = max(  # the fit's blocks, or scoring's (with the flat (p,) gradients and their solve)
+            sum(size for _, size in solver.chunk_pieces(theta, batch, scoring=scoring)) for scoring in (False, True)
+        )
         t, d = config["seq_len"], config["n_embd"]
         layers = 4 * chunk * config["n_layer"] * (20 * t * d + 3 * config["n_head"] * t * t)  # inside the blocks
         return 3 * weights + solver.memory_.fixed + chunk * per_sample + layers
