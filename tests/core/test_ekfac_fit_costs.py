@@ -131,6 +131,7 @@ def test_the_tied_fit_chunk_estimate_is_its_measured_peak():
     assert pieces["the output gradients and inputs of layer 'lm_head'"] == (2_048 + 16) * 32 * 8
     assert pieces["the output gradients and token ids of the tied use 'transformer.wte'"] == (16 * 8 + 8) * 32
     assert pieces["the per-sample gradients of layer 'lm_head'"] == 2_048 * 16 * 8  # once: its G is diagonal
+    assert ("lm_head", "the float64 sums of its G (2,048, its diagonal)", 2_048 * 8) in solver.memory_.pieces
     estimate = solver.memory_.fixed + 4 * sum(pieces.values())
     measured = _peak_bytes(lambda: solver.fit(train, progress=False))
     assert solver._fit_chunks == {(False, (32,)): 4}

@@ -63,7 +63,8 @@ class FitMemory:
                 ("G", o, (layer.name, "G") in diagonal),
             ):
                 entries = d if diag else d * d
-                pieces.append((layer.name, f"the float64 sums of its {side} ({d:,} x {d:,})", 8 * entries))
+                shape = f"{d:,}, its diagonal" if diag else f"{d:,} x {d:,}"
+                pieces.append((layer.name, f"the float64 sums of its {side} ({shape})", 8 * entries))
                 sums += 8 * entries
                 state += itemsize * (entries + d)
                 if not diag:
