@@ -83,7 +83,7 @@ def write_index(
 ) -> Built:
     """Build (or resume) the index at ``path``: the arguments of
     :meth:`~.gradient_index.GradientIndex.build`, checked there (see its docstring)."""
-    verify_mode = verify_mode_of(verify)
+    verify_mode = zstore.verify_mode(verify)
     projector = Projector(model, task, projection, projection_dim, seed, layers=layers)
     auto_dtype, dtype = dtype == "auto", _auto_dtype(projector) if dtype == "auto" else dtype
     if preconditioner == "curvature" and curvature == "ggn" and not projector.task.has_outputs:
@@ -267,17 +267,6 @@ def check_regularization(value: Any) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
         raise ValueError(f"regularization must be a number >= 0 or 'auto'; got {value!r}.")
-
-
-def verify_mode_of(verify: Any) -> str | None:
-    """``verify`` of :meth:`GradientIndex.build` as ``"full"``, ``"exists"`` or ``None``."""
-    if verify is True or verify == "full":
-        return "full"
-    if verify is False or verify is None:
-        return None
-    if verify == "exists":
-        return "exists"
-    raise ValueError(f"verify must be True, False, 'full' or 'exists'; got {verify!r}.")
 
 
 def _regularization(setting: float | str, preconditioner: str, curvature: np.ndarray) -> float:

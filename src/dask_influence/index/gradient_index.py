@@ -445,7 +445,7 @@ class GradientIndex:
             the store's zarr group (read-only).
         """
         test_block_size = _test_block_size("influences_to_zarr", block_size, test_block_size)
-        verify_mode = _build.verify_mode_of(verify)
+        verify_mode = zstore.verify_mode(verify)
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be a positive int or None; got {top_k!r}.")
         dsk, factor_keys, test_sizes, lam, dtype = self._factor_graph(test, test_block_size, regularization)

@@ -286,7 +286,7 @@ class _BlockCalculator:
             raise ValueError(f"top_k must be a positive int or None; got {top_k!r}.")
         if top_k and mode is not InfluenceMode.up:
             raise ValueError("top_k needs mode='up' (perturbation influences have one value per feature).")
-        verify_mode = _verify_mode(verify)
+        verify_mode = zstore.verify_mode(verify)
         if not isinstance(break_lock, bool):
             raise TypeError(f"break_lock must be True or False; got {break_lock!r}.")
         graph = self._graph(  # no per-block tasks yet: only those of the missing work are added
@@ -537,17 +537,6 @@ def _generation_of(path: str) -> int | None:
         return int(zstore.fit_record(attrs)["generation"])
     except Exception:
         return None
-
-
-def _verify_mode(verify: Any) -> str | None:
-    """``verify`` of influences_to_zarr as ``"full"``, ``"exists"`` or ``None``."""
-    if verify is True or verify == "full":
-        return "full"
-    if verify is False or verify is None:
-        return None
-    if verify == "exists":
-        return "exists"
-    raise ValueError(f"verify must be True, False, 'full' or 'exists'; got {verify!r}.")
 
 
 def _records_solver_info(solver: InfluenceModel) -> bool:

@@ -47,7 +47,7 @@ from .layout import (
 )
 from .solver_info import SOLVER_INFO_COLUMNS, read_solver_info, solver_info_row, solver_info_summary, write_solver_info
 from .topk import candidates, chunk_candidates, merge, write_topk
-from .verify import VerifyReport, repair, verify_store
+from .verify import VerifyReport, repair, verify_mode, verify_store
 
 __all__ = [
     "ATTR",
@@ -80,6 +80,7 @@ __all__ = [
     "saved_blocks",
     "solver_info_row",
     "solver_info_summary",
+    "verify_mode",
     "verify_store",
     "versions",
     "write_factors",

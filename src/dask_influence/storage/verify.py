@@ -79,6 +79,22 @@ def _report_key(kind: str, index: tuple[int, ...]) -> Any:
     return index if kind == "influences" else index[0]
 
 
+def verify_mode(verify: Any) -> str | None:
+    """A ``verify=`` argument (of ``influences_to_zarr`` and ``GradientIndex.build``) as the mode of
+    :func:`verify_store`: ``True``/``"full"`` -> ``"full"``, ``"exists"``, ``False``/``None`` -> ``None``.
+
+    Raises:
+        ValueError: anything else, naming the accepted values.
+    """
+    if verify is True or verify == "full":
+        return "full"
+    if verify is False or verify is None:
+        return None
+    if verify == "exists":
+        return "exists"
+    raise ValueError(f"verify must be True, False, 'full' or 'exists'; got {verify!r}.")
+
+
 def verify_store(group: Any, *, mode: str = "full", threads: int = 8, state: Any = None) -> VerifyReport:
     """Check every chunk done with the current fit: its file exists and (``mode="full"``) decodes.
 
