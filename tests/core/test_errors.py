@@ -424,3 +424,19 @@ def test_a_refused_regularization_keeps_the_fit(method):
     solver.regularization = info.value.suggested_regularization
     reference = cls(model, loss, regularization=info.value.suggested_regularization, **kwargs).fit((x, y))
     assert torch.allclose(solver.influences(x[:3], y[:3], x, y), reference.influences(x[:3], y[:3], x, y), rtol=1e-8)
+
+
+def test_check_finite_names_the_first_bad_entry_and_passes_an_overflowing_sum():
+    """The finite-sum shortcut: NaN, +Inf and -Inf are still found and named; entries whose sum
+    overflows (float16) are finite and pass."""
+    from dask_influence.core.batches import check_finite
+    from dask_influence.errors import NonFiniteError
+
+    x = torch.randn(1000, dtype=torch.float32)
+    check_finite("x", x)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[123] = bad
+        with pytest.raises(NonFiniteError, match=r"^y contains 1 NaN/Inf value\(s\) \(first at index \(123,\)\)"):
+            check_finite("y", y)
+    check_finite("big", torch.full((10,), 6e4, dtype=torch.float16))  # the sum is inf; every entry finite
