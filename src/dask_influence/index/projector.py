@@ -10,14 +10,14 @@ from __future__ import annotations
 import hashlib
 import pickle
 import warnings
-from typing import Any, cast
+from typing import Any, SupportsIndex, cast
 
 import cloudpickle
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..core import batches
+from ..core import batches, pickling
 from ..core.data import pair_batch
 from ..core.gradients import (
     _FORWARD_LOCK,
@@ -125,6 +125,15 @@ class Projector:
         with _FORWARD_LOCK:
             payload = cloudpickle.dumps(self.__dict__, protocol=pickle.HIGHEST_PROTOCOL)
         return (_restore, (payload,))
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> tuple:
+        """With pickle protocol 5 (Dask's), the same snapshot with the model's and the projection's
+        large tensors as out-of-band buffers (:mod:`~dask_influence.core.pickling`: no copies)."""
+        if int(protocol) < 5:
+            return self.__reduce__()
+        with _FORWARD_LOCK:
+            stream, buffers = pickling.dumps(self.__dict__)
+        return (_restore_buffered, (stream, buffers))
 
     @property
     def chunk_size(self) -> int:
@@ -477,4 +486,11 @@ def _restore(payload: bytes) -> Projector:
     """A projector from :meth:`Projector.__reduce__`'s snapshot."""
     projector = Projector.__new__(Projector)
     projector.__dict__.update(pickle.loads(payload))
+    return projector
+
+
+def _restore_buffered(stream: bytes, buffers: list[Any]) -> Projector:
+    """A projector from :meth:`Projector.__reduce_ex__`'s snapshot (protocol 5)."""
+    projector = Projector.__new__(Projector)
+    projector.__dict__.update(pickling.loads(stream, buffers))
     return projector

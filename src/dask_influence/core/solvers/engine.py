@@ -26,7 +26,7 @@ import threading
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Self, SupportsIndex
 
 import cloudpickle
 import torch
@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from ... import progress as _progress
 from ...errors import NotFittedError
-from .. import batches, memory
+from .. import batches, memory, pickling
 from ..blocks import BlockSums, summed_operator
 from ..data import TrainingData
 from ..gradients import _FORWARD_LOCK, ModelFunctions, check_finite, flat_params
@@ -120,6 +120,24 @@ class SolverEngine(ABC):
         finally:
             active.discard(id(self))
         return (_restore_solver, (type(self), payload))
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> tuple:
+        """With pickle protocol 5 (Dask's), the snapshot of :meth:`__reduce__` with its large tensors
+        as out-of-band buffers (:mod:`..pickling`: no copies on either side; a broadcast EK-FAC fit
+        of 0.62 GB peaked 3.4 GB above an idle worker by torch's reduction); lower protocols
+        (``copy.deepcopy``) pickle as :meth:`__reduce__` does."""
+        if int(protocol) < 5:
+            return self.__reduce__()
+        active = _PICKLING.__dict__.setdefault("ids", set())
+        if id(self) in active:
+            return (copyreg.__newobj__, (type(self),), self.__dict__)  # type: ignore[attr-defined]
+        active.add(id(self))
+        try:
+            with _FORWARD_LOCK:
+                stream, buffers = pickling.dumps(self.__dict__)
+        finally:
+            active.discard(id(self))
+        return (_restore_buffered, (type(self), stream, buffers))
 
     def __copy__(self) -> Self:
         """A shallow copy (sharing the model and the fitted tensors), as ``copy.copy`` gives
@@ -505,6 +523,13 @@ def _merge_reports(reports: list[Any]) -> Any:
 
 
 _PICKLING = threading.local()  # ids of the solvers this thread is pickling (see __reduce__)
+
+
+def _restore_buffered(cls: type[SolverEngine], stream: bytes, buffers: list[Any]) -> SolverEngine:
+    """Rebuild a solver pickled by :meth:`SolverEngine.__reduce_ex__` (protocol 5)."""
+    solver = cls.__new__(cls)
+    solver.__dict__.update(pickling.loads(stream, buffers))
+    return solver
 
 
 def _restore_solver(cls: type[SolverEngine], payload: bytes) -> SolverEngine:
