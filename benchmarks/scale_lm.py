@@ -328,20 +328,25 @@ def run_paths(model, config, train_ids, test_ids, args, workers: int, fb: dict[s
         # an idle worker's resident set (Python, torch, Dask), measured before any path: part of every estimate
         baseline = max(psutil.Process(pid).memory_info().rss for pid in pids)
         if "ekfac" in args.paths:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the left-out LayerNorms, the tied head's note
-                solver = di.EkfacInfluence(
-                    model,
-                    task,
-                    regularization=args.regularization,
-                    tied="head",
-                    fisher="sampled",
-                    chunk_size=chunk,
-                    memory_budget=args.memory_per_worker,
+            ek_chunk = chunk
+            while True:  # the chunk halves until the estimate fits (as the solver's own chunks do)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # the left-out LayerNorms, the tied head's note
+                    solver = di.EkfacInfluence(
+                        model,
+                        task,
+                        regularization=args.regularization,
+                        tied="head",
+                        fisher="sampled",
+                        chunk_size=ek_chunk,
+                        memory_budget=args.memory_per_worker,
+                    )
+                estimate = baseline + estimate_bytes(
+                    "ekfac", config, p, ek_chunk, args, solver, {"input_ids": torch.as_tensor(train_ids[:1])}
                 )
-            estimate = baseline + estimate_bytes(
-                "ekfac", config, p, chunk, args, solver, {"input_ids": torch.as_tensor(train_ids[:1])}
-            )
+                if estimate <= args.memory_per_worker or ek_chunk == 1:
+                    break
+                ek_chunk //= 2
             names = ["EK-FAC fit", "EK-FAC factors", "EK-FAC scoring"]
             floors = [2 * floor_train, fb["test"], floor_train + fb["test"]]
             if not refused(names, estimate, floors):
