@@ -441,7 +441,7 @@ def plot(result: dict, path: str | os.PathLike) -> None:
         ref = problem["reference"]
         ax.axhline(ref["plain_dot"]["pearson"], color="grey", linestyle=":", linewidth=1, label="plain gradient dot")
         ax.set_xscale("log")
-        ax.set_xlabel("build + query seconds (log; loaded 2-core machine, one run)")
+        ax.set_xlabel("build + query seconds (log; 2-core machine, one run)")
         ax.set_ylabel("pooled Pearson vs exact GGN influence")
         ax.set_title(f"{name}: {ref['num_params']:,} parameters (points labelled with k)")
         ax.grid(True, which="both", alpha=0.3)
