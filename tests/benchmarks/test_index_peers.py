@@ -22,9 +22,10 @@ def test_tiny_run_measures_every_row_and_writes_its_table(tmp_path, capsys):
         ref = problem["reference"]
         assert ref["num_params"] == {"mlp": 682, "gpt2": 552}[name]
         rows = problem["rows"]
+        # k = 8: the default index alone, below the shared k (Plan.ours_ks)
         assert [(r["method"], r["k"]) for r in rows] == [
             ("ours", 8), ("ours", 16), ("ours-fisher", 16), ("ours", 64), ("ours-fisher", 64),
-        ]  # fmt: skip  (k = 8: the default index alone, below the shared k)
+        ]  # fmt: skip
         for r in rows:
             assert r["build_s"] > 0 and r["query_s"] > 0 and r["bytes"] > 0
             assert -1 <= r["pearson"] <= 1 and 0 <= r["top_overlap"] <= 1

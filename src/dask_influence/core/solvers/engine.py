@@ -107,6 +107,17 @@ class SolverEngine(ABC):
         tensors. Serializing the whole state while holding the process-wide forward lock of
         :mod:`..gradients` always sees the model's own parameters.
         """
+        return self._snapshot(buffered=False)
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> tuple:
+        """With pickle protocol 5 (Dask's), the snapshot of :meth:`__reduce__` with its large tensors
+        as out-of-band buffers (:mod:`..pickling`: no copies on either side; a broadcast EK-FAC fit
+        of 0.62 GB peaked 3.4 GB above an idle worker by torch's reduction); lower protocols
+        (``copy.deepcopy``) pickle as :meth:`__reduce__` does."""
+        return self._snapshot(buffered=int(protocol) >= 5)
+
+    def _snapshot(self, *, buffered: bool) -> tuple:
+        """The reduction of :meth:`__reduce__` (``buffered=False``) or :meth:`__reduce_ex__`."""
         active = _PICKLING.__dict__.setdefault("ids", set())
         if id(self) in active:
             # a reference back to this solver from inside its own state (an operator holding
@@ -116,28 +127,13 @@ class SolverEngine(ABC):
         active.add(id(self))
         try:
             with _FORWARD_LOCK:
+                if buffered:
+                    stream, buffers = pickling.dumps(self.__dict__)
+                    return (_restore_buffered, (type(self), stream, buffers))
                 payload = cloudpickle.dumps(self.__dict__, protocol=pickle.HIGHEST_PROTOCOL)
+                return (_restore_solver, (type(self), payload))
         finally:
             active.discard(id(self))
-        return (_restore_solver, (type(self), payload))
-
-    def __reduce_ex__(self, protocol: SupportsIndex) -> tuple:
-        """With pickle protocol 5 (Dask's), the snapshot of :meth:`__reduce__` with its large tensors
-        as out-of-band buffers (:mod:`..pickling`: no copies on either side; a broadcast EK-FAC fit
-        of 0.62 GB peaked 3.4 GB above an idle worker by torch's reduction); lower protocols
-        (``copy.deepcopy``) pickle as :meth:`__reduce__` does."""
-        if int(protocol) < 5:
-            return self.__reduce__()
-        active = _PICKLING.__dict__.setdefault("ids", set())
-        if id(self) in active:
-            return (copyreg.__newobj__, (type(self),), self.__dict__)  # type: ignore[attr-defined]
-        active.add(id(self))
-        try:
-            with _FORWARD_LOCK:
-                stream, buffers = pickling.dumps(self.__dict__)
-        finally:
-            active.discard(id(self))
-        return (_restore_buffered, (type(self), stream, buffers))
 
     def __copy__(self) -> Self:
         """A shallow copy (sharing the model and the fitted tensors), as ``copy.copy`` gives
