@@ -194,7 +194,8 @@ def write_index(
     return Built(projector, path, sizes, len(keys), report)
 
 
-FAN_IN = 8
+FAN_IN = memory_check.FAN_IN
+"""Curvature sums one reduce task adds at once (the memory estimate counts as many)."""
 
 
 def cholesky_factor(curvature: np.ndarray, lam: float) -> np.ndarray | None:

@@ -34,7 +34,7 @@ from ..core.projection import (
 from .projector import CURVATURE_COLUMNS, Projector
 
 FAN_IN = 8
-"""Curvature sums one reduce task adds at once (``build.FAN_IN``)."""
+"""Curvature sums one reduce task of a build adds at once (:func:`~.build._curvature`'s tree)."""
 
 
 def _outputs_per_sample(projector: Projector, first: Any) -> int:
