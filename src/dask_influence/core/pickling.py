@@ -89,6 +89,22 @@ def loads(stream: bytes, buffers: list[Any]) -> Any:
     return pickle.loads(stream, buffers=buffers)
 
 
+def dump_state(state: dict, *, buffered: bool) -> tuple:
+    """An object's ``state`` as the arguments of :func:`load_state`: ``(stream, buffers)`` with
+    ``buffered`` (pickle protocol 5: the large tensors out-of-band, :func:`dumps`), else
+    ``(payload,)``, one cloudpickle of the whole state (lower protocols)."""
+    if buffered:
+        return dumps(state)
+    return (cloudpickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL),)
+
+
+def load_state(*args: Any) -> dict:
+    """The state of :func:`dump_state`'s arguments."""
+    if len(args) == 1:
+        return pickle.loads(args[0])
+    return loads(*args)
+
+
 def _tensor(buffer: Any, dtype: str, shape: tuple[int, ...], parameter: bool, requires_grad: bool) -> torch.Tensor:
     """A tensor over ``buffer`` (copied once if the buffer is read-only)."""
     array = np.frombuffer(buffer, dtype=_NUMPY[getattr(torch, dtype.removeprefix("torch."))]).reshape(shape)

@@ -12,7 +12,6 @@ import pickle
 import warnings
 from typing import Any, SupportsIndex, cast
 
-import cloudpickle
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -122,18 +121,13 @@ class Projector:
         its task thread may be inside a forward, where ``functional_call`` has swapped the
         model's parameters for functorch wrappers that cannot be serialized (the transfer, and
         the job, would stall): as the solvers do, serialize only while no forward runs."""
-        with _FORWARD_LOCK:
-            payload = cloudpickle.dumps(self.__dict__, protocol=pickle.HIGHEST_PROTOCOL)
-        return (_restore, (payload,))
+        return self.__reduce_ex__(pickle.DEFAULT_PROTOCOL)
 
     def __reduce_ex__(self, protocol: SupportsIndex) -> tuple:
         """With pickle protocol 5 (Dask's), the same snapshot with the model's and the projection's
         large tensors as out-of-band buffers (:mod:`~dask_influence.core.pickling`: no copies)."""
-        if int(protocol) < 5:
-            return self.__reduce__()
         with _FORWARD_LOCK:
-            stream, buffers = pickling.dumps(self.__dict__)
-        return (_restore_buffered, (stream, buffers))
+            return (_restore, pickling.dump_state(self.__dict__, buffered=int(protocol) >= 5))
 
     @property
     def chunk_size(self) -> int:
@@ -482,15 +476,9 @@ def leading_roots(roots: Tensor, trace: float) -> Tensor:
     return kept.permute(2, 0, 1).reshape(m, *roots.shape[1:]).to(roots.dtype)
 
 
-def _restore(payload: bytes) -> Projector:
-    """A projector from :meth:`Projector.__reduce__`'s snapshot."""
+def _restore(*state: Any) -> Projector:
+    """A projector from :meth:`Projector.__reduce_ex__`'s snapshot (:func:`~..core.pickling.dump_state`'s
+    arguments)."""
     projector = Projector.__new__(Projector)
-    projector.__dict__.update(pickle.loads(payload))
-    return projector
-
-
-def _restore_buffered(stream: bytes, buffers: list[Any]) -> Projector:
-    """A projector from :meth:`Projector.__reduce_ex__`'s snapshot (protocol 5)."""
-    projector = Projector.__new__(Projector)
-    projector.__dict__.update(pickling.loads(stream, buffers))
+    projector.__dict__.update(pickling.load_state(*state))
     return projector

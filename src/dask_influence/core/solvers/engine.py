@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import copy
 import copyreg
-import pickle
 import threading
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Self, SupportsIndex
 
-import cloudpickle
 import torch
 from torch import Tensor, nn
 
@@ -127,11 +125,7 @@ class SolverEngine(ABC):
         active.add(id(self))
         try:
             with _FORWARD_LOCK:
-                if buffered:
-                    stream, buffers = pickling.dumps(self.__dict__)
-                    return (_restore_buffered, (type(self), stream, buffers))
-                payload = cloudpickle.dumps(self.__dict__, protocol=pickle.HIGHEST_PROTOCOL)
-                return (_restore_solver, (type(self), payload))
+                return (_restore_solver, (type(self), *pickling.dump_state(self.__dict__, buffered=buffered)))
         finally:
             active.discard(id(self))
 
@@ -521,15 +515,9 @@ def _merge_reports(reports: list[Any]) -> Any:
 _PICKLING = threading.local()  # ids of the solvers this thread is pickling (see __reduce__)
 
 
-def _restore_buffered(cls: type[SolverEngine], stream: bytes, buffers: list[Any]) -> SolverEngine:
-    """Rebuild a solver pickled by :meth:`SolverEngine.__reduce_ex__` (protocol 5)."""
+def _restore_solver(cls: type[SolverEngine], *state: Any) -> SolverEngine:
+    """Rebuild a solver pickled by :meth:`SolverEngine.__reduce__` or ``__reduce_ex__`` (``state``:
+    :func:`~..pickling.dump_state`'s arguments)."""
     solver = cls.__new__(cls)
-    solver.__dict__.update(pickling.loads(stream, buffers))
-    return solver
-
-
-def _restore_solver(cls: type[SolverEngine], payload: bytes) -> SolverEngine:
-    """Rebuild a solver pickled by :meth:`SolverEngine.__reduce__`."""
-    solver = cls.__new__(cls)
-    solver.__dict__.update(cloudpickle.loads(payload))
+    solver.__dict__.update(pickling.load_state(*state))
     return solver
