@@ -26,7 +26,7 @@ from ..errors import NotFittedError
 from ..renamed import renamed
 from ..storage import lock as zlock
 from ..storage import store as zstore
-from .clients import dask_client
+from .clients import dask_client, given_or_current
 from .graph import (
     InfluenceGraph,
     add_self_influence_tasks,
@@ -657,14 +657,9 @@ class DaskInfluenceCalculator(_BlockCalculator):
     def _memory_budget(self) -> int | None:
         if self.memory_budget != "auto":
             return cast("int | None", self.memory_budget)  # checked in __init__
-        client = self.client
+        client = given_or_current(self.client)
         if client is None:
-            try:
-                from distributed import get_client
-
-                client = get_client()
-            except ValueError:
-                return DEFAULT_MEMORY_BUDGET
+            return DEFAULT_MEMORY_BUDGET
         limits = [w.get("memory_limit") or 0 for w in client.scheduler_info().get("workers", {}).values()]
         limits = [x for x in limits if x > 0]
         return min([DEFAULT_MEMORY_BUDGET] + [x // 4 for x in limits])
@@ -677,15 +672,8 @@ class DaskInfluenceCalculator(_BlockCalculator):
         """A lazy array's graph with a solver over ``BROADCAST_BYTES`` broadcast to the given or current
         client's workers (a future in the graph: the array is then computed on that client); without a
         client the graph keeps its literals (computed wherever the caller computes it)."""
-        client = self.client
-        if client is None:
-            from distributed import get_client
-
-            try:
-                client = get_client()
-            except ValueError:
-                return dsk
-        return broadcast_large(client, dsk)
+        client = given_or_current(self.client)
+        return dsk if client is None else broadcast_large(client, dsk)
 
     def _execute_graph(self, graph: InfluenceGraph, keys: list) -> list:
         if not keys:

@@ -25,22 +25,25 @@ def dask_client(client: Any = None, n_workers: int | None = None) -> Iterator[An
     A given or current client whose scheduler is on another host and reached without TLS
     raises an :class:`~dask_influence.mapping.security.UnencryptedSchedulerWarning` (a client
     secured with ``Client(address, security=Security(...))`` on ``tls://`` does not)."""
-    if client is not None:
-        warn_if_unencrypted(client)
-        yield client
-        return
-    from distributed import get_client
-
-    try:
-        current = get_client()
-    except ValueError:
-        current = None
-    if current is not None:
-        warn_if_unencrypted(current)
-        yield current
+    found = given_or_current(client)
+    if found is not None:
+        warn_if_unencrypted(found)
+        yield found
         return
     with local_cluster(n_workers or os.cpu_count() or 1) as embedded:
         yield embedded
+
+
+def given_or_current(client: Any = None) -> Any:
+    """``client`` itself when given, else ``distributed.get_client()``, else ``None`` (no current client)."""
+    if client is not None:
+        return client
+    from distributed import get_client
+
+    try:
+        return get_client()
+    except ValueError:
+        return None
 
 
 WORKER_EXIT_SECONDS = 60.0
