@@ -5,7 +5,7 @@
     python -m benchmarks.scale_lm --tiny          # a seconds-long smoke run (the tests use it)
 
 Models: ``GPT2LMHeadModel`` built from a config (nothing downloaded; :data:`CONFIGS`: ``tiny``, ``2x128``,
-``4x256``, ``6x512`` and ``gpt2-small``, 12 layers x 768, ``V = 50,257``, ``T = 128``), float32, eager
+``4x256``, ``2x768``, ``6x512`` and ``gpt2-small``, 12 layers x 768, ``V = 50,257``, ``T = 128``), float32, eager
 attention, random weights trained ``--train-steps`` Adam steps on the generated tokens (Zipf-distributed
 ids, so that the model's predictive distribution is not uniform), the causal-LM task
 (``di.tasks.causal_lm()``). GPT-2's tied ``wte``/``lm_head`` is factored through the head by EK-FAC
@@ -27,7 +27,9 @@ the test sequences, ``FB_test``, single-threaded like each worker, in chunks of 
 the training data costs at least ``FB_train / workers`` (ideal split), so EK-FAC's fit floor is
 ``2 FB_train / w``, the index build's ``FB_train / w``, CG's ``iterations x FB_train / w + FB_test``, Arnoldi's
 ``(Lanczos vectors) x FB_train / w`` (each Krylov vector is a GGN product over the data), scoring's
-``FB_train / w + FB_test``, a query's ``FB_test``. Tokens per second count the training tokens a path reads
+``B x FB_train / w + FB_test`` for ``B`` test blocks (a block's factors ``(n, p)`` are held within a quarter of
+``--memory-per-worker``: two test sequences of GPT-2-small at 8 GB, so its 16 test sequences are 8 passes over
+the training data), a query's ``FB_test``. Tokens per second count the training tokens a path reads
 (test tokens for the factors and the query). Peak memory per worker is the largest resident set size (RSS,
 psutil, polled every 50 ms) of each worker process during the path (torch's allocations included; the
 client's own for the client-side steps). Before each path its memory per worker is ESTIMATED: an idle
@@ -78,6 +80,15 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "seq_len": 128,
         "n_train": 64,
         "n_test": 8,
+    },
+    "2x768": {  # GPT-2-small's width and vocabulary at 2 layers (53M parameters): its memory in minutes
+        "n_layer": 2,
+        "n_embd": 768,
+        "n_head": 12,
+        "vocab_size": 50257,
+        "seq_len": 128,
+        "n_train": 16,
+        "n_test": 2,
     },
     "6x512": {
         "n_layer": 6,
@@ -348,9 +359,14 @@ def run_paths(model, config, train_ids, test_ids, args, workers: int, fb: dict[s
                     break
                 ek_chunk //= 2
             names = ["EK-FAC fit", "EK-FAC factors", "EK-FAC scoring"]
-            floors = [2 * floor_train, fb["test"], floor_train + fb["test"]]
+            # scoring holds a test block's factors (n, p) per task within a quarter of a worker's memory: each
+            # block is one more pass over the training data (2 test sequences of GPT-2-small per block at 8 GB)
+            score_budget = int(args.memory_per_worker // 4)
+            per_block = min(n_test, max(1, score_budget // (2 * 4 * p)))
+            groups = -(-n_test // per_block)
+            floors = [2 * floor_train, fb["test"], groups * floor_train + fb["test"]]
             if not refused(names, estimate, floors):
-                calc = di.DaskInfluenceCalculator(solver, client, progress=False)
+                calc = di.DaskInfluenceCalculator(solver, client, progress=False, memory_budget=score_budget)
                 with RssMonitor(pids) as mon:
                     start = time.perf_counter()
                     calc.fit(train, train_block_size=block)
@@ -364,7 +380,7 @@ def run_paths(model, config, train_ids, test_ids, args, workers: int, fb: dict[s
                 with RssMonitor(pids) as mon:
                     start = time.perf_counter()
                     scores = np.asarray(
-                        calc.influences(test_ids, train, test_block_size=n_test, train_block_size=block).compute()
+                        calc.influences(test_ids, train, test_block_size=per_block, train_block_size=block).compute()
                     )
                     seconds = time.perf_counter() - start
                 assert scores.shape == (n_test, n_train) and np.isfinite(scores).all()

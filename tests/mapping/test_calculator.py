@@ -106,6 +106,25 @@ def test_memory_budget_groups_test_blocks(problem):
     assert rel_err(result.compute(scheduler="sync"), expected) < 1e-10
 
 
+@pytest.mark.parametrize("kind", ["numpy", "dataset"])
+def test_without_a_test_block_size_a_test_block_holds_the_factors_the_budget_allows(problem, kind, caplog):
+    """No ``test_block_size``: a block holds ``budget // (2 p itemsize)`` test points (3 here, so
+    its factors fit the budget), each block its own task; the influences are the solver's. A given
+    ``test_block_size`` is kept."""
+    solver, train, test = problem
+    p = solver.num_params
+    calc = di.SequentialInfluenceCalculator(solver, progress=False, memory_budget=3 * 2 * p * 8 + 5)
+    t = (test[0].numpy(), test[1].numpy()) if kind == "numpy" else torch.utils.data.TensorDataset(*test)
+    with caplog.at_level("INFO", logger="dask_influence"):
+        result = calc.influences(t, train, test_block_size=None if kind == "numpy" else 3)
+    n = len(test[0])
+    assert result.chunks[0] == (3,) * (n // 3) + ((n % 3,) if n % 3 else ())
+    assert ("Test blocks of 3 points" in caplog.text) == (kind == "numpy")
+    assert rel_err(result.compute(scheduler="sync"), solver.influences(*test, *train).numpy()) < 1e-10
+    kept = calc.influences((test[0].numpy(), test[1].numpy()), train, test_block_size=n)
+    assert kept.chunks[0] == (n,)
+
+
 def test_self_influences(problem, cluster_client):
     solver, train, _ = problem
     expected = solver.self_influences(*train).numpy()

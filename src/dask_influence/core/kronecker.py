@@ -406,49 +406,6 @@ def layer_grads(g: Tensor, a: Tensor) -> Tensor:
     return torch.einsum("npo,npi->noi", g, a)
 
 
-def up_contract(f: Tensor, piece: tuple[Tensor, Tensor] | Tensor) -> Tensor:
-    """``<f_t, sum_p g_jp a_jp^T>`` for all pairs of factor rows ``t`` and points ``j``.
-
-    ``f`` ``(t, o, i)``; ``piece``: ``(g (m, P, o), a (m, P, i))``, or the per-sample gradients
-    ``(m, o, i)`` already formed (a tied LM head); returns ``(t, m)``.
-
-    With one position the training gradients stay factored: the contraction runs over the
-    smaller of ``o`` and ``i`` first, holding ``t * m * min(o, i)`` numbers. With several
-    positions the layer's per-sample gradients ``(m, o, i)`` are formed for this chunk.
-    """
-    if isinstance(piece, Tensor):
-        return f.reshape(f.shape[0], -1) @ piece.reshape(piece.shape[0], -1).T
-    g, a = piece
-    t, o, i = f.shape
-    m = g.shape[0]
-    if a.shape[1] != 1:
-        return f.reshape(t, o * i) @ layer_grads(g, a).reshape(m, o * i).T
-    g1, a1 = g[:, 0], a[:, 0]
-    if o <= i:
-        tmp = (f.reshape(t * o, i) @ a1.T).reshape(t, o, m)
-        return (tmp * g1.T).sum(1)
-    tmp = (f.transpose(1, 2).reshape(t * i, o) @ g1.T).reshape(t, i, m)
-    return (tmp * a1.T).sum(1)
-
-
-def self_contract(factors: LayerFactors, inverse_diag: Tensor, piece: tuple[Tensor, Tensor] | Tensor) -> Tensor:
-    """``vec(grad)^T (C + lambda I)^-1 vec(grad)`` per sample: ``(m,)``; ``piece`` is
-    ``(g (m, P, o), a (m, P, i))`` or the per-sample gradients ``(m, o, i)`` (a tied LM head).
-
-    ``inverse_diag`` is ``1 / (eigenvalues + lambda)`` ``(o, i)``. With one position this is
-    ``sum_{o,i} g_rot[o]^2 inverse_diag[o, i] a_rot[i]^2``, without forming ``(m, o, i)``.
-    """
-    if isinstance(piece, Tensor):
-        return (factors.rotate(piece).square() * inverse_diag).sum((1, 2))
-    g, a = piece
-    if a.shape[1] == 1:
-        g_rot = factors.rotate_outputs(g[:, 0])
-        a_rot = factors.rotate_inputs(a[:, 0])
-        return ((g_rot.square() @ inverse_diag) * a_rot.square()).sum(1)
-    rotated = factors.rotate(layer_grads(g, a))
-    return (rotated.square() * inverse_diag).sum((1, 2))
-
-
 # -- capturing g and a in one batched forward/backward -----------------------------------------
 LayerKind = Literal["linear", "conv2d", "conv1d", "embedding"]
 

@@ -31,6 +31,7 @@ from .graph import (
     InfluenceGraph,
     add_self_influence_tasks,
     build_influence_graph,
+    output_dtype,
     plan_influence_graph,
     solver_fingerprint,
 )
@@ -153,6 +154,16 @@ class _BlockCalculator:
         test_src = as_source(test, block_size=test_block_size, name="test", perturb=perturb)
         train_src = as_source(train, block_size=train_block_size, name="train", perturb=perturb)
         self._check_fitted()
+        budget = self._memory_budget()
+        if test_block_size is None and budget is not None:  # a test block's factors (n, p) within the budget
+            fits = max(1, budget // (2 * self.solver.num_params * np.dtype(output_dtype(self.solver)).itemsize))
+            if max(test_src.block_sizes, default=0) > fits:
+                logger.info(
+                    "Test blocks of %d points: their factors (%d parameters each) fit the memory budget.",
+                    fits,
+                    self.solver.num_params,
+                )
+                test_src = as_source(test, block_size=fits, name="test", perturb=perturb)
         fitted = tuple(self.solver.feature_shape_ or ())
         for name, src in (("test", test_src), ("train", train_src)):
             if src.input_dtype is not None and tuple(src.feature_shape) != fitted:
@@ -174,9 +185,7 @@ class _BlockCalculator:
                 "Use mode='up' for integer inputs such as token ids."
             )
         build = build_influence_graph if all_tasks else plan_influence_graph
-        graph = build(
-            self.solver, test_src, train_src, mode, memory_budget=self._memory_budget(), record_solves=record_solves
-        )
+        graph = build(self.solver, test_src, train_src, mode, memory_budget=budget, record_solves=record_solves)
         if len(graph.plan.test_groups) > 1:
             logger.warning("Test factors exceed the per-task memory budget; %s.", graph.plan.describe())
         return graph

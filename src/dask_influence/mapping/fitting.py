@@ -49,7 +49,7 @@ from ..core.solvers.base import InfluenceModel
 from ..core.solvers.fit_record import to_device as _to_device
 from ..storage.urls import is_url
 from . import tasks
-from .literals import Literal, sent_once, unbox
+from .literals import Literal, broadcast_large, sent_once, unbox
 from .sources import BlockSource, DaskArraySource, DatasetSource, to_numpy
 
 logger = logging.getLogger("dask_influence")
@@ -283,7 +283,8 @@ class ClusterTrainBlocks(TrainBlocks):
     during the fit, never held by the client. Each group's tasks and partial sums are asked
     of its worker (loosely: another worker takes them if it leaves). The solver (without
     training data) and the dataset are graph keys (recomputed if their worker is lost, like
-    the blocks); a large payload of a pass (the vectors ``V``) is broadcast to every worker.
+    the blocks; a solver whose model holds more than ``BROADCAST_BYTES`` is broadcast instead,
+    see :func:`~.literals.broadcast_large`); a large payload of a pass (the vectors ``V``) is broadcast to every worker.
     """
 
     def __init__(self, client: Any, solver: InfluenceModel, source: BlockSource):
@@ -296,7 +297,9 @@ class ClusterTrainBlocks(TrainBlocks):
         name = f"fit-block-{self._token}"
         self._blocks: list[Any] = [None] * len(self.sizes)
         with sent_once():
-            self._solver = client.get({key: (unbox, Literal(solver.shippable(), self._token))}, key, sync=False)
+            # a model over BROADCAST_BYTES (GPT-2-small's 0.5 GB) is scattered to the workers, not held in the graph
+            dsk = broadcast_large(client, {key: (unbox, Literal(solver.shippable(), self._token))})
+            self._solver = client.get(dsk, key, sync=False)
             graph = source.graph()
             if isinstance(source, DatasetSource):  # send the dataset once (a graph key: recomputable), not per worker
                 graph = {source.key: client.get(graph, source.key, sync=False)}

@@ -8,10 +8,12 @@ dependency, fetched once per worker.
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from ..core.modes import InfluenceMode
 from ..storage.solver_info import solver_info_row
@@ -94,11 +96,22 @@ def influence_group(
         the whole group.
     """
     _match_threads()
-    stacked = torch.from_numpy(np.concatenate(factors, axis=0))
+    stacked = _joined(factors)
     values = to_numpy(solver.influences_from_factors(stacked, block, mode=InfluenceMode.parse(mode)))
     values = values.astype(out_dtype, copy=False)
     bounds = np.cumsum([0] + [len(f) for f in factors])
     return [values[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _joined(factors: list[np.ndarray]) -> Tensor:
+    """The group's factors as one ``(n, p)`` tensor: one test block's as it is (a copy of ``(n, p)`` floats is a
+    gigabyte per two test points at 124M parameters), several concatenated. Scoring only reads it, so a read-only
+    array, as Dask may deliver one, is used as well (torch's warning about writes to it is moot)."""
+    if len(factors) > 1:
+        return torch.from_numpy(np.concatenate(factors, axis=0))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(factors[0])
 
 
 def pick(parts: list[np.ndarray], k: int) -> np.ndarray:

@@ -51,10 +51,9 @@ from ..kronecker import (
     corrected_eigenvalue_sum,
     layer_grads,
     rotated_square_sum,
-    self_contract,
     tied_layer_grads,
-    up_contract,
 )
+from ..kronecker_scores import self_contract, up_scores
 from ..operators import LinearOperator
 from ..output_curvature import OUTPUT_CURVATURES, OutputCurvature, infer_output_curvature
 from ..serialization import serializable
@@ -562,8 +561,10 @@ class EkfacInfluence(InfluenceModel):
         for f in self._factors():
             check_layer_positive(f, self.regularization, self.update_diagonal, type(self).__name__)
 
-    def _apply(self, rhs: Tensor, *, power: float, regularization: float) -> Tensor:
-        out = torch.zeros_like(rhs)  # parameters outside the layers are left out: zero
+    def _apply(self, rhs: Tensor, *, power: float, regularization: float, out: Tensor | None = None) -> Tensor:
+        """``(C + regularization I)^power`` on each row of ``rhs`` ``(k, p)``, layer by layer, into ``out``
+        ``(k, p)`` (a new tensor if ``None``); parameters outside the layers get zero."""
+        out = torch.zeros_like(rhs) if out is None else out.zero_()
         for layer, f in zip(self._layers, self._factors()):
             m = layer.to_matrix(rhs)
             layer.write_matrix(
@@ -575,6 +576,12 @@ class EkfacInfluence(InfluenceModel):
         """``(C + lambda I)^-1`` applied to each row of ``rhs`` ``(k, p)``, layer by layer: ``(k, p)``."""
         self._check_positive()
         return self._apply(rhs, power=-1.0, regularization=self.regularization)
+
+    def _solve_into(self, rhs: Tensor, out: Tensor) -> None:
+        """The engine's hook: :meth:`_solve` written into ``out`` ``(m, p)`` (each layer's solution lands in
+        its slice; no ``(m, p)`` solution beside the output); no report."""
+        self._check_positive()
+        self._apply(rhs, power=-1.0, regularization=self.regularization, out=out)
 
     def curvature_matrix(self) -> Tensor:
         """The dense, unregularized block-diagonal approximation ``(p, p)`` (small models only)."""
@@ -644,10 +651,11 @@ class EkfacInfluence(InfluenceModel):
         """
         if self.num_params <= FLAT_SCORING_MAX_PARAMS:
             return super()._up_influences(theta, factors, batch)
-        blocks = [layer.to_matrix(factors) for layer in self._layers]
         parts = []
-        for pieces in self._pieces(theta, batch):
-            parts.append(cast(Tensor, sum(up_contract(f, piece) for f, piece in zip(blocks, pieces))))
+        for pieces in self._pieces(theta, batch):  # the factors' layer blocks are read in place (no copies)
+            parts.append(
+                cast(Tensor, sum(up_scores(layer, factors, piece) for layer, piece in zip(self._layers, pieces)))
+            )
         return torch.cat(parts, dim=1)
 
     def _self_influences(self, theta: Tensor, batch: Any) -> tuple[Tensor, Any]:

@@ -293,13 +293,32 @@ class SolverEngine(ABC):
 
     def _factors_with_report(self, theta: Tensor, batch: Any) -> tuple[Tensor, Any]:
         """The factors ``(n_test, p)`` of a prepared test batch and the report of their solves:
-        each chunk of :meth:`_test_gradients` solved on its own, the reports merged."""
-        parts, reports = [], []
+        each chunk of :meth:`_test_gradients` solved on its own (into its rows of one output, see
+        :meth:`_solve_into`: never the chunks' solutions and their concatenation at once), the
+        reports merged."""
+        n, out, done, reports = batches.size(batch), None, 0, []
         for grads in self._test_gradients(theta, batch):
-            solution, report = self._solve_with_report(grads)
-            parts.append(solution)
-            reports.append(report)
-        return (parts[0] if len(parts) == 1 else torch.cat(parts)), _merge_reports(reports)
+            m = grads.shape[0]
+            if out is None and m == n:  # one chunk: its solution is the output
+                solution, report = self._solve_with_report(grads)
+                return solution, report
+            if out is None:
+                out = grads.new_empty(n, grads.shape[1])
+            if done + m > n:
+                raise RuntimeError(f"The test gradients have more rows than the batch's {n} points.")
+            reports.append(self._solve_into(grads, out[done : done + m]))
+            done += m
+        if out is None or done != n:
+            raise RuntimeError(f"The test gradients have {done} rows for a batch of {n} points.")
+        return out, _merge_reports(reports)
+
+    def _solve_into(self, rhs: Tensor, out: Tensor) -> Any:
+        """Engine hook. Write the solve of ``rhs`` ``(m, p)`` into ``out`` ``(m, p)`` (rows of the factors);
+        returns its report. Default: :meth:`_solve_with_report` and a copy; EK-FAC writes its layers'
+        solutions in place."""
+        solution, report = self._solve_with_report(rhs)
+        out.copy_(solution)
+        return report
 
     def _test_gradients(self, theta: Tensor, batch: Any) -> Iterator[Tensor]:
         """Engine hook. The per-sample gradients of the measurement of a prepared test batch, in
