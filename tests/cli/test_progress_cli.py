@@ -90,14 +90,11 @@ def test_run_index_and_query_show_every_pass_with_counts_rate_and_eta(job):
     assert not any("influence factors" in line for line in said)  # the block tasks' own calls stay quiet
 
     said = err_lines(runner.invoke(cli, ["index", str(job)]))
-    assert "Index build: pass 1 of 2 (projected gradients, dim 16): 0 of 48 samples" in said
-    assert has(
-        said,
-        r"Index build: pass 1 of 2 \(projected gradients, dim 16\): \d+ of 48 samples "
-        + RATE_ETA.format(unit="samples"),
-    )
-    assert "Index build: pass 2 of 2 (ggn curvature): 0 of 48 samples" in said
-    assert has(said, r"Index build: pass 2 of 2 \(ggn curvature\): 48 of 48 samples in [\d.]+ s \(.+\)")
+    line = "Index build: one pass (projected gradients, dim 16, and the GGN)"  # the default GGN: one pass
+    assert f"{line}: 0 of 48 samples" in said
+    assert has(said, re.escape(line) + r": \d+ of 48 samples " + RATE_ETA.format(unit="samples"))
+    assert has(said, re.escape(line) + r": 48 of 48 samples in [\d.]+ s \(.+\)")
+    assert not any("pass 2 of 2" in x for x in said)
 
     said = err_lines(runner.invoke(cli, ["query", str(job), "--overwrite"]))
     assert "Index query: influence chunks (12 test x 48 indexed points): 0 of 15 chunks" in said

@@ -135,11 +135,25 @@ def test_gradient_index_build_and_query_report_their_passes(problem, tmp_path, c
         model, loss, loader, tmp_path / "index.zarr", projection_dim=8, client="sync", progress=True
     )
     said = lines(capsys.readouterr().err)
+    line = "Index build: one pass (projected gradients, dim 8, and the GGN)"  # the default GGN: one pass
+    assert said[0] == f"{line}: 0 of 40 samples"
+    assert said[1].startswith(f"{line}: 10 of 40 samples (25%), ")
+    assert any(s.startswith(f"{line}: 20 of 40 samples (50%), ") for s in said)
+    assert said[-1].startswith(f"{line}: 40 of 40 samples in ")
+    di.GradientIndex.build(
+        model,
+        loss,
+        loader,
+        tmp_path / "fisher.zarr",
+        projection_dim=8,
+        preconditioner="fisher",
+        client="sync",
+        progress=True,
+    )
+    said = lines(capsys.readouterr().err)  # the empirical Fisher: the gradients, then a read of the index
     assert said[0] == "Index build: pass 1 of 2 (projected gradients, dim 8): 0 of 40 samples"
     assert said[1].startswith("Index build: pass 1 of 2 (projected gradients, dim 8): 10 of 40 samples (25%), ")
-    assert "Index build: pass 2 of 2 (ggn curvature): 0 of 40 samples" in said
-    assert any(s.startswith("Index build: pass 2 of 2 (ggn curvature): 20 of 40 samples (50%), ") for s in said)
-    assert said[-1].startswith("Index build: pass 2 of 2 (ggn curvature): 40 of 40 samples in ")
+    assert said[-1].startswith("Index build: pass 2 of 2 (fisher curvature): 40 of 40 samples in ")
     test = DataLoader(TensorDataset(x[:12], y[:12]), batch_size=4)
     index.influences_to_zarr(test, tmp_path / "scores.zarr", top_k=3, progress=True)
     said = lines(capsys.readouterr().err)

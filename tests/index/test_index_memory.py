@@ -38,13 +38,13 @@ def test_build_estimate_is_the_sum_of_its_shapes(problem):
         ("a chunk's per-sample gradients (10, 43)", 10 * 43 * 8),
         ("the count sketch's kept hashes (43 x 5 bytes)", 43 * 5),  # an int32 bucket and an int8 sign each
         ("the curvature sums (9 x (16, 16) float64)", 9 * K * K * 8),
-        ("the exact output-curvature roots (3 x 10 x 3)", 3 * 10 * 3 * 8),
+        ("the exact output-curvature roots and the loss's (3 + 1 x 10 x 3)", 4 * 10 * 3 * 8),
     )
-    assert est.total == 25_152 + 215
-    assert build_estimate(projector, first, 1, "curvature", "ggn", "exact").total == 19_104 + 215
-    # the sampled Fisher's roots: draws x samples x outputs
+    assert est.total == 25_392 + 215
+    assert build_estimate(projector, first, 1, "curvature", "ggn", "exact").total == 19_128 + 215
+    # the sampled Fisher's roots and the loss gradients in the outputs: (draws + 1) x samples x outputs
     sampled = build_estimate(projector, first, 10, "curvature", "ggn", {"kind": "sampled", "draws": 4, "seed": 0})
-    assert sampled.bytes_of("the sampled output-curvature roots (4 x 10 x 3)") == 4 * 10 * 3 * 8
+    assert sampled.bytes_of("the sampled output-curvature roots and the loss's (4 + 1 x 10 x 3)") == 5 * 10 * 3 * 8
     assert build_estimate(projector, first, 10, "none", None, None).total == 2 * 10 * K * 8 + 10 * 43 * 8 + 43 * 5
     # the Hessian: 16 curvature-vector products over the block, 5 x the hidden layer's 5 float64 per sample
     hessian = build_estimate(projector, first, 10, "curvature", "hessian", None)
@@ -69,21 +69,21 @@ def test_build_refuses_in_one_line_before_writing_anything(problem, tmp_path):
     with pytest.raises(ValueError) as err:
         _build(problem, path, memory_budget=20_000)
     assert str(err.value) == (
-        "The index build (per worker, a block of 10) needs 25,367 bytes (25.4 kB), beyond memory_budget=20,000 "
+        "The index build (per worker, a block of 10) needs 25,607 bytes (25.6 kB), beyond memory_budget=20,000 "
         "bytes (20.0 kB); the largest piece is the curvature sums (9 x (16, 16) float64), 18,432 bytes (18.4 kB). "
-        "Pass a smaller train_block_size (one sample needs 19,319 bytes (19.3 kB)), or a larger memory_budget."
+        "Pass a smaller train_block_size (one sample needs 19,343 bytes (19.3 kB)), or a larger memory_budget."
     )
     assert not path.exists()
     with pytest.raises(ValueError) as err:
         _build(problem, path, memory_budget=10_000)
     assert str(err.value) == (
-        "The index build (per worker, a block of 1) needs 19,319 bytes (19.3 kB), beyond memory_budget=10,000 "
+        "The index build (per worker, a block of 1) needs 19,343 bytes (19.3 kB), beyond memory_budget=10,000 "
         "bytes (10.0 kB); the largest piece is the curvature sums (9 x (16, 16) float64), 18,432 bytes (18.4 kB). "
         "Even one sample does not fit: pass a larger memory_budget, or a smaller projection_dim."
     )
     assert not path.exists()
-    index = _build(problem, path, memory_budget=25_367)  # exactly the estimate: built
-    assert index.memory_budget == 25_367 and index.last_run_["blocks_written"] == 5
+    index = _build(problem, path, memory_budget=25_607)  # exactly the estimate: built
+    assert index.memory_budget == 25_607 and index.last_run_["blocks_written"] == 5
 
 
 def test_query_refuses_a_test_block_beyond_the_budget_and_nothing_is_written(problem, tmp_path):

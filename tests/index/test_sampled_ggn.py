@@ -176,3 +176,29 @@ def test_leading_roots_keep_the_largest_curvature_and_the_asked_share_of_the_tra
     assert held[m - 1] >= 0.9 > held[m - 2]  # the fewest directions that hold 90%
     approx = torch.einsum("rni,rnj->nij", kept, kept)
     torch.testing.assert_close(torch.linalg.eigvalsh(approx).flip(-1)[:, :m], values[:, :m], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("projection", ["sjlt", "kronecker"])
+@pytest.mark.parametrize("estimate", ["sampled", "exact", "leading"])
+def test_one_pass_gives_the_gradients_and_the_ggn_of_the_two_passes(lm, projection, estimate):
+    """A GGN build's single pass (:meth:`Projector.gradients_and_ggn`: the loss gradient in the outputs
+    back-propagated beside the roots, one forward per sample) stores the gradients of :meth:`project`
+    and sums the GGN of :meth:`curvature`, for the sampled Fisher (the same draws), the exact roots and
+    the leading ones, on a causal LM (padded sequences) and a classifier, float64."""
+    from dask_influence.index.projector import Projector
+
+    model, task, train, *_ = lm
+    block, offset = {k: v[:20] for k, v in train.items()}, 40
+    if estimate == "leading":  # a classifier: few outputs per sample
+        model, task, (x, y), _ = trained_classification_problem()
+        block = (x[:20].numpy(), y[:20].numpy())
+    sampled = {"sampled": {"kind": "sampled", "draws": 3, "seed": 5}, "exact": None}.get(
+        estimate, {"kind": "leading", "trace": 0.95}
+    )
+    k = 16 if estimate == "leading" else 48
+    projector = Projector(model, task, projection, k, 0)
+    grads, ggn = projector.gradients_and_ggn(block, sampled, offset)
+    two_pass = projector.project(block), projector.curvature(block, "ggn", sampled, offset)
+    assert grads.shape == two_pass[0].shape and ggn.shape == (projector.dim, projector.dim)
+    assert np.abs(grads - two_pass[0]).max() <= 1e-10 * np.abs(two_pass[0]).max()
+    assert np.abs(ggn - two_pass[1]).max() <= 1e-10 * np.abs(two_pass[1]).max()

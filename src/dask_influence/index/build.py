@@ -144,33 +144,45 @@ def write_index(
         token = tokenize(record["model_checksum"], record["projection"], path)
         proj_key = f"projector-{token}"
         dsk: dict = {proj_key: (unbox, Literal(projector, token)), **source.graph()}
-        keys = []
+        keys, fused = [], {}
+        # the GGN (dense storage) is summed in the gradients' pass: one forward per sample for both
+        one_pass = preconditioner == "curvature" and curvature == "ggn" and rank is None
+        sampled = record["ggn_estimate"] if isinstance(record["ggn_estimate"], dict) else None
         for j in map(int, np.nonzero(~done)[0]):
             keys.append((f"index-{token}", j))
-            dsk[keys[-1]] = (tasks.write_projected, proj_key, source.block_task(j), path, j, ranges[j], rank)
+            block = source.block_task(j)
+            if one_pass:
+                fused[j] = (f"indexggn-{token}", j)
+                weight = sizes[j] / sum(sizes)
+                dsk[fused[j]] = (tasks.write_projected_with_ggn, proj_key, block, path, j, ranges[j], weight, sampled)
+                dsk[keys[-1]] = (tasks.pick, fused[j], 0)
+            else:
+                dsk[keys[-1]] = (tasks.write_projected, proj_key, block, path, j, ranges[j], rank)
         gpu = projector.device.type == "cuda"
-        passes = 1 if preconditioner == "none" else 2
+        passes = 1 if preconditioner == "none" or one_pass else 2
         with _progress.reporting(progress) as reporter, dask_client(client, n_workers) as active:
             if active != runner.SYNC:  # a large projector is sent once for both passes, not per pass
                 dsk = broadcast_large(active, dsk)
             todo = {key: sizes[key[1]] for key in keys}
-            meter = reporter.meter(
-                f"Index build: pass 1 of {passes} (projected gradients, dim {projector.dim:,})",
-                sum(todo.values()),
-                "samples",
-                force=True,
-            )
-            runner.run(active, dsk, keys, gpu=gpu, meter=meter, counts=todo)
-            meter.finish()
+            if not one_pass:
+                meter = reporter.meter(
+                    f"Index build: pass 1 of {passes} (projected gradients, dim {projector.dim:,})",
+                    sum(todo.values()),
+                    "samples",
+                    force=True,
+                )
+                runner.run(active, dsk, keys, gpu=gpu, meter=meter, counts=todo)
+                meter.finish()
             stored = layout.attributes(group)
             if keys or not stored.get("curvature_done"):
                 what = f"{curvature} curvature" if preconditioner == "curvature" else f"{preconditioner} curvature"
-                summing = (
-                    None
-                    if preconditioner == "none"
-                    else reporter.meter(f"Index build: pass 2 of 2 ({what})", sum(sizes), "samples", force=True)
+                title = (
+                    f"Index build: one pass (projected gradients, dim {projector.dim:,}, and the GGN)"
+                    if one_pass
+                    else f"Index build: pass 2 of 2 ({what})"
                 )
-                curv = _curvature(active, dsk, proj_key, source, path, record, ranges, gpu, summing)
+                summing = None if preconditioner == "none" else reporter.meter(title, sum(sizes), "samples", force=True)
+                curv = _curvature(active, dsk, proj_key, source, path, record, ranges, gpu, summing, fused, keys)
                 if summing is not None:
                     summing.finish()
                 stored_as = layout.curvature_dtype(dtype)
@@ -467,16 +479,24 @@ def _curvature(
     ranges: Any,
     gpu: bool,
     meter: _progress.Meter | None = None,
+    fused: dict[int, tuple] | None = None,
+    written: list | None = None,
 ) -> np.ndarray:
-    """The preconditioner's undamped curvature ``C`` ``(k, k)``: a reduction tree over blocks."""
+    """The preconditioner's undamped curvature ``C`` ``(k, k)``: a reduction tree over blocks.
+
+    ``fused``: the blocks whose GGN part the gradients' pass computes (:func:`tasks.write_projected_with_ggn`,
+    its key per block), computed here with the reduction and the ``written`` keys (their flags)."""
     kind, n, k = record["preconditioner"], record["n_train"], record["dim"]
     if kind == "none":
         return np.eye(k)
+    fused, written = fused or {}, written or []
     token = tokenize(record["model_checksum"], record["projection"], kind, path)
     leaves: list[tuple] = []
     for j, rows in enumerate(ranges):
         leaves.append((f"ixcurv-{token}", j))
-        if kind == "fisher":
+        if j in fused:
+            dsk[leaves[-1]] = (tasks.pick, fused[j], 1)
+        elif kind == "fisher":
             dsk[leaves[-1]] = (tasks.gram_block, path, rows)
         else:
             weight = (rows[1] - rows[0]) / n
@@ -493,7 +513,7 @@ def _curvature(
             dsk[key] = (tasks.total, *members)
         level += 1
     counts = {leaf: rows[1] - rows[0] for leaf, rows in zip(leaves, ranges)}
-    (total,) = runner.run(client, dsk, keys, gpu=gpu and kind == "curvature", meter=meter, counts=counts)
+    total = runner.run(client, dsk, keys + written, gpu=gpu and kind == "curvature", meter=meter, counts=counts)[0]
     total = np.asarray(total, dtype=np.float64)
     if kind == "fisher":
         total = total / n

@@ -91,19 +91,20 @@ def build_estimate(
     if preconditioner == "curvature":  # the empirical Fisher sums the stored gradients: no second pass
         c = _outputs_per_sample(projector, first)
         kind = ggn.get("kind") if isinstance(ggn, dict) else ggn
+        # with the loss gradients in the outputs beside them (one pass: Projector.gradients_and_ggn)
         if curvature == "ggn" and kind == "sampled":
             d = int(ggn["draws"])
             pieces.append(
                 (
-                    f"the sampled output-curvature roots ({d} x {block:,} x {c:,})",
-                    memory.matrix_bytes(d * block, c, size),
+                    f"the sampled output-curvature roots and the loss's ({d} + 1 x {block:,} x {c:,})",
+                    memory.matrix_bytes((d + 1) * block, c, size),
                 )
             )
         elif curvature == "ggn" and 0 < c <= k:
             pieces.append(
                 (
-                    f"the exact output-curvature roots ({c:,} x {block:,} x {c:,})",
-                    memory.matrix_bytes(c * block, c, size),
+                    f"the exact output-curvature roots and the loss's ({c:,} + 1 x {block:,} x {c:,})",
+                    memory.matrix_bytes((c + 1) * block, c, size),
                 )
             )
         else:

@@ -310,13 +310,9 @@ class Projector:
         if curvature == "ggn":
             with torch.no_grad():
                 outputs = self.functions.outputs(self.theta, batch)
-            trace = float(sampled["trace"]) if sampled is not None and sampled.get("kind") == "leading" else None
-            if sampled is not None and trace is None:
-                output = self._output_curvature()
-                roots = output.sampled(outputs, batch, int(sampled["draws"]), int(sampled["seed"]), offset)
-                return self._ggn_from_roots(batch, outputs, roots)
-            if outputs[0].numel() <= self.dim:  # the exact roots, or their leading ones
-                return self._ggn_from_roots(batch, outputs, trace=trace)
+            roots = self._roots(batch, outputs, sampled, offset)
+            if roots is not None:
+                return self._ggn_from_roots(batch, roots)[0]
         product = self.functions.hessian_matmat if curvature == "hessian" else self.functions.ggn_matmat
         out = torch.empty(self.dim, self.dim, dtype=torch.float64)
         with second_order():
@@ -350,34 +346,109 @@ class Projector:
             output.check_sampled(outputs, batch)
         return can, int(outputs[0].numel())
 
-    def _ggn_from_roots(
-        self, batch: Any, outputs: Tensor, roots: Tensor | None = None, *, trace: float | None = None
-    ) -> np.ndarray:
-        """The projected GGN of a batch's mean loss from the output-curvature roots ``(r, n, ...)``
-        (the exact ones unless given: ``r = c``): ``(k, k)`` float64. ``trace``: keep only the
-        leading roots that hold this share of the block's output-curvature trace
-        (:func:`leading_roots`)."""
+    def _roots(self, batch: Any, outputs: Tensor, sampled: dict | None, offset: int) -> Tensor | None:
+        """The output-curvature roots ``(r, n, *outputs.shape[1:])`` the projected GGN sums over: the sampled
+        Fisher's draws (``sampled``), the leading exact roots (``sampled["kind"] == "leading"``) or all ``c``
+        exact ones; ``None`` where the exact GGN has more roots than ``k`` (it is formed by ``k`` products)."""
+        trace = float(sampled["trace"]) if sampled is not None and sampled.get("kind") == "leading" else None
+        if sampled is not None and trace is None:
+            output = self._output_curvature()
+            return output.sampled(outputs, batch, int(sampled["draws"]), int(sampled["seed"]), offset)
+        if outputs[0].numel() > self.dim:
+            return None
+        curvature = self._output_curvature()
+        curvature.check(outputs, batch)
+        roots = curvature.roots(outputs, batch)  # (c, n, *outputs.shape[1:])
+        return roots if trace is None else leading_roots(roots, trace)
+
+    def gradients_and_ggn(self, block: Any, sampled: dict | None, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Both passes of a GGN index's build in one: the block's projected loss gradients ``(n, k)`` (as
+        :meth:`project`) and its projected GGN ``(k, k)`` float64 (as :meth:`curvature` with ``"ggn"``).
+
+        The loss gradient in the outputs is one more vector back-propagated beside the output-curvature
+        roots, from the same forward per sample: one forward and ``r + 1`` backward passes where the two
+        passes took two forwards (and, with the Kronecker projection, one forward per root). Where the exact
+        GGN is formed by products (more outputs than ``k``) the two are computed one after the other."""
+        batch = self.batch(block)
+        with torch.no_grad():
+            outputs = self.functions.outputs(self.theta, batch)
+        roots = self._roots(batch, outputs, sampled, offset)
         if roots is None:
-            curvature = self._output_curvature()
-            curvature.check(outputs, batch)
-            roots = curvature.roots(outputs, batch)  # (c, n, *outputs.shape[1:])
-            if trace is not None:
-                roots = leading_roots(roots, trace)
+            return self.project(block), self.curvature(block, "ggn", sampled, offset)
+        total, grads = self._ggn_from_roots(batch, roots, loss=self._loss_vectors(batch, outputs))
+        assert grads is not None
+        check_finite("projected gradients", grads, hint="Check the model and the loss for overflow.")
+        return grads.detach().cpu().numpy(), total
+
+    def _loss_vectors(self, batch: Any, outputs: Tensor) -> Tensor:
+        """Each sample's loss gradient in its own outputs: ``(n, *outputs.shape[1:])`` (the loss of a batch
+        of one, as :meth:`project`'s per-sample gradients take it)."""
+        assert self.task.output_loss is not None  # ggn needs outputs (checked when building)
+        out = outputs.detach().requires_grad_(True)
+        with torch.enable_grad():
+            n = batches.size(batch)
+            losses = [self.task.output_loss(out[j : j + 1], batches.slice_rows(batch, j, j + 1)) for j in range(n)]
+            (grads,) = torch.autograd.grad(cast(Tensor, sum(losses)), out)
+        return grads
+
+    def _ggn_from_roots(
+        self, batch: Any, roots: Tensor, loss: Tensor | None = None
+    ) -> tuple[np.ndarray, Tensor | None]:
+        """The projected GGN of a batch's mean loss from the output-curvature roots ``roots`` ``(r, n, ...)``:
+        ``(k, k)`` float64; with ``loss`` ``(n, ...)`` (:meth:`_loss_vectors`) also the projected loss
+        gradients ``(n, k)``, back-propagated from the same forwards as the roots (else ``None``)."""
+        if loss is not None:
+            roots = torch.cat([loss.unsqueeze(0).to(roots.dtype), roots])
+        first = 0 if loss is None else 1  # the vectors from here on are roots
         n, r = batches.size(batch), roots.shape[0]
         total = torch.zeros(self.dim, self.dim, dtype=torch.float64)
-        step = max(1, self.chunk_size // r)  # a chunk's samples x roots in one vectorized call
+        grads = None if loss is None else torch.empty(n, self.dim, dtype=self.dtype, device=self.device)
+        step = max(1, self.chunk_size // r)  # a chunk's samples x vectors in one vectorized call
         for start in range(0, n, step):
             stop = min(start + step, n)
             rows = batches.slice_rows(batch, start, stop)
-            chunk = roots[:, start:stop].to(self.dtype)
-            phi = self._shared_forward_vjps(rows, chunk) if r > 1 else None
-            if phi is None:  # root-major copies of the samples: (r * m) samples, one vector each
-                copies = batches.concat([rows] * r) if r > 1 else rows
-                phi = self._projected_vjps(copies, chunk.reshape(r * (stop - start), *roots.shape[2:]))
-            total += (phi.T @ phi).double().cpu()  # in phi's dtype (see tasks.gram_block), summed in float64
+            phi = self._vjps(rows, roots[:, start:stop].to(self.dtype))  # (m, r, k)
+            if grads is not None:
+                grads[start:stop] = phi[:, 0]
+            part = phi[:, first:].reshape(-1, self.dim)
+            total += (part.T @ part).double().cpu()  # in phi's dtype (see tasks.gram_block), summed in float64
         total /= n
         check_finite("the projected curvature", total, hint="Check the model and the loss for overflow.")
-        return total.numpy()
+        return total.numpy(), grads
+
+    def _vjps(self, batch: Any, vectors: Tensor) -> Tensor:
+        """``P J_i^T v_ri`` for each sample ``i`` and vector ``r`` of ``vectors`` ``(r, m, ...)``: ``(m, r, k)``.
+
+        One forward per sample where it can be shared (the Kronecker projection: one captured forward and a
+        backward per vector; other projections: ``torch.func.vjp`` vmapped over the vectors); else the samples
+        are repeated, one vector each (a model ``vmap`` cannot batch)."""
+        r, m = vectors.shape[0], vectors.shape[1]
+        if isinstance(self.projection, KroneckerProjection):
+            return self._kronecker_vjps(batch, vectors)
+        phi = self._shared_forward_vjps(batch, vectors) if r > 1 else None
+        if phi is not None:
+            return phi.reshape(m, r, -1)
+        copies = batches.concat([batch] * r) if r > 1 else batch  # root-major copies
+        phi = self._projected_vjps(copies, vectors.reshape(r * m, *vectors.shape[2:]))
+        return phi.reshape(r, m, -1).transpose(0, 1)
+
+    def _kronecker_vjps(self, batch: Any, vectors: Tensor) -> Tensor:
+        """:meth:`_vjps` with the Kronecker projection: per layer ``sum_t (P_out g_rt)(P_in a_t)^T`` of each
+        vector's output gradients ``g_r`` from one captured forward: ``(m, r, k)``."""
+        outputs_fn = self.task.outputs
+        assert outputs_fn is not None
+        projection = self.projection
+        assert isinstance(projection, KroneckerProjection)
+        m, r = vectors.shape[1], vectors.shape[0]
+        with torch.enable_grad():
+            with _FORWARD_LOCK, Capture(self.layers, m) as capture:
+                outputs = self.functions.apply(self.theta, outputs_fn, batch)
+            pieces = capture.collect(outputs, vectors)  # per layer g (m, r, P, o), a (m, P, i)
+        parts = []
+        for index, (g, a) in enumerate(pieces):
+            p_out, p_in = projection.factors(index, dtype=g.dtype, device=g.device)
+            parts.append(torch.einsum("nrto,nti->nroi", g @ p_out.T, a @ p_in.T).reshape(m, r, -1))
+        return torch.cat(parts, dim=2)
 
     def _shared_forward_vjps(self, batch: Any, roots: Tensor) -> Tensor | None:
         """``P J_i^T v_ri`` for every sample ``i`` and root ``r`` of ``roots`` ``(r, m, ...)`` from ONE
@@ -411,14 +482,7 @@ class Projector:
     def _projected_vjps(self, batch: Any, vectors: Tensor) -> Tensor:
         """``P J_i^T v_i`` for each sample ``i`` (``J_i`` its outputs' Jacobian): ``(n, k)``."""
         outputs_fn = self.task.outputs
-        assert outputs_fn is not None
-        if isinstance(self.projection, KroneckerProjection):
-            projection = self.projection
-            with torch.enable_grad():
-                with _FORWARD_LOCK, Capture(self.layers, batches.size(batch)) as capture:
-                    outputs = self.functions.apply(self.theta, outputs_fn, batch)
-                pieces = capture.collect(outputs, vectors.unsqueeze(0))
-            return torch.cat([projection.project_layer(i, g[:, 0], a) for i, (g, a) in enumerate(pieces)], dim=1)
+        assert outputs_fn is not None and not isinstance(self.projection, KroneckerProjection)  # see _vjps
         params = self.spec.unflatten(self.theta)
 
         def dotted(p: dict[str, Tensor], sample: Any, v: Tensor) -> Tensor:

@@ -33,6 +33,23 @@ def write_projected(
     return layout.write_block(path, j, rows, values)
 
 
+def write_projected_with_ggn(
+    projector: Any, block: Any, path: str, j: int, rows: tuple[int, int], weight: float, sampled: dict | None
+) -> tuple[int, np.ndarray]:
+    """:func:`write_projected` and :func:`curvature_block` (the GGN) of train block ``j`` from one forward
+    per sample (:meth:`~.projector.Projector.gradients_and_ggn`): the written count and ``weight * P C_b P^T``."""
+    _match_threads()
+    values, curvature = projector.gradients_and_ggn(block, sampled, rows[0])
+    if len(values) != rows[1] - rows[0]:
+        raise ValueError(f"Train block {j} has {len(values)} samples; the plan expects {rows[1] - rows[0]}.")
+    return layout.write_block(path, j, rows, values), weight * curvature
+
+
+def pick(parts: tuple, k: int) -> Any:
+    """The ``k``-th part of a task's tuple output."""
+    return parts[k]
+
+
 def _read(path: str, rows: tuple[int, int], dtype: Any = np.float64) -> np.ndarray:
     """Index rows ``rows`` ``(n_b, k)`` in ``dtype``, every chunk verified (a missing or damaged one
     raises a ``StoreError`` naming it: :func:`~.layout.read_gradients`)."""
