@@ -97,9 +97,8 @@ def test_each_worker_sums_its_own_group(problem, fit_client):
         by_worker: dict = {}
         for key, worker in ran.items():  # (name, 0, k): block k's task, which also adds it into its group's sum
             by_worker.setdefault(("block", key[2]), set()).add(worker)
-        summed = (
-            all(by_worker[("block", k)] == {workers[0]} for k in (0, 1))
-            and all(by_worker[("block", k)] == {workers[1]} for k in (2, 3, 4))
+        summed = all(by_worker[("block", k)] == {workers[0]} for k in (0, 1)) and all(
+            by_worker[("block", k)] == {workers[1]} for k in (2, 3, 4)
         )
         if placed and summed:
             return
