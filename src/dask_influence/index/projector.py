@@ -383,11 +383,23 @@ class Projector:
     def _loss_vectors(self, batch: Any, outputs: Tensor) -> Tensor:
         """Each sample's loss gradient in its own outputs: ``(n, *outputs.shape[1:])`` (the loss of a batch
         of one, as :meth:`project`'s per-sample gradients take it)."""
-        assert self.task.output_loss is not None  # ggn needs outputs (checked when building)
-        out = outputs.detach().requires_grad_(True)
+        output_loss = self.task.output_loss
+        assert output_loss is not None  # ggn needs outputs (checked when building)
+
+        def one(o: Tensor, sample: Any) -> Tensor:
+            return output_loss(o.unsqueeze(0), batches.unsqueeze(sample))
+
+        outputs = outputs.detach()
+        if self.functions._vmap_samples:
+            try:  # every sample's gradient in one vectorized call (a loop over 64 sequences: 20% of a small build)
+                return cast(Tensor, torch.func.vmap(torch.func.grad(one))(outputs, batch))
+            except RuntimeError as err:  # data-dependent control flow in the loss: one sample at a time
+                if not _is_data_dependent(err):
+                    raise
+        out = outputs.requires_grad_(True)
         with torch.enable_grad():
             n = batches.size(batch)
-            losses = [self.task.output_loss(out[j : j + 1], batches.slice_rows(batch, j, j + 1)) for j in range(n)]
+            losses = [output_loss(out[j : j + 1], batches.slice_rows(batch, j, j + 1)) for j in range(n)]
             (grads,) = torch.autograd.grad(cast(Tensor, sum(losses)), out)
         return grads
 
