@@ -150,10 +150,24 @@ def test_gradient_index_build_and_query_report_their_passes(problem, tmp_path, c
         client="sync",
         progress=True,
     )
-    said = lines(capsys.readouterr().err)  # the empirical Fisher: the gradients, then a read of the index
+    said = lines(capsys.readouterr().err)  # the empirical Fisher: the gradients squared as they are written
+    line = "Index build: one pass (projected gradients, dim 8, and the empirical Fisher)"
+    assert said[0] == f"{line}: 0 of 40 samples"
+    assert said[-1].startswith(f"{line}: 40 of 40 samples in ")
+    di.GradientIndex.build(
+        model,
+        loss,
+        loader,
+        tmp_path / "hessian.zarr",
+        projection_dim=8,
+        curvature="hessian",
+        client="sync",
+        progress=True,
+    )
+    said = lines(capsys.readouterr().err)  # the Hessian: products in a second pass
     assert said[0] == "Index build: pass 1 of 2 (projected gradients, dim 8): 0 of 40 samples"
     assert said[1].startswith("Index build: pass 1 of 2 (projected gradients, dim 8): 10 of 40 samples (25%), ")
-    assert said[-1].startswith("Index build: pass 2 of 2 (fisher curvature): 40 of 40 samples in ")
+    assert said[-1].startswith("Index build: pass 2 of 2 (hessian curvature): 40 of 40 samples in ")
     test = DataLoader(TensorDataset(x[:12], y[:12]), batch_size=4)
     index.influences_to_zarr(test, tmp_path / "scores.zarr", top_k=3, progress=True)
     said = lines(capsys.readouterr().err)

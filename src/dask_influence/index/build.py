@@ -145,16 +145,30 @@ def write_index(
         proj_key = f"projector-{token}"
         dsk: dict = {proj_key: (unbox, Literal(projector, token)), **source.graph()}
         keys, fused = [], {}
-        # the GGN (dense storage) is summed in the gradients' pass: one forward per sample for both
-        one_pass = preconditioner == "curvature" and curvature == "ggn" and rank is None
+        # the GGN (one forward per sample for both) and the empirical Fisher (the gradients squared as they are
+        # written) are summed in the gradients' pass, with the dense storage
+        ggn = preconditioner == "curvature" and curvature == "ggn"
+        one_pass = (ggn or preconditioner == "fisher") and rank is None
         sampled = record["ggn_estimate"] if isinstance(record["ggn_estimate"], dict) else None
         for j in map(int, np.nonzero(~done)[0]):
             keys.append((f"index-{token}", j))
             block = source.block_task(j)
             if one_pass:
-                fused[j] = (f"indexggn-{token}", j)
-                weight = sizes[j] / sum(sizes)
-                dsk[fused[j]] = (tasks.write_projected_with_ggn, proj_key, block, path, j, ranges[j], weight, sampled)
+                fused[j] = (f"indexpass-{token}", j)
+                dsk[fused[j]] = (
+                    (
+                        tasks.write_projected_with_ggn,
+                        proj_key,
+                        block,
+                        path,
+                        j,
+                        ranges[j],
+                        sizes[j] / sum(sizes),
+                        sampled,
+                    )
+                    if ggn
+                    else (tasks.write_projected_with_gram, proj_key, block, path, j, ranges[j], dtype)
+                )
                 dsk[keys[-1]] = (tasks.pick, fused[j], 0)
             else:
                 dsk[keys[-1]] = (tasks.write_projected, proj_key, block, path, j, ranges[j], rank)
@@ -177,7 +191,8 @@ def write_index(
             if keys or not stored.get("curvature_done"):
                 what = f"{curvature} curvature" if preconditioner == "curvature" else f"{preconditioner} curvature"
                 title = (
-                    f"Index build: one pass (projected gradients, dim {projector.dim:,}, and the GGN)"
+                    f"Index build: one pass (projected gradients, dim {projector.dim:,}, and the "
+                    f"{'GGN' if ggn else 'empirical Fisher'})"
                     if one_pass
                     else f"Index build: pass 2 of 2 ({what})"
                 )
@@ -484,8 +499,9 @@ def _curvature(
 ) -> np.ndarray:
     """The preconditioner's undamped curvature ``C`` ``(k, k)``: a reduction tree over blocks.
 
-    ``fused``: the blocks whose GGN part the gradients' pass computes (:func:`tasks.write_projected_with_ggn`,
-    its key per block), computed here with the reduction and the ``written`` keys (their flags)."""
+    ``fused``: the blocks whose part the gradients' pass computes (:func:`tasks.write_projected_with_ggn` or
+    :func:`tasks.write_projected_with_gram`, its key per block), computed here with the reduction and the
+    ``written`` keys (their flags)."""
     kind, n, k = record["preconditioner"], record["n_train"], record["dim"]
     if kind == "none":
         return np.eye(k)

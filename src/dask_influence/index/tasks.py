@@ -45,6 +45,23 @@ def write_projected_with_ggn(
     return layout.write_block(path, j, rows, values), weight * curvature
 
 
+def write_projected_with_gram(
+    projector: Any, block: Any, path: str, j: int, rows: tuple[int, int], dtype: str
+) -> tuple[int, np.ndarray]:
+    """:func:`write_projected` and :func:`gram_block` of train block ``j`` in one task: the gradients are
+    squared as they are written (rounded to the stored ``dtype`` first, so the Fisher is the stored rows'),
+    not read back from the store (a zarr read was 40% of a 256-sequence GPT-2 build): the written count and
+    ``Phi_b^T Phi_b`` ``(k, k)`` float64."""
+    _match_threads()
+    values = projector.project(block)
+    if len(values) != rows[1] - rows[0]:
+        raise ValueError(f"Train block {j} has {len(values)} samples; the plan expects {rows[1] - rows[0]}.")
+    written = layout.write_block(path, j, rows, values)
+    wide = np.float64 if np.dtype(dtype) == np.float64 else np.float32
+    phi = torch.from_numpy(np.ascontiguousarray(values.astype(dtype, copy=False).astype(wide, copy=False)))
+    return written, (phi.T @ phi).double().numpy()
+
+
 def pick(parts: tuple, k: int) -> Any:
     """The ``k``-th part of a task's tuple output."""
     return parts[k]
