@@ -49,7 +49,7 @@ from ..core.solvers.base import InfluenceModel
 from ..core.solvers.fit_record import to_device as _to_device
 from ..storage.urls import is_url
 from . import tasks
-from .literals import Literal, broadcast_large, sent_once, unbox
+from .literals import Literal, broadcast_large, payload_bytes, sent_once, unbox
 from .sources import BlockSource, DaskArraySource, DatasetSource, to_numpy
 
 logger = logging.getLogger("dask_influence")
@@ -316,9 +316,9 @@ class ClusterTrainBlocks(TrainBlocks):
                     self._blocks[k] = future
 
     def _refs(self, payload: Literal) -> tuple[Any, list, Any, dict]:
-        from dask.sizeof import sizeof
-
-        if sizeof(payload.value) < SMALL_PAYLOAD:  # travels with the graph: one round trip less
+        # the arrays reachable from the payload (dask's sizeof takes an object holding them, e.g. EK-FAC's
+        # eigenbases for its second pass, 1.2 GB on GPT-2-small, for a few bytes: it travelled in the graph)
+        if payload_bytes(payload.value, SMALL_PAYLOAD) < SMALL_PAYLOAD:  # travels with the graph: one round trip less
             key = f"fit-payload-{self._token}-{self.sweeps}"
             return self._solver, self._blocks, key, {key: payload}
         box = self.client.scatter(payload, broadcast=True, hash=False)
