@@ -125,6 +125,31 @@ def test_without_a_test_block_size_a_test_block_holds_the_factors_the_budget_all
     assert kept.chunks[0] == (n,)
 
 
+def test_test_groups_are_solved_in_turn_one_group_ahead(problem):
+    """With several test groups (factors beyond the per-task budget), group g's factors are solved only
+    after every influence task of group g - 2: a worker holds two groups' factors, not all of them (the
+    factor tasks, ready first, ran ahead on GPT-2-small). The influences are unchanged."""
+    from dask.callbacks import Callback
+
+    solver, train, test = problem
+    p = solver.num_params
+    calc = di.SequentialInfluenceCalculator(solver, progress=False, memory_budget=2 * (p + 10) * 8 * 3)
+    result = lazy(calc, test, train, "up", test_block=3, train_block=10, test_kind="numpy", train_kind="numpy")
+    done: list = []
+    with Callback(posttask=lambda key, *_: done.append(key)):
+        values = result.compute(scheduler="sync")
+    assert rel_err(values, solver.influences(*test, *train).numpy()) < 1e-10
+    names = {k[0] if isinstance(k, tuple) else k for k in done}
+    factors = next(n for n in names if str(n).startswith("factors-"))
+    group = next(n for n in names if str(n).startswith("group-"))
+    at = {k: n for n, k in enumerate(done)}
+    n_groups = 1 + max(k[1] for k in done if isinstance(k, tuple) and k[0] == group)
+    assert n_groups == 6  # 17 test points in blocks of 3, one block per group
+    for g in range(2, n_groups):
+        first_factor = at[(factors, g)]  # one test block per group: block g is group g
+        assert all(at[k] < first_factor for k in done if isinstance(k, tuple) and k[0] == group and k[1] == g - 2)
+
+
 def test_self_influences(problem, cluster_client):
     solver, train, _ = problem
     expected = solver.self_influences(*train).numpy()

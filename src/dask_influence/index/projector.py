@@ -43,6 +43,9 @@ from ..core.task import Task, as_task
 CHUNK_ENTRIES = 1 << 22
 """Per-sample-gradient numbers per vmapped call: ``CHUNK_ENTRIES // p`` samples (16 to 1,024)."""
 
+CHUNK_MAX_ENTRIES = 1 << 28
+"""Per-sample-gradient numbers per call that a model of many parameters may reach (1 GiB in float32)."""
+
 CURVATURE_COLUMNS = 32
 """Projected directions per batched curvature product (memory: ``p * CURVATURE_COLUMNS``)."""
 
@@ -131,8 +134,11 @@ class Projector:
 
     @property
     def chunk_size(self) -> int:
-        """Samples per vmapped per-sample-gradient call (memory ``chunk_size * p`` numbers)."""
-        return max(16, min(1024, CHUNK_ENTRIES // max(1, self.spec.num_params)))
+        """Samples per vmapped per-sample-gradient call (memory ``chunk_size * p`` numbers): ``CHUNK_ENTRIES // p``
+        (16 to 1,024), and below 16 only where 16 samples would pass :data:`CHUNK_MAX_ENTRIES` (at 124M
+        parameters 2 samples, 1 GB: 16 were 7.9 GB, and a query of 16 GPT-2-small sequences ended its worker)."""
+        p = max(1, self.spec.num_params)
+        return max(min(16, max(1, CHUNK_MAX_ENTRIES // p)), min(1024, CHUNK_ENTRIES // p))
 
     # -- identity ---------------------------------------------------------------------------
     @property

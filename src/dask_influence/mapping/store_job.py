@@ -173,6 +173,7 @@ def add_store_tasks(
         "factor_blocks_read": len(loaded),
         "topk_blocks_merged": len(topk_missing),
     }
+    graph.order_groups()  # one test group's factors at a time on the workers
     return job
 
 

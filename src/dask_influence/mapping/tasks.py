@@ -114,6 +114,11 @@ def _joined(factors: list[np.ndarray]) -> Tensor:
         return torch.from_numpy(factors[0])
 
 
+def after(value: Any, *done: Any) -> Any:
+    """``value`` (computed by Dask, e.g. a nested task), once ``done`` are: an ordering dependency."""
+    return value
+
+
 def pick(parts: list[np.ndarray], k: int) -> np.ndarray:
     """The ``k``-th array of a task's list output."""
     return parts[k]
