@@ -416,6 +416,7 @@ def plot(result: dict, path: str | os.PathLike) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     names = list(result["problems"])
     order = ["ours", "ours-exact", "ours-fisher", "trak", "bergson", "dattri-llm", "logra (logix-ai)"]
@@ -441,6 +442,7 @@ def plot(result: dict, path: str | os.PathLike) -> None:
         ref = problem["reference"]
         ax.axhline(ref["plain_dot"]["pearson"], color="grey", linestyle=":", linewidth=1, label="plain gradient dot")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor tick labels overlapped within a decade
         ax.set_xlabel("build + query seconds (log; 2-core machine, one run)")
         ax.set_ylabel("pooled Pearson vs exact GGN influence")
         ax.set_title(f"{name}: {ref['num_params']:,} parameters (points labelled with k)")
