@@ -35,6 +35,7 @@ from ..mapping.clients import dask_client
 from ..mapping.literals import Literal, broadcast_large, unbox
 from ..mapping.plan import ranges_from_sizes
 from ..mapping.sources import as_source
+from ..mapping.tasks import pick
 from ..storage import lock as zlock
 from ..storage import store as zstore
 from ..storage.index_info import suggested_dim
@@ -169,7 +170,7 @@ def write_index(
                     if ggn
                     else (tasks.write_projected_with_gram, proj_key, block, path, j, ranges[j], dtype)
                 )
-                dsk[keys[-1]] = (tasks.pick, fused[j], 0)
+                dsk[keys[-1]] = (pick, fused[j], 0)
             else:
                 dsk[keys[-1]] = (tasks.write_projected, proj_key, block, path, j, ranges[j], rank)
         gpu = projector.device.type == "cuda"
@@ -511,7 +512,7 @@ def _curvature(
     for j, rows in enumerate(ranges):
         leaves.append((f"ixcurv-{token}", j))
         if j in fused:
-            dsk[leaves[-1]] = (tasks.pick, fused[j], 1)
+            dsk[leaves[-1]] = (pick, fused[j], 1)
         elif kind == "fisher":
             dsk[leaves[-1]] = (tasks.gram_block, path, rows)
         else:

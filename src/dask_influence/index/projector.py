@@ -470,11 +470,11 @@ class Projector:
 
     def _shared_forward_vjps(self, batch: Any, roots: Tensor) -> Tensor | None:
         """``P J_i^T v_ri`` for every sample ``i`` and root ``r`` of ``roots`` ``(r, m, ...)`` from ONE
-        forward per sample (``torch.func.vjp``, its pullback vmapped over the roots): ``(m * r, k)``
-        in no particular order (the GGN sums their outer products). ``None`` where this does not
-        apply (the Kronecker projection, or a model vmap cannot batch): the caller repeats the
-        samples instead."""
-        if isinstance(self.projection, KroneckerProjection) or not self.functions._vmap_samples:
+        forward per sample (``torch.func.vjp``, its pullback vmapped over the roots): ``(m * r, k)``,
+        sample-major (row ``i * r + r'``: :meth:`_vjps` reads it as ``(m, r, k)``). ``None`` where a model
+        vmap cannot batch: the caller repeats the samples instead. Not for the Kronecker projection
+        (:meth:`_kronecker_vjps`)."""
+        if not self.functions._vmap_samples:
             return None
         outputs_fn = self.task.outputs
         assert outputs_fn is not None

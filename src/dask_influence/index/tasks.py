@@ -24,13 +24,29 @@ def write_projected(
     _match_threads()
     if factor_rank is not None:
         out, into, dropped, total = projector.project_factors(block, factor_rank)
-        if len(out) != rows[1] - rows[0]:
-            raise ValueError(f"Train block {j} has {len(out)} samples; the plan expects {rows[1] - rows[0]}.")
+        _check_rows(out, j, rows)
         return layout.write_factors(path, j, rows, out, into, (dropped, total))
-    values = projector.project(block)
+    return _write(path, j, rows, projector.project(block))
+
+
+def _check_rows(values: np.ndarray, j: int, rows: tuple[int, int]) -> None:
+    """Refuse a train block whose rows are not the plan's ``rows``."""
     if len(values) != rows[1] - rows[0]:
         raise ValueError(f"Train block {j} has {len(values)} samples; the plan expects {rows[1] - rows[0]}.")
+
+
+def _write(path: str, j: int, rows: tuple[int, int], values: np.ndarray) -> int:
+    """Block ``j``'s projected gradients ``values`` ``(n_b, k)`` written at ``rows`` (checked), then its flag."""
+    _check_rows(values, j, rows)
     return layout.write_block(path, j, rows, values)
+
+
+def _gram(phi: np.ndarray) -> np.ndarray:
+    """``Phi^T Phi`` ``(k, k)`` float64 of index rows ``phi`` ``(n_b, k)``: formed in float32 (by torch: numpy's
+    float32 product was 8x slower here) unless the rows are float64, added in float64 (see :func:`gram_block`)."""
+    wide = np.float64 if phi.dtype == np.float64 else np.float32
+    rows = torch.from_numpy(np.ascontiguousarray(phi.astype(wide, copy=False)))
+    return (rows.T @ rows).double().numpy()
 
 
 def write_projected_with_ggn(
@@ -40,9 +56,7 @@ def write_projected_with_ggn(
     per sample (:meth:`~.projector.Projector.gradients_and_ggn`): the written count and ``weight * P C_b P^T``."""
     _match_threads()
     values, curvature = projector.gradients_and_ggn(block, sampled, rows[0])
-    if len(values) != rows[1] - rows[0]:
-        raise ValueError(f"Train block {j} has {len(values)} samples; the plan expects {rows[1] - rows[0]}.")
-    return layout.write_block(path, j, rows, values), weight * curvature
+    return _write(path, j, rows, values), weight * curvature
 
 
 def write_projected_with_gram(
@@ -54,17 +68,7 @@ def write_projected_with_gram(
     ``Phi_b^T Phi_b`` ``(k, k)`` float64."""
     _match_threads()
     values = projector.project(block)
-    if len(values) != rows[1] - rows[0]:
-        raise ValueError(f"Train block {j} has {len(values)} samples; the plan expects {rows[1] - rows[0]}.")
-    written = layout.write_block(path, j, rows, values)
-    wide = np.float64 if np.dtype(dtype) == np.float64 else np.float32
-    phi = torch.from_numpy(np.ascontiguousarray(values.astype(dtype, copy=False).astype(wide, copy=False)))
-    return written, (phi.T @ phi).double().numpy()
-
-
-def pick(parts: tuple, k: int) -> Any:
-    """The ``k``-th part of a task's tuple output."""
-    return parts[k]
+    return _write(path, j, rows, values), _gram(values.astype(dtype, copy=False))
 
 
 def _read(path: str, rows: tuple[int, int], dtype: Any = np.float64) -> np.ndarray:
@@ -76,17 +80,14 @@ def _read(path: str, rows: tuple[int, int], dtype: Any = np.float64) -> np.ndarr
 def gram_block(path: str, rows: tuple[int, int]) -> np.ndarray:
     """``Phi_b^T Phi_b`` ``(k, k)`` float64 of the stored gradients of rows ``rows``.
 
-    Formed in float32 (by torch: numpy's float32 product was 8x slower here) unless the index
-    stores float64 gradients: a block's sum of products carries about ``1e-6`` relative rounding,
-    far below what the float32 curvature the index stores keeps, at a quarter of the float64
-    product's time (``n_b k^2`` multiply-adds: the largest part of a build at ``k = 4,096``);
-    blocks are added in float64."""
-    import torch
+    Formed in float32 (:func:`_gram`) unless the index stores float64 gradients: a block's sum of
+    products carries about ``1e-6`` relative rounding, far below what the float32 curvature the index
+    stores keeps, at a quarter of the float64 product's time (``n_b k^2`` multiply-adds: the largest
+    part of a build at ``k = 4,096``); blocks are added in float64."""
     import zarr
 
     stored = layout.stored_dtype(zarr.open_group(path, mode="r"))
-    phi = torch.from_numpy(_read(path, rows, np.float64 if stored == np.float64 else np.float32))
-    return (phi.T @ phi).double().numpy()
+    return _gram(_read(path, rows, np.float64 if stored == np.float64 else np.float32))
 
 
 def curvature_block(

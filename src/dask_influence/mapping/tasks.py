@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -119,8 +120,8 @@ def after(value: Any, *done: Any) -> Any:
     return value
 
 
-def pick(parts: list[np.ndarray], k: int) -> np.ndarray:
-    """The ``k``-th array of a task's list output."""
+def pick(parts: Sequence[Any], k: int) -> Any:
+    """The ``k``-th part of a task's list or tuple output."""
     return parts[k]
 
 
