@@ -298,45 +298,53 @@ class FactorSums:
         """Divide by ``n`` and eigendecompose both factors (float64); results in ``dtype``.
 
         Consumes the sums (divided in place, then released), so that a fit holds at most
-        one layer's float64 eigendecomposition at a time. ``eigh`` reads the lower triangle.
-        A diagonal ``A`` is its own eigendecomposition: ``q_a`` is ``None`` (the identity).
+        one layer's float64 eigendecomposition at a time (:func:`eigen_factor`).
         """
-        a, g = self.a.div_(n), self.g.div_(n)
+        a, g = self.a, self.g
         self.a = self.g = None  # type: ignore[assignment]
-        q_a: Tensor | None
-        if a.ndim == 1:
-            q_a, lambda_a = None, a.clamp_min(0).to(dtype)
-        else:
-            lambda_a, q_a = torch.linalg.eigh(a)
-            q_a, lambda_a = q_a.to(dtype), lambda_a.clamp_min(0).to(dtype)  # PSD: clip rounding noise
+        q_a, lambda_a = eigen_factor(a, (n, dtype))
         del a
-        q_g: Tensor | None
-        if g.ndim == 1:
-            q_g, lambda_g = None, g.clamp_min(0).to(dtype)
-        else:
-            lambda_g, q_g = torch.linalg.eigh(g)
-            q_g, lambda_g = q_g.to(dtype), lambda_g.clamp_min(0).to(dtype)
-        del g
+        q_g, lambda_g = eigen_factor(g, (n, dtype))
         return LayerFactors(self.name, q_a, lambda_a, q_g, lambda_g)
 
 
-def corrected_eigenvalue_sum(factors: LayerFactors, g: Tensor, a: Tensor) -> Tensor:
-    """``sum_n sum_r (Q_G^T (sum_t g_nrt a_nt^T) Q_A)^2`` over a batch: ``(o, i)``.
+def eigen_factor(total: Tensor, argument: tuple[int, torch.dtype]) -> tuple[Tensor | None, Tensor]:
+    """``(Q, lambda)`` of one factor's sum ``total`` divided by ``n`` (in place), ``argument = (n, dtype)``.
 
-    In the batch's dtype with one position, float64 with several; callers add it to float64 sums.
+    A matrix ``(m, m)`` is eigendecomposed in its own dtype (float64 sums; ``eigh`` reads the lower
+    triangle) and the results are returned in ``dtype``, the eigenvalues clipped at 0 (a sum of
+    squares: negative values are rounding). A diagonal factor ``(m,)`` is its own eigendecomposition:
+    ``Q`` is ``None`` (the identity). Module-level: the cluster's fit runs it on the workers
+    (:class:`~.blocks.Each`).
+    """
+    n, dtype = argument
+    m = total.div_(n)
+    if m.ndim == 1:
+        return None, m.clamp_min(0).to(dtype)
+    values, vectors = torch.linalg.eigh(m)
+    del m
+    return vectors.to(dtype), values.clamp_min(0).to(dtype)
+
+
+def corrected_eigenvalue_sum(factors: LayerFactors, g: Tensor, a: Tensor, out: Tensor | None = None) -> Tensor:
+    """``sum_n sum_r (Q_G^T (sum_t g_nrt a_nt^T) Q_A)^2`` over a batch: ``(o, i)`` float64.
 
     Args:
         g: ``(n, r, P, o)`` output gradients, one per square-root column ``r``.
         a: ``(n, P, i)`` layer inputs.
+        out: a float64 ``(o, i)`` sum (contiguous) to add into in place, as a pass over the training
+            data does block after block; ``None``: a new one.
 
     With one position the rotated gradient is an outer product and its square is the outer
     product of squares, so nothing of size ``(n, o, i)`` is formed.
     """
-    g_rot = factors.rotate_outputs(g)  # in the batch's dtype: only the batch's sum is float64
+    g_rot = factors.rotate_outputs(g)  # in the batch's dtype: only the sum is float64
     a_rot = factors.rotate_inputs(a)
+    if out is None:
+        out = torch.zeros(factors.shape, dtype=torch.float64, device=g.device)
     if a.shape[1] == 1:
-        return torch.einsum("nro,ni->oi", g_rot[:, :, 0].square(), a_rot[:, 0].square())
-    out = torch.zeros(factors.shape, dtype=torch.float64, device=g.device)
+        out += torch.einsum("nro,ni->oi", g_rot[:, :, 0].square(), a_rot[:, 0].square())
+        return out
     for r in range(g.shape[1]):
         grads = layer_grads(g_rot[:, r], a_rot)
         add_square_sum(out.view(-1), grads.reshape(grads.shape[0], -1))

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from ... import progress as _progress
 from ...errors import NonFiniteError, NotFittedError
 from .. import batches
-from ..blocks import BlockSums
+from ..blocks import BlockSums, Each
 from ..gradients import _FORWARD_LOCK, LossFn, flat_params
 from ..kronecker import (
     Capture,
@@ -49,6 +49,7 @@ from ..kronecker import (
     LayerFactors,
     check_layer_positive,
     corrected_eigenvalue_sum,
+    eigen_factor,
     layer_grads,
     rotated_square_sum,
     tied_layer_grads,
@@ -374,31 +375,37 @@ class EkfacInfluence(InfluenceModel):
         return super()._pass_name(fn, payload)
 
     def _fit(self, operator: LinearOperator, blocks: BlockSums) -> None:
-        def sweep(kind: str, factors: Sequence[LayerFactors] | None) -> list[Tensor]:
-            return list(blocks.sum(ekfac_block, (kind, None if factors is None else tuple(factors))))
+        def sweep(kind: str, factors: Sequence[LayerFactors] | None, each: Each | None = None) -> list[Any]:
+            return list(blocks.sum(ekfac_block, (kind, None if factors is None else tuple(factors)), each))
 
         self.fit_from_sums(blocks.n, sweep)
 
-    def fit_from_sums(self, n: int, sweep: Callable[[str, Sequence[LayerFactors] | None], list[Tensor]]) -> None:
+    def fit_from_sums(self, n: int, sweep: Callable[..., list[Any]]) -> None:
         """Engine hook. Fit from sums over the training blocks of :meth:`block_sums`.
 
-        ``sweep(kind, factors)`` must return the elementwise sum, over every block of the
+        ``sweep(kind, factors, each)`` must return the elementwise sum, over every block of the
         training data, of ``block_sums(kind, theta, batch_b, offset=start_b, factors=factors)``
-        (:meth:`_fit` sums :func:`ekfac_block` over the fit's blocks). ``A`` and ``G`` are eigendecomposed here, in
-        float64; with ``update_diagonal`` a second sweep sums the corrected eigenvalues.
+        (:meth:`_fit` sums :func:`ekfac_block` over the fit's blocks), or with ``each``
+        (:class:`~..blocks.Each`) the list of ``each.function(element, each.argument)`` over
+        that sum's elements. ``A`` and ``G`` are eigendecomposed so, in float64, where the sums
+        are (on a cluster: on its workers, :func:`~..kronecker.eigen_factor`); with
+        ``update_diagonal`` a second sweep sums the corrected eigenvalues.
 
         Args:
             n: the number of training samples the sums cover.
         """
-        totals: list[Tensor | None] = list(sweep("covariance", None))
-        factors = []
-        title = f"{self._progress_title()} fit: eigendecompositions"
+        costs = []
+        for layer in self._layers:  # eigh of an (m, m) matrix costs about m^3; a diagonal factor m
+            diagonal_a = layer.diagonal_a or (layer.name, "A") in self._diagonal
+            diagonal_g = (layer.name, "G") in self._diagonal
+            o, i = layer.shape
+            costs += [float(i if diagonal_a else i**3), float(o if diagonal_g else o**3)]
+        eigen = sweep("covariance", None, Each(eigen_factor, (n, self.dtype), tuple(costs)))
+        title = f"{self._progress_title()} fit: eigendecompositions"  # done with the pass, where its sums are
         meter = _progress.current().meter(title, len(self._layers), "layers")
-        for i, layer in enumerate(self._layers):  # one layer's float64 eigh at a time, sums released
-            sums = FactorSums.from_totals(layer.name, totals[2 * i], totals[2 * i + 1])  # type: ignore[arg-type]
-            totals[2 * i] = totals[2 * i + 1] = None  # only `sums` holds them now; its eigh lets go
-            factors.append(sums.eigh(n, self.dtype))
-            meter.advance()
+        factors = [LayerFactors(layer.name, *eigen[2 * i], *eigen[2 * i + 1]) for i, layer in enumerate(self._layers)]
+        del eigen
+        meter.advance(len(self._layers))
         meter.finish()
         if self.update_diagonal:
             corrected = sweep("corrected", tuple(factors))
@@ -485,7 +492,7 @@ class EkfacInfluence(InfluenceModel):
                 )
                 for layer, total, f, (g, a) in zip(self._layers, totals, factors, pieces):
                     if layer.tied_use is None:
-                        total += corrected_eigenvalue_sum(f, g, a)
+                        corrected_eigenvalue_sum(f, g, a, out=total)
                         continue
                     use = pieces[len(self._layers) + self._tied_index(layer)]
                     for r in range(g.shape[1]):  # both uses' gradient per vector

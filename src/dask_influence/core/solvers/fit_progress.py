@@ -73,8 +73,8 @@ class ReportedBlocks:
     def sweeps(self, value: int) -> None:
         self._blocks.sweeps = value
 
-    def sum(self, fn: Any, payload: Any = None) -> Any:
-        """The blocks' ``sum(fn, payload)``, reported as one pass (a meter of its samples)."""
+    def sum(self, fn: Any, payload: Any = None, each: Any = None) -> Any:
+        """The blocks' ``sum(fn, payload, each)``, reported as one pass (a meter of its samples)."""
         self._passes += 1
         total = self._solver._fit_passes()
         of = f" of {total}" if total and total >= self._passes else ""
@@ -88,7 +88,7 @@ class ReportedBlocks:
         if hooked:
             self._blocks.on_block = meter.advance  # type: ignore[attr-defined]
         try:
-            result = self._blocks.sum(fn, payload)
+            result = self._blocks.sum(fn, payload, each)
         finally:
             if hooked:
                 self._blocks.on_block = None  # type: ignore[attr-defined]
