@@ -524,10 +524,14 @@ def disk_bytes(path: str | os.PathLike) -> int:
 
 @contextmanager
 def local_cluster(n_workers: int) -> Iterator[Any]:
-    """A LocalCluster of ``n_workers`` single-threaded worker processes on 127.0.0.1, closed afterwards."""
+    """A LocalCluster of ``n_workers`` single-threaded worker processes on 127.0.0.1, closed afterwards (started as
+    the embedded cluster starts them: glibc's dynamic malloc thresholds)."""
     from distributed import Client, LocalCluster
 
+    from dask_influence.mapping.clients import glibc_dynamic_malloc
+
     with (
+        glibc_dynamic_malloc(),
         LocalCluster(
             n_workers=n_workers,
             threads_per_worker=1,

@@ -265,10 +265,14 @@ class RssMonitor:
 
 @contextmanager
 def local_cluster(workers: int):
-    """A LocalCluster of ``workers`` single-threaded worker processes on 127.0.0.1, its client and the workers' pids."""
+    """A LocalCluster of ``workers`` single-threaded worker processes on 127.0.0.1, its client and the workers' pids
+    (started as the embedded cluster starts them: glibc's dynamic malloc thresholds, :func:`glibc_dynamic_malloc`)."""
     from distributed import Client, LocalCluster
 
+    from dask_influence.mapping.clients import glibc_dynamic_malloc
+
     with ExitStack() as stack:
+        stack.enter_context(glibc_dynamic_malloc())
         cluster = stack.enter_context(
             LocalCluster(
                 n_workers=workers,

@@ -64,6 +64,7 @@ LANES: dict[str, tuple[str, ...]] = {
     "mapping/test_memory.py": ("cluster", "slow"),
     "mapping/test_threaded_cluster.py": ("cluster",),
     "mapping/test_broadcast_literals.py": ("cluster",),
+    "mapping/test_embedded_cluster.py": ("cluster",),
     "mapping/test_shuffled_loaders.py": ("cluster",),
     "reliability/test_numerics.py": ("cluster",),
     "reliability/test_properties.py": ("cluster",),
