@@ -214,3 +214,29 @@ def test_factor_sums_hold_the_lower_triangle_of_the_gram_matrix():
         lower = torch.tril(before + product)
         expected = torch.linalg.eigvalsh(lower + torch.tril(lower, -1).T) / 2
         assert torch.allclose(values, expected.clamp_min(0), rtol=1e-10, atol=1e-10)
+
+
+def test_one_chunk_of_factors_is_solved_in_place_of_its_gradients():
+    """One chunk's factors overwrite its test gradients (no second ``(n, p)``: 1 GB for two GPT-2-small
+    sequences): the same numbers as the solve into a new tensor, and zero on the parameters no layer covers
+    (a GPT-2's LayerNorms and position embeddings, left out)."""
+    torch.manual_seed(0)
+    model = tiny_gpt2(vocab_size=40, n_embd=8, n_positions=8, attn_implementation="eager")
+    task = di.tasks.causal_lm()
+    ids = torch.randint(0, 40, (6, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the left-out LayerNorms
+        solver = EkfacInfluence(model, task, regularization=0.1, tied="head").fit({"input_ids": ids})
+    assert solver.solves_in_place and solver._outside_layers()
+    test = {"input_ids": ids[:3]}
+    factors = solver.influence_factors(test)
+    theta = solver._require_fitted()
+    grads = torch.cat(list(solver._flat_grads(theta, solver.prepare_batch(test))))
+    expected = solver._apply(grads, power=-1.0, regularization=0.1)  # into a new tensor
+    assert expected.data_ptr() != grads.data_ptr()
+    torch.testing.assert_close(factors, expected, rtol=1e-12, atol=1e-14)
+    for start, stop in solver._outside_layers():
+        assert not factors[:, start:stop].any()
+    solved = grads.clone()
+    assert solver._apply(solved, power=-1.0, regularization=0.1, out=solved) is solved
+    torch.testing.assert_close(solved, expected, rtol=1e-12, atol=1e-14)

@@ -570,8 +570,13 @@ class EkfacInfluence(InfluenceModel):
 
     def _apply(self, rhs: Tensor, *, power: float, regularization: float, out: Tensor | None = None) -> Tensor:
         """``(C + regularization I)^power`` on each row of ``rhs`` ``(k, p)``, layer by layer, into ``out``
-        ``(k, p)`` (a new tensor if ``None``); parameters outside the layers get zero."""
-        out = torch.zeros_like(rhs) if out is None else out.zero_()
+        ``(k, p)`` (a new tensor if ``None``; ``rhs`` itself to solve in place: each layer's block is read
+        whole before its solution is written back); parameters outside the layers get zero."""
+        if out is rhs:
+            for start, stop in self._outside_layers():
+                out[:, start:stop] = 0
+        else:
+            out = torch.zeros_like(rhs) if out is None else out.zero_()
         for layer, f in zip(self._layers, self._factors()):
             m = layer.to_matrix(rhs)
             layer.write_matrix(
@@ -579,10 +584,24 @@ class EkfacInfluence(InfluenceModel):
             )
         return out
 
+    def _outside_layers(self) -> list[tuple[int, int]]:
+        """The ranges ``[start, stop)`` of the flat parameters that no layer's block covers."""
+        covered = sorted(r for layer in self._layers for r in (layer.weight, layer.bias) if r)
+        gaps, at = [], 0
+        for start, stop in covered:
+            if start > at:
+                gaps.append((at, start))
+            at = max(at, stop)
+        if at < self.num_params:
+            gaps.append((at, self.num_params))
+        return gaps
+
     def _solve(self, rhs: Tensor) -> Tensor:
         """``(C + lambda I)^-1`` applied to each row of ``rhs`` ``(k, p)``, layer by layer: ``(k, p)``."""
         self._check_positive()
         return self._apply(rhs, power=-1.0, regularization=self.regularization)
+
+    solves_in_place = True
 
     def _solve_into(self, rhs: Tensor, out: Tensor) -> None:
         """The engine's hook: :meth:`_solve` written into ``out`` ``(m, p)`` (each layer's solution lands in

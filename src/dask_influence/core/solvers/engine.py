@@ -300,6 +300,8 @@ class SolverEngine(ABC):
         for grads in self._test_gradients(theta, batch):
             m = grads.shape[0]
             if out is None and m == n:  # one chunk: its solution is the output
+                if self.solves_in_place:  # the gradients are this call's own: solved where they are
+                    return grads, self._solve_into(grads, grads)
                 solution, report = self._solve_with_report(grads)
                 return solution, report
             if out is None:
@@ -312,10 +314,15 @@ class SolverEngine(ABC):
             raise RuntimeError(f"The test gradients have {done} rows for a batch of {n} points.")
         return out, _merge_reports(reports)
 
+    solves_in_place = False
+    """Whether :meth:`_solve_into` may be given ``out`` that is ``rhs`` itself (EK-FAC: each layer's block is
+    read whole before its solution is written back), so that one chunk's factors overwrite its gradients
+    instead of a second ``(n, p)`` beside them (1 GB for two GPT-2-small sequences)."""
+
     def _solve_into(self, rhs: Tensor, out: Tensor) -> Any:
         """Engine hook. Write the solve of ``rhs`` ``(m, p)`` into ``out`` ``(m, p)`` (rows of the factors);
         returns its report. Default: :meth:`_solve_with_report` and a copy; EK-FAC writes its layers'
-        solutions in place."""
+        solutions in place (also into ``rhs`` itself, :attr:`solves_in_place`)."""
         solution, report = self._solve_with_report(rhs)
         out.copy_(solution)
         return report
