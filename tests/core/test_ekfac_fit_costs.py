@@ -167,11 +167,11 @@ def test_the_default_chunk_halves_to_the_budget_with_an_info_line(caplog):
         tight = EkfacInfluence(_mlp(), nn.CrossEntropyLoss(), regularization=0.1, memory_budget=budget).fit((x, y))
     assert list(tight._fit_chunks.values()) == [16]
     lines = [r.getMessage() for r in caplog.records if "chunks of" in r.getMessage()]
-    assert (free.memory_.fixed, budget) == (3_264, 11_424)
+    assert (free.memory_.fixed, budget) == (2_312, 10_472)
     assert lines == [  # 256 x 408 bytes
         "EK-FAC's fit runs in chunks of 16 samples: 256 (the default chunk_size) would hold 104,448 bytes "
         "(104.4 kB) of per-chunk blocks (the largest, the output gradients and inputs of layer '0', 184 bytes per "
-        "sample) beside its factors (3,264 bytes (3.3 kB)), beyond memory_budget=11,424 bytes (11.4 kB); pass "
+        "sample) beside its factors (2,312 bytes (2.3 kB)), beyond memory_budget=10,472 bytes (10.5 kB); pass "
         "chunk_size=16 or a larger memory_budget to choose."
     ]
     for a, b in zip(tight.state_.layers, free.state_.layers):  # the same sums in smaller chunks

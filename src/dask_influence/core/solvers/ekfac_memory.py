@@ -43,7 +43,10 @@ class FitMemory:
             state in the model's dtype and the float64 sums of the corrected eigenvalues
             (``o x i``).
         fixed: the peak of the factor-sized pieces: the first pass's sums plus the largest
-            eigendecomposition plus the state, or the state plus the second pass's sums.
+            eigendecomposition, or the state plus the second pass's sums. The state does not
+            add to the first: each factor's float64 sum is released as its eigendecomposition
+            (float32 eigenvectors in a float32 model, at most its size) takes its place, and on a
+            cluster the eigendecompositions run on the workers and the state is the client's.
     """
 
     pieces: tuple[tuple[str, str, int], ...]
@@ -74,7 +77,7 @@ class FitMemory:
                 pieces.append((layer.name, f"the float64 sums of its corrected eigenvalues ({o:,} x {i:,})", 8 * o * i))
                 corr += 8 * o * i
                 state += itemsize * o * i
-        return cls(tuple(pieces), max(sums + eigh + state, state + corr))
+        return cls(tuple(pieces), max(max(sums, state) + eigh, state + corr))
 
     def largest(self) -> tuple[str, str, int]:
         """The largest single piece ``(layer, what, bytes)``."""
