@@ -191,6 +191,16 @@ def forward_backward_seconds(model: torch.nn.Module, ids: np.ndarray, chunk: int
 
 
 # -- memory: estimated before each path, measured (RSS) during it ------------------------------------------------
+def ekfac_chunk(config, p, chunk, args, solver, batch, scoring: bool, baseline: int) -> int:
+    """EK-FAC's chunk for its fit (``scoring=False``) or its scoring: ``chunk`` halved until the estimate fits
+    ``--memory-per-worker`` (as the solver halves its own within its ``memory_budget``), at least 1."""
+    while chunk > 1 and baseline + estimate_bytes("ekfac", config, p, chunk, args, solver, batch, scoring) > (
+        args.memory_per_worker
+    ):
+        chunk //= 2
+    return chunk
+
+
 def activation_bytes(config: dict[str, Any], chunk: int) -> int:
     """A chunk's forward and backward activations (float32): six ``T x V`` tensors of the logits (values,
     log-softmax, probabilities, their gradient, the back-propagated vectors, a copy) and per layer about 20
@@ -201,17 +211,24 @@ def activation_bytes(config: dict[str, Any], chunk: int) -> int:
 
 
 def estimate_bytes(
-    path: str, config: dict[str, Any], p: int, chunk: int, args: argparse.Namespace, solver=None, batch=None
+    path: str,
+    config: dict[str, Any],
+    p: int,
+    chunk: int,
+    args: argparse.Namespace,
+    solver=None,
+    batch=None,
+    scoring: bool = False,
 ) -> int:
-    """Peak bytes per worker of ``path`` before it starts (see the module docstring)."""
+    """Peak bytes per worker of ``path`` before it starts (see the module docstring); for EK-FAC its fit's
+    (``scoring=False``) or its scoring's, in chunks of ``chunk`` samples."""
     weights = 4 * p
     acts = activation_bytes(config, chunk)
     if path == "ekfac":  # the solver's own estimates: its factors and one sample's blocks (logits included)
         assert solver is not None and batch is not None
         theta = solver.trained_parameters()
-        per_sample = max(  # the fit's blocks, or scoring's (with the flat (p,) gradients and their solve)
-            sum(size for _, size in solver.chunk_pieces(theta, batch, scoring=scoring)) for scoring in (False, True)
-        )
+        # the fit's blocks, or scoring's (with the flat (p,) gradients and their solve)
+        per_sample = sum(size for _, size in solver.chunk_pieces(theta, batch, scoring=scoring))
         t, d = config["seq_len"], config["n_embd"]
         layers = 4 * chunk * config["n_layer"] * (20 * t * d + 3 * config["n_head"] * t * t)  # inside the blocks
         return 3 * weights + solver.memory_.fixed + chunk * per_sample + layers
@@ -345,25 +362,24 @@ def run_paths(model, config, train_ids, test_ids, args, workers: int, fb: dict[s
         # an idle worker's resident set (Python, torch, Dask), measured before any path: part of every estimate
         baseline = max(psutil.Process(pid).memory_info().rss for pid in pids)
         if "ekfac" in args.paths:
-            ek_chunk = chunk
-            while True:  # the chunk halves until the estimate fits (as the solver's own chunks do)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # the left-out LayerNorms, the tied head's note
-                    solver = di.EkfacInfluence(
-                        model,
-                        task,
-                        regularization=args.regularization,
-                        tied="head",
-                        fisher="sampled",
-                        chunk_size=ek_chunk,
-                        memory_budget=args.memory_per_worker,
-                    )
-                estimate = baseline + estimate_bytes(
-                    "ekfac", config, p, ek_chunk, args, solver, {"input_ids": torch.as_tensor(train_ids[:1])}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the left-out LayerNorms, the tied head's note
+                # its own chunks, halved within the budget: the fit's (small per sample) and scoring's (a test
+                # sequence's flat gradients and their solve) apart, as a user's solver chooses them
+                solver = di.EkfacInfluence(
+                    model,
+                    task,
+                    regularization=args.regularization,
+                    tied="head",
+                    fisher="sampled",
+                    memory_budget=args.memory_per_worker,
                 )
-                if estimate <= args.memory_per_worker or ek_chunk == 1:
-                    break
-                ek_chunk //= 2
+            one = {"input_ids": torch.as_tensor(train_ids[:1])}
+            estimate = baseline + max(
+                estimate_bytes("ekfac", config, p, ekfac_chunk(config, p, chunk, args, solver, one, s, baseline), args,
+                               solver, one, scoring=s)
+                for s in (False, True)
+            )  # fmt: skip
             names = ["EK-FAC fit", "EK-FAC factors", "EK-FAC scoring"]
             # scoring holds a test block's factors (n, p) per task within a quarter of a worker's memory: each
             # block is one more pass over the training data (2 test sequences of GPT-2-small per block at 8 GB)
@@ -378,19 +394,23 @@ def run_paths(model, config, train_ids, test_ids, args, workers: int, fb: dict[s
                     calc.fit(train, train_block_size=block)
                     seconds = time.perf_counter() - start
                 row(names[0], seconds, floors[0], 2 * n_train * t, mon.peaks, estimate)
-                with RssMonitor([os.getpid()]) as mon:  # on the client: one test block's (all 16 of GPT-2-small: 8 GB)
-                    start = time.perf_counter()
-                    solver.influence_factors({"input_ids": test["input_ids"][:per_block]})
-                    seconds = time.perf_counter() - start
-                row(names[1], seconds, floors[1], per_block * t, mon.peaks, estimate)
-                with RssMonitor(pids) as mon:
-                    start = time.perf_counter()
-                    scores = np.asarray(
-                        calc.influences(test_ids, train, test_block_size=per_block, train_block_size=block).compute()
-                    )
-                    seconds = time.perf_counter() - start
-                assert scores.shape == (n_test, n_train) and np.isfinite(scores).all()
-                row(names[2], seconds, floors[2], (n_train + n_test) * t, mon.peaks, estimate)
+                if "factors" in args.ekfac_parts:
+                    with RssMonitor([os.getpid()]) as mon:  # on the client: one test block's
+                        start = time.perf_counter()
+                        solver.influence_factors({"input_ids": test["input_ids"][:per_block]})
+                        seconds = time.perf_counter() - start
+                    row(names[1], seconds, floors[1], per_block * t, mon.peaks, estimate)
+                if "scoring" in args.ekfac_parts:
+                    with RssMonitor(pids) as mon:
+                        start = time.perf_counter()
+                        scores = np.asarray(
+                            calc.influences(
+                                test_ids, train, test_block_size=per_block, train_block_size=block
+                            ).compute()
+                        )
+                        seconds = time.perf_counter() - start
+                    assert scores.shape == (n_test, n_train) and np.isfinite(scores).all()
+                    row(names[2], seconds, floors[2], (n_train + n_test) * t, mon.peaks, estimate)
         if "index" in args.paths:
             estimate = baseline + estimate_bytes("index", config, p, chunk, args)
             names = ["index build", "index query"]
@@ -497,6 +517,10 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
+    parser.add_argument(
+        "--ekfac-parts", nargs="+", choices=("factors", "scoring"), default=["factors", "scoring"],
+        help="after EK-FAC's fit (always run): the client's factors and the scoring",
+    )  # fmt: skip
     parser.add_argument("--train-steps", type=int, default=3)
     parser.add_argument("--regularization", type=float, default=0.01)
     parser.add_argument("--projection", choices=["sjlt", "kronecker"], default="sjlt")
