@@ -15,7 +15,8 @@ a worker's start rather than a path's cost):
 
 - ``EK-FAC fit`` (``DaskInfluenceCalculator.fit``: the covariance pass and the corrected-eigenvalue pass,
   sampled Fisher with 1 draw), ``EK-FAC factors`` (one test block's ``influence_factors``, on the client)
-  and ``EK-FAC scoring`` (``calc.influences(test, train)`` on the cluster);
+  and ``EK-FAC scoring`` (``calc.influences(test, train)`` on the cluster); ``--ekfac-parts factors`` leaves the
+  scoring out (the fit always runs). The solver chooses its own chunks within ``--memory-per-worker``;
 - ``index build`` (``GradientIndex.build``, ``--projection`` of dimension ``--projection-dim``,
   ``preconditioner="fisher"``) and ``index query`` (``top_k`` with k = 10 of the test sequences);
 - ``CG`` (``--cg-iterations`` GGN-CG sweeps for ``--n-solve`` test sequences, on the cluster) and ``Arnoldi``
