@@ -192,14 +192,14 @@ def forward_backward_seconds(model: torch.nn.Module, ids: np.ndarray, chunk: int
 
 
 # -- memory: estimated before each path, measured (RSS) during it ------------------------------------------------
-def ekfac_chunk(config, p, chunk, args, solver, batch, scoring: bool, baseline: int) -> int:
-    """EK-FAC's chunk for its fit (``scoring=False``) or its scoring: ``chunk`` halved until the estimate fits
-    ``--memory-per-worker`` (as the solver halves its own within its ``memory_budget``), at least 1."""
-    while chunk > 1 and baseline + estimate_bytes("ekfac", config, p, chunk, args, solver, batch, scoring) > (
-        args.memory_per_worker
-    ):
+def ekfac_estimate(config, p, chunk, args, solver, batch, scoring: bool, baseline: int) -> int:
+    """EK-FAC's peak bytes per worker for its fit (``scoring=False``) or its scoring, at ``chunk`` halved until the
+    estimate fits ``--memory-per-worker`` (as the solver halves its own within its ``memory_budget``), at least 1."""
+    while True:
+        estimate = baseline + estimate_bytes("ekfac", config, p, chunk, args, solver, batch, scoring)
+        if chunk == 1 or estimate <= args.memory_per_worker:
+            return estimate
         chunk //= 2
-    return chunk
 
 
 def activation_bytes(config: dict[str, Any], chunk: int) -> int:
@@ -376,11 +376,7 @@ def run_paths(model, config, train_ids, test_ids, args, workers: int, fb: dict[s
                     memory_budget=args.memory_per_worker,
                 )
             one = {"input_ids": torch.as_tensor(train_ids[:1])}
-            estimate = baseline + max(
-                estimate_bytes("ekfac", config, p, ekfac_chunk(config, p, chunk, args, solver, one, s, baseline), args,
-                               solver, one, scoring=s)
-                for s in (False, True)
-            )  # fmt: skip
+            estimate = max(ekfac_estimate(config, p, chunk, args, solver, one, s, baseline) for s in (False, True))
             names = ["EK-FAC fit", "EK-FAC factors", "EK-FAC scoring"]
             # scoring holds a test block's factors (n, p) per task within a quarter of a worker's memory: each
             # block is one more pass over the training data (2 test sequences of GPT-2-small per block at 8 GB)

@@ -321,19 +321,6 @@ class FactorSums:
         else:
             add_lower_gram(self.g, flat_g)
 
-    def eigh(self, n: int, dtype: torch.dtype) -> LayerFactors:
-        """Divide by ``n`` and eigendecompose both factors (float64); results in ``dtype``.
-
-        Consumes the sums (divided in place, then released), so that a fit holds at most
-        one layer's float64 eigendecomposition at a time (:func:`eigen_factor`).
-        """
-        a, g = self.a, self.g
-        self.a = self.g = None  # type: ignore[assignment]
-        q_a, lambda_a = eigen_factor(a, (n, dtype))
-        del a
-        q_g, lambda_g = eigen_factor(g, (n, dtype))
-        return LayerFactors(self.name, q_a, lambda_a, q_g, lambda_g)
-
 
 def eigen_factor(total: Tensor, argument: tuple[int, torch.dtype]) -> tuple[Tensor | None, Tensor]:
     """``(Q, lambda)`` of one factor's sum ``total`` divided by ``n`` (in place), ``argument = (n, dtype)``.
@@ -345,11 +332,10 @@ def eigen_factor(total: Tensor, argument: tuple[int, torch.dtype]) -> tuple[Tens
     (:class:`~.blocks.Each`).
     """
     n, dtype = argument
-    m = total.div_(n)
-    if m.ndim == 1:
-        return None, m.clamp_min(0).to(dtype)
-    values, vectors = torch.linalg.eigh(m, UPLO="L")  # the sums hold their lower triangles (add_lower_gram)
-    del m
+    total.div_(n)
+    if total.ndim == 1:
+        return None, total.clamp_min(0).to(dtype)
+    values, vectors = torch.linalg.eigh(total, UPLO="L")  # the sums hold their lower triangles (add_lower_gram)
     return vectors.to(dtype), values.clamp_min(0).to(dtype)
 
 

@@ -155,18 +155,21 @@ def finish_element(function: Callable[[Tensor, Any], Any], argument: Any, *parts
     total = parts[0]
     for part in parts[1:]:
         total = add_results(total, part)
-    total = np.asarray(total)
-    if not total.flags.writeable:  # received from another worker: read-only buffers
-        total = total.copy()
     tasks._match_threads()
-    result = function(torch.from_numpy(total), argument)
-    return _as_arrays(result)
+    return _as_arrays(function(_running_sum(total, torch.device("cpu")), argument))
 
 
 def _as_arrays(value: Any) -> Any:
     if isinstance(value, tuple):
         return tuple(_as_arrays(v) for v in value)
     return to_numpy(value) if isinstance(value, torch.Tensor) else value
+
+
+def _tensors(total: Any) -> Any:
+    """A sum (an array, or a list of them) as tensors sharing its memory."""
+    if isinstance(total, list):
+        return [torch.from_numpy(np.asarray(t)) for t in total]
+    return torch.from_numpy(np.asarray(total))
 
 
 def _as_tensors(value: Any) -> Any:
@@ -244,13 +247,7 @@ class TrainBlocks:
             self._leaf_counts = {keys[k]: self.sizes[k] for k in range(len(self.sizes))}
             self._group_counts = {top: sum(self.sizes[k] for k in group) for top, group in zip(tops, self.groups)}
         try:
-            if each is not None:
-                result = self._finish_each(dsk, tops, each)
-            else:
-                partials = [group[0] for group in self._get(dsk, [[top] for top in tops])]
-                total = partials[0]
-                for part in partials[1:]:
-                    total = add_results(total, part)
+            result = self._total(dsk, tops) if each is None else self._finish_each(dsk, tops, each)
         finally:
             self._leaf_counts, self._group_counts = {}, {}
         logger.debug(  # the solver's fit reports its passes (dask_influence.progress)
@@ -262,21 +259,20 @@ class TrainBlocks:
         )
         if each is not None:
             return [_as_tensors(r) for r in result]
-        return (
-            [torch.from_numpy(np.asarray(t)) for t in total]
-            if isinstance(total, list)
-            else torch.from_numpy(np.asarray(total))
-        )
+        return _tensors(result)
 
-    def _finish_each(self, dsk: dict, tops: list, each: Each) -> list:
-        """``each`` on the summed elements of the groups' sums (``tops``: each group's chain end): here, on
-        the sum of the groups, one element after the other."""
+    def _total(self, dsk: dict, tops: list) -> Any:
+        """The sum of the groups' sums (``tops``: each group's chain end), added here in group order."""
         partials = [group[0] for group in self._get(dsk, [[top] for top in tops])]
         total = partials[0]
         for part in partials[1:]:
             total = add_results(total, part)
-        del partials
-        return finish_each([torch.from_numpy(np.asarray(t)) for t in total], each)
+        return total
+
+    def _finish_each(self, dsk: dict, tops: list, each: Each) -> list:
+        """``each`` on the summed elements of the groups' sums (``tops``: each group's chain end): here, on
+        the sum of the groups, one element after the other."""
+        return finish_each(_tensors(self._total(dsk, tops)), each)
 
     def _tasks(self, fn: Callable, payload: Any, wrap: bool = False) -> tuple[dict, list]:
         self.sweeps += 1

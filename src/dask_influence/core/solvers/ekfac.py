@@ -396,8 +396,7 @@ class EkfacInfluence(InfluenceModel):
         """
         costs = []
         for layer in self._layers:  # eigh of an (m, m) matrix costs about m^3; a diagonal factor m
-            diagonal_a = layer.diagonal_a or (layer.name, "A") in self._diagonal
-            diagonal_g = (layer.name, "G") in self._diagonal
+            diagonal_a, diagonal_g = self._diagonal_sides(layer)
             o, i = layer.shape
             costs += [float(i if diagonal_a else i**3), float(o if diagonal_g else o**3)]
         eigen = sweep("covariance", None, Each(eigen_factor, (n, self.dtype), tuple(costs)))
@@ -415,6 +414,10 @@ class EkfacInfluence(InfluenceModel):
             ]
         self.state_ = EkfacState(layers=tuple(factors), n_train=n)
         self._check_positive()
+
+    def _diagonal_sides(self, layer: KroneckerLayer) -> tuple[bool, bool]:
+        """Whether ``layer``'s ``A`` and its ``G`` are kept diagonal (one-hot inputs; the memory plan's fallback)."""
+        return layer.diagonal_a or (layer.name, "A") in self._diagonal, (layer.name, "G") in self._diagonal
 
     def block_sums(
         self,
@@ -447,13 +450,7 @@ class EkfacInfluence(InfluenceModel):
         if kind == "covariance":
             if out is None:
                 sums = [
-                    FactorSums(
-                        layer.name,
-                        layer.shape,
-                        self.device,
-                        diagonal_a=layer.diagonal_a or (layer.name, "A") in self._diagonal,
-                        diagonal_g=(layer.name, "G") in self._diagonal,
-                    )
+                    FactorSums(layer.name, layer.shape, self.device, *self._diagonal_sides(layer))
                     for layer in self._layers
                 ]
             else:
