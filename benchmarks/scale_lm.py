@@ -15,8 +15,10 @@ a worker's start rather than a path's cost):
 
 - ``EK-FAC fit`` (``DaskInfluenceCalculator.fit``: the covariance pass and the corrected-eigenvalue pass,
   sampled Fisher with 1 draw), ``EK-FAC factors`` (one test block's ``influence_factors``, on the client)
-  and ``EK-FAC scoring`` (``calc.influences(test, train)`` on the cluster); ``--ekfac-parts factors`` leaves the
-  scoring out (the fit always runs). The solver chooses its own chunks within ``--memory-per-worker``;
+  and ``EK-FAC scoring`` (``calc.influences_to_zarr(test, train, store)`` on the cluster, ``--scoring``: by
+  default one pass over the training data against the factors saved in the store, where they need several
+  test groups); ``--ekfac-parts factors`` leaves the scoring out (the fit always runs). The solver chooses its
+  own chunks within ``--memory-per-worker``;
 - ``index build`` (``GradientIndex.build``, ``--projection`` of dimension ``--projection-dim``,
   ``preconditioner="fisher"``) and ``index query`` (``top_k`` with k = 10 of the test sequences);
 - ``CG`` (``--cg-iterations`` GGN-CG sweeps for ``--n-solve`` test sequences, on the cluster) and ``Arnoldi``
@@ -28,10 +30,11 @@ the test sequences, ``FB_test``, single-threaded like each worker, in chunks of 
 the training data costs at least ``FB_train / workers`` (ideal split), so EK-FAC's fit floor is
 ``2 FB_train / w``, the index build's ``FB_train / w``, CG's ``iterations x FB_train / w + FB_test``, Arnoldi's
 ``(Lanczos vectors) x FB_train / w`` (each Krylov vector is a GGN product over the data), scoring's
-``B x FB_train / w + FB_test`` for ``B`` test blocks (a block's factors ``(n, p)`` are held within a quarter of
-``--memory-per-worker``: two test sequences of GPT-2-small at 8 GB, so its 16 test sequences are 8 passes over
-the training data), a query's ``FB_test``. Tokens per second count the training tokens a path reads
-(test tokens for the factors and the query). Peak memory per worker is the largest resident set size (RSS,
+``FB_train / w + FB_test`` in one pass, ``B x FB_train / w + FB_test`` in ``B`` test groups (``--scoring
+groups``: a group's factors ``(n, p)`` are held within a quarter of ``--memory-per-worker``, two test sequences
+of GPT-2-small at 8 GB, so its 16 test sequences are 8 passes over the training data), a query's
+``FB_test``. Tokens per second count the training tokens a path reads (test tokens for the factors and the
+query). Peak memory per worker is the largest resident set size (RSS,
 psutil, polled every 50 ms) of each worker process during the path (torch's allocations included; the
 client's own for the client-side steps). Before each path its memory per worker is ESTIMATED: an idle
 worker's resident set (measured when the cluster starts) plus, for EK-FAC, the solver's own
@@ -398,15 +401,24 @@ def run_paths(model, config, train_ids, test_ids, args, workers: int, fb: dict[s
                         seconds = time.perf_counter() - start
                     row(names[1], seconds, floors[1], per_block * t, mon.peaks, estimate)
                 if "scoring" in args.ekfac_parts:
-                    with RssMonitor(pids) as mon:
+                    with tempfile.TemporaryDirectory() as tmp, RssMonitor(pids) as mon:
                         start = time.perf_counter()
-                        scores = np.asarray(
-                            calc.influences(
-                                test_ids, train, test_block_size=per_block, train_block_size=block
-                            ).compute()
+                        store = calc.influences_to_zarr(
+                            test_ids,
+                            train,
+                            Path(tmp) / "influences.zarr",
+                            test_block_size=per_block,
+                            train_block_size=block,
+                            scoring=args.scoring,
                         )
                         seconds = time.perf_counter() - start
+                        scores = np.asarray(store["influences"][...])
                     assert scores.shape == (n_test, n_train) and np.isfinite(scores).all()
+                    if calc.last_run_["scoring"] == "one_pass":  # one pass over the training data, not one per group
+                        floors[2] = floor_train + fb["test"]
+                    print(
+                        f"EK-FAC scoring: scoring={calc.last_run_['scoring']!r}, {calc.last_run_['plan']}", flush=True
+                    )
                     row(names[2], seconds, floors[2], (n_train + n_test) * t, mon.peaks, estimate)
         if "index" in args.paths:
             estimate = baseline + estimate_bytes("index", config, p, chunk, args)
@@ -514,6 +526,12 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
+    parser.add_argument(
+        "--scoring",
+        choices=("auto", "groups", "one_pass"),
+        default="auto",
+        help="EK-FAC scoring's influences_to_zarr(scoring=...): one pass over the training data, or one per test group",
+    )
     parser.add_argument(
         "--ekfac-parts", nargs="+", choices=("factors", "scoring"), default=["factors", "scoring"],
         help="after EK-FAC's fit (always run): the client's factors and the scoring",

@@ -5,14 +5,21 @@ copy of the block) and contracts it with the layer's per-sample gradients of a c
 given as the captured ``(g, a)`` pair or already formed ``(m, o, i)`` (a tied LM head). For GPT-2-small the
 factors of a test group are ``t x 124M`` floats; a copy of each layer's block in matrix layout (a
 transposed ``Conv1D`` weight, a bias column appended) held another 69% of them during scoring.
+:func:`column_parts` cuts a layer's columns into slabs, each with the layer narrowed to it, for factors read
+from a store by columns (the calculator's one-pass scoring).
 :func:`self_contract` is the training point's own quadratic form in the layer's eigenbasis.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from collections.abc import Callable, Iterator
+
 import torch
 from torch import Tensor
 
+from .factor_columns import slabs
 from .kronecker import KroneckerLayer, LayerFactors, layer_grads
 
 
@@ -50,6 +57,47 @@ def up_scores(layer: KroneckerLayer, flat: Tensor, piece: tuple[Tensor, Tensor] 
         bias_grads = piece[:, :, -1] if isinstance(piece, Tensor) else piece[0].sum(1)
         scores += b @ bias_grads.T
     return scores
+
+
+Piece = tuple[Tensor, Tensor] | Tensor
+
+
+def column_parts(
+    layer: KroneckerLayer, rows: int, itemsize: int
+) -> Iterator[tuple[KroneckerLayer, tuple[int, int], Callable[[Piece], Piece]]]:
+    """``layer``'s columns of the flat vector in slabs of whole stored rows (at most
+    :data:`~.factor_columns.SLAB_BYTES` for ``rows`` factor rows of ``itemsize`` bytes; the bias apart).
+
+    Yields ``(part, (start, stop), narrow)``: ``up_scores(part, slab, narrow(piece))``, with ``slab`` the
+    factors' columns ``start:stop`` ``(rows, stop - start)``, is the slab's share of ``up_scores(layer, flat,
+    piece)``. A weight stored ``(o, i)`` is cut along ``o`` (``g``'s last axis, a formed gradient's rows), one
+    stored ``(i, o)`` (``Conv1D``, an embedding) along ``i`` (``a``'s, a formed gradient's columns)."""
+    if layer.weight:
+        w0, w1 = layer.weight
+        row = layer.d_out if layer.transposed else layer.d_in_weight
+        for a, b in slabs(w0, w1, rows, itemsize, step=row):
+            r0, r1 = (a - w0) // row, (b - w0) // row
+            if layer.transposed:
+                part = dataclasses.replace(layer, weight=(0, b - a), bias=None, d_in_weight=r1 - r0)
+                yield part, (a, b), functools.partial(_narrow, axis="in", r0=r0, r1=r1)
+            else:
+                part = dataclasses.replace(layer, weight=(0, b - a), bias=None, d_out=r1 - r0)
+                yield part, (a, b), functools.partial(_narrow, axis="out", r0=r0, r1=r1)
+    if layer.bias:
+        b0, b1 = layer.bias
+        yield dataclasses.replace(layer, weight=None, bias=(0, b1 - b0)), (b0, b1), _same
+
+
+def _narrow(piece: Piece, *, axis: str, r0: int, r1: int) -> Piece:
+    """``piece`` restricted to the output rows ``r0:r1`` (``axis="out"``) or the input columns (``"in"``)."""
+    if isinstance(piece, Tensor):  # (m, o, i)
+        return piece[:, r0:r1] if axis == "out" else piece[:, :, r0:r1]
+    g, a = piece
+    return (g[..., r0:r1], a) if axis == "out" else (g, a[..., r0:r1])
+
+
+def _same(piece: Piece) -> Piece:
+    return piece
 
 
 def _points(piece: tuple[Tensor, Tensor] | Tensor) -> int:

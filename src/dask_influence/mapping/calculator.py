@@ -246,6 +246,7 @@ class _BlockCalculator:
         refit: bool | None = None,
         wait_for_lock: float = 0.0,
         save_factors: bool | str = "auto",
+        scoring: str = "auto",
     ) -> zarr.Group:
         """Compute the influence matrix into a zarr group and mark it complete.
 
@@ -279,6 +280,14 @@ class _BlockCalculator:
                 reads them instead of solving again; a refit makes them stale. ``"auto"``
                 (default): when they take at most as many bytes as the influences, or at
                 most 1 GiB (a model of many parameters and few training points: not saved).
+            scoring: how test points whose factors exceed one task's memory budget are scored.
+                ``"groups"``: in groups that fit, each group one pass over the training data
+                (its gradients computed again). ``"one_pass"``: every test point in one pass; the
+                factors are saved in the store and each train block reads them back a slab of columns
+                at a time (:meth:`~dask_influence.core.solvers.base.InfluenceModel.influences_from_factor_columns`),
+                mode ``"up"`` only. ``"auto"`` (default): one pass where the factors need more than one group
+                and the model has at least :data:`ONE_PASS_MIN_PARAMS` parameters, where a training
+                point's gradient costs more than reading its share of the factors again.
 
         Returns:
             the zarr group. ``last_run_`` says how many chunks were computed, skipped and
@@ -308,6 +317,7 @@ class _BlockCalculator:
             all_tasks=False,
         )
         plan = graph.plan
+        one_pass = _one_pass(scoring, plan, mode, self.solver.num_params)
         top_k = min(top_k, plan.n_train) if top_k else None
         layout = zstore.StoreLayout(
             plan.test_sizes,
@@ -317,7 +327,9 @@ class _BlockCalculator:
             top_k,
             bool(self_influences),
             graph.record_solves,
-            self.solver.num_params if _saves_factors(save_factors, plan, graph, self.solver.num_params) else None,
+            self.solver.num_params
+            if _saves_factors(save_factors, plan, graph, self.solver.num_params) or one_pass
+            else None,
         )
         config = self._config(graph, layout)
         path = os.fspath(store)
@@ -334,8 +346,10 @@ class _BlockCalculator:
             report = self._verify_store(group, path, verify_mode, state) if resume else None
             recorder = zstore.CompletionRecorder(group, state)
             recorder.flush(final=False)  # the state this run starts from (repairs included)
-            job = add_store_tasks(graph, group, path, layout, state, check_factors=verify_mode == "full")
-            self.last_run_ = {**job.counts, "plan": plan.describe()}
+            job = add_store_tasks(
+                graph, group, path, layout, state, check_factors=verify_mode == "full", one_pass=one_pass
+            )
+            self.last_run_ = {**job.counts, "plan": plan.describe(), "scoring": "one_pass" if one_pass else "groups"}
             self.last_run_.update(
                 chunks_repaired=len(report.damaged.get("influences", [])) if report else 0,
                 verify=report.as_dict() if report else None,
@@ -520,6 +534,31 @@ def _saves_factors(save_factors: bool | str, plan: Any, graph: InfluenceGraph, n
     factor_values = plan.n_test * int(num_params)
     influence_values = plan.n_test * plan.n_train * max(1, int(np.prod(graph.feature_shape)))
     return factor_values * np.dtype(graph.dtype).itemsize <= FACTORS_AUTO_BYTES or factor_values <= influence_values
+
+
+ONE_PASS_MIN_PARAMS = 2**24
+"""``scoring="auto"`` scores in one pass on models of at least this many parameters (16.8M) whose test
+factors need several groups: a group costs a forward and backward of every training point, at least
+``6 p`` floating-point operations each, where re-reading a training block's share of the factors costs
+``n_test p / n_block`` bytes (GPT-2-small, 16 test x 256 training sequences: one pass instead of 8)."""
+
+SCORINGS = ("auto", "groups", "one_pass")
+
+
+def _one_pass(scoring: str, plan: Any, mode: InfluenceMode, num_params: int) -> bool:
+    """Whether a store job scores every test point in one pass (``influences_to_zarr(scoring=...)``)."""
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring must be one of {', '.join(map(repr, SCORINGS))}; got {scoring!r}.")
+    if scoring == "groups":
+        return False
+    if mode is not InfluenceMode.up:
+        if scoring == "one_pass":
+            raise ValueError(
+                "scoring='one_pass' reads the factors by columns, which only mode='up' can; "
+                "use scoring='groups' (or 'auto') for perturbation influences."
+            )
+        return False
+    return scoring == "one_pass" or (len(plan.test_groups) > 1 and num_params >= ONE_PASS_MIN_PARAMS)
 
 
 def _with_recorded_names(config: dict, path: str, renamed: Any) -> dict:

@@ -76,6 +76,7 @@ def add_store_tasks(
     state: zstore.CompletionState,
     *,
     check_factors: bool = False,
+    one_pass: bool = False,
 ) -> StoreJob:
     """Add to ``graph`` the tasks that compute and write what the store lacks (see the module docstring).
 
@@ -84,6 +85,8 @@ def add_store_tasks(
         state: its done state; chunks done with the current fit are skipped.
         check_factors: read and checksum the saved factors before trusting them (``verify``);
             else only their flags and (local stores) the existence of their files are checked.
+        one_pass: score every test block in one pass over the training data (:func:`add_one_pass_tasks`;
+            the store saves factors) instead of one pass per test group.
     """
     plan, dsk, token = graph.plan, graph.dsk, graph.token
     flag = state.current
@@ -91,14 +94,18 @@ def add_store_tasks(
     job = StoreJob()
     done = state.done("influences")
     missing = missing_chunks(graph, done)
+    if one_pass:
+        solved, loaded = add_one_pass_tasks(graph, group, path, job, missing, flag, check_factors)
+        missing = {}
 
     # factors of the test blocks of every group with a missing chunk: read back or solved;
     # one read task and one save task per test group (one opening of the store each)
     groups = sorted({g for g, _ in missing})
-    needed = [i for g in groups for i in plan.test_groups[g]]
-    loaded = zstore.saved_blocks(group, needed, flag, decode=check_factors) if layout.factors else set()
-    solved = [i for i in needed if i not in loaded]
-    graph.add_factor_tasks(solved)
+    if not one_pass:
+        needed = [i for g in groups for i in plan.test_groups[g]]
+        loaded = zstore.saved_blocks(group, needed, flag, decode=check_factors) if layout.factors else set()
+        solved = [i for i in needed if i not in loaded]
+        graph.add_factor_tasks(solved)
     for g in groups:
         members = plan.test_groups[g]
         read = [i for i in members if i in loaded]
@@ -165,7 +172,7 @@ def add_store_tasks(
             job.keys.append(key)
 
     job.counts = {
-        "chunks_computed": sum(len(m) for m in missing.values()),
+        "chunks_computed": sum(len(v) for key, v in job.finishes.items() if key[0] == write),
         "chunks_skipped": int(done.sum()),
         "chunks_total": plan.num_chunks,
         "self_influence_blocks_computed": len(self_missing),
@@ -175,6 +182,67 @@ def add_store_tasks(
     }
     graph.order_groups()  # one test group's factors at a time on the workers
     return job
+
+
+def add_one_pass_tasks(
+    graph: InfluenceGraph,
+    group: Any,
+    path: str,
+    job: StoreJob,
+    missing: dict[tuple[int, int], list[int]],
+    flag: int,
+    check_factors: bool,
+) -> tuple[list[int], set[int]]:
+    """Add one-pass scoring's tasks to ``graph`` and ``job``: the missing chunks of each train block scored
+    against every test block at once, the factors read from the store by columns.
+
+    Every test block's factors are read back where saved with the current fit, else solved and saved, one
+    save per block (a worker holds a block's factors until they are written); then one
+    :func:`~.tasks.influence_stream` task per train block with a missing chunk, after every save, scoring
+    every test block (as in a clean run: a resume's chunks are bit-identical), and the write of its missing
+    chunks.
+    Returns ``(solved, loaded)``: the test blocks solved and those whose saved factors are used.
+    """
+    plan, dsk, token = graph.plan, graph.dsk, graph.token
+    rows, cols = plan.test_ranges, plan.train_ranges
+    pending: dict[int, list[int]] = {}
+    for (_, j), blocks in missing.items():
+        pending.setdefault(j, []).extend(blocks)
+    # a train block is scored against every test block, also where only some of its chunks are missing: the
+    # same task as in a clean run, so a resume's chunks are bit-identical to it (a product's rounding depends
+    # on its shape)
+    needed = list(range(len(plan.test_sizes))) if pending else []
+    loaded = zstore.saved_blocks(group, needed, flag, decode=check_factors)
+    solved = [i for i in needed if i not in loaded]
+    graph.add_factor_tasks(solved)
+    saves = []
+    for i in solved:
+        infos = [(tasks.pick, graph.solve_key(i), 1)] if graph.record_solves else None
+        key = (f"factorsave-{token}", i)
+        dsk[key] = (zstore.write_factors, path, [(i, rows[i])], [graph.factor_key(i)], flag, infos)
+        job.keys.append(key)
+        saves.append(key)
+    write = f"write-{token}"
+    every = [(i, rows[i]) for i in needed]
+    for j in sorted(pending):
+        key = (f"stream-{token}", j)
+        dsk[key] = (
+            tasks.influence_stream,
+            graph.solver_key,
+            path,
+            every,
+            graph.train.block_task(j),
+            graph.dtype,
+            *saves,
+        )
+        for i in needed:
+            dsk[graph.chunk_key(i, j)] = (tasks.pick, key, i)
+        blocks = sorted(pending[j])
+        out = (write, 0, j)
+        dsk[out] = (zstore.write_influence_chunks, path, j, cols[j], [(i, *rows[i], i) for i in blocks], key, flag)
+        job.keys.append(out)
+        job.finishes[out] = [("influences", (i, j)) for i in blocks]
+    return solved, loaded
 
 
 def add_topk_tasks(

@@ -104,6 +104,29 @@ def influence_group(
     return [values[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+def influence_stream(
+    solver: Any, path: str, blocks: list[tuple[int, tuple[int, int]]], block: Any, out_dtype: str, *done: Any
+) -> list[np.ndarray]:
+    """Influences of one train block on test blocks whose factors are saved in a store (one-pass scoring).
+
+    Args:
+        path: the store; ``blocks``: ``(i, (start, stop))`` of the test blocks, their rows of ``factors``.
+        block: the train block (a batch) with ``n_b`` samples.
+        done: the tasks that saved the factors (ordering only).
+
+    Returns:
+        one ``(n_i, n_b)`` array per test block. The factors are read a slab of columns at a time
+        (:class:`~dask_influence.storage.factors.StoredFactorColumns`), never held whole.
+    """
+    from ..storage.factors import StoredFactorColumns
+
+    _match_threads()
+    values = to_numpy(solver.influences_from_factor_columns(StoredFactorColumns(path, blocks), block))
+    values = values.astype(out_dtype, copy=False)
+    bounds = np.cumsum([0] + [stop - start for _, (start, stop) in blocks])
+    return [values[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
 def _joined(factors: list[np.ndarray]) -> Tensor:
     """The group's factors as one ``(n, p)`` tensor: one test block's as it is (a copy of ``(n, p)`` floats is a
     gigabyte per two test points at 124M parameters), several concatenated. Scoring only reads it, so a read-only

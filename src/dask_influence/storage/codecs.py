@@ -14,3 +14,11 @@ def codecs() -> dict:
     from zarr.codecs import Crc32cCodec, ZstdCodec
 
     return {"compressors": [ZstdCodec(level=0), Crc32cCodec()]}
+
+
+def checksum_only() -> dict:
+    """A CRC32C checksum without compression (arrays of float factors, which do not compress and are read
+    back often): the keyword arguments of ``zarr.Group.create_array``."""
+    from zarr.codecs import Crc32cCodec
+
+    return {"compressors": [Crc32cCodec()]}

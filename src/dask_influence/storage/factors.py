@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import StoreError
-from .codecs import codecs
+from .codecs import checksum_only, codecs
 
 FACTORS = "factors"
 FACTORS_DONE = "factors_done"
@@ -33,24 +33,34 @@ CHUNK_BYTES = 64 * 2**20
 """The largest chunk of ``factors`` (a test block's rows by a piece of ``p``), in bytes."""
 
 
+MIN_WIDTH = 2**16
+"""The narrowest chunk of ``factors`` along ``p`` (bounds the number of files of many test points)."""
+SPAN_BYTES = 256 * 2**20
+"""The columns of every test point in one chunk of ``factors`` stay within this many bytes, where
+:data:`MIN_WIDTH` allows: the slab one-pass scoring reads at once (``core.factor_columns.SLAB_BYTES``)."""
+
+
 def factor_chunks(test_sizes: tuple[int, ...], num_params: int, dtype: str) -> tuple[int, int]:
-    """The chunk shape of ``factors``: the largest test block by at most :data:`CHUNK_BYTES` of ``p``."""
-    rows = max(test_sizes)
-    width = max(1, min(int(num_params), CHUNK_BYTES // (rows * np.dtype(dtype).itemsize)))
-    return rows, width
+    """The chunk shape of ``factors``: the largest test block by at most :data:`CHUNK_BYTES` of ``p``, and
+    narrower where the columns of every test point at once would pass :data:`SPAN_BYTES` (at least
+    :data:`MIN_WIDTH`): one-pass scoring reads and decodes a chunk-aligned span of columns of all rows at a
+    time (:class:`StoredFactorColumns`)."""
+    rows, itemsize = max(test_sizes), np.dtype(dtype).itemsize
+    width = min(CHUNK_BYTES // (rows * itemsize), max(MIN_WIDTH, SPAN_BYTES // (sum(test_sizes) * itemsize)))
+    return rows, max(1, min(int(num_params), width))
 
 
 def create_factors(group: Any, test_sizes: tuple[int, ...], num_params: int, dtype: str) -> None:
     """Add ``factors`` and ``factors_done`` to a store (opened for writing)."""
     compress = codecs()
-    group.create_array(
+    group.create_array(  # checksummed, not compressed: float factors do not compress, and scoring decodes them
         FACTORS,
         shape=(sum(test_sizes), int(num_params)),
         chunks=factor_chunks(test_sizes, num_params, dtype),
         dtype=dtype,
         fill_value=np.nan,
         config={"write_empty_chunks": True},
-        **compress,
+        **checksum_only(),
     )
     group.create_array(FACTORS_DONE, shape=(len(test_sizes),), chunks=(1,), dtype="int8", fill_value=0, **compress)
 
@@ -157,3 +167,78 @@ def read_factors(path: str, blocks: list[tuple[int, tuple[int, int]]]) -> list[n
             )
         out.append(values)
     return out
+
+
+class StoredFactorColumns:
+    """The saved factors of some test blocks, read by columns (a
+    ``core.factor_columns.FactorColumns``): one-pass scoring's factors.
+
+    ``columns(a, b)`` returns ``(n, b - a)`` for the blocks' ``n`` rows, in the blocks' order. The chunks
+    are decoded (checksummed) a chunk-aligned span of columns at a time, and the last span is kept, so that
+    reading a layer's slabs and its bias in order decodes each chunk once.
+
+    Raises (from ``columns``):
+        StoreError: a block's factors do not decode or are missing (NaN); that block's done flag is cleared
+            first, so the job run again with ``resume`` solves them again.
+    """
+
+    def __init__(self, path: str, blocks: list[tuple[int, tuple[int, int]]]):
+        self.path, self.blocks = path, list(blocks)
+        self._array: Any = None
+        self._span: tuple[int, int] = (0, 0)
+        self._values: np.ndarray | None = None
+        self.decoded = 0
+        """Numbers decoded so far (for tests and profiles)."""
+
+    def _open(self) -> Any:
+        if self._array is None:
+            import zarr
+
+            self._array = zarr.open_group(self.path, mode="r")[FACTORS]
+        return self._array
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(n, p)``: the blocks' rows by the parameters."""
+        return sum(stop - start for _, (start, stop) in self.blocks), int(self._open().shape[1])
+
+    def columns(self, start: int, stop: int) -> Any:
+        """Columns ``start:stop`` of the blocks' rows: a float tensor ``(n, stop - start)`` (a view of the
+        decoded span)."""
+        import torch
+
+        a, b = self._span
+        if not (a <= start and stop <= b) or self._values is None:
+            self._values = None  # the old span is released before the new one is read
+            self._decode(start, stop)
+        a = self._span[0]
+        return torch.from_numpy(self._values)[:, start - a : stop - a]
+
+    def _decode(self, start: int, stop: int) -> None:
+        array = self._open()
+        width = int(array.chunks[1])
+        a, b = start // width * width, min(int(array.shape[1]), -(-stop // width) * width)
+        values = np.empty((self.shape[0], b - a), dtype=array.dtype)
+        row = 0
+        for i, (r0, r1) in self.blocks:
+            problem = None
+            try:
+                values[row : row + r1 - r0] = array[r0:r1, a:b]
+                if np.isnan(values[row : row + r1 - r0]).any():
+                    problem = f"the saved factors of test block {i} in {self.path!r} are missing (NaN)"
+            except Exception as err:  # a damaged chunk (its checksum)
+                problem = (
+                    f"the saved factors of test block {i} in {self.path!r} are damaged ({' '.join(str(err).split())})"
+                )
+            if problem is not None:
+                import zarr
+
+                flags: Any = zarr.open_group(self.path, mode="r+")[FACTORS_DONE]
+                flags[i] = 0
+                raise StoreError(
+                    f"{problem[0].upper()}{problem[1:]}; its flag is cleared: run the job again with resume "
+                    "to solve them again."
+                )
+            row += r1 - r0
+        self.decoded += values.size
+        self._span, self._values = (a, b), values

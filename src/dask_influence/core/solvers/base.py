@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ... import progress as _progress
+from .. import factor_columns
 from ..blocks import LocalBlocks
 from ..data import DICT_BATCHES
 from ..gradients import LossFn, ModelFunctions
@@ -361,6 +362,29 @@ class InfluenceModel(SolverEngine):
         if mode is InfluenceMode.up:
             return self._up_influences(theta, factors, batch)
         return self._perturbation_influences(theta, factors, batch)
+
+    def influences_from_factor_columns(self, factors: Any, *points: Any) -> Tensor:
+        """Up-weighting influences ``(n_test, n)`` of the points against factors read a slab of columns at a
+        time: the same numbers as :meth:`influences_from_factors` (to float rounding), for factors too large
+        to hold, e.g. read back from a store (the calculator's one-pass scoring).
+
+        Args:
+            factors: a :class:`~dask_influence.core.factor_columns.FactorColumns` reader of ``(n_test, p)``
+                factors (or a tensor). Each slab of at most
+                :data:`~dask_influence.core.factor_columns.SLAB_BYTES` is read once per group of chunks of
+                the points, the groups' gradients held within a quarter of the solver's memory budget.
+            points: ``n`` training points: ``x, y`` (a loss) or one batch (a task).
+        """
+        theta = self._require_fitted()
+        columns = factor_columns.as_columns(factors)
+        if isinstance(columns, factor_columns.TensorColumns):
+            columns = factor_columns.TensorColumns(self._check_factors(columns.factors))
+        elif columns.shape[1] != self.num_params:
+            raise ValueError(
+                f"factors must have shape (n_test, {self.num_params}) (one column per trainable parameter); "
+                f"the reader has {tuple(columns.shape)}."
+            )
+        return self._up_influences_by_columns(theta, columns, self._batch(points, ("x", "y")))
 
     def influences(
         self, *points: Any, x: Any = None, y: Any = None, mode: str | InfluenceMode = "up", progress: bool | None = None

@@ -41,6 +41,7 @@ from ... import progress as _progress
 from ...errors import NonFiniteError, NotFittedError
 from .. import batches
 from ..blocks import BlockSums, Each
+from ..factor_columns import FactorColumns, held_groups, tensor_bytes
 from ..gradients import _FORWARD_LOCK, LossFn, flat_params
 from ..kronecker import (
     Capture,
@@ -54,7 +55,7 @@ from ..kronecker import (
     rotated_square_sum,
     tied_layer_grads,
 )
-from ..kronecker_scores import self_contract, up_scores
+from ..kronecker_scores import column_parts, self_contract, up_scores
 from ..operators import LinearOperator
 from ..output_curvature import OUTPUT_CURVATURES, OutputCurvature, infer_output_curvature
 from ..serialization import serializable
@@ -680,6 +681,34 @@ class EkfacInfluence(InfluenceModel):
                 cast(Tensor, sum(up_scores(layer, factors, piece) for layer, piece in zip(self._layers, pieces)))
             )
         return torch.cat(parts, dim=1)
+
+    def _up_influences_by_columns(self, theta: Tensor, factors: FactorColumns, batch: Any) -> Tensor:
+        """Up-weighting influences ``(n_test, n)`` against factors read by columns (the base class's hook).
+
+        On a model with more than :data:`FLAT_SCORING_MAX_PARAMS` parameters, the layers' inputs and output
+        gradients of consecutive chunks are held within :meth:`held_gradient_bytes`, then each layer's columns
+        are read in slabs (:func:`~..kronecker_scores.column_parts`) and contracted with every held chunk;
+        on smaller models by the flat route. The same numbers as :meth:`_up_influences`."""
+        if self.num_params <= FLAT_SCORING_MAX_PARAMS:
+            return super()._up_influences_by_columns(theta, factors, batch)
+        rows = factors.shape[0]
+        out = torch.zeros(rows, batches.size(batch), dtype=self.dtype, device=self.device)
+
+        def chunks() -> Iterator[tuple[int, list[Any]]]:
+            start = 0
+            for pieces in self._pieces(theta, batch):
+                yield start, pieces
+                first = pieces[0]
+                start += (first if isinstance(first, Tensor) else first[0]).shape[0]
+
+        for group in held_groups(chunks(), tensor_bytes, self.held_gradient_bytes()):
+            for position, layer in enumerate(self._layers):
+                for part, (a, b), narrow in column_parts(layer, rows, self.dtype.itemsize):
+                    slab = factors.columns(a, b).to(device=self.device, dtype=self.dtype)
+                    for start, pieces in group:
+                        scores = up_scores(part, slab, narrow(pieces[position]))
+                        out[:, start : start + scores.shape[1]] += scores
+        return out
 
     def _self_influences(self, theta: Tensor, batch: Any) -> tuple[Tensor, Any]:
         """``grad L(z)^T (C + lambda I)^-1 grad L(z)`` per point ``(n,)``, layer by layer (the base

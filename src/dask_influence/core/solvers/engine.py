@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from ... import progress as _progress
 from ...errors import NotFittedError
-from .. import batches, memory, pickling
+from .. import batches, factor_columns, memory, pickling
 from ..blocks import BlockSums, summed_operator
 from ..data import TrainingData
 from ..gradients import _FORWARD_LOCK, ModelFunctions, check_finite, flat_params
@@ -41,6 +41,7 @@ from . import fit_progress, inputs
 from .config import SolverConfig
 
 if TYPE_CHECKING:
+    from ..factor_columns import FactorColumns
     from ..task import Task
 
 
@@ -399,6 +400,39 @@ class SolverEngine(ABC):
             # a NaN/Inf in a gradient makes its whole column non-finite (the factors are finite)
             inputs.check_grads_fast(block, parts, self._functions.spec, start)
         return out
+
+    def _up_influences_by_columns(self, theta: Tensor, factors: FactorColumns, batch: Any) -> Tensor:
+        """Engine hook. The up-weighting influences ``(n_test, n)`` of a prepared batch against factors read
+        by columns (:meth:`~.base.InfluenceModel.influences_from_factor_columns`).
+
+        Default: the per-tensor gradient blocks of consecutive chunks held within
+        :meth:`held_gradient_bytes`, then each tensor's columns read in slabs and multiplied into the chunks'
+        columns of the result. EK-FAC contracts its layers' inputs and output gradients instead."""
+        n = batches.size(batch)
+        rows = factors.shape[0]
+        out = torch.zeros(rows, n, dtype=self.dtype, device=self.device)
+        step = self.config.chunk_size
+        chunks = (
+            (start, self._functions.per_sample_grad_blocks(theta, batches.slice_rows(batch, start, start + step)))
+            for start in range(0, n, step)
+        )
+        for group in factor_columns.held_groups(chunks, factor_columns.tensor_bytes, self.held_gradient_bytes()):
+            column = 0
+            for k, width in enumerate(part.shape[1] for part in group[0][1]):
+                for a, b in factor_columns.slabs(column, column + width, rows, self.dtype.itemsize):
+                    slab = factors.columns(a, b).to(device=self.device, dtype=self.dtype)
+                    for start, parts in group:
+                        block = parts[k][:, a - column : b - column]
+                        out[:, start : start + block.shape[0]].addmm_(slab, block.T)
+                column += width
+            for start, parts in group:
+                inputs.check_grads_fast(out[:, start : start + parts[0].shape[0]], parts, self._functions.spec, start)
+        return out
+
+    def held_gradient_bytes(self) -> int:
+        """Engine hook. Bytes of training gradients a scoring by columns holds for one read of the factors: a
+        quarter of the solver's memory budget (its ``memory_budget``, else the device's default)."""
+        return memory.budget_of(getattr(self.config, "memory_budget", None), self.device) // 4
 
     def _perturbation_influences(self, theta: Tensor, factors: Tensor, batch: Any) -> Tensor:
         """The perturbation influences ``(n_test, n, *x.shape[1:])`` of a prepared batch against
