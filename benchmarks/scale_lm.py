@@ -246,6 +246,10 @@ def estimate_bytes(
     raise ValueError(path)
 
 
+TRACES: dict[str, list[list[float]]] = {}
+"""Per measured path, its workers' resident sets about once a second (``RssMonitor.trace``), in the JSON."""
+
+
 class RssMonitor:
     """The peak resident set size of each of ``pids`` while the ``with`` block runs (polled every 50 ms)."""
 
@@ -254,15 +258,23 @@ class RssMonitor:
 
         self.processes = [psutil.Process(pid) for pid in pids]
         self.peaks = [0] * len(pids)
+        self.trace: list[list[float]] = []
+        """``[seconds, MB of each process]`` about once a second: where in a path its peak falls."""
         self._stop = threading.Event()
 
     def _poll(self) -> None:
+        start = last = time.perf_counter()
         while True:
+            now = [0] * len(self.processes)
             for i, proc in enumerate(self.processes):
                 try:
-                    self.peaks[i] = max(self.peaks[i], proc.memory_info().rss)
+                    now[i] = proc.memory_info().rss
+                    self.peaks[i] = max(self.peaks[i], now[i])
                 except Exception:  # a worker that ended: keep its last peak
                     pass
+            if time.perf_counter() - last >= 1.0:
+                last = time.perf_counter()
+                self.trace.append([round(last - start, 1)] + [round(x / MB) for x in now])
             if self._stop.wait(0.05):
                 return
 
@@ -331,7 +343,18 @@ def run_paths(model, config, train_ids, test_ids, args, workers: int, fb: dict[s
     rows: list[dict] = []
     floor_train = fb["train"] / workers
 
-    def row(path: str, seconds: float | None, floor: float, tokens: int, peaks: list[int], estimate: int, status="ok"):
+    def row(
+        path: str,
+        seconds: float | None,
+        floor: float,
+        tokens: int,
+        peaks: list[int],
+        estimate: int,
+        status="ok",
+        trace=None,
+    ):
+        if trace:
+            TRACES[f"{path}, {workers} worker(s)"] = trace
         rows.append(
             {
                 "config": args.config,
@@ -393,7 +416,7 @@ def run_paths(model, config, train_ids, test_ids, args, workers: int, fb: dict[s
                     start = time.perf_counter()
                     calc.fit(train, train_block_size=block)
                     seconds = time.perf_counter() - start
-                row(names[0], seconds, floors[0], 2 * n_train * t, mon.peaks, estimate)
+                row(names[0], seconds, floors[0], 2 * n_train * t, mon.peaks, estimate, trace=mon.trace)
                 if "factors" in args.ekfac_parts:
                     with RssMonitor([os.getpid()]) as mon:  # on the client: one test block's
                         start = time.perf_counter()
@@ -419,7 +442,7 @@ def run_paths(model, config, train_ids, test_ids, args, workers: int, fb: dict[s
                     print(
                         f"EK-FAC scoring: scoring={calc.last_run_['scoring']!r}, {calc.last_run_['plan']}", flush=True
                     )
-                    row(names[2], seconds, floors[2], (n_train + n_test) * t, mon.peaks, estimate)
+                    row(names[2], seconds, floors[2], (n_train + n_test) * t, mon.peaks, estimate, trace=mon.trace)
         if "index" in args.paths:
             estimate = baseline + estimate_bytes("index", config, p, chunk, args)
             names = ["index build", "index query"]
@@ -588,6 +611,7 @@ def main(argv: list[str] | None = None) -> dict:
         "floor_forward_backward_s": fb,
         "columns": list(COLUMNS),
         "rows": rows,
+        "rss_traces_mb": TRACES,
         "note": "loaded, shared machine unless stated otherwise: read time / floor ratios, not seconds",
     }
     out = Path(args.out_dir)

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import dask_influence as di
 from dask_influence.core import factor_columns
 from dask_influence.core.solvers import ekfac as ekfac_module
-from dask_influence.mapping import calculator
+from dask_influence.mapping import calculator, tasks
 from dask_influence.storage import factors as zfactors
 from test_saved_factors import Counter, arrays, lose, make
 
@@ -196,3 +196,29 @@ def test_one_pass_on_the_cluster_equals_the_solver(cluster_client, tmp_path):
     )
     assert calc.last_run_["scoring"] == "one_pass" and calc.last_run_["factor_blocks_solved"] == 3
     np.testing.assert_allclose(group["influences"][...], expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_a_block_is_solved_once_the_block_a_place_before_it_is_saved(tmp_path, monkeypatch):
+    """Every factor task is ready at the start: without an order, a worker solved blocks ahead of their saves
+    (GPT-2-small's are 1 GB each). With 2 places, block ``i`` waits for the save of block ``i - 2``."""
+    model, loss, train, test = make()
+    solver = di.DirectInfluence(model, loss, regularization=0.1, curvature="ggn").fit(train)
+    graphs = []
+    original = calculator._BlockCalculator._execute_graph
+
+    def recorded(self, graph, keys):
+        graphs.append(dict(graph.dsk))
+        return original(self, graph, keys)
+
+    monkeypatch.setattr(calculator._BlockCalculator, "_execute_graph", recorded)
+    monkeypatch.setattr(di.SequentialInfluenceCalculator, "_places", lambda self: 2)
+    job(solver, test, train, tmp_path / "s", scoring="one_pass")
+    (dsk,) = graphs
+    saves = {key[1]: key for key in dsk if isinstance(key, tuple) and str(key[0]).startswith("factorsave-")}
+    factors = {
+        key[1]: task for key, task in dsk.items() if isinstance(key, tuple) and str(key[0]).startswith("factors-")
+    }
+    assert sorted(saves) == sorted(factors) == [0, 1, 2, 3]
+    for i, task in factors.items():
+        waits = [arg for arg in task[1:] if arg in saves.values()] if task[0] is tasks.after else []
+        assert waits == ([saves[i - 2]] if i >= 2 else []), (i, task)

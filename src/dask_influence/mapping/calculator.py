@@ -347,7 +347,14 @@ class _BlockCalculator:
             recorder = zstore.CompletionRecorder(group, state)
             recorder.flush(final=False)  # the state this run starts from (repairs included)
             job = add_store_tasks(
-                graph, group, path, layout, state, check_factors=verify_mode == "full", one_pass=one_pass
+                graph,
+                group,
+                path,
+                layout,
+                state,
+                check_factors=verify_mode == "full",
+                one_pass=one_pass,
+                places=self._places(),
             )
             self.last_run_ = {**job.counts, "plan": plan.describe(), "scoring": "one_pass" if one_pass else "groups"}
             self.last_run_.update(
@@ -472,6 +479,10 @@ class _BlockCalculator:
             "num_params": solver.num_params,
             "n_train_fit": solver.n_train_,
         }
+
+    def _places(self) -> int:
+        """Tasks that run at once (one here: the synchronous scheduler)."""
+        return 1
 
     def _memory_budget(self) -> int | None:
         """Bytes one influence task may hold: the given budget, or 512 MiB for 'auto'."""
@@ -701,6 +712,14 @@ class DaskInfluenceCalculator(_BlockCalculator):
         self.last_run_["factor_blocks_on_client"] = solve_factors_on_cluster(
             self.solver, client, self._fit_train, graph, dsk, keys, result=result
         )
+
+    def _places(self) -> int:
+        """Tasks that run at once: the threads of the given or current client's workers (else the embedded
+        cluster's workers)."""
+        client = given_or_current(self.client)
+        if client is None:
+            return max(1, int(self.n_workers or os.cpu_count() or 1))
+        return max(1, sum(int(w.get("nthreads") or 1) for w in client.scheduler_info().get("workers", {}).values()))
 
     def _memory_budget(self) -> int | None:
         if self.memory_budget != "auto":

@@ -77,6 +77,7 @@ def add_store_tasks(
     *,
     check_factors: bool = False,
     one_pass: bool = False,
+    places: int = 1,
 ) -> StoreJob:
     """Add to ``graph`` the tasks that compute and write what the store lacks (see the module docstring).
 
@@ -86,7 +87,8 @@ def add_store_tasks(
         check_factors: read and checksum the saved factors before trusting them (``verify``);
             else only their flags and (local stores) the existence of their files are checked.
         one_pass: score every test block in one pass over the training data (:func:`add_one_pass_tasks`;
-            the store saves factors) instead of one pass per test group.
+            the store saves factors) instead of one pass per test group; ``places``: the tasks that
+            run at once (one block's factors each, before it is saved).
     """
     plan, dsk, token = graph.plan, graph.dsk, graph.token
     flag = state.current
@@ -95,7 +97,7 @@ def add_store_tasks(
     done = state.done("influences")
     missing = missing_chunks(graph, done)
     if one_pass:
-        solved, loaded = add_one_pass_tasks(graph, group, path, job, missing, flag, check_factors)
+        solved, loaded = add_one_pass_tasks(graph, group, path, job, missing, flag, check_factors, places)
         missing = {}
 
     # factors of the test blocks of every group with a missing chunk: read back or solved;
@@ -192,6 +194,7 @@ def add_one_pass_tasks(
     missing: dict[tuple[int, int], list[int]],
     flag: int,
     check_factors: bool,
+    places: int = 1,
 ) -> tuple[list[int], set[int]]:
     """Add one-pass scoring's tasks to ``graph`` and ``job``: the missing chunks of each train block scored
     against every test block at once, the factors read from the store by columns.
@@ -201,6 +204,9 @@ def add_one_pass_tasks(
     :func:`~.tasks.influence_stream` task per train block with a missing chunk, after every save, scoring
     every test block (as in a clean run: a resume's chunks are bit-identical), and the write of its missing
     chunks.
+    ``places``: the tasks that run at once (the cluster's threads); a block is solved once the block
+    ``places`` before it is saved, so that a worker does not solve blocks ahead of their saves (the
+    factor tasks are all ready at the start, and GPT-2-small's are 1 GB each).
     Returns ``(solved, loaded)``: the test blocks solved and those whose saved factors are used.
     """
     plan, dsk, token = graph.plan, graph.dsk, graph.token
@@ -215,12 +221,14 @@ def add_one_pass_tasks(
     loaded = zstore.saved_blocks(group, needed, flag, decode=check_factors)
     solved = [i for i in needed if i not in loaded]
     graph.add_factor_tasks(solved)
-    saves = []
-    for i in solved:
+    saves: list = []
+    for n, i in enumerate(solved):
         infos = [(tasks.pick, graph.solve_key(i), 1)] if graph.record_solves else None
         key = (f"factorsave-{token}", i)
         dsk[key] = (zstore.write_factors, path, [(i, rows[i])], [graph.factor_key(i)], flag, infos)
         job.keys.append(key)
+        if n >= places:  # solved once the block ``places`` before it is saved: one block's factors per place
+            _wait_for(dsk, graph.solve_key(i), saves[n - places])
         saves.append(key)
     write = f"write-{token}"
     every = [(i, rows[i]) for i in needed]
@@ -243,6 +251,11 @@ def add_one_pass_tasks(
         job.keys.append(out)
         job.finishes[out] = [("influences", (i, j)) for i in blocks]
     return solved, loaded
+
+
+def _wait_for(dsk: dict, key: Any, done: Any) -> None:
+    """Task ``key`` of ``dsk`` runs only after ``done`` (an ordering dependency)."""
+    dsk[key] = (tasks.after, dsk[key], done)
 
 
 def add_topk_tasks(
