@@ -82,3 +82,29 @@ def test_a_lazy_result_of_a_large_solver_holds_a_broadcast_future(problem, clust
     assert any(isinstance(v, Future) for v in dict(lazy.__dask_graph__()).values())
     np.testing.assert_array_equal(lazy.compute(), expected)
     np.testing.assert_array_equal(calc.self_influences(train).compute(), calc.self_influences(train).compute())
+
+
+def test_a_local_cluster_is_sent_to_directly_and_its_workers_trimmed(cluster_client, monkeypatch):
+    """On a loopback scheduler the client scatters a large literal to the workers itself (through the scheduler,
+    in the client's process with an embedded cluster, it cost a copy there and ten times the time)."""
+    from dask_influence.mapping import clients
+
+    assert clients.direct_to_workers(cluster_client)
+    remote = type("Remote", (), {"scheduler": type("S", (), {"address": "tls://10.1.2.3:8786"})()})()
+    assert not clients.direct_to_workers(remote) and not clients.direct_to_workers(object())
+    sent: list = []
+    original = type(cluster_client).scatter
+
+    def scatter(self, data, **kw):
+        sent.append(kw.get("direct"))
+        return original(self, data, **kw)
+
+    monkeypatch.setattr(type(cluster_client), "scatter", scatter)
+    value = literals.Literal(np.ones(1000), "t")
+    out = literals.broadcast_large(cluster_client, {"big": (literals.unbox, value)}, threshold=10)
+    assert sent == [True] and isinstance(out["big"], Future)
+    assert np.array_equal(cluster_client.gather(out["big"]), np.ones(1000))
+    # trimming returns the workers' free heap (glibc) and never fails a job
+    assert set(cluster_client.run(clients.trim_memory).values()) <= {0, 1}
+    clients.trim_workers(cluster_client)
+    clients.trim_workers(object())  # no client to run on: ignored

@@ -26,7 +26,7 @@ from ..errors import NotFittedError
 from ..renamed import renamed
 from ..storage import lock as zlock
 from ..storage import store as zstore
-from .clients import dask_client, given_or_current
+from .clients import dask_client, given_or_current, trim_workers
 from .graph import (
     InfluenceGraph,
     add_self_influence_tasks,
@@ -762,6 +762,7 @@ class DaskInfluenceCalculator(_BlockCalculator):
         from distributed import as_completed
 
         resources = {"GPU": 1} if self.solver.device.type == "cuda" else None
+        trim_workers(client)  # what an earlier job (a fit: its blocks' activations) freed, before this one's
         with sent_once():  # the solver and an in-memory dataset are literals of the graph (broadcast if large)
             futures = client.get(broadcast_large(client, dsk), keys, sync=False, resources=resources)
         bar = None

@@ -8,12 +8,15 @@ and the package import stay free of it).
 from __future__ import annotations
 
 import gc
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from .security import TlsFiles, connection_error, scheme_of, warn_if_unencrypted
+
+logger = logging.getLogger("dask_influence")
 
 
 @contextmanager
@@ -106,6 +109,47 @@ def glibc_dynamic_malloc() -> Iterator[None]:
     del environ["MALLOC_TRIM_THRESHOLD_"]
     with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
         yield
+
+
+def trim_memory() -> int:
+    """Return this process's free heap memory to the system (glibc's ``malloc_trim(0)``); 1 if some was
+    returned, 0 if none or not glibc.
+
+    glibc keeps freed blocks below its mmap threshold (up to 32 MiB each with the dynamic thresholds,
+    :func:`glibc_dynamic_malloc`) for reuse: after a pass over GPT-2-small's data a worker held 1.5-2 GB
+    of freed activations and logits, which the next job's allocations do not always reuse."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name or "libc.so" not in name:
+        return 0
+    try:
+        return int(ctypes.CDLL(name).malloc_trim(0))
+    except (OSError, AttributeError):
+        return 0
+
+
+def trim_workers(client: Any) -> None:
+    """:func:`trim_memory` on every worker of ``client`` (after a job: its freed memory goes back to the
+    system before the next one's). Failures are ignored: trimming only returns free memory."""
+    try:
+        client.run(trim_memory)
+    except Exception:  # a worker gone or a client closing: nothing to return
+        logger.debug("trimming the workers' memory failed", exc_info=True)
+
+
+def direct_to_workers(client: Any) -> bool:
+    """Whether the client can send data to the workers itself, not through the scheduler: its scheduler is
+    on the loopback (an embedded or local cluster, whose workers are local too). Sent through a scheduler
+    in the client's own process (an embedded ``LocalCluster``), a broadcast GPT-2-small fit cost a copy in
+    the client and ten times the time (1 GiB: 8.9 s and +1 GB in the client; directly 0.8 s, no copy)."""
+    try:
+        address = str(client.scheduler.address)
+    except AttributeError:
+        return False
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1")
 
 
 def _close_workers(cluster: Any, timeout: float) -> None:

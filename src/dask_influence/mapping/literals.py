@@ -91,12 +91,18 @@ def broadcast_large(client: Any, dsk: dict, threshold: int | None = None) -> dic
     more copies in the client's process, which the kernel's out-of-memory killer ended on a
     24 GB machine. Broadcast, the value is pickled once and held by the workers only. The price:
     a literal is recomputed if its worker is lost; a broadcast value survives while one worker
-    holding it does (each holds it). Small literals (every test's solver) stay in the graph.
+    holding it does (each holds it). Small literals (every test's solver) stay in the graph. On a
+    local cluster the client sends the value to the workers itself (:func:`.clients.direct_to_workers`),
+    not through the scheduler.
     """
+    from .clients import direct_to_workers
+
     threshold = BROADCAST_BYTES if threshold is None else threshold
     out = dict(dsk)
+    direct = None
     for key, task in dsk.items():
         if isinstance(task, tuple) and len(task) == 2 and task[0] is unbox and isinstance(task[1], Literal):
             if payload_bytes(task[1].value, threshold) > threshold:
-                out[key] = client.scatter(task[1].value, broadcast=True, hash=False)
+                direct = direct_to_workers(client) if direct is None else direct
+                out[key] = client.scatter(task[1].value, broadcast=True, hash=False, direct=direct or None)
     return out
