@@ -192,7 +192,8 @@ def test_a_chain_link_adds_its_block_into_the_running_sum_in_place(problem):
 def test_ekfac_eigendecomposes_on_the_workers(fit_client):
     """The covariance pass's factor sums are eigendecomposed where they are: one task per factor, spread over
     both workers (the costliest first, each to the least loaded), and the client receives eigenbases, not
-    sums. The fit equals the one in this process."""
+    sums; the corrected pass's sums become their float means there too. The fit equals the one in this
+    process."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)
@@ -204,8 +205,13 @@ def test_ekfac_eigendecomposes_on_the_workers(fit_client):
     with get_task_stream(fit_client) as stream:
         calc.fit((x.numpy(), y.numpy()), train_block_size=8)
     finishes = [t for t in stream.data if re.fullmatch(r"fit-each-[0-9a-f]+-[0-9]+", str(t["key"][0]))]
-    assert sorted(t["key"][1] for t in finishes) == list(range(6))  # A and G of 3 layers
-    assert len({t["worker"] for t in finishes}) == 2
+    passes: dict = {}
+    for t in finishes:
+        passes.setdefault(t["key"][0], []).append(t)
+    covariance, corrected = sorted(passes.values(), key=len, reverse=True)
+    assert sorted(t["key"][1] for t in covariance) == list(range(6))  # A and G of 3 layers, eigendecomposed
+    assert sorted(t["key"][1] for t in corrected) == list(range(3))  # each layer's corrected eigenvalues' mean
+    assert len({t["worker"] for t in covariance}) == 2
     expected = di.EkfacInfluence(model, loss, regularization=0.1).fit((x, y))
     for got, want in zip(solver.state_.layers, expected.state_.layers):
         assert got.q_a is not None and got.q_a.dtype == torch.float64

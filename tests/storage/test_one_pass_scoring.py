@@ -163,22 +163,38 @@ def test_the_scoring_choice(tmp_path, monkeypatch):
         job(solver, test, train, tmp_path / "e", scoring="stream")
 
 
-def test_stored_columns_decode_each_chunk_once_per_span(tmp_path):
-    sizes, p = (2, 2, 1), 1000
+@pytest.mark.parametrize("codecs", ["checksum", "zstd"])
+def test_stored_columns_decode_each_chunk_once_per_span(tmp_path, codecs):
+    """Checksummed factors are read from their chunk files directly; an older store's compressed ones through
+    zarr; the same values either way, a partial last chunk included, and a damaged chunk named."""
+    from dask_influence.storage.codecs import codecs as compressed
+
+    p = 1030
     group = zarr.open_group(str(tmp_path / "s"), mode="w")
     group.create_array(
-        zfactors.FACTORS, shape=(5, p), chunks=(2, 100), dtype="float32", fill_value=np.nan, **zfactors.checksum_only()
+        zfactors.FACTORS,
+        shape=(5, p),
+        chunks=(2, 100),
+        dtype="float32",
+        fill_value=np.nan,
+        **(zfactors.checksum_only() if codecs == "checksum" else compressed()),
     )
+    assert (zfactors._direct_reader(group[zfactors.FACTORS]) is not None) == (codecs == "checksum")
     values = np.random.default_rng(0).standard_normal((5, p)).astype("float32")
     group[zfactors.FACTORS][...] = values
     reader = zfactors.StoredFactorColumns(str(tmp_path / "s"), [(0, (0, 2)), (2, (4, 5))])  # blocks 0 and 2
     assert reader.shape == (3, p)
     rows = values[[0, 1, 4]]
-    for a, b in [(0, 30), (30, 100), (100, 250), (250, 260), (260, 1000)]:
+    for a, b in [(0, 30), (30, 100), (100, 250), (250, 260), (260, 1030)]:
         np.testing.assert_array_equal(reader.columns(a, b).numpy(), rows[:, a:b])
-    # spans [0, 100), [100, 300), [200, 1000): the chunk [200, 300) twice (the last read began in it)
-    assert reader.decoded == 3 * 1100
-    assert zfactors.factor_chunks(sizes, 10**8, "float32")[1] <= zfactors.CHUNK_BYTES // (2 * 4)
+    # spans [0, 100), [100, 300), [200, 1030): the chunk [200, 300) twice (the last read began in it)
+    assert reader.decoded == 3 * 1130
+    raw = tmp_path / "s" / zfactors.FACTORS / "c" / "2" / "3"
+    raw.write_bytes(raw.read_bytes()[:-5])
+    zarr.open_group(str(tmp_path / "s"), mode="r+").create_array(zfactors.FACTORS_DONE, shape=(3,), dtype="int8")
+    with pytest.raises(di.StoreError, match="saved factors of test block 2 .* damaged"):
+        zfactors.StoredFactorColumns(str(tmp_path / "s"), [(0, (0, 2)), (2, (4, 5))]).columns(300, 400)
+    assert zfactors.factor_chunks((2, 2, 1), 10**8, "float32")[1] <= zfactors.CHUNK_BYTES // (2 * 4)
     assert zfactors.factor_chunks((2,) * 8, 10**8, "float32") == (2, zfactors.SPAN_BYTES // (16 * 4))
     assert zfactors.SPAN_BYTES == factor_columns.SLAB_BYTES  # a slab of every test point reads one span
 

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from ... import progress as _progress
 from ...errors import NonFiniteError, NotFittedError
 from .. import batches
-from ..blocks import BlockSums, Each
+from ..blocks import BlockSums, Each, mean_in
 from ..factor_columns import FactorColumns, held_groups, tensor_bytes
 from ..gradients import _FORWARD_LOCK, LossFn, flat_params
 from ..kronecker import (
@@ -407,10 +407,11 @@ class EkfacInfluence(InfluenceModel):
         del eigen
         meter.advance(len(self._layers))
         meter.finish()
-        if self.update_diagonal:
-            corrected = sweep("corrected", tuple(factors))
+        if self.update_diagonal:  # the means in float32 where the sums are (on a cluster: its workers)
+            sizes = tuple(float(layer.shape[0] * layer.shape[1]) for layer in self._layers)
+            corrected = sweep("corrected", tuple(factors), Each(mean_in, (n, self.dtype), sizes))
             factors = [
-                LayerFactors(f.name, f.q_a, f.lambda_a, f.q_g, f.lambda_g, (c.to(self.device) / n).to(self.dtype))
+                LayerFactors(f.name, f.q_a, f.lambda_a, f.q_g, f.lambda_g, c.to(self.device))
                 for f, c in zip(factors, corrected)
             ]
         self.state_ = EkfacState(layers=tuple(factors), n_train=n)
