@@ -285,7 +285,7 @@ def _direct_reader(array: Any) -> Any:
             for ck in range(a // width, (b - 1) // width + 1):
                 path = os.path.join(root, "c", str(cr), str(ck))
                 with open(path, "rb", buffering=0) as f:
-                    got = f.readinto(memoryview(scratch))
+                    got = f.readinto(scratch.data)
                     if got != size + 4 or f.read(1):
                         raise ValueError(f"chunk ({cr}, {ck}) has {got} bytes, not {size + 4}")
                 if google_crc32c.value(scratch[:-4]) != int.from_bytes(scratch[-4:].tobytes(), "little"):
