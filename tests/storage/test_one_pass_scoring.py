@@ -104,7 +104,7 @@ def test_flat_route_by_columns_equals_in_memory(monkeypatch):
 def job(solver, test, train, path, **kw):
     calc = di.SequentialInfluenceCalculator(solver, progress=False, memory_budget=kw.pop("budget", None))
     t = DataLoader(TensorDataset(*test), batch_size=TEST_BLOCK)
-    r = DataLoader(TensorDataset(*train), batch_size=TRAIN_BLOCK)
+    r = DataLoader(TensorDataset(*train), batch_size=kw.pop("train_block", TRAIN_BLOCK))
     calc.influences_to_zarr(t, r, path, **kw)
     return calc
 
@@ -238,3 +238,32 @@ def test_a_block_is_solved_once_the_block_a_place_before_it_is_saved(tmp_path, m
     for i, task in factors.items():
         waits = [arg for arg in task[1:] if arg in saves.values()] if task[0] is tasks.after else []
         assert waits == ([saves[i - 2]] if i >= 2 else []), (i, task)
+
+
+def test_consecutive_train_blocks_are_scored_together_and_resume_bit_identically(tmp_path, monkeypatch):
+    """20 train blocks of 2: one-pass tasks of 2 blocks each (the factors read once per task); a resume of one
+    lost chunk recomputes its whole group, the same task as in the clean run."""
+    model, loss, train, test = make()
+    solver = di.DirectInfluence(model, loss, regularization=0.1, curvature="ggn").fit(train)
+    reads = []
+    original = zfactors.StoredFactorColumns.columns
+
+    def counted(self, start, stop):
+        reads.append((start, stop))
+        return original(self, start, stop)
+
+    monkeypatch.setattr(zfactors.StoredFactorColumns, "columns", counted)
+    opts = dict(train_block=2, scoring="one_pass", top_k=2)
+    job(solver, test, train, tmp_path / "one", **opts)
+    job(solver, test, train, tmp_path / "groups", train_block=2, top_k=2)
+    reference = arrays(tmp_path / "groups")
+    clean = arrays(tmp_path / "one")
+    np.testing.assert_allclose(clean["influences"], reference["influences"], rtol=1e-12, atol=1e-12)
+    clean_reads = len(reads)
+    lose(tmp_path / "one", [(1, 7)])
+    reads.clear()
+    resumed = job(solver, test, train, tmp_path / "one", resume=True, **opts)
+    assert resumed.last_run_["chunks_computed"] == 1  # its group of 2 blocks scored again, one block written
+    assert clean_reads == 10 * len(reads) > 0  # 10 tasks of 2 blocks, each reading the factors once
+    for name, value in arrays(tmp_path / "one").items():
+        np.testing.assert_array_equal(value, clean[name], err_msg=name)

@@ -186,8 +186,12 @@ class _BlockCalculator:
             )
         build = build_influence_graph if all_tasks else plan_influence_graph
         graph = build(self.solver, test_src, train_src, mode, memory_budget=budget, record_solves=record_solves)
-        if len(graph.plan.test_groups) > 1:
-            logger.warning("Test factors exceed the per-task memory budget; %s.", graph.plan.describe())
+        if len(graph.plan.test_groups) > 1 and all_tasks:
+            logger.warning(
+                "Test factors exceed the per-task memory budget; %s, each group one pass over the training data "
+                "(influences_to_zarr(scoring='one_pass') scores them in one pass).",
+                graph.plan.describe(),
+            )
         return graph
 
     def influences(
@@ -318,6 +322,14 @@ class _BlockCalculator:
         )
         plan = graph.plan
         one_pass = _one_pass(scoring, plan, mode, self.solver.num_params)
+        if len(plan.test_groups) > 1:
+            logger.warning(
+                "Test factors exceed the per-task memory budget; %s, %s.",
+                plan.describe(),
+                "scored in one pass over the training data, the factors saved in the store and read back by columns"
+                if one_pass
+                else "each group one pass over the training data",
+            )
         top_k = min(top_k, plan.n_train) if top_k else None
         layout = zstore.StoreLayout(
             plan.test_sizes,

@@ -105,26 +105,44 @@ def influence_group(
 
 
 def influence_stream(
-    solver: Any, path: str, blocks: list[tuple[int, tuple[int, int]]], block: Any, out_dtype: str, *done: Any
-) -> list[np.ndarray]:
-    """Influences of one train block on test blocks whose factors are saved in a store (one-pass scoring).
+    solver: Any, path: str, blocks: list[tuple[int, tuple[int, int]]], train: list[Any], out_dtype: str, *done: Any
+) -> list[list[np.ndarray]]:
+    """Influences of consecutive train blocks on test blocks whose factors are saved in a store (one-pass
+    scoring).
 
     Args:
         path: the store; ``blocks``: ``(i, (start, stop))`` of the test blocks, their rows of ``factors``.
-        block: the train block (a batch) with ``n_b`` samples.
+        train: the train blocks (batches), scored as one batch: the factors are read once per group of
+            their gradients held (:meth:`~dask_influence.core.solvers.engine.SolverEngine.held_gradient_bytes`),
+            not once per block.
         done: the tasks that saved the factors (ordering only).
 
     Returns:
-        one ``(n_i, n_b)`` array per test block. The factors are read a slab of columns at a time
-        (:class:`~dask_influence.storage.factors.StoredFactorColumns`), never held whole.
+        per train block ``j`` (``n_j`` samples), one ``(n_i, n_j)`` array per test block. The factors are
+        read a slab of columns at a time (:class:`~dask_influence.storage.factors.StoredFactorColumns`),
+        never held whole.
     """
     from ..storage.factors import StoredFactorColumns
 
     _match_threads()
-    values = to_numpy(solver.influences_from_factor_columns(StoredFactorColumns(path, blocks), block))
+    batch, sizes = _joined_blocks(train)
+    values = to_numpy(solver.influences_from_factor_columns(StoredFactorColumns(path, blocks), batch))
     values = values.astype(out_dtype, copy=False)
-    bounds = np.cumsum([0] + [stop - start for _, (start, stop) in blocks])
-    return [values[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    rows = np.cumsum([0] + [stop - start for _, (start, stop) in blocks])
+    cols = np.cumsum([0] + sizes)
+    return [[values[r0:r1, c0:c1] for r0, r1 in zip(rows[:-1], rows[1:])] for c0, c1 in zip(cols[:-1], cols[1:])]
+
+
+def _joined_blocks(blocks: list[Any]) -> tuple[Any, list[int]]:
+    """Loaded blocks (batches of numpy arrays, the same structure) as one batch, and their sizes."""
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    flat = [tree_flatten(b) for b in blocks]
+    sizes = [len(leaves[0]) for leaves, _ in flat]
+    if len(blocks) == 1:
+        return blocks[0], sizes
+    joined = [np.concatenate([leaves[k] for leaves, _ in flat]) for k in range(len(flat[0][0]))]
+    return tree_unflatten(joined, flat[0][1]), sizes
 
 
 def _joined(factors: list[np.ndarray]) -> Tensor:
