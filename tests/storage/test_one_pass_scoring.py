@@ -18,11 +18,12 @@ import zarr
 from torch.utils.data import DataLoader, TensorDataset
 
 import dask_influence as di
+from cases import tiny_gpt2_config
 from dask_influence.core import factor_columns
 from dask_influence.core.solvers import ekfac as ekfac_module
 from dask_influence.mapping import calculator, tasks
 from dask_influence.storage import factors as zfactors
-from test_saved_factors import Counter, arrays, lose, make
+from test_saved_factors import Counter, arrays, lose, make, recorded_graphs
 
 TEST_BLOCK, TRAIN_BLOCK = 3, 4
 
@@ -43,19 +44,10 @@ class Reader:
 
 
 def tiny_gpt2(vocab=97):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
 
     torch.manual_seed(0)
-    config = GPT2Config(
-        n_layer=2,
-        n_embd=16,
-        n_head=2,
-        vocab_size=vocab,
-        n_positions=8,
-        bos_token_id=0,
-        eos_token_id=0,
-        attn_implementation="eager",
-    )
+    config = tiny_gpt2_config(vocab_size=vocab, n_layer=2, n_embd=16, attn_implementation="eager")
     return GPT2LMHeadModel(config).eval(), torch.randint(0, vocab, (10, 6))
 
 
@@ -219,14 +211,7 @@ def test_a_block_is_solved_once_the_block_a_place_before_it_is_saved(tmp_path, m
     (GPT-2-small's are 1 GB each). With 2 places, block ``i`` waits for the save of block ``i - 2``."""
     model, loss, train, test = make()
     solver = di.DirectInfluence(model, loss, regularization=0.1, curvature="ggn").fit(train)
-    graphs = []
-    original = calculator._BlockCalculator._execute_graph
-
-    def recorded(self, graph, keys):
-        graphs.append(dict(graph.dsk))
-        return original(self, graph, keys)
-
-    monkeypatch.setattr(calculator._BlockCalculator, "_execute_graph", recorded)
+    graphs = recorded_graphs(monkeypatch)
     monkeypatch.setattr(di.SequentialInfluenceCalculator, "_places", lambda self: 2)
     job(solver, test, train, tmp_path / "s", scoring="one_pass")
     (dsk,) = graphs
@@ -241,8 +226,11 @@ def test_a_block_is_solved_once_the_block_a_place_before_it_is_saved(tmp_path, m
 
 
 def test_consecutive_train_blocks_are_scored_together_and_resume_bit_identically(tmp_path, monkeypatch):
-    """20 train blocks of 2: one-pass tasks of 2 blocks each (the factors read once per task); a resume of one
-    lost chunk recomputes its whole group, the same task as in the clean run."""
+    """20 train blocks of 2, ``STREAM_BLOCKS`` 2: one-pass tasks of 2 blocks each (the factors read once per
+    task); a resume of one lost chunk recomputes its whole group, the same task as in the clean run."""
+    from dask_influence.mapping import store_job
+
+    monkeypatch.setattr(store_job, "STREAM_BLOCKS", 2)
     model, loss, train, test = make()
     solver = di.DirectInfluence(model, loss, regularization=0.1, curvature="ggn").fit(train)
     reads = []

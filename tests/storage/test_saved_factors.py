@@ -71,6 +71,19 @@ class Counter:
             monkeypatch.setattr(tasks, name, counted)
 
 
+def recorded_graphs(monkeypatch) -> list[dict]:
+    """The graph (its tasks) of every job the calculators execute from now on, in order."""
+    graphs: list[dict] = []
+    original = calculator._BlockCalculator._execute_graph
+
+    def recorded(self, graph, keys):
+        graphs.append(dict(graph.dsk))
+        return original(self, graph, keys)
+
+    monkeypatch.setattr(calculator._BlockCalculator, "_execute_graph", recorded)
+    return graphs
+
+
 def lose(path: Path, chunks):
     """Chunks lost as by a killed job: their data and flag files gone."""
     for i, j in chunks:
@@ -194,23 +207,16 @@ def test_a_resume_builds_tasks_for_the_missing_chunks_only(problem, tmp_path, mo
     path = tmp_path / "store.zarr"
     calc = di.SequentialInfluenceCalculator(solver, progress=False)
     t, r = loaders(test, train)
-    sizes = []
-    original = calculator._BlockCalculator._execute_graph
-
-    def recorded(self, graph, keys):
-        sizes.append(len(graph.dsk))
-        return original(self, graph, keys)
-
-    monkeypatch.setattr(calculator._BlockCalculator, "_execute_graph", recorded)
+    graphs = recorded_graphs(monkeypatch)
     calc.influences_to_zarr(t, r, path)
     # solver, 2 dataset literals; 4 factors + 1 save (one group); 10 groups + 40 picks + 10 writes
-    assert sizes[-1] == 3 + 5 + 60
+    assert len(graphs[-1]) == 3 + 5 + 60
     calc.influences_to_zarr(t, r, path, resume=True)  # complete: nothing but the literals
-    assert sizes[-1] == 3 and calc.last_run_["chunks_computed"] == 0
+    assert len(graphs[-1]) == 3 and calc.last_run_["chunks_computed"] == 0
     lose(path, [(0, 0), (3, 9)])
     calc.influences_to_zarr(t, r, path, resume=True)
     # 1 read of the group's factors and 4 picks; per missing chunk its group's task, 4 picks and 1 write
-    assert sizes[-1] == 3 + 5 + 2 * 6 and calc.last_run_["chunks_computed"] == 2
+    assert len(graphs[-1]) == 3 + 5 + 2 * 6 and calc.last_run_["chunks_computed"] == 2
 
 
 def test_top_k_after_losing_chunks_reads_the_done_ones_back(problem, tmp_path, caplog):

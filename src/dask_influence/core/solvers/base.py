@@ -372,7 +372,7 @@ class InfluenceModel(SolverEngine):
             factors: a :class:`~dask_influence.core.factor_columns.FactorColumns` reader of ``(n_test, p)``
                 factors (or a tensor). Each slab of at most
                 :data:`~dask_influence.core.factor_columns.SLAB_BYTES` is read once per group of chunks of
-                the points, the groups' gradients held within an eighth of the solver's memory budget.
+                the points, the groups' gradients held within a quarter of the solver's memory budget.
             points: ``n`` training points: ``x, y`` (a loss) or one batch (a task).
         """
         theta = self._require_fitted()

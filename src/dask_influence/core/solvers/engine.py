@@ -430,11 +430,9 @@ class SolverEngine(ABC):
         return out
 
     def held_gradient_bytes(self) -> int:
-        """Engine hook. Bytes of training gradients a scoring by columns holds for one read of the factors: an
-        eighth of the solver's memory budget (its ``memory_budget``, else the device's default). A quarter
-        took GPT-2-small's scoring workers to 8.8 GB at a budget of 8 GB (the fitted state, a chunk's
-        capture and a slab of factors beside the held gradients)."""
-        return memory.budget_of(getattr(self.config, "memory_budget", None), self.device) // 8
+        """Engine hook. Bytes of training gradients a scoring by columns holds for one read of the factors: a
+        quarter of the solver's memory budget (its ``memory_budget``, else the device's default)."""
+        return memory.budget_of(getattr(self.config, "memory_budget", None), self.device) // 4
 
     def _perturbation_influences(self, theta: Tensor, factors: Tensor, batch: Any) -> Tensor:
         """The perturbation influences ``(n_test, n, *x.shape[1:])`` of a prepared batch against
