@@ -268,13 +268,7 @@ class RssMonitor:
 
         start = last = time.perf_counter()
         while True:
-            now = [0] * len(self.processes)
-            for i, proc in enumerate(self.processes):
-                try:
-                    now[i] = proc.memory_info().rss
-                    self.peaks[i] = max(self.peaks[i], now[i])
-                except Exception:  # a worker that ended: keep its last peak
-                    pass
+            now = self._poll_once()
             if time.perf_counter() - last >= 1.0:
                 last = time.perf_counter()
                 self.trace.append([round(last - start, 1)] + [round(x / MB) for x in now])
@@ -297,12 +291,16 @@ class RssMonitor:
         self._thread.join()
         self._poll_once()
 
-    def _poll_once(self) -> None:
+    def _poll_once(self) -> list[int]:
+        """Each process's resident set now (0 for one that ended, whose last peak is kept), the peaks raised."""
+        now = [0] * len(self.processes)
         for i, proc in enumerate(self.processes):
             try:
-                self.peaks[i] = max(self.peaks[i], proc.memory_info().rss)
-            except Exception:
+                now[i] = proc.memory_info().rss
+                self.peaks[i] = max(self.peaks[i], now[i])
+            except Exception:  # a worker that ended: keep its last peak
                 pass
+        return now
 
 
 @contextmanager

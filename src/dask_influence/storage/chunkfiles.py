@@ -180,23 +180,31 @@ def present_mask(array: Any, shape: tuple[int, ...], extra: tuple[int, ...] = ()
     return mask
 
 
+def codec_layout(array: Any) -> tuple[list[str], np.dtype] | None:
+    """``array``'s codecs by class name (``BytesCodec`` first) and the dtype of its chunks' bytes (with the
+    byte order ``BytesCodec`` writes), or ``None`` when they cannot be read from its metadata."""
+    try:
+        codecs = list(array.metadata.codecs)
+        endian = getattr(codecs[0], "endian", None)
+        order = ">" if endian is not None and getattr(endian, "value", endian) == "big" else "<"
+        return [type(c).__name__ for c in codecs], np.dtype(array.dtype).newbyteorder(order)
+    except Exception:
+        return None
+
+
 def _direct_decoder(array: Any) -> Callable[[bytes], np.ndarray] | None:
     """A decoder of ``array``'s chunk files (bytes -> full chunk), when its codecs are this library's."""
+    layout = codec_layout(array)
+    if layout is None or layout[0] not in (["BytesCodec", "ZstdCodec", "Crc32cCodec"], ["BytesCodec", "ZstdCodec"]):
+        return None
     try:
         import google_crc32c
         from numcodecs.zstd import decompress  # type: ignore[import-untyped]
-
-        codecs = list(array.metadata.codecs)
-        names = [type(c).__name__ for c in codecs]
-        if names not in (["BytesCodec", "ZstdCodec", "Crc32cCodec"], ["BytesCodec", "ZstdCodec"]):
-            return None
-        endian = getattr(codecs[0], "endian", None)
-        order = ">" if endian is not None and getattr(endian, "value", endian) == "big" else "<"
-        dtype = np.dtype(array.dtype).newbyteorder(order)
-        shape = tuple(int(c) for c in array.chunks)
-        checked = names[-1] == "Crc32cCodec"
-    except Exception:
+    except ImportError:
         return None
+    names, dtype = layout
+    shape = tuple(int(c) for c in array.chunks)
+    checked = names[-1] == "Crc32cCodec"
 
     def decode(raw: bytes) -> np.ndarray:
         body = raw

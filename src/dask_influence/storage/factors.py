@@ -160,13 +160,18 @@ def read_factors(path: str, blocks: list[tuple[int, tuple[int, int]]]) -> list[n
         except Exception as err:  # a damaged chunk (its checksum)
             problem = f"the saved factors of test block {i} in {path!r} are damaged ({' '.join(str(err).split())})"
         if problem is not None:
-            group[FACTORS_DONE][i] = 0
-            raise StoreError(
-                f"{problem[0].upper()}{problem[1:]}; its flag is cleared: run the job again with resume "
-                "to solve them again."
-            )
+            _refuse_block(group, i, problem)
         out.append(values)
     return out
+
+
+def _refuse_block(group: Any, i: int, problem: str) -> None:
+    """Clear test block ``i``'s done flag in ``group`` (open for writing), so that a resume solves its factors
+    again, and raise the :class:`StoreError` naming ``problem``."""
+    group[FACTORS_DONE][i] = 0
+    raise StoreError(
+        f"{problem[0].upper()}{problem[1:]}; its flag is cleared: run the job again with resume to solve them again."
+    )
 
 
 class StoredFactorColumns:
@@ -187,6 +192,7 @@ class StoredFactorColumns:
         self._array: Any = None
         self._span: tuple[int, int] = (0, 0)
         self._values: np.ndarray | None = None
+        self._direct: Any = None
         self.decoded = 0
         """Numbers decoded so far (for tests and profiles)."""
 
@@ -195,6 +201,7 @@ class StoredFactorColumns:
             import zarr
 
             self._array = zarr.open_group(self.path, mode="r")[FACTORS]
+            self._direct = _direct_reader(self._array)  # once: its codec checks and its chunk-sized buffer
         return self._array
 
     @property
@@ -219,7 +226,7 @@ class StoredFactorColumns:
         width = int(array.chunks[1])
         a, b = start // width * width, min(int(array.shape[1]), -(-stop // width) * width)
         values = np.empty((self.shape[0], b - a), dtype=array.dtype)
-        direct = _direct_reader(array)
+        direct = self._direct
         row = 0
         for i, (r0, r1) in self.blocks:
             problem = None
@@ -237,12 +244,7 @@ class StoredFactorColumns:
             if problem is not None:
                 import zarr
 
-                flags: Any = zarr.open_group(self.path, mode="r+")[FACTORS_DONE]
-                flags[i] = 0
-                raise StoreError(
-                    f"{problem[0].upper()}{problem[1:]}; its flag is cleared: run the job again with resume "
-                    "to solve them again."
-                )
+                _refuse_block(zarr.open_group(self.path, mode="r+"), i, problem)
             row += r1 - r0
         self.decoded += values.size
         self._span, self._values = (a, b), values
@@ -257,25 +259,17 @@ def _direct_reader(array: Any) -> Any:
 
     The reader ``read(dest, r0, r1, a, b)`` fills ``dest`` ``(r1 - r0, b - a)`` with rows ``r0:r1`` and columns
     ``a:b``; a missing file raises ``FileNotFoundError``, a short or damaged one ``ValueError``."""
-    from .chunkfiles import local_dir
+    from .chunkfiles import _default_keys, codec_layout, local_dir
 
-    try:
-        import google_crc32c
-
-        codecs = list(array.metadata.codecs)
-        if [type(c).__name__ for c in codecs] != ["BytesCodec", "Crc32cCodec"]:
-            return None
-        endian = getattr(codecs[0], "endian", None)
-        if endian is not None and getattr(endian, "value", endian) != "little":
-            return None
-        if array.metadata.chunk_key_encoding.name != "default":
-            return None
-        root = local_dir(array)
-    except Exception:
+    layout = codec_layout(array)
+    if layout is None or layout[0] != ["BytesCodec", "Crc32cCodec"] or layout[1].byteorder == ">":
         return None
+    root = local_dir(array) if _default_keys(array) else None
     if root is None:
         return None
-    dtype = np.dtype(array.dtype).newbyteorder("<")
+    import google_crc32c
+
+    dtype = layout[1]
     rows, width = (int(c) for c in array.chunks)
     size = rows * width * dtype.itemsize
     scratch = np.empty(size + 4, dtype=np.uint8)
