@@ -104,47 +104,8 @@ def add_store_tasks(
     missing = missing_chunks(graph, done)
     if one_pass:
         solved, loaded = add_one_pass_tasks(graph, group, path, job, missing, flag, check_factors, places)
-        missing = {}
-
-    # factors of the test blocks of every group with a missing chunk: read back or solved;
-    # one read task and one save task per test group (one opening of the store each)
-    groups = sorted({g for g, _ in missing})
-    if not one_pass:
-        needed = [i for g in groups for i in plan.test_groups[g]]
-        loaded = zstore.saved_blocks(group, needed, flag, decode=check_factors) if layout.factors else set()
-        solved = [i for i in needed if i not in loaded]
-        graph.add_factor_tasks(solved)
-    for g in groups:
-        members = plan.test_groups[g]
-        read = [i for i in members if i in loaded]
-        if read:
-            key: tuple = (f"factorread-{token}", g)
-            dsk[key] = (zstore.read_factors, path, [(i, rows[i]) for i in read])
-            for position, i in enumerate(read):
-                dsk[graph.factor_key(i)] = (tasks.pick, key, position)
-        save = [i for i in members if i not in loaded]
-        if layout.factors and save:
-            infos = [(tasks.pick, graph.solve_key(i), 1) for i in save] if graph.record_solves else None
-            key = (f"factorsave-{token}", g)
-            dsk[key] = (
-                zstore.write_factors,
-                path,
-                [(i, rows[i]) for i in save],
-                [graph.factor_key(i) for i in save],
-                flag,
-                infos,
-            )
-            job.keys.append(key)
-
-    # the missing chunks: one influence task per (group, train block), one write of its missing chunks
-    write = f"write-{token}"
-    for (g, j), pending in missing.items():
-        members_at = {i: pos for pos, i in enumerate(plan.test_groups[g])}
-        targets = [(i, *rows[i], members_at[i]) for i in pending]
-        key = (write, g, j)
-        dsk[key] = (zstore.write_influence_chunks, path, j, cols[j], targets, graph.add_group_task(g, j), flag)
-        job.keys.append(key)
-        job.finishes[key] = [("influences", (i, j)) for i in pending]
+    else:
+        solved, loaded = add_group_tasks(graph, group, path, layout, job, missing, flag, check_factors)
 
     # self-influences of the train blocks not done
     self_missing = list(map(int, np.nonzero(~state.done("self_influences"))[0])) if layout.self_influences else []
@@ -180,7 +141,7 @@ def add_store_tasks(
             job.keys.append(key)
 
     job.counts = {
-        "chunks_computed": sum(len(v) for key, v in job.finishes.items() if key[0] == write),
+        "chunks_computed": sum(name == "influences" for done in job.finishes.values() for name, _ in done),
         "chunks_skipped": int(done.sum()),
         "chunks_total": plan.num_chunks,
         "self_influence_blocks_computed": len(self_missing),
@@ -190,6 +151,63 @@ def add_store_tasks(
     }
     graph.order_groups()  # one test group's factors at a time on the workers
     return job
+
+
+def add_group_tasks(
+    graph: InfluenceGraph,
+    group: Any,
+    path: str,
+    layout: zstore.StoreLayout,
+    job: StoreJob,
+    missing: dict[tuple[int, int], list[int]],
+    flag: int,
+    check_factors: bool,
+) -> tuple[list[int], set[int]]:
+    """Add scoring by test groups to ``graph`` and ``job``: for each test group with a missing chunk its
+    factors (read back, or solved and, with ``layout.factors``, saved), then one influence task per (group,
+    train block) with a missing chunk and its write. Returns ``(solved, loaded)``: the test blocks solved and
+    those whose saved factors are used."""
+    plan, dsk, token = graph.plan, graph.dsk, graph.token
+    rows, cols = plan.test_ranges, plan.train_ranges
+    # factors of the test blocks of every group with a missing chunk: read back or solved;
+    # one read task and one save task per test group (one opening of the store each)
+    groups = sorted({g for g, _ in missing})
+    needed = [i for g in groups for i in plan.test_groups[g]]
+    loaded = zstore.saved_blocks(group, needed, flag, decode=check_factors) if layout.factors else set()
+    solved = [i for i in needed if i not in loaded]
+    graph.add_factor_tasks(solved)
+    for g in groups:
+        members = plan.test_groups[g]
+        read = [i for i in members if i in loaded]
+        if read:
+            key: tuple = (f"factorread-{token}", g)
+            dsk[key] = (zstore.read_factors, path, [(i, rows[i]) for i in read])
+            for position, i in enumerate(read):
+                dsk[graph.factor_key(i)] = (tasks.pick, key, position)
+        save = [i for i in members if i not in loaded]
+        if layout.factors and save:
+            infos = [(tasks.pick, graph.solve_key(i), 1) for i in save] if graph.record_solves else None
+            key = (f"factorsave-{token}", g)
+            dsk[key] = (
+                zstore.write_factors,
+                path,
+                [(i, rows[i]) for i in save],
+                [graph.factor_key(i) for i in save],
+                flag,
+                infos,
+            )
+            job.keys.append(key)
+
+    # the missing chunks: one influence task per (group, train block), one write of its missing chunks
+    write = f"write-{token}"
+    for (g, j), pending in missing.items():
+        members_at = {i: pos for pos, i in enumerate(plan.test_groups[g])}
+        targets = [(i, *rows[i], members_at[i]) for i in pending]
+        key = (write, g, j)
+        dsk[key] = (zstore.write_influence_chunks, path, j, cols[j], targets, graph.add_group_task(g, j), flag)
+        job.keys.append(key)
+        job.finishes[key] = [("influences", (i, j)) for i in pending]
+    return solved, loaded
 
 
 def add_one_pass_tasks(
